@@ -1,0 +1,1 @@
+//! Pure document logic: BSON comparison, query matching, updates, projection, sort, aggregation.
