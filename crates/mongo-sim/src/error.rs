@@ -89,12 +89,14 @@ pub mod codes {
     pub const IMMUTABLE_FIELD: i32 = 66;
     pub const INVALID_OPTIONS: i32 = 72;
     pub const INVALID_NAMESPACE: i32 = 73;
+    pub const CANNOT_CREATE_INDEX: i32 = 67;
     pub const INDEX_OPTIONS_CONFLICT: i32 = 85;
     pub const INDEX_KEY_SPECS_CONFLICT: i32 = 86;
     pub const NETWORK_TIMEOUT: i32 = 89;
     pub const SHUTDOWN_IN_PROGRESS: i32 = 91;
     pub const WRITE_CONFLICT: i32 = 112;
     pub const COMMAND_NOT_SUPPORTED: i32 = 115;
+    pub const CONFLICTING_OPERATION_IN_PROGRESS: i32 = 117;
     pub const DOCUMENT_VALIDATION_FAILURE: i32 = 121;
     pub const NOT_A_REPLICA_SET: i32 = 76;
     pub const PRIMARY_STEPPED_DOWN: i32 = 189;
@@ -152,6 +154,7 @@ pub fn code_name(code: i32) -> &'static str {
         59 => "CommandNotFound",
         63 => "StaleShardVersion",
         66 => "ImmutableField",
+        67 => "CannotCreateIndex",
         72 => "InvalidOptions",
         73 => "InvalidNamespace",
         76 => "NoReplicationEnabled",
@@ -161,6 +164,7 @@ pub fn code_name(code: i32) -> &'static str {
         91 => "ShutdownInProgress",
         112 => "WriteConflict",
         115 => "CommandNotSupported",
+        117 => "ConflictingOperationInProgress",
         121 => "DocumentValidationFailure",
         133 => "FailedToSatisfyReadPreference",
         134 => "ReadConcernMajorityNotAvailableYet",

@@ -1,0 +1,73 @@
+//! `mongo-sim --bind 127.0.0.1 --port 0 --replset rs0 [--oplog-max-events N]`
+//!
+//! Prints `listening on HOST:PORT` as its first stdout line, then serves until SIGTERM/SIGINT.
+
+use std::{io::Write, time::Duration};
+
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "mongo-sim",
+    version,
+    about = "In-memory MongoDB replica-set simulator (test and demo tool)"
+)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    bind: String,
+    /// Port to listen on (0 picks a free one).
+    #[arg(long, default_value_t = 0)]
+    port: u16,
+    /// Replica set name reported in `hello`.
+    #[arg(long, default_value = "rs0")]
+    replset: String,
+    /// Oplog capacity in entries; older entries are dropped (provokes history loss).
+    #[arg(long, default_value_t = 1_000_000)]
+    oplog_max_events: usize,
+    /// Interval of the TTL monitor in seconds.
+    #[arg(long, default_value_t = 60)]
+    ttl_interval_seconds: u64,
+    /// Interval of the periodic no-op writes in seconds.
+    #[arg(long, default_value_t = 10)]
+    noop_interval_seconds: u64,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let sim = match mongo_sim::MongoSim::builder()
+        .bind(args.bind)
+        .port(args.port)
+        .replica_set(args.replset)
+        .oplog_max_events(args.oplog_max_events)
+        .ttl_interval(Duration::from_secs(args.ttl_interval_seconds.max(1)))
+        .noop_interval(Duration::from_secs(args.noop_interval_seconds.max(1)))
+        .start()
+        .await
+    {
+        Ok(sim) => sim,
+        Err(e) => {
+            eprintln!("mongo-sim: cannot listen: {e}");
+            return std::process::ExitCode::from(1);
+        }
+    };
+    println!("listening on {}", sim.host());
+    let _ = std::io::stdout().flush();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutting down");
+    sim.shutdown().await;
+    std::process::ExitCode::SUCCESS
+}

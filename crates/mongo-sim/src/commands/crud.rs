@@ -1,0 +1,509 @@
+//! `insert`, `update`, `delete`, `findAndModify`.
+
+use bson::{doc, oid::ObjectId, Bson, Document};
+
+use super::{coll_arg, int_arg, Ctx};
+use crate::{
+    engine::{change_to_op, WriteSink},
+    error::{codes, CommandError, CommandResult},
+    oplog::OplogOp,
+    query::{
+        matcher::Matcher,
+        projection::Projection,
+        sort::SortSpec,
+        update::{apply_update, upsert_seed, validate_stored_document, UpdateContext, UpdateSpec},
+    },
+    store::{Catalog, Collection, DocRef, Namespace},
+};
+
+/// The collection, created implicitly (with a `create` oplog entry) when missing.
+pub fn ensure_collection<'c>(
+    cat: &'c mut Catalog,
+    sink: &mut dyn WriteSink,
+    ns: &Namespace,
+) -> CommandResult<&'c mut Collection> {
+    if cat.get(ns).is_none() {
+        crate::store::check_names(ns)?;
+        if matches!(ns.db.as_str(), "admin" | "local" | "config") && !ns.is_system() {
+            // Real servers allow some of these; the simulator keeps them read-only and empty.
+            return Err(CommandError::new(
+                codes::INVALID_NAMESPACE,
+                format!("cannot write to '{ns}' in the simulator"),
+            ));
+        }
+        let coll = Collection::new(ns.clone(), Document::new())?;
+        sink.emit(
+            OplogOp::Create {
+                ns: ns.clone(),
+                uuid: coll.uuid,
+                options: Document::new(),
+            },
+            false,
+        );
+        cat.insert(coll);
+    }
+    Ok(cat.get_mut(ns).expect("just ensured"))
+}
+
+/// Moves `_id` first (generating an ObjectId when missing), as the server stores documents.
+fn with_id_first(doc: Document) -> Document {
+    if doc.keys().next().map(String::as_str) == Some("_id") {
+        return doc;
+    }
+    let mut out = Document::new();
+    let id = doc
+        .get("_id")
+        .cloned()
+        .unwrap_or_else(|| Bson::ObjectId(ObjectId::new()));
+    out.insert("_id", id);
+    for (k, v) in doc {
+        if k != "_id" {
+            out.insert(k, v);
+        }
+    }
+    out
+}
+
+fn write_error(index: usize, e: &CommandError) -> Bson {
+    let mut d = doc! {"index": index as i32, "code": e.code, "errmsg": e.message.clone()};
+    if let Some(extra) = &e.extra {
+        for (k, v) in extra {
+            d.insert(k.clone(), v.clone());
+        }
+    }
+    Bson::Document(d)
+}
+
+fn bypass(ctx: &Ctx<'_>) -> bool {
+    ctx.cmd
+        .get_bool("bypassDocumentValidation")
+        .unwrap_or(false)
+}
+
+/// Deletes the oldest documents of a capped collection that exceed its limits.
+fn enforce_capped(coll: &mut Collection, sink: &mut dyn WriteSink) {
+    for id in coll.capped_overflow() {
+        if let Some(change) = coll.delete(&id) {
+            let images = coll.pre_and_post_images();
+            sink.emit(change_to_op(coll, change), images);
+        }
+    }
+}
+
+fn emit(coll: &Collection, sink: &mut dyn WriteSink, change: crate::store::DocChange) {
+    let images = coll.pre_and_post_images();
+    sink.emit(change_to_op(coll, change), images);
+}
+
+fn array_arg(ctx: &Ctx<'_>, key: &str) -> CommandResult<Vec<Bson>> {
+    match ctx.cmd.get(key) {
+        Some(Bson::Array(a)) => Ok(a.clone()),
+        Some(_) => Err(CommandError::type_mismatch(format!(
+            "'{key}' must be an array"
+        ))),
+        None => Err(CommandError::failed_to_parse(format!(
+            "BSON field '{}.{key}' is missing but a required field",
+            ctx.name
+        ))),
+    }
+}
+
+/// In a transaction a write error fails the whole command (and aborts the transaction).
+fn finish_write(
+    ctx: &Ctx<'_>,
+    mut reply: Document,
+    errors: Vec<(usize, CommandError)>,
+) -> CommandResult<Document> {
+    if let Some((_, first)) = errors.first() {
+        if ctx.in_transaction() {
+            return Err(first.clone());
+        }
+        reply.insert(
+            "writeErrors",
+            errors
+                .iter()
+                .map(|(i, e)| write_error(*i, e))
+                .collect::<Vec<_>>(),
+        );
+    }
+    Ok(reply)
+}
+
+pub fn insert(ctx: &Ctx<'_>) -> CommandResult<Document> {
+    let ns = coll_arg(ctx)?;
+    let docs = array_arg(ctx, "documents")?;
+    let ordered = ctx.cmd.get_bool("ordered").unwrap_or(true);
+    let bypass = bypass(ctx);
+    let (n, errors) = ctx.write(|cat, sink| {
+        let coll = ensure_collection(cat, sink, &ns)?;
+        let mut n = 0i32;
+        let mut errors = Vec::new();
+        for (i, d) in docs.into_iter().enumerate() {
+            let result = match d {
+                Bson::Document(d) => {
+                    let d = with_id_first(d);
+                    validate_stored_document(&d).and_then(|_| coll.insert(d, bypass))
+                }
+                _ => Err(CommandError::type_mismatch(
+                    "documents to insert must be objects",
+                )),
+            };
+            match result {
+                Ok(change) => {
+                    emit(coll, sink, change);
+                    enforce_capped(coll, sink);
+                    n += 1;
+                }
+                Err(e) => {
+                    errors.push((i, e));
+                    if ordered {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok((n, errors))
+    })?;
+    finish_write(ctx, doc! {"n": n}, errors)
+}
+
+/// `_id`s of the documents matching a filter, in `_id` order (at most `limit`).
+pub fn matching(coll: &Collection, matcher: &Matcher, limit: Option<usize>) -> Vec<DocRef> {
+    if let Some(id) = matcher.id_equality() {
+        return coll
+            .get(id)
+            .filter(|d| matcher.matches(d))
+            .cloned()
+            .into_iter()
+            .collect();
+    }
+    let mut out = Vec::new();
+    for (_, d) in coll.docs.iter() {
+        if matcher.matches(d) {
+            out.push(d.clone());
+            if limit.is_some_and(|l| out.len() >= l) {
+                break;
+            }
+        }
+    }
+    out
+}
+
+fn update_context(
+    sink: &dyn WriteSink,
+    upsert_insert: bool,
+    array_filters: Vec<Document>,
+) -> UpdateContext {
+    UpdateContext {
+        is_upsert_insert: upsert_insert,
+        now: bson::DateTime::now(),
+        now_ts: sink.now_ts(),
+        array_filters,
+    }
+}
+
+/// The document an upsert inserts.
+fn upsert_document(
+    query: &Document,
+    spec: &UpdateSpec,
+    sink: &dyn WriteSink,
+    array_filters: Vec<Document>,
+) -> CommandResult<Document> {
+    let seed = upsert_seed(query);
+    let new = match spec {
+        UpdateSpec::Replacement(r) => {
+            let mut d = Document::new();
+            if let Some(id) = seed.get("_id") {
+                d.insert("_id", id.clone());
+            }
+            for (k, v) in r {
+                if k == "_id" && d.contains_key("_id") {
+                    if d.get("_id") != Some(v) {
+                        return Err(CommandError::new(
+                            codes::IMMUTABLE_FIELD,
+                            "The _id field cannot be changed",
+                        ));
+                    }
+                    continue;
+                }
+                d.insert(k.clone(), v.clone());
+            }
+            d
+        }
+        _ => apply_update(&seed, spec, &update_context(sink, true, array_filters))?,
+    };
+    let new = with_id_first(new);
+    validate_stored_document(&new)?;
+    Ok(new)
+}
+
+struct UpdateOutcome {
+    matched: i64,
+    modified: i64,
+    upserted: Option<Bson>,
+}
+
+fn apply_one_update(
+    coll_ns: &Namespace,
+    cat: &mut Catalog,
+    sink: &mut dyn WriteSink,
+    stmt: &Document,
+    bypass: bool,
+) -> CommandResult<UpdateOutcome> {
+    let q = match stmt.get("q") {
+        Some(Bson::Document(q)) => q.clone(),
+        None => Document::new(),
+        Some(_) => return Err(CommandError::type_mismatch("'q' must be an object")),
+    };
+    let u = stmt.get("u").ok_or_else(|| {
+        CommandError::failed_to_parse(
+            "BSON field 'update.updates.u' is missing but a required field",
+        )
+    })?;
+    let spec = UpdateSpec::parse(u)?;
+    let multi = stmt.get_bool("multi").unwrap_or(false);
+    let upsert = stmt.get_bool("upsert").unwrap_or(false);
+    let array_filters: Vec<Document> = stmt
+        .get_array("arrayFilters")
+        .map(|a| a.iter().filter_map(|f| f.as_document().cloned()).collect())
+        .unwrap_or_default();
+    if multi && matches!(spec, UpdateSpec::Replacement(_)) {
+        return Err(CommandError::failed_to_parse(
+            "multi update is not supported for replacement-style update",
+        ));
+    }
+    let matcher = Matcher::new(&q)?;
+    let targets = match cat.get(coll_ns) {
+        Some(c) => matching(c, &matcher, if multi { None } else { Some(1) }),
+        None => Vec::new(),
+    };
+    let mut out = UpdateOutcome {
+        matched: 0,
+        modified: 0,
+        upserted: None,
+    };
+    if targets.is_empty() {
+        if upsert {
+            let new = upsert_document(&q, &spec, sink, array_filters)?;
+            let id = new.get("_id").cloned().unwrap_or(Bson::Null);
+            let coll = ensure_collection(cat, sink, coll_ns)?;
+            let change = coll.insert(new, bypass)?;
+            emit(coll, sink, change);
+            enforce_capped(coll, sink);
+            out.upserted = Some(id);
+        }
+        return Ok(out);
+    }
+    let coll = cat.get_mut(coll_ns).expect("targets came from it");
+    for old in targets {
+        let ctx = update_context(sink, false, array_filters.clone());
+        let new = apply_update(&old, &spec, &ctx)?;
+        out.matched += 1;
+        if new == *old && new.to_vec().ok() == old.to_vec().ok() {
+            continue;
+        }
+        validate_stored_document(&new)?;
+        let change = coll.replace(new, !matches!(spec, UpdateSpec::Replacement(_)), bypass)?;
+        emit(coll, sink, change);
+        out.modified += 1;
+    }
+    Ok(out)
+}
+
+pub fn update(ctx: &Ctx<'_>) -> CommandResult<Document> {
+    let ns = coll_arg(ctx)?;
+    let updates = array_arg(ctx, "updates")?;
+    let ordered = ctx.cmd.get_bool("ordered").unwrap_or(true);
+    let bypass = bypass(ctx);
+    let (n, modified, upserted, errors) = ctx.write(|cat, sink| {
+        let mut n = 0i64;
+        let mut modified = 0i64;
+        let mut upserted = Vec::new();
+        let mut errors = Vec::new();
+        for (i, stmt) in updates.iter().enumerate() {
+            let result = match stmt {
+                Bson::Document(stmt) => apply_one_update(&ns, cat, sink, stmt, bypass),
+                _ => Err(CommandError::type_mismatch(
+                    "update statements must be objects",
+                )),
+            };
+            match result {
+                Ok(o) => {
+                    n += o.matched;
+                    modified += o.modified;
+                    if let Some(id) = o.upserted {
+                        n += 1;
+                        upserted.push(Bson::Document(doc! {"index": i as i32, "_id": id}));
+                    }
+                }
+                Err(e) => {
+                    errors.push((i, e));
+                    if ordered {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok((n, modified, upserted, errors))
+    })?;
+    let mut reply = doc! {"n": n as i32, "nModified": modified as i32};
+    if !upserted.is_empty() {
+        reply.insert("upserted", upserted);
+    }
+    finish_write(ctx, reply, errors)
+}
+
+pub fn delete(ctx: &Ctx<'_>) -> CommandResult<Document> {
+    let ns = coll_arg(ctx)?;
+    let deletes = array_arg(ctx, "deletes")?;
+    let ordered = ctx.cmd.get_bool("ordered").unwrap_or(true);
+    let (n, errors) = ctx.write(|cat, sink| {
+        let mut n = 0i32;
+        let mut errors = Vec::new();
+        for (i, stmt) in deletes.iter().enumerate() {
+            let result = (|| -> CommandResult<i32> {
+                let stmt = stmt.as_document().ok_or_else(|| {
+                    CommandError::type_mismatch("delete statements must be objects")
+                })?;
+                let q = stmt.get_document("q").cloned().unwrap_or_default();
+                let limit = int_arg(stmt, "limit")?.unwrap_or(0);
+                if limit != 0 && limit != 1 {
+                    return Err(CommandError::failed_to_parse(
+                        "The limit field in delete objects must be 0 or 1",
+                    ));
+                }
+                let matcher = Matcher::new(&q)?;
+                let Some(coll) = cat.get_mut(&ns) else {
+                    return Ok(0);
+                };
+                let targets = matching(coll, &matcher, if limit == 1 { Some(1) } else { None });
+                let mut count = 0;
+                for d in targets {
+                    if let Some(change) = coll.delete(d.get("_id").unwrap_or(&Bson::Null)) {
+                        emit(coll, sink, change);
+                        count += 1;
+                    }
+                }
+                Ok(count)
+            })();
+            match result {
+                Ok(c) => n += c,
+                Err(e) => {
+                    errors.push((i, e));
+                    if ordered {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok((n, errors))
+    })?;
+    finish_write(ctx, doc! {"n": n}, errors)
+}
+
+pub fn find_and_modify(ctx: &Ctx<'_>) -> CommandResult<Document> {
+    let ns = coll_arg(ctx)?;
+    let cmd = ctx.cmd;
+    let query = cmd.get_document("query").cloned().unwrap_or_default();
+    let sort = cmd
+        .get_document("sort")
+        .ok()
+        .map(SortSpec::new)
+        .transpose()?;
+    let remove = cmd.get_bool("remove").unwrap_or(false);
+    let return_new = cmd.get_bool("new").unwrap_or(false);
+    let upsert = cmd.get_bool("upsert").unwrap_or(false);
+    let fields = cmd
+        .get_document("fields")
+        .ok()
+        .map(Projection::new)
+        .transpose()?;
+    let bypass = bypass(ctx);
+    let spec = match (remove, cmd.get("update")) {
+        (true, Some(_)) => {
+            return Err(CommandError::failed_to_parse(
+                "Cannot specify both an update and remove=true",
+            ))
+        }
+        (true, None) => None,
+        (false, Some(u)) => Some(UpdateSpec::parse(u)?),
+        (false, None) => {
+            return Err(CommandError::failed_to_parse(
+                "Either an update or remove=true must be specified",
+            ))
+        }
+    };
+    if remove && (upsert || return_new) {
+        return Err(CommandError::failed_to_parse(
+            "Cannot specify both upsert=true and remove=true",
+        ));
+    }
+    let array_filters: Vec<Document> = cmd
+        .get_array("arrayFilters")
+        .map(|a| a.iter().filter_map(|f| f.as_document().cloned()).collect())
+        .unwrap_or_default();
+    let matcher = Matcher::new(&query)?;
+    let (last_error, value) = ctx.write(|cat, sink| {
+        let target = match cat.get(&ns) {
+            Some(c) => {
+                let mut all = matching(c, &matcher, if sort.is_some() { None } else { Some(1) });
+                if let Some(s) = &sort {
+                    all.sort_by(|a, b| s.compare(a, b));
+                }
+                all.into_iter().next()
+            }
+            None => None,
+        };
+        match (target, &spec) {
+            (Some(old), None) => {
+                let coll = cat.get_mut(&ns).expect("target came from it");
+                if let Some(change) = coll.delete(old.get("_id").unwrap_or(&Bson::Null)) {
+                    emit(coll, sink, change);
+                }
+                Ok((doc! {"n": 1}, Some((*old).clone())))
+            }
+            (Some(old), Some(spec)) => {
+                let new = apply_update(
+                    &old,
+                    spec,
+                    &update_context(sink, false, array_filters.clone()),
+                )?;
+                validate_stored_document(&new)?;
+                let coll = cat.get_mut(&ns).expect("target came from it");
+                let stored = if new.to_vec().ok() != old.to_vec().ok() {
+                    let change = coll.replace(
+                        new.clone(),
+                        !matches!(spec, UpdateSpec::Replacement(_)),
+                        bypass,
+                    )?;
+                    emit(coll, sink, change);
+                    new
+                } else {
+                    new
+                };
+                let value = if return_new { stored } else { (*old).clone() };
+                Ok((doc! {"n": 1, "updatedExisting": true}, Some(value)))
+            }
+            (None, Some(spec)) if upsert => {
+                let new = upsert_document(&query, spec, sink, array_filters.clone())?;
+                let id = new.get("_id").cloned().unwrap_or(Bson::Null);
+                let coll = ensure_collection(cat, sink, &ns)?;
+                let change = coll.insert(new.clone(), bypass)?;
+                emit(coll, sink, change);
+                enforce_capped(coll, sink);
+                Ok((
+                    doc! {"n": 1, "updatedExisting": false, "upserted": id},
+                    if return_new { Some(new) } else { None },
+                ))
+            }
+            (None, Some(_)) => Ok((doc! {"n": 0, "updatedExisting": false}, None)),
+            (None, None) => Ok((doc! {"n": 0}, None)),
+        }
+    })?;
+    let value = match (value, &fields) {
+        (Some(v), Some(p)) => Bson::Document(p.apply(&v)?),
+        (Some(v), None) => Bson::Document(v),
+        (None, _) => Bson::Null,
+    };
+    Ok(doc! {"lastErrorObject": last_error, "value": value})
+}

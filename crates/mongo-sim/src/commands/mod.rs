@@ -1,0 +1,548 @@
+//! Command dispatch: session arguments, fail points, error labels, `$clusterTime` and
+//! `operationTime` on every reply.
+
+mod admin;
+mod crud;
+mod ddl;
+mod read;
+
+use std::sync::Arc;
+
+use bson::{doc, Bson, Document, Timestamp};
+
+use crate::{
+    engine::{lsid_key, Data, DirectSink, Engine, TxnSink, WriteSink},
+    error::{code_name, codes, is_network_code, is_retriable_code, CommandError, CommandResult},
+    failpoint::{Action, FAIL_COMMAND},
+    session::{self, RetryCheck, TRANSIENT_TRANSACTION_ERROR},
+    store::Catalog,
+};
+
+pub use admin::hello_reply;
+
+/// What a connection knows about itself.
+#[derive(Debug, Clone, Default)]
+pub struct ConnInfo {
+    pub id: i32,
+    pub app_name: Option<String>,
+}
+
+/// What the connection should do with the outcome of a command.
+pub enum Outcome {
+    Reply(Document),
+    /// `failCommand` with `closeConnection`: drop the socket without answering.
+    Close,
+}
+
+/// Session-related arguments of a command.
+#[derive(Debug, Clone)]
+pub struct SessionArgs {
+    pub key: Vec<u8>,
+    pub lsid: Document,
+    pub txn_number: Option<i64>,
+    pub autocommit: Option<bool>,
+    pub start_transaction: bool,
+}
+
+impl SessionArgs {
+    fn in_transaction(&self) -> bool {
+        self.txn_number.is_some() && self.autocommit == Some(false)
+    }
+}
+
+/// Everything a command handler needs.
+pub struct Ctx<'a> {
+    pub engine: &'a Arc<Engine>,
+    pub conn: &'a ConnInfo,
+    pub db: String,
+    pub name: String,
+    pub cmd: &'a Document,
+    pub session: Option<SessionArgs>,
+}
+
+const RETRYABLE_WRITE_COMMANDS: &[&str] = &[
+    "insert",
+    "update",
+    "delete",
+    "findAndModify",
+    "findandmodify",
+];
+
+/// Commands allowed inside a multi-document transaction.
+const TRANSACTION_COMMANDS: &[&str] = &[
+    "find",
+    "getMore",
+    "insert",
+    "update",
+    "delete",
+    "findAndModify",
+    "findandmodify",
+    "aggregate",
+    "distinct",
+    "commitTransaction",
+    "abortTransaction",
+    "killCursors",
+    "create",
+    "createIndexes",
+    "bulkWrite",
+];
+
+impl<'a> Ctx<'a> {
+    pub fn in_transaction(&self) -> bool {
+        self.session
+            .as_ref()
+            .is_some_and(SessionArgs::in_transaction)
+    }
+
+    /// Runs `f` with write access: on the shared catalog (one oplog entry per write) or, in a
+    /// transaction, on its private copy (entries logged at commit).
+    pub fn write<R>(
+        &self,
+        f: impl FnOnce(&mut Catalog, &mut dyn WriteSink) -> CommandResult<R>,
+    ) -> CommandResult<R> {
+        let mut guard = self.engine.data.lock();
+        let data: &mut Data = &mut guard;
+        let result = if let Some(s) = self.session.as_ref().filter(|s| s.in_transaction()) {
+            let txn_number = s.txn_number.expect("in_transaction checked it");
+            session::begin_or_continue(data, &s.key, &s.lsid, txn_number, s.start_transaction)?;
+            let now = data.clock.current();
+            let (first_new, r) = {
+                let state = data
+                    .sessions
+                    .map
+                    .get_mut(&s.key)
+                    .expect("session created by begin");
+                let t = state.txn.as_mut().expect("transaction opened by begin");
+                let first_new = t.ops.len();
+                let mut sink = TxnSink {
+                    ops: &mut t.ops,
+                    now,
+                };
+                (first_new, f(&mut t.catalog, &mut sink))
+            };
+            match r {
+                Ok(v) => {
+                    session::check_statement_conflicts(data, &s.key, first_new)?;
+                    Ok(v)
+                }
+                Err(e) => {
+                    // Any error inside a transaction aborts it, like on a real server.
+                    let _ = session::abort(data, &s.key, &s.lsid, txn_number);
+                    Err(e)
+                }
+            }
+        } else {
+            let Data {
+                catalog,
+                oplog,
+                clock,
+                ..
+            } = data;
+            let mut sink = DirectSink { oplog, clock };
+            f(catalog, &mut sink)
+        };
+        let last = guard.oplog.last_seq();
+        drop(guard);
+        self.engine.notify_oplog(last);
+        result
+    }
+
+    /// Runs `f` with read access to the catalog the command should see.
+    pub fn read<R>(&self, f: impl FnOnce(&Catalog, &Data) -> CommandResult<R>) -> CommandResult<R> {
+        let mut guard = self.engine.data.lock();
+        if let Some(s) = self.session.as_ref().filter(|s| s.in_transaction()) {
+            let txn_number = s.txn_number.expect("checked");
+            session::begin_or_continue(
+                &mut guard,
+                &s.key,
+                &s.lsid,
+                txn_number,
+                s.start_transaction,
+            )?;
+            let data: &Data = &guard;
+            let t = data
+                .sessions
+                .map
+                .get(&s.key)
+                .and_then(|s| s.txn.as_ref())
+                .expect("open txn");
+            return f(&t.catalog, data);
+        }
+        let data: &Data = &guard;
+        f(&data.catalog, data)
+    }
+}
+
+fn cluster_time_doc(ts: Timestamp) -> Document {
+    doc! {
+        "clusterTime": ts,
+        "signature": {"hash": bson::Binary { subtype: bson::spec::BinarySubtype::Generic, bytes: vec![0u8; 20] }, "keyId": 0i64},
+    }
+}
+
+/// Adds `ok`, `$clusterTime` and `operationTime` to a reply.
+pub fn finish_reply(engine: &Engine, mut body: Document) -> Document {
+    let ts = engine.cluster_time();
+    body.insert("ok", 1.0);
+    body.insert("$clusterTime", cluster_time_doc(ts));
+    body.insert("operationTime", ts);
+    body
+}
+
+pub fn error_reply(engine: &Engine, err: &CommandError, labels: &[String]) -> Document {
+    let ts = engine.cluster_time();
+    let mut body = doc! {
+        "ok": 0.0,
+        "errmsg": err.message.clone(),
+        "code": err.code,
+        "codeName": if err.code_name.is_empty() { code_name(err.code) } else { err.code_name },
+    };
+    if let Some(extra) = &err.extra {
+        for (k, v) in extra {
+            body.insert(k.clone(), v.clone());
+        }
+    }
+    if !labels.is_empty() {
+        body.insert(
+            "errorLabels",
+            labels
+                .iter()
+                .map(|l| Bson::String(l.clone()))
+                .collect::<Vec<_>>(),
+        );
+    }
+    body.insert("$clusterTime", cluster_time_doc(ts));
+    body.insert("operationTime", ts);
+    body
+}
+
+fn is_transient_txn_code(code: i32) -> bool {
+    matches!(code, 112 | 24 | 267 | 239 | 246 | 250 | 272)
+}
+
+/// Server-side error labels (`error_labels.cpp`): transient-transaction, retryable-write,
+/// resumable change stream, non-resumable change stream.
+fn compute_labels(
+    ctx: &Ctx<'_>,
+    err: &CommandError,
+    change_stream: bool,
+    has_wce: bool,
+) -> Vec<String> {
+    let mut labels = err.labels.clone();
+    let code = err.code;
+    let is_commit_or_abort = matches!(ctx.name.as_str(), "commitTransaction" | "abortTransaction");
+    let in_txn = ctx.in_transaction();
+    if in_txn {
+        let transient = is_transient_txn_code(code)
+            || (!is_commit_or_abort && is_retriable_code(code))
+            || (code == codes::NO_SUCH_TRANSACTION && !has_wce);
+        if transient && !labels.iter().any(|l| l == TRANSIENT_TRANSACTION_ERROR) {
+            labels.push(TRANSIENT_TRANSACTION_ERROR.into());
+        }
+    }
+    if labels.iter().any(|l| l == TRANSIENT_TRANSACTION_ERROR) {
+        return labels;
+    }
+    let retryable_write = ctx
+        .session
+        .as_ref()
+        .is_some_and(|s| s.txn_number.is_some() && s.autocommit.is_none())
+        && RETRYABLE_WRITE_COMMANDS.contains(&ctx.name.as_str());
+    if (retryable_write || (is_commit_or_abort && in_txn)) && is_retriable_code(code) {
+        labels.push("RetryableWriteError".into());
+        return labels;
+    }
+    if change_stream
+        && !has_wce
+        && (is_retriable_code(code)
+            || is_network_code(code)
+            || matches!(code, 150 | 13388 | 234 | 133))
+    {
+        labels.push("ResumableChangeStreamError".into());
+    }
+    if matches!(code, 280 | 286)
+        && !labels
+            .iter()
+            .any(|l| l == crate::changestream::NON_RESUMABLE_LABEL)
+    {
+        labels.push(crate::changestream::NON_RESUMABLE_LABEL.into());
+    }
+    labels
+}
+
+fn session_args(cmd: &Document) -> CommandResult<Option<SessionArgs>> {
+    let Some(lsid) = cmd.get("lsid") else {
+        if cmd.contains_key("txnNumber") {
+            return Err(CommandError::new(
+                codes::INVALID_OPTIONS,
+                "Transaction numbers are only allowed in the context of a session",
+            ));
+        }
+        return Ok(None);
+    };
+    let lsid = lsid
+        .as_document()
+        .ok_or_else(|| CommandError::type_mismatch("lsid must be an object"))?
+        .clone();
+    let txn_number = match cmd.get("txnNumber") {
+        Some(Bson::Int64(n)) => Some(*n),
+        Some(Bson::Int32(n)) => Some(*n as i64),
+        Some(_) => return Err(CommandError::type_mismatch("txnNumber must be a long")),
+        None => None,
+    };
+    let autocommit = cmd.get_bool("autocommit").ok();
+    if autocommit == Some(true) {
+        return Err(CommandError::new(
+            codes::INVALID_OPTIONS,
+            "Specifying autocommit=true is not allowed.",
+        ));
+    }
+    Ok(Some(SessionArgs {
+        key: lsid_key(&lsid),
+        lsid,
+        txn_number,
+        autocommit,
+        start_transaction: cmd.get_bool("startTransaction").unwrap_or(false),
+    }))
+}
+
+/// The namespace a command targets, for `failCommand`'s `namespace` filter.
+fn command_namespace(db: &str, name: &str, cmd: &Document) -> Option<String> {
+    match cmd.get(name) {
+        Some(Bson::String(coll)) => Some(format!("{db}.{coll}")),
+        _ => None,
+    }
+}
+
+/// Executes one command and builds its reply.
+pub async fn execute(engine: &Arc<Engine>, conn: &ConnInfo, cmd: Document) -> Outcome {
+    let Some(name) = cmd.keys().next().cloned() else {
+        let e = CommandError::new(codes::FAILED_TO_PARSE, "empty command");
+        return Outcome::Reply(error_reply(engine, &e, &[]));
+    };
+    let db = match cmd.get("$db") {
+        Some(Bson::String(db)) => db.clone(),
+        _ => {
+            let e = CommandError::new(40571, "OP_MSG requests require a $db argument");
+            return Outcome::Reply(error_reply(engine, &e, &[]));
+        }
+    };
+    // Fail points first: `configureFailPoint` itself is never failed.
+    let mut action: Option<Action> = None;
+    if name != "configureFailPoint" {
+        let mut fps = engine.failpoints.lock();
+        if !fps.is_empty() {
+            let ns = command_namespace(&db, &name, &cmd);
+            action = fps.evaluate(FAIL_COMMAND, &name, conn.app_name.as_deref(), ns.as_deref());
+        }
+    }
+    let session = match session_args(&cmd) {
+        Ok(s) => s,
+        Err(e) => return Outcome::Reply(error_reply(engine, &e, &[])),
+    };
+    let ctx = Ctx {
+        engine,
+        conn,
+        db,
+        name: name.clone(),
+        cmd: &cmd,
+        session,
+    };
+    let change_stream_cmd = is_change_stream_command(engine, &name, &cmd);
+    if let Some(a) = &action {
+        if let Some(ms) = a.block_ms {
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        }
+        if a.close_connection {
+            return Outcome::Close;
+        }
+        if let Some(err) = &a.error {
+            let labels = match &a.error_labels {
+                Some(l) => l.clone(),
+                // failCommand fires before a getMore checks its cursor out: no resumable label.
+                None => compute_labels(&ctx, err, change_stream_cmd && name != "getMore", false),
+            };
+            return Outcome::Reply(error_reply(engine, err, &labels));
+        }
+    }
+    let wce = action.as_ref().and_then(|a| a.write_concern_error.clone());
+    let result = run(&ctx, change_stream_cmd).await;
+    match result {
+        Ok(body) => {
+            let mut reply = finish_reply(engine, body);
+            if let Some(wce) = wce {
+                reply.insert("writeConcernError", wce.clone());
+                let code = wce.get_i32("code").unwrap_or(0);
+                let labels = match action.as_ref().and_then(|a| a.error_labels.clone()) {
+                    Some(l) => l,
+                    None => {
+                        let pseudo = CommandError::new(code, "");
+                        compute_labels(&ctx, &pseudo, false, true)
+                    }
+                };
+                if !labels.is_empty() {
+                    reply.insert("errorLabels", labels);
+                }
+            }
+            Outcome::Reply(reply)
+        }
+        Err(err) => {
+            let labels = compute_labels(&ctx, &err, change_stream_cmd, false);
+            Outcome::Reply(error_reply(engine, &err, &labels))
+        }
+    }
+}
+
+fn is_change_stream_command(engine: &Engine, name: &str, cmd: &Document) -> bool {
+    match name {
+        "aggregate" => cmd
+            .get_array("pipeline")
+            .ok()
+            .and_then(|p| p.first())
+            .and_then(|s| s.as_document())
+            .is_some_and(|s| s.contains_key("$changeStream")),
+        "getMore" => {
+            let id = match cmd.get("getMore") {
+                Some(Bson::Int64(id)) => *id,
+                _ => return false,
+            };
+            engine
+                .cursors
+                .lock()
+                .map
+                .get(&id)
+                .is_some_and(|c| matches!(c.kind, crate::cursor::CursorKind::ChangeStream(_)))
+        }
+        _ => false,
+    }
+}
+
+async fn run(ctx: &Ctx<'_>, change_stream_cmd: bool) -> CommandResult<Document> {
+    if ctx.in_transaction() && !TRANSACTION_COMMANDS.contains(&ctx.name.as_str()) {
+        return Err(CommandError::new(
+            codes::OPERATION_NOT_SUPPORTED_IN_TRANSACTION,
+            format!("Cannot run '{}' in a multi-document transaction.", ctx.name),
+        ));
+    }
+    if ctx.in_transaction() && change_stream_cmd && ctx.name == "aggregate" {
+        return Err(CommandError::new(
+            codes::OPERATION_NOT_SUPPORTED_IN_TRANSACTION,
+            "Operation not permitted in transaction :: caused by :: $changeStream",
+        ));
+    }
+    // Retryable writes: a retry of an executed (lsid, txnNumber) replays the recorded reply.
+    let retryable = ctx
+        .session
+        .as_ref()
+        .filter(|s| s.txn_number.is_some() && s.autocommit.is_none())
+        .filter(|_| RETRYABLE_WRITE_COMMANDS.contains(&ctx.name.as_str()))
+        .cloned();
+    if let Some(s) = &retryable {
+        let txn_number = s.txn_number.expect("filtered");
+        let check = ctx
+            .engine
+            .data
+            .lock()
+            .sessions
+            .check_retry(&s.key, &s.lsid, txn_number)?;
+        if let RetryCheck::Replay(reply) = check {
+            return Ok(reply);
+        }
+    }
+    let result = dispatch(ctx).await;
+    if let (Some(s), Ok(reply)) = (&retryable, &result) {
+        let txn_number = s.txn_number.expect("filtered");
+        ctx.engine
+            .data
+            .lock()
+            .sessions
+            .record_retry(&s.key, txn_number, reply.clone());
+    }
+    result
+}
+
+async fn dispatch(ctx: &Ctx<'_>) -> CommandResult<Document> {
+    match ctx.name.as_str() {
+        "hello" | "isMaster" | "ismaster" => Ok(admin::hello_body(
+            ctx.engine,
+            ctx.conn,
+            ctx.cmd,
+            ctx.name == "hello",
+        )),
+        "ping" => Ok(Document::new()),
+        "buildInfo" | "buildinfo" => Ok(admin::build_info()),
+        "serverStatus" => Ok(admin::server_status(ctx.engine)),
+        "hostInfo" => Ok(admin::host_info()),
+        "getParameter" => admin::get_parameter(ctx.cmd),
+        "getCmdLineOpts" => Ok(doc! {"argv": ["mongod"], "parsed": {}}),
+        "replSetGetConfig" => admin::repl_set_get_config(ctx.engine),
+        "replSetGetStatus" => Ok(admin::repl_set_get_status(ctx.engine)),
+        "connectionStatus" => {
+            Ok(doc! {"authInfo": {"authenticatedUsers": [], "authenticatedUserRoles": []}})
+        }
+        "whatsmyuri" => Ok(doc! {"you": "127.0.0.1"}),
+        "endSessions" => admin::end_sessions(ctx),
+        "killAllSessions" | "killSessions" => admin::kill_all_sessions(ctx),
+        "configureFailPoint" => admin::configure_fail_point(ctx),
+        "commitTransaction" => admin::commit_transaction(ctx),
+        "abortTransaction" => admin::abort_transaction(ctx),
+        "insert" => crud::insert(ctx),
+        "update" => crud::update(ctx),
+        "delete" => crud::delete(ctx),
+        "findAndModify" | "findandmodify" => crud::find_and_modify(ctx),
+        "find" => read::find(ctx),
+        "getMore" => read::get_more(ctx).await,
+        "killCursors" => read::kill_cursors(ctx),
+        "aggregate" => read::aggregate(ctx),
+        "count" => read::count(ctx),
+        "distinct" => read::distinct(ctx),
+        "dbHash" | "dbhash" => read::db_hash(ctx),
+        "listDatabases" => read::list_databases(ctx),
+        "listCollections" => read::list_collections(ctx),
+        "listIndexes" => read::list_indexes(ctx),
+        "collStats" => read::coll_stats(ctx),
+        "dbStats" => read::db_stats(ctx),
+        "create" => ddl::create(ctx),
+        "drop" => ddl::drop(ctx),
+        "dropDatabase" => ddl::drop_database(ctx),
+        "renameCollection" => ddl::rename_collection(ctx),
+        "collMod" => ddl::coll_mod(ctx),
+        "createIndexes" => ddl::create_indexes(ctx),
+        "dropIndexes" | "deleteIndexes" => ddl::drop_indexes(ctx),
+        other => Err(CommandError::new(
+            codes::COMMAND_NOT_FOUND,
+            format!("no such command: '{other}'"),
+        )),
+    }
+}
+
+/// Reads a collection-name argument (`{find: "coll"}` etc.).
+pub fn coll_arg(ctx: &Ctx<'_>) -> CommandResult<crate::store::Namespace> {
+    match ctx.cmd.get(&ctx.name) {
+        Some(Bson::String(c)) => {
+            let ns = crate::store::Namespace::new(ctx.db.clone(), c.clone());
+            crate::store::check_names(&ns)?;
+            Ok(ns)
+        }
+        _ => Err(CommandError::new(
+            codes::INVALID_NAMESPACE,
+            format!(
+                "collection name has invalid type {}",
+                ctx.cmd
+                    .get(&ctx.name)
+                    .map(|b| format!("{:?}", b.element_type()))
+                    .unwrap_or_default()
+            ),
+        )),
+    }
+}
+
+/// Integer argument accepting int32, int64 and integral doubles.
+pub fn int_arg(cmd: &Document, key: &str) -> CommandResult<Option<i64>> {
+    match cmd.get(key) {
+        None | Some(Bson::Null) => Ok(None),
+        Some(b) => crate::store::as_i64(b)
+            .map(Some)
+            .ok_or_else(|| CommandError::type_mismatch(format!("'{key}' must be a number"))),
+    }
+}

@@ -1,0 +1,76 @@
+//! Server-side cursors: materialised query results and change-stream tailers.
+
+use std::collections::{HashMap, VecDeque};
+
+use bson::Document;
+
+use crate::{changestream::ChangeStreamCursor, query::projection::Projection, store::DocRef};
+
+/// Reply batches stay under the 16 MiB document limit with room for the envelope.
+pub const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024 - 64 * 1024;
+/// `find`/`aggregate` first batch size when the client does not set one.
+pub const DEFAULT_FIRST_BATCH: usize = 101;
+
+pub enum CursorKind {
+    Documents {
+        remaining: VecDeque<DocRef>,
+        projection: Option<Projection>,
+    },
+    ChangeStream(Box<ChangeStreamCursor>),
+}
+
+pub struct Cursor {
+    pub id: i64,
+    /// `db.coll` as reported in replies (`db.$cmd.aggregate` for database streams).
+    pub ns: String,
+    pub kind: CursorKind,
+    pub lsid: Option<Vec<u8>>,
+}
+
+#[derive(Default)]
+pub struct Cursors {
+    pub map: HashMap<i64, Cursor>,
+}
+
+impl Cursors {
+    pub fn insert(&mut self, cursor: Cursor) {
+        self.map.insert(cursor.id, cursor);
+    }
+
+    pub fn take(&mut self, id: i64) -> Option<Cursor> {
+        self.map.remove(&id)
+    }
+
+    pub fn kill_session(&mut self, lsid: &[u8]) {
+        self.map.retain(|_, c| c.lsid.as_deref() != Some(lsid));
+    }
+
+    pub fn clear(&mut self) {
+        self.map.clear();
+    }
+}
+
+/// Takes up to `limit` documents (and at most [`MAX_BATCH_BYTES`]) from a result queue.
+pub fn next_batch(
+    remaining: &mut VecDeque<DocRef>,
+    projection: Option<&Projection>,
+    limit: usize,
+) -> crate::error::CommandResult<Vec<Document>> {
+    let mut out = Vec::new();
+    let mut bytes = 0usize;
+    while out.len() < limit {
+        let Some(doc) = remaining.front() else { break };
+        let doc = match projection {
+            Some(p) => p.apply(doc)?,
+            None => (**doc).clone(),
+        };
+        let size = crate::store::bson_size(&doc);
+        if !out.is_empty() && bytes + size > MAX_BATCH_BYTES {
+            break;
+        }
+        bytes += size;
+        remaining.pop_front();
+        out.push(doc);
+    }
+    Ok(out)
+}

@@ -1,0 +1,5 @@
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PathPart {
+    Field(String),
+    Index(usize),
+}

@@ -1,0 +1,366 @@
+//! Logical sessions: retryable-write deduplication and multi-document transactions.
+
+use std::collections::HashMap;
+
+use bson::{Bson, Document, Timestamp};
+
+use crate::{
+    engine::{log_transaction, Data},
+    error::{codes, CommandError, CommandResult},
+    oplog::{OplogOp, TxnInfo},
+    query::compare::IdKey,
+    store::{Catalog, Collection, DocRef, Namespace},
+};
+
+pub const TRANSIENT_TRANSACTION_ERROR: &str = "TransientTransactionError";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxnState {
+    InProgress,
+    Committed,
+    Aborted,
+}
+
+/// An open (or finished) multi-document transaction.
+pub struct Transaction {
+    pub txn_number: i64,
+    pub state: TxnState,
+    /// Private working copy of the catalog: the transaction's snapshot plus its own writes.
+    pub catalog: Catalog,
+    /// The catalog as it was when the transaction started, to detect concurrent writes.
+    pub base: Catalog,
+    pub ops: Vec<(OplogOp, bool)>,
+    pub read_ts: Timestamp,
+}
+
+#[derive(Default)]
+pub struct SessionState {
+    pub lsid: Document,
+    /// Highest `txnNumber` seen on this session.
+    pub txn_number: i64,
+    /// Reply of the retryable write executed with `txn_number` (replayed on a retry).
+    pub retry_reply: Option<(i64, Document)>,
+    pub txn: Option<Transaction>,
+}
+
+#[derive(Default)]
+pub struct Sessions {
+    pub map: HashMap<Vec<u8>, SessionState>,
+}
+
+/// What a retryable write should do.
+pub enum RetryCheck {
+    Execute,
+    /// Already executed with this `txnNumber`: answer with the recorded reply.
+    Replay(Document),
+}
+
+impl Sessions {
+    pub fn session(&mut self, key: &[u8], lsid: &Document) -> &mut SessionState {
+        self.map
+            .entry(key.to_vec())
+            .or_insert_with(|| SessionState {
+                lsid: lsid.clone(),
+                ..Default::default()
+            })
+    }
+
+    pub fn end(&mut self, key: &[u8]) {
+        self.map.remove(key);
+    }
+
+    /// Checks a retryable write's `txnNumber` against the session.
+    pub fn check_retry(
+        &mut self,
+        key: &[u8],
+        lsid: &Document,
+        txn_number: i64,
+    ) -> CommandResult<RetryCheck> {
+        let s = self.session(key, lsid);
+        if txn_number < s.txn_number {
+            return Err(CommandError::new(
+                codes::TRANSACTION_TOO_OLD,
+                format!(
+                    "Retryable write with txnNumber {txn_number} is prohibited on session because a newer retryable write with txnNumber {} has already started on this session.",
+                    s.txn_number
+                ),
+            ));
+        }
+        if let Some((n, reply)) = &s.retry_reply {
+            if *n == txn_number {
+                return Ok(RetryCheck::Replay(reply.clone()));
+            }
+        }
+        if txn_number > s.txn_number {
+            s.txn_number = txn_number;
+            abort_open(s);
+        }
+        Ok(RetryCheck::Execute)
+    }
+
+    pub fn record_retry(&mut self, key: &[u8], txn_number: i64, reply: Document) {
+        if let Some(s) = self.map.get_mut(key) {
+            s.retry_reply = Some((txn_number, reply));
+        }
+    }
+
+    /// Transactions other than `except` that are still open, for write-conflict checks.
+    fn other_open_txns<'a>(
+        &'a self,
+        except: &'a [u8],
+    ) -> impl Iterator<Item = &'a Transaction> + 'a {
+        self.map
+            .iter()
+            .filter(move |(k, _)| k.as_slice() != except)
+            .filter_map(|(_, s)| s.txn.as_ref())
+            .filter(|t| t.state == TxnState::InProgress)
+    }
+}
+
+fn abort_open(s: &mut SessionState) {
+    if let Some(t) = &mut s.txn {
+        if t.state == TxnState::InProgress {
+            t.state = TxnState::Aborted;
+            t.ops.clear();
+        }
+    }
+}
+
+fn no_such_transaction(txn_number: i64) -> CommandError {
+    CommandError::new(
+        codes::NO_SUCH_TRANSACTION,
+        format!("Transaction with {{ txnNumber: {txn_number} }} has been aborted."),
+    )
+}
+
+/// Opens or continues the transaction `txn_number` for a command with `autocommit: false`.
+pub fn begin_or_continue(
+    data: &mut Data,
+    key: &[u8],
+    lsid: &Document,
+    txn_number: i64,
+    start: bool,
+) -> CommandResult<()> {
+    let base = data.catalog.clone();
+    let now = data.clock.current();
+    let s = data.sessions.session(key, lsid);
+    if txn_number < s.txn_number {
+        return Err(CommandError::new(
+            codes::TRANSACTION_TOO_OLD,
+            format!(
+                "txnNumber {txn_number} is less than last txnNumber {} seen in session",
+                s.txn_number
+            ),
+        ));
+    }
+    if start {
+        if txn_number == s.txn_number && s.txn.is_some() {
+            return Err(CommandError::new(
+                codes::CONFLICTING_OPERATION_IN_PROGRESS,
+                format!("Cannot start transaction {txn_number} on session because a newer transaction has already started"),
+            ));
+        }
+        abort_open(s);
+        s.txn_number = txn_number;
+        s.txn = Some(Transaction {
+            txn_number,
+            state: TxnState::InProgress,
+            catalog: base.clone(),
+            base,
+            ops: Vec::new(),
+            read_ts: now,
+        });
+        return Ok(());
+    }
+    match &s.txn {
+        Some(t) if t.txn_number == txn_number && t.state == TxnState::InProgress => Ok(()),
+        Some(t) if t.txn_number == txn_number && t.state == TxnState::Committed => {
+            Err(CommandError::new(
+                codes::TRANSACTION_COMMITTED,
+                format!("Transaction {txn_number} has been committed."),
+            ))
+        }
+        _ => Err(no_such_transaction(txn_number).with_label(TRANSIENT_TRANSACTION_ERROR)),
+    }
+}
+
+fn same_version(a: Option<&DocRef>, b: Option<&DocRef>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => std::sync::Arc::ptr_eq(a, b),
+        _ => false,
+    }
+}
+
+fn op_key(op: &OplogOp) -> Option<(Namespace, IdKey)> {
+    Some((op.ns()?.clone(), IdKey(op.document_id()?.clone())))
+}
+
+fn write_conflict() -> CommandError {
+    CommandError::new(
+        codes::WRITE_CONFLICT,
+        "Write conflict during plan execution and yielding is disabled. :: Please retry your operation or multi-document transaction.",
+    )
+    .with_label(TRANSIENT_TRANSACTION_ERROR)
+}
+
+/// Checks the writes a transaction statement just made (ops from `first_new` on): a document
+/// changed since the snapshot, or written by another open transaction, is a write conflict,
+/// which aborts the transaction.
+pub fn check_statement_conflicts(
+    data: &mut Data,
+    key: &[u8],
+    first_new: usize,
+) -> CommandResult<()> {
+    let conflict = {
+        let s = data
+            .sessions
+            .map
+            .get(key)
+            .expect("session exists during its transaction");
+        let t = s.txn.as_ref().expect("transaction exists");
+        t.ops[first_new..]
+            .iter()
+            .filter_map(|(op, _)| op_key(op))
+            .any(|(ns, id)| {
+                let now = data.catalog.get(&ns).and_then(|c| c.docs.get(&id));
+                let then = t.base.get(&ns).and_then(|c| c.docs.get(&id));
+                !same_version(now, then)
+                    || data.sessions.other_open_txns(key).any(|other| {
+                        other
+                            .ops
+                            .iter()
+                            .any(|(o, _)| op_key(o).is_some_and(|(n2, id2)| n2 == ns && id2 == id))
+                    })
+            })
+    };
+    if conflict {
+        if let Some(s) = data.sessions.map.get_mut(key) {
+            abort_open(s);
+        }
+        return Err(write_conflict());
+    }
+    Ok(())
+}
+
+/// Commits: re-checks conflicts against writes made outside the transaction, applies the
+/// transaction's writes to the shared catalog atomically and logs them with one cluster time.
+pub fn commit(data: &mut Data, key: &[u8], lsid: &Document, txn_number: i64) -> CommandResult<()> {
+    let s = data.sessions.session(key, lsid);
+    let t = match &mut s.txn {
+        Some(t) if t.txn_number == txn_number => t,
+        _ => return Err(no_such_transaction(txn_number)),
+    };
+    match t.state {
+        TxnState::Committed => return Ok(()), // a retried commit is a no-op
+        TxnState::Aborted => return Err(no_such_transaction(txn_number)),
+        TxnState::InProgress => {}
+    }
+    let ops = std::mem::take(&mut t.ops);
+    let txn_catalog = std::mem::take(&mut t.catalog);
+    let base = std::mem::take(&mut t.base);
+    // Apply onto copies of the shared collections; swap them in only if everything succeeds.
+    let mut staged: HashMap<Namespace, Option<Collection>> = HashMap::new();
+    let result = (|| -> CommandResult<()> {
+        for (op, _) in &ops {
+            if let Some((ns, id)) = op_key(op) {
+                let now = data.catalog.get(&ns).and_then(|c| c.docs.get(&id));
+                let then = base.get(&ns).and_then(|c| c.docs.get(&id));
+                if !same_version(now, then) {
+                    return Err(write_conflict());
+                }
+            }
+        }
+        for (op, _) in &ops {
+            let ns = match op.ns() {
+                Some(ns) => ns.clone(),
+                None => continue,
+            };
+            let slot = staged
+                .entry(ns.clone())
+                .or_insert_with(|| data.catalog.get(&ns).cloned());
+            match op {
+                OplogOp::Create { .. } => {
+                    if slot.is_none() {
+                        let mut c = txn_catalog.get(&ns).cloned().ok_or_else(|| {
+                            CommandError::new(
+                                codes::INTERNAL_ERROR,
+                                "created collection missing from transaction",
+                            )
+                        })?;
+                        c.docs = imbl::OrdMap::new();
+                        c.indexes.retain(|i| i.name == "_id_");
+                        *slot = Some(c);
+                    }
+                }
+                OplogOp::Insert { doc, .. } => {
+                    let c = slot.as_mut().ok_or_else(write_conflict)?;
+                    c.insert((**doc).clone(), true)?;
+                }
+                OplogOp::Update { post, .. } | OplogOp::Replace { post, .. } => {
+                    let c = slot.as_mut().ok_or_else(write_conflict)?;
+                    c.replace((**post).clone(), true, true)?;
+                }
+                OplogOp::Delete { pre, .. } => {
+                    let c = slot.as_mut().ok_or_else(write_conflict)?;
+                    c.delete(pre.get("_id").unwrap_or(&Bson::Null));
+                }
+                _ => {
+                    return Err(CommandError::new(
+                        codes::OPERATION_NOT_SUPPORTED_IN_TRANSACTION,
+                        "DDL is not supported in transactions",
+                    ))
+                }
+            }
+        }
+        Ok(())
+    })();
+    let s = data.sessions.map.get_mut(key).expect("session exists");
+    let t = s.txn.as_mut().expect("transaction exists");
+    match result {
+        Err(e) => {
+            t.state = TxnState::Aborted;
+            Err(e)
+        }
+        Ok(()) => {
+            t.state = TxnState::Committed;
+            for (ns, coll) in staged {
+                if let Some(c) = coll {
+                    data.catalog.insert(c);
+                } else {
+                    data.catalog.remove(&ns);
+                }
+            }
+            if !ops.is_empty() {
+                log_transaction(
+                    data,
+                    ops,
+                    TxnInfo {
+                        lsid: lsid.clone(),
+                        txn_number,
+                    },
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+pub fn abort(data: &mut Data, key: &[u8], lsid: &Document, txn_number: i64) -> CommandResult<()> {
+    let s = data.sessions.session(key, lsid);
+    match &mut s.txn {
+        Some(t) if t.txn_number == txn_number => match t.state {
+            TxnState::InProgress => {
+                t.state = TxnState::Aborted;
+                t.ops.clear();
+                Ok(())
+            }
+            TxnState::Committed => Err(CommandError::new(
+                codes::TRANSACTION_COMMITTED,
+                format!("Transaction {txn_number} has been committed."),
+            )),
+            TxnState::Aborted => Err(no_such_transaction(txn_number)),
+        },
+        _ => Err(no_such_transaction(txn_number)),
+    }
+}

@@ -1,0 +1,623 @@
+//! In-memory catalog: databases, collections (documents in `_id` order), indexes, validators.
+//!
+//! Collections use persistent maps (`imbl`), so cloning one is O(1): transactions work on
+//! private copies and a commit swaps the new versions in atomically.
+
+use std::{collections::BTreeMap, fmt, sync::Arc};
+
+use bson::{doc, Bson, Document};
+
+use crate::{
+    error::{codes, CommandError, CommandResult},
+    query::{compare::IdKey, matcher::Matcher},
+    schema::Validator,
+};
+
+pub type DocRef = Arc<Document>;
+
+/// Largest document a collection accepts (`maxBsonObjectSize`).
+pub const MAX_BSON_OBJECT_SIZE: usize = 16 * 1024 * 1024;
+
+/// `db.coll`; `coll` may itself contain dots.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Namespace {
+    pub db: String,
+    pub coll: String,
+}
+
+impl Namespace {
+    pub fn new(db: impl Into<String>, coll: impl Into<String>) -> Self {
+        Self {
+            db: db.into(),
+            coll: coll.into(),
+        }
+    }
+
+    /// Parses `"db.coll"` (splitting at the first dot).
+    pub fn parse(full: &str) -> CommandResult<Self> {
+        match full.split_once('.') {
+            Some((db, coll)) if !db.is_empty() && !coll.is_empty() => Ok(Self::new(db, coll)),
+            _ => Err(CommandError::new(
+                codes::INVALID_NAMESPACE,
+                format!("Invalid namespace specified '{full}'"),
+            )),
+        }
+    }
+
+    pub fn is_system(&self) -> bool {
+        self.coll.starts_with("system.")
+    }
+}
+
+impl fmt::Display for Namespace {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.db, self.coll)
+    }
+}
+
+/// Validates database and collection names the way the server does (a subset of its rules).
+pub fn check_names(ns: &Namespace) -> CommandResult<()> {
+    let bad_db = ns.db.is_empty()
+        || ns.db.len() > 63
+        || ns
+            .db
+            .chars()
+            .any(|c| matches!(c, '/' | '\\' | '.' | ' ' | '"' | '$' | '\0'));
+    if bad_db {
+        return Err(CommandError::new(
+            codes::INVALID_NAMESPACE,
+            format!("Invalid database name: '{}'", ns.db),
+        ));
+    }
+    if ns.coll.is_empty()
+        || ns.coll.contains('\0')
+        || ns.coll.starts_with('.')
+        || ns.coll.contains('$')
+    {
+        return Err(CommandError::new(
+            codes::INVALID_NAMESPACE,
+            format!("Invalid collection name: {}", ns.coll),
+        ));
+    }
+    Ok(())
+}
+
+/// One index of a collection. Only unique indexes keep entries (for enforcement); the others
+/// are metadata that `listIndexes` reports and TTL uses.
+#[derive(Clone, Debug)]
+pub struct Index {
+    pub name: String,
+    pub key: Document,
+    /// The spec exactly as `listIndexes` shows it.
+    pub spec: Document,
+    pub unique: bool,
+    pub sparse: bool,
+    partial: Option<Arc<Matcher>>,
+    entries: imbl::OrdMap<Vec<IdKey>, IdKey>,
+}
+
+impl Index {
+    pub fn id_index() -> Index {
+        Index {
+            name: "_id_".into(),
+            key: doc! {"_id": 1},
+            spec: doc! {"v": 2, "key": {"_id": 1}, "name": "_id_"},
+            unique: false, // enforced by the document map itself
+            sparse: false,
+            partial: None,
+            entries: imbl::OrdMap::new(),
+        }
+    }
+
+    /// Builds an index from a `createIndexes` spec.
+    pub fn from_spec(spec: &Document) -> CommandResult<Index> {
+        let key = spec
+            .get_document("key")
+            .map_err(|_| {
+                CommandError::failed_to_parse("index specification must have a 'key' document")
+            })?
+            .clone();
+        if key.is_empty() {
+            return Err(CommandError::new(
+                codes::CANNOT_CREATE_INDEX,
+                "Index keys cannot be empty.",
+            ));
+        }
+        let name = match spec.get("name") {
+            Some(Bson::String(n)) => n.clone(),
+            _ => {
+                return Err(CommandError::failed_to_parse(
+                    "index specification must have a 'name'",
+                ))
+            }
+        };
+        let unique = spec.get_bool("unique").unwrap_or(false);
+        let sparse = spec.get_bool("sparse").unwrap_or(false);
+        let partial = match spec.get("partialFilterExpression") {
+            Some(Bson::Document(f)) => Some(Arc::new(Matcher::new(f)?)),
+            Some(_) => {
+                return Err(CommandError::type_mismatch(
+                    "partialFilterExpression must be an object",
+                ))
+            }
+            None => None,
+        };
+        let mut listed = doc! {"v": 2, "key": key.clone(), "name": name.clone()};
+        for (k, v) in spec {
+            if !matches!(k.as_str(), "v" | "key" | "name" | "ns") {
+                listed.insert(k.clone(), v.clone());
+            }
+        }
+        Ok(Index {
+            name,
+            key,
+            spec: listed,
+            unique,
+            sparse,
+            partial,
+            entries: imbl::OrdMap::new(),
+        })
+    }
+
+    /// Two specs "are the same index" when key and options match (name aside).
+    pub fn same_definition(&self, other: &Index) -> bool {
+        let strip = |d: &Document| {
+            let mut d = d.clone();
+            d.remove("name");
+            d.remove("v");
+            d
+        };
+        strip(&self.spec) == strip(&other.spec)
+    }
+
+    pub fn ttl_seconds(&self) -> Option<f64> {
+        match self.spec.get("expireAfterSeconds") {
+            Some(Bson::Int32(v)) => Some(*v as f64),
+            Some(Bson::Int64(v)) => Some(*v as f64),
+            Some(Bson::Double(v)) => Some(*v),
+            _ => None,
+        }
+    }
+
+    /// The keys a document produces in this index (several for an array field), or none when
+    /// a sparse/partial index skips it.
+    fn keys_for(&self, doc: &Document) -> Vec<Vec<IdKey>> {
+        if let Some(p) = &self.partial {
+            if !p.matches(doc) {
+                return Vec::new();
+            }
+        }
+        let mut keys: Vec<Vec<IdKey>> = vec![Vec::new()];
+        let mut all_missing = true;
+        for (field, _) in &self.key {
+            let values = values_at_path(doc, field);
+            if !values.is_empty() {
+                all_missing = false;
+            }
+            let values = if values.is_empty() {
+                vec![Bson::Null]
+            } else {
+                values
+            };
+            let mut next = Vec::with_capacity(keys.len() * values.len());
+            for prefix in &keys {
+                for v in &values {
+                    let mut k = prefix.clone();
+                    k.push(IdKey(v.clone()));
+                    next.push(k);
+                }
+            }
+            keys = next;
+        }
+        if self.sparse && all_missing {
+            return Vec::new();
+        }
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+
+    fn duplicate_error(&self, coll: &Namespace, key: &[IdKey]) -> CommandError {
+        let mut key_value = Document::new();
+        let mut shown = Vec::new();
+        for ((field, _), k) in self.key.iter().zip(key) {
+            key_value.insert(field.clone(), k.0.clone());
+            shown.push(format!("{field}: {}", k.0));
+        }
+        CommandError::new(
+            codes::DUPLICATE_KEY,
+            format!(
+                "E11000 duplicate key error collection: {coll} index: {} dup key: {{ {} }}",
+                self.name,
+                shown.join(", ")
+            ),
+        )
+        .with_extra(doc! {"keyPattern": self.key.clone(), "keyValue": key_value})
+    }
+}
+
+/// Values at a dotted path, expanding arrays (one value per element) like a multikey index.
+pub fn values_at_path(doc: &Document, path: &str) -> Vec<Bson> {
+    fn walk(value: &Bson, parts: &[&str], out: &mut Vec<Bson>) {
+        if parts.is_empty() {
+            match value {
+                Bson::Array(items) if !items.is_empty() => out.extend(items.iter().cloned()),
+                other => out.push(other.clone()),
+            }
+            return;
+        }
+        match value {
+            Bson::Document(d) => {
+                if let Some(v) = d.get(parts[0]) {
+                    walk(v, &parts[1..], out);
+                }
+            }
+            Bson::Array(items) => {
+                if let Ok(i) = parts[0].parse::<usize>() {
+                    if let Some(v) = items.get(i) {
+                        walk(v, &parts[1..], out);
+                    }
+                } else {
+                    for item in items {
+                        if let Bson::Document(_) = item {
+                            walk(item, parts, out);
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let parts: Vec<&str> = path.split('.').collect();
+    let mut out = Vec::new();
+    if let Some(v) = doc.get(parts[0]) {
+        walk(v, &parts[1..], &mut out);
+    }
+    out
+}
+
+/// A collection: options, documents by `_id`, indexes.
+#[derive(Clone, Debug)]
+pub struct Collection {
+    pub ns: Namespace,
+    pub uuid: bson::Uuid,
+    /// Options as given to `create`/`collMod` and reported by `listCollections`.
+    pub options: Document,
+    pub docs: imbl::OrdMap<IdKey, DocRef>,
+    pub indexes: Vec<Index>,
+    validator: Option<Arc<Validator>>,
+    /// Insertion order, for capped collections only.
+    capped_order: imbl::Vector<IdKey>,
+    capped_bytes: usize,
+}
+
+/// A write that happened to a collection, for the oplog.
+#[derive(Clone, Debug)]
+pub enum DocChange {
+    Insert { doc: DocRef },
+    Update { pre: DocRef, post: DocRef },
+    Replace { pre: DocRef, post: DocRef },
+    Delete { pre: DocRef },
+}
+
+impl Collection {
+    pub fn new(ns: Namespace, options: Document) -> CommandResult<Collection> {
+        let validator = match options.get("validator") {
+            Some(Bson::Document(v)) if !v.is_empty() => Some(Arc::new(Validator::new(v)?)),
+            Some(Bson::Document(_)) | None => None,
+            Some(_) => return Err(CommandError::type_mismatch("'validator' must be an object")),
+        };
+        if options.get_bool("capped").unwrap_or(false) && !options.contains_key("size") {
+            return Err(CommandError::new(
+                codes::INVALID_OPTIONS,
+                "the 'size' field is required when 'capped' is true",
+            ));
+        }
+        Ok(Collection {
+            ns,
+            uuid: bson::Uuid::new(),
+            options,
+            docs: imbl::OrdMap::new(),
+            indexes: vec![Index::id_index()],
+            validator,
+            capped_order: imbl::Vector::new(),
+            capped_bytes: 0,
+        })
+    }
+
+    pub fn is_capped(&self) -> bool {
+        self.options.get_bool("capped").unwrap_or(false)
+    }
+
+    pub fn pre_and_post_images(&self) -> bool {
+        self.options
+            .get_document("changeStreamPreAndPostImages")
+            .ok()
+            .and_then(|d| d.get_bool("enabled").ok())
+            .unwrap_or(false)
+    }
+
+    /// Replaces the options (collMod), recompiling the validator.
+    pub fn set_options(&mut self, options: Document) -> CommandResult<()> {
+        self.validator = match options.get("validator") {
+            Some(Bson::Document(v)) if !v.is_empty() => Some(Arc::new(Validator::new(v)?)),
+            _ => None,
+        };
+        self.options = options;
+        Ok(())
+    }
+
+    pub fn get(&self, id: &Bson) -> Option<&DocRef> {
+        self.docs.get(&IdKey(id.clone()))
+    }
+
+    pub fn len(&self) -> usize {
+        self.docs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.docs.is_empty()
+    }
+
+    fn check_document(&self, doc: &Document, bypass_validation: bool) -> CommandResult<()> {
+        let size = bson_size(doc);
+        if size > MAX_BSON_OBJECT_SIZE {
+            return Err(CommandError::new(
+                codes::BSON_OBJECT_TOO_LARGE,
+                format!("object to insert too large. size in bytes: {size}, max size: {MAX_BSON_OBJECT_SIZE}"),
+            ));
+        }
+        if !bypass_validation {
+            if let Some(v) = &self.validator {
+                v.check(doc)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn index_add(&mut self, doc: &Document, id: &IdKey) -> CommandResult<()> {
+        // Check every unique index before touching any, so a failure leaves no trace.
+        for index in self.indexes.iter().filter(|i| i.unique) {
+            for key in index.keys_for(doc) {
+                if let Some(owner) = index.entries.get(&key) {
+                    if owner != id {
+                        return Err(index.duplicate_error(&self.ns, &key));
+                    }
+                }
+            }
+        }
+        for index in self.indexes.iter_mut().filter(|i| i.unique) {
+            for key in index.keys_for(doc) {
+                index.entries.insert(key, id.clone());
+            }
+        }
+        Ok(())
+    }
+
+    fn index_remove(&mut self, doc: &Document) {
+        for index in self.indexes.iter_mut().filter(|i| i.unique) {
+            for key in index.keys_for(doc) {
+                index.entries.remove(&key);
+            }
+        }
+    }
+
+    /// Inserts a document (which must already carry its `_id`).
+    pub fn insert(&mut self, doc: Document, bypass_validation: bool) -> CommandResult<DocChange> {
+        let id = IdKey(
+            doc.get("_id")
+                .cloned()
+                .ok_or_else(|| CommandError::new(codes::INTERNAL_ERROR, "document without _id"))?,
+        );
+        self.check_document(&doc, bypass_validation)?;
+        if self.docs.contains_key(&id) {
+            let mut key_value = Document::new();
+            key_value.insert("_id", id.0.clone());
+            return Err(CommandError::new(
+                codes::DUPLICATE_KEY,
+                format!(
+                    "E11000 duplicate key error collection: {} index: _id_ dup key: {{ _id: {} }}",
+                    self.ns, id.0
+                ),
+            )
+            .with_extra(doc! {"keyPattern": {"_id": 1}, "keyValue": key_value}));
+        }
+        self.index_add(&doc, &id)?;
+        let doc = Arc::new(doc);
+        self.docs.insert(id.clone(), Arc::clone(&doc));
+        if self.is_capped() {
+            self.capped_order.push_back(id);
+            self.capped_bytes += bson_size(&doc);
+        }
+        Ok(DocChange::Insert { doc })
+    }
+
+    /// Replaces the stored document with `new` (same `_id`), as an update or a replacement.
+    pub fn replace(
+        &mut self,
+        new: Document,
+        as_update: bool,
+        bypass_validation: bool,
+    ) -> CommandResult<DocChange> {
+        let id = IdKey(new.get("_id").cloned().unwrap_or(Bson::Null));
+        let pre = self.docs.get(&id).cloned().ok_or_else(|| {
+            CommandError::new(codes::NO_MATCHING_DOCUMENT, "document to replace not found")
+        })?;
+        self.check_document(&new, bypass_validation)?;
+        self.index_remove(&pre);
+        if let Err(e) = self.index_add(&new, &id) {
+            self.index_add(&pre, &id)
+                .expect("restoring the previous index entries cannot conflict");
+            return Err(e);
+        }
+        if self.is_capped() {
+            self.capped_bytes =
+                self.capped_bytes + bson_size(&new) - bson_size(&pre).min(self.capped_bytes);
+        }
+        let post = Arc::new(new);
+        self.docs.insert(id, Arc::clone(&post));
+        Ok(if as_update {
+            DocChange::Update { pre, post }
+        } else {
+            DocChange::Replace { pre, post }
+        })
+    }
+
+    pub fn delete(&mut self, id: &Bson) -> Option<DocChange> {
+        let key = IdKey(id.clone());
+        let pre = self.docs.remove(&key)?;
+        self.index_remove(&pre);
+        if self.is_capped() {
+            if let Some(pos) = self.capped_order.index_of(&key) {
+                self.capped_order.remove(pos);
+            }
+            self.capped_bytes = self.capped_bytes.saturating_sub(bson_size(&pre));
+        }
+        Some(DocChange::Delete { pre })
+    }
+
+    /// For capped collections: the oldest documents to delete after an insert.
+    pub fn capped_overflow(&self) -> Vec<Bson> {
+        if !self.is_capped() {
+            return Vec::new();
+        }
+        let max_docs = self.options.get("max").and_then(as_i64).filter(|m| *m > 0);
+        let max_bytes = self
+            .options
+            .get("size")
+            .and_then(as_i64)
+            .unwrap_or(i64::MAX)
+            .max(4096) as usize;
+        let mut count = self.docs.len();
+        let mut bytes = self.capped_bytes;
+        let mut out = Vec::new();
+        for id in self.capped_order.iter() {
+            let over = max_docs.is_some_and(|m| count as i64 > m) || bytes > max_bytes;
+            if !over || count <= 1 {
+                break;
+            }
+            if let Some(d) = self.docs.get(id) {
+                bytes = bytes.saturating_sub(bson_size(d));
+            }
+            count -= 1;
+            out.push(id.0.clone());
+        }
+        out
+    }
+
+    pub fn find_index(&self, name: &str) -> Option<&Index> {
+        self.indexes.iter().find(|i| i.name == name)
+    }
+
+    /// Adds an index, building its entries; fails with 11000 if existing documents violate it.
+    pub fn add_index(&mut self, mut index: Index) -> CommandResult<bool> {
+        if let Some(existing) = self.indexes.iter().find(|i| i.name == index.name) {
+            if existing.same_definition(&index) {
+                return Ok(false);
+            }
+            return Err(CommandError::new(
+                codes::INDEX_KEY_SPECS_CONFLICT,
+                format!(
+                    "An existing index has the same name as the requested index. Requested index: {}, existing index: {}",
+                    index.spec, existing.spec
+                ),
+            ));
+        }
+        if let Some(existing) = self.indexes.iter().find(|i| i.key == index.key) {
+            if existing.same_definition(&index) {
+                return Ok(false);
+            }
+            return Err(CommandError::new(
+                codes::INDEX_OPTIONS_CONFLICT,
+                format!(
+                    "An equivalent index already exists with a different name and options. Requested index: {}, existing index: {}",
+                    index.spec, existing.spec
+                ),
+            ));
+        }
+        if index.unique {
+            for (id, doc) in self.docs.iter() {
+                for key in index.keys_for(doc) {
+                    if let Some(owner) = index.entries.get(&key) {
+                        if owner != id {
+                            return Err(index.duplicate_error(&self.ns, &key));
+                        }
+                    }
+                    index.entries.insert(key, id.clone());
+                }
+            }
+        }
+        self.indexes.push(index);
+        Ok(true)
+    }
+
+    pub fn drop_index(&mut self, name: &str) -> Option<Index> {
+        let pos = self.indexes.iter().position(|i| i.name == name)?;
+        Some(self.indexes.remove(pos))
+    }
+
+    /// Collection info as `listCollections` reports it.
+    pub fn list_entry(&self) -> Document {
+        doc! {
+            "name": self.ns.coll.clone(),
+            "type": "collection",
+            "options": self.options.clone(),
+            "info": {"readOnly": false, "uuid": Bson::Binary(bson::Binary::from_uuid(self.uuid))},
+            "idIndex": {"v": 2, "key": {"_id": 1}, "name": "_id_"},
+        }
+    }
+}
+
+pub fn as_i64(b: &Bson) -> Option<i64> {
+    match b {
+        Bson::Int32(v) => Some(*v as i64),
+        Bson::Int64(v) => Some(*v),
+        Bson::Double(v) if v.fract() == 0.0 => Some(*v as i64),
+        _ => None,
+    }
+}
+
+/// Encoded size of a document in bytes.
+pub fn bson_size(doc: &Document) -> usize {
+    // `to_vec` is the only exact way with `Document`; it is cheap relative to the rest of a write.
+    doc.to_vec().map(|v| v.len()).unwrap_or(0)
+}
+
+/// Databases and their collections.
+#[derive(Clone, Debug, Default)]
+pub struct Catalog {
+    pub dbs: BTreeMap<String, BTreeMap<String, Collection>>,
+}
+
+impl Catalog {
+    pub fn get(&self, ns: &Namespace) -> Option<&Collection> {
+        self.dbs.get(&ns.db).and_then(|d| d.get(&ns.coll))
+    }
+
+    pub fn get_mut(&mut self, ns: &Namespace) -> Option<&mut Collection> {
+        self.dbs.get_mut(&ns.db).and_then(|d| d.get_mut(&ns.coll))
+    }
+
+    pub fn insert(&mut self, coll: Collection) {
+        self.dbs
+            .entry(coll.ns.db.clone())
+            .or_default()
+            .insert(coll.ns.coll.clone(), coll);
+    }
+
+    pub fn remove(&mut self, ns: &Namespace) -> Option<Collection> {
+        let db = self.dbs.get_mut(&ns.db)?;
+        let removed = db.remove(&ns.coll);
+        if db.is_empty() {
+            self.dbs.remove(&ns.db);
+        }
+        removed
+    }
+
+    pub fn collections(&self, db: &str) -> Vec<&Collection> {
+        self.dbs
+            .get(db)
+            .map(|d| d.values().collect())
+            .unwrap_or_default()
+    }
+}

@@ -1,0 +1,531 @@
+//! The MongoDB wire protocol: message header, OP_MSG (both directions), the legacy OP_QUERY
+//! handshake and its OP_REPLY answer. Decoding never panics: every malformed input is an error.
+
+use bson::Document;
+
+pub const OP_REPLY: i32 = 1;
+pub const OP_QUERY: i32 = 2004;
+pub const OP_COMPRESSED: i32 = 2012;
+pub const OP_MSG: i32 = 2013;
+
+pub const HEADER_LEN: usize = 16;
+/// `maxMessageSizeBytes` advertised in `hello`; larger messages close the connection.
+pub const MAX_MESSAGE_SIZE: usize = 48_000_000;
+
+pub const FLAG_CHECKSUM_PRESENT: u32 = 1;
+pub const FLAG_MORE_TO_COME: u32 = 1 << 1;
+pub const FLAG_EXHAUST_ALLOWED: u32 = 1 << 16;
+/// Bits 0-15 are "required": a receiver must reject unknown ones.
+const REQUIRED_FLAGS_MASK: u32 = 0xffff;
+const KNOWN_REQUIRED_FLAGS: u32 = FLAG_CHECKSUM_PRESENT | FLAG_MORE_TO_COME;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MsgHeader {
+    pub length: i32,
+    pub request_id: i32,
+    pub response_to: i32,
+    pub op_code: i32,
+}
+
+impl MsgHeader {
+    pub fn parse(bytes: &[u8; HEADER_LEN]) -> MsgHeader {
+        let int =
+            |i: usize| i32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+        MsgHeader {
+            length: int(0),
+            request_id: int(4),
+            response_to: int(8),
+            op_code: int(12),
+        }
+    }
+
+    /// Checks the announced length before anything is allocated for the body.
+    pub fn body_len(&self) -> Result<usize, WireError> {
+        let len = self.length;
+        if len <= HEADER_LEN as i32 || len as usize > MAX_MESSAGE_SIZE {
+            return Err(WireError::BadLength(len));
+        }
+        Ok(len as usize - HEADER_LEN)
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum WireError {
+    #[error("message length {0} is out of bounds (16 < length <= {MAX_MESSAGE_SIZE})")]
+    BadLength(i32),
+    #[error("unsupported opcode {0}")]
+    UnsupportedOpCode(i32),
+    #[error("message truncated: {0}")]
+    Truncated(&'static str),
+    #[error("unknown required OP_MSG flag bits {0:#x}")]
+    IllegalFlags(u32),
+    #[error("OP_MSG checksum mismatch")]
+    ChecksumMismatch,
+    #[error("OP_MSG must have exactly one body section, found {0}")]
+    BodyCount(usize),
+    #[error("unknown OP_MSG section kind {0}")]
+    UnknownSectionKind(u8),
+    #[error("invalid BSON document: {0}")]
+    InvalidBson(String),
+    #[error("duplicate document sequence identifier {0:?}")]
+    DuplicateSequence(String),
+    #[error("invalid cstring")]
+    InvalidCString,
+}
+
+/// A decoded OP_MSG request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpMsg {
+    pub flags: u32,
+    pub body: Document,
+    /// Kind-1 sections: identifier and documents, in arrival order.
+    pub sequences: Vec<(String, Vec<Document>)>,
+}
+
+impl OpMsg {
+    pub fn more_to_come(&self) -> bool {
+        self.flags & FLAG_MORE_TO_COME != 0
+    }
+
+    /// The command as the server sees it: kind-1 sequences become array fields of the body.
+    pub fn into_command(self) -> Document {
+        let mut body = self.body;
+        for (identifier, docs) in self.sequences {
+            body.insert(
+                identifier,
+                bson::Bson::Array(docs.into_iter().map(bson::Bson::Document).collect()),
+            );
+        }
+        body
+    }
+}
+
+/// A decoded legacy OP_QUERY (only the handshake uses it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpQuery {
+    pub flags: i32,
+    pub full_collection_name: String,
+    pub number_to_skip: i32,
+    pub number_to_return: i32,
+    pub query: Document,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Request {
+    Msg(OpMsg),
+    Query(OpQuery),
+}
+
+/// Decodes the body (everything after the 16-byte header) of a request.
+pub fn decode_request(header: &MsgHeader, body: &[u8]) -> Result<Request, WireError> {
+    match header.op_code {
+        OP_MSG => decode_op_msg(header, body).map(Request::Msg),
+        OP_QUERY => decode_op_query(body).map(Request::Query),
+        other => Err(WireError::UnsupportedOpCode(other)),
+    }
+}
+
+fn read_u32(bytes: &[u8], at: usize) -> Result<u32, WireError> {
+    bytes
+        .get(at..at + 4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .ok_or(WireError::Truncated("integer"))
+}
+
+fn read_i32(bytes: &[u8], at: usize) -> Result<i32, WireError> {
+    read_u32(bytes, at).map(|v| v as i32)
+}
+
+/// Reads one BSON document at `at`, returning it and the position after it.
+fn read_document(bytes: &[u8], at: usize) -> Result<(Document, usize), WireError> {
+    let len = read_i32(bytes, at)?;
+    if len < 5 {
+        return Err(WireError::InvalidBson(format!("document length {len}")));
+    }
+    let end = at
+        .checked_add(len as usize)
+        .filter(|end| *end <= bytes.len())
+        .ok_or(WireError::Truncated("document"))?;
+    let doc = Document::from_reader(&bytes[at..end])
+        .map_err(|e| WireError::InvalidBson(e.to_string()))?;
+    Ok((doc, end))
+}
+
+fn read_cstring(bytes: &[u8], at: usize) -> Result<(String, usize), WireError> {
+    let rest = bytes.get(at..).ok_or(WireError::Truncated("cstring"))?;
+    let nul = rest
+        .iter()
+        .position(|b| *b == 0)
+        .ok_or(WireError::InvalidCString)?;
+    let s = std::str::from_utf8(&rest[..nul]).map_err(|_| WireError::InvalidCString)?;
+    Ok((s.to_string(), at + nul + 1))
+}
+
+fn decode_op_msg(header: &MsgHeader, body: &[u8]) -> Result<OpMsg, WireError> {
+    let flags = read_u32(body, 0)?;
+    let unknown_required = flags & REQUIRED_FLAGS_MASK & !KNOWN_REQUIRED_FLAGS;
+    if unknown_required != 0 {
+        return Err(WireError::IllegalFlags(unknown_required));
+    }
+    let mut end = body.len();
+    if flags & FLAG_CHECKSUM_PRESENT != 0 {
+        if body.len() < 8 {
+            return Err(WireError::Truncated("checksum"));
+        }
+        end -= 4;
+        let expected = read_u32(body, end)?;
+        // The checksum covers the whole message, header included.
+        let mut hasher = Crc32c::new();
+        hasher.update(&header.length.to_le_bytes());
+        hasher.update(&header.request_id.to_le_bytes());
+        hasher.update(&header.response_to.to_le_bytes());
+        hasher.update(&header.op_code.to_le_bytes());
+        hasher.update(&body[..end]);
+        if hasher.finish() != expected {
+            return Err(WireError::ChecksumMismatch);
+        }
+    }
+    let sections = &body[..end];
+    let mut pos = 4;
+    let mut main: Option<Document> = None;
+    let mut body_count = 0;
+    let mut sequences: Vec<(String, Vec<Document>)> = Vec::new();
+    while pos < sections.len() {
+        let kind = sections[pos];
+        pos += 1;
+        match kind {
+            0 => {
+                let (doc, next) = read_document(sections, pos)?;
+                body_count += 1;
+                main = Some(doc);
+                pos = next;
+            }
+            1 => {
+                let size = read_i32(sections, pos)?;
+                if size < 5 {
+                    return Err(WireError::Truncated("document sequence"));
+                }
+                let seq_end = pos
+                    .checked_add(size as usize)
+                    .filter(|e| *e <= sections.len())
+                    .ok_or(WireError::Truncated("document sequence"))?;
+                let (identifier, mut at) = read_cstring(&sections[..seq_end], pos + 4)?;
+                let mut docs = Vec::new();
+                while at < seq_end {
+                    let (doc, next) = read_document(&sections[..seq_end], at)?;
+                    docs.push(doc);
+                    at = next;
+                }
+                if sequences.iter().any(|(id, _)| *id == identifier) {
+                    return Err(WireError::DuplicateSequence(identifier));
+                }
+                sequences.push((identifier, docs));
+                pos = seq_end;
+            }
+            other => return Err(WireError::UnknownSectionKind(other)),
+        }
+    }
+    if body_count != 1 {
+        return Err(WireError::BodyCount(body_count));
+    }
+    Ok(OpMsg {
+        flags,
+        body: main.expect("body_count == 1"),
+        sequences,
+    })
+}
+
+fn decode_op_query(body: &[u8]) -> Result<OpQuery, WireError> {
+    let flags = read_i32(body, 0)?;
+    let (full_collection_name, pos) = read_cstring(body, 4)?;
+    let number_to_skip = read_i32(body, pos)?;
+    let number_to_return = read_i32(body, pos + 4)?;
+    let (query, _after) = read_document(body, pos + 8)?;
+    Ok(OpQuery {
+        flags,
+        full_collection_name,
+        number_to_skip,
+        number_to_return,
+        query,
+    })
+}
+
+fn write_header(out: &mut Vec<u8>, request_id: i32, response_to: i32, op_code: i32) {
+    out.extend_from_slice(&0i32.to_le_bytes()); // length, patched at the end
+    out.extend_from_slice(&request_id.to_le_bytes());
+    out.extend_from_slice(&response_to.to_le_bytes());
+    out.extend_from_slice(&op_code.to_le_bytes());
+}
+
+fn patch_length(out: &mut [u8]) {
+    let len = out.len() as i32;
+    out[0..4].copy_from_slice(&len.to_le_bytes());
+}
+
+/// An OP_MSG reply: one kind-0 section, no checksum (PyMongo rejects anything else).
+pub fn encode_op_msg_reply(request_id: i32, response_to: i32, body: &Document) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    write_header(&mut out, request_id, response_to, OP_MSG);
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.push(0);
+    body.to_writer(&mut out)
+        .expect("writing BSON to a Vec cannot fail");
+    patch_length(&mut out);
+    out
+}
+
+/// An OP_MSG reply whose body is already encoded BSON (avoids re-encoding large batches).
+pub fn encode_op_msg_reply_raw(request_id: i32, response_to: i32, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + 5 + body.len());
+    write_header(&mut out, request_id, response_to, OP_MSG);
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.push(0);
+    out.extend_from_slice(body);
+    patch_length(&mut out);
+    out
+}
+
+/// The OP_REPLY answer to a legacy OP_QUERY handshake: exactly one document.
+pub fn encode_op_reply(request_id: i32, response_to: i32, doc: &Document) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    write_header(&mut out, request_id, response_to, OP_REPLY);
+    out.extend_from_slice(&0i32.to_le_bytes()); // responseFlags
+    out.extend_from_slice(&0i64.to_le_bytes()); // cursorID
+    out.extend_from_slice(&0i32.to_le_bytes()); // startingFrom
+    out.extend_from_slice(&1i32.to_le_bytes()); // numberReturned
+    doc.to_writer(&mut out)
+        .expect("writing BSON to a Vec cannot fail");
+    patch_length(&mut out);
+    out
+}
+
+/// Builds an OP_MSG request (used by tests and fuzzing to produce valid inputs).
+pub fn encode_op_msg_request(
+    request_id: i32,
+    flags: u32,
+    body: &Document,
+    sequences: &[(&str, Vec<Document>)],
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    write_header(&mut out, request_id, 0, OP_MSG);
+    out.extend_from_slice(&flags.to_le_bytes());
+    out.push(0);
+    body.to_writer(&mut out).expect("vec write");
+    for (identifier, docs) in sequences {
+        out.push(1);
+        let start = out.len();
+        out.extend_from_slice(&0i32.to_le_bytes());
+        out.extend_from_slice(identifier.as_bytes());
+        out.push(0);
+        for d in docs {
+            d.to_writer(&mut out).expect("vec write");
+        }
+        let size = (out.len() - start) as i32;
+        out[start..start + 4].copy_from_slice(&size.to_le_bytes());
+    }
+    if flags & FLAG_CHECKSUM_PRESENT != 0 {
+        let len = out.len() as i32 + 4;
+        out[0..4].copy_from_slice(&len.to_le_bytes());
+        let mut h = Crc32c::new();
+        h.update(&out);
+        let crc = h.finish();
+        out.extend_from_slice(&crc.to_le_bytes());
+    } else {
+        patch_length(&mut out);
+    }
+    out
+}
+
+/// CRC-32C (Castagnoli), as OP_MSG checksums use.
+pub struct Crc32c {
+    state: u32,
+}
+
+const fn crc32c_table() -> [u32; 256] {
+    let mut table = [0u32; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut crc = i as u32;
+        let mut j = 0;
+        while j < 8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82F6_3B78
+            } else {
+                crc >> 1
+            };
+            j += 1;
+        }
+        table[i] = crc;
+        i += 1;
+    }
+    table
+}
+
+static CRC32C_TABLE: [u32; 256] = crc32c_table();
+
+impl Crc32c {
+    pub fn new() -> Self {
+        Self { state: !0 }
+    }
+
+    pub fn update(&mut self, bytes: &[u8]) {
+        let mut crc = self.state;
+        for b in bytes {
+            crc = CRC32C_TABLE[((crc ^ *b as u32) & 0xff) as usize] ^ (crc >> 8);
+        }
+        self.state = crc;
+    }
+
+    pub fn finish(&self) -> u32 {
+        !self.state
+    }
+}
+
+impl Default for Crc32c {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bson::doc;
+
+    fn split(msg: &[u8]) -> (MsgHeader, &[u8]) {
+        let header = MsgHeader::parse(msg[..16].try_into().unwrap());
+        (header, &msg[16..])
+    }
+
+    #[test]
+    fn crc32c_known_vector() {
+        let mut h = Crc32c::new();
+        h.update(b"123456789");
+        assert_eq!(h.finish(), 0xE306_9283);
+    }
+
+    #[test]
+    fn op_msg_with_sequences_round_trips() {
+        let body = doc! {"insert": "c", "$db": "d"};
+        let docs = vec![doc! {"_id": 1}, doc! {"_id": 2}];
+        let msg = encode_op_msg_request(7, 0, &body, &[("documents", docs.clone())]);
+        let (header, rest) = split(&msg);
+        assert_eq!(header.length as usize, msg.len());
+        let Request::Msg(m) = decode_request(&header, rest).unwrap() else {
+            panic!()
+        };
+        assert_eq!(m.body, body);
+        assert_eq!(m.sequences, vec![("documents".to_string(), docs)]);
+        let cmd = m.into_command();
+        assert_eq!(cmd.get_array("documents").unwrap().len(), 2);
+    }
+
+    #[test]
+    fn checksum_verified_and_rejected_when_wrong() {
+        let body = doc! {"ping": 1, "$db": "admin"};
+        let mut msg = encode_op_msg_request(1, FLAG_CHECKSUM_PRESENT, &body, &[]);
+        let (header, rest) = split(&msg);
+        assert!(decode_request(&header, rest).is_ok());
+        let last = msg.len() - 1;
+        msg[last] ^= 0xff;
+        let (header, rest) = split(&msg);
+        assert_eq!(
+            decode_request(&header, rest),
+            Err(WireError::ChecksumMismatch)
+        );
+    }
+
+    #[test]
+    fn unknown_required_flag_rejected() {
+        let msg = encode_op_msg_request(1, 1 << 5, &doc! {"ping": 1}, &[]);
+        let (header, rest) = split(&msg);
+        assert_eq!(
+            decode_request(&header, rest),
+            Err(WireError::IllegalFlags(1 << 5))
+        );
+    }
+
+    #[test]
+    fn two_bodies_rejected() {
+        let mut msg = encode_op_msg_request(1, 0, &doc! {"ping": 1}, &[]);
+        msg.push(0);
+        doc! {"ping": 2}.to_writer(&mut msg).unwrap();
+        let len = msg.len() as i32;
+        msg[0..4].copy_from_slice(&len.to_le_bytes());
+        let (header, rest) = split(&msg);
+        assert_eq!(decode_request(&header, rest), Err(WireError::BodyCount(2)));
+    }
+
+    #[test]
+    fn bad_lengths_rejected() {
+        let h = MsgHeader {
+            length: 10,
+            request_id: 0,
+            response_to: 0,
+            op_code: OP_MSG,
+        };
+        assert!(h.body_len().is_err());
+        let h = MsgHeader {
+            length: 60_000_000,
+            ..h
+        };
+        assert!(h.body_len().is_err());
+    }
+
+    #[test]
+    fn op_query_decodes() {
+        let mut msg = Vec::new();
+        write_header(&mut msg, 3, 0, OP_QUERY);
+        msg.extend_from_slice(&0i32.to_le_bytes());
+        msg.extend_from_slice(b"admin.$cmd\0");
+        msg.extend_from_slice(&0i32.to_le_bytes());
+        msg.extend_from_slice(&(-1i32).to_le_bytes());
+        doc! {"ismaster": 1, "helloOk": true}
+            .to_writer(&mut msg)
+            .unwrap();
+        patch_length(&mut msg);
+        let (header, rest) = split(&msg);
+        let Request::Query(q) = decode_request(&header, rest).unwrap() else {
+            panic!()
+        };
+        assert_eq!(q.full_collection_name, "admin.$cmd");
+        assert_eq!(q.number_to_return, -1);
+        assert_eq!(q.query.get_i32("ismaster").unwrap(), 1);
+    }
+
+    #[test]
+    fn reply_has_one_section_and_no_checksum() {
+        let reply = encode_op_msg_reply(5, 9, &doc! {"ok": 1.0});
+        let (header, rest) = split(&reply);
+        assert_eq!(header.response_to, 9);
+        assert_eq!(header.op_code, OP_MSG);
+        assert_eq!(read_u32(rest, 0).unwrap(), 0);
+        assert_eq!(rest[4], 0);
+        let (doc, end) = read_document(rest, 5).unwrap();
+        assert_eq!(end, rest.len());
+        assert_eq!(doc, doc! {"ok": 1.0});
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        /// Nothing panics on arbitrary input, whatever the header claims.
+        #[test]
+        fn decoder_never_panics(op in proptest::prop_oneof![proptest::strategy::Just(OP_MSG), proptest::strategy::Just(OP_QUERY), proptest::prelude::any::<i32>()],
+                                body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let header = MsgHeader { length: body.len() as i32 + 16, request_id: 1, response_to: 0, op_code: op };
+            let _ = decode_request(&header, &body);
+        }
+
+        /// Mutations of a valid message never panic either (reaches deeper decoder states).
+        #[test]
+        fn mutated_valid_messages_never_panic(flips in proptest::collection::vec((0usize..200, proptest::prelude::any::<u8>()), 1..8),
+                                              truncate in 0usize..200) {
+            let mut msg = encode_op_msg_request(1, 0, &bson::doc!{"insert": "c", "$db": "d"}, &[("documents", vec![bson::doc!{"_id": 1, "a": "x"}])]);
+            for (at, v) in flips { let n = msg.len(); msg[16 + at % (n - 16)] = v; }
+            let keep = msg.len().saturating_sub(truncate % 40);
+            msg.truncate(keep.max(16));
+            let header = MsgHeader { length: msg.len() as i32, request_id: 1, response_to: 0, op_code: OP_MSG };
+            let _ = decode_request(&header, &msg[16..]);
+        }
+    }
+}
