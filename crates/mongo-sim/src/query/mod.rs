@@ -7,4 +7,5 @@
 #![allow(clippy::result_large_err)]
 
 pub mod compare;
+pub mod expr;
 pub mod path;
