@@ -8,4 +8,5 @@
 
 pub mod compare;
 pub mod expr;
+pub mod matcher;
 pub mod path;
