@@ -10,3 +10,4 @@ pub mod compare;
 pub mod expr;
 pub mod matcher;
 pub mod path;
+pub mod sort;
