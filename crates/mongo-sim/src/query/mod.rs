@@ -10,4 +10,5 @@ pub mod compare;
 pub mod expr;
 pub mod matcher;
 pub mod path;
+pub mod projection;
 pub mod sort;
