@@ -6,6 +6,7 @@
 // boxing it here would make this module's API differ from every other module's.
 #![allow(clippy::result_large_err)]
 
+pub mod aggregate;
 pub mod compare;
 pub mod expr;
 pub mod matcher;
