@@ -13,3 +13,16 @@ pub mod matcher;
 pub mod path;
 pub mod projection;
 pub mod sort;
+pub mod update;
+
+pub use aggregate::{apply_update_pipeline, run_pipeline, PipelineContext};
+pub use compare::{canonical_type_rank, compare_values, sort_key_for_array, values_equal, IdKey};
+pub use expr::{evaluate, evaluate_optional, Variables};
+pub use matcher::Matcher;
+pub use path::PathPart;
+pub use projection::{AddFields, Projection};
+pub use sort::SortSpec;
+pub use update::{
+    apply_update, compute_oplog_diff, diff_documents, dotted, upsert_seed,
+    validate_stored_document, UpdateContext, UpdateDescription, UpdateSpec,
+};
