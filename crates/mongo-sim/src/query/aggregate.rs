@@ -536,13 +536,15 @@ fn group(docs: Vec<Document>, spec: &Bson, vars: &Variables) -> CommandResult<Ve
                             m.insert(k, val);
                         }
                     }
-                    Some(other) => return Err(CommandError::new(
-                        40400,
-                        format!(
+                    Some(other) => {
+                        return Err(CommandError::new(
+                            40400,
+                            format!(
                             "$mergeObjects requires object inputs, but input {other} is of type {}",
                             super::compare::type_name(&other)
                         ),
-                    )),
+                        ))
+                    }
                 },
             }
         }

@@ -682,14 +682,16 @@ impl Evaluator<'_> {
                                 out.insert(k, val);
                             }
                         }
-                        Some(other) => return Err(err(
-                            40400,
-                            format!(
+                        Some(other) => {
+                            return Err(err(
+                                40400,
+                                format!(
                                 "$mergeObjects requires object inputs, but input {} is of type {}",
                                 other,
                                 type_name(&other)
                             ),
-                        )),
+                            ))
+                        }
                     }
                 }
                 Ok(Some(Bson::Document(out)))

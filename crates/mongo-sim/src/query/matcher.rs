@@ -44,8 +44,11 @@ enum CmpOp {
 enum Pred {
     Eq(Bson),
     Cmp(CmpOp, Bson),
+    /// `values` is sorted by `compare_values` and deduplicated, so membership is a binary
+    /// search (large `$in` lists are common for batched `_id` lookups).
     In {
         values: Vec<Bson>,
+        has_null: bool,
         regexes: Vec<CompiledRegex>,
     },
     Exists(bool),
@@ -170,6 +173,23 @@ impl Matcher {
     /// The `_id` value when the filter is exactly `{_id: <scalar>}` or `{_id: {$eq: v}}`.
     pub fn id_equality(&self) -> Option<&Bson> {
         self.id_eq.as_ref()
+    }
+
+    /// The candidate `_id` values when the filter is exactly `{_id: {$in: [...]}}` without
+    /// regexes (sorted by `compare_values`, deduplicated). Storage can answer such filters
+    /// with index lookups; each returned value is an exact `_id` equality candidate.
+    pub fn id_in_list(&self) -> Option<&[Bson]> {
+        match &self.root {
+            Node::Path { path, pred } if path.len() == 1 && path[0] == "_id" => match pred {
+                Pred::In {
+                    values, regexes, ..
+                } if regexes.is_empty() && !values.iter().any(|v| matches!(v, Bson::Array(_))) => {
+                    Some(values)
+                }
+                _ => None,
+            },
+            _ => None,
+        }
     }
 
     /// Whether a single value (not a document) matches a `$pull`-style value condition:
@@ -306,7 +326,7 @@ fn parse_operator_object(d: &Document) -> CommandResult<Pred> {
                 let Bson::Array(arr) = v else {
                     return Err(bad(format!("{k} needs an array")));
                 };
-                let mut values = Vec::new();
+                let mut values: Vec<Bson> = Vec::new();
                 let mut regexes = Vec::new();
                 for e in arr {
                     match e {
@@ -318,7 +338,14 @@ fn parse_operator_object(d: &Document) -> CommandResult<Pred> {
                         other => values.push(other.clone()),
                     }
                 }
-                let p = Pred::In { values, regexes };
+                let has_null = values.iter().any(|v| matches!(v, Bson::Null));
+                values.sort_by(compare_values);
+                values.dedup_by(|a, b| compare_values(a, b) == Ordering::Equal);
+                let p = Pred::In {
+                    values,
+                    has_null,
+                    regexes,
+                };
                 preds.push(if k == "$in" {
                     p
                 } else {
@@ -589,19 +616,18 @@ fn pred_matches(
             }
             any(&|x| cmp_match(*op, x, target))
         }
-        Pred::In { values, regexes } => {
-            let has_null = values.iter().any(|v| matches!(v, Bson::Null));
-            if has_null && vals.iter().any(|v| v.is_none()) {
+        Pred::In {
+            values,
+            has_null,
+            regexes,
+        } => {
+            if *has_null && vals.iter().any(|v| v.is_none()) {
                 return Ok(true);
             }
             any(&|x| {
-                values.iter().any(|t| {
-                    if matches!(t, Bson::Null) {
-                        is_nullish(x)
-                    } else {
-                        eq_match(x, t)
-                    }
-                }) || regexes.iter().any(|r| r.matches_value(x))
+                (*has_null && is_nullish(x))
+                    || values.binary_search_by(|t| compare_values(t, x)).is_ok()
+                    || regexes.iter().any(|r| r.matches_value(x))
             })
         }
         Pred::Exists(want) => vals.iter().any(|v| v.is_some()) == *want,
@@ -988,6 +1014,36 @@ mod tests {
             .unwrap()
             .id_equality()
             .is_none());
+    }
+
+    #[test]
+    fn large_in_lists_and_id_in_list() {
+        let list: Vec<Bson> = (0..1000).rev().map(Bson::Int64).collect();
+        let mut f = Document::new();
+        let mut inner = Document::new();
+        inner.insert("$in", list);
+        f.insert("_id", inner);
+        let mt = Matcher::new(&f).unwrap();
+        assert!(mt.matches(&doc! {"_id": 500}));
+        assert!(mt.matches(&doc! {"_id": 999.0}));
+        assert!(!mt.matches(&doc! {"_id": 1000}));
+        assert!(!mt.matches(&doc! {"_id": "500"}));
+        let ids = mt.id_in_list().unwrap();
+        assert_eq!(ids.len(), 1000);
+        assert_eq!(ids[0], Bson::Int64(0));
+        assert!(Matcher::new(&doc! {"_id": {"$in": [re("x", "")]}})
+            .unwrap()
+            .id_in_list()
+            .is_none());
+        assert!(Matcher::new(&doc! {"a": {"$in": [1]}})
+            .unwrap()
+            .id_in_list()
+            .is_none());
+        // null in the list matches null, undefined and missing.
+        let mt = Matcher::new(&doc! {"a": {"$in": [null, 1]}}).unwrap();
+        assert!(mt.matches(&doc! {"a": Bson::Undefined}));
+        assert!(mt.matches(&doc! {"a": [2, null]}));
+        assert!(!mt.matches(&doc! {"a": 2}));
     }
 
     #[test]

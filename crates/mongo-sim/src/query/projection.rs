@@ -105,7 +105,8 @@ fn check_field_name(k: &str) -> CommandResult<()> {
     if k.split('.').any(|p| p.starts_with('$')) {
         return Err(CommandError::new(
             16410,
-            "FieldPath field names may not start with '$'. Consider using $getField or $setField.".to_string(),
+            "FieldPath field names may not start with '$'. Consider using $getField or $setField."
+                .to_string(),
         ));
     }
     Ok(())
@@ -226,7 +227,8 @@ impl Projection {
                         if matches!(item, Item::Expr(_)) {
                             return Err(CommandError::new(
                                 31252,
-                                "Cannot use expression other than $meta in exclusion projection".to_string(),
+                                "Cannot use expression other than $meta in exclusion projection"
+                                    .to_string(),
                             ));
                         }
                         return Err(CommandError::new(

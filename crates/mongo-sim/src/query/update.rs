@@ -2442,4 +2442,152 @@ mod tests {
         assert_eq!(d.updated_fields, vec![(vec![f("a")], Bson::Int32(2))]);
         assert_eq!(dotted(&[f("a"), PathPart::Index(2), f("b")]), "a.2.b");
     }
+
+    fn outcome(d: Document, u: Bson) -> UpdateOutcome {
+        let spec = UpdateSpec::parse(&u).unwrap();
+        apply_update_with_outcome(&d, &spec, &ctx()).unwrap().1
+    }
+
+    fn delta(d: Document, u: Document) -> UpdateDescription {
+        match outcome(d, Bson::Document(u)) {
+            UpdateOutcome::Delta(x) => x,
+            other => panic!("expected a delta, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn operator_outcomes_follow_modified_paths() {
+        let d = doc! {"_id": 1, "a": {"b": 1, "c": 1}};
+        // The operator path is reported, even where diff_documents would report all of 'a'.
+        let x = delta(d.clone(), doc! {"$set": {"a.b": 2}});
+        assert_eq!(
+            x.updated_fields,
+            vec![(vec![f("a"), f("b")], Bson::Int32(2))]
+        );
+        let x = delta(d.clone(), doc! {"$set": {"a": {"b": 1, "c": 2}}});
+        assert_eq!(
+            x.updated_fields,
+            vec![(vec![f("a")], Bson::Document(doc! {"b": 1, "c": 2}))]
+        );
+        // Created paths are reported at their first new component, merged.
+        let x = delta(d.clone(), doc! {"$set": {"n.m.o": 1, "n.p": 2}});
+        assert_eq!(
+            x.updated_fields,
+            vec![(vec![f("n")], Bson::Document(doc! {"m": {"o": 1}, "p": 2}))]
+        );
+        let x = delta(d.clone(), doc! {"$set": {"a.z": 5}});
+        assert_eq!(
+            x.updated_fields,
+            vec![(vec![f("a"), f("z")], Bson::Int32(5))]
+        );
+        // Updates of existing fields come before creations, like the serialized diff.
+        let x = delta(doc! {"_id": 1, "a": 1}, doc! {"$set": {"z": 1, "a": 2}});
+        assert_eq!(
+            x.updated_fields,
+            vec![
+                (vec![f("a")], Bson::Int32(2)),
+                (vec![f("z")], Bson::Int32(1))
+            ]
+        );
+        // Unchanged values are not reported; an exact type change is.
+        assert_eq!(
+            outcome(doc! {"_id": 1, "a": 1}, bson::bson!({"$set": {"a": 1}})),
+            UpdateOutcome::NoOp
+        );
+        let x = delta(
+            doc! {"_id": 1, "a": 1, "b": 1},
+            doc! {"$set": {"a": 1, "b": 1.0}},
+        );
+        assert_eq!(x.updated_fields, vec![(vec![f("b")], Bson::Double(1.0))]);
+    }
+
+    #[test]
+    fn operator_outcomes_for_unset_rename_and_arrays() {
+        let d = doc! {"_id": 1, "a": 1, "arr": [1, 2], "objs": [{"v": 1}], "e": []};
+        let x = delta(d.clone(), doc! {"$unset": {"a": 1, "arr.0": 1}});
+        assert_eq!(x.removed_fields, vec![vec![f("a")]]);
+        assert_eq!(
+            x.updated_fields,
+            vec![(vec![f("arr"), PathPart::Index(0)], Bson::Null)]
+        );
+        let x = delta(d.clone(), doc! {"$rename": {"a": "b"}});
+        assert_eq!(x.removed_fields, vec![vec![f("a")]]);
+        assert_eq!(x.updated_fields, vec![(vec![f("b")], Bson::Int32(1))]);
+        let x = delta(d.clone(), doc! {"$push": {"arr": {"$each": [3, 4]}}});
+        assert_eq!(
+            x.updated_fields,
+            vec![
+                (vec![f("arr"), PathPart::Index(2)], Bson::Int32(3)),
+                (vec![f("arr"), PathPart::Index(3)], Bson::Int32(4))
+            ]
+        );
+        // Pushing into an empty array, or with $sort/$slice/$position, logs the whole array.
+        let x = delta(d.clone(), doc! {"$push": {"e": 1}});
+        assert_eq!(x.updated_fields, vec![(vec![f("e")], bson::bson!([1]))]);
+        let x = delta(
+            d.clone(),
+            doc! {"$push": {"arr": {"$each": [0], "$sort": 1}}},
+        );
+        assert_eq!(
+            x.updated_fields,
+            vec![(vec![f("arr")], bson::bson!([0, 1, 2]))]
+        );
+        let x = delta(d.clone(), doc! {"$addToSet": {"arr": 9}});
+        assert_eq!(
+            x.updated_fields,
+            vec![(vec![f("arr"), PathPart::Index(2)], Bson::Int32(9))]
+        );
+        assert_eq!(
+            outcome(d.clone(), bson::bson!({"$addToSet": {"arr": 2}})),
+            UpdateOutcome::NoOp
+        );
+        let x = delta(d.clone(), doc! {"$pop": {"arr": 1}});
+        assert_eq!(x.updated_fields, vec![(vec![f("arr")], bson::bson!([1]))]);
+        let x = delta(
+            d.clone(),
+            doc! {"$set": {"arr.1": 7}, "$inc": {"objs.0.v": 1}},
+        );
+        assert_eq!(
+            x.updated_fields,
+            vec![
+                (vec![f("arr"), PathPart::Index(1)], Bson::Int32(7)),
+                (vec![f("objs"), PathPart::Index(0), f("v")], Bson::Int32(2))
+            ]
+        );
+        assert_eq!(
+            x.to_document(),
+            doc! {"updatedFields": {"arr.1": 7, "objs.0.v": 2}, "removedFields": [], "truncatedArrays": []}
+        );
+        // Extending an array past its end logs the whole array.
+        let x = delta(d, doc! {"$set": {"arr.3": 5}});
+        assert_eq!(
+            x.updated_fields,
+            vec![(vec![f("arr")], bson::bson!([1, 2, null, 5]))]
+        );
+    }
+
+    #[test]
+    fn replacement_and_pipeline_outcomes() {
+        let d = doc! {"_id": 1, "a": 1};
+        assert_eq!(
+            outcome(d.clone(), bson::bson!({"b": 1})),
+            UpdateOutcome::Replacement
+        );
+        assert_eq!(
+            outcome(d.clone(), bson::bson!({"a": 1})),
+            UpdateOutcome::NoOp
+        );
+        // Small document: the delta would be larger than the document → replacement.
+        assert_eq!(
+            outcome(d.clone(), bson::bson!([{"$set": {"b": 2}}])),
+            UpdateOutcome::Replacement
+        );
+        let big = doc! {"_id": 1, "a": 1, "s": "y".repeat(200)};
+        match outcome(big, bson::bson!([{"$set": {"a": 2}}])) {
+            UpdateOutcome::Delta(x) => {
+                assert_eq!(x.updated_fields, vec![(vec![f("a")], Bson::Int32(2))])
+            }
+            other => panic!("expected a delta, got {other:?}"),
+        }
+    }
 }
