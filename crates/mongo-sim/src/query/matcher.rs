@@ -682,10 +682,21 @@ fn pred_matches(
             for v in vals {
                 if let Some(Bson::Array(a)) = v {
                     for e in a {
-                        if let Bson::Document(d) = e {
-                            if match_node(node, d, vars)? {
-                                return Ok(true);
+                        let matched = match e {
+                            Bson::Document(d) => match_node(node, d, vars)?,
+                            // Arrays are objects with keys "0", "1", ... to $elemMatch.
+                            Bson::Array(inner) => {
+                                let d: Document = inner
+                                    .iter()
+                                    .enumerate()
+                                    .map(|(i, v)| (i.to_string(), v.clone()))
+                                    .collect();
+                                match_node(node, &d, vars)?
                             }
+                            _ => false,
+                        };
+                        if matched {
+                            return Ok(true);
                         }
                     }
                 }
@@ -796,6 +807,70 @@ mod tests {
             doc! {"a": [{"c": 1}, {"b": 1}]}
         ));
         assert!(!m(doc! {"a.b": {"$exists": true}}, doc! {"a": [1, 2]}));
+    }
+
+    /// The array cases of the server's `jstests/core/query/null_query_semantics.js` (7.0
+    /// behaviour: undefined still matches null).
+    #[test]
+    fn dotted_null_semantics_over_arrays() {
+        let docs = vec![
+            ("a_double_array", doc! {"a": [[]]}),
+            ("a_empty_array", doc! {"a": []}),
+            (
+                "a_object_array_b_mix",
+                doc! {"a": [{"b": null}, {"b": Bson::Undefined}, {}]},
+            ),
+            (
+                "a_object_array_no_b_nulls",
+                doc! {"a": [{"b": 1}, {"b": 3}, {"b": "string"}]},
+            ),
+            (
+                "a_object_array_some_b_nulls",
+                doc! {"a": [{"b": null}, {"b": 3}]},
+            ),
+            ("a_object_array_some_b_missing", doc! {"a": [{"b": 3}, {}]}),
+            ("a_value_array_all_nulls", doc! {"a": [null, null]}),
+            ("a_value_array_no_nulls", doc! {"a": [1, "string", 4]}),
+            ("a_number", doc! {"a": 4}),
+            ("a_subobject_b_not_null", doc! {"a": {"b": "hi"}}),
+            ("no_a", doc! {}),
+        ];
+        let run = |f: Document| -> Vec<&str> {
+            let m = Matcher::new(&f).unwrap();
+            docs.iter()
+                .filter(|(_, d)| m.matches(d))
+                .map(|(n, _)| *n)
+                .collect()
+        };
+        let all_but = |excluded: &[&str]| -> Vec<&str> {
+            docs.iter()
+                .map(|(n, _)| *n)
+                .filter(|n| !excluded.contains(n))
+                .collect()
+        };
+        let not_null = ["a_object_array_no_b_nulls", "a_subobject_b_not_null"];
+        assert_eq!(run(doc! {"a.b": {"$eq": null}}), all_but(&not_null));
+        assert_eq!(run(doc! {"a.b": {"$ne": null}}), not_null.to_vec());
+        assert_eq!(run(doc! {"a.b": {"$in": [null, 75]}}), all_but(&not_null));
+        assert_eq!(run(doc! {"a.b": {"$nin": [null, 75]}}), not_null.to_vec());
+        assert_eq!(
+            run(doc! {"a": {"$elemMatch": {"b": {"$eq": null}}}}),
+            vec![
+                "a_double_array",
+                "a_object_array_b_mix",
+                "a_object_array_some_b_nulls",
+                "a_object_array_some_b_missing"
+            ]
+        );
+        assert_eq!(
+            run(doc! {"a": {"$elemMatch": {"$eq": null}}}),
+            vec!["a_value_array_all_nulls"]
+        );
+        assert!(run(doc! {"a.b": {"$elemMatch": {"$eq": null}}}).is_empty());
+        assert_eq!(
+            run(doc! {"a": {"$eq": null}}),
+            vec!["a_value_array_all_nulls", "no_a"]
+        );
     }
 
     #[test]

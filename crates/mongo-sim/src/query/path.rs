@@ -58,8 +58,11 @@ pub fn parse_index(s: &str) -> Option<usize> {
 }
 
 /// Values reachable at `path` under query semantics. `None` entries mean "missing on this
-/// branch" (a document lacking the field, or a scalar where a sub-document was needed);
-/// array elements that are not documents are skipped when more components follow.
+/// branch": a document lacking the field, a scalar where a sub-document was needed, an array
+/// element that is not a document when a field name follows (nested arrays are not
+/// traversed), or an array that yields nothing at all (e.g. empty). This is what makes
+/// `{"a.b": null}` match `{a: 4}`, `{a: []}`, `{a: [1, 2]}` and `{a: [{b: 1}, {}]}` but
+/// not `{a: [{b: 1}]}` (the server's `null_query_semantics.js`).
 /// Leaf arrays are returned whole: operators decide whether to look inside.
 pub fn query_values<'a>(doc: &'a Document, path: &[String]) -> Vec<Option<&'a Bson>> {
     let mut out = Vec::with_capacity(1);
@@ -84,18 +87,26 @@ fn walk<'a>(v: &'a Bson, rest: &[String], out: &mut Vec<Option<&'a Bson>>) {
             None => out.push(None),
         },
         Bson::Array(arr) => {
-            if let Some(idx) = parse_index(first) {
+            let before = out.len();
+            let index = parse_index(first);
+            if let Some(idx) = index {
                 if let Some(e) = arr.get(idx) {
                     walk(e, tail, out);
                 }
             }
             for e in arr {
-                if let Bson::Document(d) = e {
-                    match d.get(first) {
+                match e {
+                    Bson::Document(d) => match d.get(first) {
                         Some(x) => walk(x, tail, out),
                         None => out.push(None),
-                    }
+                    },
+                    // A positional component already addressed its element.
+                    _ if index.is_some() => {}
+                    _ => out.push(None),
                 }
+            }
+            if out.len() == before {
+                out.push(None);
             }
         }
         _ => out.push(None),
@@ -300,8 +311,14 @@ mod tests {
         let vals = query_values(&d, &p("a.b"));
         assert_eq!(
             vals,
-            vec![Some(&Bson::Int32(1)), Some(&Bson::Int32(2)), None]
+            vec![Some(&Bson::Int32(1)), Some(&Bson::Int32(2)), None, None]
         );
+        assert_eq!(query_values(&doc! {"a": []}, &p("a.b")), vec![None]);
+        assert_eq!(
+            query_values(&doc! {"a": [5, 6]}, &p("a.0")),
+            vec![Some(&Bson::Int32(5))]
+        );
+        assert_eq!(query_values(&doc! {"a": [5, 6]}, &p("a.7")), vec![None]);
         // A numeric component indexes the array and also matches fields named "0".
         let d = doc! {"a": [{"0": "field"}, "second"]};
         let vals = query_values(&d, &p("a.0"));
@@ -323,7 +340,7 @@ mod tests {
         );
         // Nested arrays are not traversed implicitly by a field name.
         let d = doc! {"a": [[{"b": 1}]]};
-        assert!(query_values(&d, &p("a.b")).is_empty());
+        assert_eq!(query_values(&d, &p("a.b")), vec![None]);
         let d = doc! {"a": [[{"b": 1}]]};
         assert_eq!(query_values(&d, &p("a.0.b")), vec![Some(&Bson::Int32(1))]);
     }
