@@ -207,29 +207,80 @@ pub fn validate_updated_document(
     Ok(())
 }
 
-/// Checks a document about to be inserted (the server's `fixDocumentForInsert` rules):
-/// `_id` may not be an array, regex or undefined (InvalidIdField 53, "can't use an array for
-/// _id"), top-level field names may not start with `$` (BadValue, "Document can't have $
-/// prefixed field names: $foo").
+/// Checks a document about to be inserted, with the server's `fixDocumentForInsert` rules
+/// and codes: top-level field names may not start with `$` (BadValue, "Document can't have
+/// $ prefixed field names: $foo"); `_id` may not be a regex, undefined or an array (BadValue:
+/// "can't use a regex for _id", "can't use a undefined for _id", "can't use an array for
+/// _id"); an `_id` sub-document may not contain `$`-prefixed field names
+/// (DollarPrefixedFieldName 52). Nested `$` fields elsewhere are legal since 5.0.
 pub fn validate_stored_document(doc: &Document) -> CommandResult<()> {
     for (k, v) in doc {
-        if k == "_id" {
-            check_id(v, |t| {
-                let article = if t.starts_with(['a', 'e', 'i', 'o', 'u']) {
-                    "an"
-                } else {
-                    "a"
-                };
-                format!("can't use {article} {t} for _id")
-            })?;
-        }
         if k.starts_with('$') {
             return Err(CommandError::bad_value(format!(
                 "Document can't have $ prefixed field names: {k}"
             )));
         }
+        if k == "_id" {
+            let msg = match v {
+                Bson::RegularExpression(_) => Some("can't use a regex for _id"),
+                Bson::Undefined => Some("can't use a undefined for _id"),
+                Bson::Array(_) => Some("can't use an array for _id"),
+                _ => None,
+            };
+            if let Some(m) = msg {
+                return Err(CommandError::bad_value(m));
+            }
+            if let Bson::Document(d) = v {
+                if let Some(bad) = find_dollar_field(d) {
+                    return Err(CommandError::new(
+                        codes::DOLLAR_PREFIXED_FIELD_NAME,
+                        format!("_id fields may not contain '$'-prefixed fields: {bad} is not valid for storage."),
+                    ));
+                }
+            }
+        }
     }
     Ok(())
+}
+
+fn find_dollar_field(d: &Document) -> Option<String> {
+    for (k, v) in d {
+        if k.starts_with('$') && !matches!(k.as_str(), "$ref" | "$id" | "$db") {
+            return Some(k.clone());
+        }
+        if let Bson::Document(sub) = v {
+            if let Some(x) = find_dollar_field(sub) {
+                return Some(x);
+            }
+        }
+    }
+    None
+}
+
+/// The document the server stores for an insert (`fixDocumentForInsert`): validated as
+/// [`validate_stored_document`], `_id` moved first (a new ObjectId when absent), top-level
+/// `Timestamp(0, 0)` values replaced with `now_ts`.
+pub fn prepare_for_insert(doc: &Document, now_ts: bson::Timestamp) -> CommandResult<Document> {
+    validate_stored_document(doc)?;
+    let mut out = Document::new();
+    match doc.get("_id") {
+        Some(id) => out.insert("_id", id.clone()),
+        None => out.insert("_id", bson::oid::ObjectId::new()),
+    };
+    for (k, v) in doc {
+        if k == "_id" {
+            continue;
+        }
+        match v {
+            Bson::Timestamp(ts) if ts.time == 0 && ts.increment == 0 => {
+                out.insert(k.clone(), Bson::Timestamp(now_ts));
+            }
+            other => {
+                out.insert(k.clone(), other.clone());
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn check_id(id: &Bson, msg: impl Fn(&str) -> String) -> CommandResult<()> {
@@ -2321,22 +2372,47 @@ mod tests {
         let e = validate_stored_document(&doc! {"_id": [1]}).unwrap_err();
         assert_eq!(
             (e.code, e.message.as_str()),
-            (53, "can't use an array for _id")
+            (2, "can't use an array for _id")
         );
         assert_eq!(
             validate_stored_document(&doc! {"_id": Bson::Undefined})
                 .unwrap_err()
                 .message,
-            "can't use an undefined for _id"
+            "can't use a undefined for _id"
         );
         let e = validate_stored_document(&doc! {"_id": 1, "$foo": 1}).unwrap_err();
-        assert_eq!(e.code, 2);
+        assert_eq!(
+            (e.code, e.message.as_str()),
+            (2, "Document can't have $ prefixed field names: $foo")
+        );
+        assert_eq!(
+            validate_stored_document(&doc! {"_id": {"a": {"$b": 1}}})
+                .unwrap_err()
+                .code,
+            52
+        );
+        let ts = |t| Timestamp {
+            time: t,
+            increment: t,
+        };
+        let d = prepare_for_insert(&doc! {"a": 1, "t": ts(0), "_id": 5}, ts(9)).unwrap();
+        assert_eq!(keys(&d), vec!["_id", "a", "t"]);
+        assert_eq!(d.get("t"), Some(&Bson::Timestamp(ts(9))));
+        let d = prepare_for_insert(&doc! {"a": 1}, ts(9)).unwrap();
+        assert!(matches!(d.get("_id"), Some(Bson::ObjectId(_))));
+        assert_eq!(keys(&d), vec!["_id", "a"]);
         assert!(validate_updated_document(&doc! {"$foo": 1}, true).is_ok());
         assert_eq!(
             validate_updated_document(&doc! {"$foo": 1}, false)
                 .unwrap_err()
                 .code,
             52
+        );
+        assert_eq!(
+            validate_updated_document(&doc! {"_id": [1]}, false)
+                .unwrap_err()
+                .code,
+            53
         );
     }
 
