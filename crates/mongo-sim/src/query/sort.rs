@@ -12,6 +12,8 @@ use crate::error::{CommandError, CommandResult};
 #[derive(Debug, Clone, PartialEq)]
 pub struct SortSpec {
     keys: Vec<(Vec<String>, bool)>,
+    /// `{$natural: -1}`: reverse of the input (storage) order.
+    natural_reverse: bool,
 }
 
 impl SortSpec {
@@ -19,7 +21,21 @@ impl SortSpec {
     /// is not supported.
     pub fn new(spec: &Document) -> CommandResult<SortSpec> {
         let mut keys = Vec::with_capacity(spec.len());
+        let mut natural_reverse = false;
         for (k, v) in spec {
+            if k == "$natural" {
+                // Natural order is the input order; only its direction matters here.
+                let d = super::expr::num_to_f64(v);
+                if d == -1.0 {
+                    natural_reverse = true;
+                } else if d != 1.0 {
+                    return Err(CommandError::new(
+                        15975,
+                        "$sort key ordering must be 1 (for ascending) or -1 (for descending)",
+                    ));
+                }
+                continue;
+            }
             if k.is_empty() {
                 return Err(CommandError::new(
                     40352,
@@ -61,11 +77,15 @@ impl SortSpec {
             };
             keys.push((k.split('.').map(String::from).collect(), asc));
         }
-        Ok(SortSpec { keys })
+        Ok(SortSpec {
+            keys,
+            natural_reverse,
+        })
     }
 
+    /// Whether the sort leaves documents in their input order.
     pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
+        self.keys.is_empty() && !self.natural_reverse
     }
 
     /// The sort key of a document: per sort field, the value used for comparison (smallest
@@ -106,6 +126,11 @@ impl SortSpec {
 
     /// Stable-sorts documents (keys computed once per document).
     pub fn sort(&self, docs: Vec<Document>) -> Vec<Document> {
+        let docs = if self.natural_reverse {
+            docs.into_iter().rev().collect()
+        } else {
+            docs
+        };
         if self.keys.is_empty() {
             return docs;
         }
@@ -214,5 +239,20 @@ mod tests {
             17312
         );
         assert!(SortSpec::new(&doc! {}).unwrap().is_empty());
+        assert_eq!(
+            SortSpec::new(&doc! {"$natural": 2}).unwrap_err().code,
+            15975
+        );
+    }
+
+    #[test]
+    fn natural_order() {
+        let docs = vec![doc! {"_id": 2}, doc! {"_id": 1}, doc! {"_id": 3}];
+        let s = SortSpec::new(&doc! {"$natural": 1}).unwrap();
+        assert!(s.is_empty());
+        assert_eq!(ids(&s.sort(docs.clone())), vec![2, 1, 3]);
+        let s = SortSpec::new(&doc! {"$natural": -1}).unwrap();
+        assert!(!s.is_empty());
+        assert_eq!(ids(&s.sort(docs)), vec![3, 1, 2]);
     }
 }
