@@ -614,7 +614,8 @@ fn pred_matches(
             if null_inclusive && vals.iter().any(|v| v.is_none()) {
                 return Ok(true);
             }
-            any(&|x| cmp_match(*op, x, target))
+            // $gte/$lte null are equality to null (which, in 7.0, includes undefined).
+            any(&|x| cmp_match(*op, x, target) || (null_inclusive && is_nullish(x)))
         }
         Pred::In {
             values,
@@ -796,6 +797,7 @@ mod tests {
         assert!(m(doc! {"a": {"$ne": null}}, doc! {"a": 0}));
         assert!(!m(doc! {"a": {"$ne": null}}, doc! {"b": 0}));
         assert!(m(doc! {"a": {"$gte": null}}, doc! {"b": 0}));
+        assert!(m(doc! {"a": {"$lte": null}}, doc! {"a": Bson::Undefined}));
         assert!(!m(doc! {"a": {"$gt": null}}, doc! {"b": 0}));
         assert!(m(doc! {"a": {"$in": [null, 5]}}, doc! {}));
         assert!(!m(doc! {"a": {"$nin": [null]}}, doc! {}));
@@ -1129,5 +1131,79 @@ mod tests {
         assert!(!vm.matches(&Bson::String("z".into())));
         let vm = Matcher::value_condition(&doc! {"$in": ["a", "b"]}).unwrap();
         assert!(vm.matches(&Bson::String("b".into())));
+    }
+
+    mod proptests {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn scalar() -> impl Strategy<Value = Bson> {
+            prop_oneof![
+                Just(Bson::Null),
+                Just(Bson::Undefined),
+                (-3i32..3).prop_map(Bson::Int32),
+                (-3i64..3).prop_map(Bson::Int64),
+                (-6i32..6).prop_map(|i| Bson::Double(i as f64 / 2.0)),
+                Just(Bson::Double(f64::NAN)),
+                "[ab]{0,2}".prop_map(Bson::String),
+                any::<bool>().prop_map(Bson::Boolean),
+            ]
+        }
+
+        fn value() -> impl Strategy<Value = Bson> {
+            prop_oneof![
+                3 => scalar(),
+                1 => proptest::collection::vec(scalar(), 0..3).prop_map(Bson::Array),
+                1 => scalar().prop_map(|v| Bson::Document(doc! {"b": v})),
+            ]
+        }
+
+        fn doc_with(v: Option<Bson>) -> Document {
+            let mut d = doc! {"_id": 1};
+            if let Some(v) = v {
+                d.insert("a", v);
+            }
+            d
+        }
+
+        fn eq_filter(v: &Bson) -> Document {
+            doc! {"a": {"$eq": v.clone()}}
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+            #[test]
+            fn in_equals_or_of_equalities(
+                field in proptest::option::of(value()),
+                x in value(),
+                y in value(),
+            ) {
+                let d = doc_with(field);
+                let in_f = doc! {"a": {"$in": [x.clone(), y.clone()]}};
+                let or_f = doc! {"$or": [eq_filter(&x), eq_filter(&y)]};
+                let nin_f = doc! {"a": {"$nin": [x.clone(), y.clone()]}};
+                let nor_f = doc! {"$nor": [eq_filter(&x), eq_filter(&y)]};
+                let in_m = Matcher::new(&in_f).unwrap().matches(&d);
+                prop_assert_eq!(in_m, Matcher::new(&or_f).unwrap().matches(&d));
+                prop_assert_eq!(!in_m, Matcher::new(&nin_f).unwrap().matches(&d));
+                prop_assert_eq!(!in_m, Matcher::new(&nor_f).unwrap().matches(&d));
+                let ne = Matcher::new(&doc! {"a": {"$ne": x.clone()}}).unwrap().matches(&d);
+                prop_assert_eq!(ne, !Matcher::new(&eq_filter(&x)).unwrap().matches(&d));
+            }
+
+            #[test]
+            fn comparisons_partition_a_bracket(v in scalar(), x in scalar()) {
+                let d = doc_with(Some(v.clone()));
+                let lt = Matcher::new(&doc! {"a": {"$lt": x.clone()}}).unwrap().matches(&d);
+                let gte = Matcher::new(&doc! {"a": {"$gte": x.clone()}}).unwrap().matches(&d);
+                let same_bracket = canonical_type_rank(&v) == canonical_type_rank(&x);
+                if same_bracket && !is_nan(&v) && !is_nan(&x) {
+                    prop_assert!(lt != gte, "{:?} vs {:?}: lt={} gte={}", v, x, lt, gte);
+                } else if !same_bracket {
+                    let null_eq = matches!(x, Bson::Null) && matches!(v, Bson::Undefined);
+                    prop_assert!(!lt && gte == null_eq);
+                }
+            }
+        }
     }
 }
