@@ -996,26 +996,77 @@ fn apply_bit(doc: &mut Document, original: &Document, op: &Op) -> CommandResult<
 // ---------------------------------------------------------------------------------------------
 
 /// The document an upsert starts from: the filter's equality conditions (`{a: 1}`,
-/// `{a: {$eq: 1}}`, inside `$and`), with dotted paths expanded. Other operators, regexes and
-/// `$or`/`$nor`/`$expr` contribute nothing.
+/// `{a: {$eq: 1}}`, single-element `$in`, inside `$and` or a single-child `$or`), with dotted
+/// paths expanded. Other operators, regexes, `$nor` and `$expr` contribute nothing. Paths that
+/// conflict are skipped here; [`try_upsert_seed`] reports them like the server.
 pub fn upsert_seed(filter: &Document) -> Document {
+    let mut eqs = Vec::new();
+    collect_equalities(filter, &mut eqs);
     let mut out = Document::new();
-    let mut seen: Vec<String> = Vec::new();
-    collect_equalities(filter, &mut out, &mut seen);
+    let mut seen: Vec<&str> = Vec::new();
+    for (k, v) in &eqs {
+        let parts: Vec<&str> = k.split('.').collect();
+        let conflict = seen.iter().any(|s| {
+            let sp: Vec<&str> = s.split('.').collect();
+            is_prefix(&sp, &parts) || is_prefix(&parts, &sp)
+        });
+        if !conflict && set_path(&mut out, k, v.clone()).is_ok() {
+            seen.push(k);
+        }
+    }
     out
 }
 
-fn collect_equalities(filter: &Document, out: &mut Document, seen: &mut Vec<String>) {
+/// Like [`upsert_seed`], but fails as the server does when equality paths collide:
+/// NotSingleValueField (54) "cannot infer query fields to set, path 'a' is matched twice" or
+/// "... both paths 'a.b' and 'a' are matched".
+pub fn try_upsert_seed(filter: &Document) -> CommandResult<Document> {
+    let mut eqs = Vec::new();
+    collect_equalities(filter, &mut eqs);
+    for (i, (k, _)) in eqs.iter().enumerate() {
+        let parts: Vec<&str> = k.split('.').collect();
+        for (prev, _) in &eqs[..i] {
+            let pp: Vec<&str> = prev.split('.').collect();
+            if pp == parts {
+                return Err(CommandError::new(
+                    codes::NOT_SINGLE_VALUE_FIELD,
+                    format!("cannot infer query fields to set, path '{k}' is matched twice"),
+                ));
+            }
+            if is_prefix(&pp, &parts) || is_prefix(&parts, &pp) {
+                return Err(CommandError::new(
+                    codes::NOT_SINGLE_VALUE_FIELD,
+                    format!("cannot infer query fields to set, both paths '{k}' and '{prev}' are matched"),
+                ));
+            }
+        }
+    }
+    let mut out = Document::new();
+    for (k, v) in eqs {
+        set_path(&mut out, &k, v)?;
+    }
+    Ok(out)
+}
+
+fn collect_equalities(filter: &Document, out: &mut Vec<(String, Bson)>) {
     for (k, v) in filter {
-        if k == "$and" {
-            if let Bson::Array(arr) = v {
+        match (k.as_str(), v) {
+            ("$and", Bson::Array(arr)) => {
                 for e in arr {
                     if let Bson::Document(d) = e {
-                        collect_equalities(d, out, seen);
+                        collect_equalities(d, out);
                     }
                 }
+                continue;
             }
-            continue;
+            // A single-child $or is simplified to its child by the server's optimizer.
+            ("$or", Bson::Array(arr)) if arr.len() == 1 => {
+                if let Bson::Document(d) = &arr[0] {
+                    collect_equalities(d, out);
+                }
+                continue;
+            }
+            _ => {}
         }
         if k.starts_with('$') {
             continue;
@@ -1023,25 +1074,25 @@ fn collect_equalities(filter: &Document, out: &mut Document, seen: &mut Vec<Stri
         let value = match v {
             Bson::RegularExpression(_) => None,
             Bson::Document(d) if d.keys().next().is_some_and(|x| x.starts_with('$')) => {
-                match d.get("$eq") {
-                    Some(Bson::RegularExpression(_)) => None,
-                    Some(x) => Some(x.clone()),
-                    None => None,
+                let mut found = None;
+                for (op, arg) in d {
+                    match (op.as_str(), arg) {
+                        ("$eq", Bson::RegularExpression(_)) => {}
+                        ("$eq", x) => found = Some(x.clone()),
+                        ("$in", Bson::Array(a))
+                            if a.len() == 1 && !matches!(a[0], Bson::RegularExpression(_)) =>
+                        {
+                            found = Some(a[0].clone())
+                        }
+                        _ => {}
+                    }
                 }
+                found
             }
             other => Some(other.clone()),
         };
-        let Some(value) = value else { continue };
-        let parts: Vec<&str> = k.split('.').collect();
-        let conflict = seen.iter().any(|s| {
-            let sp: Vec<&str> = s.split('.').collect();
-            is_prefix(&sp, &parts) || is_prefix(&parts, &sp)
-        });
-        if conflict {
-            continue;
-        }
-        if set_path(out, k, value).is_ok() {
-            seen.push(k.clone());
+        if let Some(value) = value {
+            out.push((k.clone(), value));
         }
     }
 }
@@ -1054,7 +1105,7 @@ pub fn build_upsert_document(
     spec: &UpdateSpec,
     ctx: &UpdateContext,
 ) -> CommandResult<Document> {
-    let seed = upsert_seed(filter);
+    let seed = try_upsert_seed(filter)?;
     let mut ctx = ctx.clone();
     ctx.is_upsert_insert = true;
     let doc = match spec {
@@ -2344,7 +2395,7 @@ mod tests {
         );
         assert_eq!(
             upsert_seed(
-                &doc! {"$and": [{"a": 1}, {"b": {"$in": [1]}}, {"c": 3}], "$or": [{"x": 1}]}
+                &doc! {"$and": [{"a": 1}, {"b": {"$in": [1, 2]}}, {"c": 3}], "$or": [{"x": 1}, {"y": 1}]}
             ),
             doc! {"a": 1, "c": 3}
         );
@@ -2355,6 +2406,28 @@ mod tests {
             doc! {"_id": 7}
         );
         assert_eq!(upsert_seed(&doc! {"a": {"b": 1}}), doc! {"a": {"b": 1}});
+        assert_eq!(
+            upsert_seed(&doc! {"a": {"$in": [4]}, "b": {"$in": [1, 2]}, "$or": [{"c": 1}]}),
+            doc! {"a": 4, "c": 1}
+        );
+        assert_eq!(upsert_seed(&doc! {"$or": [{"c": 1}, {"d": 1}]}), doc! {});
+        let e = try_upsert_seed(&doc! {"a": 1, "$and": [{"a": 2}]}).unwrap_err();
+        assert_eq!(
+            (e.code, e.message.as_str()),
+            (
+                54,
+                "cannot infer query fields to set, path 'a' is matched twice"
+            )
+        );
+        let e = try_upsert_seed(&doc! {"a": {"x": 1}, "a.b": 2}).unwrap_err();
+        assert_eq!(
+            e.message,
+            "cannot infer query fields to set, both paths 'a.b' and 'a' are matched"
+        );
+        assert_eq!(
+            upsert_seed(&doc! {"a": {"x": 1}, "a.b": 2}),
+            doc! {"a": {"x": 1}}
+        );
         let spec = UpdateSpec::parse(&Bson::Document(
             doc! {"$set": {"z": 1}, "$setOnInsert": {"i": true}},
         ))
