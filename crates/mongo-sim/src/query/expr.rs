@@ -1357,6 +1357,77 @@ pub fn f64_to_decimal(f: f64) -> Bson {
     )
 }
 
+const DEC_MAX_COEF: u128 = 9_999_999_999_999_999_999_999_999_999_999;
+
+/// A finite numeric value as an exact decimal `(negative, coefficient, exponent)`. Doubles
+/// go through their shortest decimal representation, as the server converts them to
+/// Decimal128 before mixed arithmetic.
+fn dec_parts(b: &Bson) -> Option<(bool, u128, i32)> {
+    match b {
+        Bson::Int32(i) => Some((*i < 0, (*i as i64).unsigned_abs() as u128, 0)),
+        Bson::Int64(i) => Some((*i < 0, i.unsigned_abs() as u128, 0)),
+        Bson::Double(d) if d.is_finite() => match f64_to_decimal(*d) {
+            Bson::Decimal128(x) => dec_parts(&Bson::Decimal128(x)),
+            _ => None,
+        },
+        Bson::Decimal128(d) => match decode_decimal(d) {
+            DecimalValue::Finite {
+                negative,
+                coefficient,
+                exponent,
+            } => Some((negative, coefficient, exponent)),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Encodes an exact decimal, or `None` when it does not fit without rounding.
+fn dec_encode(negative: bool, mut coef: u128, mut exp: i32) -> Option<Bson> {
+    while coef > DEC_MAX_COEF {
+        if !coef.is_multiple_of(10) {
+            return None;
+        }
+        coef /= 10;
+        exp += 1;
+    }
+    if !(-6176..=6111).contains(&exp) {
+        return None;
+    }
+    let bits = ((negative as u128) << 127) | (((exp + 6176) as u128) << 113) | coef;
+    Some(Bson::Decimal128(Decimal128::from_bytes(bits.to_le_bytes())))
+}
+
+fn pow10(n: u32) -> Option<u128> {
+    10u128.checked_pow(n)
+}
+
+/// Exact Decimal128 addition/subtraction when the result needs no rounding.
+fn dec_add(a: &Bson, b: &Bson, subtract: bool) -> Option<Bson> {
+    let (na, ca, ea) = dec_parts(a)?;
+    let (nb, cb, eb) = dec_parts(b)?;
+    let nb = nb ^ subtract;
+    let e = ea.min(eb);
+    let ca = ca.checked_mul(pow10((ea - e) as u32)?)?;
+    let cb = cb.checked_mul(pow10((eb - e) as u32)?)?;
+    let (neg, coef) = if na == nb {
+        (na, ca.checked_add(cb)?)
+    } else if ca >= cb {
+        (na, ca - cb)
+    } else {
+        (nb, cb - ca)
+    };
+    dec_encode(neg && coef != 0, coef, e)
+}
+
+/// Exact Decimal128 multiplication when the result needs no rounding.
+fn dec_mul(a: &Bson, b: &Bson) -> Option<Bson> {
+    let (na, ca, ea) = dec_parts(a)?;
+    let (nb, cb, eb) = dec_parts(b)?;
+    let coef = ca.checked_mul(cb)?;
+    dec_encode((na ^ nb) && coef != 0, coef, ea + eb)
+}
+
 /// Which numeric "width" wins when combining two values.
 fn num_class(b: &Bson) -> u8 {
     match b {
@@ -1381,7 +1452,8 @@ pub fn num_add(a: &Bson, b: &Bson) -> Bson {
                 None => Bson::Double(as_i64(a) as f64 + as_i64(b) as f64),
             },
             2 => Bson::Double(num_to_f64(a) + num_to_f64(b)),
-            _ => f64_to_decimal(num_to_f64(a) + num_to_f64(b)),
+            _ => dec_add(a, b, false)
+                .unwrap_or_else(|| f64_to_decimal(num_to_f64(a) + num_to_f64(b))),
         },
     }
 }
@@ -1399,7 +1471,9 @@ pub fn num_sub(a: &Bson, b: &Bson) -> Bson {
                 None => Bson::Double(as_i64(a) as f64 - as_i64(b) as f64),
             },
             2 => Bson::Double(num_to_f64(a) - num_to_f64(b)),
-            _ => f64_to_decimal(num_to_f64(a) - num_to_f64(b)),
+            _ => {
+                dec_add(a, b, true).unwrap_or_else(|| f64_to_decimal(num_to_f64(a) - num_to_f64(b)))
+            }
         },
     }
 }
@@ -1417,7 +1491,7 @@ pub fn num_mul(a: &Bson, b: &Bson) -> Bson {
                 None => Bson::Double(as_i64(a) as f64 * as_i64(b) as f64),
             },
             2 => Bson::Double(num_to_f64(a) * num_to_f64(b)),
-            _ => f64_to_decimal(num_to_f64(a) * num_to_f64(b)),
+            _ => dec_mul(a, b).unwrap_or_else(|| f64_to_decimal(num_to_f64(a) * num_to_f64(b))),
         },
     }
 }
@@ -1977,6 +2051,36 @@ mod tests {
                 .code,
             15983
         );
+    }
+
+    #[test]
+    fn decimal_arithmetic_is_exact() {
+        let d = |s: &str| Bson::Decimal128(Decimal128::from_str(s).unwrap());
+        assert_eq!(
+            num_add(&d("0.1"), &d("0.2")).to_string(),
+            d("0.3").to_string()
+        );
+        assert_eq!(
+            num_add(&d("1.0"), &d("2.00")).to_string(),
+            d("3.00").to_string()
+        );
+        assert_eq!(
+            num_add(&d("1.5"), &Bson::Int32(2)).to_string(),
+            d("3.5").to_string()
+        );
+        assert_eq!(num_sub(&d("1"), &d("3")).to_string(), d("-2").to_string());
+        assert_eq!(
+            num_mul(&d("1.5"), &Bson::Int64(3)).to_string(),
+            d("4.5").to_string()
+        );
+        assert_eq!(
+            num_add(&d("0.1"), &Bson::Double(0.2)).to_string(),
+            d("0.3").to_string()
+        );
+        assert!(matches!(
+            num_add(&d("1"), &Bson::Int32(1)),
+            Bson::Decimal128(_)
+        ));
     }
 
     #[test]
