@@ -159,7 +159,7 @@ impl Projection {
         let mut slices = Vec::new();
         let mut elem_matches = Vec::new();
         let mut entries: Vec<(String, Bson)> = Vec::new();
-        flatten_spec(spec, "", &mut entries)?;
+        flatten_spec(spec, "", &mut entries, false)?;
         for (path, v) in entries {
             let parts: Vec<&str> = path.split('.').collect();
             let item = match &v {
@@ -342,7 +342,14 @@ fn mark(kind: &mut Kind, want: Kind, path: &str) -> CommandResult<()> {
     Ok(())
 }
 
-fn flatten_spec(spec: &Document, prefix: &str, out: &mut Vec<(String, Bson)>) -> CommandResult<()> {
+/// Flattens nested specification objects into dotted paths. An empty object is an error in
+/// projections and a literal `{}` in `$addFields` (`empty_is_literal`).
+fn flatten_spec(
+    spec: &Document,
+    prefix: &str,
+    out: &mut Vec<(String, Bson)>,
+    empty_is_literal: bool,
+) -> CommandResult<()> {
     for (k, v) in spec {
         let path = if prefix.is_empty() {
             k.clone()
@@ -352,13 +359,17 @@ fn flatten_spec(spec: &Document, prefix: &str, out: &mut Vec<(String, Bson)>) ->
         check_field_name(&path)?;
         match v {
             Bson::Document(d) if !is_operator_doc(d) => {
+                if d.is_empty() && empty_is_literal {
+                    out.push((path, Bson::Document(Document::new())));
+                    continue;
+                }
                 if d.is_empty() {
                     return Err(CommandError::new(
                         51270,
                         format!("An empty sub-projection is not a valid value. Found empty object at path {path}"),
                     ));
                 }
-                flatten_spec(d, &path, out)?;
+                flatten_spec(d, &path, out, empty_is_literal)?;
             }
             other => out.push((path, other.clone())),
         }
@@ -583,7 +594,7 @@ impl AddFields {
             ));
         }
         let mut entries = Vec::new();
-        flatten_spec(spec, "", &mut entries)?;
+        flatten_spec(spec, "", &mut entries, true)?;
         let mut root = Node::default();
         for (path, v) in entries {
             let parts: Vec<&str> = path.split('.').collect();
@@ -743,6 +754,11 @@ mod tests {
         assert_eq!(
             af.apply(&d, &vars).unwrap(),
             doc! {"_id": 1, "sub": {"x": 1}, "arr": [{"x": 1}, {"x": 2}], "n": {"m": 1}}
+        );
+        let af = AddFields::new(&doc! {"e": {}}).unwrap();
+        assert_eq!(
+            af.apply(&d, &vars).unwrap().get("e"),
+            Some(&Bson::Document(doc! {}))
         );
         // A scalar in the way is replaced by a document of the computed fields.
         let af = AddFields::new(&doc! {"a.b": 5}).unwrap();
