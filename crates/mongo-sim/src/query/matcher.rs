@@ -19,6 +19,7 @@ pub struct Matcher {
     root: Node,
     id_eq: Option<Bson>,
     now: Option<bson::DateTime>,
+    has_expr: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -146,6 +147,7 @@ impl Matcher {
         let root = parse_doc(filter, true)?;
         let id_eq = compute_id_equality(filter);
         Ok(Matcher {
+            has_expr: contains_expr(&root),
             root,
             id_eq,
             now: None,
@@ -166,8 +168,13 @@ impl Matcher {
 
     /// Whether the document matches, surfacing `$expr` evaluation errors.
     pub fn try_matches(&self, doc: &Document) -> CommandResult<bool> {
-        let vars = Variables::new(self.now.unwrap_or_else(bson::DateTime::now));
-        match_node(&self.root, doc, &vars)
+        // Only $expr reads $$NOW; avoid a clock read per document otherwise.
+        let now = match self.now {
+            Some(n) => n,
+            None if self.has_expr => bson::DateTime::now(),
+            None => bson::DateTime::from_millis(0),
+        };
+        match_node(&self.root, doc, &Variables::new(now))
     }
 
     /// The `_id` value when the filter is exactly `{_id: <scalar>}` or `{_id: {$eq: v}}`.
@@ -211,6 +218,26 @@ impl ValueMatcher {
     pub fn matches(&self, v: &Bson) -> bool {
         let vars = Variables::default();
         pred_matches(&self.pred, &[Some(v)], &vars, true).unwrap_or(false)
+    }
+}
+
+fn contains_expr(n: &Node) -> bool {
+    match n {
+        Node::Expr(_) => true,
+        Node::And(c) | Node::Or(c) | Node::Nor(c) => c.iter().any(contains_expr),
+        Node::Path { pred, .. } => pred_contains_expr(pred),
+        Node::Const(_) => false,
+    }
+}
+
+fn pred_contains_expr(p: &Pred) -> bool {
+    match p {
+        Pred::ElemMatchObject(n) => contains_expr(n),
+        Pred::ElemMatchValue(v) | Pred::All(v) | Pred::AndPreds(v) => {
+            v.iter().any(pred_contains_expr)
+        }
+        Pred::Not(p) => pred_contains_expr(p),
+        _ => false,
     }
 }
 
