@@ -881,6 +881,12 @@ impl Evaluator<'_> {
             }
         }
         let field = match d.get("field") {
+            Some(Bson::String(s)) if s.starts_with('$') => {
+                return Err(err(
+                    4161108,
+                    format!("{op}: a field path reference is not allowed for 'field'; use {{$literal: \"{s}\"}} for a field name starting with '$'"),
+                ))
+            }
             Some(Bson::String(s)) => s.clone(),
             Some(Bson::Document(fd)) if fd.len() == 1 && fd.contains_key("$literal") => {
                 match fd.get("$literal") {
@@ -2040,6 +2046,15 @@ mod tests {
                 &d
             ),
             Bson::Document(doc! {"a": 1})
+        );
+        assert_eq!(
+            ev(
+                Bson::Document(doc! {"$setField": {"field": "$x", "input": "$$ROOT", "value": 1}}),
+                &d
+            )
+            .unwrap_err()
+            .code,
+            4161108
         );
         assert_eq!(
             ev(Bson::Document(doc! {"$foo": 1}), &d).unwrap_err().code,
