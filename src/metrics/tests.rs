@@ -674,3 +674,34 @@ fn dump_sample_exposition() {
         eprintln!("wrote {}", path.to_string_lossy());
     }
 }
+
+#[test]
+fn metrics_are_shareable_across_threads() {
+    fn assert_send_sync<T: Send + Sync + 'static>() {}
+    assert_send_sync::<Metrics>();
+
+    let m = std::sync::Arc::new(Metrics::new(4));
+    let handles: Vec<_> = (0..4)
+        .map(|t| {
+            let m = std::sync::Arc::clone(&m);
+            std::thread::spawn(move || {
+                for i in 0..200 {
+                    let ns = format!("db.c{}", (t + i) % 6);
+                    m.events_read(&ns, 1);
+                    m.set_lag(&ns, i as f64);
+                    if i % 50 == 0 {
+                        m.remove_namespace(&ns);
+                    }
+                    let _ = m.render();
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("thread");
+    }
+    let (_, s) = parse(&m.render());
+    // Never more than max_namespaces own label values plus _other.
+    let names = namespaces_of(&s);
+    assert!(names.len() <= 5, "{names:?}");
+}
