@@ -1,0 +1,737 @@
+//! Idempotent, batched writes to the destination.
+//!
+//! A batch of change events becomes, per document `_id`, a short queue of writes (earlier
+//! events folded into a later insert, replace or delete; non-overlapping deltas merged).
+//! Round `r` holds the `r`-th write of every queue, so within a round every `_id` appears
+//! once and the round's statements go out as a few unordered bulk commands; rounds run in
+//! order, which keeps per-document order. Every statement is keyed by `_id` and replays are
+//! harmless: upserts replace, deletes of missing documents do nothing, and a delta that
+//! matches nothing is repaired from the source's current document.
+
+use std::{collections::HashMap, time::Instant};
+
+use bson::{doc, rawdoc, Bson, Document, RawArrayBuf, RawBson, RawBsonRef, RawDocument, RawDocumentBuf, Timestamp};
+use futures::TryStreamExt;
+use mongodb::Database;
+
+use crate::{
+    config::UpdateMode,
+    error::{ErrorKind, SyncError},
+    event::{ts_key, ChangeEvent, OpKind},
+    metadata::Metadata,
+    metrics::{ApplyOp, Metrics},
+    source::{Namespace, Source},
+};
+
+/// Statements per bulk command: far below the server's 100,000, small enough to keep replies
+/// and retries cheap.
+const MAX_STATEMENTS_PER_COMMAND: usize = 5_000;
+/// Bytes of statements per bulk command (the command body must stay under 16 MiB).
+const MAX_COMMAND_BYTES: usize = 8 * 1024 * 1024;
+
+/// Write errors that mean "this one document cannot be stored as it is".
+const REJECTED_DOCUMENT_CODES: &[i32] = &[2, 52, 53, 55, 56, 57, 121, 10334, 17280, 17419, 17420];
+/// Update errors that mean "the destination document does not have the shape the delta
+/// expects" (a path through a scalar, a non-array `$push`, ...).
+const SHAPE_ERROR_CODES: &[i32] = &[2, 9, 14, 28, 54, 66];
+
+/// What one batch did.
+#[derive(Debug, Default, Clone)]
+pub struct ApplyStats {
+    pub applied: [u64; 5],
+    /// Write statements issued.
+    pub writes: u64,
+    pub replay_skipped: u64,
+    pub dead_letters: u64,
+    /// Documents re-read from the source to repair a delta that could not apply.
+    pub repaired: u64,
+}
+
+impl ApplyStats {
+    fn count(&mut self, op: ApplyOp) {
+        let i = ApplyOp::ALL.iter().position(|o| *o == op).expect("known op");
+        self.applied[i] += 1;
+    }
+}
+
+/// A write to one document.
+#[derive(Debug, Clone)]
+enum DocWrite {
+    /// Replace-with-upsert by `_id`.
+    Upsert(RawDocumentBuf),
+    Delete,
+    /// `$push: {f: {$each: [], $slice: n}}` for each truncated array.
+    Truncate(Vec<(String, i32)>),
+    /// `$set`/`$unset` of a delta.
+    Delta { set: Vec<(String, RawBson)>, unset: Vec<String> },
+    /// Replace with the source's current document (or delete if it is gone).
+    Refetch,
+}
+
+#[derive(Debug, Clone)]
+struct Pending {
+    write: DocWrite,
+    /// Index of the (last) event this write comes from.
+    event: usize,
+}
+
+/// Per-document write queues, in order of first appearance.
+#[derive(Default)]
+struct Queues {
+    order: Vec<Vec<u8>>,
+    by_key: HashMap<Vec<u8>, (RawBson, Vec<Pending>)>,
+}
+
+/// A key under which the same `_id` always lands: numeric ids are normalised because the
+/// server treats `1`, `1.0` and `NumberLong(1)` as the same `_id`.
+fn id_key(id: &RawBson) -> Vec<u8> {
+    let numeric = match id {
+        RawBson::Int32(v) => Some(*v as f64),
+        RawBson::Int64(v) => Some(*v as f64),
+        RawBson::Double(v) => Some(*v),
+        _ => None,
+    };
+    if let Some(n) = numeric {
+        let mut k = b"n:".to_vec();
+        k.extend_from_slice(&n.to_bits().to_le_bytes());
+        return k;
+    }
+    let mut d = RawDocumentBuf::new();
+    d.append("_id", id.clone());
+    d.into_bytes()
+}
+
+fn paths_overlap(a: &str, b: &str) -> bool {
+    a == b
+        || (a.len() > b.len() && a.starts_with(b) && a.as_bytes()[b.len()] == b'.')
+        || (b.len() > a.len() && b.starts_with(a) && b.as_bytes()[a.len()] == b'.')
+}
+
+impl Queues {
+    fn push(&mut self, id: RawBson, write: DocWrite, event: usize) {
+        let key = id_key(&id);
+        let entry = self.by_key.entry(key.clone()).or_insert_with(|| {
+            self.order.push(key);
+            (id, Vec::new())
+        });
+        let queue = &mut entry.1;
+        match &write {
+            // A total write supersedes everything before it on this document.
+            DocWrite::Upsert(_) | DocWrite::Delete | DocWrite::Refetch => {
+                queue.clear();
+                queue.push(Pending { write, event });
+            }
+            DocWrite::Delta { set, unset } => {
+                if let Some(Pending {
+                    write: DocWrite::Delta { set: prev_set, unset: prev_unset },
+                    event: prev_event,
+                }) = queue.last_mut()
+                {
+                    let new_paths = set.iter().map(|(p, _)| p.as_str()).chain(unset.iter().map(String::as_str));
+                    let old_paths: Vec<&str> =
+                        prev_set.iter().map(|(p, _)| p.as_str()).chain(prev_unset.iter().map(String::as_str)).collect();
+                    let overlap = new_paths.clone().any(|n| old_paths.iter().any(|o| paths_overlap(n, o)));
+                    if !overlap {
+                        prev_set.extend(set.iter().cloned());
+                        prev_unset.extend(unset.iter().cloned());
+                        *prev_event = event;
+                        return;
+                    }
+                }
+                queue.push(Pending { write, event });
+            }
+            DocWrite::Truncate(_) => queue.push(Pending { write, event }),
+        }
+    }
+
+    fn rounds(&self) -> usize {
+        self.by_key.values().map(|(_, q)| q.len()).max().unwrap_or(0)
+    }
+}
+
+/// The writes an update event's `updateDescription` asks for.
+fn delta_writes(ud: &RawDocument) -> Result<Vec<DocWrite>, SyncError> {
+    let malformed = |what: &str| SyncError::new(ErrorKind::SourceRead, format!("malformed updateDescription: {what}"));
+    if let Ok(paths) = ud.get_document("disambiguatedPaths") {
+        if !paths.is_empty() {
+            // Field names with dots or made of digits cannot be addressed by `$set` paths:
+            // take the whole current document instead.
+            return Ok(vec![DocWrite::Refetch]);
+        }
+    }
+    let mut set = Vec::new();
+    for item in ud.get_document("updatedFields").map_err(|_| malformed("updatedFields"))? {
+        let (k, v) = item.map_err(|_| malformed("updatedFields entry"))?;
+        set.push((k.to_string(), v.to_raw_bson()));
+    }
+    let mut unset = Vec::new();
+    for item in ud.get_array("removedFields").map_err(|_| malformed("removedFields"))? {
+        match item.map_err(|_| malformed("removedFields entry"))? {
+            RawBsonRef::String(s) => unset.push(s.to_string()),
+            _ => return Err(malformed("removedFields entry is not a string")),
+        }
+    }
+    let mut truncate = Vec::new();
+    if let Ok(arrays) = ud.get_array("truncatedArrays") {
+        for item in arrays {
+            let d = match item.map_err(|_| malformed("truncatedArrays entry"))? {
+                RawBsonRef::Document(d) => d,
+                _ => return Err(malformed("truncatedArrays entry")),
+            };
+            let field = d.get_str("field").map_err(|_| malformed("truncatedArrays.field"))?;
+            let size = d.get_i32("newSize").map_err(|_| malformed("truncatedArrays.newSize"))?;
+            truncate.push((field.to_string(), size));
+        }
+    }
+    let mut out = Vec::new();
+    if !truncate.is_empty() {
+        out.push(DocWrite::Truncate(truncate));
+    }
+    if !set.is_empty() || !unset.is_empty() {
+        out.push(DocWrite::Delta { set, unset });
+    }
+    Ok(out)
+}
+
+/// One statement of a round.
+struct Statement {
+    key: Vec<u8>,
+    id: RawBson,
+    write: DocWrite,
+    event: usize,
+}
+
+/// Parsed reply of a bulk `update`/`delete`.
+struct BulkReply {
+    n: i64,
+    /// `(statement index, code, message)`.
+    errors: Vec<(usize, i32, String)>,
+}
+
+/// Writes one namespace's changes to the destination.
+pub struct Applier {
+    pub source_ns: Namespace,
+    pub target: Namespace,
+    /// Label used in metrics and logs: the source namespace.
+    pub label: String,
+    dest_db: Database,
+    source: Source,
+    metadata: Metadata,
+    metrics: Metrics,
+    sync_id: String,
+    update_mode: UpdateMode,
+}
+
+fn write_error(context: &str, e: mongodb::error::Error) -> SyncError {
+    SyncError::mongo(ErrorKind::DestinationWrite, context, e)
+}
+
+impl Applier {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        source_ns: Namespace,
+        target: Namespace,
+        dest: &mongodb::Client,
+        source: Source,
+        metadata: Metadata,
+        metrics: Metrics,
+        sync_id: String,
+        update_mode: UpdateMode,
+    ) -> Applier {
+        Applier {
+            label: source_ns.to_string(),
+            dest_db: dest.database(&target.db),
+            source_ns,
+            target,
+            source,
+            metadata,
+            metrics,
+            sync_id,
+            update_mode,
+        }
+    }
+
+    pub fn destination_collection(&self) -> mongodb::Collection<RawDocumentBuf> {
+        self.dest_db.collection(&self.target.coll)
+    }
+
+    /// Applies the data events of a batch (DDL is handled by the worker). Events at or before
+    /// `replay_until` are replays of what the copy wrote: shape and duplicate-key errors there
+    /// are expected and counted as `replay_skipped`.
+    pub async fn apply_events(&self, events: &[ChangeEvent], replay_until: Option<Timestamp>) -> Result<ApplyStats, SyncError> {
+        let mut stats = ApplyStats::default();
+        let mut queues = Queues::default();
+        for (i, ev) in events.iter().enumerate() {
+            let Some(id) = ev.raw.get_document("documentKey").ok().and_then(|k| k.get("_id").ok().flatten()) else {
+                continue;
+            };
+            let id = id.to_raw_bson();
+            let writes = match ev.kind {
+                OpKind::Insert | OpKind::Replace => match ev.full_document() {
+                    Some(d) => vec![DocWrite::Upsert(d.to_raw_document_buf())],
+                    None => vec![DocWrite::Refetch],
+                },
+                OpKind::Delete => vec![DocWrite::Delete],
+                OpKind::Update => match (ev.full_document(), self.update_mode) {
+                    (Some(d), _) => vec![DocWrite::Upsert(d.to_raw_document_buf())],
+                    // updateLookup found nothing: the document is gone; its delete follows.
+                    (None, UpdateMode::Lookup) if ev.full_document_is_null() => Vec::new(),
+                    _ => match ev.update_description() {
+                        Some(ud) => delta_writes(ud)?,
+                        None => vec![DocWrite::Refetch],
+                    },
+                },
+                _ => continue,
+            };
+            stats.count(match ev.kind {
+                OpKind::Insert => ApplyOp::Insert,
+                OpKind::Update => ApplyOp::Update,
+                OpKind::Replace => ApplyOp::Replace,
+                _ => ApplyOp::Delete,
+            });
+            for w in writes {
+                queues.push(id.clone(), w, i);
+            }
+        }
+        let in_replay = |event: usize| {
+            replay_until.is_some_and(|r| ts_key(events[event].cluster_time) <= ts_key(r))
+        };
+        for round in 0..queues.rounds() {
+            let mut statements: Vec<Statement> = queues
+                .order
+                .iter()
+                .filter_map(|k| {
+                    let (id, q) = &queues.by_key[k];
+                    q.get(round).map(|p| Statement {
+                        key: k.clone(),
+                        id: id.clone(),
+                        write: p.write.clone(),
+                        event: p.event,
+                    })
+                })
+                .collect();
+            // Repairs can cascade once (a delta that matched nothing becomes a refetch).
+            for _ in 0..3 {
+                if statements.is_empty() {
+                    break;
+                }
+                statements = self.run_round(statements, events, &in_replay, &mut stats).await?;
+            }
+            if !statements.is_empty() {
+                return Err(SyncError::new(
+                    ErrorKind::InvariantViolated,
+                    format!("writes to {} could not be settled after repeated repairs", self.target),
+                ));
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Executes one round; returns statements that need another pass (repairs).
+    async fn run_round(
+        &self,
+        statements: Vec<Statement>,
+        events: &[ChangeEvent],
+        in_replay: &dyn Fn(usize) -> bool,
+        stats: &mut ApplyStats,
+    ) -> Result<Vec<Statement>, SyncError> {
+        // Resolve refetches first: they become upserts or deletes.
+        let refetch_ids: Vec<Bson> = statements
+            .iter()
+            .filter(|s| matches!(s.write, DocWrite::Refetch))
+            .filter_map(|s| Bson::try_from(s.id.clone()).ok())
+            .collect();
+        let mut current: HashMap<Vec<u8>, RawDocumentBuf> = HashMap::new();
+        if !refetch_ids.is_empty() {
+            for doc in self.source.fetch_documents(&self.source_ns, &refetch_ids).await? {
+                if let Ok(Some(id)) = doc.get("_id") {
+                    current.insert(id_key(&id.to_raw_bson()), doc);
+                }
+            }
+            stats.repaired += refetch_ids.len() as u64;
+        }
+        let mut upserts = Vec::new();
+        let mut deltas = Vec::new();
+        let mut deletes = Vec::new();
+        for s in statements {
+            match &s.write {
+                DocWrite::Upsert(_) => upserts.push(s),
+                DocWrite::Delete => deletes.push(s),
+                DocWrite::Truncate(_) | DocWrite::Delta { .. } => deltas.push(s),
+                DocWrite::Refetch => match current.remove(&s.key) {
+                    Some(doc) => upserts.push(Statement {
+                        write: DocWrite::Upsert(doc),
+                        ..s
+                    }),
+                    None => deletes.push(Statement {
+                        write: DocWrite::Delete,
+                        ..s
+                    }),
+                },
+            }
+        }
+        let (up, de, dl) = futures::join!(
+            self.run_upserts(&upserts),
+            self.run_deltas(&deltas),
+            self.run_deletes(&deletes),
+        );
+        let (up, de, dl) = (up?, de?, dl?);
+        stats.writes += (upserts.len() + deltas.len() + deletes.len()) as u64;
+        let mut again = Vec::new();
+        // Upserts: a rejected document is dead-lettered; a duplicate on a secondary unique
+        // index during replay is expected (the copy is a mixed-time snapshot).
+        for (idx, code, msg) in up.errors {
+            let s = &upserts[idx];
+            if code == 11000 && in_replay(s.event) {
+                stats.replay_skipped += 1;
+            } else if REJECTED_DOCUMENT_CODES.contains(&code) || code == 11000 {
+                let DocWrite::Upsert(doc) = &s.write else { unreachable!("upserts hold upserts") };
+                self.dead_letter(&s.id, &events[s.event], Some(doc), code, &msg).await?;
+                stats.dead_letters += 1;
+            } else {
+                return Err(SyncError::new(
+                    ErrorKind::DestinationWrite,
+                    format!("upsert into {} failed with code {code}: {msg}", self.target),
+                ));
+            }
+        }
+        // Deltas: shape errors are repaired from the source (or skipped during replay).
+        let mut failed = vec![false; deltas.len()];
+        for (idx, code, msg) in &de.errors {
+            failed[*idx] = true;
+            let s = &deltas[*idx];
+            if in_replay(s.event) && (SHAPE_ERROR_CODES.contains(code) || *code == 11000) {
+                stats.replay_skipped += 1;
+            } else if SHAPE_ERROR_CODES.contains(code) {
+                again.push(Statement {
+                    write: DocWrite::Refetch,
+                    key: s.key.clone(),
+                    id: s.id.clone(),
+                    event: s.event,
+                });
+            } else if REJECTED_DOCUMENT_CODES.contains(code) || *code == 11000 {
+                self.dead_letter(&s.id, &events[s.event], None, *code, msg).await?;
+                stats.dead_letters += 1;
+            } else {
+                return Err(SyncError::new(
+                    ErrorKind::DestinationWrite,
+                    format!("update of {} failed with code {code}: {msg}", self.target),
+                ));
+            }
+        }
+        let attempted = deltas.len() - de.errors.len();
+        if (de.n as usize) < attempted {
+            // Some deltas matched nothing: those documents are missing on the destination.
+            let ids: Vec<RawBson> = deltas
+                .iter()
+                .zip(&failed)
+                .filter(|(_, f)| !**f)
+                .map(|(s, _)| s.id.clone())
+                .collect();
+            let present = self.existing_ids(&ids).await?;
+            for (s, f) in deltas.iter().zip(&failed) {
+                if !*f && !present.contains(&s.key) {
+                    again.push(Statement {
+                        write: DocWrite::Refetch,
+                        key: s.key.clone(),
+                        id: s.id.clone(),
+                        event: s.event,
+                    });
+                }
+            }
+        }
+        if let Some((_, code, msg)) = dl.errors.first() {
+            return Err(SyncError::new(
+                ErrorKind::DestinationWrite,
+                format!("delete from {} failed with code {code}: {msg}", self.target),
+            ));
+        }
+        Ok(again)
+    }
+
+    async fn dead_letter(
+        &self,
+        id: &RawBson,
+        event: &ChangeEvent,
+        doc: Option<&RawDocumentBuf>,
+        code: i32,
+        msg: &str,
+    ) -> Result<(), SyncError> {
+        let id = Bson::try_from(id.clone()).unwrap_or(Bson::Null);
+        tracing::warn!(
+            namespace = %self.label,
+            code,
+            id_type = ?id.element_type(),
+            "destination rejected a document; recorded as a dead letter"
+        );
+        self.metrics.dead_letter(&self.label);
+        self.metadata
+            .dead_letter(
+                &self.sync_id,
+                &self.label,
+                &id,
+                event.kind.metric_label(),
+                doc.map(|d| d.as_ref()),
+                code,
+                msg,
+                Some(event.cluster_time),
+            )
+            .await
+    }
+
+    /// Keys of the given `_id`s that exist on the destination.
+    async fn existing_ids(&self, ids: &[RawBson]) -> Result<std::collections::HashSet<Vec<u8>>, SyncError> {
+        let mut arr = RawArrayBuf::new();
+        for id in ids {
+            arr.push(id.clone());
+        }
+        let filter = rawdoc! {"_id": {"$in": arr}};
+        let filter: Document = filter
+            .try_into()
+            .map_err(|e| SyncError::with_source(ErrorKind::InvariantViolated, "building a lookup filter", e))?;
+        let found: Vec<RawDocumentBuf> = self
+            .destination_collection()
+            .find(filter)
+            .projection(doc! {"_id": 1})
+            .await
+            .map_err(|e| write_error("checking destination documents", e))?
+            .try_collect()
+            .await
+            .map_err(|e| write_error("checking destination documents", e))?;
+        Ok(found
+            .iter()
+            .filter_map(|d| d.get("_id").ok().flatten().map(|id| id_key(&id.to_raw_bson())))
+            .collect())
+    }
+
+    async fn run_upserts(&self, statements: &[Statement]) -> Result<BulkReply, SyncError> {
+        let built = statements.iter().map(|s| {
+            let DocWrite::Upsert(doc) = &s.write else { unreachable!("upserts hold upserts") };
+            rawdoc! {"q": {"_id": s.id.clone()}, "u": doc.clone(), "upsert": true}
+        });
+        self.bulk("update", "updates", built.collect()).await
+    }
+
+    async fn run_deltas(&self, statements: &[Statement]) -> Result<BulkReply, SyncError> {
+        let built = statements.iter().map(|s| {
+            let u = match &s.write {
+                DocWrite::Truncate(fields) => {
+                    let mut push = RawDocumentBuf::new();
+                    for (f, n) in fields {
+                        push.append(f.as_str(), rawdoc! {"$each": [], "$slice": *n});
+                    }
+                    rawdoc! {"$push": push}
+                }
+                DocWrite::Delta { set, unset } => {
+                    let mut u = RawDocumentBuf::new();
+                    if !set.is_empty() {
+                        let mut d = RawDocumentBuf::new();
+                        for (k, v) in set {
+                            d.append(k.as_str(), v.clone());
+                        }
+                        u.append("$set", d);
+                    }
+                    if !unset.is_empty() {
+                        let mut d = RawDocumentBuf::new();
+                        for k in unset {
+                            d.append(k.as_str(), "");
+                        }
+                        u.append("$unset", d);
+                    }
+                    u
+                }
+                _ => unreachable!("deltas hold deltas"),
+            };
+            rawdoc! {"q": {"_id": s.id.clone()}, "u": u}
+        });
+        self.bulk("update", "updates", built.collect()).await
+    }
+
+    async fn run_deletes(&self, statements: &[Statement]) -> Result<BulkReply, SyncError> {
+        let built = statements.iter().map(|s| rawdoc! {"q": {"_id": s.id.clone()}, "limit": 1});
+        self.bulk("delete", "deletes", built.collect()).await
+    }
+
+    /// Replace-upserts documents (the copy and reconciliation path). Returns the number of
+    /// documents written and dead-lettered.
+    pub async fn upsert_documents(&self, docs: &[RawDocumentBuf]) -> Result<(u64, u64), SyncError> {
+        let mut statements = Vec::with_capacity(docs.len());
+        for d in docs {
+            let id = d
+                .get("_id")
+                .ok()
+                .flatten()
+                .map(|v| v.to_raw_bson())
+                .ok_or_else(|| SyncError::new(ErrorKind::SourceRead, "document without _id"))?;
+            statements.push(rawdoc! {"q": {"_id": id}, "u": d.clone(), "upsert": true});
+        }
+        let reply = self.bulk("update", "updates", statements).await?;
+        let mut dead = 0;
+        for (idx, code, msg) in reply.errors {
+            if REJECTED_DOCUMENT_CODES.contains(&code) || code == 11000 {
+                let id = docs[idx].get("_id").ok().flatten().map(|v| v.to_raw_bson()).unwrap_or(RawBson::Null);
+                let id = Bson::try_from(id).unwrap_or(Bson::Null);
+                tracing::warn!(namespace = %self.label, code, "destination rejected a copied document; recorded as a dead letter");
+                self.metrics.dead_letter(&self.label);
+                self.metadata
+                    .dead_letter(&self.sync_id, &self.label, &id, "copy", Some(docs[idx].as_ref()), code, &msg, None)
+                    .await?;
+                dead += 1;
+            } else {
+                return Err(SyncError::new(
+                    ErrorKind::DestinationWrite,
+                    format!("copying into {} failed with code {code}: {msg}", self.target),
+                ));
+            }
+        }
+        Ok((docs.len() as u64 - dead, dead))
+    }
+
+    /// Deletes documents by `_id`.
+    pub async fn delete_ids(&self, ids: &[Bson]) -> Result<u64, SyncError> {
+        let mut statements = Vec::with_capacity(ids.len());
+        for id in ids {
+            let id = RawBson::try_from(id.clone())
+                .map_err(|e| SyncError::with_source(ErrorKind::InvariantViolated, "encoding _id", e))?;
+            statements.push(rawdoc! {"q": {"_id": id}, "limit": 1});
+        }
+        let reply = self.bulk("delete", "deletes", statements).await?;
+        if let Some((_, code, msg)) = reply.errors.first() {
+            return Err(SyncError::new(
+                ErrorKind::DestinationWrite,
+                format!("delete from {} failed with code {code}: {msg}", self.target),
+            ));
+        }
+        Ok(reply.n as u64)
+    }
+
+    /// Runs `statements` as unordered bulk commands (split by count and size), majority
+    /// journaled. Write errors are returned with statement indexes; anything else is an error.
+    async fn bulk(&self, command: &str, field: &str, statements: Vec<RawDocumentBuf>) -> Result<BulkReply, SyncError> {
+        let mut out = BulkReply { n: 0, errors: Vec::new() };
+        let mut start = 0;
+        while start < statements.len() {
+            let mut end = start;
+            let mut bytes = 0;
+            let mut arr = RawArrayBuf::new();
+            while end < statements.len() && end - start < MAX_STATEMENTS_PER_COMMAND {
+                let size = statements[end].as_bytes().len();
+                if end > start && bytes + size > MAX_COMMAND_BYTES {
+                    break;
+                }
+                bytes += size;
+                arr.push(statements[end].clone());
+                end += 1;
+            }
+            let mut cmd = RawDocumentBuf::new();
+            cmd.append(command, self.target.coll.as_str());
+            cmd.append(field, arr);
+            cmd.append("ordered", false);
+            cmd.append("writeConcern", rawdoc! {"w": "majority", "j": true});
+            let started = Instant::now();
+            let reply = self
+                .dest_db
+                .run_raw_command(cmd)
+                .await
+                .map_err(|e| write_error(&format!("writing to {}", self.target), e))?;
+            tracing::trace!(namespace = %self.label, statements = end - start, elapsed_ms = started.elapsed().as_millis() as u64, "bulk {command}");
+            if let Ok(wce) = reply.get_document("writeConcernError") {
+                return Err(SyncError::new(
+                    ErrorKind::DestinationConnection,
+                    format!(
+                        "write concern error from the destination (code {}): {}; retrying",
+                        wce.get_i32("code").unwrap_or(0),
+                        wce.get_str("errmsg").unwrap_or("")
+                    ),
+                ));
+            }
+            out.n += match reply.get("n") {
+                Some(Bson::Int32(n)) => *n as i64,
+                Some(Bson::Int64(n)) => *n,
+                _ => 0,
+            };
+            if let Ok(errors) = reply.get_array("writeErrors") {
+                for e in errors.iter().filter_map(|e| e.as_document()) {
+                    let index = e.get_i32("index").unwrap_or(0) as usize;
+                    out.errors.push((
+                        start + index,
+                        e.get_i32("code").unwrap_or(0),
+                        e.get_str("errmsg").unwrap_or("").to_string(),
+                    ));
+                }
+            }
+            start = end;
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upsert(n: i32) -> DocWrite {
+        DocWrite::Upsert(rawdoc! {"_id": 1, "v": n})
+    }
+
+    fn delta(set: &[&str], unset: &[&str]) -> DocWrite {
+        DocWrite::Delta {
+            set: set.iter().map(|p| (p.to_string(), RawBson::Int32(1))).collect(),
+            unset: unset.iter().map(|p| p.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn total_writes_supersede_earlier_ones() {
+        let mut q = Queues::default();
+        q.push(RawBson::Int32(1), delta(&["a"], &[]), 0);
+        q.push(RawBson::Int32(1), upsert(2), 1);
+        q.push(RawBson::Int32(1), delta(&["b"], &[]), 2);
+        q.push(RawBson::Int32(1), DocWrite::Delete, 3);
+        assert_eq!(q.rounds(), 1);
+        let (_, queue) = &q.by_key[&q.order[0]];
+        assert!(matches!(queue[0].write, DocWrite::Delete));
+        assert_eq!(queue[0].event, 3);
+    }
+
+    #[test]
+    fn non_overlapping_deltas_merge_overlapping_ones_queue() {
+        let mut q = Queues::default();
+        q.push(RawBson::Int32(1), delta(&["a.b"], &[]), 0);
+        q.push(RawBson::Int32(1), delta(&["a.c"], &["x"]), 1);
+        assert_eq!(q.rounds(), 1);
+        q.push(RawBson::Int32(1), delta(&["a"], &[]), 2);
+        assert_eq!(q.rounds(), 2);
+        q.push(RawBson::Int32(1), DocWrite::Truncate(vec![("arr".into(), 1)]), 3);
+        assert_eq!(q.rounds(), 3);
+    }
+
+    #[test]
+    fn numeric_ids_of_different_types_share_a_queue() {
+        let mut q = Queues::default();
+        q.push(RawBson::Int32(1), upsert(1), 0);
+        q.push(RawBson::Int64(1), DocWrite::Delete, 1);
+        q.push(RawBson::Double(1.0), upsert(3), 2);
+        q.push(RawBson::String("1".into()), upsert(3), 3);
+        assert_eq!(q.order.len(), 2);
+    }
+
+    #[test]
+    fn overlap_is_by_path_component() {
+        assert!(paths_overlap("a", "a.b"));
+        assert!(paths_overlap("a.b", "a"));
+        assert!(paths_overlap("a.b", "a.b"));
+        assert!(!paths_overlap("a.b", "a.bc"));
+        assert!(!paths_overlap("ab", "a"));
+    }
+
+    #[test]
+    fn delta_writes_split_truncation_first() {
+        let ud = rawdoc! {"updatedFields": {"a": 1}, "removedFields": ["b"], "truncatedArrays": [{"field": "arr", "newSize": 2}]};
+        let w = delta_writes(&ud).unwrap();
+        assert!(matches!(&w[0], DocWrite::Truncate(t) if t == &vec![("arr".to_string(), 2)]));
+        assert!(matches!(&w[1], DocWrite::Delta { set, unset } if set.len() == 1 && unset == &vec!["b".to_string()]));
+        let ud = rawdoc! {"updatedFields": {"a.b": 1}, "removedFields": [], "disambiguatedPaths": {"a.b": ["a.b"]}};
+        assert!(matches!(delta_writes(&ud).unwrap()[0], DocWrite::Refetch));
+    }
+}

@@ -1,0 +1,320 @@
+//! What every part of the daemon knows about the pipeline's health, in one place: workers
+//! write their state here; the HTTP API, `/readyz`, systemd `STATUS=`, the lag sampler and
+//! the demo display read it.
+
+use std::{
+    collections::BTreeMap,
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    time::{Instant, SystemTime},
+};
+
+use bson::Timestamp;
+use parking_lot::RwLock;
+use serde_json::{json, Value};
+
+use crate::{event::ts_key, metrics::WorkerState};
+
+/// The last error a namespace hit (no document values, credentials redacted).
+#[derive(Debug, Clone)]
+pub struct LastError {
+    pub kind: String,
+    pub message: String,
+    pub at: SystemTime,
+}
+
+/// The last validation of a namespace.
+#[derive(Debug, Clone)]
+pub struct LastValidation {
+    pub result: String,
+    pub at: SystemTime,
+    pub ranges_checked: u64,
+    pub mismatched_documents: u64,
+    pub repaired: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct NamespaceStatus {
+    pub target: String,
+    pub state: WorkerState,
+    pub parked_reason: Option<String>,
+    pub applied_through: Option<Timestamp>,
+    pub lag_seconds: f64,
+    pub last_checkpoint: Option<SystemTime>,
+    pub last_error: Option<LastError>,
+    pub copied: u64,
+    pub copy_estimate: u64,
+    pub events_applied: u64,
+    pub restarts: u64,
+    pub last_validation: Option<LastValidation>,
+}
+
+impl NamespaceStatus {
+    fn new(target: String) -> Self {
+        NamespaceStatus {
+            target,
+            state: WorkerState::Stopped,
+            parked_reason: None,
+            applied_through: None,
+            lag_seconds: 0.0,
+            last_checkpoint: None,
+            last_error: None,
+            copied: 0,
+            copy_estimate: 0,
+            events_applied: 0,
+            restarts: 0,
+            last_validation: None,
+        }
+    }
+}
+
+/// Shared status of the whole pipeline.
+pub struct StatusRegistry {
+    started: Instant,
+    namespaces: RwLock<BTreeMap<String, NamespaceStatus>>,
+    source_cluster_time: AtomicU64,
+    /// Unix milliseconds of the last successful contact with the source.
+    source_contact_ms: AtomicU64,
+    source_connected: AtomicBool,
+    destination_connected: AtomicBool,
+    /// Hosts of the source and destination, credentials removed.
+    pub source_hosts: RwLock<String>,
+    pub destination_hosts: RwLock<String>,
+}
+
+impl Default for StatusRegistry {
+    fn default() -> Self {
+        Self {
+            started: Instant::now(),
+            namespaces: RwLock::new(BTreeMap::new()),
+            source_cluster_time: AtomicU64::new(0),
+            source_contact_ms: AtomicU64::new(0),
+            source_connected: AtomicBool::new(false),
+            destination_connected: AtomicBool::new(false),
+            source_hosts: RwLock::new(String::new()),
+            destination_hosts: RwLock::new(String::new()),
+        }
+    }
+}
+
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    let d = bson::DateTime::from_system_time(t);
+    d.try_to_rfc3339_string().unwrap_or_default()
+}
+
+fn ts_json(ts: Option<Timestamp>) -> Value {
+    match ts {
+        Some(t) => json!({"t": t.time, "i": t.increment}),
+        None => Value::Null,
+    }
+}
+
+impl StatusRegistry {
+    pub fn uptime_seconds(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    pub fn register(&self, ns: &str, target: &str) {
+        self.namespaces
+            .write()
+            .entry(ns.to_string())
+            .or_insert_with(|| NamespaceStatus::new(target.to_string()));
+    }
+
+    pub fn remove(&self, ns: &str) {
+        self.namespaces.write().remove(ns);
+    }
+
+    pub fn update(&self, ns: &str, f: impl FnOnce(&mut NamespaceStatus)) {
+        if let Some(s) = self.namespaces.write().get_mut(ns) {
+            f(s);
+        }
+    }
+
+    pub fn get(&self, ns: &str) -> Option<NamespaceStatus> {
+        self.namespaces.read().get(ns).cloned()
+    }
+
+    pub fn snapshot(&self) -> BTreeMap<String, NamespaceStatus> {
+        self.namespaces.read().clone()
+    }
+
+    pub fn namespaces(&self) -> Vec<String> {
+        self.namespaces.read().keys().cloned().collect()
+    }
+
+    pub fn set_source_cluster_time(&self, ts: Timestamp) {
+        let v = ((ts.time as u64) << 32) | ts.increment as u64;
+        self.source_cluster_time.fetch_max(v, Ordering::Relaxed);
+        self.source_contact_ms.store(unix_ms(SystemTime::now()), Ordering::Relaxed);
+    }
+
+    pub fn source_cluster_time(&self) -> Option<Timestamp> {
+        let v = self.source_cluster_time.load(Ordering::Relaxed);
+        (v != 0).then_some(Timestamp {
+            time: (v >> 32) as u32,
+            increment: v as u32,
+        })
+    }
+
+    /// Seconds since the source was last reached (0 if never).
+    pub fn seconds_since_source_contact(&self) -> f64 {
+        let last = self.source_contact_ms.load(Ordering::Relaxed);
+        if last == 0 {
+            return 0.0;
+        }
+        (unix_ms(SystemTime::now()).saturating_sub(last)) as f64 / 1000.0
+    }
+
+    pub fn set_source_connected(&self, v: bool) {
+        self.source_connected.store(v, Ordering::Relaxed);
+    }
+
+    pub fn set_destination_connected(&self, v: bool) {
+        self.destination_connected.store(v, Ordering::Relaxed);
+    }
+
+    pub fn source_connected(&self) -> bool {
+        self.source_connected.load(Ordering::Relaxed)
+    }
+
+    pub fn destination_connected(&self) -> bool {
+        self.destination_connected.load(Ordering::Relaxed)
+    }
+
+    /// DESIGN §2.9: `max(0, source_cluster_time − applied_through)` while the source is
+    /// reachable; while it has not been reached for 10 s, lag also grows with wall time.
+    pub fn compute_lag(&self, applied_through: Option<Timestamp>) -> f64 {
+        let (Some(src), Some(applied)) = (self.source_cluster_time(), applied_through) else {
+            return 0.0;
+        };
+        let mut lag = if ts_key(src) > ts_key(applied) {
+            (src.time as f64 - applied.time as f64).max(0.0)
+        } else {
+            0.0
+        };
+        let silent = self.seconds_since_source_contact();
+        if silent > 10.0 {
+            lag += silent;
+        }
+        lag
+    }
+
+    /// Reasons the pipeline is not ready (`/readyz`): any namespace not streaming, or lagging
+    /// more than `max_lag_seconds`.
+    pub fn not_ready_reasons(&self, max_lag_seconds: f64) -> Vec<String> {
+        let mut reasons = Vec::new();
+        if !self.source_connected() {
+            reasons.push("source unreachable".to_string());
+        }
+        if !self.destination_connected() {
+            reasons.push("destination unreachable".to_string());
+        }
+        for (ns, s) in self.namespaces.read().iter() {
+            match s.state {
+                WorkerState::Streaming if s.lag_seconds > max_lag_seconds => {
+                    reasons.push(format!("{ns}: lag {:.0}s exceeds {max_lag_seconds:.0}s", s.lag_seconds))
+                }
+                WorkerState::Streaming => {}
+                WorkerState::Parked => reasons.push(format!(
+                    "{ns}: parked ({})",
+                    s.parked_reason.as_deref().unwrap_or("unknown")
+                )),
+                other => reasons.push(format!("{ns}: {}", other.as_str())),
+            }
+        }
+        reasons
+    }
+
+    /// A one-line summary for systemd `STATUS=` and logs.
+    pub fn summary(&self) -> String {
+        let map = self.namespaces.read();
+        let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
+        let mut max_lag = 0.0f64;
+        for s in map.values() {
+            *counts.entry(s.state.as_str()).or_default() += 1;
+            max_lag = max_lag.max(s.lag_seconds);
+        }
+        let states: Vec<String> = counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
+        format!(
+            "{} namespaces ({}); max lag {:.0}s",
+            map.len(),
+            if states.is_empty() { "none".to_string() } else { states.join(", ") },
+            max_lag
+        )
+    }
+
+    /// `/api/v1/status` body.
+    pub fn to_json(&self, version: &str) -> Value {
+        let namespaces: serde_json::Map<String, Value> = self
+            .namespaces
+            .read()
+            .iter()
+            .map(|(ns, s)| {
+                (
+                    ns.clone(),
+                    json!({
+                        "target": s.target,
+                        "state": s.state.as_str(),
+                        "parked_reason": s.parked_reason,
+                        "lag_seconds": s.lag_seconds,
+                        "applied_through": ts_json(s.applied_through),
+                        "last_checkpoint": s.last_checkpoint.map(rfc3339),
+                        "last_error": s.last_error.as_ref().map(|e| json!({"kind": e.kind, "message": e.message, "at": rfc3339(e.at)})),
+                        "copy": {"copied": s.copied, "estimated": s.copy_estimate},
+                        "events_applied": s.events_applied,
+                        "restarts": s.restarts,
+                        "last_validation": s.last_validation.as_ref().map(|v| json!({
+                            "result": v.result, "at": rfc3339(v.at), "ranges_checked": v.ranges_checked,
+                            "mismatched_documents": v.mismatched_documents, "repaired": v.repaired,
+                        })),
+                    }),
+                )
+            })
+            .collect();
+        json!({
+            "version": version,
+            "uptime_seconds": self.uptime_seconds(),
+            "source": {"connected": self.source_connected(), "hosts": *self.source_hosts.read(), "cluster_time": ts_json(self.source_cluster_time())},
+            "destination": {"connected": self.destination_connected(), "hosts": *self.destination_hosts.read()},
+            "summary": self.summary(),
+            "namespaces": namespaces,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lag_is_zero_when_caught_up_and_positive_behind() {
+        let s = StatusRegistry::default();
+        s.set_source_cluster_time(Timestamp { time: 100, increment: 5 });
+        assert_eq!(s.compute_lag(Some(Timestamp { time: 100, increment: 5 })), 0.0);
+        assert_eq!(s.compute_lag(Some(Timestamp { time: 100, increment: 9 })), 0.0);
+        assert_eq!(s.compute_lag(Some(Timestamp { time: 90, increment: 1 })), 10.0);
+    }
+
+    #[test]
+    fn readiness_reports_each_namespace_that_is_not_streaming() {
+        let s = StatusRegistry::default();
+        s.set_source_connected(true);
+        s.set_destination_connected(true);
+        s.register("d.a", "d.a");
+        s.register("d.b", "d.b");
+        s.update("d.a", |n| n.state = WorkerState::Streaming);
+        s.update("d.b", |n| {
+            n.state = WorkerState::Parked;
+            n.parked_reason = Some("max_restarts".into());
+        });
+        let reasons = s.not_ready_reasons(30.0);
+        assert_eq!(reasons, vec!["d.b: parked (max_restarts)".to_string()]);
+        s.update("d.a", |n| n.lag_seconds = 45.0);
+        assert_eq!(s.not_ready_reasons(30.0).len(), 2);
+        assert!(s.summary().contains("1 parked"));
+    }
+}
