@@ -1,1 +1,4 @@
+//! mongo-syncd: keeps a destination MongoDB deployment continuously in sync with a source using
+//! change streams. The binary (`src/main.rs`) is a thin two-phase bootstrap around this library.
 
+pub mod config;
