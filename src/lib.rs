@@ -2,3 +2,5 @@
 //! change streams. The binary (`src/main.rs`) is a thin two-phase bootstrap around this library.
 
 pub mod config;
+pub mod error;
+pub mod exit;
