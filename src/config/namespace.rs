@@ -230,17 +230,15 @@ impl RenameMap {
                     );
                 }
                 (None, Some(_)) => {
-                    return Err((
-                        from.clone(),
-                        format!("a database maps to a database: {to:?} names a collection"),
-                    ))
+                    let why = format!("a database maps to a database: {to:?} names a collection");
+                    return Err((from.clone(), why));
                 }
-                (Some(_), None) => return Err((
-                    from.clone(),
-                    format!(
+                (Some(_), None) => {
+                    let why = format!(
                         "a collection maps to a collection (\"db.coll\"): {to:?} names a database"
-                    ),
-                )),
+                    );
+                    return Err((from.clone(), why));
+                }
             }
         }
         Ok(Self {
