@@ -126,8 +126,8 @@ pub const DEFAULT_MAX_RESTARTS: u32 = 10;
 /// long a fixed fault goes unnoticed.
 pub const DEFAULT_MAX_BACKOFF_SECONDS: u64 = 60;
 
-/// Loopback only: the API can trigger force-syncs, so exposing it is a deliberate choice. 9290 is
-/// unassigned in the Prometheus default-port registry neighbourhood (9100-9999) used by exporters.
+/// Loopback only: the API can trigger force-syncs, so exposing it is a deliberate choice. The
+/// port is the one DESIGN §3 fixes, in the 9100-9999 range Prometheus exporters customarily use.
 pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:9290";
 
 /// 30 s is well above normal batching lag yet short enough for a DR recovery-point objective.
