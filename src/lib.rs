@@ -1,1 +1,17 @@
+//! mongo-syncd: keeps a destination MongoDB deployment continuously in sync with a source using
+//! change streams. The binary (`src/main.rs`) is a thin two-phase bootstrap around this library.
+
+pub mod app;
+pub mod apply;
+pub mod checkpoint;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod event;
+pub mod exit;
+pub mod metadata;
 pub mod metrics;
+pub mod source;
+pub mod status;
+pub mod telemetry;
+pub mod worker;

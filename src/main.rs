@@ -1,1 +1,116 @@
-fn main() {}
+//! Two-phase start (STYLE convention 9): everything synchronous and fallible — command line,
+//! config load and validation, logging — happens before the tokio runtime exists, so a bad
+//! config is a one-line message and exit 78, never a half-started daemon.
+
+use std::{future::Future, io::Write, path::Path, process::ExitCode};
+
+use clap::Parser;
+use mongo_syncd::{
+    app,
+    cli::{Cli, Command},
+    config::{self, Config, LogConfig},
+    exit, telemetry,
+};
+
+fn main() -> ExitCode {
+    // Phase 1: synchronous bootstrap. clap prints usage errors and exits 2 by itself.
+    match Cli::parse().into_command() {
+        Command::CheckConfig(args) => check_config(&args.config),
+        Command::Run(args) => {
+            let config = match load_config(&args.config.config) {
+                Ok(config) => config,
+                Err(code) => return code,
+            };
+            let log = match init_logging(&config.log) {
+                Ok(log) => log,
+                Err(code) => return code,
+            };
+            tracing::info!(
+                version = env!("CARGO_PKG_VERSION"),
+                config = %args.config.config.display(),
+                "starting"
+            );
+            // Phase 2: the runtime.
+            block_on(app::run(config, args.options(Some(log))))
+        }
+        Command::Validate(args) => {
+            let config = match load_config(&args.config.config) {
+                Ok(config) => config,
+                Err(code) => return code,
+            };
+            if let Err(code) = init_logging(&config.log) {
+                return code;
+            }
+            block_on(app::validate(config, args.options()))
+        }
+        Command::Demo(args) => {
+            let log = match init_logging(&LogConfig::default()) {
+                Ok(log) => log,
+                Err(code) => return code,
+            };
+            block_on(app::demo(args.options(Some(log))))
+        }
+    }
+}
+
+/// Loads and validates the config; on failure prints one line to stderr and returns exit 78.
+fn load_config(path: &Path) -> Result<Config, ExitCode> {
+    config::load(path).map_err(|err| {
+        eprintln!("mongo-syncd: invalid configuration: {err}");
+        ExitCode::from(exit::INVALID_CONFIG)
+    })
+}
+
+fn init_logging(cfg: &LogConfig) -> Result<telemetry::LogReloadHandle, ExitCode> {
+    telemetry::init(cfg).map_err(|err| {
+        eprintln!("mongo-syncd: cannot set up logging: {err}");
+        ExitCode::from(exit::INVALID_CONFIG)
+    })
+}
+
+/// `check-config`: validate, then print the effective config with secrets redacted.
+fn check_config(path: &Path) -> ExitCode {
+    let config = match load_config(path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let text = match config.redacted().to_toml() {
+        Ok(text) => text,
+        Err(err) => {
+            eprintln!("mongo-syncd: cannot render the effective configuration: {err}");
+            return ExitCode::from(exit::RUNTIME_FAILURE);
+        }
+    };
+    let mut stdout = std::io::stdout().lock();
+    let written = writeln!(
+        stdout,
+        "# effective configuration of {} (secrets redacted)",
+        path.display()
+    )
+    .and_then(|()| stdout.write_all(text.as_bytes()))
+    .and_then(|()| stdout.flush());
+    match written {
+        Ok(()) => ExitCode::from(exit::OK),
+        Err(err) => {
+            eprintln!("mongo-syncd: cannot write to stdout: {err}");
+            ExitCode::from(exit::RUNTIME_FAILURE)
+        }
+    }
+}
+
+/// Builds the multi-thread runtime and runs one command future on it.
+fn block_on(command: impl Future<Output = ExitCode>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("mongo-syncd")
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot start the async runtime");
+            return ExitCode::from(exit::RUNTIME_FAILURE);
+        }
+    };
+    // Boxed: the daemon's future is large, and a boxed future keeps the main stack small.
+    runtime.block_on(Box::pin(command))
+}

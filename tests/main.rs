@@ -1,0 +1,4 @@
+//! The single integration-test binary (STYLE convention 15): one link step, shared helpers.
+
+mod config_cli;
+mod support;
