@@ -1,43 +1,367 @@
-//! Wiring of the daemon's commands. The bodies are placeholders: the integrator replaces them
-//! with the supervisor, validation and demo wiring at merge.
+//! Wiring: clients, metadata, supervisor, HTTP, signals, systemd notifications. Maps the
+//! outcome to an exit code (DESIGN §7).
 
-use std::process::ExitCode;
+use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+
+use mongodb::Client;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::{
+    checkpoint::CheckpointStore,
     cli::{DemoOptions, RunOptions, ValidateOptions},
-    config::Config,
+    config::{self, Config},
+    error::{policy, Backoff, ErrorKind, RetryDirective, SyncError},
     exit,
+    http::{self, HttpState},
+    metadata::{IdentityCheck, Metadata},
+    metrics::{Metrics, ReloadResult, Trigger},
+    notify,
+    signal::{self, Signal},
+    source::Source,
+    status::StatusRegistry,
+    supervisor::{Control, Pipeline, Supervisor},
+    telemetry::LogReloadHandle,
 };
 
+/// How the daemon is embedded: by `run` (signals, config file) or by the demo.
+pub struct DaemonOptions {
+    /// Re-read on SIGHUP; `None` disables reloads.
+    pub config_path: Option<PathBuf>,
+    pub reset_identity: bool,
+    pub log_reload: Option<LogReloadHandle>,
+    /// Listen for Unix signals (the demo handles Ctrl-C itself).
+    pub handle_signals: bool,
+    /// Cancelled to stop the daemon gracefully.
+    pub shutdown: CancellationToken,
+    /// Receives the pipeline's shared state once the daemon is connected and running.
+    pub on_ready: Option<tokio::sync::oneshot::Sender<RunningDaemon>>,
+}
+
+/// Handles to a running daemon (for the demo and tests).
+#[derive(Clone)]
+pub struct RunningDaemon {
+    pub metrics: Metrics,
+    pub status: Arc<StatusRegistry>,
+    pub control: mpsc::Sender<Control>,
+    pub http_addr: std::net::SocketAddr,
+}
+
 /// `mongo-syncd run`: the daemon.
-#[allow(
-    clippy::unused_async,
-    reason = "placeholder; the real body awaits the supervisor"
-)]
 pub async fn run(config: Config, options: RunOptions) -> ExitCode {
-    let _ = (config, options);
-    tracing::error!(command = "run", "not wired yet");
-    ExitCode::from(exit::RUNTIME_FAILURE)
+    let code = run_daemon(
+        config,
+        DaemonOptions {
+            config_path: Some(options.config_path),
+            reset_identity: options.reset_identity,
+            log_reload: options.log_reload,
+            handle_signals: true,
+            shutdown: CancellationToken::new(),
+            on_ready: None,
+        },
+    )
+    .await;
+    ExitCode::from(code)
 }
 
 /// `mongo-syncd validate`: one validation pass.
-#[allow(
-    clippy::unused_async,
-    reason = "placeholder; the real body awaits the validation pass"
-)]
+#[allow(clippy::unused_async, reason = "filled in by the validation module")]
 pub async fn validate(config: Config, options: ValidateOptions) -> ExitCode {
     let _ = (config, options);
     tracing::error!(command = "validate", "not wired yet");
-    ExitCode::from(exit::RUNTIME_FAILURE)
+    ExitCode::from(exit::validate::COULD_NOT_RUN)
 }
 
 /// `mongo-syncd demo`: two simulators, sample data, live writes, synced.
-#[allow(
-    clippy::unused_async,
-    reason = "placeholder; the real body awaits the demo"
-)]
+#[allow(clippy::unused_async, reason = "filled in by the demo module")]
 pub async fn demo(options: DemoOptions) -> ExitCode {
     let _ = options;
     tracing::error!(command = "demo", "not wired yet");
     ExitCode::from(exit::RUNTIME_FAILURE)
+}
+
+fn exit_code_for(err: &SyncError) -> u8 {
+    match policy(err) {
+        RetryDirective::Fatal { exit_code } => exit_code,
+        _ => exit::RUNTIME_FAILURE,
+    }
+}
+
+/// Waits until `probe` succeeds, retrying transient failures with backoff (a daemon does not
+/// exit because the network blinked). Fatal failures (authentication, configuration) return.
+async fn wait_for<T, F, Fut>(
+    what: &str,
+    hosts: &str,
+    shutdown: &CancellationToken,
+    mut probe: F,
+) -> Result<Option<T>, SyncError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, SyncError>>,
+{
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    let mut attempt = 0u32;
+    loop {
+        let result = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            r = probe() => r,
+        };
+        match result {
+            Ok(v) => {
+                if attempt > 0 {
+                    tracing::info!(cluster = what, hosts = %hosts, "connected");
+                }
+                return Ok(Some(v));
+            }
+            Err(e) => match policy(&e) {
+                RetryDirective::Fatal { .. } => return Err(e),
+                _ => {
+                    attempt += 1;
+                    tracing::warn!(cluster = what, hosts = %hosts, attempt, error = %e, "waiting for the {what} cluster to become reachable");
+                    if !backoff.sleep(shutdown).await {
+                        return Ok(None);
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// Runs the daemon until shutdown; returns the exit code.
+pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
+    let shutdown = options.shutdown.clone();
+    let metrics = Metrics::new(config.metrics.max_namespaces);
+    let status = Arc::new(StatusRegistry::default());
+    *status.source_hosts.write() = config.source.redacted_uri().unwrap_or_default();
+    *status.destination_hosts.write() = config.destination.redacted_uri().unwrap_or_default();
+    let (control_tx, control_rx) = mpsc::channel::<Control>(32);
+    let heartbeat = Arc::new(std::sync::atomic::AtomicU64::new(0));
+
+    if options.handle_signals {
+        match signal::listen() {
+            Ok(signals) => spawn_signal_forwarder(
+                signals,
+                shutdown.clone(),
+                control_tx.clone(),
+                options.config_path.clone(),
+                options.log_reload.clone(),
+                metrics.clone(),
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot install signal handlers");
+                return exit::RUNTIME_FAILURE;
+            }
+        }
+    }
+
+    // HTTP first: /healthz and /metrics answer while the clusters are still being reached.
+    let http_cancel = CancellationToken::new();
+    let http_state = HttpState::new(
+        metrics.clone(),
+        Arc::clone(&status),
+        control_tx.clone(),
+        config.http.token().map(|t| t.expose().to_string()),
+        Arc::clone(&heartbeat),
+        config.health.max_lag_seconds as f64,
+    );
+    let http_addr = match http::serve(config.http.listen, http_state, http_cancel.clone()).await {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(listen = %config.http.listen, error = %e, "cannot listen for http");
+            return exit::RUNTIME_FAILURE;
+        }
+    };
+    let _stop_http = http_cancel.drop_guard();
+
+    let (source_client, dest_client) = match build_clients(&config).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot configure the MongoDB clients");
+            return exit_code_for(&e);
+        }
+    };
+    let source = Source::new(source_client);
+    let source_hosts = status.source_hosts.read().clone();
+    let dest_hosts = status.destination_hosts.read().clone();
+    let identity = match wait_for("source", &source_hosts, &shutdown, || source.identity()).await {
+        Ok(Some(id)) => id,
+        Ok(None) => return exit::OK,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot use the source");
+            return exit_code_for(&e);
+        }
+    };
+    status.set_source_connected(true);
+    metrics.set_source_connected(true);
+    let dest_ping = || async {
+        dest_client
+            .database("admin")
+            .run_command(bson::doc! {"ping": 1})
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                SyncError::mongo(
+                    ErrorKind::DestinationConnection,
+                    "pinging the destination",
+                    e,
+                )
+            })
+    };
+    match wait_for("destination", &dest_hosts, &shutdown, dest_ping).await {
+        Ok(Some(())) => {}
+        Ok(None) => return exit::OK,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot use the destination");
+            return exit_code_for(&e);
+        }
+    }
+    status.set_destination_connected(true);
+    metrics.set_destination_connected(true);
+
+    let metadata_db = dest_client.database(&config.checkpoint.database);
+    let checkpoints = CheckpointStore::new(&metadata_db);
+    let metadata = Metadata::new(&metadata_db);
+    match metadata
+        .check_identity(&config.sync.id, &identity, options.reset_identity)
+        .await
+    {
+        Ok(IdentityCheck::Recorded) => {
+            tracing::info!(source = %identity.describe(), "source identity recorded")
+        }
+        Ok(IdentityCheck::Matches) => {}
+        Ok(IdentityCheck::Reset) => {
+            tracing::warn!(source = %identity.describe(), "source identity reset; discarding checkpoints and re-copying");
+            if let Err(e) = checkpoints.delete_all(&config.sync.id).await {
+                tracing::error!(error = %e, "cannot discard checkpoints");
+                return exit_code_for(&e);
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "refusing to start");
+            return exit_code_for(&e);
+        }
+    }
+
+    let pipeline = Pipeline {
+        source,
+        dest: dest_client,
+        checkpoints,
+        metadata,
+        metrics: metrics.clone(),
+        status: Arc::clone(&status),
+    };
+    let config = Arc::new(config);
+    let supervisor = Supervisor::new(Arc::clone(&config), pipeline);
+    let sup_heartbeat = Arc::clone(&supervisor.heartbeat);
+    // The supervisor's own heartbeat drives /healthz and the watchdog.
+    let beat_cancel = CancellationToken::new();
+    {
+        let (from, to, cancel) = (
+            Arc::clone(&sup_heartbeat),
+            Arc::clone(&heartbeat),
+            beat_cancel.clone(),
+        );
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tick.tick() => to.store(from.load(std::sync::atomic::Ordering::Relaxed), std::sync::atomic::Ordering::Relaxed),
+                }
+            }
+        });
+    }
+    let _stop_beat = beat_cancel.clone().drop_guard();
+    notify::spawn_watchdog(
+        Arc::clone(&heartbeat),
+        Arc::clone(&status),
+        beat_cancel.clone(),
+    );
+    notify::ready("connected; starting workers");
+    tracing::info!(http = %http_addr, sync_id = %config.sync.id, "running");
+    if let Some(tx) = options.on_ready {
+        let _ = tx.send(RunningDaemon {
+            metrics: metrics.clone(),
+            status: Arc::clone(&status),
+            control: control_tx.clone(),
+            http_addr,
+        });
+    }
+    let stopping = shutdown.clone();
+    tokio::spawn(async move {
+        stopping.cancelled().await;
+        notify::stopping();
+    });
+    let code = supervisor.run(control_rx, shutdown.clone()).await;
+    if code == exit::OK {
+        tracing::info!("stopped cleanly");
+    }
+    code
+}
+
+async fn build_clients(config: &Config) -> Result<(Client, Client), SyncError> {
+    let source_opts = config.source_client_options().await?;
+    let dest_opts = config.destination_client_options().await?;
+    let source = Client::with_options(source_opts)
+        .map_err(|e| SyncError::mongo(ErrorKind::Config, "building the source client", e))?;
+    let dest = Client::with_options(dest_opts)
+        .map_err(|e| SyncError::mongo(ErrorKind::Config, "building the destination client", e))?;
+    Ok((source, dest))
+}
+
+/// Turns signals into shutdown and control messages.
+fn spawn_signal_forwarder(
+    mut signals: mpsc::Receiver<Signal>,
+    shutdown: CancellationToken,
+    control: mpsc::Sender<Control>,
+    config_path: Option<PathBuf>,
+    log_reload: Option<LogReloadHandle>,
+    metrics: Metrics,
+) {
+    tokio::spawn(async move {
+        while let Some(sig) = signals.recv().await {
+            match sig {
+                Signal::Shutdown => {
+                    tracing::info!("shutdown requested; draining in-flight batches");
+                    shutdown.cancel();
+                }
+                Signal::ForceSync => {
+                    let _ = control
+                        .send(Control::ForceSync {
+                            namespaces: Vec::new(),
+                            trigger: Trigger::Signal,
+                        })
+                        .await;
+                }
+                Signal::Validate => {
+                    let _ = control
+                        .send(Control::Validate {
+                            namespaces: Vec::new(),
+                        })
+                        .await;
+                }
+                Signal::Reload => {
+                    let Some(path) = &config_path else { continue };
+                    notify::reloading();
+                    match config::load(path) {
+                        Ok(new) => {
+                            if let Some(handle) = &log_reload {
+                                if let Err(e) = handle.set_level(&new.log.level) {
+                                    tracing::warn!(error = %e, "cannot change the log level");
+                                }
+                            }
+                            metrics.config_reload(ReloadResult::Success);
+                            let _ = control.send(Control::Reload(Box::new(new))).await;
+                            tracing::info!(config = %path.display(), "configuration reload accepted");
+                        }
+                        Err(e) => {
+                            metrics.config_reload(ReloadResult::Failure);
+                            tracing::error!(config = %path.display(), error = %e, "new configuration rejected; keeping the running one");
+                        }
+                    }
+                    notify::ready("configuration reloaded");
+                }
+            }
+        }
+    });
 }

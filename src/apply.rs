@@ -10,7 +10,10 @@
 
 use std::{collections::HashMap, time::Instant};
 
-use bson::{doc, rawdoc, Bson, Document, RawArrayBuf, RawBson, RawBsonRef, RawDocument, RawDocumentBuf, Timestamp};
+use bson::{
+    doc, rawdoc, Bson, Document, RawArrayBuf, RawBson, RawBsonRef, RawDocument, RawDocumentBuf,
+    Timestamp,
+};
 use futures::TryStreamExt;
 use mongodb::Database;
 
@@ -49,7 +52,10 @@ pub struct ApplyStats {
 
 impl ApplyStats {
     fn count(&mut self, op: ApplyOp) {
-        let i = ApplyOp::ALL.iter().position(|o| *o == op).expect("known op");
+        let i = ApplyOp::ALL
+            .iter()
+            .position(|o| *o == op)
+            .expect("known op");
         self.applied[i] += 1;
     }
 }
@@ -63,7 +69,10 @@ enum DocWrite {
     /// `$push: {f: {$each: [], $slice: n}}` for each truncated array.
     Truncate(Vec<(String, i32)>),
     /// `$set`/`$unset` of a delta.
-    Delta { set: Vec<(String, RawBson)>, unset: Vec<String> },
+    Delta {
+        set: Vec<(String, RawBson)>,
+        unset: Vec<String>,
+    },
     /// Replace with the source's current document (or delete if it is gone).
     Refetch,
 }
@@ -97,8 +106,15 @@ fn id_key(id: &RawBson) -> Vec<u8> {
         return k;
     }
     let mut d = RawDocumentBuf::new();
-    d.append("_id", id.clone());
+    d.append(bson::cstr!("_id"), id.clone());
     d.into_bytes()
+}
+
+/// A document key from a field path (field names cannot contain NUL).
+fn cstr_key(s: &str) -> Result<&bson::raw::CStr, SyncError> {
+    <&bson::raw::CStr>::try_from(s).map_err(|e| {
+        SyncError::with_source(ErrorKind::SourceRead, "a field name contains a NUL byte", e)
+    })
 }
 
 fn paths_overlap(a: &str, b: &str) -> bool {
@@ -123,14 +139,26 @@ impl Queues {
             }
             DocWrite::Delta { set, unset } => {
                 if let Some(Pending {
-                    write: DocWrite::Delta { set: prev_set, unset: prev_unset },
+                    write:
+                        DocWrite::Delta {
+                            set: prev_set,
+                            unset: prev_unset,
+                        },
                     event: prev_event,
                 }) = queue.last_mut()
                 {
-                    let new_paths = set.iter().map(|(p, _)| p.as_str()).chain(unset.iter().map(String::as_str));
-                    let old_paths: Vec<&str> =
-                        prev_set.iter().map(|(p, _)| p.as_str()).chain(prev_unset.iter().map(String::as_str)).collect();
-                    let overlap = new_paths.clone().any(|n| old_paths.iter().any(|o| paths_overlap(n, o)));
+                    let new_paths = set
+                        .iter()
+                        .map(|(p, _)| p.as_str())
+                        .chain(unset.iter().map(String::as_str));
+                    let old_paths: Vec<&str> = prev_set
+                        .iter()
+                        .map(|(p, _)| p.as_str())
+                        .chain(prev_unset.iter().map(String::as_str))
+                        .collect();
+                    let overlap = new_paths
+                        .clone()
+                        .any(|n| old_paths.iter().any(|o| paths_overlap(n, o)));
                     if !overlap {
                         prev_set.extend(set.iter().cloned());
                         prev_unset.extend(unset.iter().cloned());
@@ -145,13 +173,22 @@ impl Queues {
     }
 
     fn rounds(&self) -> usize {
-        self.by_key.values().map(|(_, q)| q.len()).max().unwrap_or(0)
+        self.by_key
+            .values()
+            .map(|(_, q)| q.len())
+            .max()
+            .unwrap_or(0)
     }
 }
 
 /// The writes an update event's `updateDescription` asks for.
 fn delta_writes(ud: &RawDocument) -> Result<Vec<DocWrite>, SyncError> {
-    let malformed = |what: &str| SyncError::new(ErrorKind::SourceRead, format!("malformed updateDescription: {what}"));
+    let malformed = |what: &str| {
+        SyncError::new(
+            ErrorKind::SourceRead,
+            format!("malformed updateDescription: {what}"),
+        )
+    };
     if let Ok(paths) = ud.get_document("disambiguatedPaths") {
         if !paths.is_empty() {
             // Field names with dots or made of digits cannot be addressed by `$set` paths:
@@ -160,12 +197,18 @@ fn delta_writes(ud: &RawDocument) -> Result<Vec<DocWrite>, SyncError> {
         }
     }
     let mut set = Vec::new();
-    for item in ud.get_document("updatedFields").map_err(|_| malformed("updatedFields"))? {
+    for item in ud
+        .get_document("updatedFields")
+        .map_err(|_| malformed("updatedFields"))?
+    {
         let (k, v) = item.map_err(|_| malformed("updatedFields entry"))?;
-        set.push((k.to_string(), v.to_raw_bson()));
+        set.push((k.to_string(), RawBson::from(v)));
     }
     let mut unset = Vec::new();
-    for item in ud.get_array("removedFields").map_err(|_| malformed("removedFields"))? {
+    for item in ud
+        .get_array("removedFields")
+        .map_err(|_| malformed("removedFields"))?
+    {
         match item.map_err(|_| malformed("removedFields entry"))? {
             RawBsonRef::String(s) => unset.push(s.to_string()),
             _ => return Err(malformed("removedFields entry is not a string")),
@@ -178,8 +221,12 @@ fn delta_writes(ud: &RawDocument) -> Result<Vec<DocWrite>, SyncError> {
                 RawBsonRef::Document(d) => d,
                 _ => return Err(malformed("truncatedArrays entry")),
             };
-            let field = d.get_str("field").map_err(|_| malformed("truncatedArrays.field"))?;
-            let size = d.get_i32("newSize").map_err(|_| malformed("truncatedArrays.newSize"))?;
+            let field = d
+                .get_str("field")
+                .map_err(|_| malformed("truncatedArrays.field"))?;
+            let size = d
+                .get_i32("newSize")
+                .map_err(|_| malformed("truncatedArrays.newSize"))?;
             truncate.push((field.to_string(), size));
         }
     }
@@ -258,22 +305,31 @@ impl Applier {
     /// Applies the data events of a batch (DDL is handled by the worker). Events at or before
     /// `replay_until` are replays of what the copy wrote: shape and duplicate-key errors there
     /// are expected and counted as `replay_skipped`.
-    pub async fn apply_events(&self, events: &[ChangeEvent], replay_until: Option<Timestamp>) -> Result<ApplyStats, SyncError> {
+    pub async fn apply_events(
+        &self,
+        events: &[ChangeEvent],
+        replay_until: Option<Timestamp>,
+    ) -> Result<ApplyStats, SyncError> {
         let mut stats = ApplyStats::default();
         let mut queues = Queues::default();
         for (i, ev) in events.iter().enumerate() {
-            let Some(id) = ev.raw.get_document("documentKey").ok().and_then(|k| k.get("_id").ok().flatten()) else {
+            let Some(id) = ev
+                .raw
+                .get_document("documentKey")
+                .ok()
+                .and_then(|k| k.get("_id").ok().flatten())
+            else {
                 continue;
             };
-            let id = id.to_raw_bson();
+            let id = RawBson::from(id);
             let writes = match ev.kind {
                 OpKind::Insert | OpKind::Replace => match ev.full_document() {
-                    Some(d) => vec![DocWrite::Upsert(d.to_raw_document_buf())],
+                    Some(d) => vec![DocWrite::Upsert(d.to_owned())],
                     None => vec![DocWrite::Refetch],
                 },
                 OpKind::Delete => vec![DocWrite::Delete],
                 OpKind::Update => match (ev.full_document(), self.update_mode) {
-                    (Some(d), _) => vec![DocWrite::Upsert(d.to_raw_document_buf())],
+                    (Some(d), _) => vec![DocWrite::Upsert(d.to_owned())],
                     // updateLookup found nothing: the document is gone; its delete follows.
                     (None, UpdateMode::Lookup) if ev.full_document_is_null() => Vec::new(),
                     _ => match ev.update_description() {
@@ -315,12 +371,17 @@ impl Applier {
                 if statements.is_empty() {
                     break;
                 }
-                statements = self.run_round(statements, events, &in_replay, &mut stats).await?;
+                statements = self
+                    .run_round(statements, events, &in_replay, &mut stats)
+                    .await?;
             }
             if !statements.is_empty() {
                 return Err(SyncError::new(
                     ErrorKind::InvariantViolated,
-                    format!("writes to {} could not be settled after repeated repairs", self.target),
+                    format!(
+                        "writes to {} could not be settled after repeated repairs",
+                        self.target
+                    ),
                 ));
             }
         }
@@ -332,7 +393,7 @@ impl Applier {
         &self,
         statements: Vec<Statement>,
         events: &[ChangeEvent],
-        in_replay: &dyn Fn(usize) -> bool,
+        in_replay: &(dyn Fn(usize) -> bool + Sync),
         stats: &mut ApplyStats,
     ) -> Result<Vec<Statement>, SyncError> {
         // Resolve refetches first: they become upserts or deletes.
@@ -343,9 +404,13 @@ impl Applier {
             .collect();
         let mut current: HashMap<Vec<u8>, RawDocumentBuf> = HashMap::new();
         if !refetch_ids.is_empty() {
-            for doc in self.source.fetch_documents(&self.source_ns, &refetch_ids).await? {
+            for doc in self
+                .source
+                .fetch_documents(&self.source_ns, &refetch_ids)
+                .await?
+            {
                 if let Ok(Some(id)) = doc.get("_id") {
-                    current.insert(id_key(&id.to_raw_bson()), doc);
+                    current.insert(id_key(&RawBson::from(id)), doc);
                 }
             }
             stats.repaired += refetch_ids.len() as u64;
@@ -385,8 +450,11 @@ impl Applier {
             if code == 11000 && in_replay(s.event) {
                 stats.replay_skipped += 1;
             } else if REJECTED_DOCUMENT_CODES.contains(&code) || code == 11000 {
-                let DocWrite::Upsert(doc) = &s.write else { unreachable!("upserts hold upserts") };
-                self.dead_letter(&s.id, &events[s.event], Some(doc), code, &msg).await?;
+                let DocWrite::Upsert(doc) = &s.write else {
+                    unreachable!("upserts hold upserts")
+                };
+                self.dead_letter(&s.id, &events[s.event], Some(doc), code, &msg)
+                    .await?;
                 stats.dead_letters += 1;
             } else {
                 return Err(SyncError::new(
@@ -410,7 +478,8 @@ impl Applier {
                     event: s.event,
                 });
             } else if REJECTED_DOCUMENT_CODES.contains(code) || *code == 11000 {
-                self.dead_letter(&s.id, &events[s.event], None, *code, msg).await?;
+                self.dead_letter(&s.id, &events[s.event], None, *code, msg)
+                    .await?;
                 stats.dead_letters += 1;
             } else {
                 return Err(SyncError::new(
@@ -480,15 +549,18 @@ impl Applier {
     }
 
     /// Keys of the given `_id`s that exist on the destination.
-    async fn existing_ids(&self, ids: &[RawBson]) -> Result<std::collections::HashSet<Vec<u8>>, SyncError> {
+    async fn existing_ids(
+        &self,
+        ids: &[RawBson],
+    ) -> Result<std::collections::HashSet<Vec<u8>>, SyncError> {
         let mut arr = RawArrayBuf::new();
         for id in ids {
             arr.push(id.clone());
         }
         let filter = rawdoc! {"_id": {"$in": arr}};
-        let filter: Document = filter
-            .try_into()
-            .map_err(|e| SyncError::with_source(ErrorKind::InvariantViolated, "building a lookup filter", e))?;
+        let filter: Document = filter.try_into().map_err(|e| {
+            SyncError::with_source(ErrorKind::InvariantViolated, "building a lookup filter", e)
+        })?;
         let found: Vec<RawDocumentBuf> = self
             .destination_collection()
             .find(filter)
@@ -500,25 +572,33 @@ impl Applier {
             .map_err(|e| write_error("checking destination documents", e))?;
         Ok(found
             .iter()
-            .filter_map(|d| d.get("_id").ok().flatten().map(|id| id_key(&id.to_raw_bson())))
+            .filter_map(|d| {
+                d.get("_id")
+                    .ok()
+                    .flatten()
+                    .map(|id| id_key(&RawBson::from(id)))
+            })
             .collect())
     }
 
     async fn run_upserts(&self, statements: &[Statement]) -> Result<BulkReply, SyncError> {
         let built = statements.iter().map(|s| {
-            let DocWrite::Upsert(doc) = &s.write else { unreachable!("upserts hold upserts") };
+            let DocWrite::Upsert(doc) = &s.write else {
+                unreachable!("upserts hold upserts")
+            };
             rawdoc! {"q": {"_id": s.id.clone()}, "u": doc.clone(), "upsert": true}
         });
         self.bulk("update", "updates", built.collect()).await
     }
 
     async fn run_deltas(&self, statements: &[Statement]) -> Result<BulkReply, SyncError> {
-        let built = statements.iter().map(|s| {
+        let mut built = Vec::with_capacity(statements.len());
+        for s in statements {
             let u = match &s.write {
                 DocWrite::Truncate(fields) => {
                     let mut push = RawDocumentBuf::new();
                     for (f, n) in fields {
-                        push.append(f.as_str(), rawdoc! {"$each": [], "$slice": *n});
+                        push.append(cstr_key(f)?, rawdoc! {"$each": [], "$slice": *n});
                     }
                     rawdoc! {"$push": push}
                 }
@@ -527,28 +607,30 @@ impl Applier {
                     if !set.is_empty() {
                         let mut d = RawDocumentBuf::new();
                         for (k, v) in set {
-                            d.append(k.as_str(), v.clone());
+                            d.append(cstr_key(k)?, v.clone());
                         }
-                        u.append("$set", d);
+                        u.append(bson::cstr!("$set"), d);
                     }
                     if !unset.is_empty() {
                         let mut d = RawDocumentBuf::new();
                         for k in unset {
-                            d.append(k.as_str(), "");
+                            d.append(cstr_key(k)?, "");
                         }
-                        u.append("$unset", d);
+                        u.append(bson::cstr!("$unset"), d);
                     }
                     u
                 }
                 _ => unreachable!("deltas hold deltas"),
             };
-            rawdoc! {"q": {"_id": s.id.clone()}, "u": u}
-        });
-        self.bulk("update", "updates", built.collect()).await
+            built.push(rawdoc! {"q": {"_id": s.id.clone()}, "u": u});
+        }
+        self.bulk("update", "updates", built).await
     }
 
     async fn run_deletes(&self, statements: &[Statement]) -> Result<BulkReply, SyncError> {
-        let built = statements.iter().map(|s| rawdoc! {"q": {"_id": s.id.clone()}, "limit": 1});
+        let built = statements
+            .iter()
+            .map(|s| rawdoc! {"q": {"_id": s.id.clone()}, "limit": 1});
         self.bulk("delete", "deletes", built.collect()).await
     }
 
@@ -561,7 +643,7 @@ impl Applier {
                 .get("_id")
                 .ok()
                 .flatten()
-                .map(|v| v.to_raw_bson())
+                .map(|v| RawBson::from(v))
                 .ok_or_else(|| SyncError::new(ErrorKind::SourceRead, "document without _id"))?;
             statements.push(rawdoc! {"q": {"_id": id}, "u": d.clone(), "upsert": true});
         }
@@ -569,18 +651,35 @@ impl Applier {
         let mut dead = 0;
         for (idx, code, msg) in reply.errors {
             if REJECTED_DOCUMENT_CODES.contains(&code) || code == 11000 {
-                let id = docs[idx].get("_id").ok().flatten().map(|v| v.to_raw_bson()).unwrap_or(RawBson::Null);
+                let id = docs[idx]
+                    .get("_id")
+                    .ok()
+                    .flatten()
+                    .map(|v| RawBson::from(v))
+                    .unwrap_or(RawBson::Null);
                 let id = Bson::try_from(id).unwrap_or(Bson::Null);
                 tracing::warn!(namespace = %self.label, code, "destination rejected a copied document; recorded as a dead letter");
                 self.metrics.dead_letter(&self.label);
                 self.metadata
-                    .dead_letter(&self.sync_id, &self.label, &id, "copy", Some(docs[idx].as_ref()), code, &msg, None)
+                    .dead_letter(
+                        &self.sync_id,
+                        &self.label,
+                        &id,
+                        "copy",
+                        Some(docs[idx].as_ref()),
+                        code,
+                        &msg,
+                        None,
+                    )
                     .await?;
                 dead += 1;
             } else {
                 return Err(SyncError::new(
                     ErrorKind::DestinationWrite,
-                    format!("copying into {} failed with code {code}: {msg}", self.target),
+                    format!(
+                        "copying into {} failed with code {code}: {msg}",
+                        self.target
+                    ),
                 ));
             }
         }
@@ -591,8 +690,9 @@ impl Applier {
     pub async fn delete_ids(&self, ids: &[Bson]) -> Result<u64, SyncError> {
         let mut statements = Vec::with_capacity(ids.len());
         for id in ids {
-            let id = RawBson::try_from(id.clone())
-                .map_err(|e| SyncError::with_source(ErrorKind::InvariantViolated, "encoding _id", e))?;
+            let id = RawBson::try_from(id.clone()).map_err(|e| {
+                SyncError::with_source(ErrorKind::InvariantViolated, "encoding _id", e)
+            })?;
             statements.push(rawdoc! {"q": {"_id": id}, "limit": 1});
         }
         let reply = self.bulk("delete", "deletes", statements).await?;
@@ -607,8 +707,16 @@ impl Applier {
 
     /// Runs `statements` as unordered bulk commands (split by count and size), majority
     /// journaled. Write errors are returned with statement indexes; anything else is an error.
-    async fn bulk(&self, command: &str, field: &str, statements: Vec<RawDocumentBuf>) -> Result<BulkReply, SyncError> {
-        let mut out = BulkReply { n: 0, errors: Vec::new() };
+    async fn bulk(
+        &self,
+        command: &str,
+        field: &str,
+        statements: Vec<RawDocumentBuf>,
+    ) -> Result<BulkReply, SyncError> {
+        let mut out = BulkReply {
+            n: 0,
+            errors: Vec::new(),
+        };
         let mut start = 0;
         while start < statements.len() {
             let mut end = start;
@@ -624,10 +732,13 @@ impl Applier {
                 end += 1;
             }
             let mut cmd = RawDocumentBuf::new();
-            cmd.append(command, self.target.coll.as_str());
-            cmd.append(field, arr);
-            cmd.append("ordered", false);
-            cmd.append("writeConcern", rawdoc! {"w": "majority", "j": true});
+            cmd.append(cstr_key(command)?, self.target.coll.as_str());
+            cmd.append(cstr_key(field)?, arr);
+            cmd.append(bson::cstr!("ordered"), false);
+            cmd.append(
+                bson::cstr!("writeConcern"),
+                rawdoc! {"w": "majority", "j": true},
+            );
             let started = Instant::now();
             let reply = self
                 .dest_db
@@ -676,7 +787,10 @@ mod tests {
 
     fn delta(set: &[&str], unset: &[&str]) -> DocWrite {
         DocWrite::Delta {
-            set: set.iter().map(|p| (p.to_string(), RawBson::Int32(1))).collect(),
+            set: set
+                .iter()
+                .map(|p| (p.to_string(), RawBson::Int32(1)))
+                .collect(),
             unset: unset.iter().map(|p| p.to_string()).collect(),
         }
     }
@@ -702,7 +816,11 @@ mod tests {
         assert_eq!(q.rounds(), 1);
         q.push(RawBson::Int32(1), delta(&["a"], &[]), 2);
         assert_eq!(q.rounds(), 2);
-        q.push(RawBson::Int32(1), DocWrite::Truncate(vec![("arr".into(), 1)]), 3);
+        q.push(
+            RawBson::Int32(1),
+            DocWrite::Truncate(vec![("arr".into(), 1)]),
+            3,
+        );
         assert_eq!(q.rounds(), 3);
     }
 
@@ -730,7 +848,9 @@ mod tests {
         let ud = rawdoc! {"updatedFields": {"a": 1}, "removedFields": ["b"], "truncatedArrays": [{"field": "arr", "newSize": 2}]};
         let w = delta_writes(&ud).unwrap();
         assert!(matches!(&w[0], DocWrite::Truncate(t) if t == &vec![("arr".to_string(), 2)]));
-        assert!(matches!(&w[1], DocWrite::Delta { set, unset } if set.len() == 1 && unset == &vec!["b".to_string()]));
+        assert!(
+            matches!(&w[1], DocWrite::Delta { set, unset } if set.len() == 1 && unset == &vec!["b".to_string()])
+        );
         let ud = rawdoc! {"updatedFields": {"a.b": 1}, "removedFields": [], "disambiguatedPaths": {"a.b": ["a.b"]}};
         assert!(matches!(delta_writes(&ud).unwrap()[0], DocWrite::Refetch));
     }

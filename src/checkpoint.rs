@@ -5,10 +5,7 @@
 //! idempotent apply means the destination converges across crashes at any point.
 
 use bson::{doc, Bson, DateTime, Document, Timestamp};
-use mongodb::{
-    options::{ReadConcern, WriteConcern},
-    Collection, Database,
-};
+use mongodb::{options::ReadConcern, Collection, Database};
 
 use crate::{
     error::{ErrorKind, SyncError},
@@ -128,7 +125,7 @@ impl Checkpoint {
         };
         let copy = d.get_document("copy").ok();
         Checkpoint {
-            phase: if d.get_str("phase") == Ok("streaming") {
+            phase: if d.get_str("phase").ok() == Some("streaming") {
                 Phase::Streaming
             } else {
                 Phase::Copying
@@ -168,7 +165,7 @@ impl CheckpointStore {
         let coll = metadata_db.collection_with_options(
             CHECKPOINTS_COLLECTION,
             mongodb::options::CollectionOptions::builder()
-                .write_concern(WriteConcern::majority().and_journal(true))
+                .write_concern(crate::config::daemon_write_concern())
                 .read_concern(ReadConcern::majority())
                 .build(),
         );
@@ -222,7 +219,12 @@ impl CheckpointStore {
             }
         }
         let replacement = cp.to_document(key);
-        match self.coll.replace_one(filter, replacement).upsert(true).await {
+        match self
+            .coll
+            .replace_one(filter, replacement)
+            .upsert(true)
+            .await
+        {
             Ok(_) => Ok(()),
             Err(e) if is_duplicate_key(&e) => Err(SyncError::new(
                 ErrorKind::InvariantViolated,
@@ -253,7 +255,10 @@ impl CheckpointStore {
 
     /// Deletes checkpoints of `ns` that belong to other incarnations of the collection.
     pub async fn delete_stale(&self, key: &CheckpointKey) -> Result<u64, SyncError> {
-        let uuid = key.uuid.map(|u| Bson::Binary(bson::Binary::from_uuid(u))).unwrap_or(Bson::Null);
+        let uuid = key
+            .uuid
+            .map(|u| Bson::Binary(bson::Binary::from_uuid(u)))
+            .unwrap_or(Bson::Null);
         let r = self
             .coll
             .delete_many(doc! {"_id.sync_id": key.sync_id.clone(), "_id.ns": key.ns.clone(), "_id.uuid": {"$ne": uuid}})
@@ -302,14 +307,20 @@ mod tests {
         let cp = Checkpoint {
             phase: Phase::Streaming,
             resume_token: Some(doc! {"_data": "82AB"}),
-            applied_through: Some(Timestamp { time: 5, increment: 1 }),
+            applied_through: Some(Timestamp {
+                time: 5,
+                increment: 1,
+            }),
             start_token: Some(doc! {"_data": "8201"}),
             copy: CopyProgress {
                 last_range: Some(Bson::Int32(10)),
                 copied: 10,
                 done: true,
             },
-            replay_until: Some(Timestamp { time: 4, increment: 9 }),
+            replay_until: Some(Timestamp {
+                time: 4,
+                increment: 9,
+            }),
             unique_indexes_pending: true,
             ttl_indexes: doc! {"ttl_1": 60},
             history_lost_recopies: 1,
@@ -320,6 +331,9 @@ mod tests {
         assert!(back.updated_at.is_some());
         back.updated_at = None;
         assert_eq!(back, cp);
-        assert_eq!(CheckpointKey::from_id(d.get_document("_id").unwrap()).unwrap(), key);
+        assert_eq!(
+            CheckpointKey::from_id(d.get_document("_id").unwrap()).unwrap(),
+            key
+        );
     }
 }

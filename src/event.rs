@@ -3,9 +3,7 @@
 //! Documents travel as raw BSON end to end (never re-encoded through structs or JSON), so
 //! numeric types and field order reach the destination exactly as the source stored them.
 
-use bson::{
-    raw::RawDocument, Bson, DateTime, RawBsonRef, RawDocumentBuf, Timestamp,
-};
+use bson::{raw::RawDocument, Bson, DateTime, RawBson, RawBsonRef, RawDocumentBuf, Timestamp};
 
 use crate::error::{ErrorKind, SyncError};
 
@@ -49,7 +47,10 @@ impl OpKind {
 
     /// Data events change documents; everything else is DDL or control.
     pub fn is_data(&self) -> bool {
-        matches!(self, OpKind::Insert | OpKind::Update | OpKind::Replace | OpKind::Delete)
+        matches!(
+            self,
+            OpKind::Insert | OpKind::Update | OpKind::Replace | OpKind::Delete
+        )
     }
 
     /// The `op` label of `events_applied_total`.
@@ -77,13 +78,16 @@ pub struct ChangeEvent {
 }
 
 fn field_error(what: &str) -> SyncError {
-    SyncError::new(ErrorKind::SourceRead, format!("malformed change event: {what}"))
+    SyncError::new(
+        ErrorKind::SourceRead,
+        format!("malformed change event: {what}"),
+    )
 }
 
 impl ChangeEvent {
     pub fn parse(raw: RawDocumentBuf) -> Result<ChangeEvent, SyncError> {
         let token = match raw.get("_id") {
-            Ok(Some(RawBsonRef::Document(d))) => d.to_raw_document_buf(),
+            Ok(Some(RawBsonRef::Document(d))) => d.to_owned(),
             _ => return Err(field_error("missing _id (resume token)")),
         };
         let kind = match raw.get_str("operationType") {
@@ -158,7 +162,10 @@ impl ChangeEvent {
     /// `to` of a rename.
     pub fn rename_target(&self) -> Option<(String, String)> {
         let to = self.raw.get_document("to").ok()?;
-        Some((to.get_str("db").ok()?.to_string(), to.get_str("coll").ok()?.to_string()))
+        Some((
+            to.get_str("db").ok()?.to_string(),
+            to.get_str("coll").ok()?.to_string(),
+        ))
     }
 
     /// `lsid`/`txnNumber` of a transactional write.
@@ -199,18 +206,18 @@ impl FragmentAssembler {
         // lands only after the whole event.
         let parts = std::mem::take(&mut self.parts);
         let last_token = match parts.last().and_then(|p| p.get_document("_id").ok()) {
-            Some(t) => t.to_raw_document_buf(),
+            Some(t) => t.to_owned(),
             None => return Err(field_error("fragment without _id")),
         };
         let mut merged = RawDocumentBuf::new();
-        merged.append("_id", last_token);
+        merged.append(bson::cstr!("_id"), last_token);
         for part in &parts {
             for item in part.iter() {
                 let (k, v) = item.map_err(|_| field_error("unreadable fragment"))?;
                 if k == "_id" || k == "splitEvent" || merged.get(k).ok().flatten().is_some() {
                     continue;
                 }
-                merged.append(k, v.to_raw_bson());
+                merged.append(k, RawBson::from(v));
             }
         }
         ChangeEvent::parse(merged).map(Some)
@@ -257,7 +264,7 @@ mod tests {
         let mut d = rawdoc! {"_id": {"_data": "8200000064000000020000000000000001000000000000000380000"}, "operationType": op, "clusterTime": Timestamp { time: 100, increment: 2 }};
         for item in extra.iter() {
             let (k, v) = item.unwrap();
-            d.append(k, v.to_raw_bson());
+            d.append(k, RawBson::from(v));
         }
         d
     }
@@ -290,7 +297,10 @@ mod tests {
         let f2 = rawdoc! {"_id": {"_data": "8200000064000000020002"}, "fullDocumentBeforeChange": {"_id": 1}, "splitEvent": {"fragment": 2, "of": 2}};
         assert!(a.push(f1).unwrap().is_none());
         let whole = a.push(f2).unwrap().unwrap();
-        assert_eq!(whole.token.get_str("_data").unwrap(), "8200000064000000020002");
+        assert_eq!(
+            whole.token.get_str("_data").unwrap(),
+            "8200000064000000020002"
+        );
         assert!(whole.pre_image().is_some());
         assert_eq!(whole.kind, OpKind::Update);
         assert!(a.is_empty());

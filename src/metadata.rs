@@ -2,7 +2,7 @@
 //! the source identity and dead letters.
 
 use bson::{doc, Bson, DateTime, Document, RawDocument, Timestamp};
-use mongodb::{options::WriteConcern, Collection, Database};
+use mongodb::{Collection, Database};
 use sha2::{Digest, Sha256};
 
 use crate::error::{ErrorKind, SyncError};
@@ -36,7 +36,11 @@ impl SourceIdentity {
             set_name: d.get_str("set_name").ok().map(str::to_string),
             hosts: d
                 .get_array("hosts")
-                .map(|a| a.iter().filter_map(|h| h.as_str().map(str::to_string)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|h| h.as_str().map(str::to_string))
+                        .collect()
+                })
                 .unwrap_or_default(),
         }
     }
@@ -84,7 +88,7 @@ fn meta_error(context: &str, err: mongodb::error::Error) -> SyncError {
 impl Metadata {
     pub fn new(db: &Database) -> Metadata {
         let opts = mongodb::options::CollectionOptions::builder()
-            .write_concern(WriteConcern::majority().and_journal(true))
+            .write_concern(crate::config::daemon_write_concern())
             .build();
         Metadata {
             identity: db.collection_with_options(IDENTITY_COLLECTION, opts.clone()),
@@ -110,9 +114,12 @@ impl Metadata {
             d.insert("recorded_at", DateTime::now());
             let coll = this.identity.clone();
             async move {
-                coll.replace_one(doc! {"_id": d.get_str("_id").unwrap_or_default()}, d.clone())
-                    .upsert(true)
-                    .await
+                coll.replace_one(
+                    doc! {"_id": d.get_str("_id").unwrap_or_default()},
+                    d.clone(),
+                )
+                .upsert(true)
+                .await
             }
         };
         match stored {
@@ -164,9 +171,13 @@ impl Metadata {
             if bytes.len() > DEAD_LETTER_MAX_DOCUMENT_BYTES {
                 d.insert("document_sha256", hex::encode(Sha256::digest(bytes)));
             } else {
-                let parsed: Document = raw
-                    .try_into()
-                    .map_err(|e| SyncError::with_source(ErrorKind::InvariantViolated, "decoding rejected document", e))?;
+                let parsed: Document = raw.try_into().map_err(|e| {
+                    SyncError::with_source(
+                        ErrorKind::InvariantViolated,
+                        "decoding rejected document",
+                        e,
+                    )
+                })?;
                 d.insert("document", parsed);
             }
         }

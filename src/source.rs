@@ -6,12 +6,11 @@ use std::time::Duration;
 use bson::{doc, Bson, Document, RawDocumentBuf, Timestamp};
 use futures::TryStreamExt;
 use mongodb::{
-    change_stream::{
-        event::ResumeToken,
-        options::{FullDocumentBeforeChangeType, FullDocumentType},
-        ChangeStream,
+    change_stream::{event::ResumeToken, ChangeStream},
+    options::{
+        ChangeStreamOptions, FullDocumentBeforeChangeType, FullDocumentType, Hint, ReadConcern,
+        SelectionCriteria,
     },
-    options::{ChangeStreamOptions, Hint, ReadConcern, SelectionCriteria},
     Client, Collection,
 };
 
@@ -83,15 +82,15 @@ impl Source {
     }
 
     fn raw_collection(&self, ns: &Namespace) -> Collection<RawDocumentBuf> {
-        self.client
-            .database(&ns.db)
-            .collection_with_options(
-                &ns.coll,
-                mongodb::options::CollectionOptions::builder()
-                    .read_concern(ReadConcern::majority())
-                    .selection_criteria(SelectionCriteria::ReadPreference(mongodb::options::ReadPreference::Primary))
-                    .build(),
-            )
+        self.client.database(&ns.db).collection_with_options(
+            &ns.coll,
+            mongodb::options::CollectionOptions::builder()
+                .read_concern(ReadConcern::majority())
+                .selection_criteria(SelectionCriteria::ReadPreference(
+                    mongodb::options::ReadPreference::Primary,
+                ))
+                .build(),
+        )
     }
 
     /// The source's cluster time (`operationTime` of a `ping`).
@@ -104,7 +103,11 @@ impl Source {
             .map_err(|e| SyncError::mongo(ErrorKind::SourceConnection, "pinging the source", e))?;
         match reply.get("operationTime") {
             Some(Bson::Timestamp(ts)) => Ok(*ts),
-            _ => match reply.get_document("$clusterTime").ok().and_then(|c| c.get_timestamp("clusterTime").ok()) {
+            _ => match reply
+                .get_document("$clusterTime")
+                .ok()
+                .and_then(|c| c.get_timestamp("clusterTime").ok())
+            {
                 Some(ts) => Ok(ts),
                 None => Err(SyncError::new(
                     ErrorKind::SourceRead,
@@ -117,10 +120,13 @@ impl Source {
     /// The replica set's identity (DESIGN §2.1).
     pub async fn identity(&self) -> Result<SourceIdentity, SyncError> {
         let admin = self.client.database("admin");
-        let hello = admin
-            .run_command(doc! {"hello": 1})
-            .await
-            .map_err(|e| SyncError::mongo(ErrorKind::SourceConnection, "reading the source topology", e))?;
+        let hello = admin.run_command(doc! {"hello": 1}).await.map_err(|e| {
+            SyncError::mongo(
+                ErrorKind::SourceConnection,
+                "reading the source topology",
+                e,
+            )
+        })?;
         let set_name = hello.get_str("setName").ok().map(str::to_string);
         if set_name.is_none() {
             return Err(SyncError::new(
@@ -130,7 +136,11 @@ impl Source {
         }
         let mut hosts: Vec<String> = hello
             .get_array("hosts")
-            .map(|a| a.iter().filter_map(|h| h.as_str().map(str::to_lowercase)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|h| h.as_str().map(str::to_lowercase))
+                    .collect()
+            })
             .unwrap_or_default();
         hosts.sort();
         let replica_set_id = match admin.run_command(doc! {"replSetGetConfig": 1}).await {
@@ -151,7 +161,9 @@ impl Source {
 
     /// Collections of every database, with their UUID and options; views and time-series
     /// collections are returned separately so the caller can warn about them.
-    pub async fn list_collections(&self) -> Result<(Vec<SourceCollection>, Vec<(Namespace, String)>), SyncError> {
+    pub async fn list_collections(
+        &self,
+    ) -> Result<(Vec<SourceCollection>, Vec<(Namespace, String)>), SyncError> {
         let dbs = self
             .client
             .list_database_names()
@@ -173,7 +185,9 @@ impl Source {
                 .await
                 .map_err(|e| read_error(format!("listing collections of {db}"), e))?;
             for spec in specs {
-                let Ok(name) = spec.get_str("name") else { continue };
+                let Ok(name) = spec.get_str("name") else {
+                    continue;
+                };
                 let ns = Namespace::new(db.clone(), name);
                 let kind = spec.get_str("type").unwrap_or("collection");
                 if kind != "collection" {
@@ -198,7 +212,12 @@ impl Source {
     }
 
     pub async fn list_indexes(&self, ns: &Namespace) -> Result<Vec<Document>, SyncError> {
-        let cursor = self.client.database(&ns.db).collection::<Document>(&ns.coll).list_indexes().await;
+        let cursor = self
+            .client
+            .database(&ns.db)
+            .collection::<Document>(&ns.coll)
+            .list_indexes()
+            .await;
         let cursor = match cursor {
             Ok(c) => c,
             Err(e) if is_namespace_not_found(&e) => return Ok(Vec::new()),
@@ -212,8 +231,9 @@ impl Source {
         for m in models {
             let mut spec = doc! {"key": m.keys.clone()};
             if let Some(opts) = m.options {
-                let opts = bson::serialize_to_document(&opts)
-                    .map_err(|e| SyncError::with_source(ErrorKind::SourceRead, "reading index options", e))?;
+                let opts = bson::serialize_to_document(&opts).map_err(|e| {
+                    SyncError::with_source(ErrorKind::SourceRead, "reading index options", e)
+                })?;
                 for (k, v) in opts {
                     spec.insert(k, v);
                 }
@@ -254,11 +274,20 @@ impl Source {
             options.full_document_before_change = Some(FullDocumentBeforeChangeType::WhenAvailable);
         }
         if let Some(token) = start_after {
-            let token: ResumeToken = bson::deserialize_from_document(token.clone())
-                .map_err(|e| SyncError::with_source(ErrorKind::InvariantViolated, "decoding stored resume token", e))?;
+            let token: ResumeToken =
+                bson::deserialize_from_document(token.clone()).map_err(|e| {
+                    SyncError::with_source(
+                        ErrorKind::InvariantViolated,
+                        "decoding stored resume token",
+                        e,
+                    )
+                })?;
             options.start_after = Some(token);
         }
-        let coll = self.client.database(&ns.db).collection::<Document>(&ns.coll);
+        let coll = self
+            .client
+            .database(&ns.db)
+            .collection::<Document>(&ns.coll);
         let stream = coll
             .watch()
             .with_options(options)
@@ -289,7 +318,8 @@ impl Source {
             .sort(doc! {"_id": 1})
             .batch_size(max_docs.min(10_000) as u32 + 1);
         if let Some(c) = collation {
-            if let Ok(c) = bson::deserialize_from_document::<mongodb::options::Collation>(c.clone()) {
+            if let Ok(c) = bson::deserialize_from_document::<mongodb::options::Collation>(c.clone())
+            {
                 find = find.collation(c);
             }
         }
@@ -316,7 +346,9 @@ impl Source {
             .transpose()
             .map_err(|e| read_error(format!("scanning {ns}"), e))?
         {
-            if docs.len() >= max_docs || (!docs.is_empty() && bytes + doc.as_bytes().len() > max_bytes) {
+            if docs.len() >= max_docs
+                || (!docs.is_empty() && bytes + doc.as_bytes().len() > max_bytes)
+            {
                 next = Some(raw_id(&doc)?);
                 break;
             }
@@ -327,7 +359,11 @@ impl Source {
     }
 
     /// The current source documents with these `_id`s (majority read), keyed by `_id`.
-    pub async fn fetch_documents(&self, ns: &Namespace, ids: &[Bson]) -> Result<Vec<RawDocumentBuf>, SyncError> {
+    pub async fn fetch_documents(
+        &self,
+        ns: &Namespace,
+        ids: &[Bson],
+    ) -> Result<Vec<RawDocumentBuf>, SyncError> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -346,7 +382,10 @@ pub fn raw_id(doc: &RawDocumentBuf) -> Result<Bson, SyncError> {
     match doc.get("_id") {
         Ok(Some(v)) => Bson::try_from(v)
             .map_err(|e| SyncError::with_source(ErrorKind::SourceRead, "decoding _id", e)),
-        _ => Err(SyncError::new(ErrorKind::SourceRead, "document without _id")),
+        _ => Err(SyncError::new(
+            ErrorKind::SourceRead,
+            "document without _id",
+        )),
     }
 }
 

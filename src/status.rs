@@ -97,7 +97,9 @@ impl Default for StatusRegistry {
 }
 
 pub fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn rfc3339(t: SystemTime) -> String {
@@ -149,7 +151,8 @@ impl StatusRegistry {
     pub fn set_source_cluster_time(&self, ts: Timestamp) {
         let v = ((ts.time as u64) << 32) | ts.increment as u64;
         self.source_cluster_time.fetch_max(v, Ordering::Relaxed);
-        self.source_contact_ms.store(unix_ms(SystemTime::now()), Ordering::Relaxed);
+        self.source_contact_ms
+            .store(unix_ms(SystemTime::now()), Ordering::Relaxed);
     }
 
     pub fn source_cluster_time(&self) -> Option<Timestamp> {
@@ -215,9 +218,10 @@ impl StatusRegistry {
         }
         for (ns, s) in self.namespaces.read().iter() {
             match s.state {
-                WorkerState::Streaming if s.lag_seconds > max_lag_seconds => {
-                    reasons.push(format!("{ns}: lag {:.0}s exceeds {max_lag_seconds:.0}s", s.lag_seconds))
-                }
+                WorkerState::Streaming if s.lag_seconds > max_lag_seconds => reasons.push(format!(
+                    "{ns}: lag {:.0}s exceeds {max_lag_seconds:.0}s",
+                    s.lag_seconds
+                )),
                 WorkerState::Streaming => {}
                 WorkerState::Parked => reasons.push(format!(
                     "{ns}: parked ({})",
@@ -242,7 +246,11 @@ impl StatusRegistry {
         format!(
             "{} namespaces ({}); max lag {:.0}s",
             map.len(),
-            if states.is_empty() { "none".to_string() } else { states.join(", ") },
+            if states.is_empty() {
+                "none".to_string()
+            } else {
+                states.join(", ")
+            },
             max_lag
         )
     }
@@ -293,10 +301,31 @@ mod tests {
     #[test]
     fn lag_is_zero_when_caught_up_and_positive_behind() {
         let s = StatusRegistry::default();
-        s.set_source_cluster_time(Timestamp { time: 100, increment: 5 });
-        assert_eq!(s.compute_lag(Some(Timestamp { time: 100, increment: 5 })), 0.0);
-        assert_eq!(s.compute_lag(Some(Timestamp { time: 100, increment: 9 })), 0.0);
-        assert_eq!(s.compute_lag(Some(Timestamp { time: 90, increment: 1 })), 10.0);
+        s.set_source_cluster_time(Timestamp {
+            time: 100,
+            increment: 5,
+        });
+        assert_eq!(
+            s.compute_lag(Some(Timestamp {
+                time: 100,
+                increment: 5
+            })),
+            0.0
+        );
+        assert_eq!(
+            s.compute_lag(Some(Timestamp {
+                time: 100,
+                increment: 9
+            })),
+            0.0
+        );
+        assert_eq!(
+            s.compute_lag(Some(Timestamp {
+                time: 90,
+                increment: 1
+            })),
+            10.0
+        );
     }
 
     #[test]

@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    apply::{ApplyStats, Applier},
+    apply::{Applier, ApplyStats},
     checkpoint::{at_or_after, Checkpoint, CheckpointKey, CheckpointStore, CopyProgress, Phase},
     config::{InitialCopy, UpdateMode},
     error::{ErrorKind, SyncError},
@@ -92,7 +92,10 @@ pub enum WorkerExit {
 enum ReaderItem {
     Event(ChangeEvent, OwnedSemaphorePermit),
     /// The stream is caught up: the reader's buffer is empty.
-    Idle { token: Document, cluster_time: Option<Timestamp> },
+    Idle {
+        token: Document,
+        cluster_time: Option<Timestamp>,
+    },
     Failed(SyncError),
 }
 
@@ -120,6 +123,10 @@ impl WorkerContext {
             self.settings.sync_id.clone(),
             self.settings.update_mode,
         )
+    }
+
+    pub fn set_state_public(&self, state: WorkerState) {
+        self.set_state(state);
     }
 
     fn set_state(&self, state: WorkerState) {
@@ -165,11 +172,20 @@ impl WorkerContext {
     }
 }
 
-fn serialize_token(token: &mongodb::change_stream::event::ResumeToken) -> Result<Document, SyncError> {
+fn serialize_token(
+    token: &mongodb::change_stream::event::ResumeToken,
+) -> Result<Document, SyncError> {
     match bson::serialize_to_bson(token) {
         Ok(Bson::Document(d)) => Ok(d),
-        Ok(_) => Err(SyncError::new(ErrorKind::SourceRead, "resume token is not a document")),
-        Err(e) => Err(SyncError::with_source(ErrorKind::SourceRead, "encoding a resume token", e)),
+        Ok(_) => Err(SyncError::new(
+            ErrorKind::SourceRead,
+            "resume token is not a document",
+        )),
+        Err(e) => Err(SyncError::with_source(
+            ErrorKind::SourceRead,
+            "encoding a resume token",
+            e,
+        )),
     }
 }
 
@@ -226,7 +242,13 @@ async fn ensure_destination_collection(ctx: &WorkerContext) -> Result<(), SyncEr
         .list_collection_names()
         .filter(doc! {"name": ctx.target.coll.clone()})
         .await
-        .map_err(|e| SyncError::mongo(ErrorKind::DestinationWrite, "listing destination collections", e))?;
+        .map_err(|e| {
+            SyncError::mongo(
+                ErrorKind::DestinationWrite,
+                "listing destination collections",
+                e,
+            )
+        })?;
     if !existing.is_empty() {
         return Ok(());
     }
@@ -242,14 +264,27 @@ async fn ensure_destination_collection(ctx: &WorkerContext) -> Result<(), SyncEr
     match db.run_command(cmd).await {
         Ok(_) => Ok(()),
         // Created concurrently (e.g. by an upsert): fine.
-        Err(e) if matches!(e.kind.as_ref(), mongodb::error::ErrorKind::Command(c) if c.code == 48) => Ok(()),
-        Err(e) => Err(SyncError::mongo(ErrorKind::DestinationWrite, format!("creating {}", ctx.target), e)),
+        Err(e) if matches!(e.kind.as_ref(), mongodb::error::ErrorKind::Command(c) if c.code == 48) => {
+            Ok(())
+        }
+        Err(e) => Err(SyncError::mongo(
+            ErrorKind::DestinationWrite,
+            format!("creating {}", ctx.target),
+            e,
+        )),
     }
 }
 
 /// `_id`s of destination documents in `[lower, upper)` (`None` = unbounded).
-async fn destination_ids(ctx: &WorkerContext, lower: Option<&Bson>, upper: Option<&Bson>) -> Result<Vec<Bson>, SyncError> {
-    let coll = ctx.dest.database(&ctx.target.db).collection::<Document>(&ctx.target.coll);
+async fn destination_ids(
+    ctx: &WorkerContext,
+    lower: Option<&Bson>,
+    upper: Option<&Bson>,
+) -> Result<Vec<Bson>, SyncError> {
+    let coll = ctx
+        .dest
+        .database(&ctx.target.db)
+        .collection::<Document>(&ctx.target.coll);
     let mut find = coll
         .find(doc! {})
         .hint(Hint::Keys(doc! {"_id": 1}))
@@ -259,14 +294,26 @@ async fn destination_ids(ctx: &WorkerContext, lower: Option<&Bson>, upper: Optio
         find = find.max(doc! {"_id": u.clone()});
     }
     let docs: Vec<Document> = match find.await {
-        Ok(c) => c
-            .try_collect()
-            .await
-            .map_err(|e| SyncError::mongo(ErrorKind::DestinationWrite, "listing destination documents", e))?,
+        Ok(c) => c.try_collect().await.map_err(|e| {
+            SyncError::mongo(
+                ErrorKind::DestinationWrite,
+                "listing destination documents",
+                e,
+            )
+        })?,
         Err(e) if crate::source::is_namespace_not_found(&e) => Vec::new(),
-        Err(e) => return Err(SyncError::mongo(ErrorKind::DestinationWrite, "listing destination documents", e)),
+        Err(e) => {
+            return Err(SyncError::mongo(
+                ErrorKind::DestinationWrite,
+                "listing destination documents",
+                e,
+            ))
+        }
     };
-    Ok(docs.into_iter().filter_map(|mut d| d.remove("_id")).collect())
+    Ok(docs
+        .into_iter()
+        .filter_map(|mut d| d.remove("_id"))
+        .collect())
 }
 
 fn id_set(docs: &[RawDocumentBuf]) -> Result<HashSet<Vec<u8>>, SyncError> {
@@ -299,7 +346,14 @@ async fn sync_range(
     let collation = ctx.options.get_document("collation").ok();
     let (docs, next) = ctx
         .source
-        .scan_range(&ctx.ns, lower, RANGE_MAX_DOCS, RANGE_MAX_BYTES, after, collation)
+        .scan_range(
+            &ctx.ns,
+            lower,
+            RANGE_MAX_DOCS,
+            RANGE_MAX_BYTES,
+            after,
+            collation,
+        )
         .await?;
     let (written, _dead) = applier.upsert_documents(&docs).await?;
     let present = id_set(&docs)?;
@@ -315,15 +369,25 @@ async fn sync_range(
 }
 
 /// DESIGN §2.3: take T0, persist it, copy range by range (resumable), build indexes.
-async fn initial_copy(ctx: &WorkerContext, cp: &mut Checkpoint, stop: &CancellationToken) -> Result<(), SyncError> {
+async fn initial_copy(
+    ctx: &WorkerContext,
+    cp: &mut Checkpoint,
+    stop: &CancellationToken,
+) -> Result<(), SyncError> {
     let label = ctx.label();
     let key = ctx.key();
     ctx.set_state(WorkerState::Copying);
     if cp.start_token.is_none() {
-        let stream = ctx.source.open_stream(&ctx.ns, None, &ctx.stream_settings()).await?;
-        let token = stream
-            .resume_token()
-            .ok_or_else(|| SyncError::new(ErrorKind::SourceRead, "the change stream gave no start token"))?;
+        let stream = ctx
+            .source
+            .open_stream(&ctx.ns, None, &ctx.stream_settings())
+            .await?;
+        let token = stream.resume_token().ok_or_else(|| {
+            SyncError::new(
+                ErrorKind::SourceRead,
+                "the change stream gave no start token",
+            )
+        })?;
         *cp = Checkpoint {
             phase: Phase::Copying,
             start_token: Some(serialize_token(&token)?),
@@ -365,7 +429,8 @@ async fn initial_copy(ctx: &WorkerContext, cp: &mut Checkpoint, stop: &Cancellat
         ctx.checkpoints.save(&key, cp).await?;
         ctx.made_progress();
         ctx.metrics.copied(&label, written);
-        ctx.status.update(&label, |s| s.copied = cp.copy.copied.max(0) as u64);
+        ctx.status
+            .update(&label, |s| s.copied = cp.copy.copied.max(0) as u64);
         if last_log.elapsed() > Duration::from_secs(10) {
             tracing::info!(namespace = %label, copied = cp.copy.copied, estimated = estimate, "initial copy progress");
             last_log = Instant::now();
@@ -391,12 +456,16 @@ async fn initial_copy(ctx: &WorkerContext, cp: &mut Checkpoint, stop: &Cancellat
 
 /// Copies the source's indexes. Non-unique ones (`unique_only = false`) right after the copy,
 /// recording unique ones as pending; unique ones once replay has passed the copy's end.
-async fn create_indexes(ctx: &WorkerContext, cp: &mut Checkpoint, unique_only: bool) -> Result<(), SyncError> {
+async fn create_indexes(
+    ctx: &WorkerContext,
+    cp: &mut Checkpoint,
+    unique_only: bool,
+) -> Result<(), SyncError> {
     let specs = ctx.source.list_indexes(&ctx.ns).await?;
     let mut to_create = Vec::new();
     let mut pending_unique = false;
     for mut spec in specs {
-        if spec.get_str("name") == Ok("_id_") {
+        if spec.get_str("name").ok() == Some("_id_") {
             continue;
         }
         let unique = spec.get_bool("unique").unwrap_or(false);
@@ -420,7 +489,10 @@ async fn create_indexes(ctx: &WorkerContext, cp: &mut Checkpoint, unique_only: b
     if to_create.is_empty() {
         return Ok(());
     }
-    let names: Vec<String> = to_create.iter().filter_map(|s| s.get_str("name").ok().map(str::to_string)).collect();
+    let names: Vec<String> = to_create
+        .iter()
+        .filter_map(|s| s.get_str("name").ok().map(str::to_string))
+        .collect();
     let result = ctx
         .dest
         .database(&ctx.target.db)
@@ -434,7 +506,11 @@ async fn create_indexes(ctx: &WorkerContext, cp: &mut Checkpoint, unique_only: b
         Err(e) => {
             let class = crate::error::classify_mongo(&e);
             if class == crate::error::ErrorClass::Transient {
-                return Err(SyncError::mongo(ErrorKind::DestinationWrite, "creating indexes", e));
+                return Err(SyncError::mongo(
+                    ErrorKind::DestinationWrite,
+                    "creating indexes",
+                    e,
+                ));
             }
             // An index that cannot be built (conflicting definition, duplicates on the
             // destination) must not stop replication: report it and go on.
@@ -522,7 +598,7 @@ trait WatchExt {
 impl<'a> WatchExt for mongodb::action::Watch<'a> {
     fn full_document_opt(self, lookup: bool) -> Self {
         if lookup {
-            self.full_document(mongodb::change_stream::options::FullDocumentType::UpdateLookup)
+            self.full_document(mongodb::options::FullDocumentType::UpdateLookup)
         } else {
             self
         }
@@ -545,7 +621,11 @@ async fn stream(
     let budget = Arc::new(Semaphore::new(budget_total));
     let (tx, mut rx) = mpsc::channel::<ReaderItem>(settings.batch_max_events * 2);
     let reader_stop = stop.child_token();
-    let start_at = if cp.resume_token.is_none() { settings.start_at_operation_time } else { None };
+    let start_at = if cp.resume_token.is_none() {
+        settings.start_at_operation_time
+    } else {
+        None
+    };
     let reader = tokio::spawn(read_events(
         ctx.source.clone(),
         ctx.ns.clone(),
@@ -583,7 +663,10 @@ async fn stream(
         match first {
             None => break Ok(WorkerExit::Stopped),
             Some(ReaderItem::Failed(e)) => break Err(e),
-            Some(ReaderItem::Idle { token, cluster_time }) => pending_idle = Some((token, cluster_time)),
+            Some(ReaderItem::Idle {
+                token,
+                cluster_time,
+            }) => pending_idle = Some((token, cluster_time)),
             Some(ReaderItem::Event(ev, permit)) => {
                 let mut bytes = ev.size();
                 batch.push((ev, permit));
@@ -599,7 +682,10 @@ async fn stream(
                             bytes += ev.size();
                             batch.push((ev, permit));
                         }
-                        Some(ReaderItem::Idle { token, cluster_time }) => {
+                        Some(ReaderItem::Idle {
+                            token,
+                            cluster_time,
+                        }) => {
                             pending_idle = Some((token, cluster_time));
                             break;
                         }
@@ -698,7 +784,12 @@ async fn process_batch(
             continue;
         }
         if segment_start < i {
-            merge(&mut stats, applier.apply_events(&events[segment_start..i], cp.replay_until).await?);
+            merge(
+                &mut stats,
+                applier
+                    .apply_events(&events[segment_start..i], cp.replay_until)
+                    .await?,
+            );
         }
         segment_start = i + 1;
         applied_events = i + 1;
@@ -709,19 +800,21 @@ async fn process_batch(
         ctx.metrics.events_applied(&label, ApplyOp::Ddl, 1);
     }
     if exit.is_none() && segment_start < events.len() {
-        merge(&mut stats, applier.apply_events(&events[segment_start..], cp.replay_until).await?);
+        merge(
+            &mut stats,
+            applier
+                .apply_events(&events[segment_start..], cp.replay_until)
+                .await?,
+        );
         applied_events = events.len();
     }
     let last = &events[applied_events.max(1) - 1];
     if exit == Some(WorkerExit::NamespaceGone) {
         ctx.checkpoints.delete(&ctx.key()).await?;
     } else {
-        cp.resume_token = Some(
-            last.token
-                .clone()
-                .try_into()
-                .map_err(|e| SyncError::with_source(ErrorKind::InvariantViolated, "decoding a resume token", e))?,
-        );
+        cp.resume_token = Some(last.token.clone().try_into().map_err(|e| {
+            SyncError::with_source(ErrorKind::InvariantViolated, "decoding a resume token", e)
+        })?);
         cp.applied_through = Some(match cp.applied_through {
             Some(prev) => ts_max(prev, last.cluster_time),
             None => last.cluster_time,
@@ -767,10 +860,16 @@ fn merge(into: &mut ApplyStats, from: ApplyStats) {
 }
 
 /// Applies a DDL or control event to the destination.
-async fn apply_ddl(ctx: &WorkerContext, cp: &mut Checkpoint, ev: &ChangeEvent) -> Result<Option<WorkerExit>, SyncError> {
+async fn apply_ddl(
+    ctx: &WorkerContext,
+    cp: &mut Checkpoint,
+    ev: &ChangeEvent,
+) -> Result<Option<WorkerExit>, SyncError> {
     let label = ctx.label();
     let db = ctx.dest.database(&ctx.target.db);
-    let dest_err = |what: &str, e: mongodb::error::Error| SyncError::mongo(ErrorKind::DestinationWrite, what.to_string(), e);
+    let dest_err = |what: &str, e: mongodb::error::Error| {
+        SyncError::mongo(ErrorKind::DestinationWrite, what.to_string(), e)
+    };
     match &ev.kind {
         OpKind::Drop => {
             db.collection::<Document>(&ctx.target.coll)
@@ -784,7 +883,10 @@ async fn apply_ddl(ctx: &WorkerContext, cp: &mut Checkpoint, ev: &ChangeEvent) -
                 .drop()
                 .await
                 .map_err(|e| dest_err("dropping the renamed collection", e))?;
-            let to = ev.rename_target().map(|(d, c)| format!("{d}.{c}")).unwrap_or_default();
+            let to = ev
+                .rename_target()
+                .map(|(d, c)| format!("{d}.{c}"))
+                .unwrap_or_default();
             tracing::info!(namespace = %label, renamed_to = %to, "collection renamed on the source; the old name was dropped on the destination (the new name is synced by its own worker when in scope)");
         }
         OpKind::DropDatabase => {}
@@ -800,10 +902,16 @@ async fn apply_ddl(ctx: &WorkerContext, cp: &mut Checkpoint, ev: &ChangeEvent) -
                 let mut specs = Vec::new();
                 if let Ok(indexes) = desc.get_array("indexes") {
                     for spec in indexes.into_iter().flatten() {
-                        let Some(spec) = spec.as_document() else { continue };
-                        let mut spec: Document = spec
-                            .try_into()
-                            .map_err(|e| SyncError::with_source(ErrorKind::SourceRead, "decoding an index spec", e))?;
+                        let Some(spec) = spec.as_document() else {
+                            continue;
+                        };
+                        let mut spec: Document = spec.try_into().map_err(|e| {
+                            SyncError::with_source(
+                                ErrorKind::SourceRead,
+                                "decoding an index spec",
+                                e,
+                            )
+                        })?;
                         if spec.get_bool("unique").unwrap_or(false) && cp.unique_indexes_pending {
                             continue;
                         }
@@ -834,11 +942,20 @@ async fn apply_ddl(ctx: &WorkerContext, cp: &mut Checkpoint, ev: &ChangeEvent) -
             if let Some(desc) = ev.operation_description() {
                 if let Ok(indexes) = desc.get_array("indexes") {
                     for spec in indexes.into_iter().flatten() {
-                        let Some(name) = spec.as_document().and_then(|s| s.get_str("name").ok()) else { continue };
+                        let Some(name) = spec.as_document().and_then(|s| s.get_str("name").ok())
+                        else {
+                            continue;
+                        };
                         cp.ttl_indexes.remove(name);
-                        match db.run_command(doc! {"dropIndexes": ctx.target.coll.clone(), "index": name}).await {
+                        match db
+                            .run_command(
+                                doc! {"dropIndexes": ctx.target.coll.clone(), "index": name},
+                            )
+                            .await
+                        {
                             Ok(_) => {}
-                            Err(e) if matches!(e.kind.as_ref(), mongodb::error::ErrorKind::Command(c) if c.code == 27 || c.code == 26) => {}
+                            Err(e) if matches!(e.kind.as_ref(), mongodb::error::ErrorKind::Command(c) if c.code == 27 || c.code == 26) =>
+                                {}
                             Err(e) => return Err(dest_err("dropping an index", e)),
                         }
                     }
@@ -847,9 +964,9 @@ async fn apply_ddl(ctx: &WorkerContext, cp: &mut Checkpoint, ev: &ChangeEvent) -
         }
         OpKind::Modify => {
             if let Some(desc) = ev.operation_description() {
-                let desc: Document = desc
-                    .try_into()
-                    .map_err(|e| SyncError::with_source(ErrorKind::SourceRead, "decoding a modify event", e))?;
+                let desc: Document = desc.try_into().map_err(|e| {
+                    SyncError::with_source(ErrorKind::SourceRead, "decoding a modify event", e)
+                })?;
                 let mut cmd = doc! {"collMod": ctx.target.coll.clone()};
                 for key in ["validator", "validationLevel", "validationAction"] {
                     if let Some(v) = desc.get(key) {
@@ -857,7 +974,9 @@ async fn apply_ddl(ctx: &WorkerContext, cp: &mut Checkpoint, ev: &ChangeEvent) -
                     }
                 }
                 if let Ok(index) = desc.get_document("index") {
-                    if let (Ok(name), Some(secs)) = (index.get_str("name"), index.get("expireAfterSeconds")) {
+                    if let (Ok(name), Some(secs)) =
+                        (index.get_str("name"), index.get("expireAfterSeconds"))
+                    {
                         // Keep the destination TTL disabled; remember the source's new value.
                         cp.ttl_indexes.insert(name.to_string(), secs.clone());
                     }
@@ -890,7 +1009,11 @@ async fn apply_ddl(ctx: &WorkerContext, cp: &mut Checkpoint, ev: &ChangeEvent) -
 /// Force-sync (DESIGN §2.8): with apply paused at P, every range is re-read from the source
 /// at a time ≥ P and written over the destination (extras deleted); events after P that the
 /// stream then re-applies are replays.
-async fn reconcile(ctx: &WorkerContext, applier: &Applier, cp: &mut Checkpoint) -> Result<(), SyncError> {
+async fn reconcile(
+    ctx: &WorkerContext,
+    applier: &Applier,
+    cp: &mut Checkpoint,
+) -> Result<(), SyncError> {
     let label = ctx.label();
     tracing::info!(namespace = %label, "force-sync: reconciling every range while the stream is paused");
     let started = Instant::now();

@@ -64,3 +64,5 @@ pub fn write_file(dir: &Path, name: &str, contents: &str) -> PathBuf {
         .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
     path
 }
+
+pub mod cluster;

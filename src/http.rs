@@ -1,0 +1,260 @@
+//! The HTTP listener (`http.listen`): `/metrics`, `/healthz`, `/readyz`, `/api/v1/status`,
+//! and the authenticated `POST /api/v1/force-sync` and `POST /api/v1/validate`.
+
+use std::{
+    net::SocketAddr,
+    sync::{atomic::AtomicU64, atomic::Ordering, Arc},
+    time::{Duration, Instant},
+};
+
+use axum::{
+    body::Bytes,
+    extract::State,
+    http::{header, HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+    Json, Router,
+};
+use parking_lot::Mutex;
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    metrics::{Metrics, Trigger, CONTENT_TYPE},
+    status::StatusRegistry,
+    supervisor::Control,
+};
+
+/// `/healthz` fails when the supervisor loop has not moved for this long.
+pub const HEALTHZ_STALL: Duration = Duration::from_secs(15);
+
+#[derive(Clone)]
+pub struct HttpState {
+    pub metrics: Metrics,
+    pub status: Arc<StatusRegistry>,
+    pub control: mpsc::Sender<Control>,
+    /// Bearer token for mutating endpoints; `None` = they answer 403.
+    pub token: Option<String>,
+    pub heartbeat: Arc<AtomicU64>,
+    pub max_lag_seconds: f64,
+    last_beat: Arc<Mutex<(u64, Instant)>>,
+}
+
+impl HttpState {
+    pub fn new(
+        metrics: Metrics,
+        status: Arc<StatusRegistry>,
+        control: mpsc::Sender<Control>,
+        token: Option<String>,
+        heartbeat: Arc<AtomicU64>,
+        max_lag_seconds: f64,
+    ) -> HttpState {
+        HttpState {
+            metrics,
+            status,
+            control,
+            token,
+            heartbeat,
+            max_lag_seconds,
+            last_beat: Arc::new(Mutex::new((0, Instant::now()))),
+        }
+    }
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    (status, Json(json!({"error": message}))).into_response()
+}
+
+pub fn router(state: HttpState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/api/v1/status", get(status))
+        .route("/api/v1/force-sync", post(force_sync))
+        .route("/api/v1/validate", post(validate))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+        })
+        .with_state(state)
+}
+
+/// Binds the listener (errors are returned so start-up can report them) and serves until
+/// `cancel` fires.
+pub async fn serve(
+    addr: SocketAddr,
+    state: HttpState,
+    cancel: CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    tracing::info!(listen = %bound, "http listening");
+    tokio::spawn(async move {
+        let server = axum::serve(listener, router(state))
+            .with_graceful_shutdown(async move { cancel.cancelled().await });
+        if let Err(e) = server.await {
+            tracing::error!(error = %e, "http server failed");
+        }
+    });
+    Ok(bound)
+}
+
+async fn metrics(State(s): State<HttpState>) -> Response {
+    ([(header::CONTENT_TYPE, CONTENT_TYPE)], s.metrics.render()).into_response()
+}
+
+async fn healthz(State(s): State<HttpState>) -> Response {
+    let beat = s.heartbeat.load(Ordering::Relaxed);
+    let mut last = s.last_beat.lock();
+    if beat != last.0 {
+        *last = (beat, Instant::now());
+    }
+    if last.1.elapsed() > HEALTHZ_STALL {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the supervisor loop is not making progress",
+        );
+    }
+    (StatusCode::OK, Json(json!({"status": "ok"}))).into_response()
+}
+
+async fn readyz(State(s): State<HttpState>) -> Response {
+    let reasons = s.status.not_ready_reasons(s.max_lag_seconds);
+    if reasons.is_empty() {
+        (StatusCode::OK, Json(json!({"ready": true}))).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"ready": false, "reasons": reasons})),
+        )
+            .into_response()
+    }
+}
+
+async fn status(State(s): State<HttpState>) -> Response {
+    Json(s.status.to_json(env!("CARGO_PKG_VERSION"))).into_response()
+}
+
+/// Checks `Authorization: Bearer <token>`; constant-time comparison.
+fn authorize(s: &HttpState, headers: &HeaderMap) -> Result<(), Response> {
+    let Some(expected) = &s.token else {
+        return Err(error(
+            StatusCode::FORBIDDEN,
+            "mutating endpoints are disabled: set http.token or http.token_file",
+        ));
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let equal = given.len() == expected.len()
+        && given
+            .bytes()
+            .zip(expected.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if !equal {
+        return Err(error(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token",
+        ));
+    }
+    Ok(())
+}
+
+/// `{"namespaces": ["db.coll", ...]}` (optional; empty body = all namespaces).
+fn parse_namespaces(body: &Bytes) -> Result<Vec<String>, Response> {
+    if body.iter().all(|b| b.is_ascii_whitespace()) {
+        return Ok(Vec::new());
+    }
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            &format!("malformed JSON body: {e}"),
+        )
+    })?;
+    let obj = value
+        .as_object()
+        .ok_or_else(|| error(StatusCode::BAD_REQUEST, "the body must be a JSON object"))?;
+    if let Some(k) = obj.keys().find(|k| *k != "namespaces") {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            &format!("unknown field {k:?}"),
+        ));
+    }
+    match obj.get("namespaces") {
+        None | Some(serde_json::Value::Null) => Ok(Vec::new()),
+        Some(serde_json::Value::Array(items)) => items
+            .iter()
+            .map(|i| match i.as_str() {
+                Some(ns) if ns.contains('.') => Ok(ns.to_string()),
+                _ => Err(error(
+                    StatusCode::BAD_REQUEST,
+                    "namespaces must be strings of the form \"db.collection\"",
+                )),
+            })
+            .collect(),
+        Some(_) => Err(error(
+            StatusCode::BAD_REQUEST,
+            "namespaces must be an array",
+        )),
+    }
+}
+
+async fn force_sync(State(s): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Err(r) = authorize(&s, &headers) {
+        return r;
+    }
+    let namespaces = match parse_namespaces(&body) {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    if s.control
+        .send(Control::ForceSync {
+            namespaces: namespaces.clone(),
+            trigger: Trigger::Http,
+        })
+        .await
+        .is_err()
+    {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the daemon is shutting down",
+        );
+    }
+    (
+        StatusCode::ACCEPTED,
+        Json(json!({"accepted": true, "namespaces": namespaces})),
+    )
+        .into_response()
+}
+
+async fn validate(State(s): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Err(r) = authorize(&s, &headers) {
+        return r;
+    }
+    let namespaces = match parse_namespaces(&body) {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    if s.control
+        .send(Control::Validate {
+            namespaces: namespaces.clone(),
+        })
+        .await
+        .is_err()
+    {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the daemon is shutting down",
+        );
+    }
+    (
+        StatusCode::ACCEPTED,
+        Json(json!({"accepted": true, "namespaces": namespaces})),
+    )
+        .into_response()
+}

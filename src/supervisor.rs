@@ -1,0 +1,593 @@
+//! The supervisor: discovers source namespaces, runs one worker per namespace, restarts
+//! failed workers with backoff, parks the ones that keep failing, and drains everything on
+//! shutdown within a deadline.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    panic::AssertUnwindSafe,
+    sync::{atomic::Ordering, Arc},
+    time::{Duration, Instant},
+};
+
+use futures::FutureExt;
+use mongodb::Client;
+use tokio::sync::mpsc;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    checkpoint::CheckpointStore,
+    config::{Config, NamespaceFilter, OnHistoryLost},
+    error::{policy, Backoff, ErrorKind, RetryDirective, SyncError},
+    metadata::Metadata,
+    metrics::{ErrorKindLabel, Metrics, Trigger, WorkerState},
+    source::{Namespace, Source, SourceCollection},
+    status::{LastError, StatusRegistry},
+    worker::{self, WorkerCommand, WorkerContext, WorkerExit, WorkerSettings},
+};
+
+/// How often the source is listed for new collections.
+pub const DISCOVERY_INTERVAL: Duration = Duration::from_secs(2);
+/// How often the source's cluster time is sampled (DESIGN §2.9: every 5 s).
+pub const CLUSTER_TIME_INTERVAL: Duration = Duration::from_secs(5);
+/// After this many consecutive history-lost re-copies a namespace is parked.
+pub const MAX_HISTORY_LOST_RECOPIES: u32 = 2;
+
+/// Operator requests, from signals or the HTTP API.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Control {
+    /// Drain and stop.
+    Shutdown,
+    /// Re-copy and reconcile these namespaces (all when empty); restart parked workers.
+    ForceSync {
+        namespaces: Vec<String>,
+        trigger: Trigger,
+    },
+    /// Replace the running configuration (already validated).
+    Reload(Box<Config>),
+    /// Validate these namespaces now (all when empty).
+    Validate { namespaces: Vec<String> },
+}
+
+/// What a worker's runner tells the supervisor.
+#[derive(Debug)]
+enum WorkerReport {
+    /// The process must stop with this exit code.
+    Fatal {
+        ns: Namespace,
+        exit_code: u8,
+        error: String,
+    },
+    /// The namespace is gone (dropped or renamed on the source).
+    Gone { ns: Namespace },
+}
+
+struct WorkerHandle {
+    uuid: Option<bson::Uuid>,
+    commands: mpsc::Sender<WorkerCommand>,
+    stop: CancellationToken,
+    abort: CancellationToken,
+}
+
+/// Shared, long-lived parts of the pipeline.
+#[derive(Clone)]
+pub struct Pipeline {
+    pub source: Source,
+    pub dest: Client,
+    pub checkpoints: CheckpointStore,
+    pub metadata: Metadata,
+    pub metrics: Metrics,
+    pub status: Arc<StatusRegistry>,
+}
+
+pub struct Supervisor {
+    config: Arc<Config>,
+    pipeline: Pipeline,
+    settings: Arc<WorkerSettings>,
+    filter: NamespaceFilter,
+    workers: BTreeMap<Namespace, WorkerHandle>,
+    tracker: TaskTracker,
+    /// Graceful stop for every worker (stop reading, drain, checkpoint).
+    stop: CancellationToken,
+    /// Hard stop once the shutdown deadline has passed.
+    abort: CancellationToken,
+    reports_tx: mpsc::Sender<WorkerReport>,
+    reports_rx: mpsc::Receiver<WorkerReport>,
+    warned_skipped: HashSet<Namespace>,
+    /// Set by [`Supervisor::run`]'s loop on every iteration, for the systemd watchdog.
+    pub heartbeat: Arc<std::sync::atomic::AtomicU64>,
+}
+
+pub fn worker_settings(config: &Config) -> WorkerSettings {
+    WorkerSettings {
+        sync_id: config.sync.id.clone(),
+        batch_max_events: config.apply.batch_max_events as usize,
+        batch_max_bytes: config.apply.batch_max_bytes as usize,
+        batch_max_wait: config.apply.batch_max_wait(),
+        update_mode: config.apply.update_mode,
+        checkpoint_interval: Duration::from_secs(config.checkpoint.interval_seconds),
+        initial_copy: config.sync.initial_copy,
+        start_at_operation_time: config
+            .sync
+            .start_at_operation_time
+            .map(|t| t.to_timestamp()),
+    }
+}
+
+fn error_label(kind: ErrorKind) -> ErrorKindLabel {
+    match kind {
+        ErrorKind::ChangeStreamHistoryLost => ErrorKindLabel::HistoryLost,
+        ErrorKind::DocumentRejected => ErrorKindLabel::Document,
+        _ => ErrorKindLabel::Transient,
+    }
+}
+
+impl Supervisor {
+    pub fn new(config: Arc<Config>, pipeline: Pipeline) -> Supervisor {
+        let (reports_tx, reports_rx) = mpsc::channel(64);
+        Supervisor {
+            settings: Arc::new(worker_settings(&config)),
+            filter: config.namespace_filter(),
+            config,
+            pipeline,
+            workers: BTreeMap::new(),
+            tracker: TaskTracker::new(),
+            stop: CancellationToken::new(),
+            abort: CancellationToken::new(),
+            reports_tx,
+            reports_rx,
+            warned_skipped: HashSet::new(),
+            heartbeat: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        }
+    }
+
+    /// Runs until a `Shutdown` control, the `shutdown` token, or a fatal worker error.
+    /// Returns the process exit code.
+    pub async fn run(
+        mut self,
+        mut control: mpsc::Receiver<Control>,
+        shutdown: CancellationToken,
+    ) -> u8 {
+        let mut discovery = tokio::time::interval(DISCOVERY_INTERVAL);
+        let mut clock = tokio::time::interval(CLUSTER_TIME_INTERVAL);
+        let mut lag = tokio::time::interval(Duration::from_secs(1));
+        for t in [&mut discovery, &mut clock, &mut lag] {
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        }
+        let mut exit_code = 0u8;
+        loop {
+            self.heartbeat.fetch_add(1, Ordering::Relaxed);
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                ctrl = control.recv() => match ctrl {
+                    None | Some(Control::Shutdown) => break,
+                    Some(Control::ForceSync { namespaces, trigger }) => self.force_sync(&namespaces, trigger).await,
+                    Some(Control::Reload(cfg)) => self.reload(*cfg).await,
+                    Some(Control::Validate { namespaces }) => self.validate(&namespaces),
+                },
+                Some(report) = self.reports_rx.recv() => match report {
+                    WorkerReport::Fatal { ns, exit_code: code, error } => {
+                        tracing::error!(namespace = %ns, exit_code = code, error = %error, "fatal error; stopping");
+                        exit_code = code;
+                        break;
+                    }
+                    WorkerReport::Gone { ns } => self.remove_worker(&ns, false).await,
+                },
+                _ = discovery.tick() => self.discover().await,
+                _ = clock.tick() => self.sample_cluster_time().await,
+                _ = lag.tick() => self.update_lag(),
+            }
+        }
+        self.shutdown().await;
+        exit_code
+    }
+
+    /// Stops reading, lets every worker finish and checkpoint its in-flight batches, and
+    /// aborts what is still running after `shutdown.timeout_seconds`.
+    async fn shutdown(&mut self) {
+        let deadline = Duration::from_secs(self.config.shutdown.timeout_seconds);
+        tracing::info!(
+            workers = self.workers.len(),
+            timeout_s = deadline.as_secs(),
+            "draining workers"
+        );
+        self.stop.cancel();
+        self.tracker.close();
+        let started = Instant::now();
+        let mut report = tokio::time::interval(Duration::from_secs(5));
+        report.tick().await;
+        loop {
+            tokio::select! {
+                _ = self.tracker.wait() => break,
+                _ = report.tick() => {
+                    let draining: Vec<String> = self
+                        .pipeline
+                        .status
+                        .snapshot()
+                        .into_iter()
+                        .filter(|(_, s)| s.state != WorkerState::Stopped && s.state != WorkerState::Parked)
+                        .map(|(ns, _)| ns)
+                        .collect();
+                    tracing::info!(still_draining = ?draining, "waiting for workers to drain");
+                }
+                _ = tokio::time::sleep(deadline.saturating_sub(started.elapsed())) => {
+                    tracing::warn!("shutdown deadline passed; aborting workers that are still draining");
+                    self.abort.cancel();
+                    let _ = tokio::time::timeout(Duration::from_secs(2), self.tracker.wait()).await;
+                    break;
+                }
+            }
+        }
+        tracing::info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "all workers stopped"
+        );
+    }
+
+    async fn sample_cluster_time(&mut self) {
+        let status = &self.pipeline.status;
+        match self.pipeline.source.cluster_time().await {
+            Ok(ts) => {
+                status.set_source_cluster_time(ts);
+                status.set_source_connected(true);
+                self.pipeline.metrics.set_source_connected(true);
+                self.pipeline
+                    .metrics
+                    .set_source_cluster_time(ts.time as f64);
+            }
+            Err(e) => {
+                if status.source_connected() {
+                    tracing::warn!(error = %e, "source unreachable");
+                }
+                status.set_source_connected(false);
+                self.pipeline.metrics.set_source_connected(false);
+            }
+        }
+        let dest_ok = self
+            .pipeline
+            .dest
+            .database("admin")
+            .run_command(bson::doc! {"ping": 1})
+            .await
+            .is_ok();
+        if status.destination_connected() && !dest_ok {
+            tracing::warn!("destination unreachable");
+        }
+        status.set_destination_connected(dest_ok);
+        self.pipeline.metrics.set_destination_connected(dest_ok);
+    }
+
+    fn update_lag(&self) {
+        let status = &self.pipeline.status;
+        for (ns, s) in status.snapshot() {
+            if matches!(
+                s.state,
+                WorkerState::Copying | WorkerState::Streaming | WorkerState::Backoff
+            ) {
+                let lag = status.compute_lag(s.applied_through);
+                status.update(&ns, |n| n.lag_seconds = lag);
+                self.pipeline.metrics.set_lag(&ns, lag);
+            }
+        }
+    }
+
+    /// Lists the source and starts workers for new in-scope collections (and for collections
+    /// recreated with a new UUID).
+    async fn discover(&mut self) {
+        let (collections, skipped) = match self.pipeline.source.list_collections().await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not list source collections; retrying");
+                return;
+            }
+        };
+        for (ns, kind) in skipped {
+            if self.filter.matches(&ns.db, &ns.coll) && self.warned_skipped.insert(ns.clone()) {
+                tracing::warn!(namespace = %ns, kind = %kind, "skipping: views and time-series collections are not synced in this version");
+            }
+        }
+        for coll in collections {
+            if !self.filter.matches(&coll.ns.db, &coll.ns.coll) {
+                continue;
+            }
+            match self.workers.get(&coll.ns) {
+                Some(h) if h.uuid == coll.uuid || coll.uuid.is_none() => {}
+                Some(_) => {
+                    tracing::info!(namespace = %coll.ns, "collection was recreated on the source; restarting its worker");
+                    self.remove_worker(&coll.ns, false).await;
+                    self.spawn_worker(coll);
+                }
+                None => self.spawn_worker(coll),
+            }
+        }
+    }
+
+    fn spawn_worker(&mut self, coll: SourceCollection) {
+        let label = coll.ns.to_string();
+        let (tdb, tcoll) = self.config.rename_map().target(&coll.ns.db, &coll.ns.coll);
+        let target = Namespace::new(tdb, tcoll);
+        tracing::info!(namespace = %label, target = %target, "starting worker");
+        self.pipeline.metrics.register_namespace(&label);
+        self.pipeline.status.register(&label, &target.to_string());
+        let ctx = WorkerContext {
+            ns: coll.ns.clone(),
+            target,
+            uuid: coll.uuid,
+            options: coll.options,
+            source: self.pipeline.source.clone(),
+            dest: self.pipeline.dest.clone(),
+            checkpoints: self.pipeline.checkpoints.clone(),
+            metadata: self.pipeline.metadata.clone(),
+            metrics: self.pipeline.metrics.clone(),
+            status: Arc::clone(&self.pipeline.status),
+            settings: Arc::clone(&self.settings),
+            progress: Default::default(),
+            caught_up: Default::default(),
+        };
+        let (cmd_tx, cmd_rx) = mpsc::channel(8);
+        let stop = self.stop.child_token();
+        let abort = self.abort.child_token();
+        let runner = supervise_worker(
+            ctx,
+            stop.clone(),
+            abort.clone(),
+            cmd_rx,
+            self.reports_tx.clone(),
+            SupervisionPolicy {
+                max_restarts: self.config.supervisor.max_restarts,
+                max_backoff: Duration::from_secs(self.config.supervisor.max_backoff_seconds),
+                on_history_lost: self.config.sync.on_history_lost,
+            },
+        );
+        let span = tracing::info_span!("worker", namespace = %label);
+        self.tracker
+            .spawn(tracing::Instrument::instrument(runner, span));
+        self.workers.insert(
+            coll.ns,
+            WorkerHandle {
+                uuid: coll.uuid,
+                commands: cmd_tx,
+                stop,
+                abort,
+            },
+        );
+    }
+
+    /// Stops a worker; `forget` also deletes its metrics series and status.
+    async fn remove_worker(&mut self, ns: &Namespace, keep_series: bool) {
+        if let Some(h) = self.workers.remove(ns) {
+            h.stop.cancel();
+            // Give it the shutdown deadline to drain, then abort.
+            let abort = h.abort.clone();
+            let deadline = Duration::from_secs(self.config.shutdown.timeout_seconds);
+            tokio::spawn(async move {
+                tokio::time::sleep(deadline).await;
+                abort.cancel();
+            });
+        }
+        if !keep_series {
+            let label = ns.to_string();
+            self.pipeline.metrics.remove_namespace(&label);
+            self.pipeline.status.remove(&label);
+        }
+    }
+
+    async fn force_sync(&mut self, namespaces: &[String], trigger: Trigger) {
+        self.pipeline.metrics.force_sync(trigger);
+        let mut count = 0;
+        for (ns, h) in &self.workers {
+            if namespaces.is_empty() || namespaces.iter().any(|n| *n == ns.to_string()) {
+                if h.commands.try_send(WorkerCommand::ForceSync).is_ok() {
+                    count += 1;
+                }
+            }
+        }
+        tracing::info!(trigger = %trigger.as_str(), namespaces = count, "force-sync requested");
+    }
+
+    fn validate(&mut self, namespaces: &[String]) {
+        tracing::info!(namespaces = ?namespaces, "validation requested");
+    }
+
+    async fn reload(&mut self, config: Config) {
+        let old = Arc::clone(&self.config);
+        let endpoints_changed =
+            old.source != config.source || old.destination != config.destination;
+        if endpoints_changed {
+            tracing::warn!("source or destination settings changed; they take effect at the next restart of the daemon");
+        }
+        self.filter = config.namespace_filter();
+        self.settings = Arc::new(worker_settings(&config));
+        self.config = Arc::new(config);
+        // Workers for namespaces no longer in scope stop; their series go away.
+        let out_of_scope: Vec<Namespace> = self
+            .workers
+            .keys()
+            .filter(|ns| !self.filter.matches(&ns.db, &ns.coll))
+            .cloned()
+            .collect();
+        for ns in out_of_scope {
+            tracing::info!(namespace = %ns, "namespace no longer in scope after reload; stopping its worker");
+            self.remove_worker(&ns, false).await;
+        }
+        // Parked workers restart with the new settings.
+        let parked: Vec<Namespace> = self
+            .pipeline
+            .status
+            .snapshot()
+            .into_iter()
+            .filter(|(_, s)| s.state == WorkerState::Parked)
+            .filter_map(|(ns, _)| self.workers.keys().find(|k| k.to_string() == ns).cloned())
+            .collect();
+        for ns in parked {
+            if let Some(h) = self.workers.get(&ns) {
+                let _ = h.commands.try_send(WorkerCommand::ForceSync);
+            }
+        }
+        self.discover().await;
+        tracing::info!("configuration reloaded");
+    }
+}
+
+/// Restart policy of one runner.
+#[derive(Debug, Clone, Copy)]
+struct SupervisionPolicy {
+    max_restarts: u32,
+    max_backoff: Duration,
+    on_history_lost: OnHistoryLost,
+}
+
+/// Runs one namespace's worker, restarting it on failure (classified by [`policy`]), parking
+/// it when it keeps failing, re-copying on history loss.
+async fn supervise_worker(
+    ctx: WorkerContext,
+    stop: CancellationToken,
+    abort: CancellationToken,
+    mut commands: mpsc::Receiver<WorkerCommand>,
+    reports: mpsc::Sender<WorkerReport>,
+    rules: SupervisionPolicy,
+) {
+    let label = ctx.label();
+    let mut backoff = Backoff::new(
+        Duration::from_millis(crate::error::DEFAULT_BACKOFF_BASE_MS),
+        rules.max_backoff,
+    );
+    let mut failures = 0u32;
+    let mut recopy = false;
+    let mut history_lost_streak = 0u32;
+    loop {
+        let progress_before = ctx.progress.load(Ordering::Relaxed);
+        let outcome = AssertUnwindSafe(worker::run(&ctx, &stop, &abort, &mut commands, recopy))
+            .catch_unwind()
+            .await;
+        recopy = false;
+        let error = match outcome {
+            Ok(Ok(WorkerExit::Stopped)) => {
+                ctx.set_state_public(WorkerState::Stopped);
+                return;
+            }
+            Ok(Ok(WorkerExit::NamespaceGone)) => {
+                ctx.set_state_public(WorkerState::Stopped);
+                let _ = reports
+                    .send(WorkerReport::Gone { ns: ctx.ns.clone() })
+                    .await;
+                return;
+            }
+            Ok(Err(e)) => e,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                SyncError::new(
+                    ErrorKind::WorkerPanicked,
+                    format!("worker panicked: {what}"),
+                )
+            }
+        };
+        if stop.is_cancelled() && matches!(error.kind, ErrorKind::Cancelled) {
+            ctx.set_state_public(WorkerState::Stopped);
+            return;
+        }
+        if ctx.progress.load(Ordering::Relaxed) != progress_before {
+            failures = 0;
+            backoff.reset();
+        }
+        if ctx.caught_up.load(Ordering::Relaxed) {
+            history_lost_streak = 0;
+        }
+        let directive = policy(&error);
+        if !matches!(directive, RetryDirective::Stop) {
+            ctx.metrics.error(&label, error_label(error.kind));
+            ctx.status.update(&label, |s| {
+                s.last_error = Some(LastError {
+                    kind: error.kind.as_str().to_string(),
+                    message: error.to_string(),
+                    at: std::time::SystemTime::now(),
+                })
+            });
+        }
+        let park_reason: Option<(String, String)> = match directive {
+            RetryDirective::Stop => {
+                ctx.set_state_public(WorkerState::Stopped);
+                return;
+            }
+            RetryDirective::Fatal { exit_code } => {
+                let _ = reports
+                    .send(WorkerReport::Fatal {
+                        ns: ctx.ns.clone(),
+                        exit_code,
+                        error: error.to_string(),
+                    })
+                    .await;
+                ctx.set_state_public(WorkerState::Stopped);
+                return;
+            }
+            RetryDirective::Resync => {
+                if rules.on_history_lost == OnHistoryLost::Park {
+                    Some((
+                        "history_lost".into(),
+                        "the change stream's resume point fell off the source oplog; force-sync the namespace to re-copy it".into(),
+                    ))
+                } else if history_lost_streak >= MAX_HISTORY_LOST_RECOPIES {
+                    Some((
+                        "oplog_too_small".into(),
+                        format!(
+                            "history was lost {} times in a row: the source oplog window is shorter than a copy of this collection; enlarge the oplog, then force-sync",
+                            history_lost_streak + 1
+                        ),
+                    ))
+                } else {
+                    history_lost_streak += 1;
+                    tracing::warn!(namespace = %label, error = %error, streak = history_lost_streak, "change stream history lost; re-copying the namespace");
+                    recopy = true;
+                    ctx.metrics.worker_restart(&label);
+                    ctx.status.update(&label, |s| s.restarts += 1);
+                    None
+                }
+            }
+            RetryDirective::Backoff => {
+                failures += 1;
+                if failures > rules.max_restarts {
+                    Some((
+                        "max_restarts".into(),
+                        format!("the worker failed {failures} times in a row; last error: {error}; fix the cause, then force-sync or reload"),
+                    ))
+                } else {
+                    tracing::warn!(namespace = %label, error = %error, attempt = failures, "worker failed; restarting after backoff");
+                    ctx.set_state_public(WorkerState::Backoff);
+                    ctx.metrics.worker_restart(&label);
+                    ctx.status.update(&label, |s| s.restarts += 1);
+                    if !backoff.sleep(&stop).await {
+                        ctx.set_state_public(WorkerState::Stopped);
+                        return;
+                    }
+                    None
+                }
+            }
+            RetryDirective::Park { reason, solution } => Some((reason.to_string(), solution)),
+        };
+        if let Some((reason, solution)) = park_reason {
+            tracing::error!(namespace = %label, reason = %reason, error = %error, solution = %solution, "worker parked");
+            ctx.set_state_public(WorkerState::Parked);
+            ctx.status
+                .update(&label, |s| s.parked_reason = Some(reason.clone()));
+            // Parked: wait for a force-sync (or a reload) to try again, from a fresh copy.
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    cmd = commands.recv() => match cmd {
+                        Some(WorkerCommand::ForceSync) => break,
+                        None => return,
+                    },
+                }
+            }
+            tracing::info!(namespace = %label, "parked worker restarting with a fresh copy");
+            failures = 0;
+            history_lost_streak = 0;
+            backoff.reset();
+            recopy = true;
+        }
+    }
+}
