@@ -73,11 +73,8 @@ pub async fn validate(config: Config, options: ValidateOptions) -> ExitCode {
 }
 
 /// `mongo-syncd demo`: two simulators, sample data, live writes, synced.
-#[allow(clippy::unused_async, reason = "filled in by the demo module")]
 pub async fn demo(options: DemoOptions) -> ExitCode {
-    let _ = options;
-    tracing::error!(command = "demo", "not wired yet");
-    ExitCode::from(exit::RUNTIME_FAILURE)
+    crate::demo::run(options).await
 }
 
 fn exit_code_for(err: &SyncError) -> u8 {
