@@ -274,6 +274,7 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
         Arc::clone(&status),
         beat_cancel.clone(),
     );
+    crate::telemetry::spawn_progress_log(Arc::clone(&status), beat_cancel.clone());
     notify::ready("connected; starting workers");
     tracing::info!(http = %http_addr, sync_id = %config.sync.id, "running");
     if let Some(tx) = options.on_ready {
