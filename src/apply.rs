@@ -117,6 +117,29 @@ fn cstr_key(s: &str) -> Result<&bson::raw::CStr, SyncError> {
     })
 }
 
+/// The order in which update operators process paths (MongoDB 5.0+): component by
+/// component, numeric names numerically, other names lexicographically.
+fn update_path_order(a: &str, b: &str) -> std::cmp::Ordering {
+    let mut ai = a.split('.');
+    let mut bi = b.split('.');
+    loop {
+        match (ai.next(), bi.next()) {
+            (None, None) => return std::cmp::Ordering::Equal,
+            (None, Some(_)) => return std::cmp::Ordering::Less,
+            (Some(_), None) => return std::cmp::Ordering::Greater,
+            (Some(x), Some(y)) => {
+                let o = match (x.parse::<u64>(), y.parse::<u64>()) {
+                    (Ok(p), Ok(q)) => p.cmp(&q),
+                    _ => x.cmp(y),
+                };
+                if o.is_ne() {
+                    return o;
+                }
+            }
+        }
+    }
+}
+
 fn paths_overlap(a: &str, b: &str) -> bool {
     a == b
         || (a.len() > b.len() && a.starts_with(b) && a.as_bytes()[b.len()] == b'.')
@@ -159,7 +182,12 @@ impl Queues {
                     let overlap = new_paths
                         .clone()
                         .any(|n| old_paths.iter().any(|o| paths_overlap(n, o)));
-                    if !overlap {
+                    // `$set` appends new fields in field-name order: merging two deltas would
+                    // reorder new fields unless every earlier path sorts before every later one.
+                    let order_safe = prev_set
+                        .iter()
+                        .all(|(o, _)| set.iter().all(|(n, _)| update_path_order(o, n).is_lt()));
+                    if !overlap && order_safe {
                         prev_set.extend(set.iter().cloned());
                         prev_unset.extend(unset.iter().cloned());
                         *prev_event = event;
@@ -643,7 +671,7 @@ impl Applier {
                 .get("_id")
                 .ok()
                 .flatten()
-                .map(|v| RawBson::from(v))
+                .map(RawBson::from)
                 .ok_or_else(|| SyncError::new(ErrorKind::SourceRead, "document without _id"))?;
             statements.push(rawdoc! {"q": {"_id": id}, "u": d.clone(), "upsert": true});
         }
@@ -655,7 +683,7 @@ impl Applier {
                     .get("_id")
                     .ok()
                     .flatten()
-                    .map(|v| RawBson::from(v))
+                    .map(RawBson::from)
                     .unwrap_or(RawBson::Null);
                 let id = Bson::try_from(id).unwrap_or(Bson::Null);
                 tracing::warn!(namespace = %self.label, code, "destination rejected a copied document; recorded as a dead letter");
@@ -814,6 +842,10 @@ mod tests {
         q.push(RawBson::Int32(1), delta(&["a.b"], &[]), 0);
         q.push(RawBson::Int32(1), delta(&["a.c"], &["x"]), 1);
         assert_eq!(q.rounds(), 1);
+        // `txn` then `bulk` must not merge: one $set would append them as bulk, txn.
+        q.push(RawBson::Int32(2), delta(&["txn"], &[]), 2);
+        q.push(RawBson::Int32(2), delta(&["bulk"], &[]), 3);
+        assert_eq!(q.by_key[&q.order[1]].1.len(), 2);
         q.push(RawBson::Int32(1), delta(&["a"], &[]), 2);
         assert_eq!(q.rounds(), 2);
         q.push(
@@ -832,6 +864,14 @@ mod tests {
         q.push(RawBson::Double(1.0), upsert(3), 2);
         q.push(RawBson::String("1".into()), upsert(3), 3);
         assert_eq!(q.order.len(), 2);
+    }
+
+    #[test]
+    fn update_paths_sort_like_the_server() {
+        assert!(update_path_order("a", "b").is_lt());
+        assert!(update_path_order("a.9", "a.10").is_lt());
+        assert!(update_path_order("a", "a.b").is_lt());
+        assert!(update_path_order("b", "a.z").is_gt());
     }
 
     #[test]

@@ -161,7 +161,7 @@ impl Supervisor {
                 _ = shutdown.cancelled() => break,
                 ctrl = control.recv() => match ctrl {
                     None | Some(Control::Shutdown) => break,
-                    Some(Control::ForceSync { namespaces, trigger }) => self.force_sync(&namespaces, trigger).await,
+                    Some(Control::ForceSync { namespaces, trigger }) => self.force_sync(&namespaces, trigger),
                     Some(Control::Reload(cfg)) => self.reload(*cfg).await,
                     Some(Control::Validate { namespaces }) => self.validate(&namespaces),
                 },
@@ -171,7 +171,7 @@ impl Supervisor {
                         exit_code = code;
                         break;
                     }
-                    WorkerReport::Gone { ns } => self.remove_worker(&ns, false).await,
+                    WorkerReport::Gone { ns } => self.remove_worker(&ns, false),
                 },
                 _ = discovery.tick() => self.discover().await,
                 _ = clock.tick() => self.sample_cluster_time().await,
@@ -294,7 +294,7 @@ impl Supervisor {
                 Some(h) if h.uuid == coll.uuid || coll.uuid.is_none() => {}
                 Some(_) => {
                     tracing::info!(namespace = %coll.ns, "collection was recreated on the source; restarting its worker");
-                    self.remove_worker(&coll.ns, false).await;
+                    self.remove_worker(&coll.ns, false);
                     self.spawn_worker(coll);
                 }
                 None => self.spawn_worker(coll),
@@ -354,7 +354,7 @@ impl Supervisor {
     }
 
     /// Stops a worker; `forget` also deletes its metrics series and status.
-    async fn remove_worker(&mut self, ns: &Namespace, keep_series: bool) {
+    fn remove_worker(&mut self, ns: &Namespace, keep_series: bool) {
         if let Some(h) = self.workers.remove(ns) {
             h.stop.cancel();
             // Give it the shutdown deadline to drain, then abort.
@@ -372,14 +372,13 @@ impl Supervisor {
         }
     }
 
-    async fn force_sync(&mut self, namespaces: &[String], trigger: Trigger) {
+    fn force_sync(&mut self, namespaces: &[String], trigger: Trigger) {
         self.pipeline.metrics.force_sync(trigger);
         let mut count = 0;
         for (ns, h) in &self.workers {
-            if namespaces.is_empty() || namespaces.iter().any(|n| *n == ns.to_string()) {
-                if h.commands.try_send(WorkerCommand::ForceSync).is_ok() {
-                    count += 1;
-                }
+            let chosen = namespaces.is_empty() || namespaces.iter().any(|n| *n == ns.to_string());
+            if chosen && h.commands.try_send(WorkerCommand::ForceSync).is_ok() {
+                count += 1;
             }
         }
         tracing::info!(trigger = %trigger.as_str(), namespaces = count, "force-sync requested");
@@ -408,7 +407,7 @@ impl Supervisor {
             .collect();
         for ns in out_of_scope {
             tracing::info!(namespace = %ns, "namespace no longer in scope after reload; stopping its worker");
-            self.remove_worker(&ns, false).await;
+            self.remove_worker(&ns, false);
         }
         // Parked workers restart with the new settings.
         let parked: Vec<Namespace> = self
@@ -574,14 +573,12 @@ async fn supervise_worker(
             ctx.status
                 .update(&label, |s| s.parked_reason = Some(reason.clone()));
             // Parked: wait for a force-sync (or a reload) to try again, from a fresh copy.
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    cmd = commands.recv() => match cmd {
-                        Some(WorkerCommand::ForceSync) => break,
-                        None => return,
-                    },
-                }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                cmd = commands.recv() => match cmd {
+                    Some(WorkerCommand::ForceSync) => {}
+                    None => return,
+                },
             }
             tracing::info!(namespace = %label, "parked worker restarting with a fresh copy");
             failures = 0;

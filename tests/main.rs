@@ -1,5 +1,8 @@
 //! The single integration-test binary (STYLE convention 15): one link step, shared helpers.
 
 mod config_cli;
+mod ddl;
+mod faults;
 mod replication;
+mod resume;
 mod support;
