@@ -3,6 +3,7 @@
 mod config_cli;
 mod ddl;
 mod faults;
+mod lifecycle;
 mod replication;
 mod resume;
 mod support;
