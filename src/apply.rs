@@ -295,6 +295,8 @@ pub struct Applier {
     metrics: Metrics,
     sync_id: String,
     update_mode: UpdateMode,
+    /// Bounds each bulk command (`destination.socket_timeout_ms`).
+    op_timeout: Option<std::time::Duration>,
 }
 
 fn write_error(context: &str, e: mongodb::error::Error) -> SyncError {
@@ -312,6 +314,7 @@ impl Applier {
         metrics: Metrics,
         sync_id: String,
         update_mode: UpdateMode,
+        op_timeout: Option<std::time::Duration>,
     ) -> Applier {
         Applier {
             label: source_ns.to_string(),
@@ -323,6 +326,7 @@ impl Applier {
             metrics,
             sync_id,
             update_mode,
+            op_timeout,
         }
     }
 
@@ -768,11 +772,24 @@ impl Applier {
                 rawdoc! {"w": "majority", "j": true},
             );
             let started = Instant::now();
-            let reply = self
-                .dest_db
-                .run_raw_command(cmd)
-                .await
-                .map_err(|e| write_error(&format!("writing to {}", self.target), e))?;
+            let run = self.dest_db.run_raw_command(cmd);
+            let reply = match self.op_timeout {
+                None => run.await,
+                Some(limit) => match tokio::time::timeout(limit, run).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        return Err(SyncError::new(
+                            ErrorKind::DestinationConnection,
+                            format!(
+                                "a bulk write to {} timed out after {} ms (destination.socket_timeout_ms)",
+                                self.target,
+                                limit.as_millis()
+                            ),
+                        ))
+                    }
+                },
+            }
+            .map_err(|e| write_error(&format!("writing to {}", self.target), e))?;
             tracing::trace!(namespace = %self.label, statements = end - start, elapsed_ms = started.elapsed().as_millis() as u64, "bulk {command}");
             if let Ok(wce) = reply.get_document("writeConcernError") {
                 return Err(SyncError::new(

@@ -110,6 +110,7 @@ pub fn worker_settings(config: &Config) -> WorkerSettings {
             .sync
             .start_at_operation_time
             .map(|t| t.to_timestamp()),
+        destination_timeout: config.destination.socket_timeout(),
     }
 }
 

@@ -50,6 +50,8 @@ pub struct WorkerSettings {
     pub checkpoint_interval: Duration,
     pub initial_copy: InitialCopy,
     pub start_at_operation_time: Option<Timestamp>,
+    /// `destination.socket_timeout_ms`: bounds every destination write.
+    pub destination_timeout: Option<Duration>,
 }
 
 /// Everything one namespace worker needs.
@@ -122,6 +124,7 @@ impl WorkerContext {
             self.metrics.clone(),
             self.settings.sync_id.clone(),
             self.settings.update_mode,
+            self.settings.destination_timeout,
         )
     }
 
