@@ -234,6 +234,32 @@ impl Source {
         Ok((out, skipped))
     }
 
+    /// A collection's current `listCollections` options (`None` if it does not exist).
+    pub async fn collection_options(&self, ns: &Namespace) -> Result<Option<Document>, SyncError> {
+        let specs: Vec<Document> = self
+            .client
+            .database(&ns.db)
+            .run_cursor_command(doc! {"listCollections": 1, "filter": {"name": ns.coll.clone()}})
+            .await
+            .map_err(|e| read_error(format!("reading the options of {ns}"), e))?
+            .try_collect()
+            .await
+            .map_err(|e| read_error(format!("reading the options of {ns}"), e))?;
+        Ok(specs
+            .first()
+            .map(|s| s.get_document("options").cloned().unwrap_or_default()))
+    }
+
+    /// Turns on `changeStreamPreAndPostImages` for a collection (`conflict.enable_pre_images`).
+    pub async fn enable_pre_and_post_images(&self, ns: &Namespace) -> Result<(), SyncError> {
+        self.client
+            .database(&ns.db)
+            .run_command(doc! {"collMod": ns.coll.clone(), "changeStreamPreAndPostImages": {"enabled": true}})
+            .await
+            .map_err(|e| read_error(format!("enabling pre- and post-images on {ns}"), e))?;
+        Ok(())
+    }
+
     pub async fn list_indexes(&self, ns: &Namespace) -> Result<Vec<Document>, SyncError> {
         let cursor = self
             .client

@@ -17,6 +17,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     checkpoint::CheckpointStore,
     config::{Config, NamespaceFilter, OnHistoryLost},
+    conflict::ConflictSettings,
     error::{policy, Backoff, ErrorKind, RetryDirective, SyncError},
     metadata::Metadata,
     metrics::{ErrorKindLabel, Metrics, Trigger, WorkerState},
@@ -324,7 +325,22 @@ impl Supervisor {
             settings: Arc::clone(&self.settings),
             progress: Default::default(),
             caught_up: Default::default(),
+            conflict: {
+                let (policy, field) = self.config.conflict_for(&coll.ns.db, &coll.ns.coll);
+                ConflictSettings {
+                    policy,
+                    field,
+                    journal: self.config.conflict.journal,
+                }
+            },
+            enable_pre_images: self.config.conflict.enable_pre_images,
+            images_enabled: Default::default(),
         };
+        if ctx.conflict.detects_conflicts() {
+            self.pipeline
+                .metrics
+                .register_conflict_policy(&label, ctx.conflict.label());
+        }
         let (cmd_tx, cmd_rx) = mpsc::channel(8);
         let stop = self.stop.child_token();
         let abort = self.abort.child_token();
