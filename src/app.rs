@@ -177,7 +177,7 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
             return exit_code_for(&e);
         }
     };
-    let source = Source::new(source_client);
+    let source = Source::new(source_client, config.source.socket_timeout());
     let source_hosts = status.source_hosts.read().clone();
     let dest_hosts = status.destination_hosts.read().clone();
     let identity = match wait_for("source", &source_hosts, &shutdown, || source.identity()).await {

@@ -847,7 +847,7 @@ async fn finish(
     interrupted: &CancellationToken,
 ) -> Verdict {
     let waiting = Instant::now();
-    let target = match Source::new(src.clone()).cluster_time().await {
+    let target = match Source::new(src.clone(), None).cluster_time().await {
         Ok(t) => t,
         Err(e) => {
             return Verdict::Different(vec![format!("cannot read the source cluster time: {e}")])

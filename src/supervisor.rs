@@ -18,6 +18,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     checkpoint::CheckpointStore,
     config::{Config, NamespaceFilter, OnHistoryLost},
+    conflict::ConflictSettings,
     error::{policy, Backoff, ErrorKind, RetryDirective, SyncError},
     metadata::Metadata,
     metrics::{ErrorKindLabel, Metrics, Trigger, WorkerState},
@@ -34,8 +35,7 @@ pub const CLUSTER_TIME_INTERVAL: Duration = Duration::from_secs(5);
 /// disconnected after this long, not after `serverSelectionTimeoutMS`.
 pub const SUPERVISOR_IO_TIMEOUT: Duration = Duration::from_secs(3);
 /// Bound on one listing of the source's namespaces (several round trips on a large deployment).
-/// The longest the loop waits in one step, so it must stay well below `http::HEALTHZ_STALL`
-/// and the unit's `WatchdogSec`.
+/// Listings run beside the supervisor loop; only a reload waits for one.
 pub const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(10);
 /// After this many consecutive history-lost re-copies a namespace is parked.
 pub const MAX_HISTORY_LOST_RECOPIES: u32 = 2;
@@ -118,6 +118,7 @@ pub fn worker_settings(config: &Config) -> WorkerSettings {
             .sync
             .start_at_operation_time
             .map(|t| t.to_timestamp()),
+        destination_timeout: config.destination.socket_timeout(),
     }
 }
 
@@ -184,7 +185,7 @@ impl Supervisor {
                 _ = shutdown.cancelled() => break,
                 ctrl = control.recv() => match ctrl {
                     None | Some(Control::Shutdown) => break,
-                    Some(Control::ForceSync { namespaces, trigger }) => self.force_sync(&namespaces, trigger).await,
+                    Some(Control::ForceSync { namespaces, trigger }) => self.force_sync(&namespaces, trigger),
                     Some(Control::Reload(cfg)) => self.reload(*cfg).await,
                     Some(Control::Validate { namespaces }) => self.validate(&namespaces),
                 },
@@ -194,7 +195,7 @@ impl Supervisor {
                         exit_code = code;
                         break;
                     }
-                    WorkerReport::Gone { ns } => self.remove_worker(&ns, false).await,
+                    WorkerReport::Gone { ns } => self.remove_worker(&ns, false),
                 },
                 // Network round trips run in their own tasks: an unreachable cluster never
                 // holds this loop (and with it /healthz and the systemd watchdog).
@@ -205,7 +206,7 @@ impl Supervisor {
                 done = async { listing.as_mut().expect("guarded by the branch condition").await }, if listing.is_some() => {
                     listing = None;
                     match done {
-                        Ok(found) => self.apply_listing(found).await,
+                        Ok(found) => self.apply_listing(found),
                         Err(e) => tracing::error!(error = %e, "listing the source failed unexpectedly"),
                     }
                 }
@@ -323,11 +324,11 @@ impl Supervisor {
     /// recreated with a new UUID).
     async fn discover(&mut self) {
         let found = list_source(&self.pipeline.source).await;
-        self.apply_listing(found).await;
+        self.apply_listing(found);
     }
 
     /// Starts workers for the namespaces of a listing (see [`Supervisor::discover`]).
-    async fn apply_listing(&mut self, found: Listing) {
+    fn apply_listing(&mut self, found: Listing) {
         let (collections, skipped) = match found {
             Ok(found) => found,
             Err(e) => {
@@ -348,7 +349,7 @@ impl Supervisor {
                 Some(h) if h.uuid == coll.uuid || coll.uuid.is_none() => {}
                 Some(_) => {
                     tracing::info!(namespace = %coll.ns, "collection was recreated on the source; restarting its worker");
-                    self.remove_worker(&coll.ns, false).await;
+                    self.remove_worker(&coll.ns, false);
                     self.spawn_worker(coll);
                 }
                 None => self.spawn_worker(coll),
@@ -379,7 +380,22 @@ impl Supervisor {
             settings: Arc::clone(&self.settings),
             progress: Default::default(),
             caught_up: Default::default(),
+            conflict: {
+                let (policy, field) = self.config.conflict_for(&coll.ns.db, &coll.ns.coll);
+                ConflictSettings {
+                    policy,
+                    field,
+                    journal: self.config.conflict.journal,
+                }
+            },
+            enable_pre_images: self.config.conflict.enable_pre_images,
+            images_enabled: Default::default(),
         };
+        if ctx.conflict.detects_conflicts() {
+            self.pipeline
+                .metrics
+                .register_conflict_policy(&label, ctx.conflict.label());
+        }
         let (cmd_tx, cmd_rx) = mpsc::channel(8);
         let stop = self.stop.child_token();
         let abort = self.abort.child_token();
@@ -410,7 +426,7 @@ impl Supervisor {
     }
 
     /// Stops a worker; `forget` also deletes its metrics series and status.
-    async fn remove_worker(&mut self, ns: &Namespace, keep_series: bool) {
+    fn remove_worker(&mut self, ns: &Namespace, keep_series: bool) {
         if let Some(h) = self.workers.remove(ns) {
             h.stop.cancel();
             // Give it the shutdown deadline to drain, then abort.
@@ -428,14 +444,13 @@ impl Supervisor {
         }
     }
 
-    async fn force_sync(&mut self, namespaces: &[String], trigger: Trigger) {
+    fn force_sync(&mut self, namespaces: &[String], trigger: Trigger) {
         self.pipeline.metrics.force_sync(trigger);
         let mut count = 0;
         for (ns, h) in &self.workers {
-            if namespaces.is_empty() || namespaces.iter().any(|n| *n == ns.to_string()) {
-                if h.commands.try_send(WorkerCommand::ForceSync).is_ok() {
-                    count += 1;
-                }
+            let chosen = namespaces.is_empty() || namespaces.iter().any(|n| *n == ns.to_string());
+            if chosen && h.commands.try_send(WorkerCommand::ForceSync).is_ok() {
+                count += 1;
             }
         }
         tracing::info!(trigger = %trigger.as_str(), namespaces = count, "force-sync requested");
@@ -464,7 +479,7 @@ impl Supervisor {
             .collect();
         for ns in out_of_scope {
             tracing::info!(namespace = %ns, "namespace no longer in scope after reload; stopping its worker");
-            self.remove_worker(&ns, false).await;
+            self.remove_worker(&ns, false);
         }
         // Parked workers restart with the new settings.
         let parked: Vec<Namespace> = self
@@ -665,14 +680,12 @@ async fn supervise_worker(
             ctx.status
                 .update(&label, |s| s.parked_reason = Some(reason.clone()));
             // Parked: wait for a force-sync (or a reload) to try again, from a fresh copy.
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    cmd = commands.recv() => match cmd {
-                        Some(WorkerCommand::ForceSync) => break,
-                        None => return,
-                    },
-                }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                cmd = commands.recv() => match cmd {
+                    Some(WorkerCommand::ForceSync) => {}
+                    None => return,
+                },
             }
             tracing::info!(namespace = %label, "parked worker restarting with a fresh copy");
             failures = 0;

@@ -138,6 +138,20 @@ impl Daemon {
         }
     }
 
+    /// Starts the daemon with a config already written to `dir/mongo-syncd.toml`.
+    pub fn start_with_config(dir: &Path, http_port: u16) -> Daemon {
+        let mut d = Daemon {
+            child: None,
+            dir: dir.to_path_buf(),
+            config_path: dir.join("mongo-syncd.toml"),
+            http: format!("127.0.0.1:{http_port}").parse().unwrap(),
+            log_path: dir.join("daemon-0.log"),
+            runs: 0,
+        };
+        d.spawn(&[]);
+        d
+    }
+
     /// (Re)starts the process with the same config.
     pub fn spawn(&mut self, extra_args: &[&str]) {
         self.spawn_with_env(extra_args, &[]);

@@ -69,6 +69,13 @@ impl SimBuilder {
         self
     }
 
+    /// Delays every reply by `delay`, imitating a network round trip, so benchmarks can
+    /// compare clients under realistic latency.
+    pub fn reply_delay(mut self, delay: Duration) -> Self {
+        self.config.reply_delay = delay;
+        self
+    }
+
     pub fn max_wire_version(mut self, v: i32) -> Self {
         self.config.max_wire_version = v;
         self
@@ -380,6 +387,9 @@ async fn serve_connection(
                 }
             }
         };
+        if !engine.config.reply_delay.is_zero() {
+            tokio::time::sleep(engine.config.reply_delay).await;
+        }
         let written = tokio::select! {
             _ = cancel.cancelled() => return,
             w = write.write_all(&reply) => w,

@@ -31,6 +31,9 @@ struct Args {
     /// Interval of the periodic no-op writes in seconds.
     #[arg(long, default_value_t = 10)]
     noop_interval_seconds: u64,
+    /// Delay every reply by this many milliseconds (imitates a network round trip).
+    #[arg(long, default_value_t = 0)]
+    reply_delay_ms: u64,
 }
 
 #[tokio::main]
@@ -50,6 +53,7 @@ async fn main() -> std::process::ExitCode {
         .oplog_max_events(args.oplog_max_events)
         .ttl_interval(Duration::from_secs(args.ttl_interval_seconds.max(1)))
         .noop_interval(Duration::from_secs(args.noop_interval_seconds.max(1)))
+        .reply_delay(Duration::from_millis(args.reply_delay_ms))
         .start()
         .await
     {

@@ -1,5 +1,7 @@
 //! `insert`, `update`, `delete`, `findAndModify`.
 
+use std::sync::Arc;
+
 use bson::{doc, Bson, Document};
 
 use super::{coll_arg, int_arg, Ctx};
@@ -163,7 +165,7 @@ pub fn matching(coll: &Collection, matcher: &Matcher, limit: Option<usize>) -> V
     let mut out = Vec::new();
     for (_, d) in coll.docs.iter() {
         if matcher.matches(d) {
-            out.push(d.clone());
+            out.push(Arc::clone(d));
             if limit.is_some_and(|l| out.len() >= l) {
                 break;
             }
