@@ -399,7 +399,13 @@ impl ChangeStreamCursor {
             let Some(entry) = data.oplog.after(self.position).next() else {
                 break;
             };
-            let events = self.events_for(entry, data)?;
+            let events = match self.events_for(entry, data) {
+                Ok(events) => events,
+                // Like a real server, return what the batch already holds; the failing entry
+                // is met again (and fails) on the next getMore.
+                Err(_) if !out.is_empty() => break,
+                Err(e) => return Err(e),
+            };
             self.position = entry.seq;
             self.scanned_ts = entry.ts;
             for e in events {

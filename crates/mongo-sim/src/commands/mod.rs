@@ -58,6 +58,8 @@ pub struct Ctx<'a> {
     pub name: String,
     pub cmd: &'a Document,
     pub session: Option<SessionArgs>,
+    /// Set by `onPrimaryTransactionalWrite`: close the connection instead of replying.
+    pub close_after_reply: std::sync::atomic::AtomicBool,
 }
 
 const RETRYABLE_WRITE_COMMANDS: &[&str] = &[
@@ -195,7 +197,11 @@ pub fn error_reply(engine: &Engine, err: &CommandError, labels: &[String]) -> Do
         "ok": 0.0,
         "errmsg": err.message.clone(),
         "code": err.code,
-        "codeName": if err.code_name.is_empty() { code_name(err.code) } else { err.code_name },
+        "codeName": match (err.code_name, code_name(err.code)) {
+            ("", "") => format!("Location{}", err.code),
+            ("", known) => known.to_string(),
+            (name, _) => name.to_string(),
+        },
     };
     if let Some(extra) = &err.extra {
         for (k, v) in extra {
@@ -347,6 +353,7 @@ pub async fn execute(engine: &Arc<Engine>, conn: &ConnInfo, cmd: Document) -> Ou
         name: name.clone(),
         cmd: &cmd,
         session,
+        close_after_reply: std::sync::atomic::AtomicBool::new(false),
     };
     let change_stream_cmd = is_change_stream_command(engine, &name, &cmd);
     if let Some(a) = &action {
@@ -367,6 +374,13 @@ pub async fn execute(engine: &Arc<Engine>, conn: &ConnInfo, cmd: Document) -> Ou
     }
     let wce = action.as_ref().and_then(|a| a.write_concern_error.clone());
     let result = run(&ctx, change_stream_cmd).await;
+    if ctx
+        .close_after_reply
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        // The write is applied and recorded; the acknowledgement is lost.
+        return Outcome::Close;
+    }
     match result {
         Ok(body) => {
             let mut reply = finish_reply(engine, body);
@@ -449,7 +463,24 @@ async fn run(ctx: &Ctx<'_>, change_stream_cmd: bool) -> CommandResult<Document> 
             return Ok(reply);
         }
     }
+    let txn_write_action = match &retryable {
+        Some(_) => ctx.engine.failpoints.lock().evaluate_transactional_write(),
+        None => None,
+    };
+    if let Some(code) = txn_write_action
+        .as_ref()
+        .and_then(|a| a.fail_before_commit_code)
+    {
+        return Err(CommandError::new(
+            code,
+            "Failing write via 'onPrimaryTransactionalWrite' failpoint",
+        ));
+    }
     let result = dispatch(ctx).await;
+    if result.is_ok() && txn_write_action.is_some_and(|a| a.close_connection) {
+        ctx.close_after_reply
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     if let (Some(s), Ok(reply)) = (&retryable, &result) {
         let txn_number = s.txn_number.expect("filtered");
         ctx.engine
