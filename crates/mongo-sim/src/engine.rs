@@ -33,6 +33,8 @@ pub struct SimConfig {
     pub noop_interval: std::time::Duration,
     /// Interval of the TTL monitor (real servers: 60 s).
     pub ttl_interval: std::time::Duration,
+    /// The one user of `--auth-user`/`--auth-password`; `None` runs without authentication.
+    pub auth: Option<crate::auth::Credential>,
 }
 
 impl Default for SimConfig {
@@ -43,6 +45,7 @@ impl Default for SimConfig {
             max_wire_version: 21,
             noop_interval: std::time::Duration::from_secs(10),
             ttl_interval: std::time::Duration::from_secs(60),
+            auth: None,
         }
     }
 }

@@ -25,6 +25,7 @@ pub use admin::hello_reply;
 pub struct ConnInfo {
     pub id: i32,
     pub app_name: Option<String>,
+    pub auth: crate::auth::ConnAuth,
 }
 
 /// What the connection should do with the outcome of a command.
@@ -321,7 +322,7 @@ fn command_namespace(db: &str, name: &str, cmd: &Document) -> Option<String> {
 }
 
 /// Executes one command and builds its reply.
-pub async fn execute(engine: &Arc<Engine>, conn: &ConnInfo, cmd: Document) -> Outcome {
+pub async fn execute(engine: &Arc<Engine>, conn: &mut ConnInfo, cmd: Document) -> Outcome {
     let Some(name) = cmd.keys().next().cloned() else {
         let e = CommandError::new(codes::FAILED_TO_PARSE, "empty command");
         return Outcome::Reply(error_reply(engine, &e, &[]));
@@ -333,6 +334,35 @@ pub async fn execute(engine: &Arc<Engine>, conn: &ConnInfo, cmd: Document) -> Ou
             return Outcome::Reply(error_reply(engine, &e, &[]));
         }
     };
+    // Authentication: the SASL conversation, then the gate for everything else.
+    if name == "saslStart" || name == "saslContinue" {
+        let result = match &engine.config.auth {
+            None => Err(CommandError::new(
+                crate::auth::AUTHENTICATION_FAILED,
+                "Authentication failed.",
+            )),
+            Some(cred) if name == "saslStart" => conn.auth.sasl_start(cred, &db, &cmd),
+            Some(cred) => conn.auth.sasl_continue(cred, &cmd),
+        };
+        return Outcome::Reply(match result {
+            Ok(body) => finish_reply(engine, body),
+            Err(e) => {
+                tracing::info!(connection = conn.id, error = %e, "authentication failed");
+                error_reply(engine, &e, &[])
+            }
+        });
+    }
+    if engine.config.auth.is_some()
+        && !conn.auth.is_authenticated()
+        && !crate::auth::UNAUTHENTICATED_COMMANDS.contains(&name.as_str())
+    {
+        let e = CommandError::new(
+            codes::UNAUTHORIZED,
+            format!("Command {name} requires authentication"),
+        );
+        return Outcome::Reply(error_reply(engine, &e, &[]));
+    }
+    let conn: &ConnInfo = conn;
     // Fail points first: `configureFailPoint` itself is never failed.
     let mut action: Option<Action> = None;
     if name != "configureFailPoint" {
@@ -509,7 +539,19 @@ async fn dispatch(ctx: &Ctx<'_>) -> CommandResult<Document> {
         "replSetGetConfig" => admin::repl_set_get_config(ctx.engine),
         "replSetGetStatus" => Ok(admin::repl_set_get_status(ctx.engine)),
         "connectionStatus" => {
-            Ok(doc! {"authInfo": {"authenticatedUsers": [], "authenticatedUserRoles": []}})
+            let users: Vec<Document> = ctx
+                .conn
+                .auth
+                .user
+                .iter()
+                .map(|u| doc! {"user": u.clone(), "db": "admin"})
+                .collect();
+            let roles: Vec<Document> = if users.is_empty() {
+                Vec::new()
+            } else {
+                vec![doc! {"role": "root", "db": "admin"}]
+            };
+            Ok(doc! {"authInfo": {"authenticatedUsers": users, "authenticatedUserRoles": roles}})
         }
         "whatsmyuri" => Ok(doc! {"you": "127.0.0.1"}),
         "endSessions" => admin::end_sessions(ctx),

@@ -1,6 +1,7 @@
 //! Conformance tests of mongo-sim through the real `mongodb` driver over TCP, plus raw-socket
 //! wire-protocol tests. One binary, one module per command family.
 
+mod auth;
 mod change_streams;
 mod common;
 mod crud;
