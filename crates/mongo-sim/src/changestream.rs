@@ -15,7 +15,7 @@ use crate::{
     query::{
         aggregate::{run_pipeline, PipelineContext},
         path::PathPart,
-        update::{diff_documents, dotted, UpdateDescription},
+        update::{dotted, UpdateDescription},
     },
     store::{bson_size, Namespace, MAX_BSON_OBJECT_SIZE},
 };
@@ -475,7 +475,11 @@ impl ChangeStreamCursor {
                         raw.push(e);
                     }
                     OplogOp::Update {
-                        uuid, pre, post, ..
+                        uuid,
+                        pre,
+                        post,
+                        description,
+                        ..
                     } => {
                         let mut e =
                             self.base_event(entry, "update", ns_doc, expanded.then_some(*uuid));
@@ -486,7 +490,7 @@ impl ChangeStreamCursor {
                         );
                         e.insert(
                             "updateDescription",
-                            update_description(&diff_documents(pre, post), expanded),
+                            update_description(description, expanded),
                         );
                         self.add_before_change(&mut e, entry, pre)?;
                         raw.push(e);
@@ -604,7 +608,10 @@ impl ChangeStreamCursor {
                 run_pipeline(
                     vec![e],
                     &self.spec.post_stages,
-                    &PipelineContext { now: entry.wall },
+                    &PipelineContext {
+                        now: entry.wall,
+                        cluster_time: Some(entry.ts),
+                    },
                 )?
             };
             for t in transformed {

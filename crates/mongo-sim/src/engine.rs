@@ -184,11 +184,16 @@ pub fn change_to_op(coll: &Collection, change: DocChange) -> OplogOp {
     let uuid = coll.uuid;
     match change {
         DocChange::Insert { doc } => OplogOp::Insert { ns, uuid, doc },
-        DocChange::Update { pre, post } => OplogOp::Update {
+        DocChange::Update {
+            pre,
+            post,
+            description,
+        } => OplogOp::Update {
             ns,
             uuid,
             pre,
             post,
+            description,
         },
         DocChange::Replace { pre, post } => OplogOp::Replace {
             ns,

@@ -76,6 +76,7 @@ pub enum OplogOp {
         uuid: bson::Uuid,
         pre: DocRef,
         post: DocRef,
+        description: std::sync::Arc<crate::query::update::UpdateDescription>,
     },
     Replace {
         ns: Namespace,

@@ -297,9 +297,15 @@ pub fn commit(data: &mut Data, key: &[u8], lsid: &Document, txn_number: i64) -> 
                     let c = slot.as_mut().ok_or_else(write_conflict)?;
                     c.insert((**doc).clone(), true)?;
                 }
-                OplogOp::Update { post, .. } | OplogOp::Replace { post, .. } => {
+                OplogOp::Update {
+                    post, description, ..
+                } => {
                     let c = slot.as_mut().ok_or_else(write_conflict)?;
-                    c.replace((**post).clone(), true, true)?;
+                    c.replace((**post).clone(), Some((**description).clone()), true)?;
+                }
+                OplogOp::Replace { post, .. } => {
+                    let c = slot.as_mut().ok_or_else(write_conflict)?;
+                    c.replace((**post).clone(), None, true)?;
                 }
                 OplogOp::Delete { pre, .. } => {
                     let c = slot.as_mut().ok_or_else(write_conflict)?;

@@ -9,7 +9,7 @@ use bson::{doc, Bson, Document};
 
 use crate::{
     error::{codes, CommandError, CommandResult},
-    query::{compare::IdKey, matcher::Matcher},
+    query::{compare::IdKey, matcher::Matcher, update::UpdateDescription},
     schema::Validator,
 };
 
@@ -294,10 +294,21 @@ pub struct Collection {
 /// A write that happened to a collection, for the oplog.
 #[derive(Clone, Debug)]
 pub enum DocChange {
-    Insert { doc: DocRef },
-    Update { pre: DocRef, post: DocRef },
-    Replace { pre: DocRef, post: DocRef },
-    Delete { pre: DocRef },
+    Insert {
+        doc: DocRef,
+    },
+    Update {
+        pre: DocRef,
+        post: DocRef,
+        description: Arc<UpdateDescription>,
+    },
+    Replace {
+        pre: DocRef,
+        post: DocRef,
+    },
+    Delete {
+        pre: DocRef,
+    },
 }
 
 impl Collection {
@@ -436,7 +447,7 @@ impl Collection {
     pub fn replace(
         &mut self,
         new: Document,
-        as_update: bool,
+        description: Option<UpdateDescription>,
         bypass_validation: bool,
     ) -> CommandResult<DocChange> {
         let id = IdKey(new.get("_id").cloned().unwrap_or(Bson::Null));
@@ -456,8 +467,12 @@ impl Collection {
         }
         let post = Arc::new(new);
         self.docs.insert(id, Arc::clone(&post));
-        Ok(if as_update {
-            DocChange::Update { pre, post }
+        Ok(if let Some(description) = description {
+            DocChange::Update {
+                pre,
+                post,
+                description: Arc::new(description),
+            }
         } else {
             DocChange::Replace { pre, post }
         })

@@ -11,7 +11,10 @@ use crate::{
         matcher::Matcher,
         projection::Projection,
         sort::SortSpec,
-        update::{apply_update, upsert_seed, validate_stored_document, UpdateContext, UpdateSpec},
+        update::{
+            apply_update_with_outcome, build_upsert_document, prepare_for_insert,
+            validate_updated_document, UpdateContext, UpdateOutcome as WriteOutcome, UpdateSpec,
+        },
     },
     store::{Catalog, Collection, DocRef, Namespace},
 };
@@ -43,25 +46,6 @@ pub fn ensure_collection<'c>(
         cat.insert(coll);
     }
     Ok(cat.get_mut(ns).expect("just ensured"))
-}
-
-/// Moves `_id` first (generating an ObjectId when missing), as the server stores documents.
-fn with_id_first(doc: Document) -> Document {
-    if doc.keys().next().map(String::as_str) == Some("_id") {
-        return doc;
-    }
-    let mut out = Document::new();
-    let id = doc
-        .get("_id")
-        .cloned()
-        .unwrap_or_else(|| Bson::ObjectId(ObjectId::new()));
-    out.insert("_id", id);
-    for (k, v) in doc {
-        if k != "_id" {
-            out.insert(k, v);
-        }
-    }
-    out
 }
 
 fn write_error(index: usize, e: &CommandError) -> Bson {
@@ -141,8 +125,7 @@ pub fn insert(ctx: &Ctx<'_>) -> CommandResult<Document> {
         for (i, d) in docs.into_iter().enumerate() {
             let result = match d {
                 Bson::Document(d) => {
-                    let d = with_id_first(d);
-                    validate_stored_document(&d).and_then(|_| coll.insert(d, bypass))
+                    prepare_for_insert(&d, sink.now_ts()).and_then(|d| coll.insert(d, bypass))
                 }
                 _ => Err(CommandError::type_mismatch(
                     "documents to insert must be objects",
@@ -209,32 +192,8 @@ fn upsert_document(
     sink: &dyn WriteSink,
     array_filters: Vec<Document>,
 ) -> CommandResult<Document> {
-    let seed = upsert_seed(query);
-    let new = match spec {
-        UpdateSpec::Replacement(r) => {
-            let mut d = Document::new();
-            if let Some(id) = seed.get("_id") {
-                d.insert("_id", id.clone());
-            }
-            for (k, v) in r {
-                if k == "_id" && d.contains_key("_id") {
-                    if d.get("_id") != Some(v) {
-                        return Err(CommandError::new(
-                            codes::IMMUTABLE_FIELD,
-                            "The _id field cannot be changed",
-                        ));
-                    }
-                    continue;
-                }
-                d.insert(k.clone(), v.clone());
-            }
-            d
-        }
-        _ => apply_update(&seed, spec, &update_context(sink, true, array_filters))?,
-    };
-    let new = with_id_first(new);
-    validate_stored_document(&new)?;
-    Ok(new)
+    let new = build_upsert_document(query, spec, &update_context(sink, true, array_filters))?;
+    prepare_for_insert(&new, sink.now_ts())
 }
 
 struct UpdateOutcome {
@@ -297,13 +256,15 @@ fn apply_one_update(
     let coll = cat.get_mut(coll_ns).expect("targets came from it");
     for old in targets {
         let ctx = update_context(sink, false, array_filters.clone());
-        let new = apply_update(&old, &spec, &ctx)?;
+        let (new, outcome) = apply_update_with_outcome(&old, &spec, &ctx)?;
         out.matched += 1;
-        if new == *old && new.to_vec().ok() == old.to_vec().ok() {
-            continue;
-        }
-        validate_stored_document(&new)?;
-        let change = coll.replace(new, !matches!(spec, UpdateSpec::Replacement(_)), bypass)?;
+        let description = match outcome {
+            WriteOutcome::NoOp => continue,
+            WriteOutcome::Delta(d) => Some(d),
+            WriteOutcome::Replacement => None,
+        };
+        validate_updated_document(&new, matches!(spec, UpdateSpec::Replacement(_)))?;
+        let change = coll.replace(new, description, bypass)?;
         emit(coll, sink, change);
         out.modified += 1;
     }
@@ -463,24 +424,23 @@ pub fn find_and_modify(ctx: &Ctx<'_>) -> CommandResult<Document> {
                 Ok((doc! {"n": 1}, Some((*old).clone())))
             }
             (Some(old), Some(spec)) => {
-                let new = apply_update(
+                let (new, outcome) = apply_update_with_outcome(
                     &old,
                     spec,
                     &update_context(sink, false, array_filters.clone()),
                 )?;
-                validate_stored_document(&new)?;
                 let coll = cat.get_mut(&ns).expect("target came from it");
-                let stored = if new.to_vec().ok() != old.to_vec().ok() {
-                    let change = coll.replace(
-                        new.clone(),
-                        !matches!(spec, UpdateSpec::Replacement(_)),
-                        bypass,
-                    )?;
-                    emit(coll, sink, change);
-                    new
-                } else {
-                    new
+                let description = match outcome {
+                    WriteOutcome::NoOp => None,
+                    WriteOutcome::Delta(d) => Some(Some(d)),
+                    WriteOutcome::Replacement => Some(None),
                 };
+                if let Some(description) = description {
+                    validate_updated_document(&new, matches!(spec, UpdateSpec::Replacement(_)))?;
+                    let change = coll.replace(new.clone(), description, bypass)?;
+                    emit(coll, sink, change);
+                }
+                let stored = new;
                 let value = if return_new { stored } else { (*old).clone() };
                 Ok((doc! {"n": 1, "updatedExisting": true}, Some(value)))
             }

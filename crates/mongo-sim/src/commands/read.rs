@@ -428,6 +428,7 @@ pub fn aggregate(ctx: &Ctx<'_>) -> CommandResult<Document> {
         rest,
         &PipelineContext {
             now: bson::DateTime::now(),
+            cluster_time: Some(ctx.engine.cluster_time()),
         },
     )?;
     let first_batch = ctx

@@ -1,0 +1,325 @@
+//! Forward-only checkpoints, stored in the destination (`<checkpoint.database>.checkpoints`).
+//!
+//! Guarantee: a checkpoint is written only after the batch it covers was acknowledged by the
+//! destination (majority, journaled), and never moves backwards: at-least-once delivery plus
+//! idempotent apply means the destination converges across crashes at any point.
+
+use bson::{doc, Bson, DateTime, Document, Timestamp};
+use mongodb::{
+    options::{ReadConcern, WriteConcern},
+    Collection, Database,
+};
+
+use crate::{
+    error::{ErrorKind, SyncError},
+    event::ts_key,
+};
+
+pub const CHECKPOINTS_COLLECTION: &str = "checkpoints";
+
+/// Where a namespace is in its lifecycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Phase {
+    /// Initial copy in progress (resumable from `copy.last_range`).
+    #[default]
+    Copying,
+    /// Copy finished; applying the change stream.
+    Streaming,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Copying => "copying",
+            Phase::Streaming => "streaming",
+        }
+    }
+}
+
+/// Progress of an initial copy.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CopyProgress {
+    /// Lower bound (inclusive `_id`) of the next range to copy; `None` = from MinKey.
+    pub last_range: Option<Bson>,
+    pub copied: i64,
+    /// All ranges copied.
+    pub done: bool,
+}
+
+/// One namespace's checkpoint.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Checkpoint {
+    pub phase: Phase,
+    /// `_id` of the last event of the last acknowledged batch (or an idle postBatchResumeToken).
+    pub resume_token: Option<Document>,
+    /// Cluster time of `resume_token` (informational; never used to resume).
+    pub applied_through: Option<Timestamp>,
+    /// The stream position taken before the copy started (T0).
+    pub start_token: Option<Document>,
+    pub copy: CopyProgress,
+    /// Events up to this cluster time are replays of what the copy already wrote.
+    pub replay_until: Option<Timestamp>,
+    /// Unique indexes wait until replay has passed `replay_until`.
+    pub unique_indexes_pending: bool,
+    /// TTL indexes created with expiry disabled: index name → original `expireAfterSeconds`.
+    pub ttl_indexes: Document,
+    /// Consecutive re-copies caused by history loss.
+    pub history_lost_recopies: i32,
+    pub updated_at: Option<DateTime>,
+}
+
+/// Identifies a checkpoint: pipeline, source namespace, collection incarnation.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CheckpointKey {
+    pub sync_id: String,
+    /// `db.coll` on the source.
+    pub ns: String,
+    pub uuid: Option<bson::Uuid>,
+}
+
+impl CheckpointKey {
+    fn id(&self) -> Document {
+        doc! {
+            "sync_id": self.sync_id.clone(),
+            "ns": self.ns.clone(),
+            "uuid": self.uuid.map(|u| Bson::Binary(bson::Binary::from_uuid(u))).unwrap_or(Bson::Null),
+        }
+    }
+
+    fn from_id(id: &Document) -> Option<CheckpointKey> {
+        Some(CheckpointKey {
+            sync_id: id.get_str("sync_id").ok()?.to_string(),
+            ns: id.get_str("ns").ok()?.to_string(),
+            uuid: match id.get("uuid") {
+                Some(Bson::Binary(b)) => b.to_uuid().ok(),
+                _ => None,
+            },
+        })
+    }
+}
+
+impl Checkpoint {
+    pub fn to_document(&self, key: &CheckpointKey) -> Document {
+        let opt_doc = |d: &Option<Document>| d.clone().map(Bson::Document).unwrap_or(Bson::Null);
+        let opt_ts = |t: &Option<Timestamp>| t.map(Bson::Timestamp).unwrap_or(Bson::Null);
+        doc! {
+            "_id": key.id(),
+            "phase": self.phase.as_str(),
+            "resume_token": opt_doc(&self.resume_token),
+            "applied_through": opt_ts(&self.applied_through),
+            "start_token": opt_doc(&self.start_token),
+            "copy": {
+                "last_range": self.copy.last_range.clone().unwrap_or(Bson::Null),
+                "copied": self.copy.copied,
+                "done": self.copy.done,
+            },
+            "replay_until": opt_ts(&self.replay_until),
+            "unique_indexes_pending": self.unique_indexes_pending,
+            "ttl_indexes": self.ttl_indexes.clone(),
+            "history_lost_recopies": self.history_lost_recopies,
+            "updated_at": DateTime::now(),
+        }
+    }
+
+    pub fn from_document(d: &Document) -> Checkpoint {
+        let ts = |k: &str| match d.get(k) {
+            Some(Bson::Timestamp(t)) => Some(*t),
+            _ => None,
+        };
+        let copy = d.get_document("copy").ok();
+        Checkpoint {
+            phase: if d.get_str("phase") == Ok("streaming") {
+                Phase::Streaming
+            } else {
+                Phase::Copying
+            },
+            resume_token: d.get_document("resume_token").ok().cloned(),
+            applied_through: ts("applied_through"),
+            start_token: d.get_document("start_token").ok().cloned(),
+            copy: CopyProgress {
+                last_range: copy
+                    .and_then(|c| c.get("last_range"))
+                    .filter(|b| !matches!(b, Bson::Null))
+                    .cloned(),
+                copied: copy.and_then(|c| c.get_i64("copied").ok()).unwrap_or(0),
+                done: copy.and_then(|c| c.get_bool("done").ok()).unwrap_or(false),
+            },
+            replay_until: ts("replay_until"),
+            unique_indexes_pending: d.get_bool("unique_indexes_pending").unwrap_or(false),
+            ttl_indexes: d.get_document("ttl_indexes").cloned().unwrap_or_default(),
+            history_lost_recopies: d.get_i32("history_lost_recopies").unwrap_or(0),
+            updated_at: d.get_datetime("updated_at").ok().copied(),
+        }
+    }
+}
+
+/// Checkpoints in the destination's metadata database.
+#[derive(Clone)]
+pub struct CheckpointStore {
+    coll: Collection<Document>,
+}
+
+fn checkpoint_error(context: &str, err: mongodb::error::Error) -> SyncError {
+    SyncError::mongo(ErrorKind::Checkpoint, context, err)
+}
+
+impl CheckpointStore {
+    pub fn new(metadata_db: &Database) -> CheckpointStore {
+        let coll = metadata_db.collection_with_options(
+            CHECKPOINTS_COLLECTION,
+            mongodb::options::CollectionOptions::builder()
+                .write_concern(WriteConcern::majority().and_journal(true))
+                .read_concern(ReadConcern::majority())
+                .build(),
+        );
+        CheckpointStore { coll }
+    }
+
+    pub async fn load(&self, key: &CheckpointKey) -> Result<Option<Checkpoint>, SyncError> {
+        let found = self
+            .coll
+            .find_one(doc! {"_id": key.id()})
+            .await
+            .map_err(|e| checkpoint_error("loading checkpoint", e))?;
+        Ok(found.map(|d| Checkpoint::from_document(&d)))
+    }
+
+    /// Every checkpoint of a pipeline.
+    pub async fn list(&self, sync_id: &str) -> Result<Vec<(CheckpointKey, Checkpoint)>, SyncError> {
+        use futures::TryStreamExt;
+        let docs: Vec<Document> = self
+            .coll
+            .find(doc! {"_id.sync_id": sync_id})
+            .await
+            .map_err(|e| checkpoint_error("listing checkpoints", e))?
+            .try_collect()
+            .await
+            .map_err(|e| checkpoint_error("listing checkpoints", e))?;
+        Ok(docs
+            .iter()
+            .filter_map(|d| {
+                let key = CheckpointKey::from_id(d.get_document("_id").ok()?)?;
+                Some((key, Checkpoint::from_document(d)))
+            })
+            .collect())
+    }
+
+    /// Saves a checkpoint, refusing to move `applied_through` backwards.
+    pub async fn save(&self, key: &CheckpointKey, cp: &Checkpoint) -> Result<(), SyncError> {
+        let mut filter = doc! {"_id": key.id()};
+        match cp.applied_through {
+            Some(ts) => {
+                filter.insert(
+                    "$or",
+                    vec![
+                        doc! {"applied_through": {"$lte": ts}},
+                        doc! {"applied_through": Bson::Null},
+                    ],
+                );
+            }
+            None => {
+                filter.insert("applied_through", Bson::Null);
+            }
+        }
+        let replacement = cp.to_document(key);
+        match self.coll.replace_one(filter, replacement).upsert(true).await {
+            Ok(_) => Ok(()),
+            Err(e) if is_duplicate_key(&e) => Err(SyncError::new(
+                ErrorKind::InvariantViolated,
+                format!("checkpoint of {} would move backwards; refused", key.ns),
+            )),
+            Err(e) => Err(checkpoint_error("saving checkpoint", e)),
+        }
+    }
+
+    /// Replaces a checkpoint unconditionally: only for deliberate restarts of a namespace
+    /// (re-copy after history loss, force-sync of a parked worker, a new collection).
+    pub async fn reset(&self, key: &CheckpointKey, cp: &Checkpoint) -> Result<(), SyncError> {
+        self.coll
+            .replace_one(doc! {"_id": key.id()}, cp.to_document(key))
+            .upsert(true)
+            .await
+            .map_err(|e| checkpoint_error("resetting checkpoint", e))?;
+        Ok(())
+    }
+
+    pub async fn delete(&self, key: &CheckpointKey) -> Result<(), SyncError> {
+        self.coll
+            .delete_one(doc! {"_id": key.id()})
+            .await
+            .map_err(|e| checkpoint_error("deleting checkpoint", e))?;
+        Ok(())
+    }
+
+    /// Deletes checkpoints of `ns` that belong to other incarnations of the collection.
+    pub async fn delete_stale(&self, key: &CheckpointKey) -> Result<u64, SyncError> {
+        let uuid = key.uuid.map(|u| Bson::Binary(bson::Binary::from_uuid(u))).unwrap_or(Bson::Null);
+        let r = self
+            .coll
+            .delete_many(doc! {"_id.sync_id": key.sync_id.clone(), "_id.ns": key.ns.clone(), "_id.uuid": {"$ne": uuid}})
+            .await
+            .map_err(|e| checkpoint_error("deleting stale checkpoints", e))?;
+        Ok(r.deleted_count)
+    }
+
+    /// Deletes every checkpoint of a pipeline (`--reset-identity`).
+    pub async fn delete_all(&self, sync_id: &str) -> Result<u64, SyncError> {
+        let r = self
+            .coll
+            .delete_many(doc! {"_id.sync_id": sync_id})
+            .await
+            .map_err(|e| checkpoint_error("deleting checkpoints", e))?;
+        Ok(r.deleted_count)
+    }
+}
+
+/// Whether a driver error is a duplicate key error (11000), top-level or write error.
+pub fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
+    use mongodb::error::{ErrorKind as K, WriteFailure};
+    match e.kind.as_ref() {
+        K::Write(WriteFailure::WriteError(w)) => w.code == 11000,
+        K::Command(c) => c.code == 11000,
+        _ => false,
+    }
+}
+
+/// True when `a` is at or after `b`.
+pub fn at_or_after(a: Timestamp, b: Timestamp) -> bool {
+    ts_key(a) >= ts_key(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn document_round_trip() {
+        let key = CheckpointKey {
+            sync_id: "default".into(),
+            ns: "d.c".into(),
+            uuid: Some(bson::Uuid::new()),
+        };
+        let cp = Checkpoint {
+            phase: Phase::Streaming,
+            resume_token: Some(doc! {"_data": "82AB"}),
+            applied_through: Some(Timestamp { time: 5, increment: 1 }),
+            start_token: Some(doc! {"_data": "8201"}),
+            copy: CopyProgress {
+                last_range: Some(Bson::Int32(10)),
+                copied: 10,
+                done: true,
+            },
+            replay_until: Some(Timestamp { time: 4, increment: 9 }),
+            unique_indexes_pending: true,
+            ttl_indexes: doc! {"ttl_1": 60},
+            history_lost_recopies: 1,
+            updated_at: None,
+        };
+        let d = cp.to_document(&key);
+        let mut back = Checkpoint::from_document(&d);
+        assert!(back.updated_at.is_some());
+        back.updated_at = None;
+        assert_eq!(back, cp);
+        assert_eq!(CheckpointKey::from_id(d.get_document("_id").unwrap()).unwrap(), key);
+    }
+}

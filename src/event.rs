@@ -1,0 +1,298 @@
+//! Change events as the daemon sees them: a parsed header over the raw BSON the server sent.
+//!
+//! Documents travel as raw BSON end to end (never re-encoded through structs or JSON), so
+//! numeric types and field order reach the destination exactly as the source stored them.
+
+use bson::{
+    raw::RawDocument, Bson, DateTime, RawBsonRef, RawDocumentBuf, Timestamp,
+};
+
+use crate::error::{ErrorKind, SyncError};
+
+/// What a change event does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpKind {
+    Insert,
+    Update,
+    Replace,
+    Delete,
+    Drop,
+    Rename,
+    DropDatabase,
+    Invalidate,
+    Create,
+    CreateIndexes,
+    DropIndexes,
+    Modify,
+    /// An operation type this version does not know (new server versions add some).
+    Other(String),
+}
+
+impl OpKind {
+    pub fn parse(s: &str) -> OpKind {
+        match s {
+            "insert" => OpKind::Insert,
+            "update" => OpKind::Update,
+            "replace" => OpKind::Replace,
+            "delete" => OpKind::Delete,
+            "drop" => OpKind::Drop,
+            "rename" => OpKind::Rename,
+            "dropDatabase" => OpKind::DropDatabase,
+            "invalidate" => OpKind::Invalidate,
+            "create" => OpKind::Create,
+            "createIndexes" => OpKind::CreateIndexes,
+            "dropIndexes" => OpKind::DropIndexes,
+            "modify" => OpKind::Modify,
+            other => OpKind::Other(other.to_string()),
+        }
+    }
+
+    /// Data events change documents; everything else is DDL or control.
+    pub fn is_data(&self) -> bool {
+        matches!(self, OpKind::Insert | OpKind::Update | OpKind::Replace | OpKind::Delete)
+    }
+
+    /// The `op` label of `events_applied_total`.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            OpKind::Insert => "insert",
+            OpKind::Update => "update",
+            OpKind::Replace => "replace",
+            OpKind::Delete => "delete",
+            _ => "ddl",
+        }
+    }
+}
+
+/// One change event.
+#[derive(Debug, Clone)]
+pub struct ChangeEvent {
+    pub kind: OpKind,
+    /// The event's `_id`: its resume token.
+    pub token: RawDocumentBuf,
+    pub cluster_time: Timestamp,
+    pub wall_time: Option<DateTime>,
+    /// The whole event as the server sent it.
+    pub raw: RawDocumentBuf,
+}
+
+fn field_error(what: &str) -> SyncError {
+    SyncError::new(ErrorKind::SourceRead, format!("malformed change event: {what}"))
+}
+
+impl ChangeEvent {
+    pub fn parse(raw: RawDocumentBuf) -> Result<ChangeEvent, SyncError> {
+        let token = match raw.get("_id") {
+            Ok(Some(RawBsonRef::Document(d))) => d.to_raw_document_buf(),
+            _ => return Err(field_error("missing _id (resume token)")),
+        };
+        let kind = match raw.get_str("operationType") {
+            Ok(s) => OpKind::parse(s),
+            Err(_) => return Err(field_error("missing operationType")),
+        };
+        let cluster_time = match raw.get("clusterTime") {
+            Ok(Some(RawBsonRef::Timestamp(ts))) => ts,
+            _ => token_cluster_time(&token).ok_or_else(|| field_error("missing clusterTime"))?,
+        };
+        let wall_time = match raw.get("wallTime") {
+            Ok(Some(RawBsonRef::DateTime(d))) => Some(d),
+            _ => None,
+        };
+        Ok(ChangeEvent {
+            kind,
+            token,
+            cluster_time,
+            wall_time,
+            raw,
+        })
+    }
+
+    pub fn size(&self) -> usize {
+        self.raw.as_bytes().len()
+    }
+
+    /// `documentKey._id`.
+    pub fn document_id(&self) -> Option<Bson> {
+        let key = self.raw.get_document("documentKey").ok()?;
+        let id = key.get("_id").ok()??;
+        Bson::try_from(id).ok()
+    }
+
+    fn optional_document(&self, key: &str) -> Option<&RawDocument> {
+        match self.raw.get(key) {
+            Ok(Some(RawBsonRef::Document(d))) => Some(d),
+            _ => None,
+        }
+    }
+
+    /// `fullDocument` when present and not null.
+    pub fn full_document(&self) -> Option<&RawDocument> {
+        self.optional_document("fullDocument")
+    }
+
+    /// Whether the event carries `fullDocument: null` (lookup found nothing).
+    pub fn full_document_is_null(&self) -> bool {
+        matches!(self.raw.get("fullDocument"), Ok(Some(RawBsonRef::Null)))
+    }
+
+    /// `fullDocumentBeforeChange` when present and not null.
+    pub fn pre_image(&self) -> Option<&RawDocument> {
+        self.optional_document("fullDocumentBeforeChange")
+    }
+
+    pub fn update_description(&self) -> Option<&RawDocument> {
+        self.optional_document("updateDescription")
+    }
+
+    pub fn operation_description(&self) -> Option<&RawDocument> {
+        self.optional_document("operationDescription")
+    }
+
+    /// `ns.db` and `ns.coll` (coll absent for `dropDatabase`).
+    pub fn ns(&self) -> Option<(String, Option<String>)> {
+        let ns = self.raw.get_document("ns").ok()?;
+        let db = ns.get_str("db").ok()?.to_string();
+        Some((db, ns.get_str("coll").ok().map(str::to_string)))
+    }
+
+    /// `to` of a rename.
+    pub fn rename_target(&self) -> Option<(String, String)> {
+        let to = self.raw.get_document("to").ok()?;
+        Some((to.get_str("db").ok()?.to_string(), to.get_str("coll").ok()?.to_string()))
+    }
+
+    /// `lsid`/`txnNumber` of a transactional write.
+    pub fn txn_number(&self) -> Option<i64> {
+        self.raw.get_i64("txnNumber").ok()
+    }
+}
+
+/// Reassembles the fragments of an event split by `$changeStreamSplitLargeEvent` (only the
+/// first fragment carries the header fields).
+#[derive(Default, Debug)]
+pub struct FragmentAssembler {
+    parts: Vec<RawDocumentBuf>,
+}
+
+fn split_of(raw: &RawDocument) -> Option<(i32, i32)> {
+    let s = raw.get_document("splitEvent").ok()?;
+    Some((s.get_i32("fragment").ok()?, s.get_i32("of").ok()?))
+}
+
+impl FragmentAssembler {
+    /// Feeds one raw event; returns a complete event when one is available.
+    pub fn push(&mut self, raw: RawDocumentBuf) -> Result<Option<ChangeEvent>, SyncError> {
+        let Some((fragment, of)) = split_of(&raw) else {
+            if !self.parts.is_empty() {
+                return Err(field_error("an unsplit event arrived inside a split event"));
+            }
+            return ChangeEvent::parse(raw).map(Some);
+        };
+        if fragment as usize != self.parts.len() + 1 {
+            return Err(field_error("split event fragments out of order"));
+        }
+        self.parts.push(raw);
+        if fragment < of {
+            return Ok(None);
+        }
+        // Merge: every fragment's fields; the token is the last fragment's, so a checkpoint
+        // lands only after the whole event.
+        let parts = std::mem::take(&mut self.parts);
+        let last_token = match parts.last().and_then(|p| p.get_document("_id").ok()) {
+            Some(t) => t.to_raw_document_buf(),
+            None => return Err(field_error("fragment without _id")),
+        };
+        let mut merged = RawDocumentBuf::new();
+        merged.append("_id", last_token);
+        for part in &parts {
+            for item in part.iter() {
+                let (k, v) = item.map_err(|_| field_error("unreadable fragment"))?;
+                if k == "_id" || k == "splitEvent" || merged.get(k).ok().flatten().is_some() {
+                    continue;
+                }
+                merged.append(k, v.to_raw_bson());
+            }
+        }
+        ChangeEvent::parse(merged).map(Some)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.parts.is_empty()
+    }
+}
+
+/// The cluster time at the start of a resume token's `_data` (KeyString type byte `0x82`
+/// followed by the big-endian `(t << 32) | i`), as real servers and mongo-sim encode it.
+pub fn token_cluster_time(token: &RawDocument) -> Option<Timestamp> {
+    let data = token.get_str("_data").ok()?;
+    if data.len() < 18 || !data.starts_with("82") {
+        return None;
+    }
+    let v = u64::from_str_radix(data.get(2..18)?, 16).ok()?;
+    Some(Timestamp {
+        time: (v >> 32) as u32,
+        increment: v as u32,
+    })
+}
+
+/// Orders timestamps (bson's `Timestamp` has no `Ord`).
+pub fn ts_key(ts: Timestamp) -> (u32, u32) {
+    (ts.time, ts.increment)
+}
+
+pub fn ts_max(a: Timestamp, b: Timestamp) -> Timestamp {
+    if ts_key(a) >= ts_key(b) {
+        a
+    } else {
+        b
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bson::rawdoc;
+
+    fn event(op: &str, extra: RawDocumentBuf) -> RawDocumentBuf {
+        let mut d = rawdoc! {"_id": {"_data": "8200000064000000020000000000000001000000000000000380000"}, "operationType": op, "clusterTime": Timestamp { time: 100, increment: 2 }};
+        for item in extra.iter() {
+            let (k, v) = item.unwrap();
+            d.append(k, v.to_raw_bson());
+        }
+        d
+    }
+
+    #[test]
+    fn parses_header_and_fields() {
+        let e = ChangeEvent::parse(event(
+            "update",
+            rawdoc! {"ns": {"db": "d", "coll": "c"}, "documentKey": {"_id": 7}, "updateDescription": {"updatedFields": {"a": 1}, "removedFields": []}},
+        ))
+        .unwrap();
+        assert_eq!(e.kind, OpKind::Update);
+        assert_eq!(e.document_id(), Some(Bson::Int32(7)));
+        assert_eq!(e.ns(), Some(("d".into(), Some("c".into()))));
+        assert_eq!(ts_key(e.cluster_time), (100, 2));
+        assert!(e.update_description().is_some());
+    }
+
+    #[test]
+    fn token_time_decodes() {
+        let t = rawdoc! {"_data": format!("82{:016X}FF", (1_700_000_000u64 << 32) | 5)};
+        assert_eq!(ts_key(token_cluster_time(&t).unwrap()), (1_700_000_000, 5));
+        assert!(token_cluster_time(&rawdoc! {"_data": "00"}).is_none());
+    }
+
+    #[test]
+    fn fragments_reassemble_with_last_token() {
+        let mut a = FragmentAssembler::default();
+        let f1 = rawdoc! {"_id": {"_data": "8200000064000000020001"}, "operationType": "update", "clusterTime": Timestamp { time: 100, increment: 2 }, "ns": {"db": "d", "coll": "c"}, "splitEvent": {"fragment": 1, "of": 2}};
+        let f2 = rawdoc! {"_id": {"_data": "8200000064000000020002"}, "fullDocumentBeforeChange": {"_id": 1}, "splitEvent": {"fragment": 2, "of": 2}};
+        assert!(a.push(f1).unwrap().is_none());
+        let whole = a.push(f2).unwrap().unwrap();
+        assert_eq!(whole.token.get_str("_data").unwrap(), "8200000064000000020002");
+        assert!(whole.pre_image().is_some());
+        assert_eq!(whole.kind, OpKind::Update);
+        assert!(a.is_empty());
+    }
+}

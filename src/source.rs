@@ -1,0 +1,355 @@
+//! Everything the daemon reads from the source: topology and identity, namespaces, change
+//! streams, `_id`-range scans for the copy (and validation), and single-document lookups.
+
+use std::time::Duration;
+
+use bson::{doc, Bson, Document, RawDocumentBuf, Timestamp};
+use futures::TryStreamExt;
+use mongodb::{
+    change_stream::{
+        event::ResumeToken,
+        options::{FullDocumentBeforeChangeType, FullDocumentType},
+        ChangeStream,
+    },
+    options::{ChangeStreamOptions, Hint, ReadConcern, SelectionCriteria},
+    Client, Collection,
+};
+
+use crate::{
+    error::{ErrorKind, SyncError},
+    metadata::SourceIdentity,
+};
+
+/// A source namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Namespace {
+    pub db: String,
+    pub coll: String,
+}
+
+impl Namespace {
+    pub fn new(db: impl Into<String>, coll: impl Into<String>) -> Namespace {
+        Namespace {
+            db: db.into(),
+            coll: coll.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Namespace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.db, self.coll)
+    }
+}
+
+/// A collection found on the source.
+#[derive(Debug, Clone)]
+pub struct SourceCollection {
+    pub ns: Namespace,
+    pub uuid: Option<bson::Uuid>,
+    /// `listCollections` options (validator, collation, capped, ...).
+    pub options: Document,
+}
+
+/// What the stream should carry.
+#[derive(Debug, Clone, Default)]
+pub struct StreamSettings {
+    /// `updateLookup` instead of deltas.
+    pub update_lookup: bool,
+    /// `fullDocument: whenAvailable` (post-images) instead of deltas.
+    pub post_images: bool,
+    pub pre_images: bool,
+    pub max_await: Duration,
+    pub batch_size: Option<u32>,
+}
+
+/// Source reads.
+#[derive(Clone)]
+pub struct Source {
+    client: Client,
+}
+
+fn read_error(context: impl Into<String>, e: mongodb::error::Error) -> SyncError {
+    SyncError::mongo(ErrorKind::SourceRead, context, e)
+}
+
+impl Source {
+    pub fn new(client: Client) -> Source {
+        Source { client }
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    fn raw_collection(&self, ns: &Namespace) -> Collection<RawDocumentBuf> {
+        self.client
+            .database(&ns.db)
+            .collection_with_options(
+                &ns.coll,
+                mongodb::options::CollectionOptions::builder()
+                    .read_concern(ReadConcern::majority())
+                    .selection_criteria(SelectionCriteria::ReadPreference(mongodb::options::ReadPreference::Primary))
+                    .build(),
+            )
+    }
+
+    /// The source's cluster time (`operationTime` of a `ping`).
+    pub async fn cluster_time(&self) -> Result<Timestamp, SyncError> {
+        let reply = self
+            .client
+            .database("admin")
+            .run_command(doc! {"ping": 1})
+            .await
+            .map_err(|e| SyncError::mongo(ErrorKind::SourceConnection, "pinging the source", e))?;
+        match reply.get("operationTime") {
+            Some(Bson::Timestamp(ts)) => Ok(*ts),
+            _ => match reply.get_document("$clusterTime").ok().and_then(|c| c.get_timestamp("clusterTime").ok()) {
+                Some(ts) => Ok(ts),
+                None => Err(SyncError::new(
+                    ErrorKind::SourceRead,
+                    "the source reply carries no operationTime: is it a replica set?",
+                )),
+            },
+        }
+    }
+
+    /// The replica set's identity (DESIGN §2.1).
+    pub async fn identity(&self) -> Result<SourceIdentity, SyncError> {
+        let admin = self.client.database("admin");
+        let hello = admin
+            .run_command(doc! {"hello": 1})
+            .await
+            .map_err(|e| SyncError::mongo(ErrorKind::SourceConnection, "reading the source topology", e))?;
+        let set_name = hello.get_str("setName").ok().map(str::to_string);
+        if set_name.is_none() {
+            return Err(SyncError::new(
+                ErrorKind::Config,
+                "the source is not a replica set (no setName in hello): change streams need a replica set",
+            ));
+        }
+        let mut hosts: Vec<String> = hello
+            .get_array("hosts")
+            .map(|a| a.iter().filter_map(|h| h.as_str().map(str::to_lowercase)).collect())
+            .unwrap_or_default();
+        hosts.sort();
+        let replica_set_id = match admin.run_command(doc! {"replSetGetConfig": 1}).await {
+            Ok(reply) => reply
+                .get_document("config")
+                .ok()
+                .and_then(|c| c.get_document("settings").ok())
+                .and_then(|s| s.get_object_id("replicaSetId").ok()),
+            // Not permitted (no clusterMonitor role): fall back to name + hosts.
+            Err(_) => None,
+        };
+        Ok(SourceIdentity {
+            replica_set_id,
+            set_name,
+            hosts,
+        })
+    }
+
+    /// Collections of every database, with their UUID and options; views and time-series
+    /// collections are returned separately so the caller can warn about them.
+    pub async fn list_collections(&self) -> Result<(Vec<SourceCollection>, Vec<(Namespace, String)>), SyncError> {
+        let dbs = self
+            .client
+            .list_database_names()
+            .await
+            .map_err(|e| read_error("listing source databases", e))?;
+        let mut out = Vec::new();
+        let mut skipped = Vec::new();
+        for db in dbs {
+            if matches!(db.as_str(), "admin" | "local" | "config") {
+                continue;
+            }
+            let specs: Vec<Document> = self
+                .client
+                .database(&db)
+                .run_cursor_command(doc! {"listCollections": 1})
+                .await
+                .map_err(|e| read_error(format!("listing collections of {db}"), e))?
+                .try_collect()
+                .await
+                .map_err(|e| read_error(format!("listing collections of {db}"), e))?;
+            for spec in specs {
+                let Ok(name) = spec.get_str("name") else { continue };
+                let ns = Namespace::new(db.clone(), name);
+                let kind = spec.get_str("type").unwrap_or("collection");
+                if kind != "collection" {
+                    skipped.push((ns, kind.to_string()));
+                    continue;
+                }
+                let uuid = spec
+                    .get_document("info")
+                    .ok()
+                    .and_then(|i| match i.get("uuid") {
+                        Some(Bson::Binary(b)) => b.to_uuid().ok(),
+                        _ => None,
+                    });
+                out.push(SourceCollection {
+                    ns,
+                    uuid,
+                    options: spec.get_document("options").cloned().unwrap_or_default(),
+                });
+            }
+        }
+        Ok((out, skipped))
+    }
+
+    pub async fn list_indexes(&self, ns: &Namespace) -> Result<Vec<Document>, SyncError> {
+        let cursor = self.client.database(&ns.db).collection::<Document>(&ns.coll).list_indexes().await;
+        let cursor = match cursor {
+            Ok(c) => c,
+            Err(e) if is_namespace_not_found(&e) => return Ok(Vec::new()),
+            Err(e) => return Err(read_error(format!("listing indexes of {ns}"), e)),
+        };
+        let models: Vec<mongodb::IndexModel> = cursor
+            .try_collect()
+            .await
+            .map_err(|e| read_error(format!("listing indexes of {ns}"), e))?;
+        let mut out = Vec::new();
+        for m in models {
+            let mut spec = doc! {"key": m.keys.clone()};
+            if let Some(opts) = m.options {
+                let opts = bson::serialize_to_document(&opts)
+                    .map_err(|e| SyncError::with_source(ErrorKind::SourceRead, "reading index options", e))?;
+                for (k, v) in opts {
+                    spec.insert(k, v);
+                }
+            }
+            out.push(spec);
+        }
+        Ok(out)
+    }
+
+    pub async fn estimated_count(&self, ns: &Namespace) -> Result<u64, SyncError> {
+        self.client
+            .database(&ns.db)
+            .collection::<Document>(&ns.coll)
+            .estimated_document_count()
+            .await
+            .map_err(|e| read_error(format!("counting {ns}"), e))
+    }
+
+    /// Opens (or resumes, with `startAfter`) a change stream on one collection.
+    pub async fn open_stream(
+        &self,
+        ns: &Namespace,
+        start_after: Option<&Document>,
+        settings: &StreamSettings,
+    ) -> Result<ChangeStream<RawDocumentBuf>, SyncError> {
+        let mut options = ChangeStreamOptions::default();
+        options.show_expanded_events = Some(true);
+        options.max_await_time = Some(settings.max_await);
+        options.batch_size = settings.batch_size;
+        options.full_document = if settings.post_images {
+            Some(FullDocumentType::WhenAvailable)
+        } else if settings.update_lookup {
+            Some(FullDocumentType::UpdateLookup)
+        } else {
+            None
+        };
+        if settings.pre_images {
+            options.full_document_before_change = Some(FullDocumentBeforeChangeType::WhenAvailable);
+        }
+        if let Some(token) = start_after {
+            let token: ResumeToken = bson::deserialize_from_document(token.clone())
+                .map_err(|e| SyncError::with_source(ErrorKind::InvariantViolated, "decoding stored resume token", e))?;
+            options.start_after = Some(token);
+        }
+        let coll = self.client.database(&ns.db).collection::<Document>(&ns.coll);
+        let stream = coll
+            .watch()
+            .with_options(options)
+            .await
+            .map_err(|e| read_error(format!("opening the change stream of {ns}"), e))?;
+        Ok(stream.with_type::<RawDocumentBuf>())
+    }
+
+    /// Reads one range of `_id` order starting at `lower` (inclusive, `None` = MinKey): at most
+    /// `max_docs` documents and about `max_bytes`. Returns the documents and the lower bound of
+    /// the next range (`None` when the collection is exhausted). Uses `hint: {_id: 1}` with
+    /// `min` index bounds, never `$gt` on `_id`, so mixed-type `_id`s are all visited.
+    pub async fn scan_range(
+        &self,
+        ns: &Namespace,
+        lower: Option<&Bson>,
+        max_docs: usize,
+        max_bytes: usize,
+        after: Option<Timestamp>,
+        collation: Option<&Document>,
+    ) -> Result<(Vec<RawDocumentBuf>, Option<Bson>), SyncError> {
+        let coll = self.raw_collection(ns);
+        let min = doc! {"_id": lower.cloned().unwrap_or(Bson::MinKey)};
+        let mut find = coll
+            .find(doc! {})
+            .hint(Hint::Keys(doc! {"_id": 1}))
+            .min(min)
+            .sort(doc! {"_id": 1})
+            .batch_size(max_docs.min(10_000) as u32 + 1);
+        if let Some(c) = collation {
+            if let Ok(c) = bson::deserialize_from_document::<mongodb::options::Collation>(c.clone()) {
+                find = find.collation(c);
+            }
+        }
+        let mut session = self
+            .client
+            .start_session()
+            .causal_consistency(true)
+            .await
+            .map_err(|e| read_error("starting a read session", e))?;
+        if let Some(ts) = after {
+            // afterClusterTime >= T0: the copy never reads a state older than its stream start.
+            session.advance_operation_time(ts);
+        }
+        let mut cursor = find
+            .session(&mut session)
+            .await
+            .map_err(|e| read_error(format!("scanning {ns}"), e))?;
+        let mut docs = Vec::new();
+        let mut bytes = 0usize;
+        let mut next = None;
+        while let Some(doc) = cursor
+            .next(&mut session)
+            .await
+            .transpose()
+            .map_err(|e| read_error(format!("scanning {ns}"), e))?
+        {
+            if docs.len() >= max_docs || (!docs.is_empty() && bytes + doc.as_bytes().len() > max_bytes) {
+                next = Some(raw_id(&doc)?);
+                break;
+            }
+            bytes += doc.as_bytes().len();
+            docs.push(doc);
+        }
+        Ok((docs, next))
+    }
+
+    /// The current source documents with these `_id`s (majority read), keyed by `_id`.
+    pub async fn fetch_documents(&self, ns: &Namespace, ids: &[Bson]) -> Result<Vec<RawDocumentBuf>, SyncError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.raw_collection(ns)
+            .find(doc! {"_id": {"$in": ids}})
+            .await
+            .map_err(|e| read_error(format!("looking up documents in {ns}"), e))?
+            .try_collect()
+            .await
+            .map_err(|e| read_error(format!("looking up documents in {ns}"), e))
+    }
+}
+
+/// The `_id` of a raw document.
+pub fn raw_id(doc: &RawDocumentBuf) -> Result<Bson, SyncError> {
+    match doc.get("_id") {
+        Ok(Some(v)) => Bson::try_from(v)
+            .map_err(|e| SyncError::with_source(ErrorKind::SourceRead, "decoding _id", e)),
+        _ => Err(SyncError::new(ErrorKind::SourceRead, "document without _id")),
+    }
+}
+
+pub fn is_namespace_not_found(e: &mongodb::error::Error) -> bool {
+    matches!(e.kind.as_ref(), mongodb::error::ErrorKind::Command(c) if c.code == 26)
+}
