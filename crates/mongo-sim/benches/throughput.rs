@@ -83,7 +83,9 @@ fn main() {
         let sim2 = MongoSim::builder().start().await.expect("simulator");
         let client2 = Client::with_uri_str(sim2.uri()).await.expect("client");
         let events_per_sec = events(&client2, total).await;
-        println!("change stream ({total} insert events, one watcher): {events_per_sec:.0} events/s");
+        println!(
+            "change stream ({total} insert events, one watcher): {events_per_sec:.0} events/s"
+        );
         drop(client);
         drop(client2);
         sim.shutdown().await;

@@ -1,6 +1,6 @@
 //! `insert`, `update`, `delete`, `findAndModify`.
 
-use bson::{doc, oid::ObjectId, Bson, Document};
+use bson::{doc, Bson, Document};
 
 use super::{coll_arg, int_arg, Ctx};
 use crate::{

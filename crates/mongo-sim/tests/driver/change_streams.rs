@@ -41,14 +41,29 @@ async fn event_shapes_for_crud_operations() {
         let col = c.database("cs").collection::<Document>("shapes");
         col.insert_one(doc! {"_id": 0}).await.unwrap();
         let mut s = raw_watch(&col, vec![]).await;
-        col.insert_one(doc! {"_id": 1, "a": 1, "arr": [1, 2, 3], "gone": true}).await.unwrap();
+        // Array elements large enough that the server reports the truncation as a delta
+        // (`truncatedArrays`) rather than the whole new array.
+        let long = "l".repeat(40);
+        let arr = vec![long.clone(), long.clone(), long.clone()];
+        col.insert_one(doc! {"_id": 1, "a": 1, "arr": arr.clone(), "gone": true})
+            .await
+            .unwrap();
         col.update_one(
             doc! {"_id": 1},
-            doc! {"$set": {"a": 2, "b.c": 1}, "$unset": {"gone": ""}, "$push": {"arr": {"$each": [], "$slice": 1}}},
+            doc! {"$set": {"a": 2, "b.c": 1}, "$unset": {"gone": ""}},
         )
         .await
         .unwrap();
-        col.replace_one(doc! {"_id": 1}, doc! {"r": 1}).await.unwrap();
+        // A pipeline update is described by a diff: the shrunk array is a truncation.
+        col.update_one(
+            doc! {"_id": 1},
+            vec![doc! {"$set": {"arr": [{"$arrayElemAt": ["$arr", 0]}]}}],
+        )
+        .await
+        .unwrap();
+        col.replace_one(doc! {"_id": 1}, doc! {"r": 1})
+            .await
+            .unwrap();
         col.delete_one(doc! {"_id": 1}).await.unwrap();
 
         let ins = next(&mut s).await;
@@ -56,24 +71,50 @@ async fn event_shapes_for_crud_operations() {
         let keys: Vec<&str> = ins.keys().map(String::as_str).collect();
         assert_eq!(
             keys,
-            vec!["_id", "operationType", "clusterTime", "wallTime", "fullDocument", "ns", "documentKey"]
+            vec![
+                "_id",
+                "operationType",
+                "clusterTime",
+                "wallTime",
+                "fullDocument",
+                "ns",
+                "documentKey"
+            ]
         );
         assert!(matches!(ins.get("clusterTime"), Some(Bson::Timestamp(_))));
         assert!(matches!(ins.get("wallTime"), Some(Bson::DateTime(_))));
-        assert_eq!(ins.get_document("ns").unwrap(), &doc! {"db": "cs", "coll": "shapes"});
+        assert_eq!(
+            ins.get_document("ns").unwrap(),
+            &doc! {"db": "cs", "coll": "shapes"}
+        );
         assert_eq!(ins.get_document("documentKey").unwrap(), &doc! {"_id": 1});
         assert_eq!(
             ins.get_document("fullDocument").unwrap(),
-            &doc! {"_id": 1, "a": 1, "arr": [1, 2, 3], "gone": true}
+            &doc! {"_id": 1, "a": 1, "arr": arr, "gone": true}
         );
-        assert!(ins.get_document("_id").unwrap().get_str("_data").unwrap().starts_with("82"));
+        assert!(ins
+            .get_document("_id")
+            .unwrap()
+            .get_str("_data")
+            .unwrap()
+            .starts_with("82"));
 
         let upd = next(&mut s).await;
         assert_eq!(op(&upd), "update");
         assert!(upd.get("fullDocument").is_none());
         let desc = upd.get_document("updateDescription").unwrap();
-        assert_eq!(desc.get_document("updatedFields").unwrap(), &doc! {"a": 2, "b": {"c": 1}});
-        assert_eq!(desc.get_array("removedFields").unwrap(), &vec![Bson::from("gone")]);
+        assert_eq!(
+            desc.get_document("updatedFields").unwrap(),
+            &doc! {"a": 2, "b": {"c": 1}}
+        );
+        assert_eq!(
+            desc.get_array("removedFields").unwrap(),
+            &vec![Bson::from("gone")]
+        );
+        assert!(desc.get_array("truncatedArrays").unwrap().is_empty());
+        let upd2 = next(&mut s).await;
+        let desc = upd2.get_document("updateDescription").unwrap();
+        assert!(desc.get_document("updatedFields").unwrap().is_empty());
         assert_eq!(
             desc.get_array("truncatedArrays").unwrap(),
             &vec![Bson::Document(doc! {"field": "arr", "newSize": 1})]
@@ -81,7 +122,10 @@ async fn event_shapes_for_crud_operations() {
 
         let rep = next(&mut s).await;
         assert_eq!(op(&rep), "replace");
-        assert_eq!(rep.get_document("fullDocument").unwrap(), &doc! {"_id": 1, "r": 1});
+        assert_eq!(
+            rep.get_document("fullDocument").unwrap(),
+            &doc! {"_id": 1, "r": 1}
+        );
         assert_eq!(rep.get_document("documentKey").unwrap(), &doc! {"_id": 1});
 
         let del = next(&mut s).await;
@@ -90,11 +134,13 @@ async fn event_shapes_for_crud_operations() {
         assert!(del.get("fullDocument").is_none());
 
         // Cluster times strictly increase between non-transactional events.
-        let ts: Vec<Timestamp> = [&ins, &upd, &rep, &del]
+        let ts: Vec<Timestamp> = [&ins, &upd, &upd2, &rep, &del]
             .iter()
             .map(|e| e.get_timestamp("clusterTime").unwrap())
             .collect();
-        assert!(ts.windows(2).all(|w| (w[0].time, w[0].increment) < (w[1].time, w[1].increment)));
+        assert!(ts
+            .windows(2)
+            .all(|w| (w[0].time, w[0].increment) < (w[1].time, w[1].increment)));
         // Typed decoding works as well.
         let mut typed = col.watch().await.unwrap();
         col.insert_one(doc! {"_id": 2}).await.unwrap();

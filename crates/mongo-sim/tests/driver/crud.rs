@@ -295,7 +295,8 @@ async fn find_filter_sort_projection_skip_limit() {
             .await
             .unwrap();
         let ids: Vec<i32> = docs.iter().map(|d| d.get_i32("_id").unwrap()).collect();
-        assert_eq!(ids, vec![2, 1, 18, 19]);
+        // k descending (2, 1, 1, 0), then _id ascending.
+        assert_eq!(ids, vec![2, 1, 19, 18]);
     })
     .await
 }
