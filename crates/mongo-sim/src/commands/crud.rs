@@ -51,7 +51,7 @@ pub fn ensure_collection<'c>(
 fn write_error(index: usize, e: &CommandError) -> Bson {
     let mut d = doc! {"index": index as i32, "code": e.code, "errmsg": e.message.clone()};
     if let Some(extra) = &e.extra {
-        for (k, v) in extra {
+        for (k, v) in extra.iter() {
             d.insert(k.clone(), v.clone());
         }
     }
@@ -163,7 +163,7 @@ pub fn matching(coll: &Collection, matcher: &Matcher, limit: Option<usize>) -> V
     let mut out = Vec::new();
     for (_, d) in coll.docs.iter() {
         if matcher.matches(d) {
-            out.push(d.clone());
+            out.push(std::sync::Arc::clone(d));
             if limit.is_some_and(|l| out.len() >= l) {
                 break;
             }

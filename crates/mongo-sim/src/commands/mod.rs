@@ -205,7 +205,7 @@ pub fn error_reply(engine: &Engine, err: &CommandError, labels: &[String]) -> Do
         },
     };
     if let Some(extra) = &err.extra {
-        for (k, v) in extra {
+        for (k, v) in extra.iter() {
             body.insert(k.clone(), v.clone());
         }
     }
