@@ -396,7 +396,7 @@ impl ChangeStreamCursor {
             if self.invalidated || out.len() >= max_events {
                 break;
             }
-            let Some(entry) = data.oplog.after(self.position).next() else {
+            let Some(entry) = data.oplog.get(self.position + 1) else {
                 break;
             };
             let events = match self.events_for(entry, data) {
@@ -460,13 +460,12 @@ impl ChangeStreamCursor {
                 let ns_doc = doc! {"db": ns.db.clone(), "coll": ns.coll.clone()};
                 match op {
                     OplogOp::Insert { uuid, doc, .. } => {
-                        let mut e =
-                            self.base_event(entry, "insert", ns_doc, expanded.then_some(*uuid));
-                        insert_before(
-                            &mut e,
-                            "ns",
-                            "fullDocument",
-                            Bson::Document((**doc).clone()),
+                        let mut e = self.base_event_with_document(
+                            entry,
+                            "insert",
+                            ns_doc,
+                            expanded.then_some(*uuid),
+                            Some(Bson::Document((**doc).clone())),
                         );
                         e.insert(
                             "documentKey",
@@ -498,13 +497,12 @@ impl ChangeStreamCursor {
                     OplogOp::Replace {
                         uuid, pre, post, ..
                     } => {
-                        let mut e =
-                            self.base_event(entry, "replace", ns_doc, expanded.then_some(*uuid));
-                        insert_before(
-                            &mut e,
-                            "ns",
-                            "fullDocument",
-                            Bson::Document((**post).clone()),
+                        let mut e = self.base_event_with_document(
+                            entry,
+                            "replace",
+                            ns_doc,
+                            expanded.then_some(*uuid),
+                            Some(Bson::Document((**post).clone())),
                         );
                         e.insert(
                             "documentKey",
@@ -649,6 +647,18 @@ impl ChangeStreamCursor {
         ns: Document,
         uuid: Option<bson::Uuid>,
     ) -> Document {
+        self.base_event_with_document(entry, op_type, ns, uuid, None)
+    }
+
+    /// The common event fields in server order, with `fullDocument` (when given) before `ns`.
+    fn base_event_with_document(
+        &self,
+        entry: &OplogEntry,
+        op_type: &str,
+        ns: Document,
+        uuid: Option<bson::Uuid>,
+        full_document: Option<Bson>,
+    ) -> Document {
         let mut e = doc! {
             "_id": self.token(entry, TokenKind::Event, 0),
             "operationType": op_type,
@@ -658,6 +668,9 @@ impl ChangeStreamCursor {
             e.insert("collectionUUID", bson::Binary::from_uuid(u));
         }
         e.insert("wallTime", entry.wall);
+        if let Some(d) = full_document {
+            e.insert("fullDocument", d);
+        }
         e.insert("ns", ns);
         e
     }

@@ -61,6 +61,8 @@ pub struct Ctx<'a> {
     pub session: Option<SessionArgs>,
     /// Set by `onPrimaryTransactionalWrite`: close the connection instead of replying.
     pub close_after_reply: std::sync::atomic::AtomicBool,
+    /// `insert`'s documents, moved out of the command so they are stored without a copy.
+    pub documents: parking_lot::Mutex<Option<Vec<Bson>>>,
 }
 
 const RETRYABLE_WRITE_COMMANDS: &[&str] = &[
@@ -376,6 +378,14 @@ pub async fn execute(engine: &Arc<Engine>, conn: &mut ConnInfo, cmd: Document) -
         Ok(s) => s,
         Err(e) => return Outcome::Reply(error_reply(engine, &e, &[])),
     };
+    let mut cmd = cmd;
+    let documents = match (name.as_str(), cmd.get("documents")) {
+        ("insert", Some(Bson::Array(_))) => match cmd.remove("documents") {
+            Some(Bson::Array(docs)) => Some(docs),
+            _ => None,
+        },
+        _ => None,
+    };
     let ctx = Ctx {
         engine,
         conn,
@@ -384,6 +394,7 @@ pub async fn execute(engine: &Arc<Engine>, conn: &mut ConnInfo, cmd: Document) -
         cmd: &cmd,
         session,
         close_after_reply: std::sync::atomic::AtomicBool::new(false),
+        documents: parking_lot::Mutex::new(documents),
     };
     let change_stream_cmd = is_change_stream_command(engine, &name, &cmd);
     if let Some(a) = &action {
