@@ -492,6 +492,10 @@ async fn run(ctx: &Ctx<'_>, change_stream_cmd: bool) -> CommandResult<Document> 
         .filter(|s| s.txn_number.is_some() && s.autocommit.is_none())
         .filter(|_| RETRYABLE_WRITE_COMMANDS.contains(&ctx.name.as_str()))
         .cloned();
+    let _checkout = match &retryable {
+        Some(s) => Some(ctx.engine.check_out_session(&s.key).await),
+        None => None,
+    };
     if let Some(s) = &retryable {
         let txn_number = s.txn_number.expect("filtered");
         let check = ctx

@@ -490,3 +490,43 @@ async fn oversized_document_is_rejected_with_10334() {
     })
     .await
 }
+
+/// The same (lsid, txnNumber) sent on several connections at once (a retry racing its
+/// original, with the session exactly as given: drivers would replace it) is applied once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_retries_of_one_statement_apply_once() {
+    bounded(async {
+        let sim = start().await;
+        let mut conns = Vec::new();
+        for _ in 0..4 {
+            conns.push(connect(&sim).await);
+        }
+        for round in 0..25i64 {
+            let lsid = doc! {"id": bson::Binary::from_uuid(bson::Uuid::new())};
+            let cmd = doc! {"update": "race", "$db": "raw", "updates": [{"q": {"_id": round}, "u": {"$inc": {"n": 1}}, "upsert": true}], "lsid": lsid, "txnNumber": 1i64};
+            let msg = op_msg(round as i32, 0, &cmd, &[], false);
+            let tasks: Vec<_> = conns
+                .drain(..)
+                .map(|mut s| {
+                    let msg = msg.clone();
+                    tokio::spawn(async move {
+                        s.write_all(&msg).await.unwrap();
+                        let d = op_msg_reply_doc(&read_reply(&mut s).await.expect("reply"));
+                        assert_eq!(d.get_i32("n").unwrap(), 1);
+                        s
+                    })
+                })
+                .collect();
+            for t in tasks {
+                conns.push(t.await.unwrap());
+            }
+        }
+        let mut s = conns.pop().unwrap();
+        s.write_all(&op_msg(1000, 0, &doc! {"count": "race", "$db": "raw", "query": {"n": 1}}, &[], false))
+            .await
+            .unwrap();
+        let d = op_msg_reply_doc(&read_reply(&mut s).await.expect("reply"));
+        assert_eq!(d.get_i32("n").unwrap(), 25, "a statement was applied more than once");
+    })
+    .await
+}
