@@ -378,19 +378,21 @@ impl ChangeStreamCursor {
         }
         let mut out = Vec::new();
         let mut bytes = 0usize;
-        let mut last_token: Option<Document> = None;
+        // The token of the batch's last event is read once, at the end.
+        let last_token = |out: &[Document]| -> Option<Document> {
+            out.last().and_then(|e| e.get_document("_id").ok()).cloned()
+        };
         loop {
             while let Some((event, _)) = self.pending.front() {
                 let size = bson_size(event);
                 if out.len() >= max_events
                     || (!out.is_empty() && bytes + size > crate::cursor::MAX_BATCH_BYTES)
                 {
-                    let pbrt = last_token.unwrap_or_else(|| self.high_water_mark());
+                    let pbrt = last_token(&out).unwrap_or_else(|| self.high_water_mark());
                     return Ok((out, pbrt));
                 }
                 let (event, _) = self.pending.pop_front().expect("front exists");
                 bytes += size;
-                last_token = event.get_document("_id").ok().cloned();
                 out.push(event);
             }
             if self.invalidated || out.len() >= max_events {
@@ -414,7 +416,7 @@ impl ChangeStreamCursor {
         }
         // The batch ended because the oplog is exhausted: the token is the last event's if
         // there was one and nothing was scanned past it, else the high-water mark.
-        let pbrt = match last_token {
+        let pbrt = match last_token(&out) {
             Some(t) if self.pending.is_empty() && self.last_event_was_at_position(&t) => t,
             _ => self.high_water_mark(),
         };
