@@ -169,3 +169,66 @@ async fn a_different_source_is_refused_unless_the_identity_is_reset() {
     .await;
     assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_credentials_exit_77_and_good_ones_sync() {
+    let source = MongoSim::builder()
+        .replica_set("secure")
+        .auth("syncer", "right-pw")
+        .start()
+        .await
+        .unwrap();
+    let c = Clusters::start().await;
+    let host = source.host();
+    let write = |password: &str, dir: &std::path::Path, http: u16| {
+        let config = format!(
+            "[source]\nuri = \"mongodb://syncer:{password}@{host}/?replicaSet=secure&authSource=admin\"\n\n\
+             [destination]\nuri = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{http}\"\n{}",
+            c.dest.uri(),
+            crate::support::cluster::TEST_SETTINGS
+        );
+        std::fs::write(dir.join("mongo-syncd.toml"), config).unwrap();
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let http = free_port();
+    write("wrong-pw", dir.path(), http);
+    let mut d = Daemon::start_with_config(dir.path(), http);
+    assert_eq!(
+        d.wait_exit(Duration::from_secs(60)).await,
+        Some(77),
+        "log:\n{}",
+        d.logs()
+    );
+    assert!(
+        d.logs().to_lowercase().contains("authentication"),
+        "log:\n{}",
+        d.logs()
+    );
+    assert!(
+        !d.logs().contains("wrong-pw"),
+        "the password must not be logged"
+    );
+
+    let admin = mongodb::Client::with_uri_str(format!(
+        "mongodb://syncer:right-pw@{host}/?replicaSet=secure&authSource=admin"
+    ))
+    .await
+    .unwrap();
+    admin
+        .database("s")
+        .collection::<Document>("c")
+        .insert_one(doc! {"_id": 1})
+        .await
+        .unwrap();
+    write("right-pw", dir.path(), http);
+    d.spawn(&[]);
+    let dst = c.dst.database("s").collection::<Document>("c");
+    wait_until(
+        "synced with good credentials",
+        Duration::from_secs(60),
+        || async { dst.find_one(doc! {"_id": 1}).await.unwrap().is_some() },
+    )
+    .await;
+    assert!(!d.all_logs().contains("right-pw"));
+    assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
+}

@@ -2,6 +2,7 @@
 
 mod apply_semantics;
 mod config_cli;
+mod conflicts;
 mod ddl;
 mod faults;
 mod http_api;

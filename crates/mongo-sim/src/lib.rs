@@ -13,10 +13,7 @@
 //! # Ok(()) }
 //! ```
 
-// `CommandError` mirrors a server error reply (code, name, message, labels, extra fields);
-// boxing it everywhere would only add noise to a test tool.
-#![allow(clippy::result_large_err)]
-
+pub mod auth;
 pub mod changestream;
 pub mod commands;
 pub mod cursor;

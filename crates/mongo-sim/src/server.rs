@@ -76,6 +76,12 @@ impl SimBuilder {
         self
     }
 
+    /// Requires SCRAM-SHA-256 authentication as `user` (on `admin`) with `password`.
+    pub fn auth(mut self, user: &str, password: &str) -> Self {
+        self.config.auth = Some(crate::auth::Credential::new(user, password));
+        self
+    }
+
     pub fn max_wire_version(mut self, v: i32) -> Self {
         self.config.max_wire_version = v;
         self
@@ -313,6 +319,7 @@ async fn serve_connection(
     let mut conn = ConnInfo {
         id: engine.next_connection_id(),
         app_name: None,
+        auth: Default::default(),
     };
     let mut next_reply_id: i32 = 1;
     loop {
@@ -376,7 +383,7 @@ async fn serve_connection(
                 }
                 let outcome = tokio::select! {
                     _ = cancel.cancelled() => return,
-                    o = commands::execute(&engine, &conn, cmd) => o,
+                    o = commands::execute(&engine, &mut conn, cmd) => o,
                 };
                 match outcome {
                     Outcome::Close => return,
