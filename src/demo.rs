@@ -233,6 +233,13 @@ async fn demo(options: DemoOptions, style: Style, interrupted: CancellationToken
         config.http.listen = listen;
     }
     config.sync.id = DEMO_SYNC_ID.to_string();
+    // One namespace under a conflict policy, as a destination edited by others would be: the
+    // newest `updated_at` wins (the demo's writer only moves it forward, so everything applies).
+    config.conflict.rules = vec![crate::config::ConflictRule {
+        namespaces: vec!["shop.customers".parse().expect("a valid pattern")],
+        policy: crate::config::ConflictPolicy::NewestWins,
+        field: Some("updated_at".to_string()),
+    }];
     config.validation.interval_seconds = 10;
     config.shutdown.timeout_seconds = 10;
     if let Err(e) = config.validate() {
@@ -421,6 +428,7 @@ fn sku(i: i32) -> String {
 }
 
 fn customer(rng: &mut StdRng, id: i32) -> Document {
+    let created = DateTime::from_millis(1_700_000_000_000 + rng.random_range(0..40_000_000_000i64));
     doc! {
         "_id": id,
         "name": format!("Customer {id}"),
@@ -432,7 +440,8 @@ fn customer(rng: &mut StdRng, id: i32) -> Document {
             "zip": format!("{:05}", rng.random_range(0..100_000)),
         },
         "orders_count": 0,
-        "created_at": DateTime::from_millis(1_700_000_000_000 + rng.random_range(0..40_000_000_000i64)),
+        "created_at": created,
+        "updated_at": created,
         "tags": (0..rng.random_range(0..3)).map(|i| format!("tag{i}")).collect::<Vec<_>>(),
     }
 }
@@ -650,7 +659,7 @@ async fn live_writer(
                 customers
                     .update_one(
                         doc! {"_id": id},
-                        doc! {"$set": {"address.city": city}, "$unset": {"tags": ""}},
+                        doc! {"$set": {"address.city": city, "updated_at": DateTime::now()}, "$unset": {"tags": ""}},
                     )
                     .await?;
             }
@@ -694,7 +703,7 @@ async fn live_writer(
                 customers
                     .update_one(
                         doc! {"_id": customer_id},
-                        doc! {"$inc": {"orders_count": 1}},
+                        doc! {"$inc": {"orders_count": 1}, "$set": {"updated_at": DateTime::now()}},
                     )
                     .session(&mut session)
                     .await?;

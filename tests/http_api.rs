@@ -277,3 +277,88 @@ async fn status_and_logs_never_show_credentials() {
         d.logs()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_pipeline_with_credentials_never_shows_them() {
+    const SRC_PASSWORD: &str = "src-pw-4b1d9e";
+    const DST_PASSWORD: &str = "dst-pw-c07a55";
+    let source = mongo_sim::MongoSim::builder()
+        .replica_set("src")
+        .auth("syncer", SRC_PASSWORD)
+        .noop_interval(Duration::from_secs(1))
+        .start()
+        .await
+        .unwrap();
+    let dest = mongo_sim::MongoSim::builder()
+        .replica_set("dst")
+        .auth("writer", DST_PASSWORD)
+        .noop_interval(Duration::from_secs(1))
+        .start()
+        .await
+        .unwrap();
+    let src_uri = format!(
+        "mongodb://syncer:{SRC_PASSWORD}@{}/?replicaSet=src&authSource=admin",
+        source.host()
+    );
+    let dst_uri = format!(
+        "mongodb://writer:{DST_PASSWORD}@{}/?replicaSet=dst&authSource=admin",
+        dest.host()
+    );
+    let c = Clusters {
+        src: mongodb::Client::with_uri_str(&src_uri).await.unwrap(),
+        dst: mongodb::Client::with_uri_str(&dst_uri).await.unwrap(),
+        source,
+        dest,
+    };
+    c.src
+        .database("shop")
+        .collection::<Document>("orders")
+        .insert_many((0..100).map(|i| doc! {"_id": i, "n": i}))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::configure(&c, dir.path(), "");
+    std::fs::write(
+        &d.config_path,
+        format!(
+            "[source]\nuri = \"{src_uri}\"\n\n[destination]\nuri = \"{dst_uri}\"\n\n\
+             [http]\nlisten = \"{}\"\ntoken = \"{TOKEN}\"\n\n[sync]\nnamespaces = [\"shop.*\"]\n\n\
+             [log]\nlevel = \"debug\"\n",
+            d.http
+        ),
+    )
+    .unwrap();
+    d.spawn(&[]);
+    crate::support::cluster::wait_converged(&c, &[("shop", "orders")], Duration::from_secs(60))
+        .await;
+    wait_until("shop.orders streams", Duration::from_secs(30), || async {
+        d.namespace_state("shop.orders").await.as_deref() == Some("streaming")
+    })
+    .await;
+    let (code, json) = post(&d, "/api/v1/force-sync", Some(TOKEN), "").await;
+    assert_eq!(code, StatusCode::ACCEPTED, "{json}");
+
+    let secrets = [SRC_PASSWORD, DST_PASSWORD, TOKEN];
+    let (_, status) = d.get("/api/v1/status").await.unwrap();
+    let (_, metrics) = d.get("/metrics").await.unwrap();
+    let (_, readyz) = d.get("/readyz").await.unwrap();
+    for (what, text) in [
+        ("status", &status),
+        ("metrics", &metrics),
+        ("readyz", &readyz),
+    ] {
+        for secret in secrets {
+            assert!(!text.contains(secret), "{what} shows {secret:?}: {text}");
+        }
+    }
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["source"]["connected"], true);
+    let hosts = status["source"]["hosts"].as_str().unwrap();
+    assert!(hosts.contains("syncer:***@"), "{hosts}");
+    assert_eq!(d.terminate().await, Some(0), "{}", d.logs());
+    let logs = d.logs();
+    assert!(logs.contains("force-sync finished"), "{logs}");
+    for secret in secrets {
+        assert!(!logs.contains(secret), "the log shows {secret:?}:\n{logs}");
+    }
+}
