@@ -10,15 +10,6 @@ use crate::support::{
     workload::{seed, Workload, NAMESPACES},
 };
 
-async fn streaming(d: &Daemon, ns: &str) {
-    wait_until(
-        &format!("{ns} streaming"),
-        Duration::from_secs(60),
-        || async { d.namespace_state(ns).await.as_deref() == Some("streaming") },
-    )
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn source_getmore_connection_drops_lose_nothing() {
     let c = Clusters::start().await;
@@ -26,7 +17,7 @@ async fn source_getmore_connection_drops_lose_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mut d = Daemon::start(&c, dir.path(), "");
     for (db, coll) in NAMESPACES {
-        streaming(&d, &format!("{db}.{coll}")).await;
+        d.wait_streaming(&format!("{db}.{coll}")).await;
     }
     let workload = Workload::start(&c.src, 2, Duration::from_millis(2), 5);
     for _ in 0..5 {
@@ -52,7 +43,7 @@ async fn transient_destination_errors_are_retried_and_counted() {
     let dir = tempfile::tempdir().unwrap();
     let mut d = Daemon::start(&c, dir.path(), "");
     for (db, coll) in NAMESPACES {
-        streaming(&d, &format!("{db}.{coll}")).await;
+        d.wait_streaming(&format!("{db}.{coll}")).await;
     }
     c.dest
         .configure_fail_point(&doc! {"configureFailPoint": "failCommand", "mode": {"times": 4},
@@ -105,7 +96,7 @@ async fn a_document_the_destination_rejects_is_dead_lettered_and_the_stream_cont
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut d = Daemon::start(&c, dir.path(), "[sync]\nnamespaces = [\"app.*\"]\n");
-    streaming(&d, "app.users").await;
+    d.wait_streaming("app.users").await;
     src.insert_one(doc! {"_id": 2, "name": "no email"})
         .await
         .unwrap();
@@ -160,7 +151,7 @@ async fn a_source_restart_is_survived() {
     let dir = tempfile::tempdir().unwrap();
     let mut d = Daemon::start(&c, dir.path(), "");
     for (db, coll) in NAMESPACES {
-        streaming(&d, &format!("{db}.{coll}")).await;
+        d.wait_streaming(&format!("{db}.{coll}")).await;
     }
     let workload = Workload::start(&c.src, 2, Duration::from_millis(2), 7);
     wait_until("writes happen", Duration::from_secs(20), || async {
@@ -227,7 +218,7 @@ async fn an_oplog_too_small_for_the_backlog_triggers_a_recopy() {
             .await)
         .unwrap_or(0.0);
     assert!(lost >= 1.0, "history loss counted: {lost}");
-    streaming(&d, "big.items").await;
+    d.wait_streaming("big.items").await;
     assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
 }
 
@@ -242,7 +233,7 @@ async fn a_worker_that_keeps_failing_is_parked_then_revived_by_force_sync() {
         dir.path(),
         "[sync]\nnamespaces = [\"p.*\"]\n\n[checkpoint]\ninterval_seconds = 1\n\n[supervisor]\nmax_restarts = 2\nmax_backoff_seconds = 1\n\n[shutdown]\ntimeout_seconds = 10\n",
     );
-    streaming(&d, "p.items").await;
+    d.wait_streaming("p.items").await;
     // The destination refuses every write of the daemon.
     c.dest
         .configure_fail_point(
@@ -277,7 +268,7 @@ async fn a_worker_that_keeps_failing_is_parked_then_revived_by_force_sync() {
         .unwrap();
     d.signal("USR1");
     wait_converged(&c, &[("p", "items")], Duration::from_secs(60)).await;
-    streaming(&d, "p.items").await;
+    d.wait_streaming("p.items").await;
     assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
 }
 
