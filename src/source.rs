@@ -117,10 +117,7 @@ impl Source {
             *parts.get(1).unwrap_or(&0),
             *parts.get(2).unwrap_or(&0),
         );
-        let supported = major > 7
-            || major == 7
-            || (major == 6 && minor == 0 && patch >= 9)
-            || (major == 6 && minor > 0);
+        let supported = major >= 7 || (major == 6 && (minor > 0 || patch >= 9));
         self.split_large_events
             .store(supported, std::sync::atomic::Ordering::Relaxed);
         Ok(version)
