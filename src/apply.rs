@@ -370,15 +370,9 @@ impl Applier {
         let mut stats = ApplyStats::default();
         let mut queues = Queues::default();
         for (i, ev) in events.iter().enumerate() {
-            let Some(id) = ev
-                .raw
-                .get_document("documentKey")
-                .ok()
-                .and_then(|k| k.get("_id").ok().flatten())
-            else {
+            let Some(id) = ev.document_key() else {
                 continue;
             };
-            let id = RawBson::from(id);
             let writes = match ev.kind {
                 OpKind::Insert | OpKind::Replace => match ev.full_document() {
                     Some(d) => vec![DocWrite::Upsert(d.to_owned())],
@@ -396,12 +390,7 @@ impl Applier {
                 },
                 _ => continue,
             };
-            stats.count(match ev.kind {
-                OpKind::Insert => ApplyOp::Insert,
-                OpKind::Update => ApplyOp::Update,
-                OpKind::Replace => ApplyOp::Replace,
-                _ => ApplyOp::Delete,
-            });
+            stats.count(ev.kind.apply_op());
             for w in writes {
                 queues.push(id.clone(), w, i);
             }
@@ -586,21 +575,10 @@ impl Applier {
         let mut order: Vec<Vec<u8>> = Vec::new();
         let mut queues: HashMap<Vec<u8>, Vec<(RawBson, Conditional, usize)>> = HashMap::new();
         for (i, ev) in events.iter().enumerate() {
-            let Some(id) = ev
-                .raw
-                .get_document("documentKey")
-                .ok()
-                .and_then(|k| k.get("_id").ok().flatten())
-            else {
+            let Some(id) = ev.document_key() else {
                 continue;
             };
-            let id = RawBson::from(id);
-            stats.count(match ev.kind {
-                OpKind::Insert => ApplyOp::Insert,
-                OpKind::Update => ApplyOp::Update,
-                OpKind::Replace => ApplyOp::Replace,
-                _ => ApplyOp::Delete,
-            });
+            stats.count(ev.kind.apply_op());
             let key = id_key(&id);
             let q = queues.entry(key.clone()).or_insert_with(|| {
                 order.push(key);

@@ -7,15 +7,6 @@ use bson::{doc, Document};
 
 use crate::support::cluster::{wait_converged, wait_until, Clusters, Daemon};
 
-async fn streaming(d: &Daemon, ns: &str) {
-    wait_until(
-        &format!("{ns} streaming"),
-        Duration::from_secs(60),
-        || async { d.namespace_state(ns).await.as_deref() == Some("streaming") },
-    )
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_update_matching_nothing_is_repaired_from_the_source() {
     let c = Clusters::start().await;
@@ -30,7 +21,7 @@ async fn an_update_matching_nothing_is_repaired_from_the_source() {
     let dir = tempfile::tempdir().unwrap();
     let mut d = Daemon::start(&c, dir.path(), "[sync]\nnamespaces = [\"app.*\"]\n");
     wait_converged(&c, &[("app", "items")], Duration::from_secs(30)).await;
-    streaming(&d, "app.items").await;
+    d.wait_streaming("app.items").await;
     // Behind the daemon's back: the destination loses a document.
     let dst = c.dst.database("app").collection::<Document>("items");
     dst.delete_one(doc! {"_id": 7}).await.unwrap();
@@ -70,8 +61,8 @@ async fn renamed_targets_and_lookup_mode() {
         dir.path(),
         "[sync]\nnamespaces = [\"shop.*\", \"crm.*\"]\nrename = { \"shop\" = \"shop_dr\", \"crm.contacts\" = \"crm_dr.people\" }\n\n[apply]\nupdate_mode = \"lookup\"\n",
     );
-    streaming(&d, "shop.orders").await;
-    streaming(&d, "crm.contacts").await;
+    d.wait_streaming("shop.orders").await;
+    d.wait_streaming("crm.contacts").await;
     for i in 0..50 {
         orders
             .update_one(
@@ -121,7 +112,7 @@ async fn field_names_with_dots_or_digits_are_copied_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let mut d = Daemon::start(&c, dir.path(), "[sync]\nnamespaces = [\"odd.*\"]\n");
     wait_converged(&c, &[("odd", "names")], Duration::from_secs(30)).await;
-    streaming(&d, "odd.names").await;
+    d.wait_streaming("odd.names").await;
     // Pipeline updates are the only way to write literal dotted names; the event carries
     // disambiguatedPaths and must still land exactly.
     src.update_one(
@@ -159,7 +150,7 @@ async fn the_queue_stays_bounded_while_the_destination_is_stuck() {
         dir.path(),
         "[sync]\nnamespaces = [\"load.*\"]\n\n[apply]\nbatch_max_events = 100\n",
     );
-    streaming(&d, "load.events").await;
+    d.wait_streaming("load.events").await;
     let baseline = rss_kib(d.pid());
     // The destination stops acknowledging writes for a while; a backlog builds on the source.
     c.dest
@@ -197,4 +188,22 @@ async fn the_queue_stays_bounded_while_the_destination_is_stuck() {
         "resident memory grew from {baseline} KiB to {max_rss} KiB under a 40 MB backlog"
     );
     assert_eq!(d.terminate().await, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_over_16_mib_are_split_and_reassembled() {
+    let c = Clusters::start().await;
+    let src = c.src.database("big").collection::<Document>("docs");
+    src.insert_one(doc! {"_id": 0}).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(&c, dir.path(), "[sync]\nnamespaces = [\"big.*\"]\n");
+    d.wait_streaming("big.docs").await;
+    // A document just under 16 MiB: its insert event (document + event fields) is over 16 MiB.
+    let blob = "x".repeat(16 * 1024 * 1024 - 200);
+    src.insert_one(doc! {"_id": 1, "blob": blob}).await.unwrap();
+    src.insert_one(doc! {"_id": 2, "after": true})
+        .await
+        .unwrap();
+    wait_converged(&c, &[("big", "docs")], Duration::from_secs(60)).await;
+    assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
 }

@@ -10,15 +10,6 @@ use crate::support::{
     workload::{seed, Workload, NAMESPACES},
 };
 
-async fn streaming(d: &Daemon, ns: &str) {
-    wait_until(
-        &format!("{ns} streaming"),
-        Duration::from_secs(60),
-        || async { d.namespace_state(ns).await.as_deref() == Some("streaming") },
-    )
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn source_getmore_connection_drops_lose_nothing() {
     let c = Clusters::start().await;
@@ -26,7 +17,7 @@ async fn source_getmore_connection_drops_lose_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mut d = Daemon::start(&c, dir.path(), "");
     for (db, coll) in NAMESPACES {
-        streaming(&d, &format!("{db}.{coll}")).await;
+        d.wait_streaming(&format!("{db}.{coll}")).await;
     }
     let workload = Workload::start(&c.src, 2, Duration::from_millis(2), 5);
     for _ in 0..5 {
@@ -52,7 +43,7 @@ async fn transient_destination_errors_are_retried_and_counted() {
     let dir = tempfile::tempdir().unwrap();
     let mut d = Daemon::start(&c, dir.path(), "");
     for (db, coll) in NAMESPACES {
-        streaming(&d, &format!("{db}.{coll}")).await;
+        d.wait_streaming(&format!("{db}.{coll}")).await;
     }
     c.dest
         .configure_fail_point(&doc! {"configureFailPoint": "failCommand", "mode": {"times": 4},
@@ -105,7 +96,7 @@ async fn a_document_the_destination_rejects_is_dead_lettered_and_the_stream_cont
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut d = Daemon::start(&c, dir.path(), "[sync]\nnamespaces = [\"app.*\"]\n");
-    streaming(&d, "app.users").await;
+    d.wait_streaming("app.users").await;
     src.insert_one(doc! {"_id": 2, "name": "no email"})
         .await
         .unwrap();
@@ -160,7 +151,7 @@ async fn a_source_restart_is_survived() {
     let dir = tempfile::tempdir().unwrap();
     let mut d = Daemon::start(&c, dir.path(), "");
     for (db, coll) in NAMESPACES {
-        streaming(&d, &format!("{db}.{coll}")).await;
+        d.wait_streaming(&format!("{db}.{coll}")).await;
     }
     let workload = Workload::start(&c.src, 2, Duration::from_millis(2), 7);
     wait_until("writes happen", Duration::from_secs(20), || async {
@@ -227,6 +218,96 @@ async fn an_oplog_too_small_for_the_backlog_triggers_a_recopy() {
             .await)
         .unwrap_or(0.0);
     assert!(lost >= 1.0, "history loss counted: {lost}");
-    streaming(&d, "big.items").await;
+    d.wait_streaming("big.items").await;
+    assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_keeps_failing_is_parked_then_revived_by_force_sync() {
+    let c = Clusters::start().await;
+    let items = c.src.database("p").collection::<Document>("items");
+    items.insert_one(doc! {"_id": 0}).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(
+        &c,
+        dir.path(),
+        "[sync]\nnamespaces = [\"p.*\"]\n\n[checkpoint]\ninterval_seconds = 1\n\n[supervisor]\nmax_restarts = 2\nmax_backoff_seconds = 1\n\n[shutdown]\ntimeout_seconds = 10\n",
+    );
+    d.wait_streaming("p.items").await;
+    // The destination refuses every write of the daemon.
+    c.dest
+        .configure_fail_point(
+            &doc! {"configureFailPoint": "failCommand", "mode": "alwaysOn",
+            "data": {"failCommands": ["update"], "errorCode": 91, "appName": "mongo-syncd"}},
+        )
+        .unwrap();
+    items.insert_one(doc! {"_id": 1}).await.unwrap();
+    wait_until(
+        "parked after max_restarts",
+        Duration::from_secs(60),
+        || async { d.namespace_state("p.items").await.as_deref() == Some("parked") },
+    )
+    .await;
+    let status = d.status().await.unwrap();
+    assert_eq!(
+        status["namespaces"]["p.items"]["parked_reason"],
+        "max_restarts"
+    );
+    let (code, body) = d.get("/readyz").await.unwrap();
+    assert_eq!(code, 503);
+    assert!(body.contains("p.items: parked (max_restarts)"), "{body}");
+    assert_eq!(
+        d.metric("mongo_syncd_worker_state{namespace=\"p.items\",state=\"parked\"}")
+            .await,
+        Some(1.0)
+    );
+    assert!(d.logs().contains("worker parked"), "log:\n{}", d.logs());
+    // Fix the cause, then force-sync: the worker restarts with a fresh copy and catches up.
+    c.dest
+        .configure_fail_point(&doc! {"configureFailPoint": "failCommand", "mode": "off"})
+        .unwrap();
+    d.signal("USR1");
+    wait_converged(&c, &[("p", "items")], Duration::from_secs(60)).await;
+    d.wait_streaming("p.items").await;
+    assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_loss_parks_when_configured_to() {
+    let c = Clusters::start_with_oplog(500).await;
+    let items = c.src.database("h").collection::<Document>("items");
+    items
+        .insert_many((0..5_000).map(|i| doc! {"_id": i}).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    c.dest
+        .configure_fail_point(&doc! {"configureFailPoint": "failCommand", "mode": "alwaysOn",
+            "data": {"failCommands": ["update"], "blockConnection": true, "blockTimeMS": 300, "appName": "mongo-syncd"}})
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(
+        &c,
+        dir.path(),
+        "[sync]\nnamespaces = [\"h.*\"]\non_history_lost = \"park\"\n",
+    );
+    wait_until("copying", Duration::from_secs(30), || async {
+        d.namespace_state("h.items").await.as_deref() == Some("copying")
+    })
+    .await;
+    for i in 0..1_000 {
+        items
+            .update_one(doc! {"_id": i}, doc! {"$set": {"v": i}})
+            .await
+            .unwrap();
+    }
+    c.dest
+        .configure_fail_point(&doc! {"configureFailPoint": "failCommand", "mode": "off"})
+        .unwrap();
+    wait_until("parked: history lost", Duration::from_secs(60), || async {
+        d.status()
+            .await
+            .is_some_and(|s| s["namespaces"]["h.items"]["parked_reason"] == "history_lost")
+    })
+    .await;
     assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
 }

@@ -264,6 +264,16 @@ impl Daemon {
         s["namespaces"][ns]["state"].as_str().map(str::to_string)
     }
 
+    /// Waits until the namespace's worker is streaming.
+    pub async fn wait_streaming(&self, ns: &str) {
+        wait_until(
+            &format!("{ns} streaming"),
+            Duration::from_secs(60),
+            || async { self.namespace_state(ns).await.as_deref() == Some("streaming") },
+        )
+        .await;
+    }
+
     /// Value of a metric series whose line starts with `prefix` (name + labels), if present.
     pub async fn metric(&self, prefix: &str) -> Option<f64> {
         let (_, body) = self.get("/metrics").await?;
