@@ -28,15 +28,6 @@ async fn seed_orders(c: &Clusters, n: i32) {
         .unwrap();
 }
 
-async fn wait_streaming(d: &Daemon, ns: &str) {
-    wait_until(
-        &format!("{ns} is streaming"),
-        Duration::from_secs(60),
-        || async { d.namespace_state(ns).await.as_deref() == Some("streaming") },
-    )
-    .await;
-}
-
 async fn metric(d: &Daemon, series: &str) -> f64 {
     d.metric(series).await.unwrap_or(0.0)
 }
@@ -64,7 +55,7 @@ async fn metrics_move_under_a_workload_and_lag_follows_a_blocked_destination() {
     let dir = tempfile::tempdir().unwrap();
     let d = Daemon::start(&c, dir.path(), "[sync]\nnamespaces = [\"shop.*\"]\n");
     wait_converged(&c, &[ORDERS], Duration::from_secs(60)).await;
-    wait_streaming(&d, "shop.orders").await;
+    d.wait_streaming("shop.orders").await;
 
     let ns = "namespace=\"shop.orders\"";
     let read0 = metric(&d, &format!("mongo_syncd_events_read_total{{{ns}}}")).await;
@@ -273,7 +264,7 @@ async fn force_sync_over_http_repairs_a_tampered_destination() {
         &format!("token = \"{TOKEN}\"\n\n[sync]\nnamespaces = [\"shop.*\"]\n"),
     );
     wait_converged(&c, &[ORDERS], Duration::from_secs(60)).await;
-    wait_streaming(&d, "shop.orders").await;
+    d.wait_streaming("shop.orders").await;
     tamper(&c).await;
 
     let resp = reqwest::Client::new()
@@ -314,7 +305,7 @@ async fn sigusr1_restarts_a_parked_worker_and_repairs_a_tampered_destination() {
     let dir = tempfile::tempdir().unwrap();
     let d = Daemon::start(&c, dir.path(), "[sync]\nnamespaces = [\"shop.*\"]\n");
     wait_converged(&c, &[ORDERS], Duration::from_secs(60)).await;
-    wait_streaming(&d, "shop.orders").await;
+    d.wait_streaming("shop.orders").await;
 
     // An error the classifier does not know parks the worker (never retried in a loop).
     c.dest
@@ -356,7 +347,7 @@ async fn sigusr1_restarts_a_parked_worker_and_repairs_a_tampered_destination() {
     tamper(&c).await;
     d.signal("USR1");
     wait_converged(&c, &[ORDERS], Duration::from_secs(60)).await;
-    wait_streaming(&d, "shop.orders").await;
+    d.wait_streaming("shop.orders").await;
     assert_eq!(
         count_dst(&c, doc! {"extra": true}).await,
         0,
@@ -415,7 +406,7 @@ async fn sighup_adds_and_removes_namespaces_and_keeps_the_old_config_when_the_ne
     .unwrap();
     d.spawn(&[]);
     wait_converged(&c, &[ORDERS], Duration::from_secs(60)).await;
-    wait_streaming(&d, "shop.orders").await;
+    d.wait_streaming("shop.orders").await;
     assert!(d.namespace_state("shop.customers").await.is_none());
     let dst_customers = c.dst.database("shop").collection::<Document>("customers");
     assert_eq!(dst_customers.count_documents(doc! {}).await.unwrap(), 0);
@@ -433,7 +424,7 @@ async fn sighup_adds_and_removes_namespaces_and_keeps_the_old_config_when_the_ne
         Duration::from_secs(60),
     )
     .await;
-    wait_streaming(&d, "shop.customers").await;
+    d.wait_streaming("shop.customers").await;
     assert_eq!(
         metric(&d, "mongo_syncd_config_reloads_total{result=\"success\"}").await,
         1.0
@@ -527,7 +518,7 @@ async fn sigterm_exits_0_with_checkpoints_written() {
     let dir = tempfile::tempdir().unwrap();
     let mut d = Daemon::start(&c, dir.path(), "[sync]\nnamespaces = [\"shop.*\"]\n");
     wait_converged(&c, &[ORDERS], Duration::from_secs(60)).await;
-    wait_streaming(&d, "shop.orders").await;
+    d.wait_streaming("shop.orders").await;
     let orders = c.src.database("shop").collection::<Document>("orders");
     for i in 200..260 {
         orders.insert_one(doc! {"_id": i}).await.unwrap();
@@ -668,7 +659,7 @@ async fn systemd_notify_sequence() {
         "READY=1 comes with a STATUS= line: {:?}",
         sock.all()[ready]
     );
-    wait_streaming(&d, "shop.orders").await;
+    d.wait_streaming("shop.orders").await;
     sock.wait(ready, "WATCHDOG=1", t).await;
     wait_until("three watchdog pings", t, || async {
         sock.watchdogs().len() >= 3
@@ -709,7 +700,7 @@ async fn the_watchdog_keeps_beating_while_the_source_is_down() {
         &[("NOTIFY_SOCKET", &path), ("WATCHDOG_USEC", "2000000")],
     );
     sock.wait(0, "READY=1", Duration::from_secs(30)).await;
-    wait_streaming(&d, "shop.orders").await;
+    d.wait_streaming("shop.orders").await;
 
     // The supervisor loop waits for the network only with bounded timeouts, so a source
     // outage is not a hung supervisor: the pings go on and systemd does not kill the daemon.
@@ -753,7 +744,7 @@ async fn the_watchdog_keeps_beating_while_the_source_is_down() {
         pings.len()
     );
     assert_eq!(d.get("/healthz").await.unwrap().0, 200);
-    wait_streaming(&d, "shop.orders").await;
+    d.wait_streaming("shop.orders").await;
     c.src
         .database("shop")
         .collection::<Document>("orders")
@@ -800,7 +791,7 @@ async fn json_logs_parse_and_never_contain_document_contents() {
         "[sync]\nnamespaces = [\"shop.*\"]\n\n[log]\nformat = \"json\"\nlevel = \"debug,mongodb=warn\"\n\n\
          [checkpoint]\ninterval_seconds = 1\n\n[shutdown]\ntimeout_seconds = 10\n",
     );
-    wait_streaming(&d, "shop.customers").await;
+    d.wait_streaming("shop.customers").await;
     // Streamed changes: an update, another duplicate, a delete.
     customers
         .update_one(
