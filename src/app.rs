@@ -64,12 +64,19 @@ pub async fn run(config: Config, options: RunOptions) -> ExitCode {
     ExitCode::from(code)
 }
 
-/// `mongo-syncd validate`: one validation pass.
-#[allow(clippy::unused_async, reason = "filled in by the validation module")]
+/// `mongo-syncd validate`: one validation pass (`validate::command`).
 pub async fn validate(config: Config, options: ValidateOptions) -> ExitCode {
-    let _ = (config, options);
-    tracing::error!(command = "validate", "not wired yet");
-    ExitCode::from(exit::validate::COULD_NOT_RUN)
+    let clients = match build_clients(&config).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot configure the MongoDB clients");
+            return ExitCode::from(match policy(&e) {
+                RetryDirective::Fatal { exit_code } => exit_code,
+                _ => exit::validate::COULD_NOT_RUN,
+            });
+        }
+    };
+    ExitCode::from(crate::validate::command::run(config, options, clients).await)
 }
 
 /// `mongo-syncd demo`: two simulators, sample data, live writes, synced.

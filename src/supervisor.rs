@@ -22,6 +22,7 @@ use crate::{
     metrics::{ErrorKindLabel, Metrics, Trigger, WorkerState},
     source::{Namespace, Source, SourceCollection},
     status::{LastError, StatusRegistry},
+    validate::{schedule::ValidationDeps, NamespacePlan, Registration, ValidationService},
     worker::{self, WorkerCommand, WorkerContext, WorkerExit, WorkerSettings},
 };
 
@@ -93,6 +94,8 @@ pub struct Supervisor {
     reports_tx: mpsc::Sender<WorkerReport>,
     reports_rx: mpsc::Receiver<WorkerReport>,
     warned_skipped: HashSet<Namespace>,
+    /// Validation scheduler (DESIGN §2.7): passes per namespace, repairs through the workers.
+    validation: ValidationService,
     /// Set by [`Supervisor::run`]'s loop on every iteration, for the systemd watchdog.
     pub heartbeat: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -124,6 +127,18 @@ fn error_label(kind: ErrorKind) -> ErrorKindLabel {
 impl Supervisor {
     pub fn new(config: Arc<Config>, pipeline: Pipeline) -> Supervisor {
         let (reports_tx, reports_rx) = mpsc::channel(64);
+        let validation = ValidationService::new(
+            &config.validation,
+            ValidationDeps {
+                source: pipeline.source.client().clone(),
+                dest: pipeline.dest.clone(),
+                sync_id: config.sync.id.clone(),
+                metadata_db: pipeline.dest.database(&config.checkpoint.database),
+                checkpoints: pipeline.checkpoints.clone(),
+                metrics: pipeline.metrics.clone(),
+                status: Arc::clone(&pipeline.status),
+            },
+        );
         Supervisor {
             settings: Arc::new(worker_settings(&config)),
             filter: config.namespace_filter(),
@@ -136,6 +151,7 @@ impl Supervisor {
             reports_tx,
             reports_rx,
             warned_skipped: HashSet::new(),
+            validation,
             heartbeat: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         }
     }
@@ -154,6 +170,8 @@ impl Supervisor {
             t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         }
         let mut exit_code = 0u8;
+        self.validation
+            .start(&self.tracker, self.stop.child_token());
         loop {
             self.heartbeat.fetch_add(1, Ordering::Relaxed);
             tokio::select! {
@@ -309,6 +327,16 @@ impl Supervisor {
         tracing::info!(namespace = %label, target = %target, "starting worker");
         self.pipeline.metrics.register_namespace(&label);
         self.pipeline.status.register(&label, &target.to_string());
+        let (cmd_tx, cmd_rx) = mpsc::channel(8);
+        self.validation.register(Registration {
+            plan: NamespacePlan {
+                ns: coll.ns.clone(),
+                target: target.clone(),
+                uuid: coll.uuid,
+                options: coll.options.clone(),
+            },
+            commands: cmd_tx.clone(),
+        });
         let ctx = WorkerContext {
             ns: coll.ns.clone(),
             target,
@@ -324,7 +352,6 @@ impl Supervisor {
             progress: Default::default(),
             caught_up: Default::default(),
         };
-        let (cmd_tx, cmd_rx) = mpsc::channel(8);
         let stop = self.stop.child_token();
         let abort = self.abort.child_token();
         let runner = supervise_worker(
@@ -356,6 +383,7 @@ impl Supervisor {
     /// Stops a worker; `forget` also deletes its metrics series and status.
     async fn remove_worker(&mut self, ns: &Namespace, keep_series: bool) {
         if let Some(h) = self.workers.remove(ns) {
+            self.validation.unregister(&ns.to_string());
             h.stop.cancel();
             // Give it the shutdown deadline to drain, then abort.
             let abort = h.abort.clone();
@@ -386,7 +414,7 @@ impl Supervisor {
     }
 
     fn validate(&mut self, namespaces: &[String]) {
-        tracing::info!(namespaces = ?namespaces, "validation requested");
+        self.validation.request(namespaces);
     }
 
     async fn reload(&mut self, config: Config) {
@@ -398,6 +426,7 @@ impl Supervisor {
         }
         self.filter = config.namespace_filter();
         self.settings = Arc::new(worker_settings(&config));
+        self.validation.reconfigure(&config.validation);
         self.config = Arc::new(config);
         // Workers for namespaces no longer in scope stop; their series go away.
         let out_of_scope: Vec<Namespace> = self
@@ -579,6 +608,9 @@ async fn supervise_worker(
                     _ = stop.cancelled() => return,
                     cmd = commands.recv() => match cmd {
                         Some(WorkerCommand::ForceSync) => break,
+                        Some(WorkerCommand::RepairRange(request)) => {
+                            let _ = request.reply.send(Err("the worker is parked".into()));
+                        }
                         None => return,
                     },
                 }

@@ -3,3 +3,4 @@
 mod config_cli;
 mod replication;
 mod support;
+mod validation;
