@@ -79,7 +79,7 @@ pub enum WorkerCommand {
     /// Re-copy and reconcile every range while the stream keeps its position.
     ForceSync,
     /// Re-copy one `_id` range for validation repair (DESIGN §2.8); see `validate::repair`.
-    RepairRange(crate::validate::repair::RepairRequest),
+    RepairRange(Box<crate::validate::repair::RepairRequest>),
 }
 
 /// Why a worker returned without error.
@@ -656,7 +656,7 @@ async fn stream(
                         }
                     }
                     WorkerCommand::RepairRange(request) => {
-                        crate::validate::repair::handle(ctx, &applier, &mut cp, request).await;
+                        crate::validate::repair::handle(ctx, &applier, &mut cp, *request).await;
                     }
                 }
                 continue;

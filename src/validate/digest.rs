@@ -41,7 +41,7 @@ impl IdKey {
     pub fn of(id: RawBsonRef<'_>) -> IdKey {
         let mut key = Vec::with_capacity(16);
         let integral = |f: f64| -> Option<i64> {
-            (f.fract() == 0.0 && f >= -9.223_372_036_854_776e18 && f < 9.223_372_036_854_776e18)
+            (f.fract() == 0.0 && (-9.223_372_036_854_776e18..9.223_372_036_854_776e18).contains(&f))
                 .then_some(f as i64)
         };
         match id {

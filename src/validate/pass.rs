@@ -345,6 +345,8 @@ impl Pass<'_> {
                     None => Source::new(self.source.clone()).cluster_time().await?,
                 };
                 let ids = differing.all();
+                report.ranges_rechecked += 1;
+                report.documents_rechecked += ids.len() as u64;
                 // Free the range's digests before the re-check reads documents.
                 drop(current.docs);
                 let (finding, note) = self
@@ -579,11 +581,11 @@ impl Pass<'_> {
         };
         let (reply, answer) = oneshot::channel();
         worker
-            .send(WorkerCommand::RepairRange(RepairRequest {
+            .send(WorkerCommand::RepairRange(Box::new(RepairRequest {
                 lower,
                 upper,
                 reply,
-            }))
+            })))
             .await
             .map_err(|_| "the namespace worker has stopped".to_string())?;
         match tokio::time::timeout(REPAIR_TIMEOUT, answer).await {

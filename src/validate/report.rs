@@ -259,6 +259,11 @@ pub struct Report {
     /// How often the pass was continued after a restart.
     pub resumes: u32,
     pub ranges_checked: u64,
+    /// Ranges whose digests differed at first sight and were re-checked (most are writes in
+    /// flight that the re-check resolves).
+    pub ranges_rechecked: u64,
+    /// `_id`s those re-checks looked at.
+    pub documents_rechecked: u64,
     pub source_documents: u64,
     pub destination_documents: u64,
     /// Drifted documents (missing + extra + content, + order-only with `strict_order`).
@@ -308,6 +313,8 @@ impl Report {
             next_lower: None,
             resumes: 0,
             ranges_checked: 0,
+            ranges_rechecked: 0,
+            documents_rechecked: 0,
             source_documents: 0,
             destination_documents: 0,
             mismatched_documents: 0,
@@ -400,6 +407,8 @@ impl Report {
             "next_lower": self.next_lower.clone().unwrap_or(Bson::MinKey),
             "resumes": self.resumes as i32,
             "ranges_checked": self.ranges_checked as i64,
+            "ranges_rechecked": self.ranges_rechecked as i64,
+            "documents_rechecked": self.documents_rechecked as i64,
             "documents": {"source": self.source_documents as i64, "destination": self.destination_documents as i64},
             "mismatched_documents": self.mismatched_documents as i64,
             "order_only_documents": self.order_only_documents as i64,
@@ -450,6 +459,8 @@ impl Report {
             },
             resumes: d.get_i32("resumes").unwrap_or(0).max(0) as u32,
             ranges_checked: count("ranges_checked"),
+            ranges_rechecked: count("ranges_rechecked"),
+            documents_rechecked: count("documents_rechecked"),
             source_documents: docs
                 .and_then(|x| x.get_i64("source").ok())
                 .unwrap_or(0)
