@@ -2,7 +2,7 @@
 //! sets in their own processes (the `mongo-sim` binary) so the daemon's peak RSS is its own.
 //!
 //! ```text
-//! cargo build --release --bins
+//! cargo build --release --workspace --bins
 //! cargo run --release --example validation_bench -- [--docs 1000000] [--cli]
 //! ```
 //!
@@ -143,7 +143,7 @@ async fn main() {
     for b in [&daemon_bin, &sim_bin] {
         assert!(
             b.exists(),
-            "{} is missing: run `cargo build --release --bins` first",
+            "{} is missing: run `cargo build --release --workspace --bins` first",
             b.display()
         );
     }

@@ -519,6 +519,12 @@ async fn a_pass_interrupted_by_a_restart_continues_from_its_last_finished_range(
             .unwrap(),
         50_000
     );
+    // The throttle held: 50,000 documents at 10,000 per second take about 5 s of scanning.
+    let elapsed = done.get_f64("elapsed_seconds").unwrap();
+    assert!(
+        elapsed >= 4.5,
+        "{elapsed}s: max_docs_per_second was not honoured"
+    );
     assert!(d
         .logs()
         .contains("continuing an interrupted validation pass"));

@@ -186,9 +186,11 @@ impl Pass<'_> {
                 return r;
             }
         };
-        let started = Instant::now();
         let elapsed_before = report.elapsed;
-        let outcome = self.body(&mut report, started, elapsed_before).await;
+        // The clock covers the comparison itself, not the options check before it (which
+        // waits for the worker's next checkpoint).
+        let mut started = Instant::now();
+        let outcome = self.body(&mut report, &mut started, elapsed_before).await;
         report.elapsed = elapsed_before + started.elapsed();
         if let Err(e) = outcome {
             tracing::warn!(namespace = %ns, error = %e, "validation pass failed");
@@ -250,30 +252,55 @@ impl Pass<'_> {
     async fn body(
         &self,
         report: &mut Report,
-        started: Instant,
+        started: &mut Instant,
         elapsed_before: Duration,
     ) -> Result<(), SyncError> {
-        if report.ranges_checked == 0 || report.resumes > 0 {
-            report.options_differ = self.compare_options().await?;
-        }
+        let (differ, note) = self.compare_options().await?;
+        report.options_differ = differ;
+        report.notes.extend(note);
+        *started = Instant::now();
         match self.settings.mode {
-            ValidationMode::Hash => self.hash(report, started, elapsed_before).await,
+            ValidationMode::Hash => self.hash(report, *started, elapsed_before).await,
             ValidationMode::Count => self.count(report).await,
         }
     }
 
-    /// Options of the destination collection that differ from the source's.
-    async fn compare_options(&self) -> Result<Vec<OptionDiff>, SyncError> {
-        let Some(dest) = scan::collection_options(&self.destination_side()).await? else {
-            return Ok(vec![OptionDiff {
-                option: "collection".into(),
-                source: Bson::String("exists".into()),
-                destination: Bson::String("missing".into()),
-            }]);
+    /// Options of the destination collection that differ from the source's. Options change by
+    /// `collMod` events, which the worker applies in order: the source is read first (then its
+    /// cluster time T), the destination once the worker has applied past T, then the source
+    /// again; an option that changed in between is not compared this time.
+    async fn compare_options(&self) -> Result<(Vec<OptionDiff>, Option<String>), SyncError> {
+        let src = self.source_side();
+        let Some(before) = scan::collection_options(&src).await? else {
+            return Ok((
+                Vec::new(),
+                Some("the source collection no longer exists".into()),
+            ));
         };
+        let t = Source::new(self.source.clone()).cluster_time().await?;
+        if !self.applied.wait_for(t, self.settings.recheck_wait).await? {
+            return Ok((
+                Vec::new(),
+                Some("collection options not compared: the worker did not catch up".into()),
+            ));
+        }
+        let Some(dest) = scan::collection_options(&self.destination_side()).await? else {
+            return Ok((
+                vec![OptionDiff {
+                    option: "collection".into(),
+                    source: Bson::String("exists".into()),
+                    destination: Bson::String("missing".into()),
+                }],
+                None,
+            ));
+        };
+        let after = scan::collection_options(&src).await?.unwrap_or_default();
         let mut out = Vec::new();
         for key in COMPARED_OPTIONS {
-            let (s, d) = (self.plan.options.get(*key), dest.get(*key));
+            let (s, d) = (after.get(*key), dest.get(*key));
+            if s != before.get(*key) {
+                continue;
+            }
             if s != d {
                 out.push(OptionDiff {
                     option: (*key).to_string(),
@@ -282,7 +309,7 @@ impl Pass<'_> {
                 });
             }
         }
-        Ok(out)
+        Ok((out, None))
     }
 
     /// Hash mode: every range, pipelined (the destination side of range *i* is read while
@@ -362,17 +389,16 @@ impl Pass<'_> {
                     report.add_finding(finding);
                 }
             }
+            let Some(next) = next else {
+                // The last range: the finished report records it.
+                return Ok(());
+            };
             report.next_lower = upper.clone();
             report.elapsed = elapsed_before + started.elapsed();
             // Progress: a restart continues after this range.
             self.reports.save(report).await?;
-            match next {
-                Some(n) => {
-                    lower = upper;
-                    current = n;
-                }
-                None => return Ok(()),
-            }
+            lower = upper;
+            current = next;
         }
     }
 
