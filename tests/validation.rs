@@ -448,6 +448,96 @@ async fn heavy_live_writes_raise_no_false_mismatch_over_repeated_passes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drift_under_live_writes_is_found_exactly_and_repaired_through_the_worker() {
+    let c = Clusters::start().await;
+    seed(&c.src, 30_000).await;
+    // Documents the writers never touch (string _ids sort after every number).
+    let quiet: Vec<Document> = (0..10)
+        .map(|i| doc! {"_id": format!("quiet-{i}"), "n": i})
+        .collect();
+    c.src
+        .database(DB)
+        .collection::<Document>(COLL)
+        .insert_many(quiet)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = start_synced(&c, dir.path(), "interval_seconds = 1\nrepair = true").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let ops = Arc::new(AtomicU64::new(0));
+    let writers = spawn_writers(&c, 3, Arc::clone(&stop), Arc::clone(&ops));
+    wait_until("writes flowing", Duration::from_secs(10), || async {
+        ops.load(Ordering::Relaxed) > 100
+    })
+    .await;
+    let before = finished_daemon_reports(&c).await.len();
+    // Both tamperings in one transaction, so no pass can see only one of them.
+    let dst = c.dst.database(DB).collection::<Document>(COLL);
+    let mut session = c.dst.start_session().await.unwrap();
+    session.start_transaction().await.unwrap();
+    dst.update_one(doc! {"_id": "quiet-3"}, doc! {"$set": {"n": -1}})
+        .session(&mut session)
+        .await
+        .unwrap();
+    dst.delete_one(doc! {"_id": "quiet-5"})
+        .session(&mut session)
+        .await
+        .unwrap();
+    session.commit_transaction().await.unwrap();
+    // Passes finished since the tampering: the first with findings names exactly the two
+    // tampered documents (whatever the writers did meanwhile), repairs them, and every later
+    // pass is clean.
+    wait_until(
+        "a pass found the drift",
+        Duration::from_secs(120),
+        || async {
+            finished_daemon_reports(&c)
+                .await
+                .iter()
+                .any(|r| r.get_str("result").ok() == Some("mismatch"))
+        },
+    )
+    .await;
+    let found = finished_daemon_reports(&c).await.len();
+    let reports = wait_reports(&c, found + 2, Duration::from_secs(120)).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    let mut mismatches = 0;
+    for r in &reports[before..] {
+        let r = Bson::Document(r.clone()).into_relaxed_extjson();
+        assert_ne!(r["result"], "error", "{r:#}");
+        if r["result"] != "mismatch" {
+            assert_eq!(r["mismatched_documents"], 0, "{r:#}");
+            continue;
+        }
+        mismatches += 1;
+        assert_eq!(
+            mismatches, 1,
+            "the drift was reported again after its repair: {r:#}"
+        );
+        assert_eq!(r["mismatched_documents"], 2, "{r:#}");
+        assert_eq!(r["documents_repaired"], 2, "{r:#}");
+        let drifted: Vec<&Value> = r["mismatched_ranges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|x| x["missing"]["count"] != 0 || x["content"]["count"] != 0)
+            .collect();
+        assert_eq!(drifted.len(), 1, "{r:#}");
+        assert_eq!(ids(&drifted[0]["content"]), vec![json!("quiet-3")]);
+        assert_eq!(ids(&drifted[0]["missing"]), vec![json!("quiet-5")]);
+        assert_eq!(drifted[0]["extra"]["count"], 0);
+        assert_eq!(drifted[0]["repair"]["after"], "match", "{r:#}");
+    }
+    assert_eq!(mismatches, 1);
+    // The repair raced nothing: once the stream has applied the last writes, the sides are equal.
+    wait_converged(&c, &[(DB, COLL)], Duration::from_secs(60)).await;
+    assert_eq!(d.terminate().await, Some(0), "{}", d.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pass_interrupted_by_a_restart_continues_from_its_last_finished_range() {
     let c = Clusters::start().await;
     seed(&c.src, 50_000).await;
