@@ -327,16 +327,6 @@ impl Supervisor {
         tracing::info!(namespace = %label, target = %target, "starting worker");
         self.pipeline.metrics.register_namespace(&label);
         self.pipeline.status.register(&label, &target.to_string());
-        let (cmd_tx, cmd_rx) = mpsc::channel(8);
-        self.validation.register(Registration {
-            plan: NamespacePlan {
-                ns: coll.ns.clone(),
-                target: target.clone(),
-                uuid: coll.uuid,
-                options: coll.options.clone(),
-            },
-            commands: cmd_tx.clone(),
-        });
         let ctx = WorkerContext {
             ns: coll.ns.clone(),
             target,
@@ -352,6 +342,16 @@ impl Supervisor {
             progress: Default::default(),
             caught_up: Default::default(),
         };
+        let (cmd_tx, cmd_rx) = mpsc::channel(8);
+        self.validation.register(Registration {
+            plan: NamespacePlan {
+                ns: ctx.ns.clone(),
+                target: ctx.target.clone(),
+                uuid: ctx.uuid,
+                options: ctx.options.clone(),
+            },
+            commands: cmd_tx.clone(),
+        });
         let stop = self.stop.child_token();
         let abort = self.abort.child_token();
         let runner = supervise_worker(
