@@ -214,6 +214,24 @@ async fn cli_reports_exactly_the_tampered_ids_and_ranges() {
     let dst = c.dst.database(DB).collection::<Document>(COLL);
     assert_eq!(dst.count_documents(doc! {}).await.unwrap(), 15_000);
 
+    // A destination collection whose options differ from the source's is reported.
+    c.dst
+        .database(DB)
+        .run_command(doc! {"collMod": COLL, "validator": {"n": {"$exists": true}}})
+        .await
+        .unwrap();
+    let (code, report, _) = cli(&d.config_path, &["--wait-seconds", "30"]).await;
+    assert_eq!(code, Some(1), "{report:#}");
+    let differ = &namespace_report(&report, NS)["options_differ"];
+    let validator = differ
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["option"] == "validator")
+        .unwrap_or_else(|| panic!("no validator difference in {differ:#}"));
+    assert_eq!(validator["source"], Value::Null);
+    assert_eq!(validator["destination"], json!({"n": {"$exists": true}}));
+
     // Every run left its report in the validations collection.
     let stored: Vec<Document> = c
         .dst
@@ -225,7 +243,7 @@ async fn cli_reports_exactly_the_tampered_ids_and_ranges() {
         .try_collect()
         .await
         .unwrap();
-    assert_eq!(stored.len(), 3);
+    assert_eq!(stored.len(), 4);
     assert_eq!(d.terminate().await, Some(0), "{}", d.logs());
 }
 

@@ -751,6 +751,45 @@ mod tests {
     }
 
     #[test]
+    fn order_only_is_drift_only_when_strict() {
+        let mut f = RangeFinding::default();
+        f.order_only.push(Bson::Int32(1));
+        f.content.push(Bson::Int32(2));
+        f.unverified.push(Bson::Int32(3));
+        assert_eq!(f.drift(false), 1);
+        assert_eq!(f.drift(true), 2);
+        let mut strict = Report::new(
+            "default",
+            "a.b",
+            "a.b",
+            None,
+            Runner::Daemon,
+            "schedule",
+            ValidationMode::Hash,
+            true,
+            false,
+        );
+        let mut only_order = RangeFinding::default();
+        only_order.order_only.push(Bson::Int32(1));
+        strict.add_finding(only_order.clone());
+        assert_eq!(strict.compute_result(), ValidationResult::Mismatch);
+        let mut lenient = Report::new(
+            "default",
+            "a.b",
+            "a.b",
+            None,
+            Runner::Daemon,
+            "schedule",
+            ValidationMode::Hash,
+            false,
+            false,
+        );
+        lenient.add_finding(only_order);
+        assert_eq!(lenient.compute_result(), ValidationResult::Match);
+        assert_eq!(lenient.order_only_documents, 1);
+    }
+
+    #[test]
     fn round_trips_through_bson() {
         let r = sample();
         let back = Report::from_document(&r.to_document()).unwrap();
