@@ -76,7 +76,7 @@ pub async fn validate(config: Config, options: ValidateOptions) -> ExitCode {
             });
         }
     };
-    ExitCode::from(crate::validate::command::run(config, options, clients).await)
+    ExitCode::from(Box::pin(crate::validate::command::run(config, options, clients)).await)
 }
 
 /// `mongo-syncd demo`: two simulators, sample data, live writes, synced.
@@ -187,7 +187,7 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
             return exit_code_for(&e);
         }
     };
-    let source = Source::new(source_client);
+    let source = Source::new(source_client, config.source.socket_timeout());
     let source_hosts = status.source_hosts.read().clone();
     let dest_hosts = status.destination_hosts.read().clone();
     let identity = match wait_for("source", &source_hosts, &shutdown, || source.identity()).await {

@@ -19,10 +19,11 @@ use mongodb::Database;
 
 use crate::{
     config::UpdateMode,
+    conflict::{not_newer_filter, plan, unchanged_filter, value_at, Conditional, ConflictSettings},
     error::{ErrorKind, SyncError},
     event::{ts_key, ChangeEvent, OpKind},
     metadata::Metadata,
-    metrics::{ApplyOp, Metrics},
+    metrics::{ApplyOp, ConflictOutcome, Metrics},
     source::{Namespace, Source},
 };
 
@@ -117,6 +118,29 @@ fn cstr_key(s: &str) -> Result<&bson::raw::CStr, SyncError> {
     })
 }
 
+/// The order in which update operators process paths (MongoDB 5.0+): component by
+/// component, numeric names numerically, other names lexicographically.
+fn update_path_order(a: &str, b: &str) -> std::cmp::Ordering {
+    let mut ai = a.split('.');
+    let mut bi = b.split('.');
+    loop {
+        match (ai.next(), bi.next()) {
+            (None, None) => return std::cmp::Ordering::Equal,
+            (None, Some(_)) => return std::cmp::Ordering::Less,
+            (Some(_), None) => return std::cmp::Ordering::Greater,
+            (Some(x), Some(y)) => {
+                let o = match (x.parse::<u64>(), y.parse::<u64>()) {
+                    (Ok(p), Ok(q)) => p.cmp(&q),
+                    _ => x.cmp(y),
+                };
+                if o.is_ne() {
+                    return o;
+                }
+            }
+        }
+    }
+}
+
 fn paths_overlap(a: &str, b: &str) -> bool {
     a == b
         || (a.len() > b.len() && a.starts_with(b) && a.as_bytes()[b.len()] == b'.')
@@ -159,7 +183,12 @@ impl Queues {
                     let overlap = new_paths
                         .clone()
                         .any(|n| old_paths.iter().any(|o| paths_overlap(n, o)));
-                    if !overlap {
+                    // `$set` appends new fields in field-name order: merging two deltas would
+                    // reorder new fields unless every earlier path sorts before every later one.
+                    let order_safe = prev_set
+                        .iter()
+                        .all(|(o, _)| set.iter().all(|(n, _)| update_path_order(o, n).is_lt()));
+                    if !overlap && order_safe {
                         prev_set.extend(set.iter().cloned());
                         prev_unset.extend(unset.iter().cloned());
                         *prev_event = event;
@@ -267,6 +296,9 @@ pub struct Applier {
     metrics: Metrics,
     sync_id: String,
     update_mode: UpdateMode,
+    /// Bounds each bulk command (`destination.socket_timeout_ms`).
+    op_timeout: Option<std::time::Duration>,
+    conflict: ConflictSettings,
 }
 
 fn write_error(context: &str, e: mongodb::error::Error) -> SyncError {
@@ -284,8 +316,11 @@ impl Applier {
         metrics: Metrics,
         sync_id: String,
         update_mode: UpdateMode,
+        op_timeout: Option<std::time::Duration>,
+        conflict: ConflictSettings,
     ) -> Applier {
         Applier {
+            conflict,
             label: source_ns.to_string(),
             dest_db: dest.database(&target.db),
             source_ns,
@@ -295,6 +330,7 @@ impl Applier {
             metrics,
             sync_id,
             update_mode,
+            op_timeout,
         }
     }
 
@@ -310,18 +346,33 @@ impl Applier {
         events: &[ChangeEvent],
         replay_until: Option<Timestamp>,
     ) -> Result<ApplyStats, SyncError> {
+        if self.conflict.detects_conflicts() {
+            // Conflicts are detected only after the replay: the copy and its replays apply
+            // source-wins. Events arrive in cluster-time order, so replays come first.
+            let split = events
+                .iter()
+                .position(|e| replay_until.is_none_or(|r| ts_key(e.cluster_time) > ts_key(r)))
+                .unwrap_or(events.len());
+            let mut stats = self
+                .apply_source_wins(&events[..split], replay_until)
+                .await?;
+            self.apply_conditional(&events[split..], &mut stats).await?;
+            return Ok(stats);
+        }
+        self.apply_source_wins(events, replay_until).await
+    }
+
+    async fn apply_source_wins(
+        &self,
+        events: &[ChangeEvent],
+        replay_until: Option<Timestamp>,
+    ) -> Result<ApplyStats, SyncError> {
         let mut stats = ApplyStats::default();
         let mut queues = Queues::default();
         for (i, ev) in events.iter().enumerate() {
-            let Some(id) = ev
-                .raw
-                .get_document("documentKey")
-                .ok()
-                .and_then(|k| k.get("_id").ok().flatten())
-            else {
+            let Some(id) = ev.document_key() else {
                 continue;
             };
-            let id = RawBson::from(id);
             let writes = match ev.kind {
                 OpKind::Insert | OpKind::Replace => match ev.full_document() {
                     Some(d) => vec![DocWrite::Upsert(d.to_owned())],
@@ -339,12 +390,7 @@ impl Applier {
                 },
                 _ => continue,
             };
-            stats.count(match ev.kind {
-                OpKind::Insert => ApplyOp::Insert,
-                OpKind::Update => ApplyOp::Update,
-                OpKind::Replace => ApplyOp::Replace,
-                _ => ApplyOp::Delete,
-            });
+            stats.count(ev.kind.apply_op());
             for w in writes {
                 queues.push(id.clone(), w, i);
             }
@@ -518,6 +564,276 @@ impl Applier {
         Ok(again)
     }
 
+    /// Applies events under a conflict-detecting policy: one conditional write per event (no
+    /// coalescing: each write's condition is the state the previous one left), in rounds that
+    /// keep per-document order.
+    async fn apply_conditional(
+        &self,
+        events: &[ChangeEvent],
+        stats: &mut ApplyStats,
+    ) -> Result<(), SyncError> {
+        let mut order: Vec<Vec<u8>> = Vec::new();
+        let mut queues: HashMap<Vec<u8>, Vec<(RawBson, Conditional, usize)>> = HashMap::new();
+        for (i, ev) in events.iter().enumerate() {
+            let Some(id) = ev.document_key() else {
+                continue;
+            };
+            stats.count(ev.kind.apply_op());
+            let key = id_key(&id);
+            let q = queues.entry(key.clone()).or_insert_with(|| {
+                order.push(key);
+                Vec::new()
+            });
+            q.push((id, plan(ev, &self.conflict), i));
+        }
+        let rounds = queues.values().map(Vec::len).max().unwrap_or(0);
+        for round in 0..rounds {
+            let statements: Vec<(RawBson, Conditional, usize)> = order
+                .iter()
+                .filter_map(|k| queues[k].get(round).cloned())
+                .collect();
+            let conflicts = self.run_conditional_round(&statements, stats).await?;
+            self.record_conflicts(&conflicts, events).await?;
+        }
+        Ok(())
+    }
+
+    /// Executes one round of conditional writes; returns the writes that were not applied
+    /// (`(id, write, event index, outcome is unknown)`).
+    async fn run_conditional_round(
+        &self,
+        statements: &[(RawBson, Conditional, usize)],
+        stats: &mut ApplyStats,
+    ) -> Result<Vec<(RawBson, Conditional, usize, bool)>, SyncError> {
+        let mut inserts = Vec::new();
+        let mut unchanged = Vec::new();
+        let mut delete_unchanged = Vec::new();
+        let mut not_newer = Vec::new();
+        let mut deletes = Vec::new();
+        let mut lost = Vec::new();
+        for s in statements {
+            match &s.1 {
+                Conditional::InsertIfAbsent(_) => inserts.push(s),
+                Conditional::ReplaceIfUnchanged { .. } => unchanged.push(s),
+                Conditional::DeleteIfUnchanged { .. } => delete_unchanged.push(s),
+                Conditional::ReplaceIfNotNewer { .. } => not_newer.push(s),
+                Conditional::Delete => deletes.push(s),
+                Conditional::Unknown => lost.push((s.0.clone(), s.1.clone(), s.2, true)),
+                Conditional::Skip => {}
+            }
+        }
+        let field = self.conflict.field.clone().unwrap_or_default();
+        let mut not_newer_statements = Vec::with_capacity(not_newer.len());
+        for (id, c, _) in &not_newer {
+            let Conditional::ReplaceIfNotNewer { doc } = c else {
+                unreachable!("partitioned")
+            };
+            let filter = not_newer_filter(id, &field, value_at(doc, &field)).map_err(|e| {
+                SyncError::with_source(
+                    ErrorKind::Config,
+                    "conflict.field is not a valid field path",
+                    e,
+                )
+            })?;
+            not_newer_statements.push(rawdoc! {"q": filter, "u": doc.clone(), "upsert": true});
+        }
+        let insert_docs: Vec<RawDocumentBuf> = inserts
+            .iter()
+            .map(|(_, c, _)| match c {
+                Conditional::InsertIfAbsent(d) => d.clone(),
+                _ => unreachable!("partitioned"),
+            })
+            .collect();
+        let unchanged_statements: Vec<RawDocumentBuf> = unchanged
+            .iter()
+            .map(|(id, c, _)| match c {
+                Conditional::ReplaceIfUnchanged { pre, post } => {
+                    rawdoc! {"q": unchanged_filter(id, pre), "u": post.clone()}
+                }
+                _ => unreachable!("partitioned"),
+            })
+            .collect();
+        let delete_unchanged_statements: Vec<RawDocumentBuf> = delete_unchanged
+            .iter()
+            .map(|(id, c, _)| match c {
+                Conditional::DeleteIfUnchanged { pre } => {
+                    rawdoc! {"q": unchanged_filter(id, pre), "limit": 1}
+                }
+                _ => unreachable!("partitioned"),
+            })
+            .collect();
+        let delete_statements: Vec<RawDocumentBuf> = deletes
+            .iter()
+            .map(|(id, _, _)| rawdoc! {"q": {"_id": id.clone()}, "limit": 1})
+            .collect();
+        let (ins, unch, del_unch, newer, del) = futures::join!(
+            self.bulk("insert", "documents", insert_docs),
+            self.bulk("update", "updates", unchanged_statements),
+            self.bulk("delete", "deletes", delete_unchanged_statements),
+            self.bulk("update", "updates", not_newer_statements),
+            self.bulk("delete", "deletes", delete_statements),
+        );
+        let (ins, unch, del_unch, newer, del) = (ins?, unch?, del_unch?, newer?, del?);
+        stats.writes += statements.len() as u64;
+        let fail = |what: &str, (code, msg): (i32, &str)| {
+            SyncError::new(
+                ErrorKind::DestinationWrite,
+                format!("{what} into {} failed with code {code}: {msg}", self.target),
+            )
+        };
+        // Inserts and not-newer upserts: a duplicate `_id` means the destination wins.
+        for (reply, group) in [(&ins, &inserts), (&newer, &not_newer)] {
+            for (idx, code, msg) in &reply.errors {
+                let s = group[*idx];
+                if *code == 11000 {
+                    lost.push((s.0.clone(), s.1.clone(), s.2, false));
+                } else if REJECTED_DOCUMENT_CODES.contains(code) {
+                    let doc = match &s.1 {
+                        Conditional::InsertIfAbsent(d)
+                        | Conditional::ReplaceIfNotNewer { doc: d } => Some(d),
+                        _ => None,
+                    };
+                    self.dead_letter(&s.0, &self.dummy_event(s.2), doc, *code, msg)
+                        .await?;
+                    stats.dead_letters += 1;
+                } else {
+                    return Err(fail("a conditional write", (*code, msg)));
+                }
+            }
+        }
+        if let Some((_, code, msg)) = unch
+            .errors
+            .first()
+            .or(del_unch.errors.first())
+            .or(del.errors.first())
+        {
+            return Err(fail("a conditional write", (*code, msg)));
+        }
+        // Conditional replaces and deletes report only a total: when it falls short, read the
+        // destination to see which ones did not apply.
+        if (unch.n as usize) < unchanged.len() || (del_unch.n as usize) < delete_unchanged.len() {
+            let ids: Vec<RawBson> = unchanged
+                .iter()
+                .chain(delete_unchanged.iter())
+                .map(|s| s.0.clone())
+                .collect();
+            let current = self.destination_documents(&ids).await?;
+            for s in &unchanged {
+                let Conditional::ReplaceIfUnchanged { post, .. } = &s.1 else {
+                    unreachable!("partitioned")
+                };
+                if current.get(&id_key(&s.0)).map(|d| d.as_bytes()) != Some(post.as_bytes()) {
+                    lost.push((s.0.clone(), s.1.clone(), s.2, false));
+                }
+            }
+            for s in &delete_unchanged {
+                if current.contains_key(&id_key(&s.0)) {
+                    lost.push((s.0.clone(), s.1.clone(), s.2, false));
+                }
+            }
+        }
+        Ok(lost)
+    }
+
+    /// Events are referenced by index; dead letters need only the kind and cluster time.
+    fn dummy_event(&self, _index: usize) -> ChangeEvent {
+        ChangeEvent {
+            kind: OpKind::Other("conditional".into()),
+            token: RawDocumentBuf::new(),
+            cluster_time: Timestamp {
+                time: 0,
+                increment: 0,
+            },
+            wall_time: None,
+            raw: RawDocumentBuf::new(),
+        }
+    }
+
+    /// Counts and (when configured) journals writes a conflict policy did not apply.
+    async fn record_conflicts(
+        &self,
+        lost: &[(RawBson, Conditional, usize, bool)],
+        events: &[ChangeEvent],
+    ) -> Result<(), SyncError> {
+        if lost.is_empty() {
+            return Ok(());
+        }
+        let journal = self.conflict.journals();
+        let current = if journal {
+            self.destination_documents(&lost.iter().map(|l| l.0.clone()).collect::<Vec<_>>())
+                .await?
+        } else {
+            HashMap::new()
+        };
+        for (id, write, event, unknown) in lost {
+            let outcome = if *unknown {
+                ConflictOutcome::Unknown
+            } else if journal {
+                ConflictOutcome::Journaled
+            } else {
+                ConflictOutcome::Skipped
+            };
+            self.metrics
+                .conflict(&self.label, self.conflict.label(), outcome);
+            let ev = &events[*event];
+            tracing::debug!(namespace = %self.label, policy = %self.conflict.policy.as_str(), outcome = outcome.as_str(), op = ev.kind.metric_label(), "conflict: source write not applied");
+            if journal {
+                let source_version = match write {
+                    Conditional::InsertIfAbsent(d)
+                    | Conditional::ReplaceIfUnchanged { post: d, .. }
+                    | Conditional::ReplaceIfNotNewer { doc: d } => Some(d.clone()),
+                    Conditional::DeleteIfUnchanged { .. } | Conditional::Delete => None,
+                    Conditional::Unknown => ev.full_document().map(|d| d.to_owned()),
+                    Conditional::Skip => None,
+                };
+                let doc_id = Bson::try_from(id.clone()).unwrap_or(Bson::Null);
+                self.metadata
+                    .conflict(
+                        &self.sync_id,
+                        &self.label,
+                        &doc_id,
+                        self.conflict.policy.as_str(),
+                        outcome.as_str(),
+                        ev.kind.metric_label(),
+                        source_version.as_deref(),
+                        current.get(&id_key(id)).map(|d| d.as_ref()),
+                        ev.cluster_time,
+                    )
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Current destination documents with these `_id`s, keyed like the write queues.
+    async fn destination_documents(
+        &self,
+        ids: &[RawBson],
+    ) -> Result<HashMap<Vec<u8>, RawDocumentBuf>, SyncError> {
+        let mut arr = RawArrayBuf::new();
+        for id in ids {
+            arr.push(id.clone());
+        }
+        let filter: Document = rawdoc! {"_id": {"$in": arr}}.try_into().map_err(|e| {
+            SyncError::with_source(ErrorKind::InvariantViolated, "building a lookup filter", e)
+        })?;
+        let found: Vec<RawDocumentBuf> = self
+            .destination_collection()
+            .find(filter)
+            .await
+            .map_err(|e| write_error("reading destination documents", e))?
+            .try_collect()
+            .await
+            .map_err(|e| write_error("reading destination documents", e))?;
+        Ok(found
+            .into_iter()
+            .filter_map(|d| {
+                let key = id_key(&RawBson::from(d.get("_id").ok().flatten()?));
+                Some((key, d))
+            })
+            .collect())
+    }
+
     async fn dead_letter(
         &self,
         id: &RawBson,
@@ -643,7 +959,7 @@ impl Applier {
                 .get("_id")
                 .ok()
                 .flatten()
-                .map(|v| RawBson::from(v))
+                .map(RawBson::from)
                 .ok_or_else(|| SyncError::new(ErrorKind::SourceRead, "document without _id"))?;
             statements.push(rawdoc! {"q": {"_id": id}, "u": d.clone(), "upsert": true});
         }
@@ -655,7 +971,7 @@ impl Applier {
                     .get("_id")
                     .ok()
                     .flatten()
-                    .map(|v| RawBson::from(v))
+                    .map(RawBson::from)
                     .unwrap_or(RawBson::Null);
                 let id = Bson::try_from(id).unwrap_or(Bson::Null);
                 tracing::warn!(namespace = %self.label, code, "destination rejected a copied document; recorded as a dead letter");
@@ -740,11 +1056,24 @@ impl Applier {
                 rawdoc! {"w": "majority", "j": true},
             );
             let started = Instant::now();
-            let reply = self
-                .dest_db
-                .run_raw_command(cmd)
-                .await
-                .map_err(|e| write_error(&format!("writing to {}", self.target), e))?;
+            let run = self.dest_db.run_raw_command(cmd);
+            let reply = match self.op_timeout {
+                None => run.await,
+                Some(limit) => match tokio::time::timeout(limit, run).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        return Err(SyncError::new(
+                            ErrorKind::DestinationConnection,
+                            format!(
+                                "a bulk write to {} timed out after {} ms (destination.socket_timeout_ms)",
+                                self.target,
+                                limit.as_millis()
+                            ),
+                        ))
+                    }
+                },
+            }
+            .map_err(|e| write_error(&format!("writing to {}", self.target), e))?;
             tracing::trace!(namespace = %self.label, statements = end - start, elapsed_ms = started.elapsed().as_millis() as u64, "bulk {command}");
             if let Ok(wce) = reply.get_document("writeConcernError") {
                 return Err(SyncError::new(
@@ -814,6 +1143,10 @@ mod tests {
         q.push(RawBson::Int32(1), delta(&["a.b"], &[]), 0);
         q.push(RawBson::Int32(1), delta(&["a.c"], &["x"]), 1);
         assert_eq!(q.rounds(), 1);
+        // `txn` then `bulk` must not merge: one $set would append them as bulk, txn.
+        q.push(RawBson::Int32(2), delta(&["txn"], &[]), 2);
+        q.push(RawBson::Int32(2), delta(&["bulk"], &[]), 3);
+        assert_eq!(q.by_key[&q.order[1]].1.len(), 2);
         q.push(RawBson::Int32(1), delta(&["a"], &[]), 2);
         assert_eq!(q.rounds(), 2);
         q.push(
@@ -832,6 +1165,14 @@ mod tests {
         q.push(RawBson::Double(1.0), upsert(3), 2);
         q.push(RawBson::String("1".into()), upsert(3), 3);
         assert_eq!(q.order.len(), 2);
+    }
+
+    #[test]
+    fn update_paths_sort_like_the_server() {
+        assert!(update_path_order("a", "b").is_lt());
+        assert!(update_path_order("a.9", "a.10").is_lt());
+        assert!(update_path_order("a", "a.b").is_lt());
+        assert!(update_path_order("b", "a.z").is_gt());
     }
 
     #[test]

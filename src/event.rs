@@ -53,6 +53,18 @@ impl OpKind {
         )
     }
 
+    /// The `op` of `events_applied_total` for a data event.
+    pub fn apply_op(&self) -> crate::metrics::ApplyOp {
+        use crate::metrics::ApplyOp;
+        match self {
+            OpKind::Insert => ApplyOp::Insert,
+            OpKind::Update => ApplyOp::Update,
+            OpKind::Replace => ApplyOp::Replace,
+            OpKind::Delete => ApplyOp::Delete,
+            _ => ApplyOp::Ddl,
+        }
+    }
+
     /// The `op` label of `events_applied_total`.
     pub fn metric_label(&self) -> &'static str {
         match self {
@@ -113,6 +125,12 @@ impl ChangeEvent {
 
     pub fn size(&self) -> usize {
         self.raw.as_bytes().len()
+    }
+
+    /// `documentKey._id` as raw BSON (how writes address the document).
+    pub fn document_key(&self) -> Option<RawBson> {
+        let key = self.raw.get_document("documentKey").ok()?;
+        key.get("_id").ok().flatten().map(RawBson::from)
     }
 
     /// `documentKey._id`.

@@ -138,6 +138,7 @@ async fn status(State(s): State<HttpState>) -> Response {
 }
 
 /// Checks `Authorization: Bearer <token>`; constant-time comparison.
+#[allow(clippy::result_large_err, reason = "the error is the response to send")]
 fn authorize(s: &HttpState, headers: &HeaderMap) -> Result<(), Response> {
     let Some(expected) = &s.token else {
         return Err(error(
@@ -166,6 +167,7 @@ fn authorize(s: &HttpState, headers: &HeaderMap) -> Result<(), Response> {
 }
 
 /// `{"namespaces": ["db.coll", ...]}` (optional; empty body = all namespaces).
+#[allow(clippy::result_large_err, reason = "the error is the response to send")]
 fn parse_namespaces(body: &Bytes) -> Result<Vec<String>, Response> {
     if body.iter().all(|b| b.is_ascii_whitespace()) {
         return Ok(Vec::new());

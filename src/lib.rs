@@ -6,6 +6,7 @@ pub mod apply;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod conflict;
 pub mod error;
 pub mod event;
 pub mod exit;

@@ -9,6 +9,7 @@ use crate::error::{ErrorKind, SyncError};
 
 pub const IDENTITY_COLLECTION: &str = "identity";
 pub const DEAD_LETTERS_COLLECTION: &str = "dead_letters";
+pub const CONFLICTS_COLLECTION: &str = "conflicts";
 /// Documents above this size are dead-lettered as `_id` + SHA-256 only.
 pub const DEAD_LETTER_MAX_DOCUMENT_BYTES: usize = 4 * 1024 * 1024;
 
@@ -79,6 +80,30 @@ pub enum IdentityCheck {
 pub struct Metadata {
     identity: Collection<Document>,
     dead_letters: Collection<Document>,
+    conflicts: Collection<Document>,
+}
+
+/// A document as journaled: itself, or `_id` + SHA-256 when it is over 4 MB.
+fn journal_version(doc: Option<&RawDocument>) -> Result<Bson, SyncError> {
+    let Some(raw) = doc else {
+        return Ok(Bson::Null);
+    };
+    let bytes = raw.as_bytes();
+    if bytes.len() > DEAD_LETTER_MAX_DOCUMENT_BYTES {
+        return Ok(Bson::Document(doc! {
+            "_id": raw.get("_id").ok().flatten().and_then(|v| Bson::try_from(v).ok()).unwrap_or(Bson::Null),
+            "sha256": hex::encode(Sha256::digest(bytes)),
+            "size_bytes": bytes.len() as i64,
+        }));
+    }
+    let parsed: Document = raw.try_into().map_err(|e| {
+        SyncError::with_source(
+            ErrorKind::InvariantViolated,
+            "decoding a journaled document",
+            e,
+        )
+    })?;
+    Ok(Bson::Document(parsed))
 }
 
 fn meta_error(context: &str, err: mongodb::error::Error) -> SyncError {
@@ -92,7 +117,8 @@ impl Metadata {
             .build();
         Metadata {
             identity: db.collection_with_options(IDENTITY_COLLECTION, opts.clone()),
-            dead_letters: db.collection_with_options(DEAD_LETTERS_COLLECTION, opts),
+            dead_letters: db.collection_with_options(DEAD_LETTERS_COLLECTION, opts.clone()),
+            conflicts: db.collection_with_options(CONFLICTS_COLLECTION, opts),
         }
     }
 
@@ -185,6 +211,39 @@ impl Metadata {
             .insert_one(d)
             .await
             .map_err(|e| meta_error("recording dead letter", e))?;
+        Ok(())
+    }
+
+    /// Journals a source write a conflict policy did not apply, with both versions.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn conflict(
+        &self,
+        sync_id: &str,
+        ns: &str,
+        doc_id: &Bson,
+        policy: &str,
+        outcome: &str,
+        op: &str,
+        source: Option<&RawDocument>,
+        destination: Option<&RawDocument>,
+        cluster_time: Timestamp,
+    ) -> Result<(), SyncError> {
+        let d = doc! {
+            "sync_id": sync_id,
+            "ns": ns,
+            "doc_id": doc_id.clone(),
+            "policy": policy,
+            "outcome": outcome,
+            "op": op,
+            "source": journal_version(source)?,
+            "destination": journal_version(destination)?,
+            "cluster_time": cluster_time,
+            "at": DateTime::now(),
+        };
+        self.conflicts
+            .insert_one(d)
+            .await
+            .map_err(|e| meta_error("journaling a conflict", e))?;
         Ok(())
     }
 

@@ -66,6 +66,8 @@ pub struct StreamSettings {
 #[derive(Clone)]
 pub struct Source {
     client: Client,
+    /// `source.socket_timeout_ms`: bounds every read except awaiting change-stream getMores.
+    op_timeout: Option<Duration>,
 }
 
 fn read_error(context: impl Into<String>, e: mongodb::error::Error) -> SyncError {
@@ -73,12 +75,38 @@ fn read_error(context: impl Into<String>, e: mongodb::error::Error) -> SyncError
 }
 
 impl Source {
-    pub fn new(client: Client) -> Source {
-        Source { client }
+    pub fn new(client: Client, op_timeout: Option<Duration>) -> Source {
+        Source { client, op_timeout }
+    }
+
+    /// Runs a read under the configured operation timeout (a hung connection becomes a
+    /// transient error instead of a stuck worker).
+    async fn timed<T>(
+        &self,
+        what: &str,
+        fut: impl std::future::Future<Output = Result<T, SyncError>>,
+    ) -> Result<T, SyncError> {
+        match self.op_timeout {
+            None => fut.await,
+            Some(limit) => tokio::time::timeout(limit, fut).await.unwrap_or_else(|_| {
+                Err(SyncError::new(
+                    ErrorKind::SourceConnection,
+                    format!(
+                        "{what} timed out after {} ms (source.socket_timeout_ms)",
+                        limit.as_millis()
+                    ),
+                ))
+            }),
+        }
     }
 
     pub fn client(&self) -> &Client {
         &self.client
+    }
+
+    /// `source.socket_timeout_ms`, for readers outside this module (validation scans).
+    pub fn op_timeout(&self) -> Option<Duration> {
+        self.op_timeout
     }
 
     fn raw_collection(&self, ns: &Namespace) -> Collection<RawDocumentBuf> {
@@ -211,6 +239,32 @@ impl Source {
         Ok((out, skipped))
     }
 
+    /// A collection's current `listCollections` options (`None` if it does not exist).
+    pub async fn collection_options(&self, ns: &Namespace) -> Result<Option<Document>, SyncError> {
+        let specs: Vec<Document> = self
+            .client
+            .database(&ns.db)
+            .run_cursor_command(doc! {"listCollections": 1, "filter": {"name": ns.coll.clone()}})
+            .await
+            .map_err(|e| read_error(format!("reading the options of {ns}"), e))?
+            .try_collect()
+            .await
+            .map_err(|e| read_error(format!("reading the options of {ns}"), e))?;
+        Ok(specs
+            .first()
+            .map(|s| s.get_document("options").cloned().unwrap_or_default()))
+    }
+
+    /// Turns on `changeStreamPreAndPostImages` for a collection (`conflict.enable_pre_images`).
+    pub async fn enable_pre_and_post_images(&self, ns: &Namespace) -> Result<(), SyncError> {
+        self.client
+            .database(&ns.db)
+            .run_command(doc! {"collMod": ns.coll.clone(), "changeStreamPreAndPostImages": {"enabled": true}})
+            .await
+            .map_err(|e| read_error(format!("enabling pre- and post-images on {ns}"), e))?;
+        Ok(())
+    }
+
     pub async fn list_indexes(&self, ns: &Namespace) -> Result<Vec<Document>, SyncError> {
         let cursor = self
             .client
@@ -309,6 +363,22 @@ impl Source {
         after: Option<Timestamp>,
         collation: Option<&Document>,
     ) -> Result<(Vec<RawDocumentBuf>, Option<Bson>), SyncError> {
+        self.timed(
+            "scanning a range",
+            self.scan_range_inner(ns, lower, max_docs, max_bytes, after, collation),
+        )
+        .await
+    }
+
+    async fn scan_range_inner(
+        &self,
+        ns: &Namespace,
+        lower: Option<&Bson>,
+        max_docs: usize,
+        max_bytes: usize,
+        after: Option<Timestamp>,
+        collation: Option<&Document>,
+    ) -> Result<(Vec<RawDocumentBuf>, Option<Bson>), SyncError> {
         let coll = self.raw_collection(ns);
         let min = doc! {"_id": lower.cloned().unwrap_or(Bson::MinKey)};
         let mut find = coll
@@ -367,6 +437,15 @@ impl Source {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
+        self.timed("looking up documents", self.fetch_documents_inner(ns, ids))
+            .await
+    }
+
+    async fn fetch_documents_inner(
+        &self,
+        ns: &Namespace,
+        ids: &[Bson],
+    ) -> Result<Vec<RawDocumentBuf>, SyncError> {
         self.raw_collection(ns)
             .find(doc! {"_id": {"$in": ids}})
             .await

@@ -17,6 +17,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     checkpoint::CheckpointStore,
     config::{Config, NamespaceFilter, OnHistoryLost},
+    conflict::ConflictSettings,
     error::{policy, Backoff, ErrorKind, RetryDirective, SyncError},
     metadata::Metadata,
     metrics::{ErrorKindLabel, Metrics, Trigger, WorkerState},
@@ -113,6 +114,7 @@ pub fn worker_settings(config: &Config) -> WorkerSettings {
             .sync
             .start_at_operation_time
             .map(|t| t.to_timestamp()),
+        destination_timeout: config.destination.socket_timeout(),
     }
 }
 
@@ -130,8 +132,9 @@ impl Supervisor {
         let validation = ValidationService::new(
             &config.validation,
             ValidationDeps {
-                source: pipeline.source.client().clone(),
+                source: pipeline.source.clone(),
                 dest: pipeline.dest.clone(),
+                dest_timeout: config.destination.socket_timeout(),
                 sync_id: config.sync.id.clone(),
                 metadata_db: pipeline.dest.database(&config.checkpoint.database),
                 checkpoints: pipeline.checkpoints.clone(),
@@ -179,7 +182,7 @@ impl Supervisor {
                 _ = shutdown.cancelled() => break,
                 ctrl = control.recv() => match ctrl {
                     None | Some(Control::Shutdown) => break,
-                    Some(Control::ForceSync { namespaces, trigger }) => self.force_sync(&namespaces, trigger).await,
+                    Some(Control::ForceSync { namespaces, trigger }) => self.force_sync(&namespaces, trigger),
                     Some(Control::Reload(cfg)) => self.reload(*cfg).await,
                     Some(Control::Validate { namespaces }) => self.validate(&namespaces),
                 },
@@ -189,7 +192,7 @@ impl Supervisor {
                         exit_code = code;
                         break;
                     }
-                    WorkerReport::Gone { ns } => self.remove_worker(&ns, false).await,
+                    WorkerReport::Gone { ns } => self.remove_worker(&ns, false),
                 },
                 _ = discovery.tick() => self.discover().await,
                 _ = clock.tick() => self.sample_cluster_time().await,
@@ -312,7 +315,7 @@ impl Supervisor {
                 Some(h) if h.uuid == coll.uuid || coll.uuid.is_none() => {}
                 Some(_) => {
                     tracing::info!(namespace = %coll.ns, "collection was recreated on the source; restarting its worker");
-                    self.remove_worker(&coll.ns, false).await;
+                    self.remove_worker(&coll.ns, false);
                     self.spawn_worker(coll);
                 }
                 None => self.spawn_worker(coll),
@@ -341,7 +344,22 @@ impl Supervisor {
             settings: Arc::clone(&self.settings),
             progress: Default::default(),
             caught_up: Default::default(),
+            conflict: {
+                let (policy, field) = self.config.conflict_for(&coll.ns.db, &coll.ns.coll);
+                ConflictSettings {
+                    policy,
+                    field,
+                    journal: self.config.conflict.journal,
+                }
+            },
+            enable_pre_images: self.config.conflict.enable_pre_images,
+            images_enabled: Default::default(),
         };
+        if ctx.conflict.detects_conflicts() {
+            self.pipeline
+                .metrics
+                .register_conflict_policy(&label, ctx.conflict.label());
+        }
         let (cmd_tx, cmd_rx) = mpsc::channel(8);
         self.validation.register(Registration {
             plan: NamespacePlan {
@@ -381,7 +399,7 @@ impl Supervisor {
     }
 
     /// Stops a worker; `forget` also deletes its metrics series and status.
-    async fn remove_worker(&mut self, ns: &Namespace, keep_series: bool) {
+    fn remove_worker(&mut self, ns: &Namespace, keep_series: bool) {
         if let Some(h) = self.workers.remove(ns) {
             self.validation.unregister(&ns.to_string());
             h.stop.cancel();
@@ -400,14 +418,13 @@ impl Supervisor {
         }
     }
 
-    async fn force_sync(&mut self, namespaces: &[String], trigger: Trigger) {
+    fn force_sync(&mut self, namespaces: &[String], trigger: Trigger) {
         self.pipeline.metrics.force_sync(trigger);
         let mut count = 0;
         for (ns, h) in &self.workers {
-            if namespaces.is_empty() || namespaces.iter().any(|n| *n == ns.to_string()) {
-                if h.commands.try_send(WorkerCommand::ForceSync).is_ok() {
-                    count += 1;
-                }
+            let chosen = namespaces.is_empty() || namespaces.iter().any(|n| *n == ns.to_string());
+            if chosen && h.commands.try_send(WorkerCommand::ForceSync).is_ok() {
+                count += 1;
             }
         }
         tracing::info!(trigger = %trigger.as_str(), namespaces = count, "force-sync requested");
@@ -437,7 +454,7 @@ impl Supervisor {
             .collect();
         for ns in out_of_scope {
             tracing::info!(namespace = %ns, "namespace no longer in scope after reload; stopping its worker");
-            self.remove_worker(&ns, false).await;
+            self.remove_worker(&ns, false);
         }
         // Parked workers restart with the new settings.
         let parked: Vec<Namespace> = self

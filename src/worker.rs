@@ -21,6 +21,7 @@ use crate::{
     apply::{Applier, ApplyStats},
     checkpoint::{at_or_after, Checkpoint, CheckpointKey, CheckpointStore, CopyProgress, Phase},
     config::{InitialCopy, UpdateMode},
+    conflict::ConflictSettings,
     error::{ErrorKind, SyncError},
     event::{token_cluster_time, ts_key, ts_max, ChangeEvent, FragmentAssembler, OpKind},
     metadata::Metadata,
@@ -50,6 +51,8 @@ pub struct WorkerSettings {
     pub checkpoint_interval: Duration,
     pub initial_copy: InitialCopy,
     pub start_at_operation_time: Option<Timestamp>,
+    /// `destination.socket_timeout_ms`: bounds every destination write.
+    pub destination_timeout: Option<Duration>,
 }
 
 /// Everything one namespace worker needs.
@@ -71,6 +74,12 @@ pub struct WorkerContext {
     pub progress: AtomicU64,
     /// Set once the stream has applied past `replay_until` (history-loss streaks end there).
     pub caught_up: std::sync::atomic::AtomicBool,
+    /// This namespace's conflict policy.
+    pub conflict: ConflictSettings,
+    /// `conflict.enable_pre_images`: turn on pre-/post-images on the source when a policy needs them.
+    pub enable_pre_images: bool,
+    /// Whether the source collection records pre- and post-images (checked at start).
+    pub images_enabled: std::sync::atomic::AtomicBool,
 }
 
 /// Requests a worker handles between batches.
@@ -124,6 +133,8 @@ impl WorkerContext {
             self.metrics.clone(),
             self.settings.sync_id.clone(),
             self.settings.update_mode,
+            self.settings.destination_timeout,
+            self.conflict.clone(),
         )
     }
 
@@ -146,10 +157,12 @@ impl WorkerContext {
     }
 
     fn stream_settings(&self) -> StreamSettings {
+        let images = self.images_enabled.load(Ordering::Relaxed);
+        let full = self.conflict.needs_full_documents();
         StreamSettings {
-            update_lookup: self.settings.update_mode == UpdateMode::Lookup,
-            post_images: false,
-            pre_images: false,
+            update_lookup: self.settings.update_mode == UpdateMode::Lookup || (full && !images),
+            post_images: full && images,
+            pre_images: self.conflict.needs_pre_images(),
             max_await: STREAM_MAX_AWAIT,
             batch_size: None,
         }
@@ -207,6 +220,7 @@ pub async fn run(
     recopy: bool,
 ) -> Result<WorkerExit, SyncError> {
     let key = ctx.key();
+    check_images(ctx).await?;
     let stale = ctx.checkpoints.delete_stale(&key).await?;
     if stale > 0 {
         tracing::info!(namespace = %ctx.label(), "discarded checkpoints of an earlier incarnation of the collection");
@@ -234,6 +248,44 @@ pub async fn run(
         initial_copy(ctx, &mut cp, stop).await?;
     }
     stream(ctx, cp, stop, abort, commands).await
+}
+
+/// Conflict policies that compare against the source's pre-image need the collection to record
+/// pre- and post-images: enable them (`conflict.enable_pre_images`) or refuse the config.
+async fn check_images(ctx: &WorkerContext) -> Result<(), SyncError> {
+    if !ctx.conflict.detects_conflicts() {
+        return Ok(());
+    }
+    let options = ctx
+        .source
+        .collection_options(&ctx.ns)
+        .await?
+        .unwrap_or_default();
+    let enabled = options
+        .get_document("changeStreamPreAndPostImages")
+        .ok()
+        .and_then(|d| d.get_bool("enabled").ok())
+        .unwrap_or(false);
+    if enabled || !ctx.conflict.needs_pre_images() {
+        ctx.images_enabled.store(enabled, Ordering::Relaxed);
+        return Ok(());
+    }
+    if ctx.enable_pre_images {
+        ctx.source.enable_pre_and_post_images(&ctx.ns).await?;
+        tracing::warn!(namespace = %ctx.label(), policy = ctx.conflict.policy.as_str(), "enabled changeStreamPreAndPostImages on the source collection (conflict.enable_pre_images); every source update and delete now also writes a pre-image");
+        ctx.images_enabled.store(true, Ordering::Relaxed);
+        return Ok(());
+    }
+    Err(SyncError::new(
+        ErrorKind::Config,
+        format!(
+            "conflict policy {:?} for {} compares destination documents with the source's pre-images, but the source collection does not record them; enable them with db.getSiblingDB({:?}).runCommand({{collMod: {:?}, changeStreamPreAndPostImages: {{enabled: true}}}}) or set conflict.enable_pre_images = true",
+            ctx.conflict.policy.as_str(),
+            ctx.ns,
+            ctx.ns.db,
+            ctx.ns.coll
+        ),
+    ))
 }
 
 /// Creates the destination collection with the source's options if it is missing. Capped

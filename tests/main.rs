@@ -1,6 +1,12 @@
 //! The single integration-test binary (STYLE convention 15): one link step, shared helpers.
 
+mod apply_semantics;
 mod config_cli;
+mod conflicts;
+mod ddl;
+mod faults;
+mod lifecycle;
 mod replication;
+mod resume;
 mod support;
 mod validation;

@@ -59,3 +59,129 @@ async fn copies_then_streams_every_kind_of_change() {
     let code = d.terminate().await;
     assert_eq!(code, Some(0), "log:\n{}", d.logs());
 }
+
+/// Indexes of a collection as `(name, key, unique, expireAfterSeconds)`, sorted by name.
+async fn index_summary(
+    client: &mongodb::Client,
+    db: &str,
+    coll: &str,
+) -> Vec<(String, Document, bool, Option<i64>)> {
+    use futures::TryStreamExt;
+    let mut out: Vec<(String, Document, bool, Option<i64>)> = client
+        .database(db)
+        .run_cursor_command(doc! {"listIndexes": coll})
+        .await
+        .unwrap()
+        .try_collect::<Vec<Document>>()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| {
+            (
+                s.get_str("name").unwrap().to_string(),
+                s.get_document("key").unwrap().clone(),
+                s.get_bool("unique").unwrap_or(false),
+                s.get("expireAfterSeconds")
+                    .and_then(|v| v.as_i64().or(v.as_i32().map(i64::from))),
+            )
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_workload_with_transactions_converges_with_indexes_and_options() {
+    use crate::support::workload::{seed, Workload, NAMESPACES};
+    let c = Clusters::start().await;
+    let shop = c.src.database("shop");
+    shop.run_command(doc! {"create": "orders", "validator": {"$jsonSchema": {"bsonType": "object", "required": ["_id"]}}})
+        .await
+        .unwrap();
+    shop.run_command(doc! {"create": "customers", "collation": {"locale": "simple"}})
+        .await
+        .unwrap();
+    shop.run_command(doc! {"createIndexes": "orders", "indexes": [
+        {"key": {"name": 1}, "name": "name_1"},
+        {"key": {"n": 1, "name": -1}, "name": "n_1_name_-1"},
+        {"key": {"nested.a": 1}, "name": "by_a", "partialFilterExpression": {"n": {"$gt": 10}}},
+        {"key": {"created": 1}, "name": "ttl", "expireAfterSeconds": 3600},
+    ]})
+    .await
+    .unwrap();
+    c.src
+        .database("crm")
+        .run_command(doc! {"createIndexes": "contacts", "indexes": [{"key": {"email": 1}, "name": "email_unique", "unique": true, "sparse": true}]})
+        .await
+        .unwrap();
+    seed(&c.src, 3000).await;
+    let workload = Workload::start(&c.src, 3, Duration::from_millis(2), 11);
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(&c, dir.path(), "");
+    wait_until(
+        "the workload ran while syncing",
+        Duration::from_secs(60),
+        || async { workload.ops() > 1500 },
+    )
+    .await;
+    let ops = workload.stop().await;
+    assert!(ops > 1500);
+    wait_converged(&c, NAMESPACES, Duration::from_secs(60)).await;
+
+    // Indexes: same names, keys and uniqueness; TTL disabled on the destination.
+    wait_until(
+        "unique indexes are built after replay",
+        Duration::from_secs(30),
+        || async {
+            index_summary(&c.dst, "crm", "contacts")
+                .await
+                .iter()
+                .any(|i| i.0 == "email_unique" && i.2)
+        },
+    )
+    .await;
+    for (db, coll) in NAMESPACES {
+        let src = index_summary(&c.src, db, coll).await;
+        let dst = index_summary(&c.dst, db, coll).await;
+        assert_eq!(
+            src.len(),
+            dst.len(),
+            "{db}.{coll} indexes: {src:?} vs {dst:?}"
+        );
+        for (s, t) in src.iter().zip(&dst) {
+            assert_eq!((&s.0, &s.1, s.2), (&t.0, &t.1, t.2), "{db}.{coll}");
+            if s.3.is_some() {
+                assert_eq!(
+                    t.3,
+                    Some(i32::MAX as i64),
+                    "TTL disabled on the destination"
+                );
+            }
+        }
+    }
+    // Options: validator and collation copied.
+    let opts = |client: &mongodb::Client, coll: &'static str| {
+        let client = client.clone();
+        async move {
+            use futures::TryStreamExt;
+            let specs: Vec<Document> = client
+                .database("shop")
+                .run_cursor_command(doc! {"listCollections": 1, "filter": {"name": coll}})
+                .await
+                .unwrap()
+                .try_collect()
+                .await
+                .unwrap();
+            specs[0].get_document("options").unwrap().clone()
+        }
+    };
+    assert_eq!(
+        opts(&c.src, "orders").await.get("validator"),
+        opts(&c.dst, "orders").await.get("validator")
+    );
+    assert_eq!(
+        opts(&c.src, "customers").await.get("collation"),
+        opts(&c.dst, "customers").await.get("collation")
+    );
+    assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
+}

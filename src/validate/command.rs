@@ -151,7 +151,8 @@ async fn validate_all(
             ),
         ));
     }
-    let (collections, _skipped) = Source::new(source.clone()).list_collections().await?;
+    let source = Source::new(source.clone(), config.source.socket_timeout());
+    let (collections, _skipped) = source.list_collections().await?;
     let filter = config.namespace_filter();
     let throttles = Throttles::new(config.validation.max_docs_per_second);
     let mut out = Vec::new();
@@ -200,8 +201,9 @@ async fn validate_all(
             continue;
         }
         let pass = Pass {
-            source,
+            source: &source,
             dest,
+            dest_timeout: config.destination.socket_timeout(),
             sync_id: &config.sync.id,
             plan: &plan,
             settings: PassSettings {

@@ -112,8 +112,10 @@ pub struct PassSettings {
 
 /// Everything one pass needs.
 pub struct Pass<'a> {
-    pub source: &'a Client,
+    pub source: &'a Source,
     pub dest: &'a Client,
+    /// `destination.socket_timeout_ms`.
+    pub dest_timeout: Option<Duration>,
     pub sync_id: &'a str,
     pub plan: &'a NamespacePlan,
     pub settings: PassSettings,
@@ -163,11 +165,21 @@ impl Verdicts {
 
 impl Pass<'_> {
     fn source_side(&self) -> Side {
-        Side::source(self.source, &self.plan.ns, &self.plan.options)
+        Side::source(
+            self.source.client(),
+            &self.plan.ns,
+            &self.plan.options,
+            self.source.op_timeout(),
+        )
     }
 
     fn destination_side(&self) -> Side {
-        Side::destination(self.dest, &self.plan.target, &self.plan.options)
+        Side::destination(
+            self.dest,
+            &self.plan.target,
+            &self.plan.options,
+            self.dest_timeout,
+        )
     }
 
     /// Runs the pass; with `resume`, continues this runner's unfinished pass of the same
@@ -277,7 +289,7 @@ impl Pass<'_> {
                 Some("the source collection no longer exists".into()),
             ));
         };
-        let t = Source::new(self.source.clone()).cluster_time().await?;
+        let t = self.source.cluster_time().await?;
         if !self.applied.wait_for(t, self.settings.recheck_wait).await? {
             return Ok((
                 Vec::new(),
@@ -369,7 +381,7 @@ impl Pass<'_> {
                 let differing = candidates(&current.docs, &dest_docs);
                 let read_at = match current.read_at {
                     Some(t) => t,
-                    None => Source::new(self.source.clone()).cluster_time().await?,
+                    None => self.source.cluster_time().await?,
                 };
                 let ids = differing.all();
                 report.ranges_rechecked += 1;
@@ -501,7 +513,7 @@ impl Pass<'_> {
         }
         let read_at = match s.read_at {
             Some(t) => t,
-            None => Source::new(self.source.clone()).cluster_time().await?,
+            None => self.source.cluster_time().await?,
         };
         let ids = candidates(&s.docs, &d).all();
         Ok(self
@@ -557,10 +569,10 @@ impl Pass<'_> {
             }
             let t2 = match t2 {
                 Some(t2) => t2,
-                None => Source::new(self.source.clone()).cluster_time().await?,
+                None => self.source.cluster_time().await?,
             };
             let changes = match scan::changes_between(
-                self.source,
+                self.source.client(),
                 &self.plan.ns,
                 Some(&pending),
                 t,
@@ -629,7 +641,7 @@ impl Pass<'_> {
     /// count, and the worker had applied through the source count).
     async fn count(&self, report: &mut Report) -> Result<(), SyncError> {
         let (src, dst) = (self.source_side(), self.destination_side());
-        let source = Source::new(self.source.clone());
+        let source = self.source;
         report.ranges_checked = 1;
         for _attempt in 0..RECHECK_ROUNDS {
             let (n_src, at) = scan::count(&src).await?;
@@ -651,9 +663,15 @@ impl Pass<'_> {
             }
             let (n_dst, _) = scan::count(&dst).await?;
             let t2 = source.cluster_time().await?;
-            let changes =
-                scan::changes_between(self.source, &self.plan.ns, None, t1, t2, CHANGES_TIMEOUT)
-                    .await?;
+            let changes = scan::changes_between(
+                self.source.client(),
+                &self.plan.ns,
+                None,
+                t1,
+                t2,
+                CHANGES_TIMEOUT,
+            )
+            .await?;
             if changes.any {
                 continue;
             }

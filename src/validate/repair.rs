@@ -84,8 +84,18 @@ async fn repair_range(
     upper: Option<&Bson>,
 ) -> Result<RepairDone, SyncError> {
     let paused_at = cp.applied_through;
-    let source = Side::source(ctx.source.client(), &ctx.ns, &ctx.options);
-    let dest = Side::destination(&ctx.dest, &ctx.target, &ctx.options);
+    let source = Side::source(
+        ctx.source.client(),
+        &ctx.ns,
+        &ctx.options,
+        ctx.source.op_timeout(),
+    );
+    let dest = Side::destination(
+        &ctx.dest,
+        &ctx.target,
+        &ctx.options,
+        ctx.settings.destination_timeout,
+    );
     // Apply is paused while this runs: it is not throttled, so lag stays short.
     let unthrottled = Throttle::new(0);
     let mut done = RepairDone {

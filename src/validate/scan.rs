@@ -29,6 +29,8 @@ use crate::{
 pub const SCAN_BATCH_DOCS: u32 = 2_000;
 /// `_id`s per `$in` lookup when documents are re-read one by one.
 pub const FETCH_CHUNK: usize = 500;
+/// The bound of a round trip when `socket_timeout_ms` is not set (effectively none).
+const NO_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Above this many `_id`s the change-stream check filters on the client instead of in `$match`.
 const MAX_IDS_IN_MATCH: usize = 10_000;
 
@@ -40,18 +42,42 @@ pub struct Side {
     pub collation: Option<Collation>,
     /// The error area of this side's failures.
     area: ErrorKind,
+    /// `socket_timeout_ms` of this side: bounds every round trip.
+    timeout: Option<Duration>,
 }
 
 impl Side {
-    pub fn source(client: &Client, ns: &Namespace, options: &Document) -> Side {
-        Side::new(client, ns, options, ErrorKind::SourceRead)
+    pub fn source(
+        client: &Client,
+        ns: &Namespace,
+        options: &Document,
+        timeout: Option<Duration>,
+    ) -> Side {
+        Side::new(client, ns, options, ErrorKind::SourceRead, timeout)
     }
 
-    pub fn destination(client: &Client, ns: &Namespace, options: &Document) -> Side {
-        Side::new(client, ns, options, ErrorKind::DestinationConnection)
+    pub fn destination(
+        client: &Client,
+        ns: &Namespace,
+        options: &Document,
+        timeout: Option<Duration>,
+    ) -> Side {
+        Side::new(
+            client,
+            ns,
+            options,
+            ErrorKind::DestinationConnection,
+            timeout,
+        )
     }
 
-    fn new(client: &Client, ns: &Namespace, options: &Document, area: ErrorKind) -> Side {
+    fn new(
+        client: &Client,
+        ns: &Namespace,
+        options: &Document,
+        area: ErrorKind,
+        timeout: Option<Duration>,
+    ) -> Side {
         let collation = options
             .get_document("collation")
             .ok()
@@ -61,7 +87,26 @@ impl Side {
             ns: ns.clone(),
             collation,
             area,
+            timeout,
         }
+    }
+
+    /// One round trip under this side's `socket_timeout_ms` (a plain `Timeout` future, not
+    /// an `async fn`, so the futures that use it stay provably `Send`). Await it and map the
+    /// elapsed error with [`Side::timed_out`].
+    fn timed<F: std::future::IntoFuture>(&self, fut: F) -> tokio::time::Timeout<F::IntoFuture> {
+        tokio::time::timeout(self.timeout.unwrap_or(NO_TIMEOUT), fut.into_future())
+    }
+
+    fn timed_out(&self, what: &str) -> SyncError {
+        SyncError::new(
+            self.area,
+            format!(
+                "{what} {} timed out after {} ms (socket_timeout_ms)",
+                self.ns,
+                self.timeout.unwrap_or(NO_TIMEOUT).as_millis()
+            ),
+        )
     }
 
     fn collection(&self) -> Collection<RawDocumentBuf> {
@@ -143,16 +188,23 @@ where
     let coll = side.collection();
     let mut session = side.session(after).await?;
     let mut cursor = side
-        .range_find(&coll, lower, upper, limit)
-        .session(&mut session)
-        .batch()
+        .timed(
+            side.range_find(&coll, lower, upper, limit)
+                .session(&mut session)
+                .batch(),
+        )
         .await
+        .map_err(|_| side.timed_out("scanning"))?
         .map_err(|e| side.error("scanning", e))?;
     let mut pacer = Pacer::new(throttle);
     let mut op_time = None;
     {
         let mut batches = cursor.stream(&mut session);
-        while let Some(batch) = batches.next().await {
+        while let Some(batch) = side
+            .timed(batches.next())
+            .await
+            .map_err(|_| side.timed_out("scanning"))?
+        {
             let batch = batch.map_err(|e| side.error("scanning", e))?;
             op_time = later(
                 op_time,
@@ -321,13 +373,15 @@ pub async fn fetch(
     if let Some(c) = &side.collation {
         find = find.collation(c.clone());
     }
-    let mut cursor = find
-        .session(&mut session)
+    let mut cursor = side
+        .timed(find.session(&mut session))
         .await
+        .map_err(|_| side.timed_out("looking up documents in"))?
         .map_err(|e| side.error("looking up documents in", e))?;
-    while let Some(doc) = cursor
-        .next(&mut session)
+    while let Some(doc) = side
+        .timed(cursor.next(&mut session))
         .await
+        .map_err(|_| side.timed_out("looking up documents in"))?
         .transpose()
         .map_err(|e| side.error("looking up documents in", e))?
     {
@@ -346,25 +400,34 @@ pub async fn fetch(
 pub async fn count(side: &Side) -> Result<(u64, Option<Timestamp>), SyncError> {
     let coll = side.collection();
     let mut session = side.session(None).await?;
-    let n = coll
-        .count_documents(doc! {})
-        .hint(Hint::Keys(doc! {"_id": 1}))
-        .session(&mut session)
+    let n = side
+        .timed(
+            coll.count_documents(doc! {})
+                .hint(Hint::Keys(doc! {"_id": 1}))
+                .session(&mut session),
+        )
         .await
+        .map_err(|_| side.timed_out("counting"))?
         .map_err(|e| side.error("counting", e))?;
     Ok((n, session.operation_time()))
 }
 
 /// The collection's `listCollections` options, or `None` when it does not exist.
 pub async fn collection_options(side: &Side) -> Result<Option<Document>, SyncError> {
-    let specs: Vec<Document> = side
-        .client
-        .database(&side.ns.db)
-        .run_cursor_command(doc! {"listCollections": 1, "filter": {"name": side.ns.coll.clone()}})
+    let list = async {
+        side.client
+            .database(&side.ns.db)
+            .run_cursor_command(
+                doc! {"listCollections": 1, "filter": {"name": side.ns.coll.clone()}},
+            )
+            .await?
+            .try_collect::<Vec<Document>>()
+            .await
+    };
+    let specs = side
+        .timed(list)
         .await
-        .map_err(|e| side.error("listing", e))?
-        .try_collect()
-        .await
+        .map_err(|_| side.timed_out("listing"))?
         .map_err(|e| side.error("listing", e))?;
     Ok(specs
         .into_iter()

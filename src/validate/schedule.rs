@@ -31,6 +31,7 @@ use crate::{
     checkpoint::{CheckpointKey, CheckpointStore},
     config::ValidationConfig,
     metrics::{Metrics, ValidationResult, WorkerState},
+    source::Source,
     status::{LastValidation, StatusRegistry},
     worker::WorkerCommand,
 };
@@ -59,8 +60,9 @@ enum Message {
 
 /// What the passes share.
 struct Shared {
-    source: Client,
+    source: Source,
     dest: Client,
+    dest_timeout: Option<Duration>,
     sync_id: String,
     checkpoints: CheckpointStore,
     reports: ReportStore,
@@ -83,8 +85,10 @@ struct Scheduler {
 
 /// The pieces of the pipeline validation uses.
 pub struct ValidationDeps {
-    pub source: Client,
+    pub source: Source,
     pub dest: Client,
+    /// `destination.socket_timeout_ms`.
+    pub dest_timeout: Option<Duration>,
     pub sync_id: String,
     pub metadata_db: mongodb::Database,
     pub checkpoints: CheckpointStore,
@@ -99,6 +103,7 @@ impl ValidationService {
             reports: ReportStore::new(&deps.metadata_db),
             source: deps.source,
             dest: deps.dest,
+            dest_timeout: deps.dest_timeout,
             sync_id: deps.sync_id,
             checkpoints: deps.checkpoints,
             metrics: deps.metrics,
@@ -331,6 +336,7 @@ async fn run_pass(shared: &Shared, registration: &Registration, settings: PassSe
     let pass = Pass {
         source: &shared.source,
         dest: &shared.dest,
+        dest_timeout: shared.dest_timeout,
         sync_id: &shared.sync_id,
         plan,
         settings,

@@ -132,6 +132,20 @@ impl Daemon {
         d
     }
 
+    /// Starts the daemon with a config already written to `dir/mongo-syncd.toml`.
+    pub fn start_with_config(dir: &Path, http_port: u16) -> Daemon {
+        let mut d = Daemon {
+            child: None,
+            dir: dir.to_path_buf(),
+            config_path: dir.join("mongo-syncd.toml"),
+            http: format!("127.0.0.1:{http_port}").parse().unwrap(),
+            log_path: dir.join("daemon-0.log"),
+            runs: 0,
+        };
+        d.spawn(&[]);
+        d
+    }
+
     /// (Re)starts the process with the same config.
     pub fn spawn(&mut self, extra_args: &[&str]) {
         self.log_path = self.dir.join(format!("daemon-{}.log", self.runs));
@@ -236,6 +250,16 @@ impl Daemon {
     pub async fn namespace_state(&self, ns: &str) -> Option<String> {
         let s = self.status().await?;
         s["namespaces"][ns]["state"].as_str().map(str::to_string)
+    }
+
+    /// Waits until the namespace's worker is streaming.
+    pub async fn wait_streaming(&self, ns: &str) {
+        wait_until(
+            &format!("{ns} streaming"),
+            Duration::from_secs(60),
+            || async { self.namespace_state(ns).await.as_deref() == Some("streaming") },
+        )
+        .await;
     }
 
     /// Value of a metric series whose line starts with `prefix` (name + labels), if present.

@@ -66,3 +66,4 @@ pub fn write_file(dir: &Path, name: &str, contents: &str) -> PathBuf {
 }
 
 pub mod cluster;
+pub mod workload;

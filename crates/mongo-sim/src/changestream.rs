@@ -378,28 +378,36 @@ impl ChangeStreamCursor {
         }
         let mut out = Vec::new();
         let mut bytes = 0usize;
-        let mut last_token: Option<Document> = None;
+        // The token of the batch's last event is read once, at the end.
+        let last_token = |out: &[Document]| -> Option<Document> {
+            out.last().and_then(|e| e.get_document("_id").ok()).cloned()
+        };
         loop {
             while let Some((event, _)) = self.pending.front() {
                 let size = bson_size(event);
                 if out.len() >= max_events
                     || (!out.is_empty() && bytes + size > crate::cursor::MAX_BATCH_BYTES)
                 {
-                    let pbrt = last_token.unwrap_or_else(|| self.high_water_mark());
+                    let pbrt = last_token(&out).unwrap_or_else(|| self.high_water_mark());
                     return Ok((out, pbrt));
                 }
                 let (event, _) = self.pending.pop_front().expect("front exists");
                 bytes += size;
-                last_token = event.get_document("_id").ok().cloned();
                 out.push(event);
             }
             if self.invalidated || out.len() >= max_events {
                 break;
             }
-            let Some(entry) = data.oplog.after(self.position).next() else {
+            let Some(entry) = data.oplog.get(self.position + 1) else {
                 break;
             };
-            let events = self.events_for(entry, data)?;
+            let events = match self.events_for(entry, data) {
+                Ok(events) => events,
+                // Like a real server, return what the batch already holds; the failing entry
+                // is met again (and fails) on the next getMore.
+                Err(_) if !out.is_empty() => break,
+                Err(e) => return Err(e),
+            };
             self.position = entry.seq;
             self.scanned_ts = entry.ts;
             for e in events {
@@ -408,7 +416,7 @@ impl ChangeStreamCursor {
         }
         // The batch ended because the oplog is exhausted: the token is the last event's if
         // there was one and nothing was scanned past it, else the high-water mark.
-        let pbrt = match last_token {
+        let pbrt = match last_token(&out) {
             Some(t) if self.pending.is_empty() && self.last_event_was_at_position(&t) => t,
             _ => self.high_water_mark(),
         };
@@ -454,13 +462,12 @@ impl ChangeStreamCursor {
                 let ns_doc = doc! {"db": ns.db.clone(), "coll": ns.coll.clone()};
                 match op {
                     OplogOp::Insert { uuid, doc, .. } => {
-                        let mut e =
-                            self.base_event(entry, "insert", ns_doc, expanded.then_some(*uuid));
-                        insert_before(
-                            &mut e,
-                            "ns",
-                            "fullDocument",
-                            Bson::Document((**doc).clone()),
+                        let mut e = self.base_event_with_document(
+                            entry,
+                            "insert",
+                            ns_doc,
+                            expanded.then_some(*uuid),
+                            Some(Bson::Document((**doc).clone())),
                         );
                         e.insert(
                             "documentKey",
@@ -492,13 +499,12 @@ impl ChangeStreamCursor {
                     OplogOp::Replace {
                         uuid, pre, post, ..
                     } => {
-                        let mut e =
-                            self.base_event(entry, "replace", ns_doc, expanded.then_some(*uuid));
-                        insert_before(
-                            &mut e,
-                            "ns",
-                            "fullDocument",
-                            Bson::Document((**post).clone()),
+                        let mut e = self.base_event_with_document(
+                            entry,
+                            "replace",
+                            ns_doc,
+                            expanded.then_some(*uuid),
+                            Some(Bson::Document((**post).clone())),
                         );
                         e.insert(
                             "documentKey",
@@ -643,6 +649,18 @@ impl ChangeStreamCursor {
         ns: Document,
         uuid: Option<bson::Uuid>,
     ) -> Document {
+        self.base_event_with_document(entry, op_type, ns, uuid, None)
+    }
+
+    /// The common event fields in server order, with `fullDocument` (when given) before `ns`.
+    fn base_event_with_document(
+        &self,
+        entry: &OplogEntry,
+        op_type: &str,
+        ns: Document,
+        uuid: Option<bson::Uuid>,
+        full_document: Option<Bson>,
+    ) -> Document {
         let mut e = doc! {
             "_id": self.token(entry, TokenKind::Event, 0),
             "operationType": op_type,
@@ -652,6 +670,9 @@ impl ChangeStreamCursor {
             e.insert("collectionUUID", bson::Binary::from_uuid(u));
         }
         e.insert("wallTime", entry.wall);
+        if let Some(d) = full_document {
+            e.insert("fullDocument", d);
+        }
         e.insert("ns", ns);
         e
     }

@@ -33,6 +33,10 @@ pub struct SimConfig {
     pub noop_interval: std::time::Duration,
     /// Interval of the TTL monitor (real servers: 60 s).
     pub ttl_interval: std::time::Duration,
+    /// Delay before every reply, to imitate a network round trip (0 = loopback speed).
+    pub reply_delay: std::time::Duration,
+    /// The one user of `--auth-user`/`--auth-password`; `None` runs without authentication.
+    pub auth: Option<crate::auth::Credential>,
 }
 
 impl Default for SimConfig {
@@ -43,6 +47,8 @@ impl Default for SimConfig {
             max_wire_version: 21,
             noop_interval: std::time::Duration::from_secs(10),
             ttl_interval: std::time::Duration::from_secs(60),
+            reply_delay: std::time::Duration::ZERO,
+            auth: None,
         }
     }
 }
@@ -79,6 +85,9 @@ pub struct Engine {
     pub process_id: Mutex<ObjectId>,
     next_connection_id: AtomicI32,
     next_cursor_id: AtomicI64,
+    /// Per-session checkout: a retryable write and its retry (possibly on another
+    /// connection) never execute concurrently, as on a real server.
+    session_checkouts: Mutex<std::collections::HashMap<Vec<u8>, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Engine {
@@ -99,12 +108,26 @@ impl Engine {
             process_id: Mutex::new(ObjectId::new()),
             next_connection_id: AtomicI32::new(1),
             next_cursor_id: AtomicI64::new(1_000_000 + rand::random::<u32>() as i64),
+            session_checkouts: Mutex::new(std::collections::HashMap::new()),
             config,
         })
     }
 
     pub fn next_connection_id(&self) -> i32 {
         self.next_connection_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Checks a session out for one retryable write (waits while another holds it).
+    pub async fn check_out_session(&self, key: &[u8]) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut map = self.session_checkouts.lock();
+            if map.len() > 10_000 {
+                // Forget sessions nobody holds (bounded memory for long runs).
+                map.retain(|_, l| Arc::strong_count(l) > 1);
+            }
+            Arc::clone(map.entry(key.to_vec()).or_default())
+        };
+        lock.lock_owned().await
     }
 
     pub fn next_cursor_id(&self) -> i64 {

@@ -13,7 +13,7 @@ pub struct CommandError {
     /// adds the ones real servers compute from the code and the command context.
     pub labels: Vec<String>,
     /// Extra top-level fields (e.g. `keyPattern`/`keyValue` for duplicate keys).
-    pub extra: Option<bson::Document>,
+    pub extra: Option<Box<bson::Document>>,
 }
 
 impl CommandError {
@@ -47,7 +47,7 @@ impl CommandError {
     }
 
     pub fn with_extra(mut self, extra: bson::Document) -> Self {
-        self.extra = Some(extra);
+        self.extra = Some(Box::new(extra));
         self
     }
 }

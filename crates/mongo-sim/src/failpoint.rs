@@ -11,6 +11,17 @@ use crate::error::{CommandError, CommandResult};
 
 pub const FAIL_COMMAND: &str = "failCommand";
 pub const FAIL_GET_MORE_AFTER_CURSOR_CHECKOUT: &str = "failGetMoreAfterCursorCheckout";
+/// Fires on retryable writes (`lsid` + `txnNumber`): `closeConnection` (default true) closes
+/// the connection after the write committed (the lost-acknowledgement case);
+/// `failBeforeCommitExceptionCode` fails the write before it is applied.
+pub const ON_PRIMARY_TRANSACTIONAL_WRITE: &str = "onPrimaryTransactionalWrite";
+
+/// What `onPrimaryTransactionalWrite` asks for when it fires.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TransactionalWriteAction {
+    pub close_connection: bool,
+    pub fail_before_commit_code: Option<i32>,
+}
 
 #[derive(Debug, Clone, PartialEq)]
 enum Mode {
@@ -54,7 +65,10 @@ impl FailPoints {
             .get_str("configureFailPoint")
             .map_err(|_| CommandError::failed_to_parse("configureFailPoint must be a string"))?
             .to_string();
-        if name != FAIL_COMMAND && name != FAIL_GET_MORE_AFTER_CURSOR_CHECKOUT {
+        if name != FAIL_COMMAND
+            && name != FAIL_GET_MORE_AFTER_CURSOR_CHECKOUT
+            && name != ON_PRIMARY_TRANSACTIONAL_WRITE
+        {
             return Err(CommandError::bad_value(format!(
                 "Cannot find failpoint: {name}"
             )));
@@ -121,6 +135,46 @@ impl FailPoints {
         self.points.is_empty()
     }
 
+    /// Counts an activation of `name` and applies its mode; returns the fail point's data
+    /// when it fires.
+    fn activate(&mut self, name: &str) -> Option<Document> {
+        let fp = self.points.get_mut(name)?;
+        *self.entered.entry(name.to_string()).or_default() += 1;
+        match &mut fp.mode {
+            Mode::AlwaysOn => {}
+            Mode::Times(n) => {
+                if *n <= 0 {
+                    self.points.remove(name);
+                    return None;
+                }
+                *n -= 1;
+            }
+            Mode::Skip(n) => {
+                if *n > 0 {
+                    *n -= 1;
+                    return None;
+                }
+            }
+        }
+        let fp = self.points.get(name)?.clone();
+        if let Mode::Times(0) = fp.mode {
+            self.points.remove(name);
+        }
+        Some(fp.data)
+    }
+
+    /// Evaluates `onPrimaryTransactionalWrite` for a retryable write about to be executed.
+    pub fn evaluate_transactional_write(&mut self) -> Option<TransactionalWriteAction> {
+        let data = self.activate(ON_PRIMARY_TRANSACTIONAL_WRITE)?;
+        Some(TransactionalWriteAction {
+            close_connection: data.get_bool("closeConnection").unwrap_or(true),
+            fail_before_commit_code: data
+                .get("failBeforeCommitExceptionCode")
+                .and_then(as_int)
+                .map(|c| c as i32),
+        })
+    }
+
     /// Evaluates fail point `name` for a command; consumes one activation when it fires.
     pub fn evaluate(
         &mut self,
@@ -129,7 +183,7 @@ impl FailPoints {
         app_name: Option<&str>,
         ns: Option<&str>,
     ) -> Option<Action> {
-        let fp = self.points.get_mut(name)?;
+        let fp = self.points.get(name)?;
         let data = &fp.data;
         let listed = data.get_bool("failAllCommands").unwrap_or(false)
             || data.get_array("failCommands").is_ok_and(|cmds| {
@@ -162,28 +216,7 @@ impl FailPoints {
         if !close && !block && code.is_none() && wce.is_none() {
             return None;
         }
-        *self.entered.entry(name.to_string()).or_default() += 1;
-        match &mut fp.mode {
-            Mode::AlwaysOn => {}
-            Mode::Times(n) => {
-                if *n <= 0 {
-                    self.points.remove(name);
-                    return None;
-                }
-                *n -= 1;
-            }
-            Mode::Skip(n) => {
-                if *n > 0 {
-                    *n -= 1;
-                    return None;
-                }
-            }
-        }
-        let fp = self.points.get(name)?.clone();
-        if let Mode::Times(0) = fp.mode {
-            self.points.remove(name);
-        }
-        let data = fp.data;
+        let data = self.activate(name)?;
         let error = code.map(|c| {
             let mut e = CommandError::new(c as i32, "Failing command via 'failCommand' failpoint");
             if let Ok(extra) = data.get_document("errorExtraInfo") {

@@ -13,6 +13,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod auth;
 pub mod changestream;
 pub mod commands;
 pub mod cursor;

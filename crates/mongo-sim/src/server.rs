@@ -69,6 +69,19 @@ impl SimBuilder {
         self
     }
 
+    /// Delays every reply by `delay`, imitating a network round trip, so benchmarks can
+    /// compare clients under realistic latency.
+    pub fn reply_delay(mut self, delay: Duration) -> Self {
+        self.config.reply_delay = delay;
+        self
+    }
+
+    /// Requires SCRAM-SHA-256 authentication as `user` (on `admin`) with `password`.
+    pub fn auth(mut self, user: &str, password: &str) -> Self {
+        self.config.auth = Some(crate::auth::Credential::new(user, password));
+        self
+    }
+
     pub fn max_wire_version(mut self, v: i32) -> Self {
         self.config.max_wire_version = v;
         self
@@ -306,6 +319,7 @@ async fn serve_connection(
     let mut conn = ConnInfo {
         id: engine.next_connection_id(),
         app_name: None,
+        auth: Default::default(),
     };
     let mut next_reply_id: i32 = 1;
     loop {
@@ -369,7 +383,7 @@ async fn serve_connection(
                 }
                 let outcome = tokio::select! {
                     _ = cancel.cancelled() => return,
-                    o = commands::execute(&engine, &conn, cmd) => o,
+                    o = commands::execute(&engine, &mut conn, cmd) => o,
                 };
                 match outcome {
                     Outcome::Close => return,
@@ -380,6 +394,9 @@ async fn serve_connection(
                 }
             }
         };
+        if !engine.config.reply_delay.is_zero() {
+            tokio::time::sleep(engine.config.reply_delay).await;
+        }
         let written = tokio::select! {
             _ = cancel.cancelled() => return,
             w = write.write_all(&reply) => w,

@@ -592,10 +592,64 @@ pub fn as_i64(b: &Bson) -> Option<i64> {
     }
 }
 
-/// Encoded size of a document in bytes.
+/// Encoded size of a document in bytes, computed without encoding it (writes, batches and
+/// change events need it for every document, so it must not allocate).
 pub fn bson_size(doc: &Document) -> usize {
-    // `to_vec` is the only exact way with `Document`; it is cheap relative to the rest of a write.
-    doc.to_vec().map(|v| v.len()).unwrap_or(0)
+    4 + doc
+        .iter()
+        .map(|(k, v)| 1 + k.len() + 1 + value_size(v))
+        .sum::<usize>()
+        + 1
+}
+
+fn array_size(items: &[Bson]) -> usize {
+    let mut total = 4 + 1;
+    for (i, v) in items.iter().enumerate() {
+        total += 1 + decimal_digits(i) + 1 + value_size(v);
+    }
+    total
+}
+
+fn decimal_digits(mut n: usize) -> usize {
+    let mut d = 1;
+    while n >= 10 {
+        n /= 10;
+        d += 1;
+    }
+    d
+}
+
+/// Encoded size of a string value: length prefix, bytes, terminating NUL.
+fn string_size(s: &str) -> usize {
+    4 + s.len() + 1
+}
+
+/// Encoded size of one BSON value (without its type byte and key).
+pub fn value_size(v: &Bson) -> usize {
+    use bson::spec::BinarySubtype;
+    match v {
+        Bson::Double(_) | Bson::DateTime(_) | Bson::Int64(_) | Bson::Timestamp(_) => 8,
+        Bson::String(s) | Bson::JavaScriptCode(s) | Bson::Symbol(s) => string_size(s),
+        Bson::Document(d) => bson_size(d),
+        Bson::Array(a) => array_size(a),
+        Bson::Binary(b) => {
+            let old = matches!(b.subtype, BinarySubtype::BinaryOld);
+            4 + 1 + if old { 4 } else { 0 } + b.bytes.len()
+        }
+        Bson::ObjectId(_) => 12,
+        Bson::Boolean(_) => 1,
+        Bson::Null | Bson::Undefined | Bson::MinKey | Bson::MaxKey => 0,
+        Bson::RegularExpression(r) => r.pattern.len() + 1 + r.options.len() + 1,
+        Bson::JavaScriptCodeWithScope(c) => 4 + string_size(&c.code) + bson_size(&c.scope),
+        Bson::Int32(_) => 4,
+        Bson::Decimal128(_) => 16,
+        Bson::DbPointer(_) => {
+            // Not constructible field by field; fall back to encoding.
+            let mut d = Document::new();
+            d.insert("", v.clone());
+            d.to_vec().map(|b| b.len() - 4 - 1 - 2).unwrap_or(0)
+        }
+    }
 }
 
 /// Databases and their collections.
@@ -634,5 +688,37 @@ impl Catalog {
             .get(db)
             .map(|d| d.values().collect())
             .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn computed_size_equals_encoded_size() {
+        let many: Vec<Bson> = (0..123).map(Bson::Int32).collect();
+        let docs = vec![
+            doc! {},
+            doc! {"_id": 1, "s": "héllo", "d": 1.5, "l": 2i64, "b": true, "n": Bson::Null},
+            doc! {"a": many, "nested": {"x": [[1, 2], {"y": "z"}], "e": {}}},
+            doc! {
+                "bin": bson::Binary { subtype: bson::spec::BinarySubtype::Generic, bytes: vec![1, 2, 3] },
+                "old": bson::Binary { subtype: bson::spec::BinarySubtype::BinaryOld, bytes: vec![9; 7] },
+                "uuid": bson::Binary::from_uuid(bson::Uuid::new()),
+                "oid": bson::oid::ObjectId::new(),
+                "dt": bson::DateTime::now(),
+                "ts": bson::Timestamp { time: 5, increment: 6 },
+                "re": bson::Regex { pattern: "^a.*".try_into().unwrap(), options: "im".try_into().unwrap() },
+                "js": Bson::JavaScriptCode("function(){}".into()),
+                "jsw": Bson::JavaScriptCodeWithScope(bson::JavaScriptCodeWithScope { code: "x".into(), scope: doc! {"x": 1} }),
+                "sym": Bson::Symbol("sym".into()),
+                "dec": bson::Decimal128::from_bytes([1; 16]),
+                "min": Bson::MinKey, "max": Bson::MaxKey, "undef": Bson::Undefined,
+            },
+        ];
+        for d in docs {
+            assert_eq!(bson_size(&d), d.to_vec().unwrap().len(), "{d}");
+        }
     }
 }

@@ -264,7 +264,8 @@ fn patch_length(out: &mut [u8]) {
 
 /// An OP_MSG reply: one kind-0 section, no checksum (PyMongo rejects anything else).
 pub fn encode_op_msg_reply(request_id: i32, response_to: i32, body: &Document) -> Vec<u8> {
-    let mut out = Vec::with_capacity(256);
+    // Sized up front: large cursor batches would otherwise grow the buffer many times.
+    let mut out = Vec::with_capacity(HEADER_LEN + 5 + crate::store::bson_size(body));
     write_header(&mut out, request_id, response_to, OP_MSG);
     out.extend_from_slice(&0u32.to_le_bytes());
     out.push(0);

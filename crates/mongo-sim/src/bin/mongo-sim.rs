@@ -1,4 +1,5 @@
-//! `mongo-sim --bind 127.0.0.1 --port 0 --replset rs0 [--oplog-max-events N]`
+//! `mongo-sim --bind 127.0.0.1 --port 0 --replset rs0 [--oplog-max-events N]
+//! [--auth-user U --auth-password P]`
 //!
 //! Prints `listening on HOST:PORT` as its first stdout line, then serves until SIGTERM/SIGINT.
 
@@ -31,6 +32,15 @@ struct Args {
     /// Interval of the periodic no-op writes in seconds.
     #[arg(long, default_value_t = 10)]
     noop_interval_seconds: u64,
+    /// Delay every reply by this many milliseconds (imitates a network round trip).
+    #[arg(long, default_value_t = 0)]
+    reply_delay_ms: u64,
+    /// Require SCRAM-SHA-256 authentication as this user (on `admin`).
+    #[arg(long, requires = "auth_password")]
+    auth_user: Option<String>,
+    /// Password of `--auth-user`.
+    #[arg(long, requires = "auth_user")]
+    auth_password: Option<String>,
 }
 
 #[tokio::main]
@@ -43,13 +53,18 @@ async fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let sim = match mongo_sim::MongoSim::builder()
+    let mut builder = mongo_sim::MongoSim::builder();
+    if let (Some(user), Some(password)) = (&args.auth_user, &args.auth_password) {
+        builder = builder.auth(user, password);
+    }
+    let sim = match builder
         .bind(args.bind)
         .port(args.port)
         .replica_set(args.replset)
         .oplog_max_events(args.oplog_max_events)
         .ttl_interval(Duration::from_secs(args.ttl_interval_seconds.max(1)))
         .noop_interval(Duration::from_secs(args.noop_interval_seconds.max(1)))
+        .reply_delay(Duration::from_millis(args.reply_delay_ms))
         .start()
         .await
     {

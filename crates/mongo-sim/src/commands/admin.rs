@@ -61,6 +61,11 @@ pub fn hello_body(
     d.insert("minWireVersion", 0);
     d.insert("maxWireVersion", engine.config.max_wire_version);
     d.insert("readOnly", false);
+    if let (Some(cred), Ok(asked)) = (&engine.config.auth, cmd.get_str("saslSupportedMechs")) {
+        if asked.split_once('.') == Some(("admin", cred.user.as_str())) {
+            d.insert("saslSupportedMechs", vec![crate::auth::MECHANISM]);
+        }
+    }
     d
 }
 

@@ -13,7 +13,8 @@ use crate::{
         sort::SortSpec,
         update::{
             apply_update_with_outcome, build_upsert_document, prepare_for_insert,
-            validate_updated_document, UpdateContext, UpdateOutcome as WriteOutcome, UpdateSpec,
+            validate_stored_document, validate_updated_document, UpdateContext,
+            UpdateOutcome as WriteOutcome, UpdateSpec,
         },
     },
     store::{Catalog, Collection, DocRef, Namespace},
@@ -51,7 +52,7 @@ pub fn ensure_collection<'c>(
 fn write_error(index: usize, e: &CommandError) -> Bson {
     let mut d = doc! {"index": index as i32, "code": e.code, "errmsg": e.message.clone()};
     if let Some(extra) = &e.extra {
-        for (k, v) in extra {
+        for (k, v) in extra.iter() {
             d.insert(k.clone(), v.clone());
         }
     }
@@ -79,9 +80,25 @@ fn emit(coll: &Collection, sink: &mut dyn WriteSink, change: crate::store::DocCh
     sink.emit(change_to_op(coll, change), images);
 }
 
-fn array_arg(ctx: &Ctx<'_>, key: &str) -> CommandResult<Vec<Bson>> {
+/// `prepare_for_insert` without a copy in the common case (drivers put `_id` first and send
+/// no empty timestamps to fill in).
+fn prepare_owned(d: Document, now_ts: bson::Timestamp) -> CommandResult<Document> {
+    let id_first = d.keys().next().map(String::as_str) == Some("_id");
+    let empty_ts = d
+        .values()
+        .any(|v| matches!(v, Bson::Timestamp(t) if t.time == 0 && t.increment == 0));
+    if id_first && !empty_ts {
+        validate_stored_document(&d)?;
+        Ok(d)
+    } else {
+        prepare_for_insert(&d, now_ts)
+    }
+}
+
+/// A required array argument, borrowed from the command (no copy of large batches).
+fn array_arg<'c>(ctx: &Ctx<'c>, key: &str) -> CommandResult<&'c [Bson]> {
     match ctx.cmd.get(key) {
-        Some(Bson::Array(a)) => Ok(a.clone()),
+        Some(Bson::Array(a)) => Ok(a),
         Some(_) => Err(CommandError::type_mismatch(format!(
             "'{key}' must be an array"
         ))),
@@ -115,7 +132,10 @@ fn finish_write(
 
 pub fn insert(ctx: &Ctx<'_>) -> CommandResult<Document> {
     let ns = coll_arg(ctx)?;
-    let docs = array_arg(ctx, "documents")?;
+    let docs = match ctx.documents.lock().take() {
+        Some(docs) => docs,
+        None => array_arg(ctx, "documents")?.to_vec(),
+    };
     let ordered = ctx.cmd.get_bool("ordered").unwrap_or(true);
     let bypass = bypass(ctx);
     let (n, errors) = ctx.write(|cat, sink| {
@@ -125,7 +145,7 @@ pub fn insert(ctx: &Ctx<'_>) -> CommandResult<Document> {
         for (i, d) in docs.into_iter().enumerate() {
             let result = match d {
                 Bson::Document(d) => {
-                    prepare_for_insert(&d, sink.now_ts()).and_then(|d| coll.insert(d, bypass))
+                    prepare_owned(d, sink.now_ts()).and_then(|d| coll.insert(d, bypass))
                 }
                 _ => Err(CommandError::type_mismatch(
                     "documents to insert must be objects",
@@ -163,7 +183,7 @@ pub fn matching(coll: &Collection, matcher: &Matcher, limit: Option<usize>) -> V
     let mut out = Vec::new();
     for (_, d) in coll.docs.iter() {
         if matcher.matches(d) {
-            out.push(d.clone());
+            out.push(std::sync::Arc::clone(d));
             if limit.is_some_and(|l| out.len() >= l) {
                 break;
             }

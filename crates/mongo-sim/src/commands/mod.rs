@@ -25,6 +25,7 @@ pub use admin::hello_reply;
 pub struct ConnInfo {
     pub id: i32,
     pub app_name: Option<String>,
+    pub auth: crate::auth::ConnAuth,
 }
 
 /// What the connection should do with the outcome of a command.
@@ -58,6 +59,10 @@ pub struct Ctx<'a> {
     pub name: String,
     pub cmd: &'a Document,
     pub session: Option<SessionArgs>,
+    /// Set by `onPrimaryTransactionalWrite`: close the connection instead of replying.
+    pub close_after_reply: std::sync::atomic::AtomicBool,
+    /// `insert`'s documents, moved out of the command so they are stored without a copy.
+    pub documents: parking_lot::Mutex<Option<Vec<Bson>>>,
 }
 
 const RETRYABLE_WRITE_COMMANDS: &[&str] = &[
@@ -195,10 +200,14 @@ pub fn error_reply(engine: &Engine, err: &CommandError, labels: &[String]) -> Do
         "ok": 0.0,
         "errmsg": err.message.clone(),
         "code": err.code,
-        "codeName": if err.code_name.is_empty() { code_name(err.code) } else { err.code_name },
+        "codeName": match (err.code_name, code_name(err.code)) {
+            ("", "") => format!("Location{}", err.code),
+            ("", known) => known.to_string(),
+            (name, _) => name.to_string(),
+        },
     };
     if let Some(extra) = &err.extra {
-        for (k, v) in extra {
+        for (k, v) in extra.iter() {
             body.insert(k.clone(), v.clone());
         }
     }
@@ -315,7 +324,7 @@ fn command_namespace(db: &str, name: &str, cmd: &Document) -> Option<String> {
 }
 
 /// Executes one command and builds its reply.
-pub async fn execute(engine: &Arc<Engine>, conn: &ConnInfo, cmd: Document) -> Outcome {
+pub async fn execute(engine: &Arc<Engine>, conn: &mut ConnInfo, cmd: Document) -> Outcome {
     let Some(name) = cmd.keys().next().cloned() else {
         let e = CommandError::new(codes::FAILED_TO_PARSE, "empty command");
         return Outcome::Reply(error_reply(engine, &e, &[]));
@@ -327,6 +336,35 @@ pub async fn execute(engine: &Arc<Engine>, conn: &ConnInfo, cmd: Document) -> Ou
             return Outcome::Reply(error_reply(engine, &e, &[]));
         }
     };
+    // Authentication: the SASL conversation, then the gate for everything else.
+    if name == "saslStart" || name == "saslContinue" {
+        let result = match &engine.config.auth {
+            None => Err(CommandError::new(
+                crate::auth::AUTHENTICATION_FAILED,
+                "Authentication failed.",
+            )),
+            Some(cred) if name == "saslStart" => conn.auth.sasl_start(cred, &db, &cmd),
+            Some(cred) => conn.auth.sasl_continue(cred, &cmd),
+        };
+        return Outcome::Reply(match result {
+            Ok(body) => finish_reply(engine, body),
+            Err(e) => {
+                tracing::info!(connection = conn.id, error = %e, "authentication failed");
+                error_reply(engine, &e, &[])
+            }
+        });
+    }
+    if engine.config.auth.is_some()
+        && !conn.auth.is_authenticated()
+        && !crate::auth::UNAUTHENTICATED_COMMANDS.contains(&name.as_str())
+    {
+        let e = CommandError::new(
+            codes::UNAUTHORIZED,
+            format!("Command {name} requires authentication"),
+        );
+        return Outcome::Reply(error_reply(engine, &e, &[]));
+    }
+    let conn: &ConnInfo = conn;
     // Fail points first: `configureFailPoint` itself is never failed.
     let mut action: Option<Action> = None;
     if name != "configureFailPoint" {
@@ -340,6 +378,14 @@ pub async fn execute(engine: &Arc<Engine>, conn: &ConnInfo, cmd: Document) -> Ou
         Ok(s) => s,
         Err(e) => return Outcome::Reply(error_reply(engine, &e, &[])),
     };
+    let mut cmd = cmd;
+    let documents = match (name.as_str(), cmd.get("documents")) {
+        ("insert", Some(Bson::Array(_))) => match cmd.remove("documents") {
+            Some(Bson::Array(docs)) => Some(docs),
+            _ => None,
+        },
+        _ => None,
+    };
     let ctx = Ctx {
         engine,
         conn,
@@ -347,6 +393,8 @@ pub async fn execute(engine: &Arc<Engine>, conn: &ConnInfo, cmd: Document) -> Ou
         name: name.clone(),
         cmd: &cmd,
         session,
+        close_after_reply: std::sync::atomic::AtomicBool::new(false),
+        documents: parking_lot::Mutex::new(documents),
     };
     let change_stream_cmd = is_change_stream_command(engine, &name, &cmd);
     if let Some(a) = &action {
@@ -367,6 +415,13 @@ pub async fn execute(engine: &Arc<Engine>, conn: &ConnInfo, cmd: Document) -> Ou
     }
     let wce = action.as_ref().and_then(|a| a.write_concern_error.clone());
     let result = run(&ctx, change_stream_cmd).await;
+    if ctx
+        .close_after_reply
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        // The write is applied and recorded; the acknowledgement is lost.
+        return Outcome::Close;
+    }
     match result {
         Ok(body) => {
             let mut reply = finish_reply(engine, body);
@@ -437,6 +492,10 @@ async fn run(ctx: &Ctx<'_>, change_stream_cmd: bool) -> CommandResult<Document> 
         .filter(|s| s.txn_number.is_some() && s.autocommit.is_none())
         .filter(|_| RETRYABLE_WRITE_COMMANDS.contains(&ctx.name.as_str()))
         .cloned();
+    let _checkout = match &retryable {
+        Some(s) => Some(ctx.engine.check_out_session(&s.key).await),
+        None => None,
+    };
     if let Some(s) = &retryable {
         let txn_number = s.txn_number.expect("filtered");
         let check = ctx
@@ -449,7 +508,24 @@ async fn run(ctx: &Ctx<'_>, change_stream_cmd: bool) -> CommandResult<Document> 
             return Ok(reply);
         }
     }
+    let txn_write_action = match &retryable {
+        Some(_) => ctx.engine.failpoints.lock().evaluate_transactional_write(),
+        None => None,
+    };
+    if let Some(code) = txn_write_action
+        .as_ref()
+        .and_then(|a| a.fail_before_commit_code)
+    {
+        return Err(CommandError::new(
+            code,
+            "Failing write via 'onPrimaryTransactionalWrite' failpoint",
+        ));
+    }
     let result = dispatch(ctx).await;
+    if result.is_ok() && txn_write_action.is_some_and(|a| a.close_connection) {
+        ctx.close_after_reply
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     if let (Some(s), Ok(reply)) = (&retryable, &result) {
         let txn_number = s.txn_number.expect("filtered");
         ctx.engine
@@ -478,7 +554,19 @@ async fn dispatch(ctx: &Ctx<'_>) -> CommandResult<Document> {
         "replSetGetConfig" => admin::repl_set_get_config(ctx.engine),
         "replSetGetStatus" => Ok(admin::repl_set_get_status(ctx.engine)),
         "connectionStatus" => {
-            Ok(doc! {"authInfo": {"authenticatedUsers": [], "authenticatedUserRoles": []}})
+            let users: Vec<Document> = ctx
+                .conn
+                .auth
+                .user
+                .iter()
+                .map(|u| doc! {"user": u.clone(), "db": "admin"})
+                .collect();
+            let roles: Vec<Document> = if users.is_empty() {
+                Vec::new()
+            } else {
+                vec![doc! {"role": "root", "db": "admin"}]
+            };
+            Ok(doc! {"authInfo": {"authenticatedUsers": users, "authenticatedUserRoles": roles}})
         }
         "whatsmyuri" => Ok(doc! {"you": "127.0.0.1"}),
         "endSessions" => admin::end_sessions(ctx),

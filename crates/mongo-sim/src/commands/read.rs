@@ -105,7 +105,7 @@ fn scan(
     }
     for (_, d) in coll.docs.range((lower, upper)) {
         if matcher.matches(d) {
-            out.push(d.clone());
+            out.push(Arc::clone(d));
             if limit.is_some_and(|l| out.len() >= l) {
                 break;
             }

@@ -1,0 +1,13 @@
+//! Conformance tests of mongo-sim through the real `mongodb` driver over TCP, plus raw-socket
+//! wire-protocol tests. One binary, one module per command family.
+
+mod auth;
+mod change_streams;
+mod common;
+mod crud;
+mod ddl;
+mod failpoints;
+mod lifecycle;
+mod raw_socket;
+mod retryable;
+mod transactions;

@@ -1,0 +1,267 @@
+//! Multi-document transactions: atomic visibility, abort, write conflicts, driver retries.
+
+use std::time::Duration;
+
+use bson::{doc, Bson, Document};
+use mongodb::{change_stream::event::ChangeStreamEvent, Collection};
+
+use crate::common::*;
+
+#[tokio::test]
+async fn commit_is_atomic_with_one_cluster_time_and_session_fields() {
+    bounded(async {
+        let (_sim, c) = start_with_client().await;
+        let db = c.database("tx");
+        let a: Collection<Document> = db.collection("a");
+        let b: Collection<Document> = db.collection("b");
+        a.insert_one(doc! {"_id": 0}).await.unwrap();
+        b.insert_one(doc! {"_id": 0}).await.unwrap();
+        let mut stream = db
+            .watch()
+            .max_await_time(Duration::from_millis(200))
+            .await
+            .unwrap()
+            .with_type::<Document>();
+        let mut session = c.start_session().await.unwrap();
+        session.start_transaction().await.unwrap();
+        a.insert_one(doc! {"_id": 1})
+            .session(&mut session)
+            .await
+            .unwrap();
+        b.insert_one(doc! {"_id": 1})
+            .session(&mut session)
+            .await
+            .unwrap();
+        a.update_one(doc! {"_id": 0}, doc! {"$set": {"t": 1}})
+            .session(&mut session)
+            .await
+            .unwrap();
+        // The transaction sees its own writes; others do not.
+        assert_eq!(
+            a.count_documents(doc! {})
+                .session(&mut session)
+                .await
+                .unwrap(),
+            2
+        );
+        assert_eq!(a.count_documents(doc! {}).await.unwrap(), 1);
+        assert!(a
+            .find_one(doc! {"_id": 0})
+            .await
+            .unwrap()
+            .unwrap()
+            .get("t")
+            .is_none());
+        assert!(stream.next_if_any().await.unwrap().is_none());
+        session.commit_transaction().await.unwrap();
+        assert_eq!(a.count_documents(doc! {}).await.unwrap(), 2);
+        assert_eq!(b.count_documents(doc! {}).await.unwrap(), 2);
+        let mut events = Vec::new();
+        for _ in 0..3 {
+            events.push(next(&mut stream).await);
+        }
+        let ts: Vec<_> = events
+            .iter()
+            .map(|e| e.get_timestamp("clusterTime").unwrap())
+            .collect();
+        assert!(
+            ts.iter().all(|t| *t == ts[0]),
+            "one cluster time for the transaction"
+        );
+        let lsid = session.id().clone();
+        for e in &events {
+            assert_eq!(e.get_document("lsid").unwrap(), &lsid);
+            assert!(matches!(e.get("txnNumber"), Some(Bson::Int64(_))));
+        }
+        let tokens: Vec<String> = events
+            .iter()
+            .map(|e| {
+                e.get_document("_id")
+                    .unwrap()
+                    .get_str("_data")
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        assert!(
+            tokens.windows(2).all(|w| w[0] < w[1]),
+            "tokens order the transaction's events"
+        );
+        let kinds: Vec<&str> = events
+            .iter()
+            .map(|e| e.get_str("operationType").unwrap())
+            .collect();
+        assert_eq!(kinds, vec!["insert", "insert", "update"]);
+        // Typed events carry them too.
+        let mut typed = a.watch().await.unwrap();
+        session.start_transaction().await.unwrap();
+        a.insert_one(doc! {"_id": 2})
+            .session(&mut session)
+            .await
+            .unwrap();
+        session.commit_transaction().await.unwrap();
+        let e: ChangeStreamEvent<Document> = next(&mut typed).await;
+        assert_eq!(e.lsid.as_ref(), Some(&lsid));
+        assert!(e.txn_number.is_some());
+    })
+    .await
+}
+
+#[tokio::test]
+async fn abort_is_invisible() {
+    bounded(async {
+        let (_sim, c) = start_with_client().await;
+        let col: Collection<Document> = c.database("tx").collection("abort");
+        col.insert_one(doc! {"_id": 0}).await.unwrap();
+        let mut stream = col.watch().await.unwrap().with_type::<Document>();
+        let mut session = c.start_session().await.unwrap();
+        session.start_transaction().await.unwrap();
+        col.insert_one(doc! {"_id": 1}).session(&mut session).await.unwrap();
+        col.delete_one(doc! {"_id": 0}).session(&mut session).await.unwrap();
+        session.abort_transaction().await.unwrap();
+        col.insert_one(doc! {"_id": "marker"}).await.unwrap();
+        let e = next(&mut stream).await;
+        assert_eq!(e.get_document("documentKey").unwrap(), &doc! {"_id": "marker"});
+        assert_eq!(col.count_documents(doc! {}).await.unwrap(), 2);
+        assert!(col.find_one(doc! {"_id": 0}).await.unwrap().is_some());
+        // Committing an aborted transaction: NoSuchTransaction.
+        let err = c
+            .database("admin")
+            .run_command(doc! {"commitTransaction": 1, "lsid": session.id().clone(), "txnNumber": 1i64, "autocommit": false})
+            .await
+            .unwrap_err();
+        assert_eq!(code(&err), Some(251));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn write_conflict_between_sessions_is_transient() {
+    bounded(async {
+        let (_sim, c) = start_with_client().await;
+        let col: Collection<Document> = c.database("tx").collection("conflict");
+        col.insert_one(doc! {"_id": 1, "n": 0}).await.unwrap();
+        let mut s1 = c.start_session().await.unwrap();
+        let mut s2 = c.start_session().await.unwrap();
+        s1.start_transaction().await.unwrap();
+        s2.start_transaction().await.unwrap();
+        col.update_one(doc! {"_id": 1}, doc! {"$inc": {"n": 1}})
+            .session(&mut s1)
+            .await
+            .unwrap();
+        let err = col
+            .update_one(doc! {"_id": 1}, doc! {"$inc": {"n": 10}})
+            .session(&mut s2)
+            .await
+            .unwrap_err();
+        assert_eq!(code(&err), Some(112));
+        assert!(err.contains_label("TransientTransactionError"));
+        s1.commit_transaction().await.unwrap();
+        let _ = s2.abort_transaction().await;
+        assert_eq!(
+            col.find_one(doc! {"_id": 1})
+                .await
+                .unwrap()
+                .unwrap()
+                .get_i32("n")
+                .unwrap(),
+            1
+        );
+        // A non-transactional write to the same document before commit also conflicts.
+        s1.start_transaction().await.unwrap();
+        col.update_one(doc! {"_id": 1}, doc! {"$inc": {"n": 1}})
+            .session(&mut s1)
+            .await
+            .unwrap();
+        col.update_one(doc! {"_id": 1}, doc! {"$set": {"other": true}})
+            .await
+            .unwrap();
+        let err = s1.commit_transaction().await.unwrap_err();
+        assert_eq!(code(&err), Some(112));
+        assert!(err.contains_label("TransientTransactionError"));
+        let d = col.find_one(doc! {"_id": 1}).await.unwrap().unwrap();
+        assert_eq!(d.get_i32("n").unwrap(), 1);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn with_transaction_retries_after_a_transient_conflict() {
+    bounded(async {
+        let (_sim, c) = start_with_client().await;
+        let col: Collection<Document> = c.database("tx").collection("retry");
+        col.insert_one(doc! {"_id": 1, "n": 0}).await.unwrap();
+        // Another session holds an uncommitted write to the same document.
+        let mut blocker = c.start_session().await.unwrap();
+        blocker.start_transaction().await.unwrap();
+        col.update_one(doc! {"_id": 1}, doc! {"$set": {"blocker": true}})
+            .session(&mut blocker)
+            .await
+            .unwrap();
+        let mut session = c.start_session().await.unwrap();
+        let mut attempts = 0;
+        let col2 = col.clone();
+        session
+            .start_transaction()
+            .and_run2(async |s| {
+                attempts += 1;
+                if attempts == 2 {
+                    blocker.commit_transaction().await?;
+                }
+                col2.update_one(doc! {"_id": 1}, doc! {"$inc": {"n": 1}})
+                    .session(&mut *s)
+                    .await?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert_eq!(attempts, 2);
+        let d = col.find_one(doc! {"_id": 1}).await.unwrap().unwrap();
+        assert_eq!(d, doc! {"_id": 1, "n": 1, "blocker": true});
+        // A labelled error injected by a fail point is retried the same way.
+        fail_command(
+            &c,
+            Bson::Document(doc! {"times": 1}),
+            doc! {"failCommands": ["insert"], "errorCode": 112, "errorLabels": ["TransientTransactionError"]},
+        )
+        .await;
+        let mut runs = 0;
+        session
+            .start_transaction()
+            .and_run2(async |s| {
+                runs += 1;
+                col2.insert_one(doc! {"_id": 2}).session(&mut *s).await?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert_eq!(runs, 2);
+        assert_eq!(col.count_documents(doc! {"_id": 2}).await.unwrap(), 1);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn change_streams_are_refused_inside_transactions() {
+    bounded(async {
+        let (_sim, c) = start_with_client().await;
+        let col: Collection<Document> = c.database("tx").collection("nocs");
+        col.insert_one(doc! {"_id": 1}).await.unwrap();
+        let mut session = c.start_session().await.unwrap();
+        session.start_transaction().await.unwrap();
+        col.insert_one(doc! {"_id": 2})
+            .session(&mut session)
+            .await
+            .unwrap();
+        let err = c
+            .database("tx")
+            .run_command(
+                doc! {"aggregate": "nocs", "pipeline": [{"$changeStream": {}}], "cursor": {}},
+            )
+            .session(&mut session)
+            .await
+            .unwrap_err();
+        assert_eq!(code(&err), Some(263));
+    })
+    .await
+}

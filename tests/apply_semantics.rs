@@ -1,0 +1,191 @@
+//! How changes are applied: repairs from the source, renames, lookup mode, field names that
+//! `$set` paths cannot address, and a queue bounded under backlog.
+
+use std::time::Duration;
+
+use bson::{doc, Document};
+
+use crate::support::cluster::{wait_converged, wait_until, Clusters, Daemon};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_matching_nothing_is_repaired_from_the_source() {
+    let c = Clusters::start().await;
+    let src = c.src.database("app").collection::<Document>("items");
+    src.insert_many(
+        (0..20)
+            .map(|i| doc! {"_id": i, "v": i, "name": format!("n{i}")})
+            .collect::<Vec<_>>(),
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(&c, dir.path(), "[sync]\nnamespaces = [\"app.*\"]\n");
+    wait_converged(&c, &[("app", "items")], Duration::from_secs(30)).await;
+    d.wait_streaming("app.items").await;
+    // Behind the daemon's back: the destination loses a document.
+    let dst = c.dst.database("app").collection::<Document>("items");
+    dst.delete_one(doc! {"_id": 7}).await.unwrap();
+    // A delta on the source cannot apply to a missing document: it is repaired from the source.
+    src.update_one(doc! {"_id": 7}, doc! {"$set": {"v": 700}})
+        .await
+        .unwrap();
+    wait_converged(&c, &[("app", "items")], Duration::from_secs(30)).await;
+    assert_eq!(
+        dst.find_one(doc! {"_id": 7})
+            .await
+            .unwrap()
+            .unwrap()
+            .get_str("name")
+            .unwrap(),
+        "n7"
+    );
+    assert_eq!(d.terminate().await, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renamed_targets_and_lookup_mode() {
+    let c = Clusters::start().await;
+    let orders = c.src.database("shop").collection::<Document>("orders");
+    orders
+        .insert_many((0..50).map(|i| doc! {"_id": i, "v": i}).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    let people = c.src.database("crm").collection::<Document>("contacts");
+    people
+        .insert_one(doc! {"_id": "p1", "name": "Ada"})
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(
+        &c,
+        dir.path(),
+        "[sync]\nnamespaces = [\"shop.*\", \"crm.*\"]\nrename = { \"shop\" = \"shop_dr\", \"crm.contacts\" = \"crm_dr.people\" }\n\n[apply]\nupdate_mode = \"lookup\"\n",
+    );
+    d.wait_streaming("shop.orders").await;
+    d.wait_streaming("crm.contacts").await;
+    for i in 0..50 {
+        orders
+            .update_one(
+                doc! {"_id": i},
+                doc! {"$inc": {"v": 1000}, "$set": {"paid": true}},
+            )
+            .await
+            .unwrap();
+    }
+    orders.delete_one(doc! {"_id": 3}).await.unwrap();
+    people
+        .update_one(doc! {"_id": "p1"}, doc! {"$set": {"name": "Ada L."}})
+        .await
+        .unwrap();
+    let check = |db: &'static str, coll: &'static str, tdb: &'static str, tcoll: &'static str| {
+        let (src, dst) = (c.src.clone(), c.dst.clone());
+        async move {
+            crate::support::cluster::diff(&src, &dst, (db, coll), (tdb, tcoll))
+                .await
+                .is_none()
+        }
+    };
+    wait_until(
+        "renamed targets converge",
+        Duration::from_secs(30),
+        || async {
+            check("shop", "orders", "shop_dr", "orders").await
+                && check("crm", "contacts", "crm_dr", "people").await
+        },
+    )
+    .await;
+    let names = c.dst.list_database_names().await.unwrap();
+    assert!(
+        !names.contains(&"shop".to_string()) && !names.contains(&"crm".to_string()),
+        "{names:?}"
+    );
+    assert_eq!(d.terminate().await, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn field_names_with_dots_or_digits_are_copied_exactly() {
+    let c = Clusters::start().await;
+    let src = c.src.database("odd").collection::<Document>("names");
+    src.insert_one(doc! {"_id": 1, "a.b": 1, "0": {"1": "x"}, "plain": {"k": 1}})
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(&c, dir.path(), "[sync]\nnamespaces = [\"odd.*\"]\n");
+    wait_converged(&c, &[("odd", "names")], Duration::from_secs(30)).await;
+    d.wait_streaming("odd.names").await;
+    // Pipeline updates are the only way to write literal dotted names; the event carries
+    // disambiguatedPaths and must still land exactly.
+    src.update_one(
+        doc! {"_id": 1},
+        vec![doc! {"$replaceWith": {"$setField": {"field": "a.b", "input": "$$ROOT", "value": 2}}}],
+    )
+    .await
+    .unwrap();
+    src.update_one(doc! {"_id": 1}, doc! {"$set": {"0.1": "y", "plain.k": 2}})
+        .await
+        .unwrap();
+    wait_converged(&c, &[("odd", "names")], Duration::from_secs(30)).await;
+    assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
+}
+
+/// Resident memory of a process, from /proc.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_stays_bounded_while_the_destination_is_stuck() {
+    let c = Clusters::start().await;
+    let src = c.src.database("load").collection::<Document>("events");
+    src.insert_one(doc! {"_id": -1}).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(
+        &c,
+        dir.path(),
+        "[sync]\nnamespaces = [\"load.*\"]\n\n[apply]\nbatch_max_events = 100\n",
+    );
+    d.wait_streaming("load.events").await;
+    let baseline = rss_kib(d.pid());
+    // The destination stops acknowledging writes for a while; a backlog builds on the source.
+    c.dest
+        .configure_fail_point(&doc! {"configureFailPoint": "failCommand", "mode": "alwaysOn",
+            "data": {"failCommands": ["update", "delete"], "blockConnection": true, "blockTimeMS": 3000, "appName": "mongo-syncd"}})
+        .unwrap();
+    let payload = "x".repeat(2000);
+    for chunk in 0..20 {
+        let docs: Vec<Document> = (0..1000)
+            .map(|i| doc! {"_id": chunk * 1000 + i, "payload": payload.clone()})
+            .collect();
+        src.insert_many(docs).await.unwrap();
+    }
+    let mut max_queue = 0.0f64;
+    let mut max_rss = 0;
+    for _ in 0..20 {
+        if let Some(q) = d
+            .metric("mongo_syncd_queue_events{namespace=\"load.events\"}")
+            .await
+        {
+            max_queue = max_queue.max(q);
+        }
+        max_rss = max_rss.max(rss_kib(d.pid()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.dest
+        .configure_fail_point(&doc! {"configureFailPoint": "failCommand", "mode": "off"})
+        .unwrap();
+    wait_converged(&c, &[("load", "events")], Duration::from_secs(120)).await;
+    // 20,000 events of ~2 KB (40 MB) were pending; the reader holds at most two batches' worth
+    // of events (and bytes) in memory.
+    assert!(max_queue <= 200.0, "queue grew to {max_queue} events");
+    assert!(
+        max_rss < baseline + 60 * 1024,
+        "resident memory grew from {baseline} KiB to {max_rss} KiB under a 40 MB backlog"
+    );
+    assert_eq!(d.terminate().await, Some(0));
+}
