@@ -130,7 +130,7 @@ impl Supervisor {
     pub fn new(config: Arc<Config>, pipeline: Pipeline) -> Supervisor {
         let (reports_tx, reports_rx) = mpsc::channel(64);
         let validation = ValidationService::new(
-            &config.validation,
+            &config,
             ValidationDeps {
                 source: pipeline.source.clone(),
                 dest: pipeline.dest.clone(),
@@ -443,7 +443,7 @@ impl Supervisor {
         }
         self.filter = config.namespace_filter();
         self.settings = Arc::new(worker_settings(&config));
-        self.validation.reconfigure(&config.validation);
+        self.validation.reconfigure(&config);
         self.config = Arc::new(config);
         // Workers for namespaces no longer in scope stop; their series go away.
         let out_of_scope: Vec<Namespace> = self

@@ -762,3 +762,38 @@ async fn validate_exit_codes_for_indeterminate_and_could_not_run() {
         "{r:#}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repair_never_overrides_a_destination_wins_policy() {
+    let c = Clusters::start().await;
+    seed(&c.src, 2_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = start_synced(
+        &c,
+        dir.path(),
+        "interval_seconds = 0\nrepair = true\n\n[conflict]\npolicy = \"destination-wins\"\nenable_pre_images = true",
+    )
+    .await;
+    let dst = c.dst.database(DB).collection::<Document>(COLL);
+    dst.update_one(doc! {"_id": 25}, doc! {"$set": {"n": -1}})
+        .await
+        .unwrap();
+    d.signal("USR2");
+    let reports = wait_reports(&c, 1, Duration::from_secs(60)).await;
+    let r = Bson::Document(reports[0].clone()).into_relaxed_extjson();
+    // Reported as the difference it is, but not repaired: under destination-wins the
+    // destination may differ on purpose.
+    assert_eq!(r["result"], "mismatch", "{r:#}");
+    assert_eq!(ids(&r["mismatched_ranges"][0]["content"]), vec![json!(25)]);
+    assert_eq!(r["mismatched_ranges"][0].get("repair"), None, "{r:#}");
+    assert_eq!(r["documents_repaired"], 0);
+    assert!(
+        r["notes"]
+            .to_string()
+            .contains("conflict policy destination-wins"),
+        "{r:#}"
+    );
+    let doc = dst.find_one(doc! {"_id": 25}).await.unwrap().unwrap();
+    assert_eq!(doc.get_i32("n").unwrap(), -1);
+    assert_eq!(d.terminate().await, Some(0), "{}", d.logs());
+}

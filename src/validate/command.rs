@@ -210,6 +210,7 @@ async fn validate_all(
                 mode: config.validation.mode,
                 strict_order: config.validation.strict_order,
                 repair: false,
+                repair_blocked: None,
                 recheck_wait: options.wait,
                 runner: Runner::Cli,
                 trigger: "command".into(),

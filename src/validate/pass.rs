@@ -104,6 +104,8 @@ pub struct PassSettings {
     pub mode: ValidationMode,
     pub strict_order: bool,
     pub repair: bool,
+    /// Why `validation.repair` is not honoured for this namespace (noted when drift is found).
+    pub repair_blocked: Option<String>,
     /// How long to wait for the worker to apply past a re-check time.
     pub recheck_wait: Duration,
     pub runner: Runner,
@@ -445,7 +447,10 @@ impl Pass<'_> {
             "drift found in an _id range; the _ids are in the validation report"
         );
         if !self.settings.repair {
-            return Ok((finding, note));
+            return Ok((
+                finding,
+                note.or_else(|| self.settings.repair_blocked.clone()),
+            ));
         }
         finding.repair = Some(match self.repair(lower.clone(), upper.clone()).await {
             Ok(done) => {

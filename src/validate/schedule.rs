@@ -29,7 +29,7 @@ use super::{
 };
 use crate::{
     checkpoint::{CheckpointKey, CheckpointStore},
-    config::ValidationConfig,
+    config::{Config, ConflictPolicy, ValidationConfig},
     metrics::{Metrics, ValidationResult, WorkerState},
     source::Source,
     status::{LastValidation, StatusRegistry},
@@ -55,7 +55,7 @@ enum Message {
     Register(Registration),
     Unregister(String),
     Request(Vec<String>),
-    Reconfigure(ValidationConfig),
+    Reconfigure(Box<Config>),
 }
 
 /// What the passes share.
@@ -81,6 +81,8 @@ struct Scheduler {
     rx: mpsc::UnboundedReceiver<Message>,
     shared: Arc<Shared>,
     config: ValidationConfig,
+    /// The whole configuration, for the per-namespace conflict policy.
+    root: Box<Config>,
 }
 
 /// The pieces of the pipeline validation uses.
@@ -97,7 +99,8 @@ pub struct ValidationDeps {
 }
 
 impl ValidationService {
-    pub fn new(config: &ValidationConfig, deps: ValidationDeps) -> ValidationService {
+    pub fn new(root: &Config, deps: ValidationDeps) -> ValidationService {
+        let config = &root.validation;
         let (tx, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             reports: ReportStore::new(&deps.metadata_db),
@@ -116,6 +119,7 @@ impl ValidationService {
                 rx,
                 shared,
                 config: config.clone(),
+                root: Box::new(root.clone()),
             })),
         }
     }
@@ -142,8 +146,8 @@ impl ValidationService {
         let _ = self.tx.send(Message::Request(namespaces.to_vec()));
     }
 
-    pub fn reconfigure(&self, config: &ValidationConfig) {
-        let _ = self.tx.send(Message::Reconfigure(config.clone()));
+    pub fn reconfigure(&self, config: &Config) {
+        let _ = self.tx.send(Message::Reconfigure(Box::new(config.clone())));
     }
 }
 
@@ -265,10 +269,12 @@ impl Scheduler {
                 }
                 tracing::info!(namespaces = matched, "validation requested");
             }
-            Message::Reconfigure(config) => {
+            Message::Reconfigure(root) => {
+                let config = root.validation.clone();
                 self.shared.throttles.set_rate(config.max_docs_per_second);
                 let interval_changed = config.interval_seconds != self.config.interval_seconds;
                 self.config = config;
+                self.root = root;
                 if interval_changed {
                     for e in entries.values_mut().filter(|e| e.running.is_none()) {
                         e.due = self.first_due();
@@ -305,10 +311,23 @@ impl Scheduler {
                 continue;
             }
             let trigger = e.requested.take().unwrap_or("schedule");
+            // A repair re-copies source documents over the destination: that is source-wins.
+            // Under any other conflict policy the destination may differ on purpose, so drift
+            // is reported but not repaired.
+            let plan = &e.registration.plan;
+            let (policy, _) = self.root.conflict_for(&plan.ns.db, &plan.ns.coll);
+            let repair_blocked =
+                (self.config.repair && policy != ConflictPolicy::SourceWins).then(|| {
+                    format!(
+                        "drift not repaired: conflict policy {} keeps destination changes",
+                        policy.as_str()
+                    )
+                });
             let settings = PassSettings {
                 mode: self.config.mode,
                 strict_order: self.config.strict_order,
-                repair: self.config.repair,
+                repair: self.config.repair && repair_blocked.is_none(),
+                repair_blocked,
                 recheck_wait: DAEMON_RECHECK_WAIT,
                 runner: Runner::Daemon,
                 trigger: trigger.to_string(),
