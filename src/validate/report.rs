@@ -245,7 +245,7 @@ pub struct Report {
     pub target: String,
     pub collection_uuid: Option<bson::Uuid>,
     pub runner: Runner,
-    /// `schedule`, `request` (SIGUSR2 or HTTP), `resume` or `command`.
+    /// `schedule`, `request` (SIGUSR2 or HTTP) or `command`; a resumed pass keeps its own.
     pub trigger: String,
     pub mode: ValidationMode,
     pub strict_order: bool,

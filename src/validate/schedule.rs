@@ -240,6 +240,7 @@ impl Scheduler {
                     Entry {
                         registration,
                         due,
+                        // The resumed report keeps its own trigger; this only schedules it now.
                         requested: resume.then_some("resume"),
                         running: None,
                     },
