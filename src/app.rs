@@ -200,6 +200,14 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
     };
     status.set_source_connected(true);
     metrics.set_source_connected(true);
+    match source.detect_features().await {
+        Ok(version) => {
+            tracing::info!(version = %version, source = %identity.describe(), "source connected")
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the source version; large events will not be split")
+        }
+    }
     let dest_ping = || async {
         dest_client
             .database("admin")

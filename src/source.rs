@@ -50,6 +50,17 @@ pub struct SourceCollection {
     pub options: Document,
 }
 
+/// Where a change stream starts.
+#[derive(Debug, Clone, Copy)]
+pub enum StreamStart<'a> {
+    /// Now (the first reply's `postBatchResumeToken` is the start point).
+    Now,
+    /// `startAfter` a stored token.
+    After(&'a Document),
+    /// `startAtOperationTime` (only for `initial_copy = "skip"`).
+    AtOperationTime(Timestamp),
+}
+
 /// What the stream should carry.
 #[derive(Debug, Clone, Default)]
 pub struct StreamSettings {
@@ -68,6 +79,8 @@ pub struct Source {
     client: Client,
     /// `source.socket_timeout_ms`: bounds every read except awaiting change-stream getMores.
     op_timeout: Option<Duration>,
+    /// Whether the server supports `$changeStreamSplitLargeEvent` (set by [`Source::detect_features`]).
+    split_large_events: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn read_error(context: impl Into<String>, e: mongodb::error::Error) -> SyncError {
@@ -76,7 +89,38 @@ fn read_error(context: impl Into<String>, e: mongodb::error::Error) -> SyncError
 
 impl Source {
     pub fn new(client: Client, op_timeout: Option<Duration>) -> Source {
-        Source { client, op_timeout }
+        Source {
+            client,
+            op_timeout,
+            split_large_events: Default::default(),
+        }
+    }
+
+    /// Reads the server version: `$changeStreamSplitLargeEvent` exists from 6.0.9 and 7.0.
+    pub async fn detect_features(&self) -> Result<String, SyncError> {
+        let info = self
+            .client
+            .database("admin")
+            .run_command(doc! {"buildInfo": 1})
+            .await
+            .map_err(|e| {
+                SyncError::mongo(ErrorKind::SourceConnection, "reading the source version", e)
+            })?;
+        let version = info.get_str("version").unwrap_or("0.0.0").to_string();
+        let parts: Vec<u32> = version
+            .split(['.', '-'])
+            .take(3)
+            .map(|p| p.parse().unwrap_or(0))
+            .collect();
+        let (major, minor, patch) = (
+            parts[0],
+            *parts.get(1).unwrap_or(&0),
+            *parts.get(2).unwrap_or(&0),
+        );
+        let supported = major >= 7 || (major == 6 && (minor > 0 || patch >= 9));
+        self.split_large_events
+            .store(supported, std::sync::atomic::Ordering::Relaxed);
+        Ok(version)
     }
 
     /// Runs a read under the configured operation timeout (a hung connection becomes a
@@ -310,7 +354,7 @@ impl Source {
     pub async fn open_stream(
         &self,
         ns: &Namespace,
-        start_after: Option<&Document>,
+        start: StreamStart<'_>,
         settings: &StreamSettings,
     ) -> Result<ChangeStream<RawDocumentBuf>, SyncError> {
         let mut options = ChangeStreamOptions::default();
@@ -327,7 +371,10 @@ impl Source {
         if settings.pre_images {
             options.full_document_before_change = Some(FullDocumentBeforeChangeType::WhenAvailable);
         }
-        if let Some(token) = start_after {
+        if let StreamStart::AtOperationTime(ts) = start {
+            options.start_at_operation_time = Some(ts);
+        }
+        if let StreamStart::After(token) = start {
             let token: ResumeToken =
                 bson::deserialize_from_document(token.clone()).map_err(|e| {
                     SyncError::with_source(
@@ -342,8 +389,19 @@ impl Source {
             .client
             .database(&ns.db)
             .collection::<Document>(&ns.coll);
+        // Events over 16 MiB (large documents with pre-images) arrive in fragments that the
+        // reader reassembles, instead of failing the stream (MongoDB 6.0.9+ / 7.0+).
+        let pipeline = if self
+            .split_large_events
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            vec![doc! {"$changeStreamSplitLargeEvent": {}}]
+        } else {
+            Vec::new()
+        };
         let stream = coll
             .watch()
+            .pipeline(pipeline)
             .with_options(options)
             .await
             .map_err(|e| read_error(format!("opening the change stream of {ns}"), e))?;

@@ -26,7 +26,7 @@ use crate::{
     event::{token_cluster_time, ts_key, ts_max, ChangeEvent, FragmentAssembler, OpKind},
     metadata::Metadata,
     metrics::{ApplyOp, Metrics, WorkerState},
-    source::{raw_id, Namespace, Source, StreamSettings},
+    source::{raw_id, Namespace, Source, StreamSettings, StreamStart},
     status::StatusRegistry,
 };
 
@@ -434,7 +434,7 @@ async fn initial_copy(
     if cp.start_token.is_none() {
         let stream = ctx
             .source
-            .open_stream(&ctx.ns, None, &ctx.stream_settings())
+            .open_stream(&ctx.ns, StreamStart::Now, &ctx.stream_settings())
             .await?;
         let token = stream.resume_token().ok_or_else(|| {
             SyncError::new(
@@ -588,20 +588,12 @@ async fn read_events(
     stop: CancellationToken,
 ) {
     let result: Result<(), SyncError> = async {
-        let mut stream = match (&start_after, start_at) {
-            (None, Some(ts)) => {
-                let coll = source.client().database(&ns.db).collection::<Document>(&ns.coll);
-                coll.watch()
-                    .show_expanded_events(true)
-                    .max_await_time(settings.max_await)
-                    .start_at_operation_time(ts)
-                    .full_document_opt(settings.update_lookup)
-                    .await
-                    .map_err(|e| SyncError::mongo(ErrorKind::SourceRead, format!("opening the change stream of {ns}"), e))?
-                    .with_type::<RawDocumentBuf>()
-            }
-            _ => source.open_stream(&ns, start_after.as_ref(), &settings).await?,
+        let start = match (&start_after, start_at) {
+            (Some(token), _) => StreamStart::After(token),
+            (None, Some(ts)) => StreamStart::AtOperationTime(ts),
+            (None, None) => StreamStart::Now,
         };
+        let mut stream = source.open_stream(&ns, start, &settings).await?;
         let mut assembler = FragmentAssembler::default();
         loop {
             let next = tokio::select! {
@@ -641,21 +633,6 @@ async fn read_events(
     .await;
     if let Err(e) = result {
         let _ = tx.send(ReaderItem::Failed(e)).await;
-    }
-}
-
-/// Small extension so the optional `updateLookup` reads naturally above.
-trait WatchExt {
-    fn full_document_opt(self, lookup: bool) -> Self;
-}
-
-impl<'a> WatchExt for mongodb::action::Watch<'a> {
-    fn full_document_opt(self, lookup: bool) -> Self {
-        if lookup {
-            self.full_document(mongodb::options::FullDocumentType::UpdateLookup)
-        } else {
-            self
-        }
     }
 }
 

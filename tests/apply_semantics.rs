@@ -189,3 +189,21 @@ async fn the_queue_stays_bounded_while_the_destination_is_stuck() {
     );
     assert_eq!(d.terminate().await, Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_over_16_mib_are_split_and_reassembled() {
+    let c = Clusters::start().await;
+    let src = c.src.database("big").collection::<Document>("docs");
+    src.insert_one(doc! {"_id": 0}).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(&c, dir.path(), "[sync]\nnamespaces = [\"big.*\"]\n");
+    d.wait_streaming("big.docs").await;
+    // A document just under 16 MiB: its insert event (document + event fields) is over 16 MiB.
+    let blob = "x".repeat(16 * 1024 * 1024 - 200);
+    src.insert_one(doc! {"_id": 1, "blob": blob}).await.unwrap();
+    src.insert_one(doc! {"_id": 2, "after": true})
+        .await
+        .unwrap();
+    wait_converged(&c, &[("big", "docs")], Duration::from_secs(60)).await;
+    assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
+}

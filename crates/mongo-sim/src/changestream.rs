@@ -777,14 +777,20 @@ impl ChangeStreamCursor {
                 ),
             ));
         }
-        // Greedily pack top-level fields (other than `_id`) into fragments.
-        let budget = MAX_BSON_OBJECT_SIZE - 1024;
+        // Greedily pack top-level fields (other than `_id`) into fragments of at most 16 MiB,
+        // counting each fragment's own `_id` and `splitEvent` exactly, as the server does.
+        let framing = bson_size(&doc! {
+            "_id": self.token(entry, TokenKind::Event, u16::MAX),
+            "splitEvent": {"fragment": i32::MAX, "of": i32::MAX},
+        });
+        let budget = MAX_BSON_OBJECT_SIZE - framing;
         let mut groups: Vec<Document> = vec![Document::new()];
         let mut group_bytes = 0usize;
         for (k, v) in event.iter().filter(|(k, _)| *k != "_id") {
             let mut single = Document::new();
             single.insert(k.clone(), v.clone());
-            let field_size = bson_size(&single);
+            // The element alone: a one-field document minus its length prefix and terminator.
+            let field_size = bson_size(&single) - 5;
             if field_size > budget {
                 return Err(CommandError::new(
                     codes::BSON_OBJECT_TOO_LARGE,
