@@ -377,6 +377,15 @@ async fn demo(options: DemoOptions, style: Style, interrupted: CancellationToken
             "  daemon stopped cleanly; {checkpoints} of {namespaces} namespaces checkpointed"
         ));
     }
+    // Close the demo's own clients before the simulators and the runtime stop (a client dropped
+    // while the runtime stops ends its sessions from a task of its own).
+    let closing = async {
+        tokio::join!(
+            src.shutdown().immediate(true),
+            dst.shutdown().immediate(true)
+        )
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), closing).await;
     source.shutdown().await;
     destination.shutdown().await;
     match verdict {

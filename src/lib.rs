@@ -20,4 +20,5 @@ pub mod source;
 pub mod status;
 pub mod supervisor;
 pub mod telemetry;
+pub mod validate;
 pub mod worker;

@@ -148,6 +148,11 @@ impl Source {
         &self.client
     }
 
+    /// `source.socket_timeout_ms`, for readers outside this module (validation scans).
+    pub fn op_timeout(&self) -> Option<Duration> {
+        self.op_timeout
+    }
+
     fn raw_collection(&self, ns: &Namespace) -> Collection<RawDocumentBuf> {
         self.client.database(&ns.db).collection_with_options(
             &ns.coll,

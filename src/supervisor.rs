@@ -24,6 +24,7 @@ use crate::{
     metrics::{ErrorKindLabel, Metrics, Trigger, WorkerState},
     source::{Namespace, Source, SourceCollection},
     status::{LastError, StatusRegistry},
+    validate::{schedule::ValidationDeps, NamespacePlan, Registration, ValidationService},
     worker::{self, WorkerCommand, WorkerContext, WorkerExit, WorkerSettings},
 };
 
@@ -101,6 +102,8 @@ pub struct Supervisor {
     reports_tx: mpsc::Sender<WorkerReport>,
     reports_rx: mpsc::Receiver<WorkerReport>,
     warned_skipped: HashSet<Namespace>,
+    /// Validation scheduler (DESIGN §2.7): passes per namespace, repairs through the workers.
+    validation: ValidationService,
     /// Set by [`Supervisor::run`]'s loop on every iteration, for the systemd watchdog.
     pub heartbeat: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -146,6 +149,19 @@ fn error_label(kind: ErrorKind) -> ErrorKindLabel {
 impl Supervisor {
     pub fn new(config: Arc<Config>, pipeline: Pipeline) -> Supervisor {
         let (reports_tx, reports_rx) = mpsc::channel(64);
+        let validation = ValidationService::new(
+            &config,
+            ValidationDeps {
+                source: pipeline.source.clone(),
+                dest: pipeline.dest.clone(),
+                dest_timeout: config.destination.socket_timeout(),
+                sync_id: config.sync.id.clone(),
+                metadata_db: pipeline.dest.database(&config.checkpoint.database),
+                checkpoints: pipeline.checkpoints.clone(),
+                metrics: pipeline.metrics.clone(),
+                status: Arc::clone(&pipeline.status),
+            },
+        );
         Supervisor {
             settings: Arc::new(worker_settings(&config)),
             filter: config.namespace_filter(),
@@ -158,6 +174,7 @@ impl Supervisor {
             reports_tx,
             reports_rx,
             warned_skipped: HashSet::new(),
+            validation,
             heartbeat: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         }
     }
@@ -176,6 +193,8 @@ impl Supervisor {
             t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         }
         let mut exit_code = 0u8;
+        self.validation
+            .start(&self.tracker, self.stop.child_token());
         let mut listing: Option<tokio::task::JoinHandle<Listing>> = None;
         let mut probe: Option<tokio::task::JoinHandle<(Result<Timestamp, SyncError>, bool)>> = None;
         loop {
@@ -397,6 +416,15 @@ impl Supervisor {
                 .register_conflict_policy(&label, ctx.conflict.label());
         }
         let (cmd_tx, cmd_rx) = mpsc::channel(8);
+        self.validation.register(Registration {
+            plan: NamespacePlan {
+                ns: ctx.ns.clone(),
+                target: ctx.target.clone(),
+                uuid: ctx.uuid,
+                options: ctx.options.clone(),
+            },
+            commands: cmd_tx.clone(),
+        });
         let stop = self.stop.child_token();
         let abort = self.abort.child_token();
         let runner = supervise_worker(
@@ -428,6 +456,7 @@ impl Supervisor {
     /// Stops a worker; `forget` also deletes its metrics series and status.
     fn remove_worker(&mut self, ns: &Namespace, keep_series: bool) {
         if let Some(h) = self.workers.remove(ns) {
+            self.validation.unregister(&ns.to_string());
             h.stop.cancel();
             // Give it the shutdown deadline to drain, then abort.
             let abort = h.abort.clone();
@@ -457,7 +486,7 @@ impl Supervisor {
     }
 
     fn validate(&mut self, namespaces: &[String]) {
-        tracing::info!(namespaces = ?namespaces, "validation requested");
+        self.validation.request(namespaces);
     }
 
     async fn reload(&mut self, config: Config) {
@@ -469,6 +498,7 @@ impl Supervisor {
         }
         self.filter = config.namespace_filter();
         self.settings = Arc::new(worker_settings(&config));
+        self.validation.reconfigure(&config);
         self.config = Arc::new(config);
         // Workers for namespaces no longer in scope stop; their series go away.
         let out_of_scope: Vec<Namespace> = self
@@ -680,12 +710,17 @@ async fn supervise_worker(
             ctx.status
                 .update(&label, |s| s.parked_reason = Some(reason.clone()));
             // Parked: wait for a force-sync (or a reload) to try again, from a fresh copy.
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                cmd = commands.recv() => match cmd {
-                    Some(WorkerCommand::ForceSync) => {}
-                    None => return,
-                },
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    cmd = commands.recv() => match cmd {
+                        Some(WorkerCommand::ForceSync) => break,
+                        Some(WorkerCommand::RepairRange(request)) => {
+                            let _ = request.reply.send(Err("the worker is parked".into()));
+                        }
+                        None => return,
+                    },
+                }
             }
             tracing::info!(namespace = %label, "parked worker restarting with a fresh copy");
             failures = 0;

@@ -83,10 +83,12 @@ pub struct WorkerContext {
 }
 
 /// Requests a worker handles between batches.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub enum WorkerCommand {
     /// Re-copy and reconcile every range while the stream keeps its position.
     ForceSync,
+    /// Re-copy one `_id` range for validation repair (DESIGN §2.8); see `validate::repair`.
+    RepairRange(Box<crate::validate::repair::RepairRequest>),
 }
 
 /// Why a worker returned without error.
@@ -683,6 +685,9 @@ async fn stream(
                         if let Err(e) = reconcile(ctx, &applier, &mut cp).await {
                             break Err(e);
                         }
+                    }
+                    WorkerCommand::RepairRange(request) => {
+                        crate::validate::repair::handle(ctx, &applier, &mut cp, *request).await;
                     }
                 }
                 continue;

@@ -11,3 +11,4 @@ mod operations;
 mod replication;
 mod resume;
 mod support;
+mod validation;

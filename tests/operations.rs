@@ -792,7 +792,9 @@ async fn json_logs_parse_and_never_contain_document_contents() {
          [checkpoint]\ninterval_seconds = 1\n\n[shutdown]\ntimeout_seconds = 10\n",
     );
     d.wait_streaming("shop.customers").await;
-    // Streamed changes: an update, another duplicate, a delete.
+    // Streamed changes, one at a time (in one batch, the delete of _id 1 could be written before
+    // the insert of _id 3, and that insert would then not collide): an update, another
+    // duplicate (a second dead letter), a delete.
     customers
         .update_one(
             doc! {"_id": 1},
@@ -804,11 +806,17 @@ async fn json_logs_parse_and_never_contain_document_contents() {
         .insert_one(doc! {"_id": 3, "email": SECRET_VALUE})
         .await
         .unwrap();
-    customers.delete_one(doc! {"_id": 1}).await.unwrap();
     wait_until("two dead letters", Duration::from_secs(30), || async {
         d.metric("mongo_syncd_dead_letters_total{namespace=\"shop.customers\"}")
             .await
             >= Some(2.0)
+    })
+    .await;
+    customers.delete_one(doc! {"_id": 1}).await.unwrap();
+    wait_until("the delete is applied", Duration::from_secs(30), || async {
+        d.metric("mongo_syncd_events_applied_total{namespace=\"shop.customers\",op=\"delete\"}")
+            .await
+            >= Some(1.0)
     })
     .await;
     assert_eq!(d.terminate().await, Some(0), "{}", d.logs());
@@ -816,8 +824,9 @@ async fn json_logs_parse_and_never_contain_document_contents() {
     let logs = d.logs();
     let mut messages = Vec::new();
     for line in logs.lines().filter(|l| !l.trim().is_empty()) {
-        let v: serde_json::Value = serde_json::from_str(line)
-            .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| {
+            panic!("log line is not JSON ({e}): {line}\n--- whole log:\n{logs}")
+        });
         assert!(
             v["level"].is_string() && v["timestamp"].is_string(),
             "{line}"

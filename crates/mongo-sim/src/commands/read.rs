@@ -571,11 +571,17 @@ pub fn list_databases(ctx: &Ctx<'_>) -> CommandResult<Document> {
         names.sort();
         names.dedup();
         for name in names {
-            let size = db_size(cat, &name).max(if cat.dbs.contains_key(&name) {
-                4096
+            // Sizes touch every document: only compute them when the reply or filter needs them
+            // (drivers' list_database_names sends nameOnly).
+            let size = if name_only && filter.is_none() {
+                0
             } else {
-                8192
-            });
+                db_size(cat, &name).max(if cat.dbs.contains_key(&name) {
+                    4096
+                } else {
+                    8192
+                })
+            };
             let entry = if name_only {
                 doc! {"name": name.clone()}
             } else {

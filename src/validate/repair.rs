@@ -1,0 +1,147 @@
+//! Repair of one `_id` range, run by the namespace worker between two batches (DESIGN §2.8):
+//! apply is paused at position P (the worker's `applied_through`; nothing is in flight between
+//! batches), the source range is read with `afterClusterTime ≥ P` in chunks of at most
+//! [`RANGE_MAX_DOCS`] documents, source documents are upserted and destination documents the
+//! source does not have are deleted, and the stream then resumes from P. Events after P that
+//! the stream re-applies are replays of what the repair wrote (`replay_until` moves past the
+//! repair), so the two cannot race.
+
+use std::collections::HashSet;
+
+use bson::{Bson, Timestamp};
+use tokio::sync::oneshot;
+
+use super::{
+    digest::IdKey,
+    scan::{self, Side},
+    throttle::Throttle,
+};
+use crate::{
+    apply::Applier,
+    checkpoint::Checkpoint,
+    error::{ErrorKind, SyncError},
+    event::ts_max,
+    worker::{WorkerContext, RANGE_MAX_DOCS},
+};
+
+/// A request to re-copy `[lower, upper)` (`None` = MinKey / MaxKey).
+pub struct RepairRequest {
+    pub lower: Option<Bson>,
+    pub upper: Option<Bson>,
+    pub reply: oneshot::Sender<Result<RepairDone, String>>,
+}
+
+impl std::fmt::Debug for RepairRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // No _id values in debug output (they may end up in logs).
+        f.debug_struct("RepairRequest")
+            .field("bounded_below", &self.lower.is_some())
+            .field("bounded_above", &self.upper.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a repair wrote.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RepairDone {
+    pub upserted: u64,
+    pub deleted: u64,
+    /// P: where apply was paused.
+    pub paused_at: Option<Timestamp>,
+}
+
+/// Handles a [`RepairRequest`] inside the worker's streaming loop. A failed repair is reported
+/// to the requester; the stream goes on (its own failures surface on their own).
+pub async fn handle(
+    ctx: &WorkerContext,
+    applier: &Applier,
+    cp: &mut Checkpoint,
+    request: RepairRequest,
+) {
+    if request.reply.is_closed() {
+        // The validator gave up waiting (shutdown, timeout): nothing to do.
+        return;
+    }
+    let result = repair_range(
+        ctx,
+        applier,
+        cp,
+        request.lower.as_ref(),
+        request.upper.as_ref(),
+    )
+    .await;
+    if let Err(e) = &result {
+        tracing::warn!(namespace = %ctx.label(), error = %e, "repair of a validation range failed");
+    }
+    let _ = request.reply.send(result.map_err(|e| e.to_string()));
+}
+
+async fn repair_range(
+    ctx: &WorkerContext,
+    applier: &Applier,
+    cp: &mut Checkpoint,
+    lower: Option<&Bson>,
+    upper: Option<&Bson>,
+) -> Result<RepairDone, SyncError> {
+    let paused_at = cp.applied_through;
+    let source = Side::source(
+        ctx.source.client(),
+        &ctx.ns,
+        &ctx.options,
+        ctx.source.op_timeout(),
+    );
+    let dest = Side::destination(
+        &ctx.dest,
+        &ctx.target,
+        &ctx.options,
+        ctx.settings.destination_timeout,
+    );
+    // Apply is paused while this runs: it is not throttled, so lag stays short.
+    let unthrottled = Throttle::new(0);
+    let mut done = RepairDone {
+        paused_at,
+        ..RepairDone::default()
+    };
+    let mut from = lower.cloned();
+    loop {
+        let (docs, next) = scan::read_range(
+            &source,
+            from.as_ref(),
+            upper,
+            RANGE_MAX_DOCS,
+            paused_at,
+            &unthrottled,
+        )
+        .await?;
+        let (written, _dead_lettered) = applier.upsert_documents(&docs).await?;
+        done.upserted += written;
+        let present: HashSet<IdKey> =
+            docs.iter()
+                .map(|d| {
+                    d.get("_id").ok().flatten().map(IdKey::of).ok_or_else(|| {
+                        SyncError::new(ErrorKind::SourceRead, "a document without _id")
+                    })
+                })
+                .collect::<Result<_, _>>()?;
+        let chunk_upper = next.as_ref().or(upper);
+        let extras: Vec<Bson> = scan::ids_in_range(&dest, from.as_ref(), chunk_upper, &unthrottled)
+            .await?
+            .into_iter()
+            .filter(|id| !present.contains(&IdKey::of_bson(id)))
+            .collect();
+        if !extras.is_empty() {
+            done.deleted += applier.delete_ids(&extras).await?;
+        }
+        match next {
+            Some(n) => from = Some(n),
+            None => break,
+        }
+    }
+    let end = ctx.source.cluster_time().await?;
+    cp.replay_until = Some(match cp.replay_until {
+        Some(prev) => ts_max(prev, end),
+        None => end,
+    });
+    ctx.checkpoints.save(&ctx.key(), cp).await?;
+    Ok(done)
+}
