@@ -133,10 +133,10 @@ pub async fn run(options: DemoOptions) -> ExitCode {
     let style = Style {
         tty: std::io::stdout().is_terminal(),
     };
-    // The progress display is the demo's voice; the daemon's own log keeps to warnings unless
-    // RUST_LOG asks for more.
+    // The progress display is the demo's voice; the daemon's own log keeps to warnings (the
+    // embedded simulators' connection chatter to errors) unless RUST_LOG asks for more.
     if let Some(handle) = &options.log_reload {
-        let _ = handle.set_level("warn");
+        let _ = handle.set_level("warn,mongo_sim=error");
     }
     let interrupted = CancellationToken::new();
     spawn_interrupt_listener(interrupted.clone());
