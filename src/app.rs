@@ -80,11 +80,8 @@ pub async fn validate(config: Config, options: ValidateOptions) -> ExitCode {
 }
 
 /// `mongo-syncd demo`: two simulators, sample data, live writes, synced.
-#[allow(clippy::unused_async, reason = "filled in by the demo module")]
 pub async fn demo(options: DemoOptions) -> ExitCode {
-    let _ = options;
-    tracing::error!(command = "demo", "not wired yet");
-    ExitCode::from(exit::RUNTIME_FAILURE)
+    crate::demo::run(options).await
 }
 
 fn exit_code_for(err: &SyncError) -> u8 {
@@ -187,131 +184,157 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
             return exit_code_for(&e);
         }
     };
-    let source = Source::new(source_client, config.source.socket_timeout());
-    let source_hosts = status.source_hosts.read().clone();
-    let dest_hosts = status.destination_hosts.read().clone();
-    let identity = match wait_for("source", &source_hosts, &shutdown, || source.identity()).await {
-        Ok(Some(id)) => id,
-        Ok(None) => return exit::OK,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot use the source");
-            return exit_code_for(&e);
-        }
-    };
-    status.set_source_connected(true);
-    metrics.set_source_connected(true);
-    match source.detect_features().await {
-        Ok(version) => {
-            tracing::info!(version = %version, source = %identity.describe(), "source connected")
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read the source version; large events will not be split")
-        }
-    }
-    let dest_ping = || async {
-        dest_client
-            .database("admin")
-            .run_command(bson::doc! {"ping": 1})
-            .await
-            .map(|_| ())
-            .map_err(|e| {
-                SyncError::mongo(
-                    ErrorKind::DestinationConnection,
-                    "pinging the destination",
-                    e,
-                )
-            })
-    };
-    match wait_for("destination", &dest_hosts, &shutdown, dest_ping).await {
-        Ok(Some(())) => {}
-        Ok(None) => return exit::OK,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot use the destination");
-            return exit_code_for(&e);
-        }
-    }
-    status.set_destination_connected(true);
-    metrics.set_destination_connected(true);
-
-    let metadata_db = dest_client.database(&config.checkpoint.database);
-    let checkpoints = CheckpointStore::new(&metadata_db);
-    let metadata = Metadata::new(&metadata_db);
-    match metadata
-        .check_identity(&config.sync.id, &identity, options.reset_identity)
-        .await
-    {
-        Ok(IdentityCheck::Recorded) => {
-            tracing::info!(source = %identity.describe(), "source identity recorded")
-        }
-        Ok(IdentityCheck::Matches) => {}
-        Ok(IdentityCheck::Reset) => {
-            tracing::warn!(source = %identity.describe(), "source identity reset; discarding checkpoints and re-copying");
-            if let Err(e) = checkpoints.delete_all(&config.sync.id).await {
-                tracing::error!(error = %e, "cannot discard checkpoints");
-                return exit_code_for(&e);
+    // Every exit path below ends with the clients shut down explicitly: a client dropped
+    // while the runtime stops would end its sessions from a task that may panic (driver).
+    let closing = (source_client.clone(), dest_client.clone());
+    let code = 'run: {
+        let source = Source::new(source_client, config.source.socket_timeout());
+        let source_hosts = status.source_hosts.read().clone();
+        let dest_hosts = status.destination_hosts.read().clone();
+        let identity =
+            match wait_for("source", &source_hosts, &shutdown, || source.identity()).await {
+                Ok(Some(id)) => id,
+                Ok(None) => break 'run exit::OK,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot use the source");
+                    break 'run exit_code_for(&e);
+                }
+            };
+        status.set_source_connected(true);
+        metrics.set_source_connected(true);
+        match source.detect_features().await {
+            Ok(version) => {
+                tracing::info!(version = %version, source = %identity.describe(), "source connected")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the source version; large events will not be split")
             }
         }
-        Err(e) => {
-            tracing::error!(error = %e, "refusing to start");
-            return exit_code_for(&e);
+        let dest_ping = || async {
+            dest_client
+                .database("admin")
+                .run_command(bson::doc! {"ping": 1})
+                .await
+                .map(|_| ())
+                .map_err(|e| {
+                    SyncError::mongo(
+                        ErrorKind::DestinationConnection,
+                        "pinging the destination",
+                        e,
+                    )
+                })
+        };
+        match wait_for("destination", &dest_hosts, &shutdown, dest_ping).await {
+            Ok(Some(())) => {}
+            Ok(None) => break 'run exit::OK,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot use the destination");
+                break 'run exit_code_for(&e);
+            }
         }
-    }
+        status.set_destination_connected(true);
+        metrics.set_destination_connected(true);
 
-    let pipeline = Pipeline {
-        source,
-        dest: dest_client,
-        checkpoints,
-        metadata,
-        metrics: metrics.clone(),
-        status: Arc::clone(&status),
-    };
-    let config = Arc::new(config);
-    let supervisor = Supervisor::new(Arc::clone(&config), pipeline);
-    let sup_heartbeat = Arc::clone(&supervisor.heartbeat);
-    // The supervisor's own heartbeat drives /healthz and the watchdog.
-    let beat_cancel = CancellationToken::new();
-    {
-        let (from, to, cancel) = (
-            Arc::clone(&sup_heartbeat),
-            Arc::clone(&heartbeat),
-            beat_cancel.clone(),
-        );
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(500));
-            loop {
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tick.tick() => to.store(from.load(std::sync::atomic::Ordering::Relaxed), std::sync::atomic::Ordering::Relaxed),
+        let metadata_db = dest_client.database(&config.checkpoint.database);
+        let checkpoints = CheckpointStore::new(&metadata_db);
+        let metadata = Metadata::new(&metadata_db);
+        match metadata
+            .check_identity(&config.sync.id, &identity, options.reset_identity)
+            .await
+        {
+            Ok(IdentityCheck::Recorded) => {
+                tracing::info!(source = %identity.describe(), "source identity recorded")
+            }
+            Ok(IdentityCheck::Matches) => {}
+            Ok(IdentityCheck::Reset) => {
+                tracing::warn!(source = %identity.describe(), "source identity reset; discarding checkpoints and re-copying");
+                if let Err(e) = checkpoints.delete_all(&config.sync.id).await {
+                    tracing::error!(error = %e, "cannot discard checkpoints");
+                    break 'run exit_code_for(&e);
                 }
             }
-        });
-    }
-    let _stop_beat = beat_cancel.clone().drop_guard();
-    notify::spawn_watchdog(
-        Arc::clone(&heartbeat),
-        Arc::clone(&status),
-        beat_cancel.clone(),
-    );
-    notify::ready("connected; starting workers");
-    tracing::info!(http = %http_addr, sync_id = %config.sync.id, "running");
-    if let Some(tx) = options.on_ready {
-        let _ = tx.send(RunningDaemon {
+            Err(e) => {
+                tracing::error!(error = %e, "refusing to start");
+                break 'run exit_code_for(&e);
+            }
+        }
+
+        let pipeline = Pipeline {
+            source,
+            dest: dest_client,
+            checkpoints,
+            metadata,
             metrics: metrics.clone(),
             status: Arc::clone(&status),
-            control: control_tx.clone(),
-            http_addr,
+        };
+        let config = Arc::new(config);
+        let supervisor = Supervisor::new(Arc::clone(&config), pipeline);
+        let sup_heartbeat = Arc::clone(&supervisor.heartbeat);
+        // The supervisor's own heartbeat drives /healthz and the watchdog.
+        let beat_cancel = CancellationToken::new();
+        {
+            let (from, to, cancel) = (
+                Arc::clone(&sup_heartbeat),
+                Arc::clone(&heartbeat),
+                beat_cancel.clone(),
+            );
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(500));
+                loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tick.tick() => to.store(from.load(std::sync::atomic::Ordering::Relaxed), std::sync::atomic::Ordering::Relaxed),
+                    }
+                }
+            });
+        }
+        let _stop_beat = beat_cancel.clone().drop_guard();
+        notify::spawn_watchdog(
+            Arc::clone(&heartbeat),
+            Arc::clone(&status),
+            beat_cancel.clone(),
+        );
+        crate::telemetry::spawn_progress_log(Arc::clone(&status), beat_cancel.clone());
+        notify::ready("connected; starting workers");
+        tracing::info!(http = %http_addr, sync_id = %config.sync.id, "running");
+        if let Some(tx) = options.on_ready {
+            let _ = tx.send(RunningDaemon {
+                metrics: metrics.clone(),
+                status: Arc::clone(&status),
+                control: control_tx.clone(),
+                http_addr,
+            });
+        }
+        let stopping = shutdown.clone();
+        tokio::spawn(async move {
+            stopping.cancelled().await;
+            notify::stopping();
         });
-    }
-    let stopping = shutdown.clone();
-    tokio::spawn(async move {
-        stopping.cancelled().await;
-        notify::stopping();
-    });
-    let code = supervisor.run(control_rx, shutdown.clone()).await;
-    if code == exit::OK {
-        tracing::info!("stopped cleanly");
-    }
+        let code = supervisor.run(control_rx, shutdown.clone()).await;
+        if code == exit::OK {
+            tracing::info!("stopped cleanly");
+        }
+        code
+    };
+    close_clients(closing).await;
     code
+}
+
+/// Shuts both clients down (sessions ended, pools closed) within a few seconds, so nothing of
+/// the driver is left running when the runtime stops.
+async fn close_clients((source, dest): (Client, Client)) {
+    let both = async {
+        tokio::join!(
+            source.shutdown().immediate(true),
+            dest.shutdown().immediate(true)
+        )
+    };
+    if tokio::time::timeout(Duration::from_secs(5), both)
+        .await
+        .is_err()
+    {
+        tracing::debug!("closing the MongoDB clients timed out");
+    }
 }
 
 async fn build_clients(config: &Config) -> Result<(Client, Client), SyncError> {

@@ -66,6 +66,28 @@ fn error(status: StatusCode, message: &str) -> Response {
     (status, Json(json!({"error": message}))).into_response()
 }
 
+/// A refused request: answered as `{"error": message}` with `status`.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        error(self.status, &self.message)
+    }
+}
+
 pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
@@ -138,10 +160,9 @@ async fn status(State(s): State<HttpState>) -> Response {
 }
 
 /// Checks `Authorization: Bearer <token>`; constant-time comparison.
-#[allow(clippy::result_large_err, reason = "the error is the response to send")]
-fn authorize(s: &HttpState, headers: &HeaderMap) -> Result<(), Response> {
+fn authorize(s: &HttpState, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(expected) = &s.token else {
-        return Err(error(
+        return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "mutating endpoints are disabled: set http.token or http.token_file",
         ));
@@ -158,7 +179,7 @@ fn authorize(s: &HttpState, headers: &HeaderMap) -> Result<(), Response> {
             .fold(0u8, |acc, (a, b)| acc | (a ^ b))
             == 0;
     if !equal {
-        return Err(error(
+        return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "missing or wrong bearer token",
         ));
@@ -167,24 +188,19 @@ fn authorize(s: &HttpState, headers: &HeaderMap) -> Result<(), Response> {
 }
 
 /// `{"namespaces": ["db.coll", ...]}` (optional; empty body = all namespaces).
-#[allow(clippy::result_large_err, reason = "the error is the response to send")]
-fn parse_namespaces(body: &Bytes) -> Result<Vec<String>, Response> {
+fn parse_namespaces(body: &Bytes) -> Result<Vec<String>, ApiError> {
     if body.iter().all(|b| b.is_ascii_whitespace()) {
         return Ok(Vec::new());
     }
-    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
-        error(
-            StatusCode::BAD_REQUEST,
-            &format!("malformed JSON body: {e}"),
-        )
-    })?;
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("malformed JSON body: {e}")))?;
     let obj = value
         .as_object()
-        .ok_or_else(|| error(StatusCode::BAD_REQUEST, "the body must be a JSON object"))?;
+        .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "the body must be a JSON object"))?;
     if let Some(k) = obj.keys().find(|k| *k != "namespaces") {
-        return Err(error(
+        return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
-            &format!("unknown field {k:?}"),
+            format!("unknown field {k:?}"),
         ));
     }
     match obj.get("namespaces") {
@@ -193,13 +209,13 @@ fn parse_namespaces(body: &Bytes) -> Result<Vec<String>, Response> {
             .iter()
             .map(|i| match i.as_str() {
                 Some(ns) if ns.contains('.') => Ok(ns.to_string()),
-                _ => Err(error(
+                _ => Err(ApiError::new(
                     StatusCode::BAD_REQUEST,
                     "namespaces must be strings of the form \"db.collection\"",
                 )),
             })
             .collect(),
-        Some(_) => Err(error(
+        Some(_) => Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "namespaces must be an array",
         )),
@@ -207,12 +223,12 @@ fn parse_namespaces(body: &Bytes) -> Result<Vec<String>, Response> {
 }
 
 async fn force_sync(State(s): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(r) = authorize(&s, &headers) {
-        return r;
+    if let Err(e) = authorize(&s, &headers) {
+        return e.into_response();
     }
     let namespaces = match parse_namespaces(&body) {
         Ok(n) => n,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     if s.control
         .send(Control::ForceSync {
@@ -235,12 +251,12 @@ async fn force_sync(State(s): State<HttpState>, headers: HeaderMap, body: Bytes)
 }
 
 async fn validate(State(s): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(r) = authorize(&s, &headers) {
-        return r;
+    if let Err(e) = authorize(&s, &headers) {
+        return e.into_response();
     }
     let namespaces = match parse_namespaces(&body) {
         Ok(n) => n,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     if s.control
         .send(Control::Validate {

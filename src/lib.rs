@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod conflict;
+pub mod demo;
 pub mod error;
 pub mod event;
 pub mod exit;

@@ -76,6 +76,9 @@ pub struct StatusRegistry {
     source_contact_ms: AtomicU64,
     source_connected: AtomicBool,
     destination_connected: AtomicBool,
+    /// Set once the supervisor has listed the source's namespaces (until then, zero namespaces
+    /// means "not known yet", not "nothing to do").
+    discovered: AtomicBool,
     /// Hosts of the source and destination, credentials removed.
     pub source_hosts: RwLock<String>,
     pub destination_hosts: RwLock<String>,
@@ -90,6 +93,7 @@ impl Default for StatusRegistry {
             source_contact_ms: AtomicU64::new(0),
             source_connected: AtomicBool::new(false),
             destination_connected: AtomicBool::new(false),
+            discovered: AtomicBool::new(false),
             source_hosts: RwLock::new(String::new()),
             destination_hosts: RwLock::new(String::new()),
         }
@@ -180,6 +184,15 @@ impl StatusRegistry {
         self.destination_connected.store(v, Ordering::Relaxed);
     }
 
+    /// The supervisor listed the source's namespaces at least once.
+    pub fn set_discovered(&self) {
+        self.discovered.store(true, Ordering::Relaxed);
+    }
+
+    pub fn discovered(&self) -> bool {
+        self.discovered.load(Ordering::Relaxed)
+    }
+
     pub fn source_connected(&self) -> bool {
         self.source_connected.load(Ordering::Relaxed)
     }
@@ -215,6 +228,9 @@ impl StatusRegistry {
         }
         if !self.destination_connected() {
             reasons.push("destination unreachable".to_string());
+        }
+        if !self.discovered() {
+            reasons.push("source namespaces not listed yet".to_string());
         }
         for (ns, s) in self.namespaces.read().iter() {
             match s.state {
@@ -333,6 +349,9 @@ mod tests {
         let s = StatusRegistry::default();
         s.set_source_connected(true);
         s.set_destination_connected(true);
+        assert_eq!(s.not_ready_reasons(30.0).len(), 1, "nothing listed yet");
+        s.set_discovered();
+        assert!(s.not_ready_reasons(30.0).is_empty());
         s.register("d.a", "d.a");
         s.register("d.b", "d.b");
         s.update("d.a", |n| n.state = WorkerState::Streaming);

@@ -9,6 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use bson::Timestamp;
 use futures::FutureExt;
 use mongodb::Client;
 use tokio::sync::mpsc;
@@ -31,6 +32,12 @@ use crate::{
 pub const DISCOVERY_INTERVAL: Duration = Duration::from_secs(2);
 /// How often the source's cluster time is sampled (DESIGN §2.9: every 5 s).
 pub const CLUSTER_TIME_INTERVAL: Duration = Duration::from_secs(5);
+/// Bound on the cluster-time and destination pings: an unreachable cluster reads as
+/// disconnected after this long, not after `serverSelectionTimeoutMS`.
+pub const SUPERVISOR_IO_TIMEOUT: Duration = Duration::from_secs(3);
+/// Bound on one listing of the source's namespaces (several round trips on a large deployment).
+/// Listings run beside the supervisor loop; only a reload waits for one.
+pub const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(10);
 /// After this many consecutive history-lost re-copies a namespace is parked.
 pub const MAX_HISTORY_LOST_RECOPIES: u32 = 2;
 
@@ -118,6 +125,19 @@ pub fn worker_settings(config: &Config) -> WorkerSettings {
     }
 }
 
+/// The class of an error for logs (DESIGN §2.2): transient, history_lost, document, fatal, or
+/// unclassified (parked rather than retried).
+fn error_class(error: &SyncError) -> &'static str {
+    match policy(error) {
+        RetryDirective::Backoff => "transient",
+        RetryDirective::Resync => "history_lost",
+        RetryDirective::Fatal { .. } => "fatal",
+        RetryDirective::Stop => "cancelled",
+        RetryDirective::Park { .. } if error.kind == ErrorKind::DocumentRejected => "document",
+        RetryDirective::Park { .. } => "unclassified",
+    }
+}
+
 fn error_label(kind: ErrorKind) -> ErrorKindLabel {
     match kind {
         ErrorKind::ChangeStreamHistoryLost => ErrorKindLabel::HistoryLost,
@@ -175,6 +195,8 @@ impl Supervisor {
         let mut exit_code = 0u8;
         self.validation
             .start(&self.tracker, self.stop.child_token());
+        let mut listing: Option<tokio::task::JoinHandle<Listing>> = None;
+        let mut probe: Option<tokio::task::JoinHandle<(Result<Timestamp, SyncError>, bool)>> = None;
         loop {
             self.heartbeat.fetch_add(1, Ordering::Relaxed);
             tokio::select! {
@@ -188,16 +210,47 @@ impl Supervisor {
                 },
                 Some(report) = self.reports_rx.recv() => match report {
                     WorkerReport::Fatal { ns, exit_code: code, error } => {
-                        tracing::error!(namespace = %ns, exit_code = code, error = %error, "fatal error; stopping");
+                        tracing::error!(namespace = %ns, class = "fatal", exit_code = code, error = %error, "fatal error; stopping");
                         exit_code = code;
                         break;
                     }
                     WorkerReport::Gone { ns } => self.remove_worker(&ns, false),
                 },
-                _ = discovery.tick() => self.discover().await,
-                _ = clock.tick() => self.sample_cluster_time().await,
+                // Network round trips run in their own tasks: an unreachable cluster never
+                // holds this loop (and with it /healthz and the systemd watchdog).
+                _ = discovery.tick(), if listing.is_none() => {
+                    let source = self.pipeline.source.clone();
+                    listing = Some(tokio::spawn(async move { list_source(&source).await }));
+                }
+                done = async { listing.as_mut().expect("guarded by the branch condition").await }, if listing.is_some() => {
+                    listing = None;
+                    match done {
+                        Ok(found) => self.apply_listing(found),
+                        Err(e) => tracing::error!(error = %e, "listing the source failed unexpectedly"),
+                    }
+                }
+                _ = clock.tick(), if probe.is_none() => {
+                    let (source, dest) = (self.pipeline.source.clone(), self.pipeline.dest.clone());
+                    probe = Some(tokio::spawn(async move { probe_clusters(&source, &dest).await }));
+                }
+                done = async { probe.as_mut().expect("guarded by the branch condition").await }, if probe.is_some() => {
+                    probe = None;
+                    match done {
+                        Ok((source, dest_ok)) => self.apply_probe(source, dest_ok),
+                        Err(e) => tracing::error!(error = %e, "probing the clusters failed unexpectedly"),
+                    }
+                }
                 _ = lag.tick() => self.update_lag(),
             }
+        }
+        for task in [
+            listing.take().map(|t| t.abort_handle()),
+            probe.take().map(|t| t.abort_handle()),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            task.abort();
         }
         self.shutdown().await;
         exit_code
@@ -245,9 +298,10 @@ impl Supervisor {
         );
     }
 
-    async fn sample_cluster_time(&mut self) {
+    /// Records the result of [`probe_clusters`].
+    fn apply_probe(&mut self, source: Result<Timestamp, SyncError>, dest_ok: bool) {
         let status = &self.pipeline.status;
-        match self.pipeline.source.cluster_time().await {
+        match source {
             Ok(ts) => {
                 status.set_source_cluster_time(ts);
                 status.set_source_connected(true);
@@ -264,13 +318,6 @@ impl Supervisor {
                 self.pipeline.metrics.set_source_connected(false);
             }
         }
-        let dest_ok = self
-            .pipeline
-            .dest
-            .database("admin")
-            .run_command(bson::doc! {"ping": 1})
-            .await
-            .is_ok();
         if status.destination_connected() && !dest_ok {
             tracing::warn!("destination unreachable");
         }
@@ -295,7 +342,13 @@ impl Supervisor {
     /// Lists the source and starts workers for new in-scope collections (and for collections
     /// recreated with a new UUID).
     async fn discover(&mut self) {
-        let (collections, skipped) = match self.pipeline.source.list_collections().await {
+        let found = list_source(&self.pipeline.source).await;
+        self.apply_listing(found);
+    }
+
+    /// Starts workers for the namespaces of a listing (see [`Supervisor::discover`]).
+    fn apply_listing(&mut self, found: Listing) {
+        let (collections, skipped) = match found {
             Ok(found) => found,
             Err(e) => {
                 tracing::warn!(error = %e, "could not list source collections; retrying");
@@ -321,6 +374,8 @@ impl Supervisor {
                 None => self.spawn_worker(coll),
             }
         }
+        // After the workers are registered: /readyz never sees "listed, but nothing to sync".
+        self.pipeline.status.set_discovered();
     }
 
     fn spawn_worker(&mut self, coll: SourceCollection) {
@@ -475,6 +530,41 @@ impl Supervisor {
     }
 }
 
+/// The source's collections, or why they could not be listed.
+type Listing = Result<(Vec<SourceCollection>, Vec<(Namespace, String)>), SyncError>;
+
+/// Lists the source's collections within [`DISCOVERY_TIMEOUT`].
+async fn list_source(source: &Source) -> Listing {
+    tokio::time::timeout(DISCOVERY_TIMEOUT, source.list_collections())
+        .await
+        .unwrap_or_else(|_| {
+            Err(SyncError::new(
+                ErrorKind::SourceConnection,
+                "listing the source's collections timed out",
+            ))
+        })
+}
+
+/// The source's cluster time and whether the destination answers a ping, each within
+/// [`SUPERVISOR_IO_TIMEOUT`].
+async fn probe_clusters(source: &Source, dest: &Client) -> (Result<Timestamp, SyncError>, bool) {
+    let admin = dest.database("admin");
+    let (source, dest) = tokio::join!(
+        tokio::time::timeout(SUPERVISOR_IO_TIMEOUT, source.cluster_time()),
+        tokio::time::timeout(
+            SUPERVISOR_IO_TIMEOUT,
+            admin.run_command(bson::doc! {"ping": 1}),
+        ),
+    );
+    let source = source.unwrap_or_else(|_| {
+        Err(SyncError::new(
+            ErrorKind::SourceConnection,
+            "no answer to a ping within the supervisor's timeout",
+        ))
+    });
+    (source, dest.is_ok_and(|r| r.is_ok()))
+}
+
 /// Restart policy of one runner.
 #[derive(Debug, Clone, Copy)]
 struct SupervisionPolicy {
@@ -586,7 +676,7 @@ async fn supervise_worker(
                     ))
                 } else {
                     history_lost_streak += 1;
-                    tracing::warn!(namespace = %label, error = %error, streak = history_lost_streak, "change stream history lost; re-copying the namespace");
+                    tracing::warn!(namespace = %label, class = "history_lost", kind = error.kind.as_str(), error = %error, streak = history_lost_streak, "change stream history lost; re-copying the namespace");
                     recopy = true;
                     ctx.metrics.worker_restart(&label);
                     ctx.status.update(&label, |s| s.restarts += 1);
@@ -601,7 +691,7 @@ async fn supervise_worker(
                         format!("the worker failed {failures} times in a row; last error: {error}; fix the cause, then force-sync or reload"),
                     ))
                 } else {
-                    tracing::warn!(namespace = %label, error = %error, attempt = failures, "worker failed; restarting after backoff");
+                    tracing::warn!(namespace = %label, class = "transient", kind = error.kind.as_str(), error = %error, attempt = failures, "worker failed; restarting after backoff");
                     ctx.set_state_public(WorkerState::Backoff);
                     ctx.metrics.worker_restart(&label);
                     ctx.status.update(&label, |s| s.restarts += 1);
@@ -615,7 +705,7 @@ async fn supervise_worker(
             RetryDirective::Park { reason, solution } => Some((reason.to_string(), solution)),
         };
         if let Some((reason, solution)) = park_reason {
-            tracing::error!(namespace = %label, reason = %reason, error = %error, solution = %solution, "worker parked");
+            tracing::error!(namespace = %label, class = error_class(&error), kind = error.kind.as_str(), reason = %reason, error = %error, solution = %solution, "worker parked");
             ctx.set_state_public(WorkerState::Parked);
             ctx.status
                 .update(&label, |s| s.parked_reason = Some(reason.clone()));

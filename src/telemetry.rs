@@ -121,6 +121,82 @@ pub fn init(cfg: &LogConfig) -> Result<LogReloadHandle, TelemetryError> {
     })
 }
 
+/// How often a namespace that is copying gets a progress line.
+pub const COPY_PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+/// How often a streaming namespace gets a progress line.
+pub const STREAM_PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+/// How often a parked namespace is reported again.
+pub const PARKED_REMINDER_EVERY: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Logs one periodic progress line per namespace: every [`COPY_PROGRESS_EVERY`] while it
+/// copies (copied/estimated), every [`STREAM_PROGRESS_EVERY`] while it streams (events applied,
+/// lag, applied-through), every [`PARKED_REMINDER_EVERY`] while it is parked. Counts only: never
+/// document contents.
+pub fn spawn_progress_log(
+    status: std::sync::Arc<crate::status::StatusRegistry>,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    use crate::metrics::WorkerState;
+    use std::{collections::HashMap, time::Instant};
+    tokio::spawn(async move {
+        // Per namespace: (state, when the state was entered or last reported, events applied then).
+        let mut last: HashMap<String, (WorkerState, Instant, u64)> = HashMap::new();
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let now = Instant::now();
+            let snapshot = status.snapshot();
+            last.retain(|ns, _| snapshot.contains_key(ns));
+            for (ns, s) in snapshot {
+                let entry = last
+                    .entry(ns.clone())
+                    .or_insert((s.state, now, s.events_applied));
+                if entry.0 != s.state {
+                    *entry = (s.state, now, s.events_applied);
+                    continue;
+                }
+                let every = match s.state {
+                    WorkerState::Copying => COPY_PROGRESS_EVERY,
+                    WorkerState::Streaming => STREAM_PROGRESS_EVERY,
+                    WorkerState::Parked => PARKED_REMINDER_EVERY,
+                    WorkerState::Backoff | WorkerState::Stopped => continue,
+                };
+                if now.duration_since(entry.1) < every {
+                    continue;
+                }
+                let since = s.events_applied.saturating_sub(entry.2);
+                match s.state {
+                    WorkerState::Copying => tracing::info!(
+                        namespace = %ns,
+                        copied = s.copied,
+                        estimated = s.copy_estimate,
+                        lag_seconds = s.lag_seconds,
+                        "copy progress"
+                    ),
+                    WorkerState::Streaming => tracing::info!(
+                        namespace = %ns,
+                        events_applied = s.events_applied,
+                        events_applied_since_last = since,
+                        interval_s = every.as_secs(),
+                        lag_seconds = s.lag_seconds,
+                        applied_through = s.applied_through.map(|t| t.time).unwrap_or(0),
+                        "streaming progress"
+                    ),
+                    _ => tracing::warn!(
+                        namespace = %ns,
+                        reason = s.parked_reason.as_deref().unwrap_or("unknown"),
+                        "still parked; force-sync or reload to restart it"
+                    ),
+                }
+                *entry = (s.state, now, s.events_applied);
+            }
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -143,13 +143,20 @@ impl WorkerContext {
     }
 
     fn set_state(&self, state: WorkerState) {
-        self.metrics.set_worker_state(&self.label(), state);
-        self.status.update(&self.label(), |s| {
+        let label = self.label();
+        self.metrics.set_worker_state(&label, state);
+        let mut previous = None;
+        self.status.update(&label, |s| {
+            previous = Some(s.state);
             s.state = state;
             if state != WorkerState::Parked {
                 s.parked_reason = None;
             }
         });
+        // One event per state change (the parked reason is logged where the worker parks).
+        if let Some(from) = previous.filter(|p| *p != state) {
+            tracing::info!(namespace = %label, from = from.as_str(), to = state.as_str(), "worker state changed");
+        }
     }
 
     fn made_progress(&self) {
@@ -471,7 +478,6 @@ async fn initial_copy(
     let applier = ctx.applier();
     let mut lower = cp.copy.last_range.clone();
     let started = Instant::now();
-    let mut last_log = Instant::now();
     while !cp.copy.done {
         if stop.is_cancelled() {
             return Err(cancelled());
@@ -485,10 +491,6 @@ async fn initial_copy(
         ctx.metrics.copied(&label, written);
         ctx.status
             .update(&label, |s| s.copied = cp.copy.copied.max(0) as u64);
-        if last_log.elapsed() > Duration::from_secs(10) {
-            tracing::info!(namespace = %label, copied = cp.copy.copied, estimated = estimate, "initial copy progress");
-            last_log = Instant::now();
-        }
         lower = next;
     }
     create_indexes(ctx, cp, false).await?;

@@ -2,7 +2,7 @@
 """Checks every PromQL query of a Grafana dashboard against a real Prometheus (stdlib only).
 
     dashboard-queries.py DASHBOARD_JSON PROM_URL [--require-data] [--metrics-url URL]
-                         [--allow-empty METRIC ...] [--namespace REGEX]
+                         [--allow-empty METRIC ...] [--names-from FILE] [--namespace REGEX]
 
 - Walks every panel, including panels nested in collapsed rows, and every `expr` of their
   targets. It also checks the `label_values(metric, label)` queries of template variables.
@@ -15,7 +15,11 @@
   configured).
 - With --metrics-url, it reads the daemon's /metrics and fails on any mongo_syncd_* name in
   an expr that the daemon does not export. Histogram _bucket/_sum/_count series count by
-  their family name.
+  their family name. A family has no line at all until its first sample (a validation gauge
+  before the first validation), so names given with --allow-empty may be absent from the live
+  exposition, provided they are in --names-from.
+- With --names-from (the daemon's metric-name constants, src/metrics/mod.rs), every
+  mongo_syncd_* name in an expr must be one of the names that file spells.
 - Checks statically that every panel and target uses the ${datasource} variable.
 
 Exit status 0 when everything passed, 1 otherwise.
@@ -101,6 +105,11 @@ def main() -> int:
         metavar="METRIC",
         help="with --require-data, allow no data for queries using only these metrics; repeatable",
     )
+    parser.add_argument(
+        "--names-from",
+        metavar="FILE",
+        help="source file whose \"mongo_syncd_...\" string literals are every name the daemon can export",
+    )
     parser.add_argument("--namespace", default=".*", help="value for $namespace (default .*)")
     parser.add_argument("--rate-interval", default="1m", help="value for $__rate_interval (default 1m)")
     parser.add_argument("--interval", default="15s", help="value for $__interval (default 15s)")
@@ -130,15 +139,30 @@ def main() -> int:
         exported = exported_names(args.metrics_url)
         print(f"--    {args.metrics_url}: {len(exported)} names exported")
 
+    known: set[str] | None = None
+    if args.names_from:
+        with open(args.names_from, encoding="utf-8") as f:
+            known = set(re.findall(r'"(mongo_syncd_[a-z0-9_]+)"', f.read()))
+        print(f"--    {args.names_from}: {len(known)} metric names declared")
+        for name in args.allow_empty:
+            if name not in known:
+                fail(f"--allow-empty {name}: not a name the daemon declares")
+
+    def family_of(name: str, names: set[str]) -> str:
+        for suffix in HISTOGRAM_SUFFIXES:
+            if name.endswith(suffix) and name[: -len(suffix)] in names:
+                return name[: -len(suffix)]
+        return name
+
     def check_names(where: str, expr: str) -> list[str]:
         names = sorted(set(METRIC_RE.findall(expr)))
-        if exported is not None:
-            for name in names:
-                family = name
-                for suffix in HISTOGRAM_SUFFIXES:
-                    if name.endswith(suffix) and name[: -len(suffix)] in exported:
-                        family = name[: -len(suffix)]
-                if name not in exported and family not in exported:
+        for name in names:
+            if known is not None and family_of(name, known) not in known:
+                fail(f"[{where}] {name} is not a metric the daemon declares ({args.names_from})")
+            if exported is not None and family_of(name, exported) not in exported:
+                if name in args.allow_empty and known is not None and name in known:
+                    print(f"--    [{where}] {name}: no samples yet (allowed empty)")
+                else:
                     fail(f"[{where}] {name} is not exported by the daemon")
         return names
 

@@ -449,8 +449,13 @@ impl Metrics {
     /// Runs `f` with the label value of `ns`, registering (and pre-initialising) it if new. The
     /// table lock is held throughout so that a concurrent `remove_namespace` cannot leave a
     /// stale series behind.
-    fn with_ns<R>(&self, ns: &str, f: impl FnOnce(&str, &mut NamespaceTable) -> R) -> R {
+    /// Runs `f` with the label of `ns` (registering it if needed); `None`, without running
+    /// `f`, for a namespace removed by [`remove_namespace`](Self::remove_namespace).
+    fn with_ns<R>(&self, ns: &str, f: impl FnOnce(&str, &mut NamespaceTable) -> R) -> Option<R> {
         let mut table = self.table.lock();
+        if table.is_retired(ns) {
+            return None;
+        }
         let lookup = table.lookup(ns);
         let label = match lookup.slot {
             Slot::Own => ns,
@@ -460,7 +465,7 @@ impl Metrics {
             self.ns.pre_initialise(label);
             table.update(ns, |g| g.state = Some(WorkerState::Stopped));
         }
-        f(label, &mut table)
+        Some(f(label, &mut table))
     }
 
     fn update_gauges(&self, ns: &str, f: impl FnOnce(&mut namespaces::NsGauges)) {
@@ -472,8 +477,10 @@ impl Metrics {
     /// Makes a namespace known: its counters exist at 0 (events by op, errors by kind, validation
     /// runs by result, ...) and its `worker_state` is `stopped` until the worker reports. Every
     /// other method registers an unknown namespace implicitly; calling this first is what makes
-    /// dashboards show 0 instead of "no data".
+    /// dashboards show 0 instead of "no data". It is also the only way back for a namespace
+    /// removed by [`remove_namespace`](Self::remove_namespace).
     pub fn register_namespace(&self, ns: &str) {
+        self.table.lock().revive(ns);
         self.with_ns(ns, |_, _| ());
     }
 

@@ -8,7 +8,7 @@
 //!   sum of queues, oldest recovery point, ...) instead of "whoever wrote last";
 //! - removing a namespace removes its gauges simply by forgetting it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -59,6 +59,10 @@ pub(crate) struct NamespaceTable {
     max_namespaces: usize,
     own: usize,
     entries: HashMap<String, Entry>,
+    /// Namespaces removed because they are no longer synced. Reports about them (a worker
+    /// that is still draining says "stopped") are ignored, so their series do not come back,
+    /// until they are registered again explicitly.
+    retired: HashSet<String>,
 }
 
 /// Result of looking a namespace up, possibly registering it.
@@ -75,7 +79,18 @@ impl NamespaceTable {
             max_namespaces,
             own: 0,
             entries: HashMap::new(),
+            retired: HashSet::new(),
         }
+    }
+
+    /// Whether `ns` was removed and not registered again.
+    pub fn is_retired(&self, ns: &str) -> bool {
+        self.retired.contains(ns)
+    }
+
+    /// Makes a removed namespace reportable again.
+    pub fn revive(&mut self, ns: &str) {
+        self.retired.remove(ns);
     }
 
     /// Finds or registers `ns`. A new namespace gets its own label while fewer than
@@ -115,6 +130,7 @@ impl NamespaceTable {
 
     /// Forgets `ns`. Returns its slot and whether `_other` is now empty.
     pub fn remove(&mut self, ns: &str) -> Option<(Slot, bool)> {
+        self.retired.insert(ns.to_owned());
         let entry = self.entries.remove(ns)?;
         if entry.slot == Slot::Own {
             self.own -= 1;

@@ -476,6 +476,27 @@ fn remove_namespace_removes_every_series() {
 }
 
 #[test]
+fn a_removed_namespace_stays_removed_until_registered_again() {
+    let m = sample_metrics();
+    m.remove_namespace("shop.orders");
+    // A worker that is still draining reports after its namespace was removed.
+    m.set_worker_state("shop.orders", WorkerState::Stopped);
+    m.events_read("shop.orders", 1);
+    m.set_lag("shop.orders", 1.0);
+    let (_, s) = parse(&m.render());
+    assert!(
+        !namespaces_of(&s).contains("shop.orders"),
+        "late reports recreated series"
+    );
+    // Synced again (a reload put it back in scope): registering brings it back at zero.
+    m.register_namespace("shop.orders");
+    m.events_read("shop.orders", 2);
+    let (_, s) = parse(&m.render());
+    let ns = (LABEL_NAMESPACE, "shop.orders");
+    assert_eq!(value(&s, EVENTS_READ_TOTAL, &[ns]), 2.0);
+}
+
+#[test]
 fn removing_the_last_overflow_namespace_removes_other() {
     let m = Metrics::new(1);
     m.register_namespace("a.x");

@@ -111,6 +111,14 @@ impl Daemon {
     /// Writes a config (source/destination URIs, a free HTTP port, `extra` TOML appended) and
     /// starts the daemon.
     pub fn start(clusters: &Clusters, dir: &Path, extra: &str) -> Daemon {
+        let mut d = Self::configure(clusters, dir, extra);
+        d.spawn(&[]);
+        d
+    }
+
+    /// Writes the config like [`Daemon::start`] without starting the process (start it with
+    /// [`Daemon::spawn`] or [`Daemon::spawn_with_env`]).
+    pub fn configure(clusters: &Clusters, dir: &Path, extra: &str) -> Daemon {
         let port = free_port();
         let config = format!(
             "[source]\nuri = \"{}\"\n\n[destination]\nuri = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{port}\"\n{extra}\n{}",
@@ -120,16 +128,14 @@ impl Daemon {
         );
         let config_path = dir.join("mongo-syncd.toml");
         std::fs::write(&config_path, config).unwrap();
-        let mut d = Daemon {
+        Daemon {
             child: None,
             dir: dir.to_path_buf(),
             config_path,
             http: format!("127.0.0.1:{port}").parse().unwrap(),
             log_path: dir.join("daemon-0.log"),
             runs: 0,
-        };
-        d.spawn(&[]);
-        d
+        }
     }
 
     /// Starts the daemon with a config already written to `dir/mongo-syncd.toml`.
@@ -148,6 +154,11 @@ impl Daemon {
 
     /// (Re)starts the process with the same config.
     pub fn spawn(&mut self, extra_args: &[&str]) {
+        self.spawn_with_env(extra_args, &[]);
+    }
+
+    /// (Re)starts the process with the same config and extra environment variables.
+    pub fn spawn_with_env(&mut self, extra_args: &[&str], env: &[(&str, &str)]) {
         self.log_path = self.dir.join(format!("daemon-{}.log", self.runs));
         self.runs += 1;
         let log = std::fs::File::create(&self.log_path).unwrap();
@@ -162,6 +173,7 @@ impl Daemon {
             }
         }
         cmd.env_remove("RUST_LOG").env_remove("NOTIFY_SOCKET");
+        cmd.envs(env.iter().copied());
         cmd.stdout(Stdio::null()).stderr(log);
         self.child = Some(cmd.spawn().expect("daemon starts"));
     }
