@@ -223,48 +223,36 @@ fn parse_namespaces(body: &Bytes) -> Result<Vec<String>, ApiError> {
 }
 
 async fn force_sync(State(s): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(e) = authorize(&s, &headers) {
-        return e.into_response();
-    }
-    let namespaces = match parse_namespaces(&body) {
-        Ok(n) => n,
-        Err(e) => return e.into_response(),
-    };
-    if s.control
-        .send(Control::ForceSync {
-            namespaces: namespaces.clone(),
-            trigger: Trigger::Http,
-        })
-        .await
-        .is_err()
-    {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the daemon is shutting down",
-        );
-    }
-    (
-        StatusCode::ACCEPTED,
-        Json(json!({"accepted": true, "namespaces": namespaces})),
-    )
-        .into_response()
+    submit(&s, &headers, &body, |namespaces| Control::ForceSync {
+        namespaces,
+        trigger: Trigger::Http,
+    })
+    .await
 }
 
 async fn validate(State(s): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(e) = authorize(&s, &headers) {
+    submit(&s, &headers, &body, |namespaces| Control::Validate {
+        namespaces,
+    })
+    .await
+}
+
+/// The shared path of the mutating endpoints: authorize, parse `{"namespaces": [...]}`, hand
+/// the request to the supervisor and answer 202 (the work runs in the background).
+async fn submit(
+    s: &HttpState,
+    headers: &HeaderMap,
+    body: &Bytes,
+    request: impl FnOnce(Vec<String>) -> Control,
+) -> Response {
+    if let Err(e) = authorize(s, headers) {
         return e.into_response();
     }
-    let namespaces = match parse_namespaces(&body) {
+    let namespaces = match parse_namespaces(body) {
         Ok(n) => n,
         Err(e) => return e.into_response(),
     };
-    if s.control
-        .send(Control::Validate {
-            namespaces: namespaces.clone(),
-        })
-        .await
-        .is_err()
-    {
+    if s.control.send(request(namespaces.clone())).await.is_err() {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             "the daemon is shutting down",

@@ -151,17 +151,22 @@ struct NsCounters {
 }
 
 impl NsCounters {
-    /// Series that must exist at zero as soon as a namespace is known, so that `rate()` and
-    /// `increase()` see the first increment and dashboards show 0 rather than "no data".
-    fn pre_initialise(&self, label: &str) {
-        for vec in [
+    /// The counters labelled by namespace alone.
+    fn namespace_only(&self) -> [&IntCounterVec; 6] {
+        [
             &self.events_read,
             &self.writes,
             &self.replay_skipped,
             &self.worker_restarts,
             &self.copied,
             &self.dead_letters,
-        ] {
+        ]
+    }
+
+    /// Series that must exist at zero as soon as a namespace is known, so that `rate()` and
+    /// `increase()` see the first increment and dashboards show 0 rather than "no data".
+    fn pre_initialise(&self, label: &str) {
+        for vec in self.namespace_only() {
             vec.with_label_values(&[label]);
         }
         for op in ApplyOp::ALL {
@@ -178,14 +183,7 @@ impl NsCounters {
 
     /// Deletes every series of `label`. Missing series are not an error.
     fn remove(&self, label: &str) {
-        for vec in [
-            &self.events_read,
-            &self.writes,
-            &self.replay_skipped,
-            &self.worker_restarts,
-            &self.copied,
-            &self.dead_letters,
-        ] {
+        for vec in self.namespace_only() {
             let _ = vec.remove_label_values(&[label]);
         }
         for op in ApplyOp::ALL {
