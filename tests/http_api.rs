@@ -121,14 +121,10 @@ async fn mutating_endpoints_need_the_bearer_token() {
     assert!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["error"].is_string());
 
     // The two accepted force-syncs are counted with trigger="http".
-    wait_until(
-        "force_syncs_total{trigger=http} = 2",
+    d.wait_metric(
+        "mongo_syncd_force_syncs_total{trigger=\"http\"}",
+        2.0,
         Duration::from_secs(10),
-        || async {
-            d.metric("mongo_syncd_force_syncs_total{trigger=\"http\"}")
-                .await
-                == Some(2.0)
-        },
     )
     .await;
 }

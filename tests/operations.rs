@@ -32,22 +32,6 @@ async fn metric(d: &Daemon, series: &str) -> f64 {
     d.metric(series).await.unwrap_or(0.0)
 }
 
-/// Waits until `series` is at least `at_least`.
-async fn wait_metric_at_least(d: &Daemon, series: &str, at_least: f64, timeout: Duration) {
-    let what = format!("{series} >= {at_least}");
-    let started = Instant::now();
-    loop {
-        let v = metric(d, series).await;
-        if v >= at_least {
-            return;
-        }
-        if started.elapsed() > timeout {
-            panic!("timed out after {timeout:?} waiting for {what} (last value {v})");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move_under_a_workload_and_lag_follows_a_blocked_destination() {
     let c = Clusters::start().await;
@@ -91,29 +75,25 @@ async fn metrics_move_under_a_workload_and_lag_follows_a_blocked_destination() {
         orders.delete_one(doc! {"_id": i}).await.unwrap();
     }
     let t = Duration::from_secs(30);
-    wait_metric_at_least(
-        &d,
+    d.wait_metric_at_least(
         &format!("mongo_syncd_events_applied_total{{{ns},op=\"insert\"}}"),
         ins0 + 50.0,
         t,
     )
     .await;
-    wait_metric_at_least(
-        &d,
+    d.wait_metric_at_least(
         &format!("mongo_syncd_events_applied_total{{{ns},op=\"update\"}}"),
         upd0 + 30.0,
         t,
     )
     .await;
-    wait_metric_at_least(
-        &d,
+    d.wait_metric_at_least(
         &format!("mongo_syncd_events_applied_total{{{ns},op=\"delete\"}}"),
         del0 + 20.0,
         t,
     )
     .await;
-    wait_metric_at_least(
-        &d,
+    d.wait_metric_at_least(
         &format!("mongo_syncd_events_read_total{{{ns}}}"),
         read0 + 100.0,
         t,
@@ -121,15 +101,13 @@ async fn metrics_move_under_a_workload_and_lag_follows_a_blocked_destination() {
     .await;
     // Coalescing may fold statements, but each of the 100 events needs a write unless folded
     // into a later one on the same _id (none here): at least one statement per document.
-    wait_metric_at_least(
-        &d,
+    d.wait_metric_at_least(
         &format!("mongo_syncd_writes_total{{{ns}}}"),
         writes0 + 100.0,
         t,
     )
     .await;
-    wait_metric_at_least(
-        &d,
+    d.wait_metric_at_least(
         "mongo_syncd_replication_latency_seconds_count",
         latency0 + 100.0,
         t,
@@ -140,10 +118,7 @@ async fn metrics_move_under_a_workload_and_lag_follows_a_blocked_destination() {
 
     // Idle and caught up: lag is exactly 0 (cluster time, not wall clocks).
     let lag = format!("mongo_syncd_lag_seconds{{{ns}}}");
-    wait_until("lag 0 when idle", t, || async {
-        d.metric(&lag).await == Some(0.0)
-    })
-    .await;
+    d.wait_metric(&lag, 0.0, t).await;
     assert!(metric(&d, "mongo_syncd_source_cluster_time_seconds").await > 1.7e9);
     assert!(
         metric(
@@ -194,12 +169,8 @@ async fn metrics_move_under_a_workload_and_lag_follows_a_blocked_destination() {
     );
     stop.cancel();
     writer.await.unwrap();
-    wait_until(
-        "lag falls back to 0 after the block",
-        Duration::from_secs(40),
-        || async { d.metric(&lag).await == Some(0.0) },
-    )
-    .await;
+    // The lag falls back to 0 after the block.
+    d.wait_metric(&lag, 0.0, Duration::from_secs(40)).await;
     wait_converged(&c, &[ORDERS], t).await;
 
     // A periodic progress line per streaming namespace (every 30 s).
@@ -324,14 +295,10 @@ async fn sigusr1_restarts_a_parked_worker_and_repairs_a_tampered_destination() {
         d.namespace_state("shop.orders").await.as_deref() == Some("parked")
     })
     .await;
-    wait_until(
-        "worker_state{state=parked} = 1",
+    d.wait_metric(
+        "mongo_syncd_worker_state{namespace=\"shop.orders\",state=\"parked\"}",
+        1.0,
         Duration::from_secs(10),
-        || async {
-            d.metric("mongo_syncd_worker_state{namespace=\"shop.orders\",state=\"parked\"}")
-                .await
-                == Some(1.0)
-        },
     )
     .await;
     let (code, body) = d.get("/readyz").await.unwrap();
@@ -437,14 +404,11 @@ async fn sighup_adds_and_removes_namespaces_and_keeps_the_old_config_when_the_ne
     )
     .unwrap();
     d.signal("HUP");
-    wait_until(
-        "the failed reload is counted",
+    // The failed reload is counted.
+    d.wait_metric(
+        "mongo_syncd_config_reloads_total{result=\"failure\"}",
+        1.0,
         Duration::from_secs(10),
-        || async {
-            d.metric("mongo_syncd_config_reloads_total{result=\"failure\"}")
-                .await
-                == Some(1.0)
-        },
     )
     .await;
     assert!(
@@ -639,18 +603,26 @@ impl Drop for NotifySocket {
     }
 }
 
+/// Starts the daemon as systemd would with `Type=notify` and `WatchdogSec`: a notify socket
+/// and `WATCHDOG_USEC`. The temporary directory holds the config and must outlive the daemon.
+fn spawn_under_systemd(
+    c: &Clusters,
+    watchdog: Duration,
+) -> (NotifySocket, tempfile::TempDir, Daemon) {
+    let sock = NotifySocket::bind();
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::configure(c, dir.path(), "[sync]\nnamespaces = [\"shop.*\"]\n");
+    let path = sock.path.to_str().unwrap().to_string();
+    let usec = watchdog.as_micros().to_string();
+    d.spawn_with_env(&[], &[("NOTIFY_SOCKET", &path), ("WATCHDOG_USEC", &usec)]);
+    (sock, dir, d)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn systemd_notify_sequence() {
     let c = Clusters::start().await;
     seed_orders(&c, 50).await;
-    let sock = NotifySocket::bind();
-    let dir = tempfile::tempdir().unwrap();
-    let mut d = Daemon::configure(&c, dir.path(), "[sync]\nnamespaces = [\"shop.*\"]\n");
-    let path = sock.path.to_str().unwrap().to_string();
-    d.spawn_with_env(
-        &[],
-        &[("NOTIFY_SOCKET", &path), ("WATCHDOG_USEC", "1000000")],
-    );
+    let (sock, _dir, mut d) = spawn_under_systemd(&c, Duration::from_secs(1));
     let t = Duration::from_secs(30);
 
     let ready = sock.wait(0, "READY=1", t).await;
@@ -691,14 +663,7 @@ async fn systemd_notify_sequence() {
 async fn the_watchdog_keeps_beating_while_the_source_is_down() {
     let c = Clusters::start().await;
     seed_orders(&c, 50).await;
-    let sock = NotifySocket::bind();
-    let dir = tempfile::tempdir().unwrap();
-    let mut d = Daemon::configure(&c, dir.path(), "[sync]\nnamespaces = [\"shop.*\"]\n");
-    let path = sock.path.to_str().unwrap().to_string();
-    d.spawn_with_env(
-        &[],
-        &[("NOTIFY_SOCKET", &path), ("WATCHDOG_USEC", "2000000")],
-    );
+    let (sock, _dir, mut d) = spawn_under_systemd(&c, Duration::from_secs(2));
     sock.wait(0, "READY=1", Duration::from_secs(30)).await;
     d.wait_streaming("shop.orders").await;
 
@@ -806,18 +771,18 @@ async fn json_logs_parse_and_never_contain_document_contents() {
         .insert_one(doc! {"_id": 3, "email": SECRET_VALUE})
         .await
         .unwrap();
-    wait_until("two dead letters", Duration::from_secs(30), || async {
-        d.metric("mongo_syncd_dead_letters_total{namespace=\"shop.customers\"}")
-            .await
-            >= Some(2.0)
-    })
+    d.wait_metric_at_least(
+        "mongo_syncd_dead_letters_total{namespace=\"shop.customers\"}",
+        2.0,
+        Duration::from_secs(30),
+    )
     .await;
     customers.delete_one(doc! {"_id": 1}).await.unwrap();
-    wait_until("the delete is applied", Duration::from_secs(30), || async {
-        d.metric("mongo_syncd_events_applied_total{namespace=\"shop.customers\",op=\"delete\"}")
-            .await
-            >= Some(1.0)
-    })
+    d.wait_metric_at_least(
+        "mongo_syncd_events_applied_total{namespace=\"shop.customers\",op=\"delete\"}",
+        1.0,
+        Duration::from_secs(30),
+    )
     .await;
     assert_eq!(d.terminate().await, Some(0), "{}", d.logs());
 

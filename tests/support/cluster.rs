@@ -282,6 +282,43 @@ impl Daemon {
             .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
             .reduce(|a, b| a + b)
     }
+
+    /// Waits until the series `prefix` reads exactly `expected`.
+    pub async fn wait_metric(&self, prefix: &str, expected: f64, timeout: Duration) {
+        self.wait_metric_where(prefix, &format!("= {expected}"), timeout, |v| {
+            v == Some(expected)
+        })
+        .await;
+    }
+
+    /// Waits until the series `prefix` reads at least `at_least` (absent counts as 0).
+    pub async fn wait_metric_at_least(&self, prefix: &str, at_least: f64, timeout: Duration) {
+        self.wait_metric_where(prefix, &format!(">= {at_least}"), timeout, |v| {
+            v.unwrap_or(0.0) >= at_least
+        })
+        .await;
+    }
+
+    /// Polls the series until `holds`; on timeout panics with the last value seen.
+    async fn wait_metric_where(
+        &self,
+        prefix: &str,
+        condition: &str,
+        timeout: Duration,
+        holds: impl Fn(Option<f64>) -> bool,
+    ) {
+        let started = Instant::now();
+        loop {
+            let value = self.metric(prefix).await;
+            if holds(value) {
+                return;
+            }
+            if started.elapsed() > timeout {
+                panic!("timed out after {timeout:?} waiting for {prefix} {condition} (last value {value:?})");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 impl Drop for Daemon {
