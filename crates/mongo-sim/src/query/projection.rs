@@ -431,30 +431,18 @@ fn apply_inclusion(
     root: &Document,
     vars: &Variables,
 ) -> CommandResult<Document> {
-    let mut out = Document::new();
-    for (k, v) in doc {
-        match node.get(k) {
-            Some(Item::Include) | Some(Item::Special) => {
-                out.insert(k.clone(), v.clone());
-            }
-            Some(Item::Sub(sub)) => match v {
-                Bson::Document(d) => {
-                    out.insert(k.clone(), apply_inclusion_fields(sub, d)?);
-                }
-                Bson::Array(a) => {
-                    out.insert(k.clone(), Bson::Array(inclusion_array(sub, a)?));
-                }
-                _ => {}
-            },
-            _ => {}
-        }
-    }
+    let mut out = include_fields(node, doc)?;
     apply_expressions(node, &mut out, root, vars)?;
     Ok(out)
 }
 
 /// Inclusion of a sub-document's fields without computing expressions (done afterwards).
 fn apply_inclusion_fields(node: &Node, doc: &Document) -> CommandResult<Bson> {
+    include_fields(node, doc).map(Bson::Document)
+}
+
+/// The fields of `doc` that `node` includes, recursively; expressions are not computed here.
+fn include_fields(node: &Node, doc: &Document) -> CommandResult<Document> {
     let mut out = Document::new();
     for (k, v) in doc {
         match node.get(k) {
@@ -473,7 +461,7 @@ fn apply_inclusion_fields(node: &Node, doc: &Document) -> CommandResult<Bson> {
             _ => {}
         }
     }
-    Ok(Bson::Document(out))
+    Ok(out)
 }
 
 fn inclusion_array(node: &Node, a: &[Bson]) -> CommandResult<Vec<Bson>> {
