@@ -20,8 +20,9 @@ use crate::{
     signal::{self, Signal},
     source::Source,
     status::StatusRegistry,
-    supervisor::{Control, Pipeline, Supervisor},
+    supervisor::{Control, Supervisor},
     telemetry::LogReloadHandle,
+    worker::Pipeline,
 };
 
 /// How the daemon is embedded: by `run` (signals, config file) or by the demo.

@@ -16,16 +16,14 @@ use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    checkpoint::CheckpointStore,
     config::{Config, NamespaceFilter, OnHistoryLost},
     conflict::ConflictSettings,
     error::{policy, Backoff, ErrorKind, RetryDirective, SyncError},
-    metadata::Metadata,
-    metrics::{ErrorKindLabel, Metrics, Trigger, WorkerState},
+    metrics::{ErrorKindLabel, Trigger, WorkerState},
     source::{Namespace, Source, SourceCollection},
-    status::{LastError, StatusRegistry},
+    status::LastError,
     validate::{schedule::ValidationDeps, NamespacePlan, Registration, ValidationService},
-    worker::{self, WorkerCommand, WorkerContext, WorkerExit, WorkerSettings},
+    worker::{self, Pipeline, WorkerCommand, WorkerContext, WorkerExit, WorkerSettings},
 };
 
 /// How often the source is listed for new collections.
@@ -75,17 +73,6 @@ struct WorkerHandle {
     commands: mpsc::Sender<WorkerCommand>,
     stop: CancellationToken,
     abort: CancellationToken,
-}
-
-/// Shared, long-lived parts of the pipeline.
-#[derive(Clone)]
-pub struct Pipeline {
-    pub source: Source,
-    pub dest: Client,
-    pub checkpoints: CheckpointStore,
-    pub metadata: Metadata,
-    pub metrics: Metrics,
-    pub status: Arc<StatusRegistry>,
 }
 
 pub struct Supervisor {
@@ -390,12 +377,7 @@ impl Supervisor {
             target,
             uuid: coll.uuid,
             options: coll.options,
-            source: self.pipeline.source.clone(),
-            dest: self.pipeline.dest.clone(),
-            checkpoints: self.pipeline.checkpoints.clone(),
-            metadata: self.pipeline.metadata.clone(),
-            metrics: self.pipeline.metrics.clone(),
-            status: Arc::clone(&self.pipeline.status),
+            pipeline: self.pipeline.clone(),
             settings: Arc::clone(&self.settings),
             progress: Default::default(),
             caught_up: Default::default(),
@@ -635,8 +617,8 @@ async fn supervise_worker(
         }
         let directive = policy(&error);
         if !matches!(directive, RetryDirective::Stop) {
-            ctx.metrics.error(&label, error_label(error.kind));
-            ctx.status.update(&label, |s| {
+            ctx.pipeline.metrics.error(&label, error_label(error.kind));
+            ctx.pipeline.status.update(&label, |s| {
                 s.last_error = Some(LastError {
                     kind: error.kind.as_str().to_string(),
                     message: error.to_string(),
@@ -678,8 +660,8 @@ async fn supervise_worker(
                     history_lost_streak += 1;
                     tracing::warn!(namespace = %label, class = "history_lost", kind = error.kind.as_str(), error = %error, streak = history_lost_streak, "change stream history lost; re-copying the namespace");
                     recopy = true;
-                    ctx.metrics.worker_restart(&label);
-                    ctx.status.update(&label, |s| s.restarts += 1);
+                    ctx.pipeline.metrics.worker_restart(&label);
+                    ctx.pipeline.status.update(&label, |s| s.restarts += 1);
                     None
                 }
             }
@@ -693,8 +675,8 @@ async fn supervise_worker(
                 } else {
                     tracing::warn!(namespace = %label, class = "transient", kind = error.kind.as_str(), error = %error, attempt = failures, "worker failed; restarting after backoff");
                     ctx.set_state_public(WorkerState::Backoff);
-                    ctx.metrics.worker_restart(&label);
-                    ctx.status.update(&label, |s| s.restarts += 1);
+                    ctx.pipeline.metrics.worker_restart(&label);
+                    ctx.pipeline.status.update(&label, |s| s.restarts += 1);
                     if !backoff.sleep(&stop).await {
                         ctx.set_state_public(WorkerState::Stopped);
                         return;
@@ -707,7 +689,8 @@ async fn supervise_worker(
         if let Some((reason, solution)) = park_reason {
             tracing::error!(namespace = %label, class = error_class(&error), kind = error.kind.as_str(), reason = %reason, error = %error, solution = %solution, "worker parked");
             ctx.set_state_public(WorkerState::Parked);
-            ctx.status
+            ctx.pipeline
+                .status
                 .update(&label, |s| s.parked_reason = Some(reason.clone()));
             // Parked: wait for a force-sync (or a reload) to try again, from a fresh copy.
             loop {

@@ -55,6 +55,17 @@ pub struct WorkerSettings {
     pub destination_timeout: Option<Duration>,
 }
 
+/// Shared, long-lived parts of the pipeline: the clients and stores every worker uses.
+#[derive(Clone)]
+pub struct Pipeline {
+    pub source: Source,
+    pub dest: Client,
+    pub checkpoints: CheckpointStore,
+    pub metadata: Metadata,
+    pub metrics: Metrics,
+    pub status: Arc<StatusRegistry>,
+}
+
 /// Everything one namespace worker needs.
 pub struct WorkerContext {
     pub ns: Namespace,
@@ -62,12 +73,7 @@ pub struct WorkerContext {
     pub uuid: Option<bson::Uuid>,
     /// The source collection's options (validator, collation, capped, ...).
     pub options: Document,
-    pub source: Source,
-    pub dest: Client,
-    pub checkpoints: CheckpointStore,
-    pub metadata: Metadata,
-    pub metrics: Metrics,
-    pub status: Arc<StatusRegistry>,
+    pub pipeline: Pipeline,
     pub settings: Arc<WorkerSettings>,
     /// Incremented on every durable step (a copied range, a checkpointed batch); the
     /// supervisor resets its failure count when it moves.
@@ -127,10 +133,10 @@ impl WorkerContext {
         Applier::new(
             self.ns.clone(),
             self.target.clone(),
-            &self.dest,
-            self.source.clone(),
-            self.metadata.clone(),
-            self.metrics.clone(),
+            &self.pipeline.dest,
+            self.pipeline.source.clone(),
+            self.pipeline.metadata.clone(),
+            self.pipeline.metrics.clone(),
             self.settings.sync_id.clone(),
             self.settings.update_mode,
             self.settings.destination_timeout,
@@ -144,9 +150,9 @@ impl WorkerContext {
 
     fn set_state(&self, state: WorkerState) {
         let label = self.label();
-        self.metrics.set_worker_state(&label, state);
+        self.pipeline.metrics.set_worker_state(&label, state);
         let mut previous = None;
-        self.status.update(&label, |s| {
+        self.pipeline.status.update(&label, |s| {
             previous = Some(s.state);
             s.state = state;
             if state != WorkerState::Parked {
@@ -178,19 +184,21 @@ impl WorkerContext {
     fn record_checkpoint(&self, applied_through: Option<Timestamp>) {
         let now = SystemTime::now();
         let label = self.label();
-        self.metrics.record_checkpoint(&label, now);
+        self.pipeline.metrics.record_checkpoint(&label, now);
         if let Some(ts) = applied_through {
-            self.metrics.set_applied_through(&label, ts.time as f64);
+            self.pipeline
+                .metrics
+                .set_applied_through(&label, ts.time as f64);
         }
-        let lag = self.status.compute_lag(applied_through);
-        self.status.update(&label, |s| {
+        let lag = self.pipeline.status.compute_lag(applied_through);
+        self.pipeline.status.update(&label, |s| {
             s.last_checkpoint = Some(now);
             if applied_through.is_some() {
                 s.applied_through = applied_through;
                 s.lag_seconds = lag;
             }
         });
-        self.metrics.set_lag(&label, lag);
+        self.pipeline.metrics.set_lag(&label, lag);
     }
 }
 
@@ -228,11 +236,11 @@ pub async fn run(
 ) -> Result<WorkerExit, SyncError> {
     let key = ctx.key();
     check_images(ctx).await?;
-    let stale = ctx.checkpoints.delete_stale(&key).await?;
+    let stale = ctx.pipeline.checkpoints.delete_stale(&key).await?;
     if stale > 0 {
         tracing::info!(namespace = %ctx.label(), "discarded checkpoints of an earlier incarnation of the collection");
     }
-    let mut cp = match ctx.checkpoints.load(&key).await? {
+    let mut cp = match ctx.pipeline.checkpoints.load(&key).await? {
         Some(cp) if !recopy => cp,
         Some(old) => Checkpoint {
             history_lost_recopies: old.history_lost_recopies,
@@ -264,6 +272,7 @@ async fn check_images(ctx: &WorkerContext) -> Result<(), SyncError> {
         return Ok(());
     }
     let options = ctx
+        .pipeline
         .source
         .collection_options(&ctx.ns)
         .await?
@@ -278,7 +287,10 @@ async fn check_images(ctx: &WorkerContext) -> Result<(), SyncError> {
         return Ok(());
     }
     if ctx.enable_pre_images {
-        ctx.source.enable_pre_and_post_images(&ctx.ns).await?;
+        ctx.pipeline
+            .source
+            .enable_pre_and_post_images(&ctx.ns)
+            .await?;
         tracing::warn!(namespace = %ctx.label(), policy = ctx.conflict.policy.as_str(), "enabled changeStreamPreAndPostImages on the source collection (conflict.enable_pre_images); every source update and delete now also writes a pre-image");
         ctx.images_enabled.store(true, Ordering::Relaxed);
         return Ok(());
@@ -298,7 +310,7 @@ async fn check_images(ctx: &WorkerContext) -> Result<(), SyncError> {
 /// Creates the destination collection with the source's options if it is missing. Capped
 /// collections become uncapped: the source's capped deletions arrive as delete events.
 async fn ensure_destination_collection(ctx: &WorkerContext) -> Result<(), SyncError> {
-    let db = ctx.dest.database(&ctx.target.db);
+    let db = ctx.pipeline.dest.database(&ctx.target.db);
     let existing = db
         .list_collection_names()
         .filter(doc! {"name": ctx.target.coll.clone()})
@@ -343,6 +355,7 @@ async fn destination_ids(
     upper: Option<&Bson>,
 ) -> Result<Vec<Bson>, SyncError> {
     let coll = ctx
+        .pipeline
         .dest
         .database(&ctx.target.db)
         .collection::<Document>(&ctx.target.coll);
@@ -406,6 +419,7 @@ async fn sync_range(
 ) -> Result<(u64, Option<Bson>), SyncError> {
     let collation = ctx.options.get_document("collation").ok();
     let (docs, next) = ctx
+        .pipeline
         .source
         .scan_range(
             &ctx.ns,
@@ -440,6 +454,7 @@ async fn initial_copy(
     ctx.set_state(WorkerState::Copying);
     if cp.start_token.is_none() {
         let stream = ctx
+            .pipeline
             .source
             .open_stream(&ctx.ns, StreamStart::Now, &ctx.stream_settings())
             .await?;
@@ -455,7 +470,7 @@ async fn initial_copy(
             history_lost_recopies: cp.history_lost_recopies,
             ..Checkpoint::default()
         };
-        ctx.checkpoints.reset(&key, cp).await?;
+        ctx.pipeline.checkpoints.reset(&key, cp).await?;
         tracing::info!(namespace = %label, target = %ctx.target, "initial copy starting");
     } else {
         tracing::info!(namespace = %label, copied = cp.copy.copied, "initial copy resuming from its last finished range");
@@ -466,12 +481,19 @@ async fn initial_copy(
         .and_then(|t| bson::RawDocumentBuf::try_from(t).ok())
         .and_then(|t| token_cluster_time(&t));
     if let Some(ts) = start_ts {
-        ctx.status.update(&label, |s| s.applied_through = Some(ts));
+        ctx.pipeline
+            .status
+            .update(&label, |s| s.applied_through = Some(ts));
     }
     ensure_destination_collection(ctx).await?;
-    let estimate = ctx.source.estimated_count(&ctx.ns).await.unwrap_or(0);
-    ctx.metrics.set_copy_estimate(&label, estimate);
-    ctx.status.update(&label, |s| {
+    let estimate = ctx
+        .pipeline
+        .source
+        .estimated_count(&ctx.ns)
+        .await
+        .unwrap_or(0);
+    ctx.pipeline.metrics.set_copy_estimate(&label, estimate);
+    ctx.pipeline.status.update(&label, |s| {
         s.copy_estimate = estimate;
         s.copied = cp.copy.copied.max(0) as u64;
     });
@@ -486,20 +508,21 @@ async fn initial_copy(
         cp.copy.copied += written as i64;
         cp.copy.done = next.is_none();
         cp.copy.last_range = next.clone();
-        ctx.checkpoints.save(&key, cp).await?;
+        ctx.pipeline.checkpoints.save(&key, cp).await?;
         ctx.made_progress();
-        ctx.metrics.copied(&label, written);
-        ctx.status
+        ctx.pipeline.metrics.copied(&label, written);
+        ctx.pipeline
+            .status
             .update(&label, |s| s.copied = cp.copy.copied.max(0) as u64);
         lower = next;
     }
     create_indexes(ctx, cp, false).await?;
-    let end = ctx.source.cluster_time().await?;
+    let end = ctx.pipeline.source.cluster_time().await?;
     cp.phase = Phase::Streaming;
     cp.resume_token = cp.start_token.clone();
     cp.applied_through = start_ts;
     cp.replay_until = Some(end);
-    ctx.checkpoints.save(&key, cp).await?;
+    ctx.pipeline.checkpoints.save(&key, cp).await?;
     ctx.made_progress();
     tracing::info!(
         namespace = %label,
@@ -517,7 +540,7 @@ async fn create_indexes(
     cp: &mut Checkpoint,
     unique_only: bool,
 ) -> Result<(), SyncError> {
-    let specs = ctx.source.list_indexes(&ctx.ns).await?;
+    let specs = ctx.pipeline.source.list_indexes(&ctx.ns).await?;
     let mut to_create = Vec::new();
     let mut pending_unique = false;
     for mut spec in specs {
@@ -550,7 +573,7 @@ async fn create_indexes(
         .filter_map(|s| s.get_str("name").ok().map(str::to_string))
         .collect();
     let result = ctx
-        .dest
+        .pipeline.dest
         .database(&ctx.target.db)
         .run_command(doc! {"createIndexes": ctx.target.coll.clone(), "indexes": to_create, "writeConcern": {"w": "majority", "j": true}})
         .await;
@@ -660,7 +683,7 @@ async fn stream(
         None
     };
     let reader = tokio::spawn(read_events(
-        ctx.source.clone(),
+        ctx.pipeline.source.clone(),
         ctx.ns.clone(),
         cp.resume_token.clone(),
         start_at,
@@ -739,8 +762,8 @@ async fn stream(
             if pending_idle.as_ref().is_some_and(|_| false) {
                 pending_idle = None;
             }
-            ctx.metrics.events_read(&label, batch.len() as u64);
-            ctx.metrics.set_queue(&label, rx.len() as u64);
+            ctx.pipeline.metrics.events_read(&label, batch.len() as u64);
+            ctx.pipeline.metrics.set_queue(&label, rx.len() as u64);
             let events: Vec<ChangeEvent> = batch.into_iter().map(|(e, _permit)| e).collect();
             match process_batch(ctx, &applier, &mut cp, &events).await {
                 Ok(Some(exit)) => break Ok(exit),
@@ -765,13 +788,13 @@ async fn stream(
                     if let Some(ts) = cluster_time {
                         cp.applied_through = Some(ts);
                     }
-                    ctx.checkpoints.save(&key, &cp).await?;
+                    ctx.pipeline.checkpoints.save(&key, &cp).await?;
                     ctx.record_checkpoint(cp.applied_through);
                     last_checkpoint = Instant::now();
                     maybe_finish_replay(ctx, &mut cp).await?;
                 }
             }
-            ctx.metrics.set_queue(&label, rx.len() as u64);
+            ctx.pipeline.metrics.set_queue(&label, rx.len() as u64);
         }
     };
     reader_stop.cancel();
@@ -796,7 +819,7 @@ async fn maybe_finish_replay(ctx: &WorkerContext, cp: &mut Checkpoint) -> Result
             cp.unique_indexes_pending = false;
         }
         cp.history_lost_recopies = 0;
-        ctx.checkpoints.save(&ctx.key(), cp).await?;
+        ctx.pipeline.checkpoints.save(&ctx.key(), cp).await?;
     }
     Ok(())
 }
@@ -833,7 +856,7 @@ async fn process_batch(
             exit = Some(e);
             break;
         }
-        ctx.metrics.events_applied(&label, ApplyOp::Ddl, 1);
+        ctx.pipeline.metrics.events_applied(&label, ApplyOp::Ddl, 1);
     }
     if exit.is_none() && segment_start < events.len() {
         merge(
@@ -846,7 +869,7 @@ async fn process_batch(
     }
     let last = &events[applied_events.max(1) - 1];
     if exit == Some(WorkerExit::NamespaceGone) {
-        ctx.checkpoints.delete(&ctx.key()).await?;
+        ctx.pipeline.checkpoints.delete(&ctx.key()).await?;
     } else {
         cp.resume_token = Some(last.token.clone().try_into().map_err(|e| {
             SyncError::with_source(ErrorKind::InvariantViolated, "decoding a resume token", e)
@@ -855,19 +878,21 @@ async fn process_batch(
             Some(prev) => ts_max(prev, last.cluster_time),
             None => last.cluster_time,
         });
-        ctx.checkpoints.save(&ctx.key(), cp).await?;
+        ctx.pipeline.checkpoints.save(&ctx.key(), cp).await?;
         ctx.record_checkpoint(cp.applied_through);
         maybe_finish_replay(ctx, cp).await?;
     }
     ctx.made_progress();
     for (op, n) in ApplyOp::ALL.iter().zip(stats.applied) {
         if n > 0 {
-            ctx.metrics.events_applied(&label, *op, n);
+            ctx.pipeline.metrics.events_applied(&label, *op, n);
         }
     }
-    ctx.metrics.writes(&label, stats.writes);
+    ctx.pipeline.metrics.writes(&label, stats.writes);
     if stats.replay_skipped > 0 {
-        ctx.metrics.replay_skipped(&label, stats.replay_skipped);
+        ctx.pipeline
+            .metrics
+            .replay_skipped(&label, stats.replay_skipped);
     }
     let now = SystemTime::now();
     for ev in &events[..applied_events] {
@@ -876,12 +901,14 @@ async fn process_batch(
                 .duration_since(wall.to_system_time())
                 .map(|d| d.as_secs_f64())
                 .unwrap_or(0.0);
-            ctx.metrics.observe_replication_latency(secs);
+            ctx.pipeline.metrics.observe_replication_latency(secs);
         }
     }
-    ctx.metrics.observe_batch(started.elapsed());
+    ctx.pipeline.metrics.observe_batch(started.elapsed());
     let total: u64 = stats.applied.iter().sum();
-    ctx.status.update(&label, |s| s.events_applied += total);
+    ctx.pipeline
+        .status
+        .update(&label, |s| s.events_applied += total);
     Ok(exit)
 }
 
@@ -902,7 +929,7 @@ async fn apply_ddl(
     ev: &ChangeEvent,
 ) -> Result<Option<WorkerExit>, SyncError> {
     let label = ctx.label();
-    let db = ctx.dest.database(&ctx.target.db);
+    let db = ctx.pipeline.dest.database(&ctx.target.db);
     let dest_err = |what: &str, e: mongodb::error::Error| {
         SyncError::mongo(ErrorKind::DestinationWrite, what.to_string(), e)
     };
@@ -1063,12 +1090,12 @@ async fn reconcile(
         }
         lower = next;
     }
-    let end = ctx.source.cluster_time().await?;
+    let end = ctx.pipeline.source.cluster_time().await?;
     cp.replay_until = Some(match cp.replay_until {
         Some(prev) => ts_max(prev, end),
         None => end,
     });
-    ctx.checkpoints.save(&ctx.key(), cp).await?;
+    ctx.pipeline.checkpoints.save(&ctx.key(), cp).await?;
     ctx.made_progress();
     tracing::info!(namespace = %label, documents = total, elapsed_ms = started.elapsed().as_millis() as u64, "force-sync finished");
     Ok(())

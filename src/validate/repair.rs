@@ -85,13 +85,13 @@ async fn repair_range(
 ) -> Result<RepairDone, SyncError> {
     let paused_at = cp.applied_through;
     let source = Side::source(
-        ctx.source.client(),
+        ctx.pipeline.source.client(),
         &ctx.ns,
         &ctx.options,
-        ctx.source.op_timeout(),
+        ctx.pipeline.source.op_timeout(),
     );
     let dest = Side::destination(
-        &ctx.dest,
+        &ctx.pipeline.dest,
         &ctx.target,
         &ctx.options,
         ctx.settings.destination_timeout,
@@ -137,11 +137,11 @@ async fn repair_range(
             None => break,
         }
     }
-    let end = ctx.source.cluster_time().await?;
+    let end = ctx.pipeline.source.cluster_time().await?;
     cp.replay_until = Some(match cp.replay_until {
         Some(prev) => ts_max(prev, end),
         None => end,
     });
-    ctx.checkpoints.save(&ctx.key(), cp).await?;
+    ctx.pipeline.checkpoints.save(&ctx.key(), cp).await?;
     Ok(done)
 }
