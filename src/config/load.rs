@@ -9,7 +9,8 @@ use std::{
     collections::BTreeMap,
     convert::Infallible,
     ffi::OsString,
-    fmt, fs, io,
+    fmt, fs,
+    io::{self, Read},
     path::{Path, PathBuf},
 };
 
@@ -315,30 +316,65 @@ where
 /// Reads `uri_file` / `token_file` (contents trimmed). Files are only read when the matching
 /// inline key is unset; having both is reported by validation.
 fn resolve_secret_files(config: &mut Config, base_dir: &Path) -> Result<(), ConfigError> {
+    let mut warnings = Vec::new();
     for (section, endpoint) in [
         ("source", &mut config.source),
         ("destination", &mut config.destination),
     ] {
         if let (None, Some(file)) = (&endpoint.uri, &endpoint.uri_file) {
             let path = base_dir.join(file);
-            endpoint.uri_from_file = Some(read_secret_file(&format!("{section}.uri_file"), &path)?);
+            endpoint.uri_from_file = Some(read_secret_file(
+                &format!("{section}.uri_file"),
+                &path,
+                &mut warnings,
+            )?);
             endpoint.uri_file = Some(path);
         }
     }
     if let (None, Some(file)) = (&config.http.token, &config.http.token_file) {
         let path = base_dir.join(file);
-        config.http.token_from_file = Some(read_secret_file("http.token_file", &path)?);
+        config.http.token_from_file =
+            Some(read_secret_file("http.token_file", &path, &mut warnings)?);
         config.http.token_file = Some(path);
     }
+    config.warnings.extend(warnings);
     Ok(())
 }
 
-fn read_secret_file(field: &str, path: &Path) -> Result<Secret<String>, ConfigError> {
-    let contents = fs::read_to_string(path).map_err(|source| ConfigError::SecretFile {
+/// Largest `uri_file` / `token_file` read: a connection string or token is far smaller, and a
+/// cap keeps `uri_file = "/dev/zero"` (or a log file named by mistake) from exhausting memory.
+pub const MAX_SECRET_FILE_BYTES: usize = 64 * 1024;
+
+fn read_secret_file(
+    field: &str,
+    path: &Path,
+    warnings: &mut Vec<String>,
+) -> Result<Secret<String>, ConfigError> {
+    let io_error = |source| ConfigError::SecretFile {
         field: field.to_owned(),
         path: path.to_owned(),
         source,
+    };
+    let file = fs::File::open(path).map_err(io_error)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_SECRET_FILE_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io_error)?;
+    if bytes.len() > MAX_SECRET_FILE_BYTES {
+        return Err(ConfigError::invalid(
+            field,
+            format!(
+                "{} is larger than {MAX_SECRET_FILE_BYTES} bytes; it must hold only the secret",
+                path.display()
+            ),
+        ));
+    }
+    let contents = String::from_utf8(bytes).map_err(|_| {
+        ConfigError::invalid(field, format!("{} is not valid UTF-8", path.display()))
     })?;
+    if let Some(warning) = readable_by_others(field, path) {
+        warnings.push(warning);
+    }
     let trimmed = contents.trim();
     if trimmed.is_empty() {
         return Err(ConfigError::invalid(
@@ -347,6 +383,34 @@ fn read_secret_file(field: &str, path: &Path) -> Result<Secret<String>, ConfigEr
         ));
     }
     Ok(Secret::new(trimmed.to_owned()))
+}
+
+/// A warning when the credential file at `path` can be read by its group or by others.
+#[cfg(unix)]
+fn readable_by_others(field: &str, path: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = fs::metadata(path).ok()?;
+    let mode = meta.permissions().mode();
+    // Character devices and pipes (`/dev/stdin`, systemd's credential sockets) are not files
+    // an operator can tighten.
+    if !meta.is_file() || mode & 0o044 == 0 {
+        return None;
+    }
+    let who = match (mode & 0o040 != 0, mode & 0o004 != 0) {
+        (true, true) => "its group and by others",
+        (true, false) => "its group",
+        _ => "others",
+    };
+    Some(format!(
+        "{field}: {} is readable by {who} (mode {:04o}); it holds a credential: chmod 600 it",
+        path.display(),
+        mode & 0o7777
+    ))
+}
+
+#[cfg(not(unix))]
+fn readable_by_others(_field: &str, _path: &Path) -> Option<String> {
+    None
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
@@ -461,6 +525,15 @@ fn from_figment(
 /// Names where the value at `field` came from: the most specific environment variable that
 /// sets it or one of its parents, else the file.
 fn origin_of(field: &str, env_keys: &BTreeMap<String, String>, origin: &str) -> String {
+    // An unknown key (`sources`) is reported at the level where it is unknown, above the key
+    // the variable set (`sources.uri`): a variable setting a key below it is the origin.
+    let plain = field.split('[').next().unwrap_or(field);
+    if !env_keys.contains_key(plain) {
+        let below = format!("{plain}.");
+        if let Some((_, name)) = env_keys.iter().find(|(key, _)| key.starts_with(&below)) {
+            return format!("from environment variable {name}");
+        }
+    }
     let mut candidate = field;
     loop {
         // `conflict.rules[0].field` is set by a variable for `conflict.rules`.

@@ -292,6 +292,11 @@ pub struct Config {
     /// `[shutdown]`
     #[serde(default)]
     pub shutdown: ShutdownConfig,
+    /// Problems worth a warning that do not make the config invalid (e.g. a credential file
+    /// readable by group or others). Filled by [`load`](self::load); logged at start-up and
+    /// printed by `check-config`. Never contains secret values.
+    #[serde(skip)]
+    pub warnings: Vec<String>,
 }
 
 /// `[source]` and `[destination]`: where to connect, plus driver options passed through.
@@ -833,7 +838,30 @@ fn parse_connection_string(uri: &str) -> Result<ConnectionString, String> {
             mongodb::error::ErrorKind::InvalidArgument { message, .. } => message.clone(),
             _ => e.to_string(),
         };
-        format!("not a valid connection string: {}", redact_text(&text))
+        let text = redact_text(&text);
+        if quotes_credentials(uri, &text) {
+            // A raw reserved character (`?`, `#`, `/`, `@`, ...) in the password makes the
+            // parser cut the URI inside the credentials and quote a piece of them.
+            return "not a valid connection string (the parser's message is withheld because it \
+                    quotes part of the credentials): percent-encode reserved characters such \
+                    as : / ? # [ ] @ % in the user name and password (e.g. ? as %3F)"
+                .to_owned();
+        }
+        format!("not a valid connection string: {text}")
+    })
+}
+
+/// Whether `message` contains any two consecutive characters of the user-info part of `uri`
+/// (everything between `://` and the last `@`, wherever a raw reserved character put it).
+fn quotes_credentials(uri: &str, message: &str) -> bool {
+    let rest = uri.split_once("://").map_or(uri, |(_, rest)| rest);
+    let Some(at) = rest.rfind('@') else {
+        return false;
+    };
+    let userinfo: Vec<char> = rest[..at].chars().collect();
+    userinfo.windows(2).any(|pair| {
+        let needle: String = pair.iter().collect();
+        message.contains(&needle)
     })
 }
 
@@ -869,6 +897,7 @@ impl Config {
             metrics: MetricsConfig::default(),
             log: LogConfig::default(),
             shutdown: ShutdownConfig::default(),
+            warnings: Vec::new(),
         };
         config.source.uri = Some(Secret::new(source.to_owned()));
         config.destination.uri = Some(Secret::new(destination.to_owned()));
@@ -1165,6 +1194,9 @@ impl Config {
     }
 
     fn validate_rename(&self, err: &mut impl FnMut(String, String)) {
+        for (key, why) in self.sync.rename.static_collisions(&self.namespace_filter()) {
+            err(format!("sync.rename.{key:?}"), why);
+        }
         let metadata = self.checkpoint.database.as_str();
         let mut db_targets: BTreeMap<&str, &str> = BTreeMap::new();
         for (from, to) in self.sync.rename.database_entries() {

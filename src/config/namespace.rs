@@ -98,6 +98,17 @@ impl NamespacePattern {
     pub fn as_str(&self) -> &str {
         &self.raw
     }
+
+    /// The database and collection the pattern names literally (`None` for `*`).
+    pub(crate) fn exact_parts(&self) -> (Option<&str>, Option<&str>) {
+        fn exact(part: &Part) -> Option<&str> {
+            match part {
+                Part::Any => None,
+                Part::Exact(name) => Some(name.as_str()),
+            }
+        }
+        (exact(&self.db), exact(&self.coll))
+    }
 }
 
 impl fmt::Display for NamespacePattern {
@@ -188,6 +199,11 @@ impl NamespaceFilter {
             && !self.exclude.iter().any(|p| p.matches(db, coll))
     }
 
+    /// The include patterns.
+    pub(crate) fn include(&self) -> &[NamespacePattern] {
+        &self.include
+    }
+
     /// Whether any collection of database `db` could be synced (used to skip whole databases
     /// when listing the source).
     pub fn may_match_db(&self, db: &str) -> bool {
@@ -272,6 +288,122 @@ impl RenameMap {
     /// Database-level mappings.
     pub(crate) fn database_entries(&self) -> impl Iterator<Item = (&String, &String)> {
         self.databases.iter()
+    }
+
+    /// The `sync.rename` key that moves source `db.coll` (`None`: synced under its own name).
+    fn key_for(&self, db: &str, coll: Option<&str>) -> Option<String> {
+        if let Some(coll) = coll {
+            if self
+                .collections
+                .contains_key(&(db.to_owned(), coll.to_owned()))
+            {
+                return Some(format!("{db}.{coll}"));
+            }
+        }
+        self.databases.contains_key(db).then(|| db.to_owned())
+    }
+
+    /// The destination database of the collections of `db` that have no mapping of their own.
+    fn database_target<'a>(&'a self, db: &'a str) -> &'a str {
+        self.databases.get(db).map_or(db, String::as_str)
+    }
+
+    /// Collisions visible without listing the source: two source namespaces (or whole
+    /// databases) that the filter names literally, or that a rename names, and that would end
+    /// up in one destination namespace. Each is `(rename key, why)`; collisions between two
+    /// renames of the same kind are reported by validation already and are not repeated here.
+    pub(crate) fn static_collisions(&self, filter: &NamespaceFilter) -> Vec<(String, String)> {
+        // Known sources: (db, Some(coll)) = one collection, (db, None) = a whole database.
+        let mut known: std::collections::BTreeSet<(String, Option<String>)> = Default::default();
+        for pattern in filter.include() {
+            match pattern.exact_parts() {
+                (Some(db), Some(coll)) if filter.matches(db, coll) => {
+                    known.insert((db.to_owned(), Some(coll.to_owned())));
+                }
+                (Some(db), None) if filter.may_match_db(db) => {
+                    known.insert((db.to_owned(), None));
+                }
+                _ => {}
+            }
+        }
+        for db in self.databases.keys() {
+            if filter.may_match_db(db) {
+                known.insert((db.clone(), None));
+            }
+        }
+        for (db, coll) in self.collections.keys() {
+            if filter.matches(db, coll) {
+                known.insert((db.clone(), Some(coll.clone())));
+            }
+        }
+        let describe = |db: &str, coll: Option<&str>| match coll {
+            Some(coll) => format!("source namespace \"{db}.{coll}\""),
+            None => format!("source database \"{db}\""),
+        };
+        let known: Vec<_> = known.into_iter().collect();
+        let mut out = Vec::new();
+        for (i, (d1, c1)) in known.iter().enumerate() {
+            for (d2, c2) in &known[i + 1..] {
+                let (c1, c2) = (c1.as_deref(), c2.as_deref());
+                let (k1, k2) = (self.key_for(d1, c1), self.key_for(d2, c2));
+                let target = match (c1, c2) {
+                    _ if d1 == d2 && (c1.is_none() || c2.is_none()) => None,
+                    (Some(c1), Some(c2)) => {
+                        let t = self.target(d1, c1);
+                        (t == self.target(d2, c2)).then(|| format!("{}.{}", t.0, t.1))
+                    }
+                    (None, None) => {
+                        let t = self.database_target(d1);
+                        (t == self.database_target(d2)).then(|| t.to_owned())
+                    }
+                    (None, Some(c)) | (Some(c), None) => {
+                        let (whole, (db, coll)) = if c1.is_none() {
+                            (d1, (d2, c))
+                        } else {
+                            (d2, (d1, c))
+                        };
+                        let (tdb, tcoll) = self.target(db, coll);
+                        let free = !self
+                            .collections
+                            .contains_key(&(whole.clone(), tcoll.clone()));
+                        (free && tdb == self.database_target(whole))
+                            .then(|| format!("{tdb}.{tcoll}"))
+                    }
+                };
+                let Some(target) = target else { continue };
+                let same_kind = c1.is_some() == c2.is_some();
+                let (key, other) = match (&k1, &k2) {
+                    (Some(_), Some(_)) if same_kind => continue,
+                    // A collection mapping and a database mapping: blame the narrower one.
+                    (Some(_), Some(k)) if c2.is_some() => (k, describe(d1, c1)),
+                    (Some(k), _) => (k, describe(d2, c2)),
+                    (None, Some(k)) => (k, describe(d1, c1)),
+                    (None, None) => continue,
+                };
+                out.push((
+                    key.clone(),
+                    format!("target \"{target}\" collides with {other}, which is also synced there (two sources, one target)"),
+                ));
+            }
+        }
+        out
+    }
+
+    /// Groups source namespaces by destination namespace and returns those that share one
+    /// with another (each with the others it collides with).
+    pub fn collisions<'a>(
+        &self,
+        namespaces: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> BTreeMap<(String, String), Vec<String>> {
+        let mut by_target: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+        for (db, coll) in namespaces {
+            by_target
+                .entry(self.target(db, coll))
+                .or_default()
+                .push(format!("{db}.{coll}"));
+        }
+        by_target.retain(|_, sources| sources.len() > 1);
+        by_target
     }
 
     /// Collection-level mappings.

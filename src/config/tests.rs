@@ -844,3 +844,127 @@ mod shipped {
         assert_eq!(c.http.token().unwrap().expose(), "prod-token");
     }
 }
+
+// ---- issue 12 ----
+
+#[test]
+fn reserved_characters_in_a_password_never_echo_any_part_of_it() {
+    // Raw (not percent-encoded) reserved characters: the URI parser splits the password at
+    // them, and whatever it quotes must not contain either half.
+    for sep in [
+        "?", "#", "/", "[", "]", "%", "%zz", "&", "=", ",", ";", ":", " ",
+    ] {
+        let uri = format!("mongodb://user:LEAKa{sep}LEAKb@h1:27017/?replicaSet=rs0");
+        let text = format!("[source]\nuri = \"{uri}\"\n[destination]\nuri = \"{DST}\"\n");
+        match load_from_str(&text) {
+            Ok(c) => {
+                // Accepted: the password is a secret; nothing to echo.
+                assert!(!format!("{c:?}").contains("LEAK"), "separator {sep:?}");
+            }
+            Err(err) => {
+                let shown = err.to_string();
+                assert!(
+                    !shown.contains("LEAKa") && !shown.contains("LEAKb"),
+                    "separator {sep:?}: {shown}"
+                );
+                assert_field(&err, "source.uri", "");
+            }
+        }
+    }
+}
+
+#[test]
+fn secret_files_are_capped() {
+    let err = load_err(&format!(
+        "[source]\nuri_file = \"/dev/zero\"\n[destination]\nuri = \"{DST}\"\n"
+    ));
+    assert_field(&err, "source.uri_file", "larger than 65536 bytes");
+
+    let big = secret_file(&"x".repeat(super::load::MAX_SECRET_FILE_BYTES + 1));
+    let err = load_err(&with(&format!(
+        "[http]\ntoken_file = \"{}\"\n",
+        big.path().display()
+    )));
+    assert_field(&err, "http.token_file", "larger than 65536 bytes");
+    assert!(!err.to_string().contains("xxxx"), "{err}");
+}
+
+#[cfg(unix)]
+#[test]
+fn credential_files_readable_by_others_are_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let file = secret_file(SRC);
+    let text = format!(
+        "[source]\nuri_file = \"{}\"\n[destination]\nuri = \"{DST}\"\n",
+        file.path().display()
+    );
+    std::fs::set_permissions(file.path(), std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(load_ok(&text).warnings.is_empty());
+    std::fs::set_permissions(file.path(), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let c = load_ok(&text);
+    assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+    assert!(
+        c.warnings[0].contains("source.uri_file") && c.warnings[0].contains("readable by"),
+        "{:?}",
+        c.warnings
+    );
+    assert!(!c.warnings[0].contains("s3cr3t"), "{:?}", c.warnings);
+}
+
+#[test]
+fn unknown_section_from_env_names_the_variable_not_the_file() {
+    // The unknown key is the section itself; the variable sets a key below it.
+    let err =
+        load_from_str_with_env(&minimal(), env(&[("MONGO_SYNCD_SOURCES__URI", "x")])).unwrap_err();
+    assert_field(
+        &err,
+        "sources",
+        "from environment variable MONGO_SYNCD_SOURCES__URI",
+    );
+    assert!(!err.to_string().contains("config text"), "{err}");
+    // A variable nested below an unknown key of a known section.
+    let err = load_from_str_with_env(&minimal(), env(&[("MONGO_SYNCD_APPLY__BATCH__MAX", "3")]))
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("from environment variable MONGO_SYNCD_APPLY__BATCH__MAX"),
+        "{err}"
+    );
+}
+
+#[test]
+fn rename_collisions_with_unrenamed_sources_are_rejected_statically() {
+    // `a` becomes `b` while `b` itself is synced under its own name: a.x and b.x would merge.
+    let err = load_err(&with(
+        "[sync]\nnamespaces = [\"a.*\", \"b.*\"]\n[sync.rename]\na = \"b\"\n",
+    ));
+    assert_field(
+        &err,
+        "sync.rename.\"a\"",
+        "collides with source database \"b\"",
+    );
+    // Same for one collection.
+    let err = load_err(&with(
+        "[sync]\nnamespaces = [\"a.x\", \"b.y\"]\n[sync.rename]\n\"a.x\" = \"b.y\"\n",
+    ));
+    assert_field(
+        &err,
+        "sync.rename.\"a.x\"",
+        "collides with source namespace \"b.y\"",
+    );
+    // A collection renamed into a database that another database is renamed to.
+    let err = load_err(&with(
+        "[sync]\nnamespaces = [\"a.*\", \"c.x\"]\n[sync.rename]\na = \"b\"\n\"c.x\" = \"b.x\"\n",
+    ));
+    assert_field(&err, "sync.rename.\"c.x\"", "collides");
+    // Not visible statically (wildcards): accepted, discovery parks the collision.
+    load_ok(&with("[sync.rename]\na = \"b\"\n"));
+    // Renamed away: no collision.
+    load_ok(&with(
+        "[sync]\nnamespaces = [\"a.*\", \"b.*\"]\n[sync.rename]\na = \"b\"\nb = \"c\"\n",
+    ));
+    // A collection of `b` renamed elsewhere frees its name.
+    load_ok(&with(
+        "[sync]\nnamespaces = [\"a.x\", \"b.x\"]\n[sync.rename]\n\"a.x\" = \"b.x\"\n\"b.x\" = \"c.x\"\n",
+    ));
+}
