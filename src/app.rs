@@ -169,7 +169,16 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
         Arc::clone(&heartbeat),
         config.health.max_lag_seconds as f64,
     );
-    let http_addr = match http::serve(config.http.listen, http_state, http_cancel.clone()).await {
+    let max_connections =
+        http::connection_cap(crate::rlimit::nofile().map_or(1024, |limit| limit.soft));
+    let http_addr = match http::serve(
+        config.http.listen,
+        http_state,
+        http_cancel.clone(),
+        max_connections,
+    )
+    .await
+    {
         Ok(a) => a,
         Err(e) => {
             tracing::error!(listen = %config.http.listen, error = %e, "cannot listen for http");
@@ -384,6 +393,9 @@ fn spawn_signal_forwarder(
                     notify::reloading();
                     match config::load(path) {
                         Ok(new) => {
+                            for warning in &new.warnings {
+                                tracing::warn!("{warning}");
+                            }
                             if let Some(handle) = &log_reload {
                                 if let Err(e) = handle.set_level(&new.log.level) {
                                     tracing::warn!(error = %e, "cannot change the log level");

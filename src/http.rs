@@ -2,6 +2,7 @@
 //! and the authenticated `POST /api/v1/force-sync` and `POST /api/v1/validate`.
 
 use std::{
+    collections::BTreeSet,
     net::SocketAddr,
     sync::{atomic::AtomicU64, atomic::Ordering, Arc},
     time::{Duration, Instant},
@@ -9,22 +10,53 @@ use std::{
 
 use axum::{
     body::Bytes,
-    extract::State,
+    extract::{DefaultBodyLimit, Request, State},
     http::{header, HeaderMap, StatusCode},
+    middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::{get, post},
     Json, Router,
 };
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    service::TowerToHyperService,
+};
 use parking_lot::Mutex;
 use serde_json::json;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     metrics::{Metrics, Trigger, CONTENT_TYPE},
     status::StatusRegistry,
     supervisor::Control,
 };
+
+/// A connection must deliver a request's complete headers within this time, counted from the
+/// moment it is ready for a request: a half-sent request is closed after it, and so is a
+/// keep-alive connection that stays idle between requests (this is the idle limit).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A request (its body included) must be answered within this time, else 408.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Largest request body: a list of namespaces is a few KiB.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Most connections served at once, whatever the file-descriptor limit.
+pub const MAX_CONNECTIONS: usize = 512;
+
+/// How long open connections get to finish when the listener stops.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The connection cap for a process allowed `nofile` open files: [`MAX_CONNECTIONS`], or a
+/// quarter of the limit when that is smaller, so the HTTP listener can never take the file
+/// descriptors the driver needs to reach MongoDB.
+pub fn connection_cap(nofile: u64) -> usize {
+    usize::try_from(nofile / 4)
+        .unwrap_or(usize::MAX)
+        .clamp(8, MAX_CONNECTIONS)
+}
 
 /// `/healthz` fails when the supervisor loop has not moved for this long.
 pub const HEALTHZ_STALL: Duration = Duration::from_secs(15);
@@ -100,27 +132,119 @@ pub fn router(state: HttpState) -> Router {
         .method_not_allowed_fallback(|| async {
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
         })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(bounded_and_json))
         .with_state(state)
 }
 
+/// Every request gets [`REQUEST_TIMEOUT`], and every error answer is JSON `{"error": ...}`,
+/// including the ones axum produces itself (413 for a body over [`MAX_BODY_BYTES`], ...).
+async fn bounded_and_json(request: Request, next: Next) -> Response {
+    let response = match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                "the request was not completed in time",
+            )
+        }
+    };
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let message = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            format!("the request body is larger than {MAX_BODY_BYTES} bytes")
+        }
+        other => other
+            .canonical_reason()
+            .unwrap_or("request refused")
+            .to_lowercase(),
+    };
+    error(status, &message)
+}
+
 /// Binds the listener (errors are returned so start-up can report them) and serves until
-/// `cancel` fires.
+/// `cancel` fires, at most `max_connections` connections at a time (see [`connection_cap`]);
+/// further clients wait in the kernel's accept queue until a slot frees, which
+/// [`HEADER_READ_TIMEOUT`] bounds.
 pub async fn serve(
     addr: SocketAddr,
     state: HttpState,
     cancel: CancellationToken,
+    max_connections: usize,
 ) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    tracing::info!(listen = %bound, "http listening");
-    tokio::spawn(async move {
-        let server = axum::serve(listener, router(state))
-            .with_graceful_shutdown(async move { cancel.cancelled().await });
-        if let Err(e) = server.await {
-            tracing::error!(error = %e, "http server failed");
-        }
-    });
+    tracing::info!(listen = %bound, max_connections, "http listening");
+    tokio::spawn(accept_loop(
+        listener,
+        router(state),
+        cancel,
+        max_connections,
+    ));
     Ok(bound)
+}
+
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    cancel: CancellationToken,
+    max_connections: usize,
+) {
+    let slots = Arc::new(Semaphore::new(max_connections));
+    let connections = TaskTracker::new();
+    let mut last_warning: Option<Instant> = None;
+    loop {
+        let slot = tokio::select! {
+            _ = cancel.cancelled() => break,
+            slot = Arc::clone(&slots).acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+        };
+        let stream = tokio::select! {
+            _ = cancel.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning; warn at most every 10 s.
+                    if last_warning.is_none_or(|at| at.elapsed() > Duration::from_secs(10)) {
+                        tracing::warn!(error = %e, "http: cannot accept a connection");
+                        last_warning = Some(Instant::now());
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let cancel = cancel.clone();
+        connections.spawn(async move {
+            let _slot = slot;
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .keep_alive(true);
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = cancel.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(DRAIN_TIMEOUT, connection).await;
+                }
+            }
+        });
+    }
+    connections.close();
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, connections.wait()).await;
 }
 
 async fn metrics(State(s): State<HttpState>) -> Response {
@@ -252,6 +376,21 @@ async fn submit(
         Ok(n) => n,
         Err(e) => return e.into_response(),
     };
+    let known: BTreeSet<String> = s.status.namespaces().into_iter().collect();
+    let unknown: Vec<&str> = namespaces
+        .iter()
+        .filter(|ns| !known.contains(*ns))
+        .map(String::as_str)
+        .collect();
+    if !unknown.is_empty() {
+        return error(
+            StatusCode::NOT_FOUND,
+            &format!(
+                "not synced by this daemon (no such source namespace, or not discovered yet): {}",
+                unknown.join(", ")
+            ),
+        );
+    }
     if s.control.send(request(namespaces.clone())).await.is_err() {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -15,6 +15,7 @@ pub mod http;
 pub mod metadata;
 pub mod metrics;
 pub mod notify;
+pub mod rlimit;
 pub mod signal;
 pub mod source;
 pub mod status;

@@ -9,12 +9,18 @@ use mongo_syncd::{
     app,
     cli::{Cli, Command},
     config::{self, Config, LogConfig},
-    exit, telemetry,
+    exit, rlimit, telemetry,
 };
 
 fn main() -> ExitCode {
     // Phase 1: synchronous bootstrap. clap prints usage errors and exits 2 by itself.
-    match Cli::parse().into_command() {
+    let command = Cli::parse().into_command();
+    // Before any thread or socket exists; reported once logging is up.
+    let nofile = match command {
+        Command::Run(_) | Command::Demo(_) => Some(rlimit::raise_nofile()),
+        _ => None,
+    };
+    match command {
         Command::CheckConfig(args) => check_config(&args.config),
         Command::Run(args) => {
             let config = match load_config(&args.config.config) {
@@ -30,6 +36,8 @@ fn main() -> ExitCode {
                 config = %args.config.config.display(),
                 "starting"
             );
+            log_config_warnings(&config);
+            log_nofile(nofile);
             // Phase 2: the runtime.
             block_on(app::run(config, args.options(Some(log))))
         }
@@ -41,6 +49,7 @@ fn main() -> ExitCode {
             if let Err(code) = init_logging(&config.log) {
                 return code;
             }
+            log_config_warnings(&config);
             block_on(app::validate(config, args.options()))
         }
         Command::Demo(args) => {
@@ -48,6 +57,7 @@ fn main() -> ExitCode {
                 Ok(log) => log,
                 Err(code) => return code,
             };
+            log_nofile(nofile);
             block_on(app::demo(args.options(Some(log))))
         }
     }
@@ -59,6 +69,28 @@ fn load_config(path: &Path) -> Result<Config, ExitCode> {
         eprintln!("mongo-syncd: invalid configuration: {err}");
         ExitCode::from(exit::INVALID_CONFIG)
     })
+}
+
+/// Reports the open-files limit raised at start-up (see [`rlimit`]).
+fn log_nofile(nofile: Option<std::io::Result<(rlimit::NofileLimit, rlimit::NofileLimit)>>) {
+    match nofile {
+        Some(Ok((before, after))) if before != after => tracing::info!(
+            from = before.soft,
+            to = after.soft,
+            "raised the open-files soft limit to the hard limit"
+        ),
+        Some(Ok(_)) | None => {}
+        Some(Err(error)) => {
+            tracing::warn!(error = %error, "cannot raise the open-files soft limit")
+        }
+    }
+}
+
+/// Warnings about a valid config (e.g. a credential file readable by others), once logging is up.
+fn log_config_warnings(config: &Config) {
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
 }
 
 fn init_logging(cfg: &LogConfig) -> Result<telemetry::LogReloadHandle, ExitCode> {
@@ -74,6 +106,9 @@ fn check_config(path: &Path) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
+    for warning in &config.warnings {
+        eprintln!("mongo-syncd: warning: {warning}");
+    }
     let text = match config.redacted().to_toml() {
         Ok(text) => text,
         Err(err) => {
