@@ -38,7 +38,8 @@ pub struct NamespaceStatus {
     pub state: WorkerState,
     pub parked_reason: Option<String>,
     pub applied_through: Option<Timestamp>,
-    pub lag_seconds: f64,
+    /// `None` until both the applied position and the source's cluster time are known.
+    pub lag_seconds: Option<f64>,
     pub last_checkpoint: Option<SystemTime>,
     pub last_error: Option<LastError>,
     pub copied: u64,
@@ -55,7 +56,7 @@ impl NamespaceStatus {
             state: WorkerState::Stopped,
             parked_reason: None,
             applied_through: None,
-            lag_seconds: 0.0,
+            lag_seconds: None,
             last_checkpoint: None,
             last_error: None,
             copied: 0,
@@ -203,9 +204,10 @@ impl StatusRegistry {
 
     /// DESIGN §2.9: `max(0, source_cluster_time − applied_through)` while the source is
     /// reachable; while it has not been reached for 10 s, lag also grows with wall time.
-    pub fn compute_lag(&self, applied_through: Option<Timestamp>) -> f64 {
+    /// `None` while either end is unknown: an unknown lag is never reported as 0.
+    pub fn compute_lag(&self, applied_through: Option<Timestamp>) -> Option<f64> {
         let (Some(src), Some(applied)) = (self.source_cluster_time(), applied_through) else {
-            return 0.0;
+            return None;
         };
         let mut lag = if ts_key(src) > ts_key(applied) {
             (src.time as f64 - applied.time as f64).max(0.0)
@@ -216,7 +218,7 @@ impl StatusRegistry {
         if silent > 10.0 {
             lag += silent;
         }
-        lag
+        Some(lag)
     }
 
     /// Reasons the pipeline is not ready (`/readyz`): any namespace not streaming, or lagging
@@ -233,17 +235,17 @@ impl StatusRegistry {
             reasons.push("source namespaces not listed yet".to_string());
         }
         for (ns, s) in self.namespaces.read().iter() {
-            match s.state {
-                WorkerState::Streaming if s.lag_seconds > max_lag_seconds => reasons.push(format!(
-                    "{ns}: lag {:.0}s exceeds {max_lag_seconds:.0}s",
-                    s.lag_seconds
-                )),
-                WorkerState::Streaming => {}
-                WorkerState::Parked => reasons.push(format!(
+            match (s.state, s.lag_seconds) {
+                (WorkerState::Streaming, None) => reasons.push(format!("{ns}: lag not known yet")),
+                (WorkerState::Streaming, Some(lag)) if lag > max_lag_seconds => {
+                    reasons.push(format!("{ns}: lag {lag:.0}s exceeds {max_lag_seconds:.0}s"))
+                }
+                (WorkerState::Streaming, Some(_)) => {}
+                (WorkerState::Parked, _) => reasons.push(format!(
                     "{ns}: parked ({})",
                     s.parked_reason.as_deref().unwrap_or("unknown")
                 )),
-                other => reasons.push(format!("{ns}: {}", other.as_str())),
+                (other, _) => reasons.push(format!("{ns}: {}", other.as_str())),
             }
         }
         reasons
@@ -256,7 +258,7 @@ impl StatusRegistry {
         let mut max_lag = 0.0f64;
         for s in map.values() {
             *counts.entry(s.state.as_str()).or_default() += 1;
-            max_lag = max_lag.max(s.lag_seconds);
+            max_lag = max_lag.max(s.lag_seconds.unwrap_or(0.0));
         }
         let states: Vec<String> = counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
         format!(
@@ -326,21 +328,21 @@ mod tests {
                 time: 100,
                 increment: 5
             })),
-            0.0
+            Some(0.0)
         );
         assert_eq!(
             s.compute_lag(Some(Timestamp {
                 time: 100,
                 increment: 9
             })),
-            0.0
+            Some(0.0)
         );
         assert_eq!(
             s.compute_lag(Some(Timestamp {
                 time: 90,
                 increment: 1
             })),
-            10.0
+            Some(10.0)
         );
     }
 
@@ -354,15 +356,54 @@ mod tests {
         assert!(s.not_ready_reasons(30.0).is_empty());
         s.register("d.a", "d.a");
         s.register("d.b", "d.b");
-        s.update("d.a", |n| n.state = WorkerState::Streaming);
+        s.update("d.a", |n| {
+            n.state = WorkerState::Streaming;
+            n.lag_seconds = Some(0.0);
+        });
         s.update("d.b", |n| {
             n.state = WorkerState::Parked;
             n.parked_reason = Some("max_restarts".into());
         });
         let reasons = s.not_ready_reasons(30.0);
         assert_eq!(reasons, vec!["d.b: parked (max_restarts)".to_string()]);
-        s.update("d.a", |n| n.lag_seconds = 45.0);
+        s.update("d.a", |n| n.lag_seconds = Some(45.0));
         assert_eq!(s.not_ready_reasons(30.0).len(), 2);
         assert!(s.summary().contains("1 parked"));
+    }
+
+    #[test]
+    fn lag_is_unknown_until_both_ends_are_known_and_then_readiness_needs_it() {
+        let s = StatusRegistry::default();
+        s.set_source_connected(true);
+        s.set_destination_connected(true);
+        s.set_discovered();
+        s.register("d.a", "d.a");
+        s.update("d.a", |n| n.state = WorkerState::Streaming);
+        // Neither the source's cluster time nor the applied position known: no lag, not 0.
+        assert_eq!(s.compute_lag(None), None);
+        assert_eq!(
+            s.compute_lag(Some(Timestamp {
+                time: 5,
+                increment: 1
+            })),
+            None
+        );
+        assert!(s.to_json("v")["namespaces"]["d.a"]["lag_seconds"].is_null());
+        assert_eq!(
+            s.not_ready_reasons(30.0),
+            vec!["d.a: lag not known yet".to_string()]
+        );
+        s.set_source_cluster_time(Timestamp {
+            time: 10,
+            increment: 1,
+        });
+        let lag = s.compute_lag(Some(Timestamp {
+            time: 5,
+            increment: 1,
+        }));
+        assert_eq!(lag, Some(5.0));
+        s.update("d.a", |n| n.lag_seconds = lag);
+        assert_eq!(s.to_json("v")["namespaces"]["d.a"]["lag_seconds"], 5.0);
+        assert!(s.not_ready_reasons(30.0).is_empty());
     }
 }

@@ -461,7 +461,16 @@ impl Metrics {
         };
         if lookup.new {
             self.ns.pre_initialise(label);
-            table.update(ns, |g| g.state = Some(WorkerState::Stopped));
+            // Gauges whose "nothing yet" is 0 exist from the start; lag, the recovery point and
+            // the checkpoint age have no such value and are reported by the worker before it
+            // can be ready (issue 12).
+            table.update(ns, |g| {
+                g.state = Some(WorkerState::Stopped);
+                g.queue_events = Some(0.0);
+                g.copy_estimate = Some(0.0);
+                g.validation_mismatched = Some(0.0);
+                g.validation_last_success = Some(0.0);
+            });
         }
         Some(f(label, &mut table))
     }
@@ -482,9 +491,10 @@ impl Metrics {
         self.with_ns(ns, |_, _| ());
     }
 
-    /// Pre-initialises `conflicts_total` for the namespace's conflict policy (all outcomes).
-    /// Not done by [`register_namespace`](Self::register_namespace): five policies times four
-    /// outcomes per namespace would be mostly dead series.
+    /// Pre-initialises `conflicts_total` for the namespace's conflict policy (all outcomes);
+    /// the supervisor calls it for every namespace, whatever its policy. Not done by
+    /// [`register_namespace`](Self::register_namespace): five policies times four outcomes per
+    /// namespace would be mostly dead series.
     pub fn register_conflict_policy(&self, ns: &str, policy: ConflictPolicyLabel) {
         self.with_ns(ns, |label, _| {
             for outcome in ConflictOutcome::ALL {

@@ -303,6 +303,17 @@ fn register_namespace_pre_initialises_series_at_zero() {
         value(&s, WORKER_STATE, &[ns, (LABEL_STATE, "stopped")]),
         1.0
     );
+    // Gauges whose "nothing happened yet" value is 0 (issue 12: dashboards never say
+    // "No data" on a healthy daemon). Lag, recovery point and checkpoint age have no such
+    // value: the worker reports them before /readyz can say 200.
+    for name in [
+        QUEUE_EVENTS,
+        INITIAL_SYNC_DOCUMENTS_ESTIMATED,
+        VALIDATION_MISMATCHED_DOCUMENTS,
+        VALIDATION_LAST_SUCCESS_TIMESTAMP_SECONDS,
+    ] {
+        assert_eq!(value(&s, name, &[ns]), 0.0, "{name}");
+    }
     // Conflicts only for the policy the namespace uses.
     assert!(!s.iter().any(|x| x.name == CONFLICTS_TOTAL));
     m.register_conflict_policy("db.c", ConflictPolicyLabel::Journal);
