@@ -62,6 +62,10 @@ pub struct Checkpoint {
     pub ttl_indexes: Document,
     /// Consecutive re-copies caused by history loss.
     pub history_lost_recopies: i32,
+    /// The destination namespace (`db.coll`) this checkpoint's copy and events were written
+    /// to; a different target (`sync.rename` changed) needs a new copy. `None` in checkpoints
+    /// written before it was recorded.
+    pub target: Option<String>,
     pub updated_at: Option<DateTime>,
 }
 
@@ -114,6 +118,7 @@ impl Checkpoint {
             "unique_indexes_pending": self.unique_indexes_pending,
             "ttl_indexes": self.ttl_indexes.clone(),
             "history_lost_recopies": self.history_lost_recopies,
+            "target": self.target.clone().map(Bson::String).unwrap_or(Bson::Null),
             "updated_at": DateTime::now(),
         }
     }
@@ -145,6 +150,7 @@ impl Checkpoint {
             unique_indexes_pending: d.get_bool("unique_indexes_pending").unwrap_or(false),
             ttl_indexes: d.get_document("ttl_indexes").cloned().unwrap_or_default(),
             history_lost_recopies: d.get_i32("history_lost_recopies").unwrap_or(0),
+            target: d.get_str("target").ok().map(str::to_owned),
             updated_at: d.get_datetime("updated_at").ok().copied(),
         }
     }
@@ -324,6 +330,7 @@ mod tests {
             unique_indexes_pending: true,
             ttl_indexes: doc! {"ttl_1": 60},
             history_lost_recopies: 1,
+            target: Some("x.y".into()),
             updated_at: None,
         };
         let d = cp.to_document(&key);

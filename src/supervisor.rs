@@ -73,7 +73,12 @@ struct WorkerHandle {
     commands: mpsc::Sender<WorkerCommand>,
     stop: CancellationToken,
     abort: CancellationToken,
+    /// Cancelled when the worker's runner has returned (it writes nothing after that).
+    exited: CancellationToken,
 }
+
+/// Parked reason of namespaces that `sync.rename` maps onto one destination namespace.
+pub const RENAME_COLLISION: &str = "rename_collision";
 
 pub struct Supervisor {
     config: Arc<Config>,
@@ -89,6 +94,8 @@ pub struct Supervisor {
     reports_tx: mpsc::Sender<WorkerReport>,
     reports_rx: mpsc::Receiver<WorkerReport>,
     warned_skipped: HashSet<Namespace>,
+    /// Namespaces parked because another source namespace has the same destination.
+    collided: HashSet<Namespace>,
     /// Validation scheduler (DESIGN §2.7): passes per namespace, repairs through the workers.
     validation: ValidationService,
     /// Set by [`Supervisor::run`]'s loop on every iteration, for the systemd watchdog.
@@ -161,6 +168,7 @@ impl Supervisor {
             reports_tx,
             reports_rx,
             warned_skipped: HashSet::new(),
+            collided: HashSet::new(),
             validation,
             heartbeat: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         }
@@ -319,9 +327,10 @@ impl Supervisor {
                 s.state,
                 WorkerState::Copying | WorkerState::Streaming | WorkerState::Backoff
             ) {
-                let lag = status.compute_lag(s.applied_through);
-                status.update(&ns, |n| n.lag_seconds = lag);
-                self.pipeline.metrics.set_lag(&ns, lag);
+                if let Some(lag) = status.compute_lag(s.applied_through) {
+                    self.pipeline.metrics.set_lag(&ns, lag);
+                    status.update(&ns, |n| n.lag_seconds = Some(lag));
+                }
             }
         }
     }
@@ -347,8 +356,13 @@ impl Supervisor {
                 tracing::warn!(namespace = %ns, kind = %kind, "skipping: views and time-series collections are not synced in this version");
             }
         }
+        let collections: Vec<SourceCollection> = collections
+            .into_iter()
+            .filter(|coll| self.filter.matches(&coll.ns.db, &coll.ns.coll))
+            .collect();
+        let colliding = self.park_rename_collisions(&collections);
         for coll in collections {
-            if !self.filter.matches(&coll.ns.db, &coll.ns.coll) {
+            if colliding.contains(&coll.ns) {
                 continue;
             }
             match self.workers.get(&coll.ns) {
@@ -363,6 +377,74 @@ impl Supervisor {
         }
         // After the workers are registered: /readyz never sees "listed, but nothing to sync".
         self.pipeline.status.set_discovered();
+    }
+
+    /// Two source namespaces that `sync.rename` maps onto one destination namespace would
+    /// merge, each copy deleting the other's documents: both are parked with reason
+    /// [`RENAME_COLLISION`] (their workers stopped) until the config or the source changes.
+    /// Returns the colliding namespaces; namespaces that no longer collide are released.
+    fn park_rename_collisions(&mut self, collections: &[SourceCollection]) -> HashSet<Namespace> {
+        let collisions = self.config.rename_map().collisions(
+            collections
+                .iter()
+                .map(|c| (c.ns.db.as_str(), c.ns.coll.as_str())),
+        );
+        let mut colliding = HashSet::new();
+        for ((tdb, tcoll), sources) in collisions {
+            let target = format!("{tdb}.{tcoll}");
+            for source in &sources {
+                let Some(ns) = collections.iter().find(|c| c.ns.to_string() == *source) else {
+                    continue;
+                };
+                let ns = ns.ns.clone();
+                colliding.insert(ns.clone());
+                if self.collided.insert(ns.clone()) {
+                    let others: Vec<&str> = sources
+                        .iter()
+                        .filter(|o| *o != source)
+                        .map(String::as_str)
+                        .collect();
+                    tracing::error!(
+                        namespace = %ns,
+                        target = %target,
+                        also_renamed_there = %others.join(", "),
+                        reason = RENAME_COLLISION,
+                        "parked: sync.rename maps several source namespaces onto one destination namespace; fix sync.rename (nothing is written to the target meanwhile)"
+                    );
+                }
+                if self.workers.contains_key(&ns) {
+                    self.remove_worker(&ns, true);
+                }
+                // Set at every listing: a stopping worker's last report cannot unpark it.
+                let label = ns.to_string();
+                self.pipeline.metrics.register_namespace(&label);
+                self.pipeline
+                    .metrics
+                    .set_worker_state(&label, WorkerState::Parked);
+                self.pipeline.status.register(&label, &target);
+                self.pipeline.status.update(&label, |s| {
+                    s.target = target.clone();
+                    s.state = WorkerState::Parked;
+                    s.parked_reason = Some(RENAME_COLLISION.to_string());
+                });
+            }
+        }
+        // Released: a worker starts again (below); gone from the source: forgotten.
+        let released: Vec<Namespace> = self
+            .collided
+            .iter()
+            .filter(|ns| !colliding.contains(*ns))
+            .cloned()
+            .collect();
+        for ns in released {
+            self.collided.remove(&ns);
+            let label = ns.to_string();
+            if !collections.iter().any(|c| c.ns == ns) {
+                self.pipeline.metrics.remove_namespace(&label);
+            }
+            self.pipeline.status.remove(&label);
+        }
+        colliding
     }
 
     fn spawn_worker(&mut self, coll: SourceCollection) {
@@ -392,11 +474,10 @@ impl Supervisor {
             enable_pre_images: self.config.conflict.enable_pre_images,
             images_enabled: Default::default(),
         };
-        if ctx.conflict.detects_conflicts() {
-            self.pipeline
-                .metrics
-                .register_conflict_policy(&label, ctx.conflict.label());
-        }
+        // Every namespace: a dashboard's conflict panel has data (0) on a healthy daemon.
+        self.pipeline
+            .metrics
+            .register_conflict_policy(&label, ctx.conflict.label());
         let (cmd_tx, cmd_rx) = mpsc::channel(8);
         self.validation.register(Registration {
             plan: NamespacePlan {
@@ -422,6 +503,12 @@ impl Supervisor {
             },
         );
         let span = tracing::info_span!("worker", namespace = %label);
+        let exited = CancellationToken::new();
+        let on_exit = exited.clone().drop_guard();
+        let runner = async move {
+            let _on_exit = on_exit;
+            runner.await
+        };
         self.tracker
             .spawn(tracing::Instrument::instrument(runner, span));
         self.workers.insert(
@@ -431,8 +518,28 @@ impl Supervisor {
                 commands: cmd_tx,
                 stop,
                 abort,
+                exited,
             },
         );
+    }
+
+    /// Stops a worker and waits until it has exited (aborting it after the shutdown
+    /// deadline); its metrics series stay, its status entry goes (a successor registers anew).
+    async fn stop_and_wait(&mut self, ns: &Namespace) {
+        let Some(h) = self.workers.remove(ns) else {
+            return;
+        };
+        self.validation.unregister(&ns.to_string());
+        h.stop.cancel();
+        let deadline = Duration::from_secs(self.config.shutdown.timeout_seconds);
+        if tokio::time::timeout(deadline, h.exited.cancelled())
+            .await
+            .is_err()
+        {
+            h.abort.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(5), h.exited.cancelled()).await;
+        }
+        self.pipeline.status.remove(&ns.to_string());
     }
 
     /// Stops a worker; `forget` also deletes its metrics series and status.
@@ -492,6 +599,23 @@ impl Supervisor {
         for ns in out_of_scope {
             tracing::info!(namespace = %ns, "namespace no longer in scope after reload; stopping its worker");
             self.remove_worker(&ns, false);
+        }
+        // A changed `sync.rename` target: the worker stops (and has exited before its
+        // successor starts, so no late checkpoint of the old target survives); discovery below
+        // starts it again, and it copies into the new target (see `worker::run`).
+        let retargeted: Vec<Namespace> = self
+            .workers
+            .keys()
+            .filter(|ns| {
+                old.rename_map().target(&ns.db, &ns.coll)
+                    != self.config.rename_map().target(&ns.db, &ns.coll)
+            })
+            .cloned()
+            .collect();
+        for ns in retargeted {
+            let (tdb, tcoll) = self.config.rename_map().target(&ns.db, &ns.coll);
+            tracing::info!(namespace = %ns, target = %format!("{tdb}.{tcoll}"), "sync.rename changed for a namespace in sync; restarting its worker to copy into the new target");
+            self.stop_and_wait(&ns).await;
         }
         // Parked workers restart with the new settings.
         let parked: Vec<Namespace> = self

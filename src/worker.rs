@@ -191,14 +191,20 @@ impl WorkerContext {
                 .set_applied_through(&label, ts.time as f64);
         }
         let lag = self.pipeline.status.compute_lag(applied_through);
+        // Metrics first: once the status has a lag (what /readyz waits for), every gauge a
+        // dashboard reads already has a value.
+        if let Some(lag) = lag {
+            self.pipeline.metrics.set_lag(&label, lag);
+        }
         self.pipeline.status.update(&label, |s| {
             s.last_checkpoint = Some(now);
             if applied_through.is_some() {
                 s.applied_through = applied_through;
-                s.lag_seconds = lag;
+                if lag.is_some() {
+                    s.lag_seconds = lag;
+                }
             }
         });
-        self.pipeline.metrics.set_lag(&label, lag);
     }
 }
 
@@ -240,7 +246,22 @@ pub async fn run(
     if stale > 0 {
         tracing::info!(namespace = %ctx.label(), "discarded checkpoints of an earlier incarnation of the collection");
     }
+    let target = ctx.target.to_string();
     let mut cp = match ctx.pipeline.checkpoints.load(&key).await? {
+        // `sync.rename` changed since this namespace was copied: the new target is copied
+        // like a new collection, never streamed into empty.
+        Some(old) if old.target.as_deref().is_some_and(|t| t != target) => {
+            tracing::warn!(
+                namespace = %ctx.label(),
+                old_target = old.target.as_deref().unwrap_or_default(),
+                target = %target,
+                "sync.rename changed: copying into the new target; the old target is left as it is"
+            );
+            Checkpoint {
+                history_lost_recopies: old.history_lost_recopies,
+                ..Checkpoint::default()
+            }
+        }
         Some(cp) if !recopy => cp,
         Some(old) => Checkpoint {
             history_lost_recopies: old.history_lost_recopies,
@@ -259,6 +280,7 @@ pub async fn run(
         }
         None => Checkpoint::default(),
     };
+    cp.target = Some(target);
     if cp.phase == Phase::Copying {
         initial_copy(ctx, &mut cp, stop).await?;
     }
@@ -468,6 +490,7 @@ async fn initial_copy(
             phase: Phase::Copying,
             start_token: Some(serialize_token(&token)?),
             history_lost_recopies: cp.history_lost_recopies,
+            target: Some(ctx.target.to_string()),
             ..Checkpoint::default()
         };
         ctx.pipeline.checkpoints.reset(&key, cp).await?;
@@ -480,11 +503,8 @@ async fn initial_copy(
         .as_ref()
         .and_then(|t| bson::RawDocumentBuf::try_from(t).ok())
         .and_then(|t| token_cluster_time(&t));
-    if let Some(ts) = start_ts {
-        ctx.pipeline
-            .status
-            .update(&label, |s| s.applied_through = Some(ts));
-    }
+    // The copy's checkpoint exists: lag is measured from T0 while copying (DESIGN §2.9).
+    ctx.record_checkpoint(start_ts);
     ensure_destination_collection(ctx).await?;
     let estimate = ctx
         .pipeline
@@ -509,6 +529,7 @@ async fn initial_copy(
         cp.copy.done = next.is_none();
         cp.copy.last_range = next.clone();
         ctx.pipeline.checkpoints.save(&key, cp).await?;
+        ctx.record_checkpoint(start_ts);
         ctx.made_progress();
         ctx.pipeline.metrics.copied(&label, written);
         ctx.pipeline
@@ -523,6 +544,7 @@ async fn initial_copy(
     cp.applied_through = start_ts;
     cp.replay_until = Some(end);
     ctx.pipeline.checkpoints.save(&key, cp).await?;
+    ctx.record_checkpoint(start_ts);
     ctx.made_progress();
     tracing::info!(
         namespace = %label,

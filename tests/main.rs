@@ -8,6 +8,7 @@ mod faults;
 mod http_api;
 mod lifecycle;
 mod operations;
+mod renames;
 mod replication;
 mod resume;
 mod support;
