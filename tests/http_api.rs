@@ -71,6 +71,8 @@ async fn mutating_endpoints_need_the_bearer_token() {
         &format!("token = \"{TOKEN}\"\n\n[sync]\nnamespaces = [\"shop.*\"]\n"),
     );
     wait_http(&d).await;
+    // Force-sync and validate naming shop.orders need the namespace to be known (404 before).
+    d.wait_streaming("shop.orders").await;
 
     for path in ["/api/v1/force-sync", "/api/v1/validate"] {
         assert_error(
@@ -357,4 +359,177 @@ async fn a_running_pipeline_with_credentials_never_shows_them() {
     for secret in secrets {
         assert!(!logs.contains(secret), "the log shows {secret:?}:\n{logs}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_bodies_answer_json_413_and_unknown_namespaces_404() {
+    let c = Clusters::start().await;
+    c.src
+        .database("shop")
+        .collection::<Document>("orders")
+        .insert_one(doc! {"_id": 1})
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(
+        &c,
+        dir.path(),
+        &format!("token = \"{TOKEN}\"\n\n[sync]\nnamespaces = [\"shop.*\"]\n"),
+    );
+    wait_http(&d).await;
+    d.wait_streaming("shop.orders").await;
+
+    for path in ["/api/v1/force-sync", "/api/v1/validate"] {
+        // A body far larger than any list of namespaces: 413, as JSON like every error.
+        let huge = format!("{{\"namespaces\": [\"{}.x\"]}}", "a".repeat(256 << 10));
+        assert_error(
+            &format!("{path} with a 256 KiB body"),
+            post(&d, path, Some(TOKEN), &huge).await,
+            StatusCode::PAYLOAD_TOO_LARGE,
+        );
+        // A namespace the daemon does not sync: 404, and nothing is triggered.
+        let got = post(
+            &d,
+            path,
+            Some(TOKEN),
+            "{\"namespaces\": [\"shop.orders\", \"shop.nope\"]}",
+        )
+        .await;
+        assert!(
+            got.1["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("shop.nope"),
+            "{path}: {}",
+            got.1
+        );
+        assert_error(
+            &format!("{path} naming an unknown namespace"),
+            got,
+            StatusCode::NOT_FOUND,
+        );
+    }
+    assert_eq!(
+        d.metric("mongo_syncd_force_syncs_total{trigger=\"http\"}")
+            .await
+            .unwrap_or(0.0),
+        0.0,
+        "a refused force-sync must not be counted"
+    );
+}
+
+/// Slowloris: a few hundred connections that send nothing, or half a request, must neither
+/// keep `/healthz` and `/metrics` from answering nor stop replication, and must be closed by
+/// the server within its header timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_half_sent_connections_do_not_starve_the_listener() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let c = Clusters::start().await;
+    let orders = c.src.database("shop").collection::<Document>("orders");
+    orders.insert_one(doc! {"_id": 0}).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&c, dir.path(), "[sync]\nnamespaces = [\"shop.*\"]\n");
+    wait_http(&d).await;
+    d.wait_streaming("shop.orders").await;
+
+    let mut idle = Vec::new();
+    let mut half_sent = Vec::new();
+    for i in 0..300 {
+        let mut conn = tokio::net::TcpStream::connect(d.http).await.unwrap();
+        if i % 2 == 0 {
+            conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+                .await
+                .unwrap();
+            half_sent.push(conn);
+        } else {
+            idle.push(conn);
+        }
+    }
+
+    // For a few seconds, with every slow connection open: the probes answer promptly and
+    // writes keep arriving on the destination.
+    let quick = reqwest::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut written = 0;
+    while started.elapsed() < Duration::from_secs(3) {
+        for path in ["/healthz", "/metrics"] {
+            let resp = quick
+                .get(format!("http://{}{path}", d.http))
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("{path} under slowloris: {e}"));
+            assert_eq!(resp.status(), StatusCode::OK, "{path} under slowloris");
+        }
+        written += 1;
+        orders.insert_one(doc! {"_id": written}).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let target = c.dst.database("shop").collection::<Document>("orders");
+    wait_until(
+        "replication keeps moving under slowloris",
+        Duration::from_secs(30),
+        || async { target.count_documents(doc! {}).await.unwrap_or(0) == written as u64 + 1 },
+    )
+    .await;
+
+    // The server closes both kinds within its header timeout (plus slack for a loaded host).
+    let closed = |mut conn: tokio::net::TcpStream| async move {
+        let mut buf = [0u8; 512];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(30), conn.read(&mut buf)).await {
+                Err(_) => return false,
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                // A 408 answer before the close is fine.
+                Ok(Ok(_)) => continue,
+            }
+        }
+    };
+    let results = futures::future::join_all(half_sent.into_iter().chain(idle).map(closed)).await;
+    let open = results.iter().filter(|closed| !**closed).count();
+    assert_eq!(
+        open,
+        0,
+        "{open} of {} slow connections still open after 30 s",
+        results.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_open_files_soft_limit_is_raised_to_the_hard_limit() {
+    let c = Clusters::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::configure(&c, dir.path(), "");
+    let log = std::fs::File::create(dir.path().join("prlimit.log")).unwrap();
+    let hard = std::fs::read_to_string("/proc/self/limits")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(4).map(str::to_owned))
+        .unwrap();
+    // Started with a soft limit of 256 (the hard limit stays the test's own).
+    let mut child = std::process::Command::new("prlimit")
+        .arg(format!("--nofile=256:{hard}"))
+        .arg(env!("CARGO_BIN_EXE_mongo-syncd"))
+        .args(["run", "--config"])
+        .arg(&d.config_path)
+        .env_remove("NOTIFY_SOCKET")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    wait_http(&d).await;
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .to_owned();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(fields[3], hard, "soft limit not raised: {line}");
 }

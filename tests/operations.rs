@@ -814,3 +814,105 @@ async fn json_logs_parse_and_never_contain_document_contents() {
         "a document value reached the log:\n{logs}"
     );
 }
+
+/// Every per-namespace series a dashboard or alert reads, for one namespace.
+const PER_NAMESPACE_FAMILIES: &[&str] = &[
+    "mongo_syncd_lag_seconds",
+    "mongo_syncd_applied_through_timestamp_seconds",
+    "mongo_syncd_checkpoint_age_seconds",
+    "mongo_syncd_queue_events",
+    "mongo_syncd_worker_state",
+    "mongo_syncd_initial_sync_documents_estimated",
+    "mongo_syncd_validation_mismatched_documents",
+    "mongo_syncd_validation_last_success_timestamp_seconds",
+    "mongo_syncd_events_read_total",
+    "mongo_syncd_events_applied_total",
+    "mongo_syncd_writes_total",
+    "mongo_syncd_replay_skipped_total",
+    "mongo_syncd_worker_restarts_total",
+    "mongo_syncd_errors_total",
+    "mongo_syncd_initial_sync_documents_copied_total",
+    "mongo_syncd_validation_runs_total",
+    "mongo_syncd_conflicts_total",
+    "mongo_syncd_dead_letters_total",
+];
+
+/// Polls `/readyz` until its first 200, then at once reads `/metrics` and the status.
+async fn first_ready_scrape(d: &Daemon) -> (String, serde_json::Value) {
+    let started = Instant::now();
+    loop {
+        if let Some((200, _)) = d.get("/readyz").await {
+            let (_, metrics) = d.get("/metrics").await.expect("/metrics answers");
+            let status = d.status().await.expect("status answers");
+            return (metrics, status);
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "/readyz never said 200; log:\n{}",
+            d.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn assert_every_series_present(metrics: &str, ns: &str, when: &str) {
+    let label = format!("namespace=\"{ns}\"");
+    let has = |family: &str, extra: &str| {
+        metrics.lines().any(|l| {
+            l.strip_prefix(family)
+                .is_some_and(|rest| rest.starts_with('{') && rest.contains(&label))
+                && l.contains(extra)
+        })
+    };
+    let missing: Vec<&str> = PER_NAMESPACE_FAMILIES
+        .iter()
+        .copied()
+        .filter(|f| !has(f, ""))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{when}: no series for {missing:?}:\n{metrics}"
+    );
+    for kind in ["transient", "history_lost", "document"] {
+        assert!(
+            has("mongo_syncd_errors_total", &format!("kind=\"{kind}\"")),
+            "{when}: errors_total kind {kind}"
+        );
+    }
+    for outcome in ["applied", "skipped", "journaled"] {
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("mongo_syncd_conflicts_total{")
+                    && l.contains(&label)
+                    && l.contains("policy=\"source-wins\"")
+                    && l.contains(&format!("outcome=\"{outcome}\""))),
+            "{when}: conflicts_total outcome {outcome}:\n{metrics}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_series_exists_when_readyz_first_says_200() {
+    let c = Clusters::start().await;
+    seed_orders(&c, 300).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(&c, dir.path(), "[sync]\nnamespaces = [\"shop.*\"]\n");
+    let (metrics, status) = first_ready_scrape(&d).await;
+    assert_every_series_present(&metrics, "shop.orders", "first start");
+    assert!(
+        status["namespaces"]["shop.orders"]["lag_seconds"].is_number(),
+        "ready with an unknown lag: {status}"
+    );
+
+    // After a restart the worker resumes from its checkpoint, without a copy: the series
+    // are there as soon as it is ready again.
+    assert_eq!(d.terminate().await, Some(0));
+    d.spawn(&[]);
+    let (metrics, status) = first_ready_scrape(&d).await;
+    assert_every_series_present(&metrics, "shop.orders", "after a restart");
+    assert!(
+        status["namespaces"]["shop.orders"]["lag_seconds"].is_number(),
+        "ready with an unknown lag after a restart: {status}"
+    );
+}
