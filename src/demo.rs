@@ -31,7 +31,7 @@ use crate::{
     exit,
     metrics::WorkerState,
     source::Source,
-    status::StatusRegistry,
+    status::{NamespaceStatus, StatusRegistry},
 };
 
 /// Replica-set names of the two simulators.
@@ -128,6 +128,16 @@ fn thousands(n: u64) -> String {
     out
 }
 
+/// At most 6 characters below 10^12: `12,345`, `370.4k`, `12.3M`, `4.5G`.
+fn compact(n: u64) -> String {
+    match n {
+        0..=99_999 => thousands(n),
+        100_000..=999_949 => format!("{:.1}k", n as f64 / 1e3),
+        999_950..=999_949_999 => format!("{:.1}M", n as f64 / 1e6),
+        _ => format!("{:.1}G", n as f64 / 1e9),
+    }
+}
+
 /// Runs the demo; see the module documentation.
 pub async fn run(options: DemoOptions) -> ExitCode {
     let style = Style {
@@ -215,7 +225,7 @@ async fn demo(options: DemoOptions, style: Style, interrupted: CancellationToken
     };
     let seeded: u64 = DATA_SET.iter().map(|(_, _, n)| *n as u64).sum();
     say(&format!(
-        "  {}     {} documents in {} collections of 2 databases (shop, analytics), seeded in {:.1}s",
+        "  {}     {} documents, {} collections in shop and analytics ({:.1}s)",
         style.dim("data set"),
         thousands(seeded),
         DATA_SET.len(),
@@ -269,8 +279,9 @@ async fn demo(options: DemoOptions, style: Style, interrupted: CancellationToken
             Err(_) => {
                 let code = daemon.await.unwrap_or(exit::RUNTIME_FAILURE);
                 say(&style.red(&format!(
-                    "the daemon did not start (exit {code}); is {listen} already in use? try --http-listen 127.0.0.1:0"
+                    "the daemon did not start (exit {code}); is {listen} already in use?"
                 )));
+                say(&style.red("try --http-listen 127.0.0.1:0"));
                 return if code == exit::OK { exit::RUNTIME_FAILURE } else { code };
             }
         },
@@ -281,7 +292,7 @@ async fn demo(options: DemoOptions, style: Style, interrupted: CancellationToken
         }
     };
     say(&format!(
-        "  {}         http://{}  (/metrics /healthz /readyz /api/v1/status)",
+        "  {}         http://{} (/metrics /readyz /api/v1/status)",
         style.dim("http"),
         running.http_addr
     ));
@@ -735,11 +746,13 @@ async fn live_writer(
     Ok(())
 }
 
-/// The one-line-per-second progress display.
+/// The one-line-per-second progress display. Every line fits 80 columns.
 struct Display {
     style: Style,
     seeded: u64,
     last_applied: u64,
+    /// The newest validation already shown (its time), so each result is printed once.
+    last_validation: Option<SystemTime>,
 }
 
 impl Display {
@@ -748,38 +761,66 @@ impl Display {
             style,
             seeded,
             last_applied: 0,
+            last_validation: None,
         }
     }
 
+    /// The column titles and a legend for the two counters that newcomers compare.
+    fn header_lines(&self) -> Vec<String> {
+        let titles = format!(
+            "  {:>5}  {:<16}  {:>18}  {:>5}  {:>16}  {:>8}",
+            "time", "collections", "copied / total", "lag", "events applied", "src ops"
+        );
+        vec![
+            self.style.dim(&titles),
+            self.style.dim(
+                "  src ops: operations of the demo's writer; one can change several documents",
+            ),
+            self.style.dim(
+                "  (5-document batches, transactions). events applied: the changes they made,",
+            ),
+            self.style.dim(
+                "  applied from the change stream once copied (the copy itself carries the rest).",
+            ),
+        ]
+    }
+
     fn header(&self) {
-        say(&self.style.dim(&format!(
-            "  {:>5}  {:<15}  {:>22}  {:>5}  {:>15}  {:>13}  {}",
-            "time",
-            "phase",
-            "copied / total",
-            "lag",
-            "events applied",
-            "source writes",
-            "last validation"
-        )));
+        for line in self.header_lines() {
+            say(&line);
+        }
     }
 
     fn line(&mut self, elapsed: Duration, status: &StatusRegistry, writes: u64) {
-        let snapshot = status.snapshot();
+        for line in self.lines(elapsed, &status.snapshot(), writes, SystemTime::now()) {
+            say(&line);
+        }
+    }
+
+    /// One progress row, preceded by a line for a validation finished since the last row.
+    fn lines(
+        &mut self,
+        elapsed: Duration,
+        snapshot: &BTreeMap<String, NamespaceStatus>,
+        writes: u64,
+        now: SystemTime,
+    ) -> Vec<String> {
         let mut states: BTreeMap<&'static str, usize> = BTreeMap::new();
         let (mut copied, mut total, mut applied) = (0u64, 0u64, 0u64);
-        let mut lag = 0.0f64;
+        let mut lag: Option<f64> = None;
         let mut validation: Option<(SystemTime, String)> = None;
         for s in snapshot.values() {
             *states.entry(s.state.as_str()).or_default() += 1;
             copied += s.copied;
             total += s.copy_estimate.max(s.copied);
             applied += s.events_applied;
-            lag = lag.max(s.lag_seconds);
+            if let Some(l) = s.lag_seconds {
+                lag = Some(lag.map_or(l, |m: f64| m.max(l)));
+            }
             if let Some(v) = &s.last_validation {
                 if validation.as_ref().is_none_or(|(at, _)| v.at > *at) {
                     let text = if v.mismatched_documents > 0 {
-                        format!("{} ({} docs)", v.result, v.mismatched_documents)
+                        format!("{} ({} documents differ)", v.result, v.mismatched_documents)
                     } else {
                         v.result.clone()
                     };
@@ -789,23 +830,27 @@ impl Display {
         }
         let n = snapshot.len();
         let count = |s: WorkerState| states.get(s.as_str()).copied().unwrap_or(0);
+        let copying = count(WorkerState::Copying);
         let (phase, painted) = if n == 0 {
             ("starting".to_string(), 'y')
         } else if count(WorkerState::Parked) > 0 {
-            (format!("parked {}/{n}", count(WorkerState::Parked)), 'r')
+            (format!("{} of {n} parked", count(WorkerState::Parked)), 'r')
         } else if count(WorkerState::Backoff) > 0 {
-            (format!("backoff {}/{n}", count(WorkerState::Backoff)), 'r')
-        } else if count(WorkerState::Copying) > 0 {
-            (format!("copying {}/{n}", count(WorkerState::Copying)), 'y')
+            (
+                format!("{} of {n} backoff", count(WorkerState::Backoff)),
+                'r',
+            )
+        } else if copying > 0 {
+            (format!("{copying} of {n} copying"), 'y')
         } else if count(WorkerState::Streaming) == n {
-            ("streaming".to_string(), 'g')
+            (format!("{n} streaming"), 'g')
         } else {
             (
-                format!("streaming {}/{n}", count(WorkerState::Streaming)),
+                format!("{} of {n} streaming", count(WorkerState::Streaming)),
                 'y',
             )
         };
-        let phase_cell = format!("{phase:<15}");
+        let phase_cell = format!("{phase:<16}");
         let phase_cell = match painted {
             'g' => self.style.green(&phase_cell),
             'r' => self.style.red(&phase_cell),
@@ -817,33 +862,40 @@ impl Display {
         } else {
             (copied as f64 * 100.0 / total as f64).min(100.0)
         };
-        let copy_cell = format!("{} / {} {:>4.0}%", thousands(copied), thousands(total), pct);
+        let copy_cell = format!("{}/{} {:>3.0}%", compact(copied), compact(total), pct);
+        // While any collection copies, the lag of the whole is not meaningful yet (it is
+        // measured from the copy's start): the copy column is the progress to watch.
+        let lag_cell = match lag {
+            Some(l) if copying == 0 && n > 0 => format!("{l:.0}s"),
+            _ => "—".to_string(),
+        };
         let rate = applied.saturating_sub(self.last_applied);
         self.last_applied = applied;
-        let applied_cell = format!("{} (+{rate})", thousands(applied));
-        let validation_cell = match validation {
-            Some((at, text)) => {
-                let ago = SystemTime::now()
-                    .duration_since(at)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0);
-                format!("{text}, {ago}s ago")
+        let applied_cell = format!("{} (+{})", compact(applied), compact(rate));
+        let mut lines = Vec::new();
+        if let Some((at, text)) = validation {
+            if self.last_validation.is_none_or(|shown| at > shown) {
+                self.last_validation = Some(at);
+                let ago = now.duration_since(at).map(|d| d.as_secs()).unwrap_or(0);
+                lines.push(format!(
+                    "  {:>4}s  last validation: {text}, {ago}s ago",
+                    elapsed.as_secs()
+                ));
             }
-            None => "none yet".to_string(),
-        };
+        }
         let mut line = String::new();
         let _ = write!(
             line,
-            "  {:>4}s  {}  {:>22}  {:>4.0}s  {:>15}  {:>13}  {}",
+            "  {:>4}s  {}  {:>18}  {:>5}  {:>16}  {:>8}",
             elapsed.as_secs(),
             phase_cell,
             copy_cell,
-            lag,
+            lag_cell,
             applied_cell,
-            thousands(writes),
-            validation_cell
+            compact(writes),
         );
-        say(&line);
+        lines.push(line);
+        lines
     }
 }
 
@@ -913,10 +965,11 @@ async fn finish(
             )];
             for (ns, s) in running.status.snapshot() {
                 lines.push(format!(
-                    "{ns}: {} (applied through {:?}, lag {:.0}s)",
+                    "{ns}: {} (applied through {:?}, lag {})",
                     s.state.as_str(),
                     s.applied_through,
                     s.lag_seconds
+                        .map_or("unknown".to_string(), |l| format!("{l:.0}s"))
                 ));
             }
             Verdict::Different(lines)
@@ -1048,5 +1101,130 @@ async fn compare(src: &Client, dst: &Client) -> Verdict {
         }
     } else {
         Verdict::Different(diffs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::LastValidation;
+
+    /// Widest line the demo prints (a classic terminal).
+    const MAX_COLUMNS: usize = 80;
+
+    fn width(line: &str) -> usize {
+        line.chars().count()
+    }
+
+    fn ns(state: WorkerState, copied: u64, estimate: u64, lag: Option<f64>) -> NamespaceStatus {
+        let registry = StatusRegistry::default();
+        registry.register("x.y", "x.y");
+        registry.update("x.y", |s| {
+            s.state = state;
+            s.copied = copied;
+            s.copy_estimate = estimate;
+            s.lag_seconds = lag;
+            s.events_applied = 1_234_567;
+        });
+        registry.get("x.y").unwrap()
+    }
+
+    #[test]
+    fn every_line_fits_80_columns_and_says_what_it_counts() {
+        let mut d = Display::new(Style { tty: false }, 50_400);
+        for line in d.header_lines() {
+            assert!(
+                width(&line) <= MAX_COLUMNS,
+                "{} columns: {line:?}",
+                width(&line)
+            );
+        }
+        let mut snapshot = BTreeMap::new();
+        for (i, state) in [
+            WorkerState::Copying,
+            WorkerState::Streaming,
+            WorkerState::Copying,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            snapshot.insert(
+                format!("db.c{i}"),
+                ns(state, 9_999_999, 12_345_678, Some(12_345.0)),
+            );
+        }
+        let at = SystemTime::now();
+        snapshot.get_mut("db.c1").unwrap().last_validation = Some(LastValidation {
+            result: "mismatch".into(),
+            at,
+            ranges_checked: 1,
+            mismatched_documents: 123_456,
+            repaired: 0,
+        });
+        let lines = d.lines(Duration::from_secs(9_999), &snapshot, 99_999_999, at);
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        for line in &lines {
+            assert!(
+                width(line) <= MAX_COLUMNS,
+                "{} columns: {line:?}",
+                width(line)
+            );
+        }
+        let row = &lines[1];
+        // What "2 of 3" counts is in the cell, and the copy shows its progress.
+        assert!(row.contains("2 of 3 copying"), "{row}");
+        assert!(d.header_lines()[0].contains("collections"));
+        assert!(row.contains("30.0M/37.0M  81%"), "{row}");
+        // Lag is not a number while copying.
+        assert!(row.contains("—") && !row.contains("12345s"), "{row}");
+        // The validation is shown once.
+        let again = d.lines(Duration::from_secs(10_000), &snapshot, 99_999_999, at);
+        assert_eq!(again.len(), 1, "{again:?}");
+    }
+
+    #[test]
+    fn compact_numbers_stay_within_6_characters() {
+        for (n, want) in [
+            (0, "0"),
+            (99_999, "99,999"),
+            (100_000, "100.0k"),
+            (999_949, "999.9k"),
+            (999_950, "1.0M"),
+            (999_949_999, "999.9M"),
+            (u64::MAX, "18446744073.7G"),
+        ] {
+            assert_eq!(compact(n), want);
+        }
+        for n in [
+            0,
+            99_999,
+            100_000,
+            999_949,
+            999_950,
+            123_456_789,
+            999_949_999,
+            99_999_999_999,
+        ] {
+            assert!(compact(n).chars().count() <= 6, "{n}: {}", compact(n));
+        }
+    }
+
+    #[test]
+    fn lag_shows_once_every_collection_streams_and_only_when_known() {
+        let mut d = Display::new(Style { tty: false }, 10);
+        let mut snapshot = BTreeMap::new();
+        snapshot.insert("a.b".to_string(), ns(WorkerState::Streaming, 10, 10, None));
+        let row = d
+            .lines(Duration::from_secs(1), &snapshot, 5, SystemTime::now())
+            .remove(0);
+        assert!(row.contains("—"), "unknown lag is not 0: {row}");
+        snapshot.insert(
+            "a.b".to_string(),
+            ns(WorkerState::Streaming, 10, 10, Some(3.0)),
+        );
+        let row = d
+            .lines(Duration::from_secs(2), &snapshot, 5, SystemTime::now())
+            .remove(0);
+        assert!(row.contains(" 3s ") && row.contains("1 streaming"), "{row}");
     }
 }
