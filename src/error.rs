@@ -520,6 +520,27 @@ pub fn policy(err: &SyncError) -> RetryDirective {
         ErrorKind::Config | ErrorKind::SourceIdentityMismatch => RetryDirective::Fatal {
             exit_code: exit::INVALID_CONFIG,
         },
+        // 13 Unauthorized on a command of one namespace (a missing role on one database, a
+        // destination user without write access to one collection) parks that namespace;
+        // only a refused handshake (authentication) stops the process.
+        ErrorKind::Authentication
+        | ErrorKind::SourceRead
+        | ErrorKind::DestinationWrite
+        | ErrorKind::Checkpoint
+            if err.mongo_source().map(facts).is_some_and(|f| {
+                !f.is_auth
+                    && (f.code == Some(UNAUTHORIZED) || f.write_error_codes.contains(&UNAUTHORIZED))
+            }) =>
+        {
+            RetryDirective::Park {
+                reason: "unauthorized",
+                solution: format!(
+                    "{} was refused with code 13 (Unauthorized): grant the daemon's user the \
+                     roles it needs on this namespace (DESIGN §2.1), then force-sync the namespace",
+                    err.kind
+                ),
+            }
+        }
         ErrorKind::Authentication => RetryDirective::Fatal {
             exit_code: exit::AUTH_REFUSED,
         },
@@ -527,10 +548,11 @@ pub fn policy(err: &SyncError) -> RetryDirective {
         // worker only (DESIGN §2.2).
         ErrorKind::InvariantViolated => RetryDirective::Park {
             reason: "invariant_violated",
-            solution: "a condition mongo-syncd relies on did not hold for this namespace (read the \
+            solution:
+                "a condition mongo-syncd relies on did not hold for this namespace (read the \
                        logged error: e.g. its checkpoint would have moved backwards because \
                        another process wrote it); fix the cause, then force-sync the namespace"
-                .to_owned(),
+                    .to_owned(),
         },
         ErrorKind::CollationMismatch => RetryDirective::Park {
             reason: "collation_mismatch",
@@ -558,24 +580,6 @@ pub fn policy(err: &SyncError) -> RetryDirective {
                        then force-sync the namespace"
                     .to_owned(),
         },
-        // 13 Unauthorized on a command of one namespace (a missing role on one database, a
-        // destination user without write access to one collection) parks that namespace;
-        // only a refused handshake (authentication) stops the process.
-        ErrorKind::SourceRead | ErrorKind::DestinationWrite | ErrorKind::Checkpoint
-            if err.mongo_source().map(facts).is_some_and(|f| {
-                !f.is_auth
-                    && (f.code == Some(UNAUTHORIZED) || f.write_error_codes.contains(&UNAUTHORIZED))
-            }) =>
-        {
-            RetryDirective::Park {
-                reason: "unauthorized",
-                solution: format!(
-                    "{} was refused with code 13 (Unauthorized): grant the daemon's user the \
-                     roles it needs on this namespace (DESIGN §2.1), then force-sync the namespace",
-                    err.kind
-                ),
-            }
-        }
         ErrorKind::SourceRead | ErrorKind::DestinationWrite | ErrorKind::Checkpoint => {
             match err.mongo_source().map(classify_mongo) {
                 Some(ErrorClass::Transient) => RetryDirective::Backoff,

@@ -939,6 +939,9 @@ async fn stream(
         }
     };
     reader_stop.cancel();
+    // The reader may be waiting for room in the queue: close it, or an aborted worker (its
+    // incarnation gone, the queue full) would wait for its reader forever.
+    drop(rx);
     let _ = reader.await;
     result
 }

@@ -170,7 +170,11 @@ async fn drop_and_recreate_while_the_old_worker_lags_keeps_the_new_collection() 
 
 /// Starts a daemon on `app.*` and `tmp.*`, waits until `namespaces` are copied and
 /// streaming, and stops it.
-async fn sync_then_stop(c: &Clusters, dir: &std::path::Path, namespaces: &[(&str, &str)]) -> Daemon {
+async fn sync_then_stop(
+    c: &Clusters,
+    dir: &std::path::Path,
+    namespaces: &[(&str, &str)],
+) -> Daemon {
     let mut d = Daemon::start(c, dir, "[sync]\nnamespaces = [\"app.*\", \"tmp.*\"]\n");
     wait_converged(c, namespaces, Duration::from_secs(60)).await;
     for (db, coll) in namespaces {
@@ -303,7 +307,9 @@ async fn a_recreate_with_other_options_while_stopped_gets_the_new_options() {
         "the old options are on the destination",
         Duration::from_secs(60),
         || async {
-            index_names(&c.dst, "app", "v").await.contains(&"email_1".to_string())
+            index_names(&c.dst, "app", "v")
+                .await
+                .contains(&"email_1".to_string())
                 && options(&c.dst, "app", "v")
                     .await
                     .is_some_and(|o| o.contains_key("validator"))
@@ -477,7 +483,10 @@ async fn a_checkpoint_moving_backwards_parks_only_that_worker() {
     );
     insert_range(&c, "app", "b", 10..20, "after").await;
     wait_converged(&c, &[("app", "b")], Duration::from_secs(60)).await;
-    assert_eq!(d.namespace_state("app.b").await.as_deref(), Some("streaming"));
+    assert_eq!(
+        d.namespace_state("app.b").await.as_deref(),
+        Some("streaming")
+    );
     assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
 }
 
@@ -505,7 +514,10 @@ async fn unauthorized_on_one_namespace_parks_it_and_unparking_resumes_without_a_
     })
     .await;
     let status = d.status().await.unwrap();
-    assert_eq!(status["namespaces"]["app.a"]["parked_reason"], "unauthorized");
+    assert_eq!(
+        status["namespaces"]["app.a"]["parked_reason"],
+        "unauthorized"
+    );
     insert_range(&c, "app", "b", 10..20, "after").await;
     wait_converged(&c, &[("app", "b")], Duration::from_secs(60)).await;
     // The privilege is granted again; force-sync un-parks.

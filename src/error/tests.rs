@@ -432,15 +432,25 @@ fn policy_table() {
             "{kind}"
         );
     }
+    // As built by the apply path (SyncError::mongo classifies 13 as authentication).
+    let denied = SyncError::mongo(
+        ErrorKind::DestinationWrite,
+        "applying batch",
+        command_error(13, "Unauthorized", "not authorized on shop"),
+    );
+    assert!(matches!(
+        policy(&denied),
+        RetryDirective::Park {
+            reason: "unauthorized",
+            ..
+        }
+    ));
     let refused = SyncError::with_source(
         ErrorKind::DestinationWrite,
         "applying batch",
         command_error(18, "AuthenticationFailed", "bad credentials"),
     );
-    assert_eq!(
-        policy(&refused),
-        RetryDirective::Fatal { exit_code: 77 }
-    );
+    assert_eq!(policy(&refused), RetryDirective::Fatal { exit_code: 77 });
 }
 
 #[test]
