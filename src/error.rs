@@ -57,6 +57,8 @@ pub enum ErrorKind {
     Cancelled,
     /// A condition the code relies on did not hold: a bug.
     InvariantViolated,
+    /// The destination collection's collation differs from the source collection's.
+    CollationMismatch,
 }
 
 impl ErrorKind {
@@ -77,6 +79,7 @@ impl ErrorKind {
             ErrorKind::WorkerPanicked => "worker_panicked",
             ErrorKind::Cancelled => "cancelled",
             ErrorKind::InvariantViolated => "invariant_violated",
+            ErrorKind::CollationMismatch => "collation_mismatch",
         }
     }
 }
@@ -301,6 +304,9 @@ pub const DUPLICATE_KEY: i32 = 11000;
 /// 18 AuthenticationFailed, 13 Unauthorized.
 pub const AUTH_CODES: &[i32] = &[13, 18];
 
+/// 13 Unauthorized: on a namespace's command, a missing privilege (the namespace parks).
+pub const UNAUTHORIZED: i32 = 13;
+
 /// Extracts the facts [`classify`] needs from a driver error (and its nested errors).
 pub fn facts(err: &mongodb::error::Error) -> ErrorFacts {
     let mut f = ErrorFacts::default();
@@ -514,11 +520,46 @@ pub fn policy(err: &SyncError) -> RetryDirective {
         ErrorKind::Config | ErrorKind::SourceIdentityMismatch => RetryDirective::Fatal {
             exit_code: exit::INVALID_CONFIG,
         },
+        // 13 Unauthorized on a command of one namespace (a missing role on one database, a
+        // destination user without write access to one collection) parks that namespace;
+        // only a refused handshake (authentication) stops the process.
+        ErrorKind::Authentication
+        | ErrorKind::SourceRead
+        | ErrorKind::DestinationWrite
+        | ErrorKind::Checkpoint
+            if err.mongo_source().map(facts).is_some_and(|f| {
+                !f.is_auth
+                    && (f.code == Some(UNAUTHORIZED) || f.write_error_codes.contains(&UNAUTHORIZED))
+            }) =>
+        {
+            RetryDirective::Park {
+                reason: "unauthorized",
+                solution: format!(
+                    "{} was refused with code 13 (Unauthorized): grant the daemon's user the \
+                     roles it needs on this namespace (DESIGN §2.1), then force-sync the namespace",
+                    err.kind
+                ),
+            }
+        }
         ErrorKind::Authentication => RetryDirective::Fatal {
             exit_code: exit::AUTH_REFUSED,
         },
-        ErrorKind::InvariantViolated => RetryDirective::Fatal {
-            exit_code: exit::RUNTIME_FAILURE,
+        // One worker's broken invariant (e.g. its checkpoint would move backwards) stops that
+        // worker only (DESIGN §2.2).
+        ErrorKind::InvariantViolated => RetryDirective::Park {
+            reason: "invariant_violated",
+            solution:
+                "a condition mongo-syncd relies on did not hold for this namespace (read the \
+                       logged error: e.g. its checkpoint would have moved backwards because \
+                       another process wrote it); fix the cause, then force-sync the namespace"
+                    .to_owned(),
+        },
+        ErrorKind::CollationMismatch => RetryDirective::Park {
+            reason: "collation_mismatch",
+            solution: "re-create the destination collection with the source collection's \
+                       collation (or set sync.on_collation_mismatch = \"recreate\"), then \
+                       force-sync the namespace"
+                .to_owned(),
         },
         ErrorKind::Cancelled => RetryDirective::Stop,
         ErrorKind::ChangeStreamHistoryLost => RetryDirective::Resync,

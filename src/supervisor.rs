@@ -23,7 +23,7 @@ use crate::{
     source::{Namespace, Source, SourceCollection},
     status::LastError,
     validate::{schedule::ValidationDeps, NamespacePlan, Registration, ValidationService},
-    worker::{self, Pipeline, WorkerCommand, WorkerContext, WorkerExit, WorkerSettings},
+    worker::{self, Pipeline, Recopy, WorkerCommand, WorkerContext, WorkerExit, WorkerSettings},
 };
 
 /// How often the source is listed for new collections.
@@ -64,8 +64,12 @@ enum WorkerReport {
         exit_code: u8,
         error: String,
     },
-    /// The namespace is gone (dropped or renamed on the source).
-    Gone { ns: Namespace },
+    /// The incarnation is gone (dropped or renamed on the source). Keyed by the incarnation:
+    /// a late report of an old incarnation never stops a newer one of the same namespace.
+    Gone {
+        ns: Namespace,
+        uuid: Option<bson::Uuid>,
+    },
 }
 
 struct WorkerHandle {
@@ -73,8 +77,26 @@ struct WorkerHandle {
     commands: mpsc::Sender<WorkerCommand>,
     stop: CancellationToken,
     abort: CancellationToken,
-    /// Cancelled when the worker's runner has returned (it writes nothing after that).
+    /// Cancelled once the worker's runner has returned (or panicked).
     exited: CancellationToken,
+}
+
+/// A worker asked to stop whose runner may still be running: no other incarnation of its
+/// namespace starts until it has exited (DESIGN §2.10).
+struct Retiring {
+    ns: Namespace,
+    uuid: Option<bson::Uuid>,
+    exited: CancellationToken,
+}
+
+/// The incarnations the supervisor runs, as seen when a listing starts.
+#[derive(Debug, Clone, Default)]
+struct Incarnations {
+    /// Running workers and retiring workers that have not exited yet.
+    active: Vec<(Namespace, Option<bson::Uuid>)>,
+    /// Retiring workers that had exited when the listing started: their checkpoints may be
+    /// finished by this listing, and their namespaces may start a new incarnation after it.
+    exited: Vec<(Namespace, Option<bson::Uuid>)>,
 }
 
 /// Parked reason of namespaces that `sync.rename` maps onto one destination namespace.
@@ -93,6 +115,8 @@ pub struct Supervisor {
     abort: CancellationToken,
     reports_tx: mpsc::Sender<WorkerReport>,
     reports_rx: mpsc::Receiver<WorkerReport>,
+    /// Stopped workers that may still be running (see [`Retiring`]).
+    retiring: Vec<Retiring>,
     warned_skipped: HashSet<Namespace>,
     /// Namespaces parked because another source namespace has the same destination.
     collided: HashSet<Namespace>,
@@ -116,6 +140,7 @@ pub fn worker_settings(config: &Config) -> WorkerSettings {
             .start_at_operation_time
             .map(|t| t.to_timestamp()),
         destination_timeout: config.destination.socket_timeout(),
+        on_collation_mismatch: config.sync.on_collation_mismatch,
     }
 }
 
@@ -167,6 +192,7 @@ impl Supervisor {
             abort: CancellationToken::new(),
             reports_tx,
             reports_rx,
+            retiring: Vec::new(),
             warned_skipped: HashSet::new(),
             collided: HashSet::new(),
             validation,
@@ -190,7 +216,7 @@ impl Supervisor {
         let mut exit_code = 0u8;
         self.validation
             .start(&self.tracker, self.stop.child_token());
-        let mut listing: Option<tokio::task::JoinHandle<Listing>> = None;
+        let mut listing: Option<tokio::task::JoinHandle<(Listing, Incarnations)>> = None;
         let mut probe: Option<tokio::task::JoinHandle<(Result<Timestamp, SyncError>, bool)>> = None;
         loop {
             self.heartbeat.fetch_add(1, Ordering::Relaxed);
@@ -200,7 +226,13 @@ impl Supervisor {
                 ctrl = control.recv() => match ctrl {
                     None | Some(Control::Shutdown) => break,
                     Some(Control::ForceSync { namespaces, trigger }) => self.force_sync(&namespaces, trigger),
-                    Some(Control::Reload(cfg)) => self.reload(*cfg).await,
+                    Some(Control::Reload(cfg)) => {
+                        self.reload(*cfg);
+                        // Pick up namespaces now in scope (after the listing in flight, if any).
+                        if listing.is_none() {
+                            discovery.reset_immediately();
+                        }
+                    }
                     Some(Control::Validate { namespaces }) => self.validate(&namespaces),
                 },
                 Some(report) = self.reports_rx.recv() => match report {
@@ -209,18 +241,22 @@ impl Supervisor {
                         exit_code = code;
                         break;
                     }
-                    WorkerReport::Gone { ns } => self.remove_worker(&ns, false),
+                    WorkerReport::Gone { ns, uuid } => {
+                        if self.workers.get(&ns).is_some_and(|h| h.uuid == uuid) {
+                            self.retire_worker(&ns, false);
+                        }
+                    }
                 },
                 // Network round trips run in their own tasks: an unreachable cluster never
-                // holds this loop (and with it /healthz and the systemd watchdog).
+                // holds this loop (and with it /healthz and the systemd watchdog). One listing
+                // at a time: it finishes old incarnations before new ones start.
                 _ = discovery.tick(), if listing.is_none() => {
-                    let source = self.pipeline.source.clone();
-                    listing = Some(tokio::spawn(async move { list_source(&source).await }));
+                    listing = Some(tokio::spawn(self.discovery_task()));
                 }
                 done = async { listing.as_mut().expect("guarded by the branch condition").await }, if listing.is_some() => {
                     listing = None;
                     match done {
-                        Ok(found) => self.apply_listing(found),
+                        Ok((found, seen)) => self.apply_listing(found, &seen),
                         Err(e) => tracing::error!(error = %e, "listing the source failed unexpectedly"),
                     }
                 }
@@ -335,22 +371,61 @@ impl Supervisor {
         }
     }
 
-    /// Lists the source and starts workers for new in-scope collections (and for collections
-    /// recreated with a new UUID).
-    async fn discover(&mut self) {
-        let found = list_source(&self.pipeline.source).await;
-        self.apply_listing(found);
+    /// The incarnations running now, for a listing about to start.
+    fn incarnations(&self) -> Incarnations {
+        let mut seen = Incarnations {
+            active: self
+                .workers
+                .iter()
+                .map(|(ns, h)| (ns.clone(), h.uuid))
+                .collect(),
+            exited: Vec::new(),
+        };
+        for r in &self.retiring {
+            let entry = (r.ns.clone(), r.uuid);
+            if r.exited.is_cancelled() {
+                seen.exited.push(entry);
+            } else {
+                seen.active.push(entry);
+            }
+        }
+        seen
     }
 
-    /// Starts workers for the namespaces of a listing (see [`Supervisor::discover`]).
-    fn apply_listing(&mut self, found: Listing) {
+    /// A listing of the source that first finishes the checkpoints of incarnations gone from
+    /// it (see [`finish_gone_incarnations`]).
+    fn discovery_task(
+        &self,
+    ) -> impl std::future::Future<Output = (Listing, Incarnations)> + Send + 'static {
+        let seen = self.incarnations();
+        let pipeline = self.pipeline.clone();
+        let config = Arc::clone(&self.config);
+        async move {
+            let found = match list_source(&pipeline.source).await {
+                Ok(found) => finish_gone_incarnations(&pipeline, &config, &seen, &found.0)
+                    .await
+                    .map(|()| found),
+                Err(e) => Err(e),
+            };
+            (found, seen)
+        }
+    }
+
+    /// Starts workers for the in-scope collections of a listing, and retires the workers of
+    /// incarnations the listing no longer shows (dropped, renamed, or re-created with a new
+    /// UUID). A namespace's new incarnation starts only once its old worker has exited and the
+    /// old incarnation was finished by a listing (DESIGN §2.10).
+    fn apply_listing(&mut self, found: Listing, seen: &Incarnations) {
         let (collections, skipped) = match found {
             Ok(found) => found,
             Err(e) => {
-                tracing::warn!(error = %e, "could not list source collections; retrying");
+                tracing::warn!(error = %e, "could not list source collections, or could not finish the collections gone from it; retrying");
                 return;
             }
         };
+        // Retired workers that had exited before this listing were finished by it.
+        self.retiring
+            .retain(|r| !seen.exited.contains(&(r.ns.clone(), r.uuid)));
         for (ns, kind) in skipped {
             if self.filter.matches(&ns.db, &ns.coll) && self.warned_skipped.insert(ns.clone()) {
                 tracing::warn!(namespace = %ns, kind = %kind, "skipping: views and time-series collections are not synced in this version");
@@ -361,19 +436,28 @@ impl Supervisor {
             .filter(|coll| self.filter.matches(&coll.ns.db, &coll.ns.coll))
             .collect();
         let colliding = self.park_rename_collisions(&collections);
+        let gone: Vec<Namespace> = self
+            .workers
+            .iter()
+            .filter(|(ns, h)| !collections.iter().any(|c| same_incarnation(c, ns, h.uuid)))
+            .map(|(ns, _)| ns.clone())
+            .collect();
+        for ns in gone {
+            tracing::info!(namespace = %ns, "this incarnation of the collection is gone from the source (dropped, renamed or re-created); stopping its worker without draining");
+            self.retire_worker(&ns, true);
+        }
         for coll in collections {
             if colliding.contains(&coll.ns) {
                 continue;
             }
-            match self.workers.get(&coll.ns) {
-                Some(h) if h.uuid == coll.uuid || coll.uuid.is_none() => {}
-                Some(_) => {
-                    tracing::info!(namespace = %coll.ns, "collection was recreated on the source; restarting its worker");
-                    self.remove_worker(&coll.ns, false);
-                    self.spawn_worker(coll);
-                }
-                None => self.spawn_worker(coll),
+            if self.workers.contains_key(&coll.ns) {
+                continue;
             }
+            if self.retiring.iter().any(|r| r.ns == coll.ns) {
+                tracing::debug!(namespace = %coll.ns, "waiting for the previous incarnation's worker to exit before starting this one");
+                continue;
+            }
+            self.spawn_worker(coll);
         }
         // After the workers are registered: /readyz never sees "listed, but nothing to sync".
         self.pipeline.status.set_discovered();
@@ -413,7 +497,7 @@ impl Supervisor {
                     );
                 }
                 if self.workers.contains_key(&ns) {
-                    self.remove_worker(&ns, true);
+                    self.retire_worker(&ns, false);
                 }
                 // Set at every listing: a stopping worker's last report cannot unpark it.
                 let label = ns.to_string();
@@ -502,13 +586,14 @@ impl Supervisor {
                 on_history_lost: self.config.sync.on_history_lost,
             },
         );
-        let span = tracing::info_span!("worker", namespace = %label);
         let exited = CancellationToken::new();
-        let on_exit = exited.clone().drop_guard();
+        let exited_guard = exited.clone().drop_guard();
         let runner = async move {
-            let _on_exit = on_exit;
+            // Dropped when the runner returns, panics or is aborted.
+            let _exited = exited_guard;
             runner.await
         };
+        let span = tracing::info_span!("worker", namespace = %label);
         self.tracker
             .spawn(tracing::Instrument::instrument(runner, span));
         self.workers.insert(
@@ -523,43 +608,34 @@ impl Supervisor {
         );
     }
 
-    /// Stops a worker and waits until it has exited (aborting it after the shutdown
-    /// deadline); its metrics series stay, its status entry goes (a successor registers anew).
-    async fn stop_and_wait(&mut self, ns: &Namespace) {
-        let Some(h) = self.workers.remove(ns) else {
-            return;
-        };
-        self.validation.unregister(&ns.to_string());
-        h.stop.cancel();
-        let deadline = Duration::from_secs(self.config.shutdown.timeout_seconds);
-        if tokio::time::timeout(deadline, h.exited.cancelled())
-            .await
-            .is_err()
-        {
-            h.abort.cancel();
-            let _ = tokio::time::timeout(Duration::from_secs(5), h.exited.cancelled()).await;
-        }
-        self.pipeline.status.remove(&ns.to_string());
-    }
-
-    /// Stops a worker; `forget` also deletes its metrics series and status.
-    fn remove_worker(&mut self, ns: &Namespace, keep_series: bool) {
+    /// Stops a worker and deletes its metrics series and status. `abort_now` (its incarnation
+    /// is gone from the source) stops it without draining its queue: what it has not applied
+    /// is finished by the next listing, after it has exited. Otherwise it drains within the
+    /// shutdown deadline. Until it has exited, no other worker of its namespace starts.
+    fn retire_worker(&mut self, ns: &Namespace, abort_now: bool) {
         if let Some(h) = self.workers.remove(ns) {
             self.validation.unregister(&ns.to_string());
             h.stop.cancel();
-            // Give it the shutdown deadline to drain, then abort.
-            let abort = h.abort.clone();
-            let deadline = Duration::from_secs(self.config.shutdown.timeout_seconds);
-            tokio::spawn(async move {
-                tokio::time::sleep(deadline).await;
-                abort.cancel();
+            if abort_now {
+                h.abort.cancel();
+            } else {
+                // Give it the shutdown deadline to drain, then abort.
+                let abort = h.abort.clone();
+                let deadline = Duration::from_secs(self.config.shutdown.timeout_seconds);
+                tokio::spawn(async move {
+                    tokio::time::sleep(deadline).await;
+                    abort.cancel();
+                });
+            }
+            self.retiring.push(Retiring {
+                ns: ns.clone(),
+                uuid: h.uuid,
+                exited: h.exited,
             });
         }
-        if !keep_series {
-            let label = ns.to_string();
-            self.pipeline.metrics.remove_namespace(&label);
-            self.pipeline.status.remove(&label);
-        }
+        let label = ns.to_string();
+        self.pipeline.metrics.remove_namespace(&label);
+        self.pipeline.status.remove(&label);
     }
 
     fn force_sync(&mut self, namespaces: &[String], trigger: Trigger) {
@@ -578,7 +654,8 @@ impl Supervisor {
         self.validation.request(namespaces);
     }
 
-    async fn reload(&mut self, config: Config) {
+    /// Applies a new configuration; the caller lists the source right after.
+    fn reload(&mut self, config: Config) {
         let old = Arc::clone(&self.config);
         let endpoints_changed =
             old.source != config.source || old.destination != config.destination;
@@ -598,11 +675,11 @@ impl Supervisor {
             .collect();
         for ns in out_of_scope {
             tracing::info!(namespace = %ns, "namespace no longer in scope after reload; stopping its worker");
-            self.remove_worker(&ns, false);
+            self.retire_worker(&ns, false);
         }
-        // A changed `sync.rename` target: the worker stops (and has exited before its
-        // successor starts, so no late checkpoint of the old target survives); discovery below
-        // starts it again, and it copies into the new target (see `worker::run`).
+        // A changed `sync.rename` target: the worker stops, and its successor starts only once
+        // it has exited (so no late checkpoint of the old target survives); discovery starts it
+        // again, and it copies into the new target (see `worker::run`).
         let retargeted: Vec<Namespace> = self
             .workers
             .keys()
@@ -615,7 +692,7 @@ impl Supervisor {
         for ns in retargeted {
             let (tdb, tcoll) = self.config.rename_map().target(&ns.db, &ns.coll);
             tracing::info!(namespace = %ns, target = %format!("{tdb}.{tcoll}"), "sync.rename changed for a namespace in sync; restarting its worker to copy into the new target");
-            self.stop_and_wait(&ns).await;
+            self.retire_worker(&ns, false);
         }
         // Parked workers restart with the new settings.
         let parked: Vec<Namespace> = self
@@ -631,7 +708,6 @@ impl Supervisor {
                 let _ = h.commands.try_send(WorkerCommand::ForceSync);
             }
         }
-        self.discover().await;
         tracing::info!("configuration reloaded");
     }
 }
@@ -649,6 +725,74 @@ async fn list_source(source: &Source) -> Listing {
                 "listing the source's collections timed out",
             ))
         })
+}
+
+/// Whether a listed collection is the incarnation `(ns, uuid)` (an unknown UUID on either
+/// side matches by name).
+fn same_incarnation(coll: &SourceCollection, ns: &Namespace, uuid: Option<bson::Uuid>) -> bool {
+    coll.ns == *ns && (coll.uuid == uuid || coll.uuid.is_none() || uuid.is_none())
+}
+
+/// DESIGN §2.10: every checkpoint of this `sync.id` whose incarnation (namespace, collection
+/// UUID) is not on the source any more, and whose worker is not running, is finished before a
+/// new incarnation of its namespace starts. The collection was dropped (alone or with its
+/// database), renamed, or re-created while the daemon was stopped or before its worker applied
+/// that: every remaining event of the old stream ends in a drop, rename or dropDatabase of the
+/// old name, and each of them drops the old name on the destination (§2.4; a rename's new name
+/// is a namespace of its own, copied by its worker). So the outcome is decided from the
+/// listing: the old target is dropped on the destination, then the checkpoint deleted. A
+/// re-created collection is then created afresh with its new options.
+async fn finish_gone_incarnations(
+    pipeline: &Pipeline,
+    config: &Config,
+    seen: &Incarnations,
+    collections: &[SourceCollection],
+) -> Result<(), SyncError> {
+    let filter = config.namespace_filter();
+    for (key, _) in pipeline.checkpoints.list(&config.sync.id).await? {
+        let Some((db, coll)) = key.ns.split_once('.') else {
+            continue;
+        };
+        let ns = Namespace::new(db, coll);
+        if !filter.matches(&ns.db, &ns.coll)
+            || collections
+                .iter()
+                .any(|c| same_incarnation(c, &ns, key.uuid))
+            || seen.active.contains(&(ns.clone(), key.uuid))
+        {
+            continue;
+        }
+        let renamed_to = key.uuid.and_then(|u| {
+            collections
+                .iter()
+                .find(|c| c.uuid == Some(u))
+                .map(|c| c.ns.to_string())
+        });
+        if seen.active.iter().any(|(n, _)| *n == ns) {
+            // Another incarnation of the namespace already runs on the destination collection:
+            // only the stale checkpoint goes.
+            tracing::info!(namespace = %ns, "discarding the checkpoint of an earlier incarnation of the collection");
+        } else {
+            let (tdb, tcoll) = config.rename_map().target(&ns.db, &ns.coll);
+            let target = Namespace::new(tdb, tcoll);
+            pipeline
+                .dest
+                .database(&target.db)
+                .collection::<bson::Document>(&target.coll)
+                .drop()
+                .await
+                .map_err(|e| {
+                    SyncError::mongo(
+                        ErrorKind::DestinationWrite,
+                        format!("dropping {target}, whose source collection is gone"),
+                        e,
+                    )
+                })?;
+            tracing::info!(namespace = %ns, target = %target, renamed_to = renamed_to.as_deref().unwrap_or(""), "finished an earlier incarnation of the collection: it is gone from the source (dropped, renamed or re-created); dropped it on the destination");
+        }
+        pipeline.checkpoints.delete(&key).await?;
+    }
+    Ok(())
 }
 
 /// The source's cluster time and whether the destination answers a ping, each within
@@ -695,14 +839,13 @@ async fn supervise_worker(
         rules.max_backoff,
     );
     let mut failures = 0u32;
-    let mut recopy = false;
-    let mut history_lost_streak = 0u32;
+    let mut recopy = Recopy::No;
     loop {
         let progress_before = ctx.progress.load(Ordering::Relaxed);
         let outcome = AssertUnwindSafe(worker::run(&ctx, &stop, &abort, &mut commands, recopy))
             .catch_unwind()
             .await;
-        recopy = false;
+        recopy = Recopy::No;
         let error = match outcome {
             Ok(Ok(WorkerExit::Stopped)) => {
                 ctx.set_state_public(WorkerState::Stopped);
@@ -711,7 +854,10 @@ async fn supervise_worker(
             Ok(Ok(WorkerExit::NamespaceGone)) => {
                 ctx.set_state_public(WorkerState::Stopped);
                 let _ = reports
-                    .send(WorkerReport::Gone { ns: ctx.ns.clone() })
+                    .send(WorkerReport::Gone {
+                        ns: ctx.ns.clone(),
+                        uuid: ctx.uuid,
+                    })
                     .await;
                 return;
             }
@@ -735,9 +881,6 @@ async fn supervise_worker(
         if ctx.progress.load(Ordering::Relaxed) != progress_before {
             failures = 0;
             backoff.reset();
-        }
-        if ctx.caught_up.load(Ordering::Relaxed) {
-            history_lost_streak = 0;
         }
         let directive = policy(&error);
         if !matches!(directive, RetryDirective::Stop) {
@@ -767,6 +910,15 @@ async fn supervise_worker(
                 return;
             }
             RetryDirective::Resync => {
+                // Consecutive history-lost re-copies, persisted in the checkpoint: the streak
+                // survives restarts, and ends once a re-copy's replay has caught up.
+                let history_lost_streak = match ctx.pipeline.checkpoints.load(&ctx.key()).await {
+                    Ok(cp) => cp.map_or(0, |c| c.history_lost_recopies.max(0) as u32),
+                    Err(e) => {
+                        tracing::warn!(namespace = %label, error = %e, "could not read the history-loss streak from the checkpoint; counting from zero");
+                        0
+                    }
+                };
                 if rules.on_history_lost == OnHistoryLost::Park {
                     Some((
                         "history_lost".into(),
@@ -781,9 +933,8 @@ async fn supervise_worker(
                         ),
                     ))
                 } else {
-                    history_lost_streak += 1;
-                    tracing::warn!(namespace = %label, class = "history_lost", kind = error.kind.as_str(), error = %error, streak = history_lost_streak, "change stream history lost; re-copying the namespace");
-                    recopy = true;
+                    tracing::warn!(namespace = %label, class = "history_lost", kind = error.kind.as_str(), error = %error, streak = history_lost_streak + 1, "change stream history lost; re-copying the namespace");
+                    recopy = Recopy::HistoryLost;
                     ctx.pipeline.metrics.worker_restart(&label);
                     ctx.pipeline.status.update(&label, |s| s.restarts += 1);
                     None
@@ -829,11 +980,16 @@ async fn supervise_worker(
                     },
                 }
             }
-            tracing::info!(namespace = %label, "parked worker restarting with a fresh copy");
             failures = 0;
-            history_lost_streak = 0;
             backoff.reset();
-            recopy = true;
+            // Un-parking re-copies only when the checkpoint cannot be resumed (its history is
+            // gone); otherwise the worker resumes where it stopped.
+            if matches!(reason.as_str(), "history_lost" | "oplog_too_small") {
+                tracing::info!(namespace = %label, "parked worker restarting with a fresh copy (its stream history is gone)");
+                recopy = Recopy::Operator;
+            } else {
+                tracing::info!(namespace = %label, "parked worker restarting from its checkpoint");
+            }
         }
     }
 }

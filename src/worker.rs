@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     apply::{Applier, ApplyStats},
     checkpoint::{at_or_after, Checkpoint, CheckpointKey, CheckpointStore, CopyProgress, Phase},
-    config::{InitialCopy, UpdateMode},
+    config::{InitialCopy, OnCollationMismatch, UpdateMode},
     conflict::ConflictSettings,
     error::{ErrorKind, SyncError},
     event::{token_cluster_time, ts_key, ts_max, ChangeEvent, FragmentAssembler, OpKind},
@@ -53,6 +53,20 @@ pub struct WorkerSettings {
     pub start_at_operation_time: Option<Timestamp>,
     /// `destination.socket_timeout_ms`: bounds every destination write.
     pub destination_timeout: Option<Duration>,
+    /// `sync.on_collation_mismatch`.
+    pub on_collation_mismatch: OnCollationMismatch,
+}
+
+/// Whether a worker run starts over with a fresh copy, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recopy {
+    /// Resume from the checkpoint (or start a namespace without one).
+    No,
+    /// The stream's history was lost: re-copy, counting one more consecutive re-copy in the
+    /// checkpoint (the streak survives restarts).
+    HistoryLost,
+    /// An operator asked for it (force-sync of a namespace whose checkpoint is unusable).
+    Operator,
 }
 
 /// Shared, long-lived parts of the pipeline: the clients and stores every worker uses.
@@ -231,26 +245,23 @@ fn cancelled() -> SyncError {
 
 /// Runs a namespace until shutdown, the end of its collection, or an error.
 ///
-/// `recopy` discards the checkpoint and starts with a fresh initial copy (history lost,
-/// force-sync of a parked worker).
+/// Checkpoints of earlier incarnations of the collection were finished by the supervisor
+/// before this one started (DESIGN §2.10); `recopy` discards the checkpoint and starts with a
+/// fresh initial copy.
 pub async fn run(
     ctx: &WorkerContext,
     stop: &CancellationToken,
     abort: &CancellationToken,
     commands: &mut mpsc::Receiver<WorkerCommand>,
-    recopy: bool,
+    recopy: Recopy,
 ) -> Result<WorkerExit, SyncError> {
     let key = ctx.key();
     check_images(ctx).await?;
-    let stale = ctx.pipeline.checkpoints.delete_stale(&key).await?;
-    if stale > 0 {
-        tracing::info!(namespace = %ctx.label(), "discarded checkpoints of an earlier incarnation of the collection");
-    }
     let target = ctx.target.to_string();
-    let mut cp = match ctx.pipeline.checkpoints.load(&key).await? {
+    let mut cp = match (ctx.pipeline.checkpoints.load(&key).await?, recopy) {
         // `sync.rename` changed since this namespace was copied: the new target is copied
         // like a new collection, never streamed into empty.
-        Some(old) if old.target.as_deref().is_some_and(|t| t != target) => {
+        (Some(old), Recopy::No) if old.target.as_deref().is_some_and(|t| t != target) => {
             tracing::warn!(
                 namespace = %ctx.label(),
                 old_target = old.target.as_deref().unwrap_or_default(),
@@ -262,29 +273,59 @@ pub async fn run(
                 ..Checkpoint::default()
             }
         }
-        Some(cp) if !recopy => cp,
-        Some(old) => Checkpoint {
-            history_lost_recopies: old.history_lost_recopies,
+        (Some(cp), Recopy::No) => cp,
+        (old, Recopy::HistoryLost) => Checkpoint {
+            history_lost_recopies: old.map_or(0, |o| o.history_lost_recopies.max(0)) + 1,
             ..Checkpoint::default()
         },
-        None if ctx.settings.initial_copy == InitialCopy::Skip => {
-            tracing::info!(namespace = %ctx.label(), "initial copy skipped by configuration; streaming from the configured start");
-            Checkpoint {
-                phase: Phase::Streaming,
-                copy: CopyProgress {
-                    done: true,
-                    ..CopyProgress::default()
-                },
-                ..Checkpoint::default()
-            }
+        (_, Recopy::Operator) => Checkpoint::default(),
+        (None, Recopy::No) if ctx.settings.initial_copy == InitialCopy::Skip => {
+            skip_copy_start(ctx).await?
         }
-        None => Checkpoint::default(),
+        (None, Recopy::No) => Checkpoint::default(),
     };
     cp.target = Some(target);
     if cp.phase == Phase::Copying {
         initial_copy(ctx, &mut cp, stop).await?;
     }
     stream(ctx, cp, stop, abort, commands).await
+}
+
+/// `sync.initial_copy = "skip"`: persists where the first stream starts before anything is
+/// applied, as T0 is for a copy, so a restart before the first checkpoint resumes there
+/// instead of at a new "now". With `sync.start_at_operation_time` the configured time is that
+/// position already (the stream reopens there until its first checkpoint).
+async fn skip_copy_start(ctx: &WorkerContext) -> Result<Checkpoint, SyncError> {
+    let mut cp = Checkpoint {
+        phase: Phase::Streaming,
+        copy: CopyProgress {
+            done: true,
+            ..CopyProgress::default()
+        },
+        ..Checkpoint::default()
+    };
+    if ctx.settings.start_at_operation_time.is_none() {
+        let stream = ctx
+            .pipeline
+            .source
+            .open_stream(&ctx.ns, StreamStart::Now, &ctx.stream_settings())
+            .await?;
+        let token = stream.resume_token().ok_or_else(|| {
+            SyncError::new(
+                ErrorKind::SourceRead,
+                "the change stream gave no start token",
+            )
+        })?;
+        let token = serialize_token(&token)?;
+        cp.applied_through = RawDocumentBuf::try_from(&token)
+            .ok()
+            .and_then(|t| token_cluster_time(&t));
+        cp.start_token = Some(token.clone());
+        cp.resume_token = Some(token);
+    }
+    ctx.pipeline.checkpoints.reset(&ctx.key(), &cp).await?;
+    tracing::info!(namespace = %ctx.label(), "initial copy skipped by configuration; streaming from the configured start, persisted before applying anything");
+    Ok(cp)
 }
 
 /// Conflict policies that compare against the source's pre-image need the collection to record
@@ -367,6 +408,105 @@ async fn ensure_destination_collection(ctx: &WorkerContext) -> Result<(), SyncEr
             format!("creating {}", ctx.target),
             e,
         )),
+    }
+}
+
+/// A collation as compared: absent and `{locale: "simple"}` are the binary comparison.
+fn effective_collation(options: &Document) -> Option<&Document> {
+    options
+        .get_document("collation")
+        .ok()
+        .filter(|c| c.get_str("locale").ok() != Some("simple"))
+}
+
+/// Whether two collation documents are the same, whatever their field order and numeric types.
+fn same_collation(a: Option<&Document>, b: Option<&Document>) -> bool {
+    fn same_value(x: &Bson, y: &Bson) -> bool {
+        let num = |v: &Bson| match v {
+            Bson::Int32(n) => Some(f64::from(*n)),
+            Bson::Int64(n) => Some(*n as f64),
+            Bson::Double(n) => Some(*n),
+            _ => None,
+        };
+        match (num(x), num(y)) {
+            (Some(p), Some(q)) => p == q,
+            _ => x == y,
+        }
+    }
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => {
+            a.len() == b.len()
+                && a.iter()
+                    .all(|(k, v)| b.get(k).is_some_and(|w| same_value(v, w)))
+        }
+        _ => false,
+    }
+}
+
+fn describe_collation(c: Option<&Document>) -> String {
+    c.map_or_else(|| "simple (binary)".to_string(), |c| c.to_string())
+}
+
+/// DESIGN §2.10: a destination collection whose collation differs from the source's (created
+/// beforehand, restored without options) is never copied into blindly: the copy's extras scan
+/// would walk another `_id` order. Parks the namespace naming both collations, or re-creates
+/// the destination collection with the source's options (`sync.on_collation_mismatch`).
+async fn check_collation(ctx: &WorkerContext) -> Result<(), SyncError> {
+    let db = ctx.pipeline.dest.database(&ctx.target.db);
+    let specs: Vec<Document> = db
+        .run_cursor_command(
+            doc! {"listCollections": 1, "filter": {"name": ctx.target.coll.clone()}},
+        )
+        .await
+        .map_err(|e| {
+            SyncError::mongo(
+                ErrorKind::DestinationWrite,
+                "reading the destination collection's options",
+                e,
+            )
+        })?
+        .try_collect()
+        .await
+        .map_err(|e| {
+            SyncError::mongo(
+                ErrorKind::DestinationWrite,
+                "reading the destination collection's options",
+                e,
+            )
+        })?;
+    let Some(spec) = specs.first() else {
+        return Ok(());
+    };
+    let dest_options = spec.get_document("options").cloned().unwrap_or_default();
+    let source = effective_collation(&ctx.options);
+    let dest = effective_collation(&dest_options);
+    if same_collation(source, dest) {
+        return Ok(());
+    }
+    let (source, dest) = (describe_collation(source), describe_collation(dest));
+    match ctx.settings.on_collation_mismatch {
+        OnCollationMismatch::Park => Err(SyncError::new(
+            ErrorKind::CollationMismatch,
+            format!(
+                "the destination collection {} has collation {dest}, the source collection {} has collation {source}; copying would delete what it copied; drop or re-create the destination collection with the source's collation (or set sync.on_collation_mismatch = \"recreate\"), then force-sync",
+                ctx.target, ctx.ns
+            ),
+        )),
+        OnCollationMismatch::Recreate => {
+            db.collection::<Document>(&ctx.target.coll)
+                .drop()
+                .await
+                .map_err(|e| {
+                    SyncError::mongo(
+                        ErrorKind::DestinationWrite,
+                        "dropping a destination collection with another collation",
+                        e,
+                    )
+                })?;
+            tracing::warn!(namespace = %ctx.label(), target = %ctx.target, source_collation = %source, destination_collation = %dest, "the destination collection had another collation; dropped it and re-created it with the source's options (sync.on_collation_mismatch = \"recreate\")");
+            ensure_destination_collection(ctx).await
+        }
     }
 }
 
@@ -506,6 +646,7 @@ async fn initial_copy(
     // The copy's checkpoint exists: lag is measured from T0 while copying (DESIGN §2.9).
     ctx.record_checkpoint(start_ts);
     ensure_destination_collection(ctx).await?;
+    check_collation(ctx).await?;
     let estimate = ctx
         .pipeline
         .source
@@ -820,6 +961,9 @@ async fn stream(
         }
     };
     reader_stop.cancel();
+    // The reader may be waiting for room in the queue: close it, or an aborted worker (its
+    // incarnation gone, the queue full) would wait for its reader forever.
+    drop(rx);
     let _ = reader.await;
     result
 }

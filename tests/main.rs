@@ -6,6 +6,7 @@ mod conflicts;
 mod ddl;
 mod faults;
 mod http_api;
+mod incarnations;
 mod lifecycle;
 mod operations;
 mod renames;

@@ -170,6 +170,17 @@ pub enum InitialCopy {
     Skip,
 }
 
+/// What to do when a destination collection's collation differs from its source collection's
+/// (DESIGN §2.10): copying into it would walk another `_id` order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnCollationMismatch {
+    /// Park the namespace with reason `collation_mismatch`, naming both collations.
+    Park,
+    /// Drop the destination collection and create it with the source's options.
+    Recreate,
+}
+
 /// How update events are applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -430,6 +441,9 @@ pub struct SyncConfig {
     /// With `initial_copy = "skip"`: where the first stream starts (default: now).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_at_operation_time: Option<OperationTime>,
+    /// `park` or `recreate`.
+    #[serde(default = "default_on_collation_mismatch")]
+    pub on_collation_mismatch: OnCollationMismatch,
 }
 
 /// `[apply]`: batching of destination writes (write concern is always majority, journaled).
@@ -611,6 +625,9 @@ fn default_on_history_lost() -> OnHistoryLost {
 }
 fn default_initial_copy() -> InitialCopy {
     DEFAULT_INITIAL_COPY
+}
+fn default_on_collation_mismatch() -> OnCollationMismatch {
+    OnCollationMismatch::Park
 }
 fn default_batch_max_events() -> u32 {
     DEFAULT_BATCH_MAX_EVENTS

@@ -355,10 +355,6 @@ fn policy_table() {
             ErrorKind::Authentication,
             RetryDirective::Fatal { exit_code: 77 },
         ),
-        (
-            ErrorKind::InvariantViolated,
-            RetryDirective::Fatal { exit_code: 1 },
-        ),
         (ErrorKind::Cancelled, RetryDirective::Stop),
         (ErrorKind::ChangeStreamHistoryLost, RetryDirective::Resync),
         (ErrorKind::ChangeStreamInvalidated, RetryDirective::Backoff),
@@ -371,6 +367,9 @@ fn policy_table() {
     for (kind, reason) in [
         (ErrorKind::WorkerPanicked, "worker_panicked"),
         (ErrorKind::DocumentRejected, "document_rejected"),
+        // One worker's broken invariant (checkpoint moving backwards) parks that worker only.
+        (ErrorKind::InvariantViolated, "invariant_violated"),
+        (ErrorKind::CollationMismatch, "collation_mismatch"),
         // Unclassified defaults to park, not retry.
         (ErrorKind::SourceRead, "unclassified"),
         (ErrorKind::DestinationWrite, "unclassified"),
@@ -411,6 +410,47 @@ fn policy_table() {
         ),
     );
     assert_eq!(policy(&wrapped), RetryDirective::Backoff);
+    // 13 Unauthorized on one namespace's command parks it; a refused handshake is fatal (77).
+    for kind in [
+        ErrorKind::SourceRead,
+        ErrorKind::DestinationWrite,
+        ErrorKind::Checkpoint,
+    ] {
+        let denied = SyncError::with_source(
+            kind,
+            "applying batch",
+            command_error(13, "Unauthorized", "not authorized on shop"),
+        );
+        assert!(
+            matches!(
+                policy(&denied),
+                RetryDirective::Park {
+                    reason: "unauthorized",
+                    ..
+                }
+            ),
+            "{kind}"
+        );
+    }
+    // As built by the apply path (SyncError::mongo classifies 13 as authentication).
+    let denied = SyncError::mongo(
+        ErrorKind::DestinationWrite,
+        "applying batch",
+        command_error(13, "Unauthorized", "not authorized on shop"),
+    );
+    assert!(matches!(
+        policy(&denied),
+        RetryDirective::Park {
+            reason: "unauthorized",
+            ..
+        }
+    ));
+    let refused = SyncError::with_source(
+        ErrorKind::DestinationWrite,
+        "applying batch",
+        command_error(18, "AuthenticationFailed", "bad credentials"),
+    );
+    assert_eq!(policy(&refused), RetryDirective::Fatal { exit_code: 77 });
 }
 
 #[test]
