@@ -13,6 +13,8 @@ use crate::{
 };
 
 pub const CHECKPOINTS_COLLECTION: &str = "checkpoints";
+/// Applied high-water marks: what a worker may have written past its checkpoint.
+pub const APPLY_MARKS_COLLECTION: &str = "apply_marks";
 
 /// Where a namespace is in its lifecycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -62,7 +64,20 @@ pub struct Checkpoint {
     pub ttl_indexes: Document,
     /// Consecutive re-copies caused by history loss.
     pub history_lost_recopies: i32,
+    /// A force-sync in progress: the lower bound of its next range (`Some(None)` = from
+    /// MinKey), so a restart resumes it there instead of dropping or restarting it.
+    pub reconcile_next: Option<Option<Bson>>,
     pub updated_at: Option<DateTime>,
+}
+
+/// The last event of a batch about to be applied, persisted before its writes are sent:
+/// after a crash between the batch and its checkpoint, the re-read events up to and including
+/// this one are replays (DESIGN §2.3 step 5). Events sharing one cluster time (a transaction)
+/// are told apart by the token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApplyMark {
+    pub cluster_time: Timestamp,
+    pub token: Document,
 }
 
 /// Identifies a checkpoint: pipeline, source namespace, collection incarnation.
@@ -114,6 +129,10 @@ impl Checkpoint {
             "unique_indexes_pending": self.unique_indexes_pending,
             "ttl_indexes": self.ttl_indexes.clone(),
             "history_lost_recopies": self.history_lost_recopies,
+            "reconcile": match &self.reconcile_next {
+                Some(next) => Bson::Document(doc! {"next": next.clone().unwrap_or(Bson::Null)}),
+                None => Bson::Null,
+            },
             "updated_at": DateTime::now(),
         }
     }
@@ -145,6 +164,10 @@ impl Checkpoint {
             unique_indexes_pending: d.get_bool("unique_indexes_pending").unwrap_or(false),
             ttl_indexes: d.get_document("ttl_indexes").cloned().unwrap_or_default(),
             history_lost_recopies: d.get_i32("history_lost_recopies").unwrap_or(0),
+            reconcile_next: d
+                .get_document("reconcile")
+                .ok()
+                .map(|r| r.get("next").filter(|b| !matches!(b, Bson::Null)).cloned()),
             updated_at: d.get_datetime("updated_at").ok().copied(),
         }
     }
@@ -154,6 +177,7 @@ impl Checkpoint {
 #[derive(Clone)]
 pub struct CheckpointStore {
     coll: Collection<Document>,
+    marks: Collection<Document>,
 }
 
 fn checkpoint_error(context: &str, err: mongodb::error::Error) -> SyncError {
@@ -162,14 +186,44 @@ fn checkpoint_error(context: &str, err: mongodb::error::Error) -> SyncError {
 
 impl CheckpointStore {
     pub fn new(metadata_db: &Database) -> CheckpointStore {
-        let coll = metadata_db.collection_with_options(
-            CHECKPOINTS_COLLECTION,
+        let options = || {
             mongodb::options::CollectionOptions::builder()
                 .write_concern(crate::config::daemon_write_concern())
                 .read_concern(ReadConcern::majority())
-                .build(),
-        );
-        CheckpointStore { coll }
+                .build()
+        };
+        CheckpointStore {
+            coll: metadata_db.collection_with_options(CHECKPOINTS_COLLECTION, options()),
+            marks: metadata_db.collection_with_options(APPLY_MARKS_COLLECTION, options()),
+        }
+    }
+
+    /// Persists the applied high-water mark of a batch before its writes are sent.
+    pub async fn save_mark(&self, key: &CheckpointKey, mark: &ApplyMark) -> Result<(), SyncError> {
+        self.marks
+            .replace_one(
+                doc! {"_id": key.id()},
+                doc! {"_id": key.id(), "cluster_time": mark.cluster_time, "token": mark.token.clone(), "updated_at": DateTime::now()},
+            )
+            .upsert(true)
+            .await
+            .map_err(|e| checkpoint_error("saving the applied high-water mark", e))?;
+        Ok(())
+    }
+
+    /// The applied high-water mark of a namespace, if any.
+    pub async fn load_mark(&self, key: &CheckpointKey) -> Result<Option<ApplyMark>, SyncError> {
+        let found = self
+            .marks
+            .find_one(doc! {"_id": key.id()})
+            .await
+            .map_err(|e| checkpoint_error("loading the applied high-water mark", e))?;
+        Ok(found.and_then(|d| {
+            Some(ApplyMark {
+                cluster_time: d.get_timestamp("cluster_time").ok()?,
+                token: d.get_document("token").ok()?.clone(),
+            })
+        }))
     }
 
     pub async fn load(&self, key: &CheckpointKey) -> Result<Option<Checkpoint>, SyncError> {
@@ -250,6 +304,10 @@ impl CheckpointStore {
             .delete_one(doc! {"_id": key.id()})
             .await
             .map_err(|e| checkpoint_error("deleting checkpoint", e))?;
+        self.marks
+            .delete_one(doc! {"_id": key.id()})
+            .await
+            .map_err(|e| checkpoint_error("deleting the applied high-water mark", e))?;
         Ok(())
     }
 
@@ -259,11 +317,16 @@ impl CheckpointStore {
             .uuid
             .map(|u| Bson::Binary(bson::Binary::from_uuid(u)))
             .unwrap_or(Bson::Null);
+        let stale = doc! {"_id.sync_id": key.sync_id.clone(), "_id.ns": key.ns.clone(), "_id.uuid": {"$ne": uuid}};
         let r = self
             .coll
-            .delete_many(doc! {"_id.sync_id": key.sync_id.clone(), "_id.ns": key.ns.clone(), "_id.uuid": {"$ne": uuid}})
+            .delete_many(stale.clone())
             .await
             .map_err(|e| checkpoint_error("deleting stale checkpoints", e))?;
+        self.marks
+            .delete_many(stale)
+            .await
+            .map_err(|e| checkpoint_error("deleting stale applied high-water marks", e))?;
         Ok(r.deleted_count)
     }
 
@@ -274,6 +337,10 @@ impl CheckpointStore {
             .delete_many(doc! {"_id.sync_id": sync_id})
             .await
             .map_err(|e| checkpoint_error("deleting checkpoints", e))?;
+        self.marks
+            .delete_many(doc! {"_id.sync_id": sync_id})
+            .await
+            .map_err(|e| checkpoint_error("deleting applied high-water marks", e))?;
         Ok(r.deleted_count)
     }
 }
@@ -324,6 +391,7 @@ mod tests {
             unique_indexes_pending: true,
             ttl_indexes: doc! {"ttl_1": 60},
             history_lost_recopies: 1,
+            reconcile_next: Some(Some(Bson::Int32(7))),
             updated_at: None,
         };
         let d = cp.to_document(&key);

@@ -7,6 +7,7 @@ mod ddl;
 mod faults;
 mod http_api;
 mod lifecycle;
+mod liveness;
 mod operations;
 mod replication;
 mod resume;
