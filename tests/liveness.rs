@@ -69,7 +69,8 @@ async fn a_crash_between_a_batch_and_its_checkpoint_replays_without_false_confli
     let mut d = Daemon::start(
         &c,
         dir.path(),
-        &settings("[conflict]\npolicy = \"destination-wins\"\n\n[shutdown]\ntimeout_seconds = 10"),
+        // A batch waits 3 s for more events: the insert and the update below are one batch.
+        &settings("[conflict]\npolicy = \"destination-wins\"\n\n[apply]\nbatch_max_wait_ms = 3000\n\n[shutdown]\ntimeout_seconds = 10"),
     );
     d.wait_streaming("app.items").await;
     // Past the copy's replay window: conflicts are detected from here on.
