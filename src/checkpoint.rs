@@ -13,6 +13,8 @@ use crate::{
 };
 
 pub const CHECKPOINTS_COLLECTION: &str = "checkpoints";
+/// Applied high-water marks: what a worker may have written past its checkpoint.
+pub const APPLY_MARKS_COLLECTION: &str = "apply_marks";
 
 /// Where a namespace is in its lifecycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -66,7 +68,20 @@ pub struct Checkpoint {
     /// to; a different target (`sync.rename` changed) needs a new copy. `None` in checkpoints
     /// written before it was recorded.
     pub target: Option<String>,
+    /// A force-sync in progress: the lower bound of its next range (`Some(None)` = from
+    /// MinKey), so a restart resumes it there instead of dropping or restarting it.
+    pub reconcile_next: Option<Option<Bson>>,
     pub updated_at: Option<DateTime>,
+}
+
+/// The last event of a batch about to be applied, persisted before its writes are sent:
+/// after a crash between the batch and its checkpoint, the re-read events up to and including
+/// this one are replays (DESIGN §2.3 step 5). Events sharing one cluster time (a transaction)
+/// are told apart by the token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApplyMark {
+    pub cluster_time: Timestamp,
+    pub token: Document,
 }
 
 /// Identifies a checkpoint: pipeline, source namespace, collection incarnation.
@@ -119,6 +134,10 @@ impl Checkpoint {
             "ttl_indexes": self.ttl_indexes.clone(),
             "history_lost_recopies": self.history_lost_recopies,
             "target": self.target.clone().map(Bson::String).unwrap_or(Bson::Null),
+            "reconcile": match &self.reconcile_next {
+                Some(next) => Bson::Document(doc! {"next": next.clone().unwrap_or(Bson::Null)}),
+                None => Bson::Null,
+            },
             "updated_at": DateTime::now(),
         }
     }
@@ -151,6 +170,10 @@ impl Checkpoint {
             ttl_indexes: d.get_document("ttl_indexes").cloned().unwrap_or_default(),
             history_lost_recopies: d.get_i32("history_lost_recopies").unwrap_or(0),
             target: d.get_str("target").ok().map(str::to_owned),
+            reconcile_next: d
+                .get_document("reconcile")
+                .ok()
+                .map(|r| r.get("next").filter(|b| !matches!(b, Bson::Null)).cloned()),
             updated_at: d.get_datetime("updated_at").ok().copied(),
         }
     }
@@ -160,6 +183,7 @@ impl Checkpoint {
 #[derive(Clone)]
 pub struct CheckpointStore {
     coll: Collection<Document>,
+    marks: Collection<Document>,
 }
 
 fn checkpoint_error(context: &str, err: mongodb::error::Error) -> SyncError {
@@ -168,14 +192,44 @@ fn checkpoint_error(context: &str, err: mongodb::error::Error) -> SyncError {
 
 impl CheckpointStore {
     pub fn new(metadata_db: &Database) -> CheckpointStore {
-        let coll = metadata_db.collection_with_options(
-            CHECKPOINTS_COLLECTION,
+        let options = || {
             mongodb::options::CollectionOptions::builder()
                 .write_concern(crate::config::daemon_write_concern())
                 .read_concern(ReadConcern::majority())
-                .build(),
-        );
-        CheckpointStore { coll }
+                .build()
+        };
+        CheckpointStore {
+            coll: metadata_db.collection_with_options(CHECKPOINTS_COLLECTION, options()),
+            marks: metadata_db.collection_with_options(APPLY_MARKS_COLLECTION, options()),
+        }
+    }
+
+    /// Persists the applied high-water mark of a batch before its writes are sent.
+    pub async fn save_mark(&self, key: &CheckpointKey, mark: &ApplyMark) -> Result<(), SyncError> {
+        self.marks
+            .replace_one(
+                doc! {"_id": key.id()},
+                doc! {"_id": key.id(), "cluster_time": mark.cluster_time, "token": mark.token.clone(), "updated_at": DateTime::now()},
+            )
+            .upsert(true)
+            .await
+            .map_err(|e| checkpoint_error("saving the applied high-water mark", e))?;
+        Ok(())
+    }
+
+    /// The applied high-water mark of a namespace, if any.
+    pub async fn load_mark(&self, key: &CheckpointKey) -> Result<Option<ApplyMark>, SyncError> {
+        let found = self
+            .marks
+            .find_one(doc! {"_id": key.id()})
+            .await
+            .map_err(|e| checkpoint_error("loading the applied high-water mark", e))?;
+        Ok(found.and_then(|d| {
+            Some(ApplyMark {
+                cluster_time: d.get_timestamp("cluster_time").ok()?,
+                token: d.get_document("token").ok()?.clone(),
+            })
+        }))
     }
 
     pub async fn load(&self, key: &CheckpointKey) -> Result<Option<Checkpoint>, SyncError> {
@@ -256,6 +310,10 @@ impl CheckpointStore {
             .delete_one(doc! {"_id": key.id()})
             .await
             .map_err(|e| checkpoint_error("deleting checkpoint", e))?;
+        self.marks
+            .delete_one(doc! {"_id": key.id()})
+            .await
+            .map_err(|e| checkpoint_error("deleting the applied high-water mark", e))?;
         Ok(())
     }
 
@@ -265,11 +323,16 @@ impl CheckpointStore {
             .uuid
             .map(|u| Bson::Binary(bson::Binary::from_uuid(u)))
             .unwrap_or(Bson::Null);
+        let stale = doc! {"_id.sync_id": key.sync_id.clone(), "_id.ns": key.ns.clone(), "_id.uuid": {"$ne": uuid}};
         let r = self
             .coll
-            .delete_many(doc! {"_id.sync_id": key.sync_id.clone(), "_id.ns": key.ns.clone(), "_id.uuid": {"$ne": uuid}})
+            .delete_many(stale.clone())
             .await
             .map_err(|e| checkpoint_error("deleting stale checkpoints", e))?;
+        self.marks
+            .delete_many(stale)
+            .await
+            .map_err(|e| checkpoint_error("deleting stale applied high-water marks", e))?;
         Ok(r.deleted_count)
     }
 
@@ -280,6 +343,10 @@ impl CheckpointStore {
             .delete_many(doc! {"_id.sync_id": sync_id})
             .await
             .map_err(|e| checkpoint_error("deleting checkpoints", e))?;
+        self.marks
+            .delete_many(doc! {"_id.sync_id": sync_id})
+            .await
+            .map_err(|e| checkpoint_error("deleting applied high-water marks", e))?;
         Ok(r.deleted_count)
     }
 }
@@ -331,6 +398,7 @@ mod tests {
             ttl_indexes: doc! {"ttl_1": 60},
             history_lost_recopies: 1,
             target: Some("x.y".into()),
+            reconcile_next: Some(Some(Bson::Int32(7))),
             updated_at: None,
         };
         let d = cp.to_document(&key);

@@ -44,6 +44,9 @@ pub struct NamespaceStatus {
     pub last_error: Option<LastError>,
     pub copied: u64,
     pub copy_estimate: u64,
+    /// Set when the last copy was estimated to take longer than the source's oplog window
+    /// (DESIGN §2.3): `(estimated copy seconds, oplog window seconds)`.
+    pub copy_exceeds_oplog_window: Option<(u64, u64)>,
     pub events_applied: u64,
     pub restarts: u64,
     pub last_validation: Option<LastValidation>,
@@ -61,6 +64,7 @@ impl NamespaceStatus {
             last_error: None,
             copied: 0,
             copy_estimate: 0,
+            copy_exceeds_oplog_window: None,
             events_applied: 0,
             restarts: 0,
             last_validation: None,
@@ -290,7 +294,8 @@ impl StatusRegistry {
                         "applied_through": ts_json(s.applied_through),
                         "last_checkpoint": s.last_checkpoint.map(rfc3339),
                         "last_error": s.last_error.as_ref().map(|e| json!({"kind": e.kind, "message": e.message, "at": rfc3339(e.at)})),
-                        "copy": {"copied": s.copied, "estimated": s.copy_estimate},
+                        "copy": {"copied": s.copied, "estimated": s.copy_estimate,
+                            "oplog_window_warning": s.copy_exceeds_oplog_window.map(|(copy, window)| json!({"estimated_copy_seconds": copy, "oplog_window_seconds": window}))},
                         "events_applied": s.events_applied,
                         "restarts": s.restarts,
                         "last_validation": s.last_validation.as_ref().map(|v| json!({

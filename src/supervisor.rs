@@ -23,7 +23,10 @@ use crate::{
     source::{Namespace, Source, SourceCollection},
     status::LastError,
     validate::{schedule::ValidationDeps, NamespacePlan, Registration, ValidationService},
-    worker::{self, Pipeline, Recopy, WorkerCommand, WorkerContext, WorkerExit, WorkerSettings},
+    worker::{
+        self, Pipeline, Recopy, Reloaded, WorkerCommand, WorkerContext, WorkerExit,
+        WorkerSettings, WorkerSignals,
+    },
 };
 
 /// How often the source is listed for new collections.
@@ -74,7 +77,8 @@ enum WorkerReport {
 
 struct WorkerHandle {
     uuid: Option<bson::Uuid>,
-    commands: mpsc::Sender<WorkerCommand>,
+    /// Coalesced force-sync requests and reloaded settings.
+    signals: Arc<WorkerSignals>,
     stop: CancellationToken,
     abort: CancellationToken,
     /// Cancelled once the worker's runner has returned (or panicked).
@@ -557,7 +561,9 @@ impl Supervisor {
             },
             enable_pre_images: self.config.conflict.enable_pre_images,
             images_enabled: Default::default(),
+            signals: Arc::default(),
         };
+        let signals = Arc::clone(&ctx.signals);
         // Every namespace: a dashboard's conflict panel has data (0) on a healthy daemon.
         self.pipeline
             .metrics
@@ -570,7 +576,7 @@ impl Supervisor {
                 uuid: ctx.uuid,
                 options: ctx.options.clone(),
             },
-            commands: cmd_tx.clone(),
+            commands: cmd_tx,
         });
         let stop = self.stop.child_token();
         let abort = self.abort.child_token();
@@ -600,7 +606,7 @@ impl Supervisor {
             coll.ns,
             WorkerHandle {
                 uuid: coll.uuid,
-                commands: cmd_tx,
+                signals,
                 stop,
                 abort,
                 exited,
@@ -643,8 +649,11 @@ impl Supervisor {
         let mut count = 0;
         for (ns, h) in &self.workers {
             let chosen = namespaces.is_empty() || namespaces.iter().any(|n| *n == ns.to_string());
-            if chosen && h.commands.try_send(WorkerCommand::ForceSync).is_ok() {
+            if chosen {
                 count += 1;
+                if !h.signals.request_force_sync() {
+                    tracing::info!(namespace = %ns, "force-sync already pending for this namespace; the requests are coalesced");
+                }
             }
         }
         tracing::info!(trigger = %trigger.as_str(), namespaces = count, "force-sync requested");
@@ -705,8 +714,21 @@ impl Supervisor {
             .collect();
         for ns in parked {
             if let Some(h) = self.workers.get(&ns) {
-                let _ = h.commands.try_send(WorkerCommand::ForceSync);
+                h.signals.request_force_sync();
             }
+        }
+        // Running workers adopt changed policies and apply settings at their next batch
+        // boundary, without a restart.
+        for (ns, h) in &self.workers {
+            let (policy, field) = self.config.conflict_for(&ns.db, &ns.coll);
+            h.signals.reconfigure(Reloaded {
+                settings: Arc::clone(&self.settings),
+                conflict: ConflictSettings {
+                    policy,
+                    field,
+                    journal: self.config.conflict.journal,
+                },
+            });
         }
         tracing::info!("configuration reloaded");
     }
@@ -971,8 +993,8 @@ async fn supervise_worker(
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
+                    _ = ctx.signals.force_sync_requested() => break,
                     cmd = commands.recv() => match cmd {
-                        Some(WorkerCommand::ForceSync) => break,
                         Some(WorkerCommand::RepairRange(request)) => {
                             let _ = request.reply.send(Err("the worker is parked".into()));
                         }

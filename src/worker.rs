@@ -5,8 +5,8 @@
 use std::{
     collections::HashSet,
     sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
     },
     time::{Duration, Instant, SystemTime},
 };
@@ -14,12 +14,14 @@ use std::{
 use bson::{doc, Bson, Document, RawDocumentBuf, Timestamp};
 use futures::TryStreamExt;
 use mongodb::{options::Hint, Client};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     apply::{Applier, ApplyStats},
-    checkpoint::{at_or_after, Checkpoint, CheckpointKey, CheckpointStore, CopyProgress, Phase},
+    checkpoint::{
+        at_or_after, ApplyMark, Checkpoint, CheckpointKey, CheckpointStore, CopyProgress, Phase,
+    },
     config::{InitialCopy, OnCollationMismatch, UpdateMode},
     conflict::ConflictSettings,
     error::{ErrorKind, SyncError},
@@ -28,6 +30,7 @@ use crate::{
     metrics::{ApplyOp, Metrics, WorkerState},
     source::{raw_id, Namespace, Source, StreamSettings, StreamStart},
     status::StatusRegistry,
+    validate::digest::IdKey,
 };
 
 /// Documents per copy/reconcile range (DESIGN §2.8: ≤ 10,000).
@@ -39,6 +42,15 @@ pub const STREAM_MAX_AWAIT: Duration = Duration::from_millis(1000);
 /// TTL indexes are created on the destination with this expiry (effectively never): source
 /// TTL deletions arrive as events; an active destination TTL would fight them.
 pub const TTL_DISABLED_SECONDS: i32 = i32::MAX;
+/// Destination `_id`s scanned per page when looking for extras: a range's extras are found and
+/// deleted page by page, so memory stays bounded however many the destination holds.
+pub const EXTRAS_PAGE_IDS: usize = 1_000;
+/// Copy throughput assumed when comparing a copy's estimated duration with the source's oplog
+/// window (DESIGN §2.3), deliberately conservative: documents per second.
+pub const COPY_ESTIMATE_DOCS_PER_SECOND: u64 = 5_000;
+/// How much longer than `maxAwaitTimeMS` an awaiting `getMore` may stay unanswered before the
+/// reader gives the connection up as half-open and reopens the stream from the checkpoint.
+pub const READER_WATCHDOG_MARGIN: Duration = Duration::from_secs(15);
 
 /// Settings every worker shares (from the config).
 #[derive(Debug, Clone)]
@@ -100,15 +112,83 @@ pub struct WorkerContext {
     pub enable_pre_images: bool,
     /// Whether the source collection records pre- and post-images (checked at start).
     pub images_enabled: std::sync::atomic::AtomicBool,
+    /// Force-sync requests and reloaded settings from the supervisor.
+    pub signals: Arc<WorkerSignals>,
 }
 
 /// Requests a worker handles between batches.
 #[derive(Debug)]
 pub enum WorkerCommand {
-    /// Re-copy and reconcile every range while the stream keeps its position.
-    ForceSync,
     /// Re-copy one `_id` range for validation repair (DESIGN §2.8); see `validate::repair`.
     RepairRange(Box<crate::validate::repair::RepairRequest>),
+}
+
+/// Settings a reload (SIGHUP) hands to a running worker.
+#[derive(Debug, Clone)]
+pub struct Reloaded {
+    pub settings: Arc<WorkerSettings>,
+    pub conflict: ConflictSettings,
+}
+
+/// What the supervisor tells a worker outside its command queue, picked up at the next batch
+/// boundary: force-sync requests (coalesced: any number of requests made while one is
+/// pending or running make one more reconcile, never a dropped one) and reloaded settings
+/// (the latest wins).
+#[derive(Debug, Default)]
+pub struct WorkerSignals {
+    force_sync: AtomicBool,
+    pending: Mutex<Option<Reloaded>>,
+    /// The settings in force once a reload has been adopted (before that: the context's).
+    current: Mutex<Option<Reloaded>>,
+    notify: Notify,
+}
+
+impl WorkerSignals {
+    /// Asks for a force-sync; false when one was already pending (the requests coalesce).
+    pub fn request_force_sync(&self) -> bool {
+        let newly = !self.force_sync.swap(true, Ordering::SeqCst);
+        self.notify.notify_one();
+        newly
+    }
+
+    fn take_force_sync(&self) -> bool {
+        self.force_sync.swap(false, Ordering::SeqCst)
+    }
+
+    /// Waits for a force-sync request and consumes it (a parked worker waits here).
+    pub async fn force_sync_requested(&self) {
+        loop {
+            let notified = self.notify.notified();
+            if self.take_force_sync() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Hands reloaded settings to the worker; it adopts them at its next batch boundary.
+    pub fn reconfigure(&self, reloaded: Reloaded) {
+        *self.pending.lock().unwrap_or_else(|e| e.into_inner()) = Some(reloaded);
+        self.notify.notify_one();
+    }
+
+    fn take_pending(&self) -> Option<Reloaded> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    fn current(&self) -> Option<Reloaded> {
+        self.current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_current(&self, reloaded: Reloaded) {
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(reloaded);
+    }
 }
 
 /// Why a worker returned without error.
@@ -127,6 +207,9 @@ enum ReaderItem {
         token: Document,
         cluster_time: Option<Timestamp>,
     },
+    /// An awaiting `getMore` was not answered within the watchdog bound (a half-open
+    /// connection): the reader has given the stream up; reopen it from the checkpoint.
+    Stalled,
     Failed(SyncError),
 }
 
@@ -143,7 +226,25 @@ impl WorkerContext {
         self.ns.to_string()
     }
 
+    /// The settings the worker runs with: the last reload it adopted, else the ones it was
+    /// started with.
+    pub fn current_settings(&self) -> Arc<WorkerSettings> {
+        self.signals
+            .current()
+            .map(|r| r.settings)
+            .unwrap_or_else(|| Arc::clone(&self.settings))
+    }
+
+    /// The conflict policy the worker runs (see [`WorkerContext::current_settings`]).
+    pub fn current_conflict(&self) -> ConflictSettings {
+        self.signals
+            .current()
+            .map(|r| r.conflict)
+            .unwrap_or_else(|| self.conflict.clone())
+    }
+
     fn applier(&self) -> Applier {
+        let settings = self.current_settings();
         Applier::new(
             self.ns.clone(),
             self.target.clone(),
@@ -151,11 +252,39 @@ impl WorkerContext {
             self.pipeline.source.clone(),
             self.pipeline.metadata.clone(),
             self.pipeline.metrics.clone(),
-            self.settings.sync_id.clone(),
-            self.settings.update_mode,
-            self.settings.destination_timeout,
-            self.conflict.clone(),
+            settings.sync_id.clone(),
+            settings.update_mode,
+            settings.destination_timeout,
+            self.current_conflict(),
         )
+    }
+
+    /// Adopts reloaded settings if the supervisor handed some over. A policy that needs
+    /// pre-images the source does not record (and may not enable) is refused with an error
+    /// log; the running settings stay. Returns whether anything changed.
+    async fn adopt_reload(&self) -> bool {
+        let Some(reloaded) = self.signals.take_pending() else {
+            return false;
+        };
+        let label = self.label();
+        let before = self.current_conflict();
+        if let Err(e) = check_images(self, &reloaded.conflict).await {
+            tracing::error!(namespace = %label, error = %e, "the reloaded conflict policy cannot run on this namespace; keeping the running one");
+            let mut kept = reloaded;
+            kept.conflict = before;
+            self.signals.set_current(kept);
+            return true;
+        }
+        if reloaded.conflict.detects_conflicts() {
+            self.pipeline
+                .metrics
+                .register_conflict_policy(&label, reloaded.conflict.label());
+        }
+        if before.policy != reloaded.conflict.policy {
+            tracing::info!(namespace = %label, from = before.policy.as_str(), to = reloaded.conflict.policy.as_str(), "conflict policy changed by a reload");
+        }
+        self.signals.set_current(reloaded);
+        true
     }
 
     pub fn set_state_public(&self, state: WorkerState) {
@@ -185,11 +314,13 @@ impl WorkerContext {
 
     fn stream_settings(&self) -> StreamSettings {
         let images = self.images_enabled.load(Ordering::Relaxed);
-        let full = self.conflict.needs_full_documents();
+        let conflict = self.current_conflict();
+        let full = conflict.needs_full_documents();
         StreamSettings {
-            update_lookup: self.settings.update_mode == UpdateMode::Lookup || (full && !images),
+            update_lookup: self.current_settings().update_mode == UpdateMode::Lookup
+                || (full && !images),
             post_images: full && images,
-            pre_images: self.conflict.needs_pre_images(),
+            pre_images: conflict.needs_pre_images(),
             max_await: STREAM_MAX_AWAIT,
             batch_size: None,
         }
@@ -256,7 +387,8 @@ pub async fn run(
     recopy: Recopy,
 ) -> Result<WorkerExit, SyncError> {
     let key = ctx.key();
-    check_images(ctx).await?;
+    ctx.adopt_reload().await;
+    check_images(ctx, &ctx.current_conflict()).await?;
     let target = ctx.target.to_string();
     let mut cp = match (ctx.pipeline.checkpoints.load(&key).await?, recopy) {
         // `sync.rename` changed since this namespace was copied: the new target is copied
@@ -279,7 +411,7 @@ pub async fn run(
             ..Checkpoint::default()
         },
         (_, Recopy::Operator) => Checkpoint::default(),
-        (None, Recopy::No) if ctx.settings.initial_copy == InitialCopy::Skip => {
+        (None, Recopy::No) if ctx.current_settings().initial_copy == InitialCopy::Skip => {
             skip_copy_start(ctx).await?
         }
         (None, Recopy::No) => Checkpoint::default(),
@@ -304,7 +436,7 @@ async fn skip_copy_start(ctx: &WorkerContext) -> Result<Checkpoint, SyncError> {
         },
         ..Checkpoint::default()
     };
-    if ctx.settings.start_at_operation_time.is_none() {
+    if ctx.current_settings().start_at_operation_time.is_none() {
         let stream = ctx
             .pipeline
             .source
@@ -330,8 +462,8 @@ async fn skip_copy_start(ctx: &WorkerContext) -> Result<Checkpoint, SyncError> {
 
 /// Conflict policies that compare against the source's pre-image need the collection to record
 /// pre- and post-images: enable them (`conflict.enable_pre_images`) or refuse the config.
-async fn check_images(ctx: &WorkerContext) -> Result<(), SyncError> {
-    if !ctx.conflict.detects_conflicts() {
+async fn check_images(ctx: &WorkerContext, conflict: &ConflictSettings) -> Result<(), SyncError> {
+    if !conflict.detects_conflicts() {
         return Ok(());
     }
     let options = ctx
@@ -345,7 +477,7 @@ async fn check_images(ctx: &WorkerContext) -> Result<(), SyncError> {
         .ok()
         .and_then(|d| d.get_bool("enabled").ok())
         .unwrap_or(false);
-    if enabled || !ctx.conflict.needs_pre_images() {
+    if enabled || !conflict.needs_pre_images() {
         ctx.images_enabled.store(enabled, Ordering::Relaxed);
         return Ok(());
     }
@@ -354,7 +486,7 @@ async fn check_images(ctx: &WorkerContext) -> Result<(), SyncError> {
             .source
             .enable_pre_and_post_images(&ctx.ns)
             .await?;
-        tracing::warn!(namespace = %ctx.label(), policy = ctx.conflict.policy.as_str(), "enabled changeStreamPreAndPostImages on the source collection (conflict.enable_pre_images); every source update and delete now also writes a pre-image");
+        tracing::warn!(namespace = %ctx.label(), policy = conflict.policy.as_str(), "enabled changeStreamPreAndPostImages on the source collection (conflict.enable_pre_images); every source update and delete now also writes a pre-image");
         ctx.images_enabled.store(true, Ordering::Relaxed);
         return Ok(());
     }
@@ -362,7 +494,7 @@ async fn check_images(ctx: &WorkerContext) -> Result<(), SyncError> {
         ErrorKind::Config,
         format!(
             "conflict policy {:?} for {} compares destination documents with the source's pre-images, but the source collection does not record them; enable them with db.getSiblingDB({:?}).runCommand({{collMod: {:?}, changeStreamPreAndPostImages: {{enabled: true}}}}) or set conflict.enable_pre_images = true",
-            ctx.conflict.policy.as_str(),
+            conflict.policy.as_str(),
             ctx.ns,
             ctx.ns.db,
             ctx.ns.coll
@@ -485,7 +617,7 @@ async fn check_collation(ctx: &WorkerContext) -> Result<(), SyncError> {
         return Ok(());
     }
     let (source, dest) = (describe_collation(source), describe_collation(dest));
-    match ctx.settings.on_collation_mismatch {
+    match ctx.current_settings().on_collation_mismatch {
         OnCollationMismatch::Park => Err(SyncError::new(
             ErrorKind::CollationMismatch,
             format!(
@@ -510,65 +642,74 @@ async fn check_collation(ctx: &WorkerContext) -> Result<(), SyncError> {
     }
 }
 
-/// `_id`s of destination documents in `[lower, upper)` (`None` = unbounded).
-async fn destination_ids(
+/// Deletes the destination documents in `[lower, upper)` (`None` = unbounded) whose `_id` is
+/// not in `present`. The destination's `_id`s are read in pages of [`EXTRAS_PAGE_IDS`] (index
+/// order, the collection's collation) and each page's extras are deleted before the next page
+/// is read, so memory stays bounded however many documents the range holds on the
+/// destination. A page starts at the last `_id` of the previous one (inclusive): that
+/// document is either in `present` or already deleted, so nothing is scanned twice as extra.
+pub(crate) async fn delete_extras(
     ctx: &WorkerContext,
+    applier: &Applier,
     lower: Option<&Bson>,
     upper: Option<&Bson>,
-) -> Result<Vec<Bson>, SyncError> {
+    present: &HashSet<IdKey>,
+) -> Result<u64, SyncError> {
     let coll = ctx
         .pipeline
         .dest
         .database(&ctx.target.db)
-        .collection::<Document>(&ctx.target.coll);
-    let mut find = coll
-        .find(doc! {})
-        .hint(Hint::Keys(doc! {"_id": 1}))
-        .min(doc! {"_id": lower.cloned().unwrap_or(Bson::MinKey)})
-        .projection(doc! {"_id": 1});
-    if let Some(u) = upper {
-        find = find.max(doc! {"_id": u.clone()});
-    }
-    let docs: Vec<Document> = match find.await {
-        Ok(c) => c.try_collect().await.map_err(|e| {
-            SyncError::mongo(
-                ErrorKind::DestinationWrite,
-                "listing destination documents",
-                e,
-            )
-        })?,
-        Err(e) if crate::source::is_namespace_not_found(&e) => Vec::new(),
-        Err(e) => {
-            return Err(SyncError::mongo(
-                ErrorKind::DestinationWrite,
-                "listing destination documents",
-                e,
-            ))
-        }
+        .collection::<RawDocumentBuf>(&ctx.target.coll);
+    let list_error = |e| {
+        SyncError::mongo(
+            ErrorKind::DestinationWrite,
+            "listing destination documents",
+            e,
+        )
     };
-    Ok(docs
-        .into_iter()
-        .filter_map(|mut d| d.remove("_id"))
-        .collect())
-}
-
-fn id_set(docs: &[RawDocumentBuf]) -> Result<HashSet<Vec<u8>>, SyncError> {
-    docs.iter()
-        .map(|d| raw_id(d).map(|id| canonical_id(&id)))
-        .collect()
-}
-
-fn canonical_id(id: &Bson) -> Vec<u8> {
-    match id {
-        Bson::Int32(v) => (*v as f64).to_bits().to_le_bytes().to_vec(),
-        Bson::Int64(v) => (*v as f64).to_bits().to_le_bytes().to_vec(),
-        Bson::Double(v) => v.to_bits().to_le_bytes().to_vec(),
-        other => {
-            let mut d = Document::new();
-            d.insert("_id", other.clone());
-            d.to_vec().unwrap_or_default()
+    let mut from = lower.cloned();
+    let mut deleted = 0u64;
+    loop {
+        let mut find = coll
+            .find(doc! {})
+            .hint(Hint::Keys(doc! {"_id": 1}))
+            .min(doc! {"_id": from.clone().unwrap_or(Bson::MinKey)})
+            .projection(doc! {"_id": 1})
+            .limit(EXTRAS_PAGE_IDS as i64)
+            .batch_size(EXTRAS_PAGE_IDS as u32);
+        if let Some(u) = upper {
+            find = find.max(doc! {"_id": u.clone()});
+        }
+        let page: Vec<RawDocumentBuf> = match find.await {
+            Ok(c) => c.try_collect().await.map_err(list_error)?,
+            Err(e) if crate::source::is_namespace_not_found(&e) => Vec::new(),
+            Err(e) => return Err(list_error(e)),
+        };
+        let full = page.len() >= EXTRAS_PAGE_IDS;
+        let mut last = None;
+        let mut extras = Vec::new();
+        for d in &page {
+            let id = raw_id(d)?;
+            if !present.contains(&IdKey::of_bson(&id)) {
+                extras.push(id.clone());
+            }
+            last = Some(id);
+        }
+        drop(page);
+        if !extras.is_empty() {
+            deleted += applier.delete_ids(&extras).await?;
+        }
+        match last {
+            Some(id) if full => from = Some(id),
+            _ => return Ok(deleted),
         }
     }
+}
+
+fn id_set(docs: &[RawDocumentBuf]) -> Result<HashSet<IdKey>, SyncError> {
+    docs.iter()
+        .map(|d| raw_id(d).map(|id| IdKey::of_bson(&id)))
+        .collect()
 }
 
 /// Copies (or reconciles) one `_id` range: upserts the source documents, deletes destination
@@ -594,14 +735,8 @@ async fn sync_range(
         .await?;
     let (written, _dead) = applier.upsert_documents(&docs).await?;
     let present = id_set(&docs)?;
-    let extras: Vec<Bson> = destination_ids(ctx, lower, next.as_ref())
-        .await?
-        .into_iter()
-        .filter(|id| !present.contains(&canonical_id(id)))
-        .collect();
-    if !extras.is_empty() {
-        applier.delete_ids(&extras).await?;
-    }
+    drop(docs);
+    delete_extras(ctx, applier, lower, next.as_ref(), &present).await?;
     Ok((written, next))
 }
 
@@ -654,6 +789,7 @@ async fn initial_copy(
         .await
         .unwrap_or(0);
     ctx.pipeline.metrics.set_copy_estimate(&label, estimate);
+    warn_if_copy_outlasts_oplog(ctx, estimate).await;
     ctx.pipeline.status.update(&label, |s| {
         s.copy_estimate = estimate;
         s.copied = cp.copy.copied.max(0) as u64;
@@ -694,6 +830,48 @@ async fn initial_copy(
         "initial copy finished; replaying changes made during the copy"
     );
     Ok(())
+}
+
+/// DESIGN §2.3: before a copy whose estimated duration exceeds the source's oplog window, log
+/// a warning and show it in status; the stream's start point may fall off the oplog before
+/// the copy ends (history lost, re-copy, `oplog_too_small`). The window is the span between
+/// the oldest and newest `local.oplog.rs` entries; when it cannot be read (no `local`
+/// access) nothing is claimed.
+async fn warn_if_copy_outlasts_oplog(ctx: &WorkerContext, documents: u64) {
+    let label = ctx.label();
+    let copy_seconds = documents.div_ceil(COPY_ESTIMATE_DOCS_PER_SECOND);
+    let window = match oplog_window(ctx).await {
+        Ok(Some(w)) => w,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::debug!(namespace = %label, error = %e, "could not read the source's oplog window");
+            return;
+        }
+    };
+    let exceeds = copy_seconds > window;
+    ctx.pipeline.status.update(&label, |s| {
+        s.copy_exceeds_oplog_window = exceeds.then_some((copy_seconds, window));
+    });
+    if exceeds {
+        tracing::warn!(namespace = %label, documents, estimated_copy_s = copy_seconds, oplog_window_s = window, "the initial copy is estimated to take longer than the source's oplog window: history may be lost before it ends; enlarge the source oplog");
+    }
+}
+
+/// Seconds between the oldest and the newest entry of the source's oplog.
+async fn oplog_window(ctx: &WorkerContext) -> Result<Option<u64>, mongodb::error::Error> {
+    let oplog = ctx
+        .pipeline
+        .source
+        .client()
+        .database("local")
+        .collection::<Document>("oplog.rs");
+    let first = oplog.find_one(doc! {}).sort(doc! {"$natural": 1}).await?;
+    let last = oplog.find_one(doc! {}).sort(doc! {"$natural": -1}).await?;
+    let ts = |d: Option<Document>| d.and_then(|d| d.get_timestamp("ts").ok());
+    Ok(match (ts(first), ts(last)) {
+        (Some(a), Some(b)) => Some(u64::from(b.time.saturating_sub(a.time))),
+        _ => None,
+    })
 }
 
 /// Copies the source's indexes. Non-unique ones (`unique_only = false`) right after the copy,
@@ -762,7 +940,10 @@ async fn create_indexes(
     }
 }
 
-/// Reads the change stream into the bounded queue.
+/// Reads the change stream into the bounded queue. Every awaiting `getMore` (and the opening
+/// `aggregate`) is bounded by `max_await` + [`READER_WATCHDOG_MARGIN`]: an unanswered one (a
+/// half-open connection) ends the reader with [`ReaderItem::Stalled`] instead of hanging the
+/// namespace forever.
 #[allow(clippy::too_many_arguments)]
 async fn read_events(
     source: Source,
@@ -775,19 +956,38 @@ async fn read_events(
     budget_total: usize,
     stop: CancellationToken,
 ) {
+    let watchdog = settings.max_await + READER_WATCHDOG_MARGIN;
+    let stalled = || {
+        tracing::warn!(namespace = %ns, watchdog_s = watchdog.as_secs(), "change stream stalled: the source did not answer within the watchdog bound; reopening it from the last checkpoint");
+    };
     let result: Result<(), SyncError> = async {
         let start = match (&start_after, start_at) {
             (Some(token), _) => StreamStart::After(token),
             (None, Some(ts)) => StreamStart::AtOperationTime(ts),
             (None, None) => StreamStart::Now,
         };
-        let mut stream = source.open_stream(&ns, start, &settings).await?;
+        let opened = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return Ok(()),
+            r = tokio::time::timeout(watchdog, source.open_stream(&ns, start, &settings)) => r,
+        };
+        let Ok(opened) = opened else {
+            stalled();
+            let _ = tx.send(ReaderItem::Stalled).await;
+            return Ok(());
+        };
+        let mut stream = opened?;
         let mut assembler = FragmentAssembler::default();
         loop {
             let next = tokio::select! {
                 biased;
                 _ = stop.cancelled() => return Ok(()),
-                r = stream.next_if_any() => r,
+                r = tokio::time::timeout(watchdog, stream.next_if_any()) => r,
+            };
+            let Ok(next) = next else {
+                stalled();
+                let _ = tx.send(ReaderItem::Stalled).await;
+                return Ok(());
             };
             match next.map_err(|e| SyncError::mongo(ErrorKind::SourceRead, format!("reading the change stream of {ns}"), e))? {
                 Some(raw) => {
@@ -824,6 +1024,108 @@ async fn read_events(
     }
 }
 
+/// One running reader task and the receiving end of its queue.
+struct Reader {
+    rx: mpsc::Receiver<ReaderItem>,
+    stop: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+    /// What the stream was opened with (a reload that changes it reopens the stream).
+    settings: StreamSettings,
+}
+
+impl Reader {
+    /// Opens the stream after the checkpointed token (or at the configured start when there
+    /// is none yet).
+    fn spawn(ctx: &WorkerContext, cp: &Checkpoint, stop: &CancellationToken) -> Reader {
+        let settings = ctx.current_settings();
+        let budget_total = (settings.batch_max_bytes * 2).max(32 * 1024 * 1024);
+        let (tx, rx) = mpsc::channel::<ReaderItem>((settings.batch_max_events * 2).max(2));
+        let reader_stop = stop.child_token();
+        let start_at = if cp.resume_token.is_none() {
+            settings.start_at_operation_time
+        } else {
+            None
+        };
+        let stream_settings = ctx.stream_settings();
+        let task = tokio::spawn(read_events(
+            ctx.pipeline.source.clone(),
+            ctx.ns.clone(),
+            cp.resume_token.clone(),
+            start_at,
+            stream_settings.clone(),
+            tx,
+            Arc::new(Semaphore::new(budget_total)),
+            budget_total,
+            reader_stop.clone(),
+        ));
+        Reader {
+            rx,
+            stop: reader_stop,
+            task: Some(task),
+            settings: stream_settings,
+        }
+    }
+
+    /// Stops the reader task; queued events are dropped (they are re-read after the
+    /// checkpoint).
+    async fn close(mut self) {
+        self.stop.cancel();
+        // A reader blocked on a full queue sees it closed.
+        self.rx.close();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Reader {
+    /// Whatever happens to the streaming loop, the reader stops with it.
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn same_stream(a: &StreamSettings, b: &StreamSettings) -> bool {
+    a.update_lookup == b.update_lookup
+        && a.post_images == b.post_images
+        && a.pre_images == b.pre_images
+        && a.max_await == b.max_await
+        && a.batch_size == b.batch_size
+}
+
+/// Events re-read after a crash between a batch and its checkpoint: everything up to and
+/// including the persisted [`ApplyMark`] was possibly applied already, so it is a replay.
+struct CrashReplay {
+    mark: Option<ApplyMark>,
+}
+
+impl CrashReplay {
+    /// How many leading events of `events` are replays; consumes the mark once passed.
+    fn leading_replays(&mut self, events: &[ChangeEvent]) -> usize {
+        let Some(mark) = self.mark.clone() else {
+            return 0;
+        };
+        let mut n = 0;
+        for ev in events {
+            let (t, m) = (ts_key(ev.cluster_time), ts_key(mark.cluster_time));
+            if t > m {
+                self.mark = None;
+                return n;
+            }
+            n += 1;
+            if t == m && token_matches(ev, &mark.token) {
+                self.mark = None;
+                return n;
+            }
+        }
+        n
+    }
+}
+
+fn token_matches(ev: &ChangeEvent, token: &Document) -> bool {
+    Document::try_from(ev.token.clone()).is_ok_and(|t| t == *token)
+}
+
 /// The streaming phase.
 async fn stream(
     ctx: &WorkerContext,
@@ -835,60 +1137,73 @@ async fn stream(
     let label = ctx.label();
     let key = ctx.key();
     ctx.set_state(WorkerState::Streaming);
-    let settings = &ctx.settings;
-    let budget_total = (settings.batch_max_bytes * 2).max(32 * 1024 * 1024);
-    let budget = Arc::new(Semaphore::new(budget_total));
-    let (tx, mut rx) = mpsc::channel::<ReaderItem>(settings.batch_max_events * 2);
-    let reader_stop = stop.child_token();
-    let start_at = if cp.resume_token.is_none() {
-        settings.start_at_operation_time
-    } else {
-        None
+    // A crash may have left a batch applied past the checkpoint: its events are replays.
+    let mut crash_replay = CrashReplay {
+        mark: ctx
+            .pipeline
+            .checkpoints
+            .load_mark(&key)
+            .await?
+            // A mark the checkpoint reached (the batch was checkpointed) or passed is spent.
+            .filter(|m| cp.resume_token.as_ref() != Some(&m.token))
+            .filter(|m| {
+                cp.applied_through
+                    .is_none_or(|a| ts_key(m.cluster_time) >= ts_key(a))
+            }),
     };
-    let reader = tokio::spawn(read_events(
-        ctx.pipeline.source.clone(),
-        ctx.ns.clone(),
-        cp.resume_token.clone(),
-        start_at,
-        ctx.stream_settings(),
-        tx,
-        Arc::clone(&budget),
-        budget_total,
-        reader_stop.clone(),
-    ));
-    // Whatever happens below, the reader stops with us.
-    let _stop_reader = reader_stop.clone().drop_guard();
-    let applier = ctx.applier();
+    let mut reader = Reader::spawn(ctx, &cp, stop);
+    let mut settings = ctx.current_settings();
+    let mut applier = ctx.applier();
     let mut last_checkpoint = Instant::now();
-    let mut pending_idle: Option<(Document, Option<Timestamp>)> = None;
+    // A force-sync interrupted by a restart resumes at its next range before anything else.
+    let mut reconcile_pending = cp.reconcile_next.is_some();
     let result = loop {
+        // Batch boundary: adopt reloaded settings, run a requested force-sync.
+        if ctx.adopt_reload().await {
+            settings = ctx.current_settings();
+            applier = ctx.applier();
+            if !same_stream(&reader.settings, &ctx.stream_settings()) {
+                tracing::info!(namespace = %label, "reopening the change stream for the reloaded settings");
+                reader.close().await;
+                reader = Reader::spawn(ctx, &cp, stop);
+            }
+        }
+        if ctx.signals.take_force_sync() || reconcile_pending {
+            reconcile_pending = false;
+            match reconcile(ctx, &applier, &mut cp, stop).await {
+                Ok(()) => {}
+                Err(e) => break Err(e),
+            }
+            continue;
+        }
         let first = tokio::select! {
             biased;
             _ = abort.cancelled() => break Err(cancelled()),
+            _ = ctx.signals.notify.notified() => continue,
             Some(cmd) = commands.recv() => {
                 match cmd {
-                    WorkerCommand::ForceSync => {
-                        if let Err(e) = reconcile(ctx, &applier, &mut cp).await {
-                            break Err(e);
-                        }
-                    }
                     WorkerCommand::RepairRange(request) => {
                         crate::validate::repair::handle(ctx, &applier, &mut cp, *request).await;
                     }
                 }
                 continue;
             }
-            item = rx.recv() => item,
+            item = reader.rx.recv() => item,
         };
         let mut batch: Vec<(ChangeEvent, OwnedSemaphorePermit)> = Vec::new();
         let mut failure = None;
+        let mut stalled = false;
+        // An idle token received after every event of this batch (the reader sends it only
+        // once its buffer is empty, so nothing read before it is still queued).
+        let mut idle_after_batch: Option<(Document, Option<Timestamp>)> = None;
         match first {
             None => break Ok(WorkerExit::Stopped),
             Some(ReaderItem::Failed(e)) => break Err(e),
+            Some(ReaderItem::Stalled) => stalled = true,
             Some(ReaderItem::Idle {
                 token,
                 cluster_time,
-            }) => pending_idle = Some((token, cluster_time)),
+            }) => idle_after_batch = Some((token, cluster_time)),
             Some(ReaderItem::Event(ev, permit)) => {
                 let mut bytes = ev.size();
                 batch.push((ev, permit));
@@ -896,7 +1211,7 @@ async fn stream(
                 while batch.len() < settings.batch_max_events && bytes < settings.batch_max_bytes {
                     let next = tokio::select! {
                         biased;
-                        n = rx.recv() => n,
+                        n = reader.rx.recv() => n,
                         _ = tokio::time::sleep_until(deadline) => break,
                     };
                     match next {
@@ -908,7 +1223,11 @@ async fn stream(
                             token,
                             cluster_time,
                         }) => {
-                            pending_idle = Some((token, cluster_time));
+                            idle_after_batch = Some((token, cluster_time));
+                            break;
+                        }
+                        Some(ReaderItem::Stalled) => {
+                            stalled = true;
                             break;
                         }
                         Some(ReaderItem::Failed(e)) => {
@@ -921,14 +1240,13 @@ async fn stream(
             }
         }
         if !batch.is_empty() {
-            // A newer event supersedes an idle token seen before it.
-            if pending_idle.as_ref().is_some_and(|_| false) {
-                pending_idle = None;
-            }
             ctx.pipeline.metrics.events_read(&label, batch.len() as u64);
-            ctx.pipeline.metrics.set_queue(&label, rx.len() as u64);
+            ctx.pipeline
+                .metrics
+                .set_queue(&label, reader.rx.len() as u64);
             let events: Vec<ChangeEvent> = batch.into_iter().map(|(e, _permit)| e).collect();
-            match process_batch(ctx, &applier, &mut cp, &events).await {
+            let replays = crash_replay.leading_replays(&events);
+            match process_batch(ctx, &applier, &mut cp, &events, replays).await {
                 Ok(Some(exit)) => break Ok(exit),
                 Ok(None) => {
                     last_checkpoint = Instant::now();
@@ -939,9 +1257,16 @@ async fn stream(
         if let Some(e) = failure {
             break Err(e);
         }
-        // Idle: nothing queued or in flight, so the postBatchResumeToken may be checkpointed.
-        if let Some((token, cluster_time)) = pending_idle.take() {
-            if rx.is_empty() && last_checkpoint.elapsed() >= settings.checkpoint_interval {
+        if stalled {
+            // Everything read before the stall is applied and checkpointed: reopen there.
+            reader.close().await;
+            reader = Reader::spawn(ctx, &cp, stop);
+            continue;
+        }
+        // Idle: every event read before the token is applied and checkpointed, so the
+        // postBatchResumeToken may be checkpointed (DESIGN §2.5), unless more was read since.
+        if let Some((token, cluster_time)) = idle_after_batch.take() {
+            if reader.rx.is_empty() && last_checkpoint.elapsed() >= settings.checkpoint_interval {
                 let advances = match (cluster_time, cp.applied_through) {
                     (Some(new), Some(old)) => ts_key(new) >= ts_key(old),
                     _ => true,
@@ -957,14 +1282,12 @@ async fn stream(
                     maybe_finish_replay(ctx, &mut cp).await?;
                 }
             }
-            ctx.pipeline.metrics.set_queue(&label, rx.len() as u64);
+            ctx.pipeline
+                .metrics
+                .set_queue(&label, reader.rx.len() as u64);
         }
     };
-    reader_stop.cancel();
-    // The reader may be waiting for room in the queue: close it, or an aborted worker (its
-    // incarnation gone, the queue full) would wait for its reader forever.
-    drop(rx);
-    let _ = reader.await;
+    reader.close().await;
     result
 }
 
@@ -991,15 +1314,36 @@ async fn maybe_finish_replay(ctx: &WorkerContext, cp: &mut Checkpoint) -> Result
 }
 
 /// Applies one batch in order (data runs through the applier; DDL events one at a time),
-/// then checkpoints the last event's token.
+/// then checkpoints the last event's token. The first `replays` events were possibly applied
+/// before a crash (see [`CrashReplay`]) and are applied as replays. Before any write, the
+/// batch's last event is persisted as the applied high-water mark, so a crash before the
+/// checkpoint makes its events replays on the next run.
 async fn process_batch(
     ctx: &WorkerContext,
     applier: &Applier,
     cp: &mut Checkpoint,
     events: &[ChangeEvent],
+    replays: usize,
 ) -> Result<Option<WorkerExit>, SyncError> {
     let label = ctx.label();
     let started = Instant::now();
+    if replays < events.len() {
+        if let Some(last) = events.last() {
+            let token = Document::try_from(last.token.clone()).map_err(|e| {
+                SyncError::with_source(ErrorKind::InvariantViolated, "decoding a resume token", e)
+            })?;
+            ctx.pipeline
+                .checkpoints
+                .save_mark(
+                    &ctx.key(),
+                    &ApplyMark {
+                        cluster_time: last.cluster_time,
+                        token,
+                    },
+                )
+                .await?;
+        }
+    }
     let mut stats = ApplyStats::default();
     let mut exit = None;
     let mut segment_start = 0;
@@ -1011,9 +1355,7 @@ async fn process_batch(
         if segment_start < i {
             merge(
                 &mut stats,
-                applier
-                    .apply_events(&events[segment_start..i], cp.replay_until)
-                    .await?,
+                apply_segment(applier, events, segment_start..i, replays, cp.replay_until).await?,
             );
         }
         segment_start = i + 1;
@@ -1027,9 +1369,14 @@ async fn process_batch(
     if exit.is_none() && segment_start < events.len() {
         merge(
             &mut stats,
-            applier
-                .apply_events(&events[segment_start..], cp.replay_until)
-                .await?,
+            apply_segment(
+                applier,
+                events,
+                segment_start..events.len(),
+                replays,
+                cp.replay_until,
+            )
+            .await?,
         );
         applied_events = events.len();
     }
@@ -1076,6 +1423,41 @@ async fn process_batch(
         .status
         .update(&label, |s| s.events_applied += total);
     Ok(exit)
+}
+
+/// Applies the data events `events[range]`: those before index `replays` as replays of a
+/// crashed run, the rest with the checkpoint's `replay_until`.
+async fn apply_segment(
+    applier: &Applier,
+    events: &[ChangeEvent],
+    range: std::ops::Range<usize>,
+    replays: usize,
+    replay_until: Option<Timestamp>,
+) -> Result<ApplyStats, SyncError> {
+    let split = replays.clamp(range.start, range.end);
+    let mut stats = ApplyStats::default();
+    if range.start < split {
+        let through = events[split - 1].cluster_time;
+        let until = Some(match replay_until {
+            Some(r) => ts_max(r, through),
+            None => through,
+        });
+        merge(
+            &mut stats,
+            applier
+                .apply_events(&events[range.start..split], until)
+                .await?,
+        );
+    }
+    if split < range.end {
+        merge(
+            &mut stats,
+            applier
+                .apply_events(&events[split..range.end], replay_until)
+                .await?,
+        );
+    }
+    Ok(stats)
 }
 
 fn merge(into: &mut ApplyStats, from: ApplyStats) {
@@ -1238,31 +1620,54 @@ async fn apply_ddl(
 /// Force-sync (DESIGN §2.8): with apply paused at P, every range is re-read from the source
 /// at a time ≥ P and written over the destination (extras deleted); events after P that the
 /// stream then re-applies are replays.
+///
+/// Progress is checkpointed after every range (the next lower bound, and `replay_until`
+/// moved past the range's writes), so a restart resumes at the next range. A stop request is
+/// honoured between ranges (never in the middle of a write, which would be abandoned): the
+/// force-sync is left recorded and resumes on the next run.
 async fn reconcile(
     ctx: &WorkerContext,
     applier: &Applier,
     cp: &mut Checkpoint,
+    stop: &CancellationToken,
 ) -> Result<(), SyncError> {
     let label = ctx.label();
-    tracing::info!(namespace = %label, "force-sync: reconciling every range while the stream is paused");
+    let key = ctx.key();
+    let mut lower: Option<Bson> = match cp.reconcile_next.take() {
+        Some(next) => {
+            tracing::info!(namespace = %label, "force-sync resuming at its next range");
+            next
+        }
+        None => {
+            tracing::info!(namespace = %label, "force-sync: reconciling every range while the stream is paused");
+            None
+        }
+    };
+    cp.reconcile_next = Some(lower.clone());
+    ctx.pipeline.checkpoints.save(&key, cp).await?;
     let started = Instant::now();
-    let mut lower: Option<Bson> = None;
     let mut total = 0u64;
     loop {
+        if stop.is_cancelled() {
+            tracing::info!(namespace = %label, documents = total, "force-sync interrupted by shutdown; it resumes at its next range on the next start");
+            return Ok(());
+        }
         let (written, next) = sync_range(ctx, applier, lower.as_ref(), cp.applied_through).await?;
         total += written;
-        if next.is_none() {
-            break;
+        // Events re-applied over this range up to now are replays of what it wrote.
+        let end = ctx.pipeline.source.cluster_time().await?;
+        cp.replay_until = Some(match cp.replay_until {
+            Some(prev) => ts_max(prev, end),
+            None => end,
+        });
+        cp.reconcile_next = next.clone().map(Some);
+        ctx.pipeline.checkpoints.save(&key, cp).await?;
+        ctx.made_progress();
+        match next {
+            Some(n) => lower = Some(n),
+            None => break,
         }
-        lower = next;
     }
-    let end = ctx.pipeline.source.cluster_time().await?;
-    cp.replay_until = Some(match cp.replay_until {
-        Some(prev) => ts_max(prev, end),
-        None => end,
-    });
-    ctx.pipeline.checkpoints.save(&ctx.key(), cp).await?;
-    ctx.made_progress();
     tracing::info!(namespace = %label, documents = total, elapsed_ms = started.elapsed().as_millis() as u64, "force-sync finished");
     Ok(())
 }

@@ -8,6 +8,7 @@ mod faults;
 mod http_api;
 mod incarnations;
 mod lifecycle;
+mod liveness;
 mod operations;
 mod renames;
 mod replication;

@@ -21,7 +21,7 @@ use crate::{
     checkpoint::Checkpoint,
     error::{ErrorKind, SyncError},
     event::ts_max,
-    worker::{WorkerContext, RANGE_MAX_DOCS},
+    worker::{delete_extras, WorkerContext, RANGE_MAX_DOCS},
 };
 
 /// A request to re-copy `[lower, upper)` (`None` = MinKey / MaxKey).
@@ -62,6 +62,17 @@ pub async fn handle(
         // The validator gave up waiting (shutdown, timeout): nothing to do.
         return;
     }
+    // Gated by the policy this worker runs (a reload may not have reached it yet, or may
+    // have been refused): under any policy but source-wins the destination may differ on
+    // purpose, and a repair would overwrite it.
+    let conflict = ctx.current_conflict();
+    if conflict.detects_conflicts() {
+        let _ = request.reply.send(Err(format!(
+            "not repaired: the worker runs conflict policy {}, which keeps destination changes",
+            conflict.policy.as_str()
+        )));
+        return;
+    }
     let result = repair_range(
         ctx,
         applier,
@@ -90,12 +101,6 @@ async fn repair_range(
         &ctx.options,
         ctx.pipeline.source.op_timeout(),
     );
-    let dest = Side::destination(
-        &ctx.pipeline.dest,
-        &ctx.target,
-        &ctx.options,
-        ctx.settings.destination_timeout,
-    );
     // Apply is paused while this runs: it is not throttled, so lag stays short.
     let unthrottled = Throttle::new(0);
     let mut done = RepairDone {
@@ -123,15 +128,11 @@ async fn repair_range(
                     })
                 })
                 .collect::<Result<_, _>>()?;
+        drop(docs);
         let chunk_upper = next.as_ref().or(upper);
-        let extras: Vec<Bson> = scan::ids_in_range(&dest, from.as_ref(), chunk_upper, &unthrottled)
-            .await?
-            .into_iter()
-            .filter(|id| !present.contains(&IdKey::of_bson(id)))
-            .collect();
-        if !extras.is_empty() {
-            done.deleted += applier.delete_ids(&extras).await?;
-        }
+        // Extras are scanned and deleted page by page: bounded memory even for the last,
+        // unbounded range.
+        done.deleted += delete_extras(ctx, applier, from.as_ref(), chunk_upper, &present).await?;
         match next {
             Some(n) => from = Some(n),
             None => break,

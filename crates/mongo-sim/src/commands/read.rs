@@ -123,8 +123,10 @@ pub fn find(ctx: &Ctx<'_>) -> CommandResult<Document> {
         Some(_) => return Err(CommandError::type_mismatch("'filter' must be an object")),
     };
     let matcher = Matcher::new(&filter)?;
+    let oplog = ns.db == "local" && ns.coll == "oplog.rs";
     let sort = match cmd.get_document("sort") {
-        Ok(s) if !s.is_empty() => Some(SortSpec::new(s)?),
+        // The oplog's `$natural` order is handled by `oplog_entries`.
+        Ok(s) if !s.is_empty() && !oplog => Some(SortSpec::new(s)?),
         _ => None,
     };
     let projection = match cmd.get_document("projection") {
@@ -148,12 +150,16 @@ pub fn find(ctx: &Ctx<'_>) -> CommandResult<Document> {
     } else {
         None
     };
-    let mut docs = ctx.read(|cat, _| {
-        Ok(match cat.get(&ns) {
-            Some(c) => scan(c, &matcher, min, max, scan_limit),
-            None => Vec::new(),
-        })
-    })?;
+    let mut docs = if oplog {
+        oplog_entries(ctx, cmd, &matcher)?
+    } else {
+        ctx.read(|cat, _| {
+            Ok(match cat.get(&ns) {
+                Some(c) => scan(c, &matcher, min, max, scan_limit),
+                None => Vec::new(),
+            })
+        })?
+    };
     if let Some(s) = &sort {
         docs.sort_by(|a, b| s.compare(a, b));
     }
@@ -174,6 +180,41 @@ pub fn find(ctx: &Ctx<'_>) -> CommandResult<Document> {
         first,
         single_batch || (limit > 0 && first >= limit as usize),
     )
+}
+
+/// `local.oplog.rs` in natural order (`sort: {$natural: -1}`: newest first), as far as tools
+/// read it to measure the oplog window (`rs.printReplicationInfo()`, mongo-syncd's copy
+/// estimate): each entry carries `ts`, `t`, `wall` and `op` (`"n"` for every entry: the
+/// simulator keeps its oplog in its own form, not as MongoDB's oplog documents).
+fn oplog_entries(ctx: &Ctx<'_>, cmd: &Document, matcher: &Matcher) -> CommandResult<Vec<DocRef>> {
+    let newest_first = cmd
+        .get_document("sort")
+        .ok()
+        .and_then(|s| s.get("$natural"))
+        .and_then(crate::store::as_i64)
+        == Some(-1);
+    let limit = int_arg(cmd, "limit")?.unwrap_or(0).max(0) as usize;
+    ctx.read(|_, data| {
+        let entry = |e: &crate::oplog::OplogEntry| {
+            doc! {"ts": e.ts, "t": 1i64, "wall": e.wall, "op": "n"}
+        };
+        let all: Box<dyn Iterator<Item = &crate::oplog::OplogEntry>> = if newest_first {
+            Box::new(data.oplog.after(0).collect::<Vec<_>>().into_iter().rev())
+        } else {
+            Box::new(data.oplog.after(0))
+        };
+        let mut out = Vec::new();
+        for e in all {
+            let d = entry(e);
+            if matcher.matches(&d) {
+                out.push(DocRef::new(d));
+                if limit > 0 && out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    })
 }
 
 pub async fn get_more(ctx: &Ctx<'_>) -> CommandResult<Document> {
