@@ -585,6 +585,7 @@ impl Supervisor {
             stop.clone(),
             abort.clone(),
             cmd_rx,
+            cmd_tx.downgrade(),
             self.reports_tx.clone(),
             SupervisionPolicy {
                 max_restarts: self.config.supervisor.max_restarts,
@@ -852,6 +853,7 @@ async fn supervise_worker(
     stop: CancellationToken,
     abort: CancellationToken,
     mut commands: mpsc::Receiver<WorkerCommand>,
+    requeue: mpsc::WeakSender<WorkerCommand>,
     reports: mpsc::Sender<WorkerReport>,
     rules: SupervisionPolicy,
 ) {
@@ -1010,7 +1012,12 @@ async fn supervise_worker(
                 tracing::info!(namespace = %label, "parked worker restarting with a fresh copy (its stream history is gone)");
                 recopy = Recopy::Operator;
             } else {
-                tracing::info!(namespace = %label, "parked worker restarting from its checkpoint");
+                // The force-sync (or reload) that un-parked it runs once the worker streams
+                // again: a reconcile from the checkpoint's position, not a re-copy.
+                tracing::info!(namespace = %label, "parked worker restarting from its checkpoint, then reconciling");
+                if let Some(tx) = requeue.upgrade() {
+                    let _ = tx.try_send(WorkerCommand::ForceSync);
+                }
             }
         }
     }

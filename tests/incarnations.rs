@@ -491,8 +491,8 @@ async fn a_checkpoint_moving_backwards_parks_only_that_worker() {
 }
 
 /// Issue 9, liveness: code 13 (Unauthorized) on one namespace parks it with reason
-/// `unauthorized` (the daemon does not exit 77); force-sync resumes it from its checkpoint,
-/// without a re-copy.
+/// `unauthorized` (the daemon does not exit 77); force-sync resumes it from its checkpoint and
+/// reconciles, without a re-copy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unauthorized_on_one_namespace_parks_it_and_unparking_resumes_without_a_recopy() {
     let c = Clusters::start().await;
@@ -535,5 +535,48 @@ async fn unauthorized_on_one_namespace_parks_it_and_unparking_resumes_without_a_
         .filter(|l| l.contains("initial copy starting") && l.contains("app.a"))
         .count();
     assert_eq!(copies, 1, "app.a was copied once; log:\n{logs}");
+    assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
+}
+
+/// Issue 9, liveness: the history-loss streak is persisted: two consecutive re-copies recorded
+/// before a restart, then history lost again after it, park the namespace with
+/// `oplog_too_small` instead of re-copying forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_history_loss_streak_survives_restarts() {
+    let c = Clusters::start_with_oplog(500).await;
+    insert_range(&c, "h", "items", 0..50, "x").await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(&c, dir.path(), "[sync]\nnamespaces = [\"h.*\"]\n");
+    wait_converged(&c, &[("h", "items")], Duration::from_secs(60)).await;
+    d.wait_streaming("h.items").await;
+    assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
+    // The daemon had re-copied twice in a row after history loss when it stopped.
+    c.dst
+        .database(CHECKPOINTS.0)
+        .collection::<Document>(CHECKPOINTS.1)
+        .update_one(
+            doc! {"_id.ns": "h.items"},
+            doc! {"$set": {"history_lost_recopies": 2}},
+        )
+        .await
+        .unwrap();
+    // The oplog wraps while it is stopped.
+    let items = c.src.database("h").collection::<Document>("items");
+    for i in 0..1_000 {
+        items
+            .update_one(doc! {"_id": i % 50}, doc! {"$set": {"v": i}})
+            .await
+            .unwrap();
+    }
+    d.spawn(&[]);
+    wait_until("h.items parked", Duration::from_secs(60), || async {
+        d.namespace_state("h.items").await.as_deref() == Some("parked")
+    })
+    .await;
+    let status = d.status().await.unwrap();
+    assert_eq!(
+        status["namespaces"]["h.items"]["parked_reason"],
+        "oplog_too_small"
+    );
     assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
 }
