@@ -585,7 +585,6 @@ impl Supervisor {
             stop.clone(),
             abort.clone(),
             cmd_rx,
-            cmd_tx.downgrade(),
             self.reports_tx.clone(),
             SupervisionPolicy {
                 max_restarts: self.config.supervisor.max_restarts,
@@ -853,7 +852,6 @@ async fn supervise_worker(
     stop: CancellationToken,
     abort: CancellationToken,
     mut commands: mpsc::Receiver<WorkerCommand>,
-    requeue: mpsc::WeakSender<WorkerCommand>,
     reports: mpsc::Sender<WorkerReport>,
     rules: SupervisionPolicy,
 ) {
@@ -1015,9 +1013,7 @@ async fn supervise_worker(
                 // The force-sync (or reload) that un-parked it runs once the worker streams
                 // again: a reconcile from the checkpoint's position, not a re-copy.
                 tracing::info!(namespace = %label, "parked worker restarting from its checkpoint, then reconciling");
-                if let Some(tx) = requeue.upgrade() {
-                    let _ = tx.try_send(WorkerCommand::ForceSync);
-                }
+                ctx.signals.request_force_sync();
             }
         }
     }
