@@ -11,5 +11,6 @@ mod operations;
 mod replication;
 mod resume;
 mod soak;
+mod soak_regressions;
 mod support;
 mod validation;
