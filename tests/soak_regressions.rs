@@ -98,3 +98,37 @@ async fn soak_rename_while_stopped_is_applied() {
     .await;
     wait_converged(&c, &[("s2", "c")], Duration::from_secs(60)).await;
 }
+
+/// Seeds 1083 and 1085 (round 1050..1100): documents with the adjacent `_id`s 2^53 and
+/// 2^53 + 1 written in one batch. The upsert failed with code 66 ("the (immutable) field '_id'
+/// was found to have been altered") and the namespace was parked "unclassified". Issue 9 item 1
+/// (exact `_id` keys, c-apply).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_adjacent_large_int64_ids_in_one_batch() {
+    let c = Clusters::start().await;
+    let b = c.src.database("s1083").collection::<Document>("b");
+    b.insert_one(doc! {"_id": "seed", "email": "e0"})
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&c, dir.path(), "");
+    d.wait_streaming("s1083.b").await;
+    let big = 1i64 << 53;
+    b.insert_one(doc! {"_id": big, "email": "e1", "arr": [1]})
+        .await
+        .unwrap();
+    b.insert_one(doc! {"_id": big + 1, "email": "e2", "arr": [2]})
+        .await
+        .unwrap();
+    b.update_one(doc! {"_id": big}, doc! {"$set": {"n": 1}})
+        .await
+        .unwrap();
+    b.delete_one(doc! {"_id": big + 1}).await.unwrap();
+    wait_converged(&c, &[("s1083", "b")], Duration::from_secs(60)).await;
+    assert_eq!(
+        d.namespace_state("s1083.b").await.as_deref(),
+        Some("streaming"),
+        "log:\n{}",
+        d.logs()
+    );
+}
