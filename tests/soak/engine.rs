@@ -57,6 +57,8 @@ pub const OP_KINDS: &[&str] = &[
     "dropdb",
     "index",
     "validator",
+    // Not an operation: `_id`s 2^53, 2^53 + 1, 2^53 + 2, i64::MAX - 1 and i64::MAX in the pool.
+    "bigid",
 ];
 
 /// Fault kinds (switch them with `SOAK_FAULTS` / `--faults`).
@@ -267,12 +269,16 @@ fn fresh_doc(rng: &mut StdRng, id: Bson, email: &str) -> Document {
 }
 
 impl Scenario {
-    pub fn new(seed: u64) -> Scenario {
+    pub fn new(seed: u64, kinds: &Kinds) -> Scenario {
+        let mut pool = id_pool();
+        if !kinds.has("bigid") {
+            pool.retain(|(_, v)| !matches!(v, Bson::Int64(n) if n.unsigned_abs() >= 1 << 53));
+        }
         Scenario {
             seed,
             db: format!("soak_{seed}"),
             rng: StdRng::seed_from_u64(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x50A_C0DE),
-            pool: id_pool(),
+            pool,
             colls: BTreeMap::new(),
             next_email: 0,
             reordered: BTreeSet::new(),
@@ -394,8 +400,11 @@ impl Scenario {
 
     /// Issues one operation of a kind drawn from `kinds`, then refreshes the model.
     pub async fn step(&mut self, src: &Client, kinds: &Kinds) {
-        let enabled: Vec<&'static str> =
-            OP_KINDS.iter().copied().filter(|k| kinds.has(k)).collect();
+        let enabled: Vec<&'static str> = OP_KINDS
+            .iter()
+            .copied()
+            .filter(|k| kinds.has(k) && *k != "bigid")
+            .collect();
         if enabled.is_empty() {
             return;
         }
@@ -406,15 +415,15 @@ impl Scenario {
             "unique" | "txn" | "fam" => 5,
             _ => 8,
         };
-        let total: u32 = enabled.iter().map(|k| weight(*k)).sum();
+        let total: u32 = enabled.iter().map(|k| weight(k)).sum();
         let mut roll = self.rng.random_range(0..total);
         let mut kind = enabled[0];
         for k in &enabled {
-            if roll < weight(*k) {
+            if roll < weight(k) {
                 kind = k;
                 break;
             }
-            roll -= weight(*k);
+            roll -= weight(k);
         }
         let Some(coll) = self.pick_coll() else {
             // Nothing exists (after a dropDatabase): re-create `a`.
@@ -1157,7 +1166,9 @@ pub async fn run_round(opts: &Options, first: u64, count: u64) -> RoundReport {
 
     // Scenarios: set up, then a fifth of their operations before the daemon starts (the copy
     // has work and history).
-    let mut scenarios: Vec<Scenario> = (first..first + count).map(Scenario::new).collect();
+    let mut scenarios: Vec<Scenario> = (first..first + count)
+        .map(|seed| Scenario::new(seed, &opts.ops))
+        .collect();
     for s in &mut scenarios {
         s.setup(&src).await;
     }
