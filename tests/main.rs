@@ -13,5 +13,7 @@ mod operations;
 mod renames;
 mod replication;
 mod resume;
+mod soak;
+mod soak_regressions;
 mod support;
 mod validation;
