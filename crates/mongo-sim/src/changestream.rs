@@ -156,6 +156,7 @@ pub fn parse(scope: Scope, pipeline: &[Bson]) -> CommandResult<(ChangeStreamSpec
         .and_then(|s| s.as_document())
         .and_then(|s| s.get_document("$changeStream").ok())
         .ok_or_else(|| CommandError::bad_value("$changeStream must be the first stage"))?;
+    crate::commands::fields::check_change_stream_spec(first)?;
     let full_document = match first.get_str("fullDocument").unwrap_or("default") {
         "default" => FullDocument::Default,
         "updateLookup" => FullDocument::UpdateLookup,
@@ -250,7 +251,8 @@ pub struct ChangeStreamCursor {
     epoch: u32,
     /// Events (or fragments) produced but not yet returned, with their oplog position.
     pending: VecDeque<(Document, u64)>,
-    /// Set once the stream has emitted `invalidate`: the cursor closes after that batch.
+    /// Set once the stream has produced `invalidate` (nothing is scanned past it). The cursor
+    /// closes only once that event has been returned too: see [`ChangeStreamCursor::finished`].
     pub invalidated: bool,
     /// Cluster time of the last scanned position (for the high-water-mark token).
     scanned_ts: Timestamp,
@@ -348,6 +350,13 @@ impl ChangeStreamCursor {
             }
         }
         Ok(cursor)
+    }
+
+    /// True once the `invalidate` has been returned: the reply that carries it closes the
+    /// cursor (`id: 0`). A batch that fills just before it leaves the cursor open, so the
+    /// next `getMore` delivers it, as on a real server.
+    pub fn finished(&self) -> bool {
+        self.invalidated && self.pending.is_empty()
     }
 
     /// The high-water-mark token for the current position.
@@ -611,6 +620,7 @@ impl ChangeStreamCursor {
                     &PipelineContext {
                         now: entry.wall,
                         cluster_time: Some(entry.ts),
+                        lets: Default::default(),
                     },
                 )?
             };

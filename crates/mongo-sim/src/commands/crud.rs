@@ -2,7 +2,11 @@
 
 use bson::{doc, Bson, Document};
 
-use super::{coll_arg, int_arg, Ctx};
+use super::{
+    coll_arg, int_arg,
+    lets::{self, Lets},
+    Ctx,
+};
 use crate::{
     engine::{change_to_op, WriteSink},
     error::{codes, CommandError, CommandResult},
@@ -196,13 +200,42 @@ fn update_context(
     sink: &dyn WriteSink,
     upsert_insert: bool,
     array_filters: Vec<Document>,
+    lets: &Lets,
 ) -> UpdateContext {
     UpdateContext {
         is_upsert_insert: upsert_insert,
         now: bson::DateTime::now(),
         now_ts: sink.now_ts(),
         array_filters,
+        lets: lets.clone(),
     }
+}
+
+/// The command's `let`, evaluated once for the whole command.
+fn command_lets(ctx: &Ctx<'_>, field: &str) -> CommandResult<Lets> {
+    lets::parse(
+        field,
+        ctx.cmd.get("let"),
+        bson::DateTime::now(),
+        ctx.engine.cluster_time(),
+        &Lets::default(),
+    )
+}
+
+/// Parse-time checks of an update: undefined variables (17276) in its pipeline and array
+/// filters.
+fn check_update_variables(
+    spec: &UpdateSpec,
+    array_filters: &[Document],
+    lets: &Lets,
+) -> CommandResult<()> {
+    if let UpdateSpec::Pipeline(stages) = spec {
+        lets::check_pipeline(stages, lets)?;
+    }
+    for f in array_filters {
+        lets::check_filter(f, lets)?;
+    }
+    Ok(())
 }
 
 /// The document an upsert inserts.
@@ -211,8 +244,13 @@ fn upsert_document(
     spec: &UpdateSpec,
     sink: &dyn WriteSink,
     array_filters: Vec<Document>,
+    lets: &Lets,
 ) -> CommandResult<Document> {
-    let new = build_upsert_document(query, spec, &update_context(sink, true, array_filters))?;
+    let new = build_upsert_document(
+        query,
+        spec,
+        &update_context(sink, true, array_filters, lets),
+    )?;
     prepare_for_insert(&new, sink.now_ts())
 }
 
@@ -228,6 +266,7 @@ fn apply_one_update(
     sink: &mut dyn WriteSink,
     stmt: &Document,
     bypass: bool,
+    lets: &Lets,
 ) -> CommandResult<UpdateOutcome> {
     let q = match stmt.get("q") {
         Some(Bson::Document(q)) => q.clone(),
@@ -251,7 +290,24 @@ fn apply_one_update(
             "multi update is not supported for replacement-style update",
         ));
     }
-    let matcher = Matcher::new(&q)?;
+    // Constants `c` are variables of a pipeline update only; the filter sees `let` alone.
+    if stmt.contains_key("c") && !matches!(spec, UpdateSpec::Pipeline(_)) {
+        return Err(CommandError::new(
+            51198,
+            "Constant values may only be specified for pipeline updates",
+        ));
+    }
+    let update_lets = lets::parse(
+        "update.updates.c",
+        stmt.get("c"),
+        bson::DateTime::now(),
+        sink.now_ts(),
+        lets,
+    )?;
+    check_update_variables(&spec, &array_filters, &update_lets)?;
+    lets::check_filter(&q, lets)?;
+    let matcher = Matcher::new(&q)?.with_lets(lets.clone());
+    super::fields::check_hint(cat.get(coll_ns), stmt.get("hint"))?;
     let targets = match cat.get(coll_ns) {
         Some(c) => matching(c, &matcher, if multi { None } else { Some(1) }),
         None => Vec::new(),
@@ -263,7 +319,7 @@ fn apply_one_update(
     };
     if targets.is_empty() {
         if upsert {
-            let new = upsert_document(&q, &spec, sink, array_filters)?;
+            let new = upsert_document(&q, &spec, sink, array_filters, &update_lets)?;
             let id = new.get("_id").cloned().unwrap_or(Bson::Null);
             let coll = ensure_collection(cat, sink, coll_ns)?;
             let change = coll.insert(new, bypass)?;
@@ -275,7 +331,7 @@ fn apply_one_update(
     }
     let coll = cat.get_mut(coll_ns).expect("targets came from it");
     for old in targets {
-        let ctx = update_context(sink, false, array_filters.clone());
+        let ctx = update_context(sink, false, array_filters.clone(), &update_lets);
         let (new, outcome) = apply_update_with_outcome(&old, &spec, &ctx)?;
         out.matched += 1;
         let description = match outcome {
@@ -296,6 +352,7 @@ pub fn update(ctx: &Ctx<'_>) -> CommandResult<Document> {
     let updates = array_arg(ctx, "updates")?;
     let ordered = ctx.cmd.get_bool("ordered").unwrap_or(true);
     let bypass = bypass(ctx);
+    let lets = command_lets(ctx, "update.let")?;
     let (n, modified, upserted, errors) = ctx.write(|cat, sink| {
         let mut n = 0i64;
         let mut modified = 0i64;
@@ -303,7 +360,7 @@ pub fn update(ctx: &Ctx<'_>) -> CommandResult<Document> {
         let mut errors = Vec::new();
         for (i, stmt) in updates.iter().enumerate() {
             let result = match stmt {
-                Bson::Document(stmt) => apply_one_update(&ns, cat, sink, stmt, bypass),
+                Bson::Document(stmt) => apply_one_update(&ns, cat, sink, stmt, bypass, &lets),
                 _ => Err(CommandError::type_mismatch(
                     "update statements must be objects",
                 )),
@@ -338,6 +395,7 @@ pub fn delete(ctx: &Ctx<'_>) -> CommandResult<Document> {
     let ns = coll_arg(ctx)?;
     let deletes = array_arg(ctx, "deletes")?;
     let ordered = ctx.cmd.get_bool("ordered").unwrap_or(true);
+    let lets = command_lets(ctx, "delete.let")?;
     let (n, errors) = ctx.write(|cat, sink| {
         let mut n = 0i32;
         let mut errors = Vec::new();
@@ -353,7 +411,9 @@ pub fn delete(ctx: &Ctx<'_>) -> CommandResult<Document> {
                         "The limit field in delete objects must be 0 or 1",
                     ));
                 }
-                let matcher = Matcher::new(&q)?;
+                lets::check_filter(&q, &lets)?;
+                let matcher = Matcher::new(&q)?.with_lets(lets.clone());
+                super::fields::check_hint(cat.get(&ns), stmt.get("hint"))?;
                 let Some(coll) = cat.get_mut(&ns) else {
                     return Ok(0);
                 };
@@ -394,11 +454,14 @@ pub fn find_and_modify(ctx: &Ctx<'_>) -> CommandResult<Document> {
     let remove = cmd.get_bool("remove").unwrap_or(false);
     let return_new = cmd.get_bool("new").unwrap_or(false);
     let upsert = cmd.get_bool("upsert").unwrap_or(false);
-    let fields = cmd
-        .get_document("fields")
-        .ok()
-        .map(Projection::new)
-        .transpose()?;
+    let lets = command_lets(ctx, "findAndModify.let")?;
+    let fields = match cmd.get_document("fields") {
+        Ok(p) => {
+            lets::check_projection(p, &lets)?;
+            Some(Projection::new(p)?.with_lets(lets.clone()))
+        }
+        Err(_) => None,
+    };
     let bypass = bypass(ctx);
     let spec = match (remove, cmd.get("update")) {
         (true, Some(_)) => {
@@ -423,8 +486,13 @@ pub fn find_and_modify(ctx: &Ctx<'_>) -> CommandResult<Document> {
         .get_array("arrayFilters")
         .map(|a| a.iter().filter_map(|f| f.as_document().cloned()).collect())
         .unwrap_or_default();
-    let matcher = Matcher::new(&query)?;
+    if let Some(spec) = &spec {
+        check_update_variables(spec, &array_filters, &lets)?;
+    }
+    lets::check_filter(&query, &lets)?;
+    let matcher = Matcher::new(&query)?.with_lets(lets.clone());
     let (last_error, value) = ctx.write(|cat, sink| {
+        super::fields::check_hint(cat.get(&ns), cmd.get("hint"))?;
         let target = match cat.get(&ns) {
             Some(c) => {
                 let mut all = matching(c, &matcher, if sort.is_some() { None } else { Some(1) });
@@ -447,7 +515,7 @@ pub fn find_and_modify(ctx: &Ctx<'_>) -> CommandResult<Document> {
                 let (new, outcome) = apply_update_with_outcome(
                     &old,
                     spec,
-                    &update_context(sink, false, array_filters.clone()),
+                    &update_context(sink, false, array_filters.clone(), &lets),
                 )?;
                 let coll = cat.get_mut(&ns).expect("target came from it");
                 let description = match outcome {
@@ -465,7 +533,7 @@ pub fn find_and_modify(ctx: &Ctx<'_>) -> CommandResult<Document> {
                 Ok((doc! {"n": 1, "updatedExisting": true}, Some(value)))
             }
             (None, Some(spec)) if upsert => {
-                let new = upsert_document(&query, spec, sink, array_filters.clone())?;
+                let new = upsert_document(&query, spec, sink, array_filters.clone(), &lets)?;
                 let id = new.get("_id").cloned().unwrap_or(Bson::Null);
                 let coll = ensure_collection(cat, sink, &ns)?;
                 let change = coll.insert(new.clone(), bypass)?;

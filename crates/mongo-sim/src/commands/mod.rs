@@ -4,6 +4,8 @@
 mod admin;
 mod crud;
 mod ddl;
+pub(crate) mod fields;
+mod lets;
 mod read;
 
 use std::sync::Arc;
@@ -473,6 +475,7 @@ fn is_change_stream_command(engine: &Engine, name: &str, cmd: &Document) -> bool
 }
 
 async fn run(ctx: &Ctx<'_>, change_stream_cmd: bool) -> CommandResult<Document> {
+    fields::check_command(&ctx.name, ctx.cmd)?;
     if ctx.in_transaction() && !TRANSACTION_COMMANDS.contains(&ctx.name.as_str()) {
         return Err(CommandError::new(
             codes::OPERATION_NOT_SUPPORTED_IN_TRANSACTION,

@@ -6,7 +6,7 @@ use std::{collections::VecDeque, sync::Arc, time::Duration};
 use bson::{doc, Bson, Document};
 use md5::{Digest, Md5};
 
-use super::{coll_arg, int_arg, Ctx};
+use super::{coll_arg, fields, int_arg, lets, Ctx};
 use crate::{
     changestream::{self, epoch_of, ChangeStreamCursor, Scope},
     cursor::{next_batch, Cursor, CursorKind, DEFAULT_FIRST_BATCH},
@@ -122,7 +122,15 @@ pub fn find(ctx: &Ctx<'_>) -> CommandResult<Document> {
         None | Some(Bson::Null) => Document::new(),
         Some(_) => return Err(CommandError::type_mismatch("'filter' must be an object")),
     };
-    let matcher = Matcher::new(&filter)?;
+    let lets = lets::parse(
+        "find.let",
+        cmd.get("let"),
+        bson::DateTime::now(),
+        ctx.engine.cluster_time(),
+        &lets::Lets::default(),
+    )?;
+    lets::check_filter(&filter, &lets)?;
+    let matcher = Matcher::new(&filter)?.with_lets(lets.clone());
     let oplog = ns.db == "local" && ns.coll == "oplog.rs";
     let sort = match cmd.get_document("sort") {
         // The oplog's `$natural` order is handled by `oplog_entries`.
@@ -130,7 +138,10 @@ pub fn find(ctx: &Ctx<'_>) -> CommandResult<Document> {
         _ => None,
     };
     let projection = match cmd.get_document("projection") {
-        Ok(p) if !p.is_empty() => Some(Projection::new(p)?),
+        Ok(p) if !p.is_empty() => {
+            lets::check_projection(p, &lets)?;
+            Some(Projection::new(p)?.with_lets(lets.clone()))
+        }
         _ => None,
     };
     let skip = int_arg(cmd, "skip")?.unwrap_or(0);
@@ -154,6 +165,7 @@ pub fn find(ctx: &Ctx<'_>) -> CommandResult<Document> {
         oplog_entries(ctx, cmd, &matcher)?
     } else {
         ctx.read(|cat, _| {
+            fields::check_hint(cat.get(&ns), cmd.get("hint"))?;
             Ok(match cat.get(&ns) {
                 Some(c) => scan(c, &matcher, min, max, scan_limit),
                 None => Vec::new(),
@@ -282,7 +294,7 @@ pub async fn get_more(ctx: &Ctx<'_>) -> CommandResult<Document> {
                 };
                 let (events, pbrt) = polled?;
                 if !events.is_empty()
-                    || stream.invalidated
+                    || stream.finished()
                     || tokio::time::Instant::now() >= deadline
                 {
                     break (events, pbrt);
@@ -296,7 +308,7 @@ pub async fn get_more(ctx: &Ctx<'_>) -> CommandResult<Document> {
                 }
             };
             let ns = cursor.ns.clone();
-            let closed = stream.invalidated;
+            let closed = stream.finished();
             if !closed {
                 ctx.engine.cursors.lock().insert(cursor);
             }
@@ -333,6 +345,15 @@ pub fn kill_cursors(ctx: &Ctx<'_>) -> CommandResult<Document> {
 }
 
 fn open_change_stream(ctx: &Ctx<'_>, pipeline: &[Bson]) -> CommandResult<Document> {
+    // Change streams read at majority: without a level the server upconverts, any explicit
+    // level other than "majority" (even "local") is refused (`supportsReadConcern` of
+    // `$changeStream`, jstests change_stream_require_majority_read_concern.js).
+    if let Some(level) = fields::read_concern_level(ctx.cmd).filter(|l| *l != "majority") {
+        return Err(CommandError::new(
+            codes::INVALID_OPTIONS,
+            format!("Aggregation stage $changeStream cannot run with a readConcern other than 'majority'. Current readConcern: {level}"),
+        ));
+    }
     let (scope, reply_ns) = match ctx.cmd.get("aggregate") {
         Some(Bson::String(coll)) => {
             let ns = Namespace::new(ctx.db.clone(), coll.clone());
@@ -379,20 +400,19 @@ fn open_change_stream(ctx: &Ctx<'_>, pipeline: &[Bson]) -> CommandResult<Documen
         .map(|b| b.max(0) as usize)
         .unwrap_or(DEFAULT_FIRST_BATCH);
     let epoch = epoch_of(&ctx.engine.replica_set_id);
-    let (mut stream, events, pbrt) = {
+    let (stream, events, pbrt) = {
         let data = ctx.engine.data.lock();
         let mut stream = ChangeStreamCursor::open(spec, start, &data, epoch)?;
         let (events, pbrt) = stream.poll(&data, first_batch)?;
         (stream, events, pbrt)
     };
-    let closed = stream.invalidated;
+    let closed = stream.finished();
     let id = if closed {
         0
     } else {
         ctx.engine.next_cursor_id()
     };
     if !closed {
-        stream.invalidated = false;
         ctx.engine.cursors.lock().insert(Cursor {
             id,
             ns: reply_ns.clone(),
@@ -448,13 +468,24 @@ pub fn aggregate(ctx: &Ctx<'_>) -> CommandResult<Document> {
         }
         _ => (None, format!("{}.$cmd.aggregate", ctx.db)),
     };
+    let now = bson::DateTime::now();
+    let cluster_time = ctx.engine.cluster_time();
+    let lets = lets::parse(
+        "aggregate.let",
+        ctx.cmd.get("let"),
+        now,
+        cluster_time,
+        &lets::Lets::default(),
+    )?;
+    lets::check_pipeline(&stages, &lets)?;
     // Push a leading $match down to the scan so large collections are not copied whole.
     let (leading_match, rest) = match stages.first().and_then(|s| s.get_document("$match").ok()) {
-        Some(m) => (Some(Matcher::new(m)?), &stages[1..]),
+        Some(m) => (Some(Matcher::new(m)?.with_lets(lets.clone())), &stages[1..]),
         None => (None, &stages[..]),
     };
     let input: Vec<Document> = ctx.read(|cat, _| {
         let Some(ns) = &ns else { return Ok(Vec::new()) };
+        fields::check_hint(cat.get(ns), ctx.cmd.get("hint"))?;
         let Some(c) = cat.get(ns) else {
             return Ok(Vec::new());
         };
@@ -468,8 +499,9 @@ pub fn aggregate(ctx: &Ctx<'_>) -> CommandResult<Document> {
         input,
         rest,
         &PipelineContext {
-            now: bson::DateTime::now(),
-            cluster_time: Some(ctx.engine.cluster_time()),
+            now,
+            cluster_time: Some(cluster_time),
+            lets,
         },
     )?;
     let first_batch = ctx
@@ -494,8 +526,10 @@ pub fn count(ctx: &Ctx<'_>) -> CommandResult<Document> {
     let query = ctx.cmd.get_document("query").cloned().unwrap_or_default();
     let skip = int_arg(ctx.cmd, "skip")?.unwrap_or(0).max(0) as usize;
     let limit = int_arg(ctx.cmd, "limit")?.unwrap_or(0).unsigned_abs() as usize;
+    lets::check_filter(&query, &[])?;
     let matcher = Matcher::new(&query)?;
     let n = ctx.read(|cat, _| {
+        fields::check_hint(cat.get(&ns), ctx.cmd.get("hint"))?;
         let Some(c) = cat.get(&ns) else { return Ok(0) };
         let total = if query.is_empty() {
             c.len()
@@ -520,6 +554,7 @@ pub fn distinct(ctx: &Ctx<'_>) -> CommandResult<Document> {
         .map_err(|_| CommandError::failed_to_parse("'key' must be a string"))?
         .to_string();
     let query = ctx.cmd.get_document("query").cloned().unwrap_or_default();
+    lets::check_filter(&query, &[])?;
     let matcher = Matcher::new(&query)?;
     let mut values: Vec<Bson> = ctx.read(|cat, _| {
         let Some(c) = cat.get(&ns) else {
@@ -700,7 +735,14 @@ pub fn list_indexes(ctx: &Ctx<'_>) -> CommandResult<Document> {
             .map(|i| Arc::new(i.spec.clone()))
             .collect::<VecDeque<_>>())
     })?;
-    cursor_reply(ctx, ns.to_string(), specs, None, usize::MAX, false)
+    let first = ctx
+        .cmd
+        .get_document("cursor")
+        .ok()
+        .and_then(|c| int_arg(c, "batchSize").ok().flatten())
+        .map(|b| b.max(0) as usize)
+        .unwrap_or(usize::MAX);
+    cursor_reply(ctx, ns.to_string(), specs, None, first, false)
 }
 
 pub fn coll_stats(ctx: &Ctx<'_>) -> CommandResult<Document> {

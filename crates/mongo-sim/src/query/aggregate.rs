@@ -18,6 +18,8 @@ pub struct PipelineContext {
     pub now: bson::DateTime,
     /// `$$CLUSTER_TIME`.
     pub cluster_time: Option<bson::Timestamp>,
+    /// Command-level `let` variables.
+    pub lets: std::sync::Arc<Vec<(String, Bson)>>,
 }
 
 impl PipelineContext {
@@ -25,11 +27,12 @@ impl PipelineContext {
         PipelineContext {
             now,
             cluster_time: None,
+            lets: Default::default(),
         }
     }
 
     fn vars(&self) -> Variables {
-        let v = Variables::new(self.now);
+        let v = Variables::new(self.now).with_lets(&self.lets);
         match self.cluster_time {
             Some(ts) => v.with_cluster_time(ts),
             None => v,
@@ -84,7 +87,9 @@ fn run_stage(
                     "the match filter must be an expression in an object",
                 ));
             };
-            let m = Matcher::new(f)?.with_now(ctx.now);
+            let m = Matcher::new(f)?
+                .with_now(ctx.now)
+                .with_lets(ctx.lets.clone());
             let mut out = Vec::with_capacity(docs.len());
             for d in docs {
                 if m.try_matches(&d)? {
@@ -137,7 +142,9 @@ fn run_stage(
                     "$project specification must be an object",
                 ));
             };
-            let p = Projection::new_stage(s)?.with_now(ctx.now);
+            let p = Projection::new_stage(s)?
+                .with_now(ctx.now)
+                .with_lets(ctx.lets.clone());
             docs.iter().map(|d| p.apply(d)).collect()
         }
         "$unset" => {

@@ -60,6 +60,12 @@ impl Variables {
         self.bindings.push((name.to_string(), value));
     }
 
+    /// A copy with the command's `let` variables bound (outermost scope).
+    pub fn with_lets(mut self, lets: &[(String, Bson)]) -> Variables {
+        self.bindings.splice(0..0, lets.iter().cloned());
+        self
+    }
+
     /// Removes the most recent binding.
     pub fn unbind(&mut self) {
         self.bindings.pop();

@@ -20,6 +20,8 @@ pub struct Matcher {
     id_eq: Option<Bson>,
     now: Option<bson::DateTime>,
     has_expr: bool,
+    /// Command-level `let` variables, visible to `$expr`.
+    lets: std::sync::Arc<Vec<(String, Bson)>>,
 }
 
 #[derive(Debug, Clone)]
@@ -151,12 +153,19 @@ impl Matcher {
             root,
             id_eq,
             now: None,
+            lets: Default::default(),
         })
     }
 
     /// Sets `$$NOW` for `$expr` (default: the wall clock at evaluation time).
     pub fn with_now(mut self, now: bson::DateTime) -> Self {
         self.now = Some(now);
+        self
+    }
+
+    /// Binds the command's `let` variables for `$expr`.
+    pub fn with_lets(mut self, lets: std::sync::Arc<Vec<(String, Bson)>>) -> Self {
+        self.lets = lets;
         self
     }
 
@@ -174,7 +183,11 @@ impl Matcher {
             None if self.has_expr => bson::DateTime::now(),
             None => bson::DateTime::from_millis(0),
         };
-        match_node(&self.root, doc, &Variables::new(now))
+        if self.lets.is_empty() {
+            match_node(&self.root, doc, &Variables::new(now))
+        } else {
+            match_node(&self.root, doc, &Variables::new(now).with_lets(&self.lets))
+        }
     }
 
     /// The `_id` value when the filter is exactly `{_id: <scalar>}` or `{_id: {$eq: v}}`.

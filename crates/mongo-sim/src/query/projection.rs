@@ -15,6 +15,8 @@ pub struct Projection {
     slices: Vec<(String, Option<i64>, i64)>,
     elem_matches: Vec<(String, Matcher)>,
     now: Option<bson::DateTime>,
+    /// Command-level `let` variables.
+    lets: std::sync::Arc<Vec<(String, Bson)>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,12 +145,19 @@ impl Projection {
             slices: Vec::new(),
             elem_matches: Vec::new(),
             now: None,
+            lets: Default::default(),
         })
     }
 
     /// Sets `$$NOW` for expressions.
     pub fn with_now(mut self, now: bson::DateTime) -> Self {
         self.now = Some(now);
+        self
+    }
+
+    /// Binds the command's `let` variables for expressions.
+    pub fn with_lets(mut self, lets: std::sync::Arc<Vec<(String, Bson)>>) -> Self {
+        self.lets = lets;
         self
     }
 
@@ -276,6 +285,7 @@ impl Projection {
             slices,
             elem_matches,
             now: None,
+            lets: Default::default(),
         })
     }
 
@@ -286,7 +296,8 @@ impl Projection {
 
     /// Applies the projection to a document.
     pub fn apply(&self, doc: &Document) -> CommandResult<Document> {
-        let vars = Variables::new(self.now.unwrap_or_else(bson::DateTime::now));
+        let vars =
+            Variables::new(self.now.unwrap_or_else(bson::DateTime::now)).with_lets(&self.lets);
         let mut out = match self.kind {
             Kind::Identity => doc.clone(),
             Kind::Inclusion => apply_inclusion(&self.root, doc, doc, &vars)?,

@@ -101,8 +101,10 @@ pub struct UpdateContext {
     pub now: bson::DateTime,
     /// `$currentDate` with `timestamp`, `$$CLUSTER_TIME`, zero timestamps in replacements.
     pub now_ts: bson::Timestamp,
-    /// `arrayFilters`: not supported (non-empty → error).
+    /// `arrayFilters`: the filters of the `$[<identifier>]` paths.
     pub array_filters: Vec<Document>,
+    /// Command-level `let` variables (and a statement's constants `c`), for pipeline updates.
+    pub lets: std::sync::Arc<Vec<(String, Bson)>>,
 }
 
 impl UpdateContext {
@@ -112,6 +114,7 @@ impl UpdateContext {
             now,
             now_ts,
             array_filters: Vec::new(),
+            lets: Default::default(),
         }
     }
 }
@@ -122,12 +125,234 @@ pub fn apply_update(
     spec: &UpdateSpec,
     ctx: &UpdateContext,
 ) -> CommandResult<Document> {
-    if !ctx.array_filters.is_empty() {
-        return Err(CommandError::new(
-            codes::BAD_VALUE,
-            "arrayFilters are not supported by mongo-sim",
-        ));
+    match resolve_array_updates(original, spec, ctx)? {
+        Some(concrete) => apply_resolved(original, &concrete, ctx),
+        None => apply_resolved(original, spec, ctx),
     }
+}
+
+/// `arrayFilters` and the all-positional `$[]` / filtered `$[<identifier>]` paths, resolved
+/// against the document being updated: the same operators on the concrete array-element
+/// paths they denote (`None`: nothing to resolve).
+fn resolve_array_updates(
+    original: &Document,
+    spec: &UpdateSpec,
+    ctx: &UpdateContext,
+) -> CommandResult<Option<UpdateSpec>> {
+    let ops = match spec {
+        UpdateSpec::Operators(ops) => ops,
+        UpdateSpec::Pipeline(_) if !ctx.array_filters.is_empty() => {
+            return Err(CommandError::failed_to_parse(
+                "arrayFilters may not be specified for pipeline-style updates",
+            ))
+        }
+        UpdateSpec::Replacement(_) if !ctx.array_filters.is_empty() => {
+            return Err(CommandError::failed_to_parse(
+                "Cannot use array filters with replacement-style updates",
+            ))
+        }
+        _ => return Ok(None),
+    };
+    let positional = |p: &str| {
+        p.split('.')
+            .any(|c| c.starts_with("$[") && c.ends_with(']'))
+    };
+    let any_positional = ops.values().any(|f| match f {
+        Bson::Document(f) => f.keys().any(|k| positional(k)),
+        _ => false,
+    });
+    if ctx.array_filters.is_empty() && !any_positional {
+        return Ok(None);
+    }
+    let filters = parse_array_filters(&ctx.array_filters)?;
+    let mut used = vec![false; filters.len()];
+    let mut out = Document::new();
+    for (op, fields) in ops {
+        let Bson::Document(fields) = fields else {
+            // Malformed: let the operator parser report it.
+            return Ok(None);
+        };
+        let mut concrete = Document::new();
+        for (path, arg) in fields {
+            if !positional(path) {
+                concrete.insert(path.clone(), arg.clone());
+                continue;
+            }
+            if op == "$rename" {
+                return Err(CommandError::bad_value(format!(
+                    "The source field for $rename may not be dynamic: {path}"
+                )));
+            }
+            let parts: Vec<&str> = path.split('.').collect();
+            let mut paths = Vec::new();
+            expand_path(
+                &Bson::Document(original.clone()),
+                &parts,
+                0,
+                &mut Vec::new(),
+                &filters,
+                &mut used,
+                path,
+                &mut paths,
+            )?;
+            for p in paths {
+                let p = p.join(".");
+                if concrete.contains_key(&p) {
+                    return Err(CommandError::new(
+                        codes::CONFLICTING_UPDATE_OPERATORS,
+                        format!("Updating the path '{p}' would create a conflict at '{p}'"),
+                    ));
+                }
+                concrete.insert(p, arg.clone());
+            }
+        }
+        // An operator whose positional paths matched nothing updates nothing.
+        if !concrete.is_empty() {
+            out.insert(op.clone(), concrete);
+        }
+    }
+    if let Some(i) = used.iter().position(|u| !u) {
+        return Err(CommandError::failed_to_parse(format!(
+            "The array filter for identifier '{}' was not used in the update {}",
+            filters[i].0,
+            server_repr(&Bson::Document(ops.clone()))
+        )));
+    }
+    Ok(Some(UpdateSpec::Operators(out)))
+}
+
+/// The identifier of each array filter (the first component of its top-level fields) and its
+/// matcher, which is applied to `{<identifier>: element}`.
+fn parse_array_filters(filters: &[Document]) -> CommandResult<Vec<(String, Matcher)>> {
+    fn identifiers(filter: &Document, out: &mut Vec<String>) {
+        for (k, v) in filter {
+            match (k.as_str(), v) {
+                ("$and" | "$or" | "$nor", Bson::Array(a)) => {
+                    for f in a {
+                        if let Bson::Document(f) = f {
+                            identifiers(f, out);
+                        }
+                    }
+                }
+                _ => out.push(k.split('.').next().unwrap_or("").to_string()),
+            }
+        }
+    }
+    let mut out: Vec<(String, Matcher)> = Vec::new();
+    for f in filters {
+        let mut ids = Vec::new();
+        identifiers(f, &mut ids);
+        ids.dedup();
+        let id = match ids.as_slice() {
+            [] => {
+                return Err(CommandError::failed_to_parse(
+                    "Error parsing array filter :: caused by :: Cannot use an expression without a top-level field name in arrayFilters",
+                ))
+            }
+            [one] => one.clone(),
+            [a, b, ..] => {
+                return Err(CommandError::failed_to_parse(format!(
+                    "Error parsing array filter :: caused by :: Expected a single top-level field name, found '{a}' and '{b}'"
+                )))
+            }
+        };
+        let mut chars = id.chars();
+        let valid = chars.next().is_some_and(|c| c.is_ascii_lowercase())
+            && chars.all(|c| c.is_ascii_alphanumeric());
+        if !valid {
+            return Err(CommandError::bad_value(format!(
+                "Error parsing array filter :: caused by :: The top-level field name must be an alphanumeric string beginning with a lowercase letter, found '{id}'"
+            )));
+        }
+        if out.iter().any(|(i, _)| *i == id) {
+            return Err(CommandError::failed_to_parse(format!(
+                "Found multiple array filters with the same top-level field name {id}"
+            )));
+        }
+        out.push((id, Matcher::new(f)?));
+    }
+    Ok(out)
+}
+
+/// Expands `parts[i..]` below `value` (reached by `prefix`) into concrete paths.
+#[allow(clippy::too_many_arguments)]
+fn expand_path(
+    value: &Bson,
+    parts: &[&str],
+    i: usize,
+    prefix: &mut Vec<String>,
+    filters: &[(String, Matcher)],
+    used: &mut [bool],
+    full: &str,
+    out: &mut Vec<Vec<String>>,
+) -> CommandResult<()> {
+    let Some(part) = parts.get(i) else {
+        out.push(prefix.clone());
+        return Ok(());
+    };
+    if !(part.starts_with("$[") && part.ends_with(']')) {
+        let next = match value {
+            Bson::Document(d) => d.get(*part),
+            Bson::Array(a) => parse_index(part).and_then(|ix| a.get(ix)),
+            _ => None,
+        };
+        prefix.push(part.to_string());
+        match next {
+            Some(next) => expand_path(next, parts, i + 1, prefix, filters, used, full, out)?,
+            None if parts[i + 1..].iter().any(|p| p.starts_with("$[")) => {
+                return Err(CommandError::bad_value(format!(
+                    "The path '{}' must exist in the document in order to apply array updates.",
+                    prefix.join(".")
+                )))
+            }
+            None => {
+                let mut p = prefix.clone();
+                p.extend(parts[i + 1..].iter().map(|s| s.to_string()));
+                out.push(p);
+            }
+        }
+        prefix.pop();
+        return Ok(());
+    }
+    let id = &part[2..part.len() - 1];
+    let filter = if id.is_empty() {
+        None
+    } else {
+        let Some(ix) = filters.iter().position(|(f, _)| f == id) else {
+            return Err(CommandError::bad_value(format!(
+                "No array filter found for identifier '{id}' in path '{full}'"
+            )));
+        };
+        used[ix] = true;
+        Some(&filters[ix].1)
+    };
+    let Bson::Array(arr) = value else {
+        return Err(CommandError::bad_value(format!(
+            "Cannot apply array updates to non-array element {}: {}",
+            prefix.last().map(String::as_str).unwrap_or(""),
+            server_repr(value)
+        )));
+    };
+    for (ix, elem) in arr.iter().enumerate() {
+        if let Some(m) = filter {
+            let mut wrapped = Document::new();
+            wrapped.insert(id, elem.clone());
+            if !m.try_matches(&wrapped)? {
+                continue;
+            }
+        }
+        prefix.push(ix.to_string());
+        expand_path(elem, parts, i + 1, prefix, filters, used, full, out)?;
+        prefix.pop();
+    }
+    Ok(())
+}
+
+fn apply_resolved(
+    original: &Document,
+    spec: &UpdateSpec,
+    ctx: &UpdateContext,
+) -> CommandResult<Document> {
     match spec {
         UpdateSpec::Replacement(r) => apply_replacement(original, r, ctx, false),
         UpdateSpec::Operators(ops) => apply_operators(original, ops, ctx),
@@ -135,6 +360,7 @@ pub fn apply_update(
             let pctx = PipelineContext {
                 now: ctx.now,
                 cluster_time: Some(ctx.now_ts),
+                lets: ctx.lets.clone(),
             };
             let transformed = apply_update_pipeline(original, stages, &pctx)?;
             apply_replacement(original, &transformed, ctx, true)
@@ -336,9 +562,12 @@ fn validate_path(path: &str) -> CommandResult<()> {
     }
     for p in path.split('.') {
         if p == "$" || p.starts_with("$[") {
-            return Err(CommandError::bad_value(format!(
-                "The positional operator is not supported by mongo-sim (path '{path}')"
-            )));
+            // `$[]` / `$[<id>]` are resolved to concrete paths before this check; what is
+            // left is the query-positional `$`, which the simulator does not implement.
+            return Err(CommandError::new(
+                codes::COMMAND_NOT_SUPPORTED,
+                format!("mongo-sim does not implement the positional operator $ (path '{path}')"),
+            ));
         }
     }
     Ok(())
@@ -1461,7 +1690,9 @@ pub fn apply_update_with_outcome(
     spec: &UpdateSpec,
     ctx: &UpdateContext,
 ) -> CommandResult<(Document, UpdateOutcome)> {
-    let new = apply_update(original, spec, ctx)?;
+    let resolved = resolve_array_updates(original, spec, ctx)?;
+    let spec = resolved.as_ref().unwrap_or(spec);
+    let new = apply_resolved(original, spec, ctx)?;
     if documents_binary_equal(original, &new) {
         return Ok((new, UpdateOutcome::NoOp));
     }

@@ -1,0 +1,645 @@
+//! Strict command parsing (MongoDB 7.0 IDL rules): every field of a command is either a generic
+//! argument, one of the command's own fields, or an error. Unknown fields fail with 40415
+//! (`BSON field 'find.bogus' is an unknown field.`) as the server's strict IDL parsers do;
+//! fields MongoDB accepts but the simulator does not implement fail with 115
+//! CommandNotSupported naming the feature, never silently ignored.
+//!
+//! Commands without an entry here (`create`, `collMod`, `serverStatus`, `getParameter`, the
+//! SASL conversation) check their own arguments where they are parsed; the `hello` handshake is
+//! not checked (drivers add handshake fields across versions, e.g. `backpressure`).
+
+use bson::{Bson, Document};
+
+use crate::{
+    error::{codes, CommandError, CommandResult},
+    store::Collection,
+};
+
+/// Arguments every command accepts (`src/mongo/idl/generic_argument.idl`, 7.0).
+const GENERIC: &[&str] = &[
+    "apiVersion",
+    "apiStrict",
+    "apiDeprecationErrors",
+    "$db",
+    "maxTimeMS",
+    "readConcern",
+    "writeConcern",
+    "lsid",
+    "clientOperationKey",
+    "txnNumber",
+    "autocommit",
+    "startTransaction",
+    "stmtId",
+    "comment",
+    "$readPreference",
+    "$clusterTime",
+    "$audit",
+    "$client",
+    "$configServerState",
+    "allowImplicitCollectionCreation",
+    "$oplogQueryData",
+    "$queryOptions",
+    "$replData",
+    "databaseVersion",
+    "shardVersion",
+    "tracking_info",
+    "coordinator",
+    "maxTimeMSOpOnly",
+    "$configTime",
+    "$topologyTime",
+    "txnRetryCounter",
+    "mayBypassWriteBlocking",
+    "$tenant",
+    "expectPrefix",
+];
+
+/// How the simulator treats one known field.
+#[derive(Debug, Clone, Copy)]
+enum Rule {
+    /// Implemented.
+    Yes,
+    /// Accepted when false/0/null (the server's default); otherwise the named feature is
+    /// not implemented.
+    IfFalsy(&'static str),
+    /// Never implemented.
+    No(&'static str),
+    /// `collation`: only the simple collation (issue 10 item 3 implements the rest).
+    Collation,
+}
+
+use Rule::{Collation, IfFalsy, No, Yes};
+
+type Fields = &'static [(&'static str, Rule)];
+
+const FIND: Fields = &[
+    ("filter", Yes),
+    ("projection", Yes),
+    ("sort", Yes),
+    ("hint", Yes),
+    ("collation", Collation),
+    ("skip", Yes),
+    ("limit", Yes),
+    ("batchSize", Yes),
+    ("singleBatch", Yes),
+    ("min", Yes),
+    ("max", Yes),
+    ("let", Yes),
+    // The simulator has no memory limit on sorts and never times cursors out: both options
+    // hold whatever their value.
+    ("allowDiskUse", Yes),
+    ("noCursorTimeout", Yes),
+    // Sharding only: no shard can be unavailable on a replica set.
+    ("allowPartialResults", Yes),
+    // Ignored by the server since 4.4.
+    ("oplogReplay", Yes),
+    ("returnKey", IfFalsy("returnKey")),
+    ("showRecordId", IfFalsy("showRecordId")),
+    ("tailable", IfFalsy("tailable cursors")),
+    ("awaitData", IfFalsy("tailable cursors (awaitData)")),
+    ("ntoreturn", No("ntoreturn")),
+    ("options", No("legacy query options")),
+    ("term", No("the internal 'term' field")),
+    ("readOnce", IfFalsy("readOnce")),
+    (
+        "allowSpeculativeMajorityRead",
+        IfFalsy("speculative majority reads"),
+    ),
+    ("$_requestResumeToken", IfFalsy("resumable scans")),
+    ("$_resumeAfter", No("resumable scans")),
+    ("runtimeConstants", No("runtimeConstants")),
+    ("collectionUUID", No("collectionUUID")),
+];
+
+const GET_MORE: Fields = &[
+    ("collection", Yes),
+    ("batchSize", Yes),
+    ("term", No("the internal 'term' field")),
+    ("lastKnownCommittedOpTime", No("lastKnownCommittedOpTime")),
+];
+
+const AGGREGATE: Fields = &[
+    ("pipeline", Yes),
+    ("cursor", Yes),
+    ("allowDiskUse", Yes),
+    ("bypassDocumentValidation", Yes),
+    ("collation", Collation),
+    ("hint", Yes),
+    ("let", Yes),
+    ("explain", IfFalsy("explain")),
+    ("needsMerge", IfFalsy("sharded merging")),
+    ("fromMongos", IfFalsy("sharded merging")),
+    ("fromRouter", IfFalsy("sharded merging")),
+    ("$_requestReshardingResumeToken", IfFalsy("resharding")),
+    ("isMapReduceCommand", IfFalsy("mapReduce")),
+    ("collectionUUID", No("collectionUUID")),
+    ("exchange", No("exchange")),
+    ("runtimeConstants", No("runtimeConstants")),
+    ("$_generateV2ResumeTokens", IfFalsy("v2 resume tokens")),
+    ("encryptionInformation", No("queryable encryption")),
+];
+
+const COUNT: Fields = &[
+    ("query", Yes),
+    ("limit", Yes),
+    ("skip", Yes),
+    ("hint", Yes),
+    ("collation", Collation),
+    // Deprecated and ignored by the server.
+    ("fields", Yes),
+    ("sampleId", No("query sampling")),
+    ("mirrored", IfFalsy("mirrored reads")),
+    ("encryptionInformation", No("queryable encryption")),
+];
+
+const DISTINCT: Fields = &[
+    ("key", Yes),
+    ("query", Yes),
+    ("collation", Collation),
+    ("sampleId", No("query sampling")),
+    ("mirrored", IfFalsy("mirrored reads")),
+];
+
+const INSERT: Fields = &[
+    ("documents", Yes),
+    ("ordered", Yes),
+    ("bypassDocumentValidation", Yes),
+    ("stmtIds", No("stmtIds")),
+    ("collectionUUID", No("collectionUUID")),
+    ("encryptionInformation", No("queryable encryption")),
+    ("isTimeseriesNamespace", IfFalsy("time-series collections")),
+];
+
+const UPDATE: Fields = &[
+    ("updates", Yes),
+    ("ordered", Yes),
+    ("bypassDocumentValidation", Yes),
+    ("let", Yes),
+    ("stmtIds", No("stmtIds")),
+    ("collectionUUID", No("collectionUUID")),
+    ("encryptionInformation", No("queryable encryption")),
+    ("isTimeseriesNamespace", IfFalsy("time-series collections")),
+];
+
+/// An update statement (`UpdateOpEntry`, 7.0: no `sort`, added in 8.0).
+const UPDATE_STATEMENT: Fields = &[
+    ("q", Yes),
+    ("u", Yes),
+    ("c", Yes),
+    ("arrayFilters", Yes),
+    ("hint", Yes),
+    ("multi", Yes),
+    ("upsert", Yes),
+    ("collation", Collation),
+    ("upsertSupplied", IfFalsy("upsertSupplied")),
+    ("sampleId", No("query sampling")),
+    (
+        "$_allowShardKeyUpdatesWithoutFullShardKeyInQuery",
+        IfFalsy("sharding"),
+    ),
+];
+
+const DELETE: Fields = &[
+    ("deletes", Yes),
+    ("ordered", Yes),
+    ("let", Yes),
+    ("stmtIds", No("stmtIds")),
+    ("collectionUUID", No("collectionUUID")),
+    ("encryptionInformation", No("queryable encryption")),
+    ("isTimeseriesNamespace", IfFalsy("time-series collections")),
+];
+
+const DELETE_STATEMENT: Fields = &[
+    ("q", Yes),
+    ("limit", Yes),
+    ("hint", Yes),
+    ("collation", Collation),
+    ("sampleId", No("query sampling")),
+];
+
+const FIND_AND_MODIFY: Fields = &[
+    ("query", Yes),
+    ("fields", Yes),
+    ("sort", Yes),
+    ("hint", Yes),
+    ("collation", Collation),
+    ("arrayFilters", Yes),
+    ("remove", Yes),
+    ("update", Yes),
+    ("new", Yes),
+    ("upsert", Yes),
+    ("bypassDocumentValidation", Yes),
+    ("let", Yes),
+    ("runtimeConstants", No("runtimeConstants")),
+    ("encryptionInformation", No("queryable encryption")),
+    ("sampleId", No("query sampling")),
+    (
+        "$_allowShardKeyUpdatesWithoutFullShardKeyInQuery",
+        IfFalsy("sharding"),
+    ),
+];
+
+const LIST_COLLECTIONS: Fields = &[
+    ("filter", Yes),
+    ("nameOnly", Yes),
+    // Every user is root in the simulator: all collections are authorized.
+    ("authorizedCollections", Yes),
+    ("cursor", Yes),
+    ("includePendingDrops", IfFalsy("includePendingDrops")),
+];
+
+const LIST_INDEXES: Fields = &[
+    ("cursor", Yes),
+    ("includeBuildUUIDs", IfFalsy("includeBuildUUIDs")),
+    ("includeIndexBuildInfo", IfFalsy("includeIndexBuildInfo")),
+];
+
+const LIST_DATABASES: Fields = &[
+    ("filter", Yes),
+    ("nameOnly", Yes),
+    ("authorizedDatabases", Yes),
+];
+
+const RENAME: Fields = &[
+    ("to", Yes),
+    ("dropTarget", Yes),
+    ("stayTemp", IfFalsy("temporary collections")),
+    ("collectionUUID", No("collectionUUID")),
+];
+
+const CREATE_INDEXES: Fields = &[
+    ("indexes", Yes),
+    // One voting member: every commit quorum is satisfied by it.
+    ("commitQuorum", Yes),
+    (
+        "ignoreUnknownIndexOptions",
+        IfFalsy("ignoreUnknownIndexOptions"),
+    ),
+    ("isTimeseriesNamespace", IfFalsy("time-series collections")),
+    ("collectionUUID", No("collectionUUID")),
+];
+
+const DROP_INDEXES: Fields = &[
+    ("index", Yes),
+    ("isTimeseriesNamespace", IfFalsy("time-series collections")),
+    ("collectionUUID", No("collectionUUID")),
+];
+
+const NONE: Fields = &[];
+
+/// The fields of the commands the simulator checks strictly, and the name the server uses
+/// in its messages.
+fn command_fields(name: &str) -> Option<(&'static str, Fields)> {
+    Some(match name {
+        "find" => ("find", FIND),
+        "getMore" => ("getMore", GET_MORE),
+        "aggregate" => ("aggregate", AGGREGATE),
+        "count" => ("count", COUNT),
+        "distinct" => ("distinct", DISTINCT),
+        "insert" => ("insert", INSERT),
+        "update" => ("update", UPDATE),
+        "delete" => ("delete", DELETE),
+        "findAndModify" | "findandmodify" => ("findAndModify", FIND_AND_MODIFY),
+        "killCursors" => ("killCursors", &[("cursors", Yes)]),
+        "listCollections" => ("listCollections", LIST_COLLECTIONS),
+        "listIndexes" => ("listIndexes", LIST_INDEXES),
+        "listDatabases" => ("listDatabases", LIST_DATABASES),
+        "dbHash" | "dbhash" => ("dbHash", &[("collections", Yes)]),
+        "collStats" => (
+            "collStats",
+            &[("scale", Yes), ("verbose", IfFalsy("verbose collStats"))],
+        ),
+        "dbStats" => (
+            "dbStats",
+            &[("scale", Yes), ("freeStorage", IfFalsy("freeStorage"))],
+        ),
+        "drop" => ("drop", &[("collectionUUID", No("collectionUUID"))]),
+        "dropDatabase" => ("dropDatabase", NONE),
+        "renameCollection" => ("renameCollection", RENAME),
+        "createIndexes" => ("createIndexes", CREATE_INDEXES),
+        "dropIndexes" | "deleteIndexes" => ("dropIndexes", DROP_INDEXES),
+        "commitTransaction" => ("commitTransaction", &[("recoveryToken", Yes)]),
+        "abortTransaction" => ("abortTransaction", &[("recoveryToken", Yes)]),
+        "endSessions" | "killSessions" | "killAllSessions" | "ping" | "buildInfo" | "buildinfo"
+        | "hostInfo" | "getCmdLineOpts" | "whatsmyuri" => ("", NONE),
+        "connectionStatus" => (
+            "connectionStatus",
+            &[("showPrivileges", IfFalsy("showPrivileges"))],
+        ),
+        "replSetGetConfig" => (
+            "replSetGetConfig",
+            &[
+                ("commitmentStatus", IfFalsy("commitmentStatus")),
+                (
+                    "includeNewlyAddedMembers",
+                    IfFalsy("includeNewlyAddedMembers"),
+                ),
+            ],
+        ),
+        "replSetGetStatus" => (
+            "replSetGetStatus",
+            &[("initialSync", IfFalsy("initialSync details"))],
+        ),
+        "configureFailPoint" => ("configureFailPoint", &[("mode", Yes), ("data", Yes)]),
+        _ => return None,
+    })
+}
+
+pub fn unknown_field(path: &str) -> CommandError {
+    CommandError::new(
+        codes::LOCATION_40415_UNKNOWN_FIELD,
+        format!("BSON field '{path}' is an unknown field."),
+    )
+}
+
+/// The error for a field MongoDB accepts and the simulator does not implement.
+pub fn not_supported(path: &str, feature: &str) -> CommandError {
+    CommandError::new(
+        codes::COMMAND_NOT_SUPPORTED,
+        format!("mongo-sim does not implement {feature} (field '{path}')"),
+    )
+}
+
+fn is_falsy(v: &Bson) -> bool {
+    match v {
+        Bson::Null | Bson::Undefined => true,
+        Bson::Boolean(b) => !b,
+        Bson::Int32(n) => *n == 0,
+        Bson::Int64(n) => *n == 0,
+        Bson::Double(n) => *n == 0.0,
+        _ => false,
+    }
+}
+
+/// `collation`: absent or `{locale: "simple"}`. Anything else would be compared in binary
+/// order, so it is refused until collation is implemented.
+pub fn check_collation(path: &str, v: &Bson) -> CommandResult<()> {
+    match v {
+        Bson::Document(d) if d.is_empty() => Ok(()),
+        Bson::Document(d) if d.len() == 1 && d.get_str("locale").ok() == Some("simple") => Ok(()),
+        Bson::Document(_) => Err(not_supported(
+            path,
+            "collations other than {locale: \"simple\"}",
+        )),
+        _ => Err(CommandError::type_mismatch(format!(
+            "BSON field '{path}' is the wrong type '{}', expected type 'object'",
+            type_name(v)
+        ))),
+    }
+}
+
+fn type_name(v: &Bson) -> &'static str {
+    match v {
+        Bson::Double(_) => "double",
+        Bson::String(_) => "string",
+        Bson::Document(_) => "object",
+        Bson::Array(_) => "array",
+        Bson::Boolean(_) => "bool",
+        Bson::Null => "null",
+        Bson::Int32(_) => "int",
+        Bson::Int64(_) => "long",
+        _ => "other",
+    }
+}
+
+/// Checks `doc`'s fields (after the first `skip` ones) against `fields`.
+fn check_fields(
+    prefix: &str,
+    doc: &Document,
+    skip: usize,
+    fields: Fields,
+    generic: bool,
+) -> CommandResult<()> {
+    for (k, v) in doc.iter().skip(skip) {
+        if generic && GENERIC.contains(&k.as_str()) {
+            continue;
+        }
+        let path = format!("{prefix}.{k}");
+        let Some((_, rule)) = fields.iter().find(|(name, _)| *name == k.as_str()) else {
+            return Err(unknown_field(&path));
+        };
+        match rule {
+            Yes => {}
+            IfFalsy(feature) if !is_falsy(v) => return Err(not_supported(&path, feature)),
+            IfFalsy(_) => {}
+            No(feature) => return Err(not_supported(&path, feature)),
+            Collation => check_collation(&path, v)?,
+        }
+    }
+    Ok(())
+}
+
+fn check_statements(cmd: &Document, prefix: &str, key: &str, fields: Fields) -> CommandResult<()> {
+    if let Ok(stmts) = cmd.get_array(key) {
+        for s in stmts {
+            if let Bson::Document(s) = s {
+                check_fields(&format!("{prefix}.{key}"), s, 0, fields, false)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Rejects unknown and unimplemented fields of `cmd` (whose first key is `name`).
+pub fn check_command(name: &str, cmd: &Document) -> CommandResult<()> {
+    let Some((display, fields)) = command_fields(name) else {
+        return Ok(());
+    };
+    let display = if display.is_empty() { name } else { display };
+    check_fields(display, cmd, 1, fields, true)?;
+    check_read_concern(cmd)?;
+    match name {
+        "update" => check_statements(cmd, display, "updates", UPDATE_STATEMENT)?,
+        "delete" => check_statements(cmd, display, "deletes", DELETE_STATEMENT)?,
+        "aggregate" | "listCollections" | "listIndexes" => {
+            if let Some(cursor) = cmd.get("cursor") {
+                let Bson::Document(cursor) = cursor else {
+                    return Err(CommandError::type_mismatch(format!(
+                        "BSON field '{display}.cursor' is the wrong type '{}', expected type 'object'",
+                        type_name(cursor)
+                    )));
+                };
+                check_fields(
+                    &format!("{display}.cursor"),
+                    cursor,
+                    0,
+                    &[("batchSize", Yes)],
+                    false,
+                )?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// `readConcern`: the levels MongoDB knows; `afterClusterTime` is always satisfied by the
+/// single node; `atClusterTime` (a read at a point in the past) is not implemented.
+fn check_read_concern(cmd: &Document) -> CommandResult<()> {
+    let Some(rc) = cmd.get("readConcern") else {
+        return Ok(());
+    };
+    let Bson::Document(rc) = rc else {
+        return Err(CommandError::failed_to_parse(
+            "readConcern must be an object",
+        ));
+    };
+    for (k, v) in rc {
+        match k.as_str() {
+            "level" => match v.as_str() {
+                Some("local" | "majority" | "linearizable" | "available" | "snapshot") => {}
+                _ => {
+                    return Err(CommandError::failed_to_parse(format!(
+                        "BSON field 'readConcern.level' has an invalid value: {v}"
+                    )))
+                }
+            },
+            "afterClusterTime" | "provenance" => {}
+            "atClusterTime" => {
+                return Err(not_supported(
+                    "readConcern.atClusterTime",
+                    "reads at a past cluster time",
+                ))
+            }
+            "afterOpTime" => return Err(not_supported("readConcern.afterOpTime", "afterOpTime")),
+            other => return Err(unknown_field(&format!("readConcern.{other}"))),
+        }
+    }
+    Ok(())
+}
+
+/// The `readConcern` level a command asked for, if any.
+pub fn read_concern_level(cmd: &Document) -> Option<&str> {
+    cmd.get_document("readConcern")
+        .ok()
+        .and_then(|rc| rc.get_str("level").ok())
+}
+
+/// `hint`: an index name or key pattern of an existing index, or `{$natural: ±1}`. Like the
+/// server, a hint on a collection that does not exist is not checked (the plan is EOF).
+pub fn check_hint(coll: Option<&Collection>, hint: Option<&Bson>) -> CommandResult<()> {
+    let (Some(coll), Some(hint)) = (coll, hint) else {
+        return Ok(());
+    };
+    let bad = || {
+        CommandError::bad_value(
+            "error processing query: planner returned error :: caused by :: hint provided does not correspond to an existing index",
+        )
+    };
+    match hint {
+        Bson::String(name) if name.is_empty() => Ok(()),
+        Bson::String(name) => {
+            if coll.indexes.iter().any(|i| &i.name == name) {
+                Ok(())
+            } else {
+                Err(bad())
+            }
+        }
+        Bson::Document(d) if d.is_empty() => Ok(()),
+        Bson::Document(d) if d.len() == 1 && d.contains_key("$natural") => Ok(()),
+        Bson::Document(d) => {
+            if coll.indexes.iter().any(|i| same_key_pattern(&i.key, d)) {
+                Ok(())
+            } else {
+                Err(bad())
+            }
+        }
+        other => Err(CommandError::failed_to_parse(format!(
+            "hint must be a string or an object, not {}",
+            type_name(other)
+        ))),
+    }
+}
+
+/// Key patterns compare like the server's BSON comparison: `{a: 1}` and `{a: 1.0}` are one.
+fn same_key_pattern(a: &Document, b: &Document) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b.iter()).all(|((ka, va), (kb, vb))| {
+            ka == kb && crate::query::compare::compare_values(va, vb).is_eq()
+        })
+}
+
+/// `$changeStream` options (`DocumentSourceChangeStreamSpec`, 7.0).
+const CHANGE_STREAM: Fields = &[
+    ("resumeAfter", Yes),
+    ("startAfter", Yes),
+    ("startAtOperationTime", Yes),
+    ("fullDocument", Yes),
+    ("fullDocumentBeforeChange", Yes),
+    ("allChangesForCluster", Yes),
+    ("showExpandedEvents", Yes),
+    // A replica set has no chunk migrations: there is nothing to show either way.
+    ("showMigrationEvents", Yes),
+    ("showSystemEvents", IfFalsy("showSystemEvents")),
+    (
+        "allowToRunOnConfigDB",
+        IfFalsy("change streams on the config database"),
+    ),
+    (
+        "allowToRunOnSystemNS",
+        IfFalsy("change streams on system collections"),
+    ),
+    (
+        "showRawUpdateDescription",
+        IfFalsy("showRawUpdateDescription"),
+    ),
+    ("$_generateV2ResumeTokens", IfFalsy("v2 resume tokens")),
+];
+
+pub fn check_change_stream_spec(spec: &Document) -> CommandResult<()> {
+    check_fields("$changeStream", spec, 0, CHANGE_STREAM, false)
+}
+
+#[cfg(test)]
+mod tests {
+    use bson::doc;
+
+    use super::*;
+
+    #[test]
+    fn unknown_and_unsupported_fields() {
+        let e = check_command("find", &doc! {"find": "c", "bogus": 1}).unwrap_err();
+        assert_eq!(e.code, 40415);
+        assert_eq!(e.message, "BSON field 'find.bogus' is an unknown field.");
+        assert!(check_command(
+            "find",
+            &doc! {"find": "c", "filter": {}, "$db": "x", "lsid": {}, "tailable": false}
+        )
+        .is_ok());
+        assert_eq!(
+            check_command("find", &doc! {"find": "c", "tailable": true})
+                .unwrap_err()
+                .code,
+            115
+        );
+        let e = check_command(
+            "update",
+            &doc! {"update": "c", "updates": [{"q": {}, "u": {}, "sort": {"a": 1}}]},
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.message,
+            "BSON field 'update.updates.sort' is an unknown field."
+        );
+        assert!(check_command(
+            "find",
+            &doc! {"find": "c", "collation": {"locale": "simple"}}
+        )
+        .is_ok());
+        assert_eq!(
+            check_command("find", &doc! {"find": "c", "collation": {"locale": "fr"}})
+                .unwrap_err()
+                .code,
+            115
+        );
+        assert_eq!(
+            check_command(
+                "aggregate",
+                &doc! {"aggregate": "c", "pipeline": [], "cursor": {"bogus": 1}}
+            )
+            .unwrap_err()
+            .message,
+            "BSON field 'aggregate.cursor.bogus' is an unknown field."
+        );
+        assert!(check_command("serverStatus", &doc! {"serverStatus": 1, "repl": 0}).is_ok());
+    }
+}
