@@ -24,6 +24,7 @@ use crate::{
     conflict::ConflictSettings,
     error::{ErrorKind, SyncError},
     event::{token_cluster_time, ts_key, ts_max, ChangeEvent, FragmentAssembler, OpKind},
+    id_key::IdKey,
     metadata::Metadata,
     metrics::{ApplyOp, Metrics, WorkerState},
     source::{raw_id, Namespace, Source, StreamSettings, StreamStart},
@@ -142,6 +143,7 @@ impl WorkerContext {
             self.settings.destination_timeout,
             self.conflict.clone(),
         )
+        .with_source_options(&self.options)
     }
 
     pub fn set_state_public(&self, state: WorkerState) {
@@ -390,23 +392,15 @@ async fn destination_ids(
         .collect())
 }
 
-fn id_set(docs: &[RawDocumentBuf]) -> Result<HashSet<Vec<u8>>, SyncError> {
+fn id_set(docs: &[RawDocumentBuf]) -> Result<HashSet<IdKey>, SyncError> {
     docs.iter()
         .map(|d| raw_id(d).map(|id| canonical_id(&id)))
         .collect()
 }
 
-fn canonical_id(id: &Bson) -> Vec<u8> {
-    match id {
-        Bson::Int32(v) => (*v as f64).to_bits().to_le_bytes().to_vec(),
-        Bson::Int64(v) => (*v as f64).to_bits().to_le_bytes().to_vec(),
-        Bson::Double(v) => v.to_bits().to_le_bytes().to_vec(),
-        other => {
-            let mut d = Document::new();
-            d.insert("_id", other.clone());
-            d.to_vec().unwrap_or_default()
-        }
-    }
+/// The `_id` equality key shared with apply and validation (`crate::id_key`).
+fn canonical_id(id: &Bson) -> IdKey {
+    IdKey::of_bson(id)
 }
 
 /// Copies (or reconciles) one `_id` range: upserts the source documents, deletes destination

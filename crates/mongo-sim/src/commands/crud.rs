@@ -13,7 +13,7 @@ use crate::{
         sort::SortSpec,
         update::{
             apply_update_with_outcome, build_upsert_document, prepare_for_insert,
-            validate_stored_document, validate_updated_document, UpdateContext,
+            prepare_for_upsert, validate_stored_document, validate_updated_document, UpdateContext,
             UpdateOutcome as WriteOutcome, UpdateSpec,
         },
     },
@@ -213,7 +213,7 @@ fn upsert_document(
     array_filters: Vec<Document>,
 ) -> CommandResult<Document> {
     let new = build_upsert_document(query, spec, &update_context(sink, true, array_filters))?;
-    prepare_for_insert(&new, sink.now_ts())
+    prepare_for_upsert(&new, sink.now_ts(), matches!(spec, UpdateSpec::Pipeline(_)))
 }
 
 struct UpdateOutcome {
@@ -283,7 +283,8 @@ fn apply_one_update(
             WriteOutcome::Delta(d) => Some(d),
             WriteOutcome::Replacement => None,
         };
-        validate_updated_document(&new, matches!(spec, UpdateSpec::Replacement(_)))?;
+        // Only a pipeline may store top-level `$`-prefixed fields (MongoDB 5.0+).
+        validate_updated_document(&new, matches!(spec, UpdateSpec::Pipeline(_)))?;
         let change = coll.replace(new, description, bypass)?;
         emit(coll, sink, change);
         out.modified += 1;
@@ -456,7 +457,8 @@ pub fn find_and_modify(ctx: &Ctx<'_>) -> CommandResult<Document> {
                     WriteOutcome::Replacement => Some(None),
                 };
                 if let Some(description) = description {
-                    validate_updated_document(&new, matches!(spec, UpdateSpec::Replacement(_)))?;
+                    // Only a pipeline may store top-level `$`-prefixed fields (MongoDB 5.0+).
+                    validate_updated_document(&new, matches!(spec, UpdateSpec::Pipeline(_)))?;
                     let change = coll.replace(new.clone(), description, bypass)?;
                     emit(coll, sink, change);
                 }
