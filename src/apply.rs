@@ -22,6 +22,7 @@ use crate::{
     conflict::{not_newer_filter, plan, unchanged_filter, value_at, Conditional, ConflictSettings},
     error::{ErrorKind, SyncError},
     event::{ts_key, ChangeEvent, OpKind},
+    id_key::IdKey,
     metadata::Metadata,
     metrics::{ApplyOp, ConflictOutcome, Metrics},
     source::{Namespace, Source},
@@ -37,7 +38,28 @@ const MAX_COMMAND_BYTES: usize = 8 * 1024 * 1024;
 const REJECTED_DOCUMENT_CODES: &[i32] = &[2, 52, 53, 55, 56, 57, 121, 10334, 17280, 17419, 17420];
 /// Update errors that mean "the destination document does not have the shape the delta
 /// expects" (a path through a scalar, a non-array `$push`, ...).
-const SHAPE_ERROR_CODES: &[i32] = &[2, 9, 14, 28, 54, 66];
+/// 40 ConflictingUpdateOperators: one `$set` that both extends an array and sets an index in
+/// it ("Updating the path 'arr.5' would create a conflict at 'arr'").
+const SHAPE_ERROR_CODES: &[i32] = &[2, 9, 14, 28, 40, 54, 66];
+const DUPLICATE_KEY: i32 = crate::error::DUPLICATE_KEY;
+/// How long the destination catalog (unique indexes, validator) is trusted before it is read
+/// again.
+const CATALOG_CACHE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// What the destination collection's catalog means for writing it.
+#[derive(Debug, Clone, Copy)]
+struct Catalog {
+    /// A unique index other than `_id_`: batches are applied in strict source order.
+    unique_secondary: bool,
+    /// Replication writes carry `bypassDocumentValidation`.
+    bypass_validation: bool,
+}
+
+/// The `maxTimeMS` sent with a write bounded by `limit` on the client: three quarters of it
+/// (at least 1 ms), so the server gives up before the client does.
+fn server_time_limit(limit: std::time::Duration) -> std::time::Duration {
+    (limit * 3 / 4).max(std::time::Duration::from_millis(1))
+}
 
 /// What one batch did.
 #[derive(Debug, Default, Clone)]
@@ -88,27 +110,14 @@ struct Pending {
 /// Per-document write queues, in order of first appearance.
 #[derive(Default)]
 struct Queues {
-    order: Vec<Vec<u8>>,
-    by_key: HashMap<Vec<u8>, (RawBson, Vec<Pending>)>,
+    order: Vec<IdKey>,
+    by_key: HashMap<IdKey, (RawBson, Vec<Pending>)>,
 }
 
-/// A key under which the same `_id` always lands: numeric ids are normalised because the
-/// server treats `1`, `1.0` and `NumberLong(1)` as the same `_id`.
-fn id_key(id: &RawBson) -> Vec<u8> {
-    let numeric = match id {
-        RawBson::Int32(v) => Some(*v as f64),
-        RawBson::Int64(v) => Some(*v as f64),
-        RawBson::Double(v) => Some(*v),
-        _ => None,
-    };
-    if let Some(n) = numeric {
-        let mut k = b"n:".to_vec();
-        k.extend_from_slice(&n.to_bits().to_le_bytes());
-        return k;
-    }
-    let mut d = RawDocumentBuf::new();
-    d.append(bson::cstr!("_id"), id.clone());
-    d.into_bytes()
+/// The key under which the same `_id` always lands: MongoDB's `_id` equality, exactly
+/// (`crate::id_key`).
+fn id_key(id: &RawBson) -> IdKey {
+    IdKey::of_raw(id)
 }
 
 /// A document key from a field path (field names cannot contain NUL).
@@ -210,8 +219,11 @@ impl Queues {
     }
 }
 
-/// The writes an update event's `updateDescription` asks for.
-fn delta_writes(ud: &RawDocument) -> Result<Vec<DocWrite>, SyncError> {
+/// The writes an update event's `updateDescription` asks for. `disambiguated`: the source
+/// is 6.1+ and marks ambiguous paths with `disambiguatedPaths`; a 6.0 source never does, so
+/// there any dotted path could be a field name containing a dot and the document is refetched
+/// instead (correct on 6.0 at the cost of one source read per nested update).
+fn delta_writes(ud: &RawDocument, disambiguated: bool) -> Result<Vec<DocWrite>, SyncError> {
     let malformed = |what: &str| {
         SyncError::new(
             ErrorKind::SourceRead,
@@ -243,6 +255,18 @@ fn delta_writes(ud: &RawDocument) -> Result<Vec<DocWrite>, SyncError> {
             _ => return Err(malformed("removedFields entry is not a string")),
         }
     }
+    // A `$`-prefixed component cannot be a `$set`/`$unset` path; without
+    // `disambiguatedPaths` a dotted path may name a field that contains dots.
+    let ambiguous =
+        |p: &str| p.split('.').any(|c| c.starts_with('$')) || (!disambiguated && p.contains('.'));
+    if set
+        .iter()
+        .map(|(p, _)| p.as_str())
+        .chain(unset.iter().map(String::as_str))
+        .any(ambiguous)
+    {
+        return Ok(vec![DocWrite::Refetch]);
+    }
     let mut truncate = Vec::new();
     if let Ok(arrays) = ud.get_array("truncatedArrays") {
         for item in arrays {
@@ -269,12 +293,122 @@ fn delta_writes(ud: &RawDocument) -> Result<Vec<DocWrite>, SyncError> {
     Ok(out)
 }
 
-/// One statement of a round.
+/// One statement of a round (or one step of the strict source order).
+#[derive(Clone)]
 struct Statement {
-    key: Vec<u8>,
+    key: IdKey,
     id: RawBson,
     write: DocWrite,
     event: usize,
+}
+
+/// The command a group of strict-order statements goes out as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StepKind {
+    Upsert,
+    Delta,
+    Delete,
+    Refetch,
+}
+
+impl StepKind {
+    fn of(w: &DocWrite) -> StepKind {
+        match w {
+            DocWrite::Upsert(_) => StepKind::Upsert,
+            DocWrite::Truncate(_) | DocWrite::Delta { .. } => StepKind::Delta,
+            DocWrite::Delete => StepKind::Delete,
+            DocWrite::Refetch => StepKind::Refetch,
+        }
+    }
+
+    fn command(self) -> (&'static str, &'static str) {
+        match self {
+            StepKind::Delete => ("delete", "deletes"),
+            _ => ("update", "updates"),
+        }
+    }
+}
+
+/// A write that failed on a duplicate key in strict source order.
+struct DeferredWrite {
+    step: Statement,
+    code: i32,
+    msg: String,
+}
+
+/// Deferred writes of a batch, by document, in order of first failure.
+#[derive(Default)]
+struct Deferred {
+    order: Vec<IdKey>,
+    first: HashMap<IdKey, DeferredWrite>,
+}
+
+impl Deferred {
+    fn contains(&self, key: &IdKey) -> bool {
+        self.first.contains_key(key)
+    }
+
+    fn add(&mut self, s: &Statement, code: i32, msg: &str) {
+        if !self.first.contains_key(&s.key) {
+            self.order.push(s.key.clone());
+            self.first.insert(
+                s.key.clone(),
+                DeferredWrite {
+                    step: s.clone(),
+                    code,
+                    msg: msg.to_owned(),
+                },
+            );
+        }
+    }
+}
+
+/// `{q: {_id}, u: doc, upsert: true}`; a document with a top-level `$`-prefixed field (legal
+/// since 5.0) cannot be a replacement document (the server would read it as operators), so it
+/// is stored with a pipeline `[{$replaceWith: {$literal: doc}}]`.
+fn upsert_statement(id: &RawBson, doc: &RawDocumentBuf) -> RawDocumentBuf {
+    let dollar = doc
+        .iter()
+        .any(|e| e.is_ok_and(|(k, _)| k.as_str().starts_with('$')));
+    if dollar {
+        let mut pipeline = RawArrayBuf::new();
+        pipeline.push(rawdoc! {"$replaceWith": {"$literal": doc.clone()}});
+        rawdoc! {"q": {"_id": id.clone()}, "u": pipeline, "upsert": true}
+    } else {
+        rawdoc! {"q": {"_id": id.clone()}, "u": doc.clone(), "upsert": true}
+    }
+}
+
+/// The update document of a delta or truncation.
+fn delta_update(w: &DocWrite) -> Result<RawDocumentBuf, SyncError> {
+    Ok(match w {
+        DocWrite::Truncate(fields) => {
+            let mut push = RawDocumentBuf::new();
+            for (f, n) in fields {
+                push.append(cstr_key(f)?, rawdoc! {"$each": [], "$slice": *n});
+            }
+            rawdoc! {"$push": push}
+        }
+        DocWrite::Delta { set, unset } => {
+            let mut u = RawDocumentBuf::new();
+            if !set.is_empty() {
+                let mut d = RawDocumentBuf::new();
+                for (k, v) in set {
+                    d.append(cstr_key(k)?, v.clone());
+                }
+                u.append(bson::cstr!("$set"), d);
+            }
+            if !unset.is_empty() {
+                let mut d = RawDocumentBuf::new();
+                for k in unset {
+                    d.append(cstr_key(k)?, "");
+                }
+                u.append(bson::cstr!("$unset"), d);
+            }
+            u
+        }
+        _ => unreachable!("deltas hold deltas"),
+    })
 }
 
 /// Parsed reply of a bulk `update`/`delete`.
@@ -299,6 +433,10 @@ pub struct Applier {
     /// Bounds each bulk command (`destination.socket_timeout_ms`).
     op_timeout: Option<std::time::Duration>,
     conflict: ConflictSettings,
+    /// What the destination's catalog says, and when we looked.
+    catalog: parking_lot::Mutex<Option<(Catalog, Instant)>>,
+    /// The source collection's validator (see [`Applier::with_source_options`]).
+    source_validator: Option<Document>,
 }
 
 fn write_error(context: &str, e: mongodb::error::Error) -> SyncError {
@@ -331,6 +469,8 @@ impl Applier {
             sync_id,
             update_mode,
             op_timeout,
+            catalog: parking_lot::Mutex::new(None),
+            source_validator: None,
         }
     }
 
@@ -346,6 +486,7 @@ impl Applier {
         events: &[ChangeEvent],
         replay_until: Option<Timestamp>,
     ) -> Result<ApplyStats, SyncError> {
+        self.catalog().await?;
         if self.conflict.detects_conflicts() {
             // Conflicts are detected only after the replay: the copy and its replays apply
             // source-wins. Events arrive in cluster-time order, so replays come first.
@@ -367,37 +508,66 @@ impl Applier {
         events: &[ChangeEvent],
         replay_until: Option<Timestamp>,
     ) -> Result<ApplyStats, SyncError> {
+        if self.has_unique_secondary_index().await? {
+            return self.apply_in_source_order(events, replay_until).await;
+        }
+        match self.apply_coalesced(events).await? {
+            Some(stats) => Ok(stats),
+            None => {
+                // A round met a duplicate key: the destination has a unique secondary index we
+                // did not know of (or a round reordered writes it constrains). Coalesced rounds
+                // may have applied part of the batch; every write is an exact image or a
+                // refetch keyed by `_id`, so re-applying the whole batch in source order from
+                // its first event converges and decides errors as the rule requires.
+                self.remember_unique_index();
+                tracing::debug!(namespace = %self.label, "a duplicate key in a coalesced round: applying the batch in source order");
+                self.apply_in_source_order(events, replay_until).await
+            }
+        }
+    }
+
+    /// The writes one data event asks for (`None`: not a data event).
+    fn event_writes(&self, ev: &ChangeEvent) -> Result<Option<Vec<DocWrite>>, SyncError> {
+        Ok(Some(match ev.kind {
+            OpKind::Insert | OpKind::Replace => match ev.full_document() {
+                Some(d) => vec![DocWrite::Upsert(d.to_owned())],
+                None => vec![DocWrite::Refetch],
+            },
+            OpKind::Delete => vec![DocWrite::Delete],
+            OpKind::Update => match (ev.full_document(), self.update_mode) {
+                (Some(d), _) => vec![DocWrite::Upsert(d.to_owned())],
+                // updateLookup found nothing: the document is gone; its delete follows.
+                (None, UpdateMode::Lookup) if ev.full_document_is_null() => Vec::new(),
+                _ => match ev.update_description() {
+                    Some(ud) => delta_writes(ud, self.source.disambiguates_paths())?,
+                    None => vec![DocWrite::Refetch],
+                },
+            },
+            _ => return Ok(None),
+        }))
+    }
+
+    /// The fast path for collections without unique secondary indexes: per-`_id` queues in
+    /// concurrent rounds. Returns `None` when a round met a duplicate key (the caller then
+    /// applies the batch in strict source order).
+    async fn apply_coalesced(
+        &self,
+        events: &[ChangeEvent],
+    ) -> Result<Option<ApplyStats>, SyncError> {
         let mut stats = ApplyStats::default();
         let mut queues = Queues::default();
         for (i, ev) in events.iter().enumerate() {
             let Some(id) = ev.document_key() else {
                 continue;
             };
-            let writes = match ev.kind {
-                OpKind::Insert | OpKind::Replace => match ev.full_document() {
-                    Some(d) => vec![DocWrite::Upsert(d.to_owned())],
-                    None => vec![DocWrite::Refetch],
-                },
-                OpKind::Delete => vec![DocWrite::Delete],
-                OpKind::Update => match (ev.full_document(), self.update_mode) {
-                    (Some(d), _) => vec![DocWrite::Upsert(d.to_owned())],
-                    // updateLookup found nothing: the document is gone; its delete follows.
-                    (None, UpdateMode::Lookup) if ev.full_document_is_null() => Vec::new(),
-                    _ => match ev.update_description() {
-                        Some(ud) => delta_writes(ud)?,
-                        None => vec![DocWrite::Refetch],
-                    },
-                },
-                _ => continue,
+            let Some(writes) = self.event_writes(ev)? else {
+                continue;
             };
             stats.count(ev.kind.apply_op());
             for w in writes {
                 queues.push(id.clone(), w, i);
             }
         }
-        let in_replay = |event: usize| {
-            replay_until.is_some_and(|r| ts_key(events[event].cluster_time) <= ts_key(r))
-        };
         for round in 0..queues.rounds() {
             let mut statements: Vec<Statement> = queues
                 .order
@@ -417,9 +587,10 @@ impl Applier {
                 if statements.is_empty() {
                     break;
                 }
-                statements = self
-                    .run_round(statements, events, &in_replay, &mut stats)
-                    .await?;
+                match self.run_round(statements, events, &mut stats).await? {
+                    Some(again) => statements = again,
+                    None => return Ok(None),
+                }
             }
             if !statements.is_empty() {
                 return Err(SyncError::new(
@@ -431,24 +602,24 @@ impl Applier {
                 ));
             }
         }
-        Ok(stats)
+        Ok(Some(stats))
     }
 
-    /// Executes one round; returns statements that need another pass (repairs).
+    /// Executes one round; returns statements that need another pass (repairs), or `None`
+    /// when a statement met a duplicate key (the batch is then applied in source order).
     async fn run_round(
         &self,
         statements: Vec<Statement>,
         events: &[ChangeEvent],
-        in_replay: &(dyn Fn(usize) -> bool + Sync),
         stats: &mut ApplyStats,
-    ) -> Result<Vec<Statement>, SyncError> {
+    ) -> Result<Option<Vec<Statement>>, SyncError> {
         // Resolve refetches first: they become upserts or deletes.
         let refetch_ids: Vec<Bson> = statements
             .iter()
             .filter(|s| matches!(s.write, DocWrite::Refetch))
             .filter_map(|s| Bson::try_from(s.id.clone()).ok())
             .collect();
-        let mut current: HashMap<Vec<u8>, RawDocumentBuf> = HashMap::new();
+        let mut current: HashMap<IdKey, RawDocumentBuf> = HashMap::new();
         if !refetch_ids.is_empty() {
             for doc in self
                 .source
@@ -488,14 +659,25 @@ impl Applier {
         );
         let (up, de, dl) = (up?, de?, dl?);
         stats.writes += (upserts.len() + deltas.len() + deletes.len()) as u64;
+        // Duplicate keys are decided in strict source order; transient statement errors retry
+        // the batch.
+        for (code, msg) in up
+            .errors
+            .iter()
+            .chain(&de.errors)
+            .chain(&dl.errors)
+            .map(|(_, c, m)| (*c, m))
+        {
+            if code == DUPLICATE_KEY {
+                return Ok(None);
+            }
+            self.check_transient(code, msg)?;
+        }
         let mut again = Vec::new();
-        // Upserts: a rejected document is dead-lettered; a duplicate on a secondary unique
-        // index during replay is expected (the copy is a mixed-time snapshot).
+        // Upserts: a rejected document is dead-lettered.
         for (idx, code, msg) in up.errors {
             let s = &upserts[idx];
-            if code == 11000 && in_replay(s.event) {
-                stats.replay_skipped += 1;
-            } else if REJECTED_DOCUMENT_CODES.contains(&code) || code == 11000 {
+            if REJECTED_DOCUMENT_CODES.contains(&code) {
                 let DocWrite::Upsert(doc) = &s.write else {
                     unreachable!("upserts hold upserts")
                 };
@@ -509,21 +691,19 @@ impl Applier {
                 ));
             }
         }
-        // Deltas: shape errors are repaired from the source (or skipped during replay).
+        // Deltas: shape errors are repaired from the source.
         let mut failed = vec![false; deltas.len()];
         for (idx, code, msg) in &de.errors {
             failed[*idx] = true;
             let s = &deltas[*idx];
-            if in_replay(s.event) && (SHAPE_ERROR_CODES.contains(code) || *code == 11000) {
-                stats.replay_skipped += 1;
-            } else if SHAPE_ERROR_CODES.contains(code) {
+            if SHAPE_ERROR_CODES.contains(code) {
                 again.push(Statement {
                     write: DocWrite::Refetch,
                     key: s.key.clone(),
                     id: s.id.clone(),
                     event: s.event,
                 });
-            } else if REJECTED_DOCUMENT_CODES.contains(code) || *code == 11000 {
+            } else if REJECTED_DOCUMENT_CODES.contains(code) {
                 self.dead_letter(&s.id, &events[s.event], None, *code, msg)
                     .await?;
                 stats.dead_letters += 1;
@@ -561,7 +741,396 @@ impl Applier {
                 format!("delete from {} failed with code {code}: {msg}", self.target),
             ));
         }
-        Ok(again)
+        Ok(Some(again))
+    }
+
+    /// What the destination collection's catalog says about how to write it (cached for
+    /// [`CATALOG_CACHE`]; a duplicate key in a coalesced round marks a unique index at once).
+    async fn catalog(&self) -> Result<Catalog, SyncError> {
+        if let Some((c, at)) = *self.catalog.lock() {
+            if at.elapsed() < CATALOG_CACHE {
+                return Ok(c);
+            }
+        }
+        let specs: Vec<Document> = match self
+            .dest_db
+            .run_command(doc! {"listIndexes": self.target.coll.as_str()})
+            .await
+        {
+            Ok(reply) => reply
+                .get_document("cursor")
+                .ok()
+                .and_then(|c| c.get_array("firstBatch").ok())
+                .map(|b| b.iter().filter_map(|d| d.as_document().cloned()).collect())
+                .unwrap_or_default(),
+            Err(e) if crate::source::is_namespace_not_found(&e) => Vec::new(),
+            Err(e) => return Err(write_error("listing destination indexes", e)),
+        };
+        let unique_secondary = specs.iter().any(|spec| {
+            spec.get_bool("unique").unwrap_or(false)
+                && spec
+                    .get_document("key")
+                    .is_ok_and(|k| k != &doc! {"_id": 1})
+        });
+        let listed: Vec<Document> = self
+            .dest_db
+            .run_command(doc! {"listCollections": 1, "filter": {"name": self.target.coll.as_str()}})
+            .await
+            .ok()
+            .and_then(|r| r.get_document("cursor").ok().cloned())
+            .and_then(|c| c.get_array("firstBatch").ok().cloned())
+            .map(|b| {
+                b.into_iter()
+                    .filter_map(|d| d.as_document().cloned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let dest_validator = listed
+            .first()
+            .and_then(|c| c.get_document("options").ok())
+            .and_then(|o| o.get_document("validator").ok())
+            .filter(|v| !v.is_empty());
+        // Replication writes bypass validation (the source accepted the document, maybe under a
+        // `moderate` validator that old documents predate), unless the destination has a
+        // validator of its own: then a rejection is a real, dead-lettered document error.
+        let bypass_validation = match dest_validator {
+            None => true,
+            Some(v) => self.source_validator.as_ref() == Some(v),
+        };
+        let c = Catalog {
+            unique_secondary,
+            bypass_validation,
+        };
+        *self.catalog.lock() = Some((c, Instant::now()));
+        Ok(c)
+    }
+
+    async fn has_unique_secondary_index(&self) -> Result<bool, SyncError> {
+        Ok(self.catalog().await?.unique_secondary)
+    }
+
+    fn remember_unique_index(&self) {
+        if let Some((c, _)) = self.catalog.lock().as_mut() {
+            c.unique_secondary = true;
+        }
+    }
+
+    /// Whether replication writes carry `bypassDocumentValidation` (see [`Applier::catalog`]).
+    fn bypass_validation(&self) -> bool {
+        self.catalog
+            .lock()
+            .map(|(c, _)| c.bypass_validation)
+            .unwrap_or(true)
+    }
+
+    /// Index DDL changed the destination's indexes: look them up again before the next batch.
+    pub fn forget_indexes(&self) {
+        *self.catalog.lock() = None;
+    }
+
+    /// The source collection's options: a destination validator equal to the source's is a
+    /// copied one, which replication writes bypass.
+    pub fn with_source_options(mut self, options: &Document) -> Applier {
+        self.source_validator = options
+            .get_document("validator")
+            .ok()
+            .filter(|v| !v.is_empty())
+            .cloned();
+        self
+    }
+
+    /// A statement's write error that is transient (the one classifier in `error`) becomes a
+    /// retryable error for the whole batch; anything else is left to the caller.
+    fn check_transient(&self, code: i32, msg: &str) -> Result<(), SyncError> {
+        if crate::error::is_transient_write_error(code) {
+            return Err(SyncError::new(
+                ErrorKind::DestinationConnection,
+                format!(
+                    "a write to {} failed transiently with code {code}: {msg}; retrying the batch",
+                    self.target
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Applies a batch in strict source order (DESIGN §2.10, issue 9 item 2): one write per
+    /// event, no coalescing, consecutive writes of one kind in ordered bulk commands. A write
+    /// that fails on a duplicate key is deferred (its later writes in the batch are skipped)
+    /// and settled at the end of the batch from the source's current document; only what
+    /// still fails then is dead-lettered (or, in a replay window, counted as skipped).
+    async fn apply_in_source_order(
+        &self,
+        events: &[ChangeEvent],
+        replay_until: Option<Timestamp>,
+    ) -> Result<ApplyStats, SyncError> {
+        let mut stats = ApplyStats::default();
+        let mut steps: Vec<Statement> = Vec::new();
+        for (i, ev) in events.iter().enumerate() {
+            let Some(id) = ev.document_key() else {
+                continue;
+            };
+            let Some(writes) = self.event_writes(ev)? else {
+                continue;
+            };
+            stats.count(ev.kind.apply_op());
+            let key = id_key(&id);
+            for write in writes {
+                steps.push(Statement {
+                    key: key.clone(),
+                    id: id.clone(),
+                    write,
+                    event: i,
+                });
+            }
+        }
+        let mut deferred = Deferred::default();
+        let mut start = 0;
+        while start < steps.len() {
+            let kind = StepKind::of(&steps[start].write);
+            let mut end = start;
+            while end < steps.len() && StepKind::of(&steps[end].write) == kind {
+                end += 1;
+            }
+            let group: Vec<&Statement> = steps[start..end]
+                .iter()
+                .filter(|s| !deferred.contains(&s.key))
+                .collect();
+            self.run_ordered_group(kind, &group, events, &mut deferred, &mut stats)
+                .await?;
+            start = end;
+        }
+        self.settle_deferred(deferred, events, replay_until, &mut stats)
+            .await?;
+        Ok(stats)
+    }
+
+    /// Runs one group of same-kind statements as ordered bulk commands, handling each failed
+    /// statement at its position and continuing after it.
+    async fn run_ordered_group(
+        &self,
+        kind: StepKind,
+        group: &[&Statement],
+        events: &[ChangeEvent],
+        deferred: &mut Deferred,
+        stats: &mut ApplyStats,
+    ) -> Result<(), SyncError> {
+        if kind == StepKind::Refetch {
+            // Each refetch becomes an upsert or a delete of the source's current document.
+            for s in group {
+                if !deferred.contains(&s.key) {
+                    self.refetch_in_order(s, events, deferred, stats).await?;
+                }
+            }
+            return Ok(());
+        }
+        let mut pos = 0;
+        let mut matched = 0i64;
+        let mut succeeded: Vec<&Statement> = Vec::new();
+        while pos < group.len() {
+            // A deferred id's later writes are skipped (the refetch at the end covers them).
+            let rest: Vec<&Statement> = group[pos..]
+                .iter()
+                .copied()
+                .filter(|s| !deferred.contains(&s.key))
+                .collect();
+            if rest.is_empty() {
+                break;
+            }
+            let built = rest
+                .iter()
+                .map(|s| self.statement(s))
+                .collect::<Result<Vec<_>, _>>()?;
+            let (command, field) = kind.command();
+            let reply = self.bulk_with(command, field, built, true).await?;
+            stats.writes += rest.len() as u64;
+            matched += reply.n;
+            let Some((idx, code, msg)) = reply.errors.into_iter().next() else {
+                succeeded.extend(rest.iter().copied());
+                break;
+            };
+            succeeded.extend(rest[..idx].iter().copied());
+            let failed = rest[idx];
+            self.check_transient(code, &msg)?;
+            self.handle_failed_step(failed, code, &msg, events, deferred, stats)
+                .await?;
+            // Continue after the failed statement.
+            pos = group
+                .iter()
+                .position(|s| std::ptr::eq(*s, failed))
+                .expect("the failed statement is in its group")
+                + 1;
+        }
+        if kind == StepKind::Delta && (matched as usize) < succeeded.len() {
+            // Deltas that matched nothing: the document is missing on the destination (deltas
+            // never create one, so the group leaves it missing): repair from the source.
+            let ids: Vec<RawBson> = succeeded.iter().map(|s| s.id.clone()).collect();
+            let present = self.existing_ids(&ids).await?;
+            let mut repaired = std::collections::HashSet::new();
+            for s in succeeded {
+                if !present.contains(&s.key)
+                    && !deferred.contains(&s.key)
+                    && repaired.insert(s.key.clone())
+                {
+                    self.refetch_in_order(s, events, deferred, stats).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Decides one statement that failed in strict source order.
+    async fn handle_failed_step(
+        &self,
+        s: &Statement,
+        code: i32,
+        msg: &str,
+        events: &[ChangeEvent],
+        deferred: &mut Deferred,
+        stats: &mut ApplyStats,
+    ) -> Result<(), SyncError> {
+        let is_delta = matches!(s.write, DocWrite::Delta { .. } | DocWrite::Truncate(_));
+        if code == DUPLICATE_KEY {
+            deferred.add(s, code, msg);
+        } else if is_delta && SHAPE_ERROR_CODES.contains(&code) {
+            // The destination refuses the delta for its shape: take the source's document.
+            self.refetch_in_order(s, events, deferred, stats).await?;
+        } else if REJECTED_DOCUMENT_CODES.contains(&code) {
+            let doc = match &s.write {
+                DocWrite::Upsert(d) => Some(d),
+                _ => None,
+            };
+            self.dead_letter(&s.id, &events[s.event], doc, code, msg)
+                .await?;
+            stats.dead_letters += 1;
+        } else {
+            return Err(SyncError::new(
+                ErrorKind::DestinationWrite,
+                format!("a write to {} failed with code {code}: {msg}", self.target),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Replaces (or deletes) one document with the source's current version, at this point of
+    /// the source order.
+    async fn refetch_in_order(
+        &self,
+        s: &Statement,
+        events: &[ChangeEvent],
+        deferred: &mut Deferred,
+        stats: &mut ApplyStats,
+    ) -> Result<(), SyncError> {
+        let id = Bson::try_from(s.id.clone()).map_err(|e| {
+            SyncError::with_source(ErrorKind::InvariantViolated, "decoding an _id", e)
+        })?;
+        let current = self
+            .source
+            .fetch_documents(&self.source_ns, std::slice::from_ref(&id))
+            .await?
+            .into_iter()
+            .next();
+        stats.repaired += 1;
+        stats.writes += 1;
+        let write = match current {
+            Some(doc) => DocWrite::Upsert(doc),
+            None => DocWrite::Delete,
+        };
+        let step = Statement {
+            key: s.key.clone(),
+            id: s.id.clone(),
+            write,
+            event: s.event,
+        };
+        let kind = StepKind::of(&step.write);
+        let (command, field) = kind.command();
+        let reply = self
+            .bulk_with(command, field, vec![self.statement(&step)?], true)
+            .await?;
+        if let Some((_, code, msg)) = reply.errors.into_iter().next() {
+            self.check_transient(code, &msg)?;
+            if code == DUPLICATE_KEY {
+                deferred.add(&step, code, &msg);
+            } else if REJECTED_DOCUMENT_CODES.contains(&code) {
+                let doc = match &step.write {
+                    DocWrite::Upsert(d) => Some(d),
+                    _ => None,
+                };
+                self.dead_letter(&step.id, &events[step.event], doc, code, &msg)
+                    .await?;
+                stats.dead_letters += 1;
+            } else {
+                return Err(SyncError::new(
+                    ErrorKind::DestinationWrite,
+                    format!(
+                        "replacing a document of {} failed with code {code}: {msg}",
+                        self.target
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Settles writes deferred on a duplicate key: with the rest of the batch applied, each is
+    /// retried from the source's current document, in passes while any pass makes progress.
+    async fn settle_deferred(
+        &self,
+        mut deferred: Deferred,
+        events: &[ChangeEvent],
+        replay_until: Option<Timestamp>,
+        stats: &mut ApplyStats,
+    ) -> Result<(), SyncError> {
+        while !deferred.order.is_empty() {
+            let pending = std::mem::take(&mut deferred);
+            let before = pending.order.len();
+            let mut still = Deferred::default();
+            for (key, first) in pending.order.iter().map(|k| (k, &pending.first[k])) {
+                self.refetch_in_order(&first.step, events, &mut still, stats)
+                    .await?;
+                if let Some(again) = still.first.get_mut(key) {
+                    // Keep the first failure: it is the write that failed in source order.
+                    again.step.event = first.step.event;
+                    again.code = first.code;
+                    again.msg = first.msg.clone();
+                }
+            }
+            if still.order.len() >= before {
+                deferred = still;
+                break;
+            }
+            deferred = still;
+        }
+        for key in &deferred.order {
+            let first = &deferred.first[key];
+            let ev = &events[first.step.event];
+            let in_replay = replay_until.is_some_and(|r| ts_key(ev.cluster_time) <= ts_key(r));
+            if in_replay {
+                tracing::warn!(namespace = %self.label, code = first.code, "a replayed write still conflicts with a unique index after the batch; skipped");
+                stats.replay_skipped += 1;
+            } else {
+                let doc = match &first.step.write {
+                    DocWrite::Upsert(d) => Some(d),
+                    _ => None,
+                };
+                self.dead_letter(&first.step.id, ev, doc, first.code, &first.msg)
+                    .await?;
+                stats.dead_letters += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// The bulk statement of one write (refetches must be resolved first).
+    fn statement(&self, s: &Statement) -> Result<RawDocumentBuf, SyncError> {
+        Ok(match &s.write {
+            DocWrite::Upsert(doc) => upsert_statement(&s.id, doc),
+            DocWrite::Delete => rawdoc! {"q": {"_id": s.id.clone()}, "limit": 1},
+            DocWrite::Truncate(_) | DocWrite::Delta { .. } => {
+                rawdoc! {"q": {"_id": s.id.clone()}, "u": delta_update(&s.write)?}
+            }
+            DocWrite::Refetch => unreachable!("refetches are resolved before they are sent"),
+        })
     }
 
     /// Applies events under a conflict-detecting policy: one conditional write per event (no
@@ -572,8 +1141,8 @@ impl Applier {
         events: &[ChangeEvent],
         stats: &mut ApplyStats,
     ) -> Result<(), SyncError> {
-        let mut order: Vec<Vec<u8>> = Vec::new();
-        let mut queues: HashMap<Vec<u8>, Vec<(RawBson, Conditional, usize)>> = HashMap::new();
+        let mut order: Vec<IdKey> = Vec::new();
+        let mut queues: HashMap<IdKey, Vec<(RawBson, Conditional, usize)>> = HashMap::new();
         for (i, ev) in events.iter().enumerate() {
             let Some(id) = ev.document_key() else {
                 continue;
@@ -592,7 +1161,9 @@ impl Applier {
                 .iter()
                 .filter_map(|k| queues[k].get(round).cloned())
                 .collect();
-            let conflicts = self.run_conditional_round(&statements, stats).await?;
+            let conflicts = self
+                .run_conditional_round(&statements, events, stats)
+                .await?;
             self.record_conflicts(&conflicts, events).await?;
         }
         Ok(())
@@ -603,6 +1174,7 @@ impl Applier {
     async fn run_conditional_round(
         &self,
         statements: &[(RawBson, Conditional, usize)],
+        events: &[ChangeEvent],
         stats: &mut ApplyStats,
     ) -> Result<Vec<(RawBson, Conditional, usize, bool)>, SyncError> {
         let mut inserts = Vec::new();
@@ -611,9 +1183,38 @@ impl Applier {
         let mut not_newer = Vec::new();
         let mut deletes = Vec::new();
         let mut lost = Vec::new();
+        // destination-wins equality is exact: the destination document must be byte-for-byte
+        // the source's pre-image (1, 1.0 and NumberLong(1) differ; so do "Bob" and "bob" under
+        // a case-insensitive collation). `$expr: {$eq: [$$ROOT, pre]}` compares values, so it
+        // cannot decide this; it is only the guard of the write after the exact read decided
+        // (it catches any value change between the read and the write).
+        let conditional_ids: Vec<RawBson> = statements
+            .iter()
+            .filter(|s| {
+                matches!(
+                    s.1,
+                    Conditional::ReplaceIfUnchanged { .. } | Conditional::DeleteIfUnchanged { .. }
+                )
+            })
+            .map(|s| s.0.clone())
+            .collect();
+        let before = if conditional_ids.is_empty() {
+            HashMap::new()
+        } else {
+            self.destination_documents(&conditional_ids).await?
+        };
+        let exactly_pre = |id: &RawBson, pre: &RawDocumentBuf| {
+            before.get(&id_key(id)).map(|d| d.as_bytes()) == Some(pre.as_bytes())
+        };
         for s in statements {
             match &s.1 {
                 Conditional::InsertIfAbsent(_) => inserts.push(s),
+                Conditional::ReplaceIfUnchanged { pre, .. } if !exactly_pre(&s.0, pre) => {
+                    lost.push((s.0.clone(), s.1.clone(), s.2, false))
+                }
+                Conditional::DeleteIfUnchanged { pre } if !exactly_pre(&s.0, pre) => {
+                    lost.push((s.0.clone(), s.1.clone(), s.2, false))
+                }
                 Conditional::ReplaceIfUnchanged { .. } => unchanged.push(s),
                 Conditional::DeleteIfUnchanged { .. } => delete_unchanged.push(s),
                 Conditional::ReplaceIfNotNewer { .. } => not_newer.push(s),
@@ -682,10 +1283,20 @@ impl Applier {
             )
         };
         // Inserts and not-newer upserts: a duplicate `_id` means the destination wins.
+        for (_, code, msg) in ins
+            .errors
+            .iter()
+            .chain(&unch.errors)
+            .chain(&del_unch.errors)
+            .chain(&newer.errors)
+            .chain(&del.errors)
+        {
+            self.check_transient(*code, msg)?;
+        }
         for (reply, group) in [(&ins, &inserts), (&newer, &not_newer)] {
             for (idx, code, msg) in &reply.errors {
                 let s = group[*idx];
-                if *code == 11000 {
+                if *code == DUPLICATE_KEY {
                     lost.push((s.0.clone(), s.1.clone(), s.2, false));
                 } else if REJECTED_DOCUMENT_CODES.contains(code) {
                     let doc = match &s.1 {
@@ -693,7 +1304,7 @@ impl Applier {
                         | Conditional::ReplaceIfNotNewer { doc: d } => Some(d),
                         _ => None,
                     };
-                    self.dead_letter(&s.0, &self.dummy_event(s.2), doc, *code, msg)
+                    self.dead_letter(&s.0, &events[s.2], doc, *code, msg)
                         .await?;
                     stats.dead_letters += 1;
                 } else {
@@ -733,20 +1344,6 @@ impl Applier {
             }
         }
         Ok(lost)
-    }
-
-    /// Events are referenced by index; dead letters need only the kind and cluster time.
-    fn dummy_event(&self, _index: usize) -> ChangeEvent {
-        ChangeEvent {
-            kind: OpKind::Other("conditional".into()),
-            token: RawDocumentBuf::new(),
-            cluster_time: Timestamp {
-                time: 0,
-                increment: 0,
-            },
-            wall_time: None,
-            raw: RawDocumentBuf::new(),
-        }
     }
 
     /// Counts and (when configured) journals writes a conflict policy did not apply.
@@ -809,7 +1406,7 @@ impl Applier {
     async fn destination_documents(
         &self,
         ids: &[RawBson],
-    ) -> Result<HashMap<Vec<u8>, RawDocumentBuf>, SyncError> {
+    ) -> Result<HashMap<IdKey, RawDocumentBuf>, SyncError> {
         let mut arr = RawArrayBuf::new();
         for id in ids {
             arr.push(id.clone());
@@ -868,7 +1465,7 @@ impl Applier {
     async fn existing_ids(
         &self,
         ids: &[RawBson],
-    ) -> Result<std::collections::HashSet<Vec<u8>>, SyncError> {
+    ) -> Result<std::collections::HashSet<IdKey>, SyncError> {
         let mut arr = RawArrayBuf::new();
         for id in ids {
             arr.push(id.clone());
@@ -902,7 +1499,7 @@ impl Applier {
             let DocWrite::Upsert(doc) = &s.write else {
                 unreachable!("upserts hold upserts")
             };
-            rawdoc! {"q": {"_id": s.id.clone()}, "u": doc.clone(), "upsert": true}
+            upsert_statement(&s.id, doc)
         });
         self.bulk("update", "updates", built.collect()).await
     }
@@ -910,35 +1507,7 @@ impl Applier {
     async fn run_deltas(&self, statements: &[Statement]) -> Result<BulkReply, SyncError> {
         let mut built = Vec::with_capacity(statements.len());
         for s in statements {
-            let u = match &s.write {
-                DocWrite::Truncate(fields) => {
-                    let mut push = RawDocumentBuf::new();
-                    for (f, n) in fields {
-                        push.append(cstr_key(f)?, rawdoc! {"$each": [], "$slice": *n});
-                    }
-                    rawdoc! {"$push": push}
-                }
-                DocWrite::Delta { set, unset } => {
-                    let mut u = RawDocumentBuf::new();
-                    if !set.is_empty() {
-                        let mut d = RawDocumentBuf::new();
-                        for (k, v) in set {
-                            d.append(cstr_key(k)?, v.clone());
-                        }
-                        u.append(bson::cstr!("$set"), d);
-                    }
-                    if !unset.is_empty() {
-                        let mut d = RawDocumentBuf::new();
-                        for k in unset {
-                            d.append(cstr_key(k)?, "");
-                        }
-                        u.append(bson::cstr!("$unset"), d);
-                    }
-                    u
-                }
-                _ => unreachable!("deltas hold deltas"),
-            };
-            built.push(rawdoc! {"q": {"_id": s.id.clone()}, "u": u});
+            built.push(rawdoc! {"q": {"_id": s.id.clone()}, "u": delta_update(&s.write)?});
         }
         self.bulk("update", "updates", built).await
     }
@@ -953,6 +1522,7 @@ impl Applier {
     /// Replace-upserts documents (the copy and reconciliation path). Returns the number of
     /// documents written and dead-lettered.
     pub async fn upsert_documents(&self, docs: &[RawDocumentBuf]) -> Result<(u64, u64), SyncError> {
+        self.catalog().await?;
         let mut statements = Vec::with_capacity(docs.len());
         for d in docs {
             let id = d
@@ -961,7 +1531,7 @@ impl Applier {
                 .flatten()
                 .map(RawBson::from)
                 .ok_or_else(|| SyncError::new(ErrorKind::SourceRead, "document without _id"))?;
-            statements.push(rawdoc! {"q": {"_id": id}, "u": d.clone(), "upsert": true});
+            statements.push(upsert_statement(&id, d));
         }
         let reply = self.bulk("update", "updates", statements).await?;
         let mut dead = 0;
@@ -1029,6 +1599,25 @@ impl Applier {
         field: &str,
         statements: Vec<RawDocumentBuf>,
     ) -> Result<BulkReply, SyncError> {
+        self.bulk_with(command, field, statements, false).await
+    }
+
+    /// [`Applier::bulk`], ordered or not. Ordered: the first write error stops the bulk (no
+    /// later command is sent) and is the only error returned.
+    ///
+    /// Every command is a replication write: `bypassDocumentValidation` (inserts and updates;
+    /// the source already accepted the document, as mongorestore and mongosync do) and, when
+    /// `destination.socket_timeout_ms` bounds it on the client, `maxTimeMS` below that bound so
+    /// the server gives up first. After a client-side timeout the call waits out the server's
+    /// bound before returning, so the abandoned command is dead before anything writes this
+    /// namespace again (issue 9 item 6).
+    async fn bulk_with(
+        &self,
+        command: &str,
+        field: &str,
+        statements: Vec<RawDocumentBuf>,
+        ordered: bool,
+    ) -> Result<BulkReply, SyncError> {
         let mut out = BulkReply {
             n: 0,
             errors: Vec::new(),
@@ -1050,7 +1639,16 @@ impl Applier {
             let mut cmd = RawDocumentBuf::new();
             cmd.append(cstr_key(command)?, self.target.coll.as_str());
             cmd.append(cstr_key(field)?, arr);
-            cmd.append(bson::cstr!("ordered"), false);
+            cmd.append(bson::cstr!("ordered"), ordered);
+            if command != "delete" && self.bypass_validation() {
+                cmd.append(bson::cstr!("bypassDocumentValidation"), true);
+            }
+            if let Some(limit) = self.op_timeout {
+                cmd.append(
+                    bson::cstr!("maxTimeMS"),
+                    server_time_limit(limit).as_millis() as i64,
+                );
+            }
             cmd.append(
                 bson::cstr!("writeConcern"),
                 rawdoc! {"w": "majority", "j": true},
@@ -1062,6 +1660,9 @@ impl Applier {
                 Some(limit) => match tokio::time::timeout(limit, run).await {
                     Ok(r) => r,
                     Err(_) => {
+                        // The server may still be running the command: wait until its own
+                        // bound has passed since we gave up, then report a retryable error.
+                        tokio::time::sleep(server_time_limit(limit)).await;
                         return Err(SyncError::new(
                             ErrorKind::DestinationConnection,
                             format!(
@@ -1069,7 +1670,7 @@ impl Applier {
                                 self.target,
                                 limit.as_millis()
                             ),
-                        ))
+                        ));
                     }
                 },
             }
@@ -1099,6 +1700,9 @@ impl Applier {
                         e.get_str("errmsg").unwrap_or("").to_string(),
                     ));
                 }
+            }
+            if ordered && !out.errors.is_empty() {
+                break;
             }
             start = end;
         }
@@ -1187,12 +1791,30 @@ mod tests {
     #[test]
     fn delta_writes_split_truncation_first() {
         let ud = rawdoc! {"updatedFields": {"a": 1}, "removedFields": ["b"], "truncatedArrays": [{"field": "arr", "newSize": 2}]};
-        let w = delta_writes(&ud).unwrap();
+        let w = delta_writes(&ud, true).unwrap();
         assert!(matches!(&w[0], DocWrite::Truncate(t) if t == &vec![("arr".to_string(), 2)]));
         assert!(
             matches!(&w[1], DocWrite::Delta { set, unset } if set.len() == 1 && unset == &vec!["b".to_string()])
         );
         let ud = rawdoc! {"updatedFields": {"a.b": 1}, "removedFields": [], "disambiguatedPaths": {"a.b": ["a.b"]}};
-        assert!(matches!(delta_writes(&ud).unwrap()[0], DocWrite::Refetch));
+        assert!(matches!(
+            delta_writes(&ud, true).unwrap()[0],
+            DocWrite::Refetch
+        ));
+        // 6.0: no disambiguatedPaths ever, so a dotted path may be a literal field name.
+        let ud = rawdoc! {"updatedFields": {"a.b": 1}, "removedFields": []};
+        assert!(matches!(
+            delta_writes(&ud, false).unwrap()[0],
+            DocWrite::Refetch
+        ));
+        assert!(matches!(
+            delta_writes(&ud, true).unwrap()[0],
+            DocWrite::Delta { .. }
+        ));
+        let ud = rawdoc! {"updatedFields": {"$price": 1}, "removedFields": []};
+        assert!(matches!(
+            delta_writes(&ud, true).unwrap()[0],
+            DocWrite::Refetch
+        ));
     }
 }

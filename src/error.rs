@@ -481,6 +481,17 @@ pub fn classify(f: &ErrorFacts) -> ErrorClass {
     ErrorClass::Other
 }
 
+/// Whether one statement's write error (an entry of a bulk reply's `writeErrors`) is transient,
+/// by the same [`classify`] a failed command gets: 11602, 189, 91, 10107, 112, ... inside
+/// `writeErrors` retry like the command-level codes (issue 9).
+pub fn is_transient_write_error(code: i32) -> bool {
+    let facts = ErrorFacts {
+        write_error_codes: vec![code],
+        ..ErrorFacts::default()
+    };
+    matches!(classify(&facts), ErrorClass::Transient)
+}
+
 /// [`classify`] of [`facts`].
 pub fn classify_mongo(err: &mongodb::error::Error) -> ErrorClass {
     classify(&facts(err))

@@ -12,6 +12,7 @@ pub mod error;
 pub mod event;
 pub mod exit;
 pub mod http;
+pub mod id_key;
 pub mod metadata;
 pub mod metrics;
 pub mod notify;

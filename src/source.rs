@@ -81,6 +81,9 @@ pub struct Source {
     op_timeout: Option<Duration>,
     /// Whether the server supports `$changeStreamSplitLargeEvent` (set by [`Source::detect_features`]).
     split_large_events: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The source is 6.1+: update events carry `disambiguatedPaths` when a path is ambiguous
+    /// (6.0 never does). False until `detect_features` says otherwise.
+    disambiguates_paths: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn read_error(context: impl Into<String>, e: mongodb::error::Error) -> SyncError {
@@ -93,6 +96,7 @@ impl Source {
             client,
             op_timeout,
             split_large_events: Default::default(),
+            disambiguates_paths: Default::default(),
         }
     }
 
@@ -120,7 +124,17 @@ impl Source {
         let supported = major >= 7 || (major == 6 && (minor > 0 || patch >= 9));
         self.split_large_events
             .store(supported, std::sync::atomic::Ordering::Relaxed);
+        self.disambiguates_paths.store(
+            major >= 7 || (major == 6 && minor >= 1),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         Ok(version)
+    }
+
+    /// Whether update events of this source carry `disambiguatedPaths` (6.1+).
+    pub fn disambiguates_paths(&self) -> bool {
+        self.disambiguates_paths
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Runs a read under the configured operation timeout (a hung connection becomes a

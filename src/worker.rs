@@ -26,11 +26,11 @@ use crate::{
     conflict::ConflictSettings,
     error::{ErrorKind, SyncError},
     event::{token_cluster_time, ts_key, ts_max, ChangeEvent, FragmentAssembler, OpKind},
+    id_key::IdKey,
     metadata::Metadata,
     metrics::{ApplyOp, Metrics, WorkerState},
     source::{raw_id, Namespace, Source, StreamSettings, StreamStart},
     status::StatusRegistry,
-    validate::digest::IdKey,
 };
 
 /// Documents per copy/reconcile range (DESIGN §2.8: ≤ 10,000).
@@ -257,6 +257,7 @@ impl WorkerContext {
             settings.destination_timeout,
             self.current_conflict(),
         )
+        .with_source_options(&self.options)
     }
 
     /// Adopts reloaded settings if the supervisor handed some over. A policy that needs

@@ -1,5 +1,6 @@
 //! The single integration-test binary (STYLE convention 15): one link step, shared helpers.
 
+mod apply_order;
 mod apply_semantics;
 mod config_cli;
 mod conflicts;

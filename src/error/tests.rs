@@ -549,3 +549,13 @@ async fn backoff_sleep_returns_false_when_cancelled() {
     assert!(!b.sleep(&cancel).await);
     assert_eq!(start.elapsed(), Duration::ZERO);
 }
+
+#[test]
+fn transient_codes_inside_write_errors_are_transient_statement_errors() {
+    for c in [11602, 189, 91, 10107, 112, 11600, 262, 50] {
+        assert!(is_transient_write_error(c), "{c}");
+    }
+    for c in [11000, 121, 2, 40, 66, 13, 0] {
+        assert!(!is_transient_write_error(c), "{c}");
+    }
+}

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use bson::{Bson, Document, RawBson, RawBsonRef, RawDocument};
+use bson::{Bson, Document, RawBson, RawDocument};
 
 /// A document's digest.
 pub fn document_digest(raw: &[u8]) -> u128 {
@@ -30,53 +30,9 @@ impl RangeDigest {
     }
 }
 
-/// Equality key of an `_id`: two `_id`s the server treats as the same value (numbers of
-/// different BSON types with the same value) get the same key. Strings are compared
-/// byte-wise: under a case-insensitive collation "A" and "a" are one `_id` to the server but two
-/// keys here, which can only matter if the destination was tampered with in exactly that way.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct IdKey(Vec<u8>);
-
-impl IdKey {
-    pub fn of(id: RawBsonRef<'_>) -> IdKey {
-        let mut key = Vec::with_capacity(16);
-        let integral = |f: f64| -> Option<i64> {
-            (f.fract() == 0.0 && (-9.223_372_036_854_776e18..9.223_372_036_854_776e18).contains(&f))
-                .then_some(f as i64)
-        };
-        match id {
-            RawBsonRef::Int32(v) => number(&mut key, v as i64),
-            RawBsonRef::Int64(v) => number(&mut key, v),
-            RawBsonRef::Double(f) => match integral(f) {
-                Some(v) => number(&mut key, v),
-                None => {
-                    key.push(b'd');
-                    key.extend_from_slice(&f.to_bits().to_le_bytes());
-                }
-            },
-            other => {
-                let doc = bson::rawdoc! {"v": RawBson::from(other)};
-                key.push(b'v');
-                key.extend_from_slice(doc.as_bytes());
-            }
-        }
-        IdKey(key)
-    }
-
-    pub fn of_bson(id: &Bson) -> IdKey {
-        match RawBson::try_from(id.clone()) {
-            Ok(raw) => IdKey::of(raw.as_raw_bson_ref()),
-            // Only documents with invalid keys fail to convert; fall back to the debug text,
-            // which is still a faithful equality key for such a value.
-            Err(_) => IdKey(format!("{id:?}").into_bytes()),
-        }
-    }
-}
-
-fn number(key: &mut Vec<u8>, v: i64) {
-    key.push(b'n');
-    key.extend_from_slice(&v.to_le_bytes());
-}
+/// Equality key of an `_id`: the daemon's one key (`crate::id_key`), shared with apply and
+/// copy.
+pub use crate::id_key::IdKey;
 
 /// How two versions of one document compare.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

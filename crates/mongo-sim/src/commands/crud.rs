@@ -17,7 +17,7 @@ use crate::{
         sort::SortSpec,
         update::{
             apply_update_with_outcome, build_upsert_document, prepare_for_insert,
-            validate_stored_document, validate_updated_document, UpdateContext,
+            prepare_for_upsert, validate_stored_document, validate_updated_document, UpdateContext,
             UpdateOutcome as WriteOutcome, UpdateSpec,
         },
     },
@@ -251,7 +251,7 @@ fn upsert_document(
         spec,
         &update_context(sink, true, array_filters, lets),
     )?;
-    prepare_for_insert(&new, sink.now_ts())
+    prepare_for_upsert(&new, sink.now_ts(), matches!(spec, UpdateSpec::Pipeline(_)))
 }
 
 struct UpdateOutcome {
@@ -339,7 +339,8 @@ fn apply_one_update(
             WriteOutcome::Delta(d) => Some(d),
             WriteOutcome::Replacement => None,
         };
-        validate_updated_document(&new, matches!(spec, UpdateSpec::Replacement(_)))?;
+        // Only a pipeline may store top-level `$`-prefixed fields (MongoDB 5.0+).
+        validate_updated_document(&new, matches!(spec, UpdateSpec::Pipeline(_)))?;
         let change = coll.replace(new, description, bypass)?;
         emit(coll, sink, change);
         out.modified += 1;
@@ -524,7 +525,8 @@ pub fn find_and_modify(ctx: &Ctx<'_>) -> CommandResult<Document> {
                     WriteOutcome::Replacement => Some(None),
                 };
                 if let Some(description) = description {
-                    validate_updated_document(&new, matches!(spec, UpdateSpec::Replacement(_)))?;
+                    // Only a pipeline may store top-level `$`-prefixed fields (MongoDB 5.0+).
+                    validate_updated_document(&new, matches!(spec, UpdateSpec::Pipeline(_)))?;
                     let change = coll.replace(new.clone(), description, bypass)?;
                     emit(coll, sink, change);
                 }

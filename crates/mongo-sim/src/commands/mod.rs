@@ -327,6 +327,9 @@ fn command_namespace(db: &str, name: &str, cmd: &Document) -> Option<String> {
 
 /// Executes one command and builds its reply.
 pub async fn execute(engine: &Arc<Engine>, conn: &mut ConnInfo, cmd: Document) -> Outcome {
+    // `maxTimeMS` counts from the command's arrival, as the server's operation deadline does
+    // (time blocked by a fail point included).
+    let received = std::time::Instant::now();
     let Some(name) = cmd.keys().next().cloned() else {
         let e = CommandError::new(codes::FAILED_TO_PARSE, "empty command");
         return Outcome::Reply(error_reply(engine, &e, &[]));
@@ -415,6 +418,9 @@ pub async fn execute(engine: &Arc<Engine>, conn: &mut ConnInfo, cmd: Document) -
             return Outcome::Reply(error_reply(engine, err, &labels));
         }
     }
+    if let Some(e) = write_deadline_passed(&ctx, received) {
+        return Outcome::Reply(error_reply(engine, &e, &[]));
+    }
     let wce = action.as_ref().and_then(|a| a.write_concern_error.clone());
     let result = run(&ctx, change_stream_cmd).await;
     if ctx
@@ -448,6 +454,25 @@ pub async fn execute(engine: &Arc<Engine>, conn: &mut ConnInfo, cmd: Document) -
             Outcome::Reply(error_reply(engine, &err, &labels))
         }
     }
+}
+
+/// A write command whose `maxTimeMS` passed before it ran fails with MaxTimeMSExpired (50) and
+/// writes nothing. (Reads use `maxTimeMS` as their await bound and are not checked here.)
+fn write_deadline_passed(ctx: &Ctx<'_>, received: std::time::Instant) -> Option<CommandError> {
+    if !matches!(
+        ctx.name.as_str(),
+        "insert" | "update" | "delete" | "findAndModify" | "findandmodify"
+    ) {
+        return None;
+    }
+    let limit = match ctx.cmd.get("maxTimeMS") {
+        Some(Bson::Int32(v)) => *v as i64,
+        Some(Bson::Int64(v)) => *v,
+        Some(Bson::Double(v)) => *v as i64,
+        _ => return None,
+    };
+    (limit > 0 && received.elapsed() >= std::time::Duration::from_millis(limit as u64))
+        .then(|| CommandError::new(codes::MAX_TIME_MS_EXPIRED, "operation exceeded time limit"))
 }
 
 fn is_change_stream_command(engine: &Engine, name: &str, cmd: &Document) -> bool {

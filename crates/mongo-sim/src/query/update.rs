@@ -440,8 +440,12 @@ pub fn validate_updated_document(
 /// _id"); an `_id` sub-document may not contain `$`-prefixed field names
 /// (DollarPrefixedFieldName 52). Nested `$` fields elsewhere are legal since 5.0.
 pub fn validate_stored_document(doc: &Document) -> CommandResult<()> {
+    validate_stored(doc, false)
+}
+
+fn validate_stored(doc: &Document, allow_top_level_dollar: bool) -> CommandResult<()> {
     for (k, v) in doc {
-        if k.starts_with('$') {
+        if k.starts_with('$') && !allow_top_level_dollar {
             return Err(CommandError::bad_value(format!(
                 "Document can't have $ prefixed field names: {k}"
             )));
@@ -487,7 +491,17 @@ fn find_dollar_field(d: &Document) -> Option<String> {
 /// [`validate_stored_document`], `_id` moved first (a new ObjectId when absent), top-level
 /// `Timestamp(0, 0)` values replaced with `now_ts`.
 pub fn prepare_for_insert(doc: &Document, now_ts: bson::Timestamp) -> CommandResult<Document> {
-    validate_stored_document(doc)?;
+    prepare_for_upsert(doc, now_ts, false)
+}
+
+/// [`prepare_for_insert`] for the document an upsert inserts: a pipeline upsert may create
+/// top-level `$`-prefixed fields (`$setField`, `$replaceWith: {$literal}`; legal since 5.0).
+pub fn prepare_for_upsert(
+    doc: &Document,
+    now_ts: bson::Timestamp,
+    allow_top_level_dollar: bool,
+) -> CommandResult<Document> {
+    validate_stored(doc, allow_top_level_dollar)?;
     let mut out = Document::new();
     match doc.get("_id") {
         Some(id) => out.insert("_id", id.clone()),

@@ -293,3 +293,32 @@ async fn change_stream_get_more_failures_and_resumability() {
     })
     .await
 }
+
+#[tokio::test]
+async fn max_time_ms_expires_a_write_blocked_past_its_deadline() {
+    bounded(async {
+        let (_sim, c) = start_with_client().await;
+        let db = c.database("fp");
+        fail_command(
+            &c,
+            Bson::Document(doc! {"times": 1}),
+            doc! {"failCommands": ["update"], "blockConnection": true, "blockTimeMS": 300},
+        )
+        .await;
+        // MongoDB counts the time blocked by a fail point against maxTimeMS: the write fails
+        // with MaxTimeMSExpired and writes nothing.
+        let update = doc! {
+            "update": "mt",
+            "updates": [{"q": {"_id": 1}, "u": {"_id": 1, "v": 1}, "upsert": true}],
+            "maxTimeMS": 100,
+        };
+        let err = db.run_command(update.clone()).await.unwrap_err();
+        assert_eq!(code(&err), Some(50));
+        let col: Collection<Document> = db.collection("mt");
+        assert_eq!(col.count_documents(doc! {}).await.unwrap(), 0);
+        // Within its deadline the same write succeeds.
+        db.run_command(update).await.unwrap();
+        assert_eq!(col.count_documents(doc! {}).await.unwrap(), 1);
+    })
+    .await
+}
