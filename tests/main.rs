@@ -10,5 +10,6 @@ mod lifecycle;
 mod operations;
 mod replication;
 mod resume;
+mod safety;
 mod support;
 mod validation;
