@@ -24,6 +24,8 @@ use crate::{
     conflict::ConflictSettings,
     error::{ErrorKind, SyncError},
     event::{token_cluster_time, ts_key, ts_max, ChangeEvent, FragmentAssembler, OpKind},
+    guard::{DeleteBudget, DeleteGuard, GuardTrigger},
+    identity::IdentityWatch,
     metadata::Metadata,
     metrics::{ApplyOp, Metrics, WorkerState},
     source::{raw_id, Namespace, Source, StreamSettings, StreamStart},
@@ -64,6 +66,10 @@ pub struct Pipeline {
     pub metadata: Metadata,
     pub metrics: Metrics,
     pub status: Arc<StatusRegistry>,
+    /// Source and destination identity, checked before writes (DESIGN §2.10).
+    pub identity: Arc<IdentityWatch>,
+    /// The mass-delete guard (`sync.max_delete_fraction`).
+    pub guard: Arc<DeleteGuard>,
 }
 
 /// Everything one namespace worker needs.
@@ -235,6 +241,8 @@ pub async fn run(
     recopy: bool,
 ) -> Result<WorkerExit, SyncError> {
     let key = ctx.key();
+    // Every (re)start is a (re)connection: never read or write for a deployment that changed.
+    ctx.pipeline.identity.verify().await?;
     check_images(ctx).await?;
     let stale = ctx.pipeline.checkpoints.delete_stale(&key).await?;
     if stale > 0 {
@@ -416,6 +424,7 @@ async fn sync_range(
     applier: &Applier,
     lower: Option<&Bson>,
     after: Option<Timestamp>,
+    budget: &mut DeleteBudget,
 ) -> Result<(u64, Option<Bson>), SyncError> {
     let collation = ctx.options.get_document("collation").ok();
     let (docs, next) = ctx
@@ -430,17 +439,38 @@ async fn sync_range(
             collation,
         )
         .await?;
-    let (written, _dead) = applier.upsert_documents(&docs).await?;
+    // The scan may have reached a replaced source: check before writing what it returned.
+    ctx.pipeline.identity.verify().await?;
     let present = id_set(&docs)?;
     let extras: Vec<Bson> = destination_ids(ctx, lower, next.as_ref())
         .await?
         .into_iter()
         .filter(|id| !present.contains(&canonical_id(id)))
         .collect();
+    budget.charge(extras.len() as u64)?;
+    let (written, _dead) = applier.upsert_documents(&docs).await?;
     if !extras.is_empty() {
         applier.delete_ids(&extras).await?;
     }
     Ok((written, next))
+}
+
+/// Counts both sides of the namespace, then asks the mass-delete guard for this run's budget.
+pub async fn delete_budget(
+    ctx: &WorkerContext,
+    trigger: GuardTrigger,
+) -> Result<DeleteBudget, SyncError> {
+    let source = ctx.pipeline.source.estimated_count(&ctx.ns).await?;
+    let dest = crate::guard::count(
+        &ctx.pipeline.dest,
+        &ctx.target.db,
+        &ctx.target.coll,
+        ErrorKind::DestinationWrite,
+    )
+    .await?;
+    ctx.pipeline
+        .guard
+        .start(&ctx.label(), trigger, source, dest)
 }
 
 /// DESIGN §2.3: take T0, persist it, copy range by range (resumable), build indexes.
@@ -498,13 +528,15 @@ async fn initial_copy(
         s.copied = cp.copy.copied.max(0) as u64;
     });
     let applier = ctx.applier();
+    let mut budget = delete_budget(ctx, GuardTrigger::Copy).await?;
     let mut lower = cp.copy.last_range.clone();
     let started = Instant::now();
     while !cp.copy.done {
         if stop.is_cancelled() {
             return Err(cancelled());
         }
-        let (written, next) = sync_range(ctx, &applier, lower.as_ref(), start_ts).await?;
+        let (written, next) =
+            sync_range(ctx, &applier, lower.as_ref(), start_ts, &mut budget).await?;
         cp.copy.copied += written as i64;
         cp.copy.done = next.is_none();
         cp.copy.last_range = next.clone();
@@ -710,7 +742,9 @@ async fn stream(
                         }
                     }
                     WorkerCommand::RepairRange(request) => {
-                        crate::validate::repair::handle(ctx, &applier, &mut cp, *request).await;
+                        if let Err(e) = crate::validate::repair::handle(ctx, &applier, &mut cp, *request).await {
+                            break Err(e);
+                        }
                     }
                 }
                 continue;
@@ -1080,10 +1114,18 @@ async fn reconcile(
     let label = ctx.label();
     tracing::info!(namespace = %label, "force-sync: reconciling every range while the stream is paused");
     let started = Instant::now();
+    let mut budget = delete_budget(ctx, GuardTrigger::ForceSync).await?;
     let mut lower: Option<Bson> = None;
     let mut total = 0u64;
     loop {
-        let (written, next) = sync_range(ctx, applier, lower.as_ref(), cp.applied_through).await?;
+        let (written, next) = sync_range(
+            ctx,
+            applier,
+            lower.as_ref(),
+            cp.applied_through,
+            &mut budget,
+        )
+        .await?;
         total += written;
         if next.is_none() {
             break;

@@ -360,6 +360,7 @@ fn policy_table() {
             RetryDirective::Fatal { exit_code: 1 },
         ),
         (ErrorKind::Cancelled, RetryDirective::Stop),
+        (ErrorKind::DestinationReset, RetryDirective::Stop),
         (ErrorKind::ChangeStreamHistoryLost, RetryDirective::Resync),
         (ErrorKind::ChangeStreamInvalidated, RetryDirective::Backoff),
         (ErrorKind::SourceConnection, RetryDirective::Backoff),
@@ -371,6 +372,7 @@ fn policy_table() {
     for (kind, reason) in [
         (ErrorKind::WorkerPanicked, "worker_panicked"),
         (ErrorKind::DocumentRejected, "document_rejected"),
+        (ErrorKind::MassDeleteGuard, "mass_delete_guard"),
         // Unclassified defaults to park, not retry.
         (ErrorKind::SourceRead, "unclassified"),
         (ErrorKind::DestinationWrite, "unclassified"),

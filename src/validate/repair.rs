@@ -21,6 +21,7 @@ use crate::{
     checkpoint::Checkpoint,
     error::{ErrorKind, SyncError},
     event::ts_max,
+    guard::GuardTrigger,
     worker::{WorkerContext, RANGE_MAX_DOCS},
 };
 
@@ -57,10 +58,10 @@ pub async fn handle(
     applier: &Applier,
     cp: &mut Checkpoint,
     request: RepairRequest,
-) {
+) -> Result<(), SyncError> {
     if request.reply.is_closed() {
         // The validator gave up waiting (shutdown, timeout): nothing to do.
-        return;
+        return Ok(());
     }
     let result = repair_range(
         ctx,
@@ -73,7 +74,28 @@ pub async fn handle(
     if let Err(e) = &result {
         tracing::warn!(namespace = %ctx.label(), error = %e, "repair of a validation range failed");
     }
-    let _ = request.reply.send(result.map_err(|e| e.to_string()));
+    match result {
+        Ok(done) => {
+            let _ = request.reply.send(Ok(done));
+            Ok(())
+        }
+        // The mass-delete guard pauses the namespace; a changed deployment stops it.
+        Err(e)
+            if matches!(
+                e.kind,
+                ErrorKind::MassDeleteGuard
+                    | ErrorKind::SourceIdentityMismatch
+                    | ErrorKind::DestinationReset
+            ) =>
+        {
+            let _ = request.reply.send(Err(e.to_string()));
+            Err(e)
+        }
+        Err(e) => {
+            let _ = request.reply.send(Err(e.to_string()));
+            Ok(())
+        }
+    }
 }
 
 async fn repair_range(
@@ -96,6 +118,7 @@ async fn repair_range(
         &ctx.options,
         ctx.settings.destination_timeout,
     );
+    let mut budget = crate::worker::delete_budget(ctx, GuardTrigger::Repair).await?;
     // Apply is paused while this runs: it is not throttled, so lag stays short.
     let unthrottled = Throttle::new(0);
     let mut done = RepairDone {
@@ -113,6 +136,8 @@ async fn repair_range(
             &unthrottled,
         )
         .await?;
+        // The scan may have reached a replaced source: check before writing what it returned.
+        ctx.pipeline.identity.verify().await?;
         let (written, _dead_lettered) = applier.upsert_documents(&docs).await?;
         done.upserted += written;
         let present: HashSet<IdKey> =
@@ -130,6 +155,7 @@ async fn repair_range(
             .filter(|id| !present.contains(&IdKey::of_bson(id)))
             .collect();
         if !extras.is_empty() {
+            budget.charge(extras.len() as u64)?;
             done.deleted += applier.delete_ids(&extras).await?;
         }
         match next {
