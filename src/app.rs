@@ -287,6 +287,7 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
                 }
             }
         }
+        let mut reset = false;
         match metadata
             .check_identity(&config.sync.id, &identity, options.reset_identity)
             .await
@@ -296,6 +297,7 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
             }
             Ok(IdentityCheck::Matches) => {}
             Ok(IdentityCheck::Reset) => {
+                reset = true;
                 tracing::warn!(source = %identity.describe(), "source identity reset; discarding checkpoints and re-copying");
                 if let Err(e) = checkpoints.delete_all(&config.sync.id).await {
                     tracing::error!(error = %e, "cannot discard checkpoints");
@@ -336,6 +338,10 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
             identity: Arc::clone(&watch),
             guard: DeleteGuard::new(config.sync.max_delete_fraction, &metrics),
         };
+        if reset {
+            // The operator accepted a new source and asked for everything to be copied again.
+            pipeline.guard.confirm_first_runs();
+        }
         let config = Arc::new(config);
         let supervisor = Supervisor::new(Arc::clone(&config), pipeline);
         let sup_heartbeat = Arc::clone(&supervisor.heartbeat);

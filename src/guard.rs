@@ -86,6 +86,9 @@ pub fn decide(fraction: f64, source_count: u64, dest_count: u64) -> Decision {
 pub struct DeleteGuard {
     fraction_bits: AtomicU64,
     confirmed: Mutex<HashSet<String>>,
+    /// `run --reset-identity`: the operator accepted a new source and asked for a re-copy, so
+    /// the first run of every namespace is confirmed; the namespaces that used it.
+    blanket: Mutex<Option<HashSet<String>>>,
     trips: IntCounterVec,
 }
 
@@ -106,6 +109,7 @@ impl DeleteGuard {
         Arc::new(DeleteGuard {
             fraction_bits: AtomicU64::new(fraction.to_bits()),
             confirmed: Mutex::new(HashSet::new()),
+            blanket: Mutex::new(None),
             trips,
         })
     }
@@ -126,6 +130,21 @@ impl DeleteGuard {
         self.confirmed.lock().insert(ns.to_string());
     }
 
+    /// Confirms the first run of every namespace (`run --reset-identity`).
+    pub fn confirm_first_runs(&self) {
+        *self.blanket.lock() = Some(HashSet::new());
+    }
+
+    fn take_confirmation(&self, ns: &str) -> bool {
+        if self.confirmed.lock().remove(ns) {
+            return true;
+        }
+        self.blanket
+            .lock()
+            .as_mut()
+            .is_some_and(|used| used.insert(ns.to_string()))
+    }
+
     /// Starts a run on `ns` after counting both sides: a budget, or the pause error
     /// ([`ErrorKind::MassDeleteGuard`]) when the counts alone exceed the fraction.
     pub fn start(
@@ -135,7 +154,7 @@ impl DeleteGuard {
         source_count: u64,
         dest_count: u64,
     ) -> Result<DeleteBudget, SyncError> {
-        if self.confirmed.lock().remove(ns) {
+        if self.take_confirmation(ns) {
             return Ok(DeleteBudget {
                 guard: Arc::clone(self),
                 ns: ns.to_string(),
@@ -283,5 +302,10 @@ mod tests {
             guard.start("d.c", GuardTrigger::Copy, 0, 10).is_err(),
             "the confirmation is used up"
         );
+        // --reset-identity: the first run of every namespace.
+        guard.confirm_first_runs();
+        assert!(guard.start("d.c", GuardTrigger::Copy, 0, 10).is_ok());
+        assert!(guard.start("d.e", GuardTrigger::Copy, 0, 10).is_ok());
+        assert!(guard.start("d.c", GuardTrigger::Copy, 0, 10).is_err());
     }
 }
