@@ -281,7 +281,7 @@ mod tests {
             .unwrap();
         budget.charge(30).unwrap();
         budget.charge(20).unwrap();
-        let err = budget.charge(1).err().expect("51 of 100 exceeds one half");
+        let err = budget.charge(1).expect_err("51 of 100 exceeds one half");
         assert_eq!(err.kind, ErrorKind::MassDeleteGuard);
         assert_eq!(budget.deleted(), 50);
         assert_eq!(
