@@ -13,7 +13,9 @@ use crate::{
     config::{self, Config},
     error::{policy, Backoff, ErrorKind, RetryDirective, SyncError},
     exit,
+    guard::DeleteGuard,
     http::{self, HttpState},
+    identity::{self, IdentityWatch},
     metadata::{IdentityCheck, Metadata},
     metrics::{Metrics, ReloadResult, Trigger},
     notify,
@@ -67,7 +69,7 @@ pub async fn run(config: Config, options: RunOptions) -> ExitCode {
 
 /// `mongo-syncd validate`: one validation pass (`validate::command`).
 pub async fn validate(config: Config, options: ValidateOptions) -> ExitCode {
-    let clients = match build_clients(&config).await {
+    let clients = match build_clients(&config, None).await {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "cannot configure the MongoDB clients");
@@ -187,13 +189,16 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
     };
     let _stop_http = http_cancel.drop_guard();
 
-    let (source_client, dest_client) = match build_clients(&config).await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot configure the MongoDB clients");
-            return exit_code_for(&e);
-        }
-    };
+    // Every (re)connection of either client triggers an identity check (DESIGN §2.10).
+    let reconnected = Arc::new(tokio::sync::Notify::new());
+    let (source_client, dest_client) =
+        match build_clients(&config, Some(Arc::clone(&reconnected))).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot configure the MongoDB clients");
+                return exit_code_for(&e);
+            }
+        };
     // Every exit path below ends with the clients shut down explicitly: a client dropped
     // while the runtime stops would end its sessions from a task that may panic (driver).
     let closing = (source_client.clone(), dest_client.clone());
@@ -245,9 +250,53 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
         status.set_destination_connected(true);
         metrics.set_destination_connected(true);
 
+        // Identities, not host strings: a destination that is the source under another name
+        // is refused before anything is written (DESIGN §2.10).
+        let observe_source = || identity::observe(source.client(), ErrorKind::SourceConnection);
+        let observe_dest = || identity::observe(&dest_client, ErrorKind::DestinationConnection);
+        let (source_seen, dest_seen) = match (
+            wait_for("source", &source_hosts, &shutdown, observe_source).await,
+            wait_for("destination", &dest_hosts, &shutdown, observe_dest).await,
+        ) {
+            (Ok(Some(s)), Ok(Some(d))) => (s, d),
+            (Ok(None), _) | (_, Ok(None)) => break 'run exit::OK,
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!(error = %e, "cannot read the deployments' identities");
+                break 'run exit_code_for(&e);
+            }
+        };
+        if let Err(e) = identity::refuse_same_deployment(&source_seen, &dest_seen) {
+            tracing::error!(error = %e, "refusing to start");
+            break 'run exit_code_for(&e);
+        }
+
         let metadata_db = dest_client.database(&config.checkpoint.database);
         let checkpoints = CheckpointStore::new(&metadata_db);
         let metadata = Metadata::new(&metadata_db);
+        if !options.reset_identity {
+            match identity::check_orphan_checkpoints(
+                &metadata_db,
+                &checkpoints,
+                &config.sync.id,
+                config.sync.on_destination_reset,
+            )
+            .await
+            {
+                Ok(false) => {}
+                Ok(true) => {
+                    tracing::warn!("the destination's metadata was wiped under an earlier run (checkpoints without an identity record); discarded them, copying everything again (sync.on_destination_reset = \"recopy\")")
+                }
+                Err(e) if e.kind == ErrorKind::DestinationReset => {
+                    tracing::error!(error = %e, "refusing to start");
+                    break 'run exit::INVALID_CONFIG;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the metadata");
+                    break 'run exit_code_for(&e);
+                }
+            }
+        }
+        let mut reset = false;
         match metadata
             .check_identity(&config.sync.id, &identity, options.reset_identity)
             .await
@@ -257,6 +306,7 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
             }
             Ok(IdentityCheck::Matches) => {}
             Ok(IdentityCheck::Reset) => {
+                reset = true;
                 tracing::warn!(source = %identity.describe(), "source identity reset; discarding checkpoints and re-copying");
                 if let Err(e) = checkpoints.delete_all(&config.sync.id).await {
                     tracing::error!(error = %e, "cannot discard checkpoints");
@@ -269,6 +319,24 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
             }
         }
 
+        let watch = match IdentityWatch::establish(
+            source.clone(),
+            dest_client.clone(),
+            &metadata_db,
+            &config.sync.id,
+            identity.clone(),
+            &dest_seen,
+            &metrics,
+            Arc::clone(&status),
+        )
+        .await
+        {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot record the metadata epoch");
+                break 'run exit_code_for(&e);
+            }
+        };
         let pipeline = Pipeline {
             source,
             dest: dest_client,
@@ -276,7 +344,13 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
             metadata,
             metrics: metrics.clone(),
             status: Arc::clone(&status),
+            identity: Arc::clone(&watch),
+            guard: DeleteGuard::new(config.sync.max_delete_fraction, &metrics),
         };
+        if reset {
+            // The operator accepted a new source and asked for everything to be copied again.
+            pipeline.guard.confirm_first_runs();
+        }
         let config = Arc::new(config);
         let supervisor = Supervisor::new(Arc::clone(&config), pipeline);
         let sup_heartbeat = Arc::clone(&supervisor.heartbeat);
@@ -299,6 +373,7 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
             });
         }
         let _stop_beat = beat_cancel.clone().drop_guard();
+        watch.spawn_periodic(beat_cancel.clone(), reconnected);
         notify::spawn_watchdog(
             Arc::clone(&heartbeat),
             Arc::clone(&status),
@@ -347,9 +422,16 @@ async fn close_clients((source, dest): (Client, Client)) {
     }
 }
 
-async fn build_clients(config: &Config) -> Result<(Client, Client), SyncError> {
-    let source_opts = config.source_client_options().await?;
-    let dest_opts = config.destination_client_options().await?;
+async fn build_clients(
+    config: &Config,
+    reconnected: Option<Arc<tokio::sync::Notify>>,
+) -> Result<(Client, Client), SyncError> {
+    let mut source_opts = config.source_client_options().await?;
+    let mut dest_opts = config.destination_client_options().await?;
+    if let Some(notify) = reconnected {
+        identity::notify_on_reconnect(&mut source_opts, Arc::clone(&notify));
+        identity::notify_on_reconnect(&mut dest_opts, notify);
+    }
     let source = Client::with_options(source_opts)
         .map_err(|e| SyncError::mongo(ErrorKind::Config, "building the source client", e))?;
     let dest = Client::with_options(dest_opts)

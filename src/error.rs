@@ -29,6 +29,12 @@ pub enum ErrorKind {
     SourceIdentityMismatch,
     /// A deployment refused our credentials (exit 77).
     Authentication,
+    /// The destination was wiped or replaced while running (DESIGN §2.10): the supervisor
+    /// follows `sync.on_destination_reset`; the worker itself just stops.
+    DestinationReset,
+    /// A copy, force-sync or repair would delete more than `sync.max_delete_fraction` of the
+    /// namespace (DESIGN §2.10): parked until an operator confirms.
+    MassDeleteGuard,
 
     // --- source ---
     /// Could not reach the source.
@@ -68,6 +74,8 @@ impl ErrorKind {
             ErrorKind::Config => "config",
             ErrorKind::SourceIdentityMismatch => "source_identity_mismatch",
             ErrorKind::Authentication => "authentication",
+            ErrorKind::DestinationReset => "destination_reset",
+            ErrorKind::MassDeleteGuard => "mass_delete_guard",
             ErrorKind::SourceConnection => "source_connection",
             ErrorKind::SourceRead => "source_read",
             ErrorKind::ChangeStreamHistoryLost => "change_stream_history_lost",
@@ -572,7 +580,16 @@ pub fn policy(err: &SyncError) -> RetryDirective {
                        force-sync the namespace"
                 .to_owned(),
         },
-        ErrorKind::Cancelled => RetryDirective::Stop,
+        // The supervisor, told by the identity watch, stops every worker and follows
+        // `sync.on_destination_reset`: the worker must not restart on its own.
+        ErrorKind::Cancelled | ErrorKind::DestinationReset => RetryDirective::Stop,
+        ErrorKind::MassDeleteGuard => RetryDirective::Park {
+            reason: crate::guard::PARK_REASON,
+            solution: "check why the source has so many fewer documents than the destination; \
+                       if the deletions are intended, confirm them with POST /api/v1/confirm \
+                       {\"namespaces\": [\"<db.coll>\"]} or a force-sync naming the namespace"
+                .to_owned(),
+        },
         ErrorKind::ChangeStreamHistoryLost => RetryDirective::Resync,
         ErrorKind::ChangeStreamInvalidated
         | ErrorKind::SourceConnection

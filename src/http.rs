@@ -128,6 +128,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/api/v1/status", get(status))
         .route("/api/v1/force-sync", post(force_sync))
         .route("/api/v1/validate", post(validate))
+        .route("/api/v1/confirm", post(confirm))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
@@ -359,6 +360,54 @@ async fn validate(State(s): State<HttpState>, headers: HeaderMap, body: Bytes) -
         namespaces,
     })
     .await
+}
+
+/// `POST /api/v1/confirm {"namespaces": [...]}`: an operator confirms the deletions of
+/// namespaces the mass-delete guard paused (DESIGN §2.10). Each must be named (404 unknown, 409
+/// not paused by the guard); nothing is confirmed unless all are.
+async fn confirm(State(s): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Err(e) = authorize(&s, &headers) {
+        return e.into_response();
+    }
+    let namespaces = match parse_namespaces(&body) {
+        Ok(n) if n.is_empty() => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "name the namespaces to confirm: {\"namespaces\": [\"db.collection\"]}",
+            )
+        }
+        Ok(n) => n,
+        Err(e) => return e.into_response(),
+    };
+    for ns in &namespaces {
+        match s.status.get(ns) {
+            None => return error(StatusCode::NOT_FOUND, &format!("unknown namespace {ns:?}")),
+            Some(st) if st.parked_reason.as_deref() != Some(crate::guard::PARK_REASON) => {
+                return error(
+                    StatusCode::CONFLICT,
+                    &format!("{ns} is not paused by the mass-delete guard"),
+                )
+            }
+            Some(_) => {}
+        }
+    }
+    if s.control
+        .send(Control::Confirm {
+            namespaces: namespaces.clone(),
+        })
+        .await
+        .is_err()
+    {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the daemon is shutting down",
+        );
+    }
+    (
+        StatusCode::ACCEPTED,
+        Json(json!({"accepted": true, "namespaces": namespaces})),
+    )
+        .into_response()
 }
 
 /// The shared path of the mutating endpoints: authorize, parse `{"namespaces": [...]}`, hand

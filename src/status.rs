@@ -84,6 +84,8 @@ pub struct StatusRegistry {
     /// Set once the supervisor has listed the source's namespaces (until then, zero namespaces
     /// means "not known yet", not "nothing to do").
     discovered: AtomicBool,
+    /// Set while the source or destination identity does not match (DESIGN §2.10).
+    safety_alarm: RwLock<Option<String>>,
     /// Hosts of the source and destination, credentials removed.
     pub source_hosts: RwLock<String>,
     pub destination_hosts: RwLock<String>,
@@ -99,6 +101,7 @@ impl Default for StatusRegistry {
             source_connected: AtomicBool::new(false),
             destination_connected: AtomicBool::new(false),
             discovered: AtomicBool::new(false),
+            safety_alarm: RwLock::new(None),
             source_hosts: RwLock::new(String::new()),
             destination_hosts: RwLock::new(String::new()),
         }
@@ -181,6 +184,15 @@ impl StatusRegistry {
         (unix_ms(SystemTime::now()).saturating_sub(last)) as f64 / 1000.0
     }
 
+    /// Raises (or clears) the identity alarm shown by `/readyz` and the status.
+    pub fn set_safety_alarm(&self, alarm: Option<String>) {
+        *self.safety_alarm.write() = alarm;
+    }
+
+    pub fn safety_alarm(&self) -> Option<String> {
+        self.safety_alarm.read().clone()
+    }
+
     pub fn set_source_connected(&self, v: bool) {
         self.source_connected.store(v, Ordering::Relaxed);
     }
@@ -229,6 +241,9 @@ impl StatusRegistry {
     /// more than `max_lag_seconds`.
     pub fn not_ready_reasons(&self, max_lag_seconds: f64) -> Vec<String> {
         let mut reasons = Vec::new();
+        if let Some(alarm) = self.safety_alarm() {
+            reasons.push(alarm);
+        }
         if !self.source_connected() {
             reasons.push("source unreachable".to_string());
         }
@@ -312,6 +327,7 @@ impl StatusRegistry {
             "source": {"connected": self.source_connected(), "hosts": *self.source_hosts.read(), "cluster_time": ts_json(self.source_cluster_time())},
             "destination": {"connected": self.destination_connected(), "hosts": *self.destination_hosts.read()},
             "summary": self.summary(),
+            "safety_alarm": self.safety_alarm(),
             "namespaces": namespaces,
         })
     }

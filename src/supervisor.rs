@@ -16,16 +16,18 @@ use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    config::{Config, NamespaceFilter, OnHistoryLost},
+    config::{Config, NamespaceFilter, OnDestinationReset, OnHistoryLost},
     conflict::ConflictSettings,
     error::{policy, Backoff, ErrorKind, RetryDirective, SyncError},
+    exit,
+    identity::Side,
     metrics::{ErrorKindLabel, Trigger, WorkerState},
     source::{Namespace, Source, SourceCollection},
     status::LastError,
     validate::{schedule::ValidationDeps, NamespacePlan, Registration, ValidationService},
     worker::{
-        self, Pipeline, Recopy, Reloaded, WorkerCommand, WorkerContext, WorkerExit,
-        WorkerSettings, WorkerSignals,
+        self, Pipeline, Recopy, Reloaded, WorkerCommand, WorkerContext, WorkerExit, WorkerSettings,
+        WorkerSignals,
     },
 };
 
@@ -56,6 +58,9 @@ pub enum Control {
     Reload(Box<Config>),
     /// Validate these namespaces now (all when empty).
     Validate { namespaces: Vec<String> },
+    /// An operator confirmed the deletions of these namespaces, paused by the mass-delete
+    /// guard: they are copied again without its limit (once).
+    Confirm { namespaces: Vec<String> },
 }
 
 /// What a worker's runner tells the supervisor.
@@ -83,6 +88,8 @@ struct WorkerHandle {
     abort: CancellationToken,
     /// Cancelled once the worker's runner has returned (or panicked).
     exited: CancellationToken,
+    /// The runner: awaited before a new incarnation starts (destination reset).
+    task: tokio::task::JoinHandle<()>,
 }
 
 /// A worker asked to stop whose runner may still be running: no other incarnation of its
@@ -220,6 +227,7 @@ impl Supervisor {
         let mut exit_code = 0u8;
         self.validation
             .start(&self.tracker, self.stop.child_token());
+        let identity = Arc::clone(&self.pipeline.identity);
         let mut listing: Option<tokio::task::JoinHandle<(Listing, Incarnations)>> = None;
         let mut probe: Option<tokio::task::JoinHandle<(Result<Timestamp, SyncError>, bool)>> = None;
         loop {
@@ -238,7 +246,35 @@ impl Supervisor {
                         }
                     }
                     Some(Control::Validate { namespaces }) => self.validate(&namespaces),
+                    Some(Control::Confirm { namespaces }) => self.confirm(&namespaces),
                 },
+                trip = identity.wait_tripped() => {
+                    // The watch logged the one clear line; every worker stops before it writes.
+                    match (trip.side, self.config.sync.on_destination_reset) {
+                        (Side::Source, _) => {
+                            tracing::error!(reason = %trip.reason, exit_code = exit::INVALID_CONFIG, "the source is not the deployment this pipeline was started against; stopping (run with --reset-identity to accept it and copy everything again)");
+                            self.abort.cancel();
+                            exit_code = exit::INVALID_CONFIG;
+                            break;
+                        }
+                        (Side::Destination, OnDestinationReset::Stop) => {
+                            identity.count_reset(OnDestinationReset::Stop);
+                            tracing::error!(reason = %trip.reason, exit_code = exit::INVALID_CONFIG, "the destination was wiped or replaced; stopping (sync.on_destination_reset = \"stop\"; restart with --reset-identity to copy everything again)");
+                            self.abort.cancel();
+                            exit_code = exit::INVALID_CONFIG;
+                            break;
+                        }
+                        (Side::Destination, OnDestinationReset::Recopy) => {
+                            if let Err(e) = self.recopy_destination().await {
+                                tracing::error!(error = %e, "cannot re-copy into the reset destination yet; retrying");
+                                tokio::select! {
+                                    _ = shutdown.cancelled() => break,
+                                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                                }
+                            }
+                        }
+                    }
+                }
                 Some(report) = self.reports_rx.recv() => match report {
                     WorkerReport::Fatal { ns, exit_code: code, error } => {
                         tracing::error!(namespace = %ns, class = "fatal", exit_code = code, error = %error, "fatal error; stopping");
@@ -396,6 +432,50 @@ impl Supervisor {
         seen
     }
 
+    /// Destination reset under `sync.on_destination_reset = "recopy"`: stops every worker and
+    /// waits for it to exit (no incarnation touches the next one), discards every checkpoint,
+    /// records the destination as it is now with a new metadata epoch, and starts every
+    /// namespace again with a fresh copy.
+    async fn recopy_destination(&mut self) -> Result<(), SyncError> {
+        tracing::warn!(
+            namespaces = self.workers.len(),
+            "destination reset: stopping every worker, discarding the checkpoints and copying every namespace again (sync.on_destination_reset = \"recopy\")"
+        );
+        let deadline = Duration::from_secs(self.config.shutdown.timeout_seconds);
+        let handles: Vec<(Namespace, WorkerHandle)> =
+            std::mem::take(&mut self.workers).into_iter().collect();
+        for (ns, h) in &handles {
+            self.validation.unregister(&ns.to_string());
+            h.stop.cancel();
+            h.abort.cancel();
+        }
+        for (ns, mut h) in handles {
+            if tokio::time::timeout(deadline, &mut h.task).await.is_err() {
+                tracing::warn!(namespace = %ns, "worker did not stop in time; aborting it");
+                h.task.abort();
+                let _ = h.task.await;
+            }
+        }
+        self.pipeline
+            .checkpoints
+            .delete_all(&self.config.sync.id)
+            .await?;
+        self.pipeline.identity.rebase_destination().await?;
+        self.pipeline
+            .identity
+            .count_reset(OnDestinationReset::Recopy);
+        tracing::info!("destination re-based with a new metadata epoch; copying every namespace");
+        self.discover().await;
+        Ok(())
+    }
+
+    /// Lists the source (finishing gone incarnations first) and starts workers for the
+    /// in-scope collections.
+    async fn discover(&mut self) {
+        let (found, seen) = self.discovery_task().await;
+        self.apply_listing(found, &seen);
+    }
+
     /// A listing of the source that first finishes the checkpoints of incarnations gone from
     /// it (see [`finish_gone_incarnations`]).
     fn discovery_task(
@@ -430,6 +510,10 @@ impl Supervisor {
         // Retired workers that had exited before this listing were finished by it.
         self.retiring
             .retain(|r| !seen.exited.contains(&(r.ns.clone(), r.uuid)));
+        if self.pipeline.identity.tripped().is_some() {
+            // Workers start again once the supervisor has handled the trip.
+            return;
+        }
         for (ns, kind) in skipped {
             if self.filter.matches(&ns.db, &ns.coll) && self.warned_skipped.insert(ns.clone()) {
                 tracing::warn!(namespace = %ns, kind = %kind, "skipping: views and time-series collections are not synced in this version");
@@ -600,7 +684,8 @@ impl Supervisor {
             runner.await
         };
         let span = tracing::info_span!("worker", namespace = %label);
-        self.tracker
+        let task = self
+            .tracker
             .spawn(tracing::Instrument::instrument(runner, span));
         self.workers.insert(
             coll.ns,
@@ -610,6 +695,7 @@ impl Supervisor {
                 stop,
                 abort,
                 exited,
+                task,
             },
         );
     }
@@ -646,6 +732,13 @@ impl Supervisor {
 
     fn force_sync(&mut self, namespaces: &[String], trigger: Trigger) {
         self.pipeline.metrics.force_sync(trigger);
+        // A force-sync naming a namespace the mass-delete guard paused confirms its deletions
+        // (one for every namespace does not: a blanket signal authorises no mass deletion).
+        for ns in namespaces {
+            if self.paused_by_guard(ns) {
+                self.pipeline.guard.confirm(ns);
+            }
+        }
         let mut count = 0;
         for (ns, h) in &self.workers {
             let chosen = namespaces.is_empty() || namespaces.iter().any(|n| *n == ns.to_string());
@@ -657,6 +750,27 @@ impl Supervisor {
             }
         }
         tracing::info!(trigger = %trigger.as_str(), namespaces = count, "force-sync requested");
+    }
+
+    fn paused_by_guard(&self, ns: &str) -> bool {
+        self.pipeline.status.get(ns).is_some_and(|s| {
+            s.state == WorkerState::Parked
+                && s.parked_reason.as_deref() == Some(crate::guard::PARK_REASON)
+        })
+    }
+
+    /// `POST /api/v1/confirm`: the namespaces' paused copies run again without the limit.
+    fn confirm(&mut self, namespaces: &[String]) {
+        for ns in namespaces {
+            if !self.paused_by_guard(ns) {
+                tracing::info!(namespace = %ns, "confirmation ignored: the namespace is not paused by the mass-delete guard");
+                continue;
+            }
+            self.pipeline.guard.confirm(ns);
+            if let Some((_, h)) = self.workers.iter().find(|(k, _)| k.to_string() == *ns) {
+                let _ = h.commands.try_send(WorkerCommand::ForceSync);
+            }
+        }
     }
 
     fn validate(&mut self, namespaces: &[String]) {
@@ -673,6 +787,9 @@ impl Supervisor {
         }
         self.filter = config.namespace_filter();
         self.settings = Arc::new(worker_settings(&config));
+        self.pipeline
+            .guard
+            .set_fraction(config.sync.max_delete_fraction);
         self.validation.reconfigure(&config);
         self.config = Arc::new(config);
         // Workers for namespaces no longer in scope stop; their series go away.

@@ -26,7 +26,9 @@ use crate::{
     conflict::ConflictSettings,
     error::{ErrorKind, SyncError},
     event::{token_cluster_time, ts_key, ts_max, ChangeEvent, FragmentAssembler, OpKind},
+    guard::{DeleteBudget, DeleteGuard, GuardTrigger},
     id_key::IdKey,
+    identity::IdentityWatch,
     metadata::Metadata,
     metrics::{ApplyOp, Metrics, WorkerState},
     source::{raw_id, Namespace, Source, StreamSettings, StreamStart},
@@ -90,6 +92,10 @@ pub struct Pipeline {
     pub metadata: Metadata,
     pub metrics: Metrics,
     pub status: Arc<StatusRegistry>,
+    /// Source and destination identity, checked before writes (DESIGN §2.10).
+    pub identity: Arc<IdentityWatch>,
+    /// The mass-delete guard (`sync.max_delete_fraction`).
+    pub guard: Arc<DeleteGuard>,
 }
 
 /// Everything one namespace worker needs.
@@ -388,6 +394,8 @@ pub async fn run(
     recopy: Recopy,
 ) -> Result<WorkerExit, SyncError> {
     let key = ctx.key();
+    // Every (re)start is a (re)connection: never read or write for a deployment that changed.
+    ctx.pipeline.identity.verify().await?;
     ctx.adopt_reload().await;
     check_images(ctx, &ctx.current_conflict()).await?;
     let target = ctx.target.to_string();
@@ -655,6 +663,7 @@ pub(crate) async fn delete_extras(
     lower: Option<&Bson>,
     upper: Option<&Bson>,
     present: &HashSet<IdKey>,
+    budget: &mut DeleteBudget,
 ) -> Result<u64, SyncError> {
     let coll = ctx
         .pipeline
@@ -698,6 +707,8 @@ pub(crate) async fn delete_extras(
         }
         drop(page);
         if !extras.is_empty() {
+            // The mass-delete guard decides before anything of this page is deleted.
+            budget.charge(extras.len() as u64)?;
             deleted += applier.delete_ids(&extras).await?;
         }
         match last {
@@ -720,6 +731,7 @@ async fn sync_range(
     applier: &Applier,
     lower: Option<&Bson>,
     after: Option<Timestamp>,
+    budget: &mut DeleteBudget,
 ) -> Result<(u64, Option<Bson>), SyncError> {
     let collation = ctx.options.get_document("collation").ok();
     let (docs, next) = ctx
@@ -734,11 +746,31 @@ async fn sync_range(
             collation,
         )
         .await?;
-    let (written, _dead) = applier.upsert_documents(&docs).await?;
+    // The scan may have reached a replaced source: check before writing what it returned.
+    ctx.pipeline.identity.verify().await?;
     let present = id_set(&docs)?;
+    let (written, _dead) = applier.upsert_documents(&docs).await?;
     drop(docs);
-    delete_extras(ctx, applier, lower, next.as_ref(), &present).await?;
+    delete_extras(ctx, applier, lower, next.as_ref(), &present, budget).await?;
     Ok((written, next))
+}
+
+/// Counts both sides of the namespace, then asks the mass-delete guard for this run's budget.
+pub async fn delete_budget(
+    ctx: &WorkerContext,
+    trigger: GuardTrigger,
+) -> Result<DeleteBudget, SyncError> {
+    let source = ctx.pipeline.source.estimated_count(&ctx.ns).await?;
+    let dest = crate::guard::count(
+        &ctx.pipeline.dest,
+        &ctx.target.db,
+        &ctx.target.coll,
+        ErrorKind::DestinationWrite,
+    )
+    .await?;
+    ctx.pipeline
+        .guard
+        .start(&ctx.label(), trigger, source, dest)
 }
 
 /// DESIGN §2.3: take T0, persist it, copy range by range (resumable), build indexes.
@@ -796,13 +828,15 @@ async fn initial_copy(
         s.copied = cp.copy.copied.max(0) as u64;
     });
     let applier = ctx.applier();
+    let mut budget = delete_budget(ctx, GuardTrigger::Copy).await?;
     let mut lower = cp.copy.last_range.clone();
     let started = Instant::now();
     while !cp.copy.done {
         if stop.is_cancelled() {
             return Err(cancelled());
         }
-        let (written, next) = sync_range(ctx, &applier, lower.as_ref(), start_ts).await?;
+        let (written, next) =
+            sync_range(ctx, &applier, lower.as_ref(), start_ts, &mut budget).await?;
         cp.copy.copied += written as i64;
         cp.copy.done = next.is_none();
         cp.copy.last_range = next.clone();
@@ -1184,7 +1218,9 @@ async fn stream(
             Some(cmd) = commands.recv() => {
                 match cmd {
                     WorkerCommand::RepairRange(request) => {
-                        crate::validate::repair::handle(ctx, &applier, &mut cp, *request).await;
+                        if let Err(e) = crate::validate::repair::handle(ctx, &applier, &mut cp, *request).await {
+                            break Err(e);
+                        }
                     }
                 }
                 continue;
@@ -1647,13 +1683,21 @@ async fn reconcile(
     cp.reconcile_next = Some(lower.clone());
     ctx.pipeline.checkpoints.save(&key, cp).await?;
     let started = Instant::now();
+    let mut budget = delete_budget(ctx, GuardTrigger::ForceSync).await?;
     let mut total = 0u64;
     loop {
         if stop.is_cancelled() {
             tracing::info!(namespace = %label, documents = total, "force-sync interrupted by shutdown; it resumes at its next range on the next start");
             return Ok(());
         }
-        let (written, next) = sync_range(ctx, applier, lower.as_ref(), cp.applied_through).await?;
+        let (written, next) = sync_range(
+            ctx,
+            applier,
+            lower.as_ref(),
+            cp.applied_through,
+            &mut budget,
+        )
+        .await?;
         total += written;
         // Events re-applied over this range up to now are replays of what it wrote.
         let end = ctx.pipeline.source.cluster_time().await?;

@@ -14,6 +14,7 @@ mod operations;
 mod renames;
 mod replication;
 mod resume;
+mod safety;
 mod soak;
 mod soak_regressions;
 mod support;

@@ -64,6 +64,12 @@ pub const DEFAULT_SYNC_ID: &str = "default";
 pub const DEFAULT_NAMESPACES: &[&str] = &["*.*"];
 /// Losing the oplog position should heal itself: re-copy the namespace rather than stop.
 pub const DEFAULT_ON_HISTORY_LOST: OnHistoryLost = OnHistoryLost::Resync;
+/// A destination wiped or replaced under a running daemon is healed by copying everything
+/// again: a disaster-recovery copy with holes is worse than a copy that takes time.
+pub const DEFAULT_ON_DESTINATION_RESET: OnDestinationReset = OnDestinationReset::Recopy;
+/// A copy, force-sync or repair may delete at most half of a namespace's destination documents
+/// before an operator confirms: legitimate drift is small, a replaced or emptied source is not.
+pub const DEFAULT_MAX_DELETE_FRACTION: f64 = 0.5;
 /// A namespace without a checkpoint is copied first; otherwise the destination would miss all
 /// documents written before the daemon started.
 pub const DEFAULT_INITIAL_COPY: InitialCopy = InitialCopy::Auto;
@@ -158,6 +164,17 @@ pub enum OnHistoryLost {
     Resync,
     /// Park the namespace's worker and wait for an operator.
     Park,
+}
+
+/// What to do when the destination's metadata vanishes or the destination is replaced while
+/// the daemon runs (DESIGN §2.10).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnDestinationReset {
+    /// Stop every worker, discard the checkpoints and copy every namespace again.
+    Recopy,
+    /// Stop every worker and exit 78 for an operator to decide.
+    Stop,
 }
 
 /// Whether a namespace without a checkpoint is copied before streaming.
@@ -435,6 +452,13 @@ pub struct SyncConfig {
     /// `resync` or `park`.
     #[serde(default = "default_on_history_lost")]
     pub on_history_lost: OnHistoryLost,
+    /// `recopy` or `stop`.
+    #[serde(default = "default_on_destination_reset")]
+    pub on_destination_reset: OnDestinationReset,
+    /// Largest fraction of a namespace's destination documents a copy, force-sync or repair
+    /// deletes without an operator's confirmation, in (0, 1]; 1 turns the guard off.
+    #[serde(default = "default_max_delete_fraction")]
+    pub max_delete_fraction: f64,
     /// `auto` or `skip`.
     #[serde(default = "default_initial_copy")]
     pub initial_copy: InitialCopy,
@@ -622,6 +646,12 @@ fn default_namespaces() -> Vec<NamespacePattern> {
 }
 fn default_on_history_lost() -> OnHistoryLost {
     DEFAULT_ON_HISTORY_LOST
+}
+fn default_on_destination_reset() -> OnDestinationReset {
+    DEFAULT_ON_DESTINATION_RESET
+}
+fn default_max_delete_fraction() -> f64 {
+    DEFAULT_MAX_DELETE_FRACTION
 }
 fn default_initial_copy() -> InitialCopy {
     DEFAULT_INITIAL_COPY
@@ -1031,6 +1061,13 @@ impl Config {
             err(
                 "sync.id".into(),
                 "must be 1-64 characters of [A-Za-z0-9._-]".into(),
+            );
+        }
+        let fraction = self.sync.max_delete_fraction;
+        if !(fraction > 0.0 && fraction <= 1.0) {
+            err(
+                "sync.max_delete_fraction".into(),
+                "must be greater than 0 and at most 1 (1 turns the mass-delete guard off)".into(),
             );
         }
         if self.sync.namespaces.is_empty() {

@@ -356,6 +356,7 @@ fn policy_table() {
             RetryDirective::Fatal { exit_code: 77 },
         ),
         (ErrorKind::Cancelled, RetryDirective::Stop),
+        (ErrorKind::DestinationReset, RetryDirective::Stop),
         (ErrorKind::ChangeStreamHistoryLost, RetryDirective::Resync),
         (ErrorKind::ChangeStreamInvalidated, RetryDirective::Backoff),
         (ErrorKind::SourceConnection, RetryDirective::Backoff),
@@ -370,6 +371,7 @@ fn policy_table() {
         // One worker's broken invariant (checkpoint moving backwards) parks that worker only.
         (ErrorKind::InvariantViolated, "invariant_violated"),
         (ErrorKind::CollationMismatch, "collation_mismatch"),
+        (ErrorKind::MassDeleteGuard, "mass_delete_guard"),
         // Unclassified defaults to park, not retry.
         (ErrorKind::SourceRead, "unclassified"),
         (ErrorKind::DestinationWrite, "unclassified"),

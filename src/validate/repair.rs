@@ -21,6 +21,7 @@ use crate::{
     checkpoint::Checkpoint,
     error::{ErrorKind, SyncError},
     event::ts_max,
+    guard::GuardTrigger,
     worker::{delete_extras, WorkerContext, RANGE_MAX_DOCS},
 };
 
@@ -57,10 +58,10 @@ pub async fn handle(
     applier: &Applier,
     cp: &mut Checkpoint,
     request: RepairRequest,
-) {
+) -> Result<(), SyncError> {
     if request.reply.is_closed() {
         // The validator gave up waiting (shutdown, timeout): nothing to do.
-        return;
+        return Ok(());
     }
     // Gated by the policy this worker runs (a reload may not have reached it yet, or may
     // have been refused): under any policy but source-wins the destination may differ on
@@ -84,7 +85,28 @@ pub async fn handle(
     if let Err(e) = &result {
         tracing::warn!(namespace = %ctx.label(), error = %e, "repair of a validation range failed");
     }
-    let _ = request.reply.send(result.map_err(|e| e.to_string()));
+    match result {
+        Ok(done) => {
+            let _ = request.reply.send(Ok(done));
+            Ok(())
+        }
+        // The mass-delete guard pauses the namespace; a changed deployment stops it.
+        Err(e)
+            if matches!(
+                e.kind,
+                ErrorKind::MassDeleteGuard
+                    | ErrorKind::SourceIdentityMismatch
+                    | ErrorKind::DestinationReset
+            ) =>
+        {
+            let _ = request.reply.send(Err(e.to_string()));
+            Err(e)
+        }
+        Err(e) => {
+            let _ = request.reply.send(Err(e.to_string()));
+            Ok(())
+        }
+    }
 }
 
 async fn repair_range(
@@ -101,6 +123,7 @@ async fn repair_range(
         &ctx.options,
         ctx.pipeline.source.op_timeout(),
     );
+    let mut budget = crate::worker::delete_budget(ctx, GuardTrigger::Repair).await?;
     // Apply is paused while this runs: it is not throttled, so lag stays short.
     let unthrottled = Throttle::new(0);
     let mut done = RepairDone {
@@ -118,6 +141,8 @@ async fn repair_range(
             &unthrottled,
         )
         .await?;
+        // The scan may have reached a replaced source: check before writing what it returned.
+        ctx.pipeline.identity.verify().await?;
         let (written, _dead_lettered) = applier.upsert_documents(&docs).await?;
         done.upserted += written;
         let present: HashSet<IdKey> =
@@ -132,7 +157,15 @@ async fn repair_range(
         let chunk_upper = next.as_ref().or(upper);
         // Extras are scanned and deleted page by page: bounded memory even for the last,
         // unbounded range.
-        done.deleted += delete_extras(ctx, applier, from.as_ref(), chunk_upper, &present).await?;
+        done.deleted += delete_extras(
+            ctx,
+            applier,
+            from.as_ref(),
+            chunk_upper,
+            &present,
+            &mut budget,
+        )
+        .await?;
         match next {
             Some(n) => from = Some(n),
             None => break,
