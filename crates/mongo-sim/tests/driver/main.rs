@@ -8,6 +8,8 @@ mod crud;
 mod ddl;
 mod failpoints;
 mod lifecycle;
+mod persistence;
 mod raw_socket;
 mod retryable;
+mod stepdown;
 mod transactions;
