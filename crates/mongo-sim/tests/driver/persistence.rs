@@ -140,7 +140,7 @@ async fn sigkill_mid_writes_keeps_data_oplog_tokens_and_identity() {
         col.update_one(doc! {"_id": -1}, doc! {"$set": {"n": 1}})
             .await
             .unwrap();
-        let mut stream = col.watch().await.unwrap();
+        let stream = col.watch().await.unwrap();
         let token: ResumeToken = stream.resume_token().expect("initial token");
         // Writes run concurrently with the kill; every acknowledged one must survive.
         let acked = Arc::new(AtomicI64::new(-1));
