@@ -459,19 +459,21 @@ async fn journal_syncer(engine: Arc<Engine>, cancel: CancellationToken) {
 /// Step-ups when a step-down period ends, and `--stepdown-every` step-downs.
 async fn repl_monitor(engine: Arc<Engine>, cancel: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_millis(20));
-    let mut next_stepdown = engine
-        .config
-        .stepdown_every
-        .map(|every| tokio::time::Instant::now() + every);
+    // The next automatic step-down: `every` after the node (last) became primary.
+    let mut next_stepdown: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {
                 engine.step_up_if_due();
-                if let (Some(at), Some(every)) = (next_stepdown, engine.config.stepdown_every) {
-                    if tokio::time::Instant::now() >= at {
-                        engine.step_down(engine.config.stepdown_for);
-                        next_stepdown = Some(tokio::time::Instant::now() + every);
+                if let Some(every) = engine.config.stepdown_every {
+                    if engine.is_primary() {
+                        let at = *next_stepdown
+                            .get_or_insert_with(|| tokio::time::Instant::now() + every);
+                        if tokio::time::Instant::now() >= at {
+                            engine.step_down(engine.config.stepdown_for);
+                            next_stepdown = None;
+                        }
                     }
                 }
             }

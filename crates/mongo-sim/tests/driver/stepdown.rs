@@ -32,7 +32,12 @@ async fn step_down_refusals_then_step_up_with_a_higher_term() {
         assert_eq!(before.get_bool("isWritablePrimary").ok(), Some(true));
         let election_before = before.get_object_id("electionId").unwrap();
         // A single-member set steps down only with force; the period must exceed the catch-up.
-        let e = admin(&c, doc! {"replSetStepDown": 2}).await.unwrap_err();
+        let e = admin(
+            &c,
+            doc! {"replSetStepDown": 20, "secondaryCatchUpPeriodSecs": 0},
+        )
+        .await
+        .unwrap_err();
         assert_eq!(code(&e), Some(262));
         let e = admin(
             &c,
