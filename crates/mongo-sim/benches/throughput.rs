@@ -1,7 +1,10 @@
 //! Throughput of the simulator through the real driver:
 //! (a) `insert_many` of small documents in batches of 1,000 → documents/s;
 //! (b) one change-stream watcher receiving those inserts → events/s (watcher started first,
-//!     measured until the last event arrives).
+//!     measured until the last event arrives);
+//! (c) the same documents as replacement upserts by `_id` (`update` with `upsert: true`, 1,000
+//!     statements per command), first into an empty collection (each inserts), then over the
+//!     existing documents (each replaces) → documents/s, side by side with (a).
 //!
 //! `cargo bench -p mongo-sim --bench throughput [-- DOCS]` (default 200,000 documents).
 
@@ -38,6 +41,30 @@ async fn inserts(client: &Client, total: usize) -> f64 {
         total
     );
     total as f64 / secs
+}
+
+/// Replacement upserts by `_id`, `BATCH` statements per `update` command.
+async fn upserts(client: &Client, coll: &str, total: usize, generation: i64) -> f64 {
+    let db = client.database("bench");
+    let commands: Vec<Document> = batches(total, 0)
+        .map(|batch| {
+            let updates: Vec<Document> = batch
+                .into_iter()
+                .map(|mut d| {
+                    d.insert("generation", generation);
+                    let id = d.get("_id").cloned().expect("_id");
+                    doc! {"q": {"_id": id}, "u": d, "upsert": true}
+                })
+                .collect();
+            doc! {"update": coll, "updates": updates, "ordered": true}
+        })
+        .collect();
+    let started = Instant::now();
+    for cmd in commands {
+        let reply = db.run_command(cmd).await.expect("update");
+        assert_eq!(reply.get_i32("n").ok(), Some(BATCH as i32), "{reply}");
+    }
+    total as f64 / started.elapsed().as_secs_f64()
 }
 
 async fn events(client: &Client, total: usize) -> f64 {
@@ -80,6 +107,13 @@ fn main() {
         let client = Client::with_uri_str(sim.uri()).await.expect("client");
         let docs_per_sec = inserts(&client, total).await;
         println!("insert_many ({total} docs, batches of {BATCH}): {docs_per_sec:.0} docs/s");
+        let inserting = upserts(&client, "upserts", total, 1).await;
+        let replacing = upserts(&client, "upserts", total, 2).await;
+        println!(
+            "replace-upsert by _id ({total} docs, batches of {BATCH}): {inserting:.0} docs/s inserting ({:.2}x insert_many's time), {replacing:.0} docs/s replacing ({:.2}x)",
+            docs_per_sec / inserting,
+            docs_per_sec / replacing
+        );
         let sim2 = MongoSim::builder().start().await.expect("simulator");
         let client2 = Client::with_uri_str(sim2.uri()).await.expect("client");
         let events_per_sec = events(&client2, total).await;

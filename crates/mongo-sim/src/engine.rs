@@ -37,6 +37,13 @@ pub struct SimConfig {
     pub reply_delay: std::time::Duration,
     /// The one user of `--auth-user`/`--auth-password`; `None` runs without authentication.
     pub auth: Option<crate::auth::Credential>,
+    /// `--data-dir`: where the state survives restarts (see [`crate::persist`]); `None` keeps
+    /// everything in memory.
+    pub data_dir: Option<std::path::PathBuf>,
+    /// `--stepdown-every`: the primary steps down on its own at this interval (fault injection).
+    pub stepdown_every: Option<std::time::Duration>,
+    /// How long an automatic step-down keeps the node secondary.
+    pub stepdown_for: std::time::Duration,
 }
 
 impl Default for SimConfig {
@@ -49,6 +56,9 @@ impl Default for SimConfig {
             ttl_interval: std::time::Duration::from_secs(60),
             reply_delay: std::time::Duration::ZERO,
             auth: None,
+            data_dir: None,
+            stepdown_every: None,
+            stepdown_for: std::time::Duration::from_secs(2),
         }
     }
 }
@@ -59,6 +69,8 @@ pub struct Data {
     pub oplog: Oplog,
     pub clock: ClusterClock,
     pub sessions: Sessions,
+    /// With `--data-dir`: the write-ahead journal.
+    pub journal: Option<crate::persist::Journal>,
 }
 
 impl Data {
@@ -67,6 +79,32 @@ impl Data {
         let ts = self.clock.tick();
         self.oplog.append(ts, op, None, 0, images);
         ts
+    }
+
+    /// Writes the journal records of the entries appended since the last flush.
+    pub fn flush_journal(&mut self) -> std::io::Result<()> {
+        let Some(journal) = self.journal.as_mut() else {
+            return Ok(());
+        };
+        let bytes = self.oplog.take_journal();
+        journal.write(&bytes)
+    }
+}
+
+/// Replica-set state of the one member: its term and whether it is primary right now.
+#[derive(Debug, Clone)]
+pub struct ReplState {
+    /// Election term; grows at every election (step-up).
+    pub term: i64,
+    /// While stepped down: when the node stands for election again.
+    pub secondary_until: Option<std::time::Instant>,
+    /// `topologyVersion.counter`: grows at every state change of this process.
+    pub topology_counter: i64,
+}
+
+impl ReplState {
+    pub fn is_primary(&self) -> bool {
+        self.secondary_until.is_none()
     }
 }
 
@@ -81,6 +119,10 @@ pub struct Engine {
     pub host: Mutex<String>,
     /// `settings.replicaSetId`: unique per simulated replica set, stable across restarts.
     pub replica_set_id: ObjectId,
+    /// Term, primary/secondary state.
+    pub repl: Mutex<ReplState>,
+    /// Wakes tasks waiting for a replica-set state change (`hello` long polling, step-ups).
+    pub repl_watch: watch::Sender<u64>,
     /// Changes at every (simulated) process restart.
     pub process_id: Mutex<ObjectId>,
     next_connection_id: AtomicI32,
@@ -91,26 +133,205 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// An in-memory engine (`config.data_dir` must be `None`; see [`Engine::open`]).
     pub fn new(config: SimConfig) -> Arc<Engine> {
-        let oplog = Oplog::new(config.oplog_max_events);
-        Arc::new(Engine {
+        assert!(
+            config.data_dir.is_none(),
+            "use Engine::open with a data dir"
+        );
+        Engine::open(config).expect("an in-memory engine cannot fail to open")
+    }
+
+    /// Opens an engine, recovering its state from `config.data_dir` when set.
+    pub fn open(config: SimConfig) -> std::io::Result<Arc<Engine>> {
+        let (catalog, oplog, clock, replica_set_id, term, journal) = match &config.data_dir {
+            Some(dir) => {
+                let mut r =
+                    crate::persist::open(dir, &config.replica_set, config.oplog_max_events)?;
+                // A restarted member wins a new election: a higher term than before.
+                let term = r.term + 1;
+                r.journal.write_term(term)?;
+                (
+                    r.catalog,
+                    r.oplog,
+                    r.clock,
+                    r.replica_set_id,
+                    term,
+                    Some(r.journal),
+                )
+            }
+            None => (
+                Catalog::default(),
+                Oplog::new(config.oplog_max_events),
+                ClusterClock::default(),
+                ObjectId::new(),
+                1,
+                None,
+            ),
+        };
+        Ok(Arc::new(Engine {
             data: Mutex::new(Data {
-                catalog: Catalog::default(),
+                catalog,
                 oplog,
-                clock: ClusterClock::default(),
+                clock,
                 sessions: Sessions::default(),
+                journal,
             }),
             cursors: Mutex::new(Cursors::default()),
             failpoints: Mutex::new(FailPoints::default()),
             oplog_watch: watch::channel(0).0,
             host: Mutex::new(String::new()),
-            replica_set_id: ObjectId::new(),
+            replica_set_id,
+            repl: Mutex::new(ReplState {
+                term,
+                secondary_until: None,
+                topology_counter: 0,
+            }),
+            repl_watch: watch::channel(0).0,
             process_id: Mutex::new(ObjectId::new()),
             next_connection_id: AtomicI32::new(1),
             next_cursor_id: AtomicI64::new(1_000_000 + rand::random::<u32>() as i64),
             session_checkouts: Mutex::new(std::collections::HashMap::new()),
             config,
-        })
+        }))
+    }
+
+    /// Makes the journal bytes of the commands run so far durable against a process crash
+    /// (called before a reply leaves). A journal that cannot be written is fatal, as for a
+    /// real server: the process aborts rather than acknowledge writes it cannot keep.
+    pub fn flush_journal(&self) {
+        if self.config.data_dir.is_none() {
+            return;
+        }
+        if let Err(e) = self.data.lock().flush_journal() {
+            tracing::error!(error = %e, "cannot write the journal; aborting");
+            std::process::abort();
+        }
+    }
+
+    /// Syncs the journal when unsynced bytes are older than the sync interval, and folds a
+    /// journal grown past its limit into a new snapshot.
+    pub fn sync_journal(&self) {
+        if self.config.data_dir.is_none() {
+            return;
+        }
+        let identity = self.identity();
+        let mut data = self.data.lock();
+        let result = data.flush_journal().and_then(|()| {
+            let Data {
+                catalog,
+                oplog,
+                clock,
+                journal,
+                ..
+            } = &mut *data;
+            let journal = journal.as_mut().expect("data dir has a journal");
+            if journal.len() > crate::persist::COMPACT_BYTES {
+                journal.compact(&identity, catalog, oplog, clock)
+            } else if journal.sync_due() {
+                journal.sync()
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = result {
+            tracing::error!(error = %e, "cannot write the journal; aborting");
+            std::process::abort();
+        }
+    }
+
+    /// Clean stop: writes a snapshot (the journal becomes empty).
+    pub fn checkpoint(&self) -> std::io::Result<()> {
+        if self.config.data_dir.is_none() {
+            return Ok(());
+        }
+        let identity = self.identity();
+        let mut data = self.data.lock();
+        data.flush_journal()?;
+        let Data {
+            catalog,
+            oplog,
+            clock,
+            journal,
+            ..
+        } = &mut *data;
+        journal
+            .as_mut()
+            .expect("data dir has a journal")
+            .compact(&identity, catalog, oplog, clock)
+    }
+
+    pub fn is_primary(&self) -> bool {
+        self.repl.lock().is_primary()
+    }
+
+    /// Steps down for `for_` (the node is secondary, then stands for election again): open
+    /// transactions are aborted, blocked writes fail with 11602 when they resume, new writes
+    /// get 10107. Returns false when the node is not primary.
+    pub fn step_down(&self, for_: std::time::Duration) -> bool {
+        let counter = {
+            let mut repl = self.repl.lock();
+            if !repl.is_primary() {
+                return false;
+            }
+            repl.secondary_until = Some(std::time::Instant::now() + for_);
+            repl.topology_counter += 1;
+            repl.topology_counter
+        };
+        {
+            let mut data = self.data.lock();
+            for s in data.sessions.map.values_mut() {
+                if let Some(t) = s.txn.as_mut() {
+                    if matches!(t.state, crate::session::TxnState::InProgress) {
+                        t.state = crate::session::TxnState::Aborted;
+                        t.ops.clear();
+                    }
+                }
+            }
+        }
+        tracing::info!(seconds = for_.as_secs_f64(), "stepping down");
+        self.repl_watch.send_replace(counter as u64);
+        true
+    }
+
+    /// Wins the (single-member) election once the step-down period is over: a higher term and
+    /// a "new primary" no-op entry, as a real primary writes at step-up.
+    pub fn step_up_if_due(&self) -> bool {
+        let (term, counter) = {
+            let mut repl = self.repl.lock();
+            match repl.secondary_until {
+                Some(until) if until <= std::time::Instant::now() => {}
+                _ => return false,
+            }
+            repl.secondary_until = None;
+            repl.term += 1;
+            repl.topology_counter += 1;
+            (repl.term, repl.topology_counter)
+        };
+        let seq = {
+            let mut data = self.data.lock();
+            data.log(OplogOp::Noop, false);
+            if let Some(j) = data.journal.as_mut() {
+                if let Err(e) = j.write_term(term) {
+                    tracing::error!(error = %e, "cannot write the journal; aborting");
+                    std::process::abort();
+                }
+            }
+            data.oplog.last_seq()
+        };
+        tracing::info!(term, "stepped up: primary again");
+        self.notify_oplog(seq);
+        self.flush_journal();
+        self.repl_watch.send_replace(counter as u64);
+        true
+    }
+
+    fn identity(&self) -> crate::persist::Identity {
+        crate::persist::Identity {
+            set_name: self.config.replica_set.clone(),
+            replica_set_id: self.replica_set_id,
+            term: self.repl.lock().term,
+        }
     }
 
     pub fn next_connection_id(&self) -> i32 {
@@ -149,6 +370,9 @@ impl Engine {
 
     /// Appends a no-op entry (what a real primary does every 10 s while idle).
     pub fn write_noop(&self) {
+        if !self.is_primary() {
+            return; // secondaries do not write
+        }
         let seq = {
             let mut data = self.data.lock();
             data.log(OplogOp::Noop, false);

@@ -2,7 +2,7 @@
 //!
 //! It exists so that mongo-syncd can be tested (and demonstrated) against the real `mongodb`
 //! driver without a real `mongod`. It is a test and demo tool, never a production database:
-//! no persistence, no secondaries, no rollback, no sharding.
+//! optional persistence (`--data-dir`, see [`persist`]), no secondaries, no rollback, no sharding.
 //!
 //! ```no_run
 //! # async fn example() -> std::io::Result<()> {
@@ -21,6 +21,7 @@ pub mod engine;
 pub mod error;
 pub mod failpoint;
 pub mod oplog;
+pub mod persist;
 pub mod query;
 pub mod schema;
 pub mod server;

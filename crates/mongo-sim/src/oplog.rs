@@ -51,6 +51,13 @@ impl ClusterClock {
     pub fn current(&self) -> Timestamp {
         self.last
     }
+
+    /// Never goes back before `ts` (recovery from a data directory).
+    pub fn restore(&mut self, ts: Timestamp) {
+        if ts_cmp(ts, self.last).is_gt() {
+            self.last = ts;
+        }
+    }
 }
 
 pub fn ts_cmp(a: Timestamp, b: Timestamp) -> std::cmp::Ordering {
@@ -186,6 +193,8 @@ pub struct Oplog {
     /// Highest sequence number that has been dropped for capacity (0: none).
     dropped_through_seq: u64,
     dropped_through_ts: Option<Timestamp>,
+    /// With `--data-dir`: encoded records of the entries appended since the last flush.
+    journal: Option<Vec<u8>>,
 }
 
 impl Oplog {
@@ -196,7 +205,45 @@ impl Oplog {
             next_seq: 1,
             dropped_through_seq: 0,
             dropped_through_ts: None,
+            journal: None,
         }
+    }
+
+    /// Starts recording appended entries for the journal (see [`crate::persist`]).
+    pub fn enable_journal(&mut self) {
+        self.journal = Some(Vec::new());
+    }
+
+    /// The records appended since the last call (empty without a journal).
+    pub fn take_journal(&mut self) -> Vec<u8> {
+        self.journal
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// Recovery: counters of a snapshot (entries follow through [`Oplog::restore_entry`]).
+    pub fn restore_counters(
+        &mut self,
+        last_seq: u64,
+        dropped_seq: u64,
+        dropped_ts: Option<Timestamp>,
+    ) {
+        self.next_seq = last_seq + 1;
+        self.dropped_through_seq = dropped_seq;
+        self.dropped_through_ts = dropped_ts;
+    }
+
+    /// Recovery: re-appends an entry with its original sequence number.
+    pub fn restore_entry(&mut self, entry: OplogEntry) {
+        self.next_seq = self.next_seq.max(entry.seq + 1);
+        if let Some(last) = self.entries.back() {
+            if entry.seq <= last.seq {
+                return;
+            }
+        }
+        self.entries.push_back(entry);
+        self.trim();
     }
 
     pub fn capacity(&self) -> usize {
@@ -228,6 +275,10 @@ impl Oplog {
             txn_op_index,
             images,
         });
+        if let Some(journal) = &mut self.journal {
+            let entry = self.entries.back().expect("just pushed");
+            crate::persist::encode_entry(entry, journal);
+        }
         self.trim();
         seq
     }

@@ -82,6 +82,20 @@ impl SimBuilder {
         self
     }
 
+    /// Keeps the state in `dir` (created if missing), so a simulator started again with the
+    /// same directory is the same replica set with the same data (see [`crate::persist`]).
+    pub fn data_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.config.data_dir = Some(dir.into());
+        self
+    }
+
+    /// Fault injection: the primary steps down every `every`, staying secondary for `for_`.
+    pub fn stepdown_every(mut self, every: Duration, for_: Duration) -> Self {
+        self.config.stepdown_every = Some(every);
+        self.config.stepdown_for = for_;
+        self
+    }
+
     pub fn max_wire_version(mut self, v: i32) -> Self {
         self.config.max_wire_version = v;
         self
@@ -90,7 +104,7 @@ impl SimBuilder {
     pub async fn start(self) -> std::io::Result<SimHandle> {
         let listener = TcpListener::bind((self.bind.as_str(), self.port)).await?;
         let addr = listener.local_addr()?;
-        let engine = Engine::new(self.config);
+        let engine = Engine::open(self.config)?;
         let advertised = if addr.ip().is_unspecified() {
             format!("localhost:{}", addr.port())
         } else {
@@ -127,6 +141,10 @@ impl Running {
             tracker.clone(),
         ));
         tracker.spawn(noop_writer(Arc::clone(&engine), cancel.clone()));
+        if engine.config.data_dir.is_some() {
+            tracker.spawn(journal_syncer(Arc::clone(&engine), cancel.clone()));
+        }
+        tracker.spawn(repl_monitor(Arc::clone(&engine), cancel.clone()));
         tracker.spawn(ttl_monitor(engine, cancel.clone()));
         Running {
             cancel,
@@ -218,9 +236,13 @@ impl SimHandle {
         Ok(())
     }
 
-    /// Stops the simulator and waits for its tasks to finish.
+    /// Stops the simulator and waits for its tasks to finish; with a data directory, writes
+    /// a final snapshot (a clean stop).
     pub async fn shutdown(self) {
         self.stop().await;
+        if let Err(e) = self.engine.checkpoint() {
+            tracing::error!(error = %e, "cannot write the final snapshot");
+        }
     }
 
     /// Changes the oplog capacity, dropping the oldest entries when shrinking.
@@ -295,6 +317,15 @@ async fn read_message(
     let mut body = vec![0u8; len];
     reader.read_exact(&mut body).await?;
     Ok(Some((header, body)))
+}
+
+fn refused_as_not_primary(reply: &Document) -> bool {
+    matches!(
+        reply.get_i32("code"),
+        Ok(codes::NOT_WRITABLE_PRIMARY
+            | codes::INTERRUPTED_DUE_TO_REPL_STATE_CHANGE
+            | codes::NOT_PRIMARY_NO_SECONDARY_OK)
+    )
 }
 
 /// `client.application.name` from a handshake, for `failCommand`'s `appName` filter.
@@ -385,8 +416,13 @@ async fn serve_connection(
                     _ = cancel.cancelled() => return,
                     o = commands::execute(&engine, &mut conn, cmd) => o,
                 };
+                // The journal records of this command reach the file before its reply.
+                engine.flush_journal();
                 match outcome {
                     Outcome::Close => return,
+                    // An unacknowledged write refused by a non-primary: the client cannot see
+                    // the error, so the connection is closed (SERVER-38512).
+                    Outcome::Reply(doc) if more_to_come && refused_as_not_primary(&doc) => return,
                     Outcome::Reply(_) if more_to_come => continue,
                     Outcome::Reply(doc) => {
                         wire::encode_op_msg_reply(next_reply_id, header.request_id, &doc)
@@ -404,6 +440,43 @@ async fn serve_connection(
         if let Err(e) = written {
             tracing::debug!(%peer, error = %e, "client went away");
             return;
+        }
+    }
+}
+
+/// Syncs the journal every [`crate::persist::SYNC_INTERVAL`] (and writes what background
+/// tasks appended).
+async fn journal_syncer(engine: Arc<Engine>, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(crate::persist::SYNC_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => engine.sync_journal(),
+        }
+    }
+}
+
+/// Step-ups when a step-down period ends, and `--stepdown-every` step-downs.
+async fn repl_monitor(engine: Arc<Engine>, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    // The next automatic step-down: `every` after the node (last) became primary.
+    let mut next_stepdown: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {
+                engine.step_up_if_due();
+                if let Some(every) = engine.config.stepdown_every {
+                    if engine.is_primary() {
+                        let at = *next_stepdown
+                            .get_or_insert_with(|| tokio::time::Instant::now() + every);
+                        if tokio::time::Instant::now() >= at {
+                            engine.step_down(engine.config.stepdown_for);
+                            next_stepdown = None;
+                        }
+                    }
+                }
+            }
         }
     }
 }
@@ -433,6 +506,9 @@ async fn ttl_monitor(engine: Arc<Engine>, cancel: CancellationToken) {
 }
 
 pub fn run_ttl_pass(engine: &Engine) {
+    if !engine.is_primary() {
+        return; // the TTL monitor deletes on primaries only
+    }
     let now_ms = bson::DateTime::now().timestamp_millis();
     let last = {
         let mut guard = engine.data.lock();

@@ -520,6 +520,37 @@ impl Collection {
         out
     }
 
+    /// Documents in the order a snapshot must re-insert them (insertion order when capped).
+    pub fn docs_in_storage_order(&self) -> Box<dyn Iterator<Item = &DocRef> + '_> {
+        if self.is_capped() {
+            Box::new(self.capped_order.iter().filter_map(|id| self.docs.get(id)))
+        } else {
+            Box::new(self.docs.values())
+        }
+    }
+
+    /// Applies the `index` part of a `collMod` (`expireAfterSeconds`, `hidden`) to the index
+    /// named or keyed by `spec`; returns false when no index matches.
+    pub fn modify_index(&mut self, spec: &Document) -> bool {
+        let Some(target) =
+            self.indexes
+                .iter_mut()
+                .find(|i| match (spec.get("name"), spec.get("keyPattern")) {
+                    (Some(Bson::String(n)), _) => i.name == *n,
+                    (_, Some(Bson::Document(kp))) => i.key == *kp,
+                    _ => false,
+                })
+        else {
+            return false;
+        };
+        for (k, v) in spec {
+            if matches!(k.as_str(), "expireAfterSeconds" | "hidden") {
+                target.spec.insert(k.clone(), v.clone());
+            }
+        }
+        true
+    }
+
     pub fn find_index(&self, name: &str) -> Option<&Index> {
         self.indexes.iter().find(|i| i.name == name)
     }

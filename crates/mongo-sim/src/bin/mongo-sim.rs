@@ -1,7 +1,8 @@
 //! `mongo-sim --bind 127.0.0.1 --port 0 --replset rs0 [--oplog-max-events N]
-//! [--auth-user U --auth-password P]`
+//! [--auth-user U --auth-password P] [--data-dir DIR] [--stepdown-every SECONDS]`
 //!
-//! Prints `listening on HOST:PORT` as its first stdout line, then serves until SIGTERM/SIGINT.
+//! Prints `listening on HOST:PORT` as its first stdout line, then serves until SIGTERM/SIGINT
+//! (a clean stop: with `--data-dir`, a final snapshot is written).
 
 use std::{io::Write, time::Duration};
 
@@ -41,6 +42,17 @@ struct Args {
     /// Password of `--auth-user`.
     #[arg(long, requires = "auth_user")]
     auth_password: Option<String>,
+    /// Keep data, indexes, oplog and replica-set identity in DIR: a restart with the same DIR
+    /// (even after SIGKILL) is the same replica set. Without it everything is in memory.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<std::path::PathBuf>,
+    /// Fault injection: step down every SECONDS (the node is secondary for
+    /// `--stepdown-for-seconds`, then primary again with a higher term).
+    #[arg(long, value_name = "SECONDS")]
+    stepdown_every: Option<f64>,
+    /// How long an automatic step-down lasts.
+    #[arg(long, default_value_t = 2.0, value_name = "SECONDS")]
+    stepdown_for_seconds: f64,
 }
 
 #[tokio::main]
@@ -57,6 +69,15 @@ async fn main() -> std::process::ExitCode {
     if let (Some(user), Some(password)) = (&args.auth_user, &args.auth_password) {
         builder = builder.auth(user, password);
     }
+    if let Some(dir) = &args.data_dir {
+        builder = builder.data_dir(dir);
+    }
+    if let Some(every) = args.stepdown_every {
+        builder = builder.stepdown_every(
+            Duration::from_secs_f64(every.max(0.1)),
+            Duration::from_secs_f64(args.stepdown_for_seconds.max(0.0)),
+        );
+    }
     let sim = match builder
         .bind(args.bind)
         .port(args.port)
@@ -70,7 +91,7 @@ async fn main() -> std::process::ExitCode {
     {
         Ok(sim) => sim,
         Err(e) => {
-            eprintln!("mongo-sim: cannot listen: {e}");
+            eprintln!("mongo-sim: cannot start: {e}");
             return std::process::ExitCode::from(1);
         }
     };

@@ -23,6 +23,10 @@ pub fn hello_body(
     let host = engine.host.lock().clone();
     let ts = engine.cluster_time();
     let now = bson::DateTime::now();
+    let (primary, term) = {
+        let repl = engine.repl.lock();
+        (repl.is_primary(), repl.term)
+    };
     let mut d = Document::new();
     if cmd.get_bool("helloOk").unwrap_or(false) {
         d.insert("helloOk", true);
@@ -36,22 +40,25 @@ pub fn hello_body(
         } else {
             "ismaster"
         },
-        true,
+        primary,
     );
-    d.insert("secondary", false);
-    d.insert("primary", host.clone());
+    d.insert("secondary", !primary);
+    if primary {
+        d.insert("primary", host.clone());
+    }
     d.insert("me", host);
-    d.insert(
-        "electionId",
-        ObjectId::parse_str("7fffffff0000000000000001").expect("valid hex"),
-    );
+    if primary {
+        // Real servers: `7fffffff` + the term as 16 hex digits; a new term, a new electionId.
+        d.insert("electionId", election_id(term));
+    }
     d.insert(
         "lastWrite",
         doc! {
-            "opTime": {"ts": ts, "t": 1i64}, "lastWriteDate": now,
-            "majorityOpTime": {"ts": ts, "t": 1i64}, "majorityWriteDate": now,
+            "opTime": {"ts": ts, "t": term}, "lastWriteDate": now,
+            "majorityOpTime": {"ts": ts, "t": term}, "majorityWriteDate": now,
         },
     );
+    d.insert("topologyVersion", super::topology_version(engine));
     d.insert("maxBsonObjectSize", 16 * 1024 * 1024);
     d.insert("maxMessageSizeBytes", crate::wire::MAX_MESSAGE_SIZE as i32);
     d.insert("maxWriteBatchSize", 100_000);
@@ -67,6 +74,10 @@ pub fn hello_body(
         }
     }
     d
+}
+
+pub fn election_id(term: i64) -> ObjectId {
+    ObjectId::parse_str(format!("7fffffff{term:016x}")).expect("24 hex digits")
 }
 
 /// A complete hello reply (for the OP_QUERY handshake path).
@@ -105,7 +116,7 @@ pub fn server_status(engine: &Arc<Engine>) -> Document {
         "pid": std::process::id() as i64,
         "uptime": 1.0,
         "localTime": bson::DateTime::now(),
-        "repl": {"setName": engine.config.replica_set.clone(), "isWritablePrimary": true, "secondary": false},
+        "repl": {"setName": engine.config.replica_set.clone(), "isWritablePrimary": engine.is_primary(), "secondary": !engine.is_primary()},
         "metrics": {"cursor": {"open": {"total": cursors as i64}}},
         "oplog": {"entries": oplog_len as i64, "maxEntries": engine.config.oplog_max_events as i64},
         "storageEngine": {"name": "inMemory"},
@@ -144,7 +155,7 @@ pub fn repl_set_get_config(engine: &Arc<Engine>) -> CommandResult<Document> {
         "config": {
             "_id": engine.config.replica_set.clone(),
             "version": 1,
-            "term": 1i64,
+            "term": engine.repl.lock().term,
             "members": [{"_id": 0, "host": host, "arbiterOnly": false, "hidden": false, "priority": 1.0, "votes": 1}],
             "protocolVersion": 1i64,
             "writeConcernMajorityJournalDefault": true,
@@ -156,13 +167,22 @@ pub fn repl_set_get_config(engine: &Arc<Engine>) -> CommandResult<Document> {
 pub fn repl_set_get_status(engine: &Arc<Engine>) -> Document {
     let host = engine.host.lock().clone();
     let ts = engine.cluster_time();
+    let (primary, term) = {
+        let repl = engine.repl.lock();
+        (repl.is_primary(), repl.term)
+    };
+    let (state, state_str) = if primary {
+        (1, "PRIMARY")
+    } else {
+        (2, "SECONDARY")
+    };
     doc! {
         "set": engine.config.replica_set.clone(),
         "date": bson::DateTime::now(),
-        "myState": 1,
-        "term": 1i64,
-        "optimes": {"lastCommittedOpTime": {"ts": ts, "t": 1i64}, "appliedOpTime": {"ts": ts, "t": 1i64}},
-        "members": [{"_id": 0, "name": host, "health": 1.0, "state": 1, "stateStr": "PRIMARY", "self": true}],
+        "myState": state,
+        "term": term,
+        "optimes": {"lastCommittedOpTime": {"ts": ts, "t": term}, "appliedOpTime": {"ts": ts, "t": term}},
+        "members": [{"_id": 0, "name": host, "health": 1.0, "state": state, "stateStr": state_str, "self": true}],
     }
 }
 

@@ -7,6 +7,7 @@ mod ddl;
 pub(crate) mod fields;
 mod lets;
 mod read;
+mod repl;
 
 use std::sync::Arc;
 
@@ -21,6 +22,7 @@ use crate::{
 };
 
 pub use admin::hello_reply;
+pub use repl::topology_version;
 
 /// What a connection knows about itself.
 #[derive(Debug, Clone, Default)]
@@ -65,6 +67,9 @@ pub struct Ctx<'a> {
     pub close_after_reply: std::sync::atomic::AtomicBool,
     /// `insert`'s documents, moved out of the command so they are stored without a copy.
     pub documents: parking_lot::Mutex<Option<Vec<Bson>>>,
+    /// `topologyVersion.counter` when the command arrived (a write held up across a
+    /// step-down fails with 11602).
+    pub repl_counter_at_start: i64,
 }
 
 const RETRYABLE_WRITE_COMMANDS: &[&str] = &[
@@ -400,6 +405,7 @@ pub async fn execute(engine: &Arc<Engine>, conn: &mut ConnInfo, cmd: Document) -
         session,
         close_after_reply: std::sync::atomic::AtomicBool::new(false),
         documents: parking_lot::Mutex::new(documents),
+        repl_counter_at_start: engine.repl.lock().topology_counter,
     };
     let change_stream_cmd = is_change_stream_command(engine, &name, &cmd);
     if let Some(a) = &action {
@@ -501,6 +507,7 @@ fn is_change_stream_command(engine: &Engine, name: &str, cmd: &Document) -> bool
 
 async fn run(ctx: &Ctx<'_>, change_stream_cmd: bool) -> CommandResult<Document> {
     fields::check_command(&ctx.name, ctx.cmd)?;
+    repl::gate(ctx)?;
     if ctx.in_transaction() && !TRANSACTION_COMMANDS.contains(&ctx.name.as_str()) {
         return Err(CommandError::new(
             codes::OPERATION_NOT_SUPPORTED_IN_TRANSACTION,
@@ -567,12 +574,16 @@ async fn run(ctx: &Ctx<'_>, change_stream_cmd: bool) -> CommandResult<Document> 
 
 async fn dispatch(ctx: &Ctx<'_>) -> CommandResult<Document> {
     match ctx.name.as_str() {
-        "hello" | "isMaster" | "ismaster" => Ok(admin::hello_body(
-            ctx.engine,
-            ctx.conn,
-            ctx.cmd,
-            ctx.name == "hello",
-        )),
+        "hello" | "isMaster" | "ismaster" => {
+            repl::await_topology_change(ctx).await;
+            Ok(admin::hello_body(
+                ctx.engine,
+                ctx.conn,
+                ctx.cmd,
+                ctx.name == "hello",
+            ))
+        }
+        "replSetStepDown" => repl::step_down(ctx),
         "ping" => Ok(Document::new()),
         "buildInfo" | "buildinfo" => Ok(admin::build_info()),
         "serverStatus" => Ok(admin::server_status(ctx.engine)),
