@@ -768,7 +768,7 @@ impl Supervisor {
             }
             self.pipeline.guard.confirm(ns);
             if let Some((_, h)) = self.workers.iter().find(|(k, _)| k.to_string() == *ns) {
-                let _ = h.commands.try_send(WorkerCommand::ForceSync);
+                h.signals.request_force_sync();
             }
         }
     }

@@ -72,7 +72,7 @@ pub async fn handle(
             "not repaired: the worker runs conflict policy {}, which keeps destination changes",
             conflict.policy.as_str()
         )));
-        return;
+        return Ok(());
     }
     let result = repair_range(
         ctx,
