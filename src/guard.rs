@@ -73,9 +73,16 @@ impl Decision {
     }
 }
 
-/// Pure decision on counts: `fraction` of the destination's documents may be deleted.
+/// Deletions a run may always make: a handful of documents is no mass deletion, and a
+/// fraction of a tiny collection (one extra document in a copy of two) must not need an
+/// operator.
+pub const FREE_DELETIONS: u64 = 10;
+
+/// Pure decision on counts: `fraction` of the destination's documents may be deleted (and
+/// always [`FREE_DELETIONS`]).
 pub fn decide(fraction: f64, source_count: u64, dest_count: u64) -> Decision {
-    let allowed = (fraction < 1.0).then(|| (fraction * dest_count as f64).floor() as u64);
+    let allowed = (fraction < 1.0)
+        .then(|| ((fraction * dest_count as f64).floor() as u64).max(FREE_DELETIONS));
     Decision {
         allowed,
         projected: dest_count.saturating_sub(source_count),
@@ -269,7 +276,10 @@ mod tests {
         // A growing source never pauses; 1 turns the guard off.
         assert!(!decide(0.5, 200, 100).pauses());
         assert!(!decide(1.0, 0, 100).pauses());
-        assert_eq!(decide(0.5, 0, 0).allowed, Some(0));
+        assert_eq!(decide(0.5, 0, 0).allowed, Some(FREE_DELETIONS));
+        // A handful of deletions never pauses, whatever the fraction.
+        assert!(!decide(0.5, 0, FREE_DELETIONS).pauses());
+        assert!(decide(0.5, 0, FREE_DELETIONS + 11).pauses());
         assert!(!decide(0.5, 0, 0).pauses());
     }
 
@@ -294,18 +304,18 @@ mod tests {
     #[test]
     fn a_confirmation_lifts_the_limit_once() {
         let guard = DeleteGuard::new(0.5, &Metrics::default());
-        assert!(guard.start("d.c", GuardTrigger::Copy, 0, 10).is_err());
+        assert!(guard.start("d.c", GuardTrigger::Copy, 0, 100).is_err());
         guard.confirm("d.c");
-        let mut budget = guard.start("d.c", GuardTrigger::Copy, 0, 10).unwrap();
+        let mut budget = guard.start("d.c", GuardTrigger::Copy, 0, 100).unwrap();
         budget.charge(10).unwrap();
         assert!(
-            guard.start("d.c", GuardTrigger::Copy, 0, 10).is_err(),
+            guard.start("d.c", GuardTrigger::Copy, 0, 100).is_err(),
             "the confirmation is used up"
         );
         // --reset-identity: the first run of every namespace.
         guard.confirm_first_runs();
-        assert!(guard.start("d.c", GuardTrigger::Copy, 0, 10).is_ok());
-        assert!(guard.start("d.e", GuardTrigger::Copy, 0, 10).is_ok());
-        assert!(guard.start("d.c", GuardTrigger::Copy, 0, 10).is_err());
+        assert!(guard.start("d.c", GuardTrigger::Copy, 0, 100).is_ok());
+        assert!(guard.start("d.e", GuardTrigger::Copy, 0, 100).is_ok());
+        assert!(guard.start("d.c", GuardTrigger::Copy, 0, 100).is_err());
     }
 }

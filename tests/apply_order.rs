@@ -241,7 +241,8 @@ async fn an_abandoned_write_never_lands_after_a_newer_one() {
         .configure_fail_point(&doc! {
             "configureFailPoint": "failCommand",
             "mode": {"times": 1},
-            "data": {"failCommands": ["update"], "blockConnection": true, "blockTimeMS": 5_000},
+            // The data write only (the batch's apply mark and checkpoint are updates too).
+            "data": {"failCommands": ["update"], "namespace": "slow.docs", "blockConnection": true, "blockTimeMS": 5_000},
         })
         .unwrap();
     src.update_one(doc! {"_id": 1}, doc! {"$set": {"v": 1}})

@@ -416,19 +416,17 @@ async fn a_collation_mismatch_parks_the_namespace_naming_both_collations() {
 }
 
 /// Issue 9, item 8: with `sync.on_collation_mismatch = "recreate"` the destination collection
-/// is re-created with the source's collation, then copied.
+/// is re-created with the source's options, then copied. The source collection uses the
+/// simple collation and the destination was pre-created with an ICU one: the simulator refuses
+/// non-simple collations in reads (it does not implement them yet), and the copy reads the
+/// source in the source collection's collation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_collation_mismatch_is_recreated_when_configured() {
     let c = Clusters::start().await;
-    c.src
-        .database("app")
-        .run_command(doc! {"create": "ci", "collation": {"locale": "en", "strength": 2}})
-        .await
-        .unwrap();
     insert_range(&c, "app", "ci", 0..10, "x").await;
     c.dst
         .database("app")
-        .run_command(doc! {"create": "ci"})
+        .run_command(doc! {"create": "ci", "collation": {"locale": "en", "strength": 2}})
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -439,13 +437,11 @@ async fn a_collation_mismatch_is_recreated_when_configured() {
     );
     wait_converged(&c, &[("app", "ci")], Duration::from_secs(60)).await;
     d.wait_streaming("app.ci").await;
-    let collation = options(&c.dst, "app", "ci")
-        .await
-        .unwrap()
-        .get_document("collation")
-        .cloned()
-        .unwrap_or_default();
-    assert_eq!(collation.get_str("locale").ok(), Some("en"), "{collation}");
+    let options = options(&c.dst, "app", "ci").await.unwrap_or_default();
+    assert!(
+        options.get("collation").is_none(),
+        "the destination keeps the source's (simple) collation: {options}"
+    );
     assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
 }
 
