@@ -91,7 +91,7 @@ async fn insert_range(c: &Clusters, db: &str, coll: &str, ids: std::ops::Range<i
         .unwrap();
 }
 
-async fn fail_point(c: &Clusters, data: Document) {
+fn fail_point(c: &Clusters, data: Document) {
     c.dest
         .configure_fail_point(
             &doc! {"configureFailPoint": "failCommand", "mode": "alwaysOn", "data": data},
@@ -126,8 +126,7 @@ async fn drop_and_recreate_while_the_old_worker_lags_keeps_the_new_collection() 
     fail_point(
         &c,
         doc! {"failCommands": ["update"], "blockConnection": true, "blockTimeMS": 300},
-    )
-    .await;
+    );
     let coll = c.src.database("app").collection::<Document>("c");
     for i in 0..300 {
         coll.update_one(doc! {"_id": i % 100}, doc! {"$inc": {"n": 1}})
@@ -502,8 +501,7 @@ async fn unauthorized_on_one_namespace_parks_it_and_unparking_resumes_without_a_
     fail_point(
         &c,
         doc! {"failCommands": ["update"], "errorCode": 13, "namespace": "app.a"},
-    )
-    .await;
+    );
     insert_range(&c, "app", "a", 10..20, "denied").await;
     wait_until("app.a parked", Duration::from_secs(60), || async {
         d.namespace_state("app.a").await.as_deref() == Some("parked")

@@ -207,7 +207,7 @@ fn update_context(
         now: bson::DateTime::now(),
         now_ts: sink.now_ts(),
         array_filters,
-        lets: lets.clone(),
+        lets: std::sync::Arc::clone(lets),
     }
 }
 
@@ -408,7 +408,7 @@ fn apply_one_update(
     )?;
     check_update_variables(&spec, &array_filters, &update_lets)?;
     lets::check_filter(&q, lets)?;
-    let matcher = Matcher::new(&q)?.with_lets(lets.clone());
+    let matcher = Matcher::new(&q)?.with_lets(std::sync::Arc::clone(lets));
     super::fields::check_hint(cat.get(coll_ns), stmt.get("hint"))?;
     let targets = match cat.get(coll_ns) {
         Some(c) => matching(c, &matcher, if multi { None } else { Some(1) }),
@@ -515,7 +515,7 @@ pub fn delete(ctx: &Ctx<'_>) -> CommandResult<Document> {
                     ));
                 }
                 lets::check_filter(&q, &lets)?;
-                let matcher = Matcher::new(&q)?.with_lets(lets.clone());
+                let matcher = Matcher::new(&q)?.with_lets(std::sync::Arc::clone(&lets));
                 super::fields::check_hint(cat.get(&ns), stmt.get("hint"))?;
                 let Some(coll) = cat.get_mut(&ns) else {
                     return Ok(0);
@@ -561,7 +561,7 @@ pub fn find_and_modify(ctx: &Ctx<'_>) -> CommandResult<Document> {
     let fields = match cmd.get_document("fields") {
         Ok(p) => {
             lets::check_projection(p, &lets)?;
-            Some(Projection::new(p)?.with_lets(lets.clone()))
+            Some(Projection::new(p)?.with_lets(std::sync::Arc::clone(&lets)))
         }
         Err(_) => None,
     };
@@ -593,7 +593,7 @@ pub fn find_and_modify(ctx: &Ctx<'_>) -> CommandResult<Document> {
         check_update_variables(spec, &array_filters, &lets)?;
     }
     lets::check_filter(&query, &lets)?;
-    let matcher = Matcher::new(&query)?.with_lets(lets.clone());
+    let matcher = Matcher::new(&query)?.with_lets(std::sync::Arc::clone(&lets));
     let (last_error, value) = ctx.write(|cat, sink| {
         super::fields::check_hint(cat.get(&ns), cmd.get("hint"))?;
         let target = match cat.get(&ns) {

@@ -38,7 +38,7 @@ fn validate_name(name: &str) -> CommandResult<()> {
             "empty variable names are not allowed",
         ));
     };
-    if !(first.is_ascii_lowercase() || !first.is_ascii()) {
+    if !first.is_ascii_lowercase() && first.is_ascii() {
         return Err(CommandError::new(
             16867,
             format!("'{name}' starts with an invalid character for a user variable name"),

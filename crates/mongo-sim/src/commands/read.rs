@@ -130,7 +130,7 @@ pub fn find(ctx: &Ctx<'_>) -> CommandResult<Document> {
         &lets::Lets::default(),
     )?;
     lets::check_filter(&filter, &lets)?;
-    let matcher = Matcher::new(&filter)?.with_lets(lets.clone());
+    let matcher = Matcher::new(&filter)?.with_lets(std::sync::Arc::clone(&lets));
     let oplog = ns.db == "local" && ns.coll == "oplog.rs";
     let sort = match cmd.get_document("sort") {
         // The oplog's `$natural` order is handled by `oplog_entries`.
@@ -140,7 +140,7 @@ pub fn find(ctx: &Ctx<'_>) -> CommandResult<Document> {
     let projection = match cmd.get_document("projection") {
         Ok(p) if !p.is_empty() => {
             lets::check_projection(p, &lets)?;
-            Some(Projection::new(p)?.with_lets(lets.clone()))
+            Some(Projection::new(p)?.with_lets(std::sync::Arc::clone(&lets)))
         }
         _ => None,
     };
@@ -480,7 +480,10 @@ pub fn aggregate(ctx: &Ctx<'_>) -> CommandResult<Document> {
     lets::check_pipeline(&stages, &lets)?;
     // Push a leading $match down to the scan so large collections are not copied whole.
     let (leading_match, rest) = match stages.first().and_then(|s| s.get_document("$match").ok()) {
-        Some(m) => (Some(Matcher::new(m)?.with_lets(lets.clone())), &stages[1..]),
+        Some(m) => (
+            Some(Matcher::new(m)?.with_lets(std::sync::Arc::clone(&lets))),
+            &stages[1..],
+        ),
         None => (None, &stages[..]),
     };
     let input: Vec<Document> = ctx.read(|cat, _| {

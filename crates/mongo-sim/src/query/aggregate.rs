@@ -89,7 +89,7 @@ fn run_stage(
             };
             let m = Matcher::new(f)?
                 .with_now(ctx.now)
-                .with_lets(ctx.lets.clone());
+                .with_lets(std::sync::Arc::clone(&ctx.lets));
             let mut out = Vec::with_capacity(docs.len());
             for d in docs {
                 if m.try_matches(&d)? {
@@ -144,7 +144,7 @@ fn run_stage(
             };
             let p = Projection::new_stage(s)?
                 .with_now(ctx.now)
-                .with_lets(ctx.lets.clone());
+                .with_lets(std::sync::Arc::clone(&ctx.lets));
             docs.iter().map(|d| p.apply(d)).collect()
         }
         "$unset" => {

@@ -360,7 +360,7 @@ fn apply_resolved(
             let pctx = PipelineContext {
                 now: ctx.now,
                 cluster_time: Some(ctx.now_ts),
-                lets: ctx.lets.clone(),
+                lets: std::sync::Arc::clone(&ctx.lets),
             };
             let transformed = apply_update_pipeline(original, stages, &pctx)?;
             apply_replacement(original, &transformed, ctx, true)

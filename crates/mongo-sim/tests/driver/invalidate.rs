@@ -73,6 +73,7 @@ fn cursor_opt(batch: Option<i32>) -> Document {
 
 /// One scenario: `inserts` inserts into `db.c`, then the DDL; returns every reply's
 /// `(operation types, cursor id)` until the cursor closes or the expected events were seen.
+#[allow(clippy::too_many_arguments)] // one scenario of the matrix, spelled out
 async fn scenario(
     c: &Client,
     db: &str,
