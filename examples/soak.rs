@@ -43,7 +43,7 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    let mut opts = match engine::Options::from_env(bin, 0) {
+    let mut opts = match engine::Options::from_env(bin, 0, "", "") {
         Ok(o) => o,
         Err(e) => {
             eprintln!("{e}");

@@ -140,8 +140,14 @@ pub struct Options {
 }
 
 impl Options {
-    /// Defaults overridden by `SOAK_*` environment variables.
-    pub fn from_env(daemon_bin: PathBuf, default_seeds: u64) -> Result<Options, String> {
+    /// Defaults overridden by `SOAK_*` environment variables; `default_ops` and
+    /// `default_faults` apply when `SOAK_OPS` / `SOAK_FAULTS` are not set ("" = all kinds).
+    pub fn from_env(
+        daemon_bin: PathBuf,
+        default_seeds: u64,
+        default_ops: &str,
+        default_faults: &str,
+    ) -> Result<Options, String> {
         let num = |name: &str, default: u64| -> Result<u64, String> {
             match std::env::var(name) {
                 Ok(v) => v
@@ -157,9 +163,12 @@ impl Options {
             per_round: num("SOAK_PER_ROUND", 50)?.max(1),
             parallel: num("SOAK_PARALLEL", 1)?.max(1) as usize,
             ops_per_seed: num("SOAK_OPS_PER_SEED", 24)? as usize,
-            ops: Kinds::parse(&std::env::var("SOAK_OPS").unwrap_or_default(), OP_KINDS)?,
+            ops: Kinds::parse(
+                &std::env::var("SOAK_OPS").unwrap_or_else(|_| default_ops.to_string()),
+                OP_KINDS,
+            )?,
             faults: Kinds::parse(
-                &std::env::var("SOAK_FAULTS").unwrap_or_default(),
+                &std::env::var("SOAK_FAULTS").unwrap_or_else(|_| default_faults.to_string()),
                 FAULT_KINDS,
             )?,
             quiesce_timeout: Duration::from_secs(num("SOAK_QUIESCE_SECONDS", 90)?),
@@ -356,7 +365,11 @@ impl Scenario {
 
     /// An `_id` in any representation: of an existing document with probability 3/4.
     fn pick_id(&mut self, coll: &str) -> Bson {
-        let existing: Vec<usize> = self.colls[coll].docs.keys().copied().collect();
+        let existing: Vec<usize> = self
+            .colls
+            .get(coll)
+            .map(|m| m.docs.keys().copied().collect())
+            .unwrap_or_default();
         let class = if !existing.is_empty() && self.rng.random_bool(0.75) {
             existing[self.rng.random_range(0..existing.len())]
         } else {
@@ -375,14 +388,18 @@ impl Scenario {
         let free: Vec<Bson> = self
             .pool
             .iter()
-            .filter(|(c, _)| !self.colls[coll].docs.contains_key(c))
+            .filter(|(c, _)| !self.colls.get(coll).is_some_and(|m| m.docs.contains_key(c)))
             .map(|(_, v)| v.clone())
             .collect();
         (!free.is_empty()).then(|| free[self.rng.random_range(0..free.len())].clone())
     }
 
     fn doc_of(&mut self, coll: &str) -> Option<(Bson, String)> {
-        let docs: Vec<(Bson, String)> = self.colls[coll].docs.values().cloned().collect();
+        let docs: Vec<(Bson, String)> = self
+            .colls
+            .get(coll)
+            .map(|m| m.docs.values().cloned().collect())
+            .unwrap_or_default();
         (!docs.is_empty()).then(|| docs[self.rng.random_range(0..docs.len())].clone())
     }
 
@@ -596,7 +613,7 @@ impl Scenario {
                     }
                     _ => {
                         let class = id_class(&self.pool, &id).unwrap_or(0);
-                        let email = match self.colls[coll].docs.get(&class) {
+                        let email = match self.colls.get(coll).and_then(|m| m.docs.get(&class)) {
                             Some((_, e)) => e.clone(),
                             None => return,
                         };
@@ -748,6 +765,10 @@ impl Scenario {
                     .run_command(doc! {"renameCollection": format!("{}.{coll}", self.db), "to": format!("{}.{to}", self.db)})
                     .await
                     .map(|_| "ok".to_string());
+                // Documents reordered by a pipeline update keep their order under the new name.
+                if r.is_ok() && self.reordered.contains(coll) {
+                    self.reordered.insert(to.to_string());
+                }
                 self.record(kind, what, fmt(r));
             }
             "dropdb" => {
@@ -824,7 +845,11 @@ impl Scenario {
     /// through a temporary value, a chain (x→y then a new x), a delete and re-insert.
     async fn unique_dance(&mut self, src: &Client, coll: &str) {
         let c = src.database(&self.db).collection::<Document>(coll);
-        let docs: Vec<(Bson, String)> = self.colls[coll].docs.values().cloned().collect();
+        let docs: Vec<(Bson, String)> = self
+            .colls
+            .get(coll)
+            .map(|m| m.docs.values().cloned().collect())
+            .unwrap_or_default();
         let kind = "unique";
         match self.rng.random_range(0..3) {
             0 if docs.len() >= 2 => {
