@@ -15,7 +15,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use bson::{doc, oid::ObjectId, Bson, DateTime, Document};
+use bson::{doc, oid::ObjectId, DateTime, Document};
 use mongodb::{Client, Collection};
 use parking_lot::Mutex;
 use prometheus::{IntCounterVec, IntGaugeVec, Opts};
@@ -152,29 +152,6 @@ fn meta_error(context: &str, e: mongodb::error::Error) -> SyncError {
     SyncError::mongo(ErrorKind::DestinationConnection, context, e)
 }
 
-fn identity_document(d: &SourceIdentity) -> Document {
-    doc! {
-        "replica_set_id": d.replica_set_id.map(Bson::ObjectId).unwrap_or(Bson::Null),
-        "set_name": d.set_name.clone().map(Bson::String).unwrap_or(Bson::Null),
-        "hosts": d.hosts.clone(),
-    }
-}
-
-fn identity_from(d: &Document) -> SourceIdentity {
-    SourceIdentity {
-        replica_set_id: d.get_object_id("replica_set_id").ok(),
-        set_name: d.get_str("set_name").ok().map(str::to_string),
-        hosts: d
-            .get_array("hosts")
-            .map(|a| {
-                a.iter()
-                    .filter_map(|h| h.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default(),
-    }
-}
-
 /// Before the identity is recorded: was this pipeline's metadata wiped under an earlier run that
 /// then recreated checkpoints (no identity document, but checkpoints)? Such checkpoints point
 /// past documents the destination no longer has. Returns `true` when they were discarded
@@ -252,7 +229,10 @@ impl IdentityWatch {
             .await
             .map_err(|e| meta_error("reading the metadata epoch", e))?
             .unwrap_or_default();
-        let recorded_dest = stored.get_document("destination").ok().map(identity_from);
+        let recorded_dest = stored
+            .get_document("destination")
+            .ok()
+            .map(SourceIdentity::from_document);
         let epoch = match stored.get_object_id("epoch") {
             Ok(epoch) => {
                 if recorded_dest
@@ -268,7 +248,7 @@ impl IdentityWatch {
         identity
             .update_one(
                 doc! {"_id": sync_id},
-                doc! {"$set": {"epoch": epoch, "destination": identity_document(&observed_dest.identity)}},
+                doc! {"$set": {"epoch": epoch, "destination": observed_dest.identity.to_document()}},
             )
             .upsert(true)
             .await
@@ -407,11 +387,11 @@ impl IdentityWatch {
     pub async fn rebase_destination(&self) -> Result<(), SyncError> {
         let observed = observe(&self.dest, ErrorKind::DestinationConnection).await?;
         let epoch = ObjectId::new();
-        let mut record = identity_document(&self.expected_source);
+        let mut record = self.expected_source.to_document();
         record.insert("_id", &self.sync_id);
         record.insert("recorded_at", DateTime::now());
         record.insert("epoch", epoch);
-        record.insert("destination", identity_document(&observed.identity));
+        record.insert("destination", observed.identity.to_document());
         self.identity
             .replace_one(doc! {"_id": &self.sync_id}, record)
             .upsert(true)

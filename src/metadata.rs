@@ -23,7 +23,7 @@ pub struct SourceIdentity {
 }
 
 impl SourceIdentity {
-    fn to_document(&self) -> Document {
+    pub(crate) fn to_document(&self) -> Document {
         doc! {
             "replica_set_id": self.replica_set_id.map(Bson::ObjectId).unwrap_or(Bson::Null),
             "set_name": self.set_name.clone().map(Bson::String).unwrap_or(Bson::Null),
@@ -31,7 +31,7 @@ impl SourceIdentity {
         }
     }
 
-    fn from_document(d: &Document) -> SourceIdentity {
+    pub(crate) fn from_document(d: &Document) -> SourceIdentity {
         SourceIdentity {
             replica_set_id: d.get_object_id("replica_set_id").ok(),
             set_name: d.get_str("set_name").ok().map(str::to_string),
