@@ -995,6 +995,8 @@ impl Daemon {
         c.try_wait().ok().flatten().map(|s| s.code())
     }
 
+    /// The last `lines` warnings and errors of every run (info lines would crowd out what
+    /// explains a failure in CI's truncated output), each cut to 400 characters.
     fn logs_tail(&self, lines: usize) -> String {
         let all: Vec<String> = (0..self.runs)
             .map(|i| {
@@ -1003,7 +1005,11 @@ impl Daemon {
             })
             .collect();
         let joined = all.join("\n--- restart ---\n");
-        let v: Vec<&str> = joined.lines().collect();
+        let v: Vec<String> = joined
+            .lines()
+            .filter(|l| !l.contains(" INFO ") && !l.contains(" DEBUG "))
+            .map(|l| l.chars().take(400).collect())
+            .collect();
         v[v.len().saturating_sub(lines)..].join("\n")
     }
 
@@ -1450,18 +1456,20 @@ pub async fn run_round(opts: &Options, first: u64, count: u64) -> RoundReport {
     }
     if !round_problems.is_empty() || !report.failures.is_empty() {
         let header = format!(
-            "SOAK ROUND {first}..{} problems: {}\n  fault schedule:\n    {schedule_text}\n  daemon log tail:\n{}",
+            "SOAK ROUND {first}..{} problems: {}\n  fault schedule:\n    {schedule_text}\n  daemon warnings and errors (last 30):\n{}",
             first + count,
             if round_problems.is_empty() { "(per seed below)".to_string() } else { round_problems.join("; ") },
-            daemon.logs_tail(60)
+            daemon.logs_tail(30)
         );
-        report.failures.insert(0, header);
+        // After the per-seed reports: CI keeps only so much output, and they say what diverged.
+        report.failures.push(header);
     }
     daemon.kill9();
     if !report.failures.is_empty() {
         // Keep the daemon's logs of a failing round.
         let kept = dir.keep();
-        report.failures[0].push_str(&format!("\n  daemon logs kept in {}", kept.display()));
+        let last = report.failures.len() - 1;
+        report.failures[last].push_str(&format!("\n  daemon logs kept in {}", kept.display()));
     }
     source.shutdown().await;
     dest.shutdown().await;
