@@ -383,10 +383,12 @@ ROWS = [
             ),
             timeseries(
                 "Time since last successful validation",
-                "time() minus the last validation run whose result was match.",
+                "time() minus the last validation run whose result was match; before a "
+                "namespace's first match (the gauge is 0), the time since the daemon started, "
+                "so a young daemon shows its uptime rather than 56 years.",
                 targets(
                     (
-                        f"time() - min by (namespace) (mongo_syncd_validation_last_success_timestamp_seconds{{{NS}}})",
+                        f"time() - min by (namespace) (clamp_min(mongo_syncd_validation_last_success_timestamp_seconds{{{NS}}}, scalar(min(mongo_syncd_start_time_seconds))))",
                         "{{namespace}}",
                     )
                 ),
