@@ -25,14 +25,11 @@ use prometheus::{IntCounterVec, Opts};
 
 use crate::{
     error::{ErrorKind, SyncError},
-    metrics::Metrics,
+    metrics::{Metrics, MASS_DELETE_GUARD_TOTAL},
 };
 
 /// The parked reason of a namespace the guard paused.
 pub const PARK_REASON: &str = "mass_delete_guard";
-/// Runs the guard paused, by trigger (`copy`, `force_sync`, `repair`).
-pub const MASS_DELETE_GUARD_TOTAL: &str = "mongo_syncd_mass_delete_guard_total";
-
 /// What was about to delete.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GuardTrigger {

@@ -27,7 +27,7 @@ use crate::{
     config::OnDestinationReset,
     error::{ErrorKind, SyncError},
     metadata::{SourceIdentity, IDENTITY_COLLECTION},
-    metrics::Metrics,
+    metrics::{Metrics, DESTINATION_RESETS_TOTAL, IDENTITY_MISMATCH},
     source::Source,
     status::StatusRegistry,
 };
@@ -36,11 +36,6 @@ use crate::{
 pub const IDENTITY_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 /// Bound on one background check, so an unreachable cluster never stalls the next one.
 pub const IDENTITY_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// `1` while the identity of that side (`source`, `destination`) does not match.
-pub const IDENTITY_MISMATCH: &str = "mongo_syncd_identity_mismatch";
-/// Destination resets detected while running, by the action taken (`recopy`, `stop`).
-pub const DESTINATION_RESETS_TOTAL: &str = "mongo_syncd_destination_resets_total";
 
 /// Which side tripped the watch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -472,7 +467,8 @@ fn reset_label(action: OnDestinationReset) -> &'static str {
     }
 }
 
-fn register_metrics(metrics: &Metrics) -> (IntGaugeVec, IntCounterVec) {
+/// Registers (once per registry) the identity gauge and the reset counter, every label value at 0.
+pub(crate) fn register_metrics(metrics: &Metrics) -> (IntGaugeVec, IntCounterVec) {
     let mismatch = IntGaugeVec::new(
         Opts::new(
             IDENTITY_MISMATCH,

@@ -15,7 +15,9 @@
 //!
 //! Additions to DESIGN §6 (documented in `deploy/README.md`):
 //! `mongo_syncd_config_reloads_total{result}`, `mongo_syncd_start_time_seconds`,
-//! `mongo_syncd_overflow_namespaces`.
+//! `mongo_syncd_overflow_namespaces`, `mongo_syncd_identity_mismatch{side}`,
+//! `mongo_syncd_destination_resets_total{action}`, `mongo_syncd_mass_delete_guard_total{trigger}`
+//! (the last three registered by `identity` and `guard`, which own their label values).
 
 mod labels;
 mod namespaces;
@@ -80,6 +82,12 @@ pub const CONFIG_RELOADS_TOTAL: &str = "mongo_syncd_config_reloads_total";
 pub const START_TIME_SECONDS: &str = "mongo_syncd_start_time_seconds";
 /// Namespaces aggregated under `namespace="_other"`.
 pub const OVERFLOW_NAMESPACES: &str = "mongo_syncd_overflow_namespaces";
+/// 1 while the source or destination is not the deployment recorded at start (`side`).
+pub const IDENTITY_MISMATCH: &str = "mongo_syncd_identity_mismatch";
+/// Destinations found wiped or replaced while running, by `action` (`sync.on_destination_reset`).
+pub const DESTINATION_RESETS_TOTAL: &str = "mongo_syncd_destination_resets_total";
+/// Copies, force-syncs and repairs paused by the mass-delete guard, by `trigger`.
+pub const MASS_DELETE_GUARD_TOTAL: &str = "mongo_syncd_mass_delete_guard_total";
 
 /// Every metric family name the daemon exports, for tests and tooling.
 pub const METRIC_NAMES: &[&str] = &[
@@ -111,6 +119,9 @@ pub const METRIC_NAMES: &[&str] = &[
     CONFIG_RELOADS_TOTAL,
     START_TIME_SECONDS,
     OVERFLOW_NAMESPACES,
+    IDENTITY_MISMATCH,
+    DESTINATION_RESETS_TOTAL,
+    MASS_DELETE_GUARD_TOTAL,
 ];
 
 // ---- label keys ----

@@ -163,11 +163,18 @@ const EXPECTED_TYPES: &[(&str, &str)] = &[
     (CONFIG_RELOADS_TOTAL, "counter"),
     (START_TIME_SECONDS, "gauge"),
     (OVERFLOW_NAMESPACES, "gauge"),
+    (IDENTITY_MISMATCH, "gauge"),
+    (DESTINATION_RESETS_TOTAL, "counter"),
+    (MASS_DELETE_GUARD_TOTAL, "counter"),
 ];
 
 #[test]
 fn render_has_every_metric_with_its_type_and_help() {
-    let text = sample_metrics().render();
+    let m = sample_metrics();
+    // The families the identity watch and the delete guard own (and register) themselves.
+    crate::identity::register_metrics(&m);
+    let _guard = crate::guard::DeleteGuard::new(0.5, &m);
+    let text = m.render();
     let (types, _) = parse(&text);
     for (name, ty) in EXPECTED_TYPES {
         assert_eq!(types.get(*name).map(String::as_str), Some(*ty), "{name}");
