@@ -748,8 +748,25 @@ pub fn list_indexes(ctx: &Ctx<'_>) -> CommandResult<Document> {
     cursor_reply(ctx, ns.to_string(), specs, None, first, false)
 }
 
+/// Nominal size of one oplog entry in `collStats` of `local.oplog.rs`: the simulator bounds
+/// its oplog by entries (`--oplog-max-events`), MongoDB by bytes, so `size` and `maxSize` are
+/// entries × this, which keeps what tools compute from them (how full the oplog is) exact.
+pub const OPLOG_NOMINAL_ENTRY_BYTES: i64 = 128;
+
 pub fn coll_stats(ctx: &Ctx<'_>) -> CommandResult<Document> {
     let ns = coll_arg(ctx)?;
+    if ns.db == "local" && ns.coll == "oplog.rs" {
+        return ctx.read(|_, data| {
+            let count = data.oplog.len() as i64;
+            let size = count * OPLOG_NOMINAL_ENTRY_BYTES;
+            Ok(doc! {
+                "ns": ns.to_string(), "count": count, "size": size,
+                "avgObjSize": OPLOG_NOMINAL_ENTRY_BYTES, "storageSize": size,
+                "nindexes": 0i32, "capped": true,
+                "maxSize": data.oplog.capacity() as i64 * OPLOG_NOMINAL_ENTRY_BYTES,
+            })
+        });
+    }
     ctx.read(|cat, _| {
         let c = cat.get(&ns).ok_or_else(|| {
             CommandError::new(

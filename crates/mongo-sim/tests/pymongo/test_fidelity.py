@@ -136,3 +136,16 @@ def test_array_filters(db):
     with pytest.raises(WriteError) as e:
         coll.update_one({"_id": 1}, {"$set": {"g.$[e]": 0}}, array_filters=[{"e": 1}, {"f": 2}])
     assert e.value.code == 9
+
+
+def test_oplog_collstats_reports_capped_size_and_max_size(client, db):
+    """What `rs.printReplicationInfo()` and mongo-syncd's oplog-window estimate read: the oplog is
+    capped, and `size` / `maxSize` say how full it is."""
+    db["c"].insert_many([{"_id": i} for i in range(10)])
+    stats = client["local"].command("collStats", "oplog.rs")
+    assert stats["capped"] is True
+    assert stats["count"] >= 10
+    assert 0 < stats["size"] <= stats["maxSize"]
+    first = client["local"]["oplog.rs"].find_one(sort=[("$natural", 1)])
+    last = client["local"]["oplog.rs"].find_one(sort=[("$natural", -1)])
+    assert first["ts"] <= last["ts"]
