@@ -435,9 +435,22 @@ pub struct Applier {
     conflict: ConflictSettings,
     /// What the destination's catalog says, and when we looked.
     catalog: parking_lot::Mutex<Option<(Catalog, Instant)>>,
-    /// The source collection's validator (see [`Applier::with_source_options`]).
-    source_validator: Option<Document>,
+    /// The source collection's current validator (see [`Applier::with_source_validator`]).
+    source_validator: SourceValidator,
 }
+
+/// What [`Applier::upsert_documents`] did.
+#[derive(Debug, Default)]
+pub struct Upserted {
+    pub written: u64,
+    pub dead_lettered: u64,
+    /// Documents a unique secondary index refused (E11000), with the server's message.
+    pub duplicates: Vec<(RawDocumentBuf, String)>,
+}
+
+/// The source collection's current validator, shared by a worker and its appliers: set when
+/// the worker aligns the destination's options and on every `modify` event.
+pub type SourceValidator = std::sync::Arc<parking_lot::Mutex<Option<Document>>>;
 
 fn write_error(context: &str, e: mongodb::error::Error) -> SyncError {
     SyncError::mongo(ErrorKind::DestinationWrite, context, e)
@@ -470,7 +483,7 @@ impl Applier {
             update_mode,
             op_timeout,
             catalog: parking_lot::Mutex::new(None),
-            source_validator: None,
+            source_validator: SourceValidator::default(),
         }
     }
 
@@ -795,7 +808,7 @@ impl Applier {
         // validator of its own: then a rejection is a real, dead-lettered document error.
         let bypass_validation = match dest_validator {
             None => true,
-            Some(v) => self.source_validator.as_ref() == Some(v),
+            Some(v) => self.source_validator.lock().as_ref() == Some(v),
         };
         let c = Catalog {
             unique_secondary,
@@ -823,19 +836,16 @@ impl Applier {
             .unwrap_or(true)
     }
 
-    /// Index DDL changed the destination's indexes: look them up again before the next batch.
-    pub fn forget_indexes(&self) {
+    /// DDL changed the destination's indexes or options: look them up again before the next
+    /// write.
+    pub fn forget_catalog(&self) {
         *self.catalog.lock() = None;
     }
 
-    /// The source collection's options: a destination validator equal to the source's is a
-    /// copied one, which replication writes bypass.
-    pub fn with_source_options(mut self, options: &Document) -> Applier {
-        self.source_validator = options
-            .get_document("validator")
-            .ok()
-            .filter(|v| !v.is_empty())
-            .cloned();
+    /// The source collection's validator: a destination validator equal to it is a copied one,
+    /// which replication writes bypass.
+    pub fn with_source_validator(mut self, validator: SourceValidator) -> Applier {
+        self.source_validator = validator;
         self
     }
 
@@ -1519,9 +1529,12 @@ impl Applier {
         self.bulk("delete", "deletes", built.collect()).await
     }
 
-    /// Replace-upserts documents (the copy and reconciliation path). Returns the number of
-    /// documents written and dead-lettered.
-    pub async fn upsert_documents(&self, docs: &[RawDocumentBuf]) -> Result<(u64, u64), SyncError> {
+    /// Replace-upserts documents (the copy, reconciliation and repair path). Documents the
+    /// destination rejects are dead-lettered; those that hit a unique index (E11000) are
+    /// returned, not dead-lettered: while a copy is still writing, another destination document
+    /// may hold the key only until its own range or the replay fixes it (see
+    /// [`crate::worker::settle_copy_duplicates`]).
+    pub async fn upsert_documents(&self, docs: &[RawDocumentBuf]) -> Result<Upserted, SyncError> {
         self.catalog().await?;
         let mut statements = Vec::with_capacity(docs.len());
         for d in docs {
@@ -1534,31 +1547,13 @@ impl Applier {
             statements.push(upsert_statement(&id, d));
         }
         let reply = self.bulk("update", "updates", statements).await?;
-        let mut dead = 0;
+        let mut out = Upserted::default();
         for (idx, code, msg) in reply.errors {
-            if REJECTED_DOCUMENT_CODES.contains(&code) || code == 11000 {
-                let id = docs[idx]
-                    .get("_id")
-                    .ok()
-                    .flatten()
-                    .map(RawBson::from)
-                    .unwrap_or(RawBson::Null);
-                let id = Bson::try_from(id).unwrap_or(Bson::Null);
-                tracing::warn!(namespace = %self.label, code, "destination rejected a copied document; recorded as a dead letter");
-                self.metrics.dead_letter(&self.label);
-                self.metadata
-                    .dead_letter(
-                        &self.sync_id,
-                        &self.label,
-                        &id,
-                        "copy",
-                        Some(docs[idx].as_ref()),
-                        code,
-                        &msg,
-                        None,
-                    )
-                    .await?;
-                dead += 1;
+            if code == 11000 {
+                out.duplicates.push((docs[idx].clone(), msg));
+            } else if REJECTED_DOCUMENT_CODES.contains(&code) {
+                self.dead_letter_copied(&docs[idx], code, &msg).await?;
+                out.dead_lettered += 1;
             } else {
                 return Err(SyncError::new(
                     ErrorKind::DestinationWrite,
@@ -1569,7 +1564,38 @@ impl Applier {
                 ));
             }
         }
-        Ok((docs.len() as u64 - dead, dead))
+        out.written = docs.len() as u64 - out.dead_lettered - out.duplicates.len() as u64;
+        Ok(out)
+    }
+
+    /// Records a copied document the destination refused as a dead letter (operation `copy`).
+    pub async fn dead_letter_copied(
+        &self,
+        doc: &RawDocumentBuf,
+        code: i32,
+        msg: &str,
+    ) -> Result<(), SyncError> {
+        let id = doc
+            .get("_id")
+            .ok()
+            .flatten()
+            .map(RawBson::from)
+            .unwrap_or(RawBson::Null);
+        let id = Bson::try_from(id).unwrap_or(Bson::Null);
+        tracing::warn!(namespace = %self.label, code, "destination rejected a copied document; recorded as a dead letter");
+        self.metrics.dead_letter(&self.label);
+        self.metadata
+            .dead_letter(
+                &self.sync_id,
+                &self.label,
+                &id,
+                "copy",
+                Some(doc.as_ref()),
+                code,
+                msg,
+                None,
+            )
+            .await
     }
 
     /// Deletes documents by `_id`.

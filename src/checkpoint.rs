@@ -71,6 +71,15 @@ pub struct Checkpoint {
     /// A force-sync in progress: the lower bound of its next range (`Some(None)` = from
     /// MinKey), so a restart resumes it there instead of dropping or restarting it.
     pub reconcile_next: Option<Option<Bson>>,
+    /// The validation options (`validator`, `validationLevel`, `validationAction`) this daemon
+    /// last gave the destination collection. A destination that still carries them is aligned
+    /// with the source's at every start; one carrying others was changed by someone else and
+    /// is left alone. Survives re-copies of the same incarnation.
+    pub destination_validation: Option<Document>,
+    /// `_id`s of copied documents a unique index refused (E11000) while a copy, force-sync or
+    /// repair was still writing: retried from the source later, dead-lettered only if they
+    /// still conflict once replay has caught up (see `unique_conflicts`).
+    pub copy_duplicates: Vec<Bson>,
     pub updated_at: Option<DateTime>,
 }
 
@@ -138,6 +147,8 @@ impl Checkpoint {
                 Some(next) => Bson::Document(doc! {"next": next.clone().unwrap_or(Bson::Null)}),
                 None => Bson::Null,
             },
+            "destination_validation": opt_doc(&self.destination_validation),
+            "copy_duplicates": self.copy_duplicates.clone(),
             "updated_at": DateTime::now(),
         }
     }
@@ -174,6 +185,8 @@ impl Checkpoint {
                 .get_document("reconcile")
                 .ok()
                 .map(|r| r.get("next").filter(|b| !matches!(b, Bson::Null)).cloned()),
+            destination_validation: d.get_document("destination_validation").ok().cloned(),
+            copy_duplicates: d.get_array("copy_duplicates").cloned().unwrap_or_default(),
             updated_at: d.get_datetime("updated_at").ok().copied(),
         }
     }
@@ -399,6 +412,8 @@ mod tests {
             history_lost_recopies: 1,
             target: Some("x.y".into()),
             reconcile_next: Some(Some(Bson::Int32(7))),
+            destination_validation: Some(doc! {"validator": {"n": {"$gte": 1}}}),
+            copy_duplicates: vec![Bson::Int64(1 << 60), Bson::String("x".into())],
             updated_at: None,
         };
         let d = cp.to_document(&key);

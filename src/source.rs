@@ -280,13 +280,7 @@ impl Source {
                     skipped.push((ns, kind.to_string()));
                     continue;
                 }
-                let uuid = spec
-                    .get_document("info")
-                    .ok()
-                    .and_then(|i| match i.get("uuid") {
-                        Some(Bson::Binary(b)) => b.to_uuid().ok(),
-                        _ => None,
-                    });
+                let uuid = listed_uuid(&spec);
                 out.push(SourceCollection {
                     ns,
                     uuid,
@@ -298,6 +292,7 @@ impl Source {
     }
 
     /// A collection's current `listCollections` options (`None` if it does not exist).
+    /// See also [`listed_collection`], which gives its UUID too.
     pub async fn collection_options(&self, ns: &Namespace) -> Result<Option<Document>, SyncError> {
         let specs: Vec<Document> = self
             .client
@@ -542,4 +537,32 @@ pub fn raw_id(doc: &RawDocumentBuf) -> Result<Bson, SyncError> {
 
 pub fn is_namespace_not_found(e: &mongodb::error::Error) -> bool {
     matches!(e.kind.as_ref(), mongodb::error::ErrorKind::Command(c) if c.code == 26)
+}
+
+/// The UUID of a `listCollections` entry (`info.uuid`).
+pub fn listed_uuid(spec: &Document) -> Option<bson::Uuid> {
+    spec.get_document("info")
+        .ok()
+        .and_then(|i| match i.get("uuid") {
+            Some(Bson::Binary(b)) => b.to_uuid().ok(),
+            _ => None,
+        })
+}
+
+/// The `listCollections` entry of `name` in `db` (either cluster): its UUID and options.
+pub async fn listed_collection(
+    db: &mongodb::Database,
+    name: &str,
+) -> Result<Option<(Option<bson::Uuid>, Document)>, mongodb::error::Error> {
+    let specs: Vec<Document> = db
+        .run_cursor_command(doc! {"listCollections": 1, "filter": {"name": name}})
+        .await?
+        .try_collect()
+        .await?;
+    Ok(specs.first().map(|spec| {
+        (
+            listed_uuid(spec),
+            spec.get_document("options").cloned().unwrap_or_default(),
+        )
+    }))
 }

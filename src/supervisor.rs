@@ -630,6 +630,13 @@ impl Supervisor {
             ns: coll.ns.clone(),
             target,
             uuid: coll.uuid,
+            source_validator: std::sync::Arc::new(parking_lot::Mutex::new(
+                coll.options
+                    .get_document("validator")
+                    .ok()
+                    .filter(|v| !v.is_empty())
+                    .cloned(),
+            )),
             options: coll.options,
             pipeline: self.pipeline.clone(),
             settings: Arc::clone(&self.settings),

@@ -33,6 +33,7 @@ use crate::{
     metrics::{ApplyOp, Metrics, WorkerState},
     source::{raw_id, Namespace, Source, StreamSettings, StreamStart},
     status::StatusRegistry,
+    unique_conflicts::{CaughtUpSettles, Settle},
 };
 
 /// Documents per copy/reconcile range (DESIGN §2.8: ≤ 10,000).
@@ -103,8 +104,11 @@ pub struct WorkerContext {
     pub ns: Namespace,
     pub target: Namespace,
     pub uuid: Option<bson::Uuid>,
-    /// The source collection's options (validator, collation, capped, ...).
+    /// The source collection's options (validator, collation, capped, ...) when discovery
+    /// listed it; [`crate::dest_collection::prepare`] reads them again before a copy.
     pub options: Document,
+    /// The source collection's current validator, shared with this worker's appliers.
+    pub source_validator: crate::apply::SourceValidator,
     pub pipeline: Pipeline,
     pub settings: Arc<WorkerSettings>,
     /// Incremented on every durable step (a copied range, a checkpointed batch); the
@@ -263,7 +267,7 @@ impl WorkerContext {
             settings.destination_timeout,
             self.current_conflict(),
         )
-        .with_source_options(&self.options)
+        .with_source_validator(Arc::clone(&self.source_validator))
     }
 
     /// Adopts reloaded settings if the supervisor handed some over. A policy that needs
@@ -416,10 +420,14 @@ pub async fn run(
         }
         (Some(cp), Recopy::No) => cp,
         (old, Recopy::HistoryLost) => Checkpoint {
-            history_lost_recopies: old.map_or(0, |o| o.history_lost_recopies.max(0)) + 1,
+            history_lost_recopies: old.as_ref().map_or(0, |o| o.history_lost_recopies.max(0)) + 1,
+            destination_validation: old.and_then(|o| o.destination_validation),
             ..Checkpoint::default()
         },
-        (_, Recopy::Operator) => Checkpoint::default(),
+        (old, Recopy::Operator) => Checkpoint {
+            destination_validation: old.and_then(|o| o.destination_validation),
+            ..Checkpoint::default()
+        },
         (None, Recopy::No) if ctx.current_settings().initial_copy == InitialCopy::Skip => {
             skip_copy_start(ctx).await?
         }
@@ -511,146 +519,6 @@ async fn check_images(ctx: &WorkerContext, conflict: &ConflictSettings) -> Resul
     ))
 }
 
-/// Creates the destination collection with the source's options if it is missing. Capped
-/// collections become uncapped: the source's capped deletions arrive as delete events.
-async fn ensure_destination_collection(ctx: &WorkerContext) -> Result<(), SyncError> {
-    let db = ctx.pipeline.dest.database(&ctx.target.db);
-    let existing = db
-        .list_collection_names()
-        .filter(doc! {"name": ctx.target.coll.clone()})
-        .await
-        .map_err(|e| {
-            SyncError::mongo(
-                ErrorKind::DestinationWrite,
-                "listing destination collections",
-                e,
-            )
-        })?;
-    if !existing.is_empty() {
-        return Ok(());
-    }
-    let mut cmd = doc! {"create": ctx.target.coll.clone()};
-    for (k, v) in &ctx.options {
-        match k.as_str() {
-            "validator" | "validationLevel" | "validationAction" | "collation" => {
-                cmd.insert(k.clone(), v.clone());
-            }
-            _ => {}
-        }
-    }
-    match db.run_command(cmd).await {
-        Ok(_) => Ok(()),
-        // Created concurrently (e.g. by an upsert): fine.
-        Err(e) if matches!(e.kind.as_ref(), mongodb::error::ErrorKind::Command(c) if c.code == 48) => {
-            Ok(())
-        }
-        Err(e) => Err(SyncError::mongo(
-            ErrorKind::DestinationWrite,
-            format!("creating {}", ctx.target),
-            e,
-        )),
-    }
-}
-
-/// A collation as compared: absent and `{locale: "simple"}` are the binary comparison.
-fn effective_collation(options: &Document) -> Option<&Document> {
-    options
-        .get_document("collation")
-        .ok()
-        .filter(|c| c.get_str("locale").ok() != Some("simple"))
-}
-
-/// Whether two collation documents are the same, whatever their field order and numeric types.
-fn same_collation(a: Option<&Document>, b: Option<&Document>) -> bool {
-    fn same_value(x: &Bson, y: &Bson) -> bool {
-        let num = |v: &Bson| match v {
-            Bson::Int32(n) => Some(f64::from(*n)),
-            Bson::Int64(n) => Some(*n as f64),
-            Bson::Double(n) => Some(*n),
-            _ => None,
-        };
-        match (num(x), num(y)) {
-            (Some(p), Some(q)) => p == q,
-            _ => x == y,
-        }
-    }
-    match (a, b) {
-        (None, None) => true,
-        (Some(a), Some(b)) => {
-            a.len() == b.len()
-                && a.iter()
-                    .all(|(k, v)| b.get(k).is_some_and(|w| same_value(v, w)))
-        }
-        _ => false,
-    }
-}
-
-fn describe_collation(c: Option<&Document>) -> String {
-    c.map_or_else(|| "simple (binary)".to_string(), |c| c.to_string())
-}
-
-/// DESIGN §2.10: a destination collection whose collation differs from the source's (created
-/// beforehand, restored without options) is never copied into blindly: the copy's extras scan
-/// would walk another `_id` order. Parks the namespace naming both collations, or re-creates
-/// the destination collection with the source's options (`sync.on_collation_mismatch`).
-async fn check_collation(ctx: &WorkerContext) -> Result<(), SyncError> {
-    let db = ctx.pipeline.dest.database(&ctx.target.db);
-    let specs: Vec<Document> = db
-        .run_cursor_command(
-            doc! {"listCollections": 1, "filter": {"name": ctx.target.coll.clone()}},
-        )
-        .await
-        .map_err(|e| {
-            SyncError::mongo(
-                ErrorKind::DestinationWrite,
-                "reading the destination collection's options",
-                e,
-            )
-        })?
-        .try_collect()
-        .await
-        .map_err(|e| {
-            SyncError::mongo(
-                ErrorKind::DestinationWrite,
-                "reading the destination collection's options",
-                e,
-            )
-        })?;
-    let Some(spec) = specs.first() else {
-        return Ok(());
-    };
-    let dest_options = spec.get_document("options").cloned().unwrap_or_default();
-    let source = effective_collation(&ctx.options);
-    let dest = effective_collation(&dest_options);
-    if same_collation(source, dest) {
-        return Ok(());
-    }
-    let (source, dest) = (describe_collation(source), describe_collation(dest));
-    match ctx.current_settings().on_collation_mismatch {
-        OnCollationMismatch::Park => Err(SyncError::new(
-            ErrorKind::CollationMismatch,
-            format!(
-                "the destination collection {} has collation {dest}, the source collection {} has collation {source}; copying would delete what it copied; drop or re-create the destination collection with the source's collation (or set sync.on_collation_mismatch = \"recreate\"), then force-sync",
-                ctx.target, ctx.ns
-            ),
-        )),
-        OnCollationMismatch::Recreate => {
-            db.collection::<Document>(&ctx.target.coll)
-                .drop()
-                .await
-                .map_err(|e| {
-                    SyncError::mongo(
-                        ErrorKind::DestinationWrite,
-                        "dropping a destination collection with another collation",
-                        e,
-                    )
-                })?;
-            tracing::warn!(namespace = %ctx.label(), target = %ctx.target, source_collation = %source, destination_collation = %dest, "the destination collection had another collation; dropped it and re-created it with the source's options (sync.on_collation_mismatch = \"recreate\")");
-            ensure_destination_collection(ctx).await
-        }
-    }
-}
-
 /// Deletes the destination documents in `[lower, upper)` (`None` = unbounded) whose `_id` is
 /// not in `present`. The destination's `_id`s are read in pages of [`EXTRAS_PAGE_IDS`] (index
 /// order, the collection's collation) and each page's extras are deleted before the next page
@@ -729,6 +597,7 @@ fn id_set(docs: &[RawDocumentBuf]) -> Result<HashSet<IdKey>, SyncError> {
 async fn sync_range(
     ctx: &WorkerContext,
     applier: &Applier,
+    cp: &mut Checkpoint,
     lower: Option<&Bson>,
     after: Option<Timestamp>,
     budget: &mut DeleteBudget,
@@ -749,10 +618,13 @@ async fn sync_range(
     // The scan may have reached a replaced source: check before writing what it returned.
     ctx.pipeline.identity.verify().await?;
     let present = id_set(&docs)?;
-    let (written, _dead) = applier.upsert_documents(&docs).await?;
-    drop(docs);
+    // Extras first: a destination-only document may hold a unique key a copied one needs.
     delete_extras(ctx, applier, lower, next.as_ref(), &present, budget).await?;
-    Ok((written, next))
+    let upserted = applier.upsert_documents(&docs).await?;
+    drop(docs);
+    let settled =
+        crate::unique_conflicts::settle_range(ctx, applier, cp, upserted.duplicates).await?;
+    Ok((upserted.written + settled, next))
 }
 
 /// Counts both sides of the namespace, then asks the mass-delete guard for this run's budget.
@@ -798,6 +670,7 @@ async fn initial_copy(
             phase: Phase::Copying,
             start_token: Some(serialize_token(&token)?),
             history_lost_recopies: cp.history_lost_recopies,
+            destination_validation: cp.destination_validation.take(),
             target: Some(ctx.target.to_string()),
             ..Checkpoint::default()
         };
@@ -813,8 +686,7 @@ async fn initial_copy(
         .and_then(|t| token_cluster_time(&t));
     // The copy's checkpoint exists: lag is measured from T0 while copying (DESIGN §2.9).
     ctx.record_checkpoint(start_ts);
-    ensure_destination_collection(ctx).await?;
-    check_collation(ctx).await?;
+    crate::dest_collection::prepare(ctx, cp).await?;
     let estimate = ctx
         .pipeline
         .source
@@ -836,7 +708,7 @@ async fn initial_copy(
             return Err(cancelled());
         }
         let (written, next) =
-            sync_range(ctx, &applier, lower.as_ref(), start_ts, &mut budget).await?;
+            sync_range(ctx, &applier, cp, lower.as_ref(), start_ts, &mut budget).await?;
         cp.copy.copied += written as i64;
         cp.copy.done = next.is_none();
         cp.copy.last_range = next.clone();
@@ -849,6 +721,8 @@ async fn initial_copy(
             .update(&label, |s| s.copied = cp.copy.copied.max(0) as u64);
         lower = next;
     }
+    // Before the copy's end is taken: what they write from the source is then a replay.
+    crate::unique_conflicts::settle_pending(ctx, &applier, cp, Settle::Writing).await?;
     create_indexes(ctx, cp, false).await?;
     let end = ctx.pipeline.source.cluster_time().await?;
     cp.phase = Phase::Streaming;
@@ -869,9 +743,8 @@ async fn initial_copy(
 
 /// DESIGN §2.3: before a copy whose estimated duration exceeds the source's oplog window, log
 /// a warning and show it in status; the stream's start point may fall off the oplog before
-/// the copy ends (history lost, re-copy, `oplog_too_small`). The window is the span between
-/// the oldest and newest `local.oplog.rs` entries; when it cannot be read (no `local`
-/// access) nothing is claimed.
+/// the copy ends (history lost, re-copy, `oplog_too_small`). See [`projected_oplog_window`];
+/// when the oplog cannot be read (no `local` access) nothing is claimed.
 async fn warn_if_copy_outlasts_oplog(ctx: &WorkerContext, documents: u64) {
     let label = ctx.label();
     let copy_seconds = documents.div_ceil(COPY_ESTIMATE_DOCS_PER_SECOND);
@@ -892,21 +765,55 @@ async fn warn_if_copy_outlasts_oplog(ctx: &WorkerContext, documents: u64) {
     }
 }
 
-/// Seconds between the oldest and the newest entry of the source's oplog.
+/// The source's oplog window in seconds, as [`projected_oplog_window`] computes it from the
+/// oldest and newest `local.oplog.rs` entries and the oplog's `collStats`.
 async fn oplog_window(ctx: &WorkerContext) -> Result<Option<u64>, mongodb::error::Error> {
-    let oplog = ctx
-        .pipeline
-        .source
-        .client()
-        .database("local")
-        .collection::<Document>("oplog.rs");
+    let local = ctx.pipeline.source.client().database("local");
+    let oplog = local.collection::<Document>("oplog.rs");
     let first = oplog.find_one(doc! {}).sort(doc! {"$natural": 1}).await?;
     let last = oplog.find_one(doc! {}).sort(doc! {"$natural": -1}).await?;
     let ts = |d: Option<Document>| d.and_then(|d| d.get_timestamp("ts").ok());
-    Ok(match (ts(first), ts(last)) {
-        (Some(a), Some(b)) => Some(u64::from(b.time.saturating_sub(a.time))),
-        _ => None,
-    })
+    let (Some(oldest), Some(newest)) = (ts(first), ts(last)) else {
+        return Ok(None);
+    };
+    let stats = local.run_command(doc! {"collStats": "oplog.rs"}).await?;
+    let number = |key: &str| {
+        stats
+            .get(key)
+            .and_then(|v| match v {
+                Bson::Int32(n) => Some(f64::from(*n)),
+                Bson::Int64(n) => Some(*n as f64),
+                Bson::Double(n) => Some(*n),
+                _ => None,
+            })
+            .unwrap_or(0.0)
+    };
+    Ok(projected_oplog_window(
+        u64::from(newest.time.saturating_sub(oldest.time)),
+        number("size"),
+        number("maxSize"),
+    ))
+}
+
+/// How full an oplog must be (size / maxSize) for its oldest entry to be the edge of history.
+const OPLOG_FULL_FRACTION: f64 = 0.9;
+
+/// The time history stays in the oplog. A full oplog keeps exactly the span between its oldest
+/// and newest entries. A young one has dropped nothing yet: its span says only how long the
+/// daemon's source has been writing, so the window is the span scaled to the whole capacity
+/// (how long the oplog takes to fill at the rate seen so far). `None` when nothing is known.
+pub fn projected_oplog_window(span_secs: u64, size: f64, max_size: f64) -> Option<u64> {
+    if size <= 0.0 || max_size <= 0.0 {
+        return None;
+    }
+    if size >= max_size * OPLOG_FULL_FRACTION {
+        return Some(span_secs);
+    }
+    // A young oplog written within one second has no measurable rate: nothing to project.
+    if span_secs == 0 {
+        return None;
+    }
+    Some((span_secs as f64 * max_size / size).round() as u64)
 }
 
 /// Copies the source's indexes. Non-unique ones (`unique_only = false`) right after the copy,
@@ -1190,6 +1097,7 @@ async fn stream(
     let mut settings = ctx.current_settings();
     let mut applier = ctx.applier();
     let mut last_checkpoint = Instant::now();
+    let mut settles = CaughtUpSettles::default();
     // A force-sync interrupted by a restart resumes at its next range before anything else.
     let mut reconcile_pending = cp.reconcile_next.is_some();
     let result = loop {
@@ -1283,7 +1191,7 @@ async fn stream(
                 .set_queue(&label, reader.rx.len() as u64);
             let events: Vec<ChangeEvent> = batch.into_iter().map(|(e, _permit)| e).collect();
             let replays = crash_replay.leading_replays(&events);
-            match process_batch(ctx, &applier, &mut cp, &events, replays).await {
+            match process_batch(ctx, &applier, &mut cp, &events, replays, &mut settles).await {
                 Ok(Some(exit)) => break Ok(exit),
                 Ok(None) => {
                     last_checkpoint = Instant::now();
@@ -1316,7 +1224,7 @@ async fn stream(
                     ctx.pipeline.checkpoints.save(&key, &cp).await?;
                     ctx.record_checkpoint(cp.applied_through);
                     last_checkpoint = Instant::now();
-                    maybe_finish_replay(ctx, &mut cp).await?;
+                    maybe_finish_replay(ctx, &applier, &mut cp, &mut settles).await?;
                 }
             }
             ctx.pipeline
@@ -1328,17 +1236,27 @@ async fn stream(
     result
 }
 
-/// Once replay has passed the copy's end: unique indexes can be built, and a history-loss
-/// streak is over.
-async fn maybe_finish_replay(ctx: &WorkerContext, cp: &mut Checkpoint) -> Result<(), SyncError> {
-    let (Some(applied), Some(until)) = (cp.applied_through, cp.replay_until) else {
-        ctx.caught_up.store(true, Ordering::Relaxed);
-        return Ok(());
-    };
-    if !at_or_after(applied, until) {
+/// Once replay has passed the copy's end: copied documents a unique index refused are settled
+/// (the namespace is not caught up until they are), unique indexes can be built, and a
+/// history-loss streak is over.
+async fn maybe_finish_replay(
+    ctx: &WorkerContext,
+    applier: &Applier,
+    cp: &mut Checkpoint,
+    settles: &mut CaughtUpSettles,
+) -> Result<(), SyncError> {
+    if let (Some(applied), Some(until)) = (cp.applied_through, cp.replay_until) {
+        if !at_or_after(applied, until) {
+            return Ok(());
+        }
+    }
+    if !settles.settle(ctx, applier, cp).await? {
         return Ok(());
     }
     ctx.caught_up.store(true, Ordering::Relaxed);
+    if cp.replay_until.is_none() {
+        return Ok(());
+    }
     if cp.unique_indexes_pending || cp.history_lost_recopies > 0 {
         if cp.unique_indexes_pending {
             create_indexes(ctx, cp, true).await?;
@@ -1361,6 +1279,7 @@ async fn process_batch(
     cp: &mut Checkpoint,
     events: &[ChangeEvent],
     replays: usize,
+    settles: &mut CaughtUpSettles,
 ) -> Result<Option<WorkerExit>, SyncError> {
     let label = ctx.label();
     let started = Instant::now();
@@ -1397,7 +1316,10 @@ async fn process_batch(
         }
         segment_start = i + 1;
         applied_events = i + 1;
-        if let Some(e) = apply_ddl(ctx, cp, ev).await? {
+        let ddl_exit = apply_ddl(ctx, cp, ev).await?;
+        // Indexes or validation options may have changed: look at the catalog again.
+        applier.forget_catalog();
+        if let Some(e) = ddl_exit {
             exit = Some(e);
             break;
         }
@@ -1430,7 +1352,7 @@ async fn process_batch(
         });
         ctx.pipeline.checkpoints.save(&ctx.key(), cp).await?;
         ctx.record_checkpoint(cp.applied_through);
-        maybe_finish_replay(ctx, cp).await?;
+        maybe_finish_replay(ctx, applier, cp, settles).await?;
     }
     ctx.made_progress();
     for (op, n) in ApplyOp::ALL.iter().zip(stats.applied) {
@@ -1543,7 +1465,7 @@ async fn apply_ddl(
             return Ok(Some(WorkerExit::NamespaceGone));
         }
         OpKind::Create => {
-            ensure_destination_collection(ctx).await?;
+            crate::dest_collection::ensure(ctx).await?;
         }
         OpKind::CreateIndexes => {
             if let Some(desc) = ev.operation_description() {
@@ -1637,11 +1559,16 @@ async fn apply_ddl(
                     }
                 }
                 if cmd.len() > 1 {
-                    if let Err(e) = db.run_command(cmd).await {
-                        if crate::error::classify_mongo(&e) == crate::error::ErrorClass::Transient {
-                            return Err(dest_err("modifying the destination collection", e));
+                    match db.run_command(cmd.clone()).await {
+                        Ok(_) => crate::dest_collection::record_modify(ctx, cp, &cmd),
+                        Err(e) => {
+                            if crate::error::classify_mongo(&e)
+                                == crate::error::ErrorClass::Transient
+                            {
+                                return Err(dest_err("modifying the destination collection", e));
+                            }
+                            tracing::error!(namespace = %label, error = %crate::config::redact_text(&e.to_string()), "could not apply a collMod to the destination");
                         }
-                        tracing::error!(namespace = %label, error = %crate::config::redact_text(&e.to_string()), "could not apply a collMod to the destination");
                     }
                 }
             }
@@ -1690,15 +1617,14 @@ async fn reconcile(
             tracing::info!(namespace = %label, documents = total, "force-sync interrupted by shutdown; it resumes at its next range on the next start");
             return Ok(());
         }
-        let (written, next) = sync_range(
-            ctx,
-            applier,
-            lower.as_ref(),
-            cp.applied_through,
-            &mut budget,
-        )
-        .await?;
+        let paused_at = cp.applied_through;
+        let (written, next) =
+            sync_range(ctx, applier, cp, lower.as_ref(), paused_at, &mut budget).await?;
         total += written;
+        if next.is_none() {
+            total +=
+                crate::unique_conflicts::settle_pending(ctx, applier, cp, Settle::Writing).await?;
+        }
         // Events re-applied over this range up to now are replays of what it wrote.
         let end = ctx.pipeline.source.cluster_time().await?;
         cp.replay_until = Some(match cp.replay_until {
@@ -1715,4 +1641,27 @@ async fn reconcile(
     }
     tracing::info!(namespace = %label, documents = total, elapsed_ms = started.elapsed().as_millis() as u64, "force-sync finished");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::projected_oplog_window;
+
+    #[test]
+    fn a_full_oplog_keeps_its_span() {
+        assert_eq!(projected_oplog_window(3_600, 950.0, 1_000.0), Some(3_600));
+    }
+
+    #[test]
+    fn a_young_oplog_is_projected_to_its_capacity() {
+        // 2 s of writes filled 5% of the oplog: it holds about 40 s at that rate.
+        assert_eq!(projected_oplog_window(2, 50.0, 1_000.0), Some(40));
+    }
+
+    #[test]
+    fn nothing_is_claimed_without_sizes_or_a_rate() {
+        assert_eq!(projected_oplog_window(10, 0.0, 1_000.0), None);
+        assert_eq!(projected_oplog_window(10, 50.0, 0.0), None);
+        assert_eq!(projected_oplog_window(0, 50.0, 1_000.0), None);
+    }
 }

@@ -509,3 +509,26 @@ async fn a_copy_estimated_longer_than_the_oplog_window_is_warned_about() {
     assert!(window <= 2, "{warning}");
     assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_young_oplog_is_not_mistaken_for_a_short_window() {
+    // A freshly loaded source: its oplog spans a second or two but is far from full, so
+    // history is not about to be lost and the copy must not be warned about.
+    let c = Clusters::start().await;
+    for chunk in 0..20 {
+        items(&c.src)
+            .insert_many((0..1_000).map(|i| doc! {"_id": chunk * 1_000 + i}))
+            .await
+            .unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(&c, dir.path(), &settings(""));
+    wait_converged(&c, &[APP], Duration::from_secs(60)).await;
+    let status = d.status().await.expect("status");
+    assert!(
+        status["namespaces"]["app.items"]["copy"]["oplog_window_warning"].is_null(),
+        "{status}"
+    );
+    assert!(!d.logs().contains("oplog window"), "log:\n{}", d.logs());
+    assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
+}

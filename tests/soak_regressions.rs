@@ -132,3 +132,156 @@ async fn soak_adjacent_large_int64_ids_in_one_batch() {
         d.logs()
     );
 }
+
+async fn validation_options(client: &Client, db: &str, coll: &str) -> Document {
+    let spec = client
+        .database(db)
+        .run_command(doc! {"listCollections": 1, "filter": {"name": coll}})
+        .await
+        .unwrap();
+    let batch = spec
+        .get_document("cursor")
+        .unwrap()
+        .get_array("firstBatch")
+        .unwrap()
+        .clone();
+    let options = batch
+        .first()
+        .and_then(|s| s.as_document())
+        .and_then(|s| s.get_document("options").ok().cloned())
+        .unwrap_or_default();
+    let mut out = Document::new();
+    for key in ["validator", "validationLevel", "validationAction"] {
+        if let Some(v) = options.get(key) {
+            out.insert(key, v.clone());
+        }
+    }
+    out
+}
+
+/// Seeds 254, 262, 273, 282, 286, 291 (history loss): a `collMod` of the validator fell off the
+/// oplog while the daemon was behind; the re-copy wrote the documents into the existing
+/// destination collection but kept its old validator ("options differ"). Validation options
+/// are state: a copy aligns the destination's with the source's current ones (issue 9 item 7).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_a_validator_changed_while_history_was_lost_reaches_the_destination() {
+    let c = Clusters::start_with_oplog(40).await;
+    let db = c.src.database("s254");
+    db.run_command(doc! {"create": "a", "validator": {"n": {"$gte": 0}}})
+        .await
+        .unwrap();
+    db.collection::<Document>("a")
+        .insert_many((0..5).map(|i| doc! {"_id": i, "n": i}))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(&c, dir.path(), "[sync]\nnamespaces = [\"s254.*\"]\n");
+    d.wait_streaming("s254.a").await;
+    wait_converged(&c, &[("s254", "a")], Duration::from_secs(30)).await;
+    assert_eq!(
+        validation_options(&c.dst, "s254", "a").await,
+        doc! {"validator": {"n": {"$gte": 0}}}
+    );
+    assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
+
+    // While the daemon is stopped: the validator changes, then the oplog wraps past it.
+    db.run_command(
+        doc! {"collMod": "a", "validator": {"n": {"$gte": 1}}, "validationLevel": "moderate"},
+    )
+    .await
+    .unwrap();
+    let filler = c.src.database("s254_filler").collection::<Document>("f");
+    for i in 0..100 {
+        filler.insert_one(doc! {"_id": i}).await.unwrap();
+    }
+    let mut d = Daemon::start(&c, dir.path(), "[sync]\nnamespaces = [\"s254.*\"]\n");
+    wait_until(
+        "the destination's validation options equal the source's",
+        Duration::from_secs(60),
+        || async {
+            validation_options(&c.dst, "s254", "a").await
+                == validation_options(&c.src, "s254", "a").await
+        },
+    )
+    .await;
+    wait_converged(&c, &[("s254", "a")], Duration::from_secs(30)).await;
+    assert!(
+        d.logs().contains("history lost"),
+        "the scenario lost history:\n{}",
+        d.logs()
+    );
+    assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
+}
+
+/// Seed 80 (SIGKILL, then history loss): after history was lost, the re-copy wrote into the
+/// destination collection that already had its unique index. A stale destination document
+/// (deleted on the source while history was lost) still held `e1`, so the copied document that
+/// now has `e1` was dead-lettered with E11000 and missing. Same for two documents that swapped
+/// their keys. Issue 9 item 2: a re-copy deletes extras before it writes, and a document a
+/// unique index refuses is retried, never dead-lettered while the copy is still writing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_a_recopy_into_a_unique_index_frees_keys_before_it_writes() {
+    let c = Clusters::start_with_oplog(40).await;
+    let db = c.src.database("s80");
+    let a = db.collection::<Document>("a");
+    a.insert_many([
+        doc! {"_id": 0.5, "email": "e1"},
+        doc! {"_id": 2, "email": "e8"},
+        doc! {"_id": 3, "email": "x"},
+        doc! {"_id": 4, "email": "y"},
+    ])
+    .await
+    .unwrap();
+    db.run_command(doc! {"createIndexes": "a", "indexes": [{"key": {"email": 1}, "name": "email_1", "unique": true}]})
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = "[sync]\nnamespaces = [\"s80.*\"]\n";
+    let mut d = Daemon::start(&c, dir.path(), config);
+    d.wait_streaming("s80.a").await;
+    wait_converged(&c, &[("s80", "a")], Duration::from_secs(30)).await;
+    wait_until(
+        "unique index on the destination",
+        Duration::from_secs(30),
+        || async {
+            c.dst
+                .database("s80")
+                .collection::<Document>("a")
+                .list_index_names()
+                .await
+                .unwrap_or_default()
+                .contains(&"email_1".to_string())
+        },
+    )
+    .await;
+    assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
+
+    // While the daemon is stopped: 0.5 gives e1 to a new document, 3 and 4 swap their keys,
+    // then the oplog wraps past all of it.
+    a.delete_one(doc! {"_id": 0.5}).await.unwrap();
+    a.insert_one(doc! {"_id": 9_007_199_254_740_993_i64, "email": "e1"})
+        .await
+        .unwrap();
+    a.update_one(doc! {"_id": 3}, doc! {"$set": {"email": "tmp"}})
+        .await
+        .unwrap();
+    a.update_one(doc! {"_id": 4}, doc! {"$set": {"email": "x"}})
+        .await
+        .unwrap();
+    a.update_one(doc! {"_id": 3}, doc! {"$set": {"email": "y"}})
+        .await
+        .unwrap();
+    let filler = c.src.database("s80_filler").collection::<Document>("f");
+    for i in 0..100 {
+        filler.insert_one(doc! {"_id": i}).await.unwrap();
+    }
+    let mut d = Daemon::start(&c, dir.path(), config);
+    wait_converged(&c, &[("s80", "a")], Duration::from_secs(60)).await;
+    assert!(
+        d.logs().contains("history lost"),
+        "the scenario lost history:\n{}",
+        d.logs()
+    );
+    assert!(dead_letters(&c.dst).await.is_empty(), "log:\n{}", d.logs());
+    assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
+}

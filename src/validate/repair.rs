@@ -143,8 +143,6 @@ async fn repair_range(
         .await?;
         // The scan may have reached a replaced source: check before writing what it returned.
         ctx.pipeline.identity.verify().await?;
-        let (written, _dead_lettered) = applier.upsert_documents(&docs).await?;
-        done.upserted += written;
         let present: HashSet<IdKey> =
             docs.iter()
                 .map(|d| {
@@ -153,10 +151,9 @@ async fn repair_range(
                     })
                 })
                 .collect::<Result<_, _>>()?;
-        drop(docs);
         let chunk_upper = next.as_ref().or(upper);
-        // Extras are scanned and deleted page by page: bounded memory even for the last,
-        // unbounded range.
+        // Extras first (a destination-only document may hold a unique key a source one needs),
+        // scanned and deleted page by page: bounded memory even for the last, unbounded range.
         done.deleted += delete_extras(
             ctx,
             applier,
@@ -166,11 +163,23 @@ async fn repair_range(
             &mut budget,
         )
         .await?;
+        let upserted = applier.upsert_documents(&docs).await?;
+        drop(docs);
+        done.upserted += upserted.written;
+        done.upserted +=
+            crate::unique_conflicts::settle_range(ctx, applier, cp, upserted.duplicates).await?;
         match next {
             Some(n) => from = Some(n),
             None => break,
         }
     }
+    done.upserted += crate::unique_conflicts::settle_pending(
+        ctx,
+        applier,
+        cp,
+        crate::unique_conflicts::Settle::Writing,
+    )
+    .await?;
     let end = ctx.pipeline.source.cluster_time().await?;
     cp.replay_until = Some(match cp.replay_until {
         Some(prev) => ts_max(prev, end),

@@ -1,0 +1,328 @@
+//! The destination collection itself, before documents go in: created with the source's
+//! options, its validation options kept aligned with the source's, and its collation checked
+//! (DESIGN §2.2, §2.10).
+//!
+//! Validation options are state, not history: a `collMod` that happened before the stream's
+//! start point (while the namespace was being discovered, before a restart, before history was
+//! lost) is never delivered as an event. So every copy reads the source's options *after* its
+//! start point is taken and aligns the destination with them; later changes arrive as `modify`
+//! events. The daemon only changes validation options it set itself (recorded in the
+//! checkpoint as `destination_validation`) or that are absent: a validator someone added on the
+//! destination alone is left in place, with a warning.
+
+use bson::{doc, Bson, Document};
+use mongodb::Database;
+
+use crate::{
+    checkpoint::Checkpoint,
+    config::OnCollationMismatch,
+    error::{ErrorKind, SyncError},
+    source::listed_collection,
+    worker::WorkerContext,
+};
+
+/// The collection options that say how documents are validated.
+const VALIDATION_KEYS: [&str; 3] = ["validator", "validationLevel", "validationAction"];
+
+/// What each validation option is when it is not set (how a `collMod` removes one).
+fn validation_default(key: &str) -> Bson {
+    match key {
+        "validator" => Bson::Document(Document::new()),
+        "validationLevel" => Bson::String("strict".into()),
+        _ => Bson::String("error".into()),
+    }
+}
+
+/// The validation options of a collection's `listCollections` options.
+pub fn validation_options(options: &Document) -> Document {
+    let mut out = Document::new();
+    for key in VALIDATION_KEYS {
+        if let Some(v) = options.get(key) {
+            out.insert(key, v.clone());
+        }
+    }
+    out
+}
+
+/// Whether two sets of validation options are the same, whatever their key order.
+fn same_validation(a: &Document, b: &Document) -> bool {
+    a.len() == b.len() && a.iter().all(|(k, v)| b.get(k) == Some(v))
+}
+
+/// The `collMod` fields that turn `have` into `want` (a key `want` lacks is reset to its
+/// default).
+fn validation_changes(have: &Document, want: &Document) -> Document {
+    let mut changes = Document::new();
+    for key in VALIDATION_KEYS {
+        match (have.get(key), want.get(key)) {
+            (h, Some(w)) if h != Some(w) => {
+                changes.insert(key, w.clone());
+            }
+            (Some(h), None) if *h != validation_default(key) => {
+                changes.insert(key, validation_default(key));
+            }
+            _ => {}
+        }
+    }
+    changes
+}
+
+fn dest_error(context: &str, e: mongodb::error::Error) -> SyncError {
+    SyncError::mongo(ErrorKind::DestinationWrite, context.to_string(), e)
+}
+
+/// Before a copy writes (called after its start point is taken): the destination collection
+/// exists with the source's current options, its validation options match the source's
+/// unless they are the operator's own, and its collation is the source's.
+pub async fn prepare(ctx: &WorkerContext, cp: &mut Checkpoint) -> Result<(), SyncError> {
+    let source_db = ctx.pipeline.source.client().database(&ctx.ns.db);
+    let source_options = match listed_collection(&source_db, &ctx.ns.coll).await {
+        Ok(Some((uuid, options))) if ctx.uuid.is_none() || uuid == ctx.uuid => options,
+        // Gone or re-created: this incarnation's stream finishes it; keep what discovery saw.
+        Ok(_) => ctx.options.clone(),
+        Err(e) => {
+            return Err(SyncError::mongo(
+                ErrorKind::SourceRead,
+                format!("reading the options of {}", ctx.ns),
+                e,
+            ))
+        }
+    };
+    let want = validation_options(&source_options);
+    *ctx.source_validator.lock() = want
+        .get_document("validator")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .cloned();
+    let dest_db = ctx.pipeline.dest.database(&ctx.target.db);
+    let dest_listed = listed_collection(&dest_db, &ctx.target.coll)
+        .await
+        .map_err(|e| dest_error("reading the destination collection's options", e))?;
+    match dest_listed {
+        None => {
+            create(ctx, &dest_db, &source_options).await?;
+            cp.destination_validation = Some(want);
+        }
+        Some((_, dest_options)) => {
+            if check_collation(ctx, &dest_db, &source_options, &dest_options).await? {
+                cp.destination_validation = Some(want);
+            } else {
+                align_validation(ctx, &dest_db, &dest_options, want, cp).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Brings the destination's validation options to `want` when the daemon may change them.
+async fn align_validation(
+    ctx: &WorkerContext,
+    dest_db: &Database,
+    dest_options: &Document,
+    want: Document,
+    cp: &mut Checkpoint,
+) -> Result<(), SyncError> {
+    let have = validation_options(dest_options);
+    if same_validation(&have, &want) {
+        cp.destination_validation = Some(want);
+        return Ok(());
+    }
+    let ours = have.is_empty()
+        || cp
+            .destination_validation
+            .as_ref()
+            .is_some_and(|set| same_validation(set, &have));
+    if !ours {
+        tracing::warn!(namespace = %ctx.label(), target = %ctx.target, destination = %have, source = %want, "the destination collection has validation options of its own (not the source's, not set by mongo-syncd); left as they are: documents it rejects are dead-lettered");
+        return Ok(());
+    }
+    let mut cmd = doc! {"collMod": ctx.target.coll.clone()};
+    cmd.extend(validation_changes(&have, &want));
+    dest_db.run_command(cmd).await.map_err(|e| {
+        dest_error(
+            "aligning the destination collection's validation options",
+            e,
+        )
+    })?;
+    tracing::info!(namespace = %ctx.label(), target = %ctx.target, from = %have, to = %want, "aligned the destination collection's validation options with the source's");
+    cp.destination_validation = Some(want);
+    Ok(())
+}
+
+/// A `modify` event applied to the destination: the validation options it set are now the
+/// daemon's, and the source's validator is what replication writes compare with.
+pub fn record_modify(ctx: &WorkerContext, cp: &mut Checkpoint, applied: &Document) {
+    let changed = validation_options(applied);
+    if changed.is_empty() {
+        return;
+    }
+    let mut set = cp.destination_validation.clone().unwrap_or_default();
+    for (k, v) in changed {
+        if k == "validator" {
+            *ctx.source_validator.lock() = v.as_document().filter(|d| !d.is_empty()).cloned();
+        }
+        set.insert(k, v);
+    }
+    cp.destination_validation = Some(set);
+}
+
+/// Creates the destination collection with `options` (the source's). Capped collections
+/// become uncapped: the source's capped deletions arrive as delete events.
+async fn create(ctx: &WorkerContext, db: &Database, options: &Document) -> Result<(), SyncError> {
+    let mut cmd = doc! {"create": ctx.target.coll.clone()};
+    for (k, v) in options {
+        if VALIDATION_KEYS.contains(&k.as_str()) || k == "collation" {
+            cmd.insert(k.clone(), v.clone());
+        }
+    }
+    match db.run_command(cmd).await {
+        Ok(_) => Ok(()),
+        // Created concurrently (e.g. by an upsert): fine.
+        Err(e) if matches!(e.kind.as_ref(), mongodb::error::ErrorKind::Command(c) if c.code == 48) => {
+            Ok(())
+        }
+        Err(e) => Err(SyncError::mongo(
+            ErrorKind::DestinationWrite,
+            format!("creating {}", ctx.target),
+            e,
+        )),
+    }
+}
+
+/// Creates the destination collection with the source's options (as discovery saw them) if it
+/// is missing: a `create` event.
+pub async fn ensure(ctx: &WorkerContext) -> Result<(), SyncError> {
+    let db = ctx.pipeline.dest.database(&ctx.target.db);
+    match listed_collection(&db, &ctx.target.coll).await {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => create(ctx, &db, &ctx.options).await,
+        Err(e) => Err(dest_error("listing destination collections", e)),
+    }
+}
+
+/// A collation as compared: absent and `{locale: "simple"}` are the binary comparison.
+fn effective_collation(options: &Document) -> Option<&Document> {
+    options
+        .get_document("collation")
+        .ok()
+        .filter(|c| c.get_str("locale").ok() != Some("simple"))
+}
+
+/// Whether two collation documents are the same, whatever their field order and numeric types.
+fn same_collation(a: Option<&Document>, b: Option<&Document>) -> bool {
+    fn same_value(x: &Bson, y: &Bson) -> bool {
+        let num = |v: &Bson| match v {
+            Bson::Int32(n) => Some(f64::from(*n)),
+            Bson::Int64(n) => Some(*n as f64),
+            Bson::Double(n) => Some(*n),
+            _ => None,
+        };
+        match (num(x), num(y)) {
+            (Some(p), Some(q)) => p == q,
+            _ => x == y,
+        }
+    }
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => {
+            a.len() == b.len()
+                && a.iter()
+                    .all(|(k, v)| b.get(k).is_some_and(|w| same_value(v, w)))
+        }
+        _ => false,
+    }
+}
+
+fn describe_collation(c: Option<&Document>) -> String {
+    c.map_or_else(|| "simple (binary)".to_string(), |c| c.to_string())
+}
+
+/// DESIGN §2.10: a destination collection whose collation differs from the source's (created
+/// beforehand, restored without options) is never copied into blindly: the copy's extras scan
+/// would walk another `_id` order. Parks the namespace naming both collations, or re-creates
+/// the destination collection with the source's options (`sync.on_collation_mismatch`);
+/// `Ok(true)` when it was re-created.
+async fn check_collation(
+    ctx: &WorkerContext,
+    db: &Database,
+    source_options: &Document,
+    dest_options: &Document,
+) -> Result<bool, SyncError> {
+    let source = effective_collation(source_options);
+    let dest = effective_collation(dest_options);
+    if same_collation(source, dest) {
+        return Ok(false);
+    }
+    let (source, dest) = (describe_collation(source), describe_collation(dest));
+    match ctx.current_settings().on_collation_mismatch {
+        OnCollationMismatch::Park => Err(SyncError::new(
+            ErrorKind::CollationMismatch,
+            format!(
+                "the destination collection {} has collation {dest}, the source collection {} has collation {source}; copying would delete what it copied; drop or re-create the destination collection with the source's collation (or set sync.on_collation_mismatch = \"recreate\"), then force-sync",
+                ctx.target, ctx.ns
+            ),
+        )),
+        OnCollationMismatch::Recreate => {
+            db.collection::<Document>(&ctx.target.coll)
+                .drop()
+                .await
+                .map_err(|e| {
+                    dest_error("dropping a destination collection with another collation", e)
+                })?;
+            tracing::warn!(namespace = %ctx.label(), target = %ctx.target, source_collation = %source, destination_collation = %dest, "the destination collection had another collation; dropped it and re-created it with the source's options (sync.on_collation_mismatch = \"recreate\")");
+            create(ctx, db, source_options).await?;
+            Ok(true)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_options_are_the_three_keys() {
+        let o = doc! {"validator": {"n": 1}, "collation": {"locale": "fr"}, "validationLevel": "moderate", "capped": true};
+        assert_eq!(
+            validation_options(&o),
+            doc! {"validator": {"n": 1}, "validationLevel": "moderate"}
+        );
+    }
+
+    #[test]
+    fn changes_set_what_differs_and_reset_what_is_gone() {
+        let have =
+            doc! {"validator": {"n": 1}, "validationLevel": "moderate", "validationAction": "warn"};
+        let want = doc! {"validator": {"m": 1}, "validationAction": "warn"};
+        assert_eq!(
+            validation_changes(&have, &want),
+            doc! {"validator": {"m": 1}, "validationLevel": "strict"}
+        );
+        assert_eq!(validation_changes(&want, &want), doc! {});
+        // An empty validator on the source is copied literally.
+        assert_eq!(
+            validation_changes(&doc! {}, &doc! {"validator": {}}),
+            doc! {"validator": {}}
+        );
+    }
+
+    #[test]
+    fn same_validation_ignores_key_order() {
+        assert!(same_validation(
+            &doc! {"validator": {"n": 1}, "validationLevel": "moderate"},
+            &doc! {"validationLevel": "moderate", "validator": {"n": 1}}
+        ));
+        assert!(!same_validation(&doc! {}, &doc! {"validator": {}}));
+    }
+
+    #[test]
+    fn collations_compare_by_value() {
+        let a = doc! {"locale": "fr", "strength": 2};
+        let b = doc! {"strength": 2i64, "locale": "fr"};
+        assert!(same_collation(Some(&a), Some(&b)));
+        assert!(same_collation(
+            effective_collation(&doc! {"collation": {"locale": "simple"}}),
+            None
+        ));
+    }
+}
