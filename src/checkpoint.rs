@@ -80,6 +80,10 @@ pub struct Checkpoint {
     /// repair was still writing: retried from the source later, dead-lettered only if they
     /// still conflict once replay has caught up (see `unique_conflicts`).
     pub copy_duplicates: Vec<Bson>,
+    /// Names of the destination indexes mongo-syncd created from the source's. A re-copy drops
+    /// those the source no longer has; any other destination index is someone else's and stays.
+    /// Survives re-copies of the same incarnation.
+    pub destination_indexes: Vec<String>,
     pub updated_at: Option<DateTime>,
 }
 
@@ -124,6 +128,20 @@ impl CheckpointKey {
 }
 
 impl Checkpoint {
+    /// This checkpoint, keeping what an earlier one of the same incarnation recorded about the
+    /// destination state mongo-syncd owns (validation options, indexes): a re-copy must know
+    /// what it may change there.
+    pub fn owning_destination_state_of(self, old: Option<Checkpoint>) -> Checkpoint {
+        match old {
+            Some(old) => Checkpoint {
+                destination_validation: old.destination_validation,
+                destination_indexes: old.destination_indexes,
+                ..self
+            },
+            None => self,
+        }
+    }
+
     pub fn to_document(&self, key: &CheckpointKey) -> Document {
         let opt_doc = |d: &Option<Document>| d.clone().map(Bson::Document).unwrap_or(Bson::Null);
         let opt_ts = |t: &Option<Timestamp>| t.map(Bson::Timestamp).unwrap_or(Bson::Null);
@@ -149,6 +167,7 @@ impl Checkpoint {
             },
             "destination_validation": opt_doc(&self.destination_validation),
             "copy_duplicates": self.copy_duplicates.clone(),
+            "destination_indexes": self.destination_indexes.clone(),
             "updated_at": DateTime::now(),
         }
     }
@@ -187,6 +206,14 @@ impl Checkpoint {
                 .map(|r| r.get("next").filter(|b| !matches!(b, Bson::Null)).cloned()),
             destination_validation: d.get_document("destination_validation").ok().cloned(),
             copy_duplicates: d.get_array("copy_duplicates").cloned().unwrap_or_default(),
+            destination_indexes: d
+                .get_array("destination_indexes")
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|n| n.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default(),
             updated_at: d.get_datetime("updated_at").ok().copied(),
         }
     }
@@ -414,6 +441,7 @@ mod tests {
             reconcile_next: Some(Some(Bson::Int32(7))),
             destination_validation: Some(doc! {"validator": {"n": {"$gte": 1}}}),
             copy_duplicates: vec![Bson::Int64(1 << 60), Bson::String("x".into())],
+            destination_indexes: vec!["email_1".into()],
             updated_at: None,
         };
         let d = cp.to_document(&key);

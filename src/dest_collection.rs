@@ -276,6 +276,123 @@ async fn check_collation(
     }
 }
 
+/// Copies the source's indexes. Non-unique ones (`unique_only = false`) right after the copy,
+/// recording unique ones as pending; unique ones once replay has passed the copy's end. Right
+/// after a copy, the indexes mongo-syncd created that the source no longer has are dropped
+/// (a `dropIndexes` lost with history or made while stopped).
+pub async fn create_indexes(
+    ctx: &WorkerContext,
+    cp: &mut Checkpoint,
+    unique_only: bool,
+) -> Result<(), SyncError> {
+    let specs = ctx.pipeline.source.list_indexes(&ctx.ns).await?;
+    if !unique_only {
+        drop_indexes_gone_from_source(ctx, cp, &specs).await?;
+    }
+    let mut to_create = Vec::new();
+    let mut pending_unique = false;
+    for mut spec in specs {
+        if spec.get_str("name").ok() == Some("_id_") {
+            continue;
+        }
+        let unique = spec.get_bool("unique").unwrap_or(false);
+        if unique != unique_only {
+            pending_unique |= unique;
+            continue;
+        }
+        spec.remove("v");
+        spec.remove("ns");
+        if let Some(secs) = spec.get("expireAfterSeconds").cloned() {
+            if let Ok(name) = spec.get_str("name") {
+                cp.ttl_indexes.insert(name.to_string(), secs);
+            }
+            spec.insert("expireAfterSeconds", crate::worker::TTL_DISABLED_SECONDS);
+        }
+        to_create.push(spec);
+    }
+    if !unique_only {
+        cp.unique_indexes_pending = pending_unique;
+    }
+    if to_create.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<String> = to_create
+        .iter()
+        .filter_map(|s| s.get_str("name").ok().map(str::to_string))
+        .collect();
+    let result = ctx
+        .pipeline.dest
+        .database(&ctx.target.db)
+        .run_command(doc! {"createIndexes": ctx.target.coll.clone(), "indexes": to_create, "writeConcern": {"w": "majority", "j": true}})
+        .await;
+    match result {
+        Ok(_) => {
+            tracing::info!(namespace = %ctx.label(), indexes = ?names, unique = unique_only, "indexes created on the destination");
+            own_indexes(cp, names);
+            Ok(())
+        }
+        Err(e) => {
+            let class = crate::error::classify_mongo(&e);
+            if class == crate::error::ErrorClass::Transient {
+                return Err(SyncError::mongo(
+                    ErrorKind::DestinationWrite,
+                    "creating indexes",
+                    e,
+                ));
+            }
+            // An index that cannot be built (conflicting definition, duplicates on the
+            // destination) must not stop replication: report it and go on.
+            tracing::error!(namespace = %ctx.label(), indexes = ?names, error = %crate::config::redact_text(&e.to_string()), "could not create indexes on the destination");
+            Ok(())
+        }
+    }
+}
+
+/// Records destination indexes mongo-syncd created (see `Checkpoint::destination_indexes`).
+pub fn own_indexes(cp: &mut Checkpoint, names: Vec<String>) {
+    for name in names {
+        if !cp.destination_indexes.contains(&name) {
+            cp.destination_indexes.push(name);
+        }
+    }
+}
+
+/// Drops the destination indexes mongo-syncd created whose name the source no longer has.
+async fn drop_indexes_gone_from_source(
+    ctx: &WorkerContext,
+    cp: &mut Checkpoint,
+    source_specs: &[Document],
+) -> Result<(), SyncError> {
+    let on_source: Vec<&str> = source_specs
+        .iter()
+        .filter_map(|s| s.get_str("name").ok())
+        .collect();
+    let gone: Vec<String> = cp
+        .destination_indexes
+        .iter()
+        .filter(|n| !on_source.contains(&n.as_str()))
+        .cloned()
+        .collect();
+    let db = ctx.pipeline.dest.database(&ctx.target.db);
+    for name in gone {
+        match db
+            .run_command(doc! {"dropIndexes": ctx.target.coll.clone(), "index": name.as_str()})
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(namespace = %ctx.label(), index = %name, "dropped a destination index the source no longer has");
+            }
+            // Already gone (index or collection not found).
+            Err(e) if matches!(e.kind.as_ref(), mongodb::error::ErrorKind::Command(c) if c.code == 27 || c.code == 26) =>
+                {}
+            Err(e) => return Err(dest_error("dropping an index the source no longer has", e)),
+        }
+        cp.destination_indexes.retain(|n| n != &name);
+        cp.ttl_indexes.remove(&name);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

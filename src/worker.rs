@@ -421,13 +421,9 @@ pub async fn run(
         (Some(cp), Recopy::No) => cp,
         (old, Recopy::HistoryLost) => Checkpoint {
             history_lost_recopies: old.as_ref().map_or(0, |o| o.history_lost_recopies.max(0)) + 1,
-            destination_validation: old.and_then(|o| o.destination_validation),
-            ..Checkpoint::default()
+            ..Checkpoint::default().owning_destination_state_of(old)
         },
-        (old, Recopy::Operator) => Checkpoint {
-            destination_validation: old.and_then(|o| o.destination_validation),
-            ..Checkpoint::default()
-        },
+        (old, Recopy::Operator) => Checkpoint::default().owning_destination_state_of(old),
         (None, Recopy::No) if ctx.current_settings().initial_copy == InitialCopy::Skip => {
             skip_copy_start(ctx).await?
         }
@@ -670,9 +666,8 @@ async fn initial_copy(
             phase: Phase::Copying,
             start_token: Some(serialize_token(&token)?),
             history_lost_recopies: cp.history_lost_recopies,
-            destination_validation: cp.destination_validation.take(),
             target: Some(ctx.target.to_string()),
-            ..Checkpoint::default()
+            ..Checkpoint::default().owning_destination_state_of(Some(std::mem::take(cp)))
         };
         ctx.pipeline.checkpoints.reset(&key, cp).await?;
         tracing::info!(namespace = %label, target = %ctx.target, "initial copy starting");
@@ -723,7 +718,7 @@ async fn initial_copy(
     }
     // Before the copy's end is taken: what they write from the source is then a replay.
     crate::unique_conflicts::settle_pending(ctx, &applier, cp, Settle::Writing).await?;
-    create_indexes(ctx, cp, false).await?;
+    crate::dest_collection::create_indexes(ctx, cp, false).await?;
     let end = ctx.pipeline.source.cluster_time().await?;
     cp.phase = Phase::Streaming;
     cp.resume_token = cp.start_token.clone();
@@ -814,72 +809,6 @@ pub fn projected_oplog_window(span_secs: u64, size: f64, max_size: f64) -> Optio
         return None;
     }
     Some((span_secs as f64 * max_size / size).round() as u64)
-}
-
-/// Copies the source's indexes. Non-unique ones (`unique_only = false`) right after the copy,
-/// recording unique ones as pending; unique ones once replay has passed the copy's end.
-async fn create_indexes(
-    ctx: &WorkerContext,
-    cp: &mut Checkpoint,
-    unique_only: bool,
-) -> Result<(), SyncError> {
-    let specs = ctx.pipeline.source.list_indexes(&ctx.ns).await?;
-    let mut to_create = Vec::new();
-    let mut pending_unique = false;
-    for mut spec in specs {
-        if spec.get_str("name").ok() == Some("_id_") {
-            continue;
-        }
-        let unique = spec.get_bool("unique").unwrap_or(false);
-        if unique != unique_only {
-            pending_unique |= unique;
-            continue;
-        }
-        spec.remove("v");
-        spec.remove("ns");
-        if let Some(secs) = spec.get("expireAfterSeconds").cloned() {
-            if let Ok(name) = spec.get_str("name") {
-                cp.ttl_indexes.insert(name.to_string(), secs);
-            }
-            spec.insert("expireAfterSeconds", TTL_DISABLED_SECONDS);
-        }
-        to_create.push(spec);
-    }
-    if !unique_only {
-        cp.unique_indexes_pending = pending_unique;
-    }
-    if to_create.is_empty() {
-        return Ok(());
-    }
-    let names: Vec<String> = to_create
-        .iter()
-        .filter_map(|s| s.get_str("name").ok().map(str::to_string))
-        .collect();
-    let result = ctx
-        .pipeline.dest
-        .database(&ctx.target.db)
-        .run_command(doc! {"createIndexes": ctx.target.coll.clone(), "indexes": to_create, "writeConcern": {"w": "majority", "j": true}})
-        .await;
-    match result {
-        Ok(_) => {
-            tracing::info!(namespace = %ctx.label(), indexes = ?names, unique = unique_only, "indexes created on the destination");
-            Ok(())
-        }
-        Err(e) => {
-            let class = crate::error::classify_mongo(&e);
-            if class == crate::error::ErrorClass::Transient {
-                return Err(SyncError::mongo(
-                    ErrorKind::DestinationWrite,
-                    "creating indexes",
-                    e,
-                ));
-            }
-            // An index that cannot be built (conflicting definition, duplicates on the
-            // destination) must not stop replication: report it and go on.
-            tracing::error!(namespace = %ctx.label(), indexes = ?names, error = %crate::config::redact_text(&e.to_string()), "could not create indexes on the destination");
-            Ok(())
-        }
-    }
 }
 
 /// Reads the change stream into the bounded queue. Every awaiting `getMore` (and the opening
@@ -1259,7 +1188,7 @@ async fn maybe_finish_replay(
     }
     if cp.unique_indexes_pending || cp.history_lost_recopies > 0 {
         if cp.unique_indexes_pending {
-            create_indexes(ctx, cp, true).await?;
+            crate::dest_collection::create_indexes(ctx, cp, true).await?;
             cp.unique_indexes_pending = false;
         }
         cp.history_lost_recopies = 0;
@@ -1496,14 +1425,21 @@ async fn apply_ddl(
                     }
                 }
                 if !specs.is_empty() {
-                    if let Err(e) = db
+                    let names: Vec<String> = specs
+                        .iter()
+                        .filter_map(|s| s.get_str("name").ok().map(str::to_string))
+                        .collect();
+                    match db
                         .run_command(doc! {"createIndexes": ctx.target.coll.clone(), "indexes": specs, "writeConcern": {"w": "majority", "j": true}})
                         .await
                     {
-                        if crate::error::classify_mongo(&e) == crate::error::ErrorClass::Transient {
-                            return Err(dest_err("creating indexes", e));
+                        Ok(_) => crate::dest_collection::own_indexes(cp, names),
+                        Err(e) => {
+                            if crate::error::classify_mongo(&e) == crate::error::ErrorClass::Transient {
+                                return Err(dest_err("creating indexes", e));
+                            }
+                            tracing::error!(namespace = %label, error = %crate::config::redact_text(&e.to_string()), "could not create an index on the destination");
                         }
-                        tracing::error!(namespace = %label, error = %crate::config::redact_text(&e.to_string()), "could not create an index on the destination");
                     }
                 }
             }
@@ -1517,6 +1453,7 @@ async fn apply_ddl(
                             continue;
                         };
                         cp.ttl_indexes.remove(name);
+                        cp.destination_indexes.retain(|n| n != name);
                         match db
                             .run_command(
                                 doc! {"dropIndexes": ctx.target.coll.clone(), "index": name},

@@ -285,3 +285,83 @@ async fn soak_a_recopy_into_a_unique_index_frees_keys_before_it_writes() {
     assert!(dead_letters(&c.dst).await.is_empty(), "log:\n{}", d.logs());
     assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
 }
+
+async fn index_names(client: &Client, db: &str, coll: &str) -> Vec<String> {
+    let mut names = client
+        .database(db)
+        .collection::<Document>(coll)
+        .list_index_names()
+        .await
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Seed 774 (two history losses): `dropIndex(email_1)` fell off the oplog with the rest of the
+/// history; the re-copy created the source's indexes but never dropped the one the source no
+/// longer had ("indexes differ"). A re-copy drops the indexes mongo-syncd created that the
+/// source no longer has, and leaves an index the operator added on the destination alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_an_index_dropped_while_history_was_lost_is_dropped_on_the_destination() {
+    let c = Clusters::start_with_oplog(40).await;
+    let db = c.src.database("s774");
+    db.collection::<Document>("a")
+        .insert_many((0..5).map(|i| doc! {"_id": i, "email": format!("e{i}"), "n": i}))
+        .await
+        .unwrap();
+    db.run_command(doc! {"createIndexes": "a", "indexes": [{"key": {"email": 1}, "name": "email_1", "unique": true}]})
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = "[sync]\nnamespaces = [\"s774.*\"]\n";
+    let mut d = Daemon::start(&c, dir.path(), config);
+    d.wait_streaming("s774.a").await;
+    wait_until(
+        "email_1 on the destination",
+        Duration::from_secs(30),
+        || async {
+            index_names(&c.dst, "s774", "a")
+                .await
+                .contains(&"email_1".to_string())
+        },
+    )
+    .await;
+    assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
+
+    // The operator's own destination index, then, while the daemon is stopped, the source
+    // drops email_1 and the oplog wraps past it.
+    c.dst
+        .database("s774")
+        .run_command(doc! {"createIndexes": "a", "indexes": [{"key": {"n": 1}, "name": "ops_n"}]})
+        .await
+        .unwrap();
+    db.run_command(doc! {"dropIndexes": "a", "index": "email_1"})
+        .await
+        .unwrap();
+    let filler = c.src.database("s774_filler").collection::<Document>("f");
+    for i in 0..100 {
+        filler.insert_one(doc! {"_id": i}).await.unwrap();
+    }
+    let mut d = Daemon::start(&c, dir.path(), config);
+    wait_until(
+        "email_1 dropped on the destination",
+        Duration::from_secs(60),
+        || async {
+            !index_names(&c.dst, "s774", "a")
+                .await
+                .contains(&"email_1".to_string())
+        },
+    )
+    .await;
+    wait_converged(&c, &[("s774", "a")], Duration::from_secs(30)).await;
+    assert_eq!(
+        index_names(&c.dst, "s774", "a").await,
+        vec!["_id_".to_string(), "ops_n".to_string()]
+    );
+    assert!(
+        d.logs().contains("history lost"),
+        "the scenario lost history:\n{}",
+        d.logs()
+    );
+    assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
+}
