@@ -440,6 +440,25 @@ async fn submit(
             ),
         );
     }
+    // A namespace parked for a rename collision has no worker: accepting would do nothing.
+    let colliding: Vec<&str> = namespaces
+        .iter()
+        .filter(|ns| {
+            s.status.get(ns).is_some_and(|st| {
+                st.parked_reason.as_deref() == Some(crate::supervisor::RENAME_COLLISION)
+            })
+        })
+        .map(String::as_str)
+        .collect();
+    if !colliding.is_empty() {
+        return error(
+            StatusCode::CONFLICT,
+            &format!(
+                "parked with reason rename_collision (sync.rename maps several source namespaces onto one destination namespace): {}; fix sync.rename and reload (SIGHUP), nothing is synced meanwhile",
+                colliding.join(", ")
+            ),
+        );
+    }
     if s.control.send(request(namespaces.clone())).await.is_err() {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,

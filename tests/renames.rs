@@ -55,6 +55,17 @@ async fn a_changed_rename_copies_the_new_target_by_sighup_and_across_a_restart()
         "[sync]\nnamespaces = [\"shop.*\"]\n[sync.rename]\n\"shop.orders\" = \"shop.orders_v2\"\n",
     );
     d.signal("HUP");
+    // Writes made before the reload takes effect may still reach the old target: wait for it.
+    wait_until(
+        "the reload took effect",
+        Duration::from_secs(30),
+        || async {
+            d.status()
+                .await
+                .is_some_and(|s| s["namespaces"]["shop.orders"]["target"] == "shop.orders_v2")
+        },
+    )
+    .await;
     orders.insert_one(doc! {"_id": 1_000}).await.unwrap();
     wait_count(&c, "shop", "orders_v2", 1_001).await;
     d.wait_streaming("shop.orders").await;
@@ -112,7 +123,11 @@ async fn two_sources_renamed_into_one_target_are_parked_not_merged() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     // Wildcards: check-config cannot see that `b` exists; discovery does.
-    let d = Daemon::start(&c, dir.path(), "[sync.rename]\na = \"b\"\n");
+    let d = Daemon::start(
+        &c,
+        dir.path(),
+        "token = \"rename-token\"\n\n[sync.rename]\na = \"b\"\n",
+    );
     let parked = |status: &serde_json::Value, ns: &str| {
         status["namespaces"][ns]["state"] == "parked"
             && status["namespaces"][ns]["parked_reason"] == "rename_collision"
@@ -135,4 +150,24 @@ async fn two_sources_renamed_into_one_target_are_parked_not_merged() {
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("rename_collision"), "{body}");
     assert!(d.logs().contains("rename_collision"), "{}", d.logs());
+    // A force-sync or validation of a colliding namespace would do nothing: refused with 409.
+    for path in ["/api/v1/force-sync", "/api/v1/validate"] {
+        let resp = reqwest::Client::new()
+            .post(format!("http://{}{path}", d.http))
+            .bearer_auth("rename-token")
+            .header("content-type", "application/json")
+            .body(r#"{"namespaces": ["a.x"]}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 409, "{path}");
+        let body: serde_json::Value = resp.json().await.unwrap();
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("rename_collision"),
+            "{path}: {body}"
+        );
+    }
 }
