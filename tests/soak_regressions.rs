@@ -365,3 +365,69 @@ async fn soak_an_index_dropped_while_history_was_lost_is_dropped_on_the_destinat
     );
     assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
 }
+
+/// Seeds 3 and 67 (loaded machine; SIGKILL while a checkpoint write was held, and SIGKILL then
+/// history loss): the daemon died after it gave the destination collection its validator but
+/// before the checkpoint recorded that validator as its own. After the restart the re-copy took
+/// it for the operator's, left it (options differ) and dead-lettered a document under it (121).
+/// The validation options are now recorded as intended before the `create`/`collMod`; here the
+/// crash is reproduced by rewriting the checkpoint as it was left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_a_validator_set_just_before_a_crash_is_still_the_daemons() {
+    let c = Clusters::start_with_oplog(40).await;
+    let db = c.src.database("s3");
+    db.run_command(doc! {"create": "a", "validator": {"n": {"$gte": 0}}})
+        .await
+        .unwrap();
+    db.collection::<Document>("a")
+        .insert_many((0..5).map(|i| doc! {"_id": i, "n": i}))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = "[sync]\nnamespaces = [\"s3.*\"]\n";
+    let mut d = Daemon::start(&c, dir.path(), config);
+    d.wait_streaming("s3.a").await;
+    wait_converged(&c, &[("s3", "a")], Duration::from_secs(30)).await;
+    assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
+
+    // The checkpoint as a crash between the create and its record leaves it.
+    let checkpoints = c
+        .dst
+        .database("mongo_syncd")
+        .collection::<Document>("checkpoints");
+    let updated = checkpoints
+        .update_many(
+            doc! {"_id.ns": "s3.a"},
+            doc! {"$set": {"destination_validation": null, "destination_validation_next": {"validator": {"n": {"$gte": 0}}}}},
+        )
+        .await
+        .unwrap();
+    assert_eq!(updated.modified_count, 1);
+    // While stopped: the source's validator changes, a document only the new one accepts
+    // arrives, and the oplog wraps past both.
+    db.run_command(doc! {"collMod": "a", "validator": {"email": {"$type": "string"}}})
+        .await
+        .unwrap();
+    db.collection::<Document>("a")
+        .insert_one(doc! {"_id": 99, "email": "no n"})
+        .await
+        .unwrap();
+    let filler = c.src.database("s3_filler").collection::<Document>("f");
+    for i in 0..100 {
+        filler.insert_one(doc! {"_id": i}).await.unwrap();
+    }
+    let mut d = Daemon::start(&c, dir.path(), config);
+    wait_until(
+        "the destination's validation options equal the source's",
+        Duration::from_secs(60),
+        || async {
+            validation_options(&c.dst, "s3", "a").await
+                == validation_options(&c.src, "s3", "a").await
+        },
+    )
+    .await;
+    wait_converged(&c, &[("s3", "a")], Duration::from_secs(30)).await;
+    assert!(dead_letters(&c.dst).await.is_empty(), "log:\n{}", d.logs());
+    assert!(d.logs().contains("history lost"), "{}", d.logs());
+    assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
+}
