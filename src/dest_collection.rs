@@ -74,12 +74,17 @@ fn dest_error(context: &str, e: mongodb::error::Error) -> SyncError {
 /// Before a copy writes (called after its start point is taken): the destination collection
 /// exists with the source's current options, its validation options match the source's
 /// unless they are the operator's own, and its collation is the source's.
-pub async fn prepare(ctx: &WorkerContext, cp: &mut Checkpoint) -> Result<(), SyncError> {
+///
+/// `Ok(false)`, with nothing touched on the destination, when this incarnation of the
+/// collection is no longer on the source under its name: dropped, renamed away or re-created
+/// before the start point was taken, so its stream will never say so. The worker then stops
+/// and leaves its checkpoint to discovery, which finishes a gone incarnation from the listing
+/// (or resumes it if the collection comes back under this name).
+pub async fn prepare(ctx: &WorkerContext, cp: &mut Checkpoint) -> Result<bool, SyncError> {
     let source_db = ctx.pipeline.source.client().database(&ctx.ns.db);
     let source_options = match listed_collection(&source_db, &ctx.ns.coll).await {
         Ok(Some((uuid, options))) if ctx.uuid.is_none() || uuid == ctx.uuid => options,
-        // Gone or re-created: this incarnation's stream finishes it; keep what discovery saw.
-        Ok(_) => ctx.options.clone(),
+        Ok(_) => return Ok(false),
         Err(e) => {
             return Err(SyncError::mongo(
                 ErrorKind::SourceRead,
@@ -124,7 +129,7 @@ pub async fn prepare(ctx: &WorkerContext, cp: &mut Checkpoint) -> Result<(), Syn
             }
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Persists the validation options about to be given to the destination before giving them:
