@@ -120,6 +120,10 @@ pub mod codes {
     pub const NOT_PRIMARY_NO_SECONDARY_OK: i32 = 13435;
     pub const NOT_PRIMARY_OR_SECONDARY: i32 = 13436;
     pub const CHANGE_STREAM_NOT_SUPPORTED_STAGE: i32 = 40324;
+    pub const VIEW_DEPTH_LIMIT_EXCEEDED: i32 = 149;
+    pub const COMMAND_NOT_SUPPORTED_ON_VIEW: i32 = 166;
+    pub const OPTION_NOT_SUPPORTED_ON_VIEW: i32 = 167;
+    pub const MERGE_STAGE_NO_MATCHING_DOCUMENT: i32 = 13113;
     pub const LOCATION_40415_UNKNOWN_FIELD: i32 = 40415;
 }
 
@@ -169,6 +173,9 @@ pub fn code_name(code: i32) -> &'static str {
         133 => "FailedToSatisfyReadPreference",
         134 => "ReadConcernMajorityNotAvailableYet",
         136 => "CappedPositionLost",
+        149 => "ViewDepthLimitExceeded",
+        166 => "CommandNotSupportedOnView",
+        167 => "OptionNotSupportedOnView",
         150 => "StaleEpoch",
         189 => "PrimarySteppedDown",
         216 => "ElectionInProgress",
@@ -189,6 +196,7 @@ pub fn code_name(code: i32) -> &'static str {
         11000 => "DuplicateKey",
         11600 => "InterruptedAtShutdown",
         11602 => "InterruptedDueToReplStateChange",
+        13113 => "MergeStageNoMatchingDocument",
         13388 => "StaleConfig",
         13435 => "NotPrimaryNoSecondaryOk",
         13436 => "NotPrimaryOrSecondary",

@@ -22,6 +22,7 @@ use crate::{
         },
     },
     store::{Catalog, Collection, DocRef, Namespace},
+    views,
 };
 
 /// The collection, created implicitly (with a `create` oplog entry) when missing.
@@ -31,6 +32,9 @@ pub fn ensure_collection<'c>(
     ns: &Namespace,
 ) -> CommandResult<&'c mut Collection> {
     if cat.get(ns).is_none() {
+        if views::is_view(cat, ns) {
+            return Err(views::not_a_collection(ns));
+        }
         crate::store::check_names(ns)?;
         if matches!(ns.db.as_str(), "admin" | "local" | "config") && !ns.is_system() {
             // Real servers allow some of these; the simulator keeps them read-only and empty.
@@ -70,7 +74,7 @@ fn bypass(ctx: &Ctx<'_>) -> bool {
 }
 
 /// Deletes the oldest documents of a capped collection that exceed its limits.
-fn enforce_capped(coll: &mut Collection, sink: &mut dyn WriteSink) {
+pub(super) fn enforce_capped(coll: &mut Collection, sink: &mut dyn WriteSink) {
     for id in coll.capped_overflow() {
         if let Some(change) = coll.delete(&id) {
             let images = coll.pre_and_post_images();
@@ -79,7 +83,7 @@ fn enforce_capped(coll: &mut Collection, sink: &mut dyn WriteSink) {
     }
 }
 
-fn emit(coll: &Collection, sink: &mut dyn WriteSink, change: crate::store::DocChange) {
+pub(super) fn emit(coll: &Collection, sink: &mut dyn WriteSink, change: crate::store::DocChange) {
     let images = coll.pre_and_post_images();
     sink.emit(change_to_op(coll, change), images);
 }
@@ -143,6 +147,9 @@ pub fn insert(ctx: &Ctx<'_>) -> CommandResult<Document> {
     let ordered = ctx.cmd.get_bool("ordered").unwrap_or(true);
     let bypass = bypass(ctx);
     let (n, errors) = ctx.write(|cat, sink| {
+        if views::is_view(cat, &ns) {
+            return Ok((0, view_write_errors(&ns, docs.len(), ordered)));
+        }
         let coll = ensure_collection(cat, sink, &ns)?;
         let mut n = 0i32;
         let mut errors = Vec::new();
@@ -174,6 +181,20 @@ pub fn insert(ctx: &Ctx<'_>) -> CommandResult<Document> {
     finish_write(ctx, doc! {"n": n}, errors)
 }
 
+/// A write to a view fails statement by statement (the first only when ordered).
+fn view_write_errors(
+    ns: &Namespace,
+    statements: usize,
+    ordered: bool,
+) -> Vec<(usize, CommandError)> {
+    let n = if ordered {
+        statements.min(1)
+    } else {
+        statements
+    };
+    (0..n).map(|i| (i, views::not_a_collection(ns))).collect()
+}
+
 /// `_id`s of the documents matching a filter, in `_id` order (at most `limit`).
 pub fn matching(coll: &Collection, matcher: &Matcher, limit: Option<usize>) -> Vec<DocRef> {
     if let Some(id) = matcher.id_equality() {
@@ -196,7 +217,7 @@ pub fn matching(coll: &Collection, matcher: &Matcher, limit: Option<usize>) -> V
     out
 }
 
-fn update_context(
+pub(super) fn update_context(
     sink: &dyn WriteSink,
     upsert_insert: bool,
     array_filters: Vec<Document>,
@@ -460,6 +481,10 @@ pub fn update(ctx: &Ctx<'_>) -> CommandResult<Document> {
         let mut n = 0i64;
         let mut modified = 0i64;
         let mut upserted = Vec::new();
+        if views::is_view(cat, &ns) {
+            let errors = view_write_errors(&ns, updates.len(), ordered);
+            return Ok((n, modified, upserted, errors));
+        }
         let mut errors = Vec::new();
         for (i, stmt) in updates.iter().enumerate() {
             let result = match stmt {
@@ -500,6 +525,9 @@ pub fn delete(ctx: &Ctx<'_>) -> CommandResult<Document> {
     let ordered = ctx.cmd.get_bool("ordered").unwrap_or(true);
     let lets = command_lets(ctx, "delete.let")?;
     let (n, errors) = ctx.write(|cat, sink| {
+        if views::is_view(cat, &ns) {
+            return Ok((0, view_write_errors(&ns, deletes.len(), ordered)));
+        }
         let mut n = 0i32;
         let mut errors = Vec::new();
         for (i, stmt) in deletes.iter().enumerate() {
@@ -595,6 +623,9 @@ pub fn find_and_modify(ctx: &Ctx<'_>) -> CommandResult<Document> {
     lets::check_filter(&query, &lets)?;
     let matcher = Matcher::new(&query)?.with_lets(std::sync::Arc::clone(&lets));
     let (last_error, value) = ctx.write(|cat, sink| {
+        if views::is_view(cat, &ns) {
+            return Err(views::not_a_collection(&ns));
+        }
         super::fields::check_hint(cat.get(&ns), cmd.get("hint"))?;
         let target = match cat.get(&ns) {
             Some(c) => {

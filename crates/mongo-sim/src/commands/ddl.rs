@@ -6,9 +6,11 @@ use bson::{doc, Bson, Document};
 
 use super::{coll_arg, Ctx};
 use crate::{
+    engine::change_to_op,
     error::{codes, CommandError, CommandResult},
     oplog::OplogOp,
     store::{check_names, Collection, Index, Namespace},
+    views::{self, ViewDef},
 };
 
 /// `create` options stored on the collection (and reported by `listCollections`).
@@ -37,10 +39,19 @@ fn not_found(ns: &Namespace) -> CommandError {
 
 pub fn create(ctx: &Ctx<'_>) -> CommandResult<Document> {
     let ns = coll_arg(ctx)?;
-    if ctx.cmd.contains_key("viewOn") || ctx.cmd.contains_key("timeseries") {
+    if ctx.cmd.contains_key("timeseries") {
         return Err(CommandError::new(
             codes::COMMAND_NOT_SUPPORTED,
-            "views and time-series collections are not supported by the simulator",
+            "time-series collections are not supported by the simulator",
+        ));
+    }
+    if ctx.cmd.contains_key("viewOn") {
+        return create_view(ctx, ns);
+    }
+    if ctx.cmd.contains_key("pipeline") {
+        return Err(CommandError::new(
+            codes::INVALID_OPTIONS,
+            "'pipeline' requires 'viewOn' to also be specified",
         ));
     }
     let mut options = Document::new();
@@ -60,6 +71,9 @@ pub fn create(ctx: &Ctx<'_>) -> CommandResult<Document> {
     }
     let new = Collection::new(ns.clone(), options.clone())?;
     ctx.write(|cat, sink| {
+        if views::is_view(cat, &ns) {
+            return Err(view_exists(&ns));
+        }
         if let Some(existing) = cat.get(&ns) {
             if existing.options == options {
                 return Ok(());
@@ -78,6 +92,114 @@ pub fn create(ctx: &Ctx<'_>) -> CommandResult<Document> {
             false,
         );
         cat.insert(new);
+        Ok(())
+    })?;
+    Ok(Document::new())
+}
+
+fn view_exists(ns: &Namespace) -> CommandError {
+    CommandError::new(
+        codes::NAMESPACE_EXISTS,
+        format!("A view already exists. NS: {ns}"),
+    )
+}
+
+/// `create` with `viewOn`: a document in `<db>.system.views` (the collection is created
+/// first when missing), as the server stores views. The collection a view is defined on need
+/// not exist.
+fn create_view(ctx: &Ctx<'_>, ns: Namespace) -> CommandResult<Document> {
+    check_names(&ns)?;
+    let view_on = match ctx.cmd.get("viewOn") {
+        Some(Bson::String(s)) if !s.is_empty() => s.clone(),
+        Some(Bson::String(_)) => {
+            return Err(CommandError::bad_value("'viewOn' cannot be empty"));
+        }
+        _ => {
+            return Err(CommandError::type_mismatch(
+                "BSON field 'create.viewOn' is the wrong type, expected type 'string'",
+            ))
+        }
+    };
+    let pipeline = match ctx.cmd.get("pipeline") {
+        Some(p) => views::check_pipeline(p)?,
+        None => Vec::new(),
+    };
+    for k in ctx.cmd.keys() {
+        match k.as_str() {
+            "create" | "viewOn" | "pipeline" => {}
+            "collation" => {
+                // Only the simple collation exists in the simulator (issue 10 item 3).
+                return Err(CommandError::new(
+                    codes::COMMAND_NOT_SUPPORTED,
+                    "collation on views is not supported by the simulator",
+                ));
+            }
+            k if CREATE_OPTIONS.contains(&k) && k != "comment" => {
+                return Err(CommandError::new(
+                    codes::INVALID_OPTIONS,
+                    format!("option not supported on a view: {k}"),
+                ));
+            }
+            k if k.starts_with('$') || is_generic_argument(k) => {}
+            k => {
+                return Err(CommandError::new(
+                    codes::LOCATION_40415_UNKNOWN_FIELD,
+                    format!("BSON field 'create.{k}' is an unknown field."),
+                ))
+            }
+        }
+    }
+    if ns.is_system() {
+        return Err(CommandError::new(
+            codes::INVALID_NAMESPACE,
+            format!("Invalid namespace specified '{ns}': a view cannot be a system collection"),
+        ));
+    }
+    if ctx.in_transaction() {
+        return Err(CommandError::new(
+            codes::OPERATION_NOT_SUPPORTED_IN_TRANSACTION,
+            "Cannot create a view in a multi-document transaction.",
+        ));
+    }
+    let def = ViewDef { view_on, pipeline };
+    ctx.write(|cat, sink| {
+        if let Some(existing) = views::lookup(cat, &ns) {
+            if existing == def {
+                return Ok(());
+            }
+            return Err(view_exists(&ns));
+        }
+        if cat.get(&ns).is_some() {
+            return Err(CommandError::new(
+                codes::NAMESPACE_EXISTS,
+                format!("Collection {ns} already exists."),
+            ));
+        }
+        // The pipeline must be one the simulator can run (on an empty input it checks the
+        // stage names and their arguments).
+        let probe = crate::query::aggregate::PipelineContext::new(bson::DateTime::now());
+        let stages: Vec<Document> = def
+            .pipeline
+            .iter()
+            .filter_map(|s| s.as_document().cloned())
+            .collect();
+        crate::query::aggregate::run_pipeline(Vec::new(), &stages, &probe)?;
+        let views_ns = views::views_ns(&ns.db);
+        if cat.get(&views_ns).is_none() {
+            let coll = Collection::new(views_ns.clone(), Document::new())?;
+            sink.emit(
+                OplogOp::Create {
+                    ns: views_ns.clone(),
+                    uuid: coll.uuid,
+                    options: Document::new(),
+                },
+                false,
+            );
+            cat.insert(coll);
+        }
+        let views = cat.get_mut(&views_ns).expect("just ensured");
+        let change = views.insert(def.stored(&ns), true)?;
+        sink.emit(change_to_op(views, change), false);
         Ok(())
     })?;
     Ok(Document::new())
@@ -104,6 +226,15 @@ pub fn is_generic_argument(k: &str) -> bool {
 pub fn drop(ctx: &Ctx<'_>) -> CommandResult<Document> {
     let ns = coll_arg(ctx)?;
     let n_indexes = ctx.write(|cat, sink| {
+        if views::is_view(cat, &ns) {
+            let views = cat
+                .get_mut(&views::views_ns(&ns.db))
+                .expect("a view is a document of system.views");
+            if let Some(change) = views.delete(&Bson::String(ns.to_string())) {
+                sink.emit(change_to_op(views, change), false);
+            }
+            return Ok(Some(None));
+        }
         let Some(coll) = cat.remove(&ns) else {
             return Ok(None);
         };
@@ -114,10 +245,12 @@ pub fn drop(ctx: &Ctx<'_>) -> CommandResult<Document> {
             },
             false,
         );
-        Ok(Some(coll.indexes.len() as i32))
+        Ok(Some(Some(coll.indexes.len() as i32)))
     })?;
     Ok(match n_indexes {
-        Some(n) => doc! {"nIndexesWas": n, "ns": ns.to_string()},
+        Some(Some(n)) => doc! {"nIndexesWas": n, "ns": ns.to_string()},
+        // A view has no indexes.
+        Some(None) => doc! {"ns": ns.to_string()},
         None => Document::new(),
     })
 }
@@ -220,6 +353,9 @@ pub fn coll_mod(ctx: &Ctx<'_>) -> CommandResult<Document> {
     let ns = coll_arg(ctx)?;
     let mut reply = Document::new();
     ctx.write(|cat, sink| {
+        if let Some(def) = views::lookup(cat, &ns) {
+            return coll_mod_view(ctx, cat, sink, &ns, def);
+        }
         let coll = cat.get_mut(&ns).ok_or_else(|| not_found(&ns))?;
         let mut options = coll.options.clone();
         let mut changed = Document::new();
@@ -237,6 +373,12 @@ pub fn coll_mod(ctx: &Ctx<'_>) -> CommandResult<Document> {
                     }
                     options.insert(k.clone(), v.clone());
                     changed.insert(k.clone(), v.clone());
+                }
+                "viewOn" | "pipeline" => {
+                    return Err(CommandError::new(
+                        codes::INVALID_OPTIONS,
+                        format!("option only supported on a view: {k}"),
+                    ))
                 }
                 "index" => {
                     let spec = v
@@ -299,6 +441,45 @@ pub fn coll_mod(ctx: &Ctx<'_>) -> CommandResult<Document> {
     Ok(reply)
 }
 
+/// `collMod` of a view: `viewOn` and/or `pipeline` replace the stored definition (a
+/// replacement of its `system.views` document, which change streams report as `modify`).
+fn coll_mod_view(
+    ctx: &Ctx<'_>,
+    cat: &mut crate::store::Catalog,
+    sink: &mut dyn crate::engine::WriteSink,
+    ns: &Namespace,
+    mut def: ViewDef,
+) -> CommandResult<()> {
+    for (k, v) in ctx.cmd {
+        match k.as_str() {
+            "collMod" => {}
+            "viewOn" => match v {
+                Bson::String(s) if !s.is_empty() => def.view_on = s.clone(),
+                _ => {
+                    return Err(CommandError::new(
+                        codes::INVALID_OPTIONS,
+                        "'viewOn' option must be a string",
+                    ))
+                }
+            },
+            "pipeline" => def.pipeline = views::check_pipeline(v)?,
+            other if other.starts_with('$') || is_generic_argument(other) => {}
+            other => {
+                return Err(CommandError::new(
+                    codes::INVALID_OPTIONS,
+                    format!("option not supported on a view: {other}"),
+                ))
+            }
+        }
+    }
+    let views = cat
+        .get_mut(&views::views_ns(&ns.db))
+        .expect("a view is a document of system.views");
+    let change = views.replace(def.stored(ns), None, true)?;
+    sink.emit(change_to_op(views, change), false);
+    Ok(())
+}
+
 pub fn create_indexes(ctx: &Ctx<'_>) -> CommandResult<Document> {
     let ns = coll_arg(ctx)?;
     let specs = ctx
@@ -307,6 +488,12 @@ pub fn create_indexes(ctx: &Ctx<'_>) -> CommandResult<Document> {
         .map_err(|_| CommandError::failed_to_parse("'indexes' must be an array"))?
         .clone();
     ctx.write(|cat, sink| {
+        if views::is_view(cat, &ns) {
+            return Err(CommandError::new(
+                codes::COMMAND_NOT_SUPPORTED_ON_VIEW,
+                "Cannot create indexes on a view",
+            ));
+        }
         let created_automatically = cat.get(&ns).is_none();
         let coll = super::crud::ensure_collection(cat, sink, &ns)?;
         let before = coll.indexes.len() as i32;
@@ -342,6 +529,9 @@ pub fn drop_indexes(ctx: &Ctx<'_>) -> CommandResult<Document> {
         )
     })?;
     ctx.write(|cat, sink| {
+        if views::is_view(cat, &ns) {
+            return Err(views::not_a_collection(&ns));
+        }
         let coll = cat.get_mut(&ns).ok_or_else(|| not_found(&ns))?;
         let was = coll.indexes.len() as i32;
         let names: Vec<String> = match &which {

@@ -8,6 +8,7 @@ pub(crate) mod fields;
 mod lets;
 mod read;
 mod repl;
+mod write_stages;
 
 use std::sync::Arc;
 

@@ -16,3 +16,5 @@ mod retryable;
 mod stepdown;
 mod strict;
 mod transactions;
+mod views;
+mod write_stages;
