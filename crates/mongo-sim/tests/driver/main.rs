@@ -16,3 +16,4 @@ mod retryable;
 mod stepdown;
 mod strict;
 mod transactions;
+mod write_concern;
