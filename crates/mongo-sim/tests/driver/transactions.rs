@@ -426,8 +426,8 @@ async fn ddl_restrictions_inside_transactions() {
             .await
             .unwrap();
         assert_eq!(
-            same.get_i32("numIndexesBefore"),
-            same.get_i32("numIndexesAfter")
+            same.get_i32("numIndexesBefore").unwrap(),
+            same.get_i32("numIndexesAfter").unwrap()
         );
         let err = db
             .run_command(
