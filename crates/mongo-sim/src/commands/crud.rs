@@ -117,15 +117,25 @@ fn array_arg<'c>(ctx: &Ctx<'c>, key: &str) -> CommandResult<&'c [Bson]> {
     }
 }
 
-/// In a transaction a write error fails the whole command (and aborts the transaction).
+/// Whether a batch stops at its first write error: `ordered` batches do, and in a
+/// transaction every batch does (the error aborts the transaction).
+fn stops_at_first_error(ctx: &Ctx<'_>) -> bool {
+    ctx.cmd.get_bool("ordered").unwrap_or(true) || ctx.in_transaction()
+}
+
+/// Adds `writeErrors` to a write reply. In a transaction the batch stopped at its one error,
+/// which MongoDB reports the same way (`ok: 1`, `n` = the writes before it, no error label)
+/// and which aborts the transaction: its next statement and its commit answer
+/// NoSuchTransaction (jstests `core/txns/transactions_write_errors.js`). Transient errors
+/// (WriteConflict) are top-level command errors instead, from [`Ctx::write`].
 fn finish_write(
     ctx: &Ctx<'_>,
     mut reply: Document,
     errors: Vec<(usize, CommandError)>,
 ) -> CommandResult<Document> {
-    if let Some((_, first)) = errors.first() {
+    if !errors.is_empty() {
         if ctx.in_transaction() {
-            return Err(first.clone());
+            ctx.abort_transaction_after_error();
         }
         reply.insert(
             "writeErrors",
@@ -144,7 +154,7 @@ pub fn insert(ctx: &Ctx<'_>) -> CommandResult<Document> {
         Some(docs) => docs,
         None => array_arg(ctx, "documents")?.to_vec(),
     };
-    let ordered = ctx.cmd.get_bool("ordered").unwrap_or(true);
+    let ordered = stops_at_first_error(ctx);
     let bypass = bypass(ctx);
     let (n, errors) = ctx.write(|cat, sink| {
         if views::is_view(cat, &ns) {
@@ -474,7 +484,7 @@ fn apply_one_update(
 pub fn update(ctx: &Ctx<'_>) -> CommandResult<Document> {
     let ns = coll_arg(ctx)?;
     let updates = array_arg(ctx, "updates")?;
-    let ordered = ctx.cmd.get_bool("ordered").unwrap_or(true);
+    let ordered = stops_at_first_error(ctx);
     let bypass = bypass(ctx);
     let lets = command_lets(ctx, "update.let")?;
     let (n, modified, upserted, errors) = ctx.write(|cat, sink| {
@@ -522,7 +532,7 @@ pub fn update(ctx: &Ctx<'_>) -> CommandResult<Document> {
 pub fn delete(ctx: &Ctx<'_>) -> CommandResult<Document> {
     let ns = coll_arg(ctx)?;
     let deletes = array_arg(ctx, "deletes")?;
-    let ordered = ctx.cmd.get_bool("ordered").unwrap_or(true);
+    let ordered = stops_at_first_error(ctx);
     let lets = command_lets(ctx, "delete.let")?;
     let (n, errors) = ctx.write(|cat, sink| {
         if views::is_view(cat, &ns) {

@@ -70,6 +70,9 @@ pub fn create(ctx: &Ctx<'_>) -> CommandResult<Document> {
         options.insert("size", ((size + 255) / 256 * 256).max(4096));
     }
     let new = Collection::new(ns.clone(), options.clone())?;
+    if let Some((level, _)) = ctx.transaction_view(&ns) {
+        check_ddl_in_transaction(&ns, level.as_deref(), "create a collection")?;
+    }
     ctx.write(|cat, sink| {
         if views::is_view(cat, &ns) {
             return Err(view_exists(&ns));
@@ -203,6 +206,29 @@ fn create_view(ctx: &Ctx<'_>, ns: Namespace) -> CommandResult<Document> {
         Ok(())
     })?;
     Ok(Document::new())
+}
+
+/// MongoDB 4.4+ lets a transaction create collections and indexes, with restrictions (manual
+/// "Create Collections and Indexes in a Transaction"; the server's jstests expect
+/// InvalidOptions for `create`/`createIndexes` in a `snapshot` transaction): the transaction's
+/// read concern must be `local` (else 72 InvalidOptions) and the namespace may not be a system
+/// collection (263). The messages are the simulator's own.
+fn check_ddl_in_transaction(ns: &Namespace, level: Option<&str>, what: &str) -> CommandResult<()> {
+    if ns.is_system() {
+        return Err(CommandError::new(
+            codes::OPERATION_NOT_SUPPORTED_IN_TRANSACTION,
+            format!("Cannot write to system collection {ns} within a transaction."),
+        ));
+    }
+    match level {
+        None | Some("local") => Ok(()),
+        Some(other) => Err(CommandError::new(
+            codes::INVALID_OPTIONS,
+            format!(
+                "Cannot {what} in a multi-document transaction with read concern level '{other}': only 'local' is allowed"
+            ),
+        )),
+    }
 }
 
 /// Arguments every command may carry.
@@ -487,6 +513,13 @@ pub fn create_indexes(ctx: &Ctx<'_>) -> CommandResult<Document> {
         .get_array("indexes")
         .map_err(|_| CommandError::failed_to_parse("'indexes' must be an array"))?
         .clone();
+    // In a transaction a new index may only go on a collection the transaction created and
+    // that is still empty; indexes that already exist are accepted as no-ops.
+    let txn = ctx.transaction_view(&ns);
+    if let Some((level, _)) = &txn {
+        check_ddl_in_transaction(&ns, level.as_deref(), "create indexes")?;
+    }
+    let existed_before_txn = txn.as_ref().is_some_and(|(_, existed)| *existed);
     ctx.write(|cat, sink| {
         if views::is_view(cat, &ns) {
             return Err(CommandError::new(
@@ -496,6 +529,7 @@ pub fn create_indexes(ctx: &Ctx<'_>) -> CommandResult<Document> {
         }
         let created_automatically = cat.get(&ns).is_none();
         let coll = super::crud::ensure_collection(cat, sink, &ns)?;
+        let new_indexes_allowed = txn.is_none() || (!existed_before_txn && coll.docs.is_empty());
         let before = coll.indexes.len() as i32;
         let mut created = Vec::new();
         let mut staged = coll.clone();
@@ -504,6 +538,12 @@ pub fn create_indexes(ctx: &Ctx<'_>) -> CommandResult<Document> {
             let index = Index::from_spec(spec)?;
             let listed = index.spec.clone();
             if staged.add_index(index)? {
+                if !new_indexes_allowed {
+                    return Err(CommandError::new(
+                        codes::OPERATION_NOT_SUPPORTED_IN_TRANSACTION,
+                        format!("Cannot create new indexes on existing collection {ns} in a multi-document transaction."),
+                    ));
+                }
                 created.push(listed);
             }
         }

@@ -17,4 +17,5 @@ mod stepdown;
 mod strict;
 mod transactions;
 mod views;
+mod write_concern;
 mod write_stages;
