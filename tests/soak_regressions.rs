@@ -133,6 +133,17 @@ async fn soak_adjacent_large_int64_ids_in_one_batch() {
     );
 }
 
+/// 100 writes to another database: a 40-entry oplog no longer holds what came before them.
+async fn wrap_the_oplog(c: &Clusters, scenario: &str) {
+    let filler = c
+        .src
+        .database(&format!("{scenario}_filler"))
+        .collection::<Document>("f");
+    for i in 0..100 {
+        filler.insert_one(doc! {"_id": i}).await.unwrap();
+    }
+}
+
 async fn validation_options(client: &Client, db: &str, coll: &str) -> Document {
     let spec = client
         .database(db)
@@ -190,10 +201,7 @@ async fn soak_a_validator_changed_while_history_was_lost_reaches_the_destination
     )
     .await
     .unwrap();
-    let filler = c.src.database("s254_filler").collection::<Document>("f");
-    for i in 0..100 {
-        filler.insert_one(doc! {"_id": i}).await.unwrap();
-    }
+    wrap_the_oplog(&c, "s254").await;
     let mut d = Daemon::start(&c, dir.path(), "[sync]\nnamespaces = [\"s254.*\"]\n");
     wait_until(
         "the destination's validation options equal the source's",
@@ -271,10 +279,7 @@ async fn soak_a_recopy_into_a_unique_index_frees_keys_before_it_writes() {
     a.update_one(doc! {"_id": 3}, doc! {"$set": {"email": "y"}})
         .await
         .unwrap();
-    let filler = c.src.database("s80_filler").collection::<Document>("f");
-    for i in 0..100 {
-        filler.insert_one(doc! {"_id": i}).await.unwrap();
-    }
+    wrap_the_oplog(&c, "s80").await;
     let mut d = Daemon::start(&c, dir.path(), config);
     wait_converged(&c, &[("s80", "a")], Duration::from_secs(60)).await;
     assert!(
@@ -338,10 +343,7 @@ async fn soak_an_index_dropped_while_history_was_lost_is_dropped_on_the_destinat
     db.run_command(doc! {"dropIndexes": "a", "index": "email_1"})
         .await
         .unwrap();
-    let filler = c.src.database("s774_filler").collection::<Document>("f");
-    for i in 0..100 {
-        filler.insert_one(doc! {"_id": i}).await.unwrap();
-    }
+    wrap_the_oplog(&c, "s774").await;
     let mut d = Daemon::start(&c, dir.path(), config);
     wait_until(
         "email_1 dropped on the destination",
@@ -412,10 +414,7 @@ async fn soak_a_validator_set_just_before_a_crash_is_still_the_daemons() {
         .insert_one(doc! {"_id": 99, "email": "no n"})
         .await
         .unwrap();
-    let filler = c.src.database("s3_filler").collection::<Document>("f");
-    for i in 0..100 {
-        filler.insert_one(doc! {"_id": i}).await.unwrap();
-    }
+    wrap_the_oplog(&c, "s3").await;
     let mut d = Daemon::start(&c, dir.path(), config);
     wait_until(
         "the destination's validation options equal the source's",
