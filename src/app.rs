@@ -306,8 +306,9 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
         }
 
         let metadata_db = dest_client.database(&config.checkpoint.database);
-        let checkpoints = CheckpointStore::new(&metadata_db);
-        let metadata = Metadata::new(&metadata_db);
+        let dest_op_timeout = config.destination.socket_timeout();
+        let checkpoints = CheckpointStore::new(&metadata_db, dest_op_timeout);
+        let metadata = Metadata::new(&metadata_db, dest_op_timeout);
         if !options.reset_identity {
             // Metadata reads and writes at start-up retry transient errors like the connection
             // checks above: a failover or a blip must not exit the daemon.
@@ -365,6 +366,7 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
                 source.clone(),
                 dest_client.clone(),
                 &metadata_db,
+                dest_op_timeout,
                 &config.sync.id,
                 identity.clone(),
                 &dest_seen,

@@ -55,12 +55,6 @@ struct Catalog {
     bypass_validation: bool,
 }
 
-/// The `maxTimeMS` sent with a write bounded by `limit` on the client: three quarters of it
-/// (at least 1 ms), so the server gives up before the client does.
-fn server_time_limit(limit: std::time::Duration) -> std::time::Duration {
-    (limit * 3 / 4).max(std::time::Duration::from_millis(1))
-}
-
 /// What one batch did.
 #[derive(Debug, Default, Clone)]
 pub struct ApplyStats {
@@ -1672,7 +1666,7 @@ impl Applier {
             if let Some(limit) = self.op_timeout {
                 cmd.append(
                     bson::cstr!("maxTimeMS"),
-                    server_time_limit(limit).as_millis() as i64,
+                    crate::bounded_write::max_time_ms(limit),
                 );
             }
             cmd.append(
@@ -1680,27 +1674,13 @@ impl Applier {
                 rawdoc! {"w": "majority", "j": true},
             );
             let started = Instant::now();
-            let run = self.dest_db.run_raw_command(cmd);
-            let reply = match self.op_timeout {
-                None => run.await,
-                Some(limit) => match tokio::time::timeout(limit, run).await {
-                    Ok(r) => r,
-                    Err(_) => {
-                        // The server may still be running the command: wait until its own
-                        // bound has passed since we gave up, then report a retryable error.
-                        tokio::time::sleep(server_time_limit(limit)).await;
-                        return Err(SyncError::new(
-                            ErrorKind::DestinationConnection,
-                            format!(
-                                "a bulk write to {} timed out after {} ms (destination.socket_timeout_ms)",
-                                self.target,
-                                limit.as_millis()
-                            ),
-                        ));
-                    }
-                },
-            }
-            .map_err(|e| write_error(&format!("writing to {}", self.target), e))?;
+            let reply =
+                crate::bounded_write::run(self.op_timeout, self.dest_db.run_raw_command(cmd))
+                    .await
+                    .map_err(|abandoned| {
+                        abandoned.into_error(&format!("a bulk write to {}", self.target))
+                    })?
+                    .map_err(|e| write_error(&format!("writing to {}", self.target), e))?;
             tracing::trace!(namespace = %self.label, statements = end - start, elapsed_ms = started.elapsed().as_millis() as u64, "bulk {command}");
             if let Ok(wce) = reply.get_document("writeConcernError") {
                 return Err(SyncError::new(

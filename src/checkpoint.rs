@@ -4,10 +4,13 @@
 //! destination (majority, journaled), and never moves backwards: at-least-once delivery plus
 //! idempotent apply means the destination converges across crashes at any point.
 
+use std::time::Duration;
+
 use bson::{doc, Bson, DateTime, Document, Timestamp};
 use mongodb::{options::ReadConcern, Collection, Database};
 
 use crate::{
+    bounded_write::{BoundedWrites, WriteOutcome},
     error::{ErrorKind, SyncError},
     event::ts_key,
 };
@@ -228,11 +231,13 @@ impl Checkpoint {
     }
 }
 
-/// Checkpoints in the destination's metadata database.
+/// Checkpoints in the destination's metadata database. Reads are majority; writes go through
+/// [`BoundedWrites`] (majority, journaled, bounded by `destination.socket_timeout_ms`).
 #[derive(Clone)]
 pub struct CheckpointStore {
     coll: Collection<Document>,
     marks: Collection<Document>,
+    writes: BoundedWrites,
 }
 
 fn checkpoint_error(context: &str, err: mongodb::error::Error) -> SyncError {
@@ -240,29 +245,30 @@ fn checkpoint_error(context: &str, err: mongodb::error::Error) -> SyncError {
 }
 
 impl CheckpointStore {
-    pub fn new(metadata_db: &Database) -> CheckpointStore {
+    pub fn new(metadata_db: &Database, op_timeout: Option<Duration>) -> CheckpointStore {
         let options = || {
             mongodb::options::CollectionOptions::builder()
-                .write_concern(crate::config::daemon_write_concern())
                 .read_concern(ReadConcern::majority())
                 .build()
         };
         CheckpointStore {
             coll: metadata_db.collection_with_options(CHECKPOINTS_COLLECTION, options()),
             marks: metadata_db.collection_with_options(APPLY_MARKS_COLLECTION, options()),
+            writes: BoundedWrites::new(metadata_db, op_timeout, ErrorKind::Checkpoint),
         }
     }
 
     /// Persists the applied high-water mark of a batch before its writes are sent.
     pub async fn save_mark(&self, key: &CheckpointKey, mark: &ApplyMark) -> Result<(), SyncError> {
-        self.marks
-            .replace_one(
+        self.writes
+            .replace(
+                APPLY_MARKS_COLLECTION,
                 doc! {"_id": key.id()},
                 doc! {"_id": key.id(), "cluster_time": mark.cluster_time, "token": mark.token.clone(), "updated_at": DateTime::now()},
+                true,
+                "saving the applied high-water mark",
             )
-            .upsert(true)
-            .await
-            .map_err(|e| checkpoint_error("saving the applied high-water mark", e))?;
+            .await?;
         Ok(())
     }
 
@@ -327,42 +333,44 @@ impl CheckpointStore {
                 filter.insert("applied_through", Bson::Null);
             }
         }
-        let replacement = cp.to_document(key);
-        match self
-            .coll
-            .replace_one(filter, replacement)
-            .upsert(true)
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) if is_duplicate_key(&e) => Err(SyncError::new(
+        let outcome = self
+            .writes
+            .replace(
+                CHECKPOINTS_COLLECTION,
+                filter,
+                cp.to_document(key),
+                true,
+                "saving checkpoint",
+            )
+            .await?;
+        match outcome {
+            // The filter missed a newer checkpoint and the upsert collided with it.
+            WriteOutcome::DuplicateKey => Err(SyncError::new(
                 ErrorKind::InvariantViolated,
                 format!("checkpoint of {} would move backwards; refused", key.ns),
             )),
-            Err(e) => Err(checkpoint_error("saving checkpoint", e)),
+            WriteOutcome::Done { .. } => Ok(()),
         }
     }
 
     /// Replaces a checkpoint unconditionally: only for deliberate restarts of a namespace
     /// (re-copy after history loss, force-sync of a parked worker, a new collection).
     pub async fn reset(&self, key: &CheckpointKey, cp: &Checkpoint) -> Result<(), SyncError> {
-        self.coll
-            .replace_one(doc! {"_id": key.id()}, cp.to_document(key))
-            .upsert(true)
-            .await
-            .map_err(|e| checkpoint_error("resetting checkpoint", e))?;
+        self.writes
+            .replace(
+                CHECKPOINTS_COLLECTION,
+                doc! {"_id": key.id()},
+                cp.to_document(key),
+                true,
+                "resetting checkpoint",
+            )
+            .await?;
         Ok(())
     }
 
     pub async fn delete(&self, key: &CheckpointKey) -> Result<(), SyncError> {
-        self.coll
-            .delete_one(doc! {"_id": key.id()})
-            .await
-            .map_err(|e| checkpoint_error("deleting checkpoint", e))?;
-        self.marks
-            .delete_one(doc! {"_id": key.id()})
-            .await
-            .map_err(|e| checkpoint_error("deleting the applied high-water mark", e))?;
+        self.delete_matching(doc! {"_id": key.id()}, "deleting checkpoint")
+            .await?;
         Ok(())
     }
 
@@ -373,40 +381,27 @@ impl CheckpointStore {
             .map(|u| Bson::Binary(bson::Binary::from_uuid(u)))
             .unwrap_or(Bson::Null);
         let stale = doc! {"_id.sync_id": key.sync_id.clone(), "_id.ns": key.ns.clone(), "_id.uuid": {"$ne": uuid}};
-        let r = self
-            .coll
-            .delete_many(stale.clone())
+        self.delete_matching(stale, "deleting stale checkpoints")
             .await
-            .map_err(|e| checkpoint_error("deleting stale checkpoints", e))?;
-        self.marks
-            .delete_many(stale)
-            .await
-            .map_err(|e| checkpoint_error("deleting stale applied high-water marks", e))?;
-        Ok(r.deleted_count)
+    }
+
+    /// Deletes the checkpoints matching `filter` and their applied high-water marks; returns
+    /// how many checkpoints.
+    async fn delete_matching(&self, filter: Document, what: &str) -> Result<u64, SyncError> {
+        let deleted = self
+            .writes
+            .delete_many(CHECKPOINTS_COLLECTION, filter.clone(), what)
+            .await?;
+        self.writes
+            .delete_many(APPLY_MARKS_COLLECTION, filter, what)
+            .await?;
+        Ok(deleted)
     }
 
     /// Deletes every checkpoint of a pipeline (`--reset-identity`).
     pub async fn delete_all(&self, sync_id: &str) -> Result<u64, SyncError> {
-        let r = self
-            .coll
-            .delete_many(doc! {"_id.sync_id": sync_id})
+        self.delete_matching(doc! {"_id.sync_id": sync_id}, "deleting checkpoints")
             .await
-            .map_err(|e| checkpoint_error("deleting checkpoints", e))?;
-        self.marks
-            .delete_many(doc! {"_id.sync_id": sync_id})
-            .await
-            .map_err(|e| checkpoint_error("deleting applied high-water marks", e))?;
-        Ok(r.deleted_count)
-    }
-}
-
-/// Whether a driver error is a duplicate key error (11000), top-level or write error.
-pub fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
-    use mongodb::error::{ErrorKind as K, WriteFailure};
-    match e.kind.as_ref() {
-        K::Write(WriteFailure::WriteError(w)) => w.code == 11000,
-        K::Command(c) => c.code == 11000,
-        _ => false,
     }
 }
 

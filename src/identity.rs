@@ -23,6 +23,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    bounded_write::BoundedWrites,
     checkpoint::CheckpointStore,
     config::OnDestinationReset,
     error::{ErrorKind, SyncError},
@@ -191,6 +192,8 @@ pub struct IdentityWatch {
     source: Source,
     dest: Client,
     identity: Collection<Document>,
+    /// Writes to the identity document (bounded by `destination.socket_timeout_ms`).
+    writes: BoundedWrites,
     sync_id: String,
     expected_source: SourceIdentity,
     expected_dest: Mutex<DestinationRecord>,
@@ -209,16 +212,15 @@ impl IdentityWatch {
         source: Source,
         dest: Client,
         metadata_db: &mongodb::Database,
+        op_timeout: Option<Duration>,
         sync_id: &str,
         expected_source: SourceIdentity,
         observed_dest: &Observed,
         metrics: &Metrics,
         status: Arc<StatusRegistry>,
     ) -> Result<Arc<IdentityWatch>, SyncError> {
-        let opts = mongodb::options::CollectionOptions::builder()
-            .write_concern(crate::config::daemon_write_concern())
-            .build();
-        let identity = metadata_db.collection_with_options::<Document>(IDENTITY_COLLECTION, opts);
+        let identity = metadata_db.collection::<Document>(IDENTITY_COLLECTION);
+        let writes = BoundedWrites::new(metadata_db, op_timeout, ErrorKind::DestinationWrite);
         let stored = identity
             .find_one(doc! {"_id": sync_id})
             .await
@@ -240,19 +242,21 @@ impl IdentityWatch {
             }
             Err(_) => ObjectId::new(),
         };
-        identity
-            .update_one(
+        writes
+            .update(
+                IDENTITY_COLLECTION,
                 doc! {"_id": sync_id},
                 doc! {"$set": {"epoch": epoch, "destination": observed_dest.identity.to_document()}},
+                true,
+                "recording the metadata epoch",
             )
-            .upsert(true)
-            .await
-            .map_err(|e| meta_error("recording the metadata epoch", e))?;
+            .await?;
         let (mismatch, resets) = register_metrics(metrics);
         Ok(Arc::new(IdentityWatch {
             source,
             dest,
             identity,
+            writes,
             sync_id: sync_id.to_string(),
             expected_source,
             expected_dest: Mutex::new(DestinationRecord {
@@ -387,11 +391,15 @@ impl IdentityWatch {
         record.insert("recorded_at", DateTime::now());
         record.insert("epoch", epoch);
         record.insert("destination", observed.identity.to_document());
-        self.identity
-            .replace_one(doc! {"_id": &self.sync_id}, record)
-            .upsert(true)
-            .await
-            .map_err(|e| meta_error("recording the metadata epoch", e))?;
+        self.writes
+            .replace(
+                IDENTITY_COLLECTION,
+                doc! {"_id": &self.sync_id},
+                record,
+                true,
+                "recording the metadata epoch",
+            )
+            .await?;
         *self.expected_dest.lock() = DestinationRecord {
             identity: observed.identity,
             epoch,

@@ -1,11 +1,16 @@
 //! The daemon's own records in the destination's metadata database (besides checkpoints):
 //! the source identity and dead letters.
 
+use std::time::Duration;
+
 use bson::{doc, Bson, DateTime, Document, RawDocument, Timestamp};
 use mongodb::{Collection, Database};
 use sha2::{Digest, Sha256};
 
-use crate::error::{ErrorKind, SyncError};
+use crate::{
+    bounded_write::BoundedWrites,
+    error::{ErrorKind, SyncError},
+};
 
 pub const IDENTITY_COLLECTION: &str = "identity";
 pub const DEAD_LETTERS_COLLECTION: &str = "dead_letters";
@@ -80,7 +85,8 @@ pub enum IdentityCheck {
 pub struct Metadata {
     identity: Collection<Document>,
     dead_letters: Collection<Document>,
-    conflicts: Collection<Document>,
+    /// Every write (majority, journaled, bounded by `destination.socket_timeout_ms`).
+    writes: BoundedWrites,
 }
 
 /// A document as journaled: itself, or `_id` + SHA-256 when it is over 4 MB.
@@ -111,14 +117,11 @@ fn meta_error(context: &str, err: mongodb::error::Error) -> SyncError {
 }
 
 impl Metadata {
-    pub fn new(db: &Database) -> Metadata {
-        let opts = mongodb::options::CollectionOptions::builder()
-            .write_concern(crate::config::daemon_write_concern())
-            .build();
+    pub fn new(db: &Database, op_timeout: Option<Duration>) -> Metadata {
         Metadata {
-            identity: db.collection_with_options(IDENTITY_COLLECTION, opts.clone()),
-            dead_letters: db.collection_with_options(DEAD_LETTERS_COLLECTION, opts.clone()),
-            conflicts: db.collection_with_options(CONFLICTS_COLLECTION, opts),
+            identity: db.collection(IDENTITY_COLLECTION),
+            dead_letters: db.collection(DEAD_LETTERS_COLLECTION),
+            writes: BoundedWrites::new(db, op_timeout, ErrorKind::DestinationWrite),
         }
     }
 
@@ -134,28 +137,26 @@ impl Metadata {
             .find_one(doc! {"_id": sync_id})
             .await
             .map_err(|e| meta_error("reading source identity", e))?;
-        let record = |this: &Self| {
+        let record = || {
             let mut d = observed.to_document();
             d.insert("_id", sync_id);
             d.insert("recorded_at", DateTime::now());
-            let coll = this.identity.clone();
-            async move {
-                coll.replace_one(
-                    doc! {"_id": d.get_str("_id").unwrap_or_default()},
-                    d.clone(),
-                )
-                .upsert(true)
-                .await
-            }
+            self.writes.replace(
+                IDENTITY_COLLECTION,
+                doc! {"_id": sync_id},
+                d,
+                true,
+                "recording source identity",
+            )
         };
         match stored {
             None => {
-                record(self).await.map_err(|e| meta_error("recording source identity", e))?;
+                record().await?;
                 Ok(IdentityCheck::Recorded)
             }
             Some(d) if SourceIdentity::from_document(&d).matches(observed) => Ok(IdentityCheck::Matches),
             Some(_) if reset => {
-                record(self).await.map_err(|e| meta_error("recording source identity", e))?;
+                record().await?;
                 Ok(IdentityCheck::Reset)
             }
             Some(d) => Err(SyncError::new(
@@ -207,10 +208,9 @@ impl Metadata {
                 d.insert("document", parsed);
             }
         }
-        self.dead_letters
-            .insert_one(d)
-            .await
-            .map_err(|e| meta_error("recording dead letter", e))?;
+        self.writes
+            .insert(DEAD_LETTERS_COLLECTION, d, "recording dead letter")
+            .await?;
         Ok(())
     }
 
@@ -240,10 +240,9 @@ impl Metadata {
             "cluster_time": cluster_time,
             "at": DateTime::now(),
         };
-        self.conflicts
-            .insert_one(d)
-            .await
-            .map_err(|e| meta_error("journaling a conflict", e))?;
+        self.writes
+            .insert(CONFLICTS_COLLECTION, d, "journaling a conflict")
+            .await?;
         Ok(())
     }
 

@@ -271,6 +271,69 @@ async fn an_abandoned_write_never_lands_after_a_newer_one() {
     stop(&mut d).await;
 }
 
+/// Checkpoint writes are bounded like data writes (issue 9 item 6): a checkpoint save the
+/// destination holds is given up after `destination.socket_timeout_ms` and retried, so one
+/// hung connection does not stall the namespace; the held write carries `maxTimeMS` and dies
+/// on the server instead of landing later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_write_held_by_the_destination_is_given_up_and_retried() {
+    let c = Clusters::start().await;
+    let src = c.src.database("slowcp").collection::<Document>("docs");
+    src.insert_one(doc! {"_id": 1, "v": 0}).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::configure(&c, dir.path(), "[sync]\nnamespaces = [\"slowcp.*\"]\n");
+    d.spawn_with_env(
+        &[],
+        &[("MONGO_SYNCD_DESTINATION__SOCKET_TIMEOUT_MS", "1000")],
+    );
+    wait_converged(&c, &[("slowcp", "docs")], T).await;
+    d.wait_streaming("slowcp.docs").await;
+    // The next checkpoint save is held far longer than the client waits (and than this test).
+    c.dest
+        .configure_fail_point(&doc! {
+            "configureFailPoint": "failCommand",
+            "mode": {"times": 1},
+            "data": {"failCommands": ["update"], "namespace": "mongo_syncd.checkpoints", "blockConnection": true, "blockTimeMS": 120_000},
+        })
+        .unwrap();
+    for v in 1..=3 {
+        src.update_one(doc! {"_id": 1}, doc! {"$set": {"v": v}})
+            .await
+            .unwrap();
+        wait_converged(&c, &[("slowcp", "docs")], Duration::from_secs(20)).await;
+    }
+    // The checkpoint moved past the held save.
+    let checkpoints = c
+        .dst
+        .database("mongo_syncd")
+        .collection::<Document>("checkpoints");
+    let before = checkpoints
+        .find_one(doc! {"_id.ns": "slowcp.docs"})
+        .await
+        .unwrap()
+        .and_then(|cp| cp.get_datetime("updated_at").ok().copied())
+        .expect("a checkpoint");
+    wait_until(
+        "the checkpoint is saved again",
+        Duration::from_secs(20),
+        || async {
+            checkpoints
+                .find_one(doc! {"_id.ns": "slowcp.docs"})
+                .await
+                .unwrap()
+                .and_then(|cp| cp.get_datetime("updated_at").ok().copied())
+                .is_some_and(|t| t > before)
+        },
+    )
+    .await;
+    assert!(
+        d.all_logs().contains("timed out after 1000 ms"),
+        "the client gave up on the held checkpoint save; log:\n{}",
+        d.all_logs()
+    );
+    stop(&mut d).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn documents_older_than_a_moderate_source_validator_replicate() {
     let c = Clusters::start().await;
