@@ -352,6 +352,7 @@ pub async fn create_indexes(
         .iter()
         .filter_map(|s| s.get_str("name").ok().map(str::to_string))
         .collect();
+    let intended = intend_indexes(ctx, cp, &names).await?;
     let result = ctx
         .pipeline.dest
         .database(&ctx.target.db)
@@ -360,7 +361,6 @@ pub async fn create_indexes(
     match result {
         Ok(_) => {
             tracing::info!(namespace = %ctx.label(), indexes = ?names, unique = unique_only, "indexes created on the destination");
-            own_indexes(cp, names);
             Ok(())
         }
         Err(e) => {
@@ -375,18 +375,36 @@ pub async fn create_indexes(
             // An index that cannot be built (conflicting definition, duplicates on the
             // destination) must not stop replication: report it and go on.
             tracing::error!(namespace = %ctx.label(), indexes = ?names, error = %crate::config::redact_text(&e.to_string()), "could not create indexes on the destination");
+            disown_indexes(cp, &intended);
             Ok(())
         }
     }
 }
 
-/// Records destination indexes mongo-syncd created (see `Checkpoint::destination_indexes`).
-pub fn own_indexes(cp: &mut Checkpoint, names: Vec<String>) {
-    for name in names {
-        if !cp.destination_indexes.contains(&name) {
-            cp.destination_indexes.push(name);
-        }
+/// Records the destination indexes mongo-syncd is about to create as its own (see
+/// `Checkpoint::destination_indexes`) and persists the checkpoint when that added any, before
+/// the `createIndexes` is sent: a crash right after the index is built still finds it recorded,
+/// so a later copy drops it when the source no longer has it. Returns the names added.
+pub async fn intend_indexes(
+    ctx: &WorkerContext,
+    cp: &mut Checkpoint,
+    names: &[String],
+) -> Result<Vec<String>, SyncError> {
+    let added: Vec<String> = names
+        .iter()
+        .filter(|n| !cp.destination_indexes.contains(n))
+        .cloned()
+        .collect();
+    if !added.is_empty() {
+        cp.destination_indexes.extend(added.iter().cloned());
+        ctx.pipeline.checkpoints.save(&ctx.key(), cp).await?;
     }
+    Ok(added)
+}
+
+/// Forgets intended indexes whose `createIndexes` failed (persisted with the next checkpoint).
+pub fn disown_indexes(cp: &mut Checkpoint, intended: &[String]) {
+    cp.destination_indexes.retain(|n| !intended.contains(n));
 }
 
 /// Drops the destination indexes mongo-syncd created whose name the source no longer has.

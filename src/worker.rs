@@ -1434,16 +1434,18 @@ async fn apply_ddl(
                         .iter()
                         .filter_map(|s| s.get_str("name").ok().map(str::to_string))
                         .collect();
+                    let intended = crate::dest_collection::intend_indexes(ctx, cp, &names).await?;
                     match db
                         .run_command(doc! {"createIndexes": ctx.target.coll.clone(), "indexes": specs, "writeConcern": {"w": "majority", "j": true}})
                         .await
                     {
-                        Ok(_) => crate::dest_collection::own_indexes(cp, names),
+                        Ok(_) => {}
                         Err(e) => {
                             if crate::error::classify_mongo(&e) == crate::error::ErrorClass::Transient {
                                 return Err(dest_err("creating indexes", e));
                             }
                             tracing::error!(namespace = %label, error = %crate::config::redact_text(&e.to_string()), "could not create an index on the destination");
+                            crate::dest_collection::disown_indexes(cp, &intended);
                         }
                     }
                 }

@@ -500,3 +500,75 @@ async fn soak_a_rename_round_trip_while_the_daemon_starts_converges() {
     wait_converged(&c, &[("s414", "b")], Duration::from_secs(30)).await;
     assert!(dead_letters(&c.dst).await.is_empty(), "log:\n{}", d.logs());
 }
+
+/// Seed 23209 (60-minute run: history loss with the daemon stopped): the daemon died after the
+/// destination built an index the stream asked for but before the checkpoint recorded the index
+/// as mongo-syncd's. While it was stopped the source dropped the index and the oplog wrapped;
+/// the re-copy took the index for the operator's and kept it ("indexes differ"). Index names are
+/// now recorded as intended before the `createIndexes`; here the daemon is killed while the
+/// destination holds that `createIndexes`, which lands after the kill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_an_index_built_just_before_a_crash_is_still_the_daemons() {
+    let c = Clusters::start_with_oplog(40).await;
+    let db = c.src.database("s23209");
+    db.collection::<Document>("b")
+        .insert_many((0..5).map(|i| doc! {"_id": i, "n": i}))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = "[sync]\nnamespaces = [\"s23209.*\"]\n";
+    let mut d = Daemon::start(&c, dir.path(), config);
+    d.wait_streaming("s23209.b").await;
+    wait_converged(&c, &[("s23209", "b")], Duration::from_secs(30)).await;
+
+    // The destination holds the stream's createIndexes; the daemon is killed meanwhile.
+    let hold = |mode: &str| {
+        doc! {
+            "configureFailPoint": "failCommand",
+            "mode": mode,
+            "data": {"failCommands": ["createIndexes"], "namespace": "s23209.b", "blockConnection": true, "blockTimeMS": 2_000},
+        }
+    };
+    c.dest.configure_fail_point(&hold("alwaysOn")).unwrap();
+    db.run_command(doc! {"createIndexes": "b", "indexes": [{"key": {"n": 1}, "name": "n_1"}]})
+        .await
+        .unwrap();
+    wait_until(
+        "the destination holds the createIndexes",
+        Duration::from_secs(30),
+        || async { c.dest.configure_fail_point(&hold("alwaysOn")).unwrap() > 0 },
+    )
+    .await;
+    c.dest.configure_fail_point(&hold("off")).unwrap();
+    d.kill9();
+    wait_until(
+        "the held createIndexes lands",
+        Duration::from_secs(30),
+        || async {
+            index_names(&c.dst, "s23209", "b")
+                .await
+                .contains(&"n_1".to_string())
+        },
+    )
+    .await;
+
+    // While stopped: the source drops the index and the oplog wraps past it.
+    db.run_command(doc! {"dropIndexes": "b", "index": "n_1"})
+        .await
+        .unwrap();
+    wrap_the_oplog(&c, "s23209").await;
+    d.spawn(&[]);
+    wait_until(
+        "n_1 dropped on the destination",
+        Duration::from_secs(60),
+        || async {
+            !index_names(&c.dst, "s23209", "b")
+                .await
+                .contains(&"n_1".to_string())
+        },
+    )
+    .await;
+    wait_converged(&c, &[("s23209", "b")], Duration::from_secs(30)).await;
+    assert!(d.logs().contains("history lost"), "{}", d.logs());
+    assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
+}
