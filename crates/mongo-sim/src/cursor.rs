@@ -25,6 +25,8 @@ pub struct Cursor {
     pub ns: String,
     pub kind: CursorKind,
     pub lsid: Option<Vec<u8>>,
+    /// Snapshot read time of a cursor opened by a snapshot read outside a transaction.
+    pub at_cluster_time: Option<bson::Timestamp>,
 }
 
 #[derive(Default)]

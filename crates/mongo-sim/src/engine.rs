@@ -44,6 +44,9 @@ pub struct SimConfig {
     pub stepdown_every: Option<std::time::Duration>,
     /// How long an automatic step-down keeps the node secondary.
     pub stepdown_for: std::time::Duration,
+    /// `minSnapshotHistoryWindowInSeconds`: how far back snapshot reads at `atClusterTime`
+    /// reach (also settable at run time with `setParameter`).
+    pub snapshot_history_window_secs: u64,
 }
 
 impl Default for SimConfig {
@@ -59,6 +62,7 @@ impl Default for SimConfig {
             data_dir: None,
             stepdown_every: None,
             stepdown_for: std::time::Duration::from_secs(2),
+            snapshot_history_window_secs: crate::snapshot::DEFAULT_HISTORY_WINDOW_SECS,
         }
     }
 }
@@ -71,6 +75,8 @@ pub struct Data {
     pub sessions: Sessions,
     /// With `--data-dir`: the write-ahead journal.
     pub journal: Option<crate::persist::Journal>,
+    /// How far back snapshot reads reach (see [`crate::snapshot`]).
+    pub history: crate::snapshot::History,
 }
 
 impl Data {
@@ -169,6 +175,10 @@ impl Engine {
                 None,
             ),
         };
+        let history = crate::snapshot::History {
+            window_secs: config.snapshot_history_window_secs,
+            floor: clock.current(),
+        };
         Ok(Arc::new(Engine {
             data: Mutex::new(Data {
                 catalog,
@@ -176,6 +186,7 @@ impl Engine {
                 clock,
                 sessions: Sessions::default(),
                 journal,
+                history,
             }),
             cursors: Mutex::new(Cursors::default()),
             failpoints: Mutex::new(FailPoints::default()),

@@ -26,6 +26,7 @@ pub mod query;
 pub mod schema;
 pub mod server;
 pub mod session;
+pub mod snapshot;
 pub mod store;
 pub mod views;
 pub mod wire;

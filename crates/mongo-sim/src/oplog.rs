@@ -330,6 +330,16 @@ impl Oplog {
         self.entries.iter().skip(skip)
     }
 
+    /// The sequence number of the last entry at or before `ts` (entries after it are newer
+    /// than `ts`; the snapshot reads of [`crate::snapshot`] undo them).
+    pub fn seq_through_ts(&self, ts: Timestamp) -> u64 {
+        let idx = self.entries.partition_point(|e| ts_cmp(e.ts, ts).is_le());
+        match self.entries.get(idx) {
+            Some(e) => e.seq - 1,
+            None => self.last_seq(),
+        }
+    }
+
     /// The sequence number just before the first entry at or after `ts`.
     pub fn seq_before_ts(&self, ts: Timestamp) -> u64 {
         // Entries are in ts order; binary search on the deque.

@@ -71,6 +71,12 @@ impl SimBuilder {
 
     /// Delays every reply by `delay`, imitating a network round trip, so benchmarks can
     /// compare clients under realistic latency.
+    /// `minSnapshotHistoryWindowInSeconds` (default 300).
+    pub fn snapshot_history_window(mut self, secs: u64) -> Self {
+        self.config.snapshot_history_window_secs = secs;
+        self
+    }
+
     pub fn reply_delay(mut self, delay: Duration) -> Self {
         self.config.reply_delay = delay;
         self

@@ -34,6 +34,9 @@ pub struct Transaction {
     /// `readConcern.level` of the transaction (given by its first statement); `None` = the
     /// default, `local`.
     pub read_concern_level: Option<String>,
+    /// With `readConcern.atClusterTime`: the namespaces whose catalog entry changed after it
+    /// (reading them answers 246 SnapshotUnavailable).
+    pub snapshot_changes: Option<crate::snapshot::CatalogChanges>,
 }
 
 #[derive(Default)]
@@ -155,9 +158,17 @@ pub fn begin_or_continue(
     txn_number: i64,
     start: bool,
     read_concern_level: Option<&str>,
+    at_cluster_time: Option<Timestamp>,
 ) -> CommandResult<()> {
-    let base = data.catalog.clone();
-    let now = data.clock.current();
+    // A transaction reads from its snapshot: today's catalog, or the one of `atClusterTime`
+    // (checked before the transaction exists: a refused time leaves none open).
+    let (base, now, snapshot_changes) = match at_cluster_time {
+        Some(at) if start => {
+            let snap = crate::snapshot::catalog_at(data, at)?;
+            (snap.catalog, at, Some(snap.changes))
+        }
+        _ => (data.catalog.clone(), data.clock.current(), None),
+    };
     let s = data.sessions.session(key, lsid);
     if txn_number < s.txn_number {
         return Err(CommandError::new(
@@ -185,6 +196,7 @@ pub fn begin_or_continue(
             ops: Vec::new(),
             read_ts: now,
             read_concern_level: read_concern_level.map(str::to_string),
+            snapshot_changes,
         });
         return Ok(());
     }

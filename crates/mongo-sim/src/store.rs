@@ -491,6 +491,47 @@ impl Collection {
         Some(DocChange::Delete { pre })
     }
 
+    /// Puts back an earlier version of document `id` (`None`: it did not exist), keeping the
+    /// unique-index entries in step, without checks: snapshot reads undo the oplog newest
+    /// first, so every intermediate state is one the collection had. The very `DocRef` of the
+    /// history is kept (transactions detect conflicts by pointer identity).
+    pub fn restore_version(&mut self, id: &Bson, version: Option<DocRef>) {
+        let key = IdKey(id.clone());
+        let existed = match self.docs.remove(&key) {
+            Some(current) => {
+                self.index_remove(&current);
+                if self.is_capped() {
+                    self.capped_bytes = self.capped_bytes.saturating_sub(bson_size(&current));
+                }
+                true
+            }
+            None => false,
+        };
+        match version {
+            Some(doc) => {
+                for index in self.indexes.iter_mut().filter(|i| i.unique) {
+                    for k in index.keys_for(&doc) {
+                        index.entries.insert(k, key.clone());
+                    }
+                }
+                if self.is_capped() {
+                    self.capped_bytes += bson_size(&doc);
+                    if !existed {
+                        // Undoing a delete: capped collections delete their oldest first.
+                        self.capped_order.push_front(key.clone());
+                    }
+                }
+                self.docs.insert(key, doc);
+            }
+            None if existed && self.is_capped() => {
+                if let Some(pos) = self.capped_order.index_of(&key) {
+                    self.capped_order.remove(pos);
+                }
+            }
+            None => {}
+        }
+    }
+
     /// For capped collections: the oldest documents to delete after an insert.
     pub fn capped_overflow(&self) -> Vec<Bson> {
         if !self.is_capped() {

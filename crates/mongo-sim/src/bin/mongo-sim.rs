@@ -1,5 +1,6 @@
 //! `mongo-sim --bind 127.0.0.1 --port 0 --replset rs0 [--oplog-max-events N]
-//! [--auth-user U --auth-password P] [--data-dir DIR] [--stepdown-every SECONDS]`
+//! [--auth-user U --auth-password P] [--data-dir DIR] [--stepdown-every SECONDS]
+//! [--min-snapshot-history-window-seconds SECONDS]`
 //!
 //! Prints `listening on HOST:PORT` as its first stdout line, then serves until SIGTERM/SIGINT
 //! (a clean stop: with `--data-dir`, a final snapshot is written).
@@ -50,6 +51,10 @@ struct Args {
     /// `--stepdown-for-seconds`, then primary again with a higher term).
     #[arg(long, value_name = "SECONDS")]
     stepdown_every: Option<f64>,
+    /// `minSnapshotHistoryWindowInSeconds`: how far back snapshot reads with `atClusterTime`
+    /// reach (also settable with the `setParameter` command).
+    #[arg(long, default_value_t = 300, value_name = "SECONDS")]
+    min_snapshot_history_window_seconds: u64,
     /// How long an automatic step-down lasts.
     #[arg(long, default_value_t = 2.0, value_name = "SECONDS")]
     stepdown_for_seconds: f64,
@@ -86,6 +91,7 @@ async fn main() -> std::process::ExitCode {
         .ttl_interval(Duration::from_secs(args.ttl_interval_seconds.max(1)))
         .noop_interval(Duration::from_secs(args.noop_interval_seconds.max(1)))
         .reply_delay(Duration::from_millis(args.reply_delay_ms))
+        .snapshot_history_window(args.min_snapshot_history_window_seconds)
         .start()
         .await
     {

@@ -127,8 +127,10 @@ pub fn host_info() -> Document {
     doc! {"system": {"hostname": "mongo-sim", "numCores": 2}, "os": {"type": "Linux"}}
 }
 
-pub fn get_parameter(cmd: &Document) -> CommandResult<Document> {
+pub fn get_parameter(engine: &Engine, cmd: &Document) -> CommandResult<Document> {
+    let window = engine.data.lock().history.window_secs;
     let all = doc! {
+        "minSnapshotHistoryWindowInSeconds": window as i32,
         "featureCompatibilityVersion": {"version": "7.0"},
         "enableTestCommands": true,
         "transactionLifetimeLimitSeconds": 60,
@@ -147,6 +149,48 @@ pub fn get_parameter(cmd: &Document) -> CommandResult<Document> {
             Ok(out)
         }
     }
+}
+
+/// `setParameter` on `admin`: `minSnapshotHistoryWindowInSeconds` only (reply `was`: the
+/// previous value); every other parameter → 115 (the simulator has no such knob).
+pub fn set_parameter(ctx: &super::Ctx<'_>) -> CommandResult<Document> {
+    if ctx.db != "admin" {
+        return Err(CommandError::new(
+            codes::UNAUTHORIZED,
+            "setParameter may only be run against the admin database.",
+        ));
+    }
+    let mut reply = Document::new();
+    let mut any = false;
+    for (k, v) in ctx.cmd.iter().skip(1) {
+        if super::fields::is_generic_argument(k) {
+            continue;
+        }
+        if k != "minSnapshotHistoryWindowInSeconds" {
+            return Err(CommandError::new(
+                codes::COMMAND_NOT_SUPPORTED,
+                format!("setParameter '{k}' is not supported by the simulator"),
+            ));
+        }
+        let secs = crate::store::as_i64(v)
+            .filter(|n| *n >= 0 && *n <= i32::MAX as i64)
+            .ok_or_else(|| {
+                CommandError::bad_value(format!(
+                    "Invalid value for minSnapshotHistoryWindowInSeconds: {v} (a non-negative integer)"
+                ))
+            })?;
+        let mut data = ctx.engine.data.lock();
+        reply.insert("was", data.history.window_secs as i32);
+        data.history.window_secs = secs as u64;
+        any = true;
+    }
+    if !any {
+        return Err(CommandError::new(
+            codes::INVALID_OPTIONS,
+            "no option found to set, use help:true to see options ",
+        ));
+    }
+    Ok(reply)
 }
 
 pub fn repl_set_get_config(engine: &Arc<Engine>) -> CommandResult<Document> {

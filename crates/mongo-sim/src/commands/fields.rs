@@ -473,7 +473,9 @@ pub fn check_command(name: &str, cmd: &Document) -> CommandResult<()> {
 }
 
 /// `readConcern`: the levels MongoDB knows; `afterClusterTime` is always satisfied by the
-/// single node; `atClusterTime` (a read at a point in the past) is not implemented.
+/// single node; `atClusterTime` is checked as `ReadConcernArgs` does (a Timestamp, only with
+/// level `snapshot`, not with `afterClusterTime`, not null); its time is checked against the
+/// clock and the history when the read runs (see [`crate::snapshot`]).
 fn check_read_concern(cmd: &Document) -> CommandResult<()> {
     let Some(rc) = cmd.get("readConcern") else {
         return Ok(());
@@ -495,16 +497,43 @@ fn check_read_concern(cmd: &Document) -> CommandResult<()> {
             },
             "afterClusterTime" | "provenance" => {}
             "atClusterTime" => {
-                return Err(not_supported(
-                    "readConcern.atClusterTime",
-                    "reads at a past cluster time",
-                ))
+                if !matches!(v, Bson::Timestamp(_)) {
+                    return Err(CommandError::type_mismatch(format!(
+                        "BSON field 'readConcern.atClusterTime' is the wrong type '{}', expected type 'timestamp'",
+                        type_name(v)
+                    )));
+                }
             }
             "afterOpTime" => return Err(not_supported("readConcern.afterOpTime", "afterOpTime")),
             other => return Err(unknown_field(&format!("readConcern.{other}"))),
         }
     }
+    if let Some(Bson::Timestamp(at)) = rc.get("atClusterTime") {
+        let invalid = |m: &str| Err(CommandError::new(codes::INVALID_OPTIONS, m.to_string()));
+        if rc.contains_key("afterClusterTime") {
+            return invalid("Can not specify both afterClusterTime and atClusterTime");
+        }
+        if rc.get_str("level").ok() != Some("snapshot") {
+            return invalid("atClusterTime field can be set only if level is equal to snapshot");
+        }
+        if at.time == 0 && at.increment == 0 {
+            return invalid("atClusterTime cannot be a null timestamp");
+        }
+    }
     Ok(())
+}
+
+/// Whether `field` is one of the generic arguments every command accepts.
+pub fn is_generic_argument(field: &str) -> bool {
+    GENERIC.contains(&field)
+}
+
+/// `readConcern.atClusterTime`, if given.
+pub fn read_concern_at_cluster_time(cmd: &Document) -> Option<bson::Timestamp> {
+    match cmd.get_document("readConcern").ok()?.get("atClusterTime") {
+        Some(Bson::Timestamp(ts)) => Some(*ts),
+        _ => None,
+    }
 }
 
 /// The `readConcern` level a command asked for, if any.

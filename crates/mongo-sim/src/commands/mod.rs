@@ -50,6 +50,8 @@ pub struct SessionArgs {
     pub start_transaction: bool,
     /// `readConcern.level` of the command (a transaction takes it from its first statement).
     pub read_concern_level: Option<String>,
+    /// `readConcern.atClusterTime` of the command (likewise).
+    pub at_cluster_time: Option<Timestamp>,
 }
 
 impl SessionArgs {
@@ -73,7 +75,14 @@ pub struct Ctx<'a> {
     /// `topologyVersion.counter` when the command arrived (a write held up across a
     /// step-down fails with 11602).
     pub repl_counter_at_start: i64,
+    /// The time a snapshot read outside a transaction read at (replies report it as
+    /// `atClusterTime`).
+    pub snapshot_read_at: parking_lot::Mutex<Option<Timestamp>>,
 }
+
+/// Commands that take `readConcern: {level: "snapshot"}` outside transactions (MongoDB 5.0+;
+/// the others answer 72, see [`Ctx::read`]).
+const SNAPSHOT_READ_COMMANDS: &[&str] = &["find", "aggregate", "distinct"];
 
 const RETRYABLE_WRITE_COMMANDS: &[&str] = &[
     "insert",
@@ -126,6 +135,7 @@ impl<'a> Ctx<'a> {
                 txn_number,
                 s.start_transaction,
                 s.read_concern_level.as_deref(),
+                s.at_cluster_time,
             )?;
             let now = data.clock.current();
             let (first_new, r) = {
@@ -190,7 +200,9 @@ impl<'a> Ctx<'a> {
         Some((t.read_concern_level.clone(), t.base.get(ns).is_some()))
     }
 
-    /// Runs `f` with read access to the catalog the command should see.
+    /// Runs `f` with read access to the catalog the command should see: a transaction's
+    /// snapshot, the catalog as of the snapshot read time (`readConcern` level `snapshot`
+    /// outside transactions, on the commands that take it), or today's catalog.
     pub fn read<R>(&self, f: impl FnOnce(&Catalog, &Data) -> CommandResult<R>) -> CommandResult<R> {
         let mut guard = self.engine.data.lock();
         if let Some(s) = self.session.as_ref().filter(|s| s.in_transaction()) {
@@ -202,6 +214,7 @@ impl<'a> Ctx<'a> {
                 txn_number,
                 s.start_transaction,
                 s.read_concern_level.as_deref(),
+                s.at_cluster_time,
             )?;
             let data: &Data = &guard;
             let t = data
@@ -210,10 +223,56 @@ impl<'a> Ctx<'a> {
                 .get(&s.key)
                 .and_then(|s| s.txn.as_ref())
                 .expect("open txn");
+            if let (Some(changes), Some(ns)) = (&t.snapshot_changes, self.target_namespace()) {
+                changes.check(&ns, t.read_ts)?;
+            }
             return f(&t.catalog, data);
         }
         let data: &Data = &guard;
+        if fields::read_concern_level(self.cmd) == Some("snapshot")
+            && SNAPSHOT_READ_COMMANDS.contains(&self.name.as_str())
+        {
+            // Without atClusterTime: the latest (majority-committed) time, reported back.
+            let at = fields::read_concern_at_cluster_time(self.cmd)
+                .unwrap_or_else(|| data.clock.current());
+            let snap = crate::snapshot::catalog_at(data, at)?;
+            if let Some(ns) = self.target_namespace() {
+                snap.changes.check(&ns, at)?;
+            }
+            *self.snapshot_read_at.lock() = Some(at);
+            return f(&snap.catalog, data);
+        }
         f(&data.catalog, data)
+    }
+
+    /// `db.<coll>` of a command whose first field names a collection.
+    fn target_namespace(&self) -> Option<crate::store::Namespace> {
+        match self.cmd.get(&self.name) {
+            Some(Bson::String(coll)) => Some(crate::store::Namespace::new(self.db.clone(), coll)),
+            _ => None,
+        }
+    }
+
+    /// Outside transactions, `readConcern` level `snapshot` on a command that does not take
+    /// it (`count`): 72, as the server's `supportsReadConcern` check answers.
+    pub fn check_snapshot_support(&self) -> CommandResult<()> {
+        if self.in_transaction()
+            || fields::read_concern_level(self.cmd) != Some("snapshot")
+            || SNAPSHOT_READ_COMMANDS.contains(&self.name.as_str())
+        {
+            return Ok(());
+        }
+        let at = match fields::read_concern_at_cluster_time(self.cmd) {
+            Some(at) => format!(", atClusterTime: {}", crate::snapshot::ts_string(at)),
+            None => String::new(),
+        };
+        Err(CommandError::new(
+            codes::INVALID_OPTIONS,
+            format!(
+                "Command {} does not support {{ readConcern: {{ level: \"snapshot\"{at} }} }} :: caused by :: read concern snapshot not supported",
+                self.name,
+            ),
+        ))
     }
 }
 
@@ -352,6 +411,7 @@ fn session_args(cmd: &Document) -> CommandResult<Option<SessionArgs>> {
         autocommit,
         start_transaction: cmd.get_bool("startTransaction").unwrap_or(false),
         read_concern_level: fields::read_concern_level(cmd).map(str::to_string),
+        at_cluster_time: fields::read_concern_at_cluster_time(cmd),
     }))
 }
 
@@ -439,6 +499,7 @@ pub async fn execute(engine: &Arc<Engine>, conn: &mut ConnInfo, cmd: Document) -
         close_after_reply: std::sync::atomic::AtomicBool::new(false),
         documents: parking_lot::Mutex::new(documents),
         repl_counter_at_start: engine.repl.lock().topology_counter,
+        snapshot_read_at: parking_lot::Mutex::new(None),
     };
     let change_stream_cmd = is_change_stream_command(engine, &name, &cmd);
     if let Some(a) = &action {
@@ -715,7 +776,8 @@ async fn dispatch(ctx: &Ctx<'_>) -> CommandResult<Document> {
         "buildInfo" | "buildinfo" => Ok(admin::build_info()),
         "serverStatus" => Ok(admin::server_status(ctx.engine)),
         "hostInfo" => Ok(admin::host_info()),
-        "getParameter" => admin::get_parameter(ctx.cmd),
+        "getParameter" => admin::get_parameter(ctx.engine, ctx.cmd),
+        "setParameter" => admin::set_parameter(ctx),
         "getCmdLineOpts" => Ok(doc! {"argv": ["mongod"], "parsed": {}}),
         "replSetGetConfig" => admin::repl_set_get_config(ctx.engine),
         "replSetGetStatus" => Ok(admin::repl_set_get_status(ctx.engine)),

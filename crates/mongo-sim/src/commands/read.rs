@@ -33,6 +33,7 @@ fn cursor_reply(
     single_batch: bool,
 ) -> CommandResult<Document> {
     let batch = next_batch(&mut remaining, projection.as_ref(), first_batch)?;
+    let at_cluster_time = *ctx.snapshot_read_at.lock();
     let id = if remaining.is_empty() || single_batch {
         0
     } else {
@@ -45,10 +46,16 @@ fn cursor_reply(
                 projection,
             },
             lsid: ctx.session.as_ref().map(|s| s.key.clone()),
+            at_cluster_time,
         });
         id
     };
-    Ok(doc! {"cursor": {"firstBatch": batch, "id": id, "ns": ns}})
+    let mut cursor = doc! {"firstBatch": batch, "id": id, "ns": ns};
+    if let Some(at) = at_cluster_time {
+        // Snapshot reads outside transactions report their read time.
+        cursor.insert("atClusterTime", at);
+    }
+    Ok(doc! {"cursor": cursor})
 }
 
 fn batch_size(cmd: &Document, key: &str) -> CommandResult<Option<usize>> {
@@ -313,13 +320,20 @@ pub async fn get_more(ctx: &Ctx<'_>) -> CommandResult<Document> {
             remaining,
             projection,
         } => {
+            // The results were computed when the cursor opened: a snapshot cursor keeps
+            // returning its snapshot.
             let docs = next_batch(remaining, projection.as_ref(), batch.unwrap_or(usize::MAX))?;
             let done = remaining.is_empty();
             let ns = cursor.ns.clone();
+            let at_cluster_time = cursor.at_cluster_time;
             if !done {
                 ctx.engine.cursors.lock().insert(cursor);
             }
-            Ok(doc! {"cursor": {"nextBatch": docs, "id": if done { 0i64 } else { id }, "ns": ns}})
+            let mut reply = doc! {"nextBatch": docs, "id": if done { 0i64 } else { id }, "ns": ns};
+            if let Some(at) = at_cluster_time {
+                reply.insert("atClusterTime", at);
+            }
+            Ok(doc! {"cursor": reply})
         }
         CursorKind::ChangeStream(stream) => {
             // failGetMoreAfterCursorCheckout: the cursor is checked out, so the normal
@@ -476,6 +490,7 @@ fn open_change_stream(ctx: &Ctx<'_>, pipeline: &[Bson]) -> CommandResult<Documen
             ns: reply_ns.clone(),
             kind: CursorKind::ChangeStream(Box::new(stream)),
             lsid: ctx.session.as_ref().map(|s| s.key.clone()),
+            at_cluster_time: None,
         });
     }
     Ok(
@@ -520,6 +535,15 @@ pub fn aggregate(ctx: &Ctx<'_>) -> CommandResult<Document> {
         ));
     }
     let write_stage = write_stages::split(&mut stages, &ctx.db)?;
+    if write_stage.is_some()
+        && !ctx.in_transaction()
+        && fields::read_concern_level(ctx.cmd) == Some("snapshot")
+    {
+        return Err(CommandError::new(
+            codes::COMMAND_NOT_SUPPORTED,
+            "$out/$merge with readConcern level snapshot is not supported by the simulator",
+        ));
+    }
     let (ns, reply_ns) = match ctx.cmd.get("aggregate") {
         Some(Bson::String(coll)) => {
             let ns = Namespace::new(ctx.db.clone(), coll.clone());
@@ -597,6 +621,7 @@ pub fn aggregate(ctx: &Ctx<'_>) -> CommandResult<Document> {
 }
 
 pub fn count(ctx: &Ctx<'_>) -> CommandResult<Document> {
+    ctx.check_snapshot_support()?;
     let ns = coll_arg(ctx)?;
     let query = ctx.cmd.get_document("query").cloned().unwrap_or_default();
     let skip = int_arg(ctx.cmd, "skip")?.unwrap_or(0).max(0) as usize;
@@ -649,7 +674,11 @@ pub fn distinct(ctx: &Ctx<'_>) -> CommandResult<Document> {
     })?;
     values.sort_by(compare_values);
     values.dedup_by(|a, b| compare_values(a, b).is_eq());
-    Ok(doc! {"values": values})
+    let mut reply = doc! {"values": values};
+    if let Some(at) = *ctx.snapshot_read_at.lock() {
+        reply.insert("atClusterTime", at);
+    }
+    Ok(reply)
 }
 
 /// `dbHash`: MD5 over the raw bytes of every document in `_id` order, per collection, and an

@@ -13,6 +13,7 @@ mod lifecycle;
 mod persistence;
 mod raw_socket;
 mod retryable;
+mod snapshot_reads;
 mod stepdown;
 mod strict;
 mod transactions;

@@ -290,10 +290,6 @@ async fn unimplemented_features_fail_loudly() {
                 "explain",
             ),
             (
-                doc! {"find": "c", "readConcern": {"level": "snapshot", "atClusterTime": bson::Timestamp { time: 1, increment: 1 }}},
-                "atClusterTime",
-            ),
-            (
                 doc! {"update": "c", "updates": [{"q": {}, "u": {"$set": {"b": 1}}, "collation": {"locale": "fr"}}]},
                 "updates.collation",
             ),
