@@ -17,5 +17,6 @@ mod resume;
 mod safety;
 mod soak;
 mod soak_regressions;
+mod source_restarts;
 mod support;
 mod validation;

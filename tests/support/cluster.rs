@@ -370,11 +370,21 @@ pub async fn diff(
 
 /// Waits until every namespace is identical on both sides (same `_id`s, byte-identical BSON).
 pub async fn wait_converged(c: &Clusters, namespaces: &[(&str, &str)], timeout: Duration) {
+    wait_converged_clients(&c.src, &c.dst, namespaces, timeout).await;
+}
+
+/// [`wait_converged`] between any two deployments.
+pub async fn wait_converged_clients(
+    src: &Client,
+    dst: &Client,
+    namespaces: &[(&str, &str)],
+    timeout: Duration,
+) {
     let started = Instant::now();
     loop {
         let mut first_diff = None;
         for (db, coll) in namespaces {
-            if let Some(d) = diff(&c.src, &c.dst, (db, coll), (db, coll)).await {
+            if let Some(d) = diff(src, dst, (db, coll), (db, coll)).await {
                 first_diff = Some(d);
                 break;
             }
