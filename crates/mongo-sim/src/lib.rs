@@ -16,6 +16,7 @@
 pub mod auth;
 pub mod changestream;
 pub mod commands;
+pub mod collation;
 pub mod cursor;
 pub mod engine;
 pub mod error;

@@ -54,6 +54,18 @@ pub fn create(ctx: &Ctx<'_>) -> CommandResult<Document> {
             ));
         }
     }
+    // The catalog keeps the full collation spec (every field resolved); simple is no
+    // collation at all.
+    if let Some(c) = options.get("collation").cloned() {
+        match crate::collation::parse_arg("create.collation", &c)? {
+            Some(Some(c)) => {
+                options.insert("collation", c.to_document());
+            }
+            _ => {
+                options.remove("collation");
+            }
+        }
+    }
     if let Some(size) = options.get("size").and_then(crate::store::as_i64) {
         // The server rounds capped sizes up to a multiple of 256.
         options.insert("size", ((size + 255) / 256 * 256).max(4096));

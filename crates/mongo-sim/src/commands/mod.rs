@@ -56,6 +56,22 @@ impl SessionArgs {
 }
 
 /// Everything a command handler needs.
+/// Installs the collation a command on `ns` runs under (its `collation` argument, else the
+/// collection's default) for the rest of the caller's synchronous body.
+pub fn install_collation(
+    ctx: &Ctx<'_>,
+    ns: Option<&crate::store::Namespace>,
+) -> CommandResult<crate::collation::Installed> {
+    let default = match ns {
+        Some(ns) => ctx.read(|cat, _| Ok(cat.get(ns).and_then(|c| c.collation.clone())))?,
+        None => None,
+    };
+    Ok(crate::collation::install(crate::collation::effective(
+        ctx.cmd.get("collation"),
+        default.as_ref(),
+    )?))
+}
+
 pub struct Ctx<'a> {
     pub engine: &'a Arc<Engine>,
     pub conn: &'a ConnInfo,
