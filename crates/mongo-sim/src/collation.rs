@@ -30,14 +30,14 @@ pub const ICU_VERSION: &str = "57.1";
 /// The locales of the manual's "Supported Languages and Locales" table (7.0), without the
 /// `@collation=<variant>` forms.
 const LOCALES: &[&str] = &[
-    "af", "sq", "am", "ar", "hy", "as", "az", "bn", "be", "bs", "bs_Cyrl", "bg", "my", "ca",
-    "chr", "zh", "zh_Hant", "hr", "cs", "da", "nl", "dz", "en", "en_US", "eo", "et", "ee", "fo",
-    "fil", "fi", "fr", "fr_CA", "gl", "ka", "de", "de_AT", "el", "gu", "ha", "haw", "he", "hi",
-    "hu", "is", "ig", "smn", "id", "ga", "it", "ja", "kl", "kn", "kk", "km", "kok", "ko", "ky",
-    "lo", "lv", "ln", "lt", "dsb", "lb", "mk", "ms", "ml", "mt", "mr", "mn", "ne", "se",
-    "nb", "nn", "or", "om", "ps", "fa", "fa_AF", "pl", "pt", "pa", "ro", "ru", "sr", "sr_Latn",
-    "si", "sk", "sl", "es", "sw", "sv", "ta", "te", "th", "bo", "to", "tr", "uk", "hsb", "ur",
-    "ug", "vi", "wae", "cy", "yi", "yo", "zu",
+    "af", "sq", "am", "ar", "hy", "as", "az", "bn", "be", "bs", "bs_Cyrl", "bg", "my", "ca", "chr",
+    "zh", "zh_Hant", "hr", "cs", "da", "nl", "dz", "en", "en_US", "eo", "et", "ee", "fo", "fil",
+    "fi", "fr", "fr_CA", "gl", "ka", "de", "de_AT", "el", "gu", "ha", "haw", "he", "hi", "hu",
+    "is", "ig", "smn", "id", "ga", "it", "ja", "kl", "kn", "kk", "km", "kok", "ko", "ky", "lo",
+    "lv", "ln", "lt", "dsb", "lb", "mk", "ms", "ml", "mt", "mr", "mn", "ne", "se", "nb", "nn",
+    "or", "om", "ps", "fa", "fa_AF", "pl", "pt", "pa", "ro", "ru", "sr", "sr_Latn", "si", "sk",
+    "sl", "es", "sw", "sv", "ta", "te", "th", "bo", "to", "tr", "uk", "hsb", "ur", "ug", "vi",
+    "wae", "cy", "yi", "yo", "zu",
 ];
 
 /// `caseFirst`.
@@ -436,11 +436,9 @@ impl Collation {
     pub fn key_of(&self, v: &Bson) -> Bson {
         match v {
             Bson::String(s) | Bson::Symbol(s) => Bson::String(self.sort_key(s)),
-            Bson::Document(d) => Bson::Document(
-                d.iter()
-                    .map(|(k, v)| (k.clone(), self.key_of(v)))
-                    .collect(),
-            ),
+            Bson::Document(d) => {
+                Bson::Document(d.iter().map(|(k, v)| (k.clone(), self.key_of(v))).collect())
+            }
             Bson::Array(a) => Bson::Array(a.iter().map(|v| self.key_of(v)).collect()),
             other => other.clone(),
         }
@@ -559,7 +557,10 @@ mod tests {
         assert_eq!(code(doc! {"locale": "en", "strength": 0}), 2);
         assert_eq!(code(doc! {"locale": "en", "caseLevel": "yes"}), 14);
         assert_eq!(code(doc! {"locale": "en", "caseFirst": "x"}), 2);
-        assert_eq!(code(doc! {"locale": "en", "strength": 2, "caseFirst": "upper"}), 2);
+        assert_eq!(
+            code(doc! {"locale": "en", "strength": 2, "caseFirst": "upper"}),
+            2
+        );
         assert_eq!(code(doc! {"locale": "fr_CA", "strength": 1}), 2);
         assert_eq!(code(doc! {"locale": "en", "version": "1.0"}), 161);
         assert_eq!(code(doc! {"locale": "en", "backwards": true}), 115);

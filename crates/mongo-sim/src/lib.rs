@@ -15,8 +15,8 @@
 
 pub mod auth;
 pub mod changestream;
-pub mod commands;
 pub mod collation;
+pub mod commands;
 pub mod cursor;
 pub mod engine;
 pub mod error;

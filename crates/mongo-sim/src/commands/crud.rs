@@ -178,8 +178,10 @@ pub fn insert(ctx: &Ctx<'_>) -> CommandResult<Document> {
 pub fn matching(coll: &Collection, matcher: &Matcher, limit: Option<usize>) -> Vec<DocRef> {
     // The `_id` lookup finds what the collection's collation calls equal: only right when the
     // query runs under that same collation.
-    let same_collation =
-        crate::collation::same(crate::collation::current().as_ref(), coll.collation.as_ref());
+    let same_collation = crate::collation::same(
+        crate::collation::current().as_ref(),
+        coll.collation.as_ref(),
+    );
     if let Some(id) = matcher.id_equality().filter(|_| same_collation) {
         return coll
             .get(id)

@@ -42,13 +42,19 @@ async fn invalid_collations_are_rejected_with_the_server_codes() {
             (doc! {"locale": "en", "strength": 0}, 2),
             (doc! {"locale": "en", "caseLevel": 1}, 14),
             (doc! {"locale": "en", "alternate": "ignore"}, 2),
-            (doc! {"locale": "en", "strength": 1, "caseFirst": "upper"}, 2),
+            (
+                doc! {"locale": "en", "strength": 1, "caseFirst": "upper"},
+                2,
+            ),
             (doc! {"locale": "en", "version": "99.1"}, 161),
         ];
         for (spec, want) in cases {
-            let e = run(&db, doc! {"find": "c", "filter": {}, "collation": spec.clone()})
-                .await
-                .unwrap_err();
+            let e = run(
+                &db,
+                doc! {"find": "c", "filter": {}, "collation": spec.clone()},
+            )
+            .await
+            .unwrap_err();
             assert_eq!(code(&e), Some(want), "{spec}");
             let e = run(&db, doc! {"create": "c2", "collation": spec.clone()})
                 .await
@@ -235,8 +241,8 @@ async fn default_collation_makes_id_and_unique_indexes_case_insensitive() {
         )
         .await;
         let want = doc! {"locale": "en", "caseLevel": false, "caseFirst": "off", "strength": 2,
-            "numericOrdering": false, "alternate": "non-ignorable", "maxVariable": "punct",
-            "normalization": false, "backwards": false, "version": "57.1"};
+        "numericOrdering": false, "alternate": "non-ignorable", "maxVariable": "punct",
+        "normalization": false, "backwards": false, "version": "57.1"};
         let options = info[0].get_document("options").unwrap();
         assert_eq!(options.get_document("collation").unwrap(), &want);
         assert_eq!(
@@ -256,7 +262,12 @@ async fn default_collation_makes_id_and_unique_indexes_case_insensitive() {
         // The default applies to queries without a collation of their own.
         let d = col.find_one(doc! {"_id": "BOB"}).await.unwrap().unwrap();
         assert_eq!(d.get_str("_id").unwrap(), "Bob");
-        assert_eq!(col.count_documents(doc! {"email": "BOB@example.com"}).await.unwrap(), 1);
+        assert_eq!(
+            col.count_documents(doc! {"email": "BOB@example.com"})
+                .await
+                .unwrap(),
+            1
+        );
         // A command's own simple collation overrides the default.
         let docs = find_all(
             &db,
@@ -268,7 +279,11 @@ async fn default_collation_makes_id_and_unique_indexes_case_insensitive() {
         col.create_index(
             mongodb::IndexModel::builder()
                 .keys(doc! {"email": 1})
-                .options(mongodb::options::IndexOptions::builder().unique(true).build())
+                .options(
+                    mongodb::options::IndexOptions::builder()
+                        .unique(true)
+                        .build(),
+                )
                 .build(),
         )
         .await
@@ -279,7 +294,10 @@ async fn default_collation_makes_id_and_unique_indexes_case_insensitive() {
             .unwrap_err();
         assert_eq!(code(&e), Some(11000));
         let idx = find_all(&db, doc! {"listIndexes": "people"}).await;
-        assert!(idx.iter().all(|i| i.get_document("collation").is_ok()), "{idx:?}");
+        assert!(
+            idx.iter().all(|i| i.get_document("collation").is_ok()),
+            "{idx:?}"
+        );
         // An index with an explicit simple collation is binary.
         col.create_index(
             mongodb::IndexModel::builder()
@@ -294,10 +312,16 @@ async fn default_collation_makes_id_and_unique_indexes_case_insensitive() {
         )
         .await
         .unwrap();
-        col.insert_one(doc! {"_id": "x", "email": "x", "nick": "Al"}).await.unwrap();
-        col.insert_one(doc! {"_id": "y", "email": "y", "nick": "al"}).await.unwrap();
+        col.insert_one(doc! {"_id": "x", "email": "x", "nick": "Al"})
+            .await
+            .unwrap();
+        col.insert_one(doc! {"_id": "y", "email": "y", "nick": "al"})
+            .await
+            .unwrap();
         // `distinct` under the default collation folds case.
-        col.insert_one(doc! {"_id": "z", "email": "z", "nick": "AL"}).await.unwrap();
+        col.insert_one(doc! {"_id": "z", "email": "z", "nick": "AL"})
+            .await
+            .unwrap();
         let r = run(&db, doc! {"distinct": "people", "key": "nick"})
             .await
             .unwrap();
