@@ -150,6 +150,13 @@ pub fn values_equal(a: &Bson, b: &Bson) -> bool {
     compare_values(a, b) == Ordering::Equal
 }
 
+/// [`values_equal`] under the simple collation, whatever a command installed (the `_id`
+/// immutability check).
+pub fn values_equal_simple(a: &Bson, b: &Bson) -> bool {
+    let _simple = crate::collation::install(None);
+    values_equal(a, b)
+}
+
 /// Exact ("binary") equality: same types, same bytes, same field order, recursively.
 /// `1` vs `1.0` differ; `NaN` equals a `NaN` with the same bits.
 pub fn binary_equal(a: &Bson, b: &Bson) -> bool {

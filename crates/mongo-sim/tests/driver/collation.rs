@@ -345,6 +345,12 @@ async fn default_collation_makes_id_and_unique_indexes_case_insensitive() {
                 .collect::<Vec<_>>(),
             vec![Bson::from("x"), Bson::from("y")]
         );
+        // `_id` stays immutable byte for byte: "Bob" → "bob" is a change, even under strength 2.
+        let e = col
+            .update_one(doc! {"_id": "Bob"}, doc! {"$set": {"_id": "bob"}})
+            .await
+            .unwrap_err();
+        assert_eq!(code(&e), Some(66));
         // `$group` groups by the collation.
         let out: Vec<Document> = col
             .aggregate(vec![
