@@ -114,17 +114,21 @@ fn main() -> ExitCode {
                     o.seeds = o.per_round * o.parallel as u64;
                     next += o.seeds;
                     o.verbose = true;
-                    reports.extend(engine::run(&o).await);
+                    let round = engine::run(&o).await;
+                    // Printed as they happen: a long run cut short still shows what it found.
+                    for f in round.iter().flat_map(|r| &r.failures) {
+                        println!("{f}\n");
+                    }
+                    reports.extend(round);
                 }
             }
         }
         eprintln!("wall time {:.1}s", started.elapsed().as_secs_f64());
         reports
     });
-    let mut failed = false;
-    for r in &reports {
-        for f in &r.failures {
-            failed = true;
+    let failed = reports.iter().any(|r| !r.failures.is_empty());
+    if minutes.is_none() {
+        for f in reports.iter().flat_map(|r| &r.failures) {
             println!("{f}\n");
         }
     }

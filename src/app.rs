@@ -100,7 +100,42 @@ async fn wait_for<T, F, Fut>(
     what: &str,
     hosts: &str,
     shutdown: &CancellationToken,
+    probe: F,
+) -> Result<Option<T>, SyncError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, SyncError>>,
+{
+    retry_while(what, hosts, shutdown, probe, |d| {
+        !matches!(d, RetryDirective::Fatal { .. })
+    })
+    .await
+}
+
+/// Runs a start-up step on the metadata, retrying only transient failures (a failover, a
+/// dropped connection) with backoff; any other failure is returned for the caller to decide.
+async fn retry_transient<T, F, Fut>(
+    what: &str,
+    hosts: &str,
+    shutdown: &CancellationToken,
+    step: F,
+) -> Result<Option<T>, SyncError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, SyncError>>,
+{
+    retry_while(what, hosts, shutdown, step, |d| {
+        matches!(d, RetryDirective::Backoff)
+    })
+    .await
+}
+
+async fn retry_while<T, F, Fut>(
+    what: &str,
+    hosts: &str,
+    shutdown: &CancellationToken,
     mut probe: F,
+    retry: impl Fn(&RetryDirective) -> bool,
 ) -> Result<Option<T>, SyncError>
 where
     F: FnMut() -> Fut,
@@ -121,7 +156,7 @@ where
                 return Ok(Some(v));
             }
             Err(e) => match policy(&e) {
-                RetryDirective::Fatal { .. } => return Err(e),
+                directive if !retry(&directive) => return Err(e),
                 _ => {
                     attempt += 1;
                     tracing::warn!(cluster = what, hosts = %hosts, attempt, error = %e, "waiting for the {what} cluster to become reachable");
@@ -274,16 +309,20 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
         let checkpoints = CheckpointStore::new(&metadata_db);
         let metadata = Metadata::new(&metadata_db);
         if !options.reset_identity {
-            match identity::check_orphan_checkpoints(
-                &metadata_db,
-                &checkpoints,
-                &config.sync.id,
-                config.sync.on_destination_reset,
-            )
-            .await
-            {
-                Ok(false) => {}
-                Ok(true) => {
+            // Metadata reads and writes at start-up retry transient errors like the connection
+            // checks above: a failover or a blip must not exit the daemon.
+            let orphans = || {
+                identity::check_orphan_checkpoints(
+                    &metadata_db,
+                    &checkpoints,
+                    &config.sync.id,
+                    config.sync.on_destination_reset,
+                )
+            };
+            match retry_transient("destination", &dest_hosts, &shutdown, orphans).await {
+                Ok(None) => break 'run exit::OK,
+                Ok(Some(false)) => {}
+                Ok(Some(true)) => {
                     tracing::warn!("the destination's metadata was wiped under an earlier run (checkpoints without an identity record); discarded them, copying everything again (sync.on_destination_reset = \"recopy\")")
                 }
                 Err(e) if e.kind == ErrorKind::DestinationReset => {
@@ -297,15 +336,17 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
             }
         }
         let mut reset = false;
-        match metadata
-            .check_identity(&config.sync.id, &identity, options.reset_identity)
+        let check = || metadata.check_identity(&config.sync.id, &identity, options.reset_identity);
+        match retry_transient("destination", &dest_hosts, &shutdown, check)
             .await
+            .map(|c| c.ok_or(()))
         {
-            Ok(IdentityCheck::Recorded) => {
+            Ok(Err(())) => break 'run exit::OK,
+            Ok(Ok(IdentityCheck::Recorded)) => {
                 tracing::info!(source = %identity.describe(), "source identity recorded")
             }
-            Ok(IdentityCheck::Matches) => {}
-            Ok(IdentityCheck::Reset) => {
+            Ok(Ok(IdentityCheck::Matches)) => {}
+            Ok(Ok(IdentityCheck::Reset)) => {
                 reset = true;
                 tracing::warn!(source = %identity.describe(), "source identity reset; discarding checkpoints and re-copying");
                 if let Err(e) = checkpoints.delete_all(&config.sync.id).await {
@@ -319,19 +360,21 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
             }
         }
 
-        let watch = match IdentityWatch::establish(
-            source.clone(),
-            dest_client.clone(),
-            &metadata_db,
-            &config.sync.id,
-            identity.clone(),
-            &dest_seen,
-            &metrics,
-            Arc::clone(&status),
-        )
-        .await
-        {
-            Ok(w) => w,
+        let establish = || {
+            IdentityWatch::establish(
+                source.clone(),
+                dest_client.clone(),
+                &metadata_db,
+                &config.sync.id,
+                identity.clone(),
+                &dest_seen,
+                &metrics,
+                Arc::clone(&status),
+            )
+        };
+        let watch = match retry_transient("destination", &dest_hosts, &shutdown, establish).await {
+            Ok(Some(w)) => w,
+            Ok(None) => break 'run exit::OK,
             Err(e) => {
                 tracing::error!(error = %e, "cannot record the metadata epoch");
                 break 'run exit_code_for(&e);

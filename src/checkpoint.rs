@@ -76,6 +76,9 @@ pub struct Checkpoint {
     /// with the source's at every start; one carrying others was changed by someone else and
     /// is left alone. Survives re-copies of the same incarnation.
     pub destination_validation: Option<Document>,
+    /// The validation options mongo-syncd is about to give the destination (persisted before
+    /// the `create`/`collMod`, cleared after it): a crash in between still counts them as its own.
+    pub destination_validation_next: Option<Document>,
     /// `_id`s of copied documents a unique index refused (E11000) while a copy, force-sync or
     /// repair was still writing: retried from the source later, dead-lettered only if they
     /// still conflict once replay has caught up (see `unique_conflicts`).
@@ -135,6 +138,7 @@ impl Checkpoint {
         match old {
             Some(old) => Checkpoint {
                 destination_validation: old.destination_validation,
+                destination_validation_next: old.destination_validation_next,
                 destination_indexes: old.destination_indexes,
                 ..self
             },
@@ -166,6 +170,7 @@ impl Checkpoint {
                 None => Bson::Null,
             },
             "destination_validation": opt_doc(&self.destination_validation),
+            "destination_validation_next": opt_doc(&self.destination_validation_next),
             "copy_duplicates": self.copy_duplicates.clone(),
             "destination_indexes": self.destination_indexes.clone(),
             "updated_at": DateTime::now(),
@@ -205,6 +210,10 @@ impl Checkpoint {
                 .ok()
                 .map(|r| r.get("next").filter(|b| !matches!(b, Bson::Null)).cloned()),
             destination_validation: d.get_document("destination_validation").ok().cloned(),
+            destination_validation_next: d
+                .get_document("destination_validation_next")
+                .ok()
+                .cloned(),
             copy_duplicates: d.get_array("copy_duplicates").cloned().unwrap_or_default(),
             destination_indexes: d
                 .get_array("destination_indexes")
@@ -440,6 +449,7 @@ mod tests {
             target: Some("x.y".into()),
             reconcile_next: Some(Some(Bson::Int32(7))),
             destination_validation: Some(doc! {"validator": {"n": {"$gte": 1}}}),
+            destination_validation_next: Some(doc! {"validator": {"n": {"$gte": 2}}}),
             copy_duplicates: vec![Bson::Int64(1 << 60), Bson::String("x".into())],
             destination_indexes: vec!["email_1".into()],
             updated_at: None,

@@ -74,12 +74,17 @@ fn dest_error(context: &str, e: mongodb::error::Error) -> SyncError {
 /// Before a copy writes (called after its start point is taken): the destination collection
 /// exists with the source's current options, its validation options match the source's
 /// unless they are the operator's own, and its collation is the source's.
-pub async fn prepare(ctx: &WorkerContext, cp: &mut Checkpoint) -> Result<(), SyncError> {
+///
+/// `Ok(false)`, with nothing touched on the destination, when this incarnation of the
+/// collection is no longer on the source under its name: dropped, renamed away or re-created
+/// before the start point was taken, so its stream will never say so. The worker then stops
+/// and leaves its checkpoint to discovery, which finishes a gone incarnation from the listing
+/// (or resumes it if the collection comes back under this name).
+pub async fn prepare(ctx: &WorkerContext, cp: &mut Checkpoint) -> Result<bool, SyncError> {
     let source_db = ctx.pipeline.source.client().database(&ctx.ns.db);
     let source_options = match listed_collection(&source_db, &ctx.ns.coll).await {
         Ok(Some((uuid, options))) if ctx.uuid.is_none() || uuid == ctx.uuid => options,
-        // Gone or re-created: this incarnation's stream finishes it; keep what discovery saw.
-        Ok(_) => ctx.options.clone(),
+        Ok(_) => return Ok(false),
         Err(e) => {
             return Err(SyncError::mongo(
                 ErrorKind::SourceRead,
@@ -100,16 +105,52 @@ pub async fn prepare(ctx: &WorkerContext, cp: &mut Checkpoint) -> Result<(), Syn
         .map_err(|e| dest_error("reading the destination collection's options", e))?;
     match dest_listed {
         None => {
+            intend(ctx, cp, &want).await?;
             create(ctx, &dest_db, &source_options).await?;
-            cp.destination_validation = Some(want);
+            record(ctx, cp, want).await?;
         }
         Some((_, dest_options)) => {
-            if check_collation(ctx, &dest_db, &source_options, &dest_options).await? {
-                cp.destination_validation = Some(want);
+            if must_recreate_for_collation(ctx, &source_options, &dest_options)? {
+                intend(ctx, cp, &want).await?;
+                dest_db
+                    .collection::<Document>(&ctx.target.coll)
+                    .drop()
+                    .await
+                    .map_err(|e| {
+                        dest_error(
+                            "dropping a destination collection with another collation",
+                            e,
+                        )
+                    })?;
+                create(ctx, &dest_db, &source_options).await?;
+                record(ctx, cp, want).await?;
             } else {
                 align_validation(ctx, &dest_db, &dest_options, want, cp).await?;
             }
         }
+    }
+    Ok(true)
+}
+
+/// Persists the validation options about to be given to the destination before giving them:
+/// a crash right after the change still finds them recorded as mongo-syncd's.
+async fn intend(
+    ctx: &WorkerContext,
+    cp: &mut Checkpoint,
+    want: &Document,
+) -> Result<(), SyncError> {
+    cp.destination_validation_next = Some(want.clone());
+    ctx.pipeline.checkpoints.save(&ctx.key(), cp).await
+}
+
+/// The destination now has `set`: recorded as mongo-syncd's (persisted).
+async fn record(ctx: &WorkerContext, cp: &mut Checkpoint, set: Document) -> Result<(), SyncError> {
+    let changed = cp.destination_validation.as_ref() != Some(&set)
+        || cp.destination_validation_next.is_some();
+    cp.destination_validation = Some(set);
+    cp.destination_validation_next = None;
+    if changed {
+        ctx.pipeline.checkpoints.save(&ctx.key(), cp).await?;
     }
     Ok(())
 }
@@ -124,18 +165,18 @@ async fn align_validation(
 ) -> Result<(), SyncError> {
     let have = validation_options(dest_options);
     if same_validation(&have, &want) {
-        cp.destination_validation = Some(want);
-        return Ok(());
+        return record(ctx, cp, want).await;
     }
     let ours = have.is_empty()
-        || cp
-            .destination_validation
-            .as_ref()
-            .is_some_and(|set| same_validation(set, &have));
+        || [&cp.destination_validation, &cp.destination_validation_next]
+            .into_iter()
+            .flatten()
+            .any(|set| same_validation(set, &have));
     if !ours {
         tracing::warn!(namespace = %ctx.label(), target = %ctx.target, destination = %have, source = %want, "the destination collection has validation options of its own (not the source's, not set by mongo-syncd); left as they are: documents it rejects are dead-lettered");
         return Ok(());
     }
+    intend(ctx, cp, &want).await?;
     let mut cmd = doc! {"collMod": ctx.target.coll.clone()};
     cmd.extend(validation_changes(&have, &want));
     dest_db.run_command(cmd).await.map_err(|e| {
@@ -145,8 +186,7 @@ async fn align_validation(
         )
     })?;
     tracing::info!(namespace = %ctx.label(), target = %ctx.target, from = %have, to = %want, "aligned the destination collection's validation options with the source's");
-    cp.destination_validation = Some(want);
-    Ok(())
+    record(ctx, cp, want).await
 }
 
 /// A `modify` event applied to the destination: the validation options it set are now the
@@ -239,12 +279,11 @@ fn describe_collation(c: Option<&Document>) -> String {
 
 /// DESIGN §2.10: a destination collection whose collation differs from the source's (created
 /// beforehand, restored without options) is never copied into blindly: the copy's extras scan
-/// would walk another `_id` order. Parks the namespace naming both collations, or re-creates
-/// the destination collection with the source's options (`sync.on_collation_mismatch`);
-/// `Ok(true)` when it was re-created.
-async fn check_collation(
+/// would walk another `_id` order. Parks the namespace naming both collations, or answers that
+/// the destination collection must be re-created with the source's options
+/// (`sync.on_collation_mismatch`).
+fn must_recreate_for_collation(
     ctx: &WorkerContext,
-    db: &Database,
     source_options: &Document,
     dest_options: &Document,
 ) -> Result<bool, SyncError> {
@@ -263,14 +302,7 @@ async fn check_collation(
             ),
         )),
         OnCollationMismatch::Recreate => {
-            db.collection::<Document>(&ctx.target.coll)
-                .drop()
-                .await
-                .map_err(|e| {
-                    dest_error("dropping a destination collection with another collation", e)
-                })?;
-            tracing::warn!(namespace = %ctx.label(), target = %ctx.target, source_collation = %source, destination_collation = %dest, "the destination collection had another collation; dropped it and re-created it with the source's options (sync.on_collation_mismatch = \"recreate\")");
-            create(ctx, db, source_options).await?;
+            tracing::warn!(namespace = %ctx.label(), target = %ctx.target, source_collation = %source, destination_collation = %dest, "the destination collection has another collation; dropping it and re-creating it with the source's options (sync.on_collation_mismatch = \"recreate\")");
             Ok(true)
         }
     }

@@ -431,7 +431,9 @@ pub async fn run(
     };
     cp.target = Some(target);
     if cp.phase == Phase::Copying {
-        initial_copy(ctx, &mut cp, stop).await?;
+        if let Some(exit) = initial_copy(ctx, &mut cp, stop).await? {
+            return Ok(exit);
+        }
     }
     stream(ctx, cp, stop, abort, commands).await
 }
@@ -646,7 +648,7 @@ async fn initial_copy(
     ctx: &WorkerContext,
     cp: &mut Checkpoint,
     stop: &CancellationToken,
-) -> Result<(), SyncError> {
+) -> Result<Option<WorkerExit>, SyncError> {
     let label = ctx.label();
     let key = ctx.key();
     ctx.set_state(WorkerState::Copying);
@@ -681,7 +683,10 @@ async fn initial_copy(
         .and_then(|t| token_cluster_time(&t));
     // The copy's checkpoint exists: lag is measured from T0 while copying (DESIGN §2.9).
     ctx.record_checkpoint(start_ts);
-    crate::dest_collection::prepare(ctx, cp).await?;
+    if !crate::dest_collection::prepare(ctx, cp).await? {
+        tracing::info!(namespace = %label, "this incarnation of the collection left the source before its copy's start point (dropped, renamed or re-created); stopping, discovery finishes it");
+        return Ok(Some(WorkerExit::NamespaceGone));
+    }
     let estimate = ctx
         .pipeline
         .source
@@ -733,7 +738,7 @@ async fn initial_copy(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "initial copy finished; replaying changes made during the copy"
     );
-    Ok(())
+    Ok(None)
 }
 
 /// DESIGN §2.3: before a copy whose estimated duration exceeds the source's oplog window, log

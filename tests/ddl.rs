@@ -173,3 +173,38 @@ async fn drop_rename_drop_database_and_new_collections_are_reflected() {
     .await;
     assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
 }
+
+/// A view on the source is skipped with a warning naming it; the collection it is defined on
+/// is synced, and nothing of the view (nor `system.views`) appears on the destination.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_view_on_the_source_is_skipped_with_a_warning_and_its_collection_synced() {
+    let c = Clusters::start().await;
+    let shop = c.src.database("shop");
+    shop.collection::<Document>("orders")
+        .insert_many((0..20).map(|i| doc! {"_id": i, "total": i * 10}))
+        .await
+        .unwrap();
+    shop.run_command(doc! {"create": "big_orders", "viewOn": "orders", "pipeline": [{"$match": {"total": {"$gte": 100}}}]})
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(&c, dir.path(), "[sync]\nnamespaces = [\"shop.*\"]\n");
+    wait_converged(&c, &[("shop", "orders")], Duration::from_secs(60)).await;
+    wait_until("the skip is logged", Duration::from_secs(30), || async {
+        d.logs()
+            .lines()
+            .any(|l| l.contains("skipping: views") && l.contains("shop.big_orders"))
+    })
+    .await;
+    // Writes keep flowing to the real collection, never to the view.
+    shop.collection::<Document>("orders")
+        .insert_one(doc! {"_id": 100, "total": 1000})
+        .await
+        .unwrap();
+    wait_converged(&c, &[("shop", "orders")], Duration::from_secs(30)).await;
+    assert_eq!(
+        collections(&c.dst, "shop").await,
+        vec!["orders".to_string()]
+    );
+    assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
+}

@@ -311,3 +311,32 @@ async fn history_loss_parks_when_configured_to() {
     .await;
     assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
 }
+
+/// Soak seeds 11651-11700 (60-minute run): the daemon was restarted while `failCommand` failed
+/// the destination's writes with HostUnreachable; recording the metadata epoch failed twice
+/// (the driver's one retry included) and the daemon exited instead of waiting, as it does for
+/// the connection checks. Start-up metadata steps now retry transient failures with backoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_destination_errors_while_starting_are_waited_out() {
+    let c = Clusters::start().await;
+    c.src
+        .database("app")
+        .collection::<Document>("items")
+        .insert_many((0..10).map(|i| doc! {"_id": i}))
+        .await
+        .unwrap();
+    c.dest
+        .configure_fail_point(&doc! {"configureFailPoint": "failCommand", "mode": {"times": 4},
+            "data": {"failCommands": ["update"], "namespace": "mongo_syncd.identity",
+                     "errorCode": 6, "errorLabels": ["RetryableWriteError"], "appName": "mongo-syncd"}})
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(&c, dir.path(), "[sync]\nnamespaces = [\"app.*\"]\n");
+    wait_converged(&c, &[("app", "items")], Duration::from_secs(60)).await;
+    assert!(
+        d.logs().contains("waiting for the destination cluster"),
+        "the failure was met and waited out:\n{}",
+        d.logs()
+    );
+    assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
+}

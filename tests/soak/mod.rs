@@ -10,14 +10,12 @@ use std::{path::PathBuf, time::Instant};
 
 /// Seeds CI runs when `SOAK_SEEDS` is not set.
 const CI_SEEDS: u64 = 500;
-/// Operation kinds CI runs when `SOAK_OPS` is not set: every kind but `validator` (collMod of
-/// a validator), whose change still goes missing on the destination after faults (open in
-/// issue 9; `SOAK_OPS=all` reproduces it).
-const CI_OPS: &str = "-validator";
-/// Fault kinds CI runs when `SOAK_FAULTS` is not set: the transient ones. SIGKILLs, stops
-/// across DDL and history loss still find divergences (missing documents, stale values, a
-/// collection left after a drop: open in issue 9; `SOAK_FAULTS=all` reproduces them).
-const CI_FAULTS: &str = "failcmd,src_close,block";
+/// Operation kinds CI runs when `SOAK_OPS` is not set: all of them.
+const CI_OPS: &str = "all";
+/// Fault kinds CI runs when `SOAK_FAULTS` is not set: all of them (SIGKILL during copy, stream
+/// and checkpoint writes, the daemon stopped across DDL, history loss, transient errors,
+/// blocked writes, closed source connections).
+const CI_FAULTS: &str = "all";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soak_seeds() {

@@ -463,6 +463,11 @@ impl ChangeStreamCursor {
                 }
                 _ => {}
             },
+            op if op.ns().is_some_and(crate::views::is_views_collection) => {
+                if let Some(e) = self.view_event(entry, op) {
+                    raw.push(e);
+                }
+            }
             op => {
                 let ns = op.ns().expect("non-database ops have a namespace");
                 if !self.in_scope(ns) {
@@ -639,6 +644,37 @@ impl ChangeStreamCursor {
             }
         }
         Ok(out)
+    }
+
+    /// A write to `<db>.system.views` as the view event it is under `showExpandedEvents`:
+    /// insert → `create`, replacement → `modify`, delete → `drop`, each naming the view (the
+    /// document's `_id`) and without `collectionUUID` (a view has none). Only database and
+    /// deployment streams see them: a collection stream never opens on a view.
+    fn view_event(&self, entry: &OplogEntry, op: &OplogOp) -> Option<Document> {
+        if !self.spec.show_expanded_events || matches!(self.spec.scope, Scope::Collection(_)) {
+            return None;
+        }
+        let (op_type, stored) = match op {
+            OplogOp::Insert { doc, .. } => ("create", doc),
+            OplogOp::Replace { post, .. } | OplogOp::Update { post, .. } => ("modify", post),
+            OplogOp::Delete { pre, .. } => ("drop", pre),
+            _ => return None,
+        };
+        let view = Namespace::parse(stored.get_str("_id").ok()?).ok()?;
+        if !self.in_scope(&view) {
+            return None;
+        }
+        let ns_doc = doc! {"db": view.db.clone(), "coll": view.coll.clone()};
+        let mut e = self.base_event(entry, op_type, ns_doc, None);
+        if op_type != "drop" {
+            let def = crate::views::ViewDef::from_stored(stored)?;
+            e.insert("operationDescription", def.options());
+        }
+        if op_type == "create" {
+            // As the collection `create` events of the simulator carry it.
+            e.insert("nsType", "view");
+        }
+        Some(e)
     }
 
     fn token(&self, entry: &OplogEntry, kind: TokenKind, fragment: u16) -> Document {

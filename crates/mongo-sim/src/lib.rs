@@ -28,6 +28,7 @@ pub mod schema;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod views;
 pub mod wire;
 
 pub use engine::{Engine, SimConfig};

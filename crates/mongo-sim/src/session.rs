@@ -30,6 +30,9 @@ pub struct Transaction {
     pub base: Catalog,
     pub ops: Vec<(OplogOp, bool)>,
     pub read_ts: Timestamp,
+    /// `readConcern.level` of the transaction (given by its first statement); `None` = the
+    /// default, `local`.
+    pub read_concern_level: Option<String>,
 }
 
 #[derive(Default)]
@@ -125,6 +128,17 @@ fn abort_open(s: &mut SessionState) {
     }
 }
 
+/// Aborts the open transaction `txn_number` of a session after a statement of it failed
+/// (MongoDB aborts a transaction on any error of one of its statements). Does nothing when
+/// that transaction is not the session's open one.
+pub fn abort_after_error(data: &mut Data, key: &[u8], txn_number: i64) {
+    if let Some(s) = data.sessions.map.get_mut(key) {
+        if s.txn.as_ref().is_some_and(|t| t.txn_number == txn_number) {
+            abort_open(s);
+        }
+    }
+}
+
 fn no_such_transaction(txn_number: i64) -> CommandError {
     CommandError::new(
         codes::NO_SUCH_TRANSACTION,
@@ -139,6 +153,7 @@ pub fn begin_or_continue(
     lsid: &Document,
     txn_number: i64,
     start: bool,
+    read_concern_level: Option<&str>,
 ) -> CommandResult<()> {
     let base = data.catalog.clone();
     let now = data.clock.current();
@@ -168,6 +183,7 @@ pub fn begin_or_continue(
             base,
             ops: Vec::new(),
             read_ts: now,
+            read_concern_level: read_concern_level.map(str::to_string),
         });
         return Ok(());
     }
@@ -309,6 +325,13 @@ pub fn commit(data: &mut Data, key: &[u8], lsid: &Document, txn_number: i64) -> 
                 OplogOp::Delete { pre, .. } => {
                     let c = slot.as_mut().ok_or_else(write_conflict)?;
                     c.delete(pre.get("_id").unwrap_or(&Bson::Null));
+                }
+                OplogOp::CreateIndexes { indexes, .. } => {
+                    // Only on a collection the transaction created (checked by createIndexes).
+                    let c = slot.as_mut().ok_or_else(write_conflict)?;
+                    for spec in indexes {
+                        c.add_index(crate::store::Index::from_spec(spec)?)?;
+                    }
                 }
                 _ => {
                     return Err(CommandError::new(

@@ -22,6 +22,7 @@ use crate::{
         },
     },
     store::{Catalog, Collection, DocRef, Namespace},
+    views,
 };
 
 /// The collection, created implicitly (with a `create` oplog entry) when missing.
@@ -31,6 +32,9 @@ pub fn ensure_collection<'c>(
     ns: &Namespace,
 ) -> CommandResult<&'c mut Collection> {
     if cat.get(ns).is_none() {
+        if views::is_view(cat, ns) {
+            return Err(views::not_a_collection(ns));
+        }
         crate::store::check_names(ns)?;
         if matches!(ns.db.as_str(), "admin" | "local" | "config") && !ns.is_system() {
             // Real servers allow some of these; the simulator keeps them read-only and empty.
@@ -70,7 +74,7 @@ fn bypass(ctx: &Ctx<'_>) -> bool {
 }
 
 /// Deletes the oldest documents of a capped collection that exceed its limits.
-fn enforce_capped(coll: &mut Collection, sink: &mut dyn WriteSink) {
+pub(super) fn enforce_capped(coll: &mut Collection, sink: &mut dyn WriteSink) {
     for id in coll.capped_overflow() {
         if let Some(change) = coll.delete(&id) {
             let images = coll.pre_and_post_images();
@@ -79,7 +83,7 @@ fn enforce_capped(coll: &mut Collection, sink: &mut dyn WriteSink) {
     }
 }
 
-fn emit(coll: &Collection, sink: &mut dyn WriteSink, change: crate::store::DocChange) {
+pub(super) fn emit(coll: &Collection, sink: &mut dyn WriteSink, change: crate::store::DocChange) {
     let images = coll.pre_and_post_images();
     sink.emit(change_to_op(coll, change), images);
 }
@@ -113,15 +117,25 @@ fn array_arg<'c>(ctx: &Ctx<'c>, key: &str) -> CommandResult<&'c [Bson]> {
     }
 }
 
-/// In a transaction a write error fails the whole command (and aborts the transaction).
+/// Whether a batch stops at its first write error: `ordered` batches do, and in a
+/// transaction every batch does (the error aborts the transaction).
+fn stops_at_first_error(ctx: &Ctx<'_>) -> bool {
+    ctx.cmd.get_bool("ordered").unwrap_or(true) || ctx.in_transaction()
+}
+
+/// Adds `writeErrors` to a write reply. In a transaction the batch stopped at its one error,
+/// which MongoDB reports the same way (`ok: 1`, `n` = the writes before it, no error label)
+/// and which aborts the transaction: its next statement and its commit answer
+/// NoSuchTransaction (jstests `core/txns/transactions_write_errors.js`). Transient errors
+/// (WriteConflict) are top-level command errors instead, from [`Ctx::write`].
 fn finish_write(
     ctx: &Ctx<'_>,
     mut reply: Document,
     errors: Vec<(usize, CommandError)>,
 ) -> CommandResult<Document> {
-    if let Some((_, first)) = errors.first() {
+    if !errors.is_empty() {
         if ctx.in_transaction() {
-            return Err(first.clone());
+            ctx.abort_transaction_after_error();
         }
         reply.insert(
             "writeErrors",
@@ -140,9 +154,12 @@ pub fn insert(ctx: &Ctx<'_>) -> CommandResult<Document> {
         Some(docs) => docs,
         None => array_arg(ctx, "documents")?.to_vec(),
     };
-    let ordered = ctx.cmd.get_bool("ordered").unwrap_or(true);
+    let ordered = stops_at_first_error(ctx);
     let bypass = bypass(ctx);
     let (n, errors) = ctx.write(|cat, sink| {
+        if views::is_view(cat, &ns) {
+            return Ok((0, view_write_errors(&ns, docs.len(), ordered)));
+        }
         let coll = ensure_collection(cat, sink, &ns)?;
         let mut n = 0i32;
         let mut errors = Vec::new();
@@ -174,6 +191,20 @@ pub fn insert(ctx: &Ctx<'_>) -> CommandResult<Document> {
     finish_write(ctx, doc! {"n": n}, errors)
 }
 
+/// A write to a view fails statement by statement (the first only when ordered).
+fn view_write_errors(
+    ns: &Namespace,
+    statements: usize,
+    ordered: bool,
+) -> Vec<(usize, CommandError)> {
+    let n = if ordered {
+        statements.min(1)
+    } else {
+        statements
+    };
+    (0..n).map(|i| (i, views::not_a_collection(ns))).collect()
+}
+
 /// `_id`s of the documents matching a filter, in `_id` order (at most `limit`).
 pub fn matching(coll: &Collection, matcher: &Matcher, limit: Option<usize>) -> Vec<DocRef> {
     // The `_id` lookup finds what the collection's collation calls equal: only right when the
@@ -202,7 +233,7 @@ pub fn matching(coll: &Collection, matcher: &Matcher, limit: Option<usize>) -> V
     out
 }
 
-fn update_context(
+pub(super) fn update_context(
     sink: &dyn WriteSink,
     upsert_insert: bool,
     array_filters: Vec<Document>,
@@ -463,13 +494,17 @@ fn apply_one_update(
 pub fn update(ctx: &Ctx<'_>) -> CommandResult<Document> {
     let ns = coll_arg(ctx)?;
     let updates = array_arg(ctx, "updates")?;
-    let ordered = ctx.cmd.get_bool("ordered").unwrap_or(true);
+    let ordered = stops_at_first_error(ctx);
     let bypass = bypass(ctx);
     let lets = command_lets(ctx, "update.let")?;
     let (n, modified, upserted, errors) = ctx.write(|cat, sink| {
         let mut n = 0i64;
         let mut modified = 0i64;
         let mut upserted = Vec::new();
+        if views::is_view(cat, &ns) {
+            let errors = view_write_errors(&ns, updates.len(), ordered);
+            return Ok((n, modified, upserted, errors));
+        }
         let mut errors = Vec::new();
         for (i, stmt) in updates.iter().enumerate() {
             let result = match stmt {
@@ -507,9 +542,12 @@ pub fn update(ctx: &Ctx<'_>) -> CommandResult<Document> {
 pub fn delete(ctx: &Ctx<'_>) -> CommandResult<Document> {
     let ns = coll_arg(ctx)?;
     let deletes = array_arg(ctx, "deletes")?;
-    let ordered = ctx.cmd.get_bool("ordered").unwrap_or(true);
+    let ordered = stops_at_first_error(ctx);
     let lets = command_lets(ctx, "delete.let")?;
     let (n, errors) = ctx.write(|cat, sink| {
+        if views::is_view(cat, &ns) {
+            return Ok((0, view_write_errors(&ns, deletes.len(), ordered)));
+        }
         let mut n = 0i32;
         let mut errors = Vec::new();
         for (i, stmt) in deletes.iter().enumerate() {
@@ -609,6 +647,9 @@ pub fn find_and_modify(ctx: &Ctx<'_>) -> CommandResult<Document> {
     lets::check_filter(&query, &lets)?;
     let matcher = Matcher::new(&query)?.with_lets(std::sync::Arc::clone(&lets));
     let (last_error, value) = ctx.write(|cat, sink| {
+        if views::is_view(cat, &ns) {
+            return Err(views::not_a_collection(&ns));
+        }
         super::fields::check_hint(cat.get(&ns), cmd.get("hint"))?;
         let _collation = crate::collation::install(crate::collation::effective(
             cmd.get("collation"),

@@ -6,9 +6,11 @@ use bson::{doc, Bson, Document};
 
 use super::{coll_arg, Ctx};
 use crate::{
+    engine::change_to_op,
     error::{codes, CommandError, CommandResult},
     oplog::OplogOp,
     store::{check_names, Collection, Index, Namespace},
+    views::{self, ViewDef},
 };
 
 /// `create` options stored on the collection (and reported by `listCollections`).
@@ -37,10 +39,19 @@ fn not_found(ns: &Namespace) -> CommandError {
 
 pub fn create(ctx: &Ctx<'_>) -> CommandResult<Document> {
     let ns = coll_arg(ctx)?;
-    if ctx.cmd.contains_key("viewOn") || ctx.cmd.contains_key("timeseries") {
+    if ctx.cmd.contains_key("timeseries") {
         return Err(CommandError::new(
             codes::COMMAND_NOT_SUPPORTED,
-            "views and time-series collections are not supported by the simulator",
+            "time-series collections are not supported by the simulator",
+        ));
+    }
+    if ctx.cmd.contains_key("viewOn") {
+        return create_view(ctx, ns);
+    }
+    if ctx.cmd.contains_key("pipeline") {
+        return Err(CommandError::new(
+            codes::INVALID_OPTIONS,
+            "'pipeline' requires 'viewOn' to also be specified",
         ));
     }
     let mut options = Document::new();
@@ -71,7 +82,13 @@ pub fn create(ctx: &Ctx<'_>) -> CommandResult<Document> {
         options.insert("size", ((size + 255) / 256 * 256).max(4096));
     }
     let new = Collection::new(ns.clone(), options.clone())?;
+    if let Some((level, _)) = ctx.transaction_view(&ns) {
+        check_ddl_in_transaction(&ns, level.as_deref(), "create a collection")?;
+    }
     ctx.write(|cat, sink| {
+        if views::is_view(cat, &ns) {
+            return Err(view_exists(&ns));
+        }
         if let Some(existing) = cat.get(&ns) {
             if existing.options == options {
                 return Ok(());
@@ -95,6 +112,144 @@ pub fn create(ctx: &Ctx<'_>) -> CommandResult<Document> {
     Ok(Document::new())
 }
 
+fn view_exists(ns: &Namespace) -> CommandError {
+    CommandError::new(
+        codes::NAMESPACE_EXISTS,
+        format!("A view already exists. NS: {ns}"),
+    )
+}
+
+/// `create` with `viewOn`: a document in `<db>.system.views` (the collection is created
+/// first when missing), as the server stores views. The collection a view is defined on need
+/// not exist.
+fn create_view(ctx: &Ctx<'_>, ns: Namespace) -> CommandResult<Document> {
+    check_names(&ns)?;
+    let view_on = match ctx.cmd.get("viewOn") {
+        Some(Bson::String(s)) if !s.is_empty() => s.clone(),
+        Some(Bson::String(_)) => {
+            return Err(CommandError::bad_value("'viewOn' cannot be empty"));
+        }
+        _ => {
+            return Err(CommandError::type_mismatch(
+                "BSON field 'create.viewOn' is the wrong type, expected type 'string'",
+            ))
+        }
+    };
+    let pipeline = match ctx.cmd.get("pipeline") {
+        Some(p) => views::check_pipeline(p)?,
+        None => Vec::new(),
+    };
+    for k in ctx.cmd.keys() {
+        match k.as_str() {
+            "create" | "viewOn" | "pipeline" => {}
+            "collation" => {}
+            k if CREATE_OPTIONS.contains(&k) && k != "comment" => {
+                return Err(CommandError::new(
+                    codes::INVALID_OPTIONS,
+                    format!("option not supported on a view: {k}"),
+                ));
+            }
+            k if k.starts_with('$') || is_generic_argument(k) => {}
+            k => {
+                return Err(CommandError::new(
+                    codes::LOCATION_40415_UNKNOWN_FIELD,
+                    format!("BSON field 'create.{k}' is an unknown field."),
+                ))
+            }
+        }
+    }
+    if ns.is_system() {
+        return Err(CommandError::new(
+            codes::INVALID_NAMESPACE,
+            format!("Invalid namespace specified '{ns}': a view cannot be a system collection"),
+        ));
+    }
+    if ctx.in_transaction() {
+        return Err(CommandError::new(
+            codes::OPERATION_NOT_SUPPORTED_IN_TRANSACTION,
+            "Cannot create a view in a multi-document transaction.",
+        ));
+    }
+    // The view's own default collation, resolved as a collection's; simple is none.
+    let collation = match ctx.cmd.get("collation") {
+        Some(c) => match crate::collation::parse_arg("create.collation", c)? {
+            Some(Some(c)) => Some(c.to_document()),
+            _ => None,
+        },
+        None => None,
+    };
+    let def = ViewDef {
+        view_on,
+        pipeline,
+        collation,
+    };
+    ctx.write(|cat, sink| {
+        if let Some(existing) = views::lookup(cat, &ns) {
+            if existing == def {
+                return Ok(());
+            }
+            return Err(view_exists(&ns));
+        }
+        if cat.get(&ns).is_some() {
+            return Err(CommandError::new(
+                codes::NAMESPACE_EXISTS,
+                format!("Collection {ns} already exists."),
+            ));
+        }
+        views::check_collation_chain(cat, &ns, &def)?;
+        // The pipeline must be one the simulator can run (on an empty input it checks the
+        // stage names and their arguments).
+        let probe = crate::query::aggregate::PipelineContext::new(bson::DateTime::now());
+        let stages: Vec<Document> = def
+            .pipeline
+            .iter()
+            .filter_map(|s| s.as_document().cloned())
+            .collect();
+        crate::query::aggregate::run_pipeline(Vec::new(), &stages, &probe)?;
+        let views_ns = views::views_ns(&ns.db);
+        if cat.get(&views_ns).is_none() {
+            let coll = Collection::new(views_ns.clone(), Document::new())?;
+            sink.emit(
+                OplogOp::Create {
+                    ns: views_ns.clone(),
+                    uuid: coll.uuid,
+                    options: Document::new(),
+                },
+                false,
+            );
+            cat.insert(coll);
+        }
+        let views = cat.get_mut(&views_ns).expect("just ensured");
+        let change = views.insert(def.stored(&ns), true)?;
+        sink.emit(change_to_op(views, change), false);
+        Ok(())
+    })?;
+    Ok(Document::new())
+}
+
+/// MongoDB 4.4+ lets a transaction create collections and indexes, with restrictions (manual
+/// "Create Collections and Indexes in a Transaction"; the server's jstests expect
+/// InvalidOptions for `create`/`createIndexes` in a `snapshot` transaction): the transaction's
+/// read concern must be `local` (else 72 InvalidOptions) and the namespace may not be a system
+/// collection (263). The messages are the simulator's own.
+fn check_ddl_in_transaction(ns: &Namespace, level: Option<&str>, what: &str) -> CommandResult<()> {
+    if ns.is_system() {
+        return Err(CommandError::new(
+            codes::OPERATION_NOT_SUPPORTED_IN_TRANSACTION,
+            format!("Cannot write to system collection {ns} within a transaction."),
+        ));
+    }
+    match level {
+        None | Some("local") => Ok(()),
+        Some(other) => Err(CommandError::new(
+            codes::INVALID_OPTIONS,
+            format!(
+                "Cannot {what} in a multi-document transaction with read concern level '{other}': only 'local' is allowed"
+            ),
+        )),
+    }
+}
+
 /// Arguments every command may carry.
 pub fn is_generic_argument(k: &str) -> bool {
     matches!(
@@ -116,6 +271,15 @@ pub fn is_generic_argument(k: &str) -> bool {
 pub fn drop(ctx: &Ctx<'_>) -> CommandResult<Document> {
     let ns = coll_arg(ctx)?;
     let n_indexes = ctx.write(|cat, sink| {
+        if views::is_view(cat, &ns) {
+            let views = cat
+                .get_mut(&views::views_ns(&ns.db))
+                .expect("a view is a document of system.views");
+            if let Some(change) = views.delete(&Bson::String(ns.to_string())) {
+                sink.emit(change_to_op(views, change), false);
+            }
+            return Ok(Some(None));
+        }
         let Some(coll) = cat.remove(&ns) else {
             return Ok(None);
         };
@@ -126,10 +290,12 @@ pub fn drop(ctx: &Ctx<'_>) -> CommandResult<Document> {
             },
             false,
         );
-        Ok(Some(coll.indexes.len() as i32))
+        Ok(Some(Some(coll.indexes.len() as i32)))
     })?;
     Ok(match n_indexes {
-        Some(n) => doc! {"nIndexesWas": n, "ns": ns.to_string()},
+        Some(Some(n)) => doc! {"nIndexesWas": n, "ns": ns.to_string()},
+        // A view has no indexes.
+        Some(None) => doc! {"ns": ns.to_string()},
         None => Document::new(),
     })
 }
@@ -232,6 +398,9 @@ pub fn coll_mod(ctx: &Ctx<'_>) -> CommandResult<Document> {
     let ns = coll_arg(ctx)?;
     let mut reply = Document::new();
     ctx.write(|cat, sink| {
+        if let Some(def) = views::lookup(cat, &ns) {
+            return coll_mod_view(ctx, cat, sink, &ns, def);
+        }
         let coll = cat.get_mut(&ns).ok_or_else(|| not_found(&ns))?;
         let mut options = coll.options.clone();
         let mut changed = Document::new();
@@ -249,6 +418,12 @@ pub fn coll_mod(ctx: &Ctx<'_>) -> CommandResult<Document> {
                     }
                     options.insert(k.clone(), v.clone());
                     changed.insert(k.clone(), v.clone());
+                }
+                "viewOn" | "pipeline" => {
+                    return Err(CommandError::new(
+                        codes::INVALID_OPTIONS,
+                        format!("option only supported on a view: {k}"),
+                    ))
                 }
                 "index" => {
                     let spec = v
@@ -311,6 +486,46 @@ pub fn coll_mod(ctx: &Ctx<'_>) -> CommandResult<Document> {
     Ok(reply)
 }
 
+/// `collMod` of a view: `viewOn` and/or `pipeline` replace the stored definition (a
+/// replacement of its `system.views` document, which change streams report as `modify`).
+fn coll_mod_view(
+    ctx: &Ctx<'_>,
+    cat: &mut crate::store::Catalog,
+    sink: &mut dyn crate::engine::WriteSink,
+    ns: &Namespace,
+    mut def: ViewDef,
+) -> CommandResult<()> {
+    for (k, v) in ctx.cmd {
+        match k.as_str() {
+            "collMod" => {}
+            "viewOn" => match v {
+                Bson::String(s) if !s.is_empty() => def.view_on = s.clone(),
+                _ => {
+                    return Err(CommandError::new(
+                        codes::INVALID_OPTIONS,
+                        "'viewOn' option must be a string",
+                    ))
+                }
+            },
+            "pipeline" => def.pipeline = views::check_pipeline(v)?,
+            other if other.starts_with('$') || is_generic_argument(other) => {}
+            other => {
+                return Err(CommandError::new(
+                    codes::INVALID_OPTIONS,
+                    format!("option not supported on a view: {other}"),
+                ))
+            }
+        }
+    }
+    views::check_collation_chain(cat, ns, &def)?;
+    let views = cat
+        .get_mut(&views::views_ns(&ns.db))
+        .expect("a view is a document of system.views");
+    let change = views.replace(def.stored(ns), None, true)?;
+    sink.emit(change_to_op(views, change), false);
+    Ok(())
+}
+
 pub fn create_indexes(ctx: &Ctx<'_>) -> CommandResult<Document> {
     let ns = coll_arg(ctx)?;
     let specs = ctx
@@ -318,9 +533,23 @@ pub fn create_indexes(ctx: &Ctx<'_>) -> CommandResult<Document> {
         .get_array("indexes")
         .map_err(|_| CommandError::failed_to_parse("'indexes' must be an array"))?
         .clone();
+    // In a transaction a new index may only go on a collection the transaction created and
+    // that is still empty; indexes that already exist are accepted as no-ops.
+    let txn = ctx.transaction_view(&ns);
+    if let Some((level, _)) = &txn {
+        check_ddl_in_transaction(&ns, level.as_deref(), "create indexes")?;
+    }
+    let existed_before_txn = txn.as_ref().is_some_and(|(_, existed)| *existed);
     ctx.write(|cat, sink| {
+        if views::is_view(cat, &ns) {
+            return Err(CommandError::new(
+                codes::COMMAND_NOT_SUPPORTED_ON_VIEW,
+                "Cannot create indexes on a view",
+            ));
+        }
         let created_automatically = cat.get(&ns).is_none();
         let coll = super::crud::ensure_collection(cat, sink, &ns)?;
+        let new_indexes_allowed = txn.is_none() || (!existed_before_txn && coll.docs.is_empty());
         let before = coll.indexes.len() as i32;
         let mut created = Vec::new();
         let mut staged = coll.clone();
@@ -329,6 +558,12 @@ pub fn create_indexes(ctx: &Ctx<'_>) -> CommandResult<Document> {
             let index = Index::from_spec(spec)?;
             let listed = index.spec.clone();
             if staged.add_index(index)? {
+                if !new_indexes_allowed {
+                    return Err(CommandError::new(
+                        codes::OPERATION_NOT_SUPPORTED_IN_TRANSACTION,
+                        format!("Cannot create new indexes on existing collection {ns} in a multi-document transaction."),
+                    ));
+                }
                 created.push(listed);
             }
         }
@@ -354,6 +589,9 @@ pub fn drop_indexes(ctx: &Ctx<'_>) -> CommandResult<Document> {
         )
     })?;
     ctx.write(|cat, sink| {
+        if views::is_view(cat, &ns) {
+            return Err(views::not_a_collection(&ns));
+        }
         let coll = cat.get_mut(&ns).ok_or_else(|| not_found(&ns))?;
         let was = coll.indexes.len() as i32;
         let names: Vec<String> = match &which {

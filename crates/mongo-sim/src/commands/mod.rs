@@ -8,6 +8,7 @@ pub(crate) mod fields;
 mod lets;
 mod read;
 mod repl;
+mod write_stages;
 
 use std::sync::Arc;
 
@@ -47,6 +48,8 @@ pub struct SessionArgs {
     pub txn_number: Option<i64>,
     pub autocommit: Option<bool>,
     pub start_transaction: bool,
+    /// `readConcern.level` of the command (a transaction takes it from its first statement).
+    pub read_concern_level: Option<String>,
 }
 
 impl SessionArgs {
@@ -62,14 +65,45 @@ pub fn install_collation(
     ctx: &Ctx<'_>,
     ns: Option<&crate::store::Namespace>,
 ) -> CommandResult<crate::collation::Installed> {
+    enum Default {
+        Collection(Option<Arc<crate::collation::Collation>>),
+        View(Option<Arc<crate::collation::Collation>>),
+    }
     let default = match ns {
-        Some(ns) => ctx.read(|cat, _| Ok(cat.get(ns).and_then(|c| c.collation.clone())))?,
-        None => None,
+        Some(ns) => ctx.read(|cat, _| {
+            Ok(match crate::views::lookup(cat, ns) {
+                Some(view) => Default::View(view.collator()?),
+                None => Default::Collection(cat.get(ns).and_then(|c| c.collation.clone())),
+            })
+        })?,
+        None => Default::Collection(None),
     };
-    Ok(crate::collation::install(crate::collation::effective(
-        ctx.cmd.get("collation"),
-        default.as_ref(),
-    )?))
+    let effective = match default {
+        Default::Collection(default) => {
+            crate::collation::effective(ctx.cmd.get("collation"), default.as_ref())?
+        }
+        // A read on a view runs under the view's collation; another one is refused
+        // (`collatorsMatch` of find/aggregate/count/distinct, 7.0).
+        Default::View(view) => {
+            let explicit = match ctx.cmd.get("collation") {
+                Some(v) => crate::collation::parse_arg("collation", v)?,
+                None => None,
+            };
+            if let Some(explicit) = explicit {
+                let doc = |c: &Option<Arc<crate::collation::Collation>>| {
+                    c.as_ref().map(|c| c.to_document())
+                };
+                if doc(&explicit) != doc(&view) {
+                    return Err(CommandError::new(
+                        codes::OPTION_NOT_SUPPORTED_ON_VIEW,
+                        "Cannot override a view's default collation",
+                    ));
+                }
+            }
+            view
+        }
+    };
+    Ok(crate::collation::install(effective))
 }
 
 pub struct Ctx<'a> {
@@ -132,7 +166,14 @@ impl<'a> Ctx<'a> {
         let data: &mut Data = &mut guard;
         let result = if let Some(s) = self.session.as_ref().filter(|s| s.in_transaction()) {
             let txn_number = s.txn_number.expect("in_transaction checked it");
-            session::begin_or_continue(data, &s.key, &s.lsid, txn_number, s.start_transaction)?;
+            session::begin_or_continue(
+                data,
+                &s.key,
+                &s.lsid,
+                txn_number,
+                s.start_transaction,
+                s.read_concern_level.as_deref(),
+            )?;
             let now = data.clock.current();
             let (first_new, r) = {
                 let state = data
@@ -175,6 +216,27 @@ impl<'a> Ctx<'a> {
         result
     }
 
+    /// Aborts this command's transaction (a statement failed, or answered write errors).
+    pub fn abort_transaction_after_error(&self) {
+        if let Some(s) = self.session.as_ref().filter(|s| s.in_transaction()) {
+            let txn_number = s.txn_number.expect("in_transaction checked it");
+            session::abort_after_error(&mut self.engine.data.lock(), &s.key, txn_number);
+        }
+    }
+
+    /// In a transaction: its read concern level and whether `ns` existed before it started
+    /// (`None` outside transactions).
+    pub fn transaction_view(&self, ns: &crate::store::Namespace) -> Option<(Option<String>, bool)> {
+        let s = self.session.as_ref().filter(|s| s.in_transaction())?;
+        let data = self.engine.data.lock();
+        let t = data.sessions.map.get(&s.key)?.txn.as_ref()?;
+        if Some(t.txn_number) != s.txn_number {
+            // The command starts the transaction: its own read concern, today's catalog.
+            return Some((s.read_concern_level.clone(), data.catalog.get(ns).is_some()));
+        }
+        Some((t.read_concern_level.clone(), t.base.get(ns).is_some()))
+    }
+
     /// Runs `f` with read access to the catalog the command should see.
     pub fn read<R>(&self, f: impl FnOnce(&Catalog, &Data) -> CommandResult<R>) -> CommandResult<R> {
         let mut guard = self.engine.data.lock();
@@ -186,6 +248,7 @@ impl<'a> Ctx<'a> {
                 &s.lsid,
                 txn_number,
                 s.start_transaction,
+                s.read_concern_level.as_deref(),
             )?;
             let data: &Data = &guard;
             let t = data
@@ -335,6 +398,7 @@ fn session_args(cmd: &Document) -> CommandResult<Option<SessionArgs>> {
         txn_number,
         autocommit,
         start_transaction: cmd.get_bool("startTransaction").unwrap_or(false),
+        read_concern_level: fields::read_concern_level(cmd).map(str::to_string),
     }))
 }
 
@@ -443,7 +507,10 @@ pub async fn execute(engine: &Arc<Engine>, conn: &mut ConnInfo, cmd: Document) -
     if let Some(e) = write_deadline_passed(&ctx, received) {
         return Outcome::Reply(error_reply(engine, &e, &[]));
     }
-    let wce = action.as_ref().and_then(|a| a.write_concern_error.clone());
+    let wce = action
+        .as_ref()
+        .and_then(|a| a.write_concern_error.clone())
+        .or_else(|| unsatisfiable_write_concern(&name, &cmd));
     let result = run(&ctx, change_stream_cmd).await;
     if ctx
         .close_after_reply
@@ -472,10 +539,101 @@ pub async fn execute(engine: &Arc<Engine>, conn: &mut ConnInfo, cmd: Document) -
             Outcome::Reply(reply)
         }
         Err(err) => {
+            if ctx.in_transaction() && aborts_transaction(&ctx, &err) {
+                // MongoDB aborts a transaction when one of its statements fails.
+                ctx.abort_transaction_after_error();
+            }
             let labels = compute_labels(&ctx, &err, change_stream_cmd, false);
             Outcome::Reply(error_reply(engine, &err, &labels))
         }
     }
+}
+
+/// Whether a failed statement aborts its transaction: every error does, except those that
+/// say the statement is not part of the open transaction (an older or unknown `txnNumber`, a
+/// committed transaction, a second `startTransaction`), and the answers of
+/// `commitTransaction`/`abortTransaction`, which settle the transaction themselves.
+fn aborts_transaction(ctx: &Ctx<'_>, err: &CommandError) -> bool {
+    !matches!(ctx.name.as_str(), "commitTransaction" | "abortTransaction")
+        && !matches!(
+            err.code,
+            codes::TRANSACTION_TOO_OLD
+                | codes::NO_SUCH_TRANSACTION
+                | codes::TRANSACTION_COMMITTED
+                | codes::CONFLICTING_OPERATION_IN_PROGRESS
+        )
+}
+
+/// Commands that wait for their write concern (and answer `writeConcernError` when it cannot
+/// be satisfied).
+const WRITE_CONCERN_COMMANDS: &[&str] = &[
+    "insert",
+    "update",
+    "delete",
+    "findAndModify",
+    "findandmodify",
+    "commitTransaction",
+    "abortTransaction",
+    "create",
+    "drop",
+    "dropDatabase",
+    "renameCollection",
+    "collMod",
+    "createIndexes",
+    "dropIndexes",
+    "deleteIndexes",
+];
+
+/// The `writeConcernError` MongoDB answers, with the write applied, when the command's write
+/// concern can never be satisfied by this one-member set: a numeric `w` above the number of
+/// data-bearing members → 100 UnsatisfiableWriteConcern `Not enough data-bearing nodes`
+/// (immediately, without waiting for `wtimeout`); a `w` mode name other than `majority` (no
+/// tagged modes are configured) → 79 UnknownReplWriteConcern `No write concern mode named
+/// '<w>' found in replica set configuration`; a `w` tag-set document (members carry no tags)
+/// → 100.
+fn unsatisfiable_write_concern(name: &str, cmd: &Document) -> Option<Document> {
+    const DATA_BEARING_MEMBERS: i64 = 1;
+    if !WRITE_CONCERN_COMMANDS.contains(&name) {
+        return None;
+    }
+    let wc = cmd.get_document("writeConcern").ok()?;
+    let (code, message) = match wc.get("w")? {
+        w @ (Bson::Int32(_) | Bson::Int64(_) | Bson::Double(_)) => {
+            let n = crate::store::as_i64(w)?;
+            if n <= DATA_BEARING_MEMBERS {
+                return None;
+            }
+            (
+                codes::UNSATISFIABLE_WRITE_CONCERN,
+                "Not enough data-bearing nodes".to_string(),
+            )
+        }
+        Bson::String(mode) if mode == "majority" => return None,
+        Bson::String(mode) => (
+            codes::UNKNOWN_REPL_WRITE_CONCERN,
+            format!("No write concern mode named '{mode}' found in replica set configuration"),
+        ),
+        Bson::Document(_) => (
+            codes::UNSATISFIABLE_WRITE_CONCERN,
+            "Not enough nodes match write concern tags".to_string(),
+        ),
+        _ => return None,
+    };
+    let mut echoed = doc! {"w": wc.get("w").cloned().unwrap_or(Bson::Int32(1))};
+    if let Some(j) = wc.get("j") {
+        echoed.insert("j", j.clone());
+    }
+    echoed.insert(
+        "wtimeout",
+        wc.get("wtimeout").cloned().unwrap_or(Bson::Int32(0)),
+    );
+    echoed.insert("provenance", "clientSupplied");
+    Some(doc! {
+        "code": code,
+        "codeName": code_name(code),
+        "errmsg": message,
+        "errInfo": {"writeConcern": echoed},
+    })
 }
 
 /// A write command whose `maxTimeMS` passed before it ran fails with MaxTimeMSExpired (50) and

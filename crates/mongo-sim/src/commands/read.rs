@@ -6,7 +6,7 @@ use std::{collections::VecDeque, sync::Arc, time::Duration};
 use bson::{doc, Bson, Document};
 use md5::{Digest, Md5};
 
-use super::{coll_arg, fields, int_arg, lets, Ctx};
+use super::{coll_arg, fields, int_arg, lets, write_stages, Ctx};
 use crate::{
     changestream::{self, epoch_of, ChangeStreamCursor, Scope},
     cursor::{next_batch, Cursor, CursorKind, DEFAULT_FIRST_BATCH},
@@ -20,6 +20,7 @@ use crate::{
         sort::SortSpec,
     },
     store::{Collection, DocRef, Namespace},
+    views,
 };
 
 /// Builds a cursor reply, registering a cursor when documents remain.
@@ -165,10 +166,27 @@ pub fn find(ctx: &Ctx<'_>) -> CommandResult<Document> {
     } else {
         None
     };
+    let view_ctx = view_context(ctx);
     let mut docs = if oplog {
         oplog_entries(ctx, cmd, &matcher)?
     } else {
         ctx.read(|cat, _| {
+            if let Some((base, pipeline)) = views::resolve(cat, &ns)? {
+                // A find on a view is an aggregation: the view's pipeline, then the query.
+                if min.is_some() || max.is_some() {
+                    return Err(CommandError::new(
+                        codes::COMMAND_NOT_SUPPORTED,
+                        "min/max on a view are not supported by the simulator",
+                    ));
+                }
+                fields::check_hint(cat.get(&base), cmd.get("hint"))?;
+                let docs = views::documents(cat, &base, &pipeline, &view_ctx)?;
+                return Ok(docs
+                    .into_iter()
+                    .filter(|d| matcher.matches(d))
+                    .map(Arc::new)
+                    .collect());
+            }
             fields::check_hint(cat.get(&ns), cmd.get("hint"))?;
             Ok(match cat.get(&ns) {
                 Some(c) => scan(c, &matcher, min, max, scan_limit),
@@ -196,6 +214,41 @@ pub fn find(ctx: &Ctx<'_>) -> CommandResult<Document> {
         first,
         single_batch || (limit > 0 && first >= limit as usize),
     )
+}
+
+/// What a view's pipeline sees as `$$NOW` and `$$CLUSTER_TIME` (taken before the catalog is
+/// locked: the cluster time takes the same lock).
+fn view_context(ctx: &Ctx<'_>) -> PipelineContext {
+    PipelineContext {
+        now: bson::DateTime::now(),
+        cluster_time: Some(ctx.engine.cluster_time()),
+        lets: Default::default(),
+    }
+}
+
+/// The documents a read sees: a collection's (matching `filter`), or a view's computed from
+/// its base collection and then filtered.
+fn read_source(
+    view_ctx: &PipelineContext,
+    cat: &crate::store::Catalog,
+    ns: &Namespace,
+    filter: Option<&Matcher>,
+) -> CommandResult<Vec<DocRef>> {
+    let keep = |d: &Document| filter.is_none_or(|m| m.matches(d));
+    if let Some((base, pipeline)) = views::resolve(cat, ns)? {
+        let docs = views::documents(cat, &base, &pipeline, view_ctx)?;
+        return Ok(docs.into_iter().filter(|d| keep(d)).map(Arc::new).collect());
+    }
+    Ok(cat
+        .get(ns)
+        .map(|c| {
+            c.docs
+                .values()
+                .filter(|d| keep(d))
+                .map(Arc::clone)
+                .collect()
+        })
+        .unwrap_or_default())
 }
 
 /// `local.oplog.rs` in natural order (`sort: {$natural: -1}`: newest first), as far as tools
@@ -395,6 +448,11 @@ fn open_change_stream(ctx: &Ctx<'_>, pipeline: &[Bson]) -> CommandResult<Documen
             ))
         }
     };
+    if let Scope::Collection(ns) = &scope {
+        if ctx.read(|cat, _| Ok(views::is_view(cat, ns)))? {
+            return Err(views::not_a_collection(ns));
+        }
+    }
     let (spec, start) = changestream::parse(scope, pipeline)?;
     let first_batch = ctx
         .cmd
@@ -447,7 +505,7 @@ pub fn aggregate(ctx: &Ctx<'_>) -> CommandResult<Document> {
     if is_change_stream {
         return open_change_stream(ctx, &pipeline);
     }
-    let stages: Vec<Document> = pipeline
+    let mut stages: Vec<Document> = pipeline
         .iter()
         .map(|s| {
             s.as_document()
@@ -465,6 +523,7 @@ pub fn aggregate(ctx: &Ctx<'_>) -> CommandResult<Document> {
             "$changeStream is only valid as the first stage in a pipeline",
         ));
     }
+    let write_stage = write_stages::split(&mut stages, &ctx.db)?;
     let (ns, reply_ns) = match ctx.cmd.get("aggregate") {
         Some(Bson::String(coll)) => {
             let ns = Namespace::new(ctx.db.clone(), coll.clone());
@@ -491,8 +550,16 @@ pub fn aggregate(ctx: &Ctx<'_>) -> CommandResult<Document> {
         None => (None, &stages[..]),
     };
     let _collation = super::install_collation(ctx, ns.as_ref())?;
+    let view_ctx = view_context(ctx);
     let input: Vec<Document> = ctx.read(|cat, _| {
         let Some(ns) = &ns else { return Ok(Vec::new()) };
+        if let Some((base, _)) = views::resolve(cat, ns)? {
+            fields::check_hint(cat.get(&base), ctx.cmd.get("hint"))?;
+            return Ok(read_source(&view_ctx, cat, ns, leading_match.as_ref())?
+                .into_iter()
+                .map(Arc::unwrap_or_clone)
+                .collect());
+        }
         fields::check_hint(cat.get(ns), ctx.cmd.get("hint"))?;
         let Some(c) = cat.get(ns) else {
             return Ok(Vec::new());
@@ -512,6 +579,11 @@ pub fn aggregate(ctx: &Ctx<'_>) -> CommandResult<Document> {
             lets,
         },
     )?;
+    if let Some(stage) = &write_stage {
+        // The output went to the target: the cursor is empty.
+        write_stages::run(ctx, stage, out)?;
+        return cursor_reply(ctx, reply_ns, VecDeque::new(), None, 0, false);
+    }
     let first_batch = ctx
         .cmd
         .get_document("cursor")
@@ -537,13 +609,21 @@ pub fn count(ctx: &Ctx<'_>) -> CommandResult<Document> {
     lets::check_filter(&query, &[])?;
     let matcher = Matcher::new(&query)?;
     let _collation = super::install_collation(ctx, Some(&ns))?;
+    let view_ctx = view_context(ctx);
     let n = ctx.read(|cat, _| {
-        fields::check_hint(cat.get(&ns), ctx.cmd.get("hint"))?;
-        let Some(c) = cat.get(&ns) else { return Ok(0) };
-        let total = if query.is_empty() {
-            c.len()
+        let total = if let Some((base, _)) = views::resolve(cat, &ns)? {
+            fields::check_hint(cat.get(&base), ctx.cmd.get("hint"))?;
+            read_source(&view_ctx, cat, &ns, Some(&matcher))?.len()
+        } else if let Some(c) = cat.get(&ns) {
+            fields::check_hint(Some(c), ctx.cmd.get("hint"))?;
+            if query.is_empty() {
+                c.len()
+            } else {
+                c.docs.values().filter(|d| matcher.matches(d)).count()
+            }
         } else {
-            c.docs.values().filter(|d| matcher.matches(d)).count()
+            fields::check_hint(None, ctx.cmd.get("hint"))?;
+            0
         };
         let after_skip = total.saturating_sub(skip);
         Ok(if limit > 0 {
@@ -566,13 +646,11 @@ pub fn distinct(ctx: &Ctx<'_>) -> CommandResult<Document> {
     lets::check_filter(&query, &[])?;
     let matcher = Matcher::new(&query)?;
     let _collation = super::install_collation(ctx, Some(&ns))?;
+    let view_ctx = view_context(ctx);
     let mut values: Vec<Bson> = ctx.read(|cat, _| {
-        let Some(c) = cat.get(&ns) else {
-            return Ok(Vec::new());
-        };
         let mut out = Vec::new();
-        for d in c.docs.values().filter(|d| matcher.matches(d)) {
-            out.extend(crate::store::values_at_path(d, &key));
+        for d in read_source(&view_ctx, cat, &ns, Some(&matcher))? {
+            out.extend(crate::store::values_at_path(&d, &key));
         }
         Ok(out)
     })?;
@@ -699,14 +777,22 @@ pub fn list_collections(ctx: &Ctx<'_>) -> CommandResult<Document> {
         .transpose()?;
     let name_only = ctx.cmd.get_bool("nameOnly").unwrap_or(false);
     let entries = ctx.read(|cat, _| {
-        Ok(cat
+        let mut entries: Vec<Document> = cat
             .collections(&ctx.db)
             .iter()
             .map(|c| c.list_entry())
+            .collect();
+        // A view: `options` as created, `info.readOnly: true`, no `uuid` and no `idIndex`.
+        entries.extend(views::list(cat, &ctx.db).into_iter().map(|(name, def)| {
+            doc! {"name": name, "type": "view", "options": def.options(), "info": {"readOnly": true}}
+        }));
+        entries.sort_by(|a, b| a.get_str("name").ok().cmp(&b.get_str("name").ok()));
+        Ok(entries
+            .into_iter()
             .filter(|e| filter.as_ref().is_none_or(|f| f.matches(e)))
             .map(|e| {
                 if name_only {
-                    doc! {"name": e.get("name").cloned().unwrap_or(Bson::Null), "type": "collection"}
+                    doc! {"name": e.get("name").cloned().unwrap_or(Bson::Null), "type": e.get("type").cloned().unwrap_or(Bson::Null)}
                 } else {
                     e
                 }
@@ -734,6 +820,9 @@ pub fn list_collections(ctx: &Ctx<'_>) -> CommandResult<Document> {
 pub fn list_indexes(ctx: &Ctx<'_>) -> CommandResult<Document> {
     let ns = coll_arg(ctx)?;
     let specs = ctx.read(|cat, _| {
+        if views::is_view(cat, &ns) {
+            return Err(views::not_a_collection(&ns));
+        }
         let c = cat.get(&ns).ok_or_else(|| {
             CommandError::new(
                 codes::NAMESPACE_NOT_FOUND,

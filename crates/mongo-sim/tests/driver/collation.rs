@@ -367,3 +367,194 @@ async fn default_collation_makes_id_and_unique_indexes_case_insensitive() {
     })
     .await
 }
+
+fn message(e: &mongodb::error::Error) -> String {
+    match e.kind.as_ref() {
+        mongodb::error::ErrorKind::Command(c) => c.message.clone(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// Views (manual "Create a View with Default Collation"): a view has its own default collation
+/// (simple when none; it does not inherit its collection's), reads on it use it, a different
+/// per-operation collation is refused with 167, and a view on a view must share its collation.
+#[tokio::test]
+async fn views_have_their_own_default_collation() {
+    bounded(async {
+        let (_sim, c) = start_with_client().await;
+        let db = c.database("coll_views");
+        run(
+            &db,
+            doc! {"create": "people", "collation": {"locale": "en", "strength": 2}},
+        )
+        .await
+        .unwrap();
+        let col = db.collection::<Document>("people");
+        col.insert_many(vec![
+            doc! {"_id": 1, "name": "Bob"},
+            doc! {"_id": 2, "name": "bob"},
+            doc! {"_id": 3, "name": "alice"},
+        ])
+        .await
+        .unwrap();
+        // No collation: simple, not the collection's default.
+        run(&db, doc! {"create": "plain", "viewOn": "people", "pipeline": []})
+            .await
+            .unwrap();
+        let docs = find_all(&db, doc! {"find": "plain", "filter": {"name": "bob"}}).await;
+        assert_eq!(docs.len(), 1, "{docs:?}");
+        // With a collation: stored resolved, listed, and used by find/count/distinct/aggregate.
+        run(
+            &db,
+            doc! {"create": "folded", "viewOn": "people", "pipeline": [{"$match": {"name": "BOB"}}],
+            "collation": {"locale": "en", "strength": 2}},
+        )
+        .await
+        .unwrap();
+        let info = find_all(
+            &db,
+            doc! {"listCollections": 1, "filter": {"name": "folded"}},
+        )
+        .await;
+        let listed = info[0]
+            .get_document("options")
+            .unwrap()
+            .get_document("collation")
+            .unwrap();
+        assert_eq!(listed.get_i32("strength").unwrap(), 2);
+        assert_eq!(listed.get_str("version").unwrap(), "57.1");
+        let docs = find_all(&db, doc! {"find": "folded", "filter": {}}).await;
+        assert_eq!(docs.len(), 2, "the view pipeline runs under the view's collation");
+        let r = run(&db, doc! {"count": "folded", "query": {"name": "BOB"}})
+            .await
+            .unwrap();
+        assert_eq!(r.get_i32("n").unwrap(), 2);
+        let r = run(&db, doc! {"distinct": "folded", "key": "name"})
+            .await
+            .unwrap();
+        assert_eq!(r.get_array("values").unwrap().len(), 1);
+        // The same collation again is accepted; another one, on any read, is 167.
+        let docs = find_all(
+            &db,
+            doc! {"find": "folded", "filter": {}, "collation": {"locale": "en", "strength": 2}},
+        )
+        .await;
+        assert_eq!(docs.len(), 2);
+        for cmd in [
+            doc! {"find": "folded", "filter": {}, "collation": {"locale": "fr"}},
+            doc! {"find": "plain", "filter": {}, "collation": {"locale": "en", "strength": 2}},
+            doc! {"aggregate": "folded", "pipeline": [], "cursor": {}, "collation": {"locale": "simple"}},
+            doc! {"count": "folded", "collation": {"locale": "en"}},
+            doc! {"distinct": "folded", "key": "name", "collation": {"locale": "en"}},
+        ] {
+            let e = run(&db, cmd.clone()).await.unwrap_err();
+            assert_eq!(code(&e), Some(167), "{cmd}");
+            assert_eq!(message(&e), "Cannot override a view's default collation");
+        }
+        // `{locale: "simple"}` on a view without a collation matches it.
+        let docs = find_all(
+            &db,
+            doc! {"find": "plain", "filter": {}, "collation": {"locale": "simple"}},
+        )
+        .await;
+        assert_eq!(docs.len(), 3);
+        // A view on a view: the same collation, else 167 (also when the inner view comes
+        // later, and through collMod).
+        run(
+            &db,
+            doc! {"create": "folded2", "viewOn": "folded", "collation": {"locale": "en", "strength": 2}},
+        )
+        .await
+        .unwrap();
+        let e = run(&db, doc! {"create": "bad", "viewOn": "folded"})
+            .await
+            .unwrap_err();
+        assert_eq!(code(&e), Some(167));
+        assert_eq!(
+            message(&e),
+            "View coll_views.bad has a collation that does not match the collation of view coll_views.folded"
+        );
+        let e = run(&db, doc! {"collMod": "plain", "viewOn": "folded"})
+            .await
+            .unwrap_err();
+        assert_eq!(code(&e), Some(167));
+        run(&db, doc! {"create": "later_child", "viewOn": "later"})
+            .await
+            .unwrap();
+        let e = run(
+            &db,
+            doc! {"create": "later", "viewOn": "people", "collation": {"locale": "fr"}},
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(code(&e), Some(167));
+        // An invalid view collation fails as a collection's does.
+        let e = run(
+            &db,
+            doc! {"create": "v_bad", "viewOn": "people", "collation": {"locale": "xx"}},
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(code(&e), Some(2));
+    })
+    .await;
+}
+
+/// `$out` recreates the target with its options, so a target's default collation survives
+/// (`_id` stays case-insensitive); `$merge` writes into a collated target under its `_id`
+/// index.
+#[tokio::test]
+async fn out_and_merge_keep_the_target_default_collation() {
+    bounded(async {
+        let (_sim, c) = start_with_client().await;
+        let db = c.database("coll_out");
+        db.collection::<Document>("src")
+            .insert_many(vec![doc! {"_id": "Bob", "n": 1}, doc! {"_id": "carol", "n": 2}])
+            .await
+            .unwrap();
+        run(
+            &db,
+            doc! {"create": "target", "collation": {"locale": "en", "strength": 2}},
+        )
+        .await
+        .unwrap();
+        run(
+            &db,
+            doc! {"aggregate": "src", "pipeline": [{"$out": "target"}], "cursor": {}},
+        )
+        .await
+        .unwrap();
+        let info = find_all(
+            &db,
+            doc! {"listCollections": 1, "filter": {"name": "target"}},
+        )
+        .await;
+        assert_eq!(
+            info[0]
+                .get_document("options")
+                .unwrap()
+                .get_document("collation")
+                .unwrap()
+                .get_i32("strength")
+                .unwrap(),
+            2
+        );
+        let target = db.collection::<Document>("target");
+        let e = target.insert_one(doc! {"_id": "BOB"}).await.unwrap_err();
+        assert_eq!(code(&e), Some(11000));
+        // $merge with whenMatched fail: "bob" is "Bob" under the target's `_id` index.
+        db.collection::<Document>("src2")
+            .insert_one(doc! {"_id": "bob", "n": 3})
+            .await
+            .unwrap();
+        let e = run(
+            &db,
+            doc! {"aggregate": "src2", "pipeline": [{"$merge": {"into": "target", "whenMatched": "fail"}}], "cursor": {}},
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(code(&e), Some(11000));
+        assert_eq!(target.count_documents(doc! {}).await.unwrap(), 2);
+    })
+    .await;
+}

@@ -17,3 +17,6 @@ mod retryable;
 mod stepdown;
 mod strict;
 mod transactions;
+mod views;
+mod write_concern;
+mod write_stages;

@@ -265,3 +265,211 @@ async fn change_streams_are_refused_inside_transactions() {
     })
     .await
 }
+
+/// A duplicate key inside a transaction is a write error (`ok: 1`, `writeErrors`, the batch
+/// stops at it even unordered, no label) that aborts the transaction: the next statement and
+/// the commit answer NoSuchTransaction with TransientTransactionError.
+#[tokio::test]
+async fn write_error_aborts_the_transaction() {
+    bounded(async {
+        let (_sim, c) = start_with_client().await;
+        let db = c.database("tx");
+        let col: Collection<Document> = db.collection("dup");
+        col.insert_one(doc! {"_id": 1}).await.unwrap();
+        let mut session = c.start_session().await.unwrap();
+        session.start_transaction().await.unwrap();
+        let reply = db
+            .run_command(doc! {
+                "insert": "dup",
+                "documents": [{"_id": 2}, {"_id": 1}, {"_id": 3}],
+                "ordered": false,
+            })
+            .session(&mut session)
+            .await
+            .unwrap();
+        assert_eq!(reply.get_f64("ok").unwrap(), 1.0);
+        assert_eq!(reply.get_i32("n").unwrap(), 1);
+        let errors = reply.get_array("writeErrors").unwrap();
+        assert_eq!(errors.len(), 1, "{reply}");
+        let first = errors[0].as_document().unwrap();
+        assert_eq!(first.get_i32("index").unwrap(), 1);
+        assert_eq!(first.get_i32("code").unwrap(), 11000);
+        assert!(reply.get("errorLabels").is_none(), "{reply}");
+        // The next statement of the transaction: NoSuchTransaction, transient.
+        let err = col
+            .find_one(doc! {})
+            .session(&mut session)
+            .await
+            .unwrap_err();
+        assert_eq!(code(&err), Some(251));
+        assert!(err.contains_label("TransientTransactionError"), "{err:?}");
+        let err = session.commit_transaction().await.unwrap_err();
+        assert_eq!(code(&err), Some(251));
+        assert!(err.contains_label("TransientTransactionError"), "{err:?}");
+        let ids: Vec<Bson> = col.distinct("_id", doc! {}).await.unwrap();
+        assert_eq!(ids, vec![Bson::Int32(1)]);
+
+        // Through the driver's CRUD API: a DuplicateKey write error without transient label.
+        let mut session = c.start_session().await.unwrap();
+        session.start_transaction().await.unwrap();
+        let err = col
+            .insert_one(doc! {"_id": 1})
+            .session(&mut session)
+            .await
+            .unwrap_err();
+        assert_eq!(code(&err), Some(11000));
+        assert!(!err.contains_label("TransientTransactionError"));
+        let err = session.commit_transaction().await.unwrap_err();
+        assert_eq!(code(&err), Some(251));
+    })
+    .await
+}
+
+/// Any failing statement aborts the transaction (here a command refused in transactions).
+#[tokio::test]
+async fn drop_is_refused_inside_transactions_and_aborts_them() {
+    bounded(async {
+        let (_sim, c) = start_with_client().await;
+        let db = c.database("tx");
+        let col: Collection<Document> = db.collection("nodrop");
+        col.insert_one(doc! {"_id": 1}).await.unwrap();
+        let mut session = c.start_session().await.unwrap();
+        session.start_transaction().await.unwrap();
+        col.insert_one(doc! {"_id": 2})
+            .session(&mut session)
+            .await
+            .unwrap();
+        let err = db
+            .run_command(doc! {"drop": "nodrop"})
+            .session(&mut session)
+            .await
+            .unwrap_err();
+        assert_eq!(code(&err), Some(263));
+        let err = session.commit_transaction().await.unwrap_err();
+        assert_eq!(code(&err), Some(251));
+        assert_eq!(col.count_documents(doc! {}).await.unwrap(), 1);
+    })
+    .await
+}
+
+/// `create` and `createIndexes` on a new collection inside a transaction: invisible until the
+/// commit, then there with its index (which is enforced).
+#[tokio::test]
+async fn create_and_create_indexes_inside_a_transaction_appear_at_commit() {
+    bounded(async {
+        let (_sim, c) = start_with_client().await;
+        let db = c.database("txddl");
+        db.collection::<Document>("other")
+            .insert_one(doc! {"_id": 0})
+            .await
+            .unwrap();
+        let mut session = c.start_session().await.unwrap();
+        session.start_transaction().await.unwrap();
+        db.run_command(doc! {"create": "fresh"})
+            .session(&mut session)
+            .await
+            .unwrap();
+        let reply = db
+            .run_command(doc! {"createIndexes": "fresh", "indexes": [{"key": {"x": 1}, "name": "x_1", "unique": true}]})
+            .session(&mut session)
+            .await
+            .unwrap();
+        assert_eq!(reply.get_i32("numIndexesAfter").unwrap(), 2, "{reply}");
+        // createIndexes on a collection that does not exist creates it too.
+        db.run_command(doc! {"createIndexes": "implicit", "indexes": [{"key": {"y": 1}, "name": "y_1"}]})
+            .session(&mut session)
+            .await
+            .unwrap();
+        let fresh: Collection<Document> = db.collection("fresh");
+        fresh
+            .insert_one(doc! {"_id": 1, "x": 1})
+            .session(&mut session)
+            .await
+            .unwrap();
+        let names = db.list_collection_names().await.unwrap();
+        assert!(!names.contains(&"fresh".to_string()), "{names:?}");
+        assert!(!names.contains(&"implicit".to_string()), "{names:?}");
+        session.commit_transaction().await.unwrap();
+        let names = db.list_collection_names().await.unwrap();
+        assert!(names.contains(&"fresh".to_string()), "{names:?}");
+        assert!(names.contains(&"implicit".to_string()), "{names:?}");
+        let indexes = fresh.list_index_names().await.unwrap();
+        assert_eq!(indexes, vec!["_id_".to_string(), "x_1".to_string()]);
+        let implicit = db.collection::<Document>("implicit").list_index_names().await.unwrap();
+        assert_eq!(implicit, vec!["_id_".to_string(), "y_1".to_string()]);
+        assert_eq!(fresh.count_documents(doc! {}).await.unwrap(), 1);
+        let err = fresh.insert_one(doc! {"_id": 2, "x": 1}).await.unwrap_err();
+        assert_eq!(code(&err), Some(11000));
+    })
+    .await
+}
+
+/// The restrictions: a new index on an existing collection → 263 (an identical existing index
+/// is a no-op); `create`/`createIndexes` in a `snapshot` transaction → 72; each aborts.
+#[tokio::test]
+async fn ddl_restrictions_inside_transactions() {
+    bounded(async {
+        let (_sim, c) = start_with_client().await;
+        let db = c.database("txddl2");
+        db.run_command(
+            doc! {"createIndexes": "old", "indexes": [{"key": {"a": 1}, "name": "a_1"}]},
+        )
+        .await
+        .unwrap();
+        let mut session = c.start_session().await.unwrap();
+        session.start_transaction().await.unwrap();
+        let same = db
+            .run_command(
+                doc! {"createIndexes": "old", "indexes": [{"key": {"a": 1}, "name": "a_1"}]},
+            )
+            .session(&mut session)
+            .await
+            .unwrap();
+        assert_eq!(
+            same.get_i32("numIndexesBefore").unwrap(),
+            same.get_i32("numIndexesAfter").unwrap()
+        );
+        let err = db
+            .run_command(
+                doc! {"createIndexes": "old", "indexes": [{"key": {"b": 1}, "name": "b_1"}]},
+            )
+            .session(&mut session)
+            .await
+            .unwrap_err();
+        assert_eq!(code(&err), Some(263));
+        assert_eq!(
+            code(&session.commit_transaction().await.unwrap_err()),
+            Some(251)
+        );
+        assert_eq!(
+            db.collection::<Document>("old")
+                .list_index_names()
+                .await
+                .unwrap(),
+            vec!["_id_".to_string(), "a_1".to_string()]
+        );
+
+        for cmd in [
+            doc! {"create": "snap"},
+            doc! {"createIndexes": "snap", "indexes": [{"key": {"b": 1}, "name": "b_1"}]},
+        ] {
+            session
+                .start_transaction()
+                .read_concern(mongodb::options::ReadConcern::snapshot())
+                .await
+                .unwrap();
+            let err = db.run_command(cmd).session(&mut session).await.unwrap_err();
+            assert_eq!(code(&err), Some(72));
+            assert_eq!(
+                code(&session.commit_transaction().await.unwrap_err()),
+                Some(251)
+            );
+        }
+        assert!(!db
+            .list_collection_names()
+            .await
+            .unwrap()
+            .contains(&"snap".to_string()));
+    })
+    .await
+}

@@ -268,6 +268,97 @@ def test_transaction_abort_discards_writes(client, db):
     assert [d["_id"] for d in db.t.find()] == [0]
 
 
+def test_duplicate_key_aborts_the_transaction(client, db):
+    db.txdup.insert_one({"_id": 1})
+    with client.start_session() as session:
+        session.start_transaction()
+        with pytest.raises(DuplicateKeyError) as dup:
+            db.txdup.insert_one({"_id": 1}, session=session)
+        assert not dup.value.has_error_label("TransientTransactionError")
+        with pytest.raises(OperationFailure) as nst:
+            db.txdup.find_one({}, session=session)
+        assert nst.value.code == 251
+        assert nst.value.has_error_label("TransientTransactionError")
+        with pytest.raises(OperationFailure) as commit:
+            session.commit_transaction()
+        assert commit.value.code == 251
+    assert [d["_id"] for d in db.txdup.find()] == [1]
+
+
+def test_with_transaction_does_not_retry_a_duplicate_key(client, db):
+    db.txwt.insert_one({"_id": 1})
+    calls = []
+
+    def callback(session):
+        calls.append(1)
+        db.txwt.insert_one({"_id": 2}, session=session)
+        db.txwt.insert_one({"_id": 1}, session=session)
+
+    with client.start_session() as session:
+        with pytest.raises(DuplicateKeyError):
+            session.with_transaction(callback)
+    assert calls == [1]
+    assert [d["_id"] for d in db.txwt.find()] == [1]
+
+
+def test_create_collection_and_index_in_with_transaction(client, db):
+    def callback(session):
+        db.create_collection("txnew", session=session, check_exists=False)
+        db.txnew.create_index("k", unique=True, session=session)
+        db.txnew.insert_one({"_id": 1, "k": 1}, session=session)
+        assert "txnew" not in db.list_collection_names()
+
+    with client.start_session() as session:
+        session.with_transaction(callback)
+    assert "txnew" in db.list_collection_names()
+    assert sorted(db.txnew.index_information()) == ["_id_", "k_1"]
+    with pytest.raises(DuplicateKeyError):
+        db.txnew.insert_one({"_id": 2, "k": 1})
+
+
+def test_drop_inside_a_transaction_is_refused(client, db):
+    db.txdrop.insert_one({"_id": 1})
+    with client.start_session() as session:
+        session.start_transaction()
+        with pytest.raises(OperationFailure) as refused:
+            db.txdrop.drop(session=session)
+        assert refused.value.code == 263
+        with pytest.raises(OperationFailure) as commit:
+            session.commit_transaction()
+        assert commit.value.code == 251
+    assert db.txdrop.count_documents({}) == 1
+
+
+def test_unsatisfiable_write_concern_applies_the_write(db):
+    from pymongo.errors import WriteConcernError
+
+    coll = db.get_collection("wc5", write_concern=WriteConcern(w=5))
+    with pytest.raises(WriteConcernError) as err:
+        coll.insert_one({"_id": 1})
+    assert err.value.code == 100
+    assert err.value.details["codeName"] == "UnsatisfiableWriteConcern"
+    assert db.wc5.find_one({"_id": 1}) == {"_id": 1}
+    tagged = db.get_collection("wc5", write_concern=WriteConcern(w="nosuchtag"))
+    with pytest.raises(WriteConcernError) as err:
+        tagged.insert_one({"_id": 2})
+    assert err.value.code == 79
+    assert db.wc5.count_documents({}) == 2
+
+
+def test_commit_with_unsatisfiable_write_concern(client, db):
+    from pymongo.errors import WriteConcernError
+
+    db.wctx.insert_one({"_id": 0})
+    with client.start_session() as session:
+        session.start_transaction(write_concern=WriteConcern(w=5))
+        db.wctx.insert_one({"_id": 1}, session=session)
+        with pytest.raises(WriteConcernError) as err:
+            session.commit_transaction()
+        assert err.value.code == 100
+        assert not err.value.has_error_label("UnknownTransactionCommitResult")
+    assert db.wctx.count_documents({}) == 2
+
+
 # --- Fail points ----------------------------------------------------------------------------
 
 
