@@ -524,8 +524,16 @@ async fn destination_wins_equality_is_exact_under_a_case_insensitive_collation()
     }
     s.barrier().await;
     let one = s.dest_doc(1).await.unwrap();
-    assert_eq!(one.get_str("s").unwrap(), "bob", "the destination keeps its edit: {one}");
-    assert_eq!(one.get_i32("v").unwrap(), 1, "the source's write was skipped: {one}");
+    assert_eq!(
+        one.get_str("s").unwrap(),
+        "bob",
+        "the destination keeps its edit: {one}"
+    );
+    assert_eq!(
+        one.get_i32("v").unwrap(),
+        1,
+        "the source's write was skipped: {one}"
+    );
     let two = s.dest_doc(2).await.unwrap();
     assert_eq!(
         (two.get_str("s").unwrap(), two.get_i32("v").unwrap()),
