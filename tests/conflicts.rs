@@ -23,14 +23,27 @@ fn date(secs: i64) -> Bson {
 /// Seeds `app.items` (pre/post images enabled when `images`), starts the daemon with `extra`
 /// config, and waits until it streams past its replay window, so conflicts are detected.
 async fn start(extra: &str, images: bool) -> Scenario {
+    start_with_collation(extra, images, None).await
+}
+
+/// As [`start`], with `app.items` created with `collation` on both clusters.
+async fn start_with_collation(extra: &str, images: bool, collation: Option<Document>) -> Scenario {
     let c = Clusters::start().await;
     let app = c.src.database("app");
+    let mut create = doc! {"create": "items"};
     if images {
-        app.run_command(
-            doc! {"create": "items", "changeStreamPreAndPostImages": {"enabled": true}},
-        )
-        .await
-        .unwrap();
+        create.insert("changeStreamPreAndPostImages", doc! {"enabled": true});
+    }
+    if let Some(collation) = &collation {
+        create.insert("collation", collation.clone());
+        c.dst
+            .database("app")
+            .run_command(doc! {"create": "items", "collation": collation.clone()})
+            .await
+            .unwrap();
+    }
+    if create.len() > 1 {
+        app.run_command(create).await.unwrap();
     }
     let items = app.collection::<Document>("items");
     items
@@ -472,5 +485,79 @@ async fn destination_wins_without_pre_images_is_refused_or_enabled() {
     );
     destination_wins_script(&s).await;
     assert_destination_kept_its_changes(&s).await;
+    assert_eq!(s.d.terminate().await, Some(0), "log:\n{}", s.d.logs());
+}
+
+/// Issue 10: destination-wins equality is exact under a case-insensitive collation. Source and
+/// destination collections are both `{locale: "en", strength: 2}`; the destination changed
+/// `s: "Bob"` to `"bob"`, equal under that collation but a different document: the source's next
+/// write to it is a conflict and the destination keeps `"bob"`. The daemon decides on the
+/// destination document's bytes, so the collation of its `$expr` guard cannot blur the two.
+/// And the source itself cannot hold both `_id: "Bob"` and `_id: "bob"` (E11000, as MongoDB's
+/// `_id` index keys strings by collation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destination_wins_equality_is_exact_under_a_case_insensitive_collation() {
+    let mut s = start_with_collation(
+        "[conflict]\npolicy = \"destination-wins\"\njournal = false\n",
+        true,
+        Some(doc! {"locale": "en", "strength": 2}),
+    )
+    .await;
+    for id in [1, 2] {
+        s.src()
+            .update_one(doc! {"_id": id}, doc! {"$set": {"s": "Bob"}})
+            .await
+            .unwrap();
+    }
+    s.barrier().await;
+    assert_eq!(s.dest_doc(1).await.unwrap().get_str("s").unwrap(), "Bob");
+    // The destination's edit: equal under the collation, not the same document.
+    s.dst()
+        .update_one(doc! {"_id": 1}, doc! {"$set": {"s": "bob"}})
+        .await
+        .unwrap();
+    for id in [1, 2] {
+        s.src()
+            .update_one(doc! {"_id": id}, doc! {"$set": {"v": 2}})
+            .await
+            .unwrap();
+    }
+    s.barrier().await;
+    let one = s.dest_doc(1).await.unwrap();
+    assert_eq!(
+        one.get_str("s").unwrap(),
+        "bob",
+        "the destination keeps its edit: {one}"
+    );
+    assert_eq!(
+        one.get_i32("v").unwrap(),
+        1,
+        "the source's write was skipped: {one}"
+    );
+    let two = s.dest_doc(2).await.unwrap();
+    assert_eq!(
+        (two.get_str("s").unwrap(), two.get_i32("v").unwrap()),
+        ("Bob", 2),
+        "the unconflicted document follows the source: {two}"
+    );
+    assert_eq!(s.conflicts("destination-wins", "skipped").await, 1.0);
+
+    // `_id` under the collection's collation: "bob" is the same `_id` as "Bob".
+    s.src().insert_one(doc! {"_id": "Bob"}).await.unwrap();
+    let e = s.src().insert_one(doc! {"_id": "bob"}).await.unwrap_err();
+    match e.kind.as_ref() {
+        mongodb::error::ErrorKind::Write(mongodb::error::WriteFailure::WriteError(w)) => {
+            assert_eq!(w.code, 11000, "{e}");
+            assert!(w.message.starts_with("E11000 duplicate key error"), "{e}");
+        }
+        _ => panic!("expected a duplicate key write error, got {e}"),
+    }
+    assert_eq!(
+        s.src()
+            .count_documents(doc! {"_id": {"$type": "string"}})
+            .await
+            .unwrap(),
+        1
+    );
     assert_eq!(s.d.terminate().await, Some(0), "log:\n{}", s.d.logs());
 }

@@ -15,6 +15,7 @@
 
 pub mod auth;
 pub mod changestream;
+pub mod collation;
 pub mod commands;
 pub mod cursor;
 pub mod engine;

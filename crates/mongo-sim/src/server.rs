@@ -538,7 +538,7 @@ pub fn run_ttl_pass(engine: &Engine) {
                                 .min()
                                 .is_some_and(|t| t < cutoff)
                         })
-                        .map(|(id, _): (&IdKey, _)| id.0.clone())
+                        .map(|(_, d): (&IdKey, _)| d.get("_id").cloned().unwrap_or(Bson::Null))
                         .collect();
                     if !ids.is_empty() {
                         expired.push((coll.ns.clone(), ids));

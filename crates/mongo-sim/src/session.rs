@@ -8,7 +8,6 @@ use crate::{
     engine::{log_transaction, Data},
     error::{codes, CommandError, CommandResult},
     oplog::{OplogOp, TxnInfo},
-    query::compare::IdKey,
     store::{Catalog, Collection, DocRef, Namespace},
 };
 
@@ -220,8 +219,8 @@ fn same_version(a: Option<&DocRef>, b: Option<&DocRef>) -> bool {
     }
 }
 
-fn op_key(op: &OplogOp) -> Option<(Namespace, IdKey)> {
-    Some((op.ns()?.clone(), IdKey(op.document_id()?.clone())))
+fn op_key(op: &OplogOp) -> Option<(Namespace, Bson)> {
+    Some((op.ns()?.clone(), op.document_id()?.clone()))
 }
 
 fn write_conflict() -> CommandError {
@@ -251,8 +250,8 @@ pub fn check_statement_conflicts(
             .iter()
             .filter_map(|(op, _)| op_key(op))
             .any(|(ns, id)| {
-                let now = data.catalog.get(&ns).and_then(|c| c.docs.get(&id));
-                let then = t.base.get(&ns).and_then(|c| c.docs.get(&id));
+                let now = data.catalog.get(&ns).and_then(|c| c.get(&id));
+                let then = t.base.get(&ns).and_then(|c| c.get(&id));
                 !same_version(now, then)
                     || data.sessions.other_open_txns(key).any(|other| {
                         other
@@ -292,8 +291,8 @@ pub fn commit(data: &mut Data, key: &[u8], lsid: &Document, txn_number: i64) -> 
     let result = (|| -> CommandResult<()> {
         for (op, _) in &ops {
             if let Some((ns, id)) = op_key(op) {
-                let now = data.catalog.get(&ns).and_then(|c| c.docs.get(&id));
-                let then = base.get(&ns).and_then(|c| c.docs.get(&id));
+                let now = data.catalog.get(&ns).and_then(|c| c.get(&id));
+                let then = base.get(&ns).and_then(|c| c.get(&id));
                 if !same_version(now, then) {
                     return Err(write_conflict());
                 }

@@ -8,6 +8,7 @@ use std::{collections::BTreeMap, fmt, sync::Arc};
 use bson::{doc, Bson, Document};
 
 use crate::{
+    collation::Collation,
     error::{codes, CommandError, CommandResult},
     query::{compare::IdKey, matcher::Matcher, update::UpdateDescription},
     schema::Validator,
@@ -93,6 +94,10 @@ pub struct Index {
     pub unique: bool,
     pub sparse: bool,
     partial: Option<Arc<Matcher>>,
+    /// The index's collation (its own, else the collection's default); `None` is simple.
+    pub collation: Option<Arc<Collation>>,
+    /// Whether the spec named a collation (else it inherits the collection's default).
+    collation_given: bool,
     entries: imbl::OrdMap<Vec<IdKey>, IdKey>,
 }
 
@@ -105,6 +110,8 @@ impl Index {
             unique: false, // enforced by the document map itself
             sparse: false,
             partial: None,
+            collation: None,
+            collation_given: false,
             entries: imbl::OrdMap::new(),
         }
     }
@@ -142,11 +149,21 @@ impl Index {
             }
             None => None,
         };
+        let (collation, collation_given) = match spec.get("collation") {
+            Some(v) => match crate::collation::parse_arg("collation", v)? {
+                Some(c) => (c, true),
+                None => (None, false),
+            },
+            None => (None, false),
+        };
         let mut listed = doc! {"v": 2, "key": key.clone(), "name": name.clone()};
         for (k, v) in spec {
-            if !matches!(k.as_str(), "v" | "key" | "name" | "ns") {
+            if !matches!(k.as_str(), "v" | "key" | "name" | "ns" | "collation") {
                 listed.insert(k.clone(), v.clone());
             }
+        }
+        if let Some(c) = &collation {
+            listed.insert("collation", c.to_document());
         }
         Ok(Index {
             name,
@@ -155,6 +172,8 @@ impl Index {
             unique,
             sparse,
             partial,
+            collation,
+            collation_given,
             entries: imbl::OrdMap::new(),
         })
     }
@@ -179,8 +198,20 @@ impl Index {
         }
     }
 
+    /// Gives an index without a collation of its own the collection's default, as the server
+    /// does (and shows it in the spec).
+    fn inherit_collation(&mut self, default: Option<&Arc<Collation>>) {
+        if self.collation_given {
+            return;
+        }
+        if let Some(c) = default {
+            self.collation = Some(Arc::clone(c));
+            self.spec.insert("collation", c.to_document());
+        }
+    }
+
     /// The keys a document produces in this index (several for an array field), or none when
-    /// a sparse/partial index skips it.
+    /// a sparse/partial index skips it. Strings are collation keys under a collated index.
     fn keys_for(&self, doc: &Document) -> Vec<Vec<IdKey>> {
         if let Some(p) = &self.partial {
             if !p.matches(doc) {
@@ -203,7 +234,7 @@ impl Index {
             for prefix in &keys {
                 for v in &values {
                     let mut k = prefix.clone();
-                    k.push(IdKey(v.clone()));
+                    k.push(IdKey(crate::collation::key_of(self.collation.as_ref(), v)));
                     next.push(k);
                 }
             }
@@ -217,12 +248,19 @@ impl Index {
         keys
     }
 
-    fn duplicate_error(&self, coll: &Namespace, key: &[IdKey]) -> CommandError {
+    /// The duplicate-key error for `key`, produced by `doc` (whose values it shows).
+    fn duplicate_error(&self, coll: &Namespace, key: &[IdKey], doc: &Document) -> CommandError {
         let mut key_value = Document::new();
         let mut shown = Vec::new();
         for ((field, _), k) in self.key.iter().zip(key) {
-            key_value.insert(field.clone(), k.0.clone());
-            shown.push(format!("{field}: {}", k.0));
+            // The document's value whose key this is (the key itself is a collation key
+            // under a collated index).
+            let value = values_at_path(doc, field)
+                .into_iter()
+                .find(|v| crate::collation::key_of(self.collation.as_ref(), v) == k.0)
+                .unwrap_or_else(|| k.0.clone());
+            shown.push(format!("{field}: {value}"));
+            key_value.insert(field.clone(), value);
         }
         CommandError::new(
             codes::DUPLICATE_KEY,
@@ -283,7 +321,10 @@ pub struct Collection {
     pub uuid: bson::Uuid,
     /// Options as given to `create`/`collMod` and reported by `listCollections`.
     pub options: Document,
+    /// Documents by `_id` (a collation key under a default collation: [`Collection::id_key`]).
     pub docs: imbl::OrdMap<IdKey, DocRef>,
+    /// The default collation (`create`'s `collation`); `None` is simple.
+    pub collation: Option<Arc<Collation>>,
     pub indexes: Vec<Index>,
     validator: Option<Arc<Validator>>,
     /// Insertion order, for capped collections only.
@@ -324,12 +365,19 @@ impl Collection {
                 "the 'size' field is required when 'capped' is true",
             ));
         }
+        let collation = match options.get("collation") {
+            Some(Bson::Document(c)) if !c.is_empty() => crate::collation::parse(c)?,
+            _ => None,
+        };
+        let mut id_index = Index::id_index();
+        id_index.inherit_collation(collation.as_ref());
         Ok(Collection {
             ns,
             uuid: bson::Uuid::new(),
             options,
             docs: imbl::OrdMap::new(),
-            indexes: vec![Index::id_index()],
+            collation,
+            indexes: vec![id_index],
             validator,
             capped_order: imbl::Vector::new(),
             capped_bytes: 0,
@@ -358,8 +406,14 @@ impl Collection {
         Ok(())
     }
 
+    /// The key of `_id` value `id` in `docs`: the value itself, or its collation key under the
+    /// collection's default collation ("Bob" and "bob" are one `_id` under strength 2).
+    pub fn id_key(&self, id: &Bson) -> IdKey {
+        IdKey(crate::collation::key_of(self.collation.as_ref(), id))
+    }
+
     pub fn get(&self, id: &Bson) -> Option<&DocRef> {
-        self.docs.get(&IdKey(id.clone()))
+        self.docs.get(&self.id_key(id))
     }
 
     pub fn len(&self) -> usize {
@@ -392,7 +446,7 @@ impl Collection {
             for key in index.keys_for(doc) {
                 if let Some(owner) = index.entries.get(&key) {
                     if owner != id {
-                        return Err(index.duplicate_error(&self.ns, &key));
+                        return Err(index.duplicate_error(&self.ns, &key, doc));
                     }
                 }
             }
@@ -415,20 +469,20 @@ impl Collection {
 
     /// Inserts a document (which must already carry its `_id`).
     pub fn insert(&mut self, doc: Document, bypass_validation: bool) -> CommandResult<DocChange> {
-        let id = IdKey(
-            doc.get("_id")
-                .cloned()
-                .ok_or_else(|| CommandError::new(codes::INTERNAL_ERROR, "document without _id"))?,
-        );
+        let raw_id = doc
+            .get("_id")
+            .cloned()
+            .ok_or_else(|| CommandError::new(codes::INTERNAL_ERROR, "document without _id"))?;
+        let id = self.id_key(&raw_id);
         self.check_document(&doc, bypass_validation)?;
         if self.docs.contains_key(&id) {
             let mut key_value = Document::new();
-            key_value.insert("_id", id.0.clone());
+            key_value.insert("_id", raw_id.clone());
             return Err(CommandError::new(
                 codes::DUPLICATE_KEY,
                 format!(
                     "E11000 duplicate key error collection: {} index: _id_ dup key: {{ _id: {} }}",
-                    self.ns, id.0
+                    self.ns, raw_id
                 ),
             )
             .with_extra(doc! {"keyPattern": {"_id": 1}, "keyValue": key_value}));
@@ -450,7 +504,7 @@ impl Collection {
         description: Option<UpdateDescription>,
         bypass_validation: bool,
     ) -> CommandResult<DocChange> {
-        let id = IdKey(new.get("_id").cloned().unwrap_or(Bson::Null));
+        let id = self.id_key(new.get("_id").unwrap_or(&Bson::Null));
         let pre = self.docs.get(&id).cloned().ok_or_else(|| {
             CommandError::new(codes::NO_MATCHING_DOCUMENT, "document to replace not found")
         })?;
@@ -479,7 +533,7 @@ impl Collection {
     }
 
     pub fn delete(&mut self, id: &Bson) -> Option<DocChange> {
-        let key = IdKey(id.clone());
+        let key = self.id_key(id);
         let pre = self.docs.remove(&key)?;
         self.index_remove(&pre);
         if self.is_capped() {
@@ -598,6 +652,7 @@ impl Collection {
 
     /// Adds an index, building its entries; fails with 11000 if existing documents violate it.
     pub fn add_index(&mut self, mut index: Index) -> CommandResult<bool> {
+        index.inherit_collation(self.collation.as_ref());
         if let Some(existing) = self.indexes.iter().find(|i| i.name == index.name) {
             if existing.same_definition(&index) {
                 return Ok(false);
@@ -627,7 +682,7 @@ impl Collection {
                 for key in index.keys_for(doc) {
                     if let Some(owner) = index.entries.get(&key) {
                         if owner != id {
-                            return Err(index.duplicate_error(&self.ns, &key));
+                            return Err(index.duplicate_error(&self.ns, &key, doc));
                         }
                     }
                     index.entries.insert(key, id.clone());
@@ -650,7 +705,7 @@ impl Collection {
             "type": "collection",
             "options": self.options.clone(),
             "info": {"readOnly": false, "uuid": Bson::Binary(bson::Binary::from_uuid(self.uuid))},
-            "idIndex": {"v": 2, "key": {"_id": 1}, "name": "_id_"},
+            "idIndex": self.find_index("_id_").map_or_else(|| doc! {"v": 2, "key": {"_id": 1}, "name": "_id_"}, |i| i.spec.clone()),
         }
     }
 }

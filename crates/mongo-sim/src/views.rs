@@ -4,9 +4,12 @@
 //! change streams (which turn them into `create`/`modify`/`drop` events under
 //! `showExpandedEvents`) see them as a real server's do.
 
+use std::sync::Arc;
+
 use bson::{doc, Bson, Document};
 
 use crate::{
+    collation::Collation,
     error::{codes, CommandError, CommandResult},
     query::aggregate::{run_pipeline, PipelineContext},
     store::{Catalog, Namespace},
@@ -26,6 +29,9 @@ const FORBIDDEN_IN_VIEW: &[&str] = &["$out", "$merge", "$changeStream"];
 pub struct ViewDef {
     pub view_on: String,
     pub pipeline: Vec<Bson>,
+    /// The view's default collation, every field resolved (`None`: simple). A view does not
+    /// inherit its collection's default collation.
+    pub collation: Option<Document>,
 }
 
 impl ViewDef {
@@ -33,16 +39,31 @@ impl ViewDef {
         Some(ViewDef {
             view_on: d.get_str("viewOn").ok()?.to_string(),
             pipeline: d.get_array("pipeline").cloned().unwrap_or_default(),
+            collation: d.get_document("collation").ok().cloned(),
         })
     }
 
     pub fn stored(&self, ns: &Namespace) -> Document {
-        doc! {"_id": ns.to_string(), "viewOn": self.view_on.clone(), "pipeline": self.pipeline.clone()}
+        let mut d = doc! {"_id": ns.to_string()};
+        d.extend(self.options());
+        d
     }
 
     /// `options` of the view's `listCollections` entry (and of its change events).
     pub fn options(&self) -> Document {
-        doc! {"viewOn": self.view_on.clone(), "pipeline": self.pipeline.clone()}
+        let mut d = doc! {"viewOn": self.view_on.clone(), "pipeline": self.pipeline.clone()};
+        if let Some(c) = &self.collation {
+            d.insert("collation", c.clone());
+        }
+        d
+    }
+
+    /// The view's default collation, parsed.
+    pub fn collator(&self) -> CommandResult<Option<Arc<Collation>>> {
+        match &self.collation {
+            Some(c) => crate::collation::parse(c),
+            None => Ok(None),
+        }
     }
 }
 
@@ -115,6 +136,33 @@ pub fn check_pipeline(pipeline: &Bson) -> CommandResult<Vec<Bson>> {
         }
     }
     Ok(stages.clone())
+}
+
+/// A view defined on another view must have that view's collation (`ViewGraph`'s check,
+/// 167 OptionNotSupportedOnView). `ns` is the view being created or modified.
+pub fn check_collation_chain(cat: &Catalog, ns: &Namespace, def: &ViewDef) -> CommandResult<()> {
+    let on = Namespace::new(ns.db.clone(), def.view_on.clone());
+    if let Some(parent) = lookup(cat, &on) {
+        if parent.collation != def.collation {
+            return Err(CommandError::new(
+                codes::OPTION_NOT_SUPPORTED_ON_VIEW,
+                format!("View {ns} has a collation that does not match the collation of view {on}"),
+            ));
+        }
+    }
+    // Views already defined on this one (`collMod` may change its collation's chain).
+    for (name, child) in list(cat, &ns.db) {
+        if child.view_on == ns.coll && child.collation != def.collation {
+            return Err(CommandError::new(
+                codes::OPTION_NOT_SUPPORTED_ON_VIEW,
+                format!(
+                    "View {ns} has a collation that does not match the collation of view {}.{name}",
+                    ns.db
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The base collection of a view and the pipeline that produces the view from it (the

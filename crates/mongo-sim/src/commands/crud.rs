@@ -207,7 +207,13 @@ fn view_write_errors(
 
 /// `_id`s of the documents matching a filter, in `_id` order (at most `limit`).
 pub fn matching(coll: &Collection, matcher: &Matcher, limit: Option<usize>) -> Vec<DocRef> {
-    if let Some(id) = matcher.id_equality() {
+    // The `_id` lookup finds what the collection's collation calls equal: only right when the
+    // query runs under that same collation.
+    let same_collation = crate::collation::same(
+        crate::collation::current().as_ref(),
+        coll.collation.as_ref(),
+    );
+    if let Some(id) = matcher.id_equality().filter(|_| same_collation) {
         return coll
             .get(id)
             .filter(|d| matcher.matches(d))
@@ -441,6 +447,10 @@ fn apply_one_update(
     lets::check_filter(&q, lets)?;
     let matcher = Matcher::new(&q)?.with_lets(std::sync::Arc::clone(lets));
     super::fields::check_hint(cat.get(coll_ns), stmt.get("hint"))?;
+    let _collation = crate::collation::install(crate::collation::effective(
+        stmt.get("collation"),
+        cat.get(coll_ns).and_then(|c| c.collation.as_ref()),
+    )?);
     let targets = match cat.get(coll_ns) {
         Some(c) => matching(c, &matcher, if multi { None } else { Some(1) }),
         None => Vec::new(),
@@ -555,6 +565,10 @@ pub fn delete(ctx: &Ctx<'_>) -> CommandResult<Document> {
                 lets::check_filter(&q, &lets)?;
                 let matcher = Matcher::new(&q)?.with_lets(std::sync::Arc::clone(&lets));
                 super::fields::check_hint(cat.get(&ns), stmt.get("hint"))?;
+                let _collation = crate::collation::install(crate::collation::effective(
+                    stmt.get("collation"),
+                    cat.get(&ns).and_then(|c| c.collation.as_ref()),
+                )?);
                 let Some(coll) = cat.get_mut(&ns) else {
                     return Ok(0);
                 };
@@ -637,6 +651,10 @@ pub fn find_and_modify(ctx: &Ctx<'_>) -> CommandResult<Document> {
             return Err(views::not_a_collection(&ns));
         }
         super::fields::check_hint(cat.get(&ns), cmd.get("hint"))?;
+        let _collation = crate::collation::install(crate::collation::effective(
+            cmd.get("collation"),
+            cat.get(&ns).and_then(|c| c.collation.as_ref()),
+        )?);
         let target = match cat.get(&ns) {
             Some(c) => {
                 let mut all = matching(c, &matcher, if sort.is_some() { None } else { Some(1) });

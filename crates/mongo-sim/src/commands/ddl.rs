@@ -65,6 +65,18 @@ pub fn create(ctx: &Ctx<'_>) -> CommandResult<Document> {
             ));
         }
     }
+    // The catalog keeps the full collation spec (every field resolved); simple is no
+    // collation at all.
+    if let Some(c) = options.get("collation").cloned() {
+        match crate::collation::parse_arg("create.collation", &c)? {
+            Some(Some(c)) => {
+                options.insert("collation", c.to_document());
+            }
+            _ => {
+                options.remove("collation");
+            }
+        }
+    }
     if let Some(size) = options.get("size").and_then(crate::store::as_i64) {
         // The server rounds capped sizes up to a multiple of 256.
         options.insert("size", ((size + 255) / 256 * 256).max(4096));
@@ -130,13 +142,7 @@ fn create_view(ctx: &Ctx<'_>, ns: Namespace) -> CommandResult<Document> {
     for k in ctx.cmd.keys() {
         match k.as_str() {
             "create" | "viewOn" | "pipeline" => {}
-            "collation" => {
-                // Only the simple collation exists in the simulator (issue 10 item 3).
-                return Err(CommandError::new(
-                    codes::COMMAND_NOT_SUPPORTED,
-                    "collation on views is not supported by the simulator",
-                ));
-            }
+            "collation" => {}
             k if CREATE_OPTIONS.contains(&k) && k != "comment" => {
                 return Err(CommandError::new(
                     codes::INVALID_OPTIONS,
@@ -164,7 +170,19 @@ fn create_view(ctx: &Ctx<'_>, ns: Namespace) -> CommandResult<Document> {
             "Cannot create a view in a multi-document transaction.",
         ));
     }
-    let def = ViewDef { view_on, pipeline };
+    // The view's own default collation, resolved as a collection's; simple is none.
+    let collation = match ctx.cmd.get("collation") {
+        Some(c) => match crate::collation::parse_arg("create.collation", c)? {
+            Some(Some(c)) => Some(c.to_document()),
+            _ => None,
+        },
+        None => None,
+    };
+    let def = ViewDef {
+        view_on,
+        pipeline,
+        collation,
+    };
     ctx.write(|cat, sink| {
         if let Some(existing) = views::lookup(cat, &ns) {
             if existing == def {
@@ -178,6 +196,7 @@ fn create_view(ctx: &Ctx<'_>, ns: Namespace) -> CommandResult<Document> {
                 format!("Collection {ns} already exists."),
             ));
         }
+        views::check_collation_chain(cat, &ns, &def)?;
         // The pipeline must be one the simulator can run (on an empty input it checks the
         // stage names and their arguments).
         let probe = crate::query::aggregate::PipelineContext::new(bson::DateTime::now());
@@ -498,6 +517,7 @@ fn coll_mod_view(
             }
         }
     }
+    views::check_collation_chain(cat, ns, &def)?;
     let views = cat
         .get_mut(&views::views_ns(&ns.db))
         .expect("a view is a document of system.views");

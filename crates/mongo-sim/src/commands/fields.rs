@@ -63,7 +63,7 @@ enum Rule {
     IfFalsy(&'static str),
     /// Never implemented.
     No(&'static str),
-    /// `collation`: only the simple collation (issue 10 item 3 implements the rest).
+    /// `collation`: checked as a collation document (`crate::collation`).
     Collation,
 }
 
@@ -370,21 +370,10 @@ fn is_falsy(v: &Bson) -> bool {
     }
 }
 
-/// `collation`: absent or `{locale: "simple"}`. Anything else would be compared in binary
-/// order, so it is refused until collation is implemented.
+/// `collation`: parsed and checked as the server does (`crate::collation::parse`); an empty
+/// document counts as absent.
 pub fn check_collation(path: &str, v: &Bson) -> CommandResult<()> {
-    match v {
-        Bson::Document(d) if d.is_empty() => Ok(()),
-        Bson::Document(d) if d.len() == 1 && d.get_str("locale").ok() == Some("simple") => Ok(()),
-        Bson::Document(_) => Err(not_supported(
-            path,
-            "collations other than {locale: \"simple\"}",
-        )),
-        _ => Err(CommandError::type_mismatch(format!(
-            "BSON field '{path}' is the wrong type '{}', expected type 'object'",
-            type_name(v)
-        ))),
-    }
+    crate::collation::parse_arg(path, v).map(|_| ())
 }
 
 fn type_name(v: &Bson) -> &'static str {
@@ -654,11 +643,12 @@ mod tests {
             &doc! {"find": "c", "collation": {"locale": "simple"}}
         )
         .is_ok());
+        assert!(check_command("find", &doc! {"find": "c", "collation": {"locale": "fr"}}).is_ok());
         assert_eq!(
-            check_command("find", &doc! {"find": "c", "collation": {"locale": "fr"}})
+            check_command("find", &doc! {"find": "c", "collation": {"locale": "xx"}})
                 .unwrap_err()
                 .code,
-            115
+            2
         );
         assert_eq!(
             check_command(

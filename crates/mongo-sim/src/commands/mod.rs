@@ -61,6 +61,53 @@ impl SessionArgs {
 }
 
 /// Everything a command handler needs.
+/// Installs the collation a command on `ns` runs under (its `collation` argument, else the
+/// collection's default) for the rest of the caller's synchronous body.
+pub fn install_collation(
+    ctx: &Ctx<'_>,
+    ns: Option<&crate::store::Namespace>,
+) -> CommandResult<crate::collation::Installed> {
+    enum Default {
+        Collection(Option<Arc<crate::collation::Collation>>),
+        View(Option<Arc<crate::collation::Collation>>),
+    }
+    let default = match ns {
+        Some(ns) => ctx.read(|cat, _| {
+            Ok(match crate::views::lookup(cat, ns) {
+                Some(view) => Default::View(view.collator()?),
+                None => Default::Collection(cat.get(ns).and_then(|c| c.collation.clone())),
+            })
+        })?,
+        None => Default::Collection(None),
+    };
+    let effective = match default {
+        Default::Collection(default) => {
+            crate::collation::effective(ctx.cmd.get("collation"), default.as_ref())?
+        }
+        // A read on a view runs under the view's collation; another one is refused
+        // (`collatorsMatch` of find/aggregate/count/distinct, 7.0).
+        Default::View(view) => {
+            let explicit = match ctx.cmd.get("collation") {
+                Some(v) => crate::collation::parse_arg("collation", v)?,
+                None => None,
+            };
+            if let Some(explicit) = explicit {
+                let doc = |c: &Option<Arc<crate::collation::Collation>>| {
+                    c.as_ref().map(|c| c.to_document())
+                };
+                if doc(&explicit) != doc(&view) {
+                    return Err(CommandError::new(
+                        codes::OPTION_NOT_SUPPORTED_ON_VIEW,
+                        "Cannot override a view's default collation",
+                    ));
+                }
+            }
+            view
+        }
+    };
+    Ok(crate::collation::install(effective))
+}
+
 pub struct Ctx<'a> {
     pub engine: &'a Arc<Engine>,
     pub conn: &'a ConnInfo,

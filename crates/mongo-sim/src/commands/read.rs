@@ -68,7 +68,7 @@ fn batch_size(cmd: &Document, key: &str) -> CommandResult<Option<usize>> {
     }
 }
 
-fn id_bound(bound: Option<&Document>, hint: Option<&Bson>) -> CommandResult<Option<IdKey>> {
+fn id_bound(bound: Option<&Document>, hint: Option<&Bson>) -> CommandResult<Option<Bson>> {
     let Some(bound) = bound else { return Ok(None) };
     let is_id_hint = match hint {
         Some(Bson::Document(h)) => h.len() == 1 && h.contains_key("_id"),
@@ -87,7 +87,7 @@ fn id_bound(bound: Option<&Document>, hint: Option<&Bson>) -> CommandResult<Opti
             "The index chosen is not consistent with min/max",
         ));
     }
-    Ok(Some(IdKey(bound.get("_id").cloned().unwrap_or(Bson::Null))))
+    Ok(Some(bound.get("_id").cloned().unwrap_or(Bson::Null)))
 }
 
 /// Documents of a collection matching a query, honouring `_id` index bounds (`min`
@@ -95,13 +95,16 @@ fn id_bound(bound: Option<&Document>, hint: Option<&Bson>) -> CommandResult<Opti
 fn scan(
     coll: &Collection,
     matcher: &Matcher,
-    min: Option<IdKey>,
-    max: Option<IdKey>,
+    min: Option<Bson>,
+    max: Option<Bson>,
     limit: Option<usize>,
 ) -> Vec<DocRef> {
     if min.is_none() && max.is_none() {
         return super::crud::matching(coll, matcher, limit);
     }
+    // Bounds are keys of the `_id` index: collation keys under a default collation.
+    let (min, max): (Option<IdKey>, Option<IdKey>) =
+        (min.map(|b| coll.id_key(&b)), max.map(|b| coll.id_key(&b)));
     use std::ops::Bound;
     let lower = min.map(Bound::Included).unwrap_or(Bound::Unbounded);
     let upper = max.map(Bound::Excluded).unwrap_or(Bound::Unbounded);
@@ -139,6 +142,7 @@ pub fn find(ctx: &Ctx<'_>) -> CommandResult<Document> {
     )?;
     lets::check_filter(&filter, &lets)?;
     let matcher = Matcher::new(&filter)?.with_lets(std::sync::Arc::clone(&lets));
+    let _collation = super::install_collation(ctx, Some(&ns))?;
     let oplog = ns.db == "local" && ns.coll == "oplog.rs";
     let sort = match cmd.get_document("sort") {
         // The oplog's `$natural` order is handled by `oplog_entries`.
@@ -569,6 +573,7 @@ pub fn aggregate(ctx: &Ctx<'_>) -> CommandResult<Document> {
         ),
         None => (None, &stages[..]),
     };
+    let _collation = super::install_collation(ctx, ns.as_ref())?;
     let view_ctx = view_context(ctx);
     let input: Vec<Document> = ctx.read(|cat, _| {
         let Some(ns) = &ns else { return Ok(Vec::new()) };
@@ -628,6 +633,7 @@ pub fn count(ctx: &Ctx<'_>) -> CommandResult<Document> {
     let limit = int_arg(ctx.cmd, "limit")?.unwrap_or(0).unsigned_abs() as usize;
     lets::check_filter(&query, &[])?;
     let matcher = Matcher::new(&query)?;
+    let _collation = super::install_collation(ctx, Some(&ns))?;
     let view_ctx = view_context(ctx);
     let n = ctx.read(|cat, _| {
         let total = if let Some((base, _)) = views::resolve(cat, &ns)? {
@@ -664,6 +670,7 @@ pub fn distinct(ctx: &Ctx<'_>) -> CommandResult<Document> {
     let query = ctx.cmd.get_document("query").cloned().unwrap_or_default();
     lets::check_filter(&query, &[])?;
     let matcher = Matcher::new(&query)?;
+    let _collation = super::install_collation(ctx, Some(&ns))?;
     let view_ctx = view_context(ctx);
     let mut values: Vec<Bson> = ctx.read(|cat, _| {
         let mut out = Vec::new();

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use bson::{Bson, Document};
 
-use super::compare::{values_equal, IdKey};
+use super::compare::{values_equal, CmpKey};
 use super::expr::{evaluate_optional, num_add, Variables};
 use super::matcher::Matcher;
 use super::projection::{AddFields, Projection};
@@ -464,16 +464,16 @@ fn group(docs: Vec<Document>, spec: &Bson, vars: &Variables) -> CommandResult<Ve
             })
             .collect()
     };
-    let mut index: BTreeMap<IdKey, usize> = BTreeMap::new();
+    let mut index: BTreeMap<CmpKey, usize> = BTreeMap::new();
     let mut groups: Vec<(Bson, Vec<Acc>)> = Vec::new();
     let one = Bson::Int32(1);
     for d in &docs {
         let key = evaluate_optional(id_expr, d, vars)?.unwrap_or(Bson::Null);
-        let gi = match index.get(&IdKey(key.clone())) {
+        let gi = match index.get(&CmpKey(key.clone())) {
             Some(i) => *i,
             None => {
                 groups.push((key.clone(), new_accs()));
-                index.insert(IdKey(key), groups.len() - 1);
+                index.insert(CmpKey(key), groups.len() - 1);
                 groups.len() - 1
             }
         };

@@ -55,7 +55,7 @@ pub fn compare_values(a: &Bson, b: &Bson) -> Ordering {
         }
         _ if ra == NUMBER_RANK => compare_numbers(a, b),
         (Bson::String(x) | Bson::Symbol(x), Bson::String(y) | Bson::Symbol(y)) => {
-            x.as_bytes().cmp(y.as_bytes())
+            crate::collation::compare_strings(x, y)
         }
         (Bson::Document(x), Bson::Document(y)) => compare_documents(x, y),
         (Bson::Array(x), Bson::Array(y)) => compare_arrays(x, y),
@@ -150,6 +150,13 @@ pub fn values_equal(a: &Bson, b: &Bson) -> bool {
     compare_values(a, b) == Ordering::Equal
 }
 
+/// [`values_equal`] under the simple collation, whatever a command installed (the `_id`
+/// immutability check).
+pub fn values_equal_simple(a: &Bson, b: &Bson) -> bool {
+    let _simple = crate::collation::install(None);
+    values_equal(a, b)
+}
+
 /// Exact ("binary") equality: same types, same bytes, same field order, recursively.
 /// `1` vs `1.0` differ; `NaN` equals a `NaN` with the same bits.
 pub fn binary_equal(a: &Bson, b: &Bson) -> bool {
@@ -180,7 +187,7 @@ pub struct IdKey(pub Bson);
 
 impl PartialEq for IdKey {
     fn eq(&self, other: &Self) -> bool {
-        compare_values(&self.0, &other.0) == Ordering::Equal
+        self.cmp(other) == Ordering::Equal
     }
 }
 impl Eq for IdKey {}
@@ -190,6 +197,31 @@ impl PartialOrd for IdKey {
     }
 }
 impl Ord for IdKey {
+    /// Binary string order whatever collation a command installed: store keys of a collated
+    /// collection are already collation keys (`Collection::id_key`).
+    fn cmp(&self, other: &Self) -> Ordering {
+        let _simple = crate::collation::install(None);
+        compare_values(&self.0, &other.0)
+    }
+}
+
+/// A map key ordered by `compare_values` under the installed collation (`$group` keys):
+/// unlike [`IdKey`], "Bob" and "bob" are one key under a strength-2 collation.
+#[derive(Clone, Debug)]
+pub struct CmpKey(pub Bson);
+
+impl PartialEq for CmpKey {
+    fn eq(&self, other: &Self) -> bool {
+        compare_values(&self.0, &other.0) == Ordering::Equal
+    }
+}
+impl Eq for CmpKey {}
+impl PartialOrd for CmpKey {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for CmpKey {
     fn cmp(&self, other: &Self) -> Ordering {
         compare_values(&self.0, &other.0)
     }

@@ -395,7 +395,7 @@ fn apply_replacement(
     validate_updated_document(&out, from_pipeline)?;
     if has_id {
         if let (Some(old), Some(new)) = (original.get("_id"), out.get("_id")) {
-            if !values_equal(old, new) {
+            if !super::compare::values_equal_simple(old, new) {
                 return Err(CommandError::new(
                     codes::IMMUTABLE_FIELD,
                     format!(
@@ -692,7 +692,7 @@ fn apply_operators(
 
     if let Some(old_id) = original.get("_id") {
         match doc.get("_id") {
-            Some(new_id) if values_equal(old_id, new_id) => {}
+            Some(new_id) if super::compare::values_equal_simple(old_id, new_id) => {}
             _ => {
                 return Err(CommandError::new(
                     codes::IMMUTABLE_FIELD,

@@ -3,6 +3,7 @@
 
 mod auth;
 mod change_streams;
+mod collation;
 mod common;
 mod crud;
 mod ddl;

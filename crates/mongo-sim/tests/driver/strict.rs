@@ -282,16 +282,16 @@ async fn unimplemented_features_fail_loudly() {
             (doc! {"find": "c", "returnKey": true}, "returnKey"),
             (doc! {"find": "c", "showRecordId": true}, "showRecordId"),
             (
-                doc! {"find": "c", "collation": {"locale": "en", "strength": 2}},
-                "collation",
+                doc! {"find": "c", "collation": {"locale": "de@collation=phonebook"}},
+                "collation locale variants",
             ),
             (
                 doc! {"aggregate": "c", "pipeline": [], "explain": true},
                 "explain",
             ),
             (
-                doc! {"update": "c", "updates": [{"q": {}, "u": {"$set": {"b": 1}}, "collation": {"locale": "fr"}}]},
-                "updates.collation",
+                doc! {"update": "c", "updates": [{"q": {}, "u": {"$set": {"b": 1}}, "collation": {"locale": "fr", "backwards": true}}]},
+                "backwards",
             ),
         ] {
             let (code, name, msg) = command_error(&db, cmd.clone()).await;
