@@ -125,6 +125,9 @@ pub struct Ctx<'a> {
     /// The time a snapshot read outside a transaction read at (replies report it as
     /// `atClusterTime`).
     pub snapshot_read_at: parking_lot::Mutex<Option<Timestamp>>,
+    /// This command already opened its transaction (`startTransaction`): a command that reads
+    /// the catalog more than once (e.g. for the collation, then for the documents) opens it once.
+    pub transaction_begun: std::sync::atomic::AtomicBool,
 }
 
 /// Commands that take `readConcern: {level: "snapshot"}` outside transactions (MongoDB 5.0+;
@@ -180,10 +183,12 @@ impl<'a> Ctx<'a> {
                 &s.key,
                 &s.lsid,
                 txn_number,
-                s.start_transaction,
+                self.starts_transaction(s),
                 s.read_concern_level.as_deref(),
                 s.at_cluster_time,
             )?;
+            self.transaction_begun
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             let now = data.clock.current();
             let (first_new, r) = {
                 let state = data
@@ -250,6 +255,15 @@ impl<'a> Ctx<'a> {
     /// Runs `f` with read access to the catalog the command should see: a transaction's
     /// snapshot, the catalog as of the snapshot read time (`readConcern` level `snapshot`
     /// outside transactions, on the commands that take it), or today's catalog.
+    /// Whether this catalog access opens the command's transaction (`startTransaction`, not
+    /// yet opened by an earlier access of the same command).
+    fn starts_transaction(&self, s: &SessionArgs) -> bool {
+        s.start_transaction
+            && !self
+                .transaction_begun
+                .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn read<R>(&self, f: impl FnOnce(&Catalog, &Data) -> CommandResult<R>) -> CommandResult<R> {
         let mut guard = self.engine.data.lock();
         if let Some(s) = self.session.as_ref().filter(|s| s.in_transaction()) {
@@ -259,10 +273,12 @@ impl<'a> Ctx<'a> {
                 &s.key,
                 &s.lsid,
                 txn_number,
-                s.start_transaction,
+                self.starts_transaction(s),
                 s.read_concern_level.as_deref(),
                 s.at_cluster_time,
             )?;
+            self.transaction_begun
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             let data: &Data = &guard;
             let t = data
                 .sessions
@@ -547,6 +563,7 @@ pub async fn execute(engine: &Arc<Engine>, conn: &mut ConnInfo, cmd: Document) -
         documents: parking_lot::Mutex::new(documents),
         repl_counter_at_start: engine.repl.lock().topology_counter,
         snapshot_read_at: parking_lot::Mutex::new(None),
+        transaction_begun: std::sync::atomic::AtomicBool::new(false),
     };
     let change_stream_cmd = is_change_stream_command(engine, &name, &cmd);
     if let Some(a) = &action {
