@@ -885,15 +885,16 @@ fn insert_before(doc: &mut Document, anchor: &str, key: &str, value: Bson) {
 }
 
 /// `updateDescription` as real servers render it; `disambiguatedPaths` (with expanded events)
-/// for paths whose components contain dots or are numeric field names.
+/// for the updated, removed and truncated paths that are ambiguous: as the server's
+/// `DeltaUpdateDescriptionBuilder` decides, a path is ambiguous when a field name in it
+/// contains a dot, or when a field name other than the first is a strict numeric component
+/// (`0`, `1`, `12`, not `01`); array indexes are reported as ints but make no path ambiguous.
 fn update_description(d: &UpdateDescription, expanded: bool) -> Document {
     let mut updated = Document::new();
     let mut disambiguated = Document::new();
     let needs_disambiguation = |path: &[PathPart]| {
-        path.iter().any(|p| match p {
-            PathPart::Field(f) => {
-                f.contains('.') || (!f.is_empty() && f.bytes().all(|b| b.is_ascii_digit()))
-            }
+        path.iter().enumerate().any(|(i, p)| match p {
+            PathPart::Field(f) => f.contains('.') || (i > 0 && is_numeric_component_strict(f)),
             PathPart::Index(_) => false,
         })
     };
@@ -922,11 +923,14 @@ fn update_description(d: &UpdateDescription, expanded: bool) -> Document {
         }
         removed.push(Bson::String(key));
     }
-    let truncated: Vec<Bson> = d
-        .truncated_arrays
-        .iter()
-        .map(|(path, size)| Bson::Document(doc! {"field": dotted(path), "newSize": *size as i32}))
-        .collect();
+    let mut truncated = Vec::new();
+    for (path, size) in &d.truncated_arrays {
+        let key = dotted(path);
+        if expanded && needs_disambiguation(path) {
+            disambiguated.insert(key.clone(), components(path));
+        }
+        truncated.push(Bson::Document(doc! {"field": key, "newSize": *size as i32}));
+    }
     let mut out =
         doc! {"updatedFields": updated, "removedFields": removed, "truncatedArrays": truncated};
     if expanded && !disambiguated.is_empty() {
@@ -935,9 +939,44 @@ fn update_description(d: &UpdateDescription, expanded: bool) -> Document {
     out
 }
 
+/// `FieldRef::isNumericPathComponentStrict`: digits only, no leading zero (except `0`).
+fn is_numeric_component_strict(f: &str) -> bool {
+    !f.is_empty() && f.bytes().all(|b| b.is_ascii_digit()) && !(f.len() > 1 && f.starts_with('0'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn disambiguated_paths_follow_the_servers_rule() {
+        let f = |s: &str| PathPart::Field(s.to_string());
+        let d = UpdateDescription {
+            updated_fields: vec![
+                (vec![f("0")], Bson::Int32(1)),
+                (vec![f("a"), f("1")], Bson::Int32(2)),
+                (vec![f("a"), f("01")], Bson::Int32(3)),
+                (vec![f("a.b")], Bson::Int32(4)),
+                (vec![f("x"), PathPart::Index(0), f("y")], Bson::Int32(5)),
+                (vec![f("x"), PathPart::Index(0), f("2")], Bson::Int32(6)),
+                (vec![f("$p"), f("q")], Bson::Int32(7)),
+            ],
+            removed_fields: vec![vec![f("c"), f("d.e")]],
+            truncated_arrays: vec![(vec![f("m.n")], 1)],
+        };
+        let out = update_description(&d, true);
+        assert_eq!(
+            out.get_document("disambiguatedPaths").unwrap(),
+            &doc! {
+                "a.1": ["a", "1"],
+                "a.b": ["a.b"],
+                "x.0.2": ["x", 0, "2"],
+                "c.d.e": ["c", "d.e"],
+                "m.n": ["m.n"],
+            }
+        );
+        assert!(!update_description(&d, false).contains_key("disambiguatedPaths"));
+    }
 
     #[test]
     fn token_round_trips_and_orders() {

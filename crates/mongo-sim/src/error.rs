@@ -85,6 +85,7 @@ pub mod codes {
     pub const DOLLAR_PREFIXED_FIELD_NAME: i32 = 52;
     pub const INVALID_ID_FIELD: i32 = 53;
     pub const NOT_SINGLE_VALUE_FIELD: i32 = 54;
+    pub const INVALID_DBREF: i32 = 55;
     pub const COMMAND_NOT_FOUND: i32 = 59;
     pub const IMMUTABLE_FIELD: i32 = 66;
     pub const INVALID_OPTIONS: i32 = 72;
@@ -158,6 +159,7 @@ pub fn code_name(code: i32) -> &'static str {
         52 => "DollarPrefixedFieldName",
         53 => "InvalidIdField",
         54 => "NotSingleValueField",
+        55 => "InvalidDBRef",
         56 => "EmptyFieldName",
         57 => "DottedFieldName",
         59 => "CommandNotFound",

@@ -17,7 +17,7 @@ use crate::{
         sort::SortSpec,
         update::{
             apply_update_with_outcome, build_upsert_document, prepare_for_insert,
-            prepare_for_upsert, validate_stored_document, validate_updated_document, UpdateContext,
+            validate_stored_document, validate_updated_document, UpdateContext,
             UpdateOutcome as WriteOutcome, UpdateSpec,
         },
     },
@@ -288,7 +288,7 @@ fn upsert_document(
         spec,
         &update_context(sink, true, array_filters, lets),
     )?;
-    prepare_for_upsert(&new, sink.now_ts(), matches!(spec, UpdateSpec::Pipeline(_)))
+    prepare_for_insert(&new, sink.now_ts())
 }
 
 struct UpdateOutcome {
@@ -355,7 +355,8 @@ fn replace_by_id(
                 new.insert(k.clone(), fill(v));
             }
         }
-        validate_updated_document(&new, false)?;
+        // The document an upsert inserts is validated as an insert.
+        validate_updated_document(&new, true)?;
         validate_stored_document(&new)?;
         let coll = ensure_collection(cat, sink, coll_ns)?;
         let change = coll.insert(new, bypass)?;
@@ -482,8 +483,9 @@ fn apply_one_update(
             WriteOutcome::Delta(d) => Some(d),
             WriteOutcome::Replacement => None,
         };
-        // Only a pipeline may store top-level `$`-prefixed fields (MongoDB 5.0+).
-        validate_updated_document(&new, matches!(spec, UpdateSpec::Pipeline(_)))?;
+        // A replacement may not store top-level `$`-prefixed fields (a pipeline may; an
+        // operator update was checked on the fields it touched).
+        validate_updated_document(&new, !matches!(spec, UpdateSpec::Replacement(_)))?;
         let change = coll.replace(new, description, bypass)?;
         emit(coll, sink, change);
         out.modified += 1;
@@ -686,8 +688,9 @@ pub fn find_and_modify(ctx: &Ctx<'_>) -> CommandResult<Document> {
                     WriteOutcome::Replacement => Some(None),
                 };
                 if let Some(description) = description {
-                    // Only a pipeline may store top-level `$`-prefixed fields (MongoDB 5.0+).
-                    validate_updated_document(&new, matches!(spec, UpdateSpec::Pipeline(_)))?;
+                    // A replacement may not store top-level `$`-prefixed fields (a pipeline
+                    // may; an operator update was checked on the fields it touched).
+                    validate_updated_document(&new, !matches!(spec, UpdateSpec::Replacement(_)))?;
                     let change = coll.replace(new.clone(), description, bypass)?;
                     emit(coll, sink, change);
                 }

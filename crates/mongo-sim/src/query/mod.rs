@@ -24,7 +24,7 @@ pub use projection::{AddFields, Projection};
 pub use sort::SortSpec;
 pub use update::{
     apply_update, apply_update_with_outcome, build_upsert_document, compute_oplog_diff,
-    diff_documents, dotted, prepare_for_insert, prepare_for_upsert, try_upsert_seed, upsert_seed,
+    diff_documents, dotted, prepare_for_insert, try_upsert_seed, upsert_seed,
     validate_stored_document, validate_updated_document, UpdateContext, UpdateDescription,
     UpdateOutcome, UpdateSpec,
 };

@@ -392,7 +392,7 @@ fn apply_replacement(
         };
         out.insert(k.clone(), v);
     }
-    validate_updated_document(&out, from_pipeline)?;
+    validate_updated_document(&out, from_pipeline || ctx.is_upsert_insert)?;
     if has_id {
         if let (Some(old), Some(new)) = (original.get("_id"), out.get("_id")) {
             if !super::compare::values_equal_simple(old, new) {
@@ -409,10 +409,11 @@ fn apply_replacement(
     Ok(out)
 }
 
-/// Checks a document about to be stored by an update: `_id` may not be an array, regex or
-/// undefined (InvalidIdField 53); top-level field names may not start with `$`
-/// (DollarPrefixedFieldName 52) unless the update is a pipeline (which may create them with
-/// `$setField`).
+/// Checks a document about to be stored by a replacement or pipeline update: `_id` may not be
+/// an array, regex or undefined (InvalidIdField 53); unless `allow_top_level_dollar` (pipeline
+/// updates, and the document an upsert inserts, validated as an insert), every top-level
+/// `$`-prefixed field is checked as the server's `storage_validation` does (see
+/// [`check_top_level_dollar_field`]). Nested `$`-prefixed fields are legal since 5.0.
 pub fn validate_updated_document(
     doc: &Document,
     allow_top_level_dollar: bool,
@@ -421,35 +422,111 @@ pub fn validate_updated_document(
         check_id(id, |t| format!("The '_id' value cannot be of type {t}"))?;
     }
     if !allow_top_level_dollar {
-        for k in doc.keys() {
-            if k.starts_with('$') && !matches!(k.as_str(), "$ref" | "$id" | "$db") {
-                return Err(CommandError::new(
-                    codes::DOLLAR_PREFIXED_FIELD_NAME,
-                    format!("The dollar ($) prefixed field '{k}' in '{k}' is not allowed in the context of an update's replacement document. Consider using an aggregation pipeline with $replaceWith."),
-                ));
+        for (i, k) in doc.keys().enumerate() {
+            if k.starts_with('$') {
+                check_top_level_dollar_field(doc, i)?;
             }
         }
     }
     Ok(())
 }
 
-/// Checks a document about to be inserted, with the server's `fixDocumentForInsert` rules
-/// and codes: top-level field names may not start with `$` (BadValue, "Document can't have
-/// $ prefixed field names: $foo"); `_id` may not be a regex, undefined or an array (BadValue:
-/// "can't use a regex for _id", "can't use a undefined for _id", "can't use an array for
-/// _id"); an `_id` sub-document may not contain `$`-prefixed field names
-/// (DollarPrefixedFieldName 52). Nested `$` fields elsewhere are legal since 5.0.
-pub fn validate_stored_document(doc: &Document) -> CommandResult<()> {
-    validate_stored(doc, false)
+/// The server's `validateDollarPrefixElement` for the top-level field at `index` of `doc`
+/// (whose name starts with `$`): a DBRef (`$ref` (a string) followed by `$id`, then an
+/// optional `$db` (a string)) is valid; a misplaced DBRef field → InvalidDBRef 55; any other
+/// name → DollarPrefixedFieldName 52.
+fn check_top_level_dollar_field(doc: &Document, index: usize) -> CommandResult<()> {
+    let keys: Vec<&str> = doc.keys().map(String::as_str).collect();
+    let dbref = |msg: String| Err(CommandError::new(codes::INVALID_DBREF, msg));
+    let mut at = index;
+    if keys[at] == "$db" {
+        let v = &doc[keys[at]];
+        if !matches!(v, Bson::String(_)) {
+            return dbref(format!(
+                "The DBRef $db field must be a String, not a {}",
+                type_name(v)
+            ));
+        }
+        if at == 0 || keys[at - 1] != "$id" {
+            return dbref("Found $db field without a $id before it, which is invalid.".into());
+        }
+        at -= 1;
+    }
+    if keys[at] == "$id" {
+        if at == 0 || keys[at - 1] != "$ref" {
+            return dbref("Found $id field without a $ref before it, which is invalid.".into());
+        }
+        at -= 1;
+    }
+    if keys[at] == "$ref" {
+        let v = &doc[keys[at]];
+        if !matches!(v, Bson::String(_)) {
+            return dbref(format!(
+                "The DBRef $ref field must be a String, not a {}",
+                type_name(v)
+            ));
+        }
+        if keys.get(at + 1) != Some(&"$id") {
+            return dbref("The DBRef $ref field must be followed by a $id field".into());
+        }
+        return Ok(());
+    }
+    let k = keys[index];
+    Err(CommandError::new(
+        codes::DOLLAR_PREFIXED_FIELD_NAME,
+        format!("The dollar ($) prefixed field '{k}' in '{k}' is not allowed in the context of an update's replacement document. Consider using an aggregation pipeline with $replaceWith."),
+    ))
 }
 
-fn validate_stored(doc: &Document, allow_top_level_dollar: bool) -> CommandResult<()> {
-    for (k, v) in doc {
-        if k.starts_with('$') && !allow_top_level_dollar {
-            return Err(CommandError::bad_value(format!(
-                "Document can't have $ prefixed field names: {k}"
-            )));
+/// The storage check of an operator update's result: as the server validates only the
+/// elements an operator modified or created (`ModifierNode::validateUpdate`), a top-level
+/// `$`-prefixed field is checked only when the update created it or an operator path (or a
+/// `$rename` target) names exactly that field and changed its value. Fields already stored
+/// (inserted with `$` names, legal since 5.0) and `a.$b`-style nested paths pass. The
+/// document an upsert inserts is validated as an insert instead.
+fn validate_operator_result(
+    original: &Document,
+    doc: &Document,
+    ops: &Document,
+    ctx: &UpdateContext,
+) -> CommandResult<()> {
+    if let Some(id) = doc.get("_id") {
+        check_id(id, |t| format!("The '_id' value cannot be of type {t}"))?;
+    }
+    if ctx.is_upsert_insert {
+        return Ok(());
+    }
+    let names_field = |k: &str| {
+        ops.iter().any(|(op, args)| match args {
+            Bson::Document(a) => a.iter().any(|(path, arg)| {
+                path == k || (op == "$rename" && matches!(arg, Bson::String(to) if to == k))
+            }),
+            _ => false,
+        })
+    };
+    for (i, (k, v)) in doc.iter().enumerate() {
+        if !k.starts_with('$') {
+            continue;
         }
+        let touched = match original.get(k) {
+            None => true,
+            Some(old) => old != v && names_field(k),
+        };
+        if touched {
+            check_top_level_dollar_field(doc, i)?;
+        }
+    }
+    Ok(())
+}
+
+/// Checks a document about to be inserted, with the server's `fixDocumentForInsert` rules
+/// and codes (5.0+): `$`-prefixed and dotted field names are legal at every level, the
+/// top level included; `_id` may not be a regex, undefined or an array (BadValue: "can't use
+/// a regex for _id", "can't use a undefined for _id", "can't use an array for _id"); an `_id`
+/// sub-document may not contain `$`-prefixed field names at any depth (DollarPrefixedFieldName
+/// 52; DBRef names excepted).
+pub fn validate_stored_document(doc: &Document) -> CommandResult<()> {
+    for (k, v) in doc {
         if k == "_id" {
             let msg = match v {
                 Bson::RegularExpression(_) => Some("can't use a regex for _id"),
@@ -487,21 +564,12 @@ fn find_dollar_field(d: &Document) -> Option<String> {
     None
 }
 
-/// The document the server stores for an insert (`fixDocumentForInsert`): validated as
-/// [`validate_stored_document`], `_id` moved first (a new ObjectId when absent), top-level
-/// `Timestamp(0, 0)` values replaced with `now_ts`.
+/// The document the server stores for an insert (`fixDocumentForInsert`), and for the
+/// insert an upsert makes (validated as an insert, so top-level `$`-prefixed fields pass):
+/// validated as [`validate_stored_document`], `_id` moved first (a new ObjectId when absent),
+/// top-level `Timestamp(0, 0)` values replaced with `now_ts`.
 pub fn prepare_for_insert(doc: &Document, now_ts: bson::Timestamp) -> CommandResult<Document> {
-    prepare_for_upsert(doc, now_ts, false)
-}
-
-/// [`prepare_for_insert`] for the document an upsert inserts: a pipeline upsert may create
-/// top-level `$`-prefixed fields (`$setField`, `$replaceWith: {$literal}`; legal since 5.0).
-pub fn prepare_for_upsert(
-    doc: &Document,
-    now_ts: bson::Timestamp,
-    allow_top_level_dollar: bool,
-) -> CommandResult<Document> {
-    validate_stored(doc, allow_top_level_dollar)?;
+    validate_stored_document(doc)?;
     let mut out = Document::new();
     match doc.get("_id") {
         Some(id) => out.insert("_id", id.clone()),
@@ -701,7 +769,7 @@ fn apply_operators(
             }
         }
     }
-    validate_updated_document(&doc, false)?;
+    validate_operator_result(original, &doc, ops, ctx)?;
     Ok(doc)
 }
 
@@ -2698,10 +2766,22 @@ mod tests {
                 .message,
             "can't use a undefined for _id"
         );
-        let e = validate_stored_document(&doc! {"_id": 1, "$foo": 1}).unwrap_err();
+        // 5.0+: top-level `$`-prefixed and dotted names are legal in inserts, reserved
+        // DBRef names too (jstests/core/field_name_validation.js).
+        for d in [
+            doc! {"_id": 1, "$foo": 1},
+            doc! {"$ref": 1},
+            doc! {"$id": 1, "$db": 1},
+            doc! {"a.b": 1, "_id.a": 1},
+            doc! {"_id": {"a.b": 1}},
+        ] {
+            assert!(validate_stored_document(&d).is_ok(), "{d}");
+        }
         assert_eq!(
-            (e.code, e.message.as_str()),
-            (2, "Document can't have $ prefixed field names: $foo")
+            validate_stored_document(&doc! {"_id": {"a": 1, "$b": 1}})
+                .unwrap_err()
+                .code,
+            52
         );
         assert_eq!(
             validate_stored_document(&doc! {"_id": {"a": {"$b": 1}}})
@@ -2732,6 +2812,75 @@ mod tests {
                 .code,
             53
         );
+        let e = validate_updated_document(&doc! {"_id": 1, "$foo": 1}, false).unwrap_err();
+        assert_eq!(e.message, "The dollar ($) prefixed field '$foo' in '$foo' is not allowed in the context of an update's replacement document. Consider using an aggregation pipeline with $replaceWith.");
+        // A DBRef at the top level of a replacement passes (`validateDollarPrefixElement`);
+        // misplaced DBRef fields are InvalidDBRef 55.
+        assert!(validate_updated_document(
+            &doc! {"_id": 1, "$ref": "c", "$id": 1, "$db": "d"},
+            false
+        )
+        .is_ok());
+        for (d, msg) in [
+            (
+                doc! {"_id": 1, "$ref": 1, "$id": 1},
+                "The DBRef $ref field must be a String, not a int",
+            ),
+            (
+                doc! {"_id": 1, "$ref": "c"},
+                "The DBRef $ref field must be followed by a $id field",
+            ),
+            (
+                doc! {"_id": 1, "$id": 1},
+                "Found $id field without a $ref before it, which is invalid.",
+            ),
+            (
+                doc! {"_id": 1, "$db": "d"},
+                "Found $db field without a $id before it, which is invalid.",
+            ),
+            (
+                doc! {"_id": 1, "$ref": "c", "$id": 1, "$db": 2},
+                "The DBRef $db field must be a String, not a int",
+            ),
+        ] {
+            let e = validate_updated_document(&d, false).unwrap_err();
+            assert_eq!((e.code, e.message.as_str()), (55, msg), "{d}");
+        }
+    }
+
+    #[test]
+    fn operator_updates_check_only_the_dollar_fields_they_touch() {
+        let stored = doc! {"_id": 1, "$bin": 200, "q": 1, "address": {"$street": "Elm"}};
+        let run = |u: Document, upsert: bool| {
+            let mut c = ctx();
+            c.is_upsert_insert = upsert;
+            apply_update(&stored, &UpdateSpec::parse(&Bson::Document(u)).unwrap(), &c)
+        };
+        // Fields already stored with `$` names do not block updates of other fields, nor do
+        // nested `$` paths.
+        let d = run(doc! {"$inc": {"q": 1}}, false).unwrap();
+        assert_eq!(
+            d,
+            doc! {"_id": 1, "$bin": 200, "q": 2, "address": {"$street": "Elm"}}
+        );
+        let d = run(
+            doc! {"$set": {"address.$street": "Oak", "n": {"$x": 1}}},
+            false,
+        )
+        .unwrap();
+        assert_eq!(d.get_document("address").unwrap(), &doc! {"$street": "Oak"});
+        // Creating or changing a top-level `$` field with an operator → 52 ...
+        for u in [
+            doc! {"$set": {"$hotel": 1}},
+            doc! {"$inc": {"$bin": 1}},
+            doc! {"$rename": {"q": "$q"}},
+            doc! {"$set": {"$new.x": 1}},
+        ] {
+            assert_eq!(run(u.clone(), false).unwrap_err().code, 52, "{u}");
+        }
+        // ... but not when the value stays the same, nor in the document an upsert inserts.
+        assert!(run(doc! {"$set": {"$bin": 200}}, false).is_ok());
+        assert!(run(doc! {"$set": {"$hotel": 1}}, true).is_ok());
     }
 
     #[test]

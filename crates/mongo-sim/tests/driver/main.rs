@@ -8,6 +8,7 @@ mod common;
 mod crud;
 mod ddl;
 mod failpoints;
+mod field_names;
 mod invalidate;
 mod lets_and_array_filters;
 mod lifecycle;
