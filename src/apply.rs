@@ -1252,8 +1252,10 @@ impl Applier {
         let unchanged_statements: Vec<RawDocumentBuf> = unchanged
             .iter()
             .map(|(id, c, _)| match c {
+                // Binary equality, whatever the collection's default collation: "Bob" and
+                // "bob" are different documents (issue 9).
                 Conditional::ReplaceIfUnchanged { pre, post } => {
-                    rawdoc! {"q": unchanged_filter(id, pre), "u": post.clone()}
+                    rawdoc! {"q": unchanged_filter(id, pre), "u": post.clone(), "collation": {"locale": "simple"}}
                 }
                 _ => unreachable!("partitioned"),
             })
@@ -1262,7 +1264,7 @@ impl Applier {
             .iter()
             .map(|(id, c, _)| match c {
                 Conditional::DeleteIfUnchanged { pre } => {
-                    rawdoc! {"q": unchanged_filter(id, pre), "limit": 1}
+                    rawdoc! {"q": unchanged_filter(id, pre), "limit": 1, "collation": {"locale": "simple"}}
                 }
                 _ => unreachable!("partitioned"),
             })

@@ -111,14 +111,23 @@ impl Scenario {
                 .is_some()
         })
         .await;
-        self.dst()
-            .delete_many(doc! {"_id": {"$type": "string"}})
-            .await
-            .unwrap();
+        // Deleted on the source only, and waited for: a sentinel deleted on the destination
+        // first would make the source's delete a conflict of its own.
         self.src()
             .delete_many(doc! {"_id": {"$type": "string"}})
             .await
             .unwrap();
+        wait_until(
+            "the sentinel is deleted",
+            Duration::from_secs(30),
+            || async {
+                dst.find_one(doc! {"_id": id.clone()})
+                    .await
+                    .unwrap()
+                    .is_none()
+            },
+        )
+        .await;
     }
 
     async fn dest_doc(&self, id: i32) -> Option<Document> {
@@ -540,7 +549,12 @@ async fn destination_wins_equality_is_exact_under_a_case_insensitive_collation()
         ("Bob", 2),
         "the unconflicted document follows the source: {two}"
     );
-    assert_eq!(s.conflicts("destination-wins", "skipped").await, 1.0);
+    assert_eq!(
+        s.conflicts("destination-wins", "skipped").await,
+        1.0,
+        "log:\n{}",
+        s.d.logs()
+    );
 
     // `_id` under the collection's collation: "bob" is the same `_id` as "Bob".
     s.src().insert_one(doc! {"_id": "Bob"}).await.unwrap();
