@@ -108,6 +108,25 @@ struct Queues {
     by_key: HashMap<IdKey, (RawBson, Vec<Pending>)>,
 }
 
+/// Whether an event is a replay of something the destination may already hold (see
+/// [`Applier::apply_events`]).
+fn in_replay(ev: &ChangeEvent, replay_until: Option<Timestamp>) -> bool {
+    replay_until.is_some_and(|r| ts_key(ev.cluster_time) <= ts_key(r))
+}
+
+/// The cluster time of a batch's last event: refetches read the source as of then, so the
+/// document they write holds every change of the batch and none after it.
+fn batch_end(events: &[ChangeEvent]) -> Timestamp {
+    events
+        .iter()
+        .map(|e| e.cluster_time)
+        .max_by_key(|t| ts_key(*t))
+        .unwrap_or(Timestamp {
+            time: 0,
+            increment: 0,
+        })
+}
+
 /// The key under which the same `_id` always lands: MongoDB's `_id` equality, exactly
 /// (`crate::id_key`).
 fn id_key(id: &RawBson) -> IdKey {
@@ -158,6 +177,15 @@ impl Queues {
             (id, Vec::new())
         });
         let queue = &mut entry.1;
+        if let Some(Pending {
+            write: DocWrite::Refetch,
+            event: last,
+        }) = queue.last_mut()
+        {
+            // A refetch reads the document as of the batch's last event: this write is in it.
+            *last = event;
+            return;
+        }
         match &write {
             // A total write supersedes everything before it on this document.
             DocWrite::Upsert(_) | DocWrite::Delete | DocWrite::Refetch => {
@@ -335,11 +363,19 @@ struct DeferredWrite {
 struct Deferred {
     order: Vec<IdKey>,
     first: HashMap<IdKey, DeferredWrite>,
+    /// Documents refetched in this batch: read as of its last event, so their later writes in
+    /// the batch are already applied.
+    covered: std::collections::HashSet<IdKey>,
 }
 
 impl Deferred {
     fn contains(&self, key: &IdKey) -> bool {
         self.first.contains_key(key)
+    }
+
+    /// Whether a later write of `key` in this batch is left out (deferred or refetched).
+    fn skips(&self, key: &IdKey) -> bool {
+        self.contains(key) || self.covered.contains(key)
     }
 
     fn add(&mut self, s: &Statement, code: i32, msg: &str) {
@@ -518,7 +554,7 @@ impl Applier {
         if self.has_unique_secondary_index().await? {
             return self.apply_in_source_order(events, replay_until).await;
         }
-        match self.apply_coalesced(events).await? {
+        match self.apply_coalesced(events, replay_until).await? {
             Some(stats) => Ok(stats),
             None => {
                 // A round met a duplicate key: the destination has a unique secondary index we
@@ -533,8 +569,28 @@ impl Applier {
         }
     }
 
-    /// The writes one data event asks for (`None`: not a data event).
-    fn event_writes(&self, ev: &ChangeEvent) -> Result<Option<Vec<DocWrite>>, SyncError> {
+    /// The writes one data event asks for (`None`: not a data event). A replayed update
+    /// (`in_replay`) is a refetch: the destination may already hold later changes of the
+    /// document, and a delta applied on top of them would move the fields it unsets and sets.
+    fn event_writes(
+        &self,
+        ev: &ChangeEvent,
+        in_replay: bool,
+    ) -> Result<Option<Vec<DocWrite>>, SyncError> {
+        let writes = self.event_writes_in_order(ev)?;
+        Ok(writes.map(|w| {
+            let delta = w
+                .iter()
+                .any(|w| matches!(w, DocWrite::Delta { .. } | DocWrite::Truncate(_)));
+            if in_replay && delta {
+                vec![DocWrite::Refetch]
+            } else {
+                w
+            }
+        }))
+    }
+
+    fn event_writes_in_order(&self, ev: &ChangeEvent) -> Result<Option<Vec<DocWrite>>, SyncError> {
         Ok(Some(match ev.kind {
             OpKind::Insert | OpKind::Replace => match ev.full_document() {
                 Some(d) => vec![DocWrite::Upsert(d.to_owned())],
@@ -560,6 +616,7 @@ impl Applier {
     async fn apply_coalesced(
         &self,
         events: &[ChangeEvent],
+        replay_until: Option<Timestamp>,
     ) -> Result<Option<ApplyStats>, SyncError> {
         let mut stats = ApplyStats::default();
         let mut queues = Queues::default();
@@ -567,7 +624,7 @@ impl Applier {
             let Some(id) = ev.document_key() else {
                 continue;
             };
-            let Some(writes) = self.event_writes(ev)? else {
+            let Some(writes) = self.event_writes(ev, in_replay(ev, replay_until))? else {
                 continue;
             };
             stats.count(ev.kind.apply_op());
@@ -575,10 +632,13 @@ impl Applier {
                 queues.push(id.clone(), w, i);
             }
         }
+        // Documents refetched in an earlier round: their later writes are in what was read.
+        let mut refetched = std::collections::HashSet::new();
         for round in 0..queues.rounds() {
             let mut statements: Vec<Statement> = queues
                 .order
                 .iter()
+                .filter(|k| !refetched.contains(*k))
                 .filter_map(|k| {
                     let (id, q) = &queues.by_key[k];
                     q.get(round).map(|p| Statement {
@@ -594,7 +654,10 @@ impl Applier {
                 if statements.is_empty() {
                     break;
                 }
-                match self.run_round(statements, events, &mut stats).await? {
+                match self
+                    .run_round(statements, events, &mut refetched, &mut stats)
+                    .await?
+                {
                     Some(again) => statements = again,
                     None => return Ok(None),
                 }
@@ -618,6 +681,7 @@ impl Applier {
         &self,
         statements: Vec<Statement>,
         events: &[ChangeEvent],
+        refetched: &mut std::collections::HashSet<IdKey>,
         stats: &mut ApplyStats,
     ) -> Result<Option<Vec<Statement>>, SyncError> {
         // Resolve refetches first: they become upserts or deletes.
@@ -630,7 +694,7 @@ impl Applier {
         if !refetch_ids.is_empty() {
             for doc in self
                 .source
-                .fetch_documents(&self.source_ns, &refetch_ids)
+                .fetch_documents_at(&self.source_ns, &refetch_ids, batch_end(events))
                 .await?
             {
                 if let Ok(Some(id)) = doc.get("_id") {
@@ -647,7 +711,10 @@ impl Applier {
                 DocWrite::Upsert(_) => upserts.push(s),
                 DocWrite::Delete => deletes.push(s),
                 DocWrite::Truncate(_) | DocWrite::Delta { .. } => deltas.push(s),
-                DocWrite::Refetch => match current.remove(&s.key) {
+                DocWrite::Refetch => match {
+                    refetched.insert(s.key.clone());
+                    current.remove(&s.key)
+                } {
                     Some(doc) => upserts.push(Statement {
                         write: DocWrite::Upsert(doc),
                         ..s
@@ -874,7 +941,7 @@ impl Applier {
             let Some(id) = ev.document_key() else {
                 continue;
             };
-            let Some(writes) = self.event_writes(ev)? else {
+            let Some(writes) = self.event_writes(ev, in_replay(ev, replay_until))? else {
                 continue;
             };
             stats.count(ev.kind.apply_op());
@@ -898,7 +965,7 @@ impl Applier {
             }
             let group: Vec<&Statement> = steps[start..end]
                 .iter()
-                .filter(|s| !deferred.contains(&s.key))
+                .filter(|s| !deferred.skips(&s.key))
                 .collect();
             self.run_ordered_group(kind, &group, events, &mut deferred, &mut stats)
                 .await?;
@@ -922,7 +989,7 @@ impl Applier {
         if kind == StepKind::Refetch {
             // Each refetch becomes an upsert or a delete of the source's current document.
             for s in group {
-                if !deferred.contains(&s.key) {
+                if !deferred.skips(&s.key) {
                     self.refetch_in_order(s, events, deferred, stats).await?;
                 }
             }
@@ -932,11 +999,12 @@ impl Applier {
         let mut matched = 0i64;
         let mut succeeded: Vec<&Statement> = Vec::new();
         while pos < group.len() {
-            // A deferred id's later writes are skipped (the refetch at the end covers them).
+            // A deferred id's later writes are skipped (the refetch at the end covers them), as
+            // are a refetched id's (the refetch read them).
             let rest: Vec<&Statement> = group[pos..]
                 .iter()
                 .copied()
-                .filter(|s| !deferred.contains(&s.key))
+                .filter(|s| !deferred.skips(&s.key))
                 .collect();
             if rest.is_empty() {
                 break;
@@ -973,7 +1041,7 @@ impl Applier {
             let mut repaired = std::collections::HashSet::new();
             for s in succeeded {
                 if !present.contains(&s.key)
-                    && !deferred.contains(&s.key)
+                    && !deferred.skips(&s.key)
                     && repaired.insert(s.key.clone())
                 {
                     self.refetch_in_order(s, events, deferred, stats).await?;
@@ -1016,8 +1084,8 @@ impl Applier {
         Ok(())
     }
 
-    /// Replaces (or deletes) one document with the source's current version, at this point of
-    /// the source order.
+    /// Replaces (or deletes) one document with the source's version as of the batch's last
+    /// event, at this point of the source order; the batch's later writes to it are skipped.
     async fn refetch_in_order(
         &self,
         s: &Statement,
@@ -1030,10 +1098,15 @@ impl Applier {
         })?;
         let current = self
             .source
-            .fetch_documents(&self.source_ns, std::slice::from_ref(&id))
+            .fetch_documents_at(
+                &self.source_ns,
+                std::slice::from_ref(&id),
+                batch_end(events),
+            )
             .await?
             .into_iter()
             .next();
+        deferred.covered.insert(s.key.clone());
         stats.repaired += 1;
         stats.writes += 1;
         let write = match current {
@@ -1108,8 +1181,7 @@ impl Applier {
         for key in &deferred.order {
             let first = &deferred.first[key];
             let ev = &events[first.step.event];
-            let in_replay = replay_until.is_some_and(|r| ts_key(ev.cluster_time) <= ts_key(r));
-            if in_replay {
+            if in_replay(ev, replay_until) {
                 tracing::warn!(namespace = %self.label, code = first.code, "a replayed write still conflicts with a unique index after the batch; skipped");
                 stats.replay_skipped += 1;
             } else {

@@ -508,6 +508,62 @@ impl Source {
             .await
     }
 
+    /// The source documents with these `_id`s as they were at cluster time `at` (a snapshot
+    /// read), so that every change up to `at` is in them and none after it. When the source
+    /// cannot read at `at` (older than its snapshot history, `minSnapshotHistoryWindowInSeconds`,
+    /// 300 s by default; a collection re-created since; no snapshot support), the current
+    /// documents are read instead: they hold every change up to `at` and possibly later ones.
+    pub async fn fetch_documents_at(
+        &self,
+        ns: &Namespace,
+        ids: &[Bson],
+        at: Timestamp,
+    ) -> Result<Vec<RawDocumentBuf>, SyncError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let snapshot = self
+            .timed("looking up documents", self.fetch_snapshot(ns, ids, at))
+            .await?;
+        match snapshot {
+            Some(docs) => Ok(docs),
+            None => self.fetch_documents(ns, ids).await,
+        }
+    }
+
+    /// `None` when the source cannot serve a snapshot read at `at`.
+    async fn fetch_snapshot(
+        &self,
+        ns: &Namespace,
+        ids: &[Bson],
+        at: Timestamp,
+    ) -> Result<Option<Vec<RawDocumentBuf>>, SyncError> {
+        let context = || format!("looking up documents in {ns} as of {at}");
+        let command = doc! {
+            "find": ns.coll.clone(),
+            "filter": {"_id": {"$in": ids}},
+            "readConcern": {"level": "snapshot", "atClusterTime": at},
+        };
+        let cursor = match self
+            .client
+            .database(&ns.db)
+            .run_cursor_command(command)
+            .await
+        {
+            Ok(c) => c,
+            Err(e) if snapshot_unavailable(&e) => {
+                tracing::debug!(namespace = %ns, error = %e, "no snapshot read at the batch's cluster time; reading the current documents");
+                return Ok(None);
+            }
+            Err(e) => return Err(read_error(context(), e)),
+        };
+        match cursor.with_type::<RawDocumentBuf>().try_collect().await {
+            Ok(docs) => Ok(Some(docs)),
+            Err(e) if snapshot_unavailable(&e) => Ok(None),
+            Err(e) => Err(read_error(context(), e)),
+        }
+    }
+
     async fn fetch_documents_inner(
         &self,
         ns: &Namespace,
@@ -533,6 +589,13 @@ pub fn raw_id(doc: &RawDocumentBuf) -> Result<Bson, SyncError> {
             "document without _id",
         )),
     }
+}
+
+/// The source cannot read at the requested cluster time: 239 SnapshotTooOld, 246
+/// SnapshotUnavailable (the collection changed since), 72 InvalidOptions and 115
+/// CommandNotSupported (no snapshot reads there).
+fn snapshot_unavailable(e: &mongodb::error::Error) -> bool {
+    matches!(e.kind.as_ref(), mongodb::error::ErrorKind::Command(c) if matches!(c.code, 239 | 246 | 72 | 115))
 }
 
 pub fn is_namespace_not_found(e: &mongodb::error::Error) -> bool {
