@@ -711,19 +711,19 @@ impl Applier {
                 DocWrite::Upsert(_) => upserts.push(s),
                 DocWrite::Delete => deletes.push(s),
                 DocWrite::Truncate(_) | DocWrite::Delta { .. } => deltas.push(s),
-                DocWrite::Refetch => match {
+                DocWrite::Refetch => {
                     refetched.insert(s.key.clone());
-                    current.remove(&s.key)
-                } {
-                    Some(doc) => upserts.push(Statement {
-                        write: DocWrite::Upsert(doc),
-                        ..s
-                    }),
-                    None => deletes.push(Statement {
-                        write: DocWrite::Delete,
-                        ..s
-                    }),
-                },
+                    match current.remove(&s.key) {
+                        Some(doc) => upserts.push(Statement {
+                            write: DocWrite::Upsert(doc),
+                            ..s
+                        }),
+                        None => deletes.push(Statement {
+                            write: DocWrite::Delete,
+                            ..s
+                        }),
+                    }
+                }
             }
         }
         let (up, de, dl) = futures::join!(
