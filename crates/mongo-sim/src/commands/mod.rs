@@ -177,18 +177,7 @@ impl<'a> Ctx<'a> {
         let mut guard = self.engine.data.lock();
         let data: &mut Data = &mut guard;
         let result = if let Some(s) = self.session.as_ref().filter(|s| s.in_transaction()) {
-            let txn_number = s.txn_number.expect("in_transaction checked it");
-            session::begin_or_continue(
-                data,
-                &s.key,
-                &s.lsid,
-                txn_number,
-                self.starts_transaction(s),
-                s.read_concern_level.as_deref(),
-                s.at_cluster_time,
-            )?;
-            self.transaction_begun
-                .store(true, std::sync::atomic::Ordering::Relaxed);
+            let txn_number = self.begin_or_continue_transaction(data, s)?;
             let now = data.clock.current();
             let (first_new, r) = {
                 let state = data
@@ -252,33 +241,45 @@ impl<'a> Ctx<'a> {
         Some((t.read_concern_level.clone(), t.base.get(ns).is_some()))
     }
 
+    /// Opens the command's transaction on its first catalog access (`startTransaction`: a
+    /// command that reads the catalog before writing must not start it twice) or continues
+    /// the open one; returns its number.
+    fn begin_or_continue_transaction(
+        &self,
+        data: &mut Data,
+        s: &SessionArgs,
+    ) -> CommandResult<i64> {
+        let txn_number = s.txn_number.ok_or_else(|| {
+            CommandError::new(
+                codes::NO_SUCH_TRANSACTION,
+                "a transaction statement needs a txnNumber",
+            )
+        })?;
+        let starts = s.start_transaction
+            && !self
+                .transaction_begun
+                .load(std::sync::atomic::Ordering::Relaxed);
+        session::begin_or_continue(
+            data,
+            &s.key,
+            &s.lsid,
+            txn_number,
+            starts,
+            s.read_concern_level.as_deref(),
+            s.at_cluster_time,
+        )?;
+        self.transaction_begun
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(txn_number)
+    }
+
     /// Runs `f` with read access to the catalog the command should see: a transaction's
     /// snapshot, the catalog as of the snapshot read time (`readConcern` level `snapshot`
     /// outside transactions, on the commands that take it), or today's catalog.
-    /// Whether this catalog access opens the command's transaction (`startTransaction`, not
-    /// yet opened by an earlier access of the same command).
-    fn starts_transaction(&self, s: &SessionArgs) -> bool {
-        s.start_transaction
-            && !self
-                .transaction_begun
-                .load(std::sync::atomic::Ordering::Relaxed)
-    }
-
     pub fn read<R>(&self, f: impl FnOnce(&Catalog, &Data) -> CommandResult<R>) -> CommandResult<R> {
         let mut guard = self.engine.data.lock();
         if let Some(s) = self.session.as_ref().filter(|s| s.in_transaction()) {
-            let txn_number = s.txn_number.expect("checked");
-            session::begin_or_continue(
-                &mut guard,
-                &s.key,
-                &s.lsid,
-                txn_number,
-                self.starts_transaction(s),
-                s.read_concern_level.as_deref(),
-                s.at_cluster_time,
-            )?;
-            self.transaction_begun
-                .store(true, std::sync::atomic::Ordering::Relaxed);
+            self.begin_or_continue_transaction(&mut guard, s)?;
             let data: &Data = &guard;
             let t = data
                 .sessions
@@ -714,12 +715,24 @@ fn unsatisfiable_write_concern(name: &str, cmd: &Document) -> Option<Document> {
     })
 }
 
-/// A write command whose `maxTimeMS` passed before it ran fails with MaxTimeMSExpired (50) and
-/// writes nothing. (Reads use `maxTimeMS` as their await bound and are not checked here.)
+/// A write or DDL command whose `maxTimeMS` passed before it ran (held by a `blockConnection`
+/// fail point, as a server holds one waiting for a lock) fails with MaxTimeMSExpired (50) and
+/// changes nothing. (Reads use `maxTimeMS` as their await bound and are not checked here.)
 fn write_deadline_passed(ctx: &Ctx<'_>, received: std::time::Instant) -> Option<CommandError> {
     if !matches!(
         ctx.name.as_str(),
-        "insert" | "update" | "delete" | "findAndModify" | "findandmodify"
+        "insert"
+            | "update"
+            | "delete"
+            | "findAndModify"
+            | "findandmodify"
+            | "create"
+            | "drop"
+            | "collMod"
+            | "createIndexes"
+            | "dropIndexes"
+            | "renameCollection"
+            | "dropDatabase"
     ) {
         return None;
     }

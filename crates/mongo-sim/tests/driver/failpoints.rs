@@ -322,3 +322,42 @@ async fn max_time_ms_expires_a_write_blocked_past_its_deadline() {
     })
     .await
 }
+
+#[tokio::test]
+async fn max_time_ms_expires_ddl_blocked_past_its_deadline() {
+    bounded(async {
+        let (_sim, c) = start_with_client().await;
+        let db = c.database("fp");
+        db.create_collection("ddl").await.unwrap();
+        fail_command(
+            &c,
+            Bson::Document(doc! {"times": 1}),
+            doc! {"failCommands": ["createIndexes"], "blockConnection": true, "blockTimeMS": 300},
+        )
+        .await;
+        // A DDL command held past its maxTimeMS (as a server holds one waiting for its lock)
+        // fails with MaxTimeMSExpired and builds nothing.
+        let create = doc! {
+            "createIndexes": "ddl",
+            "indexes": [{"key": {"n": 1}, "name": "n_1"}],
+            "maxTimeMS": 100,
+        };
+        let err = db.run_command(create.clone()).await.unwrap_err();
+        assert_eq!(code(&err), Some(50));
+        let names = db
+            .collection::<Document>("ddl")
+            .list_index_names()
+            .await
+            .unwrap();
+        assert_eq!(names, vec!["_id_".to_string()]);
+        // Within its deadline the same command builds the index.
+        db.run_command(create).await.unwrap();
+        let names = db
+            .collection::<Document>("ddl")
+            .list_index_names()
+            .await
+            .unwrap();
+        assert!(names.contains(&"n_1".to_string()), "{names:?}");
+    })
+    .await
+}
