@@ -66,6 +66,24 @@ pub async fn run<T>(
     }
 }
 
+/// Runs a destination DDL command (`create`, `drop`, `collMod`, `createIndexes`,
+/// `dropIndexes`) bounded like the writes: it carries `maxTimeMS` below `limit`, and when the
+/// client gives up, the command is dead on return and the result is a retryable error naming
+/// `what`. Otherwise the server's reply (or its error) is returned for the caller to judge.
+pub async fn ddl(
+    db: &Database,
+    mut command: Document,
+    limit: Option<Duration>,
+    what: &str,
+) -> Result<Result<Document, mongodb::error::Error>, SyncError> {
+    if let Some(limit) = limit {
+        command.insert("maxTimeMS", max_time_ms(limit));
+    }
+    run(limit, db.run_command(command))
+        .await
+        .map_err(|abandoned| abandoned.into_error(what))
+}
+
 /// What one bounded write did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WriteOutcome {
@@ -137,6 +155,25 @@ impl BoundedWrites {
         }
         self.send(doc! {"insert": coll, "documents": [document]}, what)
             .await
+    }
+
+    /// Updates every document matching `filter` with `update` (`$`-operators); returns how
+    /// many matched.
+    pub async fn update_many(
+        &self,
+        coll: &str,
+        filter: Document,
+        update: Document,
+        what: &str,
+    ) -> Result<u64, SyncError> {
+        let cmd = doc! {
+            "update": coll,
+            "updates": [{"q": filter, "u": update, "multi": true}],
+        };
+        match self.send(cmd, what).await? {
+            WriteOutcome::Done { n } => Ok(n.max(0) as u64),
+            WriteOutcome::DuplicateKey => Ok(0),
+        }
     }
 
     /// Deletes every document matching `filter`; returns how many.

@@ -14,6 +14,7 @@ use bson::{doc, Bson, Document};
 use mongodb::Database;
 
 use crate::{
+    bounded_write,
     checkpoint::Checkpoint,
     config::OnCollationMismatch,
     error::{ErrorKind, SyncError},
@@ -71,6 +72,27 @@ fn dest_error(context: &str, e: mongodb::error::Error) -> SyncError {
     SyncError::mongo(ErrorKind::DestinationWrite, context.to_string(), e)
 }
 
+/// `destination.socket_timeout_ms`: the bound of every destination command.
+fn limit(ctx: &WorkerContext) -> Option<std::time::Duration> {
+    ctx.current_settings().destination_timeout
+}
+
+/// Drops a destination collection (majority, journaled, bounded in time); one that is not there
+/// is already dropped.
+pub async fn drop_collection(
+    db: &Database,
+    coll: &str,
+    limit: Option<std::time::Duration>,
+    what: &str,
+) -> Result<(), SyncError> {
+    let command = doc! {"drop": coll, "writeConcern": {"w": "majority", "j": true}};
+    match bounded_write::ddl(db, command, limit, what).await? {
+        Ok(_) => Ok(()),
+        Err(e) if crate::source::is_namespace_not_found(&e) => Ok(()),
+        Err(e) => Err(dest_error(what, e)),
+    }
+}
+
 /// Before a copy writes (called after its start point is taken): the destination collection
 /// exists with the source's current options, its validation options match the source's
 /// unless they are the operator's own, and its collation is the source's.
@@ -112,16 +134,13 @@ pub async fn prepare(ctx: &WorkerContext, cp: &mut Checkpoint) -> Result<bool, S
         Some((_, dest_options)) => {
             if must_recreate_for_collation(ctx, &source_options, &dest_options)? {
                 intend(ctx, cp, &want).await?;
-                dest_db
-                    .collection::<Document>(&ctx.target.coll)
-                    .drop()
-                    .await
-                    .map_err(|e| {
-                        dest_error(
-                            "dropping a destination collection with another collation",
-                            e,
-                        )
-                    })?;
+                drop_collection(
+                    &dest_db,
+                    &ctx.target.coll,
+                    limit(ctx),
+                    "dropping a destination collection with another collation",
+                )
+                .await?;
                 create(ctx, &dest_db, &source_options).await?;
                 record(ctx, cp, want).await?;
             } else {
@@ -179,12 +198,10 @@ async fn align_validation(
     intend(ctx, cp, &want).await?;
     let mut cmd = doc! {"collMod": ctx.target.coll.clone()};
     cmd.extend(validation_changes(&have, &want));
-    dest_db.run_command(cmd).await.map_err(|e| {
-        dest_error(
-            "aligning the destination collection's validation options",
-            e,
-        )
-    })?;
+    let what = "aligning the destination collection's validation options";
+    bounded_write::ddl(dest_db, cmd, limit(ctx), what)
+        .await?
+        .map_err(|e| dest_error(what, e))?;
     tracing::info!(namespace = %ctx.label(), target = %ctx.target, from = %have, to = %want, "aligned the destination collection's validation options with the source's");
     record(ctx, cp, want).await
 }
@@ -215,7 +232,7 @@ async fn create(ctx: &WorkerContext, db: &Database, options: &Document) -> Resul
             cmd.insert(k.clone(), v.clone());
         }
     }
-    match db.run_command(cmd).await {
+    match bounded_write::ddl(db, cmd, limit(ctx), "creating the destination collection").await? {
         Ok(_) => Ok(()),
         // Created concurrently (e.g. by an upsert): fine.
         Err(e) if matches!(e.kind.as_ref(), mongodb::error::ErrorKind::Command(c) if c.code == 48) => {
@@ -353,11 +370,13 @@ pub async fn create_indexes(
         .filter_map(|s| s.get_str("name").ok().map(str::to_string))
         .collect();
     let intended = intend_indexes(ctx, cp, &names).await?;
-    let result = ctx
-        .pipeline.dest
-        .database(&ctx.target.db)
-        .run_command(doc! {"createIndexes": ctx.target.coll.clone(), "indexes": to_create, "writeConcern": {"w": "majority", "j": true}})
-        .await;
+    let result = bounded_write::ddl(
+        &ctx.pipeline.dest.database(&ctx.target.db),
+        doc! {"createIndexes": ctx.target.coll.clone(), "indexes": to_create, "writeConcern": {"w": "majority", "j": true}},
+        limit(ctx),
+        "creating indexes",
+    )
+    .await?;
     match result {
         Ok(_) => {
             tracing::info!(namespace = %ctx.label(), indexes = ?names, unique = unique_only, "indexes created on the destination");
@@ -425,10 +444,8 @@ async fn drop_indexes_gone_from_source(
         .collect();
     let db = ctx.pipeline.dest.database(&ctx.target.db);
     for name in gone {
-        match db
-            .run_command(doc! {"dropIndexes": ctx.target.coll.clone(), "index": name.as_str()})
-            .await
-        {
+        let command = doc! {"dropIndexes": ctx.target.coll.clone(), "index": name.as_str()};
+        match bounded_write::ddl(&db, command, limit(ctx), "dropping an index").await? {
             Ok(_) => {
                 tracing::info!(namespace = %ctx.label(), index = %name, "dropped a destination index the source no longer has");
             }

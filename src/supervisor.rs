@@ -921,19 +921,13 @@ async fn finish_gone_incarnations(
         } else {
             let (tdb, tcoll) = config.rename_map().target(&ns.db, &ns.coll);
             let target = Namespace::new(tdb, tcoll);
-            pipeline
-                .dest
-                .database(&target.db)
-                .collection::<bson::Document>(&target.coll)
-                .drop()
-                .await
-                .map_err(|e| {
-                    SyncError::mongo(
-                        ErrorKind::DestinationWrite,
-                        format!("dropping {target}, whose source collection is gone"),
-                        e,
-                    )
-                })?;
+            crate::dest_collection::drop_collection(
+                &pipeline.dest.database(&target.db),
+                &target.coll,
+                config.destination.socket_timeout(),
+                &format!("dropping {target}, whose source collection is gone"),
+            )
+            .await?;
             tracing::info!(namespace = %ns, target = %target, renamed_to = renamed_to.as_deref().unwrap_or(""), "finished an earlier incarnation of the collection: it is gone from the source (dropped, renamed or re-created); dropped it on the destination");
         }
         pipeline.checkpoints.delete(&key).await?;

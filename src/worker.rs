@@ -1374,19 +1374,26 @@ async fn apply_ddl(
     let dest_err = |what: &str, e: mongodb::error::Error| {
         SyncError::mongo(ErrorKind::DestinationWrite, what.to_string(), e)
     };
+    let limit = ctx.current_settings().destination_timeout;
     match &ev.kind {
         OpKind::Drop => {
-            db.collection::<Document>(&ctx.target.coll)
-                .drop()
-                .await
-                .map_err(|e| dest_err("dropping the destination collection", e))?;
+            crate::dest_collection::drop_collection(
+                &db,
+                &ctx.target.coll,
+                limit,
+                "dropping the destination collection",
+            )
+            .await?;
             tracing::info!(namespace = %label, target = %ctx.target, "collection dropped on the source; dropped on the destination");
         }
         OpKind::Rename => {
-            db.collection::<Document>(&ctx.target.coll)
-                .drop()
-                .await
-                .map_err(|e| dest_err("dropping the renamed collection", e))?;
+            crate::dest_collection::drop_collection(
+                &db,
+                &ctx.target.coll,
+                limit,
+                "dropping the renamed collection",
+            )
+            .await?;
             let to = ev
                 .rename_target()
                 .map(|(d, c)| format!("{d}.{c}"))
@@ -1435,13 +1442,14 @@ async fn apply_ddl(
                         .filter_map(|s| s.get_str("name").ok().map(str::to_string))
                         .collect();
                     let intended = crate::dest_collection::intend_indexes(ctx, cp, &names).await?;
-                    match db
-                        .run_command(doc! {"createIndexes": ctx.target.coll.clone(), "indexes": specs, "writeConcern": {"w": "majority", "j": true}})
-                        .await
+                    let command = doc! {"createIndexes": ctx.target.coll.clone(), "indexes": specs, "writeConcern": {"w": "majority", "j": true}};
+                    match crate::bounded_write::ddl(&db, command, limit, "creating indexes").await?
                     {
                         Ok(_) => {}
                         Err(e) => {
-                            if crate::error::classify_mongo(&e) == crate::error::ErrorClass::Transient {
+                            if crate::error::classify_mongo(&e)
+                                == crate::error::ErrorClass::Transient
+                            {
                                 return Err(dest_err("creating indexes", e));
                             }
                             tracing::error!(namespace = %label, error = %crate::config::redact_text(&e.to_string()), "could not create an index on the destination");
@@ -1461,11 +1469,9 @@ async fn apply_ddl(
                         };
                         cp.ttl_indexes.remove(name);
                         cp.destination_indexes.retain(|n| n != name);
-                        match db
-                            .run_command(
-                                doc! {"dropIndexes": ctx.target.coll.clone(), "index": name},
-                            )
-                            .await
+                        let command = doc! {"dropIndexes": ctx.target.coll.clone(), "index": name};
+                        match crate::bounded_write::ddl(&db, command, limit, "dropping an index")
+                            .await?
                         {
                             Ok(_) => {}
                             Err(e) if matches!(e.kind.as_ref(), mongodb::error::ErrorKind::Command(c) if c.code == 27 || c.code == 26) =>
@@ -1503,7 +1509,8 @@ async fn apply_ddl(
                     }
                 }
                 if cmd.len() > 1 {
-                    match db.run_command(cmd.clone()).await {
+                    let what = "modifying the destination collection";
+                    match crate::bounded_write::ddl(&db, cmd.clone(), limit, what).await? {
                         Ok(_) => crate::dest_collection::record_modify(ctx, cp, &cmd),
                         Err(e) => {
                             if crate::error::classify_mongo(&e)

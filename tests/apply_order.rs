@@ -334,6 +334,72 @@ async fn a_checkpoint_write_held_by_the_destination_is_given_up_and_retried() {
     stop(&mut d).await;
 }
 
+/// Index names on a destination collection, `_id_` left out.
+async fn secondary_indexes(c: &mongodb::Client, db: &str, coll: &str) -> Vec<String> {
+    let mut names = c
+        .database(db)
+        .collection::<Document>(coll)
+        .list_index_names()
+        .await
+        .unwrap_or_default();
+    names.retain(|n| n != "_id_");
+    names.sort();
+    names
+}
+
+/// Issue 9 item 6 for DDL: an index build the destination holds (a lock, a stuck node) is given
+/// up after `destination.socket_timeout_ms` and retried, instead of stalling the namespace for as
+/// long as the destination holds it; the abandoned build carries `maxTimeMS`, so it cannot land
+/// after the index was dropped again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_build_held_by_the_destination_is_given_up_and_retried() {
+    let c = Clusters::start().await;
+    let src = c.src.database("slowddl").collection::<Document>("docs");
+    src.insert_one(doc! {"_id": 1, "n": 0}).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::configure(&c, dir.path(), "[sync]\nnamespaces = [\"slowddl.*\"]\n");
+    d.spawn_with_env(
+        &[],
+        &[("MONGO_SYNCD_DESTINATION__SOCKET_TIMEOUT_MS", "1000")],
+    );
+    wait_converged(&c, &[("slowddl", "docs")], T).await;
+    d.wait_streaming("slowddl.docs").await;
+    // The next createIndexes is held far longer than the client waits (and than this test).
+    c.dest
+        .configure_fail_point(&doc! {
+            "configureFailPoint": "failCommand",
+            "mode": {"times": 1},
+            "data": {"failCommands": ["createIndexes"], "blockConnection": true, "blockTimeMS": 120_000},
+        })
+        .unwrap();
+    src.create_index(mongodb::IndexModel::builder().keys(doc! {"n": 1}).build())
+        .await
+        .unwrap();
+    wait_until(
+        "n_1 built on the destination",
+        Duration::from_secs(20),
+        || async { secondary_indexes(&c.dst, "slowddl", "docs").await == vec!["n_1".to_string()] },
+    )
+    .await;
+    src.drop_index("n_1").await.unwrap();
+    wait_until(
+        "n_1 dropped on the destination",
+        Duration::from_secs(20),
+        || async {
+            secondary_indexes(&c.dst, "slowddl", "docs")
+                .await
+                .is_empty()
+        },
+    )
+    .await;
+    assert!(
+        d.all_logs().contains("timed out after 1000 ms"),
+        "the client gave up on the held index build; log:\n{}",
+        d.all_logs()
+    );
+    stop(&mut d).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn documents_older_than_a_moderate_source_validator_replicate() {
     let c = Clusters::start().await;

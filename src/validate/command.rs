@@ -140,7 +140,7 @@ async fn validate_all(
     }
     let metadata_db = dest.database(&config.checkpoint.database);
     let checkpoints = CheckpointStore::new(&metadata_db, config.destination.socket_timeout());
-    let reports = ReportStore::new(&metadata_db);
+    let reports = ReportStore::new(&metadata_db, config.destination.socket_timeout());
     let known = checkpoints.list(&config.sync.id).await?;
     if known.is_empty() {
         return Err(SyncError::new(

@@ -616,6 +616,8 @@ pub fn summary_json(sync_id: &str, reports: &[Report], result: &str, exit_code: 
 #[derive(Clone)]
 pub struct ReportStore {
     coll: Collection<Document>,
+    /// Report writes, bounded by `destination.socket_timeout_ms` like every destination write.
+    writes: crate::bounded_write::BoundedWrites,
 }
 
 fn store_error(context: &str, e: mongodb::error::Error) -> SyncError {
@@ -623,8 +625,13 @@ fn store_error(context: &str, e: mongodb::error::Error) -> SyncError {
 }
 
 impl ReportStore {
-    pub fn new(metadata_db: &Database) -> ReportStore {
+    pub fn new(metadata_db: &Database, limit: Option<std::time::Duration>) -> ReportStore {
         ReportStore {
+            writes: crate::bounded_write::BoundedWrites::new(
+                metadata_db,
+                limit,
+                ErrorKind::Checkpoint,
+            ),
             coll: metadata_db.collection_with_options(
                 VALIDATIONS_COLLECTION,
                 mongodb::options::CollectionOptions::builder()
@@ -637,11 +644,15 @@ impl ReportStore {
 
     /// Writes (inserts or replaces) a report.
     pub async fn save(&self, report: &Report) -> Result<(), SyncError> {
-        self.coll
-            .replace_one(doc! {"_id": report.id}, report.to_document())
-            .upsert(true)
-            .await
-            .map_err(|e| store_error("saving a validation report", e))?;
+        self.writes
+            .replace(
+                VALIDATIONS_COLLECTION,
+                doc! {"_id": report.id},
+                report.to_document(),
+                true,
+                "saving a validation report",
+            )
+            .await?;
         Ok(())
     }
 
@@ -673,13 +684,14 @@ impl ReportStore {
         if let Some(id) = keep {
             filter.insert("_id", doc! {"$ne": id});
         }
-        self.coll
+        self.writes
             .update_many(
+                VALIDATIONS_COLLECTION,
                 filter,
                 doc! {"$set": {"state": "abandoned", "finished_at": DateTime::now()}},
+                "closing abandoned validation passes",
             )
-            .await
-            .map_err(|e| store_error("closing abandoned validation passes", e))?;
+            .await?;
         Ok(())
     }
 

@@ -103,7 +103,7 @@ impl ValidationService {
         let config = &root.validation;
         let (tx, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
-            reports: ReportStore::new(&deps.metadata_db),
+            reports: ReportStore::new(&deps.metadata_db, deps.dest_timeout),
             source: deps.source,
             dest: deps.dest,
             dest_timeout: deps.dest_timeout,
