@@ -752,6 +752,29 @@ mod tests {
     }
 
     #[test]
+    fn expression_objects_refuse_dotted_keys_as_the_server_does() {
+        for stage in [
+            doc! {"$replaceWith": {"_id": 1, "a.b.c": 3}},
+            doc! {"$replaceWith": {"$mergeObjects": ["$$ROOT", {"a.b": 1}]}},
+            doc! {"$group": {"_id": {"c.d": "$cat"}}},
+        ] {
+            let e = run(sample(), vec![stage.clone()]).unwrap_err();
+            assert_eq!(e.code, 16412, "{stage}");
+            assert!(e.message.contains("may not contain '.'"), "{}", e.message);
+        }
+        // Stage specs take paths; $literal and $setField reach dotted names.
+        let r = run(
+            vec![doc! {"_id": 1}],
+            vec![
+                doc! {"$set": {"s.t": 1}},
+                doc! {"$replaceWith": {"$setField": {"field": "x.y", "input": "$$ROOT", "value": {"$literal": 2}}}},
+            ],
+        )
+        .unwrap();
+        assert_eq!(r, vec![doc! {"_id": 1, "s": {"t": 1}, "x.y": 2}]);
+    }
+
+    #[test]
     fn match_sort_skip_limit() {
         let r = run(
             sample(),

@@ -198,6 +198,14 @@ impl Evaluator<'_> {
                             "FieldPath field names may not start with '$'. Consider using $getField or $setField.".to_string(),
                         ));
                     }
+                    // FieldPath::uassertValidFieldName: an expression object's keys are field
+                    // names, never paths.
+                    if k.contains('.') {
+                        return Err(err(
+                            16412,
+                            "FieldPath field names may not contain '.'. Consider using $getField or $setField.".to_string(),
+                        ));
+                    }
                     if let Some(val) = self.eval(v)? {
                         out.insert(k.clone(), val);
                     }
