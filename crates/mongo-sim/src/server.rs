@@ -410,7 +410,7 @@ async fn serve_connection(
             }
             Request::Msg(m) => {
                 let more_to_come = m.more_to_come();
-                let cmd = m.into_command();
+                let (cmd, raw_updates) = m.into_parts();
                 if conn.app_name.is_none() {
                     if let Some(name) = cmd.keys().next() {
                         if matches!(name.as_str(), "hello" | "isMaster" | "ismaster") {
@@ -420,7 +420,7 @@ async fn serve_connection(
                 }
                 let outcome = tokio::select! {
                     _ = cancel.cancelled() => return,
-                    o = commands::execute(&engine, &mut conn, cmd) => o,
+                    o = commands::execute_with_batch(&engine, &mut conn, cmd, raw_updates) => o,
                 };
                 // The journal records of this command reach the file before its reply.
                 engine.flush_journal();

@@ -80,6 +80,9 @@ pub struct OpMsg {
     pub body: Document,
     /// Kind-1 sections: identifier and documents, in arrival order.
     pub sequences: Vec<(String, Vec<Document>)>,
+    /// The `updates` of an `update` command (from the body or a kind-1 section; it replaces
+    /// any `updates` of the body), kept as received: see [`RawBatch`].
+    pub raw_updates: Option<RawBatch>,
 }
 
 impl OpMsg {
@@ -89,6 +92,16 @@ impl OpMsg {
 
     /// The command as the server sees it: kind-1 sequences become array fields of the body.
     pub fn into_command(self) -> Document {
+        let (mut body, raw_updates) = self.into_parts();
+        if let Some(batch) = raw_updates {
+            body.insert("updates", batch.to_array());
+        }
+        body
+    }
+
+    /// [`OpMsg::into_command`] without `update`'s statements when they were kept raw (the
+    /// server executes them from the [`RawBatch`]).
+    pub fn into_parts(self) -> (Document, Option<RawBatch>) {
         let mut body = self.body;
         for (identifier, docs) in self.sequences {
             body.insert(
@@ -96,7 +109,70 @@ impl OpMsg {
                 bson::Bson::Array(docs.into_iter().map(bson::Bson::Document).collect()),
             );
         }
-        body
+        if self.raw_updates.is_some() {
+            body.remove("updates");
+        }
+        (body, self.raw_updates)
+    }
+}
+
+/// The statements of an `update` command as they came on the wire (validated BSON documents,
+/// element by element as [`Document`] conversion checks them), so that the simulator need not
+/// build a [`Document`] for every statement and its filter: the common replacement by `_id`
+/// reads them in place and converts only the replacement. The others are converted when they
+/// execute ([`RawBatch::statement`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawBatch {
+    bytes: Vec<u8>,
+    docs: Vec<std::ops::Range<usize>>,
+}
+
+impl RawBatch {
+    /// The documents of `array` when every element is one (`None` otherwise: a batch with a
+    /// non-document statement goes the general way, which reports it).
+    fn from_array(array: &bson::RawArray) -> bson::error::Result<Option<RawBatch>> {
+        let base = array.as_bytes().as_ptr() as usize;
+        let mut docs = Vec::new();
+        for value in array {
+            let bson::RawBsonRef::Document(d) = value? else {
+                return Ok(None);
+            };
+            validate_raw_document(d)?;
+            let start = d.as_bytes().as_ptr() as usize - base;
+            docs.push(start..start + d.as_bytes().len());
+        }
+        Ok(Some(RawBatch {
+            bytes: array.as_bytes().to_vec(),
+            docs,
+        }))
+    }
+
+    pub fn len(&self) -> usize {
+        self.docs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.docs.is_empty()
+    }
+
+    /// Statement `i`.
+    pub fn get(&self, i: usize) -> &bson::RawDocument {
+        bson::RawDocument::from_bytes(&self.bytes[self.docs[i].clone()])
+            .expect("validated when decoded")
+    }
+
+    /// Statement `i` as a document.
+    pub fn statement(&self, i: usize) -> Document {
+        raw_to_document(self.get(i)).expect("validated when decoded")
+    }
+
+    /// The statements as the `updates` array of the command.
+    pub fn to_array(&self) -> bson::Bson {
+        bson::Bson::Array(
+            (0..self.len())
+                .map(|i| bson::Bson::Document(self.statement(i)))
+                .collect(),
+        )
     }
 }
 
@@ -136,8 +212,9 @@ fn read_i32(bytes: &[u8], at: usize) -> Result<i32, WireError> {
     read_u32(bytes, at).map(|v| v as i32)
 }
 
-/// Reads one BSON document at `at`, returning it and the position after it.
-fn read_document(bytes: &[u8], at: usize) -> Result<(Document, usize), WireError> {
+/// The bytes of the BSON document at `at` (its announced length checked), and the position
+/// after it.
+fn document_bytes(bytes: &[u8], at: usize) -> Result<(&[u8], usize), WireError> {
     let len = read_i32(bytes, at)?;
     if len < 5 {
         return Err(WireError::InvalidBson(format!("document length {len}")));
@@ -146,9 +223,114 @@ fn read_document(bytes: &[u8], at: usize) -> Result<(Document, usize), WireError
         .checked_add(len as usize)
         .filter(|end| *end <= bytes.len())
         .ok_or(WireError::Truncated("document"))?;
-    let doc = Document::from_reader(&bytes[at..end])
-        .map_err(|e| WireError::InvalidBson(e.to_string()))?;
+    Ok((&bytes[at..end], end))
+}
+
+/// `Document::from_reader`'s answer for bytes a faster conversion found invalid: the same
+/// error (and message) as before that conversion existed.
+fn reference_decode(slice: &[u8]) -> Result<Document, WireError> {
+    Document::from_reader(slice).map_err(|e| WireError::InvalidBson(e.to_string()))
+}
+
+/// Reads one BSON document at `at`, returning it and the position after it.
+fn read_document(bytes: &[u8], at: usize) -> Result<(Document, usize), WireError> {
+    let (slice, end) = document_bytes(bytes, at)?;
+    // The direct conversion gives the same documents as `Document::from_reader` without its
+    // copies; on any error the answer (and its message) is `from_reader`'s.
+    let doc = match bson::RawDocument::from_bytes(slice).and_then(raw_to_document) {
+        Ok(doc) => doc,
+        Err(_) => reference_decode(slice)?,
+    };
     Ok((doc, end))
+}
+
+/// Reads the body section at `at`; the `updates` array of an `update` command stays raw.
+fn read_body(bytes: &[u8], at: usize) -> Result<(Document, Option<RawBatch>, usize), WireError> {
+    let (slice, end) = document_bytes(bytes, at)?;
+    match bson::RawDocument::from_bytes(slice).and_then(body_to_document) {
+        Ok((doc, batch)) => Ok((doc, batch, end)),
+        Err(_) => Ok((reference_decode(slice)?, None, end)),
+    }
+}
+
+/// [`raw_to_document`] of a command body, keeping an `update`'s `updates` raw when it is an
+/// array of documents. Duplicate fields resolve as in a [`Document`]: the last value wins.
+fn body_to_document(raw: &bson::RawDocument) -> bson::error::Result<(Document, Option<RawBatch>)> {
+    let mut out = Document::new();
+    let mut batch = None;
+    let mut is_update = None;
+    for element in raw {
+        let (key, value) = element?;
+        let key = key.as_str();
+        let is_update = *is_update.get_or_insert(key == "update");
+        if is_update && key == "updates" {
+            if let bson::RawBsonRef::Array(a) = value {
+                if let Some(b) = RawBatch::from_array(a)? {
+                    out.remove("updates");
+                    batch = Some(b);
+                    continue;
+                }
+            }
+            batch = None;
+        }
+        out.insert(key, raw_to_bson(value)?);
+    }
+    Ok((out, batch))
+}
+
+/// Checks a raw document the way converting it to a [`Document`] does (every element,
+/// nested documents, arrays and code scopes included), without building anything.
+fn validate_raw_document(raw: &bson::RawDocument) -> bson::error::Result<()> {
+    for element in raw {
+        validate_raw_value(element?.1)?;
+    }
+    Ok(())
+}
+
+fn validate_raw_value(value: bson::RawBsonRef<'_>) -> bson::error::Result<()> {
+    match value {
+        bson::RawBsonRef::Document(d) => validate_raw_document(d),
+        bson::RawBsonRef::Array(a) => a.into_iter().try_for_each(|v| validate_raw_value(v?)),
+        bson::RawBsonRef::JavaScriptCodeWithScope(c) => validate_raw_document(c.scope),
+        _ => Ok(()),
+    }
+}
+
+/// A raw document as a [`Document`]: what `Document::try_from(&RawDocument)` does (the same
+/// element iterator, so the same validation), without copying every nested document and array
+/// into a buffer of its own first (the `bson` crate converts through `RawBson`, an owned copy,
+/// at each level: three copies of a statement of an `update` batch).
+pub(crate) fn raw_to_document(raw: &bson::RawDocument) -> bson::error::Result<Document> {
+    let mut out = Document::new();
+    for element in raw {
+        let (key, value) = element?;
+        out.insert(key.as_str(), raw_to_bson(value)?);
+    }
+    Ok(out)
+}
+
+pub(crate) fn raw_to_bson(value: bson::RawBsonRef<'_>) -> bson::error::Result<bson::Bson> {
+    use bson::{Bson, RawBsonRef};
+    Ok(match value {
+        RawBsonRef::Document(d) => Bson::Document(raw_to_document(d)?),
+        RawBsonRef::Array(a) => Bson::Array(
+            a.into_iter()
+                .map(|v| v.and_then(raw_to_bson))
+                .collect::<bson::error::Result<_>>()?,
+        ),
+        RawBsonRef::String(s) => Bson::String(s.to_owned()),
+        RawBsonRef::Int32(v) => Bson::Int32(v),
+        RawBsonRef::Int64(v) => Bson::Int64(v),
+        RawBsonRef::Double(v) => Bson::Double(v),
+        RawBsonRef::Boolean(v) => Bson::Boolean(v),
+        RawBsonRef::Null => Bson::Null,
+        RawBsonRef::ObjectId(v) => Bson::ObjectId(v),
+        RawBsonRef::DateTime(v) => Bson::DateTime(v),
+        RawBsonRef::Timestamp(v) => Bson::Timestamp(v),
+        RawBsonRef::Decimal128(v) => Bson::Decimal128(v),
+        // The rest (binary, regex, code, symbols, …) as the crate converts them.
+        other => Bson::try_from(other)?,
+    })
 }
 
 fn read_cstring(bytes: &[u8], at: usize) -> Result<(String, usize), WireError> {
@@ -190,14 +372,17 @@ fn decode_op_msg(header: &MsgHeader, body: &[u8]) -> Result<OpMsg, WireError> {
     let mut main: Option<Document> = None;
     let mut body_count = 0;
     let mut sequences: Vec<(String, Vec<Document>)> = Vec::new();
+    let mut body_updates: Option<RawBatch> = None;
+    let mut sequence_updates: Option<RawBatch> = None;
     while pos < sections.len() {
         let kind = sections[pos];
         pos += 1;
         match kind {
             0 => {
-                let (doc, next) = read_document(sections, pos)?;
+                let (doc, batch, next) = read_body(sections, pos)?;
                 body_count += 1;
                 main = Some(doc);
+                body_updates = batch;
                 pos = next;
             }
             1 => {
@@ -210,16 +395,48 @@ fn decode_op_msg(header: &MsgHeader, body: &[u8]) -> Result<OpMsg, WireError> {
                     .filter(|e| *e <= sections.len())
                     .ok_or(WireError::Truncated("document sequence"))?;
                 let (identifier, mut at) = read_cstring(&sections[..seq_end], pos + 4)?;
-                let mut docs = Vec::new();
-                while at < seq_end {
-                    let (doc, next) = read_document(&sections[..seq_end], at)?;
-                    docs.push(doc);
-                    at = next;
+                // An `update`'s statements (after its body, as drivers send them) stay raw.
+                let raw = identifier == "updates"
+                    && main
+                        .as_ref()
+                        .is_some_and(|b| b.keys().next().is_some_and(|k| k == "update"));
+                let duplicate = |id: &str| {
+                    sequences.iter().any(|(s, _)| s == id)
+                        || (id == "updates" && sequence_updates.is_some())
+                };
+                if raw {
+                    let start = at;
+                    let mut docs = Vec::new();
+                    while at < seq_end {
+                        let (slice, next) = document_bytes(&sections[..seq_end], at)?;
+                        if bson::RawDocument::from_bytes(slice)
+                            .and_then(validate_raw_document)
+                            .is_err()
+                        {
+                            reference_decode(slice)?;
+                        }
+                        docs.push(at - start..next - start);
+                        at = next;
+                    }
+                    if duplicate(&identifier) {
+                        return Err(WireError::DuplicateSequence(identifier));
+                    }
+                    sequence_updates = Some(RawBatch {
+                        bytes: sections[start..seq_end].to_vec(),
+                        docs,
+                    });
+                } else {
+                    let mut docs = Vec::new();
+                    while at < seq_end {
+                        let (doc, next) = read_document(&sections[..seq_end], at)?;
+                        docs.push(doc);
+                        at = next;
+                    }
+                    if duplicate(&identifier) {
+                        return Err(WireError::DuplicateSequence(identifier));
+                    }
+                    sequences.push((identifier, docs));
                 }
-                if sequences.iter().any(|(id, _)| *id == identifier) {
-                    return Err(WireError::DuplicateSequence(identifier));
-                }
-                sequences.push((identifier, docs));
                 pos = seq_end;
             }
             other => return Err(WireError::UnknownSectionKind(other)),
@@ -228,10 +445,17 @@ fn decode_op_msg(header: &MsgHeader, body: &[u8]) -> Result<OpMsg, WireError> {
     if body_count != 1 {
         return Err(WireError::BodyCount(body_count));
     }
+    // A sequence replaces a field of the body of the same name.
+    let raw_updates = if sequences.iter().any(|(id, _)| id == "updates") {
+        None
+    } else {
+        sequence_updates.or(body_updates)
+    };
     Ok(OpMsg {
         flags,
         body: main.expect("body_count == 1"),
         sequences,
+        raw_updates,
     })
 }
 
@@ -391,7 +615,7 @@ impl Default for Crc32c {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bson::doc;
+    use bson::{doc, Bson};
 
     fn split(msg: &[u8]) -> (MsgHeader, &[u8]) {
         let header = MsgHeader::parse(msg[..16].try_into().unwrap());
@@ -505,6 +729,119 @@ mod tests {
         let (doc, end) = read_document(rest, 5).unwrap();
         assert_eq!(end, rest.len());
         assert_eq!(doc, doc! {"ok": 1.0});
+    }
+
+    fn update_command() -> Document {
+        doc! {
+            "update": "c",
+            "updates": [
+                {"q": {"_id": 1}, "u": {"_id": 1, "s": "x", "arr": [1, {"a": "b"}], "js": Bson::JavaScriptCodeWithScope(bson::JavaScriptCodeWithScope { code: "f".into(), scope: doc! {"x": 1} })}, "upsert": true},
+                {"q": {}, "u": {"$set": {"a": 1}}, "multi": true},
+            ],
+            "ordered": true,
+            "$db": "d",
+        }
+    }
+
+    /// What a body decodes to (its raw `updates` put back), or the error's text.
+    fn body_as_decoded(bytes: &[u8]) -> Result<String, String> {
+        match read_body(bytes, 0) {
+            Ok((mut doc, batch, _)) => {
+                let updates = batch
+                    .map(|b| b.to_array())
+                    .or_else(|| doc.remove("updates"));
+                Ok(format!("{doc:?} {updates:?}"))
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// The same with `Document::from_reader` alone (the decoding before raw batches).
+    fn body_as_reference(bytes: &[u8]) -> Result<String, String> {
+        match reference_decode(bytes) {
+            Ok(mut doc) => {
+                let updates = doc.remove("updates");
+                Ok(format!("{doc:?} {updates:?}"))
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    #[test]
+    fn update_statements_stay_raw_in_body_and_sequence() {
+        let cmd = update_command();
+        let msg = encode_op_msg_request(1, 0, &cmd, &[]);
+        let (header, rest) = split(&msg);
+        let Request::Msg(m) = decode_request(&header, rest).unwrap() else {
+            panic!()
+        };
+        let batch = m.raw_updates.clone().expect("kept raw");
+        assert_eq!(batch.len(), 2);
+        assert!(!m.body.contains_key("updates"));
+        assert_eq!(
+            Bson::Array(vec![
+                Bson::Document(batch.statement(0)),
+                Bson::Document(batch.statement(1))
+            ]),
+            cmd.get("updates").unwrap().clone()
+        );
+        let mut back = m.into_command();
+        let mut want = cmd.clone();
+        assert_eq!(back.remove("updates"), want.remove("updates"));
+        assert_eq!(back, want);
+
+        // As a document sequence after the body (what drivers send).
+        let mut body = cmd.clone();
+        let Some(Bson::Array(stmts)) = body.remove("updates") else {
+            panic!()
+        };
+        let stmts: Vec<Document> = stmts
+            .into_iter()
+            .map(|s| s.as_document().unwrap().clone())
+            .collect();
+        let msg = encode_op_msg_request(1, 0, &body, &[("updates", stmts.clone())]);
+        let (header, rest) = split(&msg);
+        let Request::Msg(m) = decode_request(&header, rest).unwrap() else {
+            panic!()
+        };
+        assert!(m.sequences.is_empty());
+        let (parts, batch) = m.clone().into_parts();
+        assert_eq!(parts, body);
+        assert_eq!(batch.unwrap().statement(1), stmts[1]);
+        assert_eq!(m.into_command().get_array("updates").unwrap().len(), 2);
+
+        // A non-document statement: nothing raw, the command as it came.
+        let odd = doc! {"update": "c", "updates": [{"q": {}, "u": {}}, 5], "$db": "d"};
+        let msg = encode_op_msg_request(1, 0, &odd, &[]);
+        let (header, rest) = split(&msg);
+        let Request::Msg(m) = decode_request(&header, rest).unwrap() else {
+            panic!()
+        };
+        assert!(m.raw_updates.is_none());
+        assert_eq!(m.into_command(), odd);
+
+        // Not an update: an `updates` field is an ordinary field.
+        let other = doc! {"find": "c", "updates": [{"a": 1}], "$db": "d"};
+        let msg = encode_op_msg_request(1, 0, &other, &[]);
+        let (header, rest) = split(&msg);
+        let Request::Msg(m) = decode_request(&header, rest).unwrap() else {
+            panic!()
+        };
+        assert!(m.raw_updates.is_none());
+        assert_eq!(m.body, other);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(3000))]
+        /// Decoding a body (raw `updates` included) accepts and refuses exactly what
+        /// `Document::from_reader` does, with the same documents and the same errors.
+        #[test]
+        fn body_decoding_matches_from_reader(flips in proptest::collection::vec((0usize..1000, proptest::prelude::any::<u8>()), 0..6)) {
+            let mut bytes = update_command().to_vec().unwrap();
+            let n = bytes.len();
+            for (at, v) in flips { bytes[4 + at % (n - 4)] = v; }
+            proptest::prop_assert_eq!(body_as_decoded(&bytes), body_as_reference(&bytes));
+        }
     }
 
     proptest::proptest! {

@@ -298,14 +298,16 @@ struct UpdateOutcome {
 }
 
 /// A replacement by `_id` equality (`{q: {_id: X}, u: {...}, upsert}`), the statement copy and
-/// apply tools send: the same result as the general path, with one copy of the document
-/// instead of four (parse, replace, `_id` first, insert preparation). `None` when the
-/// statement is not of that exact shape (the general path then handles it, errors included).
+/// apply tools send: the same result as the general path without its copies (parse, replace,
+/// `_id` first, insert preparation): the replacement document is moved out of the statement
+/// and stored as it came when it already starts with its `_id`. `None` when the statement is
+/// not of that exact shape (the general path then handles it, errors included; the statement
+/// is then untouched).
 fn replace_by_id(
     coll_ns: &Namespace,
     cat: &mut Catalog,
     sink: &mut dyn WriteSink,
-    stmt: &Document,
+    stmt: &mut Document,
     bypass: bool,
 ) -> CommandResult<Option<UpdateOutcome>> {
     let (Some(Bson::Document(q)), Some(Bson::Document(r))) = (stmt.get("q"), stmt.get("u")) else {
@@ -314,7 +316,42 @@ fn replace_by_id(
     let Some(id) = q.get("_id").filter(|_| q.len() == 1) else {
         return Ok(None);
     };
-    let plain_id = !matches!(
+    let plain_stmt = stmt
+        .keys()
+        .all(|k| matches!(k.as_str(), "q" | "u" | "upsert" | "multi"))
+        && !stmt.get_bool("multi").unwrap_or(false);
+    let replacement = r.keys().next().is_some_and(|k| !k.starts_with('$'));
+    if !plain_id(id) || !plain_stmt || !replacement {
+        return Ok(None);
+    }
+    let upsert = stmt.get_bool("upsert").unwrap_or(false);
+    let id = id.clone();
+    let Some(Bson::Document(slot)) = stmt.get_mut("u") else {
+        unreachable!("checked above");
+    };
+    match replace_by_id_with(
+        coll_ns,
+        cat,
+        sink,
+        &id,
+        upsert,
+        std::mem::take(slot),
+        bypass,
+    )? {
+        Ok(outcome) => Ok(Some(outcome)),
+        Err(r) => {
+            // The general path's case: the statement as it came.
+            *slot = r;
+            Ok(None)
+        }
+    }
+}
+
+/// An `_id` a replacement by `_id` can look up directly (the general path handles the
+/// others: documents, arrays and regular expressions match differently, null matches a missing
+/// `_id`, …).
+fn plain_id(id: &Bson) -> bool {
+    !matches!(
         id,
         Bson::Document(_)
             | Bson::Array(_)
@@ -322,39 +359,114 @@ fn replace_by_id(
             | Bson::Undefined
             | Bson::Null
             | Bson::Timestamp(_)
-    );
-    let plain_stmt = stmt
-        .keys()
-        .all(|k| matches!(k.as_str(), "q" | "u" | "upsert" | "multi"))
-        && !stmt.get_bool("multi").unwrap_or(false);
-    let replacement = r.keys().next().is_some_and(|k| !k.starts_with('$'));
-    if !plain_id || !plain_stmt || !replacement {
+    )
+}
+
+/// [`replace_by_id`] of a statement kept raw ([`crate::wire::RawBatch`]): its shape is read in
+/// place and only the `_id` and the replacement are converted. `None` when the statement is
+/// not of that exact shape.
+fn raw_replace_by_id(
+    coll_ns: &Namespace,
+    cat: &mut Catalog,
+    sink: &mut dyn WriteSink,
+    stmt: &bson::RawDocument,
+    bypass: bool,
+) -> CommandResult<Option<UpdateOutcome>> {
+    use bson::RawBsonRef;
+    let (mut q, mut u, mut upsert, mut multi) = (None, None, None, None);
+    for element in stmt {
+        let Ok((key, value)) = element else {
+            return Ok(None);
+        };
+        let slot = match key.as_str() {
+            "q" => &mut q,
+            "u" => &mut u,
+            "upsert" => &mut upsert,
+            "multi" => &mut multi,
+            _ => return Ok(None),
+        };
+        if slot.replace(value).is_some() {
+            return Ok(None); // a repeated field: the general path resolves it
+        }
+    }
+    let (Some(RawBsonRef::Document(q)), Some(RawBsonRef::Document(r))) = (q, u) else {
+        return Ok(None);
+    };
+    // `multi` and `upsert` as `get_bool(…).unwrap_or(false)` reads them.
+    if matches!(multi, Some(RawBsonRef::Boolean(true))) {
         return Ok(None);
     }
-    let now_ts = sink.now_ts();
-    let fill = |v: &Bson| match v {
-        Bson::Timestamp(t) if t.time == 0 && t.increment == 0 => Bson::Timestamp(now_ts),
-        other => other.clone(),
+    let upsert = matches!(upsert, Some(RawBsonRef::Boolean(true)));
+    let mut filter = q.into_iter();
+    let (Some(Ok((key, id))), None) = (filter.next(), filter.next()) else {
+        return Ok(None);
     };
+    let replacement = match r.into_iter().next() {
+        Some(Ok((k, _))) => !k.as_str().starts_with('$'),
+        _ => false,
+    };
+    if key.as_str() != "_id" || !replacement {
+        return Ok(None);
+    }
+    let (Ok(id), Ok(r)) = (
+        crate::wire::raw_to_bson(id),
+        crate::wire::raw_to_document(r),
+    ) else {
+        return Ok(None);
+    };
+    if !plain_id(&id) {
+        return Ok(None);
+    }
+    Ok(replace_by_id_with(coll_ns, cat, sink, &id, upsert, r, bypass)?.ok())
+}
+
+/// The replacement by `_id` of [`replace_by_id`] with the replacement `r` in hand; gives `r`
+/// back when the general path must answer (a replacement that changes `_id`).
+fn replace_by_id_with(
+    coll_ns: &Namespace,
+    cat: &mut Catalog,
+    sink: &mut dyn WriteSink,
+    id: &Bson,
+    upsert: bool,
+    r: Document,
+    bypass: bool,
+) -> CommandResult<Result<UpdateOutcome, Document>> {
     let old = cat.get(coll_ns).and_then(|c| c.get(id)).cloned();
+    let now_ts = sink.now_ts();
     let Some(old) = old else {
-        if !stmt.get_bool("upsert").unwrap_or(false) {
-            return Ok(Some(UpdateOutcome {
+        if !upsert {
+            return Ok(Ok(UpdateOutcome {
                 matched: 0,
                 modified: 0,
                 upserted: None,
             }));
         }
         if r.get("_id").is_some_and(|rid| rid != id) {
-            return Ok(None);
+            return Ok(Err(r));
         }
-        let mut new = Document::new();
-        new.insert("_id", id.clone());
-        for (k, v) in r {
-            if k != "_id" {
-                new.insert(k.clone(), fill(v));
+        // `_id` first, then the replacement's other fields: the replacement itself when it
+        // starts with `_id` (whose value becomes the filter's, as the general path stores).
+        let new = if r.keys().next().is_some_and(|k| k == "_id") {
+            let mut new = r;
+            for (k, v) in new.iter_mut() {
+                if k == "_id" {
+                    *v = id.clone();
+                } else {
+                    fill_empty_timestamp(v, now_ts);
+                }
             }
-        }
+            new
+        } else {
+            let mut new = Document::new();
+            new.insert("_id", id.clone());
+            for (k, mut v) in r {
+                if k != "_id" {
+                    fill_empty_timestamp(&mut v, now_ts);
+                    new.insert(k, v);
+                }
+            }
+            new
+        };
         // The document an upsert inserts is validated as an insert.
         validate_updated_document(&new, true)?;
         validate_stored_document(&new)?;
@@ -362,7 +474,7 @@ fn replace_by_id(
         let change = coll.insert(new, bypass)?;
         emit(coll, sink, change);
         enforce_capped(coll, sink);
-        return Ok(Some(UpdateOutcome {
+        return Ok(Ok(UpdateOutcome {
             matched: 0,
             modified: 0,
             upserted: Some(id.clone()),
@@ -370,18 +482,27 @@ fn replace_by_id(
     };
     let old_id = old.get("_id").unwrap_or(id);
     if r.get("_id").is_some_and(|rid| rid != old_id) {
-        return Ok(None);
+        return Ok(Err(r));
     }
-    let mut new = Document::new();
-    if !r.contains_key("_id") {
+    // The stored `_id` (first when the replacement has none), then the replacement's fields.
+    let new = if r.contains_key("_id") {
+        let mut new = r;
+        for (_, v) in new.iter_mut() {
+            fill_empty_timestamp(v, now_ts);
+        }
+        new
+    } else {
+        let mut new = Document::new();
         new.insert("_id", old_id.clone());
-    }
-    for (k, v) in r {
-        new.insert(k.clone(), fill(v));
-    }
+        for (k, mut v) in r {
+            fill_empty_timestamp(&mut v, now_ts);
+            new.insert(k, v);
+        }
+        new
+    };
     validate_updated_document(&new, false)?;
     if crate::query::compare::documents_binary_equal(&old, &new) {
-        return Ok(Some(UpdateOutcome {
+        return Ok(Ok(UpdateOutcome {
             matched: 1,
             modified: 0,
             upserted: None,
@@ -390,24 +511,33 @@ fn replace_by_id(
     let coll = cat.get_mut(coll_ns).expect("the document came from it");
     let change = coll.replace(new, None, bypass)?;
     emit(coll, sink, change);
-    Ok(Some(UpdateOutcome {
+    Ok(Ok(UpdateOutcome {
         matched: 1,
         modified: 1,
         upserted: None,
     }))
 }
 
+/// A top-level empty timestamp (`Timestamp(0, 0)`) of a stored document becomes the write's
+/// cluster time, as the server fills it in.
+fn fill_empty_timestamp(v: &mut Bson, now_ts: bson::Timestamp) {
+    if matches!(v, Bson::Timestamp(t) if t.time == 0 && t.increment == 0) {
+        *v = Bson::Timestamp(now_ts);
+    }
+}
+
 fn apply_one_update(
     coll_ns: &Namespace,
     cat: &mut Catalog,
     sink: &mut dyn WriteSink,
-    stmt: &Document,
+    stmt: &mut Document,
     bypass: bool,
     lets: &Lets,
 ) -> CommandResult<UpdateOutcome> {
     if let Some(outcome) = replace_by_id(coll_ns, cat, sink, stmt, bypass)? {
         return Ok(outcome);
     }
+    let stmt: &Document = stmt;
     let q = match stmt.get("q") {
         Some(Bson::Document(q)) => q.clone(),
         None => Document::new(),
@@ -493,9 +623,26 @@ fn apply_one_update(
     Ok(out)
 }
 
+/// One statement of an `update`: kept raw by the wire decoding, or a value of `updates`.
+enum Statement<'a> {
+    Raw(&'a bson::RawDocument),
+    Value(Bson),
+}
+
 pub fn update(ctx: &Ctx<'_>) -> CommandResult<Document> {
     let ns = coll_arg(ctx)?;
-    let updates = array_arg(ctx, "updates")?;
+    let raw = ctx.raw_updates.lock().take();
+    let updates: Vec<Statement<'_>> = match (&raw, ctx.documents.lock().take()) {
+        (Some(batch), _) => (0..batch.len())
+            .map(|i| Statement::Raw(batch.get(i)))
+            .collect(),
+        (None, Some(updates)) => updates.into_iter().map(Statement::Value).collect(),
+        (None, None) => array_arg(ctx, "updates")?
+            .iter()
+            .cloned()
+            .map(Statement::Value)
+            .collect(),
+    };
     let ordered = stops_at_first_error(ctx);
     let bypass = bypass(ctx);
     let lets = command_lets(ctx, "update.let")?;
@@ -508,9 +655,20 @@ pub fn update(ctx: &Ctx<'_>) -> CommandResult<Document> {
             return Ok((n, modified, upserted, errors));
         }
         let mut errors = Vec::new();
-        for (i, stmt) in updates.iter().enumerate() {
+        for (i, stmt) in updates.into_iter().enumerate() {
             let result = match stmt {
-                Bson::Document(stmt) => apply_one_update(&ns, cat, sink, stmt, bypass, &lets),
+                Statement::Raw(raw) => match raw_replace_by_id(&ns, cat, sink, raw, bypass) {
+                    Ok(Some(outcome)) => Ok(outcome),
+                    Ok(None) => crate::wire::raw_to_document(raw)
+                        .map_err(|e| CommandError::failed_to_parse(e.to_string()))
+                        .and_then(|mut stmt| {
+                            apply_one_update(&ns, cat, sink, &mut stmt, bypass, &lets)
+                        }),
+                    Err(e) => Err(e),
+                },
+                Statement::Value(Bson::Document(mut stmt)) => {
+                    apply_one_update(&ns, cat, sink, &mut stmt, bypass, &lets)
+                }
                 _ => Err(CommandError::type_mismatch(
                     "update statements must be objects",
                 )),

@@ -402,16 +402,18 @@ fn check_fields(
         if generic && GENERIC.contains(&k.as_str()) {
             continue;
         }
-        let path = format!("{prefix}.{k}");
+        // The path is only formatted when a message needs it (every statement of a large
+        // batch passes through here).
+        let path = || format!("{prefix}.{k}");
         let Some((_, rule)) = fields.iter().find(|(name, _)| *name == k.as_str()) else {
-            return Err(unknown_field(&path));
+            return Err(unknown_field(&path()));
         };
         match rule {
             Yes => {}
-            IfFalsy(feature) if !is_falsy(v) => return Err(not_supported(&path, feature)),
+            IfFalsy(feature) if !is_falsy(v) => return Err(not_supported(&path(), feature)),
             IfFalsy(_) => {}
-            No(feature) => return Err(not_supported(&path, feature)),
-            Collation => check_collation(&path, v)?,
+            No(feature) => return Err(not_supported(&path(), feature)),
+            Collation => check_collation(&path(), v)?,
         }
     }
     Ok(())
@@ -419,10 +421,53 @@ fn check_fields(
 
 fn check_statements(cmd: &Document, prefix: &str, key: &str, fields: Fields) -> CommandResult<()> {
     if let Ok(stmts) = cmd.get_array(key) {
-        for s in stmts {
-            if let Bson::Document(s) = s {
-                check_fields(&format!("{prefix}.{key}"), s, 0, fields, false)?;
-            }
+        check_statement_fields(stmts, prefix, key, fields)?;
+    }
+    Ok(())
+}
+
+/// Rejects unknown and unimplemented fields of the statements of a write command (`updates`
+/// of `update`, `deletes` of `delete`).
+fn check_statement_fields(
+    stmts: &[Bson],
+    prefix: &str,
+    key: &str,
+    fields: Fields,
+) -> CommandResult<()> {
+    let prefix = format!("{prefix}.{key}");
+    for s in stmts {
+        if let Bson::Document(s) = s {
+            check_fields(&prefix, s, 0, fields, false)?;
+        }
+    }
+    Ok(())
+}
+
+/// [`check_command`]'s checks of `update`'s statements when they were moved out of the
+/// command (see [`super::Ctx::documents`]).
+pub fn check_update_statements(stmts: &[Bson]) -> CommandResult<()> {
+    check_statement_fields(stmts, "update", "updates", UPDATE_STATEMENT)
+}
+
+/// [`check_update_statements`] of statements kept raw: a statement whose fields all pass
+/// whatever their value (the usual `q`, `u`, `upsert`, `multi`) is not converted to be checked.
+pub fn check_raw_update_statements(batch: &crate::wire::RawBatch) -> CommandResult<()> {
+    for i in 0..batch.len() {
+        let plain = batch.get(i).into_iter().all(|element| {
+            element.is_ok_and(|(key, _)| {
+                UPDATE_STATEMENT
+                    .iter()
+                    .any(|(name, rule)| *name == key.as_str() && matches!(rule, Yes))
+            })
+        });
+        if !plain {
+            check_fields(
+                "update.updates",
+                &batch.statement(i),
+                0,
+                UPDATE_STATEMENT,
+                false,
+            )?;
         }
     }
     Ok(())

@@ -117,8 +117,12 @@ pub struct Ctx<'a> {
     pub session: Option<SessionArgs>,
     /// Set by `onPrimaryTransactionalWrite`: close the connection instead of replying.
     pub close_after_reply: std::sync::atomic::AtomicBool,
-    /// `insert`'s documents, moved out of the command so they are stored without a copy.
+    /// `insert`'s `documents` or `update`'s `updates` (when an array), moved out of the
+    /// command so the documents they carry are stored without a copy.
     pub documents: parking_lot::Mutex<Option<Vec<Bson>>>,
+    /// `update`'s statements as received, when the wire decoding kept them raw (the command
+    /// then has no `updates` field).
+    pub raw_updates: parking_lot::Mutex<Option<crate::wire::RawBatch>>,
     /// `topologyVersion.counter` when the command arrived (a write held up across a
     /// step-down fails with 11602).
     pub repl_counter_at_start: i64,
@@ -489,6 +493,17 @@ fn command_namespace(db: &str, name: &str, cmd: &Document) -> Option<String> {
 
 /// Executes one command and builds its reply.
 pub async fn execute(engine: &Arc<Engine>, conn: &mut ConnInfo, cmd: Document) -> Outcome {
+    execute_with_batch(engine, conn, cmd, None).await
+}
+
+/// [`execute`] of a command whose `update` statements were kept raw by the wire decoding
+/// ([`crate::wire::OpMsg::into_parts`]).
+pub async fn execute_with_batch(
+    engine: &Arc<Engine>,
+    conn: &mut ConnInfo,
+    cmd: Document,
+    raw_updates: Option<crate::wire::RawBatch>,
+) -> Outcome {
     // `maxTimeMS` counts from the command's arrival, as the server's operation deadline does
     // (time blocked by a fail point included).
     let received = std::time::Instant::now();
@@ -546,8 +561,24 @@ pub async fn execute(engine: &Arc<Engine>, conn: &mut ConnInfo, cmd: Document) -
         Err(e) => return Outcome::Reply(error_reply(engine, &e, &[])),
     };
     let mut cmd = cmd;
-    let documents = match (name.as_str(), cmd.get("documents")) {
-        ("insert", Some(Bson::Array(_))) => match cmd.remove("documents") {
+    let raw_updates = match raw_updates {
+        Some(batch) if name == "update" => Some(batch),
+        Some(batch) => {
+            // Only an `update`'s statements are kept raw; anything else sees its field.
+            cmd.insert("updates", batch.to_array());
+            None
+        }
+        None => None,
+    };
+    // The batch of a write moves out of the command: its documents are stored (insert) or
+    // become the stored documents (update's replacements) without a copy.
+    let batch_key = match name.as_str() {
+        "insert" => Some("documents"),
+        "update" => Some("updates"),
+        _ => None,
+    };
+    let documents = match batch_key.map(|k| (k, cmd.get(k))) {
+        Some((key, Some(Bson::Array(_)))) => match cmd.remove(key) {
             Some(Bson::Array(docs)) => Some(docs),
             _ => None,
         },
@@ -562,6 +593,7 @@ pub async fn execute(engine: &Arc<Engine>, conn: &mut ConnInfo, cmd: Document) -
         session,
         close_after_reply: std::sync::atomic::AtomicBool::new(false),
         documents: parking_lot::Mutex::new(documents),
+        raw_updates: parking_lot::Mutex::new(raw_updates),
         repl_counter_at_start: engine.repl.lock().topology_counter,
         snapshot_read_at: parking_lot::Mutex::new(None),
         transaction_begun: std::sync::atomic::AtomicBool::new(false),
@@ -772,6 +804,14 @@ fn is_change_stream_command(engine: &Engine, name: &str, cmd: &Document) -> bool
 
 async fn run(ctx: &Ctx<'_>, change_stream_cmd: bool) -> CommandResult<Document> {
     fields::check_command(&ctx.name, ctx.cmd)?;
+    if ctx.name == "update" {
+        if let Some(stmts) = ctx.documents.lock().as_deref() {
+            fields::check_update_statements(stmts)?;
+        }
+        if let Some(batch) = ctx.raw_updates.lock().as_ref() {
+            fields::check_raw_update_statements(batch)?;
+        }
+    }
     repl::gate(ctx)?;
     if ctx.in_transaction() && !TRANSACTION_COMMANDS.contains(&ctx.name.as_str()) {
         return Err(CommandError::new(
