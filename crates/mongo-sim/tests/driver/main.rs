@@ -14,6 +14,7 @@ mod lets_and_array_filters;
 mod lifecycle;
 mod persistence;
 mod raw_socket;
+mod replace_upserts;
 mod retryable;
 mod snapshot_reads;
 mod stepdown;
