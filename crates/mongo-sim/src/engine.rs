@@ -133,6 +133,8 @@ pub struct Engine {
     pub process_id: Mutex<ObjectId>,
     next_connection_id: AtomicI32,
     next_cursor_id: AtomicI64,
+    /// `serverStatus.opcounters`: operations received since the process started.
+    pub opcounters: OpCounters,
     /// Per-session checkout: a retryable write and its retry (possibly on another
     /// connection) never execute concurrently, as on a real server.
     session_checkouts: Mutex<std::collections::HashMap<Vec<u8>, Arc<tokio::sync::Mutex<()>>>>,
@@ -203,6 +205,7 @@ impl Engine {
             next_connection_id: AtomicI32::new(1),
             next_cursor_id: AtomicI64::new(1_000_000 + rand::random::<u32>() as i64),
             session_checkouts: Mutex::new(std::collections::HashMap::new()),
+            opcounters: OpCounters::default(),
             config,
         }))
     }
@@ -476,5 +479,45 @@ pub fn lsid_key(lsid: &Document) -> Vec<u8> {
         Some(bson::Bson::Binary(b)) => b.bytes.clone(),
         Some(other) => other.to_string().into_bytes(),
         None => Vec::new(),
+    }
+}
+
+/// `serverStatus.opcounters`, counted as a mongod counts them: `insert` per document an
+/// insert command carries (failed ones included), `update` and `delete` per statement, `query`
+/// per `find` or `aggregate`, `getmore` per `getMore`, `command` for every other command.
+#[derive(Debug, Default)]
+pub struct OpCounters {
+    pub insert: AtomicI64,
+    pub query: AtomicI64,
+    pub update: AtomicI64,
+    pub delete: AtomicI64,
+    pub getmore: AtomicI64,
+    pub command: AtomicI64,
+}
+
+impl OpCounters {
+    /// Counts one received command (`statements`: its documents or statements, for writes).
+    pub fn count(&self, command: &str, statements: usize) {
+        let (counter, by) = match command {
+            "insert" => (&self.insert, statements),
+            "update" => (&self.update, statements),
+            "delete" => (&self.delete, statements),
+            "find" | "aggregate" => (&self.query, 1),
+            "getMore" => (&self.getmore, 1),
+            _ => (&self.command, 1),
+        };
+        counter.fetch_add(by as i64, Ordering::Relaxed);
+    }
+
+    pub fn to_document(&self) -> Document {
+        let read = |c: &AtomicI64| c.load(Ordering::Relaxed);
+        bson::doc! {
+            "insert": read(&self.insert),
+            "query": read(&self.query),
+            "update": read(&self.update),
+            "delete": read(&self.delete),
+            "getmore": read(&self.getmore),
+            "command": read(&self.command),
+        }
     }
 }

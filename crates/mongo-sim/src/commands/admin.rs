@@ -120,6 +120,7 @@ pub fn server_status(engine: &Arc<Engine>) -> Document {
         "metrics": {"cursor": {"open": {"total": cursors as i64}}},
         "oplog": {"entries": oplog_len as i64, "maxEntries": engine.config.oplog_max_events as i64},
         "storageEngine": {"name": "inMemory"},
+        "opcounters": engine.opcounters.to_document(),
     }
 }
 

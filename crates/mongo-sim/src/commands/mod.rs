@@ -584,6 +584,16 @@ pub async fn execute_with_batch(
         },
         _ => None,
     };
+    let statements = match name.as_str() {
+        "update" => raw_updates
+            .as_ref()
+            .map(|b| b.len())
+            .or(documents.as_ref().map(|d| d.len())),
+        "insert" => documents.as_ref().map(|d| d.len()),
+        "delete" => cmd.get_array("deletes").ok().map(|d| d.len()),
+        _ => None,
+    };
+    engine.opcounters.count(&name, statements.unwrap_or(0));
     let ctx = Ctx {
         engine,
         conn,

@@ -506,3 +506,49 @@ async fn concurrent_clients_insert_exact_counts() {
     })
     .await
 }
+
+/// `serverStatus.opcounters` counts as a mongod does: inserts per document (a duplicate
+/// included, as DOCS-4551 shows the server doing), updates and deletes per statement, `find`
+/// and `aggregate` as queries, `getMore` apart, everything else as a command.
+#[tokio::test]
+async fn server_status_counts_operations_as_mongod() {
+    bounded(async {
+        let (_sim, c) = start_with_client().await;
+        let counters = || async {
+            admin(&c, doc! {"serverStatus": 1})
+                .await
+                .unwrap()
+                .get_document("opcounters")
+                .unwrap()
+                .clone()
+        };
+        let before = counters().await;
+        let db = c.database("ops");
+        db.run_command(doc! {"insert": "c", "documents": [{"_id": 1}, {"_id": 2}, {"_id": 1}], "ordered": false})
+            .await
+            .unwrap();
+        db.run_command(doc! {"update": "c", "updates": [
+            {"q": {"_id": 1}, "u": {"a": 1}},
+            {"q": {"_id": 2}, "u": {"$set": {"a": 2}}},
+        ]})
+        .await
+        .unwrap();
+        db.run_command(doc! {"delete": "c", "deletes": [{"q": {"_id": 2}, "limit": 1}]})
+            .await
+            .unwrap();
+        db.run_command(doc! {"find": "c", "batchSize": 0}).await.unwrap();
+        db.run_command(doc! {"aggregate": "c", "pipeline": [], "cursor": {}})
+            .await
+            .unwrap();
+        let after = counters().await;
+        let delta = |k: &str| after.get_i64(k).unwrap() - before.get_i64(k).unwrap();
+        assert_eq!(delta("insert"), 3, "{before} -> {after}");
+        assert_eq!(delta("update"), 2, "{before} -> {after}");
+        assert_eq!(delta("delete"), 1, "{before} -> {after}");
+        assert_eq!(delta("query"), 2, "{before} -> {after}");
+        assert_eq!(delta("getmore"), 0, "{before} -> {after}");
+        // The second serverStatus itself is a command.
+        assert!(delta("command") >= 1, "{before} -> {after}");
+    })
+    .await;
+}
