@@ -391,6 +391,10 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
             status: Arc::clone(&status),
             identity: Arc::clone(&watch),
             guard: DeleteGuard::new(config.sync.max_delete_fraction, &metrics),
+            buffer: crate::buffer_budget::BufferBudget::new(
+                config.apply.max_buffered_bytes as usize,
+                &metrics,
+            ),
         };
         if reset {
             // The operator accepted a new source and asked for everything to be copied again.

@@ -4,6 +4,7 @@
 pub mod app;
 pub mod apply;
 pub mod bounded_write;
+pub mod buffer_budget;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;

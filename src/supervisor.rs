@@ -792,6 +792,9 @@ impl Supervisor {
         if endpoints_changed {
             tracing::warn!("source or destination settings changed; they take effect at the next restart of the daemon");
         }
+        if old.apply.max_buffered_bytes != config.apply.max_buffered_bytes {
+            tracing::warn!("apply.max_buffered_bytes changed; the budget is sized at start, so it takes effect at the next restart of the daemon");
+        }
         self.filter = config.namespace_filter();
         self.settings = Arc::new(worker_settings(&config));
         self.pipeline

@@ -92,6 +92,10 @@ pub const MIN_BATCH_MAX_BYTES: u64 = 1_048_576;
 /// The server's `maxMessageSizeBytes` (48,000,000): a larger batch would be split by the driver
 /// anyway and would only cost memory.
 pub const MAX_BATCH_MAX_BYTES: u64 = 48_000_000;
+/// Default `apply.max_buffered_bytes`: 256 MiB of change events read ahead, all namespaces.
+pub const DEFAULT_MAX_BUFFERED_BYTES: u64 = 256 * 1024 * 1024;
+/// The budget's ceiling (a tokio semaphore's permit limit is far above it).
+pub const MAX_MAX_BUFFERED_BYTES: u64 = 64 * 1024 * 1024 * 1024;
 /// Waiting longer than a minute for a batch to fill only adds lag.
 pub const MAX_BATCH_MAX_WAIT_MS: u64 = 60_000;
 
@@ -486,6 +490,10 @@ pub struct ApplyConfig {
     /// `delta` or `lookup`.
     #[serde(default = "default_update_mode")]
     pub update_mode: UpdateMode,
+    /// Change-event bytes read ahead and not yet applied, for the whole daemon
+    /// ([`crate::buffer_budget`]); `batch_max_bytes`..=[`MAX_MAX_BUFFERED_BYTES`].
+    #[serde(default = "default_max_buffered_bytes")]
+    pub max_buffered_bytes: u64,
 }
 
 /// `[checkpoint]`
@@ -662,6 +670,10 @@ fn default_on_collation_mismatch() -> OnCollationMismatch {
 fn default_batch_max_events() -> u32 {
     DEFAULT_BATCH_MAX_EVENTS
 }
+fn default_max_buffered_bytes() -> u64 {
+    DEFAULT_MAX_BUFFERED_BYTES
+}
+
 fn default_batch_max_bytes() -> u64 {
     DEFAULT_BATCH_MAX_BYTES
 }
@@ -1113,6 +1125,13 @@ impl Config {
             err(
                 "apply.batch_max_bytes".into(),
                 format!("must be between {MIN_BATCH_MAX_BYTES} (1 MiB) and {MAX_BATCH_MAX_BYTES} (the server's maxMessageSizeBytes)"),
+            );
+        }
+        if a.max_buffered_bytes < a.batch_max_bytes || a.max_buffered_bytes > MAX_MAX_BUFFERED_BYTES
+        {
+            err(
+                "apply.max_buffered_bytes".into(),
+                format!("must be between apply.batch_max_bytes ({}) and {MAX_MAX_BUFFERED_BYTES} (64 GiB): one batch must fit the budget", a.batch_max_bytes),
             );
         }
         if a.batch_max_wait_ms > MAX_BATCH_MAX_WAIT_MS {

@@ -582,6 +582,14 @@ fn numeric_bounds() {
             "[apply]\nbatch_max_wait_ms = 60001",
             "apply.batch_max_wait_ms",
         ),
+        (
+            "[apply]\nmax_buffered_bytes = 4194304",
+            "apply.max_buffered_bytes",
+        ),
+        (
+            "[apply]\nmax_buffered_bytes = 68719476737",
+            "apply.max_buffered_bytes",
+        ),
         ("[apply]\nbatch_max_events = -1", "apply.batch_max_events"),
         (
             "[checkpoint]\ninterval_seconds = 0",

@@ -17,7 +17,9 @@
 //! `mongo_syncd_config_reloads_total{result}`, `mongo_syncd_start_time_seconds`,
 //! `mongo_syncd_overflow_namespaces`, `mongo_syncd_identity_mismatch{side}`,
 //! `mongo_syncd_destination_resets_total{action}`, `mongo_syncd_mass_delete_guard_total{trigger}`
-//! (the last three registered by `identity` and `guard`, which own their label values).
+//! (the last three registered by `identity` and `guard`, which own their label values),
+//! `mongo_syncd_buffered_bytes` and `mongo_syncd_buffer_budget_bytes` (registered by
+//! `buffer_budget`, which owns the budget).
 
 mod labels;
 mod namespaces;
@@ -88,6 +90,10 @@ pub const IDENTITY_MISMATCH: &str = "mongo_syncd_identity_mismatch";
 pub const DESTINATION_RESETS_TOTAL: &str = "mongo_syncd_destination_resets_total";
 /// Copies, force-syncs and repairs paused by the mass-delete guard, by `trigger`.
 pub const MASS_DELETE_GUARD_TOTAL: &str = "mongo_syncd_mass_delete_guard_total";
+/// Change-event bytes read and not yet applied, all namespaces (`apply.max_buffered_bytes`).
+pub const BUFFERED_BYTES: &str = "mongo_syncd_buffered_bytes";
+/// `apply.max_buffered_bytes`.
+pub const BUFFER_BUDGET_BYTES: &str = "mongo_syncd_buffer_budget_bytes";
 
 /// Every metric family name the daemon exports, for tests and tooling.
 pub const METRIC_NAMES: &[&str] = &[
@@ -122,6 +128,8 @@ pub const METRIC_NAMES: &[&str] = &[
     IDENTITY_MISMATCH,
     DESTINATION_RESETS_TOTAL,
     MASS_DELETE_GUARD_TOTAL,
+    BUFFERED_BYTES,
+    BUFFER_BUDGET_BYTES,
 ];
 
 // ---- label keys ----

@@ -166,6 +166,8 @@ const EXPECTED_TYPES: &[(&str, &str)] = &[
     (IDENTITY_MISMATCH, "gauge"),
     (DESTINATION_RESETS_TOTAL, "counter"),
     (MASS_DELETE_GUARD_TOTAL, "counter"),
+    (BUFFERED_BYTES, "gauge"),
+    (BUFFER_BUDGET_BYTES, "gauge"),
 ];
 
 #[test]
@@ -174,6 +176,7 @@ fn render_has_every_metric_with_its_type_and_help() {
     // The families the identity watch and the delete guard own (and register) themselves.
     crate::identity::register_metrics(&m);
     let _guard = crate::guard::DeleteGuard::new(0.5, &m);
+    let _budget = crate::buffer_budget::BufferBudget::new(1 << 20, &m);
     let text = m.render();
     let (types, _) = parse(&text);
     for (name, ty) in EXPECTED_TYPES {
