@@ -1602,6 +1602,44 @@ impl Applier {
     /// returned, not dead-lettered: while a copy is still writing, another destination document
     /// may hold the key only until its own range or the replay fixes it (see
     /// [`crate::worker::settle_copy_duplicates`]).
+    /// Writes copied documents the destination does not hold yet (a range a copy found empty,
+    /// or nearly): one unordered `insert`, at insert speed, then replace-upserts
+    /// ([`Applier::upsert_documents`]) for the ids the insert found taken (E11000, on `_id`
+    /// or on a unique secondary index, whose conflicts the upserts then report). The result
+    /// is the one `upsert_documents` gives for the same documents.
+    pub async fn insert_documents(&self, docs: &[RawDocumentBuf]) -> Result<Upserted, SyncError> {
+        self.catalog().await?;
+        let reply = self.bulk("insert", "documents", docs.to_vec()).await?;
+        let mut out = Upserted::default();
+        let mut taken = Vec::new();
+        for (idx, code, msg) in reply.errors {
+            if code == 11000 {
+                taken.push(docs[idx].clone());
+            } else if REJECTED_DOCUMENT_CODES.contains(&code) {
+                self.dead_letter_copied(&docs[idx], code, &msg).await?;
+                out.dead_lettered += 1;
+            } else {
+                return Err(SyncError::new(
+                    ErrorKind::DestinationWrite,
+                    format!(
+                        "copying into {} failed with code {code}: {msg}",
+                        self.target
+                    ),
+                ));
+            }
+        }
+        let inserted = docs.len() as u64 - out.dead_lettered - taken.len() as u64;
+        let upserted = if taken.is_empty() {
+            Upserted::default()
+        } else {
+            self.upsert_documents(&taken).await?
+        };
+        out.written = inserted + upserted.written;
+        out.dead_lettered += upserted.dead_lettered;
+        out.duplicates = upserted.duplicates;
+        Ok(out)
+    }
+
     pub async fn upsert_documents(&self, docs: &[RawDocumentBuf]) -> Result<Upserted, SyncError> {
         self.catalog().await?;
         let mut statements = Vec::with_capacity(docs.len());

@@ -14,7 +14,9 @@ use std::{
 use bson::{doc, Bson, Document, RawDocumentBuf, Timestamp};
 use futures::TryStreamExt;
 use mongodb::{options::Hint, Client};
-use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, Notify, Semaphore};
+
+use crate::buffer_budget::{BufferBudget, BufferedBytes};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -97,6 +99,8 @@ pub struct Pipeline {
     pub identity: Arc<IdentityWatch>,
     /// The mass-delete guard (`sync.max_delete_fraction`).
     pub guard: Arc<DeleteGuard>,
+    /// `apply.max_buffered_bytes`: every reader's read-ahead, one budget.
+    pub buffer: Arc<crate::buffer_budget::BufferBudget>,
 }
 
 /// Everything one namespace worker needs.
@@ -211,7 +215,7 @@ pub enum WorkerExit {
 }
 
 enum ReaderItem {
-    Event(ChangeEvent, OwnedSemaphorePermit),
+    Event(ChangeEvent, BufferedBytes),
     /// The stream is caught up: the reader's buffer is empty.
     Idle {
         token: Document,
@@ -333,7 +337,27 @@ impl WorkerContext {
             post_images: full && images,
             pre_images: conflict.needs_pre_images(),
             max_await: STREAM_MAX_AWAIT,
-            batch_size: None,
+            // Replies of one apply batch, not 16 MiB ones: the source builds the next reply
+            // while the reader's queue feeds this batch to the destination (issue 11 item 4),
+            // and the driver's reply buffer stays bounded.
+            batch_size: Some(
+                self.current_settings()
+                    .batch_max_events
+                    .clamp(1, u32::MAX as usize) as u32,
+            ),
+        }
+    }
+
+    /// The source's cluster time is at least `ts`, a time the change stream just returned (an
+    /// event's, or a batch's postBatchResumeToken's): DESIGN §2.9 "from every reply", so lag
+    /// does not wait for the next periodic `hello` (issue 11 item 9).
+    fn observe_source_time(&self, ts: Timestamp) {
+        let status = &self.pipeline.status;
+        status.set_source_cluster_time(ts);
+        if let Some(latest) = status.source_cluster_time() {
+            self.pipeline
+                .metrics
+                .set_source_cluster_time(latest.time as f64);
         }
     }
 
@@ -517,6 +541,15 @@ async fn check_images(ctx: &WorkerContext, conflict: &ConflictSettings) -> Resul
     ))
 }
 
+/// What [`delete_extras`] found in a range of the destination.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct RangeOnDestination {
+    /// Documents whose `_id` the source range also holds (left in place).
+    pub kept: u64,
+    /// Documents only the destination held (deleted).
+    pub deleted: u64,
+}
+
 /// Deletes the destination documents in `[lower, upper)` (`None` = unbounded) whose `_id` is
 /// not in `present`. The destination's `_id`s are read in pages of [`EXTRAS_PAGE_IDS`] (index
 /// order, the collection's collation) and each page's extras are deleted before the next page
@@ -530,7 +563,7 @@ pub(crate) async fn delete_extras(
     upper: Option<&Bson>,
     present: &HashSet<IdKey>,
     budget: &mut DeleteBudget,
-) -> Result<u64, SyncError> {
+) -> Result<RangeOnDestination, SyncError> {
     let coll = ctx
         .pipeline
         .dest
@@ -544,7 +577,8 @@ pub(crate) async fn delete_extras(
         )
     };
     let mut from = lower.cloned();
-    let mut deleted = 0u64;
+    let mut found = RangeOnDestination::default();
+    let mut continued = false;
     loop {
         let mut find = coll
             .find(doc! {})
@@ -568,6 +602,9 @@ pub(crate) async fn delete_extras(
             let id = raw_id(d)?;
             if !present.contains(&IdKey::of_bson(&id)) {
                 extras.push(id.clone());
+            } else if !(continued && from.as_ref() == Some(&id)) {
+                // (A later page starts at the previous page's last `_id`: counted once.)
+                found.kept += 1;
             }
             last = Some(id);
         }
@@ -575,11 +612,14 @@ pub(crate) async fn delete_extras(
         if !extras.is_empty() {
             // The mass-delete guard decides before anything of this page is deleted.
             budget.charge(extras.len() as u64)?;
-            deleted += applier.delete_ids(&extras).await?;
+            found.deleted += applier.delete_ids(&extras).await?;
         }
         match last {
-            Some(id) if full => from = Some(id),
-            _ => return Ok(deleted),
+            Some(id) if full => {
+                from = Some(id);
+                continued = true;
+            }
+            _ => return Ok(found),
         }
     }
 }
@@ -590,7 +630,39 @@ fn id_set(docs: &[RawDocumentBuf]) -> Result<HashSet<IdKey>, SyncError> {
         .collect()
 }
 
-/// Copies (or reconciles) one `_id` range: upserts the source documents, deletes destination
+/// One source `_id` range as a copy reads it: its documents and the next range's lower bound
+/// (`None` after the last).
+type ScannedRange = (Vec<RawDocumentBuf>, Option<Bson>);
+
+/// Reads the source range starting at `lower` (see [`crate::source::Source::scan_range`]).
+async fn scan_range(
+    source: &crate::source::Source,
+    ns: &Namespace,
+    collation: Option<&Document>,
+    lower: Option<&Bson>,
+    after: Option<Timestamp>,
+) -> Result<ScannedRange, SyncError> {
+    source
+        .scan_range(ns, lower, RANGE_MAX_DOCS, RANGE_MAX_BYTES, after, collation)
+        .await
+}
+
+/// Reads the source range starting at `lower` in a task of its own, so a copy reads range
+/// i+1 while it writes range i (issue 11 item 6). Dropping the handle stops the read.
+fn prefetch_range(
+    ctx: &WorkerContext,
+    lower: Option<Bson>,
+    after: Option<Timestamp>,
+) -> tokio_util::task::AbortOnDropHandle<Result<ScannedRange, SyncError>> {
+    let source = ctx.pipeline.source.clone();
+    let ns = ctx.ns.clone();
+    let collation = ctx.options.get_document("collation").ok().cloned();
+    tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+        scan_range(&source, &ns, collation.as_ref(), lower.as_ref(), after).await
+    }))
+}
+
+/// Copies (or reconciles) one `_id` range: writes the source documents, deletes destination
 /// documents the source scan did not return. Returns (documents written, next lower bound).
 async fn sync_range(
     ctx: &WorkerContext,
@@ -601,24 +673,31 @@ async fn sync_range(
     budget: &mut DeleteBudget,
 ) -> Result<(u64, Option<Bson>), SyncError> {
     let collation = ctx.options.get_document("collation").ok();
-    let (docs, next) = ctx
-        .pipeline
-        .source
-        .scan_range(
-            &ctx.ns,
-            lower,
-            RANGE_MAX_DOCS,
-            RANGE_MAX_BYTES,
-            after,
-            collation,
-        )
-        .await?;
+    let scanned = scan_range(&ctx.pipeline.source, &ctx.ns, collation, lower, after).await?;
+    write_range(ctx, applier, cp, lower, scanned, budget).await
+}
+
+/// Writes one scanned range to the destination (see [`sync_range`]).
+async fn write_range(
+    ctx: &WorkerContext,
+    applier: &Applier,
+    cp: &mut Checkpoint,
+    lower: Option<&Bson>,
+    (docs, next): ScannedRange,
+    budget: &mut DeleteBudget,
+) -> Result<(u64, Option<Bson>), SyncError> {
     // The scan may have reached a replaced source: check before writing what it returned.
     ctx.pipeline.identity.verify().await?;
     let present = id_set(&docs)?;
     // Extras first: a destination-only document may hold a unique key a copied one needs.
-    delete_extras(ctx, applier, lower, next.as_ref(), &present, budget).await?;
-    let upserted = applier.upsert_documents(&docs).await?;
+    let on_destination =
+        delete_extras(ctx, applier, lower, next.as_ref(), &present, budget).await?;
+    // A range the destination holds little of (a first copy) is written at insert speed.
+    let upserted = if on_destination.kept * 2 < docs.len() as u64 {
+        applier.insert_documents(&docs).await?
+    } else {
+        applier.upsert_documents(&docs).await?
+    };
     drop(docs);
     let settled =
         crate::unique_conflicts::settle_range(ctx, applier, cp, upserted.duplicates).await?;
@@ -703,12 +782,21 @@ async fn initial_copy(
     let mut budget = delete_budget(ctx, GuardTrigger::Copy).await?;
     let mut lower = cp.copy.last_range.clone();
     let started = Instant::now();
-    while !cp.copy.done {
+    let mut reading = (!cp.copy.done).then(|| prefetch_range(ctx, lower.clone(), start_ts));
+    while let Some(read) = reading.take() {
         if stop.is_cancelled() {
             return Err(cancelled());
         }
+        let scanned = read.await.map_err(|e| {
+            SyncError::new(ErrorKind::SourceRead, format!("a range read failed: {e}"))
+        })??;
+        // Range i+1 is read while range i is written.
+        reading = scanned
+            .1
+            .clone()
+            .map(|next| prefetch_range(ctx, Some(next), start_ts));
         let (written, next) =
-            sync_range(ctx, &applier, cp, lower.as_ref(), start_ts, &mut budget).await?;
+            write_range(ctx, &applier, cp, lower.as_ref(), scanned, &mut budget).await?;
         cp.copy.copied += written as i64;
         cp.copy.done = next.is_none();
         cp.copy.last_range = next.clone();
@@ -828,14 +916,16 @@ async fn read_events(
     start_at: Option<Timestamp>,
     settings: StreamSettings,
     tx: mpsc::Sender<ReaderItem>,
-    budget: Arc<Semaphore>,
-    budget_total: usize,
+    budget: Arc<BufferBudget>,
+    reader_share: usize,
     stop: CancellationToken,
 ) {
     let watchdog = settings.max_await + READER_WATCHDOG_MARGIN;
     let stalled = || {
         tracing::warn!(namespace = %ns, watchdog_s = watchdog.as_secs(), "change stream stalled: the source did not answer within the watchdog bound; reopening it from the last checkpoint");
     };
+    // This reader's share of the daemon's budget.
+    let share = Arc::new(Semaphore::new(reader_share));
     let result: Result<(), SyncError> = async {
         let start = match (&start_after, start_at) {
             (Some(token), _) => StreamStart::After(token),
@@ -868,10 +958,9 @@ async fn read_events(
             match next.map_err(|e| SyncError::mongo(ErrorKind::SourceRead, format!("reading the change stream of {ns}"), e))? {
                 Some(raw) => {
                     let Some(event) = assembler.push(raw)? else { continue };
-                    let need = event.size().clamp(1, budget_total) as u32;
                     let permit = tokio::select! {
                         _ = stop.cancelled() => return Ok(()),
-                        p = Arc::clone(&budget).acquire_many_owned(need) => p.map_err(|_| cancelled())?,
+                        p = budget.acquire(&share, reader_share, event.size()) => p.map_err(|_| cancelled())?,
                     };
                     if tx.send(ReaderItem::Event(event, permit)).await.is_err() {
                         return Ok(());
@@ -914,7 +1003,8 @@ impl Reader {
     /// is none yet).
     fn spawn(ctx: &WorkerContext, cp: &Checkpoint, stop: &CancellationToken) -> Reader {
         let settings = ctx.current_settings();
-        let budget_total = (settings.batch_max_bytes * 2).max(32 * 1024 * 1024);
+        let budget = Arc::clone(&ctx.pipeline.buffer);
+        let reader_share = budget.reader_share(settings.batch_max_bytes);
         let (tx, rx) = mpsc::channel::<ReaderItem>((settings.batch_max_events * 2).max(2));
         let reader_stop = stop.child_token();
         let start_at = if cp.resume_token.is_none() {
@@ -930,8 +1020,8 @@ impl Reader {
             start_at,
             stream_settings.clone(),
             tx,
-            Arc::new(Semaphore::new(budget_total)),
-            budget_total,
+            budget,
+            reader_share,
             reader_stop.clone(),
         ));
         Reader {
@@ -1069,7 +1159,7 @@ async fn stream(
             }
             item = reader.rx.recv() => item,
         };
-        let mut batch: Vec<(ChangeEvent, OwnedSemaphorePermit)> = Vec::new();
+        let mut batch: Vec<(ChangeEvent, BufferedBytes)> = Vec::new();
         let mut failure = None;
         let mut stalled = false;
         // An idle token received after every event of this batch (the reader sends it only
@@ -1124,6 +1214,13 @@ async fn stream(
                 .metrics
                 .set_queue(&label, reader.rx.len() as u64);
             let events: Vec<ChangeEvent> = batch.into_iter().map(|(e, _permit)| e).collect();
+            if let Some(latest) = events
+                .iter()
+                .map(|e| e.cluster_time)
+                .max_by_key(|t| ts_key(*t))
+            {
+                ctx.observe_source_time(latest);
+            }
             let replays = crash_replay.leading_replays(&events);
             match process_batch(ctx, &applier, &mut cp, &events, replays, &mut settles).await {
                 Ok(Some(exit)) => break Ok(exit),
@@ -1145,6 +1242,9 @@ async fn stream(
         // Idle: every event read before the token is applied and checkpointed, so the
         // postBatchResumeToken may be checkpointed (DESIGN §2.5), unless more was read since.
         if let Some((token, cluster_time)) = idle_after_batch.take() {
+            if let Some(ts) = cluster_time {
+                ctx.observe_source_time(ts);
+            }
             if reader.rx.is_empty() && last_checkpoint.elapsed() >= settings.checkpoint_interval {
                 let advances = match (cluster_time, cp.applied_through) {
                     (Some(new), Some(old)) => ts_key(new) >= ts_key(old),

@@ -185,3 +185,52 @@ async fn mixed_workload_with_transactions_converges_with_indexes_and_options() {
     );
     assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
 }
+
+async fn opcounters(client: &mongodb::Client) -> Document {
+    client
+        .database("admin")
+        .run_command(doc! {"serverStatus": 1})
+        .await
+        .unwrap()
+        .get_document("opcounters")
+        .unwrap()
+        .clone()
+}
+
+/// Issue 11 item 6: a range the destination does not hold is copied as inserts (insert
+/// speed), and ids the destination already holds fall back to replacements: a destination
+/// that already holds stale versions of some documents and documents the source lacks still
+/// ends exactly equal to the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_writes_inserts_and_replaces_only_what_the_destination_already_holds() {
+    let c = Clusters::start().await;
+    let items = c.src.database("bulk").collection::<Document>("items");
+    let docs: Vec<Document> = (0..3_000)
+        .map(|i| doc! {"_id": i, "v": 1, "pad": "x".repeat(64)})
+        .collect();
+    items.insert_many(docs).await.unwrap();
+    // Stale versions of 100 source documents, in another field order, and 10 the source lacks.
+    let stale: Vec<Document> = (0..100)
+        .map(|i| doc! {"v": 0, "_id": i, "stale": true})
+        .chain((10_000..10_010).map(|i| doc! {"_id": i, "extra": true}))
+        .collect();
+    c.dst
+        .database("bulk")
+        .collection::<Document>("items")
+        .insert_many(stale)
+        .await
+        .unwrap();
+    let before = opcounters(&c.dst).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(&c, dir.path(), "[sync]\nnamespaces = [\"bulk.*\"]\n");
+    wait_converged(&c, &[("bulk", "items")], Duration::from_secs(60)).await;
+    d.wait_streaming("bulk.items").await;
+    let after = opcounters(&c.dst).await;
+    let delta = |k: &str| after.get_i64(k).unwrap() - before.get_i64(k).unwrap();
+    // Every source document was sent as an insert once (the 100 held ones refused with E11000)…
+    assert!(delta("insert") >= 3_000, "{before} -> {after}");
+    // …and only those 100, plus the daemon's own checkpoint and status writes, as updates.
+    assert!(delta("update") < 3_000 / 10, "{before} -> {after}");
+    let code = d.terminate().await;
+    assert_eq!(code, Some(0), "log:\n{}", d.logs());
+}

@@ -162,7 +162,8 @@ async fn repair_range(
             &present,
             &mut budget,
         )
-        .await?;
+        .await?
+        .deleted;
         let upserted = applier.upsert_documents(&docs).await?;
         drop(docs);
         done.upserted += upserted.written;
