@@ -1,0 +1,325 @@
+//! Throughput of the daemon against ceilings measured in the same run (issue 11's evidence),
+//! with both simulated replica sets in their own processes (the `mongo-sim` binary).
+//!
+//! ```text
+//! cargo build --release --workspace --bins
+//! cargo run --release --example perf -- [--docs 200000] [--events 100000] [--naive 5000]
+//! ```
+//!
+//! Printed side by side, in one run on the same two simulators:
+//! - **copy ceilings**: a fast Rust client writing the same documents to the destination with
+//!   `insert_many` (10,000 per call) and with replace-upserts by `_id` (1,000 per bulk);
+//! - **copy of one collection** by `mongo-syncd`, from its start to the last document copied,
+//!   as a ratio of the `insert_many` ceiling (target ≥ 0.5);
+//! - **drain ceiling**: the statements the daemon sends for a backlog of `$inc` updates (`$set`
+//!   of the field by `_id`, unordered bulks of 1,000) sent by a fast client;
+//! - **drain of one collection**: the daemon restarted over that backlog, from its start to the
+//!   last event applied, as a ratio of the drain ceiling (target ≥ 0.9);
+//! - **naive loop**: one `update_one` per event, the way a simple script replicates, and the
+//!   daemon's drain as a multiple of it (target ≥ 12).
+//!
+//! The machine is shared and the simulator is the limit: read the ratios, not the absolutes.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use bson::{doc, Document};
+use mongodb::Client;
+
+const DB: &str = "perf";
+const COLL: &str = "docs";
+
+struct Process {
+    child: Child,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_sim(bin: &Path, set: &str) -> (Process, String) {
+    let mut child = Command::new(bin)
+        .args([
+            "--port",
+            "0",
+            "--replset",
+            set,
+            "--noop-interval-seconds",
+            "1",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let host = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line from mongo-sim: {line:?}"))
+        .to_string();
+    (
+        Process { child },
+        format!("mongodb://{host}/?replicaSet={set}"),
+    )
+}
+
+fn document(i: i64) -> Document {
+    doc! {
+        "_id": i,
+        "name": format!("customer-{i:08}"),
+        "email": format!("customer{i}@example.com"),
+        "balance": (i % 10_000) as f64 / 100.0,
+        "active": i % 3 != 0,
+        "tags": ["alpha", "beta", format!("t{}", i % 97)],
+        "address": {"street": format!("{} Main St", i % 1000), "city": "Springfield", "zip": format!("{:05}", i % 100_000)},
+        "visits": 0,
+    }
+}
+
+async fn insert_all(client: &Client, coll: &str, docs: i64) -> Duration {
+    let coll = client.database(DB).collection::<Document>(coll);
+    let started = Instant::now();
+    let mut start = 0;
+    while start < docs {
+        let end = (start + 10_000).min(docs);
+        coll.insert_many((start..end).map(document).collect::<Vec<_>>())
+            .await
+            .unwrap();
+        start = end;
+    }
+    started.elapsed()
+}
+
+/// Sends `statements` as unordered `update` bulks of 1,000 with majority write concern.
+async fn bulk_update(client: &Client, coll: &str, statements: Vec<Document>) -> Duration {
+    let db = client.database(DB);
+    let started = Instant::now();
+    for chunk in statements.chunks(1_000) {
+        let r = db
+            .run_command(doc! {
+                "update": coll,
+                "updates": chunk.to_vec(),
+                "ordered": false,
+                "writeConcern": {"w": "majority", "j": true},
+            })
+            .await
+            .unwrap();
+        assert!(!r.contains_key("writeErrors"), "{r}");
+    }
+    started.elapsed()
+}
+
+/// The `_id` the `k`-th backlog event updates (spread over the collection, repeats included).
+fn event_id(k: i64, docs: i64) -> i64 {
+    (k * 7_919) % docs
+}
+
+fn rate(n: i64, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64()
+}
+
+struct Daemon {
+    process: Process,
+    http: String,
+}
+
+fn start_daemon(bin: &Path, dir: &Path, source: &str, dest: &str) -> Daemon {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = dir.join("perf.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[source]\nuri = \"{source}\"\n\n[destination]\nuri = \"{dest}\"\n\n[http]\nlisten = \"127.0.0.1:{port}\"\n\n[sync]\nnamespaces = [\"{DB}.{COLL}\"]\n\n[validation]\ninterval_seconds = 0\n\n[log]\nlevel = \"warn\"\n",
+        ),
+    )
+    .unwrap();
+    let child = Command::new(bin)
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mongo-syncd starts");
+    Daemon {
+        process: Process { child },
+        http: format!("http://127.0.0.1:{port}"),
+    }
+}
+
+impl Daemon {
+    async fn metric(&self, name: &str) -> Option<f64> {
+        let body = reqwest::get(format!("{}/metrics", self.http))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        body.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+            .reduce(|a, b| a + b)
+    }
+
+    /// Waits (bounded) until the series `name` sums to at least `at_least`.
+    async fn wait_metric(&self, name: &str, at_least: f64, bound: Duration) {
+        let started = Instant::now();
+        while self.metric(name).await.unwrap_or(0.0) < at_least {
+            assert!(
+                started.elapsed() < bound,
+                "{name} did not reach {at_least} within {bound:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn stop(self) {
+        let pid = self.process.child.id();
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+        let mut process = self.process;
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = process.child.wait();
+            process
+        })
+        .await;
+    }
+}
+
+fn arg(args: &[String], name: &str, default: i64) -> i64 {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.parse().unwrap_or_else(|_| panic!("{name} N")))
+        .unwrap_or(default)
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let docs = arg(&args, "--docs", 200_000);
+    let events = arg(&args, "--events", 100_000);
+    let naive = arg(&args, "--naive", 5_000);
+    let bin_dir: PathBuf = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .to_path_buf();
+    let daemon_bin = bin_dir.join("mongo-syncd");
+    let sim_bin = bin_dir.join("mongo-sim");
+    for b in [&daemon_bin, &sim_bin] {
+        assert!(
+            b.exists(),
+            "{} is missing: run `cargo build --release --workspace --bins` first",
+            b.display()
+        );
+    }
+    let work = tempfile::tempdir().unwrap();
+    let (_source, source_uri) = start_sim(&sim_bin, "src");
+    let (_dest, dest_uri) = start_sim(&sim_bin, "dst");
+    let src = Client::with_uri_str(&source_uri).await.unwrap();
+    let dst = Client::with_uri_str(&dest_uri).await.unwrap();
+
+    // Copy ceilings, on the destination simulator.
+    let insert_ceiling = rate(docs, insert_all(&dst, "ceiling_insert", docs).await);
+    let upserts: Vec<Document> = (0..docs)
+        .map(|i| doc! {"q": {"_id": i}, "u": document(i), "upsert": true})
+        .collect();
+    let upsert_ceiling = rate(docs, bulk_update(&dst, "ceiling_upsert", upserts).await);
+
+    // The daemon's copy.
+    insert_all(&src, COLL, docs).await;
+    let daemon = start_daemon(&daemon_bin, work.path(), &source_uri, &dest_uri);
+    let started = Instant::now();
+    daemon
+        .wait_metric(
+            "mongo_syncd_initial_sync_documents_copied_total",
+            docs as f64,
+            Duration::from_secs(600),
+        )
+        .await;
+    let copy = rate(docs, started.elapsed());
+    daemon
+        .wait_metric(
+            "mongo_syncd_worker_state{namespace=\"perf.docs\",state=\"streaming\"}",
+            1.0,
+            Duration::from_secs(120),
+        )
+        .await;
+    daemon.stop().await;
+
+    // A backlog while the daemon is stopped: `$inc` updates, applied as `$set` deltas.
+    let coll = src.database(DB).collection::<Document>(COLL);
+    let sources: Vec<Document> = (0..events)
+        .map(|k| doc! {"q": {"_id": event_id(k, docs)}, "u": {"$inc": {"visits": 1}}})
+        .collect();
+    bulk_update(&src, COLL, sources).await;
+    // Its ceiling: the same statements the daemon sends, on a copy of the collection.
+    insert_all(&dst, "ceiling_drain", docs).await;
+    let statements: Vec<Document> = (0..events)
+        .map(|k| doc! {"q": {"_id": event_id(k, docs)}, "u": {"$set": {"visits": k}}})
+        .collect();
+    let drain_ceiling = rate(events, bulk_update(&dst, "ceiling_drain", statements).await);
+    let daemon = start_daemon(&daemon_bin, work.path(), &source_uri, &dest_uri);
+    let started = Instant::now();
+    daemon
+        .wait_metric(
+            "mongo_syncd_events_applied_total",
+            events as f64,
+            Duration::from_secs(600),
+        )
+        .await;
+    let drain = rate(events, started.elapsed());
+    daemon.stop().await;
+
+    // The naive loop: one acknowledged write per event.
+    let naive_coll = dst.database(DB).collection::<Document>("ceiling_drain");
+    let started = Instant::now();
+    for k in 0..naive {
+        naive_coll
+            .update_one(
+                doc! {"_id": event_id(k, docs)},
+                doc! {"$set": {"visits": -k}},
+            )
+            .await
+            .unwrap();
+    }
+    let naive_rate = rate(naive, started.elapsed());
+    drop(coll);
+
+    println!("| what | per second | ratio |");
+    println!("| --- | ---: | --- |");
+    println!("| ceiling: insert_many, {docs} documents | {insert_ceiling:.0} | |");
+    println!(
+        "| ceiling: replace-upserts by _id | {upsert_ceiling:.0} | {:.2}× insert_many |",
+        upsert_ceiling / insert_ceiling
+    );
+    println!(
+        "| mongo-syncd copy, 1 collection | {copy:.0} | {:.2}× insert_many (target ≥ 0.5) |",
+        copy / insert_ceiling
+    );
+    println!("| ceiling: the drain's statements, {events} events | {drain_ceiling:.0} | |");
+    println!(
+        "| mongo-syncd drain, 1 collection | {drain:.0} | {:.2}× the ceiling (target ≥ 0.9) |",
+        drain / drain_ceiling
+    );
+    println!(
+        "| naive loop, one update_one per event | {naive_rate:.0} | drain = {:.1}× naive (target ≥ 12) |",
+        drain / naive_rate
+    );
+}
