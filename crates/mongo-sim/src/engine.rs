@@ -135,6 +135,8 @@ pub struct Engine {
     next_cursor_id: AtomicI64,
     /// `serverStatus.opcounters`: operations received since the process started.
     pub opcounters: OpCounters,
+    /// Client connections open now (`serverStatus.connections.current`).
+    pub open_connections: AtomicI64,
     /// Per-session checkout: a retryable write and its retry (possibly on another
     /// connection) never execute concurrently, as on a real server.
     session_checkouts: Mutex<std::collections::HashMap<Vec<u8>, Arc<tokio::sync::Mutex<()>>>>,
@@ -206,6 +208,7 @@ impl Engine {
             next_cursor_id: AtomicI64::new(1_000_000 + rand::random::<u32>() as i64),
             session_checkouts: Mutex::new(std::collections::HashMap::new()),
             opcounters: OpCounters::default(),
+            open_connections: AtomicI64::new(0),
             config,
         }))
     }
@@ -345,6 +348,14 @@ impl Engine {
             set_name: self.config.replica_set.clone(),
             replica_set_id: self.replica_set_id,
             term: self.repl.lock().term,
+        }
+    }
+
+    /// `serverStatus.connections`: open now, and created since the process started.
+    pub fn connections_document(&self) -> Document {
+        bson::doc! {
+            "current": self.open_connections.load(Ordering::Relaxed) as i32,
+            "totalCreated": (self.next_connection_id.load(Ordering::Relaxed) - 1) as i64,
         }
     }
 

@@ -345,6 +345,26 @@ fn app_name_of(cmd: &Document) -> Option<String> {
         .map(str::to_string)
 }
 
+/// Counts a client connection in `serverStatus.connections.current` while it is served.
+struct OpenConnection(Arc<Engine>);
+
+impl OpenConnection {
+    fn count(engine: &Arc<Engine>) -> OpenConnection {
+        engine
+            .open_connections
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        OpenConnection(Arc::clone(engine))
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0
+            .open_connections
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 async fn serve_connection(
     engine: Arc<Engine>,
     stream: TcpStream,
@@ -353,6 +373,7 @@ async fn serve_connection(
 ) {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::with_capacity(64 * 1024, read);
+    let _open = OpenConnection::count(&engine);
     let mut conn = ConnInfo {
         id: engine.next_connection_id(),
         app_name: None,

@@ -121,6 +121,7 @@ pub fn server_status(engine: &Arc<Engine>) -> Document {
         "oplog": {"entries": oplog_len as i64, "maxEntries": engine.config.oplog_max_events as i64},
         "storageEngine": {"name": "inMemory"},
         "opcounters": engine.opcounters.to_document(),
+        "connections": engine.connections_document(),
     }
 }
 

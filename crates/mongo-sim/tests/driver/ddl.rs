@@ -2,7 +2,7 @@
 
 use bson::{doc, Bson, Document};
 use futures::TryStreamExt;
-use mongodb::{options::IndexOptions, IndexModel};
+use mongodb::{options::IndexOptions, Client, IndexModel};
 
 use crate::common::*;
 
@@ -549,6 +549,45 @@ async fn server_status_counts_operations_as_mongod() {
         assert_eq!(delta("getmore"), 0, "{before} -> {after}");
         // The second serverStatus itself is a command.
         assert!(delta("command") >= 1, "{before} -> {after}");
+    })
+    .await;
+}
+
+/// `serverStatus.connections`: `current` counts the connections open now (a second client's
+/// show up, and go away when it shuts down), `totalCreated` only grows.
+#[tokio::test]
+async fn server_status_counts_open_connections() {
+    bounded(async {
+        let (sim, c) = start_with_client().await;
+        let connections = |c: Client| async move {
+            admin(&c, doc! {"serverStatus": 1})
+                .await
+                .unwrap()
+                .get_document("connections")
+                .unwrap()
+                .clone()
+        };
+        let before = connections(c.clone()).await;
+        let other = client(&sim).await;
+        admin(&other, doc! {"ping": 1}).await.unwrap();
+        let during = connections(c.clone()).await;
+        assert!(
+            during.get_i32("current").unwrap() > before.get_i32("current").unwrap(),
+            "{before} -> {during}"
+        );
+        assert!(during.get_i64("totalCreated").unwrap() > before.get_i64("totalCreated").unwrap());
+        other.shutdown().await;
+        loop {
+            let after = connections(c.clone()).await;
+            if after.get_i32("current").unwrap() <= before.get_i32("current").unwrap() {
+                assert!(
+                    after.get_i64("totalCreated").unwrap()
+                        >= during.get_i64("totalCreated").unwrap()
+                );
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     })
     .await;
 }
