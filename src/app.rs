@@ -227,7 +227,7 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
     // Every (re)connection of either client triggers an identity check (DESIGN §2.10).
     let reconnected = Arc::new(tokio::sync::Notify::new());
     let (source_client, dest_client) =
-        match build_clients(&config, Some(Arc::clone(&reconnected))).await {
+        match build_clients(&config, Some((Arc::clone(&reconnected), &status, &metrics))).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, "cannot configure the MongoDB clients");
@@ -471,15 +471,23 @@ async fn close_clients((source, dest): (Client, Client)) {
     }
 }
 
+/// The daemon's two clients. `watch`: the notification of every (re)connection, and where to
+/// count open connections (status and metrics); none for the one-shot CLI commands.
 async fn build_clients(
     config: &Config,
-    reconnected: Option<Arc<tokio::sync::Notify>>,
+    watch: Option<(Arc<tokio::sync::Notify>, &StatusRegistry, &Metrics)>,
 ) -> Result<(Client, Client), SyncError> {
     let mut source_opts = config.source_client_options().await?;
     let mut dest_opts = config.destination_client_options().await?;
-    if let Some(notify) = reconnected {
+    if let Some((notify, status, metrics)) = watch {
         identity::notify_on_reconnect(&mut source_opts, Arc::clone(&notify));
         identity::notify_on_reconnect(&mut dest_opts, notify);
+        crate::connections::count_connections(
+            &mut source_opts,
+            &mut dest_opts,
+            &status.connections,
+            metrics,
+        );
     }
     let source = Client::with_options(source_opts)
         .map_err(|e| SyncError::mongo(ErrorKind::Config, "building the source client", e))?;

@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod conflict;
+pub mod connections;
 pub mod demo;
 pub mod dest_collection;
 pub mod error;

@@ -89,6 +89,8 @@ pub struct StatusRegistry {
     /// Hosts of the source and destination, credentials removed.
     pub source_hosts: RwLock<String>,
     pub destination_hosts: RwLock<String>,
+    /// Pooled connections open to each cluster.
+    pub connections: crate::connections::ConnectionCounts,
 }
 
 impl Default for StatusRegistry {
@@ -104,6 +106,7 @@ impl Default for StatusRegistry {
             safety_alarm: RwLock::new(None),
             source_hosts: RwLock::new(String::new()),
             destination_hosts: RwLock::new(String::new()),
+            connections: Default::default(),
         }
     }
 }
@@ -324,8 +327,8 @@ impl StatusRegistry {
         json!({
             "version": version,
             "uptime_seconds": self.uptime_seconds(),
-            "source": {"connected": self.source_connected(), "hosts": *self.source_hosts.read(), "cluster_time": ts_json(self.source_cluster_time())},
-            "destination": {"connected": self.destination_connected(), "hosts": *self.destination_hosts.read()},
+            "source": {"connected": self.source_connected(), "hosts": *self.source_hosts.read(), "cluster_time": ts_json(self.source_cluster_time()), "connections": self.connections.source.get()},
+            "destination": {"connected": self.destination_connected(), "hosts": *self.destination_hosts.read(), "connections": self.connections.destination.get()},
             "summary": self.summary(),
             "safety_alarm": self.safety_alarm(),
             "namespaces": namespaces,

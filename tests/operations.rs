@@ -1019,3 +1019,51 @@ async fn a_blocked_destination_buffers_at_most_the_daemon_wide_budget() {
         .await;
     assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
 }
+
+/// Issue 11 item 8: the connections the daemon holds to each cluster are in the status and in
+/// `mongo_syncd_connections{side}`, and they are the simulator's own count of them, give or
+/// take the driver's monitoring connections (outside the pool) and this test's client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_metrics_show_the_connections_held_to_each_cluster() {
+    let c = Clusters::start().await;
+    seed_orders(&c, 10).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(&c, dir.path(), "[sync]\nnamespaces = [\"shop.*\"]\n");
+    d.wait_streaming("shop.orders").await;
+    let open_on = |client: mongodb::Client| async move {
+        client
+            .database("admin")
+            .run_command(doc! {"serverStatus": 1})
+            .await
+            .unwrap()
+            .get_document("connections")
+            .unwrap()
+            .get_i32("current")
+            .unwrap() as i64
+    };
+    for side in ["source", "destination"] {
+        wait_until(
+            &format!("the {side} connections agree in the status, the metric and the server"),
+            Duration::from_secs(20),
+            || async {
+                let Some(status) = d.status().await else {
+                    return false;
+                };
+                let reported = status[side]["connections"].as_i64().unwrap_or(-1);
+                let metric = d
+                    .metric(&format!("mongo_syncd_connections{{side=\"{side}\"}}"))
+                    .await
+                    .unwrap_or(-1.0) as i64;
+                let server = open_on(if side == "source" {
+                    c.src.clone()
+                } else {
+                    c.dst.clone()
+                })
+                .await;
+                reported >= 1 && reported == metric && reported <= server
+            },
+        )
+        .await;
+    }
+    assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
+}

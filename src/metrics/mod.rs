@@ -19,7 +19,8 @@
 //! `mongo_syncd_destination_resets_total{action}`, `mongo_syncd_mass_delete_guard_total{trigger}`
 //! (the last three registered by `identity` and `guard`, which own their label values),
 //! `mongo_syncd_buffered_bytes` and `mongo_syncd_buffer_budget_bytes` (registered by
-//! `buffer_budget`, which owns the budget).
+//! `buffer_budget`, which owns the budget), `mongo_syncd_connections{side}` (registered by
+//! `connections`, fed by the clients' pool events).
 
 mod labels;
 mod namespaces;
@@ -94,6 +95,8 @@ pub const MASS_DELETE_GUARD_TOTAL: &str = "mongo_syncd_mass_delete_guard_total";
 pub const BUFFERED_BYTES: &str = "mongo_syncd_buffered_bytes";
 /// `apply.max_buffered_bytes`.
 pub const BUFFER_BUDGET_BYTES: &str = "mongo_syncd_buffer_budget_bytes";
+/// Pooled connections open to each cluster (`side`).
+pub const CONNECTIONS: &str = "mongo_syncd_connections";
 
 /// Every metric family name the daemon exports, for tests and tooling.
 pub const METRIC_NAMES: &[&str] = &[
@@ -130,10 +133,13 @@ pub const METRIC_NAMES: &[&str] = &[
     MASS_DELETE_GUARD_TOTAL,
     BUFFERED_BYTES,
     BUFFER_BUDGET_BYTES,
+    CONNECTIONS,
 ];
 
 // ---- label keys ----
 pub const LABEL_NAMESPACE: &str = "namespace";
+/// `source` or `destination`.
+pub const LABEL_SIDE: &str = "side";
 pub const LABEL_OP: &str = "op";
 pub const LABEL_STATE: &str = "state";
 pub const LABEL_KIND: &str = "kind";

@@ -168,6 +168,7 @@ const EXPECTED_TYPES: &[(&str, &str)] = &[
     (MASS_DELETE_GUARD_TOTAL, "counter"),
     (BUFFERED_BYTES, "gauge"),
     (BUFFER_BUDGET_BYTES, "gauge"),
+    (CONNECTIONS, "gauge"),
 ];
 
 #[test]
@@ -177,6 +178,12 @@ fn render_has_every_metric_with_its_type_and_help() {
     crate::identity::register_metrics(&m);
     let _guard = crate::guard::DeleteGuard::new(0.5, &m);
     let _budget = crate::buffer_budget::BufferBudget::new(1 << 20, &m);
+    crate::connections::count_connections(
+        &mut mongodb::options::ClientOptions::default(),
+        &mut mongodb::options::ClientOptions::default(),
+        &crate::connections::ConnectionCounts::default(),
+        &m,
+    );
     let text = m.render();
     let (types, _) = parse(&text);
     for (name, ty) in EXPECTED_TYPES {
