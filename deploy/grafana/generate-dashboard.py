@@ -480,6 +480,20 @@ ROWS = [
                 w=8,
                 min0=False,
             ),
+            timeseries(
+                "Read-ahead buffer",
+                "Bytes of change events read from the source and not yet applied, all namespaces, against apply.max_buffered_bytes. At the budget the readers wait for the destination: lag grows, memory does not.",
+                targets(
+                    ("sum(mongo_syncd_buffered_bytes)", "buffered"),
+                    ("max(mongo_syncd_buffer_budget_bytes)", "budget"),
+                ),
+                unit="bytes",
+            ),
+            timeseries(
+                "Connections by side",
+                "Pooled connections the daemon holds open to each cluster. With one change stream per collection the source count grows with the collections streamed; pinned at source.max_pool_size, streams wait for a connection.",
+                targets(("sum by (side) (mongo_syncd_connections)", "{{side}}")),
+            ),
         ],
         collapsed=True,
     ),
