@@ -1611,23 +1611,12 @@ impl Applier {
         self.catalog().await?;
         let reply = self.bulk("insert", "documents", docs.to_vec()).await?;
         let mut out = Upserted::default();
-        let mut taken = Vec::new();
-        for (idx, code, msg) in reply.errors {
-            if code == 11000 {
-                taken.push(docs[idx].clone());
-            } else if REJECTED_DOCUMENT_CODES.contains(&code) {
-                self.dead_letter_copied(&docs[idx], code, &msg).await?;
-                out.dead_lettered += 1;
-            } else {
-                return Err(SyncError::new(
-                    ErrorKind::DestinationWrite,
-                    format!(
-                        "copying into {} failed with code {code}: {msg}",
-                        self.target
-                    ),
-                ));
-            }
-        }
+        let taken: Vec<RawDocumentBuf> = self
+            .copy_errors(docs, reply.errors, &mut out)
+            .await?
+            .into_iter()
+            .map(|(doc, _)| doc)
+            .collect();
         let inserted = docs.len() as u64 - out.dead_lettered - taken.len() as u64;
         let upserted = if taken.is_empty() {
             Upserted::default()
@@ -1654,9 +1643,24 @@ impl Applier {
         }
         let reply = self.bulk("update", "updates", statements).await?;
         let mut out = Upserted::default();
-        for (idx, code, msg) in reply.errors {
+        out.duplicates = self.copy_errors(docs, reply.errors, &mut out).await?;
+        out.written = docs.len() as u64 - out.dead_lettered - out.duplicates.len() as u64;
+        Ok(out)
+    }
+
+    /// Sorts the write errors of copied `docs`: documents the destination rejects are
+    /// dead-lettered (counted in `out`), duplicate keys (E11000) are returned with the server's
+    /// message, anything else fails the copy.
+    async fn copy_errors(
+        &self,
+        docs: &[RawDocumentBuf],
+        errors: Vec<(usize, i32, String)>,
+        out: &mut Upserted,
+    ) -> Result<Vec<(RawDocumentBuf, String)>, SyncError> {
+        let mut duplicates = Vec::new();
+        for (idx, code, msg) in errors {
             if code == 11000 {
-                out.duplicates.push((docs[idx].clone(), msg));
+                duplicates.push((docs[idx].clone(), msg));
             } else if REJECTED_DOCUMENT_CODES.contains(&code) {
                 self.dead_letter_copied(&docs[idx], code, &msg).await?;
                 out.dead_lettered += 1;
@@ -1670,8 +1674,7 @@ impl Applier {
                 ));
             }
         }
-        out.written = docs.len() as u64 - out.dead_lettered - out.duplicates.len() as u64;
-        Ok(out)
+        Ok(duplicates)
     }
 
     /// Records a copied document the destination refused as a dead letter (operation `copy`).
