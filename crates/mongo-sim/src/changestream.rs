@@ -57,11 +57,14 @@ pub enum BeforeChange {
     Required,
 }
 
+/// The token kinds, in the order they sort at one oplog position: a high-water mark at
+/// position p means "scanned through p", so it sorts after the event (and invalidate) of p and
+/// a postBatchResumeToken never moves backwards when an empty batch follows an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum TokenKind {
-    HighWaterMark = 0x01,
     Event = 0x80,
     Invalidate = 0x81,
+    HighWaterMark = 0xF0,
 }
 
 /// A decoded resume token.
@@ -106,7 +109,8 @@ impl Token {
         };
         let t = hex(2..18)?;
         let kind = match hex(42..44)? {
-            0x01 => TokenKind::HighWaterMark,
+            // 0x01: high-water marks written before they sorted after events (data dirs).
+            0x01 | 0xF0 => TokenKind::HighWaterMark,
             0x80 => TokenKind::Event,
             0x81 => TokenKind::Invalidate,
             _ => return Err(invalid()),
@@ -1011,5 +1015,28 @@ mod tests {
         assert_eq!(Token::decode(&Bson::Document(ea)).unwrap(), a);
         assert!(Token::decode(&Bson::Document(doc! {"_data": "zz"})).is_err());
         assert!(Token::decode(&Bson::Int32(1)).is_err());
+    }
+
+    #[test]
+    fn a_high_water_mark_sorts_after_the_event_at_its_position() {
+        let at = |kind| Token {
+            ts: Timestamp {
+                time: 100,
+                increment: 2,
+            },
+            epoch: 7,
+            seq: 10,
+            kind,
+            fragment: 0,
+        };
+        let event = at(TokenKind::Event).encode();
+        let invalidate = at(TokenKind::Invalidate).encode();
+        let hwm = at(TokenKind::HighWaterMark).encode();
+        assert!(event.get_str("_data").unwrap() < hwm.get_str("_data").unwrap());
+        assert!(invalidate.get_str("_data").unwrap() < hwm.get_str("_data").unwrap());
+        assert_eq!(
+            Token::decode(&Bson::Document(hwm)).unwrap(),
+            at(TokenKind::HighWaterMark)
+        );
     }
 }

@@ -683,6 +683,38 @@ fn pbrt(cursor: &Document) -> String {
         .to_string()
 }
 
+/// A postBatchResumeToken never moves backwards: a batch that ends on an event reports that
+/// event's token, and the empty batch after it reports a high-water mark that sorts at or after
+/// it (tools order positions by `_data`, as MongoDB's KeyString order allows).
+#[tokio::test]
+async fn post_batch_resume_token_never_moves_backwards_after_an_event() {
+    bounded(async {
+        let (_sim, c) = start_with_client().await;
+        let (id, first) = open_raw(&c, "cs", "mono").await;
+        let mut last = pbrt(&first);
+        c.database("cs")
+            .collection::<Document>("mono")
+            .insert_one(doc! {"_id": 1})
+            .await
+            .unwrap();
+        let with_event = get_more(&c, "cs", "mono", id, 1000).await;
+        assert_eq!(with_event.get_array("nextBatch").unwrap().len(), 1);
+        for cur in [with_event] {
+            let now = pbrt(&cur);
+            assert!(now >= last, "PBRT moved backwards: {now} < {last}");
+            last = now;
+        }
+        for _ in 0..2 {
+            let cur = get_more(&c, "cs", "mono", id, 100).await;
+            assert!(cur.get_array("nextBatch").unwrap().is_empty());
+            let now = pbrt(&cur);
+            assert!(now >= last, "PBRT moved backwards: {now} < {last}");
+            last = now;
+        }
+    })
+    .await
+}
+
 #[tokio::test]
 async fn post_batch_resume_token_advances_while_idle() {
     bounded(async {
