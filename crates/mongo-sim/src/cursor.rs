@@ -32,6 +32,51 @@ pub struct Cursor {
 #[derive(Default)]
 pub struct Cursors {
     pub map: HashMap<i64, Cursor>,
+    /// Cursors checked out by a running `getMore` (an awaiting change stream spends most of
+    /// its life there); still open, as `serverStatus` counts them.
+    in_use: usize,
+}
+
+/// A cursor checked out of [`Cursors`] by a `getMore`: counted as open until it is given
+/// back or, dropped, closed.
+pub struct CheckedOut<'a> {
+    cursors: &'a parking_lot::Mutex<Cursors>,
+    returned: bool,
+}
+
+impl<'a> CheckedOut<'a> {
+    /// Takes cursor `id` out for a `getMore`.
+    pub fn take(
+        cursors: &'a parking_lot::Mutex<Cursors>,
+        id: i64,
+    ) -> Option<(Cursor, CheckedOut<'a>)> {
+        let mut guard = cursors.lock();
+        let cursor = guard.map.remove(&id)?;
+        guard.in_use += 1;
+        Some((
+            cursor,
+            CheckedOut {
+                cursors,
+                returned: false,
+            },
+        ))
+    }
+
+    /// Puts the cursor back (it stays open).
+    pub fn give_back(mut self, cursor: Cursor) {
+        let mut guard = self.cursors.lock();
+        guard.in_use -= 1;
+        guard.map.insert(cursor.id, cursor);
+        self.returned = true;
+    }
+}
+
+impl Drop for CheckedOut<'_> {
+    fn drop(&mut self) {
+        if !self.returned {
+            self.cursors.lock().in_use -= 1;
+        }
+    }
 }
 
 impl Cursors {
@@ -49,6 +94,11 @@ impl Cursors {
 
     pub fn clear(&mut self) {
         self.map.clear();
+    }
+
+    /// Open cursors, those a `getMore` is using included.
+    pub fn open(&self) -> usize {
+        self.map.len() + self.in_use
     }
 }
 

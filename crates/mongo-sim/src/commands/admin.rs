@@ -105,10 +105,7 @@ pub fn build_info() -> Document {
 }
 
 pub fn server_status(engine: &Arc<Engine>) -> Document {
-    let (oplog_len, cursors) = (
-        engine.data.lock().oplog.len(),
-        engine.cursors.lock().map.len(),
-    );
+    let (oplog_len, cursors) = (engine.data.lock().oplog.len(), engine.cursors.lock().open());
     doc! {
         "host": engine.host.lock().clone(),
         "version": SERVER_VERSION,

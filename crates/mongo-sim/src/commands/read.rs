@@ -304,7 +304,8 @@ pub async fn get_more(ctx: &Ctx<'_>) -> CommandResult<Document> {
         )
     })?;
     let batch = batch_size(ctx.cmd, "batchSize")?.filter(|b| *b > 0);
-    let Some(mut cursor) = ctx.engine.cursors.lock().take(id) else {
+    let Some((mut cursor, checked_out)) = crate::cursor::CheckedOut::take(&ctx.engine.cursors, id)
+    else {
         return Err(CommandError::new(
             codes::CURSOR_NOT_FOUND,
             format!("cursor id {id} not found"),
@@ -316,7 +317,7 @@ pub async fn get_more(ctx: &Ctx<'_>) -> CommandResult<Document> {
             13,
             format!("Requested getMore on namespace '{expected_ns}', but cursor belongs to a different namespace {}", cursor.ns),
         );
-        ctx.engine.cursors.lock().insert(cursor);
+        checked_out.give_back(cursor);
         return Err(reply_err);
     }
     match &mut cursor.kind {
@@ -331,7 +332,7 @@ pub async fn get_more(ctx: &Ctx<'_>) -> CommandResult<Document> {
             let ns = cursor.ns.clone();
             let at_cluster_time = cursor.at_cluster_time;
             if !done {
-                ctx.engine.cursors.lock().insert(cursor);
+                checked_out.give_back(cursor);
             }
             let mut reply = doc! {"nextBatch": docs, "id": if done { 0i64 } else { id }, "ns": ns};
             if let Some(at) = at_cluster_time {
@@ -381,7 +382,7 @@ pub async fn get_more(ctx: &Ctx<'_>) -> CommandResult<Document> {
             let ns = cursor.ns.clone();
             let closed = stream.finished();
             if !closed {
-                ctx.engine.cursors.lock().insert(cursor);
+                checked_out.give_back(cursor);
             }
             Ok(
                 doc! {"cursor": {"nextBatch": events, "postBatchResumeToken": pbrt, "id": if closed { 0i64 } else { id }, "ns": ns}},
