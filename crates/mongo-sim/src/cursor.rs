@@ -34,13 +34,16 @@ pub struct Cursors {
     pub map: HashMap<i64, Cursor>,
     /// Cursors checked out by a running `getMore` (an awaiting change stream spends most of
     /// its life there); still open, as `serverStatus` counts them.
-    in_use: usize,
+    in_use: std::collections::HashSet<i64>,
+    /// Checked-out cursors a `killCursors` named: closed when their `getMore` returns.
+    killed: std::collections::HashSet<i64>,
 }
 
 /// A cursor checked out of [`Cursors`] by a `getMore`: counted as open until it is given
 /// back or, dropped, closed.
 pub struct CheckedOut<'a> {
     cursors: &'a parking_lot::Mutex<Cursors>,
+    id: i64,
     returned: bool,
 }
 
@@ -52,21 +55,24 @@ impl<'a> CheckedOut<'a> {
     ) -> Option<(Cursor, CheckedOut<'a>)> {
         let mut guard = cursors.lock();
         let cursor = guard.map.remove(&id)?;
-        guard.in_use += 1;
+        guard.in_use.insert(id);
         Some((
             cursor,
             CheckedOut {
                 cursors,
+                id,
                 returned: false,
             },
         ))
     }
 
-    /// Puts the cursor back (it stays open).
+    /// Puts the cursor back (it stays open, unless a `killCursors` named it meanwhile).
     pub fn give_back(mut self, cursor: Cursor) {
         let mut guard = self.cursors.lock();
-        guard.in_use -= 1;
-        guard.map.insert(cursor.id, cursor);
+        guard.in_use.remove(&self.id);
+        if !guard.killed.remove(&self.id) {
+            guard.map.insert(cursor.id, cursor);
+        }
         self.returned = true;
     }
 }
@@ -74,7 +80,9 @@ impl<'a> CheckedOut<'a> {
 impl Drop for CheckedOut<'_> {
     fn drop(&mut self) {
         if !self.returned {
-            self.cursors.lock().in_use -= 1;
+            let mut guard = self.cursors.lock();
+            guard.in_use.remove(&self.id);
+            guard.killed.remove(&self.id);
         }
     }
 }
@@ -88,6 +96,19 @@ impl Cursors {
         self.map.remove(&id)
     }
 
+    /// `killCursors` of one id: an idle cursor closes now, one a `getMore` is using closes
+    /// when that `getMore` returns (mongod interrupts it). False for an unknown id.
+    pub fn kill(&mut self, id: i64) -> bool {
+        if self.map.remove(&id).is_some() {
+            return true;
+        }
+        if self.in_use.contains(&id) {
+            self.killed.insert(id);
+            return true;
+        }
+        false
+    }
+
     pub fn kill_session(&mut self, lsid: &[u8]) {
         self.map.retain(|_, c| c.lsid.as_deref() != Some(lsid));
     }
@@ -98,7 +119,7 @@ impl Cursors {
 
     /// Open cursors, those a `getMore` is using included.
     pub fn open(&self) -> usize {
-        self.map.len() + self.in_use
+        self.map.len() + self.in_use.len() - self.killed.len()
     }
 }
 

@@ -405,7 +405,7 @@ pub fn kill_cursors(ctx: &Ctx<'_>) -> CommandResult<Document> {
             Bson::Int32(i) => *i as i64,
             _ => continue,
         };
-        if cursors.take(id).is_some() {
+        if cursors.kill(id) {
             killed.push(id);
         } else {
             not_found.push(id);

@@ -1131,3 +1131,48 @@ async fn server_status_counts_a_cursor_while_its_get_more_awaits() {
     })
     .await
 }
+
+/// `killCursors` of a cursor whose `getMore` is awaiting closes it when that `getMore`
+/// returns: the cursor is not given back (a driver dropping a change stream mid-`getMore`
+/// must not leak it on the server).
+#[tokio::test]
+async fn kill_cursors_during_an_awaiting_get_more_closes_the_cursor() {
+    bounded(async {
+        let (_sim, c) = start_with_client().await;
+        let open = |c: mongodb::Client| async move {
+            c.database("admin")
+                .run_command(doc! {"serverStatus": 1})
+                .await
+                .unwrap()
+                .get_document("metrics")
+                .unwrap()
+                .get_document("cursor")
+                .unwrap()
+                .get_document("open")
+                .unwrap()
+                .get_i64("total")
+                .unwrap()
+        };
+        let (id, _) = open_raw(&c, "cs", "killed").await;
+        let awaiting = {
+            let c = c.clone();
+            tokio::spawn(async move { get_more(&c, "cs", "killed", id, 1000).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let reply = c
+            .database("cs")
+            .run_command(doc! {"killCursors": "killed", "cursors": [id]})
+            .await
+            .unwrap();
+        assert_eq!(reply.get_array("cursorsKilled").unwrap().len(), 1);
+        assert_eq!(open(c.clone()).await, 0);
+        let _ = awaiting.await;
+        assert_eq!(open(c.clone()).await, 0);
+        let again = c
+            .database("cs")
+            .run_command(doc! {"getMore": id, "collection": "killed"})
+            .await;
+        assert!(again.is_err(), "the killed cursor is gone");
+    })
+    .await
+}
