@@ -4,7 +4,8 @@
 //! cargo build --release --bin mongo-syncd
 //! cargo run --release --example soak -- --seed S --minutes M
 //! cargo run --release --example soak -- --seed S --seeds N [--per-round K] [--parallel P]
-//!     [--ops-per-seed O] [--ops all|a,b|-a,-b] [--faults all|none|a,b|-a,-b] [--verbose]
+//!     [--ops-per-seed O] [--ops all|a,b|-a,-b] [--faults all|none|a,b|-a,-b]
+//!     [--stream-scope rotate|collection|deployment|database|auto] [--verbose]
 //! ```
 //!
 //! It runs rounds of `--per-round` seeds (one daemon, one database per seed) starting at
@@ -82,6 +83,16 @@ fn main() -> ExitCode {
             }
             "--ops" => opts.ops = kinds(&value, engine::OP_KINDS),
             "--faults" => opts.faults = kinds(&value, engine::FAULT_KINDS),
+            "--stream-scope" => {
+                if value != "rotate" && !engine::STREAM_SCOPES.contains(&value.as_str()) {
+                    eprintln!(
+                        "--stream-scope: one of rotate, {}",
+                        engine::STREAM_SCOPES.join(", ")
+                    );
+                    std::process::exit(2)
+                }
+                opts.stream_scope = value
+            }
             "--verbose" => {
                 opts.verbose = true;
                 i += 1;

@@ -382,18 +382,36 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
                 break 'run exit_code_for(&e);
             }
         };
+        let buffer = crate::buffer_budget::BufferBudget::new(
+            config.apply.max_buffered_bytes as usize,
+            &metrics,
+        );
         let pipeline = Pipeline {
-            source,
+            source: source.clone(),
             dest: dest_client,
-            checkpoints,
+            checkpoints: checkpoints.clone(),
             metadata,
             metrics: metrics.clone(),
             status: Arc::clone(&status),
             identity: Arc::clone(&watch),
             guard: DeleteGuard::new(config.sync.max_delete_fraction, &metrics),
-            buffer: crate::buffer_budget::BufferBudget::new(
-                config.apply.max_buffered_bytes as usize,
-                &metrics,
+            buffer: Arc::clone(&buffer),
+            streams: crate::shared_stream::SharedStreams::new(
+                crate::shared_stream::SharedStreamSettings {
+                    scope: config.source.stream_scope(),
+                    collection_streams_max: config.source.collection_streams_max(),
+                    sync_id: config.sync.id.clone(),
+                    batch_max_events: config.apply.batch_max_events as usize,
+                    batch_max_bytes: config.apply.batch_max_bytes as usize,
+                    checkpoint_interval: Duration::from_secs(config.checkpoint.interval_seconds),
+                    update_mode: config.apply.update_mode,
+                    max_await: crate::worker::STREAM_MAX_AWAIT,
+                },
+                source.clone(),
+                checkpoints.clone(),
+                metrics.clone(),
+                Arc::clone(&status),
+                Arc::clone(&buffer),
             ),
         };
         if reset {

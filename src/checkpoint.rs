@@ -18,6 +18,18 @@ use crate::{
 pub const CHECKPOINTS_COLLECTION: &str = "checkpoints";
 /// Applied high-water marks: what a worker may have written past its checkpoint.
 pub const APPLY_MARKS_COLLECTION: &str = "apply_marks";
+/// Shared change streams' watermarks (DESIGN §2.11): one document per (`sync.id`, stream).
+pub const STREAM_CHECKPOINTS_COLLECTION: &str = "stream_checkpoints";
+
+/// A shared stream's watermark checkpoint: where it resumes (the minimum over its workers) and
+/// how far each worker that read it had applied (each resumes from the larger of this and its
+/// own checkpoint).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct StreamWatermark {
+    pub resume_token: Document,
+    /// (source namespace, collection UUID) → applied-through token.
+    pub positions: Vec<(String, Option<bson::Uuid>, Document)>,
+}
 
 /// Where a namespace is in its lifecycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -237,6 +249,7 @@ impl Checkpoint {
 pub struct CheckpointStore {
     coll: Collection<Document>,
     marks: Collection<Document>,
+    streams: Collection<Document>,
     writes: BoundedWrites,
 }
 
@@ -254,6 +267,7 @@ impl CheckpointStore {
         CheckpointStore {
             coll: metadata_db.collection_with_options(CHECKPOINTS_COLLECTION, options()),
             marks: metadata_db.collection_with_options(APPLY_MARKS_COLLECTION, options()),
+            streams: metadata_db.collection_with_options(STREAM_CHECKPOINTS_COLLECTION, options()),
             writes: BoundedWrites::new(metadata_db, op_timeout, ErrorKind::Checkpoint),
         }
     }
@@ -398,10 +412,104 @@ impl CheckpointStore {
         Ok(deleted)
     }
 
-    /// Deletes every checkpoint of a pipeline (`--reset-identity`).
+    /// Deletes every checkpoint of a pipeline (`--reset-identity`), shared streams' included.
     pub async fn delete_all(&self, sync_id: &str) -> Result<u64, SyncError> {
+        self.writes
+            .delete_many(
+                STREAM_CHECKPOINTS_COLLECTION,
+                doc! {"_id.sync_id": sync_id},
+                "deleting stream checkpoints",
+            )
+            .await?;
         self.delete_matching(doc! {"_id.sync_id": sync_id}, "deleting checkpoints")
             .await
+    }
+
+    /// Persists a shared stream's watermark (majority, like every checkpoint).
+    pub async fn save_stream(
+        &self,
+        sync_id: &str,
+        stream: &str,
+        watermark: &StreamWatermark,
+    ) -> Result<(), SyncError> {
+        let id = doc! {"sync_id": sync_id, "stream": stream};
+        let positions: Vec<Document> = watermark
+            .positions
+            .iter()
+            .map(|(ns, uuid, token)| {
+                doc! {
+                    "ns": ns.clone(),
+                    "uuid": uuid.map(|u| Bson::Binary(bson::Binary::from_uuid(u))).unwrap_or(Bson::Null),
+                    "token": token.clone(),
+                }
+            })
+            .collect();
+        self.writes
+            .replace(
+                STREAM_CHECKPOINTS_COLLECTION,
+                doc! {"_id": id.clone()},
+                doc! {
+                    "_id": id,
+                    "resume_token": watermark.resume_token.clone(),
+                    "positions": positions,
+                    "updated_at": DateTime::now(),
+                },
+                true,
+                "saving a shared stream's watermark",
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// A shared stream's watermark, if one was saved.
+    pub async fn load_stream(
+        &self,
+        sync_id: &str,
+        stream: &str,
+    ) -> Result<Option<StreamWatermark>, SyncError> {
+        let found = self
+            .streams
+            .find_one(doc! {"_id": {"sync_id": sync_id, "stream": stream}})
+            .await
+            .map_err(|e| checkpoint_error("loading a shared stream's watermark", e))?;
+        Ok(found.and_then(|d| {
+            let resume_token = d.get_document("resume_token").ok()?.clone();
+            let positions = d
+                .get_array("positions")
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|p| {
+                            let p = p.as_document()?;
+                            let uuid = match p.get("uuid") {
+                                Some(Bson::Binary(b)) => b.to_uuid().ok(),
+                                _ => None,
+                            };
+                            Some((
+                                p.get_str("ns").ok()?.to_string(),
+                                uuid,
+                                p.get_document("token").ok()?.clone(),
+                            ))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            Some(StreamWatermark {
+                resume_token,
+                positions,
+            })
+        }))
+    }
+
+    /// Forgets a shared stream's watermark (its history was lost: it starts again at "now").
+    pub async fn delete_stream(&self, sync_id: &str, stream: &str) -> Result<(), SyncError> {
+        self.writes
+            .delete_many(
+                STREAM_CHECKPOINTS_COLLECTION,
+                doc! {"_id": {"sync_id": sync_id, "stream": stream}},
+                "deleting a shared stream's watermark",
+            )
+            .await?;
+        Ok(())
     }
 }
 

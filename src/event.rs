@@ -261,6 +261,32 @@ pub fn token_cluster_time(token: &RawDocument) -> Option<Timestamp> {
 }
 
 /// Orders timestamps (bson's `Timestamp` has no `Ord`).
+/// A resume token as raw BSON (how positions are compared and carried).
+pub fn raw_token(token: &bson::Document) -> Option<RawDocumentBuf> {
+    RawDocumentBuf::try_from(token).ok()
+}
+
+/// A raw resume token as a document (how checkpoints store it).
+pub fn token_document(token: &RawDocument) -> bson::Document {
+    bson::Document::try_from(token).unwrap_or_default()
+}
+
+/// A resume token's `_data`: MongoDB's is the hex of a KeyString, so comparing two of them as
+/// strings compares stream positions (same server version). None for a token without it.
+pub fn token_data(token: &RawDocument) -> Option<&str> {
+    token.get_str("_data").ok()
+}
+
+/// Stream order of two resume tokens by `_data` (see [`token_data`]); None when either has none.
+pub fn token_cmp(a: &RawDocument, b: &RawDocument) -> Option<std::cmp::Ordering> {
+    Some(token_data(a)?.cmp(token_data(b)?))
+}
+
+/// True when token `a` is strictly after token `b` in stream order (false when not comparable).
+pub fn token_after(a: &RawDocument, b: &RawDocument) -> bool {
+    token_cmp(a, b) == Some(std::cmp::Ordering::Greater)
+}
+
 pub fn ts_key(ts: Timestamp) -> (u32, u32) {
     (ts.time, ts.increment)
 }

@@ -61,6 +61,24 @@ pub enum StreamStart<'a> {
     AtOperationTime(Timestamp),
 }
 
+/// What a change stream watches.
+#[derive(Debug, Clone, Copy)]
+pub enum StreamTarget<'a> {
+    Collection(&'a Namespace),
+    Database(&'a str),
+    Deployment,
+}
+
+impl std::fmt::Display for StreamTarget<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StreamTarget::Collection(ns) => write!(f, "{ns}"),
+            StreamTarget::Database(db) => write!(f, "database {db}"),
+            StreamTarget::Deployment => f.write_str("the deployment"),
+        }
+    }
+}
+
 /// What the stream should carry.
 #[derive(Debug, Clone, Default)]
 pub struct StreamSettings {
@@ -366,6 +384,19 @@ impl Source {
         start: StreamStart<'_>,
         settings: &StreamSettings,
     ) -> Result<ChangeStream<RawDocumentBuf>, SyncError> {
+        self.open_scoped_stream(StreamTarget::Collection(ns), start, settings, None)
+            .await
+    }
+
+    /// Opens (or resumes) a change stream on a collection, a database or the deployment, with
+    /// an optional `$match` on the events (shared streams, DESIGN §2.11).
+    pub async fn open_scoped_stream(
+        &self,
+        target: StreamTarget<'_>,
+        start: StreamStart<'_>,
+        settings: &StreamSettings,
+        filter: Option<Document>,
+    ) -> Result<ChangeStream<RawDocumentBuf>, SyncError> {
         let mut options = ChangeStreamOptions::default();
         options.show_expanded_events = Some(true);
         options.max_await_time = Some(settings.max_await);
@@ -394,26 +425,48 @@ impl Source {
                 })?;
             options.start_after = Some(token);
         }
-        let coll = self
-            .client
-            .database(&ns.db)
-            .collection::<Document>(&ns.coll);
+        let mut pipeline = Vec::new();
+        if let Some(filter) = filter {
+            pipeline.push(doc! {"$match": filter});
+        }
         // Events over 16 MiB (large documents with pre-images) arrive in fragments that the
-        // reader reassembles, instead of failing the stream (MongoDB 6.0.9+ / 7.0+).
-        let pipeline = if self
+        // reader reassembles, instead of failing the stream (MongoDB 6.0.9+ / 7.0+). The split
+        // stage must come last.
+        if self
             .split_large_events
             .load(std::sync::atomic::Ordering::Relaxed)
         {
-            vec![doc! {"$changeStreamSplitLargeEvent": {}}]
-        } else {
-            Vec::new()
+            pipeline.push(doc! {"$changeStreamSplitLargeEvent": {}});
+        }
+        let what = target.to_string();
+        let opened = match target {
+            StreamTarget::Collection(ns) => {
+                self.client
+                    .database(&ns.db)
+                    .collection::<Document>(&ns.coll)
+                    .watch()
+                    .pipeline(pipeline)
+                    .with_options(options)
+                    .await
+            }
+            StreamTarget::Database(db) => {
+                self.client
+                    .database(db)
+                    .watch()
+                    .pipeline(pipeline)
+                    .with_options(options)
+                    .await
+            }
+            StreamTarget::Deployment => {
+                self.client
+                    .watch()
+                    .pipeline(pipeline)
+                    .with_options(options)
+                    .await
+            }
         };
-        let stream = coll
-            .watch()
-            .pipeline(pipeline)
-            .with_options(options)
-            .await
-            .map_err(|e| read_error(format!("opening the change stream of {ns}"), e))?;
+        let stream =
+            opened.map_err(|e| read_error(format!("opening the change stream of {what}"), e))?;
         Ok(stream.with_type::<RawDocumentBuf>())
     }
 
@@ -628,4 +681,22 @@ pub async fn listed_collection(
             spec.get_document("options").cloned().unwrap_or_default(),
         )
     }))
+}
+
+/// A resume token as a document (what checkpoints store).
+pub fn serialize_token(
+    token: &mongodb::change_stream::event::ResumeToken,
+) -> Result<Document, SyncError> {
+    match bson::serialize_to_bson(token) {
+        Ok(Bson::Document(d)) => Ok(d),
+        Ok(_) => Err(SyncError::new(
+            ErrorKind::SourceRead,
+            "resume token is not a document",
+        )),
+        Err(e) => Err(SyncError::with_source(
+            ErrorKind::SourceRead,
+            "encoding a resume token",
+            e,
+        )),
+    }
 }

@@ -240,6 +240,39 @@ impl StatusRegistry {
         Some(lag)
     }
 
+    /// A namespace checkpointed at `at` (None: no checkpoint was written, its applied
+    /// position moved) through `applied_through`: its metrics first, so once the status has a
+    /// lag (what /readyz waits for) every gauge a dashboard reads already has a value.
+    pub fn record_checkpoint(
+        &self,
+        metrics: &crate::metrics::Metrics,
+        label: &str,
+        at: Option<SystemTime>,
+        applied_through: Option<Timestamp>,
+    ) {
+        if let Some(at) = at {
+            metrics.record_checkpoint(label, at);
+        }
+        let lag = self.compute_lag(applied_through);
+        if let Some(ts) = applied_through {
+            metrics.set_applied_through(label, ts.time as f64);
+        }
+        if let Some(lag) = lag {
+            metrics.set_lag(label, lag);
+        }
+        self.update(label, |s| {
+            if at.is_some() {
+                s.last_checkpoint = at;
+            }
+            if applied_through.is_some() {
+                s.applied_through = applied_through;
+                if lag.is_some() {
+                    s.lag_seconds = lag;
+                }
+            }
+        });
+    }
+
     /// Reasons the pipeline is not ready (`/readyz`): any namespace not streaming, or lagging
     /// more than `max_lag_seconds`.
     pub fn not_ready_reasons(&self, max_lag_seconds: f64) -> Vec<String> {

@@ -228,6 +228,8 @@ impl Supervisor {
         self.validation
             .start(&self.tracker, self.stop.child_token());
         let identity = Arc::clone(&self.pipeline.identity);
+        let streams = Arc::clone(&self.pipeline.streams);
+        let hint = &streams.discovery_hint;
         let mut listing: Option<tokio::task::JoinHandle<(Listing, Incarnations)>> = None;
         let mut probe: Option<tokio::task::JoinHandle<(Result<Timestamp, SyncError>, bool)>> = None;
         loop {
@@ -292,6 +294,10 @@ impl Supervisor {
                 // at a time: it finishes old incarnations before new ones start.
                 _ = discovery.tick(), if listing.is_none() => {
                     listing = Some(tokio::spawn(self.discovery_task()));
+                }
+                // A shared stream saw a collection created or renamed that no worker reads.
+                _ = hint.notified(), if listing.is_none() => {
+                    discovery.reset_immediately();
                 }
                 done = async { listing.as_mut().expect("guarded by the branch condition").await }, if listing.is_some() => {
                     listing = None;
@@ -363,6 +369,9 @@ impl Supervisor {
                 }
             }
         }
+        // The shared readers save their watermarks once the workers have acknowledged all
+        // they applied.
+        self.pipeline.streams.shutdown(Duration::from_secs(5)).await;
         tracing::info!(
             elapsed_ms = started.elapsed().as_millis() as u64,
             "all workers stopped"
@@ -547,6 +556,8 @@ impl Supervisor {
             }
             self.spawn_worker(coll);
         }
+        // `source.stream_scope = "auto"` decides by how many namespaces run.
+        self.pipeline.streams.set_namespaces(self.workers.len());
         // After the workers are registered: /readyz never sees "listed, but nothing to sync".
         self.pipeline.status.set_discovered();
     }
@@ -791,6 +802,11 @@ impl Supervisor {
             old.source != config.source || old.destination != config.destination;
         if endpoints_changed {
             tracing::warn!("source or destination settings changed; they take effect at the next restart of the daemon");
+        }
+        if old.source.stream_scope() != config.source.stream_scope()
+            || old.source.collection_streams_max() != config.source.collection_streams_max()
+        {
+            tracing::warn!("source.stream_scope or source.collection_streams_max changed; the stream plan is made at start, so it takes effect at the next restart of the daemon");
         }
         if old.apply.max_buffered_bytes != config.apply.max_buffered_bytes {
             tracing::warn!("apply.max_buffered_bytes changed; the budget is sized at start, so it takes effect at the next restart of the daemon");

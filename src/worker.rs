@@ -14,9 +14,14 @@ use std::{
 use bson::{doc, Bson, Document, RawDocumentBuf, Timestamp};
 use futures::TryStreamExt;
 use mongodb::{options::Hint, Client};
-use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio::sync::{mpsc, Notify};
 
-use crate::buffer_budget::{BufferBudget, BufferedBytes};
+use crate::buffer_budget::BufferedBytes;
+use crate::{
+    feed::{same_stream, Feed, OwnStreamSpec},
+    shared_stream::{SharedStreamKey, SharedStreams, StreamItem},
+    source::serialize_token,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -27,7 +32,7 @@ use crate::{
     config::{InitialCopy, OnCollationMismatch, UpdateMode},
     conflict::ConflictSettings,
     error::{ErrorKind, SyncError},
-    event::{token_cluster_time, ts_key, ts_max, ChangeEvent, FragmentAssembler, OpKind},
+    event::{raw_token, token_after, token_cluster_time, ts_key, ts_max, ChangeEvent, OpKind},
     guard::{DeleteBudget, DeleteGuard, GuardTrigger},
     id_key::IdKey,
     identity::IdentityWatch,
@@ -53,9 +58,6 @@ pub const EXTRAS_PAGE_IDS: usize = 1_000;
 /// Copy throughput assumed when comparing a copy's estimated duration with the source's oplog
 /// window (DESIGN §2.3), deliberately conservative: documents per second.
 pub const COPY_ESTIMATE_DOCS_PER_SECOND: u64 = 5_000;
-/// How much longer than `maxAwaitTimeMS` an awaiting `getMore` may stay unanswered before the
-/// reader gives the connection up as half-open and reopens the stream from the checkpoint.
-pub const READER_WATCHDOG_MARGIN: Duration = Duration::from_secs(15);
 
 /// Settings every worker shares (from the config).
 #[derive(Debug, Clone)]
@@ -101,6 +103,8 @@ pub struct Pipeline {
     pub guard: Arc<DeleteGuard>,
     /// `apply.max_buffered_bytes`: every reader's read-ahead, one budget.
     pub buffer: Arc<crate::buffer_budget::BufferBudget>,
+    /// The stream plan and its shared readers (DESIGN §2.11).
+    pub streams: Arc<SharedStreams>,
 }
 
 /// Everything one namespace worker needs.
@@ -212,19 +216,6 @@ pub enum WorkerExit {
     Stopped,
     /// The collection was dropped or renamed on the source; its stream is over.
     NamespaceGone,
-}
-
-enum ReaderItem {
-    Event(ChangeEvent, BufferedBytes),
-    /// The stream is caught up: the reader's buffer is empty.
-    Idle {
-        token: Document,
-        cluster_time: Option<Timestamp>,
-    },
-    /// An awaiting `getMore` was not answered within the watchdog bound (a half-open
-    /// connection): the reader has given the stream up; reopen it from the checkpoint.
-    Stalled,
-    Failed(SyncError),
 }
 
 impl WorkerContext {
@@ -348,6 +339,28 @@ impl WorkerContext {
         }
     }
 
+    /// This namespace's own collection stream.
+    fn own_stream(&self) -> OwnStreamSpec {
+        let settings = self.current_settings();
+        OwnStreamSpec {
+            source: self.pipeline.source.clone(),
+            ns: self.ns.clone(),
+            settings: self.stream_settings(),
+            batch_max_events: settings.batch_max_events,
+            batch_max_bytes: settings.batch_max_bytes,
+            budget: Arc::clone(&self.pipeline.buffer),
+        }
+    }
+
+    /// Where a stream starts when the checkpoint has no token yet.
+    fn configured_start(&self, cp: &Checkpoint) -> Option<Timestamp> {
+        if cp.resume_token.is_none() {
+            self.current_settings().start_at_operation_time
+        } else {
+            None
+        }
+    }
+
     /// The source's cluster time is at least `ts`, a time the change stream just returned (an
     /// event's, or a batch's postBatchResumeToken's): DESIGN §2.9 "from every reply", so lag
     /// does not wait for the next periodic `hello` (issue 11 item 9).
@@ -362,46 +375,12 @@ impl WorkerContext {
     }
 
     fn record_checkpoint(&self, applied_through: Option<Timestamp>) {
-        let now = SystemTime::now();
-        let label = self.label();
-        self.pipeline.metrics.record_checkpoint(&label, now);
-        if let Some(ts) = applied_through {
-            self.pipeline
-                .metrics
-                .set_applied_through(&label, ts.time as f64);
-        }
-        let lag = self.pipeline.status.compute_lag(applied_through);
-        // Metrics first: once the status has a lag (what /readyz waits for), every gauge a
-        // dashboard reads already has a value.
-        if let Some(lag) = lag {
-            self.pipeline.metrics.set_lag(&label, lag);
-        }
-        self.pipeline.status.update(&label, |s| {
-            s.last_checkpoint = Some(now);
-            if applied_through.is_some() {
-                s.applied_through = applied_through;
-                if lag.is_some() {
-                    s.lag_seconds = lag;
-                }
-            }
-        });
-    }
-}
-
-fn serialize_token(
-    token: &mongodb::change_stream::event::ResumeToken,
-) -> Result<Document, SyncError> {
-    match bson::serialize_to_bson(token) {
-        Ok(Bson::Document(d)) => Ok(d),
-        Ok(_) => Err(SyncError::new(
-            ErrorKind::SourceRead,
-            "resume token is not a document",
-        )),
-        Err(e) => Err(SyncError::with_source(
-            ErrorKind::SourceRead,
-            "encoding a resume token",
-            e,
-        )),
+        self.pipeline.status.record_checkpoint(
+            &self.pipeline.metrics,
+            &self.label(),
+            Some(SystemTime::now()),
+            applied_through,
+        );
     }
 }
 
@@ -904,161 +883,6 @@ pub fn projected_oplog_window(span_secs: u64, size: f64, max_size: f64) -> Optio
     Some((span_secs as f64 * max_size / size).round() as u64)
 }
 
-/// Reads the change stream into the bounded queue. Every awaiting `getMore` (and the opening
-/// `aggregate`) is bounded by `max_await` + [`READER_WATCHDOG_MARGIN`]: an unanswered one (a
-/// half-open connection) ends the reader with [`ReaderItem::Stalled`] instead of hanging the
-/// namespace forever.
-#[allow(clippy::too_many_arguments)]
-async fn read_events(
-    source: Source,
-    ns: Namespace,
-    start_after: Option<Document>,
-    start_at: Option<Timestamp>,
-    settings: StreamSettings,
-    tx: mpsc::Sender<ReaderItem>,
-    budget: Arc<BufferBudget>,
-    reader_share: usize,
-    stop: CancellationToken,
-) {
-    let watchdog = settings.max_await + READER_WATCHDOG_MARGIN;
-    let stalled = || {
-        tracing::warn!(namespace = %ns, watchdog_s = watchdog.as_secs(), "change stream stalled: the source did not answer within the watchdog bound; reopening it from the last checkpoint");
-    };
-    // This reader's share of the daemon's budget.
-    let share = Arc::new(Semaphore::new(reader_share));
-    let result: Result<(), SyncError> = async {
-        let start = match (&start_after, start_at) {
-            (Some(token), _) => StreamStart::After(token),
-            (None, Some(ts)) => StreamStart::AtOperationTime(ts),
-            (None, None) => StreamStart::Now,
-        };
-        let opened = tokio::select! {
-            biased;
-            _ = stop.cancelled() => return Ok(()),
-            r = tokio::time::timeout(watchdog, source.open_stream(&ns, start, &settings)) => r,
-        };
-        let Ok(opened) = opened else {
-            stalled();
-            let _ = tx.send(ReaderItem::Stalled).await;
-            return Ok(());
-        };
-        let mut stream = opened?;
-        let mut assembler = FragmentAssembler::default();
-        loop {
-            let next = tokio::select! {
-                biased;
-                _ = stop.cancelled() => return Ok(()),
-                r = tokio::time::timeout(watchdog, stream.next_if_any()) => r,
-            };
-            let Ok(next) = next else {
-                stalled();
-                let _ = tx.send(ReaderItem::Stalled).await;
-                return Ok(());
-            };
-            match next.map_err(|e| SyncError::mongo(ErrorKind::SourceRead, format!("reading the change stream of {ns}"), e))? {
-                Some(raw) => {
-                    let Some(event) = assembler.push(raw)? else { continue };
-                    let permit = tokio::select! {
-                        _ = stop.cancelled() => return Ok(()),
-                        p = budget.acquire(&share, reader_share, event.size()) => p.map_err(|_| cancelled())?,
-                    };
-                    if tx.send(ReaderItem::Event(event, permit)).await.is_err() {
-                        return Ok(());
-                    }
-                }
-                None => {
-                    if assembler.is_empty() {
-                        if let Some(token) = stream.resume_token() {
-                            let token = serialize_token(&token)?;
-                            let cluster_time = RawDocumentBuf::try_from(&token).ok().and_then(|t| token_cluster_time(&t));
-                            if tx.send(ReaderItem::Idle { token, cluster_time }).await.is_err() {
-                                return Ok(());
-                            }
-                        }
-                    }
-                    if !stream.is_alive() {
-                        return Ok(());
-                    }
-                }
-            }
-        }
-    }
-    .await;
-    if let Err(e) = result {
-        let _ = tx.send(ReaderItem::Failed(e)).await;
-    }
-}
-
-/// One running reader task and the receiving end of its queue.
-struct Reader {
-    rx: mpsc::Receiver<ReaderItem>,
-    stop: CancellationToken,
-    task: Option<tokio::task::JoinHandle<()>>,
-    /// What the stream was opened with (a reload that changes it reopens the stream).
-    settings: StreamSettings,
-}
-
-impl Reader {
-    /// Opens the stream after the checkpointed token (or at the configured start when there
-    /// is none yet).
-    fn spawn(ctx: &WorkerContext, cp: &Checkpoint, stop: &CancellationToken) -> Reader {
-        let settings = ctx.current_settings();
-        let budget = Arc::clone(&ctx.pipeline.buffer);
-        let reader_share = budget.reader_share(settings.batch_max_bytes);
-        let (tx, rx) = mpsc::channel::<ReaderItem>((settings.batch_max_events * 2).max(2));
-        let reader_stop = stop.child_token();
-        let start_at = if cp.resume_token.is_none() {
-            settings.start_at_operation_time
-        } else {
-            None
-        };
-        let stream_settings = ctx.stream_settings();
-        let task = tokio::spawn(read_events(
-            ctx.pipeline.source.clone(),
-            ctx.ns.clone(),
-            cp.resume_token.clone(),
-            start_at,
-            stream_settings.clone(),
-            tx,
-            budget,
-            reader_share,
-            reader_stop.clone(),
-        ));
-        Reader {
-            rx,
-            stop: reader_stop,
-            task: Some(task),
-            settings: stream_settings,
-        }
-    }
-
-    /// Stops the reader task; queued events are dropped (they are re-read after the
-    /// checkpoint).
-    async fn close(mut self) {
-        self.stop.cancel();
-        // A reader blocked on a full queue sees it closed.
-        self.rx.close();
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
-    }
-}
-
-impl Drop for Reader {
-    /// Whatever happens to the streaming loop, the reader stops with it.
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
-fn same_stream(a: &StreamSettings, b: &StreamSettings) -> bool {
-    a.update_lookup == b.update_lookup
-        && a.post_images == b.post_images
-        && a.pre_images == b.pre_images
-        && a.max_await == b.max_await
-        && a.batch_size == b.batch_size
-}
-
 /// Events re-read after a crash between a batch and its checkpoint: everything up to and
 /// including the persisted [`ApplyMark`] was possibly applied already, so it is a replay.
 struct CrashReplay {
@@ -1117,11 +941,20 @@ async fn stream(
                     .is_none_or(|a| ts_key(m.cluster_time) >= ts_key(a))
             }),
     };
-    let mut reader = Reader::spawn(ctx, &cp, stop);
+    let mut feed = Feed::new(stop, label.clone());
+    join_shared_at_start(ctx, &mut feed, &mut cp, stop).await;
+    if !feed.is_shared() && feed.own_settings().is_none() {
+        feed.open_own(
+            &ctx.own_stream(),
+            cp.resume_token.as_ref(),
+            ctx.configured_start(&cp),
+        );
+    }
     let mut settings = ctx.current_settings();
     let mut applier = ctx.applier();
     let mut last_checkpoint = Instant::now();
     let mut settles = CaughtUpSettles::default();
+    let mut last_join_attempt = Instant::now();
     // A force-sync interrupted by a restart resumes at its next range before anything else.
     let mut reconcile_pending = cp.reconcile_next.is_some();
     let result = loop {
@@ -1129,10 +962,19 @@ async fn stream(
         if ctx.adopt_reload().await {
             settings = ctx.current_settings();
             applier = ctx.applier();
-            if !same_stream(&reader.settings, &ctx.stream_settings()) {
+            let wanted = ctx.stream_settings();
+            let changed = match feed.own_settings() {
+                Some(own) => !same_stream(own, &wanted),
+                None => !same_stream(&ctx.pipeline.streams.stream_settings(), &wanted),
+            };
+            if changed {
                 tracing::info!(namespace = %label, "reopening the change stream for the reloaded settings");
-                reader.close().await;
-                reader = Reader::spawn(ctx, &cp, stop);
+                feed.leave_shared();
+                feed.open_own(
+                    &ctx.own_stream(),
+                    cp.resume_token.as_ref(),
+                    ctx.configured_start(&cp),
+                );
             }
         }
         if ctx.signals.take_force_sync() || reconcile_pending {
@@ -1157,7 +999,7 @@ async fn stream(
                 }
                 continue;
             }
-            item = reader.rx.recv() => item,
+            item = feed.recv() => item,
         };
         let mut batch: Vec<(ChangeEvent, BufferedBytes)> = Vec::new();
         let mut failure = None;
@@ -1167,39 +1009,39 @@ async fn stream(
         let mut idle_after_batch: Option<(Document, Option<Timestamp>)> = None;
         match first {
             None => break Ok(WorkerExit::Stopped),
-            Some(ReaderItem::Failed(e)) => break Err(e),
-            Some(ReaderItem::Stalled) => stalled = true,
-            Some(ReaderItem::Idle {
+            Some(StreamItem::Failed(e)) => break Err(e),
+            Some(StreamItem::Stalled) => stalled = true,
+            Some(StreamItem::Idle {
                 token,
                 cluster_time,
             }) => idle_after_batch = Some((token, cluster_time)),
-            Some(ReaderItem::Event(ev, permit)) => {
+            Some(StreamItem::Event(ev, permit)) => {
                 let mut bytes = ev.size();
                 batch.push((ev, permit));
                 let deadline = tokio::time::Instant::now() + settings.batch_max_wait;
                 while batch.len() < settings.batch_max_events && bytes < settings.batch_max_bytes {
                     let next = tokio::select! {
                         biased;
-                        n = reader.rx.recv() => n,
+                        n = feed.recv() => n,
                         _ = tokio::time::sleep_until(deadline) => break,
                     };
                     match next {
-                        Some(ReaderItem::Event(ev, permit)) => {
+                        Some(StreamItem::Event(ev, permit)) => {
                             bytes += ev.size();
                             batch.push((ev, permit));
                         }
-                        Some(ReaderItem::Idle {
+                        Some(StreamItem::Idle {
                             token,
                             cluster_time,
                         }) => {
                             idle_after_batch = Some((token, cluster_time));
                             break;
                         }
-                        Some(ReaderItem::Stalled) => {
+                        Some(StreamItem::Stalled) => {
                             stalled = true;
                             break;
                         }
-                        Some(ReaderItem::Failed(e)) => {
+                        Some(StreamItem::Failed(e)) => {
                             failure = Some(e);
                             break;
                         }
@@ -1210,9 +1052,7 @@ async fn stream(
         }
         if !batch.is_empty() {
             ctx.pipeline.metrics.events_read(&label, batch.len() as u64);
-            ctx.pipeline
-                .metrics
-                .set_queue(&label, reader.rx.len() as u64);
+            ctx.pipeline.metrics.set_queue(&label, feed.queued() as u64);
             let events: Vec<ChangeEvent> = batch.into_iter().map(|(e, _permit)| e).collect();
             if let Some(latest) = events
                 .iter()
@@ -1226,17 +1066,37 @@ async fn stream(
                 Ok(Some(exit)) => break Ok(exit),
                 Ok(None) => {
                     last_checkpoint = Instant::now();
+                    feed.acknowledge(cp.resume_token.as_ref());
+                    // Under steady writes the own stream is never idle: a drained queue after
+                    // a batch means caught up too (at most one join attempt a second).
+                    if !feed.is_shared()
+                        && !feed.is_joining()
+                        && feed.queued() == 0
+                        && last_join_attempt.elapsed() >= JOIN_ATTEMPT_EVERY
+                    {
+                        last_join_attempt = Instant::now();
+                        join_shared(ctx, &mut feed, &cp, stop).await;
+                    }
                 }
                 Err(e) => break Err(e),
             }
+        }
+        let skipped = feed.take_skipped();
+        if skipped > 0 {
+            ctx.pipeline.metrics.replay_skipped(&label, skipped);
         }
         if let Some(e) = failure {
             break Err(e);
         }
         if stalled {
-            // Everything read before the stall is applied and checkpointed: reopen there.
-            reader.close().await;
-            reader = Reader::spawn(ctx, &cp, stop);
+            // Everything read before the stall (or the shared stream's end) is applied and
+            // checkpointed: reopen there.
+            feed.leave_shared();
+            feed.open_own(
+                &ctx.own_stream(),
+                cp.resume_token.as_ref(),
+                ctx.configured_start(&cp),
+            );
             continue;
         }
         // Idle: every event read before the token is applied and checkpointed, so the
@@ -1245,7 +1105,37 @@ async fn stream(
             if let Some(ts) = cluster_time {
                 ctx.observe_source_time(ts);
             }
-            if reader.rx.is_empty() && last_checkpoint.elapsed() >= settings.checkpoint_interval {
+            if feed.is_shared() {
+                // The shared stream's watermark checkpoints this namespace (DESIGN §2.11): an
+                // idle mark only moves its applied position.
+                feed.note_position(&token);
+                feed.acknowledge(cp.resume_token.as_ref());
+                if let Some(ts) = cluster_time {
+                    let advanced = cp.applied_through.is_none_or(|a| ts_key(ts) > ts_key(a));
+                    if advanced {
+                        cp.applied_through = Some(ts);
+                        ctx.pipeline.status.record_checkpoint(
+                            &ctx.pipeline.metrics,
+                            &label,
+                            None,
+                            cp.applied_through,
+                        );
+                    }
+                }
+                if !ctx.caught_up.load(Ordering::Relaxed) {
+                    maybe_finish_replay(ctx, &applier, &mut cp, &mut settles).await?;
+                }
+                continue;
+            }
+            if feed.queued() == 0 && !feed.is_joining() {
+                // The own stream is caught up: join the shared stream if the plan has one.
+                feed.note_position(&token);
+                join_shared(ctx, &mut feed, &cp, stop).await;
+                if feed.is_shared() {
+                    continue;
+                }
+            }
+            if feed.queued() == 0 && last_checkpoint.elapsed() >= settings.checkpoint_interval {
                 let advances = match (cluster_time, cp.applied_through) {
                     (Some(new), Some(old)) => ts_key(new) >= ts_key(old),
                     _ => true,
@@ -1261,13 +1151,99 @@ async fn stream(
                     maybe_finish_replay(ctx, &applier, &mut cp, &mut settles).await?;
                 }
             }
-            ctx.pipeline
-                .metrics
-                .set_queue(&label, reader.rx.len() as u64);
+            ctx.pipeline.metrics.set_queue(&label, feed.queued() as u64);
         }
     };
-    reader.close().await;
+    feed.close().await;
     result
+}
+
+/// The shared stream this namespace reads under the plan, unless its stream settings differ
+/// from the shared ones (a policy that needs full documents or pre-images) or it is not
+/// streaming yet.
+fn shared_stream_of(ctx: &WorkerContext) -> Option<SharedStreamKey> {
+    let streams = &ctx.pipeline.streams;
+    let key = streams.stream_for(&ctx.ns.db)?;
+    same_stream(&streams.stream_settings(), &ctx.stream_settings()).then_some(key)
+}
+
+/// How often a worker on its own stream under steady writes tries to join its shared stream.
+const JOIN_ATTEMPT_EVERY: Duration = Duration::from_secs(1);
+
+/// How long a worker waits for a shared reader to answer before reading on by itself.
+const SHARED_STREAM_ANSWER: Duration = Duration::from_secs(10);
+
+/// At the start of streaming: a namespace the last shared watermark recorded resumes from the
+/// later of its checkpoint and that position, and joins at once when it is not behind the
+/// shared reader.
+async fn join_shared_at_start(
+    ctx: &WorkerContext,
+    feed: &mut Feed,
+    cp: &mut Checkpoint,
+    stop: &CancellationToken,
+) {
+    let Some(key) = shared_stream_of(ctx) else {
+        return;
+    };
+    let streams = Arc::clone(&ctx.pipeline.streams);
+    let label = ctx.label();
+    let probe = tokio::select! {
+        _ = stop.cancelled() => return,
+        p = tokio::time::timeout(SHARED_STREAM_ANSWER, streams.probe(&key, &label, ctx.uuid)) => p,
+    };
+    let Ok(Some(probe)) = probe else {
+        return;
+    };
+    if let Some(applied) = &probe.applied {
+        feed.note_position(applied);
+        if let Some(ts) = raw_token(applied).and_then(|t| token_cluster_time(&t)) {
+            if cp.applied_through.is_none_or(|a| ts_key(ts) > ts_key(a)) {
+                cp.applied_through = Some(ts);
+            }
+        }
+    }
+    let at = raw_token(&probe.at);
+    let caught_up = match (feed.effective(cp.resume_token.as_ref()), at) {
+        (Some(applied), Some(at)) => !token_after(&at, &applied),
+        _ => false,
+    };
+    if caught_up {
+        join_shared(ctx, feed, cp, stop).await;
+        if feed.is_joining() {
+            // The reader moved on between the probe and the join: read up to it.
+            feed.open_own(
+                &ctx.own_stream(),
+                cp.resume_token.as_ref(),
+                ctx.configured_start(cp),
+            );
+        }
+    }
+}
+
+/// Joins the namespace's shared stream, if the plan has one (see [`Feed::join`]).
+async fn join_shared(
+    ctx: &WorkerContext,
+    feed: &mut Feed,
+    cp: &Checkpoint,
+    stop: &CancellationToken,
+) {
+    if cp.phase != Phase::Streaming {
+        return;
+    }
+    let Some(key) = shared_stream_of(ctx) else {
+        return;
+    };
+    let streams = Arc::clone(&ctx.pipeline.streams);
+    let label = ctx.label();
+    let joined = tokio::select! {
+        _ = stop.cancelled() => return,
+        j = tokio::time::timeout(SHARED_STREAM_ANSWER, streams.join(&key, &label, ctx.uuid)) => j,
+    };
+    if let Ok(Some(subscription)) = joined {
+        let stream = subscription.stream.clone();
+        feed.join(subscription, cp.resume_token.as_ref());
+        tracing::info!(namespace = %ctx.label(), stream = %stream, switched = feed.is_shared(), "joined the shared change stream");
+    }
 }
 
 /// Once replay has passed the copy's end: copied documents a unique index refused are settled

@@ -18,5 +18,6 @@ mod safety;
 mod soak;
 mod soak_regressions;
 mod source_restarts;
+mod stream_scopes;
 mod support;
 mod validation;

@@ -44,6 +44,11 @@ pub const DEFAULT_APP_NAME: &str = "mongo-syncd";
 /// the copy, lookup and validation reads; the driver's default of 10 would serialise namespaces
 /// behind each other as soon as more than a handful are synced.
 pub const DEFAULT_MAX_POOL_SIZE: u32 = 100;
+/// Default `source.collection_streams_max`: beyond this many namespaces, `auto` reads one
+/// deployment stream instead of one stream per collection.
+pub const DEFAULT_COLLECTION_STREAMS_MAX: usize = 16;
+/// Upper bound of `source.collection_streams_max`.
+pub const MAX_COLLECTION_STREAMS_MAX: usize = 100_000;
 /// No idle connections are kept open on purpose: the pool grows on demand and the awaiting
 /// change streams keep the connections they need warm anyway.
 pub const DEFAULT_MIN_POOL_SIZE: u32 = 0;
@@ -200,6 +205,33 @@ pub enum OnCollationMismatch {
     Park,
     /// Drop the destination collection and create it with the source's options.
     Recreate,
+}
+
+/// `source.stream_scope` (DESIGN §2.11): which change streams the daemon reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StreamScope {
+    /// Collection streams up to `source.collection_streams_max` namespaces, one deployment
+    /// stream beyond.
+    #[default]
+    Auto,
+    /// One change stream per collection (v1).
+    Collection,
+    /// One shared change stream per source database.
+    Database,
+    /// One shared change stream for the whole deployment.
+    Deployment,
+}
+
+impl StreamScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StreamScope::Auto => "auto",
+            StreamScope::Collection => "collection",
+            StreamScope::Database => "database",
+            StreamScope::Deployment => "deployment",
+        }
+    }
 }
 
 /// How update events are applied.
@@ -373,6 +405,13 @@ pub struct EndpointConfig {
     /// `tlsAllowInvalidCertificates`; `true` here or in the URI disables verification.
     #[serde(default)]
     pub tls_allow_invalid_certificates: bool,
+    /// `source.stream_scope` (default `auto`); `[source]` only.
+    #[serde(default)]
+    pub stream_scope: Option<StreamScope>,
+    /// `source.collection_streams_max` (default [`DEFAULT_COLLECTION_STREAMS_MAX`]): under
+    /// `auto`, the most namespaces read with their own collection streams; `[source]` only.
+    #[serde(default)]
+    pub collection_streams_max: Option<usize>,
     /// The URI read from `uri_file` by the loader.
     #[serde(skip)]
     pub(crate) uri_from_file: Option<Secret<String>>,
@@ -780,6 +819,17 @@ impl_default_from_serde!(
 // ---------------------------------------------------------------------------------------------
 
 impl EndpointConfig {
+    /// `stream_scope` or its default.
+    pub fn stream_scope(&self) -> StreamScope {
+        self.stream_scope.unwrap_or_default()
+    }
+
+    /// `collection_streams_max` or its default.
+    pub fn collection_streams_max(&self) -> usize {
+        self.collection_streams_max
+            .unwrap_or(DEFAULT_COLLECTION_STREAMS_MAX)
+    }
+
     /// The connection string, from `uri` or the contents of `uri_file`.
     pub fn uri(&self) -> Option<&Secret<String>> {
         self.uri.as_ref().or(self.uri_from_file.as_ref())
@@ -1017,7 +1067,12 @@ impl Config {
     /// A `Serialize` view with credentials redacted, for `check-config` and status.
     pub fn redacted(&self) -> RedactedConfig<'_> {
         RedactedConfig {
-            source: RedactedEndpoint::new(&self.source),
+            source: RedactedEndpoint {
+                // The effective stream plan, defaults included.
+                stream_scope: Some(self.source.stream_scope()),
+                collection_streams_max: Some(self.source.collection_streams_max()),
+                ..RedactedEndpoint::new(&self.source)
+            },
             destination: RedactedEndpoint::new(&self.destination),
             sync: &self.sync,
             apply: &self.apply,
@@ -1138,6 +1193,30 @@ impl Config {
             err(
                 "apply.batch_max_wait_ms".into(),
                 format!("must be at most {MAX_BATCH_MAX_WAIT_MS}"),
+            );
+        }
+
+        // Stream plan keys belong to [source].
+        if self.destination.stream_scope.is_some() {
+            err(
+                "destination.stream_scope".into(),
+                "is a [source] key (the destination is never read with change streams)".into(),
+            );
+        }
+        if self.destination.collection_streams_max.is_some() {
+            err(
+                "destination.collection_streams_max".into(),
+                "is a [source] key".into(),
+            );
+        }
+        if self
+            .source
+            .collection_streams_max
+            .is_some_and(|n| n > MAX_COLLECTION_STREAMS_MAX)
+        {
+            err(
+                "source.collection_streams_max".into(),
+                format!("must be at most {MAX_COLLECTION_STREAMS_MAX}"),
             );
         }
 
@@ -1557,6 +1636,12 @@ pub struct RedactedEndpoint {
     pub tls_certificate_key_file: Option<PathBuf>,
     /// Certificate verification disabled.
     pub tls_allow_invalid_certificates: bool,
+    /// `stream_scope` (`[source]` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream_scope: Option<StreamScope>,
+    /// `collection_streams_max` (`[source]` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub collection_streams_max: Option<usize>,
 }
 
 impl RedactedEndpoint {
@@ -1594,6 +1679,8 @@ impl RedactedEndpoint {
             tls_ca_file: e.tls_ca_file.clone(),
             tls_certificate_key_file: e.tls_certificate_key_file.clone(),
             tls_allow_invalid_certificates: e.tls_allow_invalid_certificates,
+            stream_scope: e.stream_scope,
+            collection_streams_max: e.collection_streams_max,
         }
     }
 }

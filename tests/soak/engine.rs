@@ -137,7 +137,13 @@ pub struct Options {
     pub quiesce_timeout: Duration,
     /// Print every round's summary.
     pub verbose: bool,
+    /// `source.stream_scope` of every round, or `rotate`: collection, deployment, database
+    /// and auto in turn, by round.
+    pub stream_scope: String,
 }
+
+/// The scopes `rotate` goes through.
+pub const STREAM_SCOPES: [&str; 4] = ["collection", "deployment", "database", "auto"];
 
 impl Options {
     /// Defaults overridden by `SOAK_*` environment variables; `default_ops` and
@@ -173,14 +179,26 @@ impl Options {
             )?,
             quiesce_timeout: Duration::from_secs(num("SOAK_QUIESCE_SECONDS", 90)?),
             verbose: std::env::var("SOAK_VERBOSE").is_ok_and(|v| v != "0"),
+            stream_scope: std::env::var("SOAK_STREAM_SCOPE").unwrap_or_else(|_| "rotate".into()),
         })
+    }
+
+    /// The stream scope of the round starting at `first`.
+    pub fn scope_of(&self, first: u64) -> &str {
+        if self.stream_scope == "rotate" {
+            let round = (first.saturating_sub(1) / self.per_round) as usize;
+            STREAM_SCOPES[round % STREAM_SCOPES.len()]
+        } else {
+            &self.stream_scope
+        }
     }
 
     /// The command that re-runs the round starting at `first`.
     pub fn rerun_command(&self, first: u64, count: u64) -> String {
+        let scope = self.scope_of(first);
         format!(
-            "SOAK_SEED={first} SOAK_SEEDS={count} SOAK_PER_ROUND={count} SOAK_OPS_PER_SEED={} SOAK_OPS={} SOAK_FAULTS={} cargo test --test main soak::soak_seeds -- --nocapture\n  \
-             or: cargo run --release --example soak -- --seed {first} --seeds {count} --per-round {count} --ops-per-seed {} --ops {} --faults {}",
+            "SOAK_SEED={first} SOAK_SEEDS={count} SOAK_PER_ROUND={count} SOAK_OPS_PER_SEED={} SOAK_OPS={} SOAK_FAULTS={} SOAK_STREAM_SCOPE={scope} cargo test --test main soak::soak_seeds -- --nocapture\n  \
+             or: cargo run --release --example soak -- --seed {first} --seeds {count} --per-round {count} --ops-per-seed {} --ops {} --faults {} --stream-scope {scope}",
             self.ops_per_seed,
             or_none(&self.ops.spec()),
             or_none(&self.faults.spec()),
@@ -939,10 +957,10 @@ fn free_port() -> u16 {
 }
 
 impl Daemon {
-    fn new(bin: &Path, dir: &Path, source: &SimHandle, dest: &SimHandle) -> Daemon {
+    fn new(bin: &Path, dir: &Path, source: &SimHandle, dest: &SimHandle, scope: &str) -> Daemon {
         let port = free_port();
         let config = format!(
-            "[source]\nuri = \"{}\"\n\n[destination]\nuri = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{port}\"\n\n\
+            "[source]\nuri = \"{}\"\nstream_scope = \"{scope}\"\n\n[destination]\nuri = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{port}\"\n\n\
              [checkpoint]\ninterval_seconds = 1\n\n[supervisor]\nmax_backoff_seconds = 1\nmax_restarts = 1000\n\n\
              [validation]\ninterval_seconds = 0\n\n[shutdown]\ntimeout_seconds = 10\n\n[log]\nlevel = \"info\"\n",
             source.uri(),
@@ -1150,6 +1168,8 @@ fn fault_schedule(seed: u64, kinds: &Kinds) -> Vec<(f64, Fault)> {
 pub struct RoundReport {
     pub first_seed: u64,
     pub seeds: u64,
+    /// `source.stream_scope` the round ran with.
+    pub stream_scope: String,
     pub ops: u64,
     pub source_errors: u64,
     pub faults: BTreeMap<&'static str, u64>,
@@ -1171,6 +1191,7 @@ pub async fn run_round(opts: &Options, first: u64, count: u64) -> RoundReport {
     let mut report = RoundReport {
         first_seed: first,
         seeds: count,
+        stream_scope: opts.scope_of(first).to_string(),
         ..Default::default()
     };
     let schedule = fault_schedule(first, &opts.faults);
@@ -1189,7 +1210,13 @@ pub async fn run_round(opts: &Options, first: u64, count: u64) -> RoundReport {
     let src = Client::with_uri_str(source.uri()).await.unwrap();
     let dst = Client::with_uri_str(dest.uri()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut daemon = Daemon::new(&opts.daemon_bin, dir.path(), &source, &dest);
+    let mut daemon = Daemon::new(
+        &opts.daemon_bin,
+        dir.path(),
+        &source,
+        &dest,
+        opts.scope_of(first),
+    );
     let fault_log: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(
         schedule
             .iter()
@@ -1715,9 +1742,10 @@ pub async fn run(opts: &Options) -> Vec<RoundReport> {
 
 pub fn summary_line(r: &RoundReport) -> String {
     format!(
-        "round seeds {}..{}: {} ops ({} source errors), faults {:?}, {:.1}s (quiesce {:.1}s), {} failure(s)",
+        "round seeds {}..{} (stream_scope {}): {} ops ({} source errors), faults {:?}, {:.1}s (quiesce {:.1}s), {} failure(s)",
         r.first_seed,
         r.first_seed + r.seeds,
+        r.stream_scope,
         r.ops,
         r.source_errors,
         r.faults,
@@ -1731,6 +1759,7 @@ pub fn summary_line(r: &RoundReport) -> String {
 pub fn totals(reports: &[RoundReport]) -> String {
     let mut faults: BTreeMap<&str, u64> = BTreeMap::new();
     let mut kinds: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut scopes: BTreeMap<&str, u64> = BTreeMap::new();
     let (mut seeds, mut ops, mut errs, mut failed) = (0, 0, 0, 0);
     let mut time = Duration::ZERO;
     for r in reports {
@@ -1745,11 +1774,12 @@ pub fn totals(reports: &[RoundReport]) -> String {
         for (k, n) in &r.op_kinds {
             *kinds.entry(k).or_default() += n;
         }
+        *scopes.entry(r.stream_scope.as_str()).or_default() += 1;
     }
     let mut out = String::new();
     let _ = write!(
         out,
-        "soak: {seeds} seeds in {} rounds, {ops} operations ({errs} refused by the source), {failed} failing seed(s); round time {:.1}s total, {:.2}s per seed\n  faults: {faults:?}\n  operations: {kinds:?}",
+        "soak: {seeds} seeds in {} rounds, {ops} operations ({errs} refused by the source), {failed} failing seed(s); round time {:.1}s total, {:.2}s per seed\n  rounds by stream_scope: {scopes:?}\n  faults: {faults:?}\n  operations: {kinds:?}",
         reports.len(),
         time.as_secs_f64(),
         time.as_secs_f64() / seeds.max(1) as f64

@@ -120,8 +120,16 @@ impl Daemon {
     /// [`Daemon::spawn`] or [`Daemon::spawn_with_env`]).
     pub fn configure(clusters: &Clusters, dir: &Path, extra: &str) -> Daemon {
         let port = free_port();
+        // A leading `[source]` block in `extra` joins the source section the config opens with.
+        let (source_keys, extra) = match extra.strip_prefix("[source]\n") {
+            Some(rest) => match rest.find("\n[") {
+                Some(end) => (&rest[..end], &rest[end..]),
+                None => (rest, ""),
+            },
+            None => ("", extra),
+        };
         let config = format!(
-            "[source]\nuri = \"{}\"\n\n[destination]\nuri = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{port}\"\n{extra}\n{}",
+            "[source]\nuri = \"{}\"\n{source_keys}\n\n[destination]\nuri = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{port}\"\n{extra}\n{}",
             clusters.source.uri(),
             clusters.dest.uri(),
             if extra.contains("[checkpoint]") { "" } else { TEST_SETTINGS },

@@ -1,0 +1,898 @@
+//! Shared change streams (DESIGN §2.11): one reader per database or for the deployment routes
+//! events to the namespace workers that joined it, through bounded queues, and checkpoints one
+//! watermark for all of them.
+//!
+//! A worker joins at the reader's position J: from then on it is sent every event of its
+//! namespace after J. It must itself have applied everything up to J, from its own collection
+//! stream if need be (it drops own events after J and switches). What each worker has applied
+//! is tracked from its acknowledgements; the watermark, saved once per checkpoint interval, is
+//! the smallest position any worker still owes plus each worker's own position, so a restart
+//! resumes the shared stream there and every worker skips what it had already applied.
+//! Positions are compared by their resume tokens' `_data` (KeyString order).
+
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use bson::{doc, Document, RawDocumentBuf, Timestamp};
+use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    buffer_budget::{BufferBudget, BufferedBytes},
+    checkpoint::{CheckpointStore, StreamWatermark},
+    config::{StreamScope, UpdateMode},
+    error::{policy, Backoff, ErrorKind, RetryDirective, SyncError},
+    event::{
+        raw_token, token_after, token_cluster_time, token_document, ChangeEvent, FragmentAssembler,
+        OpKind,
+    },
+    metrics::Metrics,
+    source::{Source, StreamSettings, StreamStart, StreamTarget},
+    status::StatusRegistry,
+};
+
+/// A member whose queue stays full this long is evicted: it reads its own collection stream
+/// until it has caught up, and the shared stream serves everyone else meanwhile.
+pub const EVICT_AFTER: Duration = Duration::from_secs(5);
+/// How often an idle mark (the reader's position) is sent to every member, so quiet
+/// namespaces' applied position and lag follow the stream.
+pub const IDLE_MARK_EVERY: Duration = Duration::from_secs(1);
+/// At start from a watermark, the reader waits for its workers to join until none has
+/// joined for this long (bounded by [`JOIN_GRACE_MAX`]): a worker that joins at the
+/// watermark needs no collection stream of its own.
+pub const JOIN_GRACE_QUIET: Duration = Duration::from_millis(500);
+pub const JOIN_GRACE_MAX: Duration = Duration::from_secs(5);
+/// How long an awaiting `getMore` may stay unanswered beyond `maxAwaitTimeMS`.
+const WATCHDOG_MARGIN: Duration = Duration::from_secs(15);
+/// Databases never read by a deployment stream.
+const SYSTEM_DATABASES: [&str; 3] = ["admin", "config", "local"];
+
+/// What a change-stream reader hands a worker.
+pub enum StreamItem {
+    Event(ChangeEvent, BufferedBytes),
+    /// Every event before `token` was sent: the reader is caught up to it.
+    Idle {
+        token: Document,
+        cluster_time: Option<Timestamp>,
+    },
+    /// The stream stopped serving this worker (a stalled connection, an eviction, the shared
+    /// reader's end): reopen a collection stream from the worker's position.
+    Stalled,
+    Failed(SyncError),
+}
+
+/// Which shared stream a namespace reads.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum SharedStreamKey {
+    Deployment,
+    Database(String),
+}
+
+impl SharedStreamKey {
+    /// The stream's name in checkpoints and logs.
+    pub fn name(&self) -> String {
+        match self {
+            SharedStreamKey::Deployment => "deployment".to_string(),
+            SharedStreamKey::Database(db) => format!("database:{db}"),
+        }
+    }
+}
+
+/// Settings the shared readers run with.
+#[derive(Debug, Clone)]
+pub struct SharedStreamSettings {
+    pub scope: StreamScope,
+    pub collection_streams_max: usize,
+    pub sync_id: String,
+    pub batch_max_events: usize,
+    pub batch_max_bytes: usize,
+    pub checkpoint_interval: Duration,
+    pub update_mode: UpdateMode,
+    pub max_await: Duration,
+}
+
+/// The daemon's stream plan and its shared readers.
+pub struct SharedStreams {
+    settings: SharedStreamSettings,
+    /// How many namespaces the supervisor runs (decides `auto`).
+    namespaces: AtomicUsize,
+    routers: Mutex<HashMap<SharedStreamKey, RouterHandle>>,
+    source: Source,
+    checkpoints: CheckpointStore,
+    metrics: Metrics,
+    status: Arc<StatusRegistry>,
+    buffer: Arc<BufferBudget>,
+    stop: CancellationToken,
+    tasks: tokio_util::task::TaskTracker,
+    /// A shared stream saw a collection created or renamed that no worker reads yet:
+    /// discovery should look now rather than at its next interval.
+    pub discovery_hint: Notify,
+}
+
+#[derive(Clone)]
+struct RouterHandle {
+    ctrl: mpsc::Sender<Control>,
+}
+
+enum Control {
+    Probe {
+        ns: String,
+        uuid: Option<bson::Uuid>,
+        reply: oneshot::Sender<Probe>,
+    },
+    Join {
+        ns: String,
+        uuid: Option<bson::Uuid>,
+        reply: oneshot::Sender<Subscription>,
+    },
+}
+
+/// The reader's position, and what the last watermark says this namespace had applied.
+pub struct Probe {
+    pub at: Document,
+    pub applied: Option<Document>,
+}
+
+/// A worker's membership in a shared stream. Dropping it leaves the stream.
+pub struct Subscription {
+    pub rx: mpsc::Receiver<StreamItem>,
+    /// The reader's position at the join: events after it are sent to this worker.
+    pub at: RawDocumentBuf,
+    /// The stream's name (logs).
+    pub stream: String,
+    member: Arc<Member>,
+}
+
+impl Subscription {
+    /// A subscription fed by `rx` from position `at` (tests of the worker's feed).
+    #[cfg(test)]
+    pub(crate) fn for_test(rx: mpsc::Receiver<StreamItem>, at: RawDocumentBuf) -> Subscription {
+        Subscription {
+            rx,
+            at,
+            stream: "test".into(),
+            member: Arc::new(Member::default()),
+        }
+    }
+
+    /// The worker has applied (or skipped) the first `received` events sent to it, and all
+    /// its events up to `position` are applied and checkpointed.
+    pub fn acknowledge(&self, received: u64, position: &RawDocumentBuf) {
+        self.member.acknowledge(received, position);
+    }
+}
+
+/// What the reader knows of one member's progress.
+#[derive(Default)]
+struct Member {
+    state: Mutex<MemberState>,
+}
+
+#[derive(Default)]
+struct MemberState {
+    routed: u64,
+    acked: u64,
+    /// While events are outstanding: a position the member has applied everything up to.
+    floor: Option<RawDocumentBuf>,
+}
+
+impl Member {
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemberState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// An event is about to be sent; `before` is the reader's position before it.
+    fn routing(&self, before: &RawDocumentBuf) {
+        let mut s = self.lock();
+        if s.acked >= s.routed {
+            s.floor = Some(before.clone());
+        }
+        s.routed += 1;
+    }
+
+    fn acknowledge(&self, received: u64, position: &RawDocumentBuf) {
+        let mut s = self.lock();
+        s.acked = s.acked.max(received);
+        if s.acked < s.routed {
+            let advances = s.floor.as_ref().is_none_or(|f| token_after(position, f));
+            if advances {
+                s.floor = Some(position.clone());
+            }
+        }
+    }
+
+    /// Everything of this member up to the returned position is applied; `None` = up to the
+    /// reader's position (nothing outstanding).
+    fn owes_from(&self) -> Option<RawDocumentBuf> {
+        let s = self.lock();
+        if s.acked >= s.routed {
+            None
+        } else {
+            s.floor.clone()
+        }
+    }
+}
+
+impl SharedStreams {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        settings: SharedStreamSettings,
+        source: Source,
+        checkpoints: CheckpointStore,
+        metrics: Metrics,
+        status: Arc<StatusRegistry>,
+        buffer: Arc<BufferBudget>,
+    ) -> Arc<SharedStreams> {
+        Arc::new(SharedStreams {
+            settings,
+            namespaces: AtomicUsize::new(0),
+            routers: Mutex::new(HashMap::new()),
+            source,
+            checkpoints,
+            metrics,
+            status,
+            buffer,
+            stop: CancellationToken::new(),
+            tasks: tokio_util::task::TaskTracker::new(),
+            discovery_hint: Notify::new(),
+        })
+    }
+
+    /// The supervisor runs `n` namespaces (`auto` switches to a deployment stream beyond
+    /// `source.collection_streams_max`).
+    pub fn set_namespaces(&self, n: usize) {
+        self.namespaces.store(n, Ordering::Relaxed);
+    }
+
+    pub fn scope(&self) -> StreamScope {
+        self.settings.scope
+    }
+
+    /// The settings of every shared stream: a worker whose own settings differ (a conflict
+    /// policy that needs full documents or pre-images) keeps its collection stream.
+    pub fn stream_settings(&self) -> StreamSettings {
+        StreamSettings {
+            update_lookup: self.settings.update_mode == UpdateMode::Lookup,
+            post_images: false,
+            pre_images: false,
+            max_await: self.settings.max_await,
+            batch_size: Some(self.settings.batch_max_events.clamp(1, u32::MAX as usize) as u32),
+        }
+    }
+
+    /// The shared stream `db` should read under the current plan, if any.
+    pub fn stream_for(&self, db: &str) -> Option<SharedStreamKey> {
+        match self.settings.scope {
+            StreamScope::Collection => None,
+            StreamScope::Database => Some(SharedStreamKey::Database(db.to_string())),
+            StreamScope::Deployment => Some(SharedStreamKey::Deployment),
+            StreamScope::Auto => (self.namespaces.load(Ordering::Relaxed)
+                > self.settings.collection_streams_max)
+                .then_some(SharedStreamKey::Deployment),
+        }
+    }
+
+    fn handle(self: &Arc<Self>, key: &SharedStreamKey) -> Option<RouterHandle> {
+        if self.stop.is_cancelled() {
+            return None;
+        }
+        let mut routers = self.routers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = routers.get(key) {
+            if !h.ctrl.is_closed() {
+                return Some(h.clone());
+            }
+        }
+        let (ctrl, rx) = mpsc::channel(1024);
+        let handle = RouterHandle { ctrl };
+        routers.insert(key.clone(), handle.clone());
+        let router = Router::new(Arc::clone(self), key.clone());
+        self.tasks.spawn(router.run(rx));
+        Some(handle)
+    }
+
+    /// The reader's position and this namespace's applied position from the last watermark.
+    pub async fn probe(
+        self: &Arc<Self>,
+        key: &SharedStreamKey,
+        ns: &str,
+        uuid: Option<bson::Uuid>,
+    ) -> Option<Probe> {
+        let handle = self.handle(key)?;
+        let (reply, rx) = oneshot::channel();
+        handle
+            .ctrl
+            .send(Control::Probe {
+                ns: ns.to_string(),
+                uuid,
+                reply,
+            })
+            .await
+            .ok()?;
+        rx.await.ok()
+    }
+
+    /// Joins the shared stream `key` (see the module documentation).
+    pub async fn join(
+        self: &Arc<Self>,
+        key: &SharedStreamKey,
+        ns: &str,
+        uuid: Option<bson::Uuid>,
+    ) -> Option<Subscription> {
+        let handle = self.handle(key)?;
+        let (reply, rx) = oneshot::channel();
+        handle
+            .ctrl
+            .send(Control::Join {
+                ns: ns.to_string(),
+                uuid,
+                reply,
+            })
+            .await
+            .ok()?;
+        rx.await.ok()
+    }
+
+    /// Stops the readers after the workers have stopped: each saves its watermark first.
+    pub async fn shutdown(&self, bound: Duration) {
+        self.stop.cancel();
+        self.tasks.close();
+        let _ = tokio::time::timeout(bound, self.tasks.wait()).await;
+    }
+}
+
+struct Slot {
+    uuid: Option<bson::Uuid>,
+    tx: mpsc::Sender<StreamItem>,
+    member: Arc<Member>,
+}
+
+/// One shared reader: its stream, its members and its watermark.
+struct Router {
+    streams: Arc<SharedStreams>,
+    key: SharedStreamKey,
+    name: String,
+    members: HashMap<String, Slot>,
+    /// Applied positions of namespaces that are not members now (from the last watermark, or
+    /// left since): kept in the watermark until they join again.
+    known: HashMap<String, (Option<bson::Uuid>, RawDocumentBuf)>,
+    position: Option<RawDocumentBuf>,
+    saved: Option<RawDocumentBuf>,
+    last_save: Instant,
+    last_idle_mark: Instant,
+    share: Arc<Semaphore>,
+    share_bytes: usize,
+}
+
+enum ReadEnd {
+    /// Reopen from the position (a transient error, a stall, an invalidate).
+    Reopen { backoff: bool },
+    /// Stop reading: shutdown, or an error every member was told about.
+    Exit,
+}
+
+impl Router {
+    fn new(streams: Arc<SharedStreams>, key: SharedStreamKey) -> Router {
+        let share_bytes = streams
+            .buffer
+            .reader_share(streams.settings.batch_max_bytes);
+        Router {
+            name: key.name(),
+            key,
+            members: HashMap::new(),
+            known: HashMap::new(),
+            position: None,
+            saved: None,
+            last_save: Instant::now(),
+            last_idle_mark: Instant::now(),
+            share: Arc::new(Semaphore::new(share_bytes)),
+            share_bytes,
+            streams,
+        }
+    }
+
+    fn target(&self) -> StreamTarget<'_> {
+        match &self.key {
+            SharedStreamKey::Deployment => StreamTarget::Deployment,
+            SharedStreamKey::Database(db) => StreamTarget::Database(db),
+        }
+    }
+
+    fn filter(&self) -> Option<Document> {
+        match self.key {
+            SharedStreamKey::Deployment => {
+                Some(doc! {"ns.db": {"$nin": SYSTEM_DATABASES.to_vec()}})
+            }
+            SharedStreamKey::Database(_) => None,
+        }
+    }
+
+    async fn run(mut self, mut ctrl: mpsc::Receiver<Control>) {
+        let stop = self.streams.stop.clone();
+        let sync_id = self.streams.settings.sync_id.clone();
+        match self
+            .streams
+            .checkpoints
+            .load_stream(&sync_id, &self.name)
+            .await
+        {
+            Ok(Some(w)) => {
+                self.position = raw_token(&w.resume_token);
+                self.saved = self.position.clone();
+                for (ns, uuid, token) in w.positions {
+                    if let Some(t) = raw_token(&token) {
+                        self.known.insert(ns, (uuid, t));
+                    }
+                }
+                tracing::info!(stream = %self.name, namespaces = self.known.len(), "shared change stream resumes from its watermark");
+                // Let the namespaces of the watermark join at it before reading on.
+                let deadline = tokio::time::Instant::now() + JOIN_GRACE_MAX;
+                loop {
+                    let quiet = tokio::time::Instant::now() + JOIN_GRACE_QUIET;
+                    let msg = tokio::select! {
+                        biased;
+                        _ = stop.cancelled() => return,
+                        m = ctrl.recv() => m,
+                        _ = tokio::time::sleep_until(quiet.min(deadline)) => break,
+                    };
+                    match msg {
+                        Some(m) => self.control(m),
+                        None => return,
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(stream = %self.name, error = %e, "could not load the shared stream's watermark; it starts at the current time and its namespaces read their own streams until they catch up");
+            }
+        }
+        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        while let ReadEnd::Reopen { backoff: wait } = self.read(&mut ctrl, &stop).await {
+            if wait && !backoff.sleep(&stop).await {
+                break;
+            }
+            if !wait {
+                backoff.reset();
+            }
+        }
+        if stop.is_cancelled() {
+            // The workers have stopped and acknowledged what they applied: a restart resumes here.
+            self.save_watermark().await;
+        }
+    }
+
+    fn control(&mut self, msg: Control) {
+        match msg {
+            Control::Probe { ns, uuid, reply } => {
+                let Some(at) = self.position.as_ref().map(|t| token_document(t)) else {
+                    return;
+                };
+                let applied = self
+                    .known
+                    .get(&ns)
+                    .filter(|(u, _)| *u == uuid)
+                    .map(|(_, t)| token_document(t));
+                let _ = reply.send(Probe { at, applied });
+            }
+            Control::Join { ns, uuid, reply } => {
+                let Some(at) = self.position.clone() else {
+                    return;
+                };
+                let capacity = (self.streams.settings.batch_max_events * 2).max(2);
+                let (tx, rx) = mpsc::channel(capacity);
+                let member = Arc::new(Member::default());
+                let subscription = Subscription {
+                    rx,
+                    at,
+                    stream: self.name.clone(),
+                    member: Arc::clone(&member),
+                };
+                if reply.send(subscription).is_ok() {
+                    self.known.remove(&ns);
+                    tracing::debug!(stream = %self.name, namespace = %ns, "namespace joined the shared change stream");
+                    self.members.insert(ns, Slot { uuid, tx, member });
+                }
+            }
+        }
+    }
+
+    /// Opens the stream at the position and routes it until it must be reopened or stopped.
+    async fn read(
+        &mut self,
+        ctrl: &mut mpsc::Receiver<Control>,
+        stop: &CancellationToken,
+    ) -> ReadEnd {
+        let settings = self.streams.stream_settings();
+        let watchdog = settings.max_await + WATCHDOG_MARGIN;
+        let token = self.position.as_ref().map(|t| token_document(t));
+        let start = match &token {
+            Some(t) => StreamStart::After(t),
+            None => StreamStart::Now,
+        };
+        let source = self.streams.source.clone();
+        let opened = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return ReadEnd::Exit,
+            r = tokio::time::timeout(watchdog, source.open_scoped_stream(self.target(), start, &settings, self.filter())) => r,
+        };
+        let mut stream = match opened {
+            Err(_) => {
+                tracing::warn!(stream = %self.name, "opening the shared change stream stalled; retrying");
+                return ReadEnd::Reopen { backoff: true };
+            }
+            Ok(Err(e)) => return self.failed_sync(e).await,
+            Ok(Ok(s)) => s,
+        };
+        if self.position.is_none() {
+            match stream
+                .resume_token()
+                .map(|t| crate::source::serialize_token(&t))
+            {
+                Some(Ok(t)) => self.position = raw_token(&t),
+                _ => {
+                    tracing::warn!(stream = %self.name, "the shared change stream reported no position; retrying");
+                    return ReadEnd::Reopen { backoff: true };
+                }
+            }
+        }
+        let mut assembler = FragmentAssembler::default();
+        loop {
+            while let Ok(m) = ctrl.try_recv() {
+                self.control(m);
+            }
+            if self.last_save.elapsed() >= self.streams.settings.checkpoint_interval {
+                self.save_watermark().await;
+            }
+            if self.last_idle_mark.elapsed() >= IDLE_MARK_EVERY {
+                self.send_idle_marks();
+            }
+            // Joins wait for the next reply (at most `maxAwaitTimeMS`): a getMore is never
+            // interrupted for them.
+            let next = tokio::select! {
+                biased;
+                _ = stop.cancelled() => return ReadEnd::Exit,
+                r = tokio::time::timeout(watchdog, stream.next_if_any()) => r,
+            };
+            let Ok(next) = next else {
+                tracing::warn!(stream = %self.name, watchdog_s = watchdog.as_secs(), "shared change stream stalled: the source did not answer within the watchdog bound; reopening it");
+                return ReadEnd::Reopen { backoff: false };
+            };
+            match next {
+                Err(e) => {
+                    let e = SyncError::mongo(
+                        ErrorKind::SourceRead,
+                        format!("reading the shared change stream of {}", self.target()),
+                        e,
+                    );
+                    return self.failed_sync(e).await;
+                }
+                Ok(Some(raw)) => {
+                    let event = match assembler.push(raw) {
+                        Ok(Some(ev)) => ev,
+                        Ok(None) => continue,
+                        Err(e) => return self.failed_sync(e).await,
+                    };
+                    if event.kind == OpKind::Invalidate {
+                        // A database stream ends at dropDatabase: read on after it.
+                        self.position = Some(event.token.clone());
+                        return ReadEnd::Reopen { backoff: false };
+                    }
+                    if !self.route(event, stop).await {
+                        return ReadEnd::Exit;
+                    }
+                }
+                Ok(None) => {
+                    if assembler.is_empty() {
+                        if let Some(Ok(t)) = stream
+                            .resume_token()
+                            .map(|t| crate::source::serialize_token(&t))
+                        {
+                            if let Some(t) = raw_token(&t) {
+                                if self.position.as_ref().is_none_or(|p| token_after(&t, p)) {
+                                    self.position = Some(t);
+                                }
+                            }
+                        }
+                        if let Some(ts) = self.position.as_ref().and_then(|p| token_cluster_time(p))
+                        {
+                            self.streams.status.set_source_cluster_time(ts);
+                        }
+                        self.send_idle_marks();
+                    }
+                    if !stream.is_alive() {
+                        return ReadEnd::Reopen { backoff: false };
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends one event to its namespace's member (if any). False on shutdown.
+    async fn route(&mut self, event: ChangeEvent, stop: &CancellationToken) -> bool {
+        let before = self.position.replace(event.token.clone());
+        let Some((db, coll)) = event.ns() else {
+            return true;
+        };
+        let Some(coll) = coll else {
+            return true;
+        };
+        let ns = format!("{db}.{coll}");
+        let Some(slot) = self.members.get(&ns) else {
+            if matches!(event.kind, OpKind::Create | OpKind::Rename) {
+                self.streams.discovery_hint.notify_one();
+            }
+            return true;
+        };
+        if let (Some(event_uuid), Some(uuid)) = (event_uuid(&event), slot.uuid) {
+            if event_uuid != uuid {
+                // Another incarnation of the name: its own worker reads it.
+                return true;
+            }
+        }
+        let ends_namespace = matches!(event.kind, OpKind::Drop | OpKind::Rename);
+        if event.kind == OpKind::Rename {
+            self.streams.discovery_hint.notify_one();
+        }
+        let mut items = Vec::with_capacity(2);
+        let invalidate = ends_namespace.then(|| synthetic_invalidate(&event));
+        items.push(event);
+        if let Some(Some(inv)) = invalidate {
+            items.push(inv);
+        }
+        let before = before.unwrap_or_else(|| items[0].token.clone());
+        for ev in items {
+            let permit = tokio::select! {
+                biased;
+                _ = stop.cancelled() => return false,
+                p = self.streams.buffer.acquire(&self.share, self.share_bytes, ev.size()) => match p {
+                    Ok(p) => p,
+                    Err(_) => return false,
+                },
+            };
+            let Some(slot) = self.members.get(&ns) else {
+                return true;
+            };
+            slot.member.routing(&before);
+            let delivered = match slot.tx.try_send(StreamItem::Event(ev, permit)) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+                Err(mpsc::error::TrySendError::Full(item)) => {
+                    let tx = slot.tx.clone();
+                    tokio::select! {
+                        biased;
+                        _ = stop.cancelled() => return false,
+                        r = tokio::time::timeout(EVICT_AFTER, tx.send(item)) => match r {
+                            Ok(Ok(())) => true,
+                            Ok(Err(_)) => false,
+                            Err(_) => {
+                                tracing::warn!(stream = %self.name, namespace = %ns, evict_after_s = EVICT_AFTER.as_secs(), "namespace left the shared change stream: its queue stayed full; it reads its own stream until it catches up");
+                                false
+                            }
+                        },
+                    }
+                }
+            };
+            if !delivered {
+                self.leave(&ns);
+                return true;
+            }
+        }
+        if ends_namespace {
+            // Its worker finishes at the invalidate; nothing of this incarnation follows.
+            self.members.remove(&ns);
+        }
+        true
+    }
+
+    /// A member is gone (its worker stopped, or it was evicted): keep what it had applied.
+    fn leave(&mut self, ns: &str) {
+        if let Some(slot) = self.members.remove(ns) {
+            let applied = slot.member.owes_from().or_else(|| self.position.clone());
+            if let Some(t) = applied {
+                self.known.insert(ns.to_string(), (slot.uuid, t));
+            }
+        }
+    }
+
+    fn send_idle_marks(&mut self) {
+        self.last_idle_mark = Instant::now();
+        let Some(position) = self.position.clone() else {
+            return;
+        };
+        let token = token_document(&position);
+        let cluster_time = token_cluster_time(&position);
+        let mut closed = Vec::new();
+        for (ns, slot) in &self.members {
+            let item = StreamItem::Idle {
+                token: token.clone(),
+                cluster_time,
+            };
+            if let Err(mpsc::error::TrySendError::Closed(_)) = slot.tx.try_send(item) {
+                closed.push(ns.clone());
+            }
+        }
+        for ns in closed {
+            self.leave(&ns);
+        }
+    }
+
+    /// The watermark: the smallest position a member still owes (or the reader's position),
+    /// and every member's and former member's applied position.
+    fn watermark(&self) -> Option<StreamWatermark> {
+        let position = self.position.as_ref()?;
+        let mut resume = position.clone();
+        let mut positions = Vec::with_capacity(self.members.len() + self.known.len());
+        for (ns, slot) in &self.members {
+            let applied = match slot.member.owes_from() {
+                Some(floor) => {
+                    if token_after(&resume, &floor) {
+                        resume = floor.clone();
+                    }
+                    floor
+                }
+                None => position.clone(),
+            };
+            positions.push((ns.clone(), slot.uuid, token_document(&applied)));
+        }
+        for (ns, (uuid, token)) in &self.known {
+            positions.push((ns.clone(), *uuid, token_document(token)));
+        }
+        // Forward only (DESIGN §2.5).
+        if let Some(saved) = &self.saved {
+            if token_after(saved, &resume) {
+                resume = saved.clone();
+            }
+        }
+        Some(StreamWatermark {
+            resume_token: token_document(&resume),
+            positions,
+        })
+    }
+
+    async fn save_watermark(&mut self) {
+        self.last_save = Instant::now();
+        let Some(w) = self.watermark() else {
+            return;
+        };
+        let sync_id = self.streams.settings.sync_id.clone();
+        match self
+            .streams
+            .checkpoints
+            .save_stream(&sync_id, &self.name, &w)
+            .await
+        {
+            Ok(()) => {
+                self.saved = raw_token(&w.resume_token);
+                let now = std::time::SystemTime::now();
+                for (ns, _, token) in &w.positions {
+                    if !self.members.contains_key(ns) {
+                        continue;
+                    }
+                    let applied = raw_token(token).and_then(|t| token_cluster_time(&t));
+                    self.streams.status.record_checkpoint(
+                        &self.streams.metrics,
+                        ns,
+                        Some(now),
+                        applied,
+                    );
+                }
+            }
+            Err(e) => {
+                tracing::warn!(stream = %self.name, error = %e, "could not save the shared stream's watermark; retrying at the next interval");
+            }
+        }
+    }
+
+    /// Transient errors reopen the stream; anything else ends it for every member, who
+    /// handle the error as their own (history loss: re-copy, per `sync.on_history_lost`).
+    async fn failed_sync(&mut self, e: SyncError) -> ReadEnd {
+        match policy(&e) {
+            RetryDirective::Backoff => {
+                tracing::warn!(stream = %self.name, error = %e, "shared change stream interrupted; reopening it from its position");
+                ReadEnd::Reopen { backoff: true }
+            }
+            directive => {
+                tracing::error!(stream = %self.name, error = %e, "shared change stream failed; its namespaces handle the error");
+                if matches!(directive, RetryDirective::Resync) {
+                    let sync_id = self.streams.settings.sync_id.clone();
+                    if let Err(err) = self
+                        .streams
+                        .checkpoints
+                        .delete_stream(&sync_id, &self.name)
+                        .await
+                    {
+                        tracing::warn!(stream = %self.name, error = %err, "could not delete the lost watermark");
+                    }
+                }
+                let context = format!("the shared change stream {} failed: {e}", self.name);
+                for (_, slot) in self.members.drain() {
+                    let _ = slot
+                        .tx
+                        .try_send(StreamItem::Failed(SyncError::new(e.kind, context.clone())));
+                }
+                ReadEnd::Exit
+            }
+        }
+    }
+}
+
+/// The `collectionUUID` of an event, when the server reports it.
+fn event_uuid(event: &ChangeEvent) -> Option<bson::Uuid> {
+    match event.raw.get("collectionUUID") {
+        Ok(Some(bson::RawBsonRef::Binary(b))) => b.to_binary().to_uuid().ok(),
+        _ => None,
+    }
+}
+
+/// The `invalidate` a collection stream would have returned after its drop or rename.
+fn synthetic_invalidate(after: &ChangeEvent) -> Option<ChangeEvent> {
+    let token = Document::try_from(after.token.as_ref()).ok()?;
+    let raw = RawDocumentBuf::try_from(&doc! {
+        "_id": token,
+        "operationType": "invalidate",
+        "clusterTime": after.cluster_time,
+    })
+    .ok()?;
+    ChangeEvent::parse(raw).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(n: u64) -> RawDocumentBuf {
+        raw_token(&doc! {"_data": format!("82{n:016X}")}).unwrap()
+    }
+
+    #[test]
+    fn a_member_with_nothing_outstanding_owes_nothing() {
+        let m = Member::default();
+        assert!(m.owes_from().is_none());
+        m.routing(&token(5));
+        m.acknowledge(1, &token(6));
+        assert!(m.owes_from().is_none());
+    }
+
+    #[test]
+    fn a_member_owes_from_the_position_before_its_first_unacknowledged_event() {
+        let m = Member::default();
+        m.routing(&token(5)); // event 6 sent
+        m.routing(&token(6)); // event 7 sent
+        m.routing(&token(7)); // event 8 sent
+        assert_eq!(m.owes_from(), Some(token(5)));
+        // Events 6 and 7 applied and checkpointed: it owes from 7 on.
+        m.acknowledge(2, &token(7));
+        assert_eq!(m.owes_from(), Some(token(7)));
+        // A stale acknowledgement never moves the floor back.
+        m.acknowledge(2, &token(6));
+        assert_eq!(m.owes_from(), Some(token(7)));
+        m.acknowledge(3, &token(8));
+        assert!(m.owes_from().is_none());
+        // The next event after an idle period: owed from the reader's position before it.
+        m.routing(&token(20));
+        assert_eq!(m.owes_from(), Some(token(20)));
+    }
+
+    #[test]
+    fn a_synthetic_invalidate_follows_a_drop_with_its_token_and_time() {
+        let drop = ChangeEvent::parse(
+            raw_token(&doc! {
+                "_id": {"_data": "8200000001"},
+                "operationType": "drop",
+                "clusterTime": bson::Timestamp { time: 7, increment: 1 },
+                "ns": {"db": "d", "coll": "c"},
+            })
+            .unwrap(),
+        )
+        .unwrap();
+        let inv = synthetic_invalidate(&drop).unwrap();
+        assert_eq!(inv.kind, OpKind::Invalidate);
+        assert_eq!(inv.token, drop.token);
+        assert_eq!(inv.cluster_time, drop.cluster_time);
+    }
+}

@@ -1,0 +1,331 @@
+//! Stream scopes (DESIGN §2.11, issue 11 items 1–3): one shared change stream routed to the
+//! per-collection workers, the exact handoff from a worker's own collection stream, and
+//! watermark checkpoints that a restart resumes from.
+
+use std::time::Duration;
+
+use bson::{doc, Document};
+use futures::StreamExt;
+use mongodb::Client;
+
+use crate::support::cluster::*;
+
+/// Open cursors on the simulator (change streams, once every copy has finished).
+async fn open_cursors(client: &Client) -> i64 {
+    let status = client
+        .database("admin")
+        .run_command(doc! {"serverStatus": 1})
+        .await
+        .unwrap();
+    status
+        .get_document("metrics")
+        .and_then(|m| m.get_document("cursor"))
+        .and_then(|c| c.get_document("open"))
+        .map(|o| match o.get("total") {
+            Some(bson::Bson::Int64(n)) => *n,
+            Some(bson::Bson::Int32(n)) => *n as i64,
+            _ => -1,
+        })
+        .unwrap_or(-1)
+}
+
+/// Update statements the destination has executed (checkpoints are replace-upserts).
+async fn updates_executed(client: &Client) -> i64 {
+    let status = client
+        .database("admin")
+        .run_command(doc! {"serverStatus": 1})
+        .await
+        .unwrap();
+    let counters = status.get_document("opcounters").unwrap();
+    match counters.get("update") {
+        Some(bson::Bson::Int64(n)) => *n,
+        Some(bson::Bson::Int32(n)) => *n as i64,
+        _ => panic!("opcounters.update missing"),
+    }
+}
+
+async fn seed(c: &Clusters, db: &str, collections: usize, docs: i32) -> Vec<String> {
+    let mut names = Vec::new();
+    for i in 0..collections {
+        let name = format!("c{i:03}");
+        let coll = c.src.database(db).collection::<Document>(&name);
+        let batch: Vec<Document> = (0..docs).map(|k| doc! {"_id": k, "v": 0}).collect();
+        if batch.is_empty() {
+            c.src.database(db).create_collection(&name).await.unwrap();
+        } else {
+            coll.insert_many(batch).await.unwrap();
+        }
+        names.push(name);
+    }
+    names
+}
+
+/// Writes to every collection: updates, inserts and deletes.
+async fn churn(c: &Clusters, db: &str, names: &[String], round: i32) {
+    for name in names {
+        let coll = c.src.database(db).collection::<Document>(name);
+        coll.update_one(doc! {"_id": 0}, doc! {"$inc": {"v": 1}})
+            .await
+            .unwrap();
+        coll.insert_one(doc! {"_id": 1000 + round, "r": round})
+            .await
+            .unwrap();
+        coll.delete_one(doc! {"_id": 1}).await.unwrap();
+    }
+}
+
+/// [`wait_converged`], printing the daemon's log when it does not converge.
+async fn converged(c: &Clusters, d: &Daemon, namespaces: &[(&str, &str)], timeout: Duration) {
+    let started = std::time::Instant::now();
+    loop {
+        let mut first = None;
+        for (db, coll) in namespaces {
+            if let Some(x) = diff(&c.src, &c.dst, (db, coll), (db, coll)).await {
+                first = Some(x);
+                break;
+            }
+        }
+        match first {
+            None => return,
+            Some(x) if started.elapsed() > timeout => {
+                panic!(
+                    "not converged after {timeout:?}: {x}\nlog:\n{}",
+                    d.all_logs()
+                )
+            }
+            Some(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+fn pairs<'a>(db: &'a str, names: &'a [String]) -> Vec<(&'a str, &'a str)> {
+    names.iter().map(|n| (db, n.as_str())).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_stream_serves_every_namespace_with_one_cursor_and_one_checkpoint_a_second() {
+    let c = Clusters::start().await;
+    let names = seed(&c, "many", 40, 5).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(
+        &c,
+        dir.path(),
+        "[source]\nstream_scope = \"deployment\"\n\n[sync]\nnamespaces = [\"many.*\"]\n",
+    );
+    converged(&c, &d, &pairs("many", &names), Duration::from_secs(90)).await;
+    for n in &names {
+        d.wait_streaming(&format!("many.{n}")).await;
+    }
+    wait_until(
+        "every namespace reads the shared stream",
+        Duration::from_secs(60),
+        || async { d.logs().matches("joined the shared change stream").count() >= names.len() },
+    )
+    .await;
+    for round in 0..3 {
+        churn(&c, "many", &names, round).await;
+    }
+    converged(&c, &d, &pairs("many", &names), Duration::from_secs(60)).await;
+
+    // Idle: one change-stream cursor on the source for 40 collections (a collection stream
+    // per namespace would hold 40), and about one checkpoint write a second, not 40.
+    wait_until(
+        "the source holds one change-stream cursor",
+        Duration::from_secs(30),
+        || async { open_cursors(&c.src).await == 1 },
+    )
+    .await;
+    let before = updates_executed(&c.dst).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let idle_writes = updates_executed(&c.dst).await - before;
+    assert!(
+        idle_writes <= 15,
+        "{idle_writes} update statements on the destination in 5 idle seconds"
+    );
+    // Lag of a quiet namespace follows the stream (idle marks), not its last event.
+    let status = d.status().await.unwrap();
+    let lag = status["namespaces"]["many.c000"]["lag_seconds"]
+        .as_f64()
+        .unwrap_or(f64::MAX);
+    assert!(lag <= 2.0, "lag of a quiet namespace: {lag}");
+    assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_joining_the_shared_stream_skips_and_repeats_nothing() {
+    let c = Clusters::start().await;
+    let quiet = seed(&c, "j", 4, 3).await;
+    let hot = c.src.database("j").collection::<Document>("hot");
+    let docs: Vec<Document> = (0..3000).map(|k| doc! {"_id": k, "v": 0}).collect();
+    hot.insert_many(docs).await.unwrap();
+
+    // Writes flow while the hot collection copies, catches up on its own stream and joins.
+    let writer = {
+        let hot = hot.clone();
+        tokio::spawn(async move {
+            let mut k = 0i64;
+            loop {
+                hot.update_one(doc! {"_id": (k % 3000) as i32}, doc! {"$inc": {"v": 1}})
+                    .await
+                    .unwrap();
+                hot.insert_one(doc! {"_id": format!("w{k}")}).await.unwrap();
+                k += 1;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(
+        &c,
+        dir.path(),
+        "[source]\nstream_scope = \"deployment\"\n\n[sync]\nnamespaces = [\"j.*\"]\n",
+    );
+    // It joins either at once (the shared reader was behind it: it skips what it applied) or
+    // after reading its own stream up to the reader's position: both must be exact.
+    wait_until(
+        "j.hot joins the shared change stream while writes flow",
+        Duration::from_secs(90),
+        || async {
+            d.all_logs()
+                .lines()
+                .any(|l| l.contains("joined the shared change stream") && l.contains("j.hot"))
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    writer.abort();
+    let _ = writer.await;
+    hot.insert_one(doc! {"_id": "end"}).await.unwrap();
+    let mut all = pairs("j", &quiet);
+    all.push(("j", "hot"));
+    converged(&c, &d, &all, Duration::from_secs(90)).await;
+
+    // Every event after the copy's start was applied exactly once: count them on the source.
+    let checkpoint = c
+        .dst
+        .database("mongo_syncd")
+        .collection::<Document>("checkpoints")
+        .find_one(doc! {"_id.ns": "j.hot"})
+        .await
+        .unwrap()
+        .expect("checkpoint of j.hot");
+    let start: mongodb::change_stream::event::ResumeToken =
+        bson::deserialize_from_document(checkpoint.get_document("start_token").unwrap().clone())
+            .unwrap();
+    let mut events = hot.watch().start_after(start).await.unwrap();
+    let mut expected = 0u64;
+    while let Some(ev) = events.next().await {
+        let ev = ev.unwrap();
+        expected += 1;
+        let is_end = ev
+            .document_key
+            .as_ref()
+            .and_then(|k| k.get_str("_id").ok())
+            .is_some_and(|id| id == "end");
+        if is_end {
+            break;
+        }
+    }
+    let applied_series = "mongo_syncd_events_applied_total{namespace=\"j.hot\"";
+    wait_until(
+        "the applied count settles",
+        Duration::from_secs(10),
+        || async { d.metric(applied_series).await.unwrap_or(0.0) as u64 >= expected },
+    )
+    .await;
+    let applied = d.metric(applied_series).await.unwrap_or(0.0) as u64;
+    assert_eq!(
+        applied, expected,
+        "events applied for j.hot vs change events after its copy started on the source"
+    );
+    assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_daemon_resumes_every_namespace_from_the_shared_watermark() {
+    let c = Clusters::start().await;
+    let names = seed(&c, "wm", 12, 4).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(
+        &c,
+        dir.path(),
+        "[source]\nstream_scope = \"deployment\"\n\n[sync]\nnamespaces = [\"wm.*\"]\n",
+    );
+    converged(&c, &d, &pairs("wm", &names), Duration::from_secs(90)).await;
+    wait_until(
+        "the shared stream's watermark is saved",
+        Duration::from_secs(60),
+        || async {
+            let w = c
+                .dst
+                .database("mongo_syncd")
+                .collection::<Document>("stream_checkpoints")
+                .find_one(doc! {"_id.stream": "deployment"})
+                .await
+                .unwrap();
+            w.and_then(|w| w.get_array("positions").ok().map(|p| p.len()))
+                .unwrap_or(0)
+                >= names.len()
+        },
+    )
+    .await;
+    churn(&c, "wm", &names, 0).await;
+    d.kill9();
+    churn(&c, "wm", &names, 1).await;
+    d.spawn(&[]);
+    churn(&c, "wm", &names, 2).await;
+    converged(&c, &d, &pairs("wm", &names), Duration::from_secs(90)).await;
+    let second_run = d.logs();
+    assert!(
+        second_run.contains("shared change stream resumes from its watermark"),
+        "log:\n{second_run}"
+    );
+    assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_reads_collection_streams_up_to_the_limit_and_one_shared_stream_beyond() {
+    let c = Clusters::start().await;
+    let names = seed(&c, "auto", 6, 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(
+        &c,
+        dir.path(),
+        "[source]\ncollection_streams_max = 4\n\n[sync]\nnamespaces = [\"auto.*\"]\n",
+    );
+    converged(&c, &d, &pairs("auto", &names), Duration::from_secs(90)).await;
+    wait_until(
+        "six namespaces (over the limit of four) joined the shared stream",
+        Duration::from_secs(60),
+        || async { d.logs().matches("joined the shared change stream").count() >= names.len() },
+    )
+    .await;
+    wait_until(
+        "six namespaces (over the limit of four) share one stream",
+        Duration::from_secs(60),
+        || async { open_cursors(&c.src).await == 1 },
+    )
+    .await;
+    churn(&c, "auto", &names, 0).await;
+    converged(&c, &d, &pairs("auto", &names), Duration::from_secs(60)).await;
+    assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
+
+    // At or under the limit, each namespace keeps its own collection stream.
+    let c2 = Clusters::start().await;
+    let few = seed(&c2, "auto", 3, 2).await;
+    let dir2 = tempfile::tempdir().unwrap();
+    let mut d2 = Daemon::start(
+        &c2,
+        dir2.path(),
+        "[source]\ncollection_streams_max = 4\n\n[sync]\nnamespaces = [\"auto.*\"]\n",
+    );
+    converged(&c2, &d2, &pairs("auto", &few), Duration::from_secs(90)).await;
+    wait_until(
+        "three namespaces read three collection streams",
+        Duration::from_secs(30),
+        || async { open_cursors(&c2.src).await == 3 },
+    )
+    .await;
+    assert!(!d2.logs().contains("joined the shared change stream"));
+    assert_eq!(d2.terminate().await, Some(0), "log:\n{}", d2.logs());
+}
