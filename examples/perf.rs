@@ -19,6 +19,11 @@
 //!   daemon's drain as a multiple of it (target ≥ 12).
 //!
 //! The machine is shared and the simulator is the limit: read the ratios, not the absolutes.
+//!
+//! `--collections N [--stream-scope S]` measures scale instead (issue 11's 100 / 1,000
+//! collections): N collections of one document, the time until every namespace streams, then
+//! over a quiet window the source connections the daemon holds, its CPU, its checkpoint writes
+//! per second, and the latency of single writes to random quiet collections (p50, p99, max).
 
 use std::{
     io::{BufRead, BufReader},
@@ -134,6 +139,17 @@ struct Daemon {
 }
 
 fn start_daemon(bin: &Path, dir: &Path, source: &str, dest: &str) -> Daemon {
+    start_daemon_with(bin, dir, source, dest, &format!("{DB}.{COLL}"), "auto")
+}
+
+fn start_daemon_with(
+    bin: &Path,
+    dir: &Path,
+    source: &str,
+    dest: &str,
+    namespaces: &str,
+    scope: &str,
+) -> Daemon {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -143,7 +159,7 @@ fn start_daemon(bin: &Path, dir: &Path, source: &str, dest: &str) -> Daemon {
     std::fs::write(
         &config,
         format!(
-            "[source]\nuri = \"{source}\"\n\n[destination]\nuri = \"{dest}\"\n\n[http]\nlisten = \"127.0.0.1:{port}\"\n\n[sync]\nnamespaces = [\"{DB}.{COLL}\"]\n\n[validation]\ninterval_seconds = 0\n\n[log]\nlevel = \"warn\"\n",
+            "[source]\nuri = \"{source}\"\nstream_scope = \"{scope}\"\n\n[destination]\nuri = \"{dest}\"\n\n[http]\nlisten = \"127.0.0.1:{port}\"\n\n[sync]\nnamespaces = [\"{namespaces}\"]\n\n[validation]\ninterval_seconds = 0\n\n[log]\nlevel = \"warn\"\n",
         ),
     )
     .unwrap();
@@ -186,6 +202,18 @@ impl Daemon {
         }
     }
 
+    /// Sum of the series starting with `prefix` whose line also contains `containing`.
+    async fn metric_matching(&self, prefix: &str, containing: &str) -> f64 {
+        let Ok(resp) = reqwest::get(format!("{}/metrics", self.http)).await else {
+            return 0.0;
+        };
+        let body = resp.text().await.unwrap_or_default();
+        body.lines()
+            .filter(|l| l.starts_with(prefix) && l.contains(containing))
+            .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+            .sum()
+    }
+
     async fn stop(self) {
         let pid = self.process.child.id();
         let _ = Command::new("kill")
@@ -198,6 +226,151 @@ impl Daemon {
         })
         .await;
     }
+}
+
+/// `serverStatus` of a simulator.
+async fn server_status(client: &Client) -> Document {
+    client
+        .database("admin")
+        .run_command(doc! {"serverStatus": 1})
+        .await
+        .unwrap()
+}
+
+fn int(d: &Document, path: &[&str]) -> i64 {
+    let mut cur = d;
+    for key in &path[..path.len() - 1] {
+        cur = cur.get_document(key).unwrap();
+    }
+    match cur.get(path[path.len() - 1]) {
+        Some(bson::Bson::Int32(n)) => *n as i64,
+        Some(bson::Bson::Int64(n)) => *n,
+        other => panic!("{path:?}: {other:?}"),
+    }
+}
+
+/// CPU seconds (user + system) a process has used, from `/proc/<pid>/stat`.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // Fields 14 and 15 of the file; 12 and 13 after the command name and state.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+/// The scale measurement (`--collections N`).
+async fn scale(daemon_bin: &Path, source_uri: &str, dest_uri: &str, collections: i64, scope: &str) {
+    let work = tempfile::tempdir().unwrap();
+    let src = Client::with_uri_str(source_uri).await.unwrap();
+    let dst = Client::with_uri_str(dest_uri).await.unwrap();
+    let db = "scale";
+    for i in 0..collections {
+        src.database(db)
+            .collection::<Document>(&format!("c{i:04}"))
+            .insert_one(doc! {"_id": 0})
+            .await
+            .unwrap();
+    }
+    let baseline = int(&server_status(&src).await, &["connections", "current"]);
+    let started = Instant::now();
+    let daemon = start_daemon_with(
+        daemon_bin,
+        work.path(),
+        source_uri,
+        dest_uri,
+        &format!("{db}.*"),
+        scope,
+    );
+    let bound = Duration::from_secs(900);
+    loop {
+        let streaming = daemon
+            .metric_matching("mongo_syncd_worker_state{", "state=\"streaming\"")
+            .await;
+        if streaming >= collections as f64 {
+            break;
+        }
+        assert!(
+            started.elapsed() < bound,
+            "not all streaming after {bound:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let all_streaming = started.elapsed();
+    // Let joins and copies settle, then a quiet window.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let window = Duration::from_secs(10);
+    let pid = daemon.process.child.id();
+    let (cpu0, upd0) = (
+        cpu_seconds(pid),
+        int(&server_status(&dst).await, &["opcounters", "update"]),
+    );
+    tokio::time::sleep(window).await;
+    let (cpu1, upd1) = (
+        cpu_seconds(pid),
+        int(&server_status(&dst).await, &["opcounters", "update"]),
+    );
+    let connections = int(&server_status(&src).await, &["connections", "current"]) - baseline;
+    let idle_cpu = (cpu1 - cpu0) / window.as_secs_f64();
+    let idle_writes = (upd1 - upd0) as f64 / window.as_secs_f64();
+    // Single writes to random quiet collections: time until each is on the destination.
+    let mut latencies = Vec::new();
+    for k in 0..100i64 {
+        let name = format!("c{:04}", (k * 7919) % collections);
+        let id = format!("probe{k}");
+        let written = Instant::now();
+        src.database(db)
+            .collection::<Document>(&name)
+            .insert_one(doc! {"_id": &id})
+            .await
+            .unwrap();
+        let target = dst.database(db).collection::<Document>(&name);
+        loop {
+            if target.find_one(doc! {"_id": &id}).await.unwrap().is_some() {
+                break;
+            }
+            assert!(
+                written.elapsed() < Duration::from_secs(60),
+                "{name} {id} never arrived"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        latencies.push(written.elapsed());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    latencies.sort();
+    daemon.stop().await;
+    println!("| {collections} collections, stream_scope {scope} | value |");
+    println!("| --- | ---: |");
+    println!(
+        "| time until every namespace streams | {:.1} s |",
+        all_streaming.as_secs_f64()
+    );
+    println!("| source connections held (idle) | {connections} (target ≤ 10) |");
+    println!(
+        "| daemon CPU while idle | {:.1} % of a core (target < 5) |",
+        idle_cpu * 100.0
+    );
+    println!("| destination update statements while idle | {idle_writes:.1} /s (target ≤ 2) |");
+    println!(
+        "| single write to a quiet collection, p50 / p99 / max | {:.0} / {:.0} / {:.0} ms (target p99 < 200) |",
+        percentile(&latencies, 0.5).as_secs_f64() * 1000.0,
+        percentile(&latencies, 0.99).as_secs_f64() * 1000.0,
+        latencies.last().copied().unwrap_or_default().as_secs_f64() * 1000.0
+    );
 }
 
 fn arg(args: &[String], name: &str, default: i64) -> i64 {
@@ -229,9 +402,20 @@ async fn main() {
             b.display()
         );
     }
-    let work = tempfile::tempdir().unwrap();
     let (_source, source_uri) = start_sim(&sim_bin, "src");
     let (_dest, dest_uri) = start_sim(&sim_bin, "dst");
+    let collections = arg(&args, "--collections", 0);
+    if collections > 0 {
+        let scope = args
+            .iter()
+            .position(|a| a == "--stream-scope")
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+            .unwrap_or_else(|| "auto".to_string());
+        scale(&daemon_bin, &source_uri, &dest_uri, collections, &scope).await;
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
     let src = Client::with_uri_str(&source_uri).await.unwrap();
     let dst = Client::with_uri_str(&dest_uri).await.unwrap();
 

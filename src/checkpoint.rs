@@ -500,6 +500,38 @@ impl CheckpointStore {
         }))
     }
 
+    /// How far a shared stream's last watermark says `key`'s namespace had applied (a quiet
+    /// member's own checkpoint does not move; DESIGN §2.11).
+    pub async fn applied_by_shared_stream(
+        &self,
+        key: &CheckpointKey,
+    ) -> Result<Option<Timestamp>, SyncError> {
+        let found = self
+            .streams
+            .find_one(doc! {"_id.sync_id": key.sync_id.clone(), "positions.ns": key.ns.clone()})
+            .await
+            .map_err(|e| checkpoint_error("loading a shared stream's watermark", e))?;
+        let Some(found) = found else {
+            return Ok(None);
+        };
+        let uuid = key
+            .uuid
+            .map(|u| Bson::Binary(bson::Binary::from_uuid(u)))
+            .unwrap_or(Bson::Null);
+        Ok(found
+            .get_array("positions")
+            .ok()
+            .into_iter()
+            .flatten()
+            .filter_map(Bson::as_document)
+            .filter(|p| p.get_str("ns").ok() == Some(key.ns.as_str()))
+            .filter(|p| p.get("uuid").unwrap_or(&Bson::Null) == &uuid)
+            .filter_map(|p| p.get_document("token").ok())
+            .filter_map(|t| crate::event::raw_token(t))
+            .filter_map(|t| crate::event::token_cluster_time(&t))
+            .max_by_key(|ts| ts_key(*ts)))
+    }
+
     /// Forgets a shared stream's watermark (its history was lost: it starts again at "now").
     pub async fn delete_stream(&self, sync_id: &str, stream: &str) -> Result<(), SyncError> {
         self.writes

@@ -136,6 +136,17 @@ impl Feed {
         self.shared.is_some() && self.join_at.is_some()
     }
 
+    /// What the worker reads, for the status: `collection`, a shared stream's name, or
+    /// `joining <name>`; None before any stream is open.
+    pub fn describe(&self) -> Option<String> {
+        match (&self.shared, self.join_at.is_some(), &self.own) {
+            (Some(sub), false, _) => Some(sub.stream.clone()),
+            (Some(sub), true, _) => Some(format!("joining {}", sub.stream)),
+            (None, _, Some(_)) => Some("collection".to_string()),
+            (None, _, None) => None,
+        }
+    }
+
     /// The shared stream's name, while a member.
     pub fn shared_name(&self) -> Option<&str> {
         self.shared.as_ref().map(|s| s.stream.as_str())

@@ -50,6 +50,9 @@ pub struct NamespaceStatus {
     pub events_applied: u64,
     pub restarts: u64,
     pub last_validation: Option<LastValidation>,
+    /// The change stream the worker reads (DESIGN §2.11): `collection`, a shared stream's name
+    /// (`deployment`, `database:<db>`), or `joining <name>` while its own stream catches up.
+    pub change_stream: Option<String>,
 }
 
 impl NamespaceStatus {
@@ -68,6 +71,7 @@ impl NamespaceStatus {
             events_applied: 0,
             restarts: 0,
             last_validation: None,
+            change_stream: None,
         }
     }
 }
@@ -349,6 +353,7 @@ impl StatusRegistry {
                             "oplog_window_warning": s.copy_exceeds_oplog_window.map(|(copy, window)| json!({"estimated_copy_seconds": copy, "oplog_window_seconds": window}))},
                         "events_applied": s.events_applied,
                         "restarts": s.restarts,
+                        "change_stream": s.change_stream,
                         "last_validation": s.last_validation.as_ref().map(|v| json!({
                             "result": v.result, "at": rfc3339(v.at), "ranges_checked": v.ranges_checked,
                             "mismatched_documents": v.mismatched_documents, "repaired": v.repaired,

@@ -957,7 +957,15 @@ async fn stream(
     let mut last_join_attempt = Instant::now();
     // A force-sync interrupted by a restart resumes at its next range before anything else.
     let mut reconcile_pending = cp.reconcile_next.is_some();
+    let mut described: Option<String> = None;
     let result = loop {
+        let now_reading = feed.describe();
+        if now_reading != described {
+            ctx.pipeline
+                .status
+                .update(&label, |s| s.change_stream = now_reading.clone());
+            described = now_reading;
+        }
         // Batch boundary: adopt reloaded settings, run a requested force-sync.
         if ctx.adopt_reload().await {
             settings = ctx.current_settings();
@@ -1083,7 +1091,7 @@ async fn stream(
         }
         let skipped = feed.take_skipped();
         if skipped > 0 {
-            ctx.pipeline.metrics.replay_skipped(&label, skipped);
+            ctx.pipeline.metrics.already_applied(&label, skipped);
         }
         if let Some(e) = failure {
             break Err(e);

@@ -280,6 +280,15 @@ async fn a_killed_daemon_resumes_every_namespace_from_the_shared_watermark() {
         second_run.contains("shared change stream resumes from its watermark"),
         "log:\n{second_run}"
     );
+    // `validate` knows quiet namespaces are applied through the stream's watermark (their own
+    // checkpoints do not move): every namespace in sync, none indeterminate.
+    let config = d.config_path.display().to_string();
+    let report = tokio::task::spawn_blocking(move || {
+        crate::support::run(&["validate", "--config", &config, "--wait-seconds", "30"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(report.code, Some(0), "{}\n{}", report.stdout, report.stderr);
     assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
 }
 

@@ -976,3 +976,35 @@ fn rename_collisions_with_unrenamed_sources_are_rejected_statically() {
         "[sync]\nnamespaces = [\"a.x\", \"b.x\"]\n[sync.rename]\n\"a.x\" = \"b.x\"\n\"b.x\" = \"c.x\"\n",
     ));
 }
+
+#[test]
+fn the_stream_plan_is_a_source_key_with_documented_defaults() {
+    let cfg = load_ok(&minimal());
+    assert_eq!(cfg.source.stream_scope(), StreamScope::Auto);
+    assert_eq!(
+        cfg.source.collection_streams_max(),
+        DEFAULT_COLLECTION_STREAMS_MAX
+    );
+    let with_source = |keys: &str| minimal().replace("[source]\n", &format!("[source]\n{keys}\n"));
+    let cfg = load_ok(&with_source(
+        "stream_scope = \"deployment\"\ncollection_streams_max = 0",
+    ));
+    assert_eq!(cfg.source.stream_scope(), StreamScope::Deployment);
+    assert_eq!(cfg.source.collection_streams_max(), 0);
+    for scope in ["collection", "database", "auto"] {
+        load_ok(&with_source(&format!("stream_scope = \"{scope}\"")));
+    }
+    let err = load_err(&with_source("stream_scope = \"cluster\""));
+    assert!(err.to_string().contains("stream_scope"), "{err}");
+    let err = load_err(&with_source("collection_streams_max = 100001"));
+    assert_field(&err, "source.collection_streams_max", "at most");
+    let err = load_err(&minimal().replace(
+        "[destination]\n",
+        "[destination]\nstream_scope = \"deployment\"\n",
+    ));
+    assert_field(&err, "destination.stream_scope", "[source] key");
+    // check-config shows the effective plan.
+    let shown = serde_json::to_value(load_ok(&minimal()).redacted()).unwrap();
+    assert_eq!(shown["source"]["stream_scope"], "auto");
+    assert_eq!(shown["source"]["collection_streams_max"], 16);
+}

@@ -59,6 +59,8 @@ pub const EVENTS_READ_TOTAL: &str = "mongo_syncd_events_read_total";
 pub const EVENTS_APPLIED_TOTAL: &str = "mongo_syncd_events_applied_total";
 pub const WRITES_TOTAL: &str = "mongo_syncd_writes_total";
 pub const REPLAY_SKIPPED_TOTAL: &str = "mongo_syncd_replay_skipped_total";
+/// Events a shared change stream delivered that the namespace had applied already (DESIGN §2.11).
+pub const EVENTS_ALREADY_APPLIED_TOTAL: &str = "mongo_syncd_events_already_applied_total";
 pub const APPLY_BATCH_DURATION_SECONDS: &str = "mongo_syncd_apply_batch_duration_seconds";
 pub const QUEUE_EVENTS: &str = "mongo_syncd_queue_events";
 pub const CHECKPOINT_AGE_SECONDS: &str = "mongo_syncd_checkpoint_age_seconds";
@@ -109,6 +111,7 @@ pub const METRIC_NAMES: &[&str] = &[
     EVENTS_APPLIED_TOTAL,
     WRITES_TOTAL,
     REPLAY_SKIPPED_TOTAL,
+    EVENTS_ALREADY_APPLIED_TOTAL,
     APPLY_BATCH_DURATION_SECONDS,
     QUEUE_EVENTS,
     CHECKPOINT_AGE_SECONDS,
@@ -167,6 +170,7 @@ struct NsCounters {
     events_applied: IntCounterVec,
     writes: IntCounterVec,
     replay_skipped: IntCounterVec,
+    already_applied: IntCounterVec,
     worker_restarts: IntCounterVec,
     errors: IntCounterVec,
     copied: IntCounterVec,
@@ -177,11 +181,12 @@ struct NsCounters {
 
 impl NsCounters {
     /// The counters labelled by namespace alone.
-    fn namespace_only(&self) -> [&IntCounterVec; 6] {
+    fn namespace_only(&self) -> [&IntCounterVec; 7] {
         [
             &self.events_read,
             &self.writes,
             &self.replay_skipped,
+            &self.already_applied,
             &self.worker_restarts,
             &self.copied,
             &self.dead_letters,
@@ -321,6 +326,11 @@ impl Metrics {
                 "Replayed events (up to replay_until after an initial copy or crash) whose write was moot.",
                 ns_label,
             )?,
+            already_applied: counter(
+                EVENTS_ALREADY_APPLIED_TOTAL,
+                "Events a shared change stream delivered that the namespace had applied already (after a restart from the stream's watermark): skipped, not written.",
+                ns_label,
+            )?,
             worker_restarts: counter(
                 WORKER_RESTARTS_TOTAL,
                 "Restarts of the namespace worker after a failure.",
@@ -419,6 +429,7 @@ impl Metrics {
             &ns.events_applied,
             &ns.writes,
             &ns.replay_skipped,
+            &ns.already_applied,
             &ns.worker_restarts,
             &ns.errors,
             &ns.copied,
@@ -565,6 +576,13 @@ impl Metrics {
     }
 
     /// Replayed events whose write was moot (DESIGN §2.3 step 5).
+    /// Events a shared stream delivered that were applied already (skipped).
+    pub fn already_applied(&self, ns: &str, n: u64) {
+        self.with_ns(ns, |l, _| {
+            self.ns.already_applied.with_label_values(&[l]).inc_by(n)
+        });
+    }
+
     pub fn replay_skipped(&self, ns: &str, n: u64) {
         self.with_ns(ns, |l, _| {
             self.ns.replay_skipped.with_label_values(&[l]).inc_by(n)

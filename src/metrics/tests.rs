@@ -100,6 +100,7 @@ fn sample_metrics() -> Metrics {
         m.events_applied(ns, ApplyOp::Ddl, 1);
         m.writes(ns, 96 * k);
         m.replay_skipped(ns, 2);
+        m.already_applied(ns, 1);
         m.set_queue(ns, 3 * k);
         m.set_lag(ns, 0.5 * k as f64);
         m.set_applied_through(ns, unix - 0.5 * k as f64);
@@ -144,6 +145,7 @@ const EXPECTED_TYPES: &[(&str, &str)] = &[
     (EVENTS_APPLIED_TOTAL, "counter"),
     (WRITES_TOTAL, "counter"),
     (REPLAY_SKIPPED_TOTAL, "counter"),
+    (EVENTS_ALREADY_APPLIED_TOTAL, "counter"),
     (APPLY_BATCH_DURATION_SECONDS, "histogram"),
     (QUEUE_EVENTS, "gauge"),
     (CHECKPOINT_AGE_SECONDS, "gauge"),

@@ -83,10 +83,15 @@ impl AppliedPosition {
             };
         loop {
             if let Some(cp) = self.store.load(&self.key).await? {
-                if cp.phase == Phase::Streaming
-                    && cp.applied_through.is_some_and(|a| at_or_after(a, t))
-                {
-                    return Ok(true);
+                if cp.phase == Phase::Streaming {
+                    if cp.applied_through.is_some_and(|a| at_or_after(a, t)) {
+                        return Ok(true);
+                    }
+                    // A quiet namespace on a shared stream: its stream's watermark moves.
+                    let shared = self.store.applied_by_shared_stream(&self.key).await?;
+                    if shared.is_some_and(|a| at_or_after(a, t)) {
+                        return Ok(true);
+                    }
                 }
             }
             if Instant::now() >= deadline {
