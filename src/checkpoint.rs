@@ -527,7 +527,7 @@ impl CheckpointStore {
             .filter(|p| p.get_str("ns").ok() == Some(key.ns.as_str()))
             .filter(|p| p.get("uuid").unwrap_or(&Bson::Null) == &uuid)
             .filter_map(|p| p.get_document("token").ok())
-            .filter_map(|t| crate::event::raw_token(t))
+            .filter_map(crate::event::raw_token)
             .filter_map(|t| crate::event::token_cluster_time(&t))
             .max_by_key(|ts| ts_key(*ts)))
     }
