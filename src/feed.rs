@@ -179,11 +179,8 @@ impl Feed {
     /// Tells the shared stream what is applied: everything received, through the worker's
     /// position. Call after a batch is checkpointed, or at an idle mark.
     pub fn acknowledge(&self, checkpoint_token: Option<&Document>) {
-        if !self.is_shared() {
-            return;
-        }
         if let (Some(sub), Some(position)) = (&self.shared, self.effective(checkpoint_token)) {
-            sub.acknowledge(self.received, &position);
+            sub.acknowledge(self.received, &position, self.is_shared());
         }
     }
 

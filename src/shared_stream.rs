@@ -129,6 +129,8 @@ enum Control {
     Join {
         ns: String,
         uuid: Option<bson::Uuid>,
+        /// What the worker has applied through.
+        applied: RawDocumentBuf,
         reply: oneshot::Sender<Subscription>,
     },
 }
@@ -162,9 +164,10 @@ impl Subscription {
     }
 
     /// The worker has applied (or skipped) the first `received` events sent to it, and all
-    /// its events up to `position` are applied and checkpointed.
-    pub fn acknowledge(&self, received: u64, position: &RawDocumentBuf) {
-        self.member.acknowledge(received, position);
+    /// its events up to `position` are applied and checkpointed; `switched`: it reads the
+    /// shared stream now (everything of it up to the join position is applied).
+    pub fn acknowledge(&self, received: u64, position: &RawDocumentBuf, switched: bool) {
+        self.member.acknowledge(received, position, switched);
     }
 }
 
@@ -178,8 +181,20 @@ struct Member {
 struct MemberState {
     routed: u64,
     acked: u64,
-    /// While events are outstanding: a position the member has applied everything up to.
+    /// While events are outstanding, or while joining: a position the member has applied
+    /// everything up to.
     floor: Option<RawDocumentBuf>,
+    /// Joined behind the reader: its own stream is still reading up to the join position, so
+    /// the reader's position says nothing of what it applied.
+    joining: bool,
+}
+
+/// What a member has applied, as the watermark records it.
+struct Applied {
+    position: RawDocumentBuf,
+    /// The shared stream must resume at or before it (the member relies on the shared stream
+    /// for what follows); false while joining (its own stream covers what it has not applied).
+    holds_resume: bool,
 }
 
 impl Member {
@@ -190,16 +205,31 @@ impl Member {
     /// An event is about to be sent; `before` is the reader's position before it.
     fn routing(&self, before: &RawDocumentBuf) {
         let mut s = self.lock();
-        if s.acked >= s.routed {
+        // A joining member's floor is what it applied from its own stream, not the reader's.
+        if s.acked >= s.routed && !s.joining {
             s.floor = Some(before.clone());
         }
         s.routed += 1;
     }
 
-    fn acknowledge(&self, received: u64, position: &RawDocumentBuf) {
+    /// A member that joined behind the reader, having applied through `position`.
+    fn joining_from(position: RawDocumentBuf) -> Member {
+        Member {
+            state: Mutex::new(MemberState {
+                floor: Some(position),
+                joining: true,
+                ..MemberState::default()
+            }),
+        }
+    }
+
+    fn acknowledge(&self, received: u64, position: &RawDocumentBuf, switched: bool) {
         let mut s = self.lock();
         s.acked = s.acked.max(received);
-        if s.acked < s.routed {
+        if switched {
+            s.joining = false;
+        }
+        if s.joining || s.acked < s.routed {
             let advances = s.floor.as_ref().is_none_or(|f| token_after(position, f));
             if advances {
                 s.floor = Some(position.clone());
@@ -207,14 +237,22 @@ impl Member {
         }
     }
 
-    /// Everything of this member up to the returned position is applied; `None` = up to the
-    /// reader's position (nothing outstanding).
-    fn owes_from(&self) -> Option<RawDocumentBuf> {
+    /// What the member has applied, given the reader's position.
+    fn applied(&self, reader: &RawDocumentBuf) -> Applied {
         let s = self.lock();
-        if s.acked >= s.routed {
-            None
-        } else {
-            s.floor.clone()
+        match (&s.floor, s.joining, s.acked >= s.routed) {
+            (Some(floor), true, _) => Applied {
+                position: floor.clone(),
+                holds_resume: false,
+            },
+            (Some(floor), false, false) => Applied {
+                position: floor.clone(),
+                holds_resume: true,
+            },
+            _ => Applied {
+                position: reader.clone(),
+                holds_resume: false,
+            },
         }
     }
 }
@@ -317,12 +355,14 @@ impl SharedStreams {
         rx.await.ok()
     }
 
-    /// Joins the shared stream `key` (see the module documentation).
+    /// Joins the shared stream `key` (see the module documentation), having applied through
+    /// `applied`.
     pub async fn join(
         self: &Arc<Self>,
         key: &SharedStreamKey,
         ns: &str,
         uuid: Option<bson::Uuid>,
+        applied: RawDocumentBuf,
     ) -> Option<Subscription> {
         let handle = self.handle(key)?;
         let (reply, rx) = oneshot::channel();
@@ -331,6 +371,7 @@ impl SharedStreams {
             .send(Control::Join {
                 ns: ns.to_string(),
                 uuid,
+                applied,
                 reply,
             })
             .await
@@ -479,13 +520,22 @@ impl Router {
                     .map(|(_, t)| token_document(t));
                 let _ = reply.send(Probe { at, applied });
             }
-            Control::Join { ns, uuid, reply } => {
+            Control::Join {
+                ns,
+                uuid,
+                applied,
+                reply,
+            } => {
                 let Some(at) = self.position.clone() else {
                     return;
                 };
                 let capacity = (self.streams.settings.batch_max_events * 2).max(2);
                 let (tx, rx) = mpsc::channel(capacity);
-                let member = Arc::new(Member::default());
+                let member = Arc::new(if token_after(&at, &applied) {
+                    Member::joining_from(applied)
+                } else {
+                    Member::default()
+                });
                 let subscription = Subscription {
                     rx,
                     at,
@@ -614,7 +664,18 @@ impl Router {
 
     /// Sends one event to its namespace's member (if any). False on shutdown.
     async fn route(&mut self, event: ChangeEvent, stop: &CancellationToken) -> bool {
-        let before = self.position.replace(event.token.clone());
+        let token = event.token.clone();
+        // The position moves past the event only once it is delivered (or no member wants
+        // it): a watermark saved at shutdown never claims an undelivered event as applied.
+        let delivered = self.deliver(event, stop).await;
+        if delivered {
+            self.position = Some(token);
+        }
+        delivered
+    }
+
+    async fn deliver(&mut self, event: ChangeEvent, stop: &CancellationToken) -> bool {
+        let before = self.position.clone();
         let Some((db, coll)) = event.ns() else {
             return true;
         };
@@ -692,9 +753,10 @@ impl Router {
     /// A member is gone (its worker stopped, or it was evicted): keep what it had applied.
     fn leave(&mut self, ns: &str) {
         if let Some(slot) = self.members.remove(ns) {
-            let applied = slot.member.owes_from().or_else(|| self.position.clone());
-            if let Some(t) = applied {
-                self.known.insert(ns.to_string(), (slot.uuid, t));
+            if let Some(reader) = &self.position {
+                let applied = slot.member.applied(reader);
+                self.known
+                    .insert(ns.to_string(), (slot.uuid, applied.position));
             }
         }
     }
@@ -728,16 +790,11 @@ impl Router {
         let mut resume = position.clone();
         let mut positions = Vec::with_capacity(self.members.len() + self.known.len());
         for (ns, slot) in &self.members {
-            let applied = match slot.member.owes_from() {
-                Some(floor) => {
-                    if token_after(&resume, &floor) {
-                        resume = floor.clone();
-                    }
-                    floor
-                }
-                None => position.clone(),
-            };
-            positions.push((ns.clone(), slot.uuid, token_document(&applied)));
+            let applied = slot.member.applied(position);
+            if applied.holds_resume && token_after(&resume, &applied.position) {
+                resume = applied.position.clone();
+            }
+            positions.push((ns.clone(), slot.uuid, token_document(&applied.position)));
         }
         for (ns, (uuid, token)) in &self.known {
             positions.push((ns.clone(), *uuid, token_document(token)));
@@ -849,13 +906,19 @@ mod tests {
         raw_token(&doc! {"_data": format!("82{n:016X}")}).unwrap()
     }
 
+    fn owes_from(m: &Member) -> Option<RawDocumentBuf> {
+        let a = m.applied(&token(1000));
+        a.holds_resume.then_some(a.position)
+    }
+
     #[test]
     fn a_member_with_nothing_outstanding_owes_nothing() {
         let m = Member::default();
-        assert!(m.owes_from().is_none());
+        assert!(owes_from(&m).is_none());
         m.routing(&token(5));
-        m.acknowledge(1, &token(6));
-        assert!(m.owes_from().is_none());
+        m.acknowledge(1, &token(6), true);
+        assert_eq!(m.applied(&token(9)).position, token(9));
+        assert!(!m.applied(&token(9)).holds_resume);
     }
 
     #[test]
@@ -864,18 +927,35 @@ mod tests {
         m.routing(&token(5)); // event 6 sent
         m.routing(&token(6)); // event 7 sent
         m.routing(&token(7)); // event 8 sent
-        assert_eq!(m.owes_from(), Some(token(5)));
+        assert_eq!(owes_from(&m), Some(token(5)));
         // Events 6 and 7 applied and checkpointed: it owes from 7 on.
-        m.acknowledge(2, &token(7));
-        assert_eq!(m.owes_from(), Some(token(7)));
+        m.acknowledge(2, &token(7), true);
+        assert_eq!(owes_from(&m), Some(token(7)));
         // A stale acknowledgement never moves the floor back.
-        m.acknowledge(2, &token(6));
-        assert_eq!(m.owes_from(), Some(token(7)));
-        m.acknowledge(3, &token(8));
-        assert!(m.owes_from().is_none());
+        m.acknowledge(2, &token(6), true);
+        assert_eq!(owes_from(&m), Some(token(7)));
+        m.acknowledge(3, &token(8), true);
+        assert!(owes_from(&m).is_none());
         // The next event after an idle period: owed from the reader's position before it.
         m.routing(&token(20));
-        assert_eq!(m.owes_from(), Some(token(20)));
+        assert_eq!(owes_from(&m), Some(token(20)));
+    }
+
+    #[test]
+    fn a_joining_member_is_recorded_at_what_it_applied_until_it_switches() {
+        // Joined at 10 having applied through 4: its own stream reads 5..10.
+        let m = Member::joining_from(token(4));
+        assert_eq!(m.applied(&token(12)).position, token(4));
+        assert!(
+            !m.applied(&token(12)).holds_resume,
+            "its own stream covers 5..10"
+        );
+        m.routing(&token(10)); // event 11 queued for it
+        m.acknowledge(0, &token(7), false); // own events through 7 applied
+        assert_eq!(m.applied(&token(12)).position, token(7));
+        // Switched; events through 10 (own) and 11 (shared) applied.
+        m.acknowledge(1, &token(11), true);
+        assert_eq!(m.applied(&token(12)).position, token(12));
     }
 
     #[test]

@@ -1241,11 +1241,15 @@ async fn join_shared(
     let Some(key) = shared_stream_of(ctx) else {
         return;
     };
+    // Only a worker that knows where it is can say what the shared stream must not skip.
+    let Some(applied) = feed.effective(cp.resume_token.as_ref()) else {
+        return;
+    };
     let streams = Arc::clone(&ctx.pipeline.streams);
     let label = ctx.label();
     let joined = tokio::select! {
         _ = stop.cancelled() => return,
-        j = tokio::time::timeout(SHARED_STREAM_ANSWER, streams.join(&key, &label, ctx.uuid)) => j,
+        j = tokio::time::timeout(SHARED_STREAM_ANSWER, streams.join(&key, &label, ctx.uuid, applied)) => j,
     };
     if let Ok(Some(subscription)) = joined {
         let stream = subscription.stream.clone();
