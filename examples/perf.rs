@@ -159,15 +159,20 @@ fn start_daemon_with(
     std::fs::write(
         &config,
         format!(
-            "[source]\nuri = \"{source}\"\nstream_scope = \"{scope}\"\n\n[destination]\nuri = \"{dest}\"\n\n[http]\nlisten = \"127.0.0.1:{port}\"\n\n[sync]\nnamespaces = [\"{namespaces}\"]\n\n[validation]\ninterval_seconds = 0\n\n[log]\nlevel = \"warn\"\n",
+            "[source]\nuri = \"{source}\"\nstream_scope = \"{scope}\"\n\n[destination]\nuri = \"{dest}\"\n\n[http]\nlisten = \"127.0.0.1:{port}\"\n\n[sync]\nnamespaces = [\"{namespaces}\"]\n\n[validation]\ninterval_seconds = 0\n\n[log]\nlevel = \"info\"\n",
         ),
     )
     .unwrap();
+    // The daemon's log, for a run that goes wrong: PERF_DAEMON_LOG=path.
+    let log = match std::env::var("PERF_DAEMON_LOG") {
+        Ok(path) => Stdio::from(std::fs::File::create(path).expect("PERF_DAEMON_LOG is writable")),
+        Err(_) => Stdio::null(),
+    };
     let child = Command::new(bin)
         .args(["run", "--config"])
         .arg(&config)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .expect("mongo-syncd starts");
     Daemon {
@@ -212,6 +217,24 @@ impl Daemon {
             .filter(|l| l.starts_with(prefix) && l.contains(containing))
             .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
             .sum()
+    }
+
+    /// Namespaces whose status says they read the change stream `name`.
+    async fn namespaces_reading(&self, name: &str) -> usize {
+        let Ok(resp) = reqwest::get(format!("{}/api/v1/status", self.http)).await else {
+            return 0;
+        };
+        let Ok(status) = resp.json::<serde_json::Value>().await else {
+            return 0;
+        };
+        status["namespaces"]
+            .as_object()
+            .map(|m| {
+                m.values()
+                    .filter(|n| n["change_stream"].as_str() == Some(name))
+                    .count()
+            })
+            .unwrap_or(0)
     }
 
     async fn stop(self) {
@@ -310,6 +333,21 @@ async fn scale(daemon_bin: &Path, source_uri: &str, dest_uri: &str, collections:
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let all_streaming = started.elapsed();
+    // Under a shared stream: until every namespace has joined it.
+    if scope != "collection" {
+        loop {
+            let joined = daemon.namespaces_reading("deployment").await;
+            if joined >= collections as usize {
+                break;
+            }
+            assert!(
+                started.elapsed() < bound,
+                "only {joined} joined after {bound:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let all_joined = started.elapsed();
     // Let joins and copies settle, then a quiet window.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let window = Duration::from_secs(10);
@@ -358,6 +396,10 @@ async fn scale(daemon_bin: &Path, source_uri: &str, dest_uri: &str, collections:
     println!(
         "| time until every namespace streams | {:.1} s |",
         all_streaming.as_secs_f64()
+    );
+    println!(
+        "| time until every namespace reads the shared stream | {:.1} s |",
+        all_joined.as_secs_f64()
     );
     println!("| source connections held (idle) | {connections} (target ≤ 10) |");
     println!(

@@ -1118,20 +1118,26 @@ async fn stream(
                 // idle mark only moves its applied position.
                 feed.note_position(&token);
                 feed.acknowledge(cp.resume_token.as_ref());
-                if let Some(ts) = cluster_time {
-                    let advanced = cp.applied_through.is_none_or(|a| ts_key(ts) > ts_key(a));
-                    if advanced {
-                        cp.applied_through = Some(ts);
-                        ctx.pipeline.status.record_checkpoint(
-                            &ctx.pipeline.metrics,
-                            &label,
-                            None,
-                            cp.applied_through,
-                        );
-                    }
+                let advanced = cluster_time
+                    .filter(|ts| cp.applied_through.is_none_or(|a| ts_key(*ts) > ts_key(a)));
+                if let Some(ts) = advanced {
+                    cp.applied_through = Some(ts);
                 }
-                if !ctx.caught_up.load(Ordering::Relaxed) {
+                // The end of a replay (settles, unique indexes, a history-loss streak) is
+                // reached while quiet too; it is done before the status says caught up.
+                let replay_open = !ctx.caught_up.load(Ordering::Relaxed)
+                    || cp.unique_indexes_pending
+                    || cp.history_lost_recopies > 0;
+                if replay_open {
                     maybe_finish_replay(ctx, &applier, &mut cp, &mut settles).await?;
+                }
+                if advanced.is_some() {
+                    ctx.pipeline.status.record_checkpoint(
+                        &ctx.pipeline.metrics,
+                        &label,
+                        None,
+                        cp.applied_through,
+                    );
                 }
                 continue;
             }
