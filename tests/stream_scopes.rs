@@ -338,3 +338,70 @@ async fn auto_reads_collection_streams_up_to_the_limit_and_one_shared_stream_bey
     assert!(!d2.logs().contains("joined the shared change stream"));
     assert_eq!(d2.terminate().await, Some(0), "log:\n{}", d2.logs());
 }
+
+/// The shared stream loses its history while the daemon runs (its getMore is held while the
+/// oplog wraps): its namespaces re-copy, and a unique index created meanwhile, which no event
+/// will bring, is built at the end of the replay although the namespace stays quiet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_stream_that_loses_its_history_recopies_with_what_changed_meanwhile() {
+    let c = Clusters::start_with_oplog(40).await;
+    let db = c.src.database("s5300");
+    let a = db.collection::<Document>("a");
+    a.insert_many([
+        doc! {"_id": 1, "email": "e1"},
+        doc! {"_id": 2, "email": "e2"},
+    ])
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(
+        &c,
+        dir.path(),
+        "[source]\nstream_scope = \"deployment\"\n\n[sync]\nnamespaces = [\"s5300.*\"]\n",
+    );
+    d.wait_streaming("s5300.a").await;
+    wait_until(
+        "s5300.a reads the shared stream",
+        Duration::from_secs(30),
+        || async { d.logs().contains("joined the shared change stream") },
+    )
+    .await;
+    // The shared stream's next getMore is held while the oplog wraps past its position.
+    c.source
+        .configure_fail_point(&doc! {
+            "configureFailPoint": "failCommand",
+            "mode": {"times": 1},
+            "data": {"failCommands": ["getMore"], "blockConnection": true, "blockTimeMS": 3000},
+        })
+        .unwrap();
+    // The unique index is created while the history is lost: only the re-copy can build it.
+    db.run_command(doc! {"createIndexes": "a", "indexes": [{"key": {"email": 1}, "name": "email_1", "unique": true}]})
+        .await
+        .unwrap();
+    // 100 writes elsewhere: a 40-entry oplog no longer holds the stream's position.
+    let filler = c.src.database("s5300_filler").collection::<Document>("f");
+    for i in 0..100 {
+        filler.insert_one(doc! {"_id": i}).await.unwrap();
+    }
+    wait_until(
+        "the shared stream lost its history and s5300.a was copied again",
+        Duration::from_secs(60),
+        || async { d.logs().matches("initial copy finished").count() >= 2 },
+    )
+    .await;
+    wait_converged(&c, &[("s5300", "a")], Duration::from_secs(60)).await;
+    wait_until(
+        "the re-copied namespace builds its unique index while quiet",
+        Duration::from_secs(30),
+        || async {
+            c.dst
+                .database("s5300")
+                .collection::<Document>("a")
+                .list_index_names()
+                .await
+                .unwrap_or_default()
+                .contains(&"email_1".to_string())
+        },
+    )
+    .await;
+}
