@@ -1083,30 +1083,31 @@ async fn ttl_monitor_produces_delete_events() {
     .await
 }
 
+/// `serverStatus.metrics.cursor.open.total`.
+async fn open_cursors(c: &mongodb::Client) -> i64 {
+    c.database("admin")
+        .run_command(doc! {"serverStatus": 1})
+        .await
+        .unwrap()
+        .get_document("metrics")
+        .unwrap()
+        .get_document("cursor")
+        .unwrap()
+        .get_document("open")
+        .unwrap()
+        .get_i64("total")
+        .unwrap()
+}
+
 /// `serverStatus.metrics.cursor.open.total` counts a change stream's cursor while its awaiting
 /// `getMore` has it checked out, as mongod does (an idle stream spends most of its life there).
 #[tokio::test]
 async fn server_status_counts_a_cursor_while_its_get_more_awaits() {
     bounded(async {
         let (_sim, c) = start_with_client().await;
-        let open = |c: mongodb::Client| async move {
-            let s = c
-                .database("admin")
-                .run_command(doc! {"serverStatus": 1})
-                .await
-                .unwrap();
-            s.get_document("metrics")
-                .unwrap()
-                .get_document("cursor")
-                .unwrap()
-                .get_document("open")
-                .unwrap()
-                .get_i64("total")
-                .unwrap()
-        };
-        assert_eq!(open(c.clone()).await, 0);
+        assert_eq!(open_cursors(&c).await, 0);
         let (id, _) = open_raw(&c, "cs", "counted").await;
-        assert_eq!(open(c.clone()).await, 1);
+        assert_eq!(open_cursors(&c).await, 1);
         let awaiting = {
             let c = c.clone();
             tokio::spawn(async move { get_more(&c, "cs", "counted", id, 2000).await })
@@ -1114,18 +1115,18 @@ async fn server_status_counts_a_cursor_while_its_get_more_awaits() {
         for _ in 0..10 {
             tokio::time::sleep(Duration::from_millis(50)).await;
             assert_eq!(
-                open(c.clone()).await,
+                open_cursors(&c).await,
                 1,
                 "an awaiting getMore's cursor is open"
             );
         }
         awaiting.await.unwrap();
-        assert_eq!(open(c.clone()).await, 1);
+        assert_eq!(open_cursors(&c).await, 1);
         c.database("cs")
             .run_command(doc! {"killCursors": "counted", "cursors": [id]})
             .await
             .unwrap();
-        assert_eq!(open(c.clone()).await, 0);
+        assert_eq!(open_cursors(&c).await, 0);
     })
     .await
 }
@@ -1137,20 +1138,6 @@ async fn server_status_counts_a_cursor_while_its_get_more_awaits() {
 async fn kill_cursors_during_an_awaiting_get_more_closes_the_cursor() {
     bounded(async {
         let (_sim, c) = start_with_client().await;
-        let open = |c: mongodb::Client| async move {
-            c.database("admin")
-                .run_command(doc! {"serverStatus": 1})
-                .await
-                .unwrap()
-                .get_document("metrics")
-                .unwrap()
-                .get_document("cursor")
-                .unwrap()
-                .get_document("open")
-                .unwrap()
-                .get_i64("total")
-                .unwrap()
-        };
         let (id, _) = open_raw(&c, "cs", "killed").await;
         let awaiting = {
             let c = c.clone();
@@ -1163,9 +1150,9 @@ async fn kill_cursors_during_an_awaiting_get_more_closes_the_cursor() {
             .await
             .unwrap();
         assert_eq!(reply.get_array("cursorsKilled").unwrap().len(), 1);
-        assert_eq!(open(c.clone()).await, 0);
+        assert_eq!(open_cursors(&c).await, 0);
         let _ = awaiting.await;
-        assert_eq!(open(c.clone()).await, 0);
+        assert_eq!(open_cursors(&c).await, 0);
         let again = c
             .database("cs")
             .run_command(doc! {"getMore": id, "collection": "killed"})
