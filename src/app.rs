@@ -413,6 +413,9 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
                 Arc::clone(&status),
                 Arc::clone(&buffer),
             ),
+            copy_slots: Arc::new(tokio::sync::Semaphore::new(
+                config.copy.concurrent_collections as usize,
+            )),
         };
         if reset {
             // The operator accepted a new source and asked for everything to be copied again.

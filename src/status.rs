@@ -47,6 +47,8 @@ pub struct NamespaceStatus {
     /// Set when the last copy was estimated to take longer than the source's oplog window
     /// (DESIGN §2.3): `(estimated copy seconds, oplog window seconds)`.
     pub copy_exceeds_oplog_window: Option<(u64, u64)>,
+    /// Set while the copy waits for one of `copy.concurrent_collections` slots.
+    pub copy_waiting_for_slot: bool,
     pub events_applied: u64,
     pub restarts: u64,
     pub last_validation: Option<LastValidation>,
@@ -68,6 +70,7 @@ impl NamespaceStatus {
             copied: 0,
             copy_estimate: 0,
             copy_exceeds_oplog_window: None,
+            copy_waiting_for_slot: false,
             events_applied: 0,
             restarts: 0,
             last_validation: None,
@@ -350,6 +353,7 @@ impl StatusRegistry {
                         "last_checkpoint": s.last_checkpoint.map(rfc3339),
                         "last_error": s.last_error.as_ref().map(|e| json!({"kind": e.kind, "message": e.message, "at": rfc3339(e.at)})),
                         "copy": {"copied": s.copied, "estimated": s.copy_estimate,
+                            "waiting_for_slot": s.copy_waiting_for_slot,
                             "oplog_window_warning": s.copy_exceeds_oplog_window.map(|(copy, window)| json!({"estimated_copy_seconds": copy, "oplog_window_seconds": window}))},
                         "events_applied": s.events_applied,
                         "restarts": s.restarts,

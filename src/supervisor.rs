@@ -811,6 +811,9 @@ impl Supervisor {
         if old.apply.max_buffered_bytes != config.apply.max_buffered_bytes {
             tracing::warn!("apply.max_buffered_bytes changed; the budget is sized at start, so it takes effect at the next restart of the daemon");
         }
+        if old.copy.concurrent_collections != config.copy.concurrent_collections {
+            tracing::warn!("copy.concurrent_collections changed; the copy slots are made at start, so it takes effect at the next restart of the daemon");
+        }
         self.filter = config.namespace_filter();
         self.settings = Arc::new(worker_settings(&config));
         self.pipeline

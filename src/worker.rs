@@ -105,6 +105,8 @@ pub struct Pipeline {
     pub buffer: Arc<crate::buffer_budget::BufferBudget>,
     /// The stream plan and its shared readers (DESIGN §2.11).
     pub streams: Arc<SharedStreams>,
+    /// `copy.concurrent_collections`: one permit per namespace copying.
+    pub copy_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// Everything one namespace worker needs.
@@ -701,6 +703,31 @@ pub async fn delete_budget(
         .start(&ctx.label(), trigger, source, dest)
 }
 
+/// Waits for one of the `copy.concurrent_collections` slots: copies beyond it would only share
+/// the destination's speed while each holds its ranges in memory and its connections open.
+async fn copy_slot(
+    ctx: &WorkerContext,
+    stop: &CancellationToken,
+) -> Result<tokio::sync::OwnedSemaphorePermit, SyncError> {
+    let slots = Arc::clone(&ctx.pipeline.copy_slots);
+    if let Ok(slot) = Arc::clone(&slots).try_acquire_owned() {
+        return Ok(slot);
+    }
+    let label = ctx.label();
+    tracing::debug!(namespace = %label, "waiting for a copy slot (copy.concurrent_collections)");
+    ctx.pipeline
+        .status
+        .update(&label, |s| s.copy_waiting_for_slot = true);
+    let slot = tokio::select! {
+        _ = stop.cancelled() => Err(cancelled()),
+        slot = slots.acquire_owned() => slot.map_err(|_| cancelled()),
+    };
+    ctx.pipeline
+        .status
+        .update(&label, |s| s.copy_waiting_for_slot = false);
+    slot
+}
+
 /// DESIGN §2.3: take T0, persist it, copy range by range (resumable), build indexes.
 async fn initial_copy(
     ctx: &WorkerContext,
@@ -710,6 +737,8 @@ async fn initial_copy(
     let label = ctx.label();
     let key = ctx.key();
     ctx.set_state(WorkerState::Copying);
+    // Before T0 is taken, so the copy's catch-up starts from when it really began.
+    let _slot = copy_slot(ctx, stop).await?;
     if cp.start_token.is_none() {
         let stream = ctx
             .pipeline

@@ -405,3 +405,71 @@ async fn a_shared_stream_that_loses_its_history_recopies_with_what_changed_meanw
     )
     .await;
 }
+
+/// `copy.concurrent_collections` (issue 11 item 6): however many namespaces start at once, at
+/// most that many copy; the others wait in the copying state, shown in status, and every one
+/// of them ends exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_at_once_are_bounded_by_the_copy_slots() {
+    let c = Clusters::start().await;
+    let names = seed(&c, "slots", 6, 500).await;
+    // Every copied range takes at least 300 ms to write, so the copies overlap in time.
+    c.dest
+        .configure_fail_point(&doc! {
+            "configureFailPoint": "failCommand",
+            "mode": "alwaysOn",
+            "data": {"failCommands": ["insert"], "appName": "mongo-syncd", "blockConnection": true, "blockTimeMS": 300},
+        })
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(
+        &c,
+        dir.path(),
+        "[copy]\nconcurrent_collections = 2\n\n[sync]\nnamespaces = [\"slots.*\"]\n",
+    );
+    let mut waiting_seen = 0usize;
+    let all = pairs("slots", &names);
+    let started = std::time::Instant::now();
+    loop {
+        let status = d.status().await.unwrap_or_default();
+        let namespaces = status["namespaces"].as_object().cloned().unwrap_or_default();
+        let waiting = namespaces
+            .values()
+            .filter(|s| s["copy"]["waiting_for_slot"] == true)
+            .count();
+        waiting_seen = waiting_seen.max(waiting);
+        if namespaces.len() == names.len()
+            && namespaces.values().all(|s| s["state"] == "streaming")
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "not all streaming; log:\n{}",
+            d.all_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The log orders each copy's start after its slot is taken and its end before the slot
+    // is given back: counted in that order, never more than two run.
+    let (mut running, mut most) = (0i32, 0i32);
+    for line in d.all_logs().lines() {
+        if line.contains("initial copy starting") {
+            running += 1;
+            most = most.max(running);
+        } else if line.contains("initial copy finished") {
+            running -= 1;
+        }
+    }
+    assert_eq!(most, 2, "copies running at once; log:\n{}", d.all_logs());
+    assert!(
+        waiting_seen >= 1,
+        "status never showed a namespace waiting for a copy slot"
+    );
+    c.dest
+        .configure_fail_point(&doc! {"configureFailPoint": "failCommand", "mode": "off"})
+        .unwrap();
+    churn(&c, "slots", &names, 0).await;
+    converged(&c, &d, &all, Duration::from_secs(60)).await;
+    assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
+}

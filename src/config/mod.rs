@@ -52,6 +52,11 @@ pub const MAX_COLLECTION_STREAMS_MAX: usize = 100_000;
 /// No idle connections are kept open on purpose: the pool grows on demand and the awaiting
 /// change streams keep the connections they need warm anyway.
 pub const DEFAULT_MIN_POOL_SIZE: u32 = 0;
+/// Pooled connections unused this long are closed: a burst (1,000 namespaces copying and
+/// catching up at start, a validation pass) does not leave its connections open on the source
+/// for good, while the connections in steady use (a shared stream's awaiting `getMore`, the
+/// checkpoint writes) never sit idle that long.
+pub const DEFAULT_MAX_IDLE_TIME_MS: u64 = 30_000;
 /// The driver's default: long enough for a TLS handshake across regions, short enough that an
 /// unreachable host is reported before the server selection timeout.
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 10_000;
@@ -101,6 +106,13 @@ pub const MAX_BATCH_MAX_BYTES: u64 = 48_000_000;
 pub const DEFAULT_MAX_BUFFERED_BYTES: u64 = 256 * 1024 * 1024;
 /// The budget's ceiling (a tokio semaphore's permit limit is far above it).
 pub const MAX_MAX_BUFFERED_BYTES: u64 = 64 * 1024 * 1024 * 1024;
+/// Default `copy.concurrent_collections`. Each copy holds two ranges (one written, one read
+/// ahead, up to 16 MiB each) and a few connections; four keep a destination busy without letting
+/// memory and connections grow with the number of namespaces (1,000 new collections would
+/// otherwise open 1,000 copies at once).
+pub const DEFAULT_COPY_CONCURRENT_COLLECTIONS: u32 = 4;
+/// Upper bound of `copy.concurrent_collections`.
+pub const MAX_COPY_CONCURRENT_COLLECTIONS: u32 = 256;
 /// Waiting longer than a minute for a batch to fill only adds lag.
 pub const MAX_BATCH_MAX_WAIT_MS: u64 = 60_000;
 
@@ -329,6 +341,9 @@ pub struct Config {
     /// `[apply]`
     #[serde(default)]
     pub apply: ApplyConfig,
+    /// `[copy]`
+    #[serde(default)]
+    pub copy: CopyConfig,
     /// `[checkpoint]`
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
@@ -385,6 +400,9 @@ pub struct EndpointConfig {
     /// `minPoolSize` (default [`DEFAULT_MIN_POOL_SIZE`]).
     #[serde(default)]
     pub min_pool_size: Option<u32>,
+    /// `maxIdleTimeMS` (default [`DEFAULT_MAX_IDLE_TIME_MS`]; 0 = never closed for idleness).
+    #[serde(default)]
+    pub max_idle_time_ms: Option<u64>,
     /// `connectTimeoutMS` (default [`DEFAULT_CONNECT_TIMEOUT_MS`]).
     #[serde(default)]
     pub connect_timeout_ms: Option<u64>,
@@ -533,6 +551,16 @@ pub struct ApplyConfig {
     /// ([`crate::buffer_budget`]); `batch_max_bytes`..=[`MAX_MAX_BUFFERED_BYTES`].
     #[serde(default = "default_max_buffered_bytes")]
     pub max_buffered_bytes: u64,
+}
+
+/// `[copy]`: initial copies, re-copies and force-syncs.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CopyConfig {
+    /// Namespaces copied at once, 1..=[`MAX_COPY_CONCURRENT_COLLECTIONS`]; the others wait
+    /// for a slot in the `copying` state.
+    #[serde(default = "default_copy_concurrent_collections")]
+    pub concurrent_collections: u32,
 }
 
 /// `[checkpoint]`
@@ -713,6 +741,10 @@ fn default_max_buffered_bytes() -> u64 {
     DEFAULT_MAX_BUFFERED_BYTES
 }
 
+fn default_copy_concurrent_collections() -> u32 {
+    DEFAULT_COPY_CONCURRENT_COLLECTIONS
+}
+
 fn default_batch_max_bytes() -> u64 {
     DEFAULT_BATCH_MAX_BYTES
 }
@@ -803,6 +835,7 @@ macro_rules! impl_default_from_serde {
 impl_default_from_serde!(
     SyncConfig,
     ApplyConfig,
+    CopyConfig,
     CheckpointConfig,
     ConflictConfig,
     ValidationConfig,
@@ -890,6 +923,13 @@ impl EndpointConfig {
                 .or(opts.min_pool_size)
                 .unwrap_or(DEFAULT_MIN_POOL_SIZE),
         );
+        // 0 means "no limit" in the connection-string spec; this driver would instead close
+        // every connection as soon as it is checked in, so 0 (key or URI) becomes None.
+        let idle_ms = self
+            .max_idle_time_ms
+            .or(opts.max_idle_time.map(|d| d.as_millis() as u64))
+            .unwrap_or(DEFAULT_MAX_IDLE_TIME_MS);
+        opts.max_idle_time = (idle_ms > 0).then(|| Duration::from_millis(idle_ms));
         opts.connect_timeout = Some(
             self.connect_timeout_ms
                 .map(Duration::from_millis)
@@ -997,6 +1037,7 @@ impl Config {
             destination: EndpointConfig::default(),
             sync: SyncConfig::default(),
             apply: ApplyConfig::default(),
+            copy: CopyConfig::default(),
             checkpoint: CheckpointConfig::default(),
             conflict: ConflictConfig::default(),
             validation: ValidationConfig::default(),
@@ -1076,6 +1117,7 @@ impl Config {
             destination: RedactedEndpoint::new(&self.destination),
             sync: &self.sync,
             apply: &self.apply,
+            copy: &self.copy,
             checkpoint: &self.checkpoint,
             conflict: &self.conflict,
             validation: &self.validation,
@@ -1193,6 +1235,14 @@ impl Config {
             err(
                 "apply.batch_max_wait_ms".into(),
                 format!("must be at most {MAX_BATCH_MAX_WAIT_MS}"),
+            );
+        }
+
+        // [copy]
+        if !(1..=MAX_COPY_CONCURRENT_COLLECTIONS).contains(&self.copy.concurrent_collections) {
+            err(
+                "copy.concurrent_collections".into(),
+                format!("must be between 1 and {MAX_COPY_CONCURRENT_COLLECTIONS}"),
             );
         }
 
@@ -1579,6 +1629,8 @@ pub struct RedactedConfig<'a> {
     pub sync: &'a SyncConfig,
     /// `[apply]`
     pub apply: &'a ApplyConfig,
+    /// `[copy]`
+    pub copy: &'a CopyConfig,
     /// `[checkpoint]`
     pub checkpoint: &'a CheckpointConfig,
     /// `[conflict]`
@@ -1621,6 +1673,8 @@ pub struct RedactedEndpoint {
     pub max_pool_size: u32,
     /// Pool minimum.
     pub min_pool_size: u32,
+    /// Idle connections are closed after this long (0: never).
+    pub max_idle_time_ms: u64,
     /// Connect timeout.
     pub connect_timeout_ms: u64,
     /// Server selection timeout.
@@ -1663,6 +1717,12 @@ impl RedactedEndpoint {
                 .min_pool_size
                 .or(conn.and_then(|c| c.min_pool_size))
                 .unwrap_or(DEFAULT_MIN_POOL_SIZE),
+            max_idle_time_ms: e
+                .max_idle_time_ms
+                .or(conn
+                    .and_then(|c| c.max_idle_time)
+                    .map(|d| d.as_millis() as u64))
+                .unwrap_or(DEFAULT_MAX_IDLE_TIME_MS),
             connect_timeout_ms: e
                 .connect_timeout_ms
                 .or(conn

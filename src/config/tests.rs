@@ -1008,3 +1008,55 @@ fn the_stream_plan_is_a_source_key_with_documented_defaults() {
     assert_eq!(shown["source"]["stream_scope"], "auto");
     assert_eq!(shown["source"]["collection_streams_max"], 16);
 }
+
+#[tokio::test]
+async fn idle_pooled_connections_close_after_a_documented_default() {
+    async fn idle(c: &Config) -> (Option<Duration>, Option<Duration>) {
+        let src = c.source_client_options().await.unwrap();
+        let dst = c.destination_client_options().await.unwrap();
+        (src.max_idle_time, dst.max_idle_time)
+    }
+    let default = Some(Duration::from_millis(DEFAULT_MAX_IDLE_TIME_MS));
+    assert_eq!(idle(&load_ok(&minimal())).await, (default, default));
+    // The URI's value applies when the key is unset; the key wins over it.
+    let c = load_ok(&format!(
+        "[source]\nuri = \"{SRC}&maxIdleTimeMS=1500\"\n[destination]\nuri = \"{DST}\"\nmax_idle_time_ms = 2500\n"
+    ));
+    assert_eq!(
+        idle(&c).await,
+        (
+            Some(Duration::from_millis(1500)),
+            Some(Duration::from_millis(2500))
+        )
+    );
+    // 0 means "never closed for idleness", from the key and from the URI alike (the driver
+    // alone would close every connection as it is checked in).
+    let c = load_ok(&format!(
+        "[source]\nuri = \"{SRC}&maxIdleTimeMS=0\"\n[destination]\nuri = \"{DST}\"\nmax_idle_time_ms = 0\n"
+    ));
+    assert_eq!(idle(&c).await, (None, None));
+    let shown = serde_json::to_value(load_ok(&minimal()).redacted()).unwrap();
+    assert_eq!(shown["source"]["max_idle_time_ms"], DEFAULT_MAX_IDLE_TIME_MS);
+}
+
+#[test]
+fn copies_at_once_are_bounded_by_a_documented_default() {
+    let cfg = load_ok(&minimal());
+    assert_eq!(
+        cfg.copy.concurrent_collections,
+        DEFAULT_COPY_CONCURRENT_COLLECTIONS
+    );
+    let cfg = load_ok(&format!("{}\n[copy]\nconcurrent_collections = 12\n", minimal()));
+    assert_eq!(cfg.copy.concurrent_collections, 12);
+    for bad in ["0", "257"] {
+        let err = load_err(&format!(
+            "{}\n[copy]\nconcurrent_collections = {bad}\n",
+            minimal()
+        ));
+        assert_field(&err, "copy.concurrent_collections", "between 1 and 256");
+    }
+    let err = load_err(&format!("{}\n[copy]\nparallel = 2\n", minimal()));
+    assert!(err.to_string().contains("parallel"), "{err}");
+    let shown = serde_json::to_value(load_ok(&minimal()).redacted()).unwrap();
+    assert_eq!(shown["copy"]["concurrent_collections"], 4);
+}
