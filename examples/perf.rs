@@ -348,8 +348,16 @@ async fn scale(daemon_bin: &Path, source_uri: &str, dest_uri: &str, collections:
         }
     }
     let all_joined = started.elapsed();
-    // Let joins and copies settle, then a quiet window.
+    // Let joins and copies settle, and the connections the start-up burst opened close
+    // (`max_idle_time_ms`, 30 s by default): at most a minute.
     tokio::time::sleep(Duration::from_secs(5)).await;
+    let settling = Instant::now();
+    while settling.elapsed() < Duration::from_secs(60)
+        && int(&server_status(&src).await, &["connections", "current"]) - baseline > 10
+    {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let connections_settled = all_joined + Duration::from_secs(5) + settling.elapsed();
     let window = Duration::from_secs(10);
     let pid = daemon.process.child.id();
     let (cpu0, upd0) = (
@@ -400,6 +408,10 @@ async fn scale(daemon_bin: &Path, source_uri: &str, dest_uri: &str, collections:
     println!(
         "| time until every namespace reads the shared stream | {:.1} s |",
         all_joined.as_secs_f64()
+    );
+    println!(
+        "| time until the source connections settle (≤ 10, or 60 s after joining) | {:.1} s |",
+        connections_settled.as_secs_f64()
     );
     println!("| source connections held (idle) | {connections} (target ≤ 10) |");
     println!(

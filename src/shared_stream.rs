@@ -102,6 +102,9 @@ pub struct SharedStreams {
     settings: SharedStreamSettings,
     /// How many namespaces the supervisor runs (decides `auto`).
     namespaces: AtomicUsize,
+    /// The in-scope source collections of the last listing (namespace → UUID), `None` until
+    /// one is done: a watermark keeps no position for a collection the source no longer has.
+    listed: Mutex<Option<HashMap<String, Option<bson::Uuid>>>>,
     routers: Mutex<HashMap<SharedStreamKey, RouterHandle>>,
     source: Source,
     checkpoints: CheckpointStore,
@@ -270,6 +273,7 @@ impl SharedStreams {
         Arc::new(SharedStreams {
             settings,
             namespaces: AtomicUsize::new(0),
+            listed: Mutex::new(None),
             routers: Mutex::new(HashMap::new()),
             source,
             checkpoints,
@@ -286,6 +290,25 @@ impl SharedStreams {
     /// `source.collection_streams_max`).
     pub fn set_namespaces(&self, n: usize) {
         self.namespaces.store(n, Ordering::Relaxed);
+    }
+
+    /// The in-scope source collections of a finished listing (see `listed`).
+    pub fn set_listed(&self, listed: HashMap<String, Option<bson::Uuid>>) {
+        *self.listed.lock().unwrap_or_else(|e| e.into_inner()) = Some(listed);
+    }
+
+    /// Whether a former member's position is still worth keeping: its collection (this
+    /// incarnation) was in the last listing, or no listing has finished yet.
+    fn still_listed(&self, ns: &str, uuid: Option<bson::Uuid>) -> bool {
+        let listed = self.listed.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(listed) = listed.as_ref() else {
+            return true;
+        };
+        match (listed.get(ns), uuid) {
+            (None, _) => false,
+            (Some(Some(now)), Some(then)) => *now == then,
+            (Some(_), _) => true,
+        }
     }
 
     pub fn scope(&self) -> StreamScope {
@@ -691,7 +714,11 @@ impl Router {
         };
         if let (Some(event_uuid), Some(uuid)) = (event_uuid(&event), slot.uuid) {
             if event_uuid != uuid {
-                // Another incarnation of the name: its own worker reads it.
+                // Another incarnation of the name: its own worker reads it, once a listing
+                // has started it.
+                if event.kind == OpKind::Create {
+                    self.streams.discovery_hint.notify_one();
+                }
                 return true;
             }
         }
@@ -813,6 +840,11 @@ impl Router {
 
     async fn save_watermark(&mut self) {
         self.last_save = Instant::now();
+        // Dropped, renamed-away or out-of-scope collections leave the watermark, which would
+        // otherwise grow with every collection that ever passed through the stream.
+        let streams = Arc::clone(&self.streams);
+        self.known
+            .retain(|ns, (uuid, _)| streams.still_listed(ns, *uuid));
         let Some(w) = self.watermark() else {
             return;
         };

@@ -31,8 +31,17 @@ use crate::{
     },
 };
 
-/// How often the source is listed for new collections.
+/// How often the source is listed for new collections (a small deployment read with collection
+/// streams, where a listing is the only way to see a new collection).
 pub const DISCOVERY_INTERVAL: Duration = Duration::from_secs(2);
+/// The slowest listing: a listing costs both sides time in proportion to the collections it
+/// returns (at 1,000 collections every 2 s it was a third of the daemon's idle CPU), and
+/// under a deployment stream it is only a safety net, since the stream reports creations and
+/// renames as they happen.
+pub const DISCOVERY_INTERVAL_MAX: Duration = Duration::from_secs(30);
+/// Namespaces a listing every [`DISCOVERY_INTERVAL`] stays cheap for; beyond, the period grows
+/// in proportion.
+pub const DISCOVERY_NAMESPACES_PER_INTERVAL: usize = 100;
 /// How often the source's cluster time is sampled (DESIGN §2.9: every 5 s).
 pub const CLUSTER_TIME_INTERVAL: Duration = Duration::from_secs(5);
 /// Bound on the cluster-time and destination pings: an unreachable cluster reads as
@@ -129,6 +138,8 @@ pub struct Supervisor {
     /// Stopped workers that may still be running (see [`Retiring`]).
     retiring: Vec<Retiring>,
     warned_skipped: HashSet<Namespace>,
+    /// Whether the last listing's stream plan fitted the source pool (warned once when not).
+    pool_fits: bool,
     /// Namespaces parked because another source namespace has the same destination.
     collided: HashSet<Namespace>,
     /// Validation scheduler (DESIGN §2.7): passes per namespace, repairs through the workers.
@@ -205,6 +216,7 @@ impl Supervisor {
             reports_rx,
             retiring: Vec::new(),
             warned_skipped: HashSet::new(),
+            pool_fits: true,
             collided: HashSet::new(),
             validation,
             heartbeat: Arc::new(std::sync::atomic::AtomicU64::new(0)),
@@ -286,6 +298,10 @@ impl Supervisor {
                     WorkerReport::Gone { ns, uuid } => {
                         if self.workers.get(&ns).is_some_and(|h| h.uuid == uuid) {
                             self.retire_worker(&ns, false);
+                            // Its next incarnation (if any) starts at the next listing.
+                            if listing.is_none() {
+                                discovery.reset_after(DISCOVERY_INTERVAL.min(discovery.period()));
+                            }
                         }
                     }
                 },
@@ -302,7 +318,23 @@ impl Supervisor {
                 done = async { listing.as_mut().expect("guarded by the branch condition").await }, if listing.is_some() => {
                     listing = None;
                     match done {
-                        Ok((found, seen)) => self.apply_listing(found, &seen),
+                        Ok((found, seen)) => {
+                            self.apply_listing(found, &seen);
+                            let period = discovery_period(
+                                self.workers.len(),
+                                self.pipeline.streams.stream_for("")
+                                    == Some(crate::shared_stream::SharedStreamKey::Deployment),
+                            );
+                            if period != discovery.period() {
+                                tracing::debug!(period_ms = period.as_millis() as u64, "source listing period");
+                                discovery = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+                                discovery.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                            }
+                            // A new incarnation waits for a listing after its old worker exits.
+                            if !self.retiring.is_empty() {
+                                discovery.reset_after(DISCOVERY_INTERVAL.min(period));
+                            }
+                        }
                         Err(e) => tracing::error!(error = %e, "listing the source failed unexpectedly"),
                     }
                 }
@@ -532,6 +564,12 @@ impl Supervisor {
             .into_iter()
             .filter(|coll| self.filter.matches(&coll.ns.db, &coll.ns.coll))
             .collect();
+        self.pipeline.streams.set_listed(
+            collections
+                .iter()
+                .map(|c| (c.ns.to_string(), c.uuid))
+                .collect(),
+        );
         let colliding = self.park_rename_collisions(&collections);
         let gone: Vec<Namespace> = self
             .workers
@@ -558,8 +596,33 @@ impl Supervisor {
         }
         // `source.stream_scope = "auto"` decides by how many namespaces run.
         self.pipeline.streams.set_namespaces(self.workers.len());
+        self.check_pool_fits_the_plan();
         // After the workers are registered: /readyz never sees "listed, but nothing to sync".
         self.pipeline.status.set_discovered();
+    }
+
+    /// Warns (once, until it fits again) when the stream plan needs more source connections
+    /// than `source.max_pool_size`: every collection stream holds one for its awaiting
+    /// `getMore`, each copy up to two, and streams beyond the pool would queue for one.
+    fn check_pool_fits_the_plan(&mut self) {
+        let namespaces = self.workers.len();
+        let collection_streams = match self.pipeline.streams.stream_for("") {
+            Some(_) => 0,
+            None => namespaces,
+        };
+        let copies = (self.config.copy.concurrent_collections as usize).min(namespaces);
+        let needed = pool_needed(collection_streams, copies);
+        let pool = self.config.source.effective_max_pool_size() as usize;
+        let fits = needed <= pool;
+        if !fits && self.pool_fits {
+            tracing::warn!(
+                collection_streams,
+                needed,
+                max_pool_size = pool,
+                "the stream plan needs more source connections than source.max_pool_size allows: change streams will queue for a connection and lag grows; raise source.max_pool_size or set source.stream_scope = \"deployment\""
+            );
+        }
+        self.pool_fits = fits;
     }
 
     /// Two source namespaces that `sync.rename` maps onto one destination namespace would
@@ -883,6 +946,27 @@ impl Supervisor {
 /// The source's collections, or why they could not be listed.
 type Listing = Result<(Vec<SourceCollection>, Vec<(Namespace, String)>), SyncError>;
 
+/// How often the source is listed: every [`DISCOVERY_INTERVAL`] for up to
+/// [`DISCOVERY_NAMESPACES_PER_INTERVAL`] namespaces, proportionally slower beyond, at most
+/// [`DISCOVERY_INTERVAL_MAX`], which a deployment stream (it reports creations and renames at
+/// once) always uses.
+pub fn discovery_period(namespaces: usize, deployment_stream: bool) -> Duration {
+    if deployment_stream {
+        return DISCOVERY_INTERVAL_MAX;
+    }
+    let intervals = namespaces
+        .div_ceil(DISCOVERY_NAMESPACES_PER_INTERVAL)
+        .max(1) as u32;
+    (DISCOVERY_INTERVAL * intervals).min(DISCOVERY_INTERVAL_MAX)
+}
+
+/// Source connections a stream plan keeps busy: one per collection stream (its awaiting
+/// `getMore`), two per copy (the range written and the one read ahead), one shared reader, and
+/// a few for lookups, discovery and validation.
+pub fn pool_needed(collection_streams: usize, copies: usize) -> usize {
+    collection_streams + 2 * copies + 1 + 4
+}
+
 /// Lists the source's collections within [`DISCOVERY_TIMEOUT`].
 async fn list_source(source: &Source) -> Listing {
     tokio::time::timeout(DISCOVERY_TIMEOUT, source.list_collections())
@@ -1156,5 +1240,28 @@ async fn supervise_worker(
                 ctx.signals.request_force_sync();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_listing_slows_down_with_the_namespaces_and_under_a_deployment_stream() {
+        assert_eq!(discovery_period(0, false), DISCOVERY_INTERVAL);
+        assert_eq!(discovery_period(100, false), DISCOVERY_INTERVAL);
+        assert_eq!(discovery_period(101, false), DISCOVERY_INTERVAL * 2);
+        assert_eq!(discovery_period(1_000, false), Duration::from_secs(20));
+        assert_eq!(discovery_period(100_000, false), DISCOVERY_INTERVAL_MAX);
+        assert_eq!(discovery_period(3, true), DISCOVERY_INTERVAL_MAX);
+    }
+
+    #[test]
+    fn the_pool_a_plan_needs_counts_collection_streams_and_copies() {
+        // The default pool (100) holds the default plan: 16 collection streams, 4 copies.
+        assert!(pool_needed(16, 4) <= crate::config::DEFAULT_MAX_POOL_SIZE as usize);
+        assert_eq!(pool_needed(0, 4), 13);
+        assert!(pool_needed(100, 4) > crate::config::DEFAULT_MAX_POOL_SIZE as usize);
     }
 }

@@ -432,14 +432,16 @@ async fn copies_at_once_are_bounded_by_the_copy_slots() {
     let started = std::time::Instant::now();
     loop {
         let status = d.status().await.unwrap_or_default();
-        let namespaces = status["namespaces"].as_object().cloned().unwrap_or_default();
+        let namespaces = status["namespaces"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
         let waiting = namespaces
             .values()
             .filter(|s| s["copy"]["waiting_for_slot"] == true)
             .count();
         waiting_seen = waiting_seen.max(waiting);
-        if namespaces.len() == names.len()
-            && namespaces.values().all(|s| s["state"] == "streaming")
+        if namespaces.len() == names.len() && namespaces.values().all(|s| s["state"] == "streaming")
         {
             break;
         }
@@ -471,5 +473,105 @@ async fn copies_at_once_are_bounded_by_the_copy_slots() {
         .unwrap();
     churn(&c, "slots", &names, 0).await;
     converged(&c, &d, &all, Duration::from_secs(60)).await;
+    assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
+}
+
+/// The namespaces a shared stream's watermark records.
+async fn watermark_namespaces(c: &Clusters) -> Vec<String> {
+    let w = c
+        .dst
+        .database("mongo_syncd")
+        .collection::<Document>("stream_checkpoints")
+        .find_one(doc! {"_id.stream": "deployment"})
+        .await
+        .unwrap();
+    let mut names: Vec<String> = w
+        .and_then(|w| w.get_array("positions").ok().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|p| p.as_document()?.get_str("ns").ok().map(str::to_string))
+        .collect();
+    names.sort();
+    names
+}
+
+/// A collection dropped or renamed on the source leaves the shared stream's watermark (which
+/// would otherwise grow with every collection that ever passed through the stream), and a
+/// restart still resumes the others from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collections_gone_from_the_source_leave_the_watermark() {
+    let c = Clusters::start().await;
+    let names = seed(&c, "gone", 4, 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(
+        &c,
+        dir.path(),
+        "[source]\nstream_scope = \"deployment\"\n\n[sync]\nnamespaces = [\"gone.*\"]\n",
+    );
+    converged(&c, &d, &pairs("gone", &names), Duration::from_secs(90)).await;
+    let all: Vec<String> = names.iter().map(|n| format!("gone.{n}")).collect();
+    wait_until(
+        "the watermark records every namespace",
+        Duration::from_secs(60),
+        || async { watermark_namespaces(&c).await == all },
+    )
+    .await;
+    let db = c.src.database("gone");
+    db.collection::<Document>("c000").drop().await.unwrap();
+    c.src
+        .database("admin")
+        .run_command(doc! {"renameCollection": "gone.c001", "to": "gone.r001"})
+        .await
+        .unwrap();
+    let expected = vec![
+        "gone.c002".to_string(),
+        "gone.c003".to_string(),
+        "gone.r001".to_string(),
+    ];
+    wait_until(
+        "the watermark forgets the dropped and renamed-away collections",
+        Duration::from_secs(60),
+        || async { watermark_namespaces(&c).await == expected },
+    )
+    .await;
+    let remaining = vec!["c002".to_string(), "c003".to_string(), "r001".to_string()];
+    churn(&c, "gone", &remaining, 0).await;
+    d.kill9();
+    churn(&c, "gone", &remaining, 1).await;
+    d.spawn(&[]);
+    converged(&c, &d, &pairs("gone", &remaining), Duration::from_secs(90)).await;
+    assert!(
+        d.logs()
+            .contains("shared change stream resumes from its watermark"),
+        "log:\n{}",
+        d.logs()
+    );
+    assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
+}
+
+/// Issue 11 item 8: a plan that needs more source connections than `source.max_pool_size`
+/// (collection streams hold one each) is named in the log instead of silently queueing,
+/// and the copy still converges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_plan_that_outgrows_the_source_pool_is_named_in_the_log() {
+    let c = Clusters::start().await;
+    let names = seed(&c, "pool", 4, 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(
+        &c,
+        dir.path(),
+        "[source]\nstream_scope = \"collection\"\nmax_pool_size = 6\n\n[sync]\nnamespaces = [\"pool.*\"]\n",
+    );
+    converged(&c, &d, &pairs("pool", &names), Duration::from_secs(90)).await;
+    wait_until(
+        "the log names the pool the plan outgrows",
+        Duration::from_secs(30),
+        || async {
+            d.logs().lines().any(|l| {
+                l.contains("needs more source connections") && l.contains("max_pool_size=6")
+            })
+        },
+    )
+    .await;
     assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
 }

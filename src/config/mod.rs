@@ -857,6 +857,17 @@ impl EndpointConfig {
         self.stream_scope.unwrap_or_default()
     }
 
+    /// `maxPoolSize` as the client gets it: the key, else the URI's, else the default.
+    pub fn effective_max_pool_size(&self) -> u32 {
+        self.max_pool_size
+            .or_else(|| {
+                self.uri()
+                    .and_then(|u| ConnectionString::parse(u.expose()).ok())
+                    .and_then(|c| c.max_pool_size)
+            })
+            .unwrap_or(DEFAULT_MAX_POOL_SIZE)
+    }
+
     /// `collection_streams_max` or its default.
     pub fn collection_streams_max(&self) -> usize {
         self.collection_streams_max
@@ -1709,10 +1720,7 @@ impl RedactedEndpoint {
             uri: e.redacted_uri(),
             uri_file: e.uri_file.clone(),
             app_name: e.app_name_or(conn.and_then(|c| c.app_name.clone())),
-            max_pool_size: e
-                .max_pool_size
-                .or(conn.and_then(|c| c.max_pool_size))
-                .unwrap_or(DEFAULT_MAX_POOL_SIZE),
+            max_pool_size: e.effective_max_pool_size(),
             min_pool_size: e
                 .min_pool_size
                 .or(conn.and_then(|c| c.min_pool_size))

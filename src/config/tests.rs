@@ -1036,7 +1036,10 @@ async fn idle_pooled_connections_close_after_a_documented_default() {
     ));
     assert_eq!(idle(&c).await, (None, None));
     let shown = serde_json::to_value(load_ok(&minimal()).redacted()).unwrap();
-    assert_eq!(shown["source"]["max_idle_time_ms"], DEFAULT_MAX_IDLE_TIME_MS);
+    assert_eq!(
+        shown["source"]["max_idle_time_ms"],
+        DEFAULT_MAX_IDLE_TIME_MS
+    );
 }
 
 #[test]
@@ -1046,7 +1049,10 @@ fn copies_at_once_are_bounded_by_a_documented_default() {
         cfg.copy.concurrent_collections,
         DEFAULT_COPY_CONCURRENT_COLLECTIONS
     );
-    let cfg = load_ok(&format!("{}\n[copy]\nconcurrent_collections = 12\n", minimal()));
+    let cfg = load_ok(&format!(
+        "{}\n[copy]\nconcurrent_collections = 12\n",
+        minimal()
+    ));
     assert_eq!(cfg.copy.concurrent_collections, 12);
     for bad in ["0", "257"] {
         let err = load_err(&format!(
