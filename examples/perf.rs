@@ -20,6 +20,10 @@
 //!
 //! The machine is shared and the simulator is the limit: read the ratios, not the absolutes.
 //!
+//! `--spread N` runs the copy and the drain over N collections (the same totals);
+//! `--latency 2000,5000` measures replication latency at those write rates;
+//! `--memory K` measures peak RSS with a blocked destination and K backlogged namespaces.
+//!
 //! `--collections N [--stream-scope S]` measures scale instead (issue 11's 100 / 1,000
 //! collections): N collections of one document, the time until every namespace streams, then
 //! over a quiet window the source connections the daemon holds, its CPU, its checkpoint writes
@@ -139,7 +143,7 @@ struct Daemon {
 }
 
 fn start_daemon(bin: &Path, dir: &Path, source: &str, dest: &str) -> Daemon {
-    start_daemon_with(bin, dir, source, dest, &format!("{DB}.{COLL}"), "auto")
+    start_daemon_with(bin, dir, source, dest, &format!("\"{DB}.{COLL}\""), "auto")
 }
 
 fn start_daemon_with(
@@ -159,7 +163,7 @@ fn start_daemon_with(
     std::fs::write(
         &config,
         format!(
-            "[source]\nuri = \"{source}\"\nstream_scope = \"{scope}\"\n\n[destination]\nuri = \"{dest}\"\n\n[http]\nlisten = \"127.0.0.1:{port}\"\n\n[sync]\nnamespaces = [\"{namespaces}\"]\n\n[validation]\ninterval_seconds = 0\n\n[log]\nlevel = \"info\"\n",
+            "[source]\nuri = \"{source}\"\nstream_scope = \"{scope}\"\n\n[destination]\nuri = \"{dest}\"\n\n[http]\nlisten = \"127.0.0.1:{port}\"\n\n[sync]\nnamespaces = [{namespaces}]\n\n[validation]\ninterval_seconds = 0\n\n[log]\nlevel = \"info\"\n",
         ),
     )
     .unwrap();
@@ -315,7 +319,7 @@ async fn scale(daemon_bin: &Path, source_uri: &str, dest_uri: &str, collections:
         work.path(),
         source_uri,
         dest_uri,
-        &format!("{db}.*"),
+        &format!("\"{db}.*\""),
         scope,
     );
     let bound = Duration::from_secs(900);
@@ -427,6 +431,337 @@ async fn scale(daemon_bin: &Path, source_uri: &str, dest_uri: &str, collections:
     );
 }
 
+/// `--name 2000,5000` as numbers (empty when absent).
+fn list_arg(args: &[String], name: &str) -> Vec<i64> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(|v| {
+            v.split(',')
+                .map(|n| n.trim().parse().unwrap_or_else(|_| panic!("{name} N[,N...]")))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Replication latency at steady write rates (`--latency 2000,5000`): for each rate, 10 s of
+/// single-document inserts into one streaming collection, paced by 8 writers; each insert's
+/// latency is from just before the client sends it to the moment a change stream on the
+/// destination reports it (so it includes that stream's own notification delay: an upper
+/// bound of the daemon's).
+async fn latency(daemon_bin: &Path, source_uri: &str, dest_uri: &str, rates: &[i64]) {
+    let work = tempfile::tempdir().unwrap();
+    let src = Client::with_uri_str(source_uri).await.unwrap();
+    let dst = Client::with_uri_str(dest_uri).await.unwrap();
+    let coll = "latency";
+    src.database(DB)
+        .collection::<Document>(coll)
+        .insert_one(doc! {"_id": "seed"})
+        .await
+        .unwrap();
+    let daemon = start_daemon_with(
+        daemon_bin,
+        work.path(),
+        source_uri,
+        dest_uri,
+        &format!("\"{DB}.{coll}\""),
+        "auto",
+    );
+    daemon
+        .wait_metric(
+            &format!("mongo_syncd_worker_state{{namespace=\"{DB}.{coll}\",state=\"streaming\"}}"),
+            1.0,
+            Duration::from_secs(120),
+        )
+        .await;
+    println!("| write rate (ops/s) | achieved | p50 | p99 | max | target |");
+    println!("| ---: | ---: | ---: | ---: | ---: | --- |");
+    for (round, &rate_wanted) in rates.iter().enumerate() {
+        let seconds = 10u64;
+        let total = rate_wanted as u64 * seconds;
+        let sent: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<i64, Instant>>> =
+            Default::default();
+        // Arrivals, from a change stream on the destination collection.
+        let mut stream = dst
+            .database(DB)
+            .collection::<Document>(coll)
+            .watch()
+            .await
+            .unwrap();
+        let base = (round as i64 + 1) * 10_000_000;
+        let watcher = {
+            let sent = std::sync::Arc::clone(&sent);
+            tokio::spawn(async move {
+                use futures::StreamExt;
+                let mut latencies = Vec::with_capacity(total as usize);
+                while (latencies.len() as u64) < total {
+                    let Some(Ok(ev)) = stream.next().await else {
+                        break;
+                    };
+                    let arrived = Instant::now();
+                    let id = ev
+                        .document_key
+                        .as_ref()
+                        .and_then(|k| k.get_i64("_id").ok());
+                    if let Some(id) = id.filter(|id| *id >= base) {
+                        if let Some(at) = sent.lock().unwrap().remove(&id) {
+                            latencies.push(arrived - at);
+                        }
+                    }
+                }
+                latencies
+            })
+        };
+        let writers = 8u64;
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for w in 0..writers {
+            let coll = src.database(DB).collection::<Document>(coll);
+            let sent = std::sync::Arc::clone(&sent);
+            let per_writer = total / writers;
+            let period = Duration::from_secs_f64(writers as f64 / rate_wanted as f64);
+            tasks.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(period);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                for k in 0..per_writer {
+                    tick.tick().await;
+                    let id = base + (k * writers + w) as i64;
+                    sent.lock().unwrap().insert(id, Instant::now());
+                    coll.insert_one(doc! {"_id": id, "w": w as i64}).await.unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let achieved = (total / writers * writers) as f64 / started.elapsed().as_secs_f64();
+        let mut latencies = tokio::time::timeout(Duration::from_secs(120), watcher)
+            .await
+            .expect("every insert arrives within 2 minutes")
+            .unwrap();
+        latencies.sort();
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        println!(
+            "| {rate_wanted} | {achieved:.0} | {:.1} ms | {:.1} ms | {:.1} ms | p99 < 50 ms at 5,000 |",
+            ms(percentile(&latencies, 0.5)),
+            ms(percentile(&latencies, 0.99)),
+            ms(latencies.last().copied().unwrap_or_default()),
+        );
+    }
+    daemon.stop().await;
+}
+
+/// Peak resident memory (`VmHWM`) of a process, in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+/// Memory with a blocked destination (`--memory K [--memory-writes N]`): K streaming
+/// namespaces, the destination then holding every daemon write, and N updates spread over the
+/// K collections on the source; the daemon's peak RSS against `apply.max_buffered_bytes` (the
+/// default, 256 MiB) + 64 MiB.
+async fn memory(daemon_bin: &Path, source_uri: &str, dest_uri: &str, namespaces: i64, writes: i64) {
+    let work = tempfile::tempdir().unwrap();
+    let src = Client::with_uri_str(source_uri).await.unwrap();
+    let dst = Client::with_uri_str(dest_uri).await.unwrap();
+    let db = "memory";
+    let per = 1_000i64;
+    for n in 0..namespaces {
+        let docs: Vec<Document> = (0..per).map(document).collect();
+        src.database(db)
+            .collection::<Document>(&format!("m{n:03}"))
+            .insert_many(docs)
+            .await
+            .unwrap();
+    }
+    let daemon = start_daemon_with(
+        daemon_bin,
+        work.path(),
+        source_uri,
+        dest_uri,
+        &format!("\"{db}.*\""),
+        "auto",
+    );
+    let started = Instant::now();
+    while daemon
+        .metric_matching("mongo_syncd_worker_state{", "state=\"streaming\"")
+        .await
+        < namespaces as f64
+    {
+        assert!(started.elapsed() < Duration::from_secs(600), "not all streaming");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pid = daemon.process.child.id();
+    let before = peak_rss(pid);
+    dst.database("admin")
+        .run_command(doc! {
+            "configureFailPoint": "failCommand",
+            "mode": "alwaysOn",
+            "data": {"failCommands": ["update", "insert", "delete"], "appName": "mongo-syncd", "blockConnection": true, "blockTimeMS": 120_000},
+        })
+        .await
+        .unwrap();
+    // A padded `$set`, so the backlog's bytes (not only its count) are large.
+    let pad = "x".repeat(200);
+    let mut written = 0i64;
+    let write_started = Instant::now();
+    while written < writes {
+        let n = written % namespaces;
+        let statements: Vec<Document> = (0..1_000)
+            .map(|k| doc! {"q": {"_id": (written + k) / namespaces % per}, "u": {"$set": {"pad": &pad, "k": written + k}}})
+            .collect();
+        src.database(db)
+            .run_command(doc! {"update": format!("m{n:03}"), "updates": statements, "ordered": false})
+            .await
+            .unwrap();
+        written += 1_000;
+    }
+    let write_time = write_started.elapsed();
+    // Let the readers fill the budget, then read the peak.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let peak = peak_rss(pid);
+    let read = daemon.metric("mongo_syncd_events_read_total").await.unwrap_or(0.0);
+    let applied = daemon
+        .metric("mongo_syncd_events_applied_total")
+        .await
+        .unwrap_or(0.0);
+    let buffered = daemon.metric("mongo_syncd_buffered_bytes").await.unwrap_or(0.0);
+    let budget = daemon
+        .metric("mongo_syncd_buffer_budget_bytes")
+        .await
+        .unwrap_or(0.0);
+    dst.database("admin")
+        .run_command(doc! {"configureFailPoint": "failCommand", "mode": "off"})
+        .await
+        .unwrap();
+    daemon.stop().await;
+    let mib = |b: f64| b / 1024.0 / 1024.0;
+    println!("| blocked destination, {namespaces} backlogged namespaces | value |");
+    println!("| --- | ---: |");
+    println!(
+        "| source updates written while blocked | {writes} in {:.1} s |",
+        write_time.as_secs_f64()
+    );
+    println!("| events read / applied by the workers (the destination holds every write) | {read:.0} / {applied:.0} |");
+    println!("| peak RSS before the block | {:.0} MiB |", mib(before as f64));
+    println!(
+        "| peak RSS with the backlog | {:.0} MiB (target ≤ budget + 64 = {:.0} MiB) |",
+        mib(peak as f64),
+        mib(budget) + 64.0
+    );
+    println!(
+        "| read ahead at the end (mongo_syncd_buffered_bytes / budget) | {:.0} / {:.0} MiB |",
+        mib(buffered),
+        mib(budget)
+    );
+}
+
+/// Copy and drain spread over several collections (`--spread N`): the same documents and
+/// events as the one-collection run, cut into N collections, against the same ceilings.
+async fn spread_over(
+    daemon_bin: &Path,
+    source_uri: &str,
+    dest_uri: &str,
+    collections: i64,
+    docs: i64,
+    events: i64,
+) {
+    let work = tempfile::tempdir().unwrap();
+    let src = Client::with_uri_str(source_uri).await.unwrap();
+    let dst = Client::with_uri_str(dest_uri).await.unwrap();
+    let insert_ceiling = rate(docs, insert_all(&dst, "ceiling_insert", docs).await);
+    let per = docs / collections;
+    let names: Vec<String> = (0..collections).map(|n| format!("s{n:02}")).collect();
+    for name in &names {
+        insert_all(&src, name, per).await;
+    }
+    let patterns = names
+        .iter()
+        .map(|n| format!("\"{DB}.{n}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let daemon = start_daemon_with(
+        daemon_bin,
+        work.path(),
+        source_uri,
+        dest_uri,
+        &patterns,
+        "auto",
+    );
+    let started = Instant::now();
+    daemon
+        .wait_metric(
+            "mongo_syncd_initial_sync_documents_copied_total",
+            (per * collections) as f64,
+            Duration::from_secs(600),
+        )
+        .await;
+    let copy = rate(per * collections, started.elapsed());
+    while daemon
+        .metric_matching("mongo_syncd_worker_state{", "state=\"streaming\"")
+        .await
+        < collections as f64
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    daemon.stop().await;
+    // The backlog, spread evenly, while the daemon is stopped.
+    let per_events = events / collections;
+    for name in &names {
+        let statements: Vec<Document> = (0..per_events)
+            .map(|k| doc! {"q": {"_id": event_id(k, per)}, "u": {"$inc": {"visits": 1}}})
+            .collect();
+        bulk_update(&src, name, statements).await;
+    }
+    insert_all(&dst, "ceiling_drain", docs).await;
+    let statements: Vec<Document> = (0..per_events * collections)
+        .map(|k| doc! {"q": {"_id": event_id(k, docs)}, "u": {"$set": {"visits": k}}})
+        .collect();
+    let drain_ceiling = rate(
+        per_events * collections,
+        bulk_update(&dst, "ceiling_drain", statements).await,
+    );
+    let daemon = start_daemon_with(
+        daemon_bin,
+        work.path(),
+        source_uri,
+        dest_uri,
+        &patterns,
+        "auto",
+    );
+    let started = Instant::now();
+    daemon
+        .wait_metric(
+            "mongo_syncd_events_applied_total",
+            (per_events * collections) as f64,
+            Duration::from_secs(600),
+        )
+        .await;
+    let drain = rate(per_events * collections, started.elapsed());
+    daemon.stop().await;
+    println!("| {collections} collections | per second | ratio |");
+    println!("| --- | ---: | --- |");
+    println!("| ceiling: insert_many, {docs} documents | {insert_ceiling:.0} | |");
+    println!(
+        "| mongo-syncd copy, {collections} collections | {copy:.0} | {:.2}× insert_many |",
+        copy / insert_ceiling
+    );
+    println!(
+        "| ceiling: the drain's statements, {} events | {drain_ceiling:.0} | |",
+        per_events * collections
+    );
+    println!(
+        "| mongo-syncd drain, {collections} collections | {drain:.0} | {:.2}× the ceiling (target ≥ 0.9) |",
+        drain / drain_ceiling
+    );
+}
+
 fn arg(args: &[String], name: &str, default: i64) -> i64 {
     args.iter()
         .position(|a| a == name)
@@ -467,6 +802,22 @@ async fn main() {
             .cloned()
             .unwrap_or_else(|| "auto".to_string());
         scale(&daemon_bin, &source_uri, &dest_uri, collections, &scope).await;
+        return;
+    }
+    let latency_rates = list_arg(&args, "--latency");
+    if !latency_rates.is_empty() {
+        latency(&daemon_bin, &source_uri, &dest_uri, &latency_rates).await;
+        return;
+    }
+    let backlogged = arg(&args, "--memory", 0);
+    if backlogged > 0 {
+        let writes = arg(&args, "--memory-writes", 500_000);
+        memory(&daemon_bin, &source_uri, &dest_uri, backlogged, writes).await;
+        return;
+    }
+    let spread = arg(&args, "--spread", 0);
+    if spread > 0 {
+        spread_over(&daemon_bin, &source_uri, &dest_uri, spread, docs, events).await;
         return;
     }
     let work = tempfile::tempdir().unwrap();
