@@ -438,7 +438,11 @@ fn list_arg(args: &[String], name: &str) -> Vec<i64> {
         .and_then(|i| args.get(i + 1))
         .map(|v| {
             v.split(',')
-                .map(|n| n.trim().parse().unwrap_or_else(|_| panic!("{name} N[,N...]")))
+                .map(|n| {
+                    n.trim()
+                        .parse()
+                        .unwrap_or_else(|_| panic!("{name} N[,N...]"))
+                })
                 .collect()
         })
         .unwrap_or_default()
@@ -499,10 +503,7 @@ async fn latency(daemon_bin: &Path, source_uri: &str, dest_uri: &str, rates: &[i
                         break;
                     };
                     let arrived = Instant::now();
-                    let id = ev
-                        .document_key
-                        .as_ref()
-                        .and_then(|k| k.get_i64("_id").ok());
+                    let id = ev.document_key.as_ref().and_then(|k| k.get_i64("_id").ok());
                     if let Some(id) = id.filter(|id| *id >= base) {
                         if let Some(at) = sent.lock().unwrap().remove(&id) {
                             latencies.push(arrived - at);
@@ -527,7 +528,9 @@ async fn latency(daemon_bin: &Path, source_uri: &str, dest_uri: &str, rates: &[i
                     tick.tick().await;
                     let id = base + (k * writers + w) as i64;
                     sent.lock().unwrap().insert(id, Instant::now());
-                    coll.insert_one(doc! {"_id": id, "w": w as i64}).await.unwrap();
+                    coll.insert_one(doc! {"_id": id, "w": w as i64})
+                        .await
+                        .unwrap();
                 }
             }));
         }
@@ -594,7 +597,10 @@ async fn memory(daemon_bin: &Path, source_uri: &str, dest_uri: &str, namespaces:
         .await
         < namespaces as f64
     {
-        assert!(started.elapsed() < Duration::from_secs(600), "not all streaming");
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "not all streaming"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let pid = daemon.process.child.id();
@@ -617,7 +623,9 @@ async fn memory(daemon_bin: &Path, source_uri: &str, dest_uri: &str, namespaces:
             .map(|k| doc! {"q": {"_id": (written + k) / namespaces % per}, "u": {"$set": {"pad": &pad, "k": written + k}}})
             .collect();
         src.database(db)
-            .run_command(doc! {"update": format!("m{n:03}"), "updates": statements, "ordered": false})
+            .run_command(
+                doc! {"update": format!("m{n:03}"), "updates": statements, "ordered": false},
+            )
             .await
             .unwrap();
         written += 1_000;
@@ -626,12 +634,18 @@ async fn memory(daemon_bin: &Path, source_uri: &str, dest_uri: &str, namespaces:
     // Let the readers fill the budget, then read the peak.
     tokio::time::sleep(Duration::from_secs(10)).await;
     let peak = peak_rss(pid);
-    let read = daemon.metric("mongo_syncd_events_read_total").await.unwrap_or(0.0);
+    let read = daemon
+        .metric("mongo_syncd_events_read_total")
+        .await
+        .unwrap_or(0.0);
     let applied = daemon
         .metric("mongo_syncd_events_applied_total")
         .await
         .unwrap_or(0.0);
-    let buffered = daemon.metric("mongo_syncd_buffered_bytes").await.unwrap_or(0.0);
+    let buffered = daemon
+        .metric("mongo_syncd_buffered_bytes")
+        .await
+        .unwrap_or(0.0);
     let budget = daemon
         .metric("mongo_syncd_buffer_budget_bytes")
         .await
@@ -649,7 +663,10 @@ async fn memory(daemon_bin: &Path, source_uri: &str, dest_uri: &str, namespaces:
         write_time.as_secs_f64()
     );
     println!("| events read / applied by the workers (the destination holds every write) | {read:.0} / {applied:.0} |");
-    println!("| peak RSS before the block | {:.0} MiB |", mib(before as f64));
+    println!(
+        "| peak RSS before the block | {:.0} MiB |",
+        mib(before as f64)
+    );
     println!(
         "| peak RSS with the backlog | {:.0} MiB (target ≤ budget + 64 = {:.0} MiB) |",
         mib(peak as f64),
