@@ -14,16 +14,16 @@ use crate::{
     error::{policy, Backoff, ErrorKind, RetryDirective, SyncError},
     exit,
     guard::DeleteGuard,
-    http::{self, HttpState},
     identity::{self, IdentityWatch},
     metadata::{IdentityCheck, Metadata},
     metrics::{Metrics, ReloadResult, Trigger},
-    notify,
-    signal::{self, Signal},
+    ops::http::{self, HttpState},
+    ops::notify,
+    ops::signal::{self, Signal},
+    ops::telemetry::LogReloadHandle,
     source::Source,
     status::StatusRegistry,
     supervisor::{Control, Supervisor},
-    telemetry::LogReloadHandle,
     worker::Pipeline,
 };
 
@@ -207,7 +207,7 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
         config.health.max_lag_seconds as f64,
     );
     let max_connections =
-        http::connection_cap(crate::rlimit::nofile().map_or(1024, |limit| limit.soft));
+        http::connection_cap(crate::ops::rlimit::nofile().map_or(1024, |limit| limit.soft));
     let http_addr = match http::serve(
         config.http.listen,
         http_state,
@@ -382,7 +382,7 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
                 break 'run exit_code_for(&e);
             }
         };
-        let buffer = crate::buffer_budget::BufferBudget::new(
+        let buffer = crate::source::buffer_budget::BufferBudget::new(
             config.apply.max_buffered_bytes as usize,
             &metrics,
         );
@@ -396,8 +396,8 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
             identity: Arc::clone(&watch),
             guard: DeleteGuard::new(config.sync.max_delete_fraction, &metrics),
             buffer: Arc::clone(&buffer),
-            streams: crate::shared_stream::SharedStreams::new(
-                crate::shared_stream::SharedStreamSettings {
+            streams: crate::source::shared_stream::SharedStreams::new(
+                crate::source::shared_stream::SharedStreamSettings {
                     scope: config.source.stream_scope(),
                     collection_streams_max: config.source.collection_streams_max(),
                     sync_id: config.sync.id.clone(),
@@ -449,7 +449,7 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
             Arc::clone(&status),
             beat_cancel.clone(),
         );
-        crate::telemetry::spawn_progress_log(Arc::clone(&status), beat_cancel.clone());
+        crate::ops::telemetry::spawn_progress_log(Arc::clone(&status), beat_cancel.clone());
         notify::ready("connected; starting workers");
         tracing::info!(http = %http_addr, sync_id = %config.sync.id, "running");
         if let Some(tx) = options.on_ready {
@@ -503,7 +503,7 @@ async fn build_clients(
     if let Some((notify, status, metrics)) = watch {
         identity::notify_on_reconnect(&mut source_opts, Arc::clone(&notify));
         identity::notify_on_reconnect(&mut dest_opts, notify);
-        crate::connections::count_connections(
+        crate::ops::connections::count_connections(
             &mut source_opts,
             &mut dest_opts,
             &status.connections,

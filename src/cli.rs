@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::{config::DEFAULT_CONFIG_PATH, telemetry::LogReloadHandle};
+use crate::{config::DEFAULT_CONFIG_PATH, ops::telemetry::LogReloadHandle};
 
 /// Keeps a destination MongoDB deployment continuously in sync with a source using change
 /// streams.

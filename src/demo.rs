@@ -27,9 +27,9 @@ use crate::{
     app::{self, DaemonOptions, RunningDaemon},
     cli::DemoOptions,
     config::Config,
-    event::ts_key,
     exit,
     metrics::WorkerState,
+    model::event::ts_key,
     source::Source,
     status::{NamespaceStatus, StatusRegistry},
 };

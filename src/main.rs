@@ -9,7 +9,8 @@ use mongo_syncd::{
     app,
     cli::{Cli, Command},
     config::{self, Config, LogConfig},
-    exit, rlimit, telemetry,
+    exit,
+    ops::{rlimit, telemetry},
 };
 
 fn main() -> ExitCode {

@@ -12,7 +12,7 @@ use bson::Timestamp;
 use parking_lot::RwLock;
 use serde_json::{json, Value};
 
-use crate::{event::ts_key, metrics::WorkerState};
+use crate::{metrics::WorkerState, model::event::ts_key};
 
 /// The last error a namespace hit (no document values, credentials redacted).
 #[derive(Debug, Clone)]
@@ -97,7 +97,7 @@ pub struct StatusRegistry {
     pub source_hosts: RwLock<String>,
     pub destination_hosts: RwLock<String>,
     /// Pooled connections open to each cluster.
-    pub connections: crate::connections::ConnectionCounts,
+    pub connections: crate::ops::connections::ConnectionCounts,
 }
 
 impl Default for StatusRegistry {

@@ -16,8 +16,8 @@ use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
+    apply::conflict::ConflictSettings,
     config::{Config, NamespaceFilter, OnDestinationReset, OnHistoryLost},
-    conflict::ConflictSettings,
     error::{policy, Backoff, ErrorKind, RetryDirective, SyncError},
     exit,
     identity::Side,
@@ -323,7 +323,7 @@ impl Supervisor {
                             let period = discovery_period(
                                 self.workers.len(),
                                 self.pipeline.streams.stream_for("")
-                                    == Some(crate::shared_stream::SharedStreamKey::Deployment),
+                                    == Some(crate::source::shared_stream::SharedStreamKey::Deployment),
                             );
                             if period != discovery.period() {
                                 tracing::debug!(period_ms = period.as_millis() as u64, "source listing period");
@@ -560,16 +560,19 @@ impl Supervisor {
                 tracing::warn!(namespace = %ns, kind = %kind, "skipping: views and time-series collections are not synced in this version");
             }
         }
-        let collections: Vec<SourceCollection> = collections
-            .into_iter()
-            .filter(|coll| self.filter.matches(&coll.ns.db, &coll.ns.coll))
-            .collect();
+        // Every collection the source has, in scope or not: a namespace taken out of scope
+        // keeps its watermark position for when it comes back (its own checkpoint may be far
+        // older); only collections gone from the source leave the watermark.
         self.pipeline.streams.set_listed(
             collections
                 .iter()
                 .map(|c| (c.ns.to_string(), c.uuid))
                 .collect(),
         );
+        let collections: Vec<SourceCollection> = collections
+            .into_iter()
+            .filter(|coll| self.filter.matches(&coll.ns.db, &coll.ns.coll))
+            .collect();
         let colliding = self.park_rename_collisions(&collections);
         let gone: Vec<Namespace> = self
             .workers
@@ -1027,7 +1030,7 @@ async fn finish_gone_incarnations(
         } else {
             let (tdb, tcoll) = config.rename_map().target(&ns.db, &ns.coll);
             let target = Namespace::new(tdb, tcoll);
-            crate::dest_collection::drop_collection(
+            crate::apply::dest_collection::drop_collection(
                 &pipeline.dest.database(&target.db),
                 &target.coll,
                 config.destination.socket_timeout(),

@@ -16,31 +16,33 @@ use futures::TryStreamExt;
 use mongodb::{options::Hint, Client};
 use tokio::sync::{mpsc, Notify};
 
-use crate::buffer_budget::BufferedBytes;
+use crate::source::buffer_budget::BufferedBytes;
 use crate::{
-    feed::{same_stream, Feed, OwnStreamSpec},
-    shared_stream::{SharedStreamKey, SharedStreams, StreamItem},
+    source::feed::{same_stream, Feed, OwnStreamSpec},
     source::serialize_token,
+    source::shared_stream::{SharedStreamKey, SharedStreams, StreamItem},
 };
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    apply::conflict::ConflictSettings,
+    apply::unique_conflicts::{CaughtUpSettles, Settle},
     apply::{Applier, ApplyStats},
     checkpoint::{
         at_or_after, ApplyMark, Checkpoint, CheckpointKey, CheckpointStore, CopyProgress, Phase,
     },
     config::{InitialCopy, OnCollationMismatch, UpdateMode},
-    conflict::ConflictSettings,
     error::{ErrorKind, SyncError},
-    event::{raw_token, token_after, token_cluster_time, ts_key, ts_max, ChangeEvent, OpKind},
     guard::{DeleteBudget, DeleteGuard, GuardTrigger},
-    id_key::IdKey,
     identity::IdentityWatch,
     metadata::Metadata,
     metrics::{ApplyOp, Metrics, WorkerState},
+    model::event::{
+        raw_token, token_after, token_cluster_time, ts_key, ts_max, ChangeEvent, OpKind,
+    },
+    model::id_key::IdKey,
     source::{raw_id, Namespace, Source, StreamSettings, StreamStart},
     status::StatusRegistry,
-    unique_conflicts::{CaughtUpSettles, Settle},
 };
 
 /// Documents per copy/reconcile range (DESIGN §2.8: ≤ 10,000).
@@ -102,7 +104,7 @@ pub struct Pipeline {
     /// The mass-delete guard (`sync.max_delete_fraction`).
     pub guard: Arc<DeleteGuard>,
     /// `apply.max_buffered_bytes`: every reader's read-ahead, one budget.
-    pub buffer: Arc<crate::buffer_budget::BufferBudget>,
+    pub buffer: Arc<crate::source::buffer_budget::BufferBudget>,
     /// The stream plan and its shared readers (DESIGN §2.11).
     pub streams: Arc<SharedStreams>,
     /// `copy.concurrent_collections`: one permit per namespace copying.
@@ -115,7 +117,7 @@ pub struct WorkerContext {
     pub target: Namespace,
     pub uuid: Option<bson::Uuid>,
     /// The source collection's options (validator, collation, capped, ...) when discovery
-    /// listed it; [`crate::dest_collection::prepare`] reads them again before a copy.
+    /// listed it; [`crate::apply::dest_collection::prepare`] reads them again before a copy.
     pub options: Document,
     /// The source collection's current validator, shared with this worker's appliers.
     pub source_validator: crate::apply::SourceValidator,
@@ -681,7 +683,7 @@ async fn write_range(
     };
     drop(docs);
     let settled =
-        crate::unique_conflicts::settle_range(ctx, applier, cp, upserted.duplicates).await?;
+        crate::apply::unique_conflicts::settle_range(ctx, applier, cp, upserted.duplicates).await?;
     Ok((upserted.written + settled, next))
 }
 
@@ -770,7 +772,7 @@ async fn initial_copy(
         .and_then(|t| token_cluster_time(&t));
     // The copy's checkpoint exists: lag is measured from T0 while copying (DESIGN §2.9).
     ctx.record_checkpoint(start_ts);
-    if !crate::dest_collection::prepare(ctx, cp).await? {
+    if !crate::apply::dest_collection::prepare(ctx, cp).await? {
         tracing::info!(namespace = %label, "this incarnation of the collection left the source before its copy's start point (dropped, renamed or re-created); stopping, discovery finishes it");
         return Ok(Some(WorkerExit::NamespaceGone));
     }
@@ -818,8 +820,8 @@ async fn initial_copy(
         lower = next;
     }
     // Before the copy's end is taken: what they write from the source is then a replay.
-    crate::unique_conflicts::settle_pending(ctx, &applier, cp, Settle::Writing).await?;
-    crate::dest_collection::create_indexes(ctx, cp, false).await?;
+    crate::apply::unique_conflicts::settle_pending(ctx, &applier, cp, Settle::Writing).await?;
+    crate::apply::dest_collection::create_indexes(ctx, cp, false).await?;
     let end = ctx.pipeline.source.cluster_time().await?;
     cp.phase = Phase::Streaming;
     cp.resume_token = cp.start_token.clone();
@@ -1316,7 +1318,7 @@ async fn maybe_finish_replay(
     }
     if cp.unique_indexes_pending || cp.history_lost_recopies > 0 {
         if cp.unique_indexes_pending {
-            crate::dest_collection::create_indexes(ctx, cp, true).await?;
+            crate::apply::dest_collection::create_indexes(ctx, cp, true).await?;
             cp.unique_indexes_pending = false;
         }
         cp.history_lost_recopies = 0;
@@ -1500,7 +1502,7 @@ async fn apply_ddl(
     let limit = ctx.current_settings().destination_timeout;
     match &ev.kind {
         OpKind::Drop => {
-            crate::dest_collection::drop_collection(
+            crate::apply::dest_collection::drop_collection(
                 &db,
                 &ctx.target.coll,
                 limit,
@@ -1510,7 +1512,7 @@ async fn apply_ddl(
             tracing::info!(namespace = %label, target = %ctx.target, "collection dropped on the source; dropped on the destination");
         }
         OpKind::Rename => {
-            crate::dest_collection::drop_collection(
+            crate::apply::dest_collection::drop_collection(
                 &db,
                 &ctx.target.coll,
                 limit,
@@ -1529,7 +1531,7 @@ async fn apply_ddl(
             return Ok(Some(WorkerExit::NamespaceGone));
         }
         OpKind::Create => {
-            crate::dest_collection::ensure(ctx).await?;
+            crate::apply::dest_collection::ensure(ctx).await?;
         }
         OpKind::CreateIndexes => {
             if let Some(desc) = ev.operation_description() {
@@ -1564,9 +1566,11 @@ async fn apply_ddl(
                         .iter()
                         .filter_map(|s| s.get_str("name").ok().map(str::to_string))
                         .collect();
-                    let intended = crate::dest_collection::intend_indexes(ctx, cp, &names).await?;
+                    let intended =
+                        crate::apply::dest_collection::intend_indexes(ctx, cp, &names).await?;
                     let command = doc! {"createIndexes": ctx.target.coll.clone(), "indexes": specs, "writeConcern": {"w": "majority", "j": true}};
-                    match crate::bounded_write::ddl(&db, command, limit, "creating indexes").await?
+                    match crate::apply::bounded_write::ddl(&db, command, limit, "creating indexes")
+                        .await?
                     {
                         Ok(_) => {}
                         Err(e) => {
@@ -1576,7 +1580,7 @@ async fn apply_ddl(
                                 return Err(dest_err("creating indexes", e));
                             }
                             tracing::error!(namespace = %label, error = %crate::config::redact_text(&e.to_string()), "could not create an index on the destination");
-                            crate::dest_collection::disown_indexes(cp, &intended);
+                            crate::apply::dest_collection::disown_indexes(cp, &intended);
                         }
                     }
                 }
@@ -1593,8 +1597,13 @@ async fn apply_ddl(
                         cp.ttl_indexes.remove(name);
                         cp.destination_indexes.retain(|n| n != name);
                         let command = doc! {"dropIndexes": ctx.target.coll.clone(), "index": name};
-                        match crate::bounded_write::ddl(&db, command, limit, "dropping an index")
-                            .await?
+                        match crate::apply::bounded_write::ddl(
+                            &db,
+                            command,
+                            limit,
+                            "dropping an index",
+                        )
+                        .await?
                         {
                             Ok(_) => {}
                             Err(e) if matches!(e.kind.as_ref(), mongodb::error::ErrorKind::Command(c) if c.code == 27 || c.code == 26) =>
@@ -1633,8 +1642,8 @@ async fn apply_ddl(
                 }
                 if cmd.len() > 1 {
                     let what = "modifying the destination collection";
-                    match crate::bounded_write::ddl(&db, cmd.clone(), limit, what).await? {
-                        Ok(_) => crate::dest_collection::record_modify(ctx, cp, &cmd),
+                    match crate::apply::bounded_write::ddl(&db, cmd.clone(), limit, what).await? {
+                        Ok(_) => crate::apply::dest_collection::record_modify(ctx, cp, &cmd),
                         Err(e) => {
                             if crate::error::classify_mongo(&e)
                                 == crate::error::ErrorClass::Transient
@@ -1697,7 +1706,8 @@ async fn reconcile(
         total += written;
         if next.is_none() {
             total +=
-                crate::unique_conflicts::settle_pending(ctx, applier, cp, Settle::Writing).await?;
+                crate::apply::unique_conflicts::settle_pending(ctx, applier, cp, Settle::Writing)
+                    .await?;
         }
         // Events re-applied over this range up to now are replays of what it wrote.
         let end = ctx.pipeline.source.cluster_time().await?;

@@ -548,7 +548,7 @@ pub struct ApplyConfig {
     #[serde(default = "default_update_mode")]
     pub update_mode: UpdateMode,
     /// Change-event bytes read ahead and not yet applied, for the whole daemon
-    /// ([`crate::buffer_budget`]); `batch_max_bytes`..=[`MAX_MAX_BUFFERED_BYTES`].
+    /// ([`crate::source::buffer_budget`]); `batch_max_bytes`..=[`MAX_MAX_BUFFERED_BYTES`].
     #[serde(default = "default_max_buffered_bytes")]
     pub max_buffered_bytes: u64,
 }

@@ -179,11 +179,11 @@ fn render_has_every_metric_with_its_type_and_help() {
     // The families the identity watch and the delete guard own (and register) themselves.
     crate::identity::register_metrics(&m);
     let _guard = crate::guard::DeleteGuard::new(0.5, &m);
-    let _budget = crate::buffer_budget::BufferBudget::new(1 << 20, &m);
-    crate::connections::count_connections(
+    let _budget = crate::source::buffer_budget::BufferBudget::new(1 << 20, &m);
+    crate::ops::connections::count_connections(
         &mut mongodb::options::ClientOptions::default(),
         &mut mongodb::options::ClientOptions::default(),
-        &crate::connections::ConnectionCounts::default(),
+        &crate::ops::connections::ConnectionCounts::default(),
         &m,
     );
     let text = m.render();

@@ -30,9 +30,9 @@ impl RangeDigest {
     }
 }
 
-/// Equality key of an `_id`: the daemon's one key (`crate::id_key`), shared with apply and
+/// Equality key of an `_id`: the daemon's one key (`crate::model::id_key`), shared with apply and
 /// copy.
-pub use crate::id_key::IdKey;
+pub use crate::model::id_key::IdKey;
 
 /// How two versions of one document compare.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -20,8 +20,8 @@ use crate::{
     apply::Applier,
     checkpoint::Checkpoint,
     error::{ErrorKind, SyncError},
-    event::ts_max,
     guard::GuardTrigger,
+    model::event::ts_max,
     worker::{delete_extras, WorkerContext, RANGE_MAX_DOCS},
 };
 
@@ -168,17 +168,18 @@ async fn repair_range(
         drop(docs);
         done.upserted += upserted.written;
         done.upserted +=
-            crate::unique_conflicts::settle_range(ctx, applier, cp, upserted.duplicates).await?;
+            crate::apply::unique_conflicts::settle_range(ctx, applier, cp, upserted.duplicates)
+                .await?;
         match next {
             Some(n) => from = Some(n),
             None => break,
         }
     }
-    done.upserted += crate::unique_conflicts::settle_pending(
+    done.upserted += crate::apply::unique_conflicts::settle_pending(
         ctx,
         applier,
         cp,
-        crate::unique_conflicts::Settle::Writing,
+        crate::apply::unique_conflicts::Settle::Writing,
     )
     .await?;
     let end = ctx.pipeline.source.cluster_time().await?;

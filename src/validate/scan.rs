@@ -20,7 +20,7 @@ use super::{
 };
 use crate::{
     error::{ErrorKind, SyncError},
-    event::{token_cluster_time, ts_key},
+    model::event::{token_cluster_time, ts_key},
     source::Namespace,
 };
 

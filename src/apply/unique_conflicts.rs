@@ -20,8 +20,8 @@ use std::collections::HashSet;
 use bson::{Bson, RawDocumentBuf, Timestamp};
 
 use crate::{
-    apply::Applier, checkpoint::Checkpoint, error::SyncError, event::ts_key, id_key::IdKey,
-    source::raw_id, worker::WorkerContext,
+    apply::Applier, checkpoint::Checkpoint, error::SyncError, model::event::ts_key,
+    model::id_key::IdKey, source::raw_id, worker::WorkerContext,
 };
 
 /// At most this many `_id`s wait in a checkpoint; beyond it a refused document is

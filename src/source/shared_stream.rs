@@ -24,15 +24,15 @@ use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    buffer_budget::{BufferBudget, BufferedBytes},
     checkpoint::{CheckpointStore, StreamWatermark},
     config::{StreamScope, UpdateMode},
     error::{policy, Backoff, ErrorKind, RetryDirective, SyncError},
-    event::{
+    metrics::Metrics,
+    model::event::{
         raw_token, token_after, token_cluster_time, token_document, ChangeEvent, FragmentAssembler,
         OpKind,
     },
-    metrics::Metrics,
+    source::buffer_budget::{BufferBudget, BufferedBytes},
     source::{Source, StreamSettings, StreamStart, StreamTarget},
     status::StatusRegistry,
 };
@@ -102,8 +102,8 @@ pub struct SharedStreams {
     settings: SharedStreamSettings,
     /// How many namespaces the supervisor runs (decides `auto`).
     namespaces: AtomicUsize,
-    /// The in-scope source collections of the last listing (namespace → UUID), `None` until
-    /// one is done: a watermark keeps no position for a collection the source no longer has.
+    /// The source's collections at the last listing (namespace → UUID), `None` until one is
+    /// done: a watermark keeps no position for a collection the source no longer has.
     listed: Mutex<Option<HashMap<String, Option<bson::Uuid>>>>,
     routers: Mutex<HashMap<SharedStreamKey, RouterHandle>>,
     source: Source,
@@ -292,7 +292,7 @@ impl SharedStreams {
         self.namespaces.store(n, Ordering::Relaxed);
     }
 
-    /// The in-scope source collections of a finished listing (see `listed`).
+    /// The source's collections at a finished listing (see `listed`).
     pub fn set_listed(&self, listed: HashMap<String, Option<bson::Uuid>>) {
         *self.listed.lock().unwrap_or_else(|e| e.into_inner()) = Some(listed);
     }
@@ -840,8 +840,8 @@ impl Router {
 
     async fn save_watermark(&mut self) {
         self.last_save = Instant::now();
-        // Dropped, renamed-away or out-of-scope collections leave the watermark, which would
-        // otherwise grow with every collection that ever passed through the stream.
+        // Dropped or renamed-away collections leave the watermark, which would otherwise grow
+        // with every collection that ever passed through the stream.
         let streams = Arc::clone(&self.streams);
         self.known
             .retain(|ns, (uuid, _)| streams.still_listed(ns, *uuid));

@@ -16,8 +16,8 @@ use bson::{rawdoc, RawBson, RawDocument, RawDocumentBuf};
 
 use crate::{
     config::ConflictPolicy,
-    event::{ChangeEvent, OpKind},
     metrics::ConflictPolicyLabel,
+    model::event::{ChangeEvent, OpKind},
 };
 
 /// The conflict settings of one namespace.

@@ -1,6 +1,10 @@
 //! Everything the daemon reads from the source: topology and identity, namespaces, change
 //! streams, `_id`-range scans for the copy (and validation), and single-document lookups.
 
+pub mod buffer_budget;
+pub mod feed;
+pub mod shared_stream;
+
 use std::time::Duration;
 
 use bson::{doc, Bson, Document, RawDocumentBuf, Timestamp};

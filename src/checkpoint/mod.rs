@@ -10,9 +10,9 @@ use bson::{doc, Bson, DateTime, Document, Timestamp};
 use mongodb::{options::ReadConcern, Collection, Database};
 
 use crate::{
-    bounded_write::{BoundedWrites, WriteOutcome},
+    apply::bounded_write::{BoundedWrites, WriteOutcome},
     error::{ErrorKind, SyncError},
-    event::ts_key,
+    model::event::ts_key,
 };
 
 pub const CHECKPOINTS_COLLECTION: &str = "checkpoints";
@@ -527,8 +527,8 @@ impl CheckpointStore {
             .filter(|p| p.get_str("ns").ok() == Some(key.ns.as_str()))
             .filter(|p| p.get("uuid").unwrap_or(&Bson::Null) == &uuid)
             .filter_map(|p| p.get_document("token").ok())
-            .filter_map(crate::event::raw_token)
-            .filter_map(|t| crate::event::token_cluster_time(&t))
+            .filter_map(crate::model::event::raw_token)
+            .filter_map(|t| crate::model::event::token_cluster_time(&t))
             .max_by_key(|ts| ts_key(*ts)))
     }
 

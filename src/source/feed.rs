@@ -11,10 +11,10 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    buffer_budget::BufferBudget,
     error::{ErrorKind, SyncError},
-    event::{raw_token, token_after, token_cluster_time, FragmentAssembler},
-    shared_stream::{StreamItem, Subscription},
+    model::event::{raw_token, token_after, token_cluster_time, FragmentAssembler},
+    source::buffer_budget::BufferBudget,
+    source::shared_stream::{StreamItem, Subscription},
     source::{serialize_token, Namespace, Source, StreamSettings, StreamStart},
 };
 
@@ -432,8 +432,8 @@ pub fn same_stream(a: &StreamSettings, b: &StreamSettings) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::ChangeEvent;
     use crate::metrics::Metrics;
+    use crate::model::event::ChangeEvent;
     use bson::doc;
 
     fn token(n: u64) -> Document {

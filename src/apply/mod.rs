@@ -8,6 +8,11 @@
 //! harmless: upserts replace, deletes of missing documents do nothing, and a delta that
 //! matches nothing is repaired from the source's current document.
 
+pub mod bounded_write;
+pub mod conflict;
+pub mod dest_collection;
+pub mod unique_conflicts;
+
 use std::{collections::HashMap, time::Instant};
 
 use bson::{
@@ -18,13 +23,15 @@ use futures::TryStreamExt;
 use mongodb::Database;
 
 use crate::{
+    apply::conflict::{
+        not_newer_filter, plan, unchanged_filter, value_at, Conditional, ConflictSettings,
+    },
     config::UpdateMode,
-    conflict::{not_newer_filter, plan, unchanged_filter, value_at, Conditional, ConflictSettings},
     error::{ErrorKind, SyncError},
-    event::{ts_key, ChangeEvent, OpKind},
-    id_key::IdKey,
     metadata::Metadata,
     metrics::{ApplyOp, ConflictOutcome, Metrics},
+    model::event::{ts_key, ChangeEvent, OpKind},
+    model::id_key::IdKey,
     source::{Namespace, Source},
 };
 
@@ -128,7 +135,7 @@ fn batch_end(events: &[ChangeEvent]) -> Timestamp {
 }
 
 /// The key under which the same `_id` always lands: MongoDB's `_id` equality, exactly
-/// (`crate::id_key`).
+/// (`crate::model::id_key`).
 fn id_key(id: &RawBson) -> IdKey {
     IdKey::of_raw(id)
 }
@@ -1781,7 +1788,7 @@ impl Applier {
             if let Some(limit) = self.op_timeout {
                 cmd.append(
                     bson::cstr!("maxTimeMS"),
-                    crate::bounded_write::max_time_ms(limit),
+                    crate::apply::bounded_write::max_time_ms(limit),
                 );
             }
             cmd.append(
@@ -1789,13 +1796,13 @@ impl Applier {
                 rawdoc! {"w": "majority", "j": true},
             );
             let started = Instant::now();
-            let reply =
-                crate::bounded_write::run(self.op_timeout, self.dest_db.run_raw_command(cmd))
-                    .await
-                    .map_err(|abandoned| {
-                        abandoned.into_error(&format!("a bulk write to {}", self.target))
-                    })?
-                    .map_err(|e| write_error(&format!("writing to {}", self.target), e))?;
+            let reply = crate::apply::bounded_write::run(
+                self.op_timeout,
+                self.dest_db.run_raw_command(cmd),
+            )
+            .await
+            .map_err(|abandoned| abandoned.into_error(&format!("a bulk write to {}", self.target)))?
+            .map_err(|e| write_error(&format!("writing to {}", self.target), e))?;
             tracing::trace!(namespace = %self.label, statements = end - start, elapsed_ms = started.elapsed().as_millis() as u64, "bulk {command}");
             if let Ok(wce) = reply.get_document("writeConcernError") {
                 return Err(SyncError::new(

@@ -1,0 +1,9 @@
+//! How operators see and drive the daemon: the HTTP API, signals, systemd notifications,
+//! logs and progress, connection counts, resource limits.
+
+pub mod connections;
+pub mod http;
+pub mod notify;
+pub mod rlimit;
+pub mod signal;
+pub mod telemetry;
