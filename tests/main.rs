@@ -8,6 +8,7 @@ mod ddl;
 mod faults;
 mod http_api;
 mod incarnations;
+mod layering;
 mod lifecycle;
 mod liveness;
 mod operations;

@@ -1,0 +1,197 @@
+//! The daemon's module layers (issue 11 item 10, `layout-v2.md`): a module imports only from
+//! layers below its own. Today's exceptions are listed in `KNOWN_DEBT`; the test fails on a new
+//! exception (a layer crossed the wrong way) and on a listed one that is gone (remove it), so
+//! the list only shrinks.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+/// Top-level modules of `src/` by layer, lowest first: values and configuration, reporting
+/// sinks, what talks to one cluster, the per-collection pipeline, the supervisor, operators'
+/// interfaces, the process.
+const LAYERS: &[&[&str]] = &[
+    &["config"],
+    &["exit"],
+    &["error"],
+    &["model"],
+    &["metrics"],
+    &["status"],
+    &[
+        "source",
+        "apply",
+        "checkpoint",
+        "metadata",
+        "guard",
+        "identity",
+    ],
+    &["worker", "validate"],
+    &["supervisor"],
+    &["ops"],
+    &["app", "demo", "cli"],
+];
+
+/// Imports that cross the layers the wrong way today (importer → imported).
+const KNOWN_DEBT: &[(&str, &str)] = &[
+    ("error", "guard"),
+    ("model", "metrics"),
+    ("metrics", "guard"),
+    ("metrics", "identity"),
+    ("metrics", "ops"),
+    ("metrics", "source"),
+    ("status", "ops"),
+    ("source", "checkpoint"),
+    ("source", "metadata"),
+    ("apply", "checkpoint"),
+    ("apply", "metadata"),
+    ("apply", "source"),
+    ("apply", "worker"),
+    ("checkpoint", "apply"),
+    ("guard", "source"),
+    ("identity", "apply"),
+    ("identity", "checkpoint"),
+    ("identity", "metadata"),
+    ("identity", "source"),
+    ("metadata", "apply"),
+    ("worker", "validate"),
+    ("validate", "worker"),
+    ("validate", "cli"),
+    ("app", "cli"),
+    ("app", "demo"),
+    ("demo", "app"),
+    ("demo", "cli"),
+];
+
+fn layer_of(module: &str) -> Option<usize> {
+    LAYERS.iter().position(|l| l.contains(&module))
+}
+
+/// The top-level module a file under `src/` belongs to (`src/apply/conflict.rs` → `apply`).
+fn module_of(src: &Path, file: &Path) -> String {
+    let rel = file.strip_prefix(src).unwrap();
+    let first = rel
+        .components()
+        .next()
+        .unwrap()
+        .as_os_str()
+        .to_string_lossy();
+    first.trim_end_matches(".rs").to_string()
+}
+
+fn identifier_at(text: &str, at: usize) -> String {
+    text[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect()
+}
+
+/// Top-level modules named by `crate::x` paths and by the items of `use crate::{x, y::z}`.
+fn imports(text: &str) -> BTreeSet<String> {
+    let code: String = text
+        .lines()
+        .map(|l| l.split("//").next().unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let mut found = BTreeSet::new();
+    for (at, _) in code.match_indices("crate::") {
+        let name = identifier_at(&code, at + "crate::".len());
+        if !name.is_empty() {
+            found.insert(name);
+        }
+    }
+    for (at, _) in code.match_indices("use crate::{") {
+        let bytes = code.as_bytes();
+        let (mut i, mut depth, mut item_start) = (at + "use crate::{".len(), 1, true);
+        while depth > 0 && i < bytes.len() {
+            match bytes[i] {
+                b'{' => depth += 1,
+                b'}' => depth -= 1,
+                b',' if depth == 1 => item_start = true,
+                c if depth == 1 && item_start && (c.is_ascii_alphabetic() || c == b'_') => {
+                    let name = identifier_at(&code, i);
+                    i += name.len();
+                    found.insert(name);
+                    item_start = false;
+                    continue;
+                }
+                c if !c.is_ascii_whitespace() => item_start = false,
+                _ => {}
+            }
+            i += 1;
+        }
+    }
+    found.remove("self");
+    found
+}
+
+fn rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            rust_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+#[test]
+fn modules_import_only_from_lower_layers_apart_from_the_listed_debt() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let mut edges: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for file in &files {
+        let module = module_of(&src, file);
+        if matches!(module.as_str(), "lib" | "main") {
+            continue;
+        }
+        let text = std::fs::read_to_string(file).unwrap();
+        let imported = imports(&text);
+        edges
+            .entry(module.clone())
+            .or_default()
+            .extend(imported.into_iter().filter(|m| *m != module));
+    }
+    let mut unplaced = Vec::new();
+    let mut crossing = BTreeSet::new();
+    for (from, targets) in &edges {
+        let Some(from_layer) = layer_of(from) else {
+            unplaced.push(from.clone());
+            continue;
+        };
+        for to in targets {
+            match layer_of(to) {
+                None => unplaced.push(to.clone()),
+                Some(to_layer) if to_layer >= from_layer => {
+                    crossing.insert((from.clone(), to.clone()));
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    assert!(
+        unplaced.is_empty(),
+        "modules missing from LAYERS: {unplaced:?}"
+    );
+    let debt: BTreeSet<(String, String)> = KNOWN_DEBT
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+    let new: Vec<_> = crossing.difference(&debt).collect();
+    assert!(
+        new.is_empty(),
+        "imports that cross the layers the wrong way (import from a lower layer, or move the code): {new:?}"
+    );
+    let paid: Vec<_> = debt.difference(&crossing).collect();
+    assert!(
+        paid.is_empty(),
+        "debt paid off: remove these from KNOWN_DEBT: {paid:?}"
+    );
+}
+
+#[test]
+fn imports_are_read_from_paths_and_grouped_uses() {
+    let text = "use crate::{\n    apply::conflict::X,\n    model::{event, id_key},\n    self,\n};\n// crate::ops in a comment\nfn f() { crate::source::feed::g(); }\n";
+    let found: Vec<String> = imports(text).into_iter().collect();
+    assert_eq!(found, ["apply", "model", "source"]);
+}
