@@ -255,18 +255,7 @@ async fn a_killed_daemon_resumes_every_namespace_from_the_shared_watermark() {
     wait_until(
         "the shared stream's watermark is saved",
         Duration::from_secs(60),
-        || async {
-            let w = c
-                .dst
-                .database("mongo_syncd")
-                .collection::<Document>("stream_checkpoints")
-                .find_one(doc! {"_id.stream": "deployment"})
-                .await
-                .unwrap();
-            w.and_then(|w| w.get_array("positions").ok().map(|p| p.len()))
-                .unwrap_or(0)
-                >= names.len()
-        },
+        || async { watermark_namespaces(&c).await.len() >= names.len() },
     )
     .await;
     churn(&c, "wm", &names, 0).await;
