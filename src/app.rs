@@ -406,6 +406,8 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
                     checkpoint_interval: Duration::from_secs(config.checkpoint.interval_seconds),
                     update_mode: config.apply.update_mode,
                     max_await: crate::worker::STREAM_MAX_AWAIT,
+                    atomic_transactions: config.apply.transactions
+                        == crate::config::TransactionMode::Atomic,
                 },
                 source.clone(),
                 checkpoints.clone(),

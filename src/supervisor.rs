@@ -874,6 +874,9 @@ impl Supervisor {
         {
             tracing::warn!("source.stream_scope or source.collection_streams_max changed; the stream plan is made at start, so it takes effect at the next restart of the daemon");
         }
+        if old.apply.transactions != config.apply.transactions {
+            tracing::warn!("apply.transactions changed; the shared streams group transactions from start, so it takes effect at the next restart of the daemon");
+        }
         if old.apply.max_buffered_bytes != config.apply.max_buffered_bytes {
             tracing::warn!("apply.max_buffered_bytes changed; the budget is sized at start, so it takes effect at the next restart of the daemon");
         }

@@ -41,6 +41,7 @@ use crate::{
         raw_token, token_after, token_cluster_time, ts_key, ts_max, ChangeEvent, OpKind,
     },
     model::id_key::IdKey,
+    model::transaction::{TxnGroup, TxnKey, TxnOutcome},
     source::{raw_id, Namespace, Source, StreamSettings, StreamStart},
     status::StatusRegistry,
 };
@@ -989,6 +990,9 @@ async fn stream(
     // A force-sync interrupted by a restart resumes at its next range before anything else.
     let mut reconcile_pending = cp.reconcile_next.is_some();
     let mut described: Option<String> = None;
+    // An item read while a batch was being collected that must start the next one (the
+    // first event of a source transaction under `apply.transactions = "atomic"`).
+    let mut held: Option<StreamItem> = None;
     let result = loop {
         let now_reading = feed.describe();
         if now_reading != described {
@@ -1024,21 +1028,57 @@ async fn stream(
             }
             continue;
         }
-        let first = tokio::select! {
-            biased;
-            _ = abort.cancelled() => break Err(cancelled()),
-            _ = ctx.signals.notify.notified() => continue,
-            Some(cmd) = commands.recv() => {
-                match cmd {
-                    WorkerCommand::RepairRange(request) => {
-                        if let Err(e) = crate::validate::repair::handle(ctx, &applier, &mut cp, *request).await {
-                            break Err(e);
+        let first = match held.take() {
+            Some(item) => Some(item),
+            None => tokio::select! {
+                biased;
+                _ = abort.cancelled() => break Err(cancelled()),
+                _ = ctx.signals.notify.notified() => continue,
+                Some(cmd) = commands.recv() => {
+                    match cmd {
+                        WorkerCommand::RepairRange(request) => {
+                            if let Err(e) = crate::validate::repair::handle(ctx, &applier, &mut cp, *request).await {
+                                break Err(e);
+                            }
                         }
                     }
+                    continue;
                 }
-                continue;
-            }
-            item = feed.recv() => item,
+                item = feed.recv() => item,
+            },
+        };
+        let first = match first {
+            Some(StreamItem::Event(ev, permit)) => match transaction_group(ctx, &ev) {
+                Some(group) => {
+                    drop(permit);
+                    let applied = apply_transaction(
+                        ctx,
+                        &applier,
+                        &mut cp,
+                        &mut feed,
+                        TransactionStart {
+                            group,
+                            first: ev,
+                            held: &mut held,
+                        },
+                        &mut crash_replay,
+                        &mut settles,
+                        stop,
+                    )
+                    .await;
+                    match applied {
+                        Ok(Some(exit)) => break Ok(exit),
+                        Ok(None) => {
+                            last_checkpoint = Instant::now();
+                            feed.acknowledge(cp.resume_token.as_ref());
+                        }
+                        Err(e) => break Err(e),
+                    }
+                    continue;
+                }
+                None => Some(StreamItem::Event(ev, permit)),
+            },
+            other => other,
         };
         let mut batch: Vec<(ChangeEvent, BufferedBytes)> = Vec::new();
         let mut failure = None;
@@ -1066,6 +1106,11 @@ async fn stream(
                     };
                     match next {
                         Some(StreamItem::Event(ev, permit)) => {
+                            if transaction_group(ctx, &ev).is_some() {
+                                // A source transaction starts: what came before is applied first.
+                                held = Some(StreamItem::Event(ev, permit));
+                                break;
+                            }
                             bytes += ev.size();
                             batch.push((ev, permit));
                         }
@@ -1101,7 +1146,8 @@ async fn stream(
                 ctx.observe_source_time(latest);
             }
             let replays = crash_replay.leading_replays(&events);
-            match process_batch(ctx, &applier, &mut cp, &events, replays, &mut settles).await {
+            match process_batch(ctx, &applier, &mut cp, &events, replays, &mut settles, None).await
+            {
                 Ok(Some(exit)) => break Ok(exit),
                 Ok(None) => {
                     last_checkpoint = Instant::now();
@@ -1201,6 +1247,141 @@ async fn stream(
     };
     feed.close().await;
     result
+}
+
+/// Under `apply.transactions = "atomic"`: the group of the source transaction `ev` belongs to,
+/// if this namespace's shared stream is routing one.
+fn transaction_group(ctx: &WorkerContext, ev: &ChangeEvent) -> Option<Arc<TxnGroup>> {
+    let registry = ctx.pipeline.streams.transactions.as_ref()?;
+    let key = TxnKey::of(ev)?;
+    let stream = ctx.pipeline.streams.stream_for(&ctx.ns.db)?;
+    registry.find(&stream.name(), &key)
+}
+
+/// Where a source transaction's part begins (see [`apply_transaction`]).
+struct TransactionStart<'a> {
+    group: Arc<TxnGroup>,
+    first: ChangeEvent,
+    /// Receives an item read past the part that belongs to the next batch.
+    held: &'a mut Option<StreamItem>,
+}
+
+/// `apply.transactions = "atomic"`: this namespace's events of one source transaction, written
+/// with the other members' parts in one destination transaction when every member can take
+/// part, per document otherwise (which converges the same way). Everything before the
+/// transaction has been applied when this runs.
+#[allow(clippy::too_many_arguments)]
+async fn apply_transaction(
+    ctx: &WorkerContext,
+    applier: &Applier,
+    cp: &mut Checkpoint,
+    feed: &mut Feed,
+    start: TransactionStart<'_>,
+    crash_replay: &mut CrashReplay,
+    settles: &mut CaughtUpSettles,
+    stop: &CancellationToken,
+) -> Result<Option<WorkerExit>, SyncError> {
+    let TransactionStart { group, first, held } = start;
+    let label = ctx.label();
+    // Events read from the own stream (a worker still joining) are not the shared reader's:
+    // this worker cannot be counted on to bring them.
+    let member = feed.is_shared();
+    let mut events = vec![first];
+    // The rest of the part follows in the queue; its size is known once the reader has seen
+    // the end of the transaction.
+    let complete = member
+        && loop {
+            let mut changed = group.subscribe();
+            if let Some(n) = group.expected_for(&label) {
+                if events.len() >= n {
+                    break events.len() == n;
+                }
+            }
+            tokio::select! {
+                item = feed.recv() => match item {
+                    Some(StreamItem::Event(ev, _permit)) if TxnKey::of(&ev).as_ref() == Some(&group.key) => {
+                        events.push(ev);
+                    }
+                    // A position mark: the next one comes within a second.
+                    Some(StreamItem::Idle { .. }) => {}
+                    other => {
+                        *held = other;
+                        break false;
+                    }
+                },
+                _ = changed.changed() => {}
+            }
+        };
+    ctx.pipeline
+        .metrics
+        .events_read(&label, events.len() as u64);
+    if let Some(latest) = events
+        .iter()
+        .map(|e| e.cluster_time)
+        .max_by_key(|t| ts_key(*t))
+    {
+        ctx.observe_source_time(latest);
+    }
+    let replays = crash_replay.leading_replays(&events);
+    let outcome = if !complete {
+        group.member_left(&label);
+        TxnOutcome::PerDocument(format!("{label} did not receive its whole part"))
+    } else if replays > 0 {
+        group.decline(&format!("{label} is replaying a batch of a crashed run"));
+        TxnOutcome::PerDocument("replaying".into())
+    } else {
+        match applier.transaction_part(&events, cp.replay_until).await? {
+            Err(why) => {
+                group.decline(&why);
+                TxnOutcome::PerDocument(why)
+            }
+            Ok((part, stats)) => {
+                save_apply_mark(ctx, &events).await?;
+                match applier.take_part(&group, part, stop).await {
+                    TxnOutcome::Committed => {
+                        ctx.pipeline.metrics.transaction_part(true);
+                        return process_batch(
+                            ctx,
+                            applier,
+                            cp,
+                            &events,
+                            replays,
+                            settles,
+                            Some(stats),
+                        )
+                        .await;
+                    }
+                    other => other,
+                }
+            }
+        }
+    };
+    if let TxnOutcome::PerDocument(why) = &outcome {
+        tracing::debug!(namespace = %label, reason = %why, "a source transaction is applied per document");
+    }
+    ctx.pipeline.metrics.transaction_part(false);
+    process_batch(ctx, applier, cp, &events, replays, settles, None).await
+}
+
+/// Records that the batch ending with `events`' last event may be applied past the
+/// checkpoint, before any of it is written (see [`CrashReplay`]).
+async fn save_apply_mark(ctx: &WorkerContext, events: &[ChangeEvent]) -> Result<(), SyncError> {
+    let Some(last) = events.last() else {
+        return Ok(());
+    };
+    let token = Document::try_from(last.token.clone()).map_err(|e| {
+        SyncError::with_source(ErrorKind::InvariantViolated, "decoding a resume token", e)
+    })?;
+    ctx.pipeline
+        .checkpoints
+        .save_mark(
+            &ctx.key(),
+            &ApplyMark {
+                cluster_time: last.cluster_time,
+                token,
+            },
+        )
+        .await
 }
 
 /// The shared stream this namespace reads under the plan, unless its stream settings differ
@@ -1332,6 +1513,9 @@ async fn maybe_finish_replay(
 /// before a crash (see [`CrashReplay`]) and are applied as replays. Before any write, the
 /// batch's last event is persisted as the applied high-water mark, so a crash before the
 /// checkpoint makes its events replays on the next run.
+/// Applies a batch and checkpoints it. `applied`: the batch's data events were already
+/// written (a source transaction written atomically) and counted so; only the checkpoint and
+/// the accounting remain.
 async fn process_batch(
     ctx: &WorkerContext,
     applier: &Applier,
@@ -1339,31 +1523,19 @@ async fn process_batch(
     events: &[ChangeEvent],
     replays: usize,
     settles: &mut CaughtUpSettles,
+    applied: Option<ApplyStats>,
 ) -> Result<Option<WorkerExit>, SyncError> {
     let label = ctx.label();
     let started = Instant::now();
-    if replays < events.len() {
-        if let Some(last) = events.last() {
-            let token = Document::try_from(last.token.clone()).map_err(|e| {
-                SyncError::with_source(ErrorKind::InvariantViolated, "decoding a resume token", e)
-            })?;
-            ctx.pipeline
-                .checkpoints
-                .save_mark(
-                    &ctx.key(),
-                    &ApplyMark {
-                        cluster_time: last.cluster_time,
-                        token,
-                    },
-                )
-                .await?;
-        }
+    if replays < events.len() && applied.is_none() {
+        save_apply_mark(ctx, events).await?;
     }
-    let mut stats = ApplyStats::default();
+    let already_applied = applied.is_some();
+    let mut stats = applied.unwrap_or_default();
     let mut exit = None;
-    let mut segment_start = 0;
-    let mut applied_events = 0usize;
-    for (i, ev) in events.iter().enumerate() {
+    let mut segment_start = if already_applied { events.len() } else { 0 };
+    let mut applied_events = segment_start;
+    for (i, ev) in events.iter().enumerate().skip(segment_start) {
         if ev.kind.is_data() {
             continue;
         }

@@ -21,4 +21,5 @@ mod soak_regressions;
 mod source_restarts;
 mod stream_scopes;
 mod support;
+mod transactions;
 mod validation;

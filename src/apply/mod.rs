@@ -11,6 +11,7 @@
 pub mod bounded_write;
 pub mod conflict;
 pub mod dest_collection;
+pub mod transaction;
 pub mod unique_conflicts;
 
 use std::{collections::HashMap, time::Instant};

@@ -246,6 +246,27 @@ impl StreamScope {
     }
 }
 
+/// `apply.transactions`: how the events of one source transaction are applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TransactionMode {
+    /// Every document on its own, batched with the other events (v1).
+    #[default]
+    PerDocument,
+    /// The events of one source transaction (same `lsid` + `txnNumber`, across collections)
+    /// are written in one destination transaction, so readers never see part of it.
+    Atomic,
+}
+
+impl TransactionMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransactionMode::PerDocument => "per-document",
+            TransactionMode::Atomic => "atomic",
+        }
+    }
+}
+
 /// How update events are applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -551,6 +572,10 @@ pub struct ApplyConfig {
     /// ([`crate::source::buffer_budget`]); `batch_max_bytes`..=[`MAX_MAX_BUFFERED_BYTES`].
     #[serde(default = "default_max_buffered_bytes")]
     pub max_buffered_bytes: u64,
+    /// `per-document` (default) or `atomic` (DESIGN §2.4): how the events of one source
+    /// transaction reach the destination.
+    #[serde(default)]
+    pub transactions: TransactionMode,
 }
 
 /// `[copy]`: initial copies, re-copies and force-syncs.
@@ -1246,6 +1271,15 @@ impl Config {
             err(
                 "apply.batch_max_wait_ms".into(),
                 format!("must be at most {MAX_BATCH_MAX_WAIT_MS}"),
+            );
+        }
+
+        if a.transactions == TransactionMode::Atomic
+            && self.source.stream_scope() == StreamScope::Collection
+        {
+            err(
+                "apply.transactions".into(),
+                "\"atomic\" needs a shared change stream, which sees every collection of a transaction: set source.stream_scope to \"auto\", \"database\" or \"deployment\"".into(),
             );
         }
 

@@ -1066,3 +1066,34 @@ fn copies_at_once_are_bounded_by_a_documented_default() {
     let shown = serde_json::to_value(load_ok(&minimal()).redacted()).unwrap();
     assert_eq!(shown["copy"]["concurrent_collections"], 4);
 }
+
+#[test]
+fn transactions_are_applied_per_document_unless_atomic_is_asked_for_with_a_shared_stream() {
+    let cfg = load_ok(&minimal());
+    assert_eq!(cfg.apply.transactions, TransactionMode::PerDocument);
+    let shown = serde_json::to_value(cfg.redacted()).unwrap();
+    assert_eq!(shown["apply"]["transactions"], "per-document");
+    let cfg = load_ok(&format!(
+        "{}\n[apply]\ntransactions = \"atomic\"\n",
+        minimal()
+    ));
+    assert_eq!(cfg.apply.transactions, TransactionMode::Atomic);
+    let err = load_err(&format!(
+        "{}\n[apply]\ntransactions = \"all-or-nothing\"\n",
+        minimal()
+    ));
+    assert!(err.to_string().contains("transactions"), "{err}");
+    // A collection stream sees one collection of a transaction: atomic needs a shared one.
+    let with_scope = |scope: &str| {
+        minimal().replacen(
+            "[source]\n",
+            &format!("[source]\nstream_scope = \"{scope}\"\n"),
+            1,
+        ) + "\n[apply]\ntransactions = \"atomic\"\n"
+    };
+    let err = load_err(&with_scope("collection"));
+    assert_field(&err, "apply.transactions", "shared change stream");
+    for scope in ["auto", "database", "deployment"] {
+        load_ok(&with_scope(scope));
+    }
+}

@@ -20,7 +20,8 @@
 //! (the last three registered by `identity` and `guard`, which own their label values),
 //! `mongo_syncd_buffered_bytes` and `mongo_syncd_buffer_budget_bytes` (registered by
 //! `buffer_budget`, which owns the budget), `mongo_syncd_connections{side}` (registered by
-//! `connections`, fed by the clients' pool events).
+//! `connections`, fed by the clients' pool events), `mongo_syncd_transaction_parts_total{outcome}`
+//! (`apply.transactions = "atomic"`).
 
 mod labels;
 mod namespaces;
@@ -99,6 +100,10 @@ pub const BUFFERED_BYTES: &str = "mongo_syncd_buffered_bytes";
 pub const BUFFER_BUDGET_BYTES: &str = "mongo_syncd_buffer_budget_bytes";
 /// Pooled connections open to each cluster (`side`).
 pub const CONNECTIONS: &str = "mongo_syncd_connections";
+/// Parts of source transactions (one namespace's events of one transaction) applied under
+/// `apply.transactions = "atomic"`, by `outcome`: `atomic` (in one destination transaction
+/// with the other parts) or `per_document` (some member could not take part).
+pub const TRANSACTION_PARTS_TOTAL: &str = "mongo_syncd_transaction_parts_total";
 
 /// Every metric family name the daemon exports, for tests and tooling.
 pub const METRIC_NAMES: &[&str] = &[
@@ -137,7 +142,11 @@ pub const METRIC_NAMES: &[&str] = &[
     BUFFERED_BYTES,
     BUFFER_BUDGET_BYTES,
     CONNECTIONS,
+    TRANSACTION_PARTS_TOTAL,
 ];
+
+/// `outcome` values of [`TRANSACTION_PARTS_TOTAL`].
+pub const TRANSACTION_OUTCOMES: [&str; 2] = ["atomic", "per_document"];
 
 // ---- label keys ----
 pub const LABEL_NAMESPACE: &str = "namespace";
@@ -250,6 +259,7 @@ pub struct Metrics {
     replication_latency: Histogram,
     apply_batch_duration: Histogram,
     force_syncs: IntCounterVec,
+    transactions: IntCounterVec,
     config_reloads: IntCounterVec,
     source_connected: Gauge,
     destination_connected: Gauge,
@@ -403,6 +413,14 @@ impl Metrics {
         for trigger in Trigger::ALL {
             force_syncs.with_label_values(&[trigger.as_str()]);
         }
+        let transactions = counter(
+            TRANSACTION_PARTS_TOTAL,
+            "Parts of source transactions (one namespace's events of one transaction) applied with apply.transactions = \"atomic\", by outcome: atomic (in one destination transaction) or per_document (a member namespace could not take part).",
+            &[LABEL_OUTCOME],
+        )?;
+        for outcome in TRANSACTION_OUTCOMES {
+            transactions.with_label_values(&[outcome]);
+        }
         let config_reloads = counter(
             CONFIG_RELOADS_TOTAL,
             "Configuration reloads (SIGHUP) by result; on failure the previous configuration stays in effect.",
@@ -437,6 +455,7 @@ impl Metrics {
             &ns.conflicts,
             &ns.dead_letters,
             &force_syncs,
+            &transactions,
             &config_reloads,
         ] {
             registry.register(Box::new(c.clone()))?;
@@ -458,6 +477,7 @@ impl Metrics {
             replication_latency,
             apply_batch_duration,
             force_syncs,
+            transactions,
             config_reloads,
             source_connected,
             destination_connected,
@@ -702,6 +722,16 @@ impl Metrics {
     }
 
     /// A force-sync was requested.
+    /// One namespace's part of a source transaction was applied.
+    pub fn transaction_part(&self, atomic: bool) {
+        let outcome = if atomic {
+            TRANSACTION_OUTCOMES[0]
+        } else {
+            TRANSACTION_OUTCOMES[1]
+        };
+        self.transactions.with_label_values(&[outcome]).inc();
+    }
+
     pub fn force_sync(&self, trigger: Trigger) {
         self.force_syncs
             .with_label_values(&[trigger.as_str()])

@@ -171,6 +171,7 @@ const EXPECTED_TYPES: &[(&str, &str)] = &[
     (BUFFERED_BYTES, "gauge"),
     (BUFFER_BUDGET_BYTES, "gauge"),
     (CONNECTIONS, "gauge"),
+    (TRANSACTION_PARTS_TOTAL, "counter"),
 ];
 
 #[test]

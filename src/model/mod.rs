@@ -1,4 +1,5 @@
-//! Domain values without I/O: change events and `_id` keys.
+//! Domain values without I/O: change events, `_id` keys and source transactions.
 
 pub mod event;
 pub mod id_key;
+pub mod transaction;

@@ -32,6 +32,7 @@ use crate::{
         raw_token, token_after, token_cluster_time, token_document, ChangeEvent, FragmentAssembler,
         OpKind,
     },
+    model::transaction::{TxnGroup, TxnKey, TxnRegistry},
     source::buffer_budget::{BufferBudget, BufferedBytes},
     source::{Source, StreamSettings, StreamStart, StreamTarget},
     status::StatusRegistry,
@@ -95,6 +96,9 @@ pub struct SharedStreamSettings {
     pub checkpoint_interval: Duration,
     pub update_mode: UpdateMode,
     pub max_await: Duration,
+    /// `apply.transactions = "atomic"`: readers group each source transaction's events for
+    /// its member workers, and `auto` reads a deployment stream whatever the namespace count.
+    pub atomic_transactions: bool,
 }
 
 /// The daemon's stream plan and its shared readers.
@@ -116,6 +120,8 @@ pub struct SharedStreams {
     /// A shared stream saw a collection created or renamed that no worker reads yet:
     /// discovery should look now rather than at its next interval.
     pub discovery_hint: Notify,
+    /// The open source transactions of every reader (`apply.transactions = "atomic"` only).
+    pub transactions: Option<Arc<TxnRegistry>>,
 }
 
 #[derive(Clone)]
@@ -270,7 +276,11 @@ impl SharedStreams {
         status: Arc<StatusRegistry>,
         buffer: Arc<BufferBudget>,
     ) -> Arc<SharedStreams> {
+        let transactions = settings
+            .atomic_transactions
+            .then(|| Arc::new(TxnRegistry::default()));
         Arc::new(SharedStreams {
+            transactions,
             settings,
             namespaces: AtomicUsize::new(0),
             listed: Mutex::new(None),
@@ -333,8 +343,9 @@ impl SharedStreams {
             StreamScope::Collection => None,
             StreamScope::Database => Some(SharedStreamKey::Database(db.to_string())),
             StreamScope::Deployment => Some(SharedStreamKey::Deployment),
-            StreamScope::Auto => (self.namespaces.load(Ordering::Relaxed)
-                > self.settings.collection_streams_max)
+            // Atomic transactions need one stream that sees every collection of one.
+            StreamScope::Auto => (self.settings.atomic_transactions
+                || self.namespaces.load(Ordering::Relaxed) > self.settings.collection_streams_max)
                 .then_some(SharedStreamKey::Deployment),
         }
     }
@@ -431,6 +442,8 @@ struct Router {
     last_idle_mark: Instant,
     share: Arc<Semaphore>,
     share_bytes: usize,
+    /// The source transaction whose events are being routed (atomic transactions only).
+    open_txn: Option<Arc<TxnGroup>>,
 }
 
 enum ReadEnd {
@@ -456,6 +469,7 @@ impl Router {
             last_idle_mark: Instant::now(),
             share: Arc::new(Semaphore::new(share_bytes)),
             share_bytes,
+            open_txn: None,
             streams,
         }
     }
@@ -524,9 +538,41 @@ impl Router {
                 backoff.reset();
             }
         }
+        if let Some(group) = self.open_txn.take() {
+            group.decline("the shared change stream stopped");
+        }
         if stop.is_cancelled() {
             // The workers have stopped and acknowledged what they applied: a restart resumes here.
             self.save_watermark().await;
+        }
+    }
+
+    /// Before routing `event`: the transaction being routed ends at an event that is not part
+    /// of it, and a transactional event opens its group.
+    fn track_transaction(&mut self, event: &ChangeEvent) -> bool {
+        let Some(registry) = self.streams.transactions.clone() else {
+            return false;
+        };
+        let key = TxnKey::of(event);
+        if let (Some(open), Some(k)) = (&self.open_txn, &key) {
+            if &open.key == k {
+                return true;
+            }
+        }
+        self.close_transaction();
+        match key {
+            Some(k) => {
+                self.open_txn = Some(registry.open(&self.name, k));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The stream showed what follows the open transaction: its members are known.
+    fn close_transaction(&mut self) {
+        if let Some(group) = self.open_txn.take() {
+            group.close();
         }
     }
 
@@ -660,6 +706,9 @@ impl Router {
                     }
                 }
                 Ok(None) => {
+                    // An empty reply: a transaction commits all its entries at once, so the
+                    // one being routed is complete.
+                    self.close_transaction();
                     if assembler.is_empty() {
                         if let Some(Ok(t)) = stream
                             .resume_token()
@@ -687,17 +736,23 @@ impl Router {
 
     /// Sends one event to its namespace's member (if any). False on shutdown.
     async fn route(&mut self, event: ChangeEvent, stop: &CancellationToken) -> bool {
+        let in_transaction = self.track_transaction(&event);
         let token = event.token.clone();
         // The position moves past the event only once it is delivered (or no member wants
         // it): a watermark saved at shutdown never claims an undelivered event as applied.
-        let delivered = self.deliver(event, stop).await;
+        let delivered = self.deliver(event, in_transaction, stop).await;
         if delivered {
             self.position = Some(token);
         }
         delivered
     }
 
-    async fn deliver(&mut self, event: ChangeEvent, stop: &CancellationToken) -> bool {
+    async fn deliver(
+        &mut self,
+        event: ChangeEvent,
+        in_transaction: bool,
+        stop: &CancellationToken,
+    ) -> bool {
         let before = self.position.clone();
         let Some((db, coll)) = event.ns() else {
             return true;
@@ -746,6 +801,11 @@ impl Router {
                 return true;
             };
             slot.member.routing(&before);
+            if in_transaction && ev.kind != OpKind::Invalidate {
+                if let Some(group) = &self.open_txn {
+                    group.routed(&ns);
+                }
+            }
             let delivered = match slot.tx.try_send(StreamItem::Event(ev, permit)) {
                 Ok(()) => true,
                 Err(mpsc::error::TrySendError::Closed(_)) => false,
@@ -779,6 +839,9 @@ impl Router {
 
     /// A member is gone (its worker stopped, or it was evicted): keep what it had applied.
     fn leave(&mut self, ns: &str) {
+        if let Some(registry) = &self.streams.transactions {
+            registry.member_left(&self.name, ns);
+        }
         if let Some(slot) = self.members.remove(ns) {
             if let Some(reader) = &self.position {
                 let applied = slot.member.applied(reader);

@@ -137,13 +137,14 @@ pub struct Options {
     pub quiesce_timeout: Duration,
     /// Print every round's summary.
     pub verbose: bool,
-    /// `source.stream_scope` of every round, or `rotate`: collection, deployment, database
-    /// and auto in turn, by round.
+    /// `source.stream_scope` of every round, or `rotate`: collection, deployment, database,
+    /// auto and atomic in turn, by round. `atomic` is `auto` with `apply.transactions =
+    /// "atomic"`.
     pub stream_scope: String,
 }
 
 /// The scopes `rotate` goes through.
-pub const STREAM_SCOPES: [&str; 4] = ["collection", "deployment", "database", "auto"];
+pub const STREAM_SCOPES: [&str; 5] = ["collection", "deployment", "database", "auto", "atomic"];
 
 impl Options {
     /// Defaults overridden by `SOAK_*` environment variables; `default_ops` and
@@ -959,8 +960,13 @@ fn free_port() -> u16 {
 impl Daemon {
     fn new(bin: &Path, dir: &Path, source: &SimHandle, dest: &SimHandle, scope: &str) -> Daemon {
         let port = free_port();
+        let (scope, transactions) = match scope {
+            "atomic" => ("auto", "atomic"),
+            other => (other, "per-document"),
+        };
         let config = format!(
             "[source]\nuri = \"{}\"\nstream_scope = \"{scope}\"\n\n[destination]\nuri = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{port}\"\n\n\
+             [apply]\ntransactions = \"{transactions}\"\n\n\
              [checkpoint]\ninterval_seconds = 1\n\n[supervisor]\nmax_backoff_seconds = 1\nmax_restarts = 1000\n\n\
              [validation]\ninterval_seconds = 0\n\n[shutdown]\ntimeout_seconds = 10\n\n[log]\nlevel = \"info\"\n",
             source.uri(),

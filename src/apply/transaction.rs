@@ -1,0 +1,263 @@
+//! Source transactions written as destination transactions (`apply.transactions = "atomic"`,
+//! DESIGN §2.4). The rendezvous of the member workers is [`crate::model::transaction`]; this
+//! module turns one member's events into its part and writes every part in one transaction.
+//!
+//! Only the plain case is written atomically: source-wins, no replay, every event an insert,
+//! replace, delete or a delta that addresses its fields directly. Anything else (a conflict
+//! policy, a refetch, a write error, a delta that finds no document) declines, and every
+//! member applies its events per document, which converges the same way.
+
+use std::time::Duration;
+
+use bson::{rawdoc, RawArrayBuf, RawDocumentBuf, Timestamp};
+use mongodb::{options::WriteConcern, Client};
+use tokio_util::sync::CancellationToken;
+
+use super::{delta_update, in_replay, upsert_statement, Applier, ApplyStats, DocWrite};
+use crate::{
+    error::SyncError,
+    model::{
+        event::ChangeEvent,
+        transaction::{TxnGroup, TxnOutcome, TxnPart, TxnTurn, TxnWrite},
+    },
+};
+
+/// How long a member waits for the others before it gives up on atomicity for this
+/// transaction (a member far behind, or one that never comes).
+pub const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Applier {
+    /// This namespace's writes for a source transaction, with what they count as, or why they
+    /// cannot be written in a destination transaction.
+    pub async fn transaction_part(
+        &self,
+        events: &[ChangeEvent],
+        replay_until: Option<Timestamp>,
+    ) -> Result<Result<(TxnPart, ApplyStats), String>, SyncError> {
+        if self.conflict.detects_conflicts() {
+            return Ok(Err(format!(
+                "{} applies conditional writes ({:?})",
+                self.label, self.conflict.policy
+            )));
+        }
+        self.catalog().await?;
+        let bypass = self.bypass_validation();
+        let mut stats = ApplyStats::default();
+        let mut writes = Vec::with_capacity(events.len());
+        for ev in events {
+            if in_replay(ev, replay_until) {
+                return Ok(Err(format!("{} is replaying", self.label)));
+            }
+            let Some(id) = ev.document_key() else {
+                return Ok(Err(format!("a {:?} event in a transaction", ev.kind)));
+            };
+            let Some(doc_writes) = self.event_writes(ev, false)? else {
+                return Ok(Err(format!("a {:?} event in a transaction", ev.kind)));
+            };
+            stats.count(ev.kind.apply_op());
+            for w in doc_writes {
+                let (command, statement, must_match) = match &w {
+                    DocWrite::Upsert(doc) => ("update", upsert_statement(&id, doc), false),
+                    DocWrite::Delete => (
+                        "delete",
+                        rawdoc! {"q": {"_id": id.clone()}, "limit": 1},
+                        false,
+                    ),
+                    DocWrite::Truncate(_) | DocWrite::Delta { .. } => (
+                        "update",
+                        rawdoc! {"q": {"_id": id.clone()}, "u": delta_update(&w)?},
+                        true,
+                    ),
+                    DocWrite::Refetch => {
+                        return Ok(Err(format!(
+                            "an event of {} needs the source's current document",
+                            self.label
+                        )))
+                    }
+                };
+                stats.writes += 1;
+                writes.push(TxnWrite {
+                    db: self.target.db.clone(),
+                    coll: self.target.coll.clone(),
+                    command,
+                    statement,
+                    must_match,
+                    bypass_validation: bypass && command == "update",
+                });
+            }
+        }
+        Ok(Ok((
+            TxnPart {
+                namespace: self.label.clone(),
+                writes,
+            },
+            stats,
+        )))
+    }
+
+    /// Brings `part` to `group` and waits for the outcome; writes every part if this member
+    /// is the first to find them all.
+    pub async fn take_part(
+        &self,
+        group: &TxnGroup,
+        part: TxnPart,
+        stop: &CancellationToken,
+    ) -> TxnOutcome {
+        take_part(group, part, self.dest_db.client(), self.op_timeout, stop).await
+    }
+}
+
+async fn take_part(
+    group: &TxnGroup,
+    part: TxnPart,
+    client: &Client,
+    op_timeout: Option<Duration>,
+    stop: &CancellationToken,
+) -> TxnOutcome {
+    group.arrive(part);
+    let deadline = tokio::time::Instant::now() + RENDEZVOUS_TIMEOUT;
+    loop {
+        let mut changed = group.subscribe();
+        match group.turn() {
+            TxnTurn::Done(outcome) => return outcome,
+            TxnTurn::Execute(parts) => {
+                let outcome = match commit(client, &parts, op_timeout).await {
+                    Ok(()) => TxnOutcome::Committed,
+                    Err(why) => TxnOutcome::PerDocument(why),
+                };
+                group.finish(outcome.clone());
+                return outcome;
+            }
+            TxnTurn::Wait => {}
+        }
+        tokio::select! {
+            _ = stop.cancelled() => group.decline("shutting down"),
+            _ = changed.changed() => {}
+            _ = tokio::time::sleep_until(deadline) => group.decline(&format!(
+                "not every member reached the transaction within {} s",
+                RENDEZVOUS_TIMEOUT.as_secs()
+            )),
+        }
+    }
+}
+
+/// Writes every part in one destination transaction (write concern majority). Consecutive
+/// writes to one collection go out as one ordered command; any write error, or a delta that
+/// finds no document, aborts the transaction.
+pub async fn commit(
+    client: &Client,
+    parts: &[TxnPart],
+    op_timeout: Option<Duration>,
+) -> Result<(), String> {
+    let mut session = client
+        .start_session()
+        .await
+        .map_err(|e| format!("starting a destination session: {e}"))?;
+    let mut start = session
+        .start_transaction()
+        .write_concern(WriteConcern::majority());
+    if let Some(limit) = op_timeout {
+        start = start.max_commit_time(super::bounded_write::server_time_limit(limit));
+    }
+    start
+        .await
+        .map_err(|e| format!("starting a destination transaction: {e}"))?;
+    let writes: Vec<&TxnWrite> = parts.iter().flat_map(|p| p.writes.iter()).collect();
+    let mut i = 0;
+    while i < writes.len() {
+        let first = writes[i];
+        let mut end = i + 1;
+        while end < writes.len()
+            && writes[end].db == first.db
+            && writes[end].coll == first.coll
+            && writes[end].command == first.command
+            && end - i < super::MAX_STATEMENTS_PER_COMMAND
+        {
+            end += 1;
+        }
+        let group = &writes[i..end];
+        let mut statements = RawArrayBuf::new();
+        for w in group {
+            statements.push(w.statement.clone());
+        }
+        let field = if first.command == "delete" {
+            "deletes"
+        } else {
+            "updates"
+        };
+        let mut cmd = RawDocumentBuf::new();
+        cmd.append(
+            super::cstr_key(first.command).map_err(|e| e.to_string())?,
+            first.coll.as_str(),
+        );
+        cmd.append(
+            super::cstr_key(field).map_err(|e| e.to_string())?,
+            statements,
+        );
+        cmd.append(bson::cstr!("ordered"), true);
+        if first.bypass_validation {
+            cmd.append(bson::cstr!("bypassDocumentValidation"), true);
+        }
+        if let Some(limit) = op_timeout {
+            cmd.append(
+                bson::cstr!("maxTimeMS"),
+                super::bounded_write::max_time_ms(limit),
+            );
+        }
+        let sent = super::bounded_write::run(
+            op_timeout,
+            client
+                .database(&first.db)
+                .run_raw_command(cmd)
+                .session(&mut session),
+        )
+        .await;
+        let reply = match sent {
+            Err(abandoned) => {
+                return Err(abandoned
+                    .into_error("a write of the destination transaction")
+                    .to_string())
+            }
+            Ok(Err(e)) => {
+                let _ = session.abort_transaction().await;
+                return Err(format!("writing {}.{}: {e}", first.db, first.coll));
+            }
+            Ok(Ok(reply)) => reply,
+        };
+        if let Ok(errors) = reply.get_array("writeErrors") {
+            if let Some(e) = errors.iter().filter_map(|e| e.as_document()).next() {
+                let _ = session.abort_transaction().await;
+                return Err(format!(
+                    "{}.{} refused a write (code {}): {}",
+                    first.db,
+                    first.coll,
+                    e.get_i32("code").unwrap_or(0),
+                    e.get_str("errmsg").unwrap_or("")
+                ));
+            }
+        }
+        if first.command == "update" {
+            let n = match reply.get("n") {
+                Some(bson::Bson::Int32(n)) => *n as i64,
+                Some(bson::Bson::Int64(n)) => *n,
+                _ => 0,
+            };
+            if group.iter().any(|w| w.must_match) && n < group.len() as i64 {
+                let _ = session.abort_transaction().await;
+                return Err(format!(
+                    "an update of {}.{} found no document (the destination diverged)",
+                    first.db, first.coll
+                ));
+            }
+        }
+        i = end;
+    }
+    let committed = super::bounded_write::run(op_timeout, session.commit_transaction()).await;
+    match committed {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("committing the destination transaction: {e}")),
+        Err(abandoned) => Err(abandoned
+            .into_error("committing the destination transaction")
+            .to_string()),
+    }
+}

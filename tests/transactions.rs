@@ -1,0 +1,192 @@
+//! `apply.transactions = "atomic"` (issue 11 item 5, DESIGN §2.4): the events of one source
+//! transaction, across collections, reach the destination as one destination transaction;
+//! what the destination cannot take whole is applied per document and still converges.
+
+use std::{collections::HashMap, time::Duration};
+
+use bson::{doc, Document};
+use futures::StreamExt;
+use mongodb::change_stream::event::ChangeStreamEvent;
+
+use crate::support::cluster::*;
+
+const ATOMIC: &str = "[apply]\ntransactions = \"atomic\"\n\n[sync]\nnamespaces = [\"bank.*\"]\n";
+const NAMESPACES: [(&str, &str); 3] = [("bank", "accounts"), ("bank", "ledger"), ("bank", "audit")];
+
+async fn seed(c: &Clusters) {
+    let db = c.src.database("bank");
+    db.collection::<Document>("accounts")
+        .insert_many((1..=4).map(|k| doc! {"_id": k, "bal": 100}))
+        .await
+        .unwrap();
+    db.create_collection("ledger").await.unwrap();
+    db.create_collection("audit").await.unwrap();
+}
+
+/// A transfer between two accounts with its ledger entry, in one source transaction; a plain
+/// write to another collection after it.
+async fn transfer(c: &Clusters, i: i32, from: i32, to: i32) {
+    let db = c.src.database("bank");
+    let accounts = db.collection::<Document>("accounts");
+    let ledger = db.collection::<Document>("ledger");
+    let mut s = c.src.start_session().await.unwrap();
+    s.start_transaction().await.unwrap();
+    accounts
+        .update_one(doc! {"_id": from}, doc! {"$inc": {"bal": -10}})
+        .session(&mut s)
+        .await
+        .unwrap();
+    accounts
+        .update_one(doc! {"_id": to}, doc! {"$inc": {"bal": 10}})
+        .session(&mut s)
+        .await
+        .unwrap();
+    ledger
+        .insert_one(doc! {"_id": i, "from": from, "to": to})
+        .session(&mut s)
+        .await
+        .unwrap();
+    s.commit_transaction().await.unwrap();
+    db.collection::<Document>("audit")
+        .insert_one(doc! {"_id": i})
+        .await
+        .unwrap();
+}
+
+async fn start_streaming(c: &Clusters, d: &Daemon) {
+    wait_converged(c, &NAMESPACES, Duration::from_secs(60)).await;
+    for (db, coll) in NAMESPACES {
+        d.wait_streaming(&format!("{db}.{coll}")).await;
+    }
+    // Transactions are written atomically once the workers read the shared stream.
+    wait_until(
+        "every namespace reads the shared stream",
+        Duration::from_secs(60),
+        || async {
+            d.logs().matches("joined the shared change stream").count() >= NAMESPACES.len()
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_transaction_across_collections_lands_as_one_destination_transaction() {
+    let c = Clusters::start().await;
+    seed(&c).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(&c, dir.path(), ATOMIC);
+    start_streaming(&c, &d).await;
+
+    let mut watch = c
+        .dst
+        .database("bank")
+        .watch()
+        .await
+        .unwrap()
+        .with_type::<ChangeStreamEvent<Document>>();
+    const TRANSFERS: i32 = 20;
+    for i in 0..TRANSFERS {
+        transfer(&c, i, i % 4 + 1, (i + 1) % 4 + 1).await;
+    }
+    wait_converged(&c, &NAMESPACES, Duration::from_secs(60)).await;
+
+    // Every destination write to the accounts and the ledger came in a transaction of exactly
+    // one transfer: two account updates and one ledger entry, committed together.
+    let mut by_txn: HashMap<(String, i64), Vec<String>> = HashMap::new();
+    let mut seen = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while seen < 3 * TRANSFERS as usize {
+        let ev = tokio::time::timeout_at(deadline, watch.next())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{seen} destination events of the transfers within 30 s\nlog:\n{}",
+                    d.logs()
+                )
+            })
+            .unwrap()
+            .unwrap();
+        let coll = ev
+            .ns
+            .as_ref()
+            .and_then(|n| n.coll.clone())
+            .unwrap_or_default();
+        if coll == "audit" {
+            assert!(
+                ev.txn_number.is_none(),
+                "a plain write became a transaction"
+            );
+            continue;
+        }
+        seen += 1;
+        let (Some(lsid), Some(txn)) = (ev.lsid.as_ref(), ev.txn_number) else {
+            panic!(
+                "a destination write to bank.{coll} outside a transaction: {:?}\nlog:\n{}",
+                ev.operation_type,
+                d.logs()
+            )
+        };
+        by_txn
+            .entry((format!("{lsid}"), txn))
+            .or_default()
+            .push(coll);
+    }
+    assert_eq!(by_txn.len(), TRANSFERS as usize, "{by_txn:?}");
+    for (txn, mut colls) in by_txn {
+        colls.sort();
+        assert_eq!(
+            colls,
+            ["accounts", "accounts", "ledger"],
+            "transaction {txn:?}"
+        );
+    }
+    d.wait_metric_at_least(
+        "mongo_syncd_transaction_parts_total{outcome=\"atomic\"}",
+        2.0 * TRANSFERS as f64,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(
+        d.metric("mongo_syncd_transaction_parts_total{outcome=\"per_document\"}")
+            .await,
+        Some(0.0)
+    );
+    assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_the_destination_cannot_take_whole_is_applied_per_document() {
+    let c = Clusters::start().await;
+    seed(&c).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(&c, dir.path(), ATOMIC);
+    start_streaming(&c, &d).await;
+
+    // The destination lost an account: the transfer's delta on it finds nothing, the
+    // destination transaction aborts, and both parts are applied per document (the missing
+    // account is read again from the source).
+    c.dst
+        .database("bank")
+        .collection::<Document>("accounts")
+        .delete_one(doc! {"_id": 4})
+        .await
+        .unwrap();
+    transfer(&c, 100, 4, 1).await;
+    wait_converged(&c, &NAMESPACES, Duration::from_secs(60)).await;
+    d.wait_metric_at_least(
+        "mongo_syncd_transaction_parts_total{outcome=\"per_document\"}",
+        2.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    // Later transfers are atomic again.
+    transfer(&c, 101, 1, 2).await;
+    wait_converged(&c, &NAMESPACES, Duration::from_secs(60)).await;
+    d.wait_metric_at_least(
+        "mongo_syncd_transaction_parts_total{outcome=\"atomic\"}",
+        2.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
+}
