@@ -1097,7 +1097,12 @@ async fn stream(
             Some(StreamItem::Event(ev, permit)) => {
                 let mut bytes = ev.size();
                 batch.push((ev, permit));
-                let deadline = tokio::time::Instant::now() + settings.batch_max_wait;
+                // The wait counts from when the first event was read, not from when this
+                // loop got to it: events that queued while the last batch was applied are
+                // already late, so a busy stream sends what it has at once (the batch holds
+                // everything queued meanwhile) and a quiet one still gathers bursts.
+                let deadline =
+                    tokio::time::Instant::from_std(batch[0].0.received) + settings.batch_max_wait;
                 while batch.len() < settings.batch_max_events && bytes < settings.batch_max_bytes {
                     let next = tokio::select! {
                         biased;

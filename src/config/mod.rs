@@ -562,7 +562,8 @@ pub struct ApplyConfig {
     /// Bytes per batch, [`MIN_BATCH_MAX_BYTES`]..=[`MAX_BATCH_MAX_BYTES`].
     #[serde(default = "default_batch_max_bytes")]
     pub batch_max_bytes: u64,
-    /// How long a partial batch waits for more events, 0..=[`MAX_BATCH_MAX_WAIT_MS`].
+    /// How long a partial batch waits for more events, counted from when its first event was
+    /// read, 0..=[`MAX_BATCH_MAX_WAIT_MS`].
     #[serde(default = "default_batch_max_wait_ms")]
     pub batch_max_wait_ms: u64,
     /// `delta` or `lookup`.

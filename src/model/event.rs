@@ -87,6 +87,9 @@ pub struct ChangeEvent {
     pub wall_time: Option<DateTime>,
     /// The whole event as the server sent it.
     pub raw: RawDocumentBuf,
+    /// When the daemon read it: a partial batch waits for more events until its first event
+    /// is `apply.batch_max_wait_ms` old, so time spent queued counts toward the wait.
+    pub received: std::time::Instant,
 }
 
 fn field_error(what: &str) -> SyncError {
@@ -120,6 +123,7 @@ impl ChangeEvent {
             cluster_time,
             wall_time,
             raw,
+            received: std::time::Instant::now(),
         })
     }
 
