@@ -253,3 +253,52 @@ async fn writes_after_a_refetch_in_the_same_batch_keep_the_source_field_order() 
 async fn a_refetch_reads_the_document_as_of_its_batch() {
     refetch_backlog_converges_exactly("per_event", "\n[apply]\nbatch_max_events = 1\n").await;
 }
+
+/// `serverStatus.opcounters.<op>` of a simulator.
+async fn opcounter(client: &mongodb::Client, op: &str) -> i64 {
+    let status = client
+        .database("admin")
+        .run_command(doc! {"serverStatus": 1})
+        .await
+        .unwrap();
+    let counters = status.get_document("opcounters").unwrap();
+    match counters.get(op) {
+        Some(bson::Bson::Int64(n)) => *n,
+        Some(bson::Bson::Int32(n)) => *n as i64,
+        _ => panic!("opcounters.{op} missing"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn insert_events_are_written_as_inserts_and_a_taken_id_falls_back_to_a_replace() {
+    let c = Clusters::start().await;
+    let src = c.src.database("app").collection::<Document>("items");
+    src.insert_many((0..5).map(|i| doc! {"_id": i, "v": i}))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(&c, dir.path(), "[sync]\nnamespaces = [\"app.*\"]\n");
+    wait_converged(&c, &[("app", "items")], Duration::from_secs(30)).await;
+    d.wait_streaming("app.items").await;
+    // Behind the daemon's back the destination already holds an id the source will insert
+    // (as a replay would find it): that insert fails on `_id` and is written as a replace.
+    let dst = c.dst.database("app").collection::<Document>("items");
+    dst.insert_one(doc! {"_id": 1000, "stale": true})
+        .await
+        .unwrap();
+    let inserts_before = opcounter(&c.dst, "insert").await;
+    src.insert_many((1000..1200).map(|i| doc! {"_id": i, "v": i, "name": format!("n{i}")}))
+        .await
+        .unwrap();
+    wait_converged(&c, &[("app", "items")], Duration::from_secs(30)).await;
+    // The 199 new documents went in with `insert` (a replace-upsert counts as an update).
+    let inserted = opcounter(&c.dst, "insert").await - inserts_before;
+    assert!(
+        inserted >= 199,
+        "{inserted} documents inserted on the destination for 200 insert events\nlog:\n{}",
+        d.logs()
+    );
+    let taken = dst.find_one(doc! {"_id": 1000}).await.unwrap().unwrap();
+    assert_eq!(taken, doc! {"_id": 1000, "v": 1000, "name": "n1000"});
+    assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
+}

@@ -417,6 +417,20 @@ fn upsert_statement(id: &RawBson, doc: &RawDocumentBuf) -> RawDocumentBuf {
     }
 }
 
+/// Whether a document can be sent with `insert` as it is: one with a top-level `$`-prefixed
+/// field goes the replace way (see [`upsert_statement`]).
+fn insertable(doc: &RawDocumentBuf) -> bool {
+    !doc.iter()
+        .any(|e| e.is_ok_and(|(k, _)| k.as_str().starts_with('$')))
+}
+
+/// Whether a duplicate-key error is on the `_id` index (`... index: _id_ dup key: ...`): the
+/// document exists, and a replace settles it; any other index is a unique secondary index,
+/// decided in strict source order.
+fn duplicate_on_id(msg: &str) -> bool {
+    msg.contains("index: _id_ ")
+}
+
 /// The update document of a delta or truncation.
 fn delta_update(w: &DocWrite) -> Result<RawDocumentBuf, SyncError> {
     Ok(match w {
@@ -711,11 +725,20 @@ impl Applier {
             }
             stats.repaired += refetch_ids.len() as u64;
         }
+        let mut inserts = Vec::new();
         let mut upserts = Vec::new();
         let mut deltas = Vec::new();
         let mut deletes = Vec::new();
         for s in statements {
             match &s.write {
+                // An insert event's document goes in at insert speed; the ids the destination
+                // already holds (a replay, a copy that saw the document) fall back to a
+                // replace below.
+                DocWrite::Upsert(doc)
+                    if events[s.event].kind == OpKind::Insert && insertable(doc) =>
+                {
+                    inserts.push(s)
+                }
                 DocWrite::Upsert(_) => upserts.push(s),
                 DocWrite::Delete => deletes.push(s),
                 DocWrite::Truncate(_) | DocWrite::Delta { .. } => deltas.push(s),
@@ -734,13 +757,35 @@ impl Applier {
                 }
             }
         }
-        let (up, de, dl) = futures::join!(
+        let (ins, up, de, dl) = futures::join!(
+            self.run_inserts(&inserts),
             self.run_upserts(&upserts),
             self.run_deltas(&deltas),
             self.run_deletes(&deletes),
         );
-        let (up, de, dl) = (up?, de?, dl?);
-        stats.writes += (upserts.len() + deltas.len() + deletes.len()) as u64;
+        let (ins, mut up, de, dl) = (ins?, up?, de?, dl?);
+        stats.writes += (inserts.len() + upserts.len() + deltas.len() + deletes.len()) as u64;
+        // Inserts that found their `_id` taken are sent again as replaces; their other errors
+        // are judged with the upserts' (the statement joins the upserts so the index names it).
+        let mut retry = Vec::new();
+        for (idx, code, msg) in ins.errors {
+            let s = inserts[idx].clone();
+            if code == DUPLICATE_KEY && duplicate_on_id(&msg) {
+                retry.push(s);
+            } else {
+                up.errors.push((upserts.len(), code, msg));
+                upserts.push(s);
+            }
+        }
+        if !retry.is_empty() {
+            let again = self.run_upserts(&retry).await?;
+            stats.writes += retry.len() as u64;
+            let base = upserts.len();
+            for (idx, code, msg) in again.errors {
+                up.errors.push((base + idx, code, msg));
+            }
+            upserts.extend(retry);
+        }
         // Duplicate keys are decided in strict source order; transient statement errors retry
         // the batch.
         for (code, msg) in up
@@ -1578,6 +1623,16 @@ impl Applier {
                     .map(|id| id_key(&RawBson::from(id)))
             })
             .collect())
+    }
+
+    async fn run_inserts(&self, statements: &[Statement]) -> Result<BulkReply, SyncError> {
+        let built = statements.iter().map(|s| {
+            let DocWrite::Upsert(doc) = &s.write else {
+                unreachable!("inserts hold whole documents")
+            };
+            doc.clone()
+        });
+        self.bulk("insert", "documents", built.collect()).await
     }
 
     async fn run_upserts(&self, statements: &[Statement]) -> Result<BulkReply, SyncError> {
