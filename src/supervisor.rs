@@ -163,6 +163,7 @@ pub fn worker_settings(config: &Config) -> WorkerSettings {
             .map(|t| t.to_timestamp()),
         destination_timeout: config.destination.socket_timeout(),
         on_collation_mismatch: config.sync.on_collation_mismatch,
+        copy_parallel_ranges: config.copy.parallel_ranges as usize,
     }
 }
 

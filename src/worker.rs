@@ -14,7 +14,7 @@ use std::{
 use bson::{doc, Bson, Document, RawDocumentBuf, Timestamp};
 use futures::TryStreamExt;
 use mongodb::{options::Hint, Client};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, Mutex as AsyncMutex, Notify};
 
 use crate::source::buffer_budget::BufferedBytes;
 use crate::{
@@ -29,7 +29,8 @@ use crate::{
     apply::unique_conflicts::{CaughtUpSettles, Settle},
     apply::{Applier, ApplyStats},
     checkpoint::{
-        at_or_after, ApplyMark, Checkpoint, CheckpointKey, CheckpointStore, CopyProgress, Phase,
+        at_or_after, ApplyMark, Checkpoint, CheckpointKey, CheckpointStore, CopyLane, CopyProgress,
+        Phase,
     },
     config::{InitialCopy, OnCollationMismatch, UpdateMode},
     error::{ErrorKind, SyncError},
@@ -77,6 +78,8 @@ pub struct WorkerSettings {
     pub destination_timeout: Option<Duration>,
     /// `sync.on_collation_mismatch`.
     pub on_collation_mismatch: OnCollationMismatch,
+    /// `copy.parallel_ranges`: range lanes of one collection's copy.
+    pub copy_parallel_ranges: usize,
 }
 
 /// Whether a worker run starts over with a fresh copy, and why.
@@ -618,16 +621,26 @@ fn id_set(docs: &[RawDocumentBuf]) -> Result<HashSet<IdKey>, SyncError> {
 /// (`None` after the last).
 type ScannedRange = (Vec<RawDocumentBuf>, Option<Bson>);
 
-/// Reads the source range starting at `lower` (see [`crate::source::Source::scan_range`]).
+/// Reads the source range starting at `lower`, below `upper` (a lane's end) when given (see
+/// [`crate::source::Source::scan_range`]).
 async fn scan_range(
     source: &crate::source::Source,
     ns: &Namespace,
     collation: Option<&Document>,
     lower: Option<&Bson>,
+    upper: Option<&Bson>,
     after: Option<Timestamp>,
 ) -> Result<ScannedRange, SyncError> {
     source
-        .scan_range(ns, lower, RANGE_MAX_DOCS, RANGE_MAX_BYTES, after, collation)
+        .scan_range_below(
+            ns,
+            lower,
+            upper,
+            RANGE_MAX_DOCS,
+            RANGE_MAX_BYTES,
+            after,
+            collation,
+        )
         .await
 }
 
@@ -636,13 +649,22 @@ async fn scan_range(
 fn prefetch_range(
     ctx: &WorkerContext,
     lower: Option<Bson>,
+    upper: Option<Bson>,
     after: Option<Timestamp>,
 ) -> tokio_util::task::AbortOnDropHandle<Result<ScannedRange, SyncError>> {
     let source = ctx.pipeline.source.clone();
     let ns = ctx.ns.clone();
     let collation = ctx.options.get_document("collation").ok().cloned();
     tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
-        scan_range(&source, &ns, collation.as_ref(), lower.as_ref(), after).await
+        scan_range(
+            &source,
+            &ns,
+            collation.as_ref(),
+            lower.as_ref(),
+            upper.as_ref(),
+            after,
+        )
+        .await
     }))
 }
 
@@ -657,25 +679,47 @@ async fn sync_range(
     budget: &mut DeleteBudget,
 ) -> Result<(u64, Option<Bson>), SyncError> {
     let collation = ctx.options.get_document("collation").ok();
-    let scanned = scan_range(&ctx.pipeline.source, &ctx.ns, collation, lower, after).await?;
-    write_range(ctx, applier, cp, lower, scanned, budget).await
+    let scanned = scan_range(&ctx.pipeline.source, &ctx.ns, collation, lower, None, after).await?;
+    write_range(
+        ctx,
+        applier,
+        &AsyncMutex::new(cp),
+        &AsyncMutex::new(budget),
+        lower,
+        None,
+        scanned,
+    )
+    .await
 }
 
-/// Writes one scanned range to the destination (see [`sync_range`]).
+/// Writes one scanned range `[lower, next)` (`next` is `upper` at a lane's end) to the
+/// destination (see [`sync_range`]). The checkpoint and the delete budget are locked only
+/// around their own steps, so the lanes of one copy write at the same time.
 async fn write_range(
     ctx: &WorkerContext,
     applier: &Applier,
-    cp: &mut Checkpoint,
+    cp: &AsyncMutex<&mut Checkpoint>,
+    budget: &AsyncMutex<&mut DeleteBudget>,
     lower: Option<&Bson>,
+    upper: Option<&Bson>,
     (docs, next): ScannedRange,
-    budget: &mut DeleteBudget,
 ) -> Result<(u64, Option<Bson>), SyncError> {
     // The scan may have reached a replaced source: check before writing what it returned.
     ctx.pipeline.identity.verify().await?;
     let present = id_set(&docs)?;
     // Extras first: a destination-only document may hold a unique key a copied one needs.
-    let on_destination =
-        delete_extras(ctx, applier, lower, next.as_ref(), &present, budget).await?;
+    let on_destination = {
+        let mut budget = budget.lock().await;
+        delete_extras(
+            ctx,
+            applier,
+            lower,
+            next.as_ref().or(upper),
+            &present,
+            &mut budget,
+        )
+        .await?
+    };
     // A range the destination holds little of (a first copy) is written at insert speed.
     let upserted = if on_destination.kept * 2 < docs.len() as u64 {
         applier.insert_documents(&docs).await?
@@ -683,9 +727,179 @@ async fn write_range(
         applier.upsert_documents(&docs).await?
     };
     drop(docs);
-    let settled =
-        crate::apply::unique_conflicts::settle_range(ctx, applier, cp, upserted.duplicates).await?;
+    let settled = {
+        let mut cp = cp.lock().await;
+        crate::apply::unique_conflicts::settle_range(ctx, applier, &mut cp, upserted.duplicates)
+            .await?
+    };
     Ok((upserted.written + settled, next))
+}
+
+/// Where a copy lane records its progress in the checkpoint.
+#[derive(Debug, Clone, Copy)]
+enum LaneSlot {
+    /// A copy made as one sequence of ranges (`copy.last_range`).
+    Single,
+    /// Lane `i` of a copy cut into parallel lanes (`copy.lanes[i]`).
+    Lane(usize),
+}
+
+impl LaneSlot {
+    /// The lane's next lower bound, its upper bound, and whether it is done.
+    fn bounds(self, cp: &Checkpoint) -> (Option<Bson>, Option<Bson>, bool) {
+        match self {
+            LaneSlot::Single => (cp.copy.last_range.clone(), None, cp.copy.done),
+            LaneSlot::Lane(i) => {
+                let lane = &cp.copy.lanes[i];
+                (lane.next.clone(), lane.upper.clone(), lane.done)
+            }
+        }
+    }
+
+    fn record(self, cp: &mut Checkpoint, next: Option<Bson>) {
+        match self {
+            LaneSlot::Single => {
+                cp.copy.done = next.is_none();
+                cp.copy.last_range = next;
+            }
+            LaneSlot::Lane(i) => {
+                let lane = &mut cp.copy.lanes[i];
+                lane.done = next.is_none();
+                lane.next = next;
+            }
+        }
+    }
+}
+
+/// How many lanes a collection of `estimate` documents is copied with: at most
+/// `copy.parallel_ranges`, and no more than it has full ranges.
+pub fn lane_count(parallel_ranges: usize, estimate: u64) -> usize {
+    parallel_ranges
+        .min((estimate / RANGE_MAX_DOCS as u64) as usize)
+        .max(1)
+}
+
+/// A fresh copy of a collection that holds several full ranges is cut into lanes at evenly
+/// spaced `_id`s (read from the source's `_id` index). The lanes are checkpointed before any
+/// of them is copied, so a restart resumes each where it stopped.
+async fn plan_lanes(
+    ctx: &WorkerContext,
+    cp: &mut Checkpoint,
+    estimate: u64,
+) -> Result<(), SyncError> {
+    let fresh = cp.copy.lanes.is_empty()
+        && cp.copy.last_range.is_none()
+        && cp.copy.copied == 0
+        && !cp.copy.done;
+    let lanes = lane_count(ctx.current_settings().copy_parallel_ranges, estimate);
+    if !fresh || lanes < 2 {
+        return Ok(());
+    }
+    let collation = ctx.options.get_document("collation").ok();
+    let points = ctx
+        .pipeline
+        .source
+        .id_split_points(&ctx.ns, lanes, estimate, collation)
+        .await?;
+    if points.is_empty() {
+        return Ok(());
+    }
+    let mut lower = None;
+    for point in points {
+        cp.copy.lanes.push(CopyLane {
+            next: lower.take(),
+            upper: Some(point.clone()),
+            done: false,
+        });
+        lower = Some(point);
+    }
+    cp.copy.lanes.push(CopyLane {
+        next: lower,
+        upper: None,
+        done: false,
+    });
+    ctx.pipeline.checkpoints.save(&ctx.key(), cp).await?;
+    tracing::info!(namespace = %ctx.label(), lanes = cp.copy.lanes.len(), "copying in parallel range lanes (copy.parallel_ranges)");
+    Ok(())
+}
+
+/// Copies one lane range by range, reading its next range while it writes one; each finished
+/// range is checkpointed. A failing lane cancels `halt`, and the others stop after the range
+/// they are writing (a write is never abandoned midway).
+#[allow(clippy::too_many_arguments)]
+async fn copy_lane(
+    ctx: &WorkerContext,
+    applier: &Applier,
+    slot: LaneSlot,
+    cp: &AsyncMutex<&mut Checkpoint>,
+    budget: &AsyncMutex<&mut DeleteBudget>,
+    start_ts: Option<Timestamp>,
+    stop: &CancellationToken,
+    halt: &CancellationToken,
+) -> Result<(), SyncError> {
+    let copied = copy_lane_ranges(ctx, applier, slot, cp, budget, start_ts, stop, halt).await;
+    if copied.is_err() {
+        halt.cancel();
+    }
+    copied
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn copy_lane_ranges(
+    ctx: &WorkerContext,
+    applier: &Applier,
+    slot: LaneSlot,
+    cp: &AsyncMutex<&mut Checkpoint>,
+    budget: &AsyncMutex<&mut DeleteBudget>,
+    start_ts: Option<Timestamp>,
+    stop: &CancellationToken,
+    halt: &CancellationToken,
+) -> Result<(), SyncError> {
+    let label = ctx.label();
+    let key = ctx.key();
+    let (mut lower, upper, done) = slot.bounds(&**cp.lock().await);
+    let mut reading = (!done).then(|| prefetch_range(ctx, lower.clone(), upper.clone(), start_ts));
+    while let Some(read) = reading.take() {
+        if stop.is_cancelled() {
+            return Err(cancelled());
+        }
+        if halt.is_cancelled() {
+            return Ok(());
+        }
+        let scanned = read.await.map_err(|e| {
+            SyncError::new(ErrorKind::SourceRead, format!("a range read failed: {e}"))
+        })??;
+        // Range i+1 is read while range i is written.
+        reading = scanned
+            .1
+            .clone()
+            .map(|next| prefetch_range(ctx, Some(next), upper.clone(), start_ts));
+        let (written, next) = write_range(
+            ctx,
+            applier,
+            cp,
+            budget,
+            lower.as_ref(),
+            upper.as_ref(),
+            scanned,
+        )
+        .await?;
+        let copied = {
+            let mut cp = cp.lock().await;
+            cp.copy.copied += written as i64;
+            slot.record(&mut cp, next.clone());
+            ctx.pipeline.checkpoints.save(&key, &cp).await?;
+            cp.copy.copied
+        };
+        ctx.record_checkpoint(start_ts);
+        ctx.made_progress();
+        ctx.pipeline.metrics.copied(&label, written);
+        ctx.pipeline
+            .status
+            .update(&label, |s| s.copied = copied.max(0) as u64);
+        lower = next;
+    }
+    Ok(())
 }
 
 /// Counts both sides of the namespace, then asks the mass-delete guard for this run's budget.
@@ -791,34 +1005,36 @@ async fn initial_copy(
     });
     let applier = ctx.applier();
     let mut budget = delete_budget(ctx, GuardTrigger::Copy).await?;
-    let mut lower = cp.copy.last_range.clone();
     let started = Instant::now();
-    let mut reading = (!cp.copy.done).then(|| prefetch_range(ctx, lower.clone(), start_ts));
-    while let Some(read) = reading.take() {
-        if stop.is_cancelled() {
-            return Err(cancelled());
+    plan_lanes(ctx, cp, estimate).await?;
+    let slots: Vec<LaneSlot> = if cp.copy.lanes.is_empty() {
+        vec![LaneSlot::Single]
+    } else {
+        (0..cp.copy.lanes.len()).map(LaneSlot::Lane).collect()
+    };
+    {
+        let shared_cp = AsyncMutex::new(&mut *cp);
+        let shared_budget = AsyncMutex::new(&mut budget);
+        let halt = CancellationToken::new();
+        let lanes = slots.into_iter().map(|slot| {
+            copy_lane(
+                ctx,
+                &applier,
+                slot,
+                &shared_cp,
+                &shared_budget,
+                start_ts,
+                stop,
+                &halt,
+            )
+        });
+        // The lanes that did not fail stopped after their range: the failure is the result.
+        for lane in futures::future::join_all(lanes).await {
+            lane?;
         }
-        let scanned = read.await.map_err(|e| {
-            SyncError::new(ErrorKind::SourceRead, format!("a range read failed: {e}"))
-        })??;
-        // Range i+1 is read while range i is written.
-        reading = scanned
-            .1
-            .clone()
-            .map(|next| prefetch_range(ctx, Some(next), start_ts));
-        let (written, next) =
-            write_range(ctx, &applier, cp, lower.as_ref(), scanned, &mut budget).await?;
-        cp.copy.copied += written as i64;
-        cp.copy.done = next.is_none();
-        cp.copy.last_range = next.clone();
-        ctx.pipeline.checkpoints.save(&key, cp).await?;
-        ctx.record_checkpoint(start_ts);
-        ctx.made_progress();
-        ctx.pipeline.metrics.copied(&label, written);
-        ctx.pipeline
-            .status
-            .update(&label, |s| s.copied = cp.copy.copied.max(0) as u64);
-        lower = next;
+    }
+    if !cp.copy.lanes.is_empty() {
+        cp.copy.done = cp.copy.lanes.iter().all(|l| l.done);
     }
     // Before the copy's end is taken: what they write from the source is then a replay.
     crate::apply::unique_conflicts::settle_pending(ctx, &applier, cp, Settle::Writing).await?;
@@ -1906,7 +2122,16 @@ async fn reconcile(
 
 #[cfg(test)]
 mod tests {
-    use super::projected_oplog_window;
+    use super::{lane_count, projected_oplog_window, RANGE_MAX_DOCS};
+
+    #[test]
+    fn a_collection_gets_at_most_one_lane_per_full_range() {
+        assert_eq!(lane_count(4, 0), 1);
+        assert_eq!(lane_count(4, RANGE_MAX_DOCS as u64 - 1), 1);
+        assert_eq!(lane_count(4, 2 * RANGE_MAX_DOCS as u64 + 5), 2);
+        assert_eq!(lane_count(4, 1_000_000), 4);
+        assert_eq!(lane_count(1, 1_000_000), 1);
+    }
 
     #[test]
     fn a_full_oplog_keeps_its_span() {

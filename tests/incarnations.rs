@@ -500,7 +500,7 @@ async fn unauthorized_on_one_namespace_parks_it_and_unparking_resumes_without_a_
     d.wait_streaming("app.b").await;
     fail_point(
         &c,
-        doc! {"failCommands": ["update"], "errorCode": 13, "namespace": "app.a"},
+        doc! {"failCommands": ["insert", "update"], "errorCode": 13, "namespace": "app.a"},
     );
     insert_range(&c, "app", "a", 10..20, "denied").await;
     wait_until("app.a parked", Duration::from_secs(60), || async {

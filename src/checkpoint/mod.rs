@@ -58,6 +58,45 @@ pub struct CopyProgress {
     pub copied: i64,
     /// All ranges copied.
     pub done: bool,
+    /// The `_id` range lanes of a copy cut into parallel parts (`copy.parallel_ranges`);
+    /// empty for a copy made as one sequence of ranges (`last_range`).
+    pub lanes: Vec<CopyLane>,
+}
+
+/// One `_id` lane of a parallel copy: `[next, upper)` is left to copy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CopyLane {
+    /// Lower bound (inclusive) of the lane's next range; `None` = from MinKey.
+    pub next: Option<Bson>,
+    /// Upper bound (exclusive) of the lane; `None` = to MaxKey.
+    pub upper: Option<Bson>,
+    pub done: bool,
+}
+
+/// An optional bound as stored: `[]` for none, `[value]` otherwise (an `_id` may be null).
+fn bound_to_bson(b: &Option<Bson>) -> Bson {
+    Bson::Array(b.iter().cloned().collect())
+}
+
+fn bound_from_bson(b: Option<&Bson>) -> Option<Bson> {
+    match b {
+        Some(Bson::Array(a)) => a.first().cloned(),
+        _ => None,
+    }
+}
+
+impl CopyLane {
+    fn to_document(&self) -> Document {
+        doc! {"next": bound_to_bson(&self.next), "upper": bound_to_bson(&self.upper), "done": self.done}
+    }
+
+    fn from_document(d: &Document) -> CopyLane {
+        CopyLane {
+            next: bound_from_bson(d.get("next")),
+            upper: bound_from_bson(d.get("upper")),
+            done: d.get_bool("done").unwrap_or(false),
+        }
+    }
 }
 
 /// One namespace's checkpoint.
@@ -174,6 +213,7 @@ impl Checkpoint {
                 "last_range": self.copy.last_range.clone().unwrap_or(Bson::Null),
                 "copied": self.copy.copied,
                 "done": self.copy.done,
+                "lanes": self.copy.lanes.iter().map(|l| Bson::Document(l.to_document())).collect::<Vec<_>>(),
             },
             "replay_until": opt_ts(&self.replay_until),
             "unique_indexes_pending": self.unique_indexes_pending,
@@ -214,6 +254,14 @@ impl Checkpoint {
                     .cloned(),
                 copied: copy.and_then(|c| c.get_i64("copied").ok()).unwrap_or(0),
                 done: copy.and_then(|c| c.get_bool("done").ok()).unwrap_or(false),
+                lanes: copy
+                    .and_then(|c| c.get_array("lanes").ok())
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|l| l.as_document().map(CopyLane::from_document))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
             },
             replay_until: ts("replay_until"),
             unique_indexes_pending: d.get_bool("unique_indexes_pending").unwrap_or(false),
@@ -573,6 +621,24 @@ mod tests {
                 last_range: Some(Bson::Int32(10)),
                 copied: 10,
                 done: true,
+                // A null `_id` is a bound like any other.
+                lanes: vec![
+                    CopyLane {
+                        next: None,
+                        upper: Some(Bson::Null),
+                        done: true,
+                    },
+                    CopyLane {
+                        next: Some(Bson::Null),
+                        upper: Some(Bson::String("m".into())),
+                        done: false,
+                    },
+                    CopyLane {
+                        next: Some(Bson::String("q".into())),
+                        upper: None,
+                        done: false,
+                    },
+                ],
             },
             replay_until: Some(Timestamp {
                 time: 4,

@@ -113,6 +113,10 @@ pub const MAX_MAX_BUFFERED_BYTES: u64 = 64 * 1024 * 1024 * 1024;
 pub const DEFAULT_COPY_CONCURRENT_COLLECTIONS: u32 = 4;
 /// Upper bound of `copy.concurrent_collections`.
 pub const MAX_COPY_CONCURRENT_COLLECTIONS: u32 = 256;
+/// Default `copy.parallel_ranges`: range lanes one large collection is copied with.
+pub const DEFAULT_COPY_PARALLEL_RANGES: u32 = 4;
+/// Upper bound of `copy.parallel_ranges`.
+pub const MAX_COPY_PARALLEL_RANGES: u32 = 64;
 /// Waiting longer than a minute for a batch to fill only adds lag.
 pub const MAX_BATCH_MAX_WAIT_MS: u64 = 60_000;
 
@@ -587,6 +591,10 @@ pub struct CopyConfig {
     /// for a slot in the `copying` state.
     #[serde(default = "default_copy_concurrent_collections")]
     pub concurrent_collections: u32,
+    /// `_id` range lanes one collection is copied with at once, 1..=[`MAX_COPY_PARALLEL_RANGES`]
+    /// (a collection gets at most one lane per full range of documents it holds).
+    #[serde(default = "default_copy_parallel_ranges")]
+    pub parallel_ranges: u32,
 }
 
 /// `[checkpoint]`
@@ -769,6 +777,9 @@ fn default_max_buffered_bytes() -> u64 {
 
 fn default_copy_concurrent_collections() -> u32 {
     DEFAULT_COPY_CONCURRENT_COLLECTIONS
+}
+fn default_copy_parallel_ranges() -> u32 {
+    DEFAULT_COPY_PARALLEL_RANGES
 }
 
 fn default_batch_max_bytes() -> u64 {
@@ -1289,6 +1300,12 @@ impl Config {
             err(
                 "copy.concurrent_collections".into(),
                 format!("must be between 1 and {MAX_COPY_CONCURRENT_COLLECTIONS}"),
+            );
+        }
+        if !(1..=MAX_COPY_PARALLEL_RANGES).contains(&self.copy.parallel_ranges) {
+            err(
+                "copy.parallel_ranges".into(),
+                format!("must be between 1 and {MAX_COPY_PARALLEL_RANGES}"),
             );
         }
 

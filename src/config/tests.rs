@@ -1097,3 +1097,17 @@ fn transactions_are_applied_per_document_unless_atomic_is_asked_for_with_a_share
         load_ok(&with_scope(scope));
     }
 }
+
+#[test]
+fn a_collection_is_copied_in_a_documented_number_of_range_lanes() {
+    let cfg = load_ok(&minimal());
+    assert_eq!(cfg.copy.parallel_ranges, DEFAULT_COPY_PARALLEL_RANGES);
+    let shown = serde_json::to_value(cfg.redacted()).unwrap();
+    assert_eq!(shown["copy"]["parallel_ranges"], 4);
+    let cfg = load_ok(&format!("{}\n[copy]\nparallel_ranges = 1\n", minimal()));
+    assert_eq!(cfg.copy.parallel_ranges, 1);
+    for bad in ["0", "65"] {
+        let err = load_err(&format!("{}\n[copy]\nparallel_ranges = {bad}\n", minimal()));
+        assert_field(&err, "copy.parallel_ranges", "between 1 and 64");
+    }
+}

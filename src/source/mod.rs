@@ -489,15 +489,87 @@ impl Source {
     ) -> Result<(Vec<RawDocumentBuf>, Option<Bson>), SyncError> {
         self.timed(
             "scanning a range",
-            self.scan_range_inner(ns, lower, max_docs, max_bytes, after, collation),
+            self.scan_range_inner(ns, lower, None, max_docs, max_bytes, after, collation),
         )
         .await
     }
 
+    /// [`Source::scan_range`] within a lane: documents below `upper` (exclusive) only; the
+    /// next bound is `None` at the lane's end.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn scan_range_below(
+        &self,
+        ns: &Namespace,
+        lower: Option<&Bson>,
+        upper: Option<&Bson>,
+        max_docs: usize,
+        max_bytes: usize,
+        after: Option<Timestamp>,
+        collation: Option<&Document>,
+    ) -> Result<(Vec<RawDocumentBuf>, Option<Bson>), SyncError> {
+        self.timed(
+            "scanning a range",
+            self.scan_range_inner(ns, lower, upper, max_docs, max_bytes, after, collation),
+        )
+        .await
+    }
+
+    /// `_id`s that cut the collection into `parts` lanes of about `estimate / parts`
+    /// documents each, in `_id` index order (strictly increasing; fewer when the collection
+    /// is smaller than estimated).
+    pub async fn id_split_points(
+        &self,
+        ns: &Namespace,
+        parts: usize,
+        estimate: u64,
+        collation: Option<&Document>,
+    ) -> Result<Vec<Bson>, SyncError> {
+        let coll = self.raw_collection(ns);
+        let mut points: Vec<Bson> = Vec::new();
+        for k in 1..parts {
+            let skip = estimate * k as u64 / parts as u64;
+            let mut find = coll
+                .find(doc! {})
+                .hint(Hint::Keys(doc! {"_id": 1}))
+                .sort(doc! {"_id": 1})
+                .projection(doc! {"_id": 1})
+                .skip(skip)
+                .limit(1);
+            if let Some(c) = collation {
+                if let Ok(c) =
+                    bson::deserialize_from_document::<mongodb::options::Collation>(c.clone())
+                {
+                    find = find.collation(c);
+                }
+            }
+            let found: Vec<RawDocumentBuf> = self
+                .timed("finding the copy's split points", async {
+                    let cursor = find
+                        .await
+                        .map_err(|e| read_error(format!("finding split points of {ns}"), e))?;
+                    cursor
+                        .try_collect()
+                        .await
+                        .map_err(|e| read_error(format!("finding split points of {ns}"), e))
+                })
+                .await?;
+            let Some(doc) = found.first() else {
+                break;
+            };
+            let id = raw_id(doc)?;
+            if points.last() != Some(&id) {
+                points.push(id);
+            }
+        }
+        Ok(points)
+    }
+
+    #[allow(clippy::too_many_arguments)]
     async fn scan_range_inner(
         &self,
         ns: &Namespace,
         lower: Option<&Bson>,
+        upper: Option<&Bson>,
         max_docs: usize,
         max_bytes: usize,
         after: Option<Timestamp>,
@@ -511,6 +583,9 @@ impl Source {
             .min(min)
             .sort(doc! {"_id": 1})
             .batch_size(max_docs.min(10_000) as u32 + 1);
+        if let Some(u) = upper {
+            find = find.max(doc! {"_id": u.clone()});
+        }
         if let Some(c) = collation {
             if let Ok(c) = bson::deserialize_from_document::<mongodb::options::Collation>(c.clone())
             {
