@@ -1,0 +1,620 @@
+//! The streaming phase: read → batch → apply → checkpoint, from the namespace's own change
+//! stream or the shared one it joined, with crash replays recognised and the end of a replay
+//! settled.
+
+use super::*;
+
+/// Events re-read after a crash between a batch and its checkpoint: everything up to and
+/// including the persisted [`ApplyMark`] was possibly applied already, so it is a replay.
+pub(super) struct CrashReplay {
+    mark: Option<ApplyMark>,
+}
+
+impl CrashReplay {
+    /// How many leading events of `events` are replays; consumes the mark once passed.
+    pub(super) fn leading_replays(&mut self, events: &[ChangeEvent]) -> usize {
+        let Some(mark) = self.mark.clone() else {
+            return 0;
+        };
+        let mut n = 0;
+        for ev in events {
+            let (t, m) = (ts_key(ev.cluster_time), ts_key(mark.cluster_time));
+            if t > m {
+                self.mark = None;
+                return n;
+            }
+            n += 1;
+            if t == m && token_matches(ev, &mark.token) {
+                self.mark = None;
+                return n;
+            }
+        }
+        n
+    }
+}
+
+pub(super) fn token_matches(ev: &ChangeEvent, token: &Document) -> bool {
+    Document::try_from(ev.token.clone()).is_ok_and(|t| t == *token)
+}
+
+/// The streaming phase.
+pub(super) async fn stream(
+    ctx: &WorkerContext,
+    mut cp: Checkpoint,
+    stop: &CancellationToken,
+    abort: &CancellationToken,
+    commands: &mut mpsc::Receiver<WorkerCommand>,
+) -> Result<WorkerExit, SyncError> {
+    let label = ctx.label();
+    let key = ctx.key();
+    ctx.set_state(WorkerState::Streaming);
+    // A crash may have left a batch applied past the checkpoint: its events are replays.
+    let mut crash_replay = CrashReplay {
+        mark: ctx
+            .pipeline
+            .checkpoints
+            .load_mark(&key)
+            .await?
+            // A mark the checkpoint reached (the batch was checkpointed) or passed is spent.
+            .filter(|m| cp.resume_token.as_ref() != Some(&m.token))
+            .filter(|m| {
+                cp.applied_through
+                    .is_none_or(|a| ts_key(m.cluster_time) >= ts_key(a))
+            }),
+    };
+    let mut feed = Feed::new(stop, label.clone());
+    join_shared_at_start(ctx, &mut feed, &mut cp, stop).await;
+    if !feed.is_shared() && feed.own_settings().is_none() {
+        feed.open_own(
+            &ctx.own_stream(),
+            cp.resume_token.as_ref(),
+            ctx.configured_start(&cp),
+        );
+    }
+    let mut settings = ctx.current_settings();
+    let mut applier = ctx.applier();
+    let mut last_checkpoint = Instant::now();
+    let mut settles = CaughtUpSettles::default();
+    let mut last_join_attempt = Instant::now();
+    // A force-sync interrupted by a restart resumes at its next range before anything else.
+    let mut reconcile_pending = cp.reconcile_next.is_some();
+    let mut described: Option<String> = None;
+    // An item read while a batch was being collected that must start the next one (the
+    // first event of a source transaction under `apply.transactions = "atomic"`).
+    let mut held: Option<StreamItem> = None;
+    let result = loop {
+        let now_reading = feed.describe();
+        if now_reading != described {
+            ctx.pipeline
+                .status
+                .update(&label, |s| s.change_stream = now_reading.clone());
+            described = now_reading;
+        }
+        // Batch boundary: adopt reloaded settings, run a requested force-sync.
+        if ctx.adopt_reload().await {
+            settings = ctx.current_settings();
+            applier = ctx.applier();
+            let wanted = ctx.stream_settings();
+            let changed = match feed.own_settings() {
+                Some(own) => !same_stream(own, &wanted),
+                None => !same_stream(&ctx.pipeline.streams.stream_settings(), &wanted),
+            };
+            if changed {
+                tracing::info!(namespace = %label, "reopening the change stream for the reloaded settings");
+                feed.leave_shared();
+                feed.open_own(
+                    &ctx.own_stream(),
+                    cp.resume_token.as_ref(),
+                    ctx.configured_start(&cp),
+                );
+            }
+        }
+        if ctx.signals.take_force_sync() || reconcile_pending {
+            reconcile_pending = false;
+            match reconcile(ctx, &applier, &mut cp, stop).await {
+                Ok(()) => {}
+                Err(e) => break Err(e),
+            }
+            continue;
+        }
+        let first = match held.take() {
+            Some(item) => Some(item),
+            None => tokio::select! {
+                biased;
+                _ = abort.cancelled() => break Err(cancelled()),
+                _ = ctx.signals.notify.notified() => continue,
+                Some(cmd) = commands.recv() => {
+                    match cmd {
+                        WorkerCommand::RepairRange(request) => {
+                            if let Err(e) = crate::validate::repair::handle(ctx, &applier, &mut cp, *request).await {
+                                break Err(e);
+                            }
+                        }
+                    }
+                    continue;
+                }
+                item = feed.recv() => item,
+            },
+        };
+        let first = match first {
+            Some(StreamItem::Event(ev, permit)) => match transaction_group(ctx, &ev) {
+                Some(group) => {
+                    drop(permit);
+                    let applied = apply_transaction(
+                        ctx,
+                        &applier,
+                        &mut cp,
+                        &mut feed,
+                        TransactionStart {
+                            group,
+                            first: ev,
+                            held: &mut held,
+                        },
+                        &mut crash_replay,
+                        &mut settles,
+                        stop,
+                    )
+                    .await;
+                    match applied {
+                        Ok(Some(exit)) => break Ok(exit),
+                        Ok(None) => {
+                            last_checkpoint = Instant::now();
+                            feed.acknowledge(cp.resume_token.as_ref());
+                        }
+                        Err(e) => break Err(e),
+                    }
+                    continue;
+                }
+                None => Some(StreamItem::Event(ev, permit)),
+            },
+            other => other,
+        };
+        let mut batch: Vec<(ChangeEvent, BufferedBytes)> = Vec::new();
+        let mut failure = None;
+        let mut stalled = false;
+        // An idle token received after every event of this batch (the reader sends it only
+        // once its buffer is empty, so nothing read before it is still queued).
+        let mut idle_after_batch: Option<(Document, Option<Timestamp>)> = None;
+        match first {
+            None => break Ok(WorkerExit::Stopped),
+            Some(StreamItem::Failed(e)) => break Err(e),
+            Some(StreamItem::Stalled) => stalled = true,
+            Some(StreamItem::Idle {
+                token,
+                cluster_time,
+            }) => idle_after_batch = Some((token, cluster_time)),
+            Some(StreamItem::Event(ev, permit)) => {
+                let mut bytes = ev.size();
+                batch.push((ev, permit));
+                // The wait counts from when the first event was read, not from when this
+                // loop got to it: events that queued while the last batch was applied are
+                // already late, so a busy stream sends what it has at once (the batch holds
+                // everything queued meanwhile) and a quiet one still gathers bursts.
+                let deadline =
+                    tokio::time::Instant::from_std(batch[0].0.received) + settings.batch_max_wait;
+                while batch.len() < settings.batch_max_events && bytes < settings.batch_max_bytes {
+                    let next = tokio::select! {
+                        biased;
+                        n = feed.recv() => n,
+                        _ = tokio::time::sleep_until(deadline) => break,
+                    };
+                    match next {
+                        Some(StreamItem::Event(ev, permit)) => {
+                            if transaction_group(ctx, &ev).is_some() {
+                                // A source transaction starts: what came before is applied first.
+                                held = Some(StreamItem::Event(ev, permit));
+                                break;
+                            }
+                            bytes += ev.size();
+                            batch.push((ev, permit));
+                        }
+                        Some(StreamItem::Idle {
+                            token,
+                            cluster_time,
+                        }) => {
+                            idle_after_batch = Some((token, cluster_time));
+                            break;
+                        }
+                        Some(StreamItem::Stalled) => {
+                            stalled = true;
+                            break;
+                        }
+                        Some(StreamItem::Failed(e)) => {
+                            failure = Some(e);
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+            }
+        }
+        if !batch.is_empty() {
+            ctx.pipeline.metrics.events_read(&label, batch.len() as u64);
+            ctx.pipeline.metrics.set_queue(&label, feed.queued() as u64);
+            let events: Vec<ChangeEvent> = batch.into_iter().map(|(e, _permit)| e).collect();
+            if let Some(latest) = events
+                .iter()
+                .map(|e| e.cluster_time)
+                .max_by_key(|t| ts_key(*t))
+            {
+                ctx.observe_source_time(latest);
+            }
+            let replays = crash_replay.leading_replays(&events);
+            match process_batch(ctx, &applier, &mut cp, &events, replays, &mut settles, None).await
+            {
+                Ok(Some(exit)) => break Ok(exit),
+                Ok(None) => {
+                    last_checkpoint = Instant::now();
+                    feed.acknowledge(cp.resume_token.as_ref());
+                    // Under steady writes the own stream is never idle: a drained queue after
+                    // a batch means caught up too (at most one join attempt a second).
+                    if !feed.is_shared()
+                        && !feed.is_joining()
+                        && feed.queued() == 0
+                        && last_join_attempt.elapsed() >= JOIN_ATTEMPT_EVERY
+                    {
+                        last_join_attempt = Instant::now();
+                        join_shared(ctx, &mut feed, &cp, stop).await;
+                    }
+                }
+                Err(e) => break Err(e),
+            }
+        }
+        let skipped = feed.take_skipped();
+        if skipped > 0 {
+            ctx.pipeline.metrics.already_applied(&label, skipped);
+        }
+        if let Some(e) = failure {
+            break Err(e);
+        }
+        if stalled {
+            // Everything read before the stall (or the shared stream's end) is applied and
+            // checkpointed: reopen there.
+            feed.leave_shared();
+            feed.open_own(
+                &ctx.own_stream(),
+                cp.resume_token.as_ref(),
+                ctx.configured_start(&cp),
+            );
+            continue;
+        }
+        // Idle: every event read before the token is applied and checkpointed, so the
+        // postBatchResumeToken may be checkpointed (DESIGN §2.5), unless more was read since.
+        if let Some((token, cluster_time)) = idle_after_batch.take() {
+            if let Some(ts) = cluster_time {
+                ctx.observe_source_time(ts);
+            }
+            if feed.is_shared() {
+                // The shared stream's watermark checkpoints this namespace (DESIGN §2.11): an
+                // idle mark only moves its applied position.
+                feed.note_position(&token);
+                feed.acknowledge(cp.resume_token.as_ref());
+                let advanced = cluster_time
+                    .filter(|ts| cp.applied_through.is_none_or(|a| ts_key(*ts) > ts_key(a)));
+                if let Some(ts) = advanced {
+                    cp.applied_through = Some(ts);
+                }
+                // The end of a replay (settles, unique indexes, a history-loss streak) is
+                // reached while quiet too; it is done before the status says caught up.
+                let replay_open = !ctx.caught_up.load(Ordering::Relaxed)
+                    || cp.unique_indexes_pending
+                    || cp.history_lost_recopies > 0;
+                if replay_open {
+                    maybe_finish_replay(ctx, &applier, &mut cp, &mut settles).await?;
+                }
+                if advanced.is_some() {
+                    ctx.pipeline.status.record_checkpoint(
+                        &ctx.pipeline.metrics,
+                        &label,
+                        None,
+                        cp.applied_through,
+                    );
+                }
+                continue;
+            }
+            if feed.queued() == 0 && !feed.is_joining() {
+                // The own stream is caught up: join the shared stream if the plan has one.
+                feed.note_position(&token);
+                join_shared(ctx, &mut feed, &cp, stop).await;
+                if feed.is_shared() {
+                    continue;
+                }
+            }
+            if feed.queued() == 0 && last_checkpoint.elapsed() >= settings.checkpoint_interval {
+                let advances = match (cluster_time, cp.applied_through) {
+                    (Some(new), Some(old)) => ts_key(new) >= ts_key(old),
+                    _ => true,
+                };
+                if advances {
+                    cp.resume_token = Some(token);
+                    if let Some(ts) = cluster_time {
+                        cp.applied_through = Some(ts);
+                    }
+                    ctx.pipeline.checkpoints.save(&key, &cp).await?;
+                    ctx.record_checkpoint(cp.applied_through);
+                    last_checkpoint = Instant::now();
+                    maybe_finish_replay(ctx, &applier, &mut cp, &mut settles).await?;
+                }
+            }
+            ctx.pipeline.metrics.set_queue(&label, feed.queued() as u64);
+        }
+    };
+    feed.close().await;
+    result
+}
+
+/// The shared stream this namespace reads under the plan, unless its stream settings differ
+/// from the shared ones (a policy that needs full documents or pre-images) or it is not
+/// streaming yet.
+pub(super) fn shared_stream_of(ctx: &WorkerContext) -> Option<SharedStreamKey> {
+    let streams = &ctx.pipeline.streams;
+    let key = streams.stream_for(&ctx.ns.db)?;
+    same_stream(&streams.stream_settings(), &ctx.stream_settings()).then_some(key)
+}
+
+/// How often a worker on its own stream under steady writes tries to join its shared stream.
+pub(super) const JOIN_ATTEMPT_EVERY: Duration = Duration::from_secs(1);
+
+/// How long a worker waits for a shared reader to answer before reading on by itself.
+pub(super) const SHARED_STREAM_ANSWER: Duration = Duration::from_secs(10);
+
+/// At the start of streaming: a namespace the last shared watermark recorded resumes from the
+/// later of its checkpoint and that position, and joins at once when it is not behind the
+/// shared reader.
+pub(super) async fn join_shared_at_start(
+    ctx: &WorkerContext,
+    feed: &mut Feed,
+    cp: &mut Checkpoint,
+    stop: &CancellationToken,
+) {
+    let Some(key) = shared_stream_of(ctx) else {
+        return;
+    };
+    let streams = Arc::clone(&ctx.pipeline.streams);
+    let label = ctx.label();
+    let probe = tokio::select! {
+        _ = stop.cancelled() => return,
+        p = tokio::time::timeout(SHARED_STREAM_ANSWER, streams.probe(&key, &label, ctx.uuid)) => p,
+    };
+    let Ok(Some(probe)) = probe else {
+        return;
+    };
+    if let Some(applied) = &probe.applied {
+        feed.note_position(applied);
+        if let Some(ts) = raw_token(applied).and_then(|t| token_cluster_time(&t)) {
+            if cp.applied_through.is_none_or(|a| ts_key(ts) > ts_key(a)) {
+                cp.applied_through = Some(ts);
+            }
+        }
+    }
+    let at = raw_token(&probe.at);
+    let caught_up = match (feed.effective(cp.resume_token.as_ref()), at) {
+        (Some(applied), Some(at)) => !token_after(&at, &applied),
+        _ => false,
+    };
+    if caught_up {
+        join_shared(ctx, feed, cp, stop).await;
+        if feed.is_joining() {
+            // The reader moved on between the probe and the join: read up to it.
+            feed.open_own(
+                &ctx.own_stream(),
+                cp.resume_token.as_ref(),
+                ctx.configured_start(cp),
+            );
+        }
+    }
+}
+
+/// Joins the namespace's shared stream, if the plan has one (see [`Feed::join`]).
+pub(super) async fn join_shared(
+    ctx: &WorkerContext,
+    feed: &mut Feed,
+    cp: &Checkpoint,
+    stop: &CancellationToken,
+) {
+    if cp.phase != Phase::Streaming {
+        return;
+    }
+    let Some(key) = shared_stream_of(ctx) else {
+        return;
+    };
+    // Only a worker that knows where it is can say what the shared stream must not skip.
+    let Some(applied) = feed.effective(cp.resume_token.as_ref()) else {
+        return;
+    };
+    let streams = Arc::clone(&ctx.pipeline.streams);
+    let label = ctx.label();
+    let joined = tokio::select! {
+        _ = stop.cancelled() => return,
+        j = tokio::time::timeout(SHARED_STREAM_ANSWER, streams.join(&key, &label, ctx.uuid, applied)) => j,
+    };
+    if let Ok(Some(subscription)) = joined {
+        let stream = subscription.stream.clone();
+        feed.join(subscription, cp.resume_token.as_ref());
+        tracing::info!(namespace = %ctx.label(), stream = %stream, switched = feed.is_shared(), "joined the shared change stream");
+    }
+}
+
+/// Once replay has passed the copy's end: copied documents a unique index refused are settled
+/// (the namespace is not caught up until they are), unique indexes can be built, and a
+/// history-loss streak is over.
+pub(super) async fn maybe_finish_replay(
+    ctx: &WorkerContext,
+    applier: &Applier,
+    cp: &mut Checkpoint,
+    settles: &mut CaughtUpSettles,
+) -> Result<(), SyncError> {
+    if let (Some(applied), Some(until)) = (cp.applied_through, cp.replay_until) {
+        if !at_or_after(applied, until) {
+            return Ok(());
+        }
+    }
+    if !settles.settle(ctx, applier, cp).await? {
+        return Ok(());
+    }
+    ctx.caught_up.store(true, Ordering::Relaxed);
+    if cp.replay_until.is_none() {
+        return Ok(());
+    }
+    if cp.unique_indexes_pending || cp.history_lost_recopies > 0 {
+        if cp.unique_indexes_pending {
+            crate::apply::dest_collection::create_indexes(ctx, cp, true).await?;
+            cp.unique_indexes_pending = false;
+        }
+        cp.history_lost_recopies = 0;
+        ctx.pipeline.checkpoints.save(&ctx.key(), cp).await?;
+    }
+    Ok(())
+}
+
+/// Applies one batch in order (data runs through the applier; DDL events one at a time),
+/// then checkpoints the last event's token. The first `replays` events were possibly applied
+/// before a crash (see [`CrashReplay`]) and are applied as replays. Before any write, the
+/// batch's last event is persisted as the applied high-water mark, so a crash before the
+/// checkpoint makes its events replays on the next run.
+/// Applies a batch and checkpoints it. `applied`: the batch's data events were already
+/// written (a source transaction written atomically) and counted so; only the checkpoint and
+/// the accounting remain.
+pub(super) async fn process_batch(
+    ctx: &WorkerContext,
+    applier: &Applier,
+    cp: &mut Checkpoint,
+    events: &[ChangeEvent],
+    replays: usize,
+    settles: &mut CaughtUpSettles,
+    applied: Option<ApplyStats>,
+) -> Result<Option<WorkerExit>, SyncError> {
+    let label = ctx.label();
+    let started = Instant::now();
+    if replays < events.len() && applied.is_none() {
+        save_apply_mark(ctx, events).await?;
+    }
+    let already_applied = applied.is_some();
+    let mut stats = applied.unwrap_or_default();
+    let mut exit = None;
+    let mut segment_start = if already_applied { events.len() } else { 0 };
+    let mut applied_events = segment_start;
+    for (i, ev) in events.iter().enumerate().skip(segment_start) {
+        if ev.kind.is_data() {
+            continue;
+        }
+        if segment_start < i {
+            merge(
+                &mut stats,
+                apply_segment(applier, events, segment_start..i, replays, cp.replay_until).await?,
+            );
+        }
+        segment_start = i + 1;
+        applied_events = i + 1;
+        let ddl_exit = apply_ddl(ctx, cp, ev).await?;
+        // Indexes or validation options may have changed: look at the catalog again.
+        applier.forget_catalog();
+        if let Some(e) = ddl_exit {
+            exit = Some(e);
+            break;
+        }
+        ctx.pipeline.metrics.events_applied(&label, ApplyOp::Ddl, 1);
+    }
+    if exit.is_none() && segment_start < events.len() {
+        merge(
+            &mut stats,
+            apply_segment(
+                applier,
+                events,
+                segment_start..events.len(),
+                replays,
+                cp.replay_until,
+            )
+            .await?,
+        );
+        applied_events = events.len();
+    }
+    let last = &events[applied_events.max(1) - 1];
+    if exit == Some(WorkerExit::NamespaceGone) {
+        ctx.pipeline.checkpoints.delete(&ctx.key()).await?;
+    } else {
+        cp.resume_token = Some(last.token.clone().try_into().map_err(|e| {
+            SyncError::with_source(ErrorKind::InvariantViolated, "decoding a resume token", e)
+        })?);
+        cp.applied_through = Some(match cp.applied_through {
+            Some(prev) => ts_max(prev, last.cluster_time),
+            None => last.cluster_time,
+        });
+        ctx.pipeline.checkpoints.save(&ctx.key(), cp).await?;
+        ctx.record_checkpoint(cp.applied_through);
+        maybe_finish_replay(ctx, applier, cp, settles).await?;
+    }
+    ctx.made_progress();
+    for (op, n) in ApplyOp::ALL.iter().zip(stats.applied) {
+        if n > 0 {
+            ctx.pipeline.metrics.events_applied(&label, *op, n);
+        }
+    }
+    ctx.pipeline.metrics.writes(&label, stats.writes);
+    if stats.replay_skipped > 0 {
+        ctx.pipeline
+            .metrics
+            .replay_skipped(&label, stats.replay_skipped);
+    }
+    let now = SystemTime::now();
+    for ev in &events[..applied_events] {
+        if let Some(wall) = ev.wall_time {
+            let secs = now
+                .duration_since(wall.to_system_time())
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0);
+            ctx.pipeline.metrics.observe_replication_latency(secs);
+        }
+    }
+    ctx.pipeline.metrics.observe_batch(started.elapsed());
+    let total: u64 = stats.applied.iter().sum();
+    ctx.pipeline
+        .status
+        .update(&label, |s| s.events_applied += total);
+    Ok(exit)
+}
+
+/// Applies the data events `events[range]`: those before index `replays` as replays of a
+/// crashed run, the rest with the checkpoint's `replay_until`.
+pub(super) async fn apply_segment(
+    applier: &Applier,
+    events: &[ChangeEvent],
+    range: std::ops::Range<usize>,
+    replays: usize,
+    replay_until: Option<Timestamp>,
+) -> Result<ApplyStats, SyncError> {
+    let split = replays.clamp(range.start, range.end);
+    let mut stats = ApplyStats::default();
+    if range.start < split {
+        let through = events[split - 1].cluster_time;
+        let until = Some(match replay_until {
+            Some(r) => ts_max(r, through),
+            None => through,
+        });
+        merge(
+            &mut stats,
+            applier
+                .apply_events(&events[range.start..split], until)
+                .await?,
+        );
+    }
+    if split < range.end {
+        merge(
+            &mut stats,
+            applier
+                .apply_events(&events[split..range.end], replay_until)
+                .await?,
+        );
+    }
+    Ok(stats)
+}
+
+pub(super) fn merge(into: &mut ApplyStats, from: ApplyStats) {
+    for (a, b) in into.applied.iter_mut().zip(from.applied) {
+        *a += b;
+    }
+    into.writes += from.writes;
+    into.replay_skipped += from.replay_skipped;
+    into.dead_letters += from.dead_letters;
+    into.repaired += from.repaired;
+}
