@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     checkpoint::CheckpointStore,
-    cli::{DemoOptions, RunOptions, ValidateOptions},
+    cli::{RunOptions, ValidateOptions},
     config::{self, Config},
     error::{policy, Backoff, ErrorKind, RetryDirective, SyncError},
     exit,
@@ -80,11 +80,6 @@ pub async fn validate(config: Config, options: ValidateOptions) -> ExitCode {
         }
     };
     ExitCode::from(Box::pin(crate::validate::command::run(config, options, clients)).await)
-}
-
-/// `mongo-syncd demo`: two simulators, sample data, live writes, synced.
-pub async fn demo(options: DemoOptions) -> ExitCode {
-    crate::demo::run(options).await
 }
 
 fn exit_code_for(err: &SyncError) -> u8 {

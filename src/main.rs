@@ -9,7 +9,7 @@ use mongo_syncd::{
     app,
     cli::{Cli, Command},
     config::{self, Config, LogConfig},
-    exit,
+    demo, exit,
     ops::{rlimit, telemetry},
 };
 
@@ -59,7 +59,7 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             log_nofile(nofile);
-            block_on(app::demo(args.options(Some(log))))
+            block_on(demo::run(args.options(Some(log))))
         }
     }
 }

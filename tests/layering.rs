@@ -27,7 +27,10 @@ const LAYERS: &[&[&str]] = &[
     &["worker", "validate"],
     &["supervisor"],
     &["ops"],
-    &["app", "demo", "cli"],
+    // The command line's options, the daemon and its commands, the demo that runs the daemon.
+    &["cli"],
+    &["app"],
+    &["demo"],
 ];
 
 /// Imports that cross the layers the wrong way today (importer → imported).
@@ -55,10 +58,6 @@ const KNOWN_DEBT: &[(&str, &str)] = &[
     ("worker", "validate"),
     ("validate", "worker"),
     ("validate", "cli"),
-    ("app", "cli"),
-    ("app", "demo"),
-    ("demo", "app"),
-    ("demo", "cli"),
 ];
 
 fn layer_of(module: &str) -> Option<usize> {
