@@ -190,3 +190,42 @@ async fn a_transaction_the_destination_cannot_take_whole_is_applied_per_document
     .await;
     assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_around_sigkills_converge_and_stay_atomic_afterwards() {
+    let c = Clusters::start().await;
+    seed(&c).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(&c, dir.path(), ATOMIC);
+    start_streaming(&c, &d).await;
+    let mut i = 0;
+    for _ in 0..2 {
+        // Transfers in flight while the daemon is killed: after the restart each namespace
+        // skips what it had applied, and a transaction half applied before the kill is
+        // finished by the namespaces that had not.
+        for _ in 0..30 {
+            transfer(&c, i, i % 4 + 1, (i + 3) % 4 + 1).await;
+            i += 1;
+        }
+        d.kill9();
+        for _ in 0..10 {
+            transfer(&c, i, i % 4 + 1, (i + 3) % 4 + 1).await;
+            i += 1;
+        }
+        d.spawn(&[]);
+        wait_converged(&c, &NAMESPACES, Duration::from_secs(60)).await;
+    }
+    let before = d
+        .metric("mongo_syncd_transaction_parts_total{outcome=\"atomic\"}")
+        .await
+        .unwrap_or(0.0);
+    transfer(&c, i, 1, 2).await;
+    wait_converged(&c, &NAMESPACES, Duration::from_secs(60)).await;
+    d.wait_metric_at_least(
+        "mongo_syncd_transaction_parts_total{outcome=\"atomic\"}",
+        before + 2.0,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.all_logs());
+}

@@ -70,6 +70,9 @@ struct GroupState {
     expected: HashMap<String, usize>,
     closed: bool,
     arrived: Vec<TxnPart>,
+    /// Members whose part was applied another way (before a restart, from their own stream):
+    /// the others do not wait for them.
+    excused: std::collections::HashSet<String>,
     executing: bool,
     outcome: Option<TxnOutcome>,
 }
@@ -165,6 +168,22 @@ impl TxnGroup {
         }
     }
 
+    /// `namespace` will not bring its part and has applied it another way (it skipped events
+    /// a previous run had applied, or read them from its own stream): the other parts are
+    /// still written together.
+    pub fn excuse(&self, namespace: &str) {
+        let mut st = self.state.lock();
+        st.excused.insert(namespace.to_string());
+        let nothing_left = st.closed
+            && st.arrived.is_empty()
+            && st.expected.keys().all(|ns| st.excused.contains(ns));
+        if nothing_left && st.outcome.is_none() && !st.executing {
+            st.outcome = Some(TxnOutcome::PerDocument("every member excused".into()));
+        }
+        drop(st);
+        self.notify();
+    }
+
     /// A member brings its part.
     pub fn arrive(&self, part: TxnPart) {
         self.state.lock().arrived.push(part);
@@ -181,7 +200,7 @@ impl TxnGroup {
             && st
                 .expected
                 .keys()
-                .all(|ns| st.arrived.iter().any(|p| &p.namespace == ns));
+                .all(|ns| st.excused.contains(ns) || st.arrived.iter().any(|p| &p.namespace == ns));
         if complete && !st.executing {
             st.executing = true;
             return TxnTurn::Execute(st.arrived.clone());
@@ -312,6 +331,27 @@ mod tests {
             reg.find("deployment", &key(2)).is_none(),
             "finished groups are forgotten"
         );
+    }
+
+    #[test]
+    fn an_excused_member_is_not_waited_for() {
+        let reg = TxnRegistry::default();
+        let g = reg.open("deployment", key(5));
+        g.routed("a.x");
+        g.routed("a.y");
+        g.close();
+        g.arrive(part("a.x"));
+        assert!(matches!(g.turn(), TxnTurn::Wait));
+        g.excuse("a.y");
+        let TxnTurn::Execute(parts) = g.turn() else {
+            panic!("the excused member is not waited for")
+        };
+        assert_eq!(parts.len(), 1);
+        let lone = reg.open("deployment", key(6));
+        lone.routed("a.y");
+        lone.close();
+        lone.excuse("a.y");
+        assert!(lone.is_finished(), "nobody is left to write it");
     }
 
     #[test]

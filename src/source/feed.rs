@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     error::{ErrorKind, SyncError},
     model::event::{raw_token, token_after, token_cluster_time, FragmentAssembler},
+    model::transaction::TxnKey,
     source::buffer_budget::BufferBudget,
     source::shared_stream::{StreamItem, Subscription},
     source::{serialize_token, Namespace, Source, StreamSettings, StreamStart},
@@ -61,6 +62,7 @@ pub struct Feed {
     received: u64,
     /// Events skipped as already applied, since the last call of [`Feed::take_skipped`].
     skipped: u64,
+    skipped_transactions: Vec<TxnKey>,
     /// The worker's applied position beyond its own checkpoint's token, when it knows one (a
     /// shared idle mark, a shared watermark, its own stream's idle token).
     position: Option<RawDocumentBuf>,
@@ -78,6 +80,7 @@ impl Feed {
             skip_through: None,
             received: 0,
             skipped: 0,
+            skipped_transactions: Vec::new(),
             position: None,
             stop: stop.clone(),
             label,
@@ -185,6 +188,12 @@ impl Feed {
     }
 
     /// Events skipped as already applied since the last call.
+    /// Source transactions some of whose events were skipped as already applied (see
+    /// [`crate::model::transaction::TxnGroup::excuse`]).
+    pub fn take_skipped_transactions(&mut self) -> Vec<TxnKey> {
+        std::mem::take(&mut self.skipped_transactions)
+    }
+
     pub fn take_skipped(&mut self) -> u64 {
         std::mem::take(&mut self.skipped)
     }
@@ -254,6 +263,9 @@ impl Feed {
                         self.skip_through = None;
                     } else {
                         self.skipped += 1;
+                        if let Some(txn) = TxnKey::of(ev) {
+                            self.skipped_transactions.push(txn);
+                        }
                         continue;
                     }
                 }

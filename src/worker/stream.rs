@@ -264,6 +264,13 @@ pub(super) async fn stream(
         if skipped > 0 {
             ctx.pipeline.metrics.already_applied(&label, skipped);
         }
+        // A transaction this namespace had applied before a restart: its other members write
+        // theirs without waiting for this one.
+        for txn in feed.take_skipped_transactions() {
+            if let Some(group) = transaction_group_of(ctx, &txn) {
+                group.excuse(&label);
+            }
+        }
         if let Some(e) = failure {
             break Err(e);
         }

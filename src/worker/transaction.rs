@@ -6,10 +6,14 @@ use super::*;
 /// Under `apply.transactions = "atomic"`: the group of the source transaction `ev` belongs to,
 /// if this namespace's shared stream is routing one.
 pub(super) fn transaction_group(ctx: &WorkerContext, ev: &ChangeEvent) -> Option<Arc<TxnGroup>> {
+    transaction_group_of(ctx, &TxnKey::of(ev)?)
+}
+
+/// The open group of the source transaction `key` on this namespace's shared stream.
+pub(super) fn transaction_group_of(ctx: &WorkerContext, key: &TxnKey) -> Option<Arc<TxnGroup>> {
     let registry = ctx.pipeline.streams.transactions.as_ref()?;
-    let key = TxnKey::of(ev)?;
     let stream = ctx.pipeline.streams.stream_for(&ctx.ns.db)?;
-    registry.find(&stream.name(), &key)
+    registry.find(&stream.name(), key)
 }
 
 /// Where a source transaction's part begins (see [`apply_transaction`]).
@@ -78,7 +82,14 @@ pub(super) async fn apply_transaction(
     }
     let replays = crash_replay.leading_replays(&events);
     let outcome = if !complete {
-        group.member_left(&label);
+        if member {
+            // Its part was cut short (a stall, an eviction): nobody can write it whole.
+            group.member_left(&label);
+        } else {
+            // Read from its own stream while joining: applied per document here, the others
+            // still write theirs together.
+            group.excuse(&label);
+        }
         TxnOutcome::PerDocument(format!("{label} did not receive its whole part"))
     } else if replays > 0 {
         group.decline(&format!("{label} is replaying a batch of a crashed run"));
