@@ -431,7 +431,16 @@ fn replace_by_id_with(
     r: Document,
     bypass: bool,
 ) -> CommandResult<Result<UpdateOutcome, Document>> {
-    let old = cat.get(coll_ns).and_then(|c| c.get(id)).cloned();
+    // One lookup of the collection and of the document; an upsert that inserts reuses the
+    // key it was not found under.
+    let (key, old) = match cat.get(coll_ns) {
+        Some(c) => {
+            let key = c.id_key(id);
+            let old = c.docs.get(&key).cloned();
+            (Some(key), old)
+        }
+        None => (None, None),
+    };
     let now_ts = sink.now_ts();
     let Some(old) = old else {
         if !upsert {
@@ -470,8 +479,14 @@ fn replace_by_id_with(
         // The document an upsert inserts is validated as an insert.
         validate_updated_document(&new, true)?;
         validate_stored_document(&new)?;
-        let coll = ensure_collection(cat, sink, coll_ns)?;
-        let change = coll.insert(new, bypass)?;
+        let coll = match key {
+            Some(_) => cat.get_mut(coll_ns).expect("found above"),
+            None => ensure_collection(cat, sink, coll_ns)?,
+        };
+        let change = match key {
+            Some(key) => coll.insert_absent(new, key, bypass)?,
+            None => coll.insert(new, bypass)?,
+        };
         emit(coll, sink, change);
         enforce_capped(coll, sink);
         return Ok(Ok(UpdateOutcome {
