@@ -384,16 +384,17 @@ impl Collection {
         })
     }
 
+    // Both read per written document: `get` and a match, not `get_bool`/`get_document`, whose
+    // answer for a missing field is an error that allocates.
     pub fn is_capped(&self) -> bool {
-        self.options.get_bool("capped").unwrap_or(false)
+        matches!(self.options.get("capped"), Some(Bson::Boolean(true)))
     }
 
     pub fn pre_and_post_images(&self) -> bool {
-        self.options
-            .get_document("changeStreamPreAndPostImages")
-            .ok()
-            .and_then(|d| d.get_bool("enabled").ok())
-            .unwrap_or(false)
+        match self.options.get("changeStreamPreAndPostImages") {
+            Some(Bson::Document(d)) => matches!(d.get("enabled"), Some(Bson::Boolean(true))),
+            _ => false,
+        }
     }
 
     /// Replaces the options (collMod), recompiling the validator.
@@ -499,7 +500,10 @@ impl Collection {
         id: IdKey,
         bypass_validation: bool,
     ) -> CommandResult<DocChange> {
-        debug_assert!(!self.docs.contains_key(&id), "insert_absent of a present _id");
+        debug_assert!(
+            !self.docs.contains_key(&id),
+            "insert_absent of a present _id"
+        );
         self.check_document(&doc, bypass_validation)?;
         self.store_new(doc, id)
     }
