@@ -401,6 +401,9 @@ async fn serve_connection(
             }
         };
         next_reply_id = next_reply_id.wrapping_add(1);
+        // The reply's document, freed once the reply is written: a large reply (an `update`
+        // that upserts answers an entry per statement) is then freed while the client reads.
+        let mut answered: Option<Document> = None;
         let reply = match request {
             Request::Query(q) => {
                 let name = q.query.keys().next().cloned().unwrap_or_default();
@@ -452,7 +455,10 @@ async fn serve_connection(
                     Outcome::Reply(doc) if more_to_come && refused_as_not_primary(&doc) => return,
                     Outcome::Reply(_) if more_to_come => continue,
                     Outcome::Reply(doc) => {
-                        wire::encode_op_msg_reply(next_reply_id, header.request_id, &doc)
+                        let bytes =
+                            wire::encode_op_msg_reply(next_reply_id, header.request_id, &doc);
+                        answered = Some(doc);
+                        bytes
                     }
                 }
             }
@@ -468,6 +474,7 @@ async fn serve_connection(
             tracing::debug!(%peer, error = %e, "client went away");
             return;
         }
+        drop(answered);
     }
 }
 

@@ -384,16 +384,17 @@ impl Collection {
         })
     }
 
+    // Both read per written document: `get` and a match, not `get_bool`/`get_document`, whose
+    // answer for a missing field is an error that allocates.
     pub fn is_capped(&self) -> bool {
-        self.options.get_bool("capped").unwrap_or(false)
+        matches!(self.options.get("capped"), Some(Bson::Boolean(true)))
     }
 
     pub fn pre_and_post_images(&self) -> bool {
-        self.options
-            .get_document("changeStreamPreAndPostImages")
-            .ok()
-            .and_then(|d| d.get_bool("enabled").ok())
-            .unwrap_or(false)
+        match self.options.get("changeStreamPreAndPostImages") {
+            Some(Bson::Document(d)) => matches!(d.get("enabled"), Some(Bson::Boolean(true))),
+            _ => false,
+        }
     }
 
     /// Replaces the options (collMod), recompiling the validator.
@@ -487,6 +488,28 @@ impl Collection {
             )
             .with_extra(doc! {"keyPattern": {"_id": 1}, "keyValue": key_value}));
         }
+        self.store_new(doc, id)
+    }
+
+    /// [`Collection::insert`] of a document whose `_id` key `id` ([`Collection::id_key`]) the
+    /// caller found absent from `docs` under the same lock (an upsert that inserts): the same
+    /// checks and result without looking the key up a second time.
+    pub fn insert_absent(
+        &mut self,
+        doc: Document,
+        id: IdKey,
+        bypass_validation: bool,
+    ) -> CommandResult<DocChange> {
+        debug_assert!(
+            !self.docs.contains_key(&id),
+            "insert_absent of a present _id"
+        );
+        self.check_document(&doc, bypass_validation)?;
+        self.store_new(doc, id)
+    }
+
+    /// The end of an insert, once the document is checked and its `_id` known to be new.
+    fn store_new(&mut self, doc: Document, id: IdKey) -> CommandResult<DocChange> {
         self.index_add(&doc, &id)?;
         let doc = Arc::new(doc);
         self.docs.insert(id.clone(), Arc::clone(&doc));

@@ -125,6 +125,77 @@ impl OpMsg {
 pub struct RawBatch {
     bytes: Vec<u8>,
     docs: Vec<std::ops::Range<usize>>,
+    /// Per statement, its [`ReplaceById`] when it has that shape (converted while the
+    /// message is checked, instead of checking it and converting it later).
+    replacements: Vec<Option<ReplaceById>>,
+}
+
+/// A statement of the shape copy and apply send, `{q: {_id: X}, u: {...}, upsert, multi}`
+/// (only these fields, each once, `u` a document whose first field is not `$`-prefixed,
+/// `multi` not `true`), as its `_id`, its replacement and its `upsert`, converted when the
+/// message is decoded. Whether the replacement by `_id` applies (the kind of `_id`, a
+/// replacement that changes it) is the executor's decision; the statement's bytes stay in the
+/// batch for the general path.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplaceById {
+    pub id: bson::Bson,
+    pub replacement: Document,
+    pub upsert: bool,
+}
+
+/// Checks statement `stmt` of an `update` batch as [`validate_raw_document`] does, converting
+/// it to a [`ReplaceById`] when it has that shape: the conversion goes over every element (the
+/// statement's, the filter's, the replacement's), which is the check.
+fn check_statement(stmt: &bson::RawDocument) -> bson::error::Result<Option<ReplaceById>> {
+    match replace_by_id(stmt) {
+        Ok(Some(r)) => Ok(Some(r)),
+        // Another shape, or an error: the whole statement is checked element by element, so
+        // the answer is exactly the check's.
+        _ => validate_raw_document(stmt).map(|()| None),
+    }
+}
+
+/// [`ReplaceById`] of `stmt` (`None`: another shape).
+fn replace_by_id(stmt: &bson::RawDocument) -> bson::error::Result<Option<ReplaceById>> {
+    use bson::RawBsonRef;
+    let (mut q, mut u, mut upsert, mut multi) = (None, None, None, None);
+    for element in stmt {
+        let (key, value) = element?;
+        let slot = match key.as_str() {
+            "q" => &mut q,
+            "u" => &mut u,
+            "upsert" => &mut upsert,
+            "multi" => &mut multi,
+            _ => return Ok(None),
+        };
+        if slot.replace(value).is_some() {
+            return Ok(None); // a repeated field: the general path resolves it
+        }
+    }
+    let (Some(RawBsonRef::Document(q)), Some(RawBsonRef::Document(r))) = (q, u) else {
+        return Ok(None);
+    };
+    // `multi` and `upsert` as `get_bool(…).unwrap_or(false)` reads them.
+    if matches!(multi, Some(RawBsonRef::Boolean(true))) {
+        return Ok(None);
+    }
+    let upsert = matches!(upsert, Some(RawBsonRef::Boolean(true)));
+    let mut filter = q.into_iter();
+    let (Some((key, id)), None) = (filter.next().transpose()?, filter.next().transpose()?) else {
+        return Ok(None);
+    };
+    let replacement = match r.into_iter().next().transpose()? {
+        Some((k, _)) => !k.as_str().starts_with('$'),
+        None => false,
+    };
+    if key.as_str() != "_id" || !replacement {
+        return Ok(None);
+    }
+    Ok(Some(ReplaceById {
+        id: raw_to_bson(id)?,
+        replacement: raw_to_document(r)?,
+        upsert,
+    }))
 }
 
 impl RawBatch {
@@ -133,18 +204,33 @@ impl RawBatch {
     fn from_array(array: &bson::RawArray) -> bson::error::Result<Option<RawBatch>> {
         let base = array.as_bytes().as_ptr() as usize;
         let mut docs = Vec::new();
+        let mut replacements = Vec::new();
         for value in array {
             let bson::RawBsonRef::Document(d) = value? else {
                 return Ok(None);
             };
-            validate_raw_document(d)?;
+            replacements.push(check_statement(d)?);
             let start = d.as_bytes().as_ptr() as usize - base;
             docs.push(start..start + d.as_bytes().len());
         }
         Ok(Some(RawBatch {
             bytes: array.as_bytes().to_vec(),
             docs,
+            replacements,
         }))
+    }
+
+    /// Whether statement `i` is a [`ReplaceById`] (until [`RawBatch::take_replacements`]).
+    pub fn is_replace_by_id(&self, i: usize) -> bool {
+        self.replacements.get(i).is_some_and(Option::is_some)
+    }
+
+    /// The [`ReplaceById`] of every statement, moved out of the batch (the statements' bytes
+    /// stay).
+    pub fn take_replacements(&mut self) -> Vec<Option<ReplaceById>> {
+        let mut taken = std::mem::take(&mut self.replacements);
+        taken.resize(self.docs.len(), None);
+        taken
     }
 
     pub fn len(&self) -> usize {
@@ -407,14 +493,18 @@ fn decode_op_msg(header: &MsgHeader, body: &[u8]) -> Result<OpMsg, WireError> {
                 if raw {
                     let start = at;
                     let mut docs = Vec::new();
+                    let mut replacements = Vec::new();
                     while at < seq_end {
                         let (slice, next) = document_bytes(&sections[..seq_end], at)?;
-                        if bson::RawDocument::from_bytes(slice)
-                            .and_then(validate_raw_document)
-                            .is_err()
-                        {
-                            reference_decode(slice)?;
-                        }
+                        let replacement =
+                            match bson::RawDocument::from_bytes(slice).and_then(check_statement) {
+                                Ok(r) => r,
+                                Err(_) => {
+                                    reference_decode(slice)?;
+                                    None
+                                }
+                            };
+                        replacements.push(replacement);
                         docs.push(at - start..next - start);
                         at = next;
                     }
@@ -424,6 +514,7 @@ fn decode_op_msg(header: &MsgHeader, body: &[u8]) -> Result<OpMsg, WireError> {
                     sequence_updates = Some(RawBatch {
                         bytes: sections[start..seq_end].to_vec(),
                         docs,
+                        replacements,
                     });
                 } else {
                     let mut docs = Vec::new();
@@ -743,10 +834,38 @@ mod tests {
         }
     }
 
-    /// What a body decodes to (its raw `updates` put back), or the error's text.
+    /// The [`ReplaceById`] of a statement as its converted fields say (the decoding's must be
+    /// the same).
+    fn replacement_of(stmt: &Document) -> Option<ReplaceById> {
+        let shape = stmt
+            .keys()
+            .all(|k| matches!(k.as_str(), "q" | "u" | "upsert" | "multi"));
+        let (Ok(q), Ok(u)) = (stmt.get_document("q"), stmt.get_document("u")) else {
+            return None;
+        };
+        let replacement = u.keys().next().is_some_and(|k| !k.starts_with('$'));
+        let multi = stmt.get_bool("multi").unwrap_or(false);
+        match q.get("_id") {
+            Some(id) if shape && q.len() == 1 && replacement && !multi => Some(ReplaceById {
+                id: id.clone(),
+                replacement: u.clone(),
+                upsert: stmt.get_bool("upsert").unwrap_or(false),
+            }),
+            _ => None,
+        }
+    }
+
+    /// What a body decodes to (its raw `updates` put back), or the error's text; the
+    /// statements converted as replacements by `_id` must be those of that shape.
     fn body_as_decoded(bytes: &[u8]) -> Result<String, String> {
         match read_body(bytes, 0) {
             Ok((mut doc, batch, _)) => {
+                if let Some(mut b) = batch.clone() {
+                    let replacements = b.take_replacements();
+                    for (i, r) in replacements.into_iter().enumerate() {
+                        assert_eq!(r, replacement_of(&b.statement(i)), "statement {i}");
+                    }
+                }
                 let updates = batch
                     .map(|b| b.to_array())
                     .or_else(|| doc.remove("updates"));

@@ -362,61 +362,20 @@ fn plain_id(id: &Bson) -> bool {
     )
 }
 
-/// [`replace_by_id`] of a statement kept raw ([`crate::wire::RawBatch`]): its shape is read in
-/// place and only the `_id` and the replacement are converted. `None` when the statement is
-/// not of that exact shape.
+/// [`replace_by_id`] of a statement kept raw ([`crate::wire::RawBatch`]) and converted as a
+/// [`crate::wire::ReplaceById`] when the message was decoded. `None` when the general path must
+/// answer (an `_id` that is not looked up directly, a replacement that changes `_id`).
 fn raw_replace_by_id(
     coll_ns: &Namespace,
     cat: &mut Catalog,
     sink: &mut dyn WriteSink,
-    stmt: &bson::RawDocument,
+    stmt: crate::wire::ReplaceById,
     bypass: bool,
 ) -> CommandResult<Option<UpdateOutcome>> {
-    use bson::RawBsonRef;
-    let (mut q, mut u, mut upsert, mut multi) = (None, None, None, None);
-    for element in stmt {
-        let Ok((key, value)) = element else {
-            return Ok(None);
-        };
-        let slot = match key.as_str() {
-            "q" => &mut q,
-            "u" => &mut u,
-            "upsert" => &mut upsert,
-            "multi" => &mut multi,
-            _ => return Ok(None),
-        };
-        if slot.replace(value).is_some() {
-            return Ok(None); // a repeated field: the general path resolves it
-        }
-    }
-    let (Some(RawBsonRef::Document(q)), Some(RawBsonRef::Document(r))) = (q, u) else {
-        return Ok(None);
-    };
-    // `multi` and `upsert` as `get_bool(…).unwrap_or(false)` reads them.
-    if matches!(multi, Some(RawBsonRef::Boolean(true))) {
+    if !plain_id(&stmt.id) {
         return Ok(None);
     }
-    let upsert = matches!(upsert, Some(RawBsonRef::Boolean(true)));
-    let mut filter = q.into_iter();
-    let (Some(Ok((key, id))), None) = (filter.next(), filter.next()) else {
-        return Ok(None);
-    };
-    let replacement = match r.into_iter().next() {
-        Some(Ok((k, _))) => !k.as_str().starts_with('$'),
-        _ => false,
-    };
-    if key.as_str() != "_id" || !replacement {
-        return Ok(None);
-    }
-    let (Ok(id), Ok(r)) = (
-        crate::wire::raw_to_bson(id),
-        crate::wire::raw_to_document(r),
-    ) else {
-        return Ok(None);
-    };
-    if !plain_id(&id) {
-        return Ok(None);
-    }
+    let (id, upsert, r) = (stmt.id, stmt.upsert, stmt.replacement);
     Ok(replace_by_id_with(coll_ns, cat, sink, &id, upsert, r, bypass)?.ok())
 }
 
@@ -431,7 +390,16 @@ fn replace_by_id_with(
     r: Document,
     bypass: bool,
 ) -> CommandResult<Result<UpdateOutcome, Document>> {
-    let old = cat.get(coll_ns).and_then(|c| c.get(id)).cloned();
+    // One lookup of the collection and of the document; an upsert that inserts reuses the
+    // key it was not found under.
+    let (key, old) = match cat.get(coll_ns) {
+        Some(c) => {
+            let key = c.id_key(id);
+            let old = c.docs.get(&key).cloned();
+            (Some(key), old)
+        }
+        None => (None, None),
+    };
     let now_ts = sink.now_ts();
     let Some(old) = old else {
         if !upsert {
@@ -441,12 +409,19 @@ fn replace_by_id_with(
                 upserted: None,
             }));
         }
-        if r.get("_id").is_some_and(|rid| rid != id) {
+        // The replacement's `_id`: its first field when drivers put it there (no lookup).
+        let id_first = r.keys().next().is_some_and(|k| k == "_id");
+        let rid = if id_first {
+            r.values().next()
+        } else {
+            r.get("_id")
+        };
+        if rid.is_some_and(|rid| rid != id) {
             return Ok(Err(r));
         }
         // `_id` first, then the replacement's other fields: the replacement itself when it
         // starts with `_id` (whose value becomes the filter's, as the general path stores).
-        let new = if r.keys().next().is_some_and(|k| k == "_id") {
+        let new = if id_first {
             let mut new = r;
             for (k, v) in new.iter_mut() {
                 if k == "_id" {
@@ -470,8 +445,14 @@ fn replace_by_id_with(
         // The document an upsert inserts is validated as an insert.
         validate_updated_document(&new, true)?;
         validate_stored_document(&new)?;
-        let coll = ensure_collection(cat, sink, coll_ns)?;
-        let change = coll.insert(new, bypass)?;
+        let coll = match key {
+            Some(_) => cat.get_mut(coll_ns).expect("found above"),
+            None => ensure_collection(cat, sink, coll_ns)?,
+        };
+        let change = match key {
+            Some(key) => coll.insert_absent(new, key, bypass)?,
+            None => coll.insert(new, bypass)?,
+        };
         emit(coll, sink, change);
         enforce_capped(coll, sink);
         return Ok(Ok(UpdateOutcome {
@@ -623,19 +604,25 @@ fn apply_one_update(
     Ok(out)
 }
 
-/// One statement of an `update`: kept raw by the wire decoding, or a value of `updates`.
+/// One statement of an `update`: kept raw by the wire decoding (with its replacement by `_id`
+/// when it has that shape), or a value of `updates`.
 enum Statement<'a> {
-    Raw(&'a bson::RawDocument),
+    Raw(&'a bson::RawDocument, Option<crate::wire::ReplaceById>),
     Value(Bson),
 }
 
 pub fn update(ctx: &Ctx<'_>) -> CommandResult<Document> {
     let ns = coll_arg(ctx)?;
-    let raw = ctx.raw_updates.lock().take();
-    let updates: Vec<Statement<'_>> = match (&raw, ctx.documents.lock().take()) {
-        (Some(batch), _) => (0..batch.len())
-            .map(|i| Statement::Raw(batch.get(i)))
-            .collect(),
+    let mut raw = ctx.raw_updates.lock().take();
+    let updates: Vec<Statement<'_>> = match (&mut raw, ctx.documents.lock().take()) {
+        (Some(batch), _) => {
+            let replacements = batch.take_replacements();
+            replacements
+                .into_iter()
+                .enumerate()
+                .map(|(i, r)| Statement::Raw(batch.get(i), r))
+                .collect()
+        }
         (None, Some(updates)) => updates.into_iter().map(Statement::Value).collect(),
         (None, None) => array_arg(ctx, "updates")?
             .iter()
@@ -655,9 +642,14 @@ pub fn update(ctx: &Ctx<'_>) -> CommandResult<Document> {
             return Ok((n, modified, upserted, errors));
         }
         let mut errors = Vec::new();
+        let updates_len = updates.len();
         for (i, stmt) in updates.into_iter().enumerate() {
             let result = match stmt {
-                Statement::Raw(raw) => match raw_replace_by_id(&ns, cat, sink, raw, bypass) {
+                Statement::Raw(raw, replacement) => match replacement
+                    .map(|r| raw_replace_by_id(&ns, cat, sink, r, bypass))
+                    .transpose()
+                    .map(Option::flatten)
+                {
                     Ok(Some(outcome)) => Ok(outcome),
                     Ok(None) => crate::wire::raw_to_document(raw)
                         .map_err(|e| CommandError::failed_to_parse(e.to_string()))
@@ -679,6 +671,10 @@ pub fn update(ctx: &Ctx<'_>) -> CommandResult<Document> {
                     modified += o.modified;
                     if let Some(id) = o.upserted {
                         n += 1;
+                        if upserted.is_empty() {
+                            // Statements that upsert usually come in batches of them.
+                            upserted.reserve(updates_len - i);
+                        }
                         upserted.push(Bson::Document(doc! {"index": i as i32, "_id": id}));
                     }
                 }

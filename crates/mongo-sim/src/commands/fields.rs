@@ -453,13 +453,15 @@ pub fn check_update_statements(stmts: &[Bson]) -> CommandResult<()> {
 /// whatever their value (the usual `q`, `u`, `upsert`, `multi`) is not converted to be checked.
 pub fn check_raw_update_statements(batch: &crate::wire::RawBatch) -> CommandResult<()> {
     for i in 0..batch.len() {
-        let plain = batch.get(i).into_iter().all(|element| {
-            element.is_ok_and(|(key, _)| {
-                UPDATE_STATEMENT
-                    .iter()
-                    .any(|(name, rule)| *name == key.as_str() && matches!(rule, Yes))
-            })
-        });
+        // A replacement by `_id` has only `q`, `u`, `upsert` and `multi`.
+        let plain = batch.is_replace_by_id(i)
+            || batch.get(i).into_iter().all(|element| {
+                element.is_ok_and(|(key, _)| {
+                    UPDATE_STATEMENT
+                        .iter()
+                        .any(|(name, rule)| *name == key.as_str() && matches!(rule, Yes))
+                })
+            });
         if !plain {
             check_fields(
                 "update.updates",

@@ -297,3 +297,76 @@ async fn inside_a_transaction() {
     })
     .await
 }
+
+/// A large batch into an existing empty collection, with statements of other shapes among the
+/// replacements by `_id` (decoded as such when the message arrives): every `upserted` entry
+/// names its statement's index and `_id`, every inserting statement is one insert event, and
+/// the statements the fast path leaves to the general one answer as before.
+#[tokio::test]
+async fn large_batch_into_empty_collection() {
+    bounded(async {
+        let (_sim, c) = start_with_client().await;
+        let db = c.database("rup");
+        db.run_command(doc! {"create": "big"}).await.unwrap();
+        let col = db.collection::<Document>("big");
+        let mut s = col.watch().await.unwrap();
+        const N: i32 = 1_500;
+        let mut updates: Vec<Document> =
+            (0..N).map(|i| upsert(i, doc! {"_id": i, "v": i})).collect();
+        // Other shapes among them: an operator upsert, an `_id` that is a document (not looked
+        // up directly), a statement with another field, and a replacement of an `_id` the
+        // batch already inserted.
+        updates[10] = doc! {"q": {"_id": 10}, "u": {"$set": {"v": 10}}, "upsert": true};
+        updates[20] = upsert(doc! {"k": 20}, doc! {"v": 20});
+        updates[30] =
+            doc! {"q": {"_id": 30}, "u": {"_id": 30, "v": 30}, "upsert": true, "hint": {"_id": 1}};
+        updates[40] = upsert(0, doc! {"_id": 0, "v": "again"});
+        let r = update(&db, doc! {"update": "big", "updates": updates}).await;
+        assert_eq!(r.get_i32("n").unwrap(), N, "{r}");
+        assert_eq!(r.get_i32("nModified").unwrap(), 1, "{r}");
+        let want: Vec<Bson> = (0..N)
+            .filter(|i| *i != 40)
+            .map(|i| {
+                let id = if i == 20 {
+                    Bson::Document(doc! {"k": 20})
+                } else {
+                    Bson::Int32(i)
+                };
+                Bson::Document(doc! {"index": i, "_id": id})
+            })
+            .collect();
+        assert_eq!(r.get_array("upserted").unwrap(), &want);
+        // Statement 40 replaced what statement 0 inserted.
+        assert_eq!(col.count_documents(doc! {}).await.unwrap(), N as u64 - 1);
+        assert_eq!(
+            col.find_one(doc! {"_id": 0}).await.unwrap().unwrap(),
+            doc! {"_id": 0, "v": "again"}
+        );
+        assert_eq!(
+            col.find_one(doc! {"_id": {"k": 20}})
+                .await
+                .unwrap()
+                .unwrap(),
+            doc! {"_id": {"k": 20}, "v": 20}
+        );
+        assert_eq!(
+            col.find_one(doc! {"_id": 10}).await.unwrap().unwrap(),
+            doc! {"_id": 10, "v": 10}
+        );
+        // The change events: an insert per upserted statement, in order, and the replacement.
+        use mongodb::change_stream::event::OperationType;
+        for i in 0..N {
+            let e = next(&mut s).await;
+            if i == 40 {
+                assert_eq!(e.operation_type, OperationType::Replace);
+                assert_eq!(e.full_document, Some(doc! {"_id": 0, "v": "again"}));
+                continue;
+            }
+            assert_eq!(e.operation_type, OperationType::Insert, "statement {i}");
+            let id = e.document_key.unwrap().get("_id").cloned().unwrap();
+            let at = (if i < 40 { i } else { i - 1 }) as usize;
+            assert_eq!(Bson::Document(doc! {"index": i, "_id": id}), want[at]);
+        }
+    })
+    .await
+}
