@@ -494,6 +494,14 @@ ROWS = [
                 "Pooled connections the daemon holds open to each cluster. With one change stream per collection the source count grows with the collections streamed; pinned at source.max_pool_size, streams wait for a connection.",
                 targets(("sum by (side) (mongo_syncd_connections)", "{{side}}")),
             ),
+            timeseries(
+                "Source transactions by outcome",
+                "With apply.transactions = \"atomic\": parts of source transactions (one namespace's events of one transaction) per second, written in one destination transaction with the other parts (atomic) or per document because a member could not take part (per_document: still copying, a conflict policy, a replay, a write the destination refused). Flat at 0 with the default per-document mode.",
+                targets(
+                    ("sum by (outcome) (rate(mongo_syncd_transaction_parts_total[$__rate_interval]))", "{{outcome}}"),
+                ),
+                unit="ops",
+            ),
         ],
         collapsed=True,
     ),
