@@ -25,6 +25,35 @@ use crate::{
 /// How long a member waits for the others before it gives up on atomicity for this
 /// transaction (a member far behind, or one that never comes).
 pub const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(30);
+/// Attempts of one destination transaction that fails with `TransientTransactionError` (a
+/// write conflict with a concurrent write, an election), as drivers' `withTransaction` does.
+const TRANSACTION_ATTEMPTS: usize = 3;
+/// The wait before the second attempt, doubled before the third (150 ms in all).
+const RETRY_FIRST_WAIT: Duration = Duration::from_millis(50);
+
+/// Why a destination transaction did not commit.
+struct NotCommitted {
+    /// The server labelled the error `TransientTransactionError`: the whole transaction may
+    /// be tried again.
+    transient: bool,
+    message: String,
+}
+
+impl NotCommitted {
+    fn of(what: String, e: &mongodb::error::Error) -> NotCommitted {
+        NotCommitted {
+            transient: e.contains_label("TransientTransactionError"),
+            message: format!("{what}: {e}"),
+        }
+    }
+
+    fn fatal(message: String) -> NotCommitted {
+        NotCommitted {
+            transient: false,
+            message,
+        }
+    }
+}
 
 impl Applier {
     /// This namespace's writes for a source transaction, with what they count as, or why they
@@ -121,9 +150,17 @@ async fn take_part(
         match group.turn() {
             TxnTurn::Done(outcome) => return outcome,
             TxnTurn::Execute(parts) => {
-                let outcome = match commit(client, &parts, op_timeout).await {
-                    Ok(()) => TxnOutcome::Committed,
-                    Err(why) => TxnOutcome::PerDocument(why),
+                let mut attempt = 1;
+                let outcome = loop {
+                    match commit(client, &parts, op_timeout).await {
+                        Ok(()) => break TxnOutcome::Committed,
+                        Err(e) if e.transient && attempt < TRANSACTION_ATTEMPTS => {
+                            tracing::debug!(attempt, error = %e.message, "the destination transaction met a transient error; trying it again");
+                            tokio::time::sleep(RETRY_FIRST_WAIT * (1 << (attempt - 1))).await;
+                            attempt += 1;
+                        }
+                        Err(e) => break TxnOutcome::PerDocument(e.message),
+                    }
                 };
                 group.finish(outcome.clone());
                 return outcome;
@@ -144,15 +181,15 @@ async fn take_part(
 /// Writes every part in one destination transaction (write concern majority). Consecutive
 /// writes to one collection go out as one ordered command; any write error, or a delta that
 /// finds no document, aborts the transaction.
-pub async fn commit(
+async fn commit(
     client: &Client,
     parts: &[TxnPart],
     op_timeout: Option<Duration>,
-) -> Result<(), String> {
+) -> Result<(), NotCommitted> {
     let mut session = client
         .start_session()
         .await
-        .map_err(|e| format!("starting a destination session: {e}"))?;
+        .map_err(|e| NotCommitted::of("starting a destination session".into(), &e))?;
     let mut start = session
         .start_transaction()
         .write_concern(WriteConcern::majority());
@@ -161,7 +198,7 @@ pub async fn commit(
     }
     start
         .await
-        .map_err(|e| format!("starting a destination transaction: {e}"))?;
+        .map_err(|e| NotCommitted::of("starting a destination transaction".into(), &e))?;
     let writes: Vec<&TxnWrite> = parts.iter().flat_map(|p| p.writes.iter()).collect();
     let mut i = 0;
     while i < writes.len() {
@@ -186,14 +223,11 @@ pub async fn commit(
             "updates"
         };
         let mut cmd = RawDocumentBuf::new();
-        cmd.append(
-            super::cstr_key(first.command).map_err(|e| e.to_string())?,
-            first.coll.as_str(),
-        );
-        cmd.append(
-            super::cstr_key(field).map_err(|e| e.to_string())?,
-            statements,
-        );
+        let command =
+            super::cstr_key(first.command).map_err(|e| NotCommitted::fatal(e.to_string()))?;
+        let field = super::cstr_key(field).map_err(|e| NotCommitted::fatal(e.to_string()))?;
+        cmd.append(command, first.coll.as_str());
+        cmd.append(field, statements);
         cmd.append(bson::cstr!("ordered"), true);
         if first.bypass_validation {
             cmd.append(bson::cstr!("bypassDocumentValidation"), true);
@@ -214,26 +248,31 @@ pub async fn commit(
         .await;
         let reply = match sent {
             Err(abandoned) => {
-                return Err(abandoned
-                    .into_error("a write of the destination transaction")
-                    .to_string())
+                return Err(NotCommitted::fatal(
+                    abandoned
+                        .into_error("a write of the destination transaction")
+                        .to_string(),
+                ))
             }
             Ok(Err(e)) => {
                 let _ = session.abort_transaction().await;
-                return Err(format!("writing {}.{}: {e}", first.db, first.coll));
+                return Err(NotCommitted::of(
+                    format!("writing {}.{}", first.db, first.coll),
+                    &e,
+                ));
             }
             Ok(Ok(reply)) => reply,
         };
         if let Ok(errors) = reply.get_array("writeErrors") {
             if let Some(e) = errors.iter().filter_map(|e| e.as_document()).next() {
                 let _ = session.abort_transaction().await;
-                return Err(format!(
+                return Err(NotCommitted::fatal(format!(
                     "{}.{} refused a write (code {}): {}",
                     first.db,
                     first.coll,
                     e.get_i32("code").unwrap_or(0),
                     e.get_str("errmsg").unwrap_or("")
-                ));
+                )));
             }
         }
         if first.command == "update" {
@@ -244,10 +283,10 @@ pub async fn commit(
             };
             if group.iter().any(|w| w.must_match) && n < group.len() as i64 {
                 let _ = session.abort_transaction().await;
-                return Err(format!(
+                return Err(NotCommitted::fatal(format!(
                     "an update of {}.{} found no document (the destination diverged)",
                     first.db, first.coll
-                ));
+                )));
             }
         }
         i = end;
@@ -255,9 +294,14 @@ pub async fn commit(
     let committed = super::bounded_write::run(op_timeout, session.commit_transaction()).await;
     match committed {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(format!("committing the destination transaction: {e}")),
-        Err(abandoned) => Err(abandoned
-            .into_error("committing the destination transaction")
-            .to_string()),
+        Ok(Err(e)) => Err(NotCommitted::of(
+            "committing the destination transaction".into(),
+            &e,
+        )),
+        Err(abandoned) => Err(NotCommitted::fatal(
+            abandoned
+                .into_error("committing the destination transaction")
+                .to_string(),
+        )),
     }
 }
