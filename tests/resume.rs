@@ -27,7 +27,13 @@ async fn sigkill_at_random_points_under_load_converges_exactly() {
     seed(&c.src, 25_000).await;
     let workload = Workload::start(&c.src, 2, Duration::from_millis(1), 99);
     let dir = tempfile::tempdir().unwrap();
-    let mut d = Daemon::start(&c, dir.path(), "[apply]\nbatch_max_events = 200\n");
+    // One lane: the copy must last long enough for the first kills to land in it (parallel
+    // lanes have their own SIGKILL test below).
+    let mut d = Daemon::start(
+        &c,
+        dir.path(),
+        "[apply]\nbatch_max_events = 200\n\n[copy]\nparallel_ranges = 1\n",
+    );
     let mut rng = rand::rngs::StdRng::seed_from_u64(2024);
     let mut phases = Vec::new();
     for round in 0..12 {
