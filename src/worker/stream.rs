@@ -229,16 +229,9 @@ pub(super) async fn stream(
             }
         }
         if !batch.is_empty() {
-            ctx.pipeline.metrics.events_read(&label, batch.len() as u64);
             ctx.pipeline.metrics.set_queue(&label, feed.queued() as u64);
             let events: Vec<ChangeEvent> = batch.into_iter().map(|(e, _permit)| e).collect();
-            if let Some(latest) = events
-                .iter()
-                .map(|e| e.cluster_time)
-                .max_by_key(|t| ts_key(*t))
-            {
-                ctx.observe_source_time(latest);
-            }
+            record_read(ctx, &events);
             let replays = crash_replay.leading_replays(&events);
             match process_batch(ctx, &applier, &mut cp, &events, replays, &mut settles, None).await
             {
@@ -624,4 +617,18 @@ pub(super) fn merge(into: &mut ApplyStats, from: ApplyStats) {
     into.replay_skipped += from.replay_skipped;
     into.dead_letters += from.dead_letters;
     into.repaired += from.repaired;
+}
+
+/// Counts events read for a batch and moves the source's cluster time to its latest event.
+pub(super) fn record_read(ctx: &WorkerContext, events: &[ChangeEvent]) {
+    ctx.pipeline
+        .metrics
+        .events_read(&ctx.label(), events.len() as u64);
+    if let Some(latest) = events
+        .iter()
+        .map(|e| e.cluster_time)
+        .max_by_key(|t| ts_key(*t))
+    {
+        ctx.observe_source_time(latest);
+    }
 }

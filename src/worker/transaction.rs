@@ -70,16 +70,7 @@ pub(super) async fn apply_transaction(
                 _ = changed.changed() => {}
             }
         };
-    ctx.pipeline
-        .metrics
-        .events_read(&label, events.len() as u64);
-    if let Some(latest) = events
-        .iter()
-        .map(|e| e.cluster_time)
-        .max_by_key(|t| ts_key(*t))
-    {
-        ctx.observe_source_time(latest);
-    }
+    record_read(ctx, &events);
     let replays = crash_replay.leading_replays(&events);
     let outcome = if !complete {
         if member {
