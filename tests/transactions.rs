@@ -278,3 +278,41 @@ async fn a_transaction_that_ends_the_stream_is_applied_once_a_reply_shows_nothin
     );
     assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
 }
+
+/// Regression (CI on 1efe1e7): a member waiting for the rest of its part that is next polled
+/// only once the reader has both closed the group and routed the next transaction's first
+/// event must still write its part atomically. It took that event for a part cut short and
+/// turned the transaction per document. SIGSTOP holds every task while the next transfer
+/// commits, so on SIGCONT the reader closes the group and routes on in one go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_woken_by_the_next_transaction_still_writes_its_part_atomically() {
+    let c = Clusters::start().await;
+    seed(&c).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(&c, dir.path(), ATOMIC);
+    start_streaming(&c, &d).await;
+    const ROUNDS: i32 = 4;
+    for round in 0..ROUNDS {
+        // Nothing follows this transfer: its group stays open (up to the 1 s empty reply)
+        // while its members wait for the rest of their parts.
+        transfer_alone(&c, 2 * round, 1, 2).await;
+        d.signal("STOP");
+        transfer(&c, 2 * round + 1, 3, 4).await;
+        d.signal("CONT");
+        wait_converged(&c, &NAMESPACES, Duration::from_secs(30)).await;
+    }
+    d.wait_metric_at_least(
+        "mongo_syncd_transaction_parts_total{outcome=\"atomic\"}",
+        4.0 * ROUNDS as f64,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(
+        d.metric("mongo_syncd_transaction_parts_total{outcome=\"per_document\"}")
+            .await,
+        Some(0.0),
+        "log:\n{}",
+        d.logs()
+    );
+    assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
+}

@@ -56,6 +56,8 @@ pub(super) async fn apply_transaction(
                 }
             }
             tokio::select! {
+                biased;
+                _ = changed.changed() => {}
                 item = feed.recv() => match item {
                     Some(StreamItem::Event(ev, _permit)) if TxnKey::of(&ev).as_ref() == Some(&group.key) => {
                         events.push(ev);
@@ -64,10 +66,12 @@ pub(super) async fn apply_transaction(
                     Some(StreamItem::Idle { .. }) => {}
                     other => {
                         *held = other;
-                        break false;
+                        // The reader closes a group before it routes anything after it, so
+                        // a worker that wakes to both sees the count here: the part may be
+                        // whole (only a stall or an eviction cuts one short).
+                        break group.expected_for(&label) == Some(events.len());
                     }
                 },
-                _ = changed.changed() => {}
             }
         };
     record_read(ctx, &events);
