@@ -4,17 +4,18 @@
 //! - [`scan`]: the streamed reads (range scans over the `_id` index, lookups, counts, the
 //!   change-stream check of a re-check window);
 //! - [`pass`]: one pass over one namespace (hash or count mode, re-check, repair request);
-//! - [`repair`]: the worker-side re-copy of a range;
+//! - [`request`]: what a pass asks a namespace worker to do (re-copy a range; the worker's
+//!   side is `worker::repair`);
 //! - [`report`]: the reports in `<checkpoint.database>.validations` (also the pass progress);
 //! - [`schedule`]: the daemon's scheduler (interval with jitter, SIGUSR2 / HTTP requests,
-//!   resume after restart, metrics, status, logs);
-//! - [`command`]: `mongo-syncd validate`.
+//!   resume after restart, metrics, status, logs).
+//!
+//! `mongo-syncd validate` runs a pass from the command line (`app::validate_command`).
 
-pub mod command;
 pub mod digest;
 pub mod pass;
-pub mod repair;
 pub mod report;
+pub mod request;
 pub mod scan;
 pub mod schedule;
 pub mod throttle;

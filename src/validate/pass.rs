@@ -20,8 +20,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     digest::{candidates, compare_documents, Difference, IdKey},
-    repair::{RepairDone, RepairRequest},
     report::{OptionDiff, RangeFinding, RepairFinding, Report, ReportStore, Runner},
+    request::{RepairDone, RepairRequest, WorkerCommand},
     scan::{self, Side, FETCH_CHUNK},
     NamespacePlan, Throttles,
 };
@@ -31,11 +31,10 @@ use crate::{
     error::SyncError,
     metrics::ValidationResult,
     source::Source,
-    worker::WorkerCommand,
 };
 
 /// Documents per range (the same bound as the copy's and repair's ranges).
-pub const RANGE_DOCS: usize = crate::worker::RANGE_MAX_DOCS;
+pub const RANGE_DOCS: usize = crate::model::RANGE_MAX_DOCS;
 /// Re-check rounds for `_id`s that keep changing on the source before they are reported
 /// `unverified` (DESIGN §2.7: up to 3).
 pub const RECHECK_ROUNDS: usize = 3;

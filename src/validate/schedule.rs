@@ -33,8 +33,9 @@ use crate::{
     metrics::{Metrics, ValidationResult, WorkerState},
     source::Source,
     status::{LastValidation, StatusRegistry},
-    worker::WorkerCommand,
 };
+
+use super::request::WorkerCommand;
 
 /// Namespaces validated at the same time (each pass holds two cursors open).
 pub const MAX_CONCURRENT_PASSES: usize = 2;

@@ -50,6 +50,7 @@ use crate::{
 mod copy;
 mod ddl;
 mod reconcile;
+mod repair;
 mod stream;
 mod transaction;
 
@@ -57,8 +58,8 @@ pub(crate) use self::copy::delete_extras;
 pub use self::copy::{delete_budget, lane_count, projected_oplog_window};
 use self::{copy::*, ddl::*, reconcile::*, stream::*, transaction::*};
 
-/// Documents per copy/reconcile range (DESIGN §2.8: ≤ 10,000).
-pub const RANGE_MAX_DOCS: usize = 10_000;
+pub use crate::model::RANGE_MAX_DOCS;
+pub use crate::validate::request::WorkerCommand;
 /// Bytes per copy range, so huge documents do not make a range huge.
 pub const RANGE_MAX_BYTES: usize = 16 * 1024 * 1024;
 /// How long an idle `getMore` waits on the server before answering with an empty batch.
@@ -150,13 +151,6 @@ pub struct WorkerContext {
     pub images_enabled: std::sync::atomic::AtomicBool,
     /// Force-sync requests and reloaded settings from the supervisor.
     pub signals: Arc<WorkerSignals>,
-}
-
-/// Requests a worker handles between batches.
-#[derive(Debug)]
-pub enum WorkerCommand {
-    /// Re-copy one `_id` range for validation repair (DESIGN §2.8); see `validate::repair`.
-    RepairRange(Box<crate::validate::repair::RepairRequest>),
 }
 
 /// Settings a reload (SIGHUP) hands to a running worker.

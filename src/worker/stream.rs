@@ -126,7 +126,7 @@ pub(super) async fn stream(
                 Some(cmd) = commands.recv() => {
                     match cmd {
                         WorkerCommand::RepairRange(request) => {
-                            if let Err(e) = crate::validate::repair::handle(ctx, &applier, &mut cp, *request).await {
+                            if let Err(e) = super::repair::handle(ctx, &applier, &mut cp, *request).await {
                                 break Err(e);
                             }
                         }

@@ -1,6 +1,8 @@
 //! Wiring: clients, metadata, supervisor, HTTP, signals, systemd notifications. Maps the
 //! outcome to an exit code (DESIGN §7).
 
+mod validate_command;
+
 use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use mongodb::Client;
@@ -67,7 +69,7 @@ pub async fn run(config: Config, options: RunOptions) -> ExitCode {
     ExitCode::from(code)
 }
 
-/// `mongo-syncd validate`: one validation pass (`validate::command`).
+/// `mongo-syncd validate`: one validation pass (`validate_command`).
 pub async fn validate(config: Config, options: ValidateOptions) -> ExitCode {
     let clients = match build_clients(&config, None).await {
         Ok(c) => c,
@@ -79,7 +81,7 @@ pub async fn validate(config: Config, options: ValidateOptions) -> ExitCode {
             });
         }
     };
-    ExitCode::from(Box::pin(crate::validate::command::run(config, options, clients)).await)
+    ExitCode::from(Box::pin(validate_command::run(config, options, clients)).await)
 }
 
 fn exit_code_for(err: &SyncError) -> u8 {

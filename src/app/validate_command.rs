@@ -8,11 +8,6 @@ use std::io::Write;
 use bson::doc;
 use mongodb::Client;
 
-use super::{
-    pass::{AppliedPosition, Pass, PassSettings},
-    report::{summary_json, Report, ReportStore, Runner},
-    NamespacePlan, Throttles,
-};
 use crate::{
     checkpoint::{CheckpointKey, CheckpointStore, Phase},
     cli::ValidateOptions,
@@ -21,6 +16,11 @@ use crate::{
     exit,
     metrics::ValidationResult,
     source::{Namespace, Source},
+    validate::{
+        pass::{AppliedPosition, Pass, PassSettings},
+        report::{summary_json, Report, ReportStore, Runner},
+        NamespacePlan, Throttles,
+    },
 };
 
 /// The exit code for a set of namespace results: drift wins (it is a finding), then a pass
@@ -191,7 +191,7 @@ async fn validate_all(
             );
             r.indeterminate = true;
             r.notes.push(reason.to_string());
-            r.state = super::report::PassState::Finished;
+            r.state = crate::validate::report::PassState::Finished;
             r.finished_at = Some(bson::DateTime::now());
             r.result = Some(r.compute_result());
             if let Err(e) = reports.save(&r).await {

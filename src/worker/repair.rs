@@ -8,52 +8,26 @@
 
 use std::collections::HashSet;
 
-use bson::{Bson, Timestamp};
-use tokio::sync::oneshot;
+use bson::Bson;
 
-use super::{
-    digest::IdKey,
-    scan::{self, Side},
-    throttle::Throttle,
-};
+use super::{delete_budget, delete_extras, WorkerContext, RANGE_MAX_DOCS};
 use crate::{
     apply::Applier,
     checkpoint::Checkpoint,
     error::{ErrorKind, SyncError},
     guard::GuardTrigger,
     model::event::ts_max,
-    worker::{delete_extras, WorkerContext, RANGE_MAX_DOCS},
+    validate::{
+        digest::IdKey,
+        request::{RepairDone, RepairRequest},
+        scan::{self, Side},
+        throttle::Throttle,
+    },
 };
-
-/// A request to re-copy `[lower, upper)` (`None` = MinKey / MaxKey).
-pub struct RepairRequest {
-    pub lower: Option<Bson>,
-    pub upper: Option<Bson>,
-    pub reply: oneshot::Sender<Result<RepairDone, String>>,
-}
-
-impl std::fmt::Debug for RepairRequest {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // No _id values in debug output (they may end up in logs).
-        f.debug_struct("RepairRequest")
-            .field("bounded_below", &self.lower.is_some())
-            .field("bounded_above", &self.upper.is_some())
-            .finish_non_exhaustive()
-    }
-}
-
-/// What a repair wrote.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct RepairDone {
-    pub upserted: u64,
-    pub deleted: u64,
-    /// P: where apply was paused.
-    pub paused_at: Option<Timestamp>,
-}
 
 /// Handles a [`RepairRequest`] inside the worker's streaming loop. A failed repair is reported
 /// to the requester; the stream goes on (its own failures surface on their own).
-pub async fn handle(
+pub(super) async fn handle(
     ctx: &WorkerContext,
     applier: &Applier,
     cp: &mut Checkpoint,
@@ -123,7 +97,7 @@ async fn repair_range(
         &ctx.options,
         ctx.pipeline.source.op_timeout(),
     );
-    let mut budget = crate::worker::delete_budget(ctx, GuardTrigger::Repair).await?;
+    let mut budget = delete_budget(ctx, GuardTrigger::Repair).await?;
     // Apply is paused while this runs: it is not throttled, so lag stays short.
     let unthrottled = Throttle::new(0);
     let mut done = RepairDone {
