@@ -296,6 +296,10 @@ pub const HISTORY_LOST_CODES: &[i32] = &[136, 286];
 /// 280 ChangeStreamFatalError: history lost only with "resume token was not found".
 pub const CHANGE_STREAM_FATAL: i32 = 280;
 
+/// The parked reason of a namespace the mass-delete guard paused (`guard`), until an operator
+/// confirms the deletions.
+pub const MASS_DELETE_PARK_REASON: &str = "mass_delete_guard";
+
 /// 260 InvalidResumeToken: e.g. `resumeAfter` an invalidate event; the stream must be restarted
 /// with `startAfter`.
 pub const INVALID_RESUME_TOKEN: i32 = 260;
@@ -584,7 +588,7 @@ pub fn policy(err: &SyncError) -> RetryDirective {
         // `sync.on_destination_reset`: the worker must not restart on its own.
         ErrorKind::Cancelled | ErrorKind::DestinationReset => RetryDirective::Stop,
         ErrorKind::MassDeleteGuard => RetryDirective::Park {
-            reason: crate::guard::PARK_REASON,
+            reason: MASS_DELETE_PARK_REASON,
             solution: "check why the source has so many fewer documents than the destination; \
                        if the deletions are intended, confirm them with POST /api/v1/confirm \
                        {\"namespaces\": [\"<db.coll>\"]} or a force-sync naming the namespace"

@@ -29,7 +29,7 @@ use crate::{
 };
 
 /// The parked reason of a namespace the guard paused.
-pub const PARK_REASON: &str = "mass_delete_guard";
+pub use crate::error::MASS_DELETE_PARK_REASON as PARK_REASON;
 /// What was about to delete.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GuardTrigger {

@@ -4,7 +4,10 @@
 
 use std::{
     collections::BTreeMap,
-    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    sync::{
+        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
+        Arc,
+    },
     time::{Instant, SystemTime},
 };
 
@@ -13,6 +16,30 @@ use parking_lot::RwLock;
 use serde_json::{json, Value};
 
 use crate::{metrics::WorkerState, model::event::ts_key};
+
+/// Pooled connections to each cluster, counted from the driver's pool events
+/// (`ops::connections`).
+/// Open pooled connections to one cluster.
+#[derive(Debug, Clone, Default)]
+pub struct OpenConnections(Arc<AtomicI64>);
+
+impl OpenConnections {
+    pub fn get(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Counts `delta` more (or fewer) open connections; returns the new count.
+    pub fn add(&self, delta: i64) -> i64 {
+        self.0.fetch_add(delta, Ordering::Relaxed) + delta
+    }
+}
+
+/// The two sides' counts, shared by the clients' event handlers, the status and the metrics.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionCounts {
+    pub source: OpenConnections,
+    pub destination: OpenConnections,
+}
 
 /// The last error a namespace hit (no document values, credentials redacted).
 #[derive(Debug, Clone)]
@@ -97,7 +124,7 @@ pub struct StatusRegistry {
     pub source_hosts: RwLock<String>,
     pub destination_hosts: RwLock<String>,
     /// Pooled connections open to each cluster.
-    pub connections: crate::ops::connections::ConnectionCounts,
+    pub connections: ConnectionCounts,
 }
 
 impl Default for StatusRegistry {

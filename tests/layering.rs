@@ -36,13 +36,7 @@ const LAYERS: &[&[&str]] = &[
 
 /// Imports that cross the layers the wrong way today (importer → imported).
 const KNOWN_DEBT: &[(&str, &str)] = &[
-    ("error", "guard"),
     ("model", "metrics"),
-    ("metrics", "guard"),
-    ("metrics", "identity"),
-    ("metrics", "ops"),
-    ("metrics", "source"),
-    ("status", "ops"),
     ("source", "checkpoint"),
     ("source", "metadata"),
     ("apply", "checkpoint"),

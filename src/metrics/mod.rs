@@ -756,4 +756,4 @@ impl Metrics {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -4,11 +4,6 @@
 //! shows as a count pinned at `max_pool_size`. The driver's monitoring connections (one or two
 //! per server, outside the pool) are not counted.
 
-use std::sync::{
-    atomic::{AtomicI64, Ordering},
-    Arc,
-};
-
 use mongodb::{
     event::{cmap::CmapEvent, EventHandler},
     options::ClientOptions,
@@ -17,22 +12,7 @@ use prometheus::{IntGauge, IntGaugeVec, Opts};
 
 use crate::metrics::{Metrics, CONNECTIONS, LABEL_SIDE};
 
-/// Open pooled connections to one cluster.
-#[derive(Debug, Clone, Default)]
-pub struct OpenConnections(Arc<AtomicI64>);
-
-impl OpenConnections {
-    pub fn get(&self) -> i64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-/// The two sides' counts, shared by the clients' event handlers, the status and the metrics.
-#[derive(Debug, Clone, Default)]
-pub struct ConnectionCounts {
-    pub source: OpenConnections,
-    pub destination: OpenConnections,
-}
+pub use crate::status::{ConnectionCounts, OpenConnections};
 
 /// Registers `mongo_syncd_connections{side}` (once per registry; both sides at 0).
 fn gauges(metrics: &Metrics) -> (IntGauge, IntGauge) {
@@ -70,7 +50,7 @@ fn handler(open: OpenConnections, gauge: IntGauge) -> EventHandler<CmapEvent> {
             CmapEvent::ConnectionClosed(_) => -1,
             _ => return,
         };
-        let now = open.0.fetch_add(delta, Ordering::Relaxed) + delta;
+        let now = open.add(delta);
         gauge.set(now);
     })
 }

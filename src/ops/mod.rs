@@ -7,3 +7,6 @@ pub mod notify;
 pub mod rlimit;
 pub mod signal;
 pub mod telemetry;
+
+#[cfg(test)]
+mod exposition_tests;
