@@ -23,7 +23,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    apply::bounded_write::BoundedWrites,
+    bounded_write::BoundedWrites,
     checkpoint::CheckpointStore,
     config::OnDestinationReset,
     error::{ErrorKind, SyncError},

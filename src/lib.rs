@@ -3,6 +3,7 @@
 
 pub mod app;
 pub mod apply;
+pub mod bounded_write;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;

@@ -8,7 +8,7 @@ use mongodb::{Collection, Database};
 use sha2::{Digest, Sha256};
 
 use crate::{
-    apply::bounded_write::BoundedWrites,
+    bounded_write::BoundedWrites,
     error::{ErrorKind, SyncError},
 };
 

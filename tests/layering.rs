@@ -14,6 +14,8 @@ const LAYERS: &[&[&str]] = &[
     &["exit"],
     &["error"],
     &["model"],
+    // Destination writes with a deadline (data, checkpoints, metadata).
+    &["bounded_write"],
     &["metrics"],
     &["status"],
     &[
@@ -43,13 +45,10 @@ const KNOWN_DEBT: &[(&str, &str)] = &[
     ("apply", "metadata"),
     ("apply", "source"),
     ("apply", "worker"),
-    ("checkpoint", "apply"),
     ("guard", "source"),
-    ("identity", "apply"),
     ("identity", "checkpoint"),
     ("identity", "metadata"),
     ("identity", "source"),
-    ("metadata", "apply"),
 ];
 
 fn layer_of(module: &str) -> Option<usize> {

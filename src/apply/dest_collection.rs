@@ -14,7 +14,7 @@ use bson::{doc, Bson, Document};
 use mongodb::Database;
 
 use crate::{
-    apply::bounded_write,
+    bounded_write,
     checkpoint::Checkpoint,
     config::OnCollationMismatch,
     error::{ErrorKind, SyncError},

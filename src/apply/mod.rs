@@ -8,7 +8,7 @@
 //! harmless: upserts replace, deletes of missing documents do nothing, and a delta that
 //! matches nothing is repaired from the source's current document.
 
-pub mod bounded_write;
+pub use crate::bounded_write;
 pub mod conflict;
 pub mod dest_collection;
 pub mod transaction;
@@ -1844,7 +1844,7 @@ impl Applier {
             if let Some(limit) = self.op_timeout {
                 cmd.append(
                     bson::cstr!("maxTimeMS"),
-                    crate::apply::bounded_write::max_time_ms(limit),
+                    crate::bounded_write::max_time_ms(limit),
                 );
             }
             cmd.append(
@@ -1852,13 +1852,13 @@ impl Applier {
                 rawdoc! {"w": "majority", "j": true},
             );
             let started = Instant::now();
-            let reply = crate::apply::bounded_write::run(
-                self.op_timeout,
-                self.dest_db.run_raw_command(cmd),
-            )
-            .await
-            .map_err(|abandoned| abandoned.into_error(&format!("a bulk write to {}", self.target)))?
-            .map_err(|e| write_error(&format!("writing to {}", self.target), e))?;
+            let reply =
+                crate::bounded_write::run(self.op_timeout, self.dest_db.run_raw_command(cmd))
+                    .await
+                    .map_err(|abandoned| {
+                        abandoned.into_error(&format!("a bulk write to {}", self.target))
+                    })?
+                    .map_err(|e| write_error(&format!("writing to {}", self.target), e))?;
             tracing::trace!(namespace = %self.label, statements = end - start, elapsed_ms = started.elapsed().as_millis() as u64, "bulk {command}");
             if let Ok(wce) = reply.get_document("writeConcernError") {
                 return Err(SyncError::new(

@@ -10,7 +10,7 @@ use bson::{doc, Bson, DateTime, Document, Timestamp};
 use mongodb::{options::ReadConcern, Collection, Database};
 
 use crate::{
-    apply::bounded_write::{BoundedWrites, WriteOutcome},
+    bounded_write::{BoundedWrites, WriteOutcome},
     error::{ErrorKind, SyncError},
     model::event::ts_key,
 };

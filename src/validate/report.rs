@@ -617,7 +617,7 @@ pub fn summary_json(sync_id: &str, reports: &[Report], result: &str, exit_code: 
 pub struct ReportStore {
     coll: Collection<Document>,
     /// Report writes, bounded by `destination.socket_timeout_ms` like every destination write.
-    writes: crate::apply::bounded_write::BoundedWrites,
+    writes: crate::bounded_write::BoundedWrites,
 }
 
 fn store_error(context: &str, e: mongodb::error::Error) -> SyncError {
@@ -627,7 +627,7 @@ fn store_error(context: &str, e: mongodb::error::Error) -> SyncError {
 impl ReportStore {
     pub fn new(metadata_db: &Database, limit: Option<std::time::Duration>) -> ReportStore {
         ReportStore {
-            writes: crate::apply::bounded_write::BoundedWrites::new(
+            writes: crate::bounded_write::BoundedWrites::new(
                 metadata_db,
                 limit,
                 ErrorKind::Checkpoint,

@@ -84,8 +84,7 @@ pub(super) async fn apply_ddl(
                     let intended =
                         crate::apply::dest_collection::intend_indexes(ctx, cp, &names).await?;
                     let command = doc! {"createIndexes": ctx.target.coll.clone(), "indexes": specs, "writeConcern": {"w": "majority", "j": true}};
-                    match crate::apply::bounded_write::ddl(&db, command, limit, "creating indexes")
-                        .await?
+                    match crate::bounded_write::ddl(&db, command, limit, "creating indexes").await?
                     {
                         Ok(_) => {}
                         Err(e) => {
@@ -112,13 +111,8 @@ pub(super) async fn apply_ddl(
                         cp.ttl_indexes.remove(name);
                         cp.destination_indexes.retain(|n| n != name);
                         let command = doc! {"dropIndexes": ctx.target.coll.clone(), "index": name};
-                        match crate::apply::bounded_write::ddl(
-                            &db,
-                            command,
-                            limit,
-                            "dropping an index",
-                        )
-                        .await?
+                        match crate::bounded_write::ddl(&db, command, limit, "dropping an index")
+                            .await?
                         {
                             Ok(_) => {}
                             Err(e) if matches!(e.kind.as_ref(), mongodb::error::ErrorKind::Command(c) if c.code == 27 || c.code == 26) =>
@@ -157,7 +151,7 @@ pub(super) async fn apply_ddl(
                 }
                 if cmd.len() > 1 {
                     let what = "modifying the destination collection";
-                    match crate::apply::bounded_write::ddl(&db, cmd.clone(), limit, what).await? {
+                    match crate::bounded_write::ddl(&db, cmd.clone(), limit, what).await? {
                         Ok(_) => crate::apply::dest_collection::record_modify(ctx, cp, &cmd),
                         Err(e) => {
                             if crate::error::classify_mongo(&e)
