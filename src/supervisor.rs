@@ -1034,7 +1034,7 @@ async fn finish_gone_incarnations(
         } else {
             let (tdb, tcoll) = config.rename_map().target(&ns.db, &ns.coll);
             let target = Namespace::new(tdb, tcoll);
-            crate::apply::dest_collection::drop_collection(
+            crate::worker::dest_collection::drop_collection(
                 &pipeline.dest.database(&target.db),
                 &target.coll,
                 config.destination.socket_timeout(),

@@ -10,9 +10,7 @@
 
 pub use crate::bounded_write;
 pub mod conflict;
-pub mod dest_collection;
 pub mod transaction;
-pub mod unique_conflicts;
 
 use std::{collections::HashMap, time::Instant};
 
@@ -1660,11 +1658,6 @@ impl Applier {
         self.bulk("delete", "deletes", built.collect()).await
     }
 
-    /// Replace-upserts documents (the copy, reconciliation and repair path). Documents the
-    /// destination rejects are dead-lettered; those that hit a unique index (E11000) are
-    /// returned, not dead-lettered: while a copy is still writing, another destination document
-    /// may hold the key only until its own range or the replay fixes it (see
-    /// [`crate::worker::settle_copy_duplicates`]).
     /// Writes copied documents the destination does not hold yet (a range a copy found empty,
     /// or nearly): one unordered `insert`, at insert speed, then replace-upserts
     /// ([`Applier::upsert_documents`]) for the ids the insert found taken (E11000, on `_id`
@@ -1692,6 +1685,11 @@ impl Applier {
         Ok(out)
     }
 
+    /// Replace-upserts documents (the copy, reconciliation and repair path). Documents the
+    /// destination rejects are dead-lettered; those that hit a unique index (E11000) are
+    /// returned, not dead-lettered: while a copy is still writing, another destination document
+    /// may hold the key only until its own range or the replay fixes it (see
+    /// `worker::unique_conflicts`).
     pub async fn upsert_documents(&self, docs: &[RawDocumentBuf]) -> Result<Upserted, SyncError> {
         self.catalog().await?;
         let mut statements = Vec::with_capacity(docs.len());

@@ -218,7 +218,7 @@ pub(super) async fn write_range(
     drop(docs);
     let settled = {
         let mut cp = cp.lock().await;
-        crate::apply::unique_conflicts::settle_range(ctx, applier, &mut cp, upserted.duplicates)
+        crate::worker::unique_conflicts::settle_range(ctx, applier, &mut cp, upserted.duplicates)
             .await?
     };
     Ok((upserted.written + settled, next))
@@ -476,7 +476,7 @@ pub(super) async fn initial_copy(
         .and_then(|t| token_cluster_time(&t));
     // The copy's checkpoint exists: lag is measured from T0 while copying (DESIGN §2.9).
     ctx.record_checkpoint(start_ts);
-    if !crate::apply::dest_collection::prepare(ctx, cp).await? {
+    if !crate::worker::dest_collection::prepare(ctx, cp).await? {
         tracing::info!(namespace = %label, "this incarnation of the collection left the source before its copy's start point (dropped, renamed or re-created); stopping, discovery finishes it");
         return Ok(Some(WorkerExit::NamespaceGone));
     }
@@ -526,8 +526,8 @@ pub(super) async fn initial_copy(
         cp.copy.done = cp.copy.lanes.iter().all(|l| l.done);
     }
     // Before the copy's end is taken: what they write from the source is then a replay.
-    crate::apply::unique_conflicts::settle_pending(ctx, &applier, cp, Settle::Writing).await?;
-    crate::apply::dest_collection::create_indexes(ctx, cp, false).await?;
+    crate::worker::unique_conflicts::settle_pending(ctx, &applier, cp, Settle::Writing).await?;
+    crate::worker::dest_collection::create_indexes(ctx, cp, false).await?;
     let end = ctx.pipeline.source.cluster_time().await?;
     cp.phase = Phase::Streaming;
     cp.resume_token = cp.start_token.clone();

@@ -17,7 +17,7 @@ pub(super) async fn apply_ddl(
     let limit = ctx.current_settings().destination_timeout;
     match &ev.kind {
         OpKind::Drop => {
-            crate::apply::dest_collection::drop_collection(
+            crate::worker::dest_collection::drop_collection(
                 &db,
                 &ctx.target.coll,
                 limit,
@@ -27,7 +27,7 @@ pub(super) async fn apply_ddl(
             tracing::info!(namespace = %label, target = %ctx.target, "collection dropped on the source; dropped on the destination");
         }
         OpKind::Rename => {
-            crate::apply::dest_collection::drop_collection(
+            crate::worker::dest_collection::drop_collection(
                 &db,
                 &ctx.target.coll,
                 limit,
@@ -46,7 +46,7 @@ pub(super) async fn apply_ddl(
             return Ok(Some(WorkerExit::NamespaceGone));
         }
         OpKind::Create => {
-            crate::apply::dest_collection::ensure(ctx).await?;
+            crate::worker::dest_collection::ensure(ctx).await?;
         }
         OpKind::CreateIndexes => {
             if let Some(desc) = ev.operation_description() {
@@ -82,7 +82,7 @@ pub(super) async fn apply_ddl(
                         .filter_map(|s| s.get_str("name").ok().map(str::to_string))
                         .collect();
                     let intended =
-                        crate::apply::dest_collection::intend_indexes(ctx, cp, &names).await?;
+                        crate::worker::dest_collection::intend_indexes(ctx, cp, &names).await?;
                     let command = doc! {"createIndexes": ctx.target.coll.clone(), "indexes": specs, "writeConcern": {"w": "majority", "j": true}};
                     match crate::bounded_write::ddl(&db, command, limit, "creating indexes").await?
                     {
@@ -94,7 +94,7 @@ pub(super) async fn apply_ddl(
                                 return Err(dest_err("creating indexes", e));
                             }
                             tracing::error!(namespace = %label, error = %crate::config::redact_text(&e.to_string()), "could not create an index on the destination");
-                            crate::apply::dest_collection::disown_indexes(cp, &intended);
+                            crate::worker::dest_collection::disown_indexes(cp, &intended);
                         }
                     }
                 }
@@ -152,7 +152,7 @@ pub(super) async fn apply_ddl(
                 if cmd.len() > 1 {
                     let what = "modifying the destination collection";
                     match crate::bounded_write::ddl(&db, cmd.clone(), limit, what).await? {
-                        Ok(_) => crate::apply::dest_collection::record_modify(ctx, cp, &cmd),
+                        Ok(_) => crate::worker::dest_collection::record_modify(ctx, cp, &cmd),
                         Err(e) => {
                             if crate::error::classify_mongo(&e)
                                 == crate::error::ErrorClass::Transient

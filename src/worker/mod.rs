@@ -26,7 +26,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     apply::conflict::ConflictSettings,
-    apply::unique_conflicts::{CaughtUpSettles, Settle},
     apply::{Applier, ApplyStats},
     checkpoint::{
         at_or_after, ApplyMark, Checkpoint, CheckpointKey, CheckpointStore, CopyLane, CopyProgress,
@@ -45,14 +44,17 @@ use crate::{
     model::transaction::{TxnGroup, TxnKey, TxnOutcome},
     source::{raw_id, Namespace, Source, StreamSettings, StreamStart},
     status::StatusRegistry,
+    worker::unique_conflicts::{CaughtUpSettles, Settle},
 };
 
 mod copy;
 mod ddl;
+pub mod dest_collection;
 mod reconcile;
 mod repair;
 mod stream;
 mod transaction;
+pub mod unique_conflicts;
 
 pub(crate) use self::copy::delete_extras;
 pub use self::copy::{delete_budget, lane_count, projected_oplog_window};
@@ -132,7 +134,7 @@ pub struct WorkerContext {
     pub target: Namespace,
     pub uuid: Option<bson::Uuid>,
     /// The source collection's options (validator, collation, capped, ...) when discovery
-    /// listed it; [`crate::apply::dest_collection::prepare`] reads them again before a copy.
+    /// listed it; [`crate::worker::dest_collection::prepare`] reads them again before a copy.
     pub options: Document,
     /// The source collection's current validator, shared with this worker's appliers.
     pub source_validator: crate::apply::SourceValidator,

@@ -69,7 +69,7 @@ pub(super) async fn reconcile(
         total += written;
         if next.is_none() {
             total +=
-                crate::apply::unique_conflicts::settle_pending(ctx, applier, cp, Settle::Writing)
+                crate::worker::unique_conflicts::settle_pending(ctx, applier, cp, Settle::Writing)
                     .await?;
         }
         // Events re-applied over this range up to now are replays of what it wrote.

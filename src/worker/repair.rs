@@ -142,18 +142,18 @@ async fn repair_range(
         drop(docs);
         done.upserted += upserted.written;
         done.upserted +=
-            crate::apply::unique_conflicts::settle_range(ctx, applier, cp, upserted.duplicates)
+            crate::worker::unique_conflicts::settle_range(ctx, applier, cp, upserted.duplicates)
                 .await?;
         match next {
             Some(n) => from = Some(n),
             None => break,
         }
     }
-    done.upserted += crate::apply::unique_conflicts::settle_pending(
+    done.upserted += crate::worker::unique_conflicts::settle_pending(
         ctx,
         applier,
         cp,
-        crate::apply::unique_conflicts::Settle::Writing,
+        crate::worker::unique_conflicts::Settle::Writing,
     )
     .await?;
     let end = ctx.pipeline.source.cluster_time().await?;

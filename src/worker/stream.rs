@@ -458,7 +458,7 @@ pub(super) async fn maybe_finish_replay(
     }
     if cp.unique_indexes_pending || cp.history_lost_recopies > 0 {
         if cp.unique_indexes_pending {
-            crate::apply::dest_collection::create_indexes(ctx, cp, true).await?;
+            crate::worker::dest_collection::create_indexes(ctx, cp, true).await?;
             cp.unique_indexes_pending = false;
         }
         cp.history_lost_recopies = 0;
