@@ -214,6 +214,13 @@ async fn transactions_around_sigkills_converge_exactly() {
     let c = Clusters::start().await;
     seed(&c).await;
     let dir = tempfile::tempdir().unwrap();
+    // A SIGKILLed daemon may leave a destination transaction open; the server aborts it
+    // after this limit (60 s by default), and its documents are free again.
+    c.dst
+        .database("admin")
+        .run_command(doc! {"setParameter": 1, "transactionLifetimeLimitSeconds": 2})
+        .await
+        .unwrap();
     let mut d = Daemon::start(&c, dir.path(), ATOMIC);
     start_streaming(&c, &d).await;
     let mut i = 0;
@@ -250,6 +257,23 @@ async fn transactions_around_sigkills_converge_exactly() {
         balances, 400,
         "money was created or lost on the destination"
     );
+    // Once what the killed runs left open has expired, transfers are atomic again.
+    let metric = "mongo_syncd_transaction_parts_total{outcome=\"atomic\"}";
+    let before = d.metric(metric).await.unwrap_or(0.0);
+    wait_until(
+        "a transfer applied as one destination transaction after the SIGKILLs",
+        Duration::from_secs(30),
+        || {
+            i += 1;
+            let (c, d, i) = (&c, &d, i);
+            async move {
+                transfer(c, i, 1, 2).await;
+                wait_converged(c, &NAMESPACES, Duration::from_secs(30)).await;
+                d.metric(metric).await.unwrap_or(0.0) >= before + 2.0
+            }
+        },
+    )
+    .await;
     assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.all_logs());
 }
 

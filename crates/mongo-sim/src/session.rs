@@ -36,6 +36,8 @@ pub struct Transaction {
     /// With `readConcern.atClusterTime`: the namespaces whose catalog entry changed after it
     /// (reading them answers 246 SnapshotUnavailable).
     pub snapshot_changes: Option<crate::snapshot::CatalogChanges>,
+    /// When it started: past `transactionLifetimeLimitSeconds` it is aborted.
+    pub started: std::time::Instant,
 }
 
 #[derive(Default)]
@@ -48,9 +50,23 @@ pub struct SessionState {
     pub txn: Option<Transaction>,
 }
 
-#[derive(Default)]
+/// MongoDB's default `transactionLifetimeLimitSeconds`.
+pub const DEFAULT_TXN_LIFETIME_SECS: u64 = 60;
+
 pub struct Sessions {
     pub map: HashMap<Vec<u8>, SessionState>,
+    /// `transactionLifetimeLimitSeconds` (setParameter): an open transaction older than this
+    /// is aborted, so a client that died mid-transaction does not hold its documents forever.
+    pub txn_lifetime_secs: u64,
+}
+
+impl Default for Sessions {
+    fn default() -> Sessions {
+        Sessions {
+            map: HashMap::new(),
+            txn_lifetime_secs: DEFAULT_TXN_LIFETIME_SECS,
+        }
+    }
 }
 
 /// What a retryable write should do.
@@ -61,6 +77,25 @@ pub enum RetryCheck {
 }
 
 impl Sessions {
+    /// Aborts the open transactions older than the lifetime limit (the server's periodic
+    /// transaction reaper; here run before every transaction statement, conflict check and
+    /// commit, which is when an expired transaction could be observed). Returns how many.
+    pub fn expire_transactions(&mut self) -> usize {
+        let limit = std::time::Duration::from_secs(self.txn_lifetime_secs);
+        let mut expired = 0;
+        for s in self.map.values_mut() {
+            let old = s
+                .txn
+                .as_ref()
+                .is_some_and(|t| t.state == TxnState::InProgress && t.started.elapsed() >= limit);
+            if old {
+                abort_open(s);
+                expired += 1;
+            }
+        }
+        expired
+    }
+
     pub fn session(&mut self, key: &[u8], lsid: &Document) -> &mut SessionState {
         self.map
             .entry(key.to_vec())
@@ -168,6 +203,7 @@ pub fn begin_or_continue(
         }
         _ => (data.catalog.clone(), data.clock.current(), None),
     };
+    data.sessions.expire_transactions();
     let s = data.sessions.session(key, lsid);
     if txn_number < s.txn_number {
         return Err(CommandError::new(
@@ -196,6 +232,7 @@ pub fn begin_or_continue(
             read_ts: now,
             read_concern_level: read_concern_level.map(str::to_string),
             snapshot_changes,
+            started: std::time::Instant::now(),
         });
         return Ok(());
     }
@@ -239,6 +276,7 @@ pub fn check_statement_conflicts(
     key: &[u8],
     first_new: usize,
 ) -> CommandResult<()> {
+    data.sessions.expire_transactions();
     let conflict = {
         let s = data
             .sessions
@@ -273,6 +311,7 @@ pub fn check_statement_conflicts(
 /// Commits: re-checks conflicts against writes made outside the transaction, applies the
 /// transaction's writes to the shared catalog atomically and logs them with one cluster time.
 pub fn commit(data: &mut Data, key: &[u8], lsid: &Document, txn_number: i64) -> CommandResult<()> {
+    data.sessions.expire_transactions();
     let s = data.sessions.session(key, lsid);
     let t = match &mut s.txn {
         Some(t) if t.txn_number == txn_number => t,

@@ -127,12 +127,15 @@ pub fn host_info() -> Document {
 }
 
 pub fn get_parameter(engine: &Engine, cmd: &Document) -> CommandResult<Document> {
-    let window = engine.data.lock().history.window_secs;
+    let (window, txn_lifetime) = {
+        let data = engine.data.lock();
+        (data.history.window_secs, data.sessions.txn_lifetime_secs)
+    };
     let all = doc! {
         "minSnapshotHistoryWindowInSeconds": window as i32,
         "featureCompatibilityVersion": {"version": "7.0"},
         "enableTestCommands": true,
-        "transactionLifetimeLimitSeconds": 60,
+        "transactionLifetimeLimitSeconds": txn_lifetime as i32,
         "requireApiVersion": false,
         "authenticationMechanisms": ["SCRAM-SHA-256"],
     };
@@ -165,22 +168,32 @@ pub fn set_parameter(ctx: &super::Ctx<'_>) -> CommandResult<Document> {
         if super::fields::is_generic_argument(k) {
             continue;
         }
-        if k != "minSnapshotHistoryWindowInSeconds" {
-            return Err(CommandError::new(
-                codes::COMMAND_NOT_SUPPORTED,
-                format!("setParameter '{k}' is not supported by the simulator"),
-            ));
-        }
+        // MongoDB: the history window may be 0; a transaction lifetime must be at least 1 s.
+        let least = match k.as_str() {
+            "minSnapshotHistoryWindowInSeconds" => 0,
+            "transactionLifetimeLimitSeconds" => 1,
+            _ => {
+                return Err(CommandError::new(
+                    codes::COMMAND_NOT_SUPPORTED,
+                    format!("setParameter '{k}' is not supported by the simulator"),
+                ))
+            }
+        };
         let secs = crate::store::as_i64(v)
-            .filter(|n| *n >= 0 && *n <= i32::MAX as i64)
+            .filter(|n| *n >= least && *n <= i32::MAX as i64)
             .ok_or_else(|| {
                 CommandError::bad_value(format!(
-                    "Invalid value for minSnapshotHistoryWindowInSeconds: {v} (a non-negative integer)"
+                    "Invalid value for {k}: {v} (an integer of at least {least})"
                 ))
             })?;
         let mut data = ctx.engine.data.lock();
-        reply.insert("was", data.history.window_secs as i32);
-        data.history.window_secs = secs as u64;
+        let setting = if k == "transactionLifetimeLimitSeconds" {
+            &mut data.sessions.txn_lifetime_secs
+        } else {
+            &mut data.history.window_secs
+        };
+        reply.insert("was", *setting as i32);
+        *setting = secs as u64;
         any = true;
     }
     if !any {

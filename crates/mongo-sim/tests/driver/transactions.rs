@@ -473,3 +473,93 @@ async fn ddl_restrictions_inside_transactions() {
     })
     .await
 }
+
+/// MongoDB aborts a transaction that outlives `transactionLifetimeLimitSeconds` (default 60,
+/// settable at runtime): a client that died mid-transaction does not hold its documents
+/// forever. Another transaction then writes them without a WriteConflict, and the expired
+/// transaction's next statement or commit answers NoSuchTransaction (251).
+#[tokio::test]
+async fn a_transaction_past_its_lifetime_limit_is_aborted_and_releases_its_documents() {
+    bounded(async {
+        let (_sim, c) = start_with_client().await;
+        let got = admin(
+            &c,
+            doc! {"getParameter": 1, "transactionLifetimeLimitSeconds": 1},
+        )
+        .await
+        .unwrap();
+        assert_eq!(got.get_i32("transactionLifetimeLimitSeconds").unwrap(), 60);
+        let refused = admin(
+            &c,
+            doc! {"setParameter": 1, "transactionLifetimeLimitSeconds": 0},
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(code(&refused), Some(2), "{refused}");
+        let set = admin(
+            &c,
+            doc! {"setParameter": 1, "transactionLifetimeLimitSeconds": 1},
+        )
+        .await
+        .unwrap();
+        assert_eq!(set.get_i32("was").unwrap(), 60);
+
+        let coll: Collection<Document> = c.database("tx").collection("held");
+        coll.insert_one(doc! {"_id": 1, "n": 0}).await.unwrap();
+        let mut abandoned = c.start_session().await.unwrap();
+        abandoned.start_transaction().await.unwrap();
+        coll.update_one(doc! {"_id": 1}, doc! {"$set": {"n": 1}})
+            .session(&mut abandoned)
+            .await
+            .unwrap();
+
+        // While the transaction lives, another one conflicts on the document.
+        let mut other = c.start_session().await.unwrap();
+        other.start_transaction().await.unwrap();
+        let conflict = coll
+            .update_one(doc! {"_id": 1}, doc! {"$set": {"n": 2}})
+            .session(&mut other)
+            .await
+            .unwrap_err();
+        assert_eq!(code(&conflict), Some(112), "{conflict}");
+        let _ = other.abort_transaction().await;
+
+        // Past the limit it is gone: the document can be written in a transaction again.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut s = c.start_session().await.unwrap();
+            s.start_transaction().await.unwrap();
+            match coll
+                .update_one(doc! {"_id": 1}, doc! {"$set": {"n": 3}})
+                .session(&mut s)
+                .await
+            {
+                Ok(_) => {
+                    s.commit_transaction().await.unwrap();
+                    break;
+                }
+                Err(e) => {
+                    assert_eq!(code(&e), Some(112), "{e}");
+                    let _ = s.abort_transaction().await;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the expired transaction still holds the document"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let expired = abandoned.commit_transaction().await.unwrap_err();
+        assert_eq!(code(&expired), Some(251), "{expired}");
+        assert_eq!(
+            coll.find_one(doc! {"_id": 1})
+                .await
+                .unwrap()
+                .unwrap()
+                .get_i32("n")
+                .unwrap(),
+            3
+        );
+    })
+    .await;
+}

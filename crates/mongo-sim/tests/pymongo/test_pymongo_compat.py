@@ -268,6 +268,44 @@ def test_transaction_abort_discards_writes(client, db):
     assert [d["_id"] for d in db.t.find()] == [0]
 
 
+def test_a_transaction_past_its_lifetime_limit_is_aborted(client, db):
+    """MongoDB's transaction reaper: an open transaction older than
+    transactionLifetimeLimitSeconds is aborted and frees its documents."""
+    admin = client.admin
+    assert admin.command("getParameter", 1, transactionLifetimeLimitSeconds=1)[
+        "transactionLifetimeLimitSeconds"
+    ] == 60
+    with pytest.raises(OperationFailure) as low:
+        admin.command("setParameter", 1, transactionLifetimeLimitSeconds=0)
+    assert low.value.code == 2
+    assert admin.command("setParameter", 1, transactionLifetimeLimitSeconds=1)["was"] == 60
+    try:
+        db.held.insert_one({"_id": 1, "n": 0})
+        abandoned = client.start_session()
+        abandoned.start_transaction()
+        db.held.update_one({"_id": 1}, {"$set": {"n": 1}}, session=abandoned)
+        deadline = time.monotonic() + 10
+        while True:
+            with client.start_session() as s:
+                s.start_transaction()
+                try:
+                    db.held.update_one({"_id": 1}, {"$set": {"n": 2}}, session=s)
+                    s.commit_transaction()
+                    break
+                except OperationFailure as e:
+                    assert e.code == 112, e
+                    s.abort_transaction()
+            assert time.monotonic() < deadline, "the expired transaction still holds the document"
+            time.sleep(0.1)
+        with pytest.raises(OperationFailure) as gone:
+            abandoned.commit_transaction()
+        assert gone.value.code == 251
+        abandoned.end_session()
+        assert db.held.find_one({"_id": 1})["n"] == 2
+    finally:
+        admin.command("setParameter", 1, transactionLifetimeLimitSeconds=60)
+
+
 def test_duplicate_key_aborts_the_transaction(client, db):
     db.txdup.insert_one({"_id": 1})
     with client.start_session() as session:
