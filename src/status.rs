@@ -17,9 +17,8 @@ use serde_json::{json, Value};
 
 use crate::{metrics::WorkerState, model::event::ts_key};
 
-/// Pooled connections to each cluster, counted from the driver's pool events
+/// Open pooled connections to one cluster, counted from the driver's pool events
 /// (`ops::connections`).
-/// Open pooled connections to one cluster.
 #[derive(Debug, Clone, Default)]
 pub struct OpenConnections(Arc<AtomicI64>);
 
