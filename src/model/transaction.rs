@@ -26,7 +26,7 @@ impl TxnKey {
     /// The transaction an event belongs to, if it was written by one.
     pub fn of(ev: &ChangeEvent) -> Option<TxnKey> {
         let txn_number = ev.txn_number()?;
-        let lsid = ev.raw.get_document("lsid").ok()?;
+        let lsid = ev.lsid()?;
         Some(TxnKey {
             lsid: lsid.as_bytes().to_vec(),
             txn_number,

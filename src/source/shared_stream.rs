@@ -975,7 +975,7 @@ impl Router {
 
 /// The `collectionUUID` of an event, when the server reports it.
 fn event_uuid(event: &ChangeEvent) -> Option<bson::Uuid> {
-    match event.raw.get("collectionUUID") {
+    match event.raw().get("collectionUUID") {
         Ok(Some(bson::RawBsonRef::Binary(b))) => b.to_binary().to_uuid().ok(),
         _ => None,
     }
