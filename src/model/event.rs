@@ -92,7 +92,8 @@ pub struct ChangeEvent {
     /// When the daemon read it: a partial batch waits for more events until its first event
     /// is `apply.batch_max_wait_ms` old, so time spent queued counts toward the wait.
     pub received: std::time::Instant,
-    fields: FieldIndex,
+    /// Boxed: events travel by value through the stream's queues.
+    fields: Box<FieldIndex>,
 }
 
 /// Where the fields the apply path reads sit in an event's bytes, found in one pass when the
@@ -225,7 +226,7 @@ impl ChangeEvent {
             wall_time: fields.wall_time,
             raw,
             received: std::time::Instant::now(),
-            fields,
+            fields: Box::new(fields),
         })
     }
 
