@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use bson::{doc, Document};
+use futures::TryStreamExt;
 
 use crate::support::{
     cluster::{wait_converged, wait_until, Clusters, Daemon},
@@ -338,5 +339,97 @@ async fn transient_destination_errors_while_starting_are_waited_out() {
         "the failure was met and waited out:\n{}",
         d.logs()
     );
+    assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
+}
+
+/// A backlog is written in concurrent lanes (a round's statements of one kind cut into
+/// several commands): a lane that fails replays the batch, and a document a lane's command
+/// rejects is dead-lettered as itself — error indexes map back to the right statement —
+/// for inserts, deltas and deletes alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_written_in_concurrent_lanes_converges_and_dead_letters_the_right_document() {
+    let c = Clusters::start().await;
+    let src = c.src.database("app").collection::<Document>("lanes");
+    src.insert_many((0..1_000).map(|i| doc! {"_id": i, "v": 1}))
+        .await
+        .unwrap();
+    // The destination refuses one value the source accepts.
+    c.dst
+        .database("app")
+        .run_command(doc! {"create": "lanes", "validator": {"v": {"$ne": 666}}})
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = "[sync]\nnamespaces = [\"app.lanes\"]\n";
+    let mut d = Daemon::start(&c, dir.path(), config);
+    d.wait_streaming("app.lanes").await;
+    assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
+    // The backlog: 3,000 inserts, 3,000 deltas, 1,000 deletes; batches of 1,000 events on
+    // distinct documents, so every batch goes out in four lanes. `_id` 3600 is the 601st
+    // insert of its batch: the third lane.
+    src.insert_many((1_000..4_000).map(|i| doc! {"_id": i, "v": if i == 3_600 { 666 } else { 1 }}))
+        .await
+        .unwrap();
+    src.update_many(doc! {"_id": {"$gte": 1_000}}, doc! {"$set": {"w": 2}})
+        .await
+        .unwrap();
+    src.delete_many(doc! {"_id": {"$lt": 1_000}}).await.unwrap();
+    // One command of each kind fails once (a transient error): its batch is replayed.
+    c.dest
+        .configure_fail_point(
+            &doc! {"configureFailPoint": "failCommand", "mode": {"times": 3},
+            "data": {"failCommands": ["insert", "update", "delete"], "errorCode": 91,
+                     "errorLabels": ["RetryableWriteError"], "namespace": "app.lanes"}},
+        )
+        .unwrap();
+    let mut d = Daemon::start(&c, dir.path(), config);
+    let dst = c.dst.database("app").collection::<Document>("lanes");
+    wait_until(
+        "the backlog is applied",
+        Duration::from_secs(90),
+        || async {
+            dst.count_documents(doc! {}).await.unwrap() == 2_999
+                && dst.count_documents(doc! {"w": 2}).await.unwrap() == 2_999
+        },
+    )
+    .await;
+    let mut expected: Vec<Document> = src
+        .find(doc! {"_id": {"$ne": 3_600}})
+        .sort(doc! {"_id": 1})
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    let actual: Vec<Document> = dst
+        .find(doc! {})
+        .sort(doc! {"_id": 1})
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(actual.len(), expected.len());
+    for (a, e) in actual.iter().zip(expected.iter_mut()) {
+        assert_eq!(a, e);
+    }
+    let dead: Vec<Document> = c
+        .dst
+        .database("mongo_syncd")
+        .collection::<Document>("dead_letters")
+        .find(doc! {"ns": "app.lanes"})
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert!(!dead.is_empty(), "log:\n{}", d.logs());
+    for letter in &dead {
+        assert_eq!(
+            letter.get("doc_id"),
+            Some(&bson::Bson::Int32(3_600)),
+            "{letter}"
+        );
+    }
     assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
 }

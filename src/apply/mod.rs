@@ -39,6 +39,13 @@ use crate::{
 const MAX_STATEMENTS_PER_COMMAND: usize = 5_000;
 /// Bytes of statements per bulk command (the command body must stay under 16 MiB).
 const MAX_COMMAND_BYTES: usize = 8 * 1024 * 1024;
+/// Concurrent commands a round's statements of one kind are cut into: the statements of a
+/// round address distinct documents, so the server may run them in any order, and while it
+/// executes one command it is already receiving and parsing the next (a single command at a
+/// time leaves the destination idle between a reply and the next request).
+const WRITE_LANES: usize = 4;
+/// Fewer statements than this per lane cost more in round trips than they gain.
+const MIN_STATEMENTS_PER_LANE: usize = 250;
 
 /// Write errors that mean "this one document cannot be stored as it is".
 const REJECTED_DOCUMENT_CODES: &[i32] = &[2, 52, 53, 55, 56, 57, 121, 10334, 17280, 17419, 17420];
@@ -1630,7 +1637,8 @@ impl Applier {
             };
             doc.clone()
         });
-        self.bulk("insert", "documents", built.collect()).await
+        self.bulk_in_lanes("insert", "documents", built.collect())
+            .await
     }
 
     async fn run_upserts(&self, statements: &[Statement]) -> Result<BulkReply, SyncError> {
@@ -1640,7 +1648,8 @@ impl Applier {
             };
             upsert_statement(&s.id, doc)
         });
-        self.bulk("update", "updates", built.collect()).await
+        self.bulk_in_lanes("update", "updates", built.collect())
+            .await
     }
 
     async fn run_deltas(&self, statements: &[Statement]) -> Result<BulkReply, SyncError> {
@@ -1648,14 +1657,15 @@ impl Applier {
         for s in statements {
             built.push(rawdoc! {"q": {"_id": s.id.clone()}, "u": delta_update(&s.write)?});
         }
-        self.bulk("update", "updates", built).await
+        self.bulk_in_lanes("update", "updates", built).await
     }
 
     async fn run_deletes(&self, statements: &[Statement]) -> Result<BulkReply, SyncError> {
         let built = statements
             .iter()
             .map(|s| rawdoc! {"q": {"_id": s.id.clone()}, "limit": 1});
-        self.bulk("delete", "deletes", built.collect()).await
+        self.bulk_in_lanes("delete", "deletes", built.collect())
+            .await
     }
 
     /// Writes copied documents the destination does not hold yet (a range a copy found empty,
@@ -1785,6 +1795,48 @@ impl Applier {
             ));
         }
         Ok(reply.n as u64)
+    }
+
+    /// [`Applier::bulk`] for statements that each address a different document: cut into up
+    /// to [`WRITE_LANES`] commands sent at once. Error indexes refer to `statements`.
+    async fn bulk_in_lanes(
+        &self,
+        command: &str,
+        field: &str,
+        statements: Vec<RawDocumentBuf>,
+    ) -> Result<BulkReply, SyncError> {
+        let lanes = statements
+            .len()
+            .div_ceil(MIN_STATEMENTS_PER_LANE)
+            .clamp(1, WRITE_LANES);
+        if lanes == 1 {
+            return self.bulk(command, field, statements).await;
+        }
+        let per_lane = statements.len().div_ceil(lanes);
+        let mut rest = statements;
+        let mut parts = Vec::with_capacity(lanes);
+        while !rest.is_empty() {
+            let tail = rest.split_off(per_lane.min(rest.len()));
+            parts.push(std::mem::replace(&mut rest, tail));
+        }
+        let replies =
+            futures::future::join_all(parts.into_iter().map(|p| self.bulk(command, field, p)))
+                .await;
+        let mut out = BulkReply {
+            n: 0,
+            errors: Vec::new(),
+        };
+        for (lane, reply) in replies.into_iter().enumerate() {
+            let reply = reply?;
+            out.n += reply.n;
+            out.errors.extend(
+                reply
+                    .errors
+                    .into_iter()
+                    .map(|(i, code, msg)| (lane * per_lane + i, code, msg)),
+            );
+        }
+        Ok(out)
     }
 
     /// Runs `statements` as unordered bulk commands (split by count and size), majority
