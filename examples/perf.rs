@@ -15,8 +15,11 @@
 //!   of the field by `_id`, unordered bulks of 1,000) sent by a fast client;
 //! - **drain of one collection**: the daemon restarted over that backlog, from its start to the
 //!   last event applied, as a ratio of the drain ceiling (target ≥ 0.9);
-//! - **naive loop**: one `update_one` per event, the way a simple script replicates, and the
-//!   daemon's drain as a multiple of it (target ≥ 12).
+//! - **naive loops**: one `update_one` per event from a fast Rust client that reads no stream,
+//!   and the naive replicator the issue measured (`examples/naive_replicator.py`: PyMongo reads
+//!   the backlog's change stream and writes each event with one acknowledged `update_one`); the
+//!   daemon's drain as a multiple of each (target ≥ 12 against the replicator). The replicator
+//!   runs when a Python with PyMongo is found (`PERF_PYTHON`, else the workspace's `.venv`).
 //!
 //! The machine is shared and the simulator is the limit: read the ratios, not the absolutes.
 //!
@@ -870,6 +873,7 @@ async fn main() {
     daemon.stop().await;
 
     // A backlog while the daemon is stopped: `$inc` updates, applied as `$set` deltas.
+    let backlog_start = operation_time(&src).await;
     let coll = src.database(DB).collection::<Document>(COLL);
     let sources: Vec<Document> = (0..events)
         .map(|k| doc! {"q": {"_id": event_id(k, docs)}, "u": {"$inc": {"visits": 1}}})
@@ -906,6 +910,7 @@ async fn main() {
             .unwrap();
     }
     let naive_rate = rate(naive, started.elapsed());
+    let pymongo_rate = naive_pymongo(&source_uri, &dest_uri, backlog_start, naive.min(events));
     drop(coll);
 
     println!("| what | per second | ratio |");
@@ -925,7 +930,63 @@ async fn main() {
         drain / drain_ceiling
     );
     println!(
-        "| naive loop, one update_one per event | {naive_rate:.0} | drain = {:.1}× naive (target ≥ 12) |",
+        "| naive loop, one update_one per event (Rust, no stream to read) | {naive_rate:.0} | drain = {:.1}× this loop |",
         drain / naive_rate
     );
+    match pymongo_rate {
+        Some(r) => println!(
+            "| naive replicator: PyMongo change stream, one update_one per event | {r:.0} | drain = {:.1}× naive (target ≥ 12) |",
+            drain / r
+        ),
+        None => println!(
+            "| naive replicator: PyMongo change stream, one update_one per event | not run | no python with pymongo (set PERF_PYTHON) |"
+        ),
+    }
+}
+
+/// The source's `operationTime`: a change stream started there sees every later write.
+async fn operation_time(client: &Client) -> bson::Timestamp {
+    let reply = client
+        .database(DB)
+        .run_command(doc! {"insert": "perf_marker", "documents": [{}]})
+        .await
+        .unwrap();
+    reply
+        .get_timestamp("operationTime")
+        .unwrap_or_else(|_| panic!("no operationTime in {reply}"))
+}
+
+/// The naive replicator issue 11 measured (a PyMongo loop reading the change stream and
+/// writing each event with one acknowledged `update_one`), over the first `events` events of
+/// the drain's backlog, into a copy of the collection. `None` without a Python that has
+/// PyMongo (`PERF_PYTHON`, else the workspace's `.venv`).
+fn naive_pymongo(source: &str, dest: &str, from: bson::Timestamp, events: i64) -> Option<f64> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let python = std::env::var_os("PERF_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join(".venv/bin/python"));
+    if !python.exists() {
+        return None;
+    }
+    let output = Command::new(&python)
+        .arg(root.join("examples/naive_replicator.py"))
+        .args([source, dest, DB, COLL, "ceiling_drain"])
+        .args([
+            from.time.to_string(),
+            from.increment.to_string(),
+            events.to_string(),
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
+    assert!(
+        output.status.success(),
+        "naive_replicator.py failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Some(
+        String::from_utf8_lossy(&output.stdout)
+            .trim()
+            .parse()
+            .expect("naive_replicator.py prints a rate"),
+    )
 }
