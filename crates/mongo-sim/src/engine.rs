@@ -452,7 +452,11 @@ pub fn change_to_op(coll: &Collection, change: DocChange) -> OplogOp {
     let ns = coll.ns.clone();
     let uuid = coll.uuid;
     match change {
-        DocChange::Insert { doc } => OplogOp::Insert { ns, uuid, doc },
+        DocChange::Insert { doc } => OplogOp::Insert {
+            ns,
+            uuid,
+            doc: doc.into(),
+        },
         DocChange::Update {
             pre,
             post,
@@ -460,17 +464,21 @@ pub fn change_to_op(coll: &Collection, change: DocChange) -> OplogOp {
         } => OplogOp::Update {
             ns,
             uuid,
-            pre,
-            post,
+            pre: pre.into(),
+            post: post.into(),
             description,
         },
         DocChange::Replace { pre, post } => OplogOp::Replace {
             ns,
             uuid,
-            pre,
-            post,
+            pre: pre.into(),
+            post: post.into(),
         },
-        DocChange::Delete { pre } => OplogOp::Delete { ns, uuid, pre },
+        DocChange::Delete { pre } => OplogOp::Delete {
+            ns,
+            uuid,
+            pre: pre.into(),
+        },
     }
 }
 

@@ -1,11 +1,128 @@
 //! The cluster clock and a bounded oplog: every write gets a cluster time and an entry; the
 //! oldest entries fall off when the capacity is exceeded, so history loss can be provoked.
 
-use std::collections::VecDeque;
+use std::{
+    borrow::Cow,
+    collections::{HashMap, VecDeque},
+    hash::{BuildHasherDefault, Hasher},
+    sync::Arc,
+};
 
-use bson::{Bson, Document, Timestamp};
+use bson::{Bson, Document, RawDocument, RawDocumentBuf, Timestamp};
 
 use crate::store::{DocRef, Namespace};
+
+/// A document version an oplog entry keeps (the document of an insert, the pre- and
+/// post-image of an update, a replacement or a delete).
+///
+/// A version is written `Live`: the very `DocRef` the collection (or the transaction) stored,
+/// which costs the oplog nothing while the catalog still holds it. Once nothing but the oplog
+/// holds it, it is `Packed` as its BSON bytes (a `Document` of a small record takes ~10x its
+/// BSON size on the heap): the oplog packs the pre-image of every update, replacement and
+/// delete (the catalog just replaced it), sharing the bytes with the entry that wrote that
+/// version, and sweeps the versions only it holds (see [`Oplog::append`]).
+#[derive(Debug, Clone)]
+pub enum Version {
+    Live(DocRef),
+    Packed(Arc<[u8]>),
+}
+
+impl From<DocRef> for Version {
+    fn from(doc: DocRef) -> Self {
+        Version::Live(doc)
+    }
+}
+
+impl Version {
+    /// The BSON bytes of `doc` (`None` when it cannot be encoded: it then stays live).
+    fn pack_document(doc: &Document) -> Option<Arc<[u8]>> {
+        RawDocumentBuf::try_from(doc)
+            .ok()
+            .map(|raw| Arc::from(raw.into_bytes()))
+    }
+
+    /// A version stored as its BSON bytes (recovery).
+    pub fn packed(doc: &Document) -> Version {
+        match Self::pack_document(doc) {
+            Some(bytes) => Version::Packed(bytes),
+            None => Version::Live(Arc::new(doc.clone())),
+        }
+    }
+
+    fn raw(bytes: &[u8]) -> &RawDocument {
+        RawDocument::from_bytes(bytes).expect("packed from a valid document")
+    }
+
+    /// The document (borrowed when live, decoded when packed).
+    pub fn document(&self) -> Cow<'_, Document> {
+        match self {
+            Version::Live(doc) => Cow::Borrowed(doc),
+            Version::Packed(bytes) => Cow::Owned(
+                Document::try_from(Self::raw(bytes)).expect("packed from a valid document"),
+            ),
+        }
+    }
+
+    /// The document as a `DocRef` (the same one when live, a decoded copy when packed).
+    pub fn doc_ref(&self) -> DocRef {
+        match self {
+            Version::Live(doc) => Arc::clone(doc),
+            Version::Packed(_) => Arc::new(self.document().into_owned()),
+        }
+    }
+
+    /// The document's `_id`.
+    pub fn id(&self) -> Option<Bson> {
+        match self {
+            Version::Live(doc) => doc.get("_id").cloned(),
+            Version::Packed(bytes) => Self::raw(bytes)
+                .get("_id")
+                .ok()
+                .flatten()
+                .and_then(|v| Bson::try_from(v).ok()),
+        }
+    }
+
+    fn live(&self) -> Option<&DocRef> {
+        match self {
+            Version::Live(doc) => Some(doc),
+            Version::Packed(_) => None,
+        }
+    }
+
+    /// Heap bytes this version keeps that nothing else shares (for tests and diagnostics):
+    /// the encoded size when packed, 0 while live (the catalog holds the document).
+    pub fn packed_len(&self) -> usize {
+        match self {
+            Version::Live(_) => 0,
+            Version::Packed(bytes) => bytes.len(),
+        }
+    }
+}
+
+/// Identity of a live version (the address of its `Arc`): valid as a key while the entry
+/// that holds the `Arc` is in the oplog.
+fn addr(doc: &DocRef) -> usize {
+    Arc::as_ptr(doc) as usize
+}
+
+/// Hasher of [`addr`] keys (a multiplicative mix; addresses are unique, not adversarial).
+#[derive(Default)]
+struct AddrHasher(u64);
+
+impl Hasher for AddrHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.0 = (n as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29);
+    }
+}
 
 /// Monotonic cluster time: `Timestamp(unix seconds, counter)`.
 #[derive(Debug, Clone)]
@@ -76,25 +193,25 @@ pub enum OplogOp {
     Insert {
         ns: Namespace,
         uuid: bson::Uuid,
-        doc: DocRef,
+        doc: Version,
     },
     Update {
         ns: Namespace,
         uuid: bson::Uuid,
-        pre: DocRef,
-        post: DocRef,
-        description: std::sync::Arc<crate::query::update::UpdateDescription>,
+        pre: Version,
+        post: Version,
+        description: Arc<crate::query::update::UpdateDescription>,
     },
     Replace {
         ns: Namespace,
         uuid: bson::Uuid,
-        pre: DocRef,
-        post: DocRef,
+        pre: Version,
+        post: Version,
     },
     Delete {
         ns: Namespace,
         uuid: bson::Uuid,
-        pre: DocRef,
+        pre: Version,
     },
     Create {
         ns: Namespace,
@@ -160,11 +277,30 @@ impl OplogOp {
         }
     }
 
-    pub fn document_id(&self) -> Option<&Bson> {
+    pub fn document_id(&self) -> Option<Bson> {
         match self {
-            OplogOp::Insert { doc, .. } => doc.get("_id"),
-            OplogOp::Update { post, .. } | OplogOp::Replace { post, .. } => post.get("_id"),
-            OplogOp::Delete { pre, .. } => pre.get("_id"),
+            OplogOp::Insert { doc, .. } => doc.id(),
+            OplogOp::Update { post, .. } | OplogOp::Replace { post, .. } => post.id(),
+            OplogOp::Delete { pre, .. } => pre.id(),
+            _ => None,
+        }
+    }
+
+    /// The version the entry wrote (insert: the document; update, replace: the post-image).
+    fn written_mut(&mut self) -> Option<&mut Version> {
+        match self {
+            OplogOp::Insert { doc, .. } => Some(doc),
+            OplogOp::Update { post, .. } | OplogOp::Replace { post, .. } => Some(post),
+            _ => None,
+        }
+    }
+
+    /// The version the entry replaced (update, replace, delete: the pre-image).
+    fn replaced_mut(&mut self) -> Option<&mut Version> {
+        match self {
+            OplogOp::Update { pre, .. }
+            | OplogOp::Replace { pre, .. }
+            | OplogOp::Delete { pre, .. } => Some(pre),
             _ => None,
         }
     }
@@ -195,7 +331,17 @@ pub struct Oplog {
     dropped_through_ts: Option<Timestamp>,
     /// With `--data-dir`: encoded records of the entries appended since the last flush.
     journal: Option<Vec<u8>>,
+    /// Live written versions ([`Version::Live`] documents of inserts and post-images) by
+    /// [`addr`], with the sequence number of their entry: when a later write replaces one,
+    /// its bytes are packed once for both entries.
+    live: HashMap<usize, u64, BuildHasherDefault<AddrHasher>>,
+    /// Next entry the sweep of [`Oplog::sweep`] looks at.
+    sweep_seq: u64,
 }
+
+/// Entries the sweep looks at per append: the oplog is swept once per `len / SWEEP_STEP`
+/// appends.
+const SWEEP_STEP: usize = 2;
 
 impl Oplog {
     pub fn new(capacity: usize) -> Self {
@@ -206,6 +352,8 @@ impl Oplog {
             dropped_through_seq: 0,
             dropped_through_ts: None,
             journal: None,
+            live: HashMap::default(),
+            sweep_seq: 0,
         }
     }
 
@@ -243,6 +391,7 @@ impl Oplog {
             }
         }
         self.entries.push_back(entry);
+        self.compact_last();
         self.trim();
     }
 
@@ -279,15 +428,104 @@ impl Oplog {
             let entry = self.entries.back().expect("just pushed");
             crate::persist::encode_entry(entry, journal);
         }
+        self.compact_last();
+        self.sweep();
         self.trim();
         seq
     }
 
+    /// Packs the pre-image of the newest entry (the collection no longer holds it), sharing
+    /// the bytes with the entry that wrote that version if it still holds it live, and
+    /// records the version the newest entry wrote while it is live.
+    fn compact_last(&mut self) {
+        let Some(last) = self.entries.back_mut() else {
+            return;
+        };
+        let seq = last.seq;
+        if let Some(pre) = last.op.replaced_mut() {
+            if let Version::Live(doc) = pre {
+                if let Some(bytes) = Version::pack_document(doc) {
+                    let key = addr(doc);
+                    let writer = self.live.get(&key).copied();
+                    *pre = Version::Packed(Arc::clone(&bytes));
+                    if let Some(writer_seq) = writer {
+                        // The key is valid: the entry holding that `Arc` is still in the
+                        // oplog (trim and sweep forget the keys of the entries they drop).
+                        self.live.remove(&key);
+                        if let Some(written) = self
+                            .get_mut(writer_seq)
+                            .and_then(|e| e.op.written_mut())
+                        {
+                            if written.live().is_some_and(|d| addr(d) == key) {
+                                *written = Version::Packed(bytes);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let last = self.entries.back_mut().expect("checked above");
+        if let Some(Version::Live(doc)) = last.op.written_mut() {
+            self.live.insert(addr(doc), seq);
+        }
+    }
+
+    /// Packs, a few entries per append, the live versions nothing but the oplog holds any
+    /// more (the catalog dropped them: a dropped collection, a committed transaction's copies).
+    fn sweep(&mut self) {
+        for _ in 0..SWEEP_STEP {
+            let Some(first) = self.entries.front().map(|e| e.seq) else {
+                return;
+            };
+            if self.sweep_seq < first || self.sweep_seq > self.last_seq() {
+                self.sweep_seq = first;
+            }
+            let seq = self.sweep_seq;
+            self.sweep_seq += 1;
+            let entry = self.get_mut(seq).expect("within the oplog");
+            let mut forget = None;
+            if let Some(written) = entry.op.written_mut() {
+                if let Some(doc) = written.live().filter(|d| Arc::strong_count(d) == 1) {
+                    if let Some(bytes) = Version::pack_document(doc) {
+                        forget = Some(addr(doc));
+                        *written = Version::Packed(bytes);
+                    }
+                }
+            }
+            if let Some(pre) = entry.op.replaced_mut() {
+                if let Some(doc) = pre.live().filter(|d| Arc::strong_count(d) == 1) {
+                    if let Some(bytes) = Version::pack_document(doc) {
+                        *pre = Version::Packed(bytes);
+                    }
+                }
+            }
+            if let Some(key) = forget {
+                if self.live.get(&key) == Some(&seq) {
+                    self.live.remove(&key);
+                }
+            }
+        }
+    }
+
+    fn get_mut(&mut self, seq: u64) -> Option<&mut OplogEntry> {
+        let first = self.entries.front()?.seq;
+        if seq < first {
+            return None;
+        }
+        self.entries.get_mut((seq - first) as usize)
+    }
+
     fn trim(&mut self) {
         while self.entries.len() > self.capacity {
-            if let Some(e) = self.entries.pop_front() {
+            if let Some(mut e) = self.entries.pop_front() {
                 self.dropped_through_seq = e.seq;
                 self.dropped_through_ts = Some(e.ts);
+                if let Some(Version::Live(doc)) = e.op.written_mut() {
+                    let key = addr(doc);
+                    if self.live.get(&key) == Some(&e.seq) {
+                        self.live.remove(&key);
+                    }
+                }
             }
         }
     }

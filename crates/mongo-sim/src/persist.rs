@@ -33,7 +33,7 @@ use std::{
 use bson::{doc, oid::ObjectId, Bson, Document};
 
 use crate::{
-    oplog::{ClusterClock, Oplog, OplogEntry, OplogOp, TxnInfo},
+    oplog::{ClusterClock, Oplog, OplogEntry, OplogOp, TxnInfo, Version},
     query::{path::PathPart, update::UpdateDescription},
     store::{Catalog, Collection, Index, Namespace},
 };
@@ -258,7 +258,7 @@ fn docs_from(d: &Document, k: &str) -> std::io::Result<Vec<Document>> {
 fn op_to_doc(op: &OplogOp) -> Document {
     match op {
         OplogOp::Insert { ns, uuid, doc } => {
-            doc! {"op": "i", "ns": ns.to_string(), "ui": uuid_bson(uuid), "o": (**doc).clone()}
+            doc! {"op": "i", "ns": ns.to_string(), "ui": uuid_bson(uuid), "o": doc.document().into_owned()}
         }
         OplogOp::Update {
             ns,
@@ -268,7 +268,7 @@ fn op_to_doc(op: &OplogOp) -> Document {
             description,
         } => doc! {
             "op": "u", "ns": ns.to_string(), "ui": uuid_bson(uuid),
-            "pre": (**pre).clone(), "o": (**post).clone(), "d": description_to_doc(description),
+            "pre": pre.document().into_owned(), "o": post.document().into_owned(), "d": description_to_doc(description),
         },
         OplogOp::Replace {
             ns,
@@ -277,10 +277,10 @@ fn op_to_doc(op: &OplogOp) -> Document {
             post,
         } => doc! {
             "op": "r", "ns": ns.to_string(), "ui": uuid_bson(uuid),
-            "pre": (**pre).clone(), "o": (**post).clone(),
+            "pre": pre.document().into_owned(), "o": post.document().into_owned(),
         },
         OplogOp::Delete { ns, uuid, pre } => {
-            doc! {"op": "d", "ns": ns.to_string(), "ui": uuid_bson(uuid), "pre": (**pre).clone()}
+            doc! {"op": "d", "ns": ns.to_string(), "ui": uuid_bson(uuid), "pre": pre.document().into_owned()}
         }
         OplogOp::Create { ns, uuid, options } => {
             doc! {"op": "create", "ns": ns.to_string(), "ui": uuid_bson(uuid), "o": options.clone()}
@@ -326,25 +326,25 @@ fn op_from_doc(d: &Document) -> std::io::Result<OplogOp> {
         "i" => OplogOp::Insert {
             ns: ns_from(d, "ns")?,
             uuid: uuid_from(d, "ui")?,
-            doc: Arc::new(doc_from(d, "o")?),
+            doc: Version::packed(&doc_from(d, "o")?),
         },
         "u" => OplogOp::Update {
             ns: ns_from(d, "ns")?,
             uuid: uuid_from(d, "ui")?,
-            pre: Arc::new(doc_from(d, "pre")?),
-            post: Arc::new(doc_from(d, "o")?),
+            pre: Version::packed(&doc_from(d, "pre")?),
+            post: Version::packed(&doc_from(d, "o")?),
             description: Arc::new(description_from_doc(&doc_from(d, "d")?)?),
         },
         "r" => OplogOp::Replace {
             ns: ns_from(d, "ns")?,
             uuid: uuid_from(d, "ui")?,
-            pre: Arc::new(doc_from(d, "pre")?),
-            post: Arc::new(doc_from(d, "o")?),
+            pre: Version::packed(&doc_from(d, "pre")?),
+            post: Version::packed(&doc_from(d, "o")?),
         },
         "d" => OplogOp::Delete {
             ns: ns_from(d, "ns")?,
             uuid: uuid_from(d, "ui")?,
-            pre: Arc::new(doc_from(d, "pre")?),
+            pre: Version::packed(&doc_from(d, "pre")?),
         },
         "create" => OplogOp::Create {
             ns: ns_from(d, "ns")?,
@@ -435,17 +435,18 @@ pub fn apply(catalog: &mut Catalog, op: &OplogOp) -> std::io::Result<()> {
     match op {
         OplogOp::Insert { ns, doc, .. } => {
             if let Some(c) = catalog.get_mut(ns) {
-                c.insert((**doc).clone(), true).map_err(fail)?;
+                c.insert(doc.document().into_owned(), true).map_err(fail)?;
             }
         }
         OplogOp::Update { ns, post, .. } | OplogOp::Replace { ns, post, .. } => {
             if let Some(c) = catalog.get_mut(ns) {
-                c.replace((**post).clone(), None, true).map_err(fail)?;
+                c.replace(post.document().into_owned(), None, true)
+                    .map_err(fail)?;
             }
         }
         OplogOp::Delete { ns, pre, .. } => {
             if let Some(c) = catalog.get_mut(ns) {
-                c.delete(pre.get("_id").unwrap_or(&Bson::Null));
+                c.delete(&pre.id().unwrap_or(Bson::Null));
             }
         }
         OplogOp::Create { ns, uuid, options } => {
