@@ -564,7 +564,7 @@ impl ChangeStreamCursor {
                         let mut e = self.base_event(entry, "create", ns_doc, Some(*uuid));
                         let mut desc =
                             doc! {"idIndex": {"v": 2, "key": {"_id": 1}, "name": "_id_"}};
-                        for (k, v) in options {
+                        for (k, v) in options.iter() {
                             desc.insert(k.clone(), v.clone());
                         }
                         e.insert("operationDescription", desc);
@@ -588,10 +588,10 @@ impl ChangeStreamCursor {
                         ..
                     } if expanded => {
                         let mut e = self.base_event(entry, "modify", ns_doc, Some(*uuid));
-                        e.insert("operationDescription", changed.clone());
+                        e.insert("operationDescription", (**changed).clone());
                         e.insert(
                             "stateBeforeChange",
-                            doc! {"collectionOptions": previous.clone()},
+                            doc! {"collectionOptions": (**previous).clone()},
                         );
                         raw.push(e);
                     }

@@ -485,9 +485,10 @@ pub fn change_to_op(coll: &Collection, change: DocChange) -> OplogOp {
 /// Appends the entries of a committed transaction: one cluster time, increasing op index.
 pub fn log_transaction(data: &mut Data, ops: Vec<(OplogOp, bool)>, txn: TxnInfo) -> Timestamp {
     let ts = data.clock.tick();
+    let txn = Arc::new(txn);
     for (index, (op, images)) in ops.into_iter().enumerate() {
         data.oplog
-            .append(ts, op, Some(txn.clone()), index as u32, images);
+            .append(ts, op, Some(Arc::clone(&txn)), index as u32, images);
     }
     ts
 }

@@ -216,7 +216,9 @@ pub enum OplogOp {
     Create {
         ns: Namespace,
         uuid: bson::Uuid,
-        options: Document,
+        /// Boxed, as the documents of the other rare variants: every entry is as large as
+        /// the largest variant.
+        options: Box<Document>,
     },
     CreateIndexes {
         ns: Namespace,
@@ -232,8 +234,8 @@ pub enum OplogOp {
     Modify {
         ns: Namespace,
         uuid: bson::Uuid,
-        changed: Document,
-        previous: Document,
+        changed: Box<Document>,
+        previous: Box<Document>,
     },
     Drop {
         ns: Namespace,
@@ -313,7 +315,8 @@ pub struct OplogEntry {
     pub ts: Timestamp,
     pub wall: bson::DateTime,
     pub op: OplogOp,
-    pub txn: Option<TxnInfo>,
+    /// Shared by the entries of one transaction.
+    pub txn: Option<Arc<TxnInfo>>,
     /// Index of this operation within its transaction (0 outside transactions).
     pub txn_op_index: u32,
     /// Whether the collection recorded pre- and post-images when this write happened.
@@ -409,7 +412,7 @@ impl Oplog {
         &mut self,
         ts: Timestamp,
         op: OplogOp,
-        txn: Option<TxnInfo>,
+        txn: Option<Arc<TxnInfo>>,
         txn_op_index: u32,
         images: bool,
     ) -> u64 {

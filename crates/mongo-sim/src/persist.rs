@@ -283,7 +283,7 @@ fn op_to_doc(op: &OplogOp) -> Document {
             doc! {"op": "d", "ns": ns.to_string(), "ui": uuid_bson(uuid), "pre": pre.document().into_owned()}
         }
         OplogOp::Create { ns, uuid, options } => {
-            doc! {"op": "create", "ns": ns.to_string(), "ui": uuid_bson(uuid), "o": options.clone()}
+            doc! {"op": "create", "ns": ns.to_string(), "ui": uuid_bson(uuid), "o": (**options).clone()}
         }
         OplogOp::CreateIndexes { ns, uuid, indexes } => doc! {
             "op": "createIndexes", "ns": ns.to_string(), "ui": uuid_bson(uuid), "o": indexes.clone(),
@@ -298,7 +298,7 @@ fn op_to_doc(op: &OplogOp) -> Document {
             previous,
         } => doc! {
             "op": "collMod", "ns": ns.to_string(), "ui": uuid_bson(uuid),
-            "o": changed.clone(), "prev": previous.clone(),
+            "o": (**changed).clone(), "prev": (**previous).clone(),
         },
         OplogOp::Drop { ns, uuid } => {
             doc! {"op": "drop", "ns": ns.to_string(), "ui": uuid_bson(uuid)}
@@ -349,7 +349,7 @@ fn op_from_doc(d: &Document) -> std::io::Result<OplogOp> {
         "create" => OplogOp::Create {
             ns: ns_from(d, "ns")?,
             uuid: uuid_from(d, "ui")?,
-            options: doc_from(d, "o")?,
+            options: Box::new(doc_from(d, "o")?),
         },
         "createIndexes" => OplogOp::CreateIndexes {
             ns: ns_from(d, "ns")?,
@@ -364,8 +364,8 @@ fn op_from_doc(d: &Document) -> std::io::Result<OplogOp> {
         "collMod" => OplogOp::Modify {
             ns: ns_from(d, "ns")?,
             uuid: uuid_from(d, "ui")?,
-            changed: doc_from(d, "o")?,
-            previous: doc_from(d, "prev")?,
+            changed: Box::new(doc_from(d, "o")?),
+            previous: Box::new(doc_from(d, "prev")?),
         },
         "drop" => OplogOp::Drop {
             ns: ns_from(d, "ns")?,
@@ -412,10 +412,10 @@ pub fn encode_entry(e: &OplogEntry, out: &mut Vec<u8>) {
 
 fn entry_from_doc(d: &Document) -> std::io::Result<OplogEntry> {
     let txn = match d.get_document("txn") {
-        Ok(t) => Some(TxnInfo {
+        Ok(t) => Some(Arc::new(TxnInfo {
             lsid: doc_from(t, "lsid")?,
             txn_number: t.get_i64("n").map_err(|_| invalid("txn.n"))?,
-        }),
+        })),
         Err(_) => None,
     };
     Ok(OplogEntry {
@@ -450,7 +450,7 @@ pub fn apply(catalog: &mut Catalog, op: &OplogOp) -> std::io::Result<()> {
             }
         }
         OplogOp::Create { ns, uuid, options } => {
-            let mut c = Collection::new(ns.clone(), options.clone()).map_err(fail)?;
+            let mut c = Collection::new(ns.clone(), (**options).clone()).map_err(fail)?;
             c.uuid = *uuid;
             catalog.insert(c);
         }
@@ -474,7 +474,7 @@ pub fn apply(catalog: &mut Catalog, op: &OplogOp) -> std::io::Result<()> {
         OplogOp::Modify { ns, changed, .. } => {
             if let Some(c) = catalog.get_mut(ns) {
                 let mut options = c.options.clone();
-                for (k, v) in changed {
+                for (k, v) in changed.iter() {
                     if k == "index" {
                         if let Some(spec) = v.as_document() {
                             c.modify_index(spec);

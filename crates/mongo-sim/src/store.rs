@@ -544,7 +544,8 @@ impl Collection {
         }
         let post = Arc::new(new);
         self.docs.insert(id, Arc::clone(&post));
-        Ok(if let Some(description) = description {
+        Ok(if let Some(mut description) = description {
+            description.shrink_to_fit();
             DocChange::Update {
                 pre,
                 post,

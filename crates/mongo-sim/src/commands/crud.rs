@@ -48,7 +48,7 @@ pub fn ensure_collection<'c>(
             OplogOp::Create {
                 ns: ns.clone(),
                 uuid: coll.uuid,
-                options: Document::new(),
+                options: Box::default(),
             },
             false,
         );

@@ -102,7 +102,7 @@ pub fn create(ctx: &Ctx<'_>) -> CommandResult<Document> {
             OplogOp::Create {
                 ns: ns.clone(),
                 uuid: new.uuid,
-                options: options.clone(),
+                options: Box::new(options.clone()),
             },
             false,
         );
@@ -213,7 +213,7 @@ fn create_view(ctx: &Ctx<'_>, ns: Namespace) -> CommandResult<Document> {
                 OplogOp::Create {
                     ns: views_ns.clone(),
                     uuid: coll.uuid,
-                    options: Document::new(),
+                    options: Box::default(),
                 },
                 false,
             );
@@ -476,8 +476,8 @@ pub fn coll_mod(ctx: &Ctx<'_>) -> CommandResult<Document> {
             OplogOp::Modify {
                 ns: ns.clone(),
                 uuid,
-                changed,
-                previous: before,
+                changed: Box::new(changed),
+                previous: Box::new(before),
             },
             false,
         );

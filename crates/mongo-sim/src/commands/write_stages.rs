@@ -293,7 +293,7 @@ fn out(
         OplogOp::Create {
             ns: tmp_ns.clone(),
             uuid: tmp.uuid,
-            options,
+            options: Box::new(options),
         },
         false,
     );
