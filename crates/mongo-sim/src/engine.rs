@@ -449,7 +449,7 @@ impl WriteSink for TxnSink<'_> {
 
 /// Turns a collection-level change into its oplog operation.
 pub fn change_to_op(coll: &Collection, change: DocChange) -> OplogOp {
-    let ns = coll.ns.clone();
+    let ns = coll.shared_ns();
     let uuid = coll.uuid;
     match change {
         DocChange::Insert { doc } => OplogOp::Insert {

@@ -10,7 +10,7 @@ use std::{
 
 use bson::{Bson, Document, RawDocument, RawDocumentBuf, Timestamp};
 
-use crate::store::{DocRef, Namespace};
+use crate::store::{DocRef, Namespace, NsRef};
 
 /// A document version an oplog entry keeps (the document of an insert, the pre- and
 /// post-image of an update, a replacement or a delete).
@@ -191,59 +191,59 @@ pub struct TxnInfo {
 #[derive(Debug, Clone)]
 pub enum OplogOp {
     Insert {
-        ns: Namespace,
+        ns: NsRef,
         uuid: bson::Uuid,
         doc: Version,
     },
     Update {
-        ns: Namespace,
+        ns: NsRef,
         uuid: bson::Uuid,
         pre: Version,
         post: Version,
         description: Arc<crate::query::update::UpdateDescription>,
     },
     Replace {
-        ns: Namespace,
+        ns: NsRef,
         uuid: bson::Uuid,
         pre: Version,
         post: Version,
     },
     Delete {
-        ns: Namespace,
+        ns: NsRef,
         uuid: bson::Uuid,
         pre: Version,
     },
     Create {
-        ns: Namespace,
+        ns: NsRef,
         uuid: bson::Uuid,
         /// Boxed, as the documents of the other rare variants: every entry is as large as
         /// the largest variant.
         options: Box<Document>,
     },
     CreateIndexes {
-        ns: Namespace,
+        ns: NsRef,
         uuid: bson::Uuid,
         indexes: Vec<Document>,
     },
     DropIndexes {
-        ns: Namespace,
+        ns: NsRef,
         uuid: bson::Uuid,
         indexes: Vec<Document>,
     },
     /// collMod: the options that changed (new values) and the previous values.
     Modify {
-        ns: Namespace,
+        ns: NsRef,
         uuid: bson::Uuid,
         changed: Box<Document>,
         previous: Box<Document>,
     },
     Drop {
-        ns: Namespace,
+        ns: NsRef,
         uuid: bson::Uuid,
     },
     Rename {
-        from: Namespace,
-        to: Namespace,
+        from: NsRef,
+        to: NsRef,
         uuid: bson::Uuid,
         drop_target: Option<bson::Uuid>,
     },

@@ -324,56 +324,56 @@ fn op_from_doc(d: &Document) -> std::io::Result<OplogOp> {
     let op = d.get_str("op").map_err(|_| invalid("missing 'op'"))?;
     Ok(match op {
         "i" => OplogOp::Insert {
-            ns: ns_from(d, "ns")?,
+            ns: ns_from(d, "ns")?.into(),
             uuid: uuid_from(d, "ui")?,
             doc: Version::packed(&doc_from(d, "o")?),
         },
         "u" => OplogOp::Update {
-            ns: ns_from(d, "ns")?,
+            ns: ns_from(d, "ns")?.into(),
             uuid: uuid_from(d, "ui")?,
             pre: Version::packed(&doc_from(d, "pre")?),
             post: Version::packed(&doc_from(d, "o")?),
             description: Arc::new(description_from_doc(&doc_from(d, "d")?)?),
         },
         "r" => OplogOp::Replace {
-            ns: ns_from(d, "ns")?,
+            ns: ns_from(d, "ns")?.into(),
             uuid: uuid_from(d, "ui")?,
             pre: Version::packed(&doc_from(d, "pre")?),
             post: Version::packed(&doc_from(d, "o")?),
         },
         "d" => OplogOp::Delete {
-            ns: ns_from(d, "ns")?,
+            ns: ns_from(d, "ns")?.into(),
             uuid: uuid_from(d, "ui")?,
             pre: Version::packed(&doc_from(d, "pre")?),
         },
         "create" => OplogOp::Create {
-            ns: ns_from(d, "ns")?,
+            ns: ns_from(d, "ns")?.into(),
             uuid: uuid_from(d, "ui")?,
             options: Box::new(doc_from(d, "o")?),
         },
         "createIndexes" => OplogOp::CreateIndexes {
-            ns: ns_from(d, "ns")?,
+            ns: ns_from(d, "ns")?.into(),
             uuid: uuid_from(d, "ui")?,
             indexes: docs_from(d, "o")?,
         },
         "dropIndexes" => OplogOp::DropIndexes {
-            ns: ns_from(d, "ns")?,
+            ns: ns_from(d, "ns")?.into(),
             uuid: uuid_from(d, "ui")?,
             indexes: docs_from(d, "o")?,
         },
         "collMod" => OplogOp::Modify {
-            ns: ns_from(d, "ns")?,
+            ns: ns_from(d, "ns")?.into(),
             uuid: uuid_from(d, "ui")?,
             changed: Box::new(doc_from(d, "o")?),
             previous: Box::new(doc_from(d, "prev")?),
         },
         "drop" => OplogOp::Drop {
-            ns: ns_from(d, "ns")?,
+            ns: ns_from(d, "ns")?.into(),
             uuid: uuid_from(d, "ui")?,
         },
         "rename" => OplogOp::Rename {
-            from: ns_from(d, "ns")?,
-            to: ns_from(d, "to")?,
+            from: ns_from(d, "ns")?.into(),
+            to: ns_from(d, "to")?.into(),
             uuid: uuid_from(d, "ui")?,
             drop_target: match d.get("dropTarget") {
                 Some(_) => Some(uuid_from(d, "dropTarget")?),
@@ -450,7 +450,7 @@ pub fn apply(catalog: &mut Catalog, op: &OplogOp) -> std::io::Result<()> {
             }
         }
         OplogOp::Create { ns, uuid, options } => {
-            let mut c = Collection::new(ns.clone(), (**options).clone()).map_err(fail)?;
+            let mut c = Collection::new((**ns).clone(), (**options).clone()).map_err(fail)?;
             c.uuid = *uuid;
             catalog.insert(c);
         }
@@ -499,7 +499,7 @@ pub fn apply(catalog: &mut Catalog, op: &OplogOp) -> std::io::Result<()> {
                 catalog.remove(to);
             }
             if let Some(mut c) = catalog.remove(from) {
-                c.ns = to.clone();
+                c.set_ns((**to).clone());
                 catalog.insert(c);
             }
         }

@@ -46,7 +46,7 @@ pub fn ensure_collection<'c>(
         let coll = Collection::new(ns.clone(), Document::new())?;
         sink.emit(
             OplogOp::Create {
-                ns: ns.clone(),
+                ns: ns.clone().into(),
                 uuid: coll.uuid,
                 options: Box::default(),
             },
