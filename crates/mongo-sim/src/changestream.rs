@@ -487,10 +487,7 @@ impl ChangeStreamCursor {
                             expanded.then_some(*uuid),
                             Some(Bson::Document(doc.document().into_owned())),
                         );
-                        e.insert(
-                            "documentKey",
-                            doc! {"_id": doc.id().unwrap_or(Bson::Null)},
-                        );
+                        e.insert("documentKey", doc! {"_id": doc.id().unwrap_or(Bson::Null)});
                         raw.push(e);
                     }
                     OplogOp::Update {

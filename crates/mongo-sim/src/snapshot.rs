@@ -141,9 +141,7 @@ pub fn catalog_at(data: &Data, at: Timestamp) -> CommandResult<Snapshot> {
     let newer: Vec<_> = data.oplog.after(data.oplog.seq_through_ts(at)).collect();
     for entry in newer.into_iter().rev() {
         match &entry.op {
-            OplogOp::Insert { ns, uuid, doc } => {
-                restore(&mut catalog, ns, *uuid, doc.id(), None)
-            }
+            OplogOp::Insert { ns, uuid, doc } => restore(&mut catalog, ns, *uuid, doc.id(), None),
             OplogOp::Update { ns, uuid, pre, .. }
             | OplogOp::Replace { ns, uuid, pre, .. }
             | OplogOp::Delete { ns, uuid, pre } => {
