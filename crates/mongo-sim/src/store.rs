@@ -594,8 +594,11 @@ impl Collection {
 
     /// Puts back an earlier version of document `id` (`None`: it did not exist), keeping the
     /// unique-index entries in step, without checks: snapshot reads undo the oplog newest
-    /// first, so every intermediate state is one the collection had. The very `DocRef` of the
-    /// history is kept (transactions detect conflicts by pointer identity).
+    /// first, so every intermediate state is one the collection had. A version the oplog still
+    /// holds live is the very `DocRef` of the history; a packed one is a decoded copy. Either
+    /// way it is never the catalog's current `DocRef` (the document was written after the
+    /// snapshot time), so the pointer identity by which transactions detect conflicts answers
+    /// as before.
     pub fn restore_version(&mut self, id: &Bson, version: Option<DocRef>) {
         let key = IdKey(id.clone());
         let existed = match self.docs.remove(&key) {
