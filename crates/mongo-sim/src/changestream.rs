@@ -485,12 +485,9 @@ impl ChangeStreamCursor {
                             "insert",
                             ns_doc,
                             expanded.then_some(*uuid),
-                            Some(Bson::Document((**doc).clone())),
+                            Some(Bson::Document(doc.document().into_owned())),
                         );
-                        e.insert(
-                            "documentKey",
-                            doc! {"_id": doc.get("_id").cloned().unwrap_or(Bson::Null)},
-                        );
+                        e.insert("documentKey", doc! {"_id": doc.id().unwrap_or(Bson::Null)});
                         raw.push(e);
                     }
                     OplogOp::Update {
@@ -503,10 +500,7 @@ impl ChangeStreamCursor {
                         let mut e =
                             self.base_event(entry, "update", ns_doc, expanded.then_some(*uuid));
                         self.add_full_document(&mut e, entry, ns, post, data)?;
-                        e.insert(
-                            "documentKey",
-                            doc! {"_id": post.get("_id").cloned().unwrap_or(Bson::Null)},
-                        );
+                        e.insert("documentKey", doc! {"_id": post.id().unwrap_or(Bson::Null)});
                         e.insert(
                             "updateDescription",
                             update_description(description, expanded),
@@ -522,22 +516,16 @@ impl ChangeStreamCursor {
                             "replace",
                             ns_doc,
                             expanded.then_some(*uuid),
-                            Some(Bson::Document((**post).clone())),
+                            Some(Bson::Document(post.document().into_owned())),
                         );
-                        e.insert(
-                            "documentKey",
-                            doc! {"_id": post.get("_id").cloned().unwrap_or(Bson::Null)},
-                        );
+                        e.insert("documentKey", doc! {"_id": post.id().unwrap_or(Bson::Null)});
                         self.add_before_change(&mut e, entry, pre)?;
                         raw.push(e);
                     }
                     OplogOp::Delete { uuid, pre, .. } => {
                         let mut e =
                             self.base_event(entry, "delete", ns_doc, expanded.then_some(*uuid));
-                        e.insert(
-                            "documentKey",
-                            doc! {"_id": pre.get("_id").cloned().unwrap_or(Bson::Null)},
-                        );
+                        e.insert("documentKey", doc! {"_id": pre.id().unwrap_or(Bson::Null)});
                         self.add_before_change(&mut e, entry, pre)?;
                         raw.push(e);
                     }
@@ -573,7 +561,7 @@ impl ChangeStreamCursor {
                         let mut e = self.base_event(entry, "create", ns_doc, Some(*uuid));
                         let mut desc =
                             doc! {"idIndex": {"v": 2, "key": {"_id": 1}, "name": "_id_"}};
-                        for (k, v) in options {
+                        for (k, v) in options.iter() {
                             desc.insert(k.clone(), v.clone());
                         }
                         e.insert("operationDescription", desc);
@@ -597,10 +585,10 @@ impl ChangeStreamCursor {
                         ..
                     } if expanded => {
                         let mut e = self.base_event(entry, "modify", ns_doc, Some(*uuid));
-                        e.insert("operationDescription", changed.clone());
+                        e.insert("operationDescription", (**changed).clone());
                         e.insert(
                             "stateBeforeChange",
-                            doc! {"collectionOptions": previous.clone()},
+                            doc! {"collectionOptions": (**previous).clone()},
                         );
                         raw.push(e);
                     }
@@ -664,6 +652,7 @@ impl ChangeStreamCursor {
             OplogOp::Delete { pre, .. } => ("drop", pre),
             _ => return None,
         };
+        let stored = stored.document();
         let view = Namespace::parse(stored.get_str("_id").ok()?).ok()?;
         if !self.in_scope(&view) {
             return None;
@@ -671,7 +660,7 @@ impl ChangeStreamCursor {
         let ns_doc = doc! {"db": view.db.clone(), "coll": view.coll.clone()};
         let mut e = self.base_event(entry, op_type, ns_doc, None);
         if op_type != "drop" {
-            let def = crate::views::ViewDef::from_stored(stored)?;
+            let def = crate::views::ViewDef::from_stored(&stored)?;
             e.insert("operationDescription", def.options());
         }
         if op_type == "create" {
@@ -741,7 +730,7 @@ impl ChangeStreamCursor {
         e: &mut Document,
         entry: &OplogEntry,
         ns: &Namespace,
-        post: &crate::store::DocRef,
+        post: &crate::oplog::Version,
         data: &Data,
     ) -> CommandResult<()> {
         let value = match self.spec.full_document {
@@ -749,19 +738,19 @@ impl ChangeStreamCursor {
             FullDocument::UpdateLookup => data
                 .catalog
                 .get(ns)
-                .and_then(|c| c.get(post.get("_id").unwrap_or(&Bson::Null)))
+                .and_then(|c| c.get(&post.id().unwrap_or(Bson::Null)))
                 .map(|d| Bson::Document((**d).clone()))
                 .unwrap_or(Bson::Null),
             FullDocument::WhenAvailable => {
                 if entry.images {
-                    Bson::Document((**post).clone())
+                    Bson::Document(post.document().into_owned())
                 } else {
                     Bson::Null
                 }
             }
             FullDocument::Required => {
                 if entry.images {
-                    Bson::Document((**post).clone())
+                    Bson::Document(post.document().into_owned())
                 } else {
                     return Err(CommandError::new(
                         codes::NO_MATCHING_DOCUMENT,
@@ -781,7 +770,7 @@ impl ChangeStreamCursor {
         &self,
         e: &mut Document,
         entry: &OplogEntry,
-        pre: &crate::store::DocRef,
+        pre: &crate::oplog::Version,
     ) -> CommandResult<()> {
         match self.spec.before_change {
             BeforeChange::Off => {}
@@ -789,7 +778,7 @@ impl ChangeStreamCursor {
                 e.insert(
                     "fullDocumentBeforeChange",
                     if entry.images {
-                        Bson::Document((**pre).clone())
+                        Bson::Document(pre.document().into_owned())
                     } else {
                         Bson::Null
                     },
@@ -805,7 +794,10 @@ impl ChangeStreamCursor {
                         ),
                     ));
                 }
-                e.insert("fullDocumentBeforeChange", Bson::Document((**pre).clone()));
+                e.insert(
+                    "fullDocumentBeforeChange",
+                    Bson::Document(pre.document().into_owned()),
+                );
             }
         }
         Ok(())

@@ -449,10 +449,14 @@ impl WriteSink for TxnSink<'_> {
 
 /// Turns a collection-level change into its oplog operation.
 pub fn change_to_op(coll: &Collection, change: DocChange) -> OplogOp {
-    let ns = coll.ns.clone();
+    let ns = coll.shared_ns();
     let uuid = coll.uuid;
     match change {
-        DocChange::Insert { doc } => OplogOp::Insert { ns, uuid, doc },
+        DocChange::Insert { doc } => OplogOp::Insert {
+            ns,
+            uuid,
+            doc: doc.into(),
+        },
         DocChange::Update {
             pre,
             post,
@@ -460,26 +464,31 @@ pub fn change_to_op(coll: &Collection, change: DocChange) -> OplogOp {
         } => OplogOp::Update {
             ns,
             uuid,
-            pre,
-            post,
+            pre: pre.into(),
+            post: post.into(),
             description,
         },
         DocChange::Replace { pre, post } => OplogOp::Replace {
             ns,
             uuid,
-            pre,
-            post,
+            pre: pre.into(),
+            post: post.into(),
         },
-        DocChange::Delete { pre } => OplogOp::Delete { ns, uuid, pre },
+        DocChange::Delete { pre } => OplogOp::Delete {
+            ns,
+            uuid,
+            pre: pre.into(),
+        },
     }
 }
 
 /// Appends the entries of a committed transaction: one cluster time, increasing op index.
 pub fn log_transaction(data: &mut Data, ops: Vec<(OplogOp, bool)>, txn: TxnInfo) -> Timestamp {
     let ts = data.clock.tick();
+    let txn = Arc::new(txn);
     for (index, (op, images)) in ops.into_iter().enumerate() {
         data.oplog
-            .append(ts, op, Some(txn.clone()), index as u32, images);
+            .append(ts, op, Some(Arc::clone(&txn)), index as u32, images);
     }
     ts
 }

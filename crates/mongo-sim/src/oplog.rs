@@ -1,11 +1,260 @@
 //! The cluster clock and a bounded oplog: every write gets a cluster time and an entry; the
 //! oldest entries fall off when the capacity is exceeded, so history loss can be provoked.
 
-use std::collections::VecDeque;
+use std::{
+    borrow::Cow,
+    collections::{HashMap, VecDeque},
+    hash::{BuildHasherDefault, Hasher},
+    sync::Arc,
+};
 
-use bson::{Bson, Document, Timestamp};
+use bson::{Bson, Document, RawDocument, RawDocumentBuf, Timestamp};
 
-use crate::store::{DocRef, Namespace};
+use crate::store::{DocRef, Namespace, NsRef};
+
+/// A document version an oplog entry keeps (the document of an insert, the pre- and
+/// post-image of an update, a replacement or a delete).
+///
+/// A version is written `Live`: the very `DocRef` the collection (or the transaction) stored,
+/// which costs the oplog nothing while the catalog still holds it. Once nothing but the oplog
+/// holds it, it is `Packed` as its BSON bytes (a `Document` of a small record takes ~10x its
+/// BSON size on the heap): the oplog packs the pre-image of every update, replacement and
+/// delete (the catalog just replaced it), sharing the bytes with the entry that wrote that
+/// version, and sweeps the versions only it holds (see [`Oplog::append`]).
+#[derive(Debug, Clone)]
+pub enum Version {
+    Live(DocRef),
+    Packed(Arc<[u8]>),
+}
+
+impl From<DocRef> for Version {
+    fn from(doc: DocRef) -> Self {
+        Version::Live(doc)
+    }
+}
+
+impl Version {
+    /// The BSON bytes of `doc` (`None` when it cannot be encoded: it then stays live), one
+    /// allocation of the exact size: encoded into `scratch` (kept by the oplog, so it does not
+    /// grow per call) when [`encode_common`] knows every value of the document, by the `bson`
+    /// crate otherwise.
+    fn pack_document(doc: &Document, scratch: &mut Vec<u8>) -> Option<Arc<[u8]>> {
+        scratch.clear();
+        if encode_common(doc, scratch) {
+            return Some(Arc::from(&scratch[..]));
+        }
+        RawDocumentBuf::try_from(doc)
+            .ok()
+            .map(|raw| Arc::from(raw.into_bytes()))
+    }
+
+    /// A version stored as its BSON bytes (recovery).
+    pub fn packed(doc: &Document) -> Version {
+        match Self::pack_document(doc, &mut Vec::new()) {
+            Some(bytes) => Version::Packed(bytes),
+            None => Version::Live(Arc::new(doc.clone())),
+        }
+    }
+
+    fn raw(bytes: &[u8]) -> &RawDocument {
+        RawDocument::from_bytes(bytes).expect("packed from a valid document")
+    }
+
+    /// The document (borrowed when live, decoded when packed).
+    pub fn document(&self) -> Cow<'_, Document> {
+        match self {
+            Version::Live(doc) => Cow::Borrowed(doc),
+            Version::Packed(bytes) => Cow::Owned(
+                Document::try_from(Self::raw(bytes)).expect("packed from a valid document"),
+            ),
+        }
+    }
+
+    /// The document as a `DocRef` (the same one when live, a decoded copy when packed).
+    pub fn doc_ref(&self) -> DocRef {
+        match self {
+            Version::Live(doc) => Arc::clone(doc),
+            Version::Packed(_) => Arc::new(self.document().into_owned()),
+        }
+    }
+
+    /// The document's `_id`.
+    pub fn id(&self) -> Option<Bson> {
+        match self {
+            Version::Live(doc) => doc.get("_id").cloned(),
+            Version::Packed(bytes) => Self::raw(bytes)
+                .get("_id")
+                .ok()
+                .flatten()
+                .and_then(|v| Bson::try_from(v).ok()),
+        }
+    }
+
+    fn live(&self) -> Option<&DocRef> {
+        match self {
+            Version::Live(doc) => Some(doc),
+            Version::Packed(_) => None,
+        }
+    }
+
+    /// Heap bytes this version keeps that nothing else shares (for tests and diagnostics):
+    /// the encoded size when packed, 0 while live (the catalog holds the document).
+    pub fn packed_len(&self) -> usize {
+        match self {
+            Version::Live(_) => 0,
+            Version::Packed(bytes) => bytes.len(),
+        }
+    }
+}
+
+/// Appends the BSON encoding of `doc` to `out`, for documents made of the common types;
+/// false (and `out` unspecified) when a key cannot be a BSON key or a value is of a rarer
+/// type (regular expression, JavaScript, symbol, DBPointer, old binary), which the `bson`
+/// crate then encodes.
+fn encode_common(doc: &Document, out: &mut Vec<u8>) -> bool {
+    fn key(out: &mut Vec<u8>, tag: u8, key: &str) -> bool {
+        if key.as_bytes().contains(&0) {
+            return false;
+        }
+        out.push(tag);
+        out.extend_from_slice(key.as_bytes());
+        out.push(0);
+        true
+    }
+    fn element(out: &mut Vec<u8>, name: &str, value: &Bson) -> bool {
+        use bson::spec::BinarySubtype;
+        match value {
+            Bson::Double(f) => {
+                key(out, 0x01, name) && {
+                    out.extend_from_slice(&f.to_le_bytes());
+                    true
+                }
+            }
+            Bson::String(s) => {
+                key(out, 0x02, name) && {
+                    out.extend_from_slice(&((s.len() + 1) as i32).to_le_bytes());
+                    out.extend_from_slice(s.as_bytes());
+                    out.push(0);
+                    true
+                }
+            }
+            Bson::Document(d) => key(out, 0x03, name) && encode_common(d, out),
+            Bson::Array(items) => {
+                if !key(out, 0x04, name) {
+                    return false;
+                }
+                let start = out.len();
+                out.extend_from_slice(&[0; 4]);
+                let mut index = String::new();
+                for (i, item) in items.iter().enumerate() {
+                    index.clear();
+                    use std::fmt::Write;
+                    let _ = write!(index, "{i}");
+                    if !element(out, &index, item) {
+                        return false;
+                    }
+                }
+                out.push(0);
+                let len = (out.len() - start) as i32;
+                out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+                true
+            }
+            Bson::Binary(b) if b.subtype != BinarySubtype::BinaryOld => {
+                key(out, 0x05, name) && {
+                    out.extend_from_slice(&(b.bytes.len() as i32).to_le_bytes());
+                    out.push(u8::from(b.subtype));
+                    out.extend_from_slice(&b.bytes);
+                    true
+                }
+            }
+            Bson::Undefined => key(out, 0x06, name),
+            Bson::ObjectId(id) => {
+                key(out, 0x07, name) && {
+                    out.extend_from_slice(&id.bytes());
+                    true
+                }
+            }
+            Bson::Boolean(b) => {
+                key(out, 0x08, name) && {
+                    out.push(u8::from(*b));
+                    true
+                }
+            }
+            Bson::DateTime(d) => {
+                key(out, 0x09, name) && {
+                    out.extend_from_slice(&d.timestamp_millis().to_le_bytes());
+                    true
+                }
+            }
+            Bson::Null => key(out, 0x0A, name),
+            Bson::Int32(i) => {
+                key(out, 0x10, name) && {
+                    out.extend_from_slice(&i.to_le_bytes());
+                    true
+                }
+            }
+            Bson::Timestamp(t) => {
+                key(out, 0x11, name) && {
+                    out.extend_from_slice(&t.increment.to_le_bytes());
+                    out.extend_from_slice(&t.time.to_le_bytes());
+                    true
+                }
+            }
+            Bson::Int64(i) => {
+                key(out, 0x12, name) && {
+                    out.extend_from_slice(&i.to_le_bytes());
+                    true
+                }
+            }
+            Bson::Decimal128(d) => {
+                key(out, 0x13, name) && {
+                    out.extend_from_slice(&d.bytes());
+                    true
+                }
+            }
+            Bson::MaxKey => key(out, 0x7F, name),
+            Bson::MinKey => key(out, 0xFF, name),
+            _ => false,
+        }
+    }
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    for (name, value) in doc {
+        if !element(out, name, value) {
+            return false;
+        }
+    }
+    out.push(0);
+    let len = (out.len() - start) as i32;
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    true
+}
+
+/// Identity of a live version (the address of its `Arc`): valid as a key while the entry
+/// that holds the `Arc` is in the oplog.
+fn addr(doc: &DocRef) -> usize {
+    Arc::as_ptr(doc) as usize
+}
+
+/// Hasher of [`addr`] keys (a multiplicative mix; addresses are unique, not adversarial).
+#[derive(Default)]
+struct AddrHasher(u64);
+
+impl Hasher for AddrHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.0 = (n as u64)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .rotate_left(29);
+    }
+}
 
 /// Monotonic cluster time: `Timestamp(unix seconds, counter)`.
 #[derive(Debug, Clone)]
@@ -74,57 +323,59 @@ pub struct TxnInfo {
 #[derive(Debug, Clone)]
 pub enum OplogOp {
     Insert {
-        ns: Namespace,
+        ns: NsRef,
         uuid: bson::Uuid,
-        doc: DocRef,
+        doc: Version,
     },
     Update {
-        ns: Namespace,
+        ns: NsRef,
         uuid: bson::Uuid,
-        pre: DocRef,
-        post: DocRef,
-        description: std::sync::Arc<crate::query::update::UpdateDescription>,
+        pre: Version,
+        post: Version,
+        description: Arc<crate::query::update::UpdateDescription>,
     },
     Replace {
-        ns: Namespace,
+        ns: NsRef,
         uuid: bson::Uuid,
-        pre: DocRef,
-        post: DocRef,
+        pre: Version,
+        post: Version,
     },
     Delete {
-        ns: Namespace,
+        ns: NsRef,
         uuid: bson::Uuid,
-        pre: DocRef,
+        pre: Version,
     },
     Create {
-        ns: Namespace,
+        ns: NsRef,
         uuid: bson::Uuid,
-        options: Document,
+        /// Boxed, as the documents of the other rare variants: every entry is as large as
+        /// the largest variant.
+        options: Box<Document>,
     },
     CreateIndexes {
-        ns: Namespace,
+        ns: NsRef,
         uuid: bson::Uuid,
         indexes: Vec<Document>,
     },
     DropIndexes {
-        ns: Namespace,
+        ns: NsRef,
         uuid: bson::Uuid,
         indexes: Vec<Document>,
     },
     /// collMod: the options that changed (new values) and the previous values.
     Modify {
-        ns: Namespace,
+        ns: NsRef,
         uuid: bson::Uuid,
-        changed: Document,
-        previous: Document,
+        changed: Box<Document>,
+        previous: Box<Document>,
     },
     Drop {
-        ns: Namespace,
+        ns: NsRef,
         uuid: bson::Uuid,
     },
     Rename {
-        from: Namespace,
-        to: Namespace,
+        from: NsRef,
+        to: NsRef,
         uuid: bson::Uuid,
         drop_target: Option<bson::Uuid>,
     },
@@ -160,11 +411,30 @@ impl OplogOp {
         }
     }
 
-    pub fn document_id(&self) -> Option<&Bson> {
+    pub fn document_id(&self) -> Option<Bson> {
         match self {
-            OplogOp::Insert { doc, .. } => doc.get("_id"),
-            OplogOp::Update { post, .. } | OplogOp::Replace { post, .. } => post.get("_id"),
-            OplogOp::Delete { pre, .. } => pre.get("_id"),
+            OplogOp::Insert { doc, .. } => doc.id(),
+            OplogOp::Update { post, .. } | OplogOp::Replace { post, .. } => post.id(),
+            OplogOp::Delete { pre, .. } => pre.id(),
+            _ => None,
+        }
+    }
+
+    /// The version the entry wrote (insert: the document; update, replace: the post-image).
+    fn written_mut(&mut self) -> Option<&mut Version> {
+        match self {
+            OplogOp::Insert { doc, .. } => Some(doc),
+            OplogOp::Update { post, .. } | OplogOp::Replace { post, .. } => Some(post),
+            _ => None,
+        }
+    }
+
+    /// The version the entry replaced (update, replace, delete: the pre-image).
+    fn replaced_mut(&mut self) -> Option<&mut Version> {
+        match self {
+            OplogOp::Update { pre, .. }
+            | OplogOp::Replace { pre, .. }
+            | OplogOp::Delete { pre, .. } => Some(pre),
             _ => None,
         }
     }
@@ -177,7 +447,8 @@ pub struct OplogEntry {
     pub ts: Timestamp,
     pub wall: bson::DateTime,
     pub op: OplogOp,
-    pub txn: Option<TxnInfo>,
+    /// Shared by the entries of one transaction.
+    pub txn: Option<Arc<TxnInfo>>,
     /// Index of this operation within its transaction (0 outside transactions).
     pub txn_op_index: u32,
     /// Whether the collection recorded pre- and post-images when this write happened.
@@ -195,7 +466,19 @@ pub struct Oplog {
     dropped_through_ts: Option<Timestamp>,
     /// With `--data-dir`: encoded records of the entries appended since the last flush.
     journal: Option<Vec<u8>>,
+    /// Live written versions ([`Version::Live`] documents of inserts and post-images) by
+    /// [`addr`], with the sequence number of their entry: when a later write replaces one,
+    /// its bytes are packed once for both entries.
+    live: HashMap<usize, u64, BuildHasherDefault<AddrHasher>>,
+    /// Next entry the sweep of [`Oplog::sweep`] looks at.
+    sweep_seq: u64,
+    /// Buffer of [`Version::pack_document`].
+    scratch: Vec<u8>,
 }
+
+/// Entries the sweep looks at per append: the oplog is swept once per `len / SWEEP_STEP`
+/// appends.
+const SWEEP_STEP: usize = 2;
 
 impl Oplog {
     pub fn new(capacity: usize) -> Self {
@@ -206,6 +489,9 @@ impl Oplog {
             dropped_through_seq: 0,
             dropped_through_ts: None,
             journal: None,
+            live: HashMap::default(),
+            sweep_seq: 0,
+            scratch: Vec::new(),
         }
     }
 
@@ -243,6 +529,7 @@ impl Oplog {
             }
         }
         self.entries.push_back(entry);
+        self.compact_last();
         self.trim();
     }
 
@@ -260,7 +547,7 @@ impl Oplog {
         &mut self,
         ts: Timestamp,
         op: OplogOp,
-        txn: Option<TxnInfo>,
+        txn: Option<Arc<TxnInfo>>,
         txn_op_index: u32,
         images: bool,
     ) -> u64 {
@@ -279,15 +566,106 @@ impl Oplog {
             let entry = self.entries.back().expect("just pushed");
             crate::persist::encode_entry(entry, journal);
         }
+        self.compact_last();
+        self.sweep();
         self.trim();
         seq
     }
 
+    /// Packs the pre-image of the newest entry (the collection no longer holds it), sharing
+    /// the bytes with the entry that wrote that version if it still holds it live, and
+    /// records the version the newest entry wrote while it is live.
+    fn compact_last(&mut self) {
+        let Some(last) = self.entries.back_mut() else {
+            return;
+        };
+        let seq = last.seq;
+        if let Some(pre) = last.op.replaced_mut() {
+            if let Version::Live(doc) = pre {
+                if let Some(bytes) = Version::pack_document(doc, &mut self.scratch) {
+                    let key = addr(doc);
+                    let writer = self.live.get(&key).copied();
+                    *pre = Version::Packed(Arc::clone(&bytes));
+                    if let Some(writer_seq) = writer {
+                        // The key is valid: the entry holding that `Arc` is still in the
+                        // oplog (trim and sweep forget the keys of the entries they drop).
+                        self.live.remove(&key);
+                        if let Some(written) =
+                            self.get_mut(writer_seq).and_then(|e| e.op.written_mut())
+                        {
+                            if written.live().is_some_and(|d| addr(d) == key) {
+                                *written = Version::Packed(bytes);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let last = self.entries.back_mut().expect("checked above");
+        if let Some(Version::Live(doc)) = last.op.written_mut() {
+            self.live.insert(addr(doc), seq);
+        }
+    }
+
+    /// Packs, a few entries per append, the live versions nothing but the oplog holds any
+    /// more (the catalog dropped them: a dropped collection, a committed transaction's copies).
+    fn sweep(&mut self) {
+        for _ in 0..SWEEP_STEP {
+            let Some(first) = self.entries.front().map(|e| e.seq) else {
+                return;
+            };
+            if self.sweep_seq < first || self.sweep_seq > self.last_seq() {
+                self.sweep_seq = first;
+            }
+            let seq = self.sweep_seq;
+            self.sweep_seq += 1;
+            let entry = self
+                .entries
+                .get_mut((seq - first) as usize)
+                .expect("within the oplog");
+            let mut forget = None;
+            if let Some(written) = entry.op.written_mut() {
+                if let Some(doc) = written.live().filter(|d| Arc::strong_count(d) == 1) {
+                    if let Some(bytes) = Version::pack_document(doc, &mut self.scratch) {
+                        forget = Some(addr(doc));
+                        *written = Version::Packed(bytes);
+                    }
+                }
+            }
+            if let Some(pre) = entry.op.replaced_mut() {
+                if let Some(doc) = pre.live().filter(|d| Arc::strong_count(d) == 1) {
+                    if let Some(bytes) = Version::pack_document(doc, &mut self.scratch) {
+                        *pre = Version::Packed(bytes);
+                    }
+                }
+            }
+            if let Some(key) = forget {
+                if self.live.get(&key) == Some(&seq) {
+                    self.live.remove(&key);
+                }
+            }
+        }
+    }
+
+    fn get_mut(&mut self, seq: u64) -> Option<&mut OplogEntry> {
+        let first = self.entries.front()?.seq;
+        if seq < first {
+            return None;
+        }
+        self.entries.get_mut((seq - first) as usize)
+    }
+
     fn trim(&mut self) {
         while self.entries.len() > self.capacity {
-            if let Some(e) = self.entries.pop_front() {
+            if let Some(mut e) = self.entries.pop_front() {
                 self.dropped_through_seq = e.seq;
                 self.dropped_through_ts = Some(e.ts);
+                if let Some(Version::Live(doc)) = e.op.written_mut() {
+                    let key = addr(doc);
+                    if self.live.get(&key) == Some(&e.seq) {
+                        self.live.remove(&key);
+                    }
+                }
             }
         }
     }
@@ -377,5 +755,233 @@ mod tests {
         assert!(o.get(2).is_none());
         assert_eq!(o.get(4).unwrap().seq, 4);
         assert_eq!(o.last_seq(), 5);
+    }
+
+    fn encoded(d: &Document) -> Vec<u8> {
+        let mut out = Vec::new();
+        d.to_writer(&mut out).unwrap();
+        out
+    }
+
+    fn packed_bytes(v: &Version) -> &Arc<[u8]> {
+        match v {
+            Version::Packed(b) => b,
+            Version::Live(_) => panic!("expected a packed version"),
+        }
+    }
+
+    fn ns() -> NsRef {
+        Arc::new(Namespace::new("db", "c"))
+    }
+
+    /// Insert, update, replace, delete of one document as a collection hands them over: the
+    /// replaced versions are packed once (shared by the entry that wrote them and the one
+    /// that replaced them), the current one stays live, and every reader sees the same
+    /// documents (same fields, same order, same types) as before packing.
+    #[test]
+    fn replaced_versions_are_packed_once_and_read_back_unchanged() {
+        let uuid = bson::Uuid::new();
+        let v1 = Arc::new(bson::doc! {"_id": 7, "a": 1.5, "s": "x", "arr": [1, {"b": null}]});
+        let v2 =
+            Arc::new(bson::doc! {"_id": 7, "a": 2.5, "s": "x", "arr": [1, {"b": null}], "n": 1i64});
+        let v3 = Arc::new(bson::doc! {"_id": 7, "z": bson::Timestamp { time: 1, increment: 2 }});
+        let mut catalog = Some(Arc::clone(&v1)); // what the collection holds
+        let mut o = Oplog::new(100);
+        let mut c = ClusterClock::default();
+        o.append(
+            c.tick(),
+            OplogOp::Insert {
+                ns: ns(),
+                uuid,
+                doc: Arc::clone(&v1).into(),
+            },
+            None,
+            0,
+            true,
+        );
+        catalog = catalog.map(|_| Arc::clone(&v2));
+        o.append(
+            c.tick(),
+            OplogOp::Update {
+                ns: ns(),
+                uuid,
+                pre: Arc::clone(&v1).into(),
+                post: Arc::clone(&v2).into(),
+                description: Arc::default(),
+            },
+            None,
+            0,
+            true,
+        );
+        catalog = catalog.map(|_| Arc::clone(&v3));
+        o.append(
+            c.tick(),
+            OplogOp::Replace {
+                ns: ns(),
+                uuid,
+                pre: Arc::clone(&v2).into(),
+                post: Arc::clone(&v3).into(),
+            },
+            None,
+            0,
+            true,
+        );
+        let entries: Vec<&OplogEntry> = o.after(0).collect();
+        let (
+            OplogOp::Insert { doc: ins, .. },
+            OplogOp::Update {
+                pre: upre,
+                post: upost,
+                ..
+            },
+            OplogOp::Replace {
+                pre: rpre,
+                post: rpost,
+                ..
+            },
+        ) = (&entries[0].op, &entries[1].op, &entries[2].op)
+        else {
+            panic!("entry kinds")
+        };
+        assert!(
+            Arc::ptr_eq(packed_bytes(ins), packed_bytes(upre)),
+            "v1 packed once"
+        );
+        assert!(
+            Arc::ptr_eq(packed_bytes(upost), packed_bytes(rpre)),
+            "v2 packed once"
+        );
+        assert!(
+            matches!(rpost, Version::Live(d) if Arc::ptr_eq(d, &v3)),
+            "v3 is the catalog's"
+        );
+        for (version, original) in [
+            (ins, &v1),
+            (upre, &v1),
+            (upost, &v2),
+            (rpre, &v2),
+            (rpost, &v3),
+        ] {
+            assert_eq!(encoded(&version.document()), encoded(original));
+            assert_eq!(encoded(&version.doc_ref()), encoded(original));
+            assert_eq!(version.id(), Some(Bson::Int32(7)));
+        }
+        // The delete packs the last version; the sweep leaves live what the catalog holds.
+        drop(catalog.take());
+        o.append(
+            c.tick(),
+            OplogOp::Delete {
+                ns: ns(),
+                uuid,
+                pre: Arc::clone(&v3).into(),
+            },
+            None,
+            0,
+            true,
+        );
+        let last: Vec<&OplogEntry> = o.after(0).collect();
+        let (OplogOp::Replace { post: rpost, .. }, OplogOp::Delete { pre: dpre, .. }) =
+            (&last[2].op, &last[3].op)
+        else {
+            panic!("entry kinds")
+        };
+        assert!(
+            Arc::ptr_eq(packed_bytes(rpost), packed_bytes(dpre)),
+            "v3 packed once"
+        );
+        assert_eq!(encoded(&dpre.document()), encoded(&v3));
+        assert_eq!(
+            o.after(0).next().unwrap().op.document_id(),
+            Some(Bson::Int32(7))
+        );
+    }
+
+    /// Versions only the oplog still holds (the collection was dropped, a transaction's
+    /// copies) are packed by the sweep; versions the catalog holds stay shared.
+    #[test]
+    fn the_sweep_packs_what_only_the_oplog_holds() {
+        let uuid = bson::Uuid::new();
+        let held = Arc::new(bson::doc! {"_id": 1});
+        let mut o = Oplog::new(100);
+        let mut c = ClusterClock::default();
+        o.append(
+            c.tick(),
+            OplogOp::Insert {
+                ns: ns(),
+                uuid,
+                doc: Arc::clone(&held).into(),
+            },
+            None,
+            0,
+            false,
+        );
+        o.append(
+            c.tick(),
+            OplogOp::Insert {
+                ns: ns(),
+                uuid,
+                doc: Arc::new(bson::doc! {"_id": 2}).into(),
+            },
+            None,
+            0,
+            false,
+        );
+        for _ in 0..10 {
+            o.append(c.tick(), OplogOp::Noop, None, 0, false);
+        }
+        let docs: Vec<&Version> = o
+            .after(0)
+            .filter_map(|e| match &e.op {
+                OplogOp::Insert { doc, .. } => Some(doc),
+                _ => None,
+            })
+            .collect();
+        assert!(matches!(docs[0], Version::Live(d) if Arc::ptr_eq(d, &held)));
+        assert!(matches!(docs[1], Version::Packed(_)));
+        assert_eq!(
+            encoded(&docs[1].document()),
+            encoded(&bson::doc! {"_id": 2})
+        );
+        assert_eq!(docs[1].packed_len(), encoded(&bson::doc! {"_id": 2}).len());
+    }
+
+    /// Every BSON type survives packing with its bytes.
+    #[test]
+    fn packing_round_trips_every_type() {
+        let d = bson::doc! {
+            "_id": bson::oid::ObjectId::new(), "f": 1.25, "s": "é", "d": {"x": [1, 2i64, {"y": true}]},
+            "bin": bson::Binary { subtype: bson::spec::BinarySubtype::Generic, bytes: vec![1, 2, 3] },
+            "undef": Bson::Undefined, "b": false, "dt": bson::DateTime::from_millis(12345), "nul": Bson::Null,
+            "re": bson::Regex { pattern: "a.*".try_into().unwrap(), options: "im".try_into().unwrap() }, "js": Bson::JavaScriptCode("f()".into()),
+            "jsw": bson::JavaScriptCodeWithScope { code: "g()".into(), scope: bson::doc! {"v": 1} },
+            "i": 3, "ts": bson::Timestamp { time: 5, increment: 6 }, "l": 4i64,
+            "dec": "1.5".parse::<bson::Decimal128>().unwrap(), "min": Bson::MinKey, "max": Bson::MaxKey,
+            "sym": Bson::Symbol("sym".into()), "nan": f64::NAN, "neg0": -0.0,
+        };
+        let v = Version::packed(&d);
+        assert!(v.packed_len() > 0);
+        assert_eq!(encoded(&v.document()), encoded(&d));
+        assert_eq!(v.id(), d.get("_id").cloned());
+        // The common types are encoded here, byte for byte as the `bson` crate does.
+        let common = bson::doc! {
+            "_id": 1, "f": -0.0, "s": "a\u{0}b", "d": {"x": [1, 2i64, {"y": true}, [], {}]},
+            "bin": bson::Binary { subtype: bson::spec::BinarySubtype::Uuid, bytes: vec![7; 16] },
+            "undef": Bson::Undefined, "dt": bson::DateTime::from_millis(-5), "nul": Bson::Null,
+            "ts": bson::Timestamp { time: 5, increment: 6 }, "l": i64::MIN, "o": bson::oid::ObjectId::new(),
+            "dec": "-1.5E+3".parse::<bson::Decimal128>().unwrap(), "min": Bson::MinKey, "max": Bson::MaxKey,
+            "arr": (0..12).map(Bson::Int32).collect::<Vec<_>>(),
+        };
+        let mut out = Vec::new();
+        assert!(encode_common(&common, &mut out));
+        assert_eq!(out, encoded(&common));
+        let mut out = Vec::new();
+        assert!(
+            !encode_common(&d, &mut out),
+            "regex, JavaScript and symbol go to the crate"
+        );
+        assert!(
+            !encode_common(&bson::doc! {"a\u{0}": 1}, &mut out),
+            "not a BSON key"
+        );
     }
 }

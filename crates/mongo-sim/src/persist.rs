@@ -33,7 +33,7 @@ use std::{
 use bson::{doc, oid::ObjectId, Bson, Document};
 
 use crate::{
-    oplog::{ClusterClock, Oplog, OplogEntry, OplogOp, TxnInfo},
+    oplog::{ClusterClock, Oplog, OplogEntry, OplogOp, TxnInfo, Version},
     query::{path::PathPart, update::UpdateDescription},
     store::{Catalog, Collection, Index, Namespace},
 };
@@ -258,7 +258,7 @@ fn docs_from(d: &Document, k: &str) -> std::io::Result<Vec<Document>> {
 fn op_to_doc(op: &OplogOp) -> Document {
     match op {
         OplogOp::Insert { ns, uuid, doc } => {
-            doc! {"op": "i", "ns": ns.to_string(), "ui": uuid_bson(uuid), "o": (**doc).clone()}
+            doc! {"op": "i", "ns": ns.to_string(), "ui": uuid_bson(uuid), "o": doc.document().into_owned()}
         }
         OplogOp::Update {
             ns,
@@ -268,7 +268,7 @@ fn op_to_doc(op: &OplogOp) -> Document {
             description,
         } => doc! {
             "op": "u", "ns": ns.to_string(), "ui": uuid_bson(uuid),
-            "pre": (**pre).clone(), "o": (**post).clone(), "d": description_to_doc(description),
+            "pre": pre.document().into_owned(), "o": post.document().into_owned(), "d": description_to_doc(description),
         },
         OplogOp::Replace {
             ns,
@@ -277,13 +277,13 @@ fn op_to_doc(op: &OplogOp) -> Document {
             post,
         } => doc! {
             "op": "r", "ns": ns.to_string(), "ui": uuid_bson(uuid),
-            "pre": (**pre).clone(), "o": (**post).clone(),
+            "pre": pre.document().into_owned(), "o": post.document().into_owned(),
         },
         OplogOp::Delete { ns, uuid, pre } => {
-            doc! {"op": "d", "ns": ns.to_string(), "ui": uuid_bson(uuid), "pre": (**pre).clone()}
+            doc! {"op": "d", "ns": ns.to_string(), "ui": uuid_bson(uuid), "pre": pre.document().into_owned()}
         }
         OplogOp::Create { ns, uuid, options } => {
-            doc! {"op": "create", "ns": ns.to_string(), "ui": uuid_bson(uuid), "o": options.clone()}
+            doc! {"op": "create", "ns": ns.to_string(), "ui": uuid_bson(uuid), "o": (**options).clone()}
         }
         OplogOp::CreateIndexes { ns, uuid, indexes } => doc! {
             "op": "createIndexes", "ns": ns.to_string(), "ui": uuid_bson(uuid), "o": indexes.clone(),
@@ -298,7 +298,7 @@ fn op_to_doc(op: &OplogOp) -> Document {
             previous,
         } => doc! {
             "op": "collMod", "ns": ns.to_string(), "ui": uuid_bson(uuid),
-            "o": changed.clone(), "prev": previous.clone(),
+            "o": (**changed).clone(), "prev": (**previous).clone(),
         },
         OplogOp::Drop { ns, uuid } => {
             doc! {"op": "drop", "ns": ns.to_string(), "ui": uuid_bson(uuid)}
@@ -324,56 +324,56 @@ fn op_from_doc(d: &Document) -> std::io::Result<OplogOp> {
     let op = d.get_str("op").map_err(|_| invalid("missing 'op'"))?;
     Ok(match op {
         "i" => OplogOp::Insert {
-            ns: ns_from(d, "ns")?,
+            ns: ns_from(d, "ns")?.into(),
             uuid: uuid_from(d, "ui")?,
-            doc: Arc::new(doc_from(d, "o")?),
+            doc: Version::packed(&doc_from(d, "o")?),
         },
         "u" => OplogOp::Update {
-            ns: ns_from(d, "ns")?,
+            ns: ns_from(d, "ns")?.into(),
             uuid: uuid_from(d, "ui")?,
-            pre: Arc::new(doc_from(d, "pre")?),
-            post: Arc::new(doc_from(d, "o")?),
+            pre: Version::packed(&doc_from(d, "pre")?),
+            post: Version::packed(&doc_from(d, "o")?),
             description: Arc::new(description_from_doc(&doc_from(d, "d")?)?),
         },
         "r" => OplogOp::Replace {
-            ns: ns_from(d, "ns")?,
+            ns: ns_from(d, "ns")?.into(),
             uuid: uuid_from(d, "ui")?,
-            pre: Arc::new(doc_from(d, "pre")?),
-            post: Arc::new(doc_from(d, "o")?),
+            pre: Version::packed(&doc_from(d, "pre")?),
+            post: Version::packed(&doc_from(d, "o")?),
         },
         "d" => OplogOp::Delete {
-            ns: ns_from(d, "ns")?,
+            ns: ns_from(d, "ns")?.into(),
             uuid: uuid_from(d, "ui")?,
-            pre: Arc::new(doc_from(d, "pre")?),
+            pre: Version::packed(&doc_from(d, "pre")?),
         },
         "create" => OplogOp::Create {
-            ns: ns_from(d, "ns")?,
+            ns: ns_from(d, "ns")?.into(),
             uuid: uuid_from(d, "ui")?,
-            options: doc_from(d, "o")?,
+            options: Box::new(doc_from(d, "o")?),
         },
         "createIndexes" => OplogOp::CreateIndexes {
-            ns: ns_from(d, "ns")?,
+            ns: ns_from(d, "ns")?.into(),
             uuid: uuid_from(d, "ui")?,
             indexes: docs_from(d, "o")?,
         },
         "dropIndexes" => OplogOp::DropIndexes {
-            ns: ns_from(d, "ns")?,
+            ns: ns_from(d, "ns")?.into(),
             uuid: uuid_from(d, "ui")?,
             indexes: docs_from(d, "o")?,
         },
         "collMod" => OplogOp::Modify {
-            ns: ns_from(d, "ns")?,
+            ns: ns_from(d, "ns")?.into(),
             uuid: uuid_from(d, "ui")?,
-            changed: doc_from(d, "o")?,
-            previous: doc_from(d, "prev")?,
+            changed: Box::new(doc_from(d, "o")?),
+            previous: Box::new(doc_from(d, "prev")?),
         },
         "drop" => OplogOp::Drop {
-            ns: ns_from(d, "ns")?,
+            ns: ns_from(d, "ns")?.into(),
             uuid: uuid_from(d, "ui")?,
         },
         "rename" => OplogOp::Rename {
-            from: ns_from(d, "ns")?,
-            to: ns_from(d, "to")?,
+            from: ns_from(d, "ns")?.into(),
+            to: ns_from(d, "to")?.into(),
             uuid: uuid_from(d, "ui")?,
             drop_target: match d.get("dropTarget") {
                 Some(_) => Some(uuid_from(d, "dropTarget")?),
@@ -412,10 +412,10 @@ pub fn encode_entry(e: &OplogEntry, out: &mut Vec<u8>) {
 
 fn entry_from_doc(d: &Document) -> std::io::Result<OplogEntry> {
     let txn = match d.get_document("txn") {
-        Ok(t) => Some(TxnInfo {
+        Ok(t) => Some(Arc::new(TxnInfo {
             lsid: doc_from(t, "lsid")?,
             txn_number: t.get_i64("n").map_err(|_| invalid("txn.n"))?,
-        }),
+        })),
         Err(_) => None,
     };
     Ok(OplogEntry {
@@ -435,21 +435,22 @@ pub fn apply(catalog: &mut Catalog, op: &OplogOp) -> std::io::Result<()> {
     match op {
         OplogOp::Insert { ns, doc, .. } => {
             if let Some(c) = catalog.get_mut(ns) {
-                c.insert((**doc).clone(), true).map_err(fail)?;
+                c.insert(doc.document().into_owned(), true).map_err(fail)?;
             }
         }
         OplogOp::Update { ns, post, .. } | OplogOp::Replace { ns, post, .. } => {
             if let Some(c) = catalog.get_mut(ns) {
-                c.replace((**post).clone(), None, true).map_err(fail)?;
+                c.replace(post.document().into_owned(), None, true)
+                    .map_err(fail)?;
             }
         }
         OplogOp::Delete { ns, pre, .. } => {
             if let Some(c) = catalog.get_mut(ns) {
-                c.delete(pre.get("_id").unwrap_or(&Bson::Null));
+                c.delete(&pre.id().unwrap_or(Bson::Null));
             }
         }
         OplogOp::Create { ns, uuid, options } => {
-            let mut c = Collection::new(ns.clone(), options.clone()).map_err(fail)?;
+            let mut c = Collection::new((**ns).clone(), (**options).clone()).map_err(fail)?;
             c.uuid = *uuid;
             catalog.insert(c);
         }
@@ -473,7 +474,7 @@ pub fn apply(catalog: &mut Catalog, op: &OplogOp) -> std::io::Result<()> {
         OplogOp::Modify { ns, changed, .. } => {
             if let Some(c) = catalog.get_mut(ns) {
                 let mut options = c.options.clone();
-                for (k, v) in changed {
+                for (k, v) in changed.iter() {
                     if k == "index" {
                         if let Some(spec) = v.as_document() {
                             c.modify_index(spec);
@@ -498,7 +499,7 @@ pub fn apply(catalog: &mut Catalog, op: &OplogOp) -> std::io::Result<()> {
                 catalog.remove(to);
             }
             if let Some(mut c) = catalog.remove(from) {
-                c.ns = to.clone();
+                c.set_ns((**to).clone());
                 catalog.insert(c);
             }
         }

@@ -257,7 +257,7 @@ fn same_version(a: Option<&DocRef>, b: Option<&DocRef>) -> bool {
 }
 
 fn op_key(op: &OplogOp) -> Option<(Namespace, Bson)> {
-    Some((op.ns()?.clone(), op.document_id()?.clone()))
+    Some((op.ns()?.clone(), op.document_id()?))
 }
 
 fn write_conflict() -> CommandError {
@@ -361,21 +361,25 @@ pub fn commit(data: &mut Data, key: &[u8], lsid: &Document, txn_number: i64) -> 
                 }
                 OplogOp::Insert { doc, .. } => {
                     let c = slot.as_mut().ok_or_else(write_conflict)?;
-                    c.insert((**doc).clone(), true)?;
+                    c.insert(doc.document().into_owned(), true)?;
                 }
                 OplogOp::Update {
                     post, description, ..
                 } => {
                     let c = slot.as_mut().ok_or_else(write_conflict)?;
-                    c.replace((**post).clone(), Some((**description).clone()), true)?;
+                    c.replace(
+                        post.document().into_owned(),
+                        Some((**description).clone()),
+                        true,
+                    )?;
                 }
                 OplogOp::Replace { post, .. } => {
                     let c = slot.as_mut().ok_or_else(write_conflict)?;
-                    c.replace((**post).clone(), None, true)?;
+                    c.replace(post.document().into_owned(), None, true)?;
                 }
                 OplogOp::Delete { pre, .. } => {
                     let c = slot.as_mut().ok_or_else(write_conflict)?;
-                    c.delete(pre.get("_id").unwrap_or(&Bson::Null));
+                    c.delete(&pre.id().unwrap_or(Bson::Null));
                 }
                 OplogOp::CreateIndexes { indexes, .. } => {
                     // Only on a collection the transaction created (checked by createIndexes).

@@ -141,13 +141,11 @@ pub fn catalog_at(data: &Data, at: Timestamp) -> CommandResult<Snapshot> {
     let newer: Vec<_> = data.oplog.after(data.oplog.seq_through_ts(at)).collect();
     for entry in newer.into_iter().rev() {
         match &entry.op {
-            OplogOp::Insert { ns, uuid, doc } => {
-                restore(&mut catalog, ns, *uuid, doc.get("_id"), None)
-            }
+            OplogOp::Insert { ns, uuid, doc } => restore(&mut catalog, ns, *uuid, doc.id(), None),
             OplogOp::Update { ns, uuid, pre, .. }
             | OplogOp::Replace { ns, uuid, pre, .. }
             | OplogOp::Delete { ns, uuid, pre } => {
-                restore(&mut catalog, ns, *uuid, pre.get("_id"), Some(pre))
+                restore(&mut catalog, ns, *uuid, pre.id(), Some(pre))
             }
             OplogOp::Create { ns, .. } | OplogOp::Drop { ns, .. } => changes.mark(ns, entry.ts),
             OplogOp::Rename { from, to, .. } => {
@@ -174,8 +172,8 @@ fn restore(
     catalog: &mut Catalog,
     ns: &Namespace,
     uuid: bson::Uuid,
-    id: Option<&Bson>,
-    version: Option<&crate::store::DocRef>,
+    id: Option<Bson>,
+    version: Option<&crate::oplog::Version>,
 ) {
     let (Some(coll), Some(id)) = (catalog.get_mut(ns), id) else {
         return;
@@ -183,6 +181,6 @@ fn restore(
     // Another incarnation of the name (dropped and created again): the namespace is marked
     // as changed, its documents are not read.
     if coll.uuid == uuid {
-        coll.restore_version(id, version.cloned());
+        coll.restore_version(&id, version.map(crate::oplog::Version::doc_ref));
     }
 }

@@ -16,6 +16,9 @@ use crate::{
 
 pub type DocRef = Arc<Document>;
 
+/// A namespace shared by the oplog entries of a collection.
+pub type NsRef = Arc<Namespace>;
+
 /// Largest document a collection accepts (`maxBsonObjectSize`).
 pub const MAX_BSON_OBJECT_SIZE: usize = 16 * 1024 * 1024;
 
@@ -317,7 +320,10 @@ pub fn values_at_path(doc: &Document, path: &str) -> Vec<Bson> {
 /// A collection: options, documents by `_id`, indexes.
 #[derive(Clone, Debug)]
 pub struct Collection {
+    /// Change it with [`Collection::set_ns`].
     pub ns: Namespace,
+    /// `ns` for the oplog entries of the collection's writes ([`Collection::shared_ns`]).
+    shared_ns: NsRef,
     pub uuid: bson::Uuid,
     /// Options as given to `create`/`collMod` and reported by `listCollections`.
     pub options: Document,
@@ -372,6 +378,7 @@ impl Collection {
         let mut id_index = Index::id_index();
         id_index.inherit_collation(collation.as_ref());
         Ok(Collection {
+            shared_ns: Arc::new(ns.clone()),
             ns,
             uuid: bson::Uuid::new(),
             options,
@@ -382,6 +389,22 @@ impl Collection {
             capped_order: imbl::Vector::new(),
             capped_bytes: 0,
         })
+    }
+
+    /// Renames the collection.
+    pub fn set_ns(&mut self, ns: Namespace) {
+        self.shared_ns = Arc::new(ns.clone());
+        self.ns = ns;
+    }
+
+    /// The namespace as the oplog entries of the collection's writes hold it: one shared
+    /// allocation, not two strings per entry.
+    pub fn shared_ns(&self) -> NsRef {
+        if *self.shared_ns == self.ns {
+            Arc::clone(&self.shared_ns)
+        } else {
+            Arc::new(self.ns.clone())
+        }
     }
 
     // Both read per written document: `get` and a match, not `get_bool`/`get_document`, whose
@@ -544,7 +567,8 @@ impl Collection {
         }
         let post = Arc::new(new);
         self.docs.insert(id, Arc::clone(&post));
-        Ok(if let Some(description) = description {
+        Ok(if let Some(mut description) = description {
+            description.shrink_to_fit();
             DocChange::Update {
                 pre,
                 post,
@@ -570,8 +594,11 @@ impl Collection {
 
     /// Puts back an earlier version of document `id` (`None`: it did not exist), keeping the
     /// unique-index entries in step, without checks: snapshot reads undo the oplog newest
-    /// first, so every intermediate state is one the collection had. The very `DocRef` of the
-    /// history is kept (transactions detect conflicts by pointer identity).
+    /// first, so every intermediate state is one the collection had. A version the oplog still
+    /// holds live is the very `DocRef` of the history; a packed one is a decoded copy. Either
+    /// way it is never the catalog's current `DocRef` (the document was written after the
+    /// snapshot time), so the pointer identity by which transactions detect conflicts answers
+    /// as before.
     pub fn restore_version(&mut self, id: &Bson, version: Option<DocRef>) {
         let key = IdKey(id.clone());
         let existed = match self.docs.remove(&key) {

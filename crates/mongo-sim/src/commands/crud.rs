@@ -46,9 +46,9 @@ pub fn ensure_collection<'c>(
         let coll = Collection::new(ns.clone(), Document::new())?;
         sink.emit(
             OplogOp::Create {
-                ns: ns.clone(),
+                ns: ns.clone().into(),
                 uuid: coll.uuid,
-                options: Document::new(),
+                options: Box::default(),
             },
             false,
         );

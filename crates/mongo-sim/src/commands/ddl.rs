@@ -100,9 +100,9 @@ pub fn create(ctx: &Ctx<'_>) -> CommandResult<Document> {
         }
         sink.emit(
             OplogOp::Create {
-                ns: ns.clone(),
+                ns: ns.clone().into(),
                 uuid: new.uuid,
-                options: options.clone(),
+                options: Box::new(options.clone()),
             },
             false,
         );
@@ -211,9 +211,9 @@ fn create_view(ctx: &Ctx<'_>, ns: Namespace) -> CommandResult<Document> {
             let coll = Collection::new(views_ns.clone(), Document::new())?;
             sink.emit(
                 OplogOp::Create {
-                    ns: views_ns.clone(),
+                    ns: views_ns.clone().into(),
                     uuid: coll.uuid,
-                    options: Document::new(),
+                    options: Box::default(),
                 },
                 false,
             );
@@ -285,7 +285,7 @@ pub fn drop(ctx: &Ctx<'_>) -> CommandResult<Document> {
         };
         sink.emit(
             OplogOp::Drop {
-                ns: ns.clone(),
+                ns: ns.clone().into(),
                 uuid: coll.uuid,
             },
             false,
@@ -318,7 +318,7 @@ pub fn drop_database(ctx: &Ctx<'_>) -> CommandResult<Document> {
             if let Some(coll) = cat.remove(&ns) {
                 sink.emit(
                     OplogOp::Drop {
-                        ns,
+                        ns: ns.into(),
                         uuid: coll.uuid,
                     },
                     false,
@@ -377,13 +377,13 @@ pub fn rename_collection(ctx: &Ctx<'_>) -> CommandResult<Document> {
         if dropped.is_some() {
             cat.remove(&to);
         }
-        coll.ns = to.clone();
+        coll.set_ns(to.clone());
         let uuid = coll.uuid;
         cat.insert(coll);
         sink.emit(
             OplogOp::Rename {
-                from: from.clone(),
-                to: to.clone(),
+                from: from.clone().into(),
+                to: to.clone().into(),
                 uuid,
                 drop_target: dropped,
             },
@@ -474,10 +474,10 @@ pub fn coll_mod(ctx: &Ctx<'_>) -> CommandResult<Document> {
         let _ = previous;
         sink.emit(
             OplogOp::Modify {
-                ns: ns.clone(),
+                ns: ns.clone().into(),
                 uuid,
-                changed,
-                previous: before,
+                changed: Box::new(changed),
+                previous: Box::new(before),
             },
             false,
         );
@@ -571,7 +571,7 @@ pub fn create_indexes(ctx: &Ctx<'_>) -> CommandResult<Document> {
         *coll = staged;
         let after = coll.indexes.len() as i32;
         if !created.is_empty() {
-            sink.emit(OplogOp::CreateIndexes { ns: ns.clone(), uuid, indexes: created }, false);
+            sink.emit(OplogOp::CreateIndexes { ns: ns.clone().into(), uuid, indexes: created }, false);
         }
         let mut reply = doc! {"numIndexesBefore": before, "numIndexesAfter": after, "createdCollectionAutomatically": created_automatically};
         if before == after {
@@ -645,7 +645,7 @@ pub fn drop_indexes(ctx: &Ctx<'_>) -> CommandResult<Document> {
         if !dropped.is_empty() {
             sink.emit(
                 OplogOp::DropIndexes {
-                    ns: ns.clone(),
+                    ns: ns.clone().into(),
                     uuid,
                     indexes: dropped,
                 },

@@ -291,16 +291,16 @@ fn out(
     }
     sink.emit(
         OplogOp::Create {
-            ns: tmp_ns.clone(),
+            ns: tmp_ns.clone().into(),
             uuid: tmp.uuid,
-            options,
+            options: Box::new(options),
         },
         false,
     );
     if !indexes.is_empty() {
         sink.emit(
             OplogOp::CreateIndexes {
-                ns: tmp_ns.clone(),
+                ns: tmp_ns.clone().into(),
                 uuid: tmp.uuid,
                 indexes,
             },
@@ -314,12 +314,12 @@ fn out(
         cat.remove(target);
     }
     let uuid = tmp.uuid;
-    tmp.ns = target.clone();
+    tmp.set_ns(target.clone());
     cat.insert(tmp);
     sink.emit(
         OplogOp::Rename {
-            from: tmp_ns,
-            to: target.clone(),
+            from: tmp_ns.into(),
+            to: target.clone().into(),
             uuid,
             drop_target: dropped,
         },

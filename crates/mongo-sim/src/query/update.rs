@@ -1452,6 +1452,23 @@ pub struct UpdateDescription {
 }
 
 impl UpdateDescription {
+    /// Drops the spare capacity of the vectors (a description lives as long as its oplog
+    /// entry: a one-field `$set` otherwise keeps ~700 bytes of heap, ~300 after).
+    pub fn shrink_to_fit(&mut self) {
+        self.updated_fields.shrink_to_fit();
+        for (path, _) in &mut self.updated_fields {
+            path.shrink_to_fit();
+        }
+        self.removed_fields.shrink_to_fit();
+        for path in &mut self.removed_fields {
+            path.shrink_to_fit();
+        }
+        self.truncated_arrays.shrink_to_fit();
+        for (path, _) in &mut self.truncated_arrays {
+            path.shrink_to_fit();
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.updated_fields.is_empty()
             && self.removed_fields.is_empty()
