@@ -15,6 +15,10 @@ use futures::StreamExt;
 use mongo_sim::MongoSim;
 use mongodb::{options::ChangeStreamOptions, Client};
 
+/// The allocator the `mongo-sim` binary runs on, so the bench measures what it serves.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const BATCH: usize = 1_000;
 
 fn batches(total: usize, offset: usize) -> impl Iterator<Item = Vec<Document>> {
