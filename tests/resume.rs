@@ -27,8 +27,17 @@ async fn sigkill_at_random_points_under_load_converges_exactly() {
     seed(&c.src, 25_000).await;
     let workload = Workload::start(&c.src, 2, Duration::from_millis(1), 99);
     let dir = tempfile::tempdir().unwrap();
-    // One lane: the copy must last long enough for the first kills to land in it (parallel
-    // lanes have their own SIGKILL test below).
+    // One lane, and every write of `shop.orders` held 300 ms by the destination during the
+    // copy rounds: the copy must last long enough for the first kills to land in it, however
+    // fast the machine (parallel lanes have their own SIGKILL test below). A write a kill
+    // leaves blocked lands after the kill, as a real in-flight write can.
+    c.dest
+        .configure_fail_point(
+            &doc! {"configureFailPoint": "failCommand", "mode": "alwaysOn",
+            "data": {"failCommands": ["insert", "update"], "namespace": "shop.orders",
+                     "blockConnection": true, "blockTimeMS": 300}},
+        )
+        .unwrap();
     let mut d = Daemon::start(
         &c,
         dir.path(),
@@ -40,6 +49,11 @@ async fn sigkill_at_random_points_under_load_converges_exactly() {
         // The first kills land during the copy (after a range or two), the rest at random
         // points while streaming, where a kill often falls between a batch and its checkpoint.
         let want = if round < 4 { "copying" } else { "streaming" };
+        if round == 4 {
+            c.dest
+                .configure_fail_point(&doc! {"configureFailPoint": "failCommand", "mode": "off"})
+                .unwrap();
+        }
         wait_until(
             &format!("round {round}: phase {want}"),
             Duration::from_secs(60),
