@@ -34,15 +34,9 @@ impl From<DocRef> for Version {
 }
 
 impl Version {
-    /// The BSON bytes of `doc` (`None` when it cannot be encoded: it then stays live), one
-    /// allocation of the exact size: encoded into `scratch` (kept by the oplog, so it does not
-    /// grow per call) when [`encode_common`] knows every value of the document, by the `bson`
-    /// crate otherwise.
-    fn pack_document(doc: &Document, scratch: &mut Vec<u8>) -> Option<Arc<[u8]>> {
-        scratch.clear();
-        if encode_common(doc, scratch) {
-            return Some(Arc::from(&scratch[..]));
-        }
+    /// The BSON bytes of `doc` in one allocation of the exact size (`None` when it cannot be
+    /// encoded: it then stays live).
+    fn pack_document(doc: &Document) -> Option<Arc<[u8]>> {
         RawDocumentBuf::try_from(doc)
             .ok()
             .map(|raw| Arc::from(raw.into_bytes()))
@@ -50,7 +44,7 @@ impl Version {
 
     /// A version stored as its BSON bytes (recovery).
     pub fn packed(doc: &Document) -> Version {
-        match Self::pack_document(doc, &mut Vec::new()) {
+        match Self::pack_document(doc) {
             Some(bytes) => Version::Packed(bytes),
             None => Version::Live(Arc::new(doc.clone())),
         }
@@ -105,129 +99,6 @@ impl Version {
             Version::Packed(bytes) => bytes.len(),
         }
     }
-}
-
-/// Appends the BSON encoding of `doc` to `out`, for documents made of the common types;
-/// false (and `out` unspecified) when a key cannot be a BSON key or a value is of a rarer
-/// type (regular expression, JavaScript, symbol, DBPointer, old binary), which the `bson`
-/// crate then encodes.
-fn encode_common(doc: &Document, out: &mut Vec<u8>) -> bool {
-    fn key(out: &mut Vec<u8>, tag: u8, key: &str) -> bool {
-        if key.as_bytes().contains(&0) {
-            return false;
-        }
-        out.push(tag);
-        out.extend_from_slice(key.as_bytes());
-        out.push(0);
-        true
-    }
-    fn element(out: &mut Vec<u8>, name: &str, value: &Bson) -> bool {
-        use bson::spec::BinarySubtype;
-        match value {
-            Bson::Double(f) => {
-                key(out, 0x01, name) && {
-                    out.extend_from_slice(&f.to_le_bytes());
-                    true
-                }
-            }
-            Bson::String(s) => {
-                key(out, 0x02, name) && {
-                    out.extend_from_slice(&((s.len() + 1) as i32).to_le_bytes());
-                    out.extend_from_slice(s.as_bytes());
-                    out.push(0);
-                    true
-                }
-            }
-            Bson::Document(d) => key(out, 0x03, name) && encode_common(d, out),
-            Bson::Array(items) => {
-                if !key(out, 0x04, name) {
-                    return false;
-                }
-                let start = out.len();
-                out.extend_from_slice(&[0; 4]);
-                let mut index = String::new();
-                for (i, item) in items.iter().enumerate() {
-                    index.clear();
-                    use std::fmt::Write;
-                    let _ = write!(index, "{i}");
-                    if !element(out, &index, item) {
-                        return false;
-                    }
-                }
-                out.push(0);
-                let len = (out.len() - start) as i32;
-                out[start..start + 4].copy_from_slice(&len.to_le_bytes());
-                true
-            }
-            Bson::Binary(b) if b.subtype != BinarySubtype::BinaryOld => {
-                key(out, 0x05, name) && {
-                    out.extend_from_slice(&(b.bytes.len() as i32).to_le_bytes());
-                    out.push(u8::from(b.subtype));
-                    out.extend_from_slice(&b.bytes);
-                    true
-                }
-            }
-            Bson::Undefined => key(out, 0x06, name),
-            Bson::ObjectId(id) => {
-                key(out, 0x07, name) && {
-                    out.extend_from_slice(&id.bytes());
-                    true
-                }
-            }
-            Bson::Boolean(b) => {
-                key(out, 0x08, name) && {
-                    out.push(u8::from(*b));
-                    true
-                }
-            }
-            Bson::DateTime(d) => {
-                key(out, 0x09, name) && {
-                    out.extend_from_slice(&d.timestamp_millis().to_le_bytes());
-                    true
-                }
-            }
-            Bson::Null => key(out, 0x0A, name),
-            Bson::Int32(i) => {
-                key(out, 0x10, name) && {
-                    out.extend_from_slice(&i.to_le_bytes());
-                    true
-                }
-            }
-            Bson::Timestamp(t) => {
-                key(out, 0x11, name) && {
-                    out.extend_from_slice(&t.increment.to_le_bytes());
-                    out.extend_from_slice(&t.time.to_le_bytes());
-                    true
-                }
-            }
-            Bson::Int64(i) => {
-                key(out, 0x12, name) && {
-                    out.extend_from_slice(&i.to_le_bytes());
-                    true
-                }
-            }
-            Bson::Decimal128(d) => {
-                key(out, 0x13, name) && {
-                    out.extend_from_slice(&d.bytes());
-                    true
-                }
-            }
-            Bson::MaxKey => key(out, 0x7F, name),
-            Bson::MinKey => key(out, 0xFF, name),
-            _ => false,
-        }
-    }
-    let start = out.len();
-    out.extend_from_slice(&[0; 4]);
-    for (name, value) in doc {
-        if !element(out, name, value) {
-            return false;
-        }
-    }
-    out.push(0);
-    let len = (out.len() - start) as i32;
-    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
-    true
 }
 
 /// Identity of a live version (the address of its `Arc`): valid as a key while the entry
@@ -472,8 +343,6 @@ pub struct Oplog {
     live: HashMap<usize, u64, BuildHasherDefault<AddrHasher>>,
     /// Next entry the sweep of [`Oplog::sweep`] looks at.
     sweep_seq: u64,
-    /// Buffer of [`Version::pack_document`].
-    scratch: Vec<u8>,
 }
 
 /// Entries the sweep looks at per append: the oplog is swept once per `len / SWEEP_STEP`
@@ -491,7 +360,6 @@ impl Oplog {
             journal: None,
             live: HashMap::default(),
             sweep_seq: 0,
-            scratch: Vec::new(),
         }
     }
 
@@ -582,7 +450,7 @@ impl Oplog {
         let seq = last.seq;
         if let Some(pre) = last.op.replaced_mut() {
             if let Version::Live(doc) = pre {
-                if let Some(bytes) = Version::pack_document(doc, &mut self.scratch) {
+                if let Some(bytes) = Version::pack_document(doc) {
                     let key = addr(doc);
                     let writer = self.live.get(&key).copied();
                     *pre = Version::Packed(Arc::clone(&bytes));
@@ -626,7 +494,7 @@ impl Oplog {
             let mut forget = None;
             if let Some(written) = entry.op.written_mut() {
                 if let Some(doc) = written.live().filter(|d| Arc::strong_count(d) == 1) {
-                    if let Some(bytes) = Version::pack_document(doc, &mut self.scratch) {
+                    if let Some(bytes) = Version::pack_document(doc) {
                         forget = Some(addr(doc));
                         *written = Version::Packed(bytes);
                     }
@@ -634,7 +502,7 @@ impl Oplog {
             }
             if let Some(pre) = entry.op.replaced_mut() {
                 if let Some(doc) = pre.live().filter(|d| Arc::strong_count(d) == 1) {
-                    if let Some(bytes) = Version::pack_document(doc, &mut self.scratch) {
+                    if let Some(bytes) = Version::pack_document(doc) {
                         *pre = Version::Packed(bytes);
                     }
                 }
@@ -962,26 +830,5 @@ mod tests {
         assert!(v.packed_len() > 0);
         assert_eq!(encoded(&v.document()), encoded(&d));
         assert_eq!(v.id(), d.get("_id").cloned());
-        // The common types are encoded here, byte for byte as the `bson` crate does.
-        let common = bson::doc! {
-            "_id": 1, "f": -0.0, "s": "a\u{0}b", "d": {"x": [1, 2i64, {"y": true}, [], {}]},
-            "bin": bson::Binary { subtype: bson::spec::BinarySubtype::Uuid, bytes: vec![7; 16] },
-            "undef": Bson::Undefined, "dt": bson::DateTime::from_millis(-5), "nul": Bson::Null,
-            "ts": bson::Timestamp { time: 5, increment: 6 }, "l": i64::MIN, "o": bson::oid::ObjectId::new(),
-            "dec": "-1.5E+3".parse::<bson::Decimal128>().unwrap(), "min": Bson::MinKey, "max": Bson::MaxKey,
-            "arr": (0..12).map(Bson::Int32).collect::<Vec<_>>(),
-        };
-        let mut out = Vec::new();
-        assert!(encode_common(&common, &mut out));
-        assert_eq!(out, encoded(&common));
-        let mut out = Vec::new();
-        assert!(
-            !encode_common(&d, &mut out),
-            "regex, JavaScript and symbol go to the crate"
-        );
-        assert!(
-            !encode_common(&bson::doc! {"a\u{0}": 1}, &mut out),
-            "not a BSON key"
-        );
     }
 }
