@@ -5,7 +5,8 @@
 //! cargo run --release --example soak -- --seed S --minutes M
 //! cargo run --release --example soak -- --seed S --seeds N [--per-round K] [--parallel P]
 //!     [--ops-per-seed O] [--ops all|a,b|-a,-b] [--faults all|none|a,b|-a,-b]
-//!     [--stream-scope rotate|collection|deployment|database|auto] [--verbose]
+//!     [--stream-scope rotate|collection|deployment|database|auto]
+//!     [--batch-events 0|N] [--verbose]
 //! ```
 //!
 //! It runs rounds of `--per-round` seeds (one daemon, one database per seed) starting at
@@ -92,6 +93,13 @@ fn main() -> ExitCode {
                     std::process::exit(2)
                 }
                 opts.stream_scope = value
+            }
+            // `apply.batch_max_events` of every round; 0 rotates through 1000, 4 and 32.
+            "--batch-events" => {
+                opts.batch_events = value.parse().unwrap_or_else(|_| {
+                    eprintln!("--batch-events needs a number");
+                    std::process::exit(2)
+                })
             }
             "--verbose" => {
                 opts.verbose = true;

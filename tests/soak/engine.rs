@@ -57,6 +57,7 @@ pub const OP_KINDS: &[&str] = &[
     "dropdb",
     "index",
     "validator",
+    "burst",
     // Not an operation: `_id`s 2^53, 2^53 + 1, 2^53 + 2, i64::MAX - 1 and i64::MAX in the pool.
     "bigid",
 ];
@@ -141,10 +142,17 @@ pub struct Options {
     /// auto and atomic in turn, by round. `atomic` is `auto` with `apply.transactions =
     /// "atomic"`.
     pub stream_scope: String,
+    /// `apply.batch_max_events` of every round, or 0: 1000, 4 and 32 in turn, by round. Small
+    /// batches put several batches of one namespace in a backlog, so one is prepared while the
+    /// one before is written (issue 11 item 4).
+    pub batch_events: u64,
 }
 
 /// The scopes `rotate` goes through.
 pub const STREAM_SCOPES: [&str; 5] = ["collection", "deployment", "database", "auto", "atomic"];
+
+/// The `apply.batch_max_events` rounds go through (1000: the default).
+pub const BATCH_EVENTS: [u64; 3] = [1000, 4, 32];
 
 impl Options {
     /// Defaults overridden by `SOAK_*` environment variables; `default_ops` and
@@ -181,7 +189,18 @@ impl Options {
             quiesce_timeout: Duration::from_secs(num("SOAK_QUIESCE_SECONDS", 90)?),
             verbose: std::env::var("SOAK_VERBOSE").is_ok_and(|v| v != "0"),
             stream_scope: std::env::var("SOAK_STREAM_SCOPE").unwrap_or_else(|_| "rotate".into()),
+            batch_events: num("SOAK_BATCH_EVENTS", 0)?,
         })
+    }
+
+    /// `apply.batch_max_events` of the round starting at `first`.
+    pub fn batch_events_of(&self, first: u64) -> u64 {
+        if self.batch_events == 0 {
+            let round = (first.saturating_sub(1) / self.per_round) as usize;
+            BATCH_EVENTS[round % BATCH_EVENTS.len()]
+        } else {
+            self.batch_events
+        }
     }
 
     /// The stream scope of the round starting at `first`.
@@ -197,9 +216,10 @@ impl Options {
     /// The command that re-runs the round starting at `first`.
     pub fn rerun_command(&self, first: u64, count: u64) -> String {
         let scope = self.scope_of(first);
+        let batch = self.batch_events_of(first);
         format!(
-            "SOAK_SEED={first} SOAK_SEEDS={count} SOAK_PER_ROUND={count} SOAK_OPS_PER_SEED={} SOAK_OPS={} SOAK_FAULTS={} SOAK_STREAM_SCOPE={scope} cargo test --test main soak::soak_seeds -- --nocapture\n  \
-             or: cargo run --release --example soak -- --seed {first} --seeds {count} --per-round {count} --ops-per-seed {} --ops {} --faults {} --stream-scope {scope}",
+            "SOAK_SEED={first} SOAK_SEEDS={count} SOAK_PER_ROUND={count} SOAK_OPS_PER_SEED={} SOAK_OPS={} SOAK_FAULTS={} SOAK_STREAM_SCOPE={scope} SOAK_BATCH_EVENTS={batch} cargo test --test main soak::soak_seeds -- --nocapture\n  \
+             or: cargo run --release --example soak -- --seed {first} --seeds {count} --per-round {count} --ops-per-seed {} --ops {} --faults {} --stream-scope {scope} --batch-events {batch}",
             self.ops_per_seed,
             or_none(&self.ops.spec()),
             or_none(&self.faults.spec()),
@@ -485,6 +505,7 @@ impl Scenario {
                 | "arrayindex"
                 | "truncate"
                 | "pipeline"
+                | "burst"
         );
         if !model_unchanged {
             self.refresh(src).await;
@@ -595,6 +616,29 @@ impl Scenario {
                     .await
                     .map(|r| format!("matched {}", r.matched_count));
                 self.record(kind, what, fmt(r));
+            }
+            "burst" => {
+                // Every document of the collection changes two or three times at once, then a
+                // few of them once more: a backlog of several batches of one namespace, so the
+                // daemon prepares a batch while the one before it is written (issue 11 item 4).
+                for round in 0..self.rng.random_range(2..4) {
+                    let what = format!("{ns}.updateMany({{}}, {{$inc: {{burst: 1}}}}) #{round}");
+                    let r = c
+                        .update_many(doc! {}, doc! {"$inc": {"burst": 1}})
+                        .await
+                        .map(|r| format!("modified {}", r.modified_count));
+                    self.record(kind, what, fmt(r));
+                }
+                for _ in 0..self.rng.random_range(1..4) {
+                    let id = self.pick_id(coll);
+                    let v = self.rng.random_range(0..5);
+                    let what = format!("{ns}.updateOne({{_id: {id}}}, {{$set: {{burst: {v}}}}})");
+                    let r = c
+                        .update_one(doc! {"_id": id}, doc! {"$set": {"burst": v}})
+                        .await
+                        .map(|r| format!("matched {}", r.matched_count));
+                    self.record(kind, what, fmt(r));
+                }
             }
             "delete" => {
                 let id = self.pick_id(coll);
@@ -958,7 +1002,14 @@ fn free_port() -> u16 {
 }
 
 impl Daemon {
-    fn new(bin: &Path, dir: &Path, source: &SimHandle, dest: &SimHandle, scope: &str) -> Daemon {
+    fn new(
+        bin: &Path,
+        dir: &Path,
+        source: &SimHandle,
+        dest: &SimHandle,
+        scope: &str,
+        batch_events: u64,
+    ) -> Daemon {
         let port = free_port();
         let (scope, transactions) = match scope {
             "atomic" => ("auto", "atomic"),
@@ -966,7 +1017,7 @@ impl Daemon {
         };
         let config = format!(
             "[source]\nuri = \"{}\"\nstream_scope = \"{scope}\"\n\n[destination]\nuri = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{port}\"\n\n\
-             [apply]\ntransactions = \"{transactions}\"\n\n\
+             [apply]\ntransactions = \"{transactions}\"\nbatch_max_events = {batch_events}\n\n\
              [checkpoint]\ninterval_seconds = 1\n\n[supervisor]\nmax_backoff_seconds = 1\nmax_restarts = 1000\n\n\
              [validation]\ninterval_seconds = 0\n\n[shutdown]\ntimeout_seconds = 10\n\n[log]\nlevel = \"info\"\n",
             source.uri(),
@@ -1176,6 +1227,8 @@ pub struct RoundReport {
     pub seeds: u64,
     /// `source.stream_scope` the round ran with.
     pub stream_scope: String,
+    /// `apply.batch_max_events` the round ran with.
+    pub batch_events: u64,
     pub ops: u64,
     pub source_errors: u64,
     pub faults: BTreeMap<&'static str, u64>,
@@ -1198,6 +1251,7 @@ pub async fn run_round(opts: &Options, first: u64, count: u64) -> RoundReport {
         first_seed: first,
         seeds: count,
         stream_scope: opts.scope_of(first).to_string(),
+        batch_events: opts.batch_events_of(first),
         ..Default::default()
     };
     let schedule = fault_schedule(first, &opts.faults);
@@ -1222,6 +1276,7 @@ pub async fn run_round(opts: &Options, first: u64, count: u64) -> RoundReport {
         &source,
         &dest,
         opts.scope_of(first),
+        opts.batch_events_of(first),
     );
     let fault_log: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(
         schedule
@@ -1262,13 +1317,20 @@ pub async fn run_round(opts: &Options, first: u64, count: u64) -> RoundReport {
         }
     }
 
-    // The rest of the operations, with the faults fired at their progress points.
+    // The rest of the operations, with the faults fired at their progress points: half while
+    // the daemon copies, half once it streams (or after `STREAMING_WAIT`), so the stream
+    // phase sees histories and backlogs of its own and not only what the copy left.
     let ops_task = {
         let src = src.clone();
         let opts = opts.clone();
         let shared = Arc::clone(&shared);
         let rest = opts.ops_per_seed - pre;
-        tokio::spawn(async move { run_ops(&src, scenarios, rest, &opts, &shared).await })
+        let port = daemon.port;
+        tokio::spawn(async move {
+            let scenarios = run_ops(&src, scenarios, rest / 2, &opts, &shared).await;
+            wait_ready(port, STREAMING_WAIT).await;
+            run_ops(&src, scenarios, rest - rest / 2, &opts, &shared).await
+        })
     };
     let mut pending: Vec<(f64, Fault)> = schedule
         .iter()
@@ -1511,6 +1573,25 @@ pub async fn run_round(opts: &Options, first: u64, count: u64) -> RoundReport {
 }
 
 /// Runs `n` more operations of every scenario concurrently; returns the scenarios.
+/// How long the second half of a round's operations waits for the daemon to stream every
+/// namespace (a daemon killed and not yet restarted never does).
+const STREAMING_WAIT: Duration = Duration::from_secs(10);
+
+/// Waits until the daemon on `port` answers `/readyz` with 200 (every namespace streaming),
+/// at most `bound`.
+async fn wait_ready(port: u16, bound: Duration) {
+    let started = Instant::now();
+    while started.elapsed() < bound {
+        let ready = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        if ready {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn run_ops(
     src: &Client,
     scenarios: Vec<Scenario>,
@@ -1748,10 +1829,11 @@ pub async fn run(opts: &Options) -> Vec<RoundReport> {
 
 pub fn summary_line(r: &RoundReport) -> String {
     format!(
-        "round seeds {}..{} (stream_scope {}): {} ops ({} source errors), faults {:?}, {:.1}s (quiesce {:.1}s), {} failure(s)",
+        "round seeds {}..{} (stream_scope {}, batch_max_events {}): {} ops ({} source errors), faults {:?}, {:.1}s (quiesce {:.1}s), {} failure(s)",
         r.first_seed,
         r.first_seed + r.seeds,
         r.stream_scope,
+        r.batch_events,
         r.ops,
         r.source_errors,
         r.faults,
@@ -1766,6 +1848,7 @@ pub fn totals(reports: &[RoundReport]) -> String {
     let mut faults: BTreeMap<&str, u64> = BTreeMap::new();
     let mut kinds: BTreeMap<&str, u64> = BTreeMap::new();
     let mut scopes: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut batches: BTreeMap<u64, u64> = BTreeMap::new();
     let (mut seeds, mut ops, mut errs, mut failed) = (0, 0, 0, 0);
     let mut time = Duration::ZERO;
     for r in reports {
@@ -1781,11 +1864,12 @@ pub fn totals(reports: &[RoundReport]) -> String {
             *kinds.entry(k).or_default() += n;
         }
         *scopes.entry(r.stream_scope.as_str()).or_default() += 1;
+        *batches.entry(r.batch_events).or_default() += 1;
     }
     let mut out = String::new();
     let _ = write!(
         out,
-        "soak: {seeds} seeds in {} rounds, {ops} operations ({errs} refused by the source), {failed} failing seed(s); round time {:.1}s total, {:.2}s per seed\n  rounds by stream_scope: {scopes:?}\n  faults: {faults:?}\n  operations: {kinds:?}",
+        "soak: {seeds} seeds in {} rounds, {ops} operations ({errs} refused by the source), {failed} failing seed(s); round time {:.1}s total, {:.2}s per seed\n  rounds by stream_scope: {scopes:?}\n  rounds by batch_max_events: {batches:?}\n  faults: {faults:?}\n  operations: {kinds:?}",
         reports.len(),
         time.as_secs_f64(),
         time.as_secs_f64() / seeds.max(1) as f64
