@@ -511,3 +511,82 @@ async fn top_level_dollar_prefixed_fields_are_stored_literally() {
     assert_eq!(dead_letters(&c).await, Vec::<Document>::new());
     stop(&mut d).await;
 }
+
+/// Issue 11 item 4: a batch is read, marked and prepared while the batch before it is still
+/// being written, and writes only after it. Round 4 deletes every document and round 5
+/// inserts them again, in two batches; the destination holds round 4's deletes for a while.
+/// The daemon must persist round 5's mark during the hold (the overlap happens) and must not
+/// send round 5's inserts before the deletes (they would be deleted again: an empty copy).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_prepared_while_the_one_before_is_written_lands_after_it() {
+    let c = Clusters::start().await;
+    let src = c.src.database("app").collection::<Document>("overlap");
+    src.insert_many((0..100).map(|i| doc! {"_id": i, "v": 0}))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = "[sync]\nnamespaces = [\"app.overlap\"]\n\n[apply]\nbatch_max_events = 100\n";
+    let mut d = Daemon::start(&c, dir.path(), config);
+    d.wait_streaming("app.overlap").await;
+    stop(&mut d).await;
+    // The backlog: five rounds of 100 events, one batch each.
+    for round in 1..=3 {
+        src.update_many(doc! {}, doc! {"$set": {"v": round}})
+            .await
+            .unwrap();
+    }
+    src.delete_many(doc! {}).await.unwrap();
+    // Every event of round 5 is later than this.
+    let round_4_done = c
+        .src
+        .database("app")
+        .run_command(doc! {"find": "overlap", "limit": 1})
+        .await
+        .unwrap()
+        .get_timestamp("operationTime")
+        .unwrap();
+    src.insert_many((0..100).map(|i| doc! {"_id": i, "v": 5}))
+        .await
+        .unwrap();
+    c.dest
+        .configure_fail_point(
+            &doc! {"configureFailPoint": "failCommand", "mode": {"times": 1},
+            "data": {"failCommands": ["delete"], "blockConnection": true, "blockTimeMS": 3_000,
+                     "namespace": "app.overlap"}},
+        )
+        .unwrap();
+    let mut d = Daemon::start(&c, dir.path(), config);
+    let dst = c.dst.database("app").collection::<Document>("overlap");
+    let marks = c
+        .dst
+        .database("mongo_syncd")
+        .collection::<Document>("apply_marks");
+    // While the deletes are held, round 5 is already marked: it was read and prepared.
+    wait_until("round 5's mark is persisted", T, || async {
+        marks
+            .find_one(doc! {})
+            .await
+            .unwrap()
+            .and_then(|m| m.get_timestamp("cluster_time").ok())
+            .is_some_and(|t| t > round_4_done)
+    })
+    .await;
+    assert_eq!(
+        dst.count_documents(doc! {"v": 3}).await.unwrap(),
+        100,
+        "round 5 was marked only after round 4 was written (no overlap), or it was written \
+         before round 4's held deletes; log:\n{}",
+        d.logs()
+    );
+    wait_until("round 5 is applied", T, || async {
+        dst.count_documents(doc! {"v": 5}).await.unwrap() == 100
+    })
+    .await;
+    stop(&mut d).await;
+    assert_eq!(
+        crate::support::cluster::dump(&c.dst, "app", "overlap").await,
+        crate::support::cluster::dump(&c.src, "app", "overlap").await,
+        "log:\n{}",
+        d.logs()
+    );
+}

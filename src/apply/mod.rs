@@ -11,6 +11,7 @@
 pub use crate::bounded_write;
 pub mod conflict;
 pub mod transaction;
+pub mod turn;
 
 use std::{collections::HashMap, time::Instant};
 
@@ -542,6 +543,13 @@ impl Applier {
             catalog: parking_lot::Mutex::new(None),
             source_validator: SourceValidator::default(),
         }
+    }
+
+    /// Whether a batch may be prepared while the batch before it is still being written
+    /// ([`turn`]): source-wins writes read nothing from the destination before they write;
+    /// conflict detection reads the documents it compares.
+    pub fn may_overlap_batches(&self) -> bool {
+        !self.conflict.detects_conflicts()
     }
 
     pub fn destination_collection(&self) -> mongodb::Collection<RawDocumentBuf> {
@@ -1543,6 +1551,7 @@ impl Applier {
         &self,
         ids: &[RawBson],
     ) -> Result<HashMap<IdKey, RawDocumentBuf>, SyncError> {
+        turn::wait().await?;
         let mut arr = RawArrayBuf::new();
         for id in ids {
             arr.push(id.clone());
@@ -1575,6 +1584,7 @@ impl Applier {
         code: i32,
         msg: &str,
     ) -> Result<(), SyncError> {
+        turn::wait().await?;
         let id = Bson::try_from(id.clone()).unwrap_or(Bson::Null);
         tracing::warn!(
             namespace = %self.label,
@@ -1602,6 +1612,7 @@ impl Applier {
         &self,
         ids: &[RawBson],
     ) -> Result<std::collections::HashSet<IdKey>, SyncError> {
+        turn::wait().await?;
         let mut arr = RawArrayBuf::new();
         for id in ids {
             arr.push(id.clone());
@@ -1901,6 +1912,7 @@ impl Applier {
                 bson::cstr!("writeConcern"),
                 rawdoc! {"w": "majority", "j": true},
             );
+            turn::wait().await?;
             let started = Instant::now();
             let reply =
                 crate::bounded_write::run(self.op_timeout, self.dest_db.run_raw_command(cmd))

@@ -50,6 +50,7 @@ use crate::{
 mod copy;
 mod ddl;
 pub mod dest_collection;
+mod in_flight;
 mod reconcile;
 mod repair;
 mod stream;

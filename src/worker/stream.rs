@@ -2,6 +2,7 @@
 //! stream or the shared one it joined, with crash replays recognised and the end of a replay
 //! settled.
 
+use super::in_flight::{self, InFlightBatch};
 use super::*;
 
 /// Events re-read after a crash between a batch and its checkpoint: everything up to and
@@ -72,8 +73,10 @@ pub(super) async fn stream(
         );
     }
     let mut settings = ctx.current_settings();
-    let mut applier = ctx.applier();
+    let mut applier = Arc::new(ctx.applier());
     let mut last_checkpoint = Instant::now();
+    // The batch whose writes run while the next one is read and prepared (see `in_flight`).
+    let mut writing: Option<InFlightBatch> = None;
     let mut settles = CaughtUpSettles::default();
     let mut last_join_attempt = Instant::now();
     // A force-sync interrupted by a restart resumes at its next range before anything else.
@@ -82,6 +85,22 @@ pub(super) async fn stream(
     // An item read while a batch was being collected that must start the next one (the
     // first event of a source transaction under `apply.transactions = "atomic"`).
     let mut held: Option<StreamItem> = None;
+    // Waits for `writing` and checkpoints it: before anything that needs every batch read so
+    // far applied (DDL, a transaction, a reopened stream, an idle token, a command).
+    macro_rules! finish_writing {
+        () => {
+            // Some callers checkpoint again at once, so this time is not always read.
+            #[allow(unused_assignments)]
+            match in_flight::finish(ctx, &applier, &mut cp, &mut settles, &mut writing).await {
+                Ok(true) => {
+                    last_checkpoint = Instant::now();
+                    feed.acknowledge(cp.resume_token.as_ref());
+                }
+                Ok(false) => {}
+                Err(e) => break Err(e),
+            }
+        };
+    }
     let result = loop {
         let now_reading = feed.describe();
         if now_reading != described {
@@ -92,8 +111,9 @@ pub(super) async fn stream(
         }
         // Batch boundary: adopt reloaded settings, run a requested force-sync.
         if ctx.adopt_reload().await {
+            finish_writing!();
             settings = ctx.current_settings();
-            applier = ctx.applier();
+            applier = Arc::new(ctx.applier());
             let wanted = ctx.stream_settings();
             let changed = match feed.own_settings() {
                 Some(own) => !same_stream(own, &wanted),
@@ -110,6 +130,7 @@ pub(super) async fn stream(
             }
         }
         if ctx.signals.take_force_sync() || reconcile_pending {
+            finish_writing!();
             reconcile_pending = false;
             match reconcile(ctx, &applier, &mut cp, stop).await {
                 Ok(()) => {}
@@ -124,6 +145,7 @@ pub(super) async fn stream(
                 _ = abort.cancelled() => break Err(cancelled()),
                 _ = ctx.signals.notify.notified() => continue,
                 Some(cmd) = commands.recv() => {
+                    finish_writing!();
                     match cmd {
                         WorkerCommand::RepairRange(request) => {
                             if let Err(e) = super::repair::handle(ctx, &applier, &mut cp, *request).await {
@@ -134,12 +156,23 @@ pub(super) async fn stream(
                     continue;
                 }
                 item = feed.recv() => item,
+                writes = in_flight::written(&mut writing), if writing.is_some() => {
+                    let batch = writing.take().expect("guarded by is_some");
+                    if let Err(e) = in_flight::commit(ctx, &applier, &mut cp, &mut settles, batch, writes).await {
+                        break Err(e);
+                    }
+                    last_checkpoint = Instant::now();
+                    feed.acknowledge(cp.resume_token.as_ref());
+                    join_when_caught_up(ctx, &mut feed, &cp, stop, &mut last_join_attempt).await;
+                    continue;
+                }
             },
         };
         let first = match first {
             Some(StreamItem::Event(ev, permit)) => match transaction_group(ctx, &ev) {
                 Some(group) => {
                     drop(permit);
+                    finish_writing!();
                     let applied = apply_transaction(
                         ctx,
                         &applier,
@@ -233,24 +266,42 @@ pub(super) async fn stream(
             let events: Vec<ChangeEvent> = batch.into_iter().map(|(e, _permit)| e).collect();
             record_read(ctx, &events);
             let replays = crash_replay.leading_replays(&events);
-            match process_batch(ctx, &applier, &mut cp, &events, replays, &mut settles, None).await
-            {
-                Ok(Some(exit)) => break Ok(exit),
-                Ok(None) => {
-                    last_checkpoint = Instant::now();
-                    feed.acknowledge(cp.resume_token.as_ref());
-                    // Under steady writes the own stream is never idle: a drained queue after
-                    // a batch means caught up too (at most one join attempt a second).
-                    if !feed.is_shared()
-                        && !feed.is_joining()
-                        && feed.queued() == 0
-                        && last_join_attempt.elapsed() >= JOIN_ATTEMPT_EVERY
-                    {
-                        last_join_attempt = Instant::now();
-                        join_shared(ctx, &mut feed, &cp, stop).await;
+            if in_flight::may_start(&applier, &events, replays) {
+                // This batch is prepared while the one before is written, then written
+                // while the next one is read.
+                if !in_flight::may_commit_behind(ctx, &cp, writing.as_ref()) {
+                    finish_writing!();
+                }
+                let mut previous = writing.take();
+                match in_flight::start(ctx, &applier, &cp, events, previous.as_ref()).await {
+                    Ok(started) => writing = Some(started),
+                    Err(e) => {
+                        writing = previous;
+                        break Err(e);
                     }
                 }
-                Err(e) => break Err(e),
+                match in_flight::finish(ctx, &applier, &mut cp, &mut settles, &mut previous).await {
+                    Ok(true) => {
+                        last_checkpoint = Instant::now();
+                        feed.acknowledge(cp.resume_token.as_ref());
+                    }
+                    Ok(false) => {}
+                    Err(e) => break Err(e),
+                }
+            } else {
+                finish_writing!();
+                match process_batch(ctx, &applier, &mut cp, &events, replays, &mut settles, None)
+                    .await
+                {
+                    Ok(Some(exit)) => break Ok(exit),
+                    Ok(None) => {
+                        last_checkpoint = Instant::now();
+                        feed.acknowledge(cp.resume_token.as_ref());
+                        join_when_caught_up(ctx, &mut feed, &cp, stop, &mut last_join_attempt)
+                            .await;
+                    }
+                    Err(e) => break Err(e),
+                }
             }
         }
         let skipped = feed.take_skipped();
@@ -265,9 +316,11 @@ pub(super) async fn stream(
             }
         }
         if let Some(e) = failure {
+            finish_writing!();
             break Err(e);
         }
         if stalled {
+            finish_writing!();
             // Everything read before the stall (or the shared stream's end) is applied and
             // checkpointed: reopen there.
             feed.leave_shared();
@@ -281,6 +334,7 @@ pub(super) async fn stream(
         // Idle: every event read before the token is applied and checkpointed, so the
         // postBatchResumeToken may be checkpointed (DESIGN §2.5), unless more was read since.
         if let Some((token, cluster_time)) = idle_after_batch.take() {
+            finish_writing!();
             if let Some(ts) = cluster_time {
                 ctx.observe_source_time(ts);
             }
@@ -339,8 +393,39 @@ pub(super) async fn stream(
             ctx.pipeline.metrics.set_queue(&label, feed.queued() as u64);
         }
     };
+    // A batch still being written is finished and checkpointed (a clean stop drains it);
+    // an aborted worker abandons it like a crash would (its mark makes it a replay).
+    let result = if abort.is_cancelled() {
+        drop(writing);
+        result
+    } else {
+        match in_flight::finish(ctx, &applier, &mut cp, &mut settles, &mut writing).await {
+            Err(e) if result.is_ok() => Err(e),
+            _ => result,
+        }
+    };
     feed.close().await;
     result
+}
+
+/// Under steady writes an own stream is never idle: a drained queue after a checkpointed
+/// batch means caught up too, so the worker tries to join its shared stream (at most once
+/// every [`JOIN_ATTEMPT_EVERY`]).
+async fn join_when_caught_up(
+    ctx: &WorkerContext,
+    feed: &mut Feed,
+    cp: &Checkpoint,
+    stop: &CancellationToken,
+    last_join_attempt: &mut Instant,
+) {
+    if !feed.is_shared()
+        && !feed.is_joining()
+        && feed.queued() == 0
+        && last_join_attempt.elapsed() >= JOIN_ATTEMPT_EVERY
+    {
+        *last_join_attempt = Instant::now();
+        join_shared(ctx, feed, cp, stop).await;
+    }
 }
 
 /// The shared stream this namespace reads under the plan, unless its stream settings differ
@@ -529,10 +614,38 @@ pub(super) async fn process_batch(
         );
         applied_events = events.len();
     }
-    let last = &events[applied_events.max(1) - 1];
-    if exit == Some(WorkerExit::NamespaceGone) {
+    commit_batch(
+        ctx,
+        applier,
+        cp,
+        &events[..applied_events],
+        exit == Some(WorkerExit::NamespaceGone),
+        stats,
+        started,
+        settles,
+    )
+    .await?;
+    Ok(exit)
+}
+
+/// After a batch's writes (`applied`: its events up to a DDL event that ended the namespace,
+/// if one did): checkpoints the last one's token (or, the namespace gone, deletes the
+/// checkpoint) and counts what was applied.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn commit_batch(
+    ctx: &WorkerContext,
+    applier: &Applier,
+    cp: &mut Checkpoint,
+    applied: &[ChangeEvent],
+    namespace_gone: bool,
+    stats: ApplyStats,
+    started: Instant,
+    settles: &mut CaughtUpSettles,
+) -> Result<(), SyncError> {
+    let label = ctx.label();
+    if namespace_gone {
         ctx.pipeline.checkpoints.delete(&ctx.key()).await?;
-    } else {
+    } else if let Some(last) = applied.last() {
         cp.resume_token = Some(last.token.clone().try_into().map_err(|e| {
             SyncError::with_source(ErrorKind::InvariantViolated, "decoding a resume token", e)
         })?);
@@ -557,7 +670,7 @@ pub(super) async fn process_batch(
             .replay_skipped(&label, stats.replay_skipped);
     }
     let now = SystemTime::now();
-    for ev in &events[..applied_events] {
+    for ev in applied {
         if let Some(wall) = ev.wall_time {
             let secs = now
                 .duration_since(wall.to_system_time())
@@ -571,7 +684,7 @@ pub(super) async fn process_batch(
     ctx.pipeline
         .status
         .update(&label, |s| s.events_applied += total);
-    Ok(exit)
+    Ok(())
 }
 
 /// Applies the data events `events[range]`: those before index `replays` as replays of a
