@@ -1020,6 +1020,48 @@ async fn a_blocked_destination_buffers_at_most_the_daemon_wide_budget() {
     assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
 }
 
+/// Issue 11 item 7: the budget covers a batch until it is written, not only the events queued
+/// for it: a batch the destination holds still counts in `mongo_syncd_buffered_bytes` (with
+/// batches written while the next is prepared, two batches per namespace would otherwise sit
+/// outside the budget).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_being_written_still_counts_against_the_budget() {
+    let c = Clusters::start().await;
+    let coll = c.src.database("budget").collection::<Document>("held");
+    coll.insert_one(doc! {"_id": -1}).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(&c, dir.path(), "[sync]\nnamespaces = [\"budget.held\"]\n");
+    d.wait_streaming("budget.held").await;
+    c.dest
+        .configure_fail_point(&doc! {
+            "configureFailPoint": "failCommand",
+            "mode": {"times": 1},
+            "data": {"failCommands": ["insert"], "blockConnection": true, "blockTimeMS": 4_000,
+                     "namespace": "budget.held"},
+        })
+        .unwrap();
+    let pad = "p".repeat(4_000);
+    coll.insert_many((0..50).map(|i| doc! {"_id": i, "pad": &pad}))
+        .await
+        .unwrap();
+    // The batch is read and sent; while the destination holds it, its bytes stay counted.
+    d.wait_metric_at_least(
+        "mongo_syncd_events_read_total",
+        50.0,
+        Duration::from_secs(30),
+    )
+    .await;
+    let held = d.metric("mongo_syncd_buffered_bytes").await.unwrap_or(0.0);
+    assert!(
+        held >= 50.0 * 4_000.0,
+        "a batch held by the destination counts {held} bytes, not its ~200 kB"
+    );
+    wait_converged(&c, &[("budget", "held")], Duration::from_secs(60)).await;
+    d.wait_metric("mongo_syncd_buffered_bytes", 0.0, Duration::from_secs(30))
+        .await;
+    assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
+}
+
 /// Issue 11 item 8: the connections the daemon holds to each cluster are in the status and in
 /// `mongo_syncd_connections{side}`, and they are the simulator's own count of them, give or
 /// take the driver's monitoring connections (outside the pool) and this test's client.

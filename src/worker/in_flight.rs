@@ -14,6 +14,8 @@ use tokio_util::task::AbortOnDropHandle;
 /// A batch whose writes are running.
 pub(super) struct InFlightBatch {
     events: Arc<[ChangeEvent]>,
+    /// The events' bytes, counted in the daemon's budget until the batch is written.
+    _buffered: Vec<BufferedBytes>,
     started: Instant,
     writes: AbortOnDropHandle<Result<ApplyStats, SyncError>>,
     /// The turn of the batch read after this one.
@@ -56,6 +58,7 @@ pub(super) async fn start(
     applier: &Arc<Applier>,
     cp: &Checkpoint,
     events: Vec<ChangeEvent>,
+    buffered: Vec<BufferedBytes>,
     previous: Option<&InFlightBatch>,
 ) -> Result<InFlightBatch, SyncError> {
     let started = Instant::now();
@@ -72,6 +75,7 @@ pub(super) async fn start(
     });
     Ok(InFlightBatch {
         events,
+        _buffered: buffered,
         started,
         writes: AbortOnDropHandle::new(writes),
         next,

@@ -263,7 +263,9 @@ pub(super) async fn stream(
         }
         if !batch.is_empty() {
             ctx.pipeline.metrics.set_queue(&label, feed.queued() as u64);
-            let events: Vec<ChangeEvent> = batch.into_iter().map(|(e, _permit)| e).collect();
+            // The events' bytes stay counted in the daemon's budget until they are written.
+            let (events, buffered): (Vec<ChangeEvent>, Vec<BufferedBytes>) =
+                batch.into_iter().unzip();
             record_read(ctx, &events);
             let replays = crash_replay.leading_replays(&events);
             if in_flight::may_start(&applier, &events, replays) {
@@ -273,7 +275,9 @@ pub(super) async fn stream(
                     finish_writing!();
                 }
                 let mut previous = writing.take();
-                match in_flight::start(ctx, &applier, &cp, events, previous.as_ref()).await {
+                let started =
+                    in_flight::start(ctx, &applier, &cp, events, buffered, previous.as_ref());
+                match started.await {
                     Ok(started) => writing = Some(started),
                     Err(e) => {
                         writing = previous;
@@ -302,6 +306,7 @@ pub(super) async fn stream(
                     }
                     Err(e) => break Err(e),
                 }
+                drop(buffered);
             }
         }
         let skipped = feed.take_skipped();
