@@ -1892,7 +1892,7 @@ impl Applier {
                     break;
                 }
                 bytes += size;
-                arr.push(statements[end].clone());
+                arr.push(&statements[end]);
                 end += 1;
             }
             let mut cmd = RawDocumentBuf::new();
