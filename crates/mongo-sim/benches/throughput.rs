@@ -6,6 +6,10 @@
 //!     statements per command), first into an empty collection (each inserts), then over the
 //!     existing documents (each replaces) → documents/s, side by side with (a).
 //!
+//! (a) and (c) run in `ROUNDS` rounds, each into fresh collections, and the ratios are reported
+//! per round and as medians: on this VM a run's figures swing with the cost of faulting in new
+//! memory (up to half the CPU in the kernel's page clearing), which one pair cannot separate.
+//!
 //! `cargo bench -p mongo-sim --bench throughput [-- DOCS]` (default 200,000 documents).
 
 use std::time::{Duration, Instant};
@@ -32,8 +36,11 @@ fn batches(total: usize, offset: usize) -> impl Iterator<Item = Vec<Document>> {
     })
 }
 
-async fn inserts(client: &Client, total: usize) -> f64 {
-    let col = client.database("bench").collection::<Document>("inserts");
+/// Rounds of insert / upsert pairs.
+const ROUNDS: usize = 3;
+
+async fn inserts(client: &Client, coll: &str, total: usize) -> f64 {
+    let col = client.database("bench").collection::<Document>(coll);
     let docs: Vec<Vec<Document>> = batches(total, 0).collect();
     let started = Instant::now();
     for batch in docs {
@@ -97,6 +104,11 @@ async fn events(client: &Client, total: usize) -> f64 {
     total as f64 / (last_event - started).as_secs_f64()
 }
 
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
 fn main() {
     let total: usize = std::env::args()
         .skip(1)
@@ -109,14 +121,27 @@ fn main() {
     rt.block_on(async {
         let sim = MongoSim::builder().start().await.expect("simulator");
         let client = Client::with_uri_str(sim.uri()).await.expect("client");
-        let docs_per_sec = inserts(&client, total).await;
-        println!("insert_many ({total} docs, batches of {BATCH}): {docs_per_sec:.0} docs/s");
-        let inserting = upserts(&client, "upserts", total, 1).await;
-        let replacing = upserts(&client, "upserts", total, 2).await;
+        let (mut inserting_ratios, mut replacing_ratios) = (Vec::new(), Vec::new());
+        for round in 1..=ROUNDS {
+            let docs_per_sec = inserts(&client, &format!("inserts{round}"), total).await;
+            println!(
+                "round {round}: insert_many ({total} docs, batches of {BATCH}): {docs_per_sec:.0} docs/s"
+            );
+            let coll = format!("upserts{round}");
+            let inserting = upserts(&client, &coll, total, 1).await;
+            let replacing = upserts(&client, &coll, total, 2).await;
+            inserting_ratios.push(docs_per_sec / inserting);
+            replacing_ratios.push(docs_per_sec / replacing);
+            println!(
+                "round {round}: replace-upsert by _id ({total} docs, batches of {BATCH}): {inserting:.0} docs/s inserting ({:.2}x insert_many's time), {replacing:.0} docs/s replacing ({:.2}x)",
+                docs_per_sec / inserting,
+                docs_per_sec / replacing
+            );
+        }
         println!(
-            "replace-upsert by _id ({total} docs, batches of {BATCH}): {inserting:.0} docs/s inserting ({:.2}x insert_many's time), {replacing:.0} docs/s replacing ({:.2}x)",
-            docs_per_sec / inserting,
-            docs_per_sec / replacing
+            "replace-upsert / insert_many time, median of {ROUNDS} rounds: {:.2}x inserting, {:.2}x replacing",
+            median(&mut inserting_ratios),
+            median(&mut replacing_ratios)
         );
         let sim2 = MongoSim::builder().start().await.expect("simulator");
         let client2 = Client::with_uri_str(sim2.uri()).await.expect("client");
