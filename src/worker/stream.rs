@@ -85,13 +85,17 @@ pub(super) async fn stream(
     // An item read while a batch was being collected that must start the next one (the
     // first event of a source transaction under `apply.transactions = "atomic"`).
     let mut held: Option<StreamItem> = None;
-    // Waits for `writing` and checkpoints it: before anything that needs every batch read so
-    // far applied (DDL, a transaction, a reopened stream, an idle token, a command).
+    // Waits for a batch in flight (`writing` unless named) and checkpoints it: before anything
+    // that needs every batch read so far applied (DDL, a transaction, a reopened stream, an
+    // idle token, a command).
     macro_rules! finish_writing {
         () => {
+            finish_writing!(writing)
+        };
+        ($batch:ident) => {
             // Some callers checkpoint again at once, so this time is not always read.
             #[allow(unused_assignments)]
-            match in_flight::finish(ctx, &applier, &mut cp, &mut settles, &mut writing).await {
+            match in_flight::finish(ctx, &applier, &mut cp, &mut settles, &mut $batch).await {
                 Ok(true) => {
                     last_checkpoint = Instant::now();
                     feed.acknowledge(cp.resume_token.as_ref());
@@ -284,14 +288,7 @@ pub(super) async fn stream(
                         break Err(e);
                     }
                 }
-                match in_flight::finish(ctx, &applier, &mut cp, &mut settles, &mut previous).await {
-                    Ok(true) => {
-                        last_checkpoint = Instant::now();
-                        feed.acknowledge(cp.resume_token.as_ref());
-                    }
-                    Ok(false) => {}
-                    Err(e) => break Err(e),
-                }
+                finish_writing!(previous);
             } else {
                 finish_writing!();
                 match process_batch(ctx, &applier, &mut cp, &events, replays, &mut settles, None)
