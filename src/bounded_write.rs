@@ -29,38 +29,53 @@ pub fn max_time_ms(limit: Duration) -> i64 {
     server_time_limit(limit).as_millis() as i64
 }
 
-/// The client gave up on a write after `limit`, and the write's server bound has passed since.
+/// A write that did not run to an answer.
 #[derive(Debug, Clone, Copy)]
-pub struct Abandoned {
-    pub limit: Duration,
+pub enum Abandoned {
+    /// The client gave up after `limit`, and the write's server bound has passed since.
+    TimedOut { limit: Duration },
+    /// Not sent: this instance no longer holds its lease (DESIGN §2.12).
+    Fenced,
 }
 
 impl Abandoned {
-    /// A retryable error naming what timed out.
+    /// An error naming what did not run: retryable after a timeout; a stop when fenced.
     pub fn into_error(self, what: &str) -> SyncError {
-        SyncError::new(
-            ErrorKind::DestinationConnection,
-            format!(
-                "{what} timed out after {} ms (destination.socket_timeout_ms)",
-                self.limit.as_millis()
+        match self {
+            Abandoned::TimedOut { limit } => SyncError::new(
+                ErrorKind::DestinationConnection,
+                format!(
+                    "{what} timed out after {} ms (destination.socket_timeout_ms)",
+                    limit.as_millis()
+                ),
             ),
-        )
+            Abandoned::Fenced => SyncError::new(
+                ErrorKind::Cancelled,
+                format!("{what} not sent: this instance no longer holds its lease (ha)"),
+            ),
+        }
     }
 }
 
 /// Runs `write`, a command that carries `maxTimeMS` = [`max_time_ms`]`(limit)`, giving up after
 /// `limit`. After giving up it waits out the server's bound, so the write is dead on return.
+/// Nothing is sent once this process's lease deadline has passed ([`crate::ha::fence`]).
 pub async fn run<T>(
     limit: Option<Duration>,
     write: impl IntoFuture<Output = T>,
 ) -> Result<T, Abandoned> {
+    let write = write.into_future();
+    if crate::ha::fence::PROCESS.check().is_err() {
+        tracing::warn!("destination write refused: this instance no longer holds its lease");
+        return Err(Abandoned::Fenced);
+    }
     match limit {
         None => Ok(write.await),
         Some(limit) => match tokio::time::timeout(limit, write.into_future()).await {
             Ok(reply) => Ok(reply),
             Err(_) => {
                 tokio::time::sleep(server_time_limit(limit)).await;
-                Err(Abandoned { limit })
+                Err(Abandoned::TimedOut { limit })
             }
         },
     }

@@ -11,6 +11,7 @@ pub mod demo;
 pub mod error;
 pub mod exit;
 pub mod guard;
+pub mod ha;
 pub mod identity;
 pub mod metadata;
 pub mod metrics;

@@ -119,6 +119,8 @@ pub struct StatusRegistry {
     discovered: AtomicBool,
     /// Set while the source or destination identity does not match (DESIGN §2.10).
     safety_alarm: RwLock<Option<String>>,
+    /// The instance's role under `ha.enabled` (DESIGN §2.12); `None` without HA.
+    ha: RwLock<Option<HaStatus>>,
     /// Hosts of the source and destination, credentials removed.
     pub source_hosts: RwLock<String>,
     pub destination_hosts: RwLock<String>,
@@ -137,12 +139,31 @@ impl Default for StatusRegistry {
             destination_connected: AtomicBool::new(false),
             discovered: AtomicBool::new(false),
             safety_alarm: RwLock::new(None),
+            ha: RwLock::new(None),
             source_hosts: RwLock::new(String::new()),
             destination_hosts: RwLock::new(String::new()),
             connections: Default::default(),
         }
     }
 }
+
+/// This instance's role and lease (DESIGN §2.12).
+#[derive(Debug, Clone)]
+pub struct HaStatus {
+    /// `active` or `standby`.
+    pub role: &'static str,
+    pub instance: String,
+    /// The epoch of the lease held (active only).
+    pub epoch: Option<i64>,
+    /// The active instance and its HTTP address, as the lease says (standby only).
+    pub active_instance: Option<String>,
+    pub active_address: Option<String>,
+    /// The last time the lease document was read or written successfully.
+    pub lease_contact: Option<Instant>,
+}
+
+/// A standby is not ready to take over when it has not reached the lease for this long.
+pub const STANDBY_LEASE_CONTACT_MAX: std::time::Duration = std::time::Duration::from_secs(30);
 
 pub fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
@@ -223,6 +244,32 @@ impl StatusRegistry {
     /// Raises (or clears) the identity alarm shown by `/readyz` and the status.
     pub fn set_safety_alarm(&self, alarm: Option<String>) {
         *self.safety_alarm.write() = alarm;
+    }
+
+    pub fn set_ha(&self, ha: HaStatus) {
+        *self.ha.write() = Some(ha);
+    }
+
+    /// The lease was reached just now (a renewal).
+    pub fn touch_ha(&self) {
+        if let Some(ha) = self.ha.write().as_mut() {
+            ha.lease_contact = Some(Instant::now());
+        }
+    }
+
+    pub fn ha(&self) -> Option<HaStatus> {
+        self.ha.read().clone()
+    }
+
+    /// True while this instance is a standby (HA on, lease held by another or nobody).
+    pub fn is_standby(&self) -> bool {
+        self.ha.read().as_ref().is_some_and(|h| h.role == "standby")
+    }
+
+    /// Forgets every namespace (a standby runs none).
+    pub fn clear_namespaces(&self) {
+        self.namespaces.write().clear();
+        self.discovered.store(false, Ordering::Relaxed);
     }
 
     pub fn safety_alarm(&self) -> Option<String> {
@@ -319,6 +366,16 @@ impl StatusRegistry {
         if !self.destination_connected() {
             reasons.push("destination unreachable".to_string());
         }
+        // A standby is ready when it could take over: both clusters and the lease reachable.
+        if let Some(ha) = self.ha().filter(|h| h.role == "standby") {
+            if ha
+                .lease_contact
+                .is_none_or(|at| at.elapsed() > STANDBY_LEASE_CONTACT_MAX)
+            {
+                reasons.push("standby: the lease has not been read recently".to_string());
+            }
+            return reasons;
+        }
         if !self.discovered() {
             reasons.push("source namespaces not listed yet".to_string());
         }
@@ -349,8 +406,18 @@ impl StatusRegistry {
             max_lag = max_lag.max(s.lag_seconds.unwrap_or(0.0));
         }
         let states: Vec<String> = counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
+        let role = match self.ha() {
+            Some(h) if h.role == "standby" => {
+                return format!(
+                    "standby (active: {})",
+                    h.active_instance.as_deref().unwrap_or("none")
+                )
+            }
+            Some(h) => format!("active (epoch {}); ", h.epoch.unwrap_or(0)),
+            None => String::new(),
+        };
         format!(
-            "{} namespaces ({}); max lag {:.0}s",
+            "{role}{} namespaces ({}); max lag {:.0}s",
             map.len(),
             if states.is_empty() {
                 "none".to_string()
@@ -399,6 +466,11 @@ impl StatusRegistry {
             "destination": {"connected": self.destination_connected(), "hosts": *self.destination_hosts.read(), "connections": self.connections.destination.get()},
             "summary": self.summary(),
             "safety_alarm": self.safety_alarm(),
+            "ha": self.ha().map(|h| json!({
+                "role": h.role, "instance": h.instance, "epoch": h.epoch,
+                "active_instance": h.active_instance, "active_address": h.active_address,
+                "lease_contact_seconds_ago": h.lease_contact.map(|at| at.elapsed().as_secs_f64()),
+            })),
             "namespaces": namespaces,
         })
     }

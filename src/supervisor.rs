@@ -228,7 +228,7 @@ impl Supervisor {
     /// Returns the process exit code.
     pub async fn run(
         mut self,
-        mut control: mpsc::Receiver<Control>,
+        control: &mut mpsc::Receiver<Control>,
         shutdown: CancellationToken,
     ) -> u8 {
         let mut discovery = tokio::time::interval(DISCOVERY_INTERVAL);

@@ -6,6 +6,7 @@ mod config_cli;
 mod conflicts;
 mod ddl;
 mod faults;
+mod ha;
 mod http_api;
 mod incarnations;
 mod layering;

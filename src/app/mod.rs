@@ -302,11 +302,231 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
             break 'run exit_code_for(&e);
         }
 
+        let connected = Connected {
+            source,
+            dest_client,
+            identity,
+            dest_seen,
+            metrics: metrics.clone(),
+            status: Arc::clone(&status),
+            heartbeat: Arc::clone(&heartbeat),
+            reconnected,
+            dest_hosts,
+            control_tx: control_tx.clone(),
+            http_addr,
+        };
+        let watchdog_cancel = CancellationToken::new();
+        let _stop_watchdog = watchdog_cancel.clone().drop_guard();
+        notify::spawn_watchdog(
+            Arc::clone(&heartbeat),
+            Arc::clone(&status),
+            watchdog_cancel.clone(),
+        );
+        crate::ops::telemetry::spawn_progress_log(Arc::clone(&status), watchdog_cancel.clone());
+        let stopping = shutdown.clone();
+        tokio::spawn(async move {
+            stopping.cancelled().await;
+            notify::stopping();
+        });
+        let mut control_rx = control_rx;
+        let mut on_ready = options.on_ready;
+        let Some(coordinator) = connected.coordinator(&config) else {
+            let code = connected
+                .run_term(
+                    config,
+                    options.reset_identity,
+                    None,
+                    &mut control_rx,
+                    shutdown.clone(),
+                    &mut on_ready,
+                )
+                .await;
+            if code == exit::OK {
+                tracing::info!("stopped cleanly");
+            }
+            break 'run code;
+        };
+        notify::ready("connected; standby until the lease is acquired");
+        let mut config = config;
+        let mut reset_identity = options.reset_identity;
+        loop {
+            let acquired = match connected
+                .stand_by(&coordinator, &mut config, &mut control_rx, &shutdown)
+                .await
+            {
+                Ok(Some(acquired)) => acquired,
+                Ok(None) => break 'run exit::OK,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot use the lease");
+                    break 'run exit_code_for(&e);
+                }
+            };
+            let term = shutdown.child_token();
+            let renewal = coordinator.spawn_renewal(&acquired, term.clone());
+            let code = connected
+                .run_term(
+                    config.clone(),
+                    std::mem::take(&mut reset_identity),
+                    Some(acquired.epoch),
+                    &mut control_rx,
+                    term.clone(),
+                    &mut on_ready,
+                )
+                .await;
+            term.cancel();
+            let end = renewal.await.unwrap_or(crate::ha::TermEnd::Stopped);
+            if end != crate::ha::TermEnd::Stopped {
+                // Lost the lease: every write is already refused; wait for it again.
+                coordinator.step_down();
+                connected.forget_namespaces();
+                continue;
+            }
+            coordinator.release(acquired.epoch).await;
+            if code == exit::OK {
+                tracing::info!("stopped cleanly");
+            }
+            break 'run code;
+        }
+    };
+    close_clients(closing).await;
+    code
+}
+
+/// What a running daemon keeps across active terms: the clients, identities and handles.
+struct Connected {
+    source: Source,
+    dest_client: Client,
+    identity: crate::metadata::SourceIdentity,
+    dest_seen: identity::Observed,
+    metrics: Metrics,
+    status: Arc<StatusRegistry>,
+    heartbeat: Arc<std::sync::atomic::AtomicU64>,
+    reconnected: Arc<tokio::sync::Notify>,
+    dest_hosts: String,
+    control_tx: mpsc::Sender<Control>,
+    http_addr: std::net::SocketAddr,
+}
+
+impl Connected {
+    /// The lease coordinator under `ha.enabled`.
+    fn coordinator(&self, config: &Config) -> Option<crate::ha::Coordinator> {
+        if !config.ha.enabled {
+            return None;
+        }
+        let lease = Duration::from_secs(config.ha.lease_seconds);
+        let write_limit = config.destination.socket_timeout().unwrap_or(lease / 3);
+        let store = crate::ha::LeaseStore::new(
+            &self.dest_client.database(&config.checkpoint.database),
+            &config.sync.id,
+            0,
+            crate::ha::instance_id(),
+            crate::ha::advertised_address(self.http_addr),
+            lease,
+            lease / 3,
+        );
+        let coordinator = crate::ha::Coordinator::new(
+            store,
+            crate::bounded_write::server_time_limit(write_limit),
+            Arc::clone(&self.status),
+            &self.metrics,
+        );
+        tracing::info!(instance = %coordinator.instance(), lease_seconds = config.ha.lease_seconds, "ha enabled; standby until the lease is acquired");
+        Some(coordinator)
+    }
+
+    /// Waits as a standby until the lease is ours (`None` on shutdown). Keeps the heartbeat
+    /// going, applies reloads to the next term's config, and refuses other controls.
+    async fn stand_by(
+        &self,
+        coordinator: &crate::ha::Coordinator,
+        config: &mut Config,
+        control: &mut mpsc::Receiver<Control>,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<crate::ha::Acquired>, SyncError> {
+        let mut failures = 0u32;
+        loop {
+            self.heartbeat
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let attempt = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(None),
+                ctrl = control.recv() => {
+                    match ctrl {
+                        None | Some(Control::Shutdown) => return Ok(None),
+                        Some(Control::Reload(new)) => *config = *new,
+                        Some(_) => tracing::warn!("ignored: this instance is a standby; send it to the active instance"),
+                    }
+                    continue;
+                }
+                r = coordinator.try_take() => r,
+            };
+            match attempt {
+                Ok(Some(acquired)) => return Ok(Some(acquired)),
+                Ok(None) => failures = 0,
+                Err(e) if matches!(policy(&e), RetryDirective::Fatal { .. }) => return Err(e),
+                Err(e) => {
+                    failures += 1;
+                    if failures == 1 || failures.is_multiple_of(30) {
+                        tracing::warn!(error = %e, "cannot read the lease; still a standby");
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(None),
+                _ = tokio::time::sleep(coordinator.poll_every()) => {}
+            }
+        }
+    }
+
+    /// A term that ended by losing the lease leaves nothing behind in status and metrics.
+    fn forget_namespaces(&self) {
+        for (ns, _) in self.status.snapshot() {
+            self.metrics.remove_namespace(&ns);
+        }
+        self.status.clear_namespaces();
+    }
+
+    /// One active term: metadata checks, then the supervisor until `term` ends. `epoch`: the
+    /// lease held (`ha.enabled`), which every checkpoint write is conditional on.
+    async fn run_term(
+        &self,
+        config: Config,
+        reset_identity: bool,
+        epoch: Option<i64>,
+        control: &mut mpsc::Receiver<Control>,
+        term: CancellationToken,
+        on_ready: &mut Option<tokio::sync::oneshot::Sender<RunningDaemon>>,
+    ) -> u8 {
+        let Connected {
+            source,
+            dest_client,
+            identity,
+            dest_seen,
+            metrics,
+            status,
+            heartbeat,
+            reconnected,
+            dest_hosts,
+            control_tx,
+            http_addr,
+        } = self;
         let metadata_db = dest_client.database(&config.checkpoint.database);
         let dest_op_timeout = config.destination.socket_timeout();
-        let checkpoints = CheckpointStore::new(&metadata_db, dest_op_timeout);
+        let mut checkpoints = CheckpointStore::new(&metadata_db, dest_op_timeout);
+        if let Some(epoch) = epoch {
+            // From here on a deposed owner's checkpoint writes meet our epoch and fail.
+            checkpoints = checkpoints.with_epoch(epoch);
+            let stamp = || checkpoints.stamp_epoch(&config.sync.id);
+            match retry_transient("destination", dest_hosts, &term, stamp).await {
+                Ok(Some(())) => {}
+                Ok(None) => return exit::OK,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot stamp the checkpoints with the lease epoch");
+                    return exit_code_for(&e);
+                }
+            }
+        }
         let metadata = Metadata::new(&metadata_db, dest_op_timeout);
-        if !options.reset_identity {
+        if !reset_identity {
             // Metadata reads and writes at start-up retry transient errors like the connection
             // checks above: a failover or a blip must not exit the daemon.
             let orphans = || {
@@ -317,29 +537,29 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
                     config.sync.on_destination_reset,
                 )
             };
-            match retry_transient("destination", &dest_hosts, &shutdown, orphans).await {
-                Ok(None) => break 'run exit::OK,
+            match retry_transient("destination", dest_hosts, &term, orphans).await {
+                Ok(None) => return exit::OK,
                 Ok(Some(false)) => {}
                 Ok(Some(true)) => {
                     tracing::warn!("the destination's metadata was wiped under an earlier run (checkpoints without an identity record); discarded them, copying everything again (sync.on_destination_reset = \"recopy\")")
                 }
                 Err(e) if e.kind == ErrorKind::DestinationReset => {
                     tracing::error!(error = %e, "refusing to start");
-                    break 'run exit::INVALID_CONFIG;
+                    return exit::INVALID_CONFIG;
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read the metadata");
-                    break 'run exit_code_for(&e);
+                    return exit_code_for(&e);
                 }
             }
         }
         let mut reset = false;
-        let check = || metadata.check_identity(&config.sync.id, &identity, options.reset_identity);
-        match retry_transient("destination", &dest_hosts, &shutdown, check)
+        let check = || metadata.check_identity(&config.sync.id, identity, reset_identity);
+        match retry_transient("destination", dest_hosts, &term, check)
             .await
             .map(|c| c.ok_or(()))
         {
-            Ok(Err(())) => break 'run exit::OK,
+            Ok(Err(())) => return exit::OK,
             Ok(Ok(IdentityCheck::Recorded)) => {
                 tracing::info!(source = %identity.describe(), "source identity recorded")
             }
@@ -349,12 +569,12 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
                 tracing::warn!(source = %identity.describe(), "source identity reset; discarding checkpoints and re-copying");
                 if let Err(e) = checkpoints.delete_all(&config.sync.id).await {
                     tracing::error!(error = %e, "cannot discard checkpoints");
-                    break 'run exit_code_for(&e);
+                    return exit_code_for(&e);
                 }
             }
             Err(e) => {
                 tracing::error!(error = %e, "refusing to start");
-                break 'run exit_code_for(&e);
+                return exit_code_for(&e);
             }
         }
 
@@ -366,32 +586,32 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
                 dest_op_timeout,
                 &config.sync.id,
                 identity.clone(),
-                &dest_seen,
-                &metrics,
-                Arc::clone(&status),
+                dest_seen,
+                metrics,
+                Arc::clone(status),
             )
         };
-        let watch = match retry_transient("destination", &dest_hosts, &shutdown, establish).await {
+        let watch = match retry_transient("destination", dest_hosts, &term, establish).await {
             Ok(Some(w)) => w,
-            Ok(None) => break 'run exit::OK,
+            Ok(None) => return exit::OK,
             Err(e) => {
                 tracing::error!(error = %e, "cannot record the metadata epoch");
-                break 'run exit_code_for(&e);
+                return exit_code_for(&e);
             }
         };
         let buffer = crate::source::buffer_budget::BufferBudget::new(
             config.apply.max_buffered_bytes as usize,
-            &metrics,
+            metrics,
         );
         let pipeline = Pipeline {
             source: source.clone(),
-            dest: dest_client,
+            dest: dest_client.clone(),
             checkpoints: checkpoints.clone(),
             metadata,
             metrics: metrics.clone(),
-            status: Arc::clone(&status),
+            status: Arc::clone(status),
             identity: Arc::clone(&watch),
-            guard: DeleteGuard::new(config.sync.max_delete_fraction, &metrics),
+            guard: DeleteGuard::new(config.sync.max_delete_fraction, metrics),
             buffer: Arc::clone(&buffer),
             streams: crate::source::shared_stream::SharedStreams::new(
                 crate::source::shared_stream::SharedStreamSettings {
@@ -409,7 +629,7 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
                 source.clone(),
                 checkpoints.clone(),
                 metrics.clone(),
-                Arc::clone(&status),
+                Arc::clone(status),
                 Arc::clone(&buffer),
             ),
             copy_slots: Arc::new(tokio::sync::Semaphore::new(
@@ -428,7 +648,7 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
         {
             let (from, to, cancel) = (
                 Arc::clone(&sup_heartbeat),
-                Arc::clone(&heartbeat),
+                Arc::clone(heartbeat),
                 beat_cancel.clone(),
             );
             tokio::spawn(async move {
@@ -442,36 +662,19 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
             });
         }
         let _stop_beat = beat_cancel.clone().drop_guard();
-        watch.spawn_periodic(beat_cancel.clone(), reconnected);
-        notify::spawn_watchdog(
-            Arc::clone(&heartbeat),
-            Arc::clone(&status),
-            beat_cancel.clone(),
-        );
-        crate::ops::telemetry::spawn_progress_log(Arc::clone(&status), beat_cancel.clone());
+        watch.spawn_periodic(beat_cancel.clone(), Arc::clone(reconnected));
         notify::ready("connected; starting workers");
         tracing::info!(http = %http_addr, sync_id = %config.sync.id, "running");
-        if let Some(tx) = options.on_ready {
+        if let Some(tx) = on_ready.take() {
             let _ = tx.send(RunningDaemon {
                 metrics: metrics.clone(),
-                status: Arc::clone(&status),
+                status: Arc::clone(status),
                 control: control_tx.clone(),
-                http_addr,
+                http_addr: *http_addr,
             });
         }
-        let stopping = shutdown.clone();
-        tokio::spawn(async move {
-            stopping.cancelled().await;
-            notify::stopping();
-        });
-        let code = supervisor.run(control_rx, shutdown.clone()).await;
-        if code == exit::OK {
-            tracing::info!("stopped cleanly");
-        }
-        code
-    };
-    close_clients(closing).await;
-    code
+        supervisor.run(control, term).await
+    }
 }
 
 /// Shuts both clients down (sessions ended, pools closed) within a few seconds, so nothing of

@@ -299,6 +299,9 @@ pub struct CheckpointStore {
     marks: Collection<Document>,
     streams: Collection<Document>,
     writes: BoundedWrites,
+    /// The lease epoch every write is conditional on (`ha.enabled`, DESIGN §2.12): a write
+    /// meets no document stamped by a later epoch.
+    epoch: Option<i64>,
 }
 
 fn checkpoint_error(context: &str, err: mongodb::error::Error) -> SyncError {
@@ -317,21 +320,88 @@ impl CheckpointStore {
             marks: metadata_db.collection_with_options(APPLY_MARKS_COLLECTION, options()),
             streams: metadata_db.collection_with_options(STREAM_CHECKPOINTS_COLLECTION, options()),
             writes: BoundedWrites::new(metadata_db, op_timeout, ErrorKind::Checkpoint),
+            epoch: None,
         }
+    }
+
+    /// The same store, writing as the holder of lease `epoch`.
+    pub fn with_epoch(mut self, epoch: i64) -> CheckpointStore {
+        self.epoch = Some(epoch);
+        self
+    }
+
+    /// `filter`, restricted to documents no later epoch has stamped.
+    fn fenced(&self, mut filter: Document) -> Document {
+        if let Some(epoch) = self.epoch {
+            filter.insert(
+                "$and",
+                vec![doc! {"$or": [{"epoch": {"$lte": epoch}}, {"epoch": {"$exists": false}}]}],
+            );
+        }
+        filter
+    }
+
+    /// `document`, stamped with this store's epoch.
+    fn stamped(&self, mut document: Document) -> Document {
+        if let Some(epoch) = self.epoch {
+            document.insert("epoch", epoch);
+        }
+        document
+    }
+
+    /// A write met a document of a later epoch: another instance holds the lease now.
+    fn fenced_out(&self, what: &str) -> SyncError {
+        SyncError::new(
+            ErrorKind::Cancelled,
+            format!(
+                "{what} refused: another instance took the lease over (epoch after {})",
+                self.epoch.unwrap_or(0)
+            ),
+        )
+    }
+
+    /// Stamps every checkpoint of `sync_id` with this store's epoch, so a deposed owner's
+    /// checkpoint writes (conditional on its older epoch) fail from now on.
+    pub async fn stamp_epoch(&self, sync_id: &str) -> Result<(), SyncError> {
+        let Some(epoch) = self.epoch else {
+            return Ok(());
+        };
+        let older = doc! {"_id.sync_id": sync_id, "$or": [{"epoch": {"$lt": epoch}}, {"epoch": {"$exists": false}}]};
+        for coll in [
+            CHECKPOINTS_COLLECTION,
+            APPLY_MARKS_COLLECTION,
+            STREAM_CHECKPOINTS_COLLECTION,
+        ] {
+            self.writes
+                .update_many(
+                    coll,
+                    older.clone(),
+                    doc! {"$set": {"epoch": epoch}},
+                    "stamping checkpoints with the lease epoch",
+                )
+                .await?;
+        }
+        Ok(())
     }
 
     /// Persists the applied high-water mark of a batch before its writes are sent.
     pub async fn save_mark(&self, key: &CheckpointKey, mark: &ApplyMark) -> Result<(), SyncError> {
-        self.writes
+        let outcome = self
+            .writes
             .replace(
                 APPLY_MARKS_COLLECTION,
-                doc! {"_id": key.id()},
-                doc! {"_id": key.id(), "cluster_time": mark.cluster_time, "token": mark.token.clone(), "updated_at": DateTime::now()},
+                self.fenced(doc! {"_id": key.id()}),
+                self.stamped(doc! {"_id": key.id(), "cluster_time": mark.cluster_time, "token": mark.token.clone(), "updated_at": DateTime::now()}),
                 true,
                 "saving the applied high-water mark",
             )
             .await?;
-        Ok(())
+        match outcome {
+            WriteOutcome::DuplicateKey => {
+                Err(self.fenced_out("saving the applied high-water mark"))
+            }
+            WriteOutcome::Done { .. } => Ok(()),
+        }
     }
 
     /// The applied high-water mark of a namespace, if any.
@@ -399,13 +469,18 @@ impl CheckpointStore {
             .writes
             .replace(
                 CHECKPOINTS_COLLECTION,
-                filter,
-                cp.to_document(key),
+                self.fenced(filter),
+                self.stamped(cp.to_document(key)),
                 true,
                 "saving checkpoint",
             )
             .await?;
         match outcome {
+            WriteOutcome::DuplicateKey
+                if self.stamped_later(CHECKPOINTS_COLLECTION, key).await? =>
+            {
+                Err(self.fenced_out("saving checkpoint"))
+            }
             // The filter missed a newer checkpoint and the upsert collided with it.
             WriteOutcome::DuplicateKey => Err(SyncError::new(
                 ErrorKind::InvariantViolated,
@@ -415,19 +490,40 @@ impl CheckpointStore {
         }
     }
 
-    /// Replaces a checkpoint unconditionally: only for deliberate restarts of a namespace
-    /// (re-copy after history loss, force-sync of a parked worker, a new collection).
+    /// True when the document of `key` in `coll` carries an epoch later than this store's.
+    async fn stamped_later(&self, coll: &str, key: &CheckpointKey) -> Result<bool, SyncError> {
+        let Some(epoch) = self.epoch else {
+            return Ok(false);
+        };
+        let collection = match coll {
+            CHECKPOINTS_COLLECTION => &self.coll,
+            _ => &self.marks,
+        };
+        Ok(collection
+            .find_one(doc! {"_id": key.id(), "epoch": {"$gt": epoch}})
+            .await
+            .map_err(|e| checkpoint_error("reading a checkpoint's epoch", e))?
+            .is_some())
+    }
+
+    /// Replaces a checkpoint unconditionally (but for the lease epoch): only for deliberate
+    /// restarts of a namespace (re-copy after history loss, force-sync of a parked worker, a
+    /// new collection).
     pub async fn reset(&self, key: &CheckpointKey, cp: &Checkpoint) -> Result<(), SyncError> {
-        self.writes
+        let outcome = self
+            .writes
             .replace(
                 CHECKPOINTS_COLLECTION,
-                doc! {"_id": key.id()},
-                cp.to_document(key),
+                self.fenced(doc! {"_id": key.id()}),
+                self.stamped(cp.to_document(key)),
                 true,
                 "resetting checkpoint",
             )
             .await?;
-        Ok(())
+        match outcome {
+            WriteOutcome::DuplicateKey => Err(self.fenced_out("resetting checkpoint")),
+            WriteOutcome::Done { .. } => Ok(()),
+        }
     }
 
     pub async fn delete(&self, key: &CheckpointKey) -> Result<(), SyncError> {
@@ -450,6 +546,7 @@ impl CheckpointStore {
     /// Deletes the checkpoints matching `filter` and their applied high-water marks; returns
     /// how many checkpoints.
     async fn delete_matching(&self, filter: Document, what: &str) -> Result<u64, SyncError> {
+        let filter = self.fenced(filter);
         let deleted = self
             .writes
             .delete_many(CHECKPOINTS_COLLECTION, filter.clone(), what)
@@ -465,7 +562,7 @@ impl CheckpointStore {
         self.writes
             .delete_many(
                 STREAM_CHECKPOINTS_COLLECTION,
-                doc! {"_id.sync_id": sync_id},
+                self.fenced(doc! {"_id.sync_id": sync_id}),
                 "deleting stream checkpoints",
             )
             .await?;
@@ -492,21 +589,27 @@ impl CheckpointStore {
                 }
             })
             .collect();
-        self.writes
+        let outcome = self
+            .writes
             .replace(
                 STREAM_CHECKPOINTS_COLLECTION,
-                doc! {"_id": id.clone()},
-                doc! {
+                self.fenced(doc! {"_id": id.clone()}),
+                self.stamped(doc! {
                     "_id": id,
                     "resume_token": watermark.resume_token.clone(),
                     "positions": positions,
                     "updated_at": DateTime::now(),
-                },
+                }),
                 true,
                 "saving a shared stream's watermark",
             )
             .await?;
-        Ok(())
+        match outcome {
+            WriteOutcome::DuplicateKey => {
+                Err(self.fenced_out("saving a shared stream's watermark"))
+            }
+            WriteOutcome::Done { .. } => Ok(()),
+        }
     }
 
     /// A shared stream's watermark, if one was saved.
@@ -585,7 +688,7 @@ impl CheckpointStore {
         self.writes
             .delete_many(
                 STREAM_CHECKPOINTS_COLLECTION,
-                doc! {"_id": {"sync_id": sync_id, "stream": stream}},
+                self.fenced(doc! {"_id": {"sync_id": sync_id, "stream": stream}}),
                 "deleting a shared stream's watermark",
             )
             .await?;

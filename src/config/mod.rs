@@ -176,6 +176,10 @@ pub const DEFAULT_LOG_FORMAT: LogFormat = LogFormat::Text;
 /// Long enough to finish and checkpoint in-flight batches, shorter than systemd's default
 /// `TimeoutStopSec` (90 s) so the daemon stops itself before it is killed.
 pub const DEFAULT_SHUTDOWN_TIMEOUT_SECONDS: u64 = 30;
+/// `ha.lease_seconds`: a dead active is replaced within a lease and a renew period.
+pub const DEFAULT_HA_LEASE_SECONDS: u64 = 15;
+/// The shortest lease: renewals every second leave room for one failed renewal.
+pub const MIN_HA_LEASE_SECONDS: u64 = 3;
 
 // ---------------------------------------------------------------------------------------------
 // Enums
@@ -396,6 +400,9 @@ pub struct Config {
     /// `[shutdown]`
     #[serde(default)]
     pub shutdown: ShutdownConfig,
+    /// `[ha]`: several instances, one copy (DESIGN §2.12).
+    #[serde(default)]
+    pub ha: HaConfig,
     /// Problems worth a warning that do not make the config invalid (e.g. a credential file
     /// readable by group or others). Filled by [`load`](self::load); logged at start-up and
     /// printed by `check-config`. Never contains secret values.
@@ -743,6 +750,38 @@ pub struct ShutdownConfig {
     pub timeout_seconds: u64,
 }
 
+/// `[ha]`: leases in the destination decide which instance writes (DESIGN §2.12).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HaConfig {
+    /// Take a lease before writing; without it the instance is a standby. Off by default: a
+    /// single instance restarted after a crash would otherwise wait out its own old lease.
+    #[serde(default)]
+    pub enabled: bool,
+    /// How long a lease lasts without renewal (renewed every third of it).
+    #[serde(default = "default_ha_lease_seconds")]
+    pub lease_seconds: u64,
+    /// How a deposed instance is kept from writing.
+    #[serde(default)]
+    pub fencing: FencingMode,
+    /// Namespaces split by a stable hash into this many leases (only 1 so far).
+    #[serde(default = "default_ha_partitions")]
+    pub partitions: u32,
+}
+
+/// `ha.fencing`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FencingMode {
+    /// Every write carries `maxTimeMS` below the lease margin; an active that cannot renew
+    /// stops writing before its lease can expire, and a new owner waits out that bound.
+    #[default]
+    Lease,
+    /// Each batch and its checkpoint in one destination transaction that checks the epoch
+    /// (not built yet: rejected by validation).
+    Transaction,
+}
+
 // serde needs functions for defaults; each returns the documented constant.
 fn default_sync_id() -> String {
     DEFAULT_SYNC_ID.to_owned()
@@ -850,6 +889,12 @@ fn default_log_format() -> LogFormat {
 fn default_shutdown_timeout_seconds() -> u64 {
     DEFAULT_SHUTDOWN_TIMEOUT_SECONDS
 }
+fn default_ha_lease_seconds() -> u64 {
+    DEFAULT_HA_LEASE_SECONDS
+}
+fn default_ha_partitions() -> u32 {
+    1
+}
 
 macro_rules! impl_default_from_serde {
     ($($ty:ty),* $(,)?) => {$(
@@ -882,6 +927,7 @@ impl_default_from_serde!(
     MetricsConfig,
     LogConfig,
     ShutdownConfig,
+    HaConfig,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1095,6 +1141,7 @@ impl Config {
             metrics: MetricsConfig::default(),
             log: LogConfig::default(),
             shutdown: ShutdownConfig::default(),
+            ha: HaConfig::default(),
             warnings: Vec::new(),
         };
         config.source.uri = Some(Secret::new(source.to_owned()));
@@ -1179,6 +1226,7 @@ impl Config {
             metrics: &self.metrics,
             log: &self.log,
             shutdown: &self.shutdown,
+            ha: &self.ha,
         }
     }
 
@@ -1450,11 +1498,55 @@ impl Config {
                 "must be greater than 0".into(),
             );
         }
+        self.validate_ha(&mut err);
 
         if errors.is_empty() {
             Ok(())
         } else {
             Err(ConfigError::Invalid { errors })
+        }
+    }
+
+    /// `[ha]`: the lease arithmetic of DESIGN §2.12 must leave room for a renewal.
+    fn validate_ha(&self, err: &mut impl FnMut(String, String)) {
+        let ha = &self.ha;
+        if !(MIN_HA_LEASE_SECONDS..=3600).contains(&ha.lease_seconds) {
+            err(
+                "ha.lease_seconds".into(),
+                format!("must be between {MIN_HA_LEASE_SECONDS} and 3600"),
+            );
+        }
+        if ha.fencing == FencingMode::Transaction {
+            err(
+                "ha.fencing".into(),
+                "\"transaction\" is not supported yet; use \"lease\"".into(),
+            );
+        }
+        if ha.partitions != 1 {
+            err(
+                "ha.partitions".into(),
+                "only 1 is supported so far (one lease for every namespace)".into(),
+            );
+        }
+        if !ha.enabled {
+            return;
+        }
+        // A deposed active's last write must be dead before a new owner writes: every write
+        // is bounded by the destination's socket timeout, which must fit in a third of the lease.
+        let third_ms = ha.lease_seconds * 1000 / 3;
+        match self.destination.socket_timeout_ms {
+            None => err(
+                "destination.socket_timeout_ms".into(),
+                format!(
+                    "must be set when ha.enabled (at most a third of ha.lease_seconds, e.g. \
+                     {third_ms}): it bounds every write, which is how a deposed instance is fenced"
+                ),
+            ),
+            Some(ms) if ms > third_ms => err(
+                "destination.socket_timeout_ms".into(),
+                format!("must be at most a third of ha.lease_seconds ({third_ms}) when ha.enabled"),
+            ),
+            Some(_) => {}
         }
     }
 
@@ -1712,6 +1804,8 @@ pub struct RedactedConfig<'a> {
     pub log: &'a LogConfig,
     /// `[shutdown]`
     pub shutdown: &'a ShutdownConfig,
+    /// `[ha]`
+    pub ha: &'a HaConfig,
 }
 
 impl RedactedConfig<'_> {

@@ -686,6 +686,7 @@ fn redacted_config_prints_as_toml_without_secrets() {
         "metrics",
         "log",
         "shutdown",
+        "ha",
     ] {
         assert!(table.contains_key(section), "missing [{section}] in {text}");
     }
@@ -800,6 +801,7 @@ mod shipped {
         assert_eq!(documented.metrics, defaults.metrics);
         assert_eq!(documented.log, defaults.log);
         assert_eq!(documented.shutdown, defaults.shutdown);
+        assert_eq!(documented.ha, defaults.ha);
         for (doc, def) in [
             (&documented.source, &defaults.source),
             (&documented.destination, &defaults.destination),

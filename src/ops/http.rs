@@ -347,7 +347,27 @@ fn parse_namespaces(body: &Bytes) -> Result<Vec<String>, ApiError> {
     }
 }
 
+/// 409 naming the active instance when this one is a standby (DESIGN §2.12): a mutating
+/// request must go where the namespaces are synced.
+fn refuse_on_standby(s: &HttpState) -> Option<Response> {
+    let ha = s.status.ha().filter(|h| h.role == "standby")?;
+    Some(
+        (
+            StatusCode::CONFLICT,
+            Json(json!({
+                "error": "this instance is a standby; send the request to the active instance",
+                "active_instance": ha.active_instance,
+                "active_address": ha.active_address,
+            })),
+        )
+            .into_response(),
+    )
+}
+
 async fn force_sync(State(s): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(refused) = refuse_on_standby(&s) {
+        return refused;
+    }
     submit(&s, &headers, &body, |namespaces| Control::ForceSync {
         namespaces,
         trigger: Trigger::Http,
@@ -356,6 +376,9 @@ async fn force_sync(State(s): State<HttpState>, headers: HeaderMap, body: Bytes)
 }
 
 async fn validate(State(s): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(refused) = refuse_on_standby(&s) {
+        return refused;
+    }
     submit(&s, &headers, &body, |namespaces| Control::Validate {
         namespaces,
     })
@@ -366,6 +389,9 @@ async fn validate(State(s): State<HttpState>, headers: HeaderMap, body: Bytes) -
 /// namespaces the mass-delete guard paused (DESIGN §2.10). Each must be named (404 unknown, 409
 /// not paused by the guard); nothing is confirmed unless all are.
 async fn confirm(State(s): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(refused) = refuse_on_standby(&s) {
+        return refused;
+    }
     if let Err(e) = authorize(&s, &headers) {
         return e.into_response();
     }

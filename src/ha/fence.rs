@@ -1,0 +1,124 @@
+//! The process's permission to write to the destination (`ha.fencing = "lease"`, DESIGN §2.12).
+//!
+//! An active instance may write until a deadline on the monotonic clock: the moment it sent its
+//! last successful renewal, plus the lease, minus the server-side bound of one write. Every
+//! destination write checks the deadline just before it is sent ([`crate::bounded_write`]), so
+//! an instance that was paused (SIGSTOP, a VM freeze) past its lease refuses to write the
+//! moment it runs again, before any task of it learns that the lease is gone.
+//!
+//! The permit is process-wide because every destination write of the process goes through
+//! `bounded_write`, and a process runs one daemon with `ha.enabled` (the lease owner names the
+//! process). Unarmed, it allows everything: instances without HA are not affected.
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        OnceLock,
+    },
+    time::{Duration, Instant},
+};
+
+/// The permit of this process.
+pub static PROCESS: Fence = Fence::new();
+
+/// A write deadline on the monotonic clock.
+pub struct Fence {
+    armed: AtomicBool,
+    /// Nanoseconds after [`origin`] before which writes are allowed.
+    until: AtomicU64,
+}
+
+/// Writes are refused: this instance does not hold a live lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fenced;
+
+fn origin() -> Instant {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    *ORIGIN.get_or_init(Instant::now)
+}
+
+fn nanos_since_origin(at: Instant) -> u64 {
+    at.saturating_duration_since(origin()).as_nanos() as u64
+}
+
+impl Fence {
+    pub const fn new() -> Fence {
+        Fence {
+            armed: AtomicBool::new(false),
+            until: AtomicU64::new(0),
+        }
+    }
+
+    /// From now on writes need a deadline; none is granted yet.
+    pub fn arm(&self) {
+        let _ = origin();
+        self.until.store(0, Ordering::SeqCst);
+        self.armed.store(true, Ordering::SeqCst);
+    }
+
+    /// Allows writes until `deadline` (a renewal moves it forward).
+    pub fn allow_until(&self, deadline: Instant) {
+        self.until
+            .store(nanos_since_origin(deadline), Ordering::SeqCst);
+    }
+
+    /// Refuses every write from now on (the lease is lost or released).
+    pub fn revoke(&self) {
+        self.until.store(0, Ordering::SeqCst);
+    }
+
+    /// Ok when a write may be sent now.
+    pub fn check(&self) -> Result<(), Fenced> {
+        if !self.armed.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let until = self.until.load(Ordering::SeqCst);
+        if until > 0 && nanos_since_origin(Instant::now()) < until {
+            Ok(())
+        } else {
+            Err(Fenced)
+        }
+    }
+
+    /// How long writes remain allowed (zero when refused or unarmed).
+    pub fn remaining(&self) -> Duration {
+        let until = self.until.load(Ordering::SeqCst);
+        Duration::from_nanos(until.saturating_sub(nanos_since_origin(Instant::now())))
+    }
+}
+
+impl Default for Fence {
+    fn default() -> Self {
+        Fence::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unarmed_allows_and_armed_needs_a_deadline_in_the_future() {
+        let fence = Fence::new();
+        assert_eq!(fence.check(), Ok(()));
+        fence.arm();
+        assert_eq!(fence.check(), Err(Fenced), "armed without a deadline");
+        fence.allow_until(Instant::now() + Duration::from_secs(60));
+        assert_eq!(fence.check(), Ok(()));
+        assert!(fence.remaining() > Duration::from_secs(59));
+        fence.revoke();
+        assert_eq!(fence.check(), Err(Fenced));
+    }
+
+    #[test]
+    fn a_deadline_in_the_past_refuses_even_without_a_revoke() {
+        // A process paused past its deadline finds it passed when it runs again.
+        let fence = Fence::new();
+        fence.arm();
+        fence.allow_until(Instant::now() + Duration::from_millis(30));
+        assert_eq!(fence.check(), Ok(()));
+        std::thread::sleep(Duration::from_millis(40));
+        assert_eq!(fence.check(), Err(Fenced));
+        assert_eq!(fence.remaining(), Duration::ZERO);
+    }
+}

@@ -1,0 +1,304 @@
+//! Several instances, one copy (DESIGN §2.12): a lease in the destination decides which
+//! instance writes; the others are standbys that take over when the lease expires or is
+//! released.
+//!
+//! - [`lease`]: the lease document and its conditional writes, timed by the destination's clock.
+//! - [`fence`]: the process's write deadline on the monotonic clock, checked before every write.
+//! - [`Coordinator`]: acquiring (standby), renewing (active) and releasing (SIGTERM).
+//!
+//! The arithmetic, with `L` = `ha.lease_seconds` and `W` = the server-side bound of one write
+//! (`maxTimeMS`, three quarters of `destination.socket_timeout_ms`, at most `L/4`): an active
+//! renews every `L/3` and may write until `sent + L - W`, where `sent` is when its last
+//! successful renewal was sent; the lease expires on the server no earlier than `sent + L`; a
+//! new owner that took an expired (not released) lease waits `W` more before it writes. So a
+//! write the old owner started before its deadline is dead before the new owner's first write.
+
+pub mod fence;
+pub mod lease;
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use prometheus::{IntCounter, IntGauge, IntGaugeVec, Opts};
+use tokio_util::sync::CancellationToken;
+
+use crate::{metrics::Metrics, status::StatusRegistry};
+pub use lease::{Acquired, Holder, LeaseStore};
+
+/// `mongo_syncd_role{role}`: 1 for this instance's role (`active` or `standby`).
+pub const ROLE: &str = "mongo_syncd_role";
+/// `mongo_syncd_lease_epoch`: the epoch of the lease this instance holds (0 as a standby).
+pub const LEASE_EPOCH: &str = "mongo_syncd_lease_epoch";
+/// `mongo_syncd_lease_losses_total`: active terms that ended because the lease could not be
+/// renewed in time or was taken over.
+pub const LEASE_LOSSES_TOTAL: &str = "mongo_syncd_lease_losses_total";
+
+/// An instance's role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Active,
+    Standby,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Active => "active",
+            Role::Standby => "standby",
+        }
+    }
+}
+
+/// A unique name for this process: host, pid and a random part (a restarted process on the
+/// same host is another instance: it must not inherit a lease it cannot prove it holds).
+pub fn instance_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown-host".to_owned());
+    let random = bson::oid::ObjectId::new().to_hex();
+    format!(
+        "{host}:{}:{}",
+        std::process::id(),
+        &random[random.len() - 8..]
+    )
+}
+
+/// The HTTP address other instances and operators can reach this one at: the listen address,
+/// with the host name when it listens on every interface.
+pub fn advertised_address(listen: std::net::SocketAddr) -> String {
+    if listen.ip().is_unspecified() {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "localhost".to_owned());
+        format!("{host}:{}", listen.port())
+    } else {
+        listen.to_string()
+    }
+}
+
+/// Why an active term ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TermEnd {
+    /// Another instance holds the lease now.
+    TakenOver,
+    /// No renewal succeeded before the write deadline.
+    NotRenewed(String),
+    /// The term was stopped by its owner (shutdown, a fatal error).
+    Stopped,
+}
+
+/// Role metrics (the module owns its label values).
+#[derive(Clone)]
+struct RoleMetrics {
+    role: IntGaugeVec,
+    epoch: IntGauge,
+    losses: IntCounter,
+}
+
+impl RoleMetrics {
+    fn new(metrics: &Metrics) -> RoleMetrics {
+        let role = IntGaugeVec::new(
+            Opts::new(
+                ROLE,
+                "1 for this instance's role under ha.enabled (active, standby).",
+            ),
+            &["role"],
+        )
+        .expect("valid metric");
+        let epoch = IntGauge::new(
+            LEASE_EPOCH,
+            "Epoch of the lease this instance holds; 0 while it is a standby.",
+        )
+        .expect("valid metric");
+        let losses = IntCounter::new(
+            LEASE_LOSSES_TOTAL,
+            "Active terms ended because the lease was not renewed in time or was taken over.",
+        )
+        .expect("valid metric");
+        let _ = metrics.registry().register(Box::new(role.clone()));
+        let _ = metrics.registry().register(Box::new(epoch.clone()));
+        let _ = metrics.registry().register(Box::new(losses.clone()));
+        RoleMetrics {
+            role,
+            epoch,
+            losses,
+        }
+    }
+
+    fn set(&self, role: Role, epoch: i64) {
+        for r in [Role::Active, Role::Standby] {
+            self.role
+                .with_label_values(&[r.as_str()])
+                .set(i64::from(r == role));
+        }
+        self.epoch.set(epoch);
+    }
+}
+
+/// Acquires, renews and releases this instance's lease, and keeps its role visible.
+#[derive(Clone)]
+pub struct Coordinator {
+    store: LeaseStore,
+    /// `W`: the server-side bound of one destination write.
+    write_bound: Duration,
+    status: Arc<StatusRegistry>,
+    metrics: RoleMetrics,
+}
+
+impl Coordinator {
+    pub fn new(
+        store: LeaseStore,
+        write_bound: Duration,
+        status: Arc<StatusRegistry>,
+        metrics: &Metrics,
+    ) -> Coordinator {
+        let coordinator = Coordinator {
+            store,
+            write_bound,
+            status,
+            metrics: RoleMetrics::new(metrics),
+        };
+        fence::PROCESS.arm();
+        coordinator.show(Role::Standby, None, None);
+        coordinator
+    }
+
+    pub fn instance(&self) -> &str {
+        self.store.owner()
+    }
+
+    fn renew_every(&self) -> Duration {
+        self.store.lease() / 3
+    }
+
+    /// How often a standby looks at the lease: a released lease is taken within this.
+    pub fn poll_every(&self) -> Duration {
+        self.renew_every().min(Duration::from_secs(1))
+    }
+
+    /// The monotonic deadline of writes after a renewal sent at `sent`.
+    fn write_deadline(&self, sent: Instant) -> Instant {
+        sent + self.store.lease().saturating_sub(self.write_bound)
+    }
+
+    fn show(&self, role: Role, epoch: Option<i64>, holder: Option<&Holder>) {
+        self.metrics.set(role, epoch.unwrap_or(0));
+        self.status.set_ha(crate::status::HaStatus {
+            role: role.as_str(),
+            instance: self.store.owner().to_owned(),
+            epoch,
+            active_instance: holder.filter(|h| !h.released).and_then(|h| h.owner.clone()),
+            active_address: holder
+                .filter(|h| !h.released)
+                .and_then(|h| h.address.clone()),
+            lease_contact: Some(Instant::now()),
+        });
+    }
+
+    /// One standby look at the lease: takes it when it is free. A lease taken over from a live
+    /// owner (expired, not released) returns only after that owner's last write is dead.
+    pub async fn try_take(&self) -> Result<Option<Acquired>, crate::error::SyncError> {
+        let Some(acquired) = self.store.try_acquire().await? else {
+            let holder = self.store.holder().await?;
+            self.show(Role::Standby, None, holder.as_ref());
+            return Ok(None);
+        };
+        fence::PROCESS.allow_until(self.write_deadline(acquired.sent));
+        if let Some(previous) = &acquired.took_over_from {
+            tracing::warn!(previous = %previous, epoch = acquired.epoch, wait_ms = self.write_bound.as_millis() as u64,
+                "took over an expired lease; waiting out the previous owner's last writes");
+            tokio::time::sleep(self.write_bound).await;
+        }
+        tracing::info!(instance = %self.store.owner(), epoch = acquired.epoch, "lease acquired; this instance is active");
+        self.show(Role::Active, Some(acquired.epoch), None);
+        Ok(Some(acquired))
+    }
+
+    /// Keeps the lease while `term` runs: renews every third of the lease and moves the write
+    /// deadline; when no renewal succeeds before the deadline, or another instance holds the
+    /// lease, refuses every write and cancels `term`.
+    pub fn spawn_renewal(
+        &self,
+        acquired: &Acquired,
+        term: CancellationToken,
+    ) -> tokio::task::JoinHandle<TermEnd> {
+        let this = self.clone();
+        let epoch = acquired.epoch;
+        let mut last_sent = acquired.sent;
+        tokio::spawn(async move {
+            let end = loop {
+                let deadline = this.write_deadline(last_sent);
+                fence::PROCESS.allow_until(deadline);
+                let next = (last_sent + this.renew_every()).max(Instant::now());
+                tokio::select! {
+                    _ = term.cancelled() => return TermEnd::Stopped,
+                    _ = tokio::time::sleep_until(next.into()) => {}
+                }
+                let mut last_error = String::from(
+                    "the write deadline passed before a renewal could be sent (was the process paused or starved?)",
+                );
+                let renewed = loop {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break None;
+                    }
+                    let attempt = tokio::select! {
+                        _ = term.cancelled() => return TermEnd::Stopped,
+                        r = tokio::time::timeout(left, this.store.renew(epoch)) => r,
+                    };
+                    match attempt {
+                        Ok(Ok(Some(sent))) => break Some(Ok(sent)),
+                        Ok(Ok(None)) => break Some(Err(())),
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, "cannot renew the lease; retrying until the write deadline");
+                            last_error = e.to_string();
+                            tokio::select! {
+                                _ = term.cancelled() => return TermEnd::Stopped,
+                                _ = tokio::time::sleep(this.poll_every().min(left)) => {}
+                            }
+                        }
+                        Err(_) => last_error = "renewal timed out".to_owned(),
+                    }
+                };
+                match renewed {
+                    Some(Ok(sent)) => {
+                        last_sent = sent;
+                        this.status.touch_ha();
+                    }
+                    Some(Err(())) => break TermEnd::TakenOver,
+                    None => break TermEnd::NotRenewed(last_error),
+                }
+            };
+            fence::PROCESS.revoke();
+            this.metrics.losses.inc();
+            tracing::error!(epoch, reason = ?end, "lost the lease; stopped writing, stepping down to standby");
+            term.cancel();
+            end
+        })
+    }
+
+    /// Ends an active term: refuses further writes, then gives the lease up so a standby takes
+    /// over at once.
+    pub async fn release(&self, epoch: i64) {
+        fence::PROCESS.revoke();
+        match self.store.release(epoch).await {
+            Ok(true) => tracing::info!(epoch, "lease released"),
+            Ok(false) => tracing::info!(epoch, "lease already held by another instance"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot release the lease; a standby takes over when it expires")
+            }
+        }
+        self.show(Role::Standby, None, None);
+    }
+
+    /// Back to standby after a lost term.
+    pub fn step_down(&self) {
+        fence::PROCESS.revoke();
+        self.show(Role::Standby, None, None);
+    }
+}

@@ -1,0 +1,442 @@
+//! Several instances, one copy (DESIGN §2.12): a lease in the destination makes one instance
+//! active and the others standbys; a standby takes over when the active dies, hangs or hands
+//! over, and a deposed instance never writes again.
+
+use std::time::{Duration, Instant};
+
+use bson::{doc, Bson, Document};
+use futures::TryStreamExt;
+use mongodb::Client;
+
+use crate::support::cluster::{wait_converged, wait_until, Clusters, Daemon};
+
+const T: Duration = Duration::from_secs(60);
+const LEASE_SECONDS: u64 = 3;
+/// A standby takes over within a lease and a renew period (DESIGN §2.12), plus the write
+/// bound it waits out after an expired lease, plus scheduling slack on a loaded machine.
+const TAKEOVER_BOUND: Duration = Duration::from_secs(LEASE_SECONDS + 1 + 1 + 3);
+const ACTIVE: &str = "mongo_syncd_role{role=\"active\"}";
+const STANDBY: &str = "mongo_syncd_role{role=\"standby\"}";
+
+fn ha_config(namespaces: &str) -> String {
+    format!("[sync]\nnamespaces = [\"{namespaces}\"]\n\n[ha]\nenabled = true\nlease_seconds = {LEASE_SECONDS}\n")
+}
+
+/// Starts an instance with HA on; `app` names its destination connections (for fail points).
+fn instance(c: &Clusters, dir: &std::path::Path, namespaces: &str, app: &str) -> Daemon {
+    let mut d = Daemon::configure(c, dir, &ha_config(namespaces));
+    spawn(&mut d, app);
+    d
+}
+
+fn spawn(d: &mut Daemon, app: &str) {
+    d.spawn_with_env(
+        &[],
+        &[
+            ("MONGO_SYNCD_DESTINATION__SOCKET_TIMEOUT_MS", "1000"),
+            ("MONGO_SYNCD_DESTINATION__APP_NAME", app),
+            ("MONGO_SYNCD_SOURCE__APP_NAME", &format!("{app}-src")),
+        ],
+    );
+}
+
+async fn role(d: &Daemon) -> Option<&'static str> {
+    if d.metric(ACTIVE).await == Some(1.0) {
+        Some("active")
+    } else if d.metric(STANDBY).await == Some(1.0) {
+        Some("standby")
+    } else {
+        None
+    }
+}
+
+async fn wait_role(d: &Daemon, want: &'static str, timeout: Duration) {
+    wait_until(&format!("instance {want}"), timeout, || async {
+        role(d).await == Some(want)
+    })
+    .await;
+}
+
+/// Counts the destination write commands sent by connections named `app` from now on (the
+/// fail point only delays them by a millisecond).
+fn count_writes_of(c: &Clusters, app: &str) {
+    c.dest
+        .configure_fail_point(&doc! {
+            "configureFailPoint": "failCommand", "mode": "alwaysOn",
+            "data": {"failCommands": ["insert", "update", "delete", "createIndexes", "create", "drop", "commitTransaction"],
+                     "appName": app, "blockConnection": true, "blockTimeMS": 1},
+        })
+        .unwrap();
+}
+
+/// How many write commands the counting fail point saw; turns it off.
+fn writes_counted(c: &Clusters) -> i64 {
+    c.dest
+        .configure_fail_point(&doc! {"configureFailPoint": "failCommand", "mode": "off"})
+        .unwrap()
+}
+
+async fn seed(src: &Client, db: &str, coll: &str, n: i64) {
+    let docs: Vec<Document> = (0..n)
+        .map(|i| doc! {"_id": i, "v": 0_i64, "pad": "x".repeat(200)})
+        .collect();
+    for chunk in docs.chunks(5_000) {
+        src.database(db)
+            .collection::<Document>(coll)
+            .insert_many(chunk.to_vec())
+            .await
+            .unwrap();
+    }
+}
+
+/// Writes increasing versions (`v`) to documents `0..docs` of `db.coll` until stopped.
+fn versioned_writer(
+    src: &Client,
+    db: &str,
+    coll: &str,
+    docs: i64,
+) -> (
+    tokio::task::JoinHandle<i64>,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let coll = src.database(db).collection::<Document>(coll);
+    let flag = std::sync::Arc::clone(&stop);
+    let task = tokio::spawn(async move {
+        let mut version = 0_i64;
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            version += 1;
+            let id = version % docs;
+            coll.update_one(doc! {"_id": id}, doc! {"$set": {"v": version}})
+                .await
+                .unwrap();
+            if version % 20 == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        version
+    });
+    (task, stop)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_instance_is_active_and_the_standby_writes_nothing() {
+    let c = Clusters::start().await;
+    seed(&c.src, "ha", "docs", 2_000).await;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a = instance(&c, dir_a.path(), "ha.*", "syncd-a");
+    wait_role(&a, "active", T).await;
+    count_writes_of(&c, "syncd-b");
+    let mut b = instance(&c, dir_b.path(), "ha.*", "syncd-b");
+    wait_role(&b, "standby", T).await;
+
+    // The standby is ready (able to take over) and names the active instance.
+    wait_until("the standby is ready", T, || async {
+        b.get("/readyz").await.map(|(code, _)| code) == Some(200)
+    })
+    .await;
+    let status_a = a.status().await.unwrap();
+    let status_b = b.status().await.unwrap();
+    assert_eq!(status_a["ha"]["role"], "active");
+    assert_eq!(status_b["ha"]["role"], "standby");
+    assert_eq!(
+        status_b["ha"]["active_instance"], status_a["ha"]["instance"],
+        "{status_b}"
+    );
+    assert_eq!(
+        status_b["ha"]["active_address"].as_str(),
+        Some(a.http.to_string().as_str())
+    );
+    assert!(status_b["namespaces"].as_object().unwrap().is_empty());
+    // Mutating requests to a standby answer with the active's address.
+    let refused = reqwest::Client::new()
+        .post(format!("http://{}/api/v1/force-sync", b.http))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status().as_u16(), 409);
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(
+        body["active_address"].as_str(),
+        Some(a.http.to_string().as_str())
+    );
+
+    let (writer, stop) = versioned_writer(&c.src, "ha", "docs", 2_000);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
+    wait_converged(&c, &[("ha", "docs")], T).await;
+    assert_eq!(writes_counted(&c), 0, "the standby sent write commands");
+    assert_eq!(role(&b).await, Some("standby"));
+    assert_eq!(
+        b.metric("mongo_syncd_writes_total").await.unwrap_or(0.0),
+        0.0
+    );
+    assert_eq!(a.terminate().await, Some(0), "{}", a.logs());
+    assert_eq!(b.terminate().await, Some(0), "{}", b.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_active_is_replaced_during_the_copy_and_the_copy_resumes_from_its_last_range() {
+    let c = Clusters::start().await;
+    const N: i64 = 20_000;
+    seed(&c.src, "ha", "big", N).await;
+    // The first instance's copy writes crawl, so it is killed in the middle of the copy.
+    c.dest
+        .configure_fail_point(&doc! {
+            "configureFailPoint": "failCommand", "mode": "alwaysOn",
+            "data": {"failCommands": ["insert"], "namespace": "ha.big", "appName": "syncd-a",
+                     "blockConnection": true, "blockTimeMS": 150},
+        })
+        .unwrap();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a = instance(&c, dir_a.path(), "ha.*", "syncd-a");
+    wait_role(&a, "active", T).await;
+    let mut b = instance(&c, dir_b.path(), "ha.*", "syncd-b");
+    wait_role(&b, "standby", T).await;
+    let dst = c.dst.database("ha").collection::<Document>("big");
+    wait_until("part of the copy checkpointed", T, || async {
+        let copied = dst.count_documents(doc! {}).await.unwrap() as i64;
+        copied >= 2_000
+    })
+    .await;
+    let copied_by_a = dst.count_documents(doc! {}).await.unwrap() as i64;
+    assert!(copied_by_a < N, "the copy finished before the kill");
+    a.kill9();
+    let killed = Instant::now();
+    wait_role(&b, "active", TAKEOVER_BOUND + Duration::from_secs(5)).await;
+    let took = killed.elapsed();
+    assert!(
+        took <= TAKEOVER_BOUND,
+        "takeover took {took:?} (bound {TAKEOVER_BOUND:?})"
+    );
+    wait_converged(&c, &[("ha", "big")], T).await;
+    let copied_by_b = b
+        .metric("mongo_syncd_initial_sync_documents_copied_total")
+        .await
+        .unwrap_or(0.0) as i64;
+    assert!(
+        copied_by_b < N,
+        "the new active copied {copied_by_b} of {N} documents: the copy started over"
+    );
+    assert!(b.all_logs().contains("took over an expired lease"));
+
+    // Then during streaming: a new standby, a workload, the active killed again.
+    spawn(&mut a, "syncd-a2");
+    wait_role(&a, "standby", T).await;
+    let (writer, stop) = versioned_writer(&c.src, "ha", "big", 500);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    b.kill9();
+    let killed = Instant::now();
+    wait_role(&a, "active", TAKEOVER_BOUND + Duration::from_secs(5)).await;
+    let took = killed.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
+    wait_converged(&c, &[("ha", "big")], T).await;
+    assert!(
+        took <= TAKEOVER_BOUND,
+        "takeover took {took:?} (bound {TAKEOVER_BOUND:?})"
+    );
+    assert_eq!(a.terminate().await, Some(0), "{}", a.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_hands_the_lease_over_at_once() {
+    let c = Clusters::start().await;
+    seed(&c.src, "ha", "docs", 500).await;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a = instance(&c, dir_a.path(), "ha.*", "syncd-a");
+    wait_role(&a, "active", T).await;
+    let mut b = instance(&c, dir_b.path(), "ha.*", "syncd-b");
+    wait_role(&b, "standby", T).await;
+    wait_converged(&c, &[("ha", "docs")], T).await;
+    let (writer, stop) = versioned_writer(&c.src, "ha", "docs", 500);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stopped = Instant::now();
+    assert_eq!(a.terminate().await, Some(0), "{}", a.logs());
+    wait_role(&b, "active", T).await;
+    let took = stopped.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
+    wait_converged(&c, &[("ha", "docs")], T).await;
+    assert!(a.all_logs().contains("lease released"), "{}", a.all_logs());
+    assert!(!b.all_logs().contains("took over an expired lease"));
+    // Drain + release + one standby poll (1 s), far below a lease period plus its wait.
+    assert!(
+        took < Duration::from_secs(LEASE_SECONDS),
+        "handover took {took:?}"
+    );
+    assert_eq!(b.terminate().await, Some(0), "{}", b.logs());
+}
+
+/// Every destination change of `db.coll` as (`_id`, `v`), in the destination's order.
+fn record_destination_versions(
+    dst: &Client,
+    db: &str,
+    coll: &str,
+) -> (
+    tokio::task::JoinHandle<Vec<(i64, i64)>>,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = std::sync::Arc::clone(&stop);
+    let coll = dst.database(db).collection::<Document>(coll);
+    let task = tokio::spawn(async move {
+        let mut stream = coll.watch().await.unwrap();
+        let mut seen = Vec::new();
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            let next = tokio::time::timeout(Duration::from_millis(200), stream.try_next()).await;
+            let Ok(Ok(Some(event))) = next else { continue };
+            let id = event
+                .document_key
+                .as_ref()
+                .and_then(|k| k.get_i64("_id").ok());
+            let version = event
+                .update_description
+                .as_ref()
+                .and_then(|u| u.updated_fields.get("v").cloned())
+                .or_else(|| {
+                    event
+                        .full_document
+                        .as_ref()
+                        .and_then(|d| d.get("v").cloned())
+                });
+            if let (Some(id), Some(Bson::Int64(v))) = (id, version) {
+                seen.push((id, v));
+            }
+        }
+        seen
+    });
+    (task, stop)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paused_active_steps_down_and_no_older_version_ever_lands() {
+    let c = Clusters::start().await;
+    seed(&c.src, "ha", "docs", 200).await;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a = instance(&c, dir_a.path(), "ha.*", "syncd-a");
+    wait_role(&a, "active", T).await;
+    let mut b = instance(&c, dir_b.path(), "ha.*", "syncd-b");
+    wait_role(&b, "standby", T).await;
+    wait_converged(&c, &[("ha", "docs")], T).await;
+    let (recorder, stop_recording) = record_destination_versions(&c.dst, "ha", "docs");
+    let (writer, stop) = versioned_writer(&c.src, "ha", "docs", 200);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    a.signal("STOP");
+    wait_role(&b, "active", TAKEOVER_BOUND + Duration::from_secs(5)).await;
+    // The new active applies newer versions while the old one is frozen.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    a.signal("CONT");
+    wait_role(&a, "standby", T).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let last_version = writer.await.unwrap();
+    wait_converged(&c, &[("ha", "docs")], T).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop_recording.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = recorder.await.unwrap();
+    assert!(
+        seen.len() > 100,
+        "only {} destination changes seen",
+        seen.len()
+    );
+    let mut latest: std::collections::HashMap<i64, i64> = Default::default();
+    for (id, v) in &seen {
+        let before = latest.insert(*id, *v).unwrap_or(0);
+        assert!(
+            *v >= before,
+            "document {id}: version {v} landed after {before} (of {last_version})"
+        );
+    }
+    assert!(a.all_logs().contains("lost the lease"), "{}", a.all_logs());
+    assert_eq!(role(&b).await, Some("active"));
+    assert_eq!(a.terminate().await, Some(0), "{}", a.logs());
+    assert_eq!(b.terminate().await, Some(0), "{}", b.logs());
+}
+
+#[tokio::test]
+async fn ha_needs_a_write_bound_within_a_third_of_the_lease() {
+    let c = Clusters::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::configure(&c, dir.path(), &ha_config("ha.*"));
+    d.spawn(&[]);
+    assert_eq!(d.wait_exit(T).await, Some(78), "{}", d.logs());
+    assert!(
+        d.logs().contains("destination.socket_timeout_ms"),
+        "{}",
+        d.logs()
+    );
+}
+
+/// A frozen active holds copy ranges it read before the freeze. When it runs again, nothing
+/// of its own metadata stands between those ranges and the destination (a copy writes data
+/// before its checkpoint), and source reads have no client timeout that would fail them: only
+/// the write deadline keeps the older versions out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_active_frozen_in_the_middle_of_its_copy_never_writes_what_it_read_before() {
+    let c = Clusters::start().await;
+    const N: i64 = 100_000;
+    seed(&c.src, "ha", "big", N).await;
+    // The first instance's copy reads crawl: it is mostly waiting for a source answer.
+    c.source
+        .configure_fail_point(&doc! {
+            "configureFailPoint": "failCommand", "mode": "alwaysOn",
+            "data": {"failCommands": ["find", "getMore"], "namespace": "ha.big", "appName": "syncd-a-src",
+                     "blockConnection": true, "blockTimeMS": 1000},
+        })
+        .unwrap();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a = instance(&c, dir_a.path(), "ha.*", "syncd-a");
+    wait_role(&a, "active", T).await;
+    let mut b = instance(&c, dir_b.path(), "ha.*", "syncd-b");
+    wait_role(&b, "standby", T).await;
+    let (recorder, stop_recording) = record_destination_versions(&c.dst, "ha", "big");
+    let (writer, stop) = versioned_writer(&c.src, "ha", "big", N);
+    let dst = c.dst.database("ha").collection::<Document>("big");
+    // A range is written; the lanes are reading their next ranges.
+    wait_until("part of the copy written", T, || async {
+        dst.count_documents(doc! {}).await.unwrap() >= 1_000
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.signal("STOP");
+    assert!(
+        dst.count_documents(doc! {}).await.unwrap() < N as u64,
+        "the copy finished before the freeze"
+    );
+    wait_role(&b, "active", TAKEOVER_BOUND + Duration::from_secs(5)).await;
+    // The new active copies and streams newer versions while the old one is frozen.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    a.signal("CONT");
+    wait_role(&a, "standby", T).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
+    wait_converged(&c, &[("ha", "big")], T).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop_recording.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = recorder.await.unwrap();
+    let mut latest: std::collections::HashMap<i64, i64> = Default::default();
+    let mut regressions = Vec::new();
+    for (id, v) in &seen {
+        let before = latest.insert(*id, *v).unwrap_or(0);
+        if *v < before {
+            regressions.push((*id, before, *v));
+        }
+    }
+    assert!(
+        regressions.is_empty(),
+        "{} older versions landed after newer ones, e.g. {:?}",
+        regressions.len(),
+        &regressions[..regressions.len().min(5)]
+    );
+    if std::env::var("HA_TEST_LOGS").is_ok() {
+        eprintln!("{}\n-----\n{}", a.all_logs(), b.all_logs());
+    }
+    assert!(a.all_logs().contains("lost the lease"), "{}", a.all_logs());
+    assert_eq!(a.terminate().await, Some(0), "{}", a.logs());
+    assert_eq!(b.terminate().await, Some(0), "{}", b.logs());
+}
