@@ -72,6 +72,10 @@ pub const FAULT_KINDS: &[&str] = &[
     "block",
     "src_close",
     "history_loss",
+    // Rounds with any of these run two instances with `ha.enabled` (DESIGN §2.12).
+    "ha_kill",
+    "ha_pause",
+    "ha_handover",
 ];
 
 /// A set of enabled kinds, parsed from `all`, `none`, `a,b,c` or `-a,-b` (all but these).
@@ -1009,14 +1013,25 @@ impl Daemon {
         dest: &SimHandle,
         scope: &str,
         batch_events: u64,
+        ha: bool,
     ) -> Daemon {
+        std::fs::create_dir_all(dir).unwrap();
         let port = free_port();
+        // Two instances share the copy: a lease decides which one writes.
+        let (write_bound, ha) = if ha {
+            (
+                "socket_timeout_ms = 1000\n",
+                "[ha]\nenabled = true\nlease_seconds = 3\n\n",
+            )
+        } else {
+            ("", "")
+        };
         let (scope, transactions) = match scope {
             "atomic" => ("auto", "atomic"),
             other => (other, "per-document"),
         };
         let config = format!(
-            "[source]\nuri = \"{}\"\nstream_scope = \"{scope}\"\n\n[destination]\nuri = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{port}\"\n\n\
+            "[source]\nuri = \"{}\"\nstream_scope = \"{scope}\"\n\n[destination]\nuri = \"{}\"\n{write_bound}\n[http]\nlisten = \"127.0.0.1:{port}\"\n\n{ha}\
              [apply]\ntransactions = \"{transactions}\"\nbatch_max_events = {batch_events}\n\n\
              [checkpoint]\ninterval_seconds = 1\n\n[supervisor]\nmax_backoff_seconds = 1\nmax_restarts = 1000\n\n\
              [validation]\ninterval_seconds = 0\n\n[shutdown]\ntimeout_seconds = 10\n\n[log]\nlevel = \"info\"\n",
@@ -1062,6 +1077,38 @@ impl Daemon {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// `active` or `standby` under `ha.enabled`, as its status says.
+    async fn role(&self) -> Option<String> {
+        self.status().await?["ha"]["role"]
+            .as_str()
+            .map(str::to_owned)
+    }
+
+    fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill")
+                .arg(format!("-{sig}"))
+                .arg(c.id().to_string())
+                .status();
+        }
+    }
+
+    /// SIGTERM, then waits (bounded) for the exit.
+    async fn terminate(&mut self) {
+        self.signal("TERM");
+        let started = Instant::now();
+        while self.child.is_some() && started.elapsed() < Duration::from_secs(30) {
+            if let Some(c) = self.child.as_mut() {
+                if c.try_wait().ok().flatten().is_some() {
+                    self.child = None;
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.kill9();
     }
 
     /// `Some(code)` when the process exited by itself.
@@ -1150,6 +1197,12 @@ enum Fault {
         capacity: usize,
         restart_at: f64,
     },
+    /// SIGKILL the active instance; the standby takes over; the killed one restarts as standby.
+    HaKill,
+    /// SIGSTOP the active instance until the standby has taken over, then SIGCONT it.
+    HaPause,
+    /// SIGTERM the active instance (it hands the lease over); restart it as standby.
+    HaHandover,
 }
 
 impl Fault {
@@ -1163,7 +1216,14 @@ impl Fault {
             Fault::Block { .. } => "block",
             Fault::SourceClose => "src_close",
             Fault::HistoryLoss { .. } => "history_loss",
+            Fault::HaKill => "ha_kill",
+            Fault::HaPause => "ha_pause",
+            Fault::HaHandover => "ha_handover",
         }
+    }
+
+    fn needs_ha(&self) -> bool {
+        matches!(self, Fault::HaKill | Fault::HaPause | Fault::HaHandover)
     }
 }
 
@@ -1200,6 +1260,9 @@ fn fault_schedule(seed: u64, kinds: &Kinds) -> Vec<(f64, Fault)> {
                 times: rng.random_range(1..4),
             },
             "src_close" => Fault::SourceClose,
+            "ha_kill" => Fault::HaKill,
+            "ha_pause" => Fault::HaPause,
+            "ha_handover" => Fault::HaHandover,
             _ => Fault::HistoryLoss {
                 capacity: rng.random_range(20..80),
                 restart_at: (at + 0.3).min(0.99),
@@ -1270,6 +1333,7 @@ pub async fn run_round(opts: &Options, first: u64, count: u64) -> RoundReport {
     let src = Client::with_uri_str(source.uri()).await.unwrap();
     let dst = Client::with_uri_str(dest.uri()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
+    let ha = schedule.iter().any(|(_, f)| f.needs_ha());
     let mut daemon = Daemon::new(
         &opts.daemon_bin,
         dir.path(),
@@ -1277,7 +1341,20 @@ pub async fn run_round(opts: &Options, first: u64, count: u64) -> RoundReport {
         &dest,
         opts.scope_of(first),
         opts.batch_events_of(first),
+        ha,
     );
+    // With HA faults the round runs a second instance; `daemon` is kept the active one.
+    let mut standby = ha.then(|| {
+        Daemon::new(
+            &opts.daemon_bin,
+            &dir.path().join("standby"),
+            &source,
+            &dest,
+            opts.scope_of(first),
+            opts.batch_events_of(first),
+            true,
+        )
+    });
     let fault_log: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(
         schedule
             .iter()
@@ -1301,6 +1378,10 @@ pub async fn run_round(opts: &Options, first: u64, count: u64) -> RoundReport {
     scenarios = run_ops(&src, scenarios, pre, opts, &shared).await;
 
     daemon.spawn();
+    if let Some(standby) = standby.as_mut() {
+        wait_role(&daemon, "active", HA_TAKEOVER_WAIT).await;
+        standby.spawn();
+    }
     let t0 = Instant::now();
     for (_, f) in schedule
         .iter()
@@ -1338,6 +1419,7 @@ pub async fn run_round(opts: &Options, first: u64, count: u64) -> RoundReport {
         .cloned()
         .collect();
     let mut restarts: Vec<(f64, Option<usize>)> = Vec::new();
+    let mut ha_problems: Vec<String> = Vec::new();
     loop {
         let done = ops_task.is_finished();
         let p = if done {
@@ -1365,6 +1447,9 @@ pub async fn run_round(opts: &Options, first: u64, count: u64) -> RoundReport {
         }
         while pending.first().is_some_and(|(at, _)| *at <= p) {
             let (_, f) = pending.remove(0);
+            if let Some(standby) = standby.as_mut() {
+                keep_active_first(&mut daemon, standby).await;
+            }
             *report.faults.entry(f.kind()).or_default() += 1;
             fault_log
                 .lock()
@@ -1401,6 +1486,34 @@ pub async fn run_round(opts: &Options, first: u64, count: u64) -> RoundReport {
                 }
                 Fault::SourceClose => {
                     source.drop_connections();
+                }
+                Fault::HaKill | Fault::HaPause | Fault::HaHandover => {
+                    let Some(standby) = standby.as_mut() else {
+                        continue;
+                    };
+                    match f {
+                        Fault::HaKill => daemon.kill9(),
+                        Fault::HaPause => daemon.signal("STOP"),
+                        _ => daemon.terminate().await,
+                    }
+                    let fired = Instant::now();
+                    let took_over = wait_role(standby, "active", HA_TAKEOVER_WAIT).await;
+                    fault_log.lock().push(format!(
+                        "{:?}: standby active: {took_over} after {:?}",
+                        t0.elapsed(),
+                        fired.elapsed()
+                    ));
+                    if !took_over {
+                        ha_problems.push(format!(
+                            "{f:?}: the standby did not take over within {HA_TAKEOVER_WAIT:?}"
+                        ));
+                    }
+                    if matches!(f, Fault::HaPause) {
+                        daemon.signal("CONT");
+                    } else {
+                        daemon.spawn();
+                    }
+                    std::mem::swap(&mut daemon, standby);
                 }
                 Fault::HistoryLoss {
                     capacity,
@@ -1439,6 +1552,9 @@ pub async fn run_round(opts: &Options, first: u64, count: u64) -> RoundReport {
     let scenarios = ops_task.await.expect("operations task");
     let _ = dest.configure_fail_point(&doc! {"configureFailPoint": "failCommand", "mode": "off"});
     daemon.spawn();
+    if let Some(standby) = standby.as_mut() {
+        standby.spawn();
+    }
     for s in &scenarios {
         report.ops += s.kinds_used.values().sum::<u64>();
         report.source_errors += s.source_errors;
@@ -1453,6 +1569,13 @@ pub async fn run_round(opts: &Options, first: u64, count: u64) -> RoundReport {
     let source_namespaces = namespaces_of(&src, &scenarios).await;
     let mut last_reason = String::new();
     let caught_up = loop {
+        if let Some(standby) = standby.as_mut() {
+            keep_active_first(&mut daemon, standby).await;
+            if let Some(Some(code)) = standby.exited() {
+                last_reason = format!("the second instance exited with {code:?}");
+                break false;
+            }
+        }
         if let Some(Some(code)) = daemon.exited() {
             last_reason = format!("daemon exited with {code:?}");
             break false;
@@ -1495,7 +1618,7 @@ pub async fn run_round(opts: &Options, first: u64, count: u64) -> RoundReport {
 
     // The oracle.
     let schedule_text = fault_log.lock().join("\n    ");
-    let mut round_problems = Vec::new();
+    let mut round_problems = ha_problems;
     if !caught_up {
         round_problems.push(format!(
             "not caught up after {:?}: {last_reason}",
@@ -1554,7 +1677,14 @@ pub async fn run_round(opts: &Options, first: u64, count: u64) -> RoundReport {
             "SOAK ROUND {first}..{} problems: {}\n  fault schedule:\n    {schedule_text}\n  daemon warnings and errors (last 30):\n{}",
             first + count,
             if round_problems.is_empty() { "(per seed below)".to_string() } else { round_problems.join("; ") },
-            daemon.logs_tail(30)
+            match &standby {
+                Some(other) => format!(
+                    "{}\n  the other instance (last 15):\n{}",
+                    daemon.logs_tail(30),
+                    other.logs_tail(15)
+                ),
+                None => daemon.logs_tail(30),
+            }
         );
         // After the per-seed reports: CI keeps only so much output, and they say what diverged.
         report.failures.push(header);
@@ -1570,6 +1700,32 @@ pub async fn run_round(opts: &Options, first: u64, count: u64) -> RoundReport {
     dest.shutdown().await;
     report.duration = started.elapsed();
     report
+}
+
+/// How long a standby may take to become active after the active died, froze or stopped:
+/// a 3 s lease, a renew period and the write bound, with room for a loaded machine.
+const HA_TAKEOVER_WAIT: Duration = Duration::from_secs(15);
+
+/// Waits until `d` reports `role`, at most `bound`; whether it did.
+async fn wait_role(d: &Daemon, role: &str, bound: Duration) -> bool {
+    let started = Instant::now();
+    while started.elapsed() < bound {
+        if d.role().await.as_deref() == Some(role) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// Swaps the two instances when the second one is the active one, so faults and the oracle
+/// address the instance that writes.
+async fn keep_active_first(daemon: &mut Daemon, other: &mut Daemon) {
+    if daemon.role().await.as_deref() != Some("active")
+        && other.role().await.as_deref() == Some("active")
+    {
+        std::mem::swap(daemon, other);
+    }
 }
 
 /// Runs `n` more operations of every scenario concurrently; returns the scenarios.
