@@ -24,7 +24,11 @@ fn ha_config(namespaces: &str) -> String {
 
 /// Starts an instance with HA on; `app` names its destination connections (for fail points).
 fn instance(c: &Clusters, dir: &std::path::Path, namespaces: &str, app: &str) -> Daemon {
-    let mut d = Daemon::configure(c, dir, &ha_config(namespaces));
+    instance_with(c, dir, &ha_config(namespaces), app)
+}
+
+fn instance_with(c: &Clusters, dir: &std::path::Path, config: &str, app: &str) -> Daemon {
+    let mut d = Daemon::configure(c, dir, config);
     spawn(&mut d, app);
     d
 }
@@ -179,7 +183,7 @@ async fn one_instance_is_active_and_the_standby_writes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_active_is_replaced_during_the_copy_and_the_copy_resumes_from_its_last_range() {
     let c = Clusters::start().await;
-    const N: i64 = 20_000;
+    const N: i64 = 40_000;
     seed(&c.src, "ha", "big", N).await;
     // The first instance's copy writes crawl, so it is killed in the middle of the copy.
     c.dest
@@ -190,14 +194,23 @@ async fn a_killed_active_is_replaced_during_the_copy_and_the_copy_resumes_from_i
         })
         .unwrap();
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let mut a = instance(&c, dir_a.path(), "ha.*", "syncd-a");
+    // One range lane: ranges finish (and are checkpointed) one after the other.
+    let config = format!("{}\n[copy]\nparallel_ranges = 1\n", ha_config("ha.*"));
+    let mut a = instance_with(&c, dir_a.path(), &config, "syncd-a");
     wait_role(&a, "active", T).await;
-    let mut b = instance(&c, dir_b.path(), "ha.*", "syncd-b");
+    let mut b = instance_with(&c, dir_b.path(), &config, "syncd-b");
     wait_role(&b, "standby", T).await;
     let dst = c.dst.database("ha").collection::<Document>("big");
-    wait_until("part of the copy checkpointed", T, || async {
-        let copied = dst.count_documents(doc! {}).await.unwrap() as i64;
-        copied >= 2_000
+    let checkpoints = c
+        .dst
+        .database("mongo_syncd")
+        .collection::<Document>("checkpoints");
+    wait_until("a copy range checkpointed", T, || async {
+        checkpoints
+            .find_one(doc! {"_id.ns": "ha.big", "copy.copied": {"$gt": 0_i64}})
+            .await
+            .unwrap()
+            .is_some()
     })
     .await;
     let copied_by_a = dst.count_documents(doc! {}).await.unwrap() as i64;
@@ -206,6 +219,7 @@ async fn a_killed_active_is_replaced_during_the_copy_and_the_copy_resumes_from_i
     let killed = Instant::now();
     wait_role(&b, "active", TAKEOVER_BOUND + Duration::from_secs(5)).await;
     let took = killed.elapsed();
+    eprintln!("takeover after SIGKILL during the copy: {took:?}");
     assert!(
         took <= TAKEOVER_BOUND,
         "takeover took {took:?} (bound {TAKEOVER_BOUND:?})"
@@ -230,6 +244,7 @@ async fn a_killed_active_is_replaced_during_the_copy_and_the_copy_resumes_from_i
     let killed = Instant::now();
     wait_role(&a, "active", TAKEOVER_BOUND + Duration::from_secs(5)).await;
     let took = killed.elapsed();
+    eprintln!("takeover after SIGKILL while streaming: {took:?}");
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     writer.await.unwrap();
@@ -257,6 +272,7 @@ async fn sigterm_hands_the_lease_over_at_once() {
     assert_eq!(a.terminate().await, Some(0), "{}", a.logs());
     wait_role(&b, "active", T).await;
     let took = stopped.elapsed();
+    eprintln!("handover after SIGTERM: {took:?}");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     writer.await.unwrap();
     wait_converged(&c, &[("ha", "docs")], T).await;

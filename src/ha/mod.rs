@@ -302,3 +302,25 @@ impl Coordinator {
         self.show(Role::Standby, None, None);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instance_ids_name_the_host_and_differ_per_call() {
+        let (a, b) = (instance_id(), instance_id());
+        assert_ne!(a, b);
+        assert!(a.contains(&format!(":{}:", std::process::id())), "{a}");
+        assert!(!a.starts_with("unknown-host"), "{a}");
+    }
+
+    #[test]
+    fn a_wildcard_listener_is_advertised_by_host_name() {
+        let any: std::net::SocketAddr = "0.0.0.0:9290".parse().unwrap();
+        let local: std::net::SocketAddr = "127.0.0.1:9290".parse().unwrap();
+        assert_eq!(advertised_address(local), "127.0.0.1:9290");
+        let advertised = advertised_address(any);
+        assert!(advertised.ends_with(":9290") && !advertised.starts_with("0.0.0.0"));
+    }
+}

@@ -21,7 +21,8 @@
 //! `mongo_syncd_buffered_bytes` and `mongo_syncd_buffer_budget_bytes` (registered by
 //! `buffer_budget`, which owns the budget), `mongo_syncd_connections{side}` (registered by
 //! `connections`, fed by the clients' pool events), `mongo_syncd_transaction_parts_total{outcome}`
-//! (`apply.transactions = "atomic"`).
+//! (`apply.transactions = "atomic"`), `mongo_syncd_role{role}`, `mongo_syncd_lease_epoch` and
+//! `mongo_syncd_lease_losses_total` (registered by `ha` under `ha.enabled`).
 
 mod labels;
 mod namespaces;
