@@ -109,7 +109,7 @@ impl DeleteGuard {
         for t in GuardTrigger::ALL {
             trips.with_label_values(&[t.as_str()]);
         }
-        let _ = metrics.registry().register(Box::new(trips.clone()));
+        metrics.register_replacing(trips.clone());
         Arc::new(DeleteGuard {
             fraction_bits: AtomicU64::new(fraction.to_bits()),
             confirmed: Mutex::new(HashSet::new()),

@@ -499,9 +499,10 @@ pub(crate) fn register_metrics(metrics: &Metrics) -> (IntGaugeVec, IntCounterVec
     for action in [OnDestinationReset::Recopy, OnDestinationReset::Stop] {
         resets.with_label_values(&[reset_label(action)]);
     }
-    // A second registration (a daemon restarted in-process by the demo) keeps the first.
-    let _ = metrics.registry().register(Box::new(mismatch.clone()));
-    let _ = metrics.registry().register(Box::new(resets.clone()));
+    // A second registration (a new active term, a daemon restarted in-process) replaces the
+    // first, so the series are the ones this watch sets.
+    metrics.register_replacing(mismatch.clone());
+    metrics.register_replacing(resets.clone());
     (mismatch, resets)
 }
 

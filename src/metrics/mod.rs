@@ -490,6 +490,17 @@ impl Metrics {
         &self.registry
     }
 
+    /// Registers `collector`, replacing one registered earlier under the same names: each
+    /// active term of an instance (`ha`) creates its collectors again, and the exposition must
+    /// follow the live ones, not the first term's.
+    pub fn register_replacing<C: prometheus::core::Collector + Clone + 'static>(
+        &self,
+        collector: C,
+    ) {
+        let _ = self.registry.unregister(Box::new(collector.clone()));
+        let _ = self.registry.register(Box::new(collector));
+    }
+
     /// The exposition, text format 0.0.4 (serve it with [`CONTENT_TYPE`]).
     pub fn render(&self) -> String {
         TextEncoder::new()

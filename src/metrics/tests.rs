@@ -726,3 +726,18 @@ fn metrics_are_shareable_across_threads() {
     let names = namespaces_of(&s);
     assert!(names.len() <= 5, "{names:?}");
 }
+
+#[test]
+fn a_collector_registered_again_replaces_the_first_in_the_exposition() {
+    let metrics = Metrics::new(10);
+    let first = prometheus::IntGauge::new("mongo_syncd_test_replaced", "test").unwrap();
+    first.set(1);
+    metrics.register_replacing(first.clone());
+    let second = prometheus::IntGauge::new("mongo_syncd_test_replaced", "test").unwrap();
+    second.set(2);
+    metrics.register_replacing(second.clone());
+    first.set(7);
+    let text = metrics.render();
+    assert!(text.contains("mongo_syncd_test_replaced 2"), "{text}");
+    assert!(!text.contains("mongo_syncd_test_replaced 7"), "{text}");
+}

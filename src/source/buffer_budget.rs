@@ -44,8 +44,8 @@ impl Drop for BufferedBytes {
 
 impl BufferBudget {
     /// A budget of `total` bytes; registers `mongo_syncd_buffered_bytes` and
-    /// `mongo_syncd_buffer_budget_bytes` (a second budget on the same registry keeps the first
-    /// one's series: only the daemon creates one).
+    /// `mongo_syncd_buffer_budget_bytes` (a second budget on the same registry replaces the
+    /// first one's series: each active term of an instance creates its own).
     pub fn new(total: usize, metrics: &Metrics) -> Arc<BufferBudget> {
         let total = total.clamp(1, Semaphore::MAX_PERMITS);
         let buffered = IntGauge::new(
@@ -59,8 +59,8 @@ impl BufferBudget {
         )
         .expect("valid metric");
         budget.set(total as i64);
-        let _ = metrics.registry().register(Box::new(buffered.clone()));
-        let _ = metrics.registry().register(Box::new(budget));
+        metrics.register_replacing(buffered.clone());
+        metrics.register_replacing(budget);
         Arc::new(BufferBudget {
             bytes: Arc::new(Semaphore::new(total)),
             total,
