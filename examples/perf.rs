@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo build --release --workspace --bins
-//! cargo run --release --example perf -- [--docs 200000] [--events 100000] [--naive 5000]
+//! cargo run --release --example perf -- [--docs 200000] [--events 100000] [--naive 5000] [--ha]
 //! ```
 //!
 //! Printed side by side, in one run on the same two simulators:
@@ -23,6 +23,8 @@
 //!
 //! The machine is shared and the simulator is the limit: read the ratios, not the absolutes.
 //!
+//! `--ha` also drains the same backlog again with `ha.enabled` (lease fencing) and prints its ratio
+//! to the ceiling and to the drain without HA.
 //! `--spread N` runs the copy and the drain over N collections (the same totals);
 //! `--latency 2000,5000` measures replication latency at those write rates;
 //! `--memory K` measures peak RSS with a blocked destination and K backlogged namespaces.
@@ -157,16 +159,47 @@ fn start_daemon_with(
     namespaces: &str,
     scope: &str,
 ) -> Daemon {
+    spawn_daemon(bin, dir, source, dest, namespaces, scope, "")
+}
+
+/// The default daemon with `ha.enabled` (lease fencing, a 15 s lease, every destination write
+/// bounded by a 5 s socket timeout): the cost of HA, side by side with [`start_daemon`].
+fn start_daemon_ha(bin: &Path, dir: &Path, source: &str, dest: &str) -> Daemon {
+    spawn_daemon(
+        bin,
+        dir,
+        source,
+        dest,
+        &format!("\"{DB}.{COLL}\""),
+        "auto",
+        "[ha]\nenabled = true\nlease_seconds = 15\n",
+    )
+}
+
+fn spawn_daemon(
+    bin: &Path,
+    dir: &Path,
+    source: &str,
+    dest: &str,
+    namespaces: &str,
+    scope: &str,
+    extra: &str,
+) -> Daemon {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
     let config = dir.join("perf.toml");
+    let write_bound = if extra.is_empty() {
+        ""
+    } else {
+        "socket_timeout_ms = 5000\n"
+    };
     std::fs::write(
         &config,
         format!(
-            "[source]\nuri = \"{source}\"\nstream_scope = \"{scope}\"\n\n[destination]\nuri = \"{dest}\"\n\n[http]\nlisten = \"127.0.0.1:{port}\"\n\n[sync]\nnamespaces = [{namespaces}]\n\n[validation]\ninterval_seconds = 0\n\n[log]\nlevel = \"info\"\n",
+            "[source]\nuri = \"{source}\"\nstream_scope = \"{scope}\"\n\n[destination]\nuri = \"{dest}\"\n{write_bound}\n[http]\nlisten = \"127.0.0.1:{port}\"\n\n[sync]\nnamespaces = [{namespaces}]\n\n[validation]\ninterval_seconds = 0\n\n[log]\nlevel = \"info\"\n\n{extra}",
         ),
     )
     .unwrap();
@@ -897,6 +930,30 @@ async fn main() {
     let drain = rate(events, started.elapsed());
     daemon.stop().await;
 
+    // `--ha`: the same backlog again, drained by the daemon with `ha.enabled`.
+    let drain_ha = if args.iter().any(|a| a == "--ha") {
+        let statements: Vec<Document> = (0..events)
+            .map(|k| doc! {"q": {"_id": event_id(k, docs)}, "u": {"$inc": {"visits": 1}}})
+            .collect();
+        bulk_update(&src, COLL, statements).await;
+        let applied_before = events as f64;
+        let daemon = start_daemon_ha(&daemon_bin, work.path(), &source_uri, &dest_uri);
+        let started = Instant::now();
+        // A new process: its counter starts at 0.
+        daemon
+            .wait_metric(
+                "mongo_syncd_events_applied_total",
+                applied_before,
+                Duration::from_secs(600),
+            )
+            .await;
+        let rate_ha = rate(events, started.elapsed());
+        daemon.stop().await;
+        Some(rate_ha)
+    } else {
+        None
+    };
+
     // The naive loop: one acknowledged write per event.
     let naive_coll = dst.database(DB).collection::<Document>("ceiling_drain");
     let started = Instant::now();
@@ -929,6 +986,13 @@ async fn main() {
         "| mongo-syncd drain, 1 collection | {drain:.0} | {:.2}× the ceiling (target ≥ 0.9) |",
         drain / drain_ceiling
     );
+    if let Some(drain_ha) = drain_ha {
+        println!(
+            "| mongo-syncd drain with ha.enabled (lease fencing) | {drain_ha:.0} | {:.2}× the ceiling, {:.2}× the drain without |",
+            drain_ha / drain_ceiling,
+            drain_ha / drain
+        );
+    }
     println!(
         "| naive loop, one update_one per event (Rust, no stream to read) | {naive_rate:.0} | drain = {:.1}× this loop |",
         drain / naive_rate
