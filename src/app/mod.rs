@@ -376,9 +376,18 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
             term.cancel();
             let end = renewal.await.unwrap_or(crate::ha::TermEnd::Stopped);
             if end != crate::ha::TermEnd::Stopped {
-                // Lost the lease: every write is already refused; wait for it again.
+                // Lost the lease: every write is already refused; wait for it again, with the
+                // config file as it is now (reloads the last term applied included).
                 coordinator.step_down();
                 connected.forget_namespaces();
+                if let Some(path) = &options.config_path {
+                    match config::load(path) {
+                        Ok(current) => config = current,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot re-read the configuration; the next term keeps the last one accepted")
+                        }
+                    }
+                }
                 continue;
             }
             coordinator.release(acquired.epoch).await;
@@ -444,22 +453,22 @@ impl Connected {
         shutdown: &CancellationToken,
     ) -> Result<Option<crate::ha::Acquired>, SyncError> {
         let mut failures = 0u32;
+        let mut beat = tokio::time::interval(Duration::from_millis(500));
         loop {
-            self.heartbeat
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let attempt = tokio::select! {
-                _ = shutdown.cancelled() => return Ok(None),
-                ctrl = control.recv() => {
-                    match ctrl {
-                        None | Some(Control::Shutdown) => return Ok(None),
-                        Some(Control::Reload(new)) => *config = *new,
-                        Some(_) => tracing::warn!("ignored: this instance is a standby; send it to the active instance"),
+            // An attempt runs to its end (its commands are bounded): dropped half-way, a lease
+            // taken over from an expired owner could skip the wait for that owner's last writes.
+            let attempt = coordinator.try_take();
+            tokio::pin!(attempt);
+            let attempt = loop {
+                tokio::select! {
+                    r = &mut attempt => break r,
+                    _ = beat.tick() => {
+                        self.heartbeat.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
-                    continue;
                 }
-                r = coordinator.try_take() => r,
             };
             match attempt {
+                // On shutdown the caller runs an empty term and releases the lease at once.
                 Ok(Some(acquired)) => return Ok(Some(acquired)),
                 Ok(None) => failures = 0,
                 Err(e) if matches!(policy(&e), RetryDirective::Fatal { .. }) => return Err(e),
@@ -470,9 +479,21 @@ impl Connected {
                     }
                 }
             }
-            tokio::select! {
-                _ = shutdown.cancelled() => return Ok(None),
-                _ = tokio::time::sleep(coordinator.poll_every()) => {}
+            let next_attempt = tokio::time::sleep(coordinator.poll_every());
+            tokio::pin!(next_attempt);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(None),
+                    _ = &mut next_attempt => break,
+                    _ = beat.tick() => {
+                        self.heartbeat.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    ctrl = control.recv() => match ctrl {
+                        None | Some(Control::Shutdown) => return Ok(None),
+                        Some(Control::Reload(new)) => *config = *new,
+                        Some(_) => tracing::warn!("ignored: this instance is a standby; send it to the active instance"),
+                    },
+                }
             }
         }
     }
