@@ -513,3 +513,64 @@ async fn a_rolling_restart_of_three_instances_under_load_loses_and_duplicates_no
         assert_eq!(d.terminate().await, Some(0), "{}", d.logs());
     }
 }
+
+/// The active is cut off from the lease but not from the data (its lease commands fail, its
+/// data writes still reach the destination): it must stop writing by its own deadline, before
+/// the standby takes over, and no older version may land.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_active_that_cannot_renew_stops_writing_before_the_standby_takes_over() {
+    let c = Clusters::start().await;
+    seed(&c.src, "ha", "docs", 200).await;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a = instance(&c, dir_a.path(), "ha.*", "syncd-a");
+    wait_role(&a, "active", T).await;
+    let mut b = instance(&c, dir_b.path(), "ha.*", "syncd-b");
+    wait_role(&b, "standby", T).await;
+    wait_converged(&c, &[("ha", "docs")], T).await;
+    let (recorder, stop_recording) = record_destination_versions(&c.dst, "ha", "docs");
+    let (writer, stop) = versioned_writer(&c.src, "ha", "docs", 200);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Every renewal of the active fails from now on (the connection is closed under it).
+    c.dest
+        .configure_fail_point(&doc! {
+            "configureFailPoint": "failCommand", "mode": "alwaysOn",
+            "data": {"failCommands": ["findAndModify"], "appName": "syncd-a", "closeConnection": true},
+        })
+        .unwrap();
+    let cut = Instant::now();
+    wait_until("the active deposes itself", T, || async {
+        a.all_logs().contains("lost the lease")
+    })
+    .await;
+    let deposed = cut.elapsed();
+    wait_role(&b, "active", T).await;
+    let taken_over = cut.elapsed();
+    // Its own deadline (lease - write bound after its last renewal) comes before the lease
+    // expires for the standby.
+    assert!(
+        deposed < taken_over,
+        "deposed after {deposed:?}, taken over after {taken_over:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    c.dest
+        .configure_fail_point(&doc! {"configureFailPoint": "failCommand", "mode": "off"})
+        .unwrap();
+    wait_role(&a, "standby", T).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
+    wait_converged(&c, &[("ha", "docs")], T).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop_recording.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = recorder.await.unwrap();
+    let mut latest: std::collections::HashMap<i64, i64> = Default::default();
+    for (id, v) in &seen {
+        let before = latest.insert(*id, *v).unwrap_or(0);
+        assert!(
+            *v >= before,
+            "document {id}: version {v} landed after {before}"
+        );
+    }
+    assert!(a.all_logs().contains("NotRenewed"), "{}", a.all_logs());
+    assert_eq!(a.terminate().await, Some(0), "{}", a.logs());
+    assert_eq!(b.terminate().await, Some(0), "{}", b.logs());
+}
