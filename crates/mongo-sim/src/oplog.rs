@@ -452,12 +452,10 @@ impl Oplog {
             if let Version::Live(doc) = pre {
                 if let Some(bytes) = Version::pack_document(doc) {
                     let key = addr(doc);
-                    let writer = self.live.get(&key).copied();
                     *pre = Version::Packed(Arc::clone(&bytes));
-                    if let Some(writer_seq) = writer {
-                        // The key is valid: the entry holding that `Arc` is still in the
-                        // oplog (trim and sweep forget the keys of the entries they drop).
-                        self.live.remove(&key);
+                    // The key is valid: the entry holding that `Arc` is still in the oplog
+                    // (trim and sweep forget the keys of the entries they drop).
+                    if let Some(writer_seq) = self.live.remove(&key) {
                         if let Some(written) =
                             self.get_mut(writer_seq).and_then(|e| e.op.written_mut())
                         {

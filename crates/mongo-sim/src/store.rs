@@ -554,6 +554,24 @@ impl Collection {
         let pre = self.docs.get(&id).cloned().ok_or_else(|| {
             CommandError::new(codes::NO_MATCHING_DOCUMENT, "document to replace not found")
         })?;
+        self.replace_found(id, pre, new, description, bypass_validation)
+    }
+
+    /// [`Collection::replace`] of the document `pre` stored under `id` (the key of `new`'s
+    /// `_id`), which the caller looked up under the same lock: the same checks and result
+    /// without looking it up a second time.
+    pub fn replace_found(
+        &mut self,
+        id: IdKey,
+        pre: DocRef,
+        new: Document,
+        description: Option<UpdateDescription>,
+        bypass_validation: bool,
+    ) -> CommandResult<DocChange> {
+        debug_assert!(
+            self.docs.get(&id).is_some_and(|d| Arc::ptr_eq(d, &pre)),
+            "replace_found of a document not stored under its key"
+        );
         self.check_document(&new, bypass_validation)?;
         self.index_remove(&pre);
         if let Err(e) = self.index_add(&new, &id) {

@@ -209,6 +209,14 @@ impl RawBatch {
             let bson::RawBsonRef::Document(d) = value? else {
                 return Ok(None);
             };
+            if docs.is_empty() {
+                // As many statements as the first one's size suggests (statements of a batch
+                // are alike), within the server's maxWriteBatchSize: 1,000 converted statements
+                // would otherwise be moved ten times as the vectors grow.
+                let n = (array.as_bytes().len() / (d.as_bytes().len() + 3)).clamp(1, 100_000);
+                docs.reserve(n);
+                replacements.reserve(n);
+            }
             replacements.push(check_statement(d)?);
             let start = d.as_bytes().as_ptr() as usize - base;
             docs.push(start..start + d.as_bytes().len());
