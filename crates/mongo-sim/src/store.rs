@@ -3,7 +3,14 @@
 //! Collections use persistent maps (`imbl`), so cloning one is O(1): transactions work on
 //! private copies and a commit swaps the new versions in atomically.
 
-use std::{collections::BTreeMap, fmt, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+};
 
 use bson::{doc, Bson, Document};
 
@@ -14,7 +21,74 @@ use crate::{
     schema::Validator,
 };
 
-pub type DocRef = Arc<Document>;
+/// A document version as the catalog stores it and the oplog keeps it while live (see
+/// [`crate::oplog::Version`]): the document, and the sequence number of the newest oplog entry
+/// that wrote this very version (0: none yet), by which the oplog finds that entry when a later
+/// write replaces the version, without a map from versions to entries.
+#[derive(Debug, Default)]
+pub struct Stored {
+    doc: Document,
+    writer: AtomicU64,
+}
+
+impl Stored {
+    pub fn new(doc: Document) -> Stored {
+        Stored {
+            doc,
+            writer: AtomicU64::new(0),
+        }
+    }
+
+    /// The sequence number of the newest oplog entry that wrote this version (0: none).
+    pub fn writer(&self) -> u64 {
+        // Read and written under the engine's lock (the oplog's owner): no ordering needed.
+        self.writer.load(Ordering::Relaxed)
+    }
+
+    pub fn set_writer(&self, seq: u64) {
+        self.writer.store(seq, Ordering::Relaxed);
+    }
+
+    /// A new shared version of `doc`.
+    pub fn shared(doc: Document) -> DocRef {
+        Arc::new(Stored::new(doc))
+    }
+
+    /// The document of a shared version (moved out when nothing else holds it).
+    pub fn unwrap_or_clone(d: DocRef) -> Document {
+        match Arc::try_unwrap(d) {
+            Ok(stored) => stored.doc,
+            Err(shared) => shared.doc.clone(),
+        }
+    }
+}
+
+impl std::ops::Deref for Stored {
+    type Target = Document;
+    fn deref(&self) -> &Document {
+        &self.doc
+    }
+}
+
+impl AsRef<Document> for Stored {
+    fn as_ref(&self) -> &Document {
+        &self.doc
+    }
+}
+
+impl From<Document> for Stored {
+    fn from(doc: Document) -> Stored {
+        Stored::new(doc)
+    }
+}
+
+impl PartialEq for Stored {
+    fn eq(&self, other: &Stored) -> bool {
+        self.doc == other.doc
+    }
+}
+
+pub type DocRef = Arc<Stored>;
 
 /// A namespace shared by the oplog entries of a collection.
 pub type NsRef = Arc<Namespace>;
@@ -534,7 +608,7 @@ impl Collection {
     /// The end of an insert, once the document is checked and its `_id` known to be new.
     fn store_new(&mut self, doc: Document, id: IdKey) -> CommandResult<DocChange> {
         self.index_add(&doc, &id)?;
-        let doc = Arc::new(doc);
+        let doc = Arc::new(Stored::new(doc));
         self.docs.insert(id.clone(), Arc::clone(&doc));
         if self.is_capped() {
             self.capped_order.push_back(id);
@@ -583,7 +657,7 @@ impl Collection {
             self.capped_bytes =
                 self.capped_bytes + bson_size(&new) - bson_size(&pre).min(self.capped_bytes);
         }
-        let post = Arc::new(new);
+        let post = Arc::new(Stored::new(new));
         self.docs.insert(id, Arc::clone(&post));
         Ok(if let Some(mut description) = description {
             description.shrink_to_fit();
