@@ -369,13 +369,17 @@ fn raw_replace_by_id(
     coll_ns: &Namespace,
     cat: &mut Catalog,
     sink: &mut dyn WriteSink,
-    stmt: crate::wire::ReplaceById,
+    stmt: Box<crate::wire::ReplaceById>,
     bypass: bool,
 ) -> CommandResult<Option<UpdateOutcome>> {
     if !plain_id(&stmt.id) {
         return Ok(None);
     }
-    let (id, upsert, r) = (stmt.id, stmt.upsert, stmt.replacement);
+    let crate::wire::ReplaceById {
+        id,
+        replacement: r,
+        upsert,
+    } = *stmt;
     Ok(replace_by_id_with(coll_ns, cat, sink, &id, upsert, r, bypass)?.ok())
 }
 
@@ -626,7 +630,7 @@ fn apply_one_update(
 /// One statement of an `update`: kept raw by the wire decoding (with its replacement by `_id`
 /// when it has that shape), or a value of `updates`.
 enum Statement<'a> {
-    Raw(&'a bson::RawDocument, Option<crate::wire::ReplaceById>),
+    Raw(&'a bson::RawDocument, Option<Box<crate::wire::ReplaceById>>),
     Value(Bson),
 }
 
