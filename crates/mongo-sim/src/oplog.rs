@@ -3,7 +3,7 @@
 
 use std::{borrow::Cow, collections::VecDeque, sync::Arc};
 
-use bson::{Bson, Document, RawDocument, RawDocumentBuf, Timestamp};
+use bson::{Bson, Document, RawDocument, Timestamp};
 
 use crate::store::{DocRef, Namespace, NsRef};
 
@@ -32,9 +32,7 @@ impl Version {
     /// The BSON bytes of `doc` in one allocation of the exact size (`None` when it cannot be
     /// encoded: it then stays live).
     fn pack_document(doc: &Document) -> Option<Arc<[u8]>> {
-        RawDocumentBuf::try_from(doc)
-            .ok()
-            .map(|raw| Arc::from(raw.into_bytes()))
+        crate::store::document_bytes(doc).map(Arc::from)
     }
 
     /// A version stored as its BSON bytes (recovery).

@@ -861,6 +861,128 @@ pub fn as_i64(b: &Bson) -> Option<i64> {
     }
 }
 
+/// Appends the BSON encoding of `doc` to `out`, reserving its exact size first
+/// ([`bson_size`]): the `bson` crate's encoding goes through a buffer of its own that grows
+/// as it is written and is then copied. `None` (with `out` as it was) for what this encoder
+/// leaves to the crate: a key, regular expression or code string the crate refuses (a NUL in
+/// a cstring), and DBPointers (whose fields are private).
+pub fn encode_document(doc: &Document, out: &mut Vec<u8>) -> Option<()> {
+    let start = out.len();
+    out.reserve(bson_size(doc));
+    let written = write_document(doc, out);
+    if written.is_none() {
+        out.truncate(start);
+    }
+    written
+}
+
+/// The BSON bytes of `doc` ([`encode_document`], else the `bson` crate's encoding); `None`
+/// when it cannot be encoded.
+pub fn document_bytes(doc: &Document) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    match encode_document(doc, &mut out) {
+        Some(()) => Some(out),
+        None => bson::RawDocumentBuf::try_from(doc)
+            .ok()
+            .map(bson::RawDocumentBuf::into_bytes),
+    }
+}
+
+fn write_cstring(s: &str, out: &mut Vec<u8>) -> Option<()> {
+    if s.as_bytes().contains(&0) {
+        return None;
+    }
+    out.extend_from_slice(s.as_bytes());
+    out.push(0);
+    Some(())
+}
+
+fn write_string(s: &str, out: &mut Vec<u8>) {
+    out.extend_from_slice(&(s.len() as i32 + 1).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+    out.push(0);
+}
+
+/// Writes a document (its length patched in once written).
+fn write_document(doc: &Document, out: &mut Vec<u8>) -> Option<()> {
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    for (k, v) in doc {
+        write_element(k, v, out)?;
+    }
+    out.push(0);
+    let len = (out.len() - start) as i32;
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    Some(())
+}
+
+fn write_array(items: &[Bson], out: &mut Vec<u8>) -> Option<()> {
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    let mut key = String::new();
+    for (i, v) in items.iter().enumerate() {
+        use std::fmt::Write as _;
+        key.clear();
+        write!(key, "{i}").expect("writing to a String cannot fail");
+        write_element(&key, v, out)?;
+    }
+    out.push(0);
+    let len = (out.len() - start) as i32;
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    Some(())
+}
+
+fn write_element(key: &str, v: &Bson, out: &mut Vec<u8>) -> Option<()> {
+    use bson::spec::BinarySubtype;
+    if matches!(v, Bson::DbPointer(_)) {
+        return None;
+    }
+    out.push(v.element_type() as u8);
+    write_cstring(key, out)?;
+    match v {
+        Bson::Double(d) => out.extend_from_slice(&d.to_le_bytes()),
+        Bson::String(s) | Bson::JavaScriptCode(s) | Bson::Symbol(s) => write_string(s, out),
+        Bson::Document(d) => write_document(d, out)?,
+        Bson::Array(a) => write_array(a, out)?,
+        Bson::Binary(b) => {
+            if matches!(b.subtype, BinarySubtype::BinaryOld) {
+                out.extend_from_slice(&(b.bytes.len() as i32 + 4).to_le_bytes());
+                out.push(u8::from(b.subtype));
+                out.extend_from_slice(&(b.bytes.len() as i32).to_le_bytes());
+            } else {
+                out.extend_from_slice(&(b.bytes.len() as i32).to_le_bytes());
+                out.push(u8::from(b.subtype));
+            }
+            out.extend_from_slice(&b.bytes);
+        }
+        Bson::ObjectId(id) => out.extend_from_slice(&id.bytes()),
+        Bson::Boolean(b) => out.push(u8::from(*b)),
+        Bson::DateTime(d) => out.extend_from_slice(&d.timestamp_millis().to_le_bytes()),
+        Bson::Null | Bson::Undefined | Bson::MinKey | Bson::MaxKey => {}
+        Bson::RegularExpression(r) => {
+            write_cstring(r.pattern.as_str(), out)?;
+            write_cstring(r.options.as_str(), out)?;
+        }
+        Bson::JavaScriptCodeWithScope(c) => {
+            let start = out.len();
+            out.extend_from_slice(&[0; 4]);
+            write_string(&c.code, out);
+            write_document(&c.scope, out)?;
+            let len = (out.len() - start) as i32;
+            out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+        }
+        Bson::Int32(i) => out.extend_from_slice(&i.to_le_bytes()),
+        Bson::Timestamp(t) => {
+            out.extend_from_slice(&t.increment.to_le_bytes());
+            out.extend_from_slice(&t.time.to_le_bytes());
+        }
+        Bson::Int64(i) => out.extend_from_slice(&i.to_le_bytes()),
+        Bson::Decimal128(d) => out.extend_from_slice(&d.bytes()),
+        Bson::DbPointer(_) => unreachable!("refused above"),
+    }
+    Some(())
+}
+
 /// Encoded size of a document in bytes, computed without encoding it (writes, batches and
 /// change events need it for every document, so it must not allocate).
 pub fn bson_size(doc: &Document) -> usize {
@@ -987,7 +1109,30 @@ mod tests {
             },
         ];
         for d in docs {
-            assert_eq!(bson_size(&d), d.to_vec().unwrap().len(), "{d}");
+            let expected = d.to_vec().unwrap();
+            assert_eq!(bson_size(&d), expected.len(), "{d}");
+            let mut out = vec![9];
+            encode_document(&d, &mut out).expect("encodable");
+            assert_eq!(out[1..], expected[..], "{d}");
+            assert_eq!(document_bytes(&d), Some(expected), "{d}");
         }
+        // What the encoder leaves to the crate, which encodes or refuses it as before.
+        let pointer = bson::RawDocumentBuf::from_bytes(vec![
+            0x1a, 0, 0, 0, 0x0c, b'p', 0, 2, 0, 0, 0, b'n', 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
+            12, 0,
+        ])
+        .and_then(|raw| Document::try_from(raw.as_ref()));
+        let with_pointer = pointer.expect("a document with a DBPointer");
+        let mut out = vec![9];
+        assert!(encode_document(&with_pointer, &mut out).is_none());
+        assert_eq!(out, vec![9]);
+        assert_eq!(
+            document_bytes(&with_pointer),
+            Some(with_pointer.to_vec().unwrap())
+        );
+        let nul_key = doc! {"a\0b": 1};
+        assert!(encode_document(&nul_key, &mut Vec::new()).is_none());
+        assert_eq!(document_bytes(&nul_key), None);
+        assert!(nul_key.to_vec().is_err());
     }
 }

@@ -594,8 +594,10 @@ pub fn encode_op_msg_reply(request_id: i32, response_to: i32, body: &Document) -
     write_header(&mut out, request_id, response_to, OP_MSG);
     out.extend_from_slice(&0u32.to_le_bytes());
     out.push(0);
-    body.to_writer(&mut out)
-        .expect("writing BSON to a Vec cannot fail");
+    if crate::store::encode_document(body, &mut out).is_none() {
+        body.to_writer(&mut out)
+            .expect("writing BSON to a Vec cannot fail");
+    }
     patch_length(&mut out);
     out
 }
