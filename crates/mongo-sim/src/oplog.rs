@@ -1,14 +1,9 @@
 //! The cluster clock and a bounded oplog: every write gets a cluster time and an entry; the
 //! oldest entries fall off when the capacity is exceeded, so history loss can be provoked.
 
-use std::{
-    borrow::Cow,
-    collections::{HashMap, VecDeque},
-    hash::{BuildHasherDefault, Hasher},
-    sync::Arc,
-};
+use std::{borrow::Cow, collections::VecDeque, sync::Arc};
 
-use bson::{Bson, Document, RawDocument, RawDocumentBuf, Timestamp};
+use bson::{Bson, Document, RawDocument, Timestamp};
 
 use crate::store::{DocRef, Namespace, NsRef};
 
@@ -37,16 +32,14 @@ impl Version {
     /// The BSON bytes of `doc` in one allocation of the exact size (`None` when it cannot be
     /// encoded: it then stays live).
     fn pack_document(doc: &Document) -> Option<Arc<[u8]>> {
-        RawDocumentBuf::try_from(doc)
-            .ok()
-            .map(|raw| Arc::from(raw.into_bytes()))
+        crate::store::document_bytes(doc).map(Arc::from)
     }
 
     /// A version stored as its BSON bytes (recovery).
     pub fn packed(doc: &Document) -> Version {
         match Self::pack_document(doc) {
             Some(bytes) => Version::Packed(bytes),
-            None => Version::Live(Arc::new(doc.clone())),
+            None => Version::Live(crate::store::Stored::shared(doc.clone())),
         }
     }
 
@@ -68,7 +61,7 @@ impl Version {
     pub fn doc_ref(&self) -> DocRef {
         match self {
             Version::Live(doc) => Arc::clone(doc),
-            Version::Packed(_) => Arc::new(self.document().into_owned()),
+            Version::Packed(_) => crate::store::Stored::shared(self.document().into_owned()),
         }
     }
 
@@ -98,32 +91,6 @@ impl Version {
             Version::Live(_) => 0,
             Version::Packed(bytes) => bytes.len(),
         }
-    }
-}
-
-/// Identity of a live version (the address of its `Arc`): valid as a key while the entry
-/// that holds the `Arc` is in the oplog.
-fn addr(doc: &DocRef) -> usize {
-    Arc::as_ptr(doc) as usize
-}
-
-/// Hasher of [`addr`] keys (a multiplicative mix; addresses are unique, not adversarial).
-#[derive(Default)]
-struct AddrHasher(u64);
-
-impl Hasher for AddrHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-    fn write_usize(&mut self, n: usize) {
-        self.0 = (n as u64)
-            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-            .rotate_left(29);
     }
 }
 
@@ -337,10 +304,6 @@ pub struct Oplog {
     dropped_through_ts: Option<Timestamp>,
     /// With `--data-dir`: encoded records of the entries appended since the last flush.
     journal: Option<Vec<u8>>,
-    /// Live written versions ([`Version::Live`] documents of inserts and post-images) by
-    /// [`addr`], with the sequence number of their entry: when a later write replaces one,
-    /// its bytes are packed once for both entries.
-    live: HashMap<usize, u64, BuildHasherDefault<AddrHasher>>,
     /// Next entry the sweep of [`Oplog::sweep`] looks at.
     sweep_seq: u64,
 }
@@ -358,7 +321,6 @@ impl Oplog {
             dropped_through_seq: 0,
             dropped_through_ts: None,
             journal: None,
-            live: HashMap::default(),
             sweep_seq: 0,
         }
     }
@@ -442,7 +404,7 @@ impl Oplog {
 
     /// Packs the pre-image of the newest entry (the collection no longer holds it), sharing
     /// the bytes with the entry that wrote that version if it still holds it live, and
-    /// records the version the newest entry wrote while it is live.
+    /// records in the version the newest entry wrote that it wrote it ([`Stored::writer`]).
     fn compact_last(&mut self) {
         let Some(last) = self.entries.back_mut() else {
             return;
@@ -451,17 +413,15 @@ impl Oplog {
         if let Some(pre) = last.op.replaced_mut() {
             if let Version::Live(doc) = pre {
                 if let Some(bytes) = Version::pack_document(doc) {
-                    let key = addr(doc);
-                    let writer = self.live.get(&key).copied();
+                    let doc = Arc::clone(doc);
                     *pre = Version::Packed(Arc::clone(&bytes));
-                    if let Some(writer_seq) = writer {
-                        // The key is valid: the entry holding that `Arc` is still in the
-                        // oplog (trim and sweep forget the keys of the entries they drop).
-                        self.live.remove(&key);
-                        if let Some(written) =
-                            self.get_mut(writer_seq).and_then(|e| e.op.written_mut())
+                    // The entry that wrote this version, if the oplog still holds it (and
+                    // holds it live: the very `Arc`).
+                    let writer = doc.writer();
+                    if writer != 0 && writer != seq {
+                        if let Some(written) = self.get_mut(writer).and_then(|e| e.op.written_mut())
                         {
-                            if written.live().is_some_and(|d| addr(d) == key) {
+                            if written.live().is_some_and(|d| Arc::ptr_eq(d, &doc)) {
                                 *written = Version::Packed(bytes);
                             }
                         }
@@ -471,7 +431,7 @@ impl Oplog {
         }
         let last = self.entries.back_mut().expect("checked above");
         if let Some(Version::Live(doc)) = last.op.written_mut() {
-            self.live.insert(addr(doc), seq);
+            doc.set_writer(seq);
         }
     }
 
@@ -491,11 +451,9 @@ impl Oplog {
                 .entries
                 .get_mut((seq - first) as usize)
                 .expect("within the oplog");
-            let mut forget = None;
             if let Some(written) = entry.op.written_mut() {
                 if let Some(doc) = written.live().filter(|d| Arc::strong_count(d) == 1) {
                     if let Some(bytes) = Version::pack_document(doc) {
-                        forget = Some(addr(doc));
                         *written = Version::Packed(bytes);
                     }
                 }
@@ -505,11 +463,6 @@ impl Oplog {
                     if let Some(bytes) = Version::pack_document(doc) {
                         *pre = Version::Packed(bytes);
                     }
-                }
-            }
-            if let Some(key) = forget {
-                if self.live.get(&key) == Some(&seq) {
-                    self.live.remove(&key);
                 }
             }
         }
@@ -525,15 +478,9 @@ impl Oplog {
 
     fn trim(&mut self) {
         while self.entries.len() > self.capacity {
-            if let Some(mut e) = self.entries.pop_front() {
+            if let Some(e) = self.entries.pop_front() {
                 self.dropped_through_seq = e.seq;
                 self.dropped_through_ts = Some(e.ts);
-                if let Some(Version::Live(doc)) = e.op.written_mut() {
-                    let key = addr(doc);
-                    if self.live.get(&key) == Some(&e.seq) {
-                        self.live.remove(&key);
-                    }
-                }
             }
         }
     }
@@ -649,10 +596,15 @@ mod tests {
     #[test]
     fn replaced_versions_are_packed_once_and_read_back_unchanged() {
         let uuid = bson::Uuid::new();
-        let v1 = Arc::new(bson::doc! {"_id": 7, "a": 1.5, "s": "x", "arr": [1, {"b": null}]});
-        let v2 =
-            Arc::new(bson::doc! {"_id": 7, "a": 2.5, "s": "x", "arr": [1, {"b": null}], "n": 1i64});
-        let v3 = Arc::new(bson::doc! {"_id": 7, "z": bson::Timestamp { time: 1, increment: 2 }});
+        let v1 = crate::store::Stored::shared(
+            bson::doc! {"_id": 7, "a": 1.5, "s": "x", "arr": [1, {"b": null}]},
+        );
+        let v2 = crate::store::Stored::shared(
+            bson::doc! {"_id": 7, "a": 2.5, "s": "x", "arr": [1, {"b": null}], "n": 1i64},
+        );
+        let v3 = crate::store::Stored::shared(
+            bson::doc! {"_id": 7, "z": bson::Timestamp { time: 1, increment: 2 }},
+        );
         let mut catalog = Some(Arc::clone(&v1)); // what the collection holds
         let mut o = Oplog::new(100);
         let mut c = ClusterClock::default();
@@ -769,7 +721,7 @@ mod tests {
     #[test]
     fn the_sweep_packs_what_only_the_oplog_holds() {
         let uuid = bson::Uuid::new();
-        let held = Arc::new(bson::doc! {"_id": 1});
+        let held = crate::store::Stored::shared(bson::doc! {"_id": 1});
         let mut o = Oplog::new(100);
         let mut c = ClusterClock::default();
         o.append(
@@ -788,7 +740,7 @@ mod tests {
             OplogOp::Insert {
                 ns: ns(),
                 uuid,
-                doc: Arc::new(bson::doc! {"_id": 2}).into(),
+                doc: crate::store::Stored::shared(bson::doc! {"_id": 2}).into(),
             },
             None,
             0,

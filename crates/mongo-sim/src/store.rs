@@ -3,7 +3,14 @@
 //! Collections use persistent maps (`imbl`), so cloning one is O(1): transactions work on
 //! private copies and a commit swaps the new versions in atomically.
 
-use std::{collections::BTreeMap, fmt, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+};
 
 use bson::{doc, Bson, Document};
 
@@ -14,7 +21,74 @@ use crate::{
     schema::Validator,
 };
 
-pub type DocRef = Arc<Document>;
+/// A document version as the catalog stores it and the oplog keeps it while live (see
+/// [`crate::oplog::Version`]): the document, and the sequence number of the newest oplog entry
+/// that wrote this very version (0: none yet), by which the oplog finds that entry when a later
+/// write replaces the version, without a map from versions to entries.
+#[derive(Debug, Default)]
+pub struct Stored {
+    doc: Document,
+    writer: AtomicU64,
+}
+
+impl Stored {
+    pub fn new(doc: Document) -> Stored {
+        Stored {
+            doc,
+            writer: AtomicU64::new(0),
+        }
+    }
+
+    /// The sequence number of the newest oplog entry that wrote this version (0: none).
+    pub fn writer(&self) -> u64 {
+        // Read and written under the engine's lock (the oplog's owner): no ordering needed.
+        self.writer.load(Ordering::Relaxed)
+    }
+
+    pub fn set_writer(&self, seq: u64) {
+        self.writer.store(seq, Ordering::Relaxed);
+    }
+
+    /// A new shared version of `doc`.
+    pub fn shared(doc: Document) -> DocRef {
+        Arc::new(Stored::new(doc))
+    }
+
+    /// The document of a shared version (moved out when nothing else holds it).
+    pub fn unwrap_or_clone(d: DocRef) -> Document {
+        match Arc::try_unwrap(d) {
+            Ok(stored) => stored.doc,
+            Err(shared) => shared.doc.clone(),
+        }
+    }
+}
+
+impl std::ops::Deref for Stored {
+    type Target = Document;
+    fn deref(&self) -> &Document {
+        &self.doc
+    }
+}
+
+impl AsRef<Document> for Stored {
+    fn as_ref(&self) -> &Document {
+        &self.doc
+    }
+}
+
+impl From<Document> for Stored {
+    fn from(doc: Document) -> Stored {
+        Stored::new(doc)
+    }
+}
+
+impl PartialEq for Stored {
+    fn eq(&self, other: &Stored) -> bool {
+        self.doc == other.doc
+    }
+}
+
+pub type DocRef = Arc<Stored>;
 
 /// A namespace shared by the oplog entries of a collection.
 pub type NsRef = Arc<Namespace>;
@@ -534,7 +608,7 @@ impl Collection {
     /// The end of an insert, once the document is checked and its `_id` known to be new.
     fn store_new(&mut self, doc: Document, id: IdKey) -> CommandResult<DocChange> {
         self.index_add(&doc, &id)?;
-        let doc = Arc::new(doc);
+        let doc = Arc::new(Stored::new(doc));
         self.docs.insert(id.clone(), Arc::clone(&doc));
         if self.is_capped() {
             self.capped_order.push_back(id);
@@ -554,6 +628,24 @@ impl Collection {
         let pre = self.docs.get(&id).cloned().ok_or_else(|| {
             CommandError::new(codes::NO_MATCHING_DOCUMENT, "document to replace not found")
         })?;
+        self.replace_found(id, pre, new, description, bypass_validation)
+    }
+
+    /// [`Collection::replace`] of the document `pre` stored under `id` (the key of `new`'s
+    /// `_id`), which the caller looked up under the same lock: the same checks and result
+    /// without looking it up a second time.
+    pub fn replace_found(
+        &mut self,
+        id: IdKey,
+        pre: DocRef,
+        new: Document,
+        description: Option<UpdateDescription>,
+        bypass_validation: bool,
+    ) -> CommandResult<DocChange> {
+        debug_assert!(
+            self.docs.get(&id).is_some_and(|d| Arc::ptr_eq(d, &pre)),
+            "replace_found of a document not stored under its key"
+        );
         self.check_document(&new, bypass_validation)?;
         self.index_remove(&pre);
         if let Err(e) = self.index_add(&new, &id) {
@@ -565,7 +657,7 @@ impl Collection {
             self.capped_bytes =
                 self.capped_bytes + bson_size(&new) - bson_size(&pre).min(self.capped_bytes);
         }
-        let post = Arc::new(new);
+        let post = Arc::new(Stored::new(new));
         self.docs.insert(id, Arc::clone(&post));
         Ok(if let Some(mut description) = description {
             description.shrink_to_fit();
@@ -769,6 +861,128 @@ pub fn as_i64(b: &Bson) -> Option<i64> {
     }
 }
 
+/// Appends the BSON encoding of `doc` to `out`, reserving its exact size first
+/// ([`bson_size`]): the `bson` crate's encoding goes through a buffer of its own that grows
+/// as it is written and is then copied. `None` (with `out` as it was) for what this encoder
+/// leaves to the crate: a key, regular expression or code string the crate refuses (a NUL in
+/// a cstring), and DBPointers (whose fields are private).
+pub fn encode_document(doc: &Document, out: &mut Vec<u8>) -> Option<()> {
+    let start = out.len();
+    out.reserve(bson_size(doc));
+    let written = write_document(doc, out);
+    if written.is_none() {
+        out.truncate(start);
+    }
+    written
+}
+
+/// The BSON bytes of `doc` ([`encode_document`], else the `bson` crate's encoding); `None`
+/// when it cannot be encoded.
+pub fn document_bytes(doc: &Document) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    match encode_document(doc, &mut out) {
+        Some(()) => Some(out),
+        None => bson::RawDocumentBuf::try_from(doc)
+            .ok()
+            .map(bson::RawDocumentBuf::into_bytes),
+    }
+}
+
+fn write_cstring(s: &str, out: &mut Vec<u8>) -> Option<()> {
+    if s.as_bytes().contains(&0) {
+        return None;
+    }
+    out.extend_from_slice(s.as_bytes());
+    out.push(0);
+    Some(())
+}
+
+fn write_string(s: &str, out: &mut Vec<u8>) {
+    out.extend_from_slice(&(s.len() as i32 + 1).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+    out.push(0);
+}
+
+/// Writes a document (its length patched in once written).
+fn write_document(doc: &Document, out: &mut Vec<u8>) -> Option<()> {
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    for (k, v) in doc {
+        write_element(k, v, out)?;
+    }
+    out.push(0);
+    let len = (out.len() - start) as i32;
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    Some(())
+}
+
+fn write_array(items: &[Bson], out: &mut Vec<u8>) -> Option<()> {
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    let mut key = String::new();
+    for (i, v) in items.iter().enumerate() {
+        use std::fmt::Write as _;
+        key.clear();
+        write!(key, "{i}").expect("writing to a String cannot fail");
+        write_element(&key, v, out)?;
+    }
+    out.push(0);
+    let len = (out.len() - start) as i32;
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    Some(())
+}
+
+fn write_element(key: &str, v: &Bson, out: &mut Vec<u8>) -> Option<()> {
+    use bson::spec::BinarySubtype;
+    if matches!(v, Bson::DbPointer(_)) {
+        return None;
+    }
+    out.push(v.element_type() as u8);
+    write_cstring(key, out)?;
+    match v {
+        Bson::Double(d) => out.extend_from_slice(&d.to_le_bytes()),
+        Bson::String(s) | Bson::JavaScriptCode(s) | Bson::Symbol(s) => write_string(s, out),
+        Bson::Document(d) => write_document(d, out)?,
+        Bson::Array(a) => write_array(a, out)?,
+        Bson::Binary(b) => {
+            if matches!(b.subtype, BinarySubtype::BinaryOld) {
+                out.extend_from_slice(&(b.bytes.len() as i32 + 4).to_le_bytes());
+                out.push(u8::from(b.subtype));
+                out.extend_from_slice(&(b.bytes.len() as i32).to_le_bytes());
+            } else {
+                out.extend_from_slice(&(b.bytes.len() as i32).to_le_bytes());
+                out.push(u8::from(b.subtype));
+            }
+            out.extend_from_slice(&b.bytes);
+        }
+        Bson::ObjectId(id) => out.extend_from_slice(&id.bytes()),
+        Bson::Boolean(b) => out.push(u8::from(*b)),
+        Bson::DateTime(d) => out.extend_from_slice(&d.timestamp_millis().to_le_bytes()),
+        Bson::Null | Bson::Undefined | Bson::MinKey | Bson::MaxKey => {}
+        Bson::RegularExpression(r) => {
+            write_cstring(r.pattern.as_str(), out)?;
+            write_cstring(r.options.as_str(), out)?;
+        }
+        Bson::JavaScriptCodeWithScope(c) => {
+            let start = out.len();
+            out.extend_from_slice(&[0; 4]);
+            write_string(&c.code, out);
+            write_document(&c.scope, out)?;
+            let len = (out.len() - start) as i32;
+            out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+        }
+        Bson::Int32(i) => out.extend_from_slice(&i.to_le_bytes()),
+        Bson::Timestamp(t) => {
+            out.extend_from_slice(&t.increment.to_le_bytes());
+            out.extend_from_slice(&t.time.to_le_bytes());
+        }
+        Bson::Int64(i) => out.extend_from_slice(&i.to_le_bytes()),
+        Bson::Decimal128(d) => out.extend_from_slice(&d.bytes()),
+        Bson::DbPointer(_) => unreachable!("refused above"),
+    }
+    Some(())
+}
+
 /// Encoded size of a document in bytes, computed without encoding it (writes, batches and
 /// change events need it for every document, so it must not allocate).
 pub fn bson_size(doc: &Document) -> usize {
@@ -895,7 +1109,30 @@ mod tests {
             },
         ];
         for d in docs {
-            assert_eq!(bson_size(&d), d.to_vec().unwrap().len(), "{d}");
+            let expected = d.to_vec().unwrap();
+            assert_eq!(bson_size(&d), expected.len(), "{d}");
+            let mut out = vec![9];
+            encode_document(&d, &mut out).expect("encodable");
+            assert_eq!(out[1..], expected[..], "{d}");
+            assert_eq!(document_bytes(&d), Some(expected), "{d}");
         }
+        // What the encoder leaves to the crate, which encodes or refuses it as before.
+        let pointer = bson::RawDocumentBuf::from_bytes(vec![
+            0x1a, 0, 0, 0, 0x0c, b'p', 0, 2, 0, 0, 0, b'n', 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
+            12, 0,
+        ])
+        .and_then(|raw| Document::try_from(raw.as_ref()));
+        let with_pointer = pointer.expect("a document with a DBPointer");
+        let mut out = vec![9];
+        assert!(encode_document(&with_pointer, &mut out).is_none());
+        assert_eq!(out, vec![9]);
+        assert_eq!(
+            document_bytes(&with_pointer),
+            Some(with_pointer.to_vec().unwrap())
+        );
+        let nul_key = doc! {"a\0b": 1};
+        assert!(encode_document(&nul_key, &mut Vec::new()).is_none());
+        assert_eq!(document_bytes(&nul_key), None);
+        assert!(nul_key.to_vec().is_err());
     }
 }

@@ -126,8 +126,10 @@ pub struct RawBatch {
     bytes: Vec<u8>,
     docs: Vec<std::ops::Range<usize>>,
     /// Per statement, its [`ReplaceById`] when it has that shape (converted while the
-    /// message is checked, instead of checking it and converting it later).
-    replacements: Vec<Option<ReplaceById>>,
+    /// message is checked, instead of checking it and converting it later). Boxed: a batch's
+    /// vector of them inline would be a ~200 KB allocation per command, moved as it grows
+    /// and fresh memory for the allocator to fault in.
+    replacements: Vec<Option<Box<ReplaceById>>>,
 }
 
 /// A statement of the shape copy and apply send, `{q: {_id: X}, u: {...}, upsert, multi}`
@@ -146,9 +148,9 @@ pub struct ReplaceById {
 /// Checks statement `stmt` of an `update` batch as [`validate_raw_document`] does, converting
 /// it to a [`ReplaceById`] when it has that shape: the conversion goes over every element (the
 /// statement's, the filter's, the replacement's), which is the check.
-fn check_statement(stmt: &bson::RawDocument) -> bson::error::Result<Option<ReplaceById>> {
+fn check_statement(stmt: &bson::RawDocument) -> bson::error::Result<Option<Box<ReplaceById>>> {
     match replace_by_id(stmt) {
-        Ok(Some(r)) => Ok(Some(r)),
+        Ok(Some(r)) => Ok(Some(Box::new(r))),
         // Another shape, or an error: the whole statement is checked element by element, so
         // the answer is exactly the check's.
         _ => validate_raw_document(stmt).map(|()| None),
@@ -209,6 +211,14 @@ impl RawBatch {
             let bson::RawBsonRef::Document(d) = value? else {
                 return Ok(None);
             };
+            if docs.is_empty() {
+                // As many statements as the first one's size suggests (statements of a batch
+                // are alike), within the server's maxWriteBatchSize: the vectors would
+                // otherwise grow ten times for 1,000 statements.
+                let n = (array.as_bytes().len() / (d.as_bytes().len() + 3)).clamp(1, 100_000);
+                docs.reserve(n);
+                replacements.reserve(n);
+            }
             replacements.push(check_statement(d)?);
             let start = d.as_bytes().as_ptr() as usize - base;
             docs.push(start..start + d.as_bytes().len());
@@ -227,7 +237,7 @@ impl RawBatch {
 
     /// The [`ReplaceById`] of every statement, moved out of the batch (the statements' bytes
     /// stay).
-    pub fn take_replacements(&mut self) -> Vec<Option<ReplaceById>> {
+    pub fn take_replacements(&mut self) -> Vec<Option<Box<ReplaceById>>> {
         let mut taken = std::mem::take(&mut self.replacements);
         taken.resize(self.docs.len(), None);
         taken
@@ -584,8 +594,10 @@ pub fn encode_op_msg_reply(request_id: i32, response_to: i32, body: &Document) -
     write_header(&mut out, request_id, response_to, OP_MSG);
     out.extend_from_slice(&0u32.to_le_bytes());
     out.push(0);
-    body.to_writer(&mut out)
-        .expect("writing BSON to a Vec cannot fail");
+    if crate::store::encode_document(body, &mut out).is_none() {
+        body.to_writer(&mut out)
+            .expect("writing BSON to a Vec cannot fail");
+    }
     patch_length(&mut out);
     out
 }
@@ -863,7 +875,11 @@ mod tests {
                 if let Some(mut b) = batch.clone() {
                     let replacements = b.take_replacements();
                     for (i, r) in replacements.into_iter().enumerate() {
-                        assert_eq!(r, replacement_of(&b.statement(i)), "statement {i}");
+                        assert_eq!(
+                            r.map(|r| *r),
+                            replacement_of(&b.statement(i)),
+                            "statement {i}"
+                        );
                     }
                 }
                 let updates = batch

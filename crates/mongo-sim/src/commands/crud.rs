@@ -369,13 +369,17 @@ fn raw_replace_by_id(
     coll_ns: &Namespace,
     cat: &mut Catalog,
     sink: &mut dyn WriteSink,
-    stmt: crate::wire::ReplaceById,
+    stmt: Box<crate::wire::ReplaceById>,
     bypass: bool,
 ) -> CommandResult<Option<UpdateOutcome>> {
     if !plain_id(&stmt.id) {
         return Ok(None);
     }
-    let (id, upsert, r) = (stmt.id, stmt.upsert, stmt.replacement);
+    let crate::wire::ReplaceById {
+        id,
+        replacement: r,
+        upsert,
+    } = *stmt;
     Ok(replace_by_id_with(coll_ns, cat, sink, &id, upsert, r, bypass)?.ok())
 }
 
@@ -461,12 +465,15 @@ fn replace_by_id_with(
             upserted: Some(id.clone()),
         }));
     };
-    let old_id = old.get("_id").unwrap_or(id);
-    if r.get("_id").is_some_and(|rid| rid != old_id) {
+    // Stored documents and most replacements start with their `_id` (no hash lookup then).
+    let old_id = first_id(&old).unwrap_or(id);
+    let rid = first_id(&r);
+    if rid.is_some_and(|rid| rid != old_id) {
         return Ok(Err(r));
     }
+    let replacement_has_id = rid.is_some();
     // The stored `_id` (first when the replacement has none), then the replacement's fields.
-    let new = if r.contains_key("_id") {
+    let new = if replacement_has_id {
         let mut new = r;
         for (_, v) in new.iter_mut() {
             fill_empty_timestamp(v, now_ts);
@@ -490,13 +497,29 @@ fn replace_by_id_with(
         }));
     }
     let coll = cat.get_mut(coll_ns).expect("the document came from it");
-    let change = coll.replace(new, None, bypass)?;
+    // The key the general path stores under is the new `_id`'s: the lookup's when the
+    // filter's `_id` is the stored one (not merely equal to it, as `5` and `5L` are).
+    let key = match key {
+        Some(key) if id == old_id => key,
+        _ => coll.id_key(old_id),
+    };
+    let change = coll.replace_found(key, old, new, None, bypass)?;
     emit(coll, sink, change);
     Ok(Ok(UpdateOutcome {
         matched: 1,
         modified: 1,
         upserted: None,
     }))
+}
+
+/// The `_id` of `d`: its first field when that is `_id` (as stored documents and drivers'
+/// documents have it), else found by name.
+fn first_id(d: &Document) -> Option<&Bson> {
+    match d.iter().next() {
+        Some((k, v)) if k == "_id" => Some(v),
+        Some(_) => d.get("_id"),
+        None => None,
+    }
 }
 
 /// A top-level empty timestamp (`Timestamp(0, 0)`) of a stored document becomes the write's
@@ -607,7 +630,7 @@ fn apply_one_update(
 /// One statement of an `update`: kept raw by the wire decoding (with its replacement by `_id`
 /// when it has that shape), or a value of `updates`.
 enum Statement<'a> {
-    Raw(&'a bson::RawDocument, Option<crate::wire::ReplaceById>),
+    Raw(&'a bson::RawDocument, Option<Box<crate::wire::ReplaceById>>),
     Value(Bson),
 }
 

@@ -19,7 +19,7 @@ use crate::{
         projection::Projection,
         sort::SortSpec,
     },
-    store::{Collection, DocRef, Namespace},
+    store::{Collection, DocRef, Namespace, Stored},
     views,
 };
 
@@ -191,7 +191,7 @@ pub fn find(ctx: &Ctx<'_>) -> CommandResult<Document> {
                 return Ok(docs
                     .into_iter()
                     .filter(|d| matcher.matches(d))
-                    .map(Arc::new)
+                    .map(Stored::shared)
                     .collect());
             }
             fields::check_hint(cat.get(&ns), cmd.get("hint"))?;
@@ -244,7 +244,11 @@ fn read_source(
     let keep = |d: &Document| filter.is_none_or(|m| m.matches(d));
     if let Some((base, pipeline)) = views::resolve(cat, ns)? {
         let docs = views::documents(cat, &base, &pipeline, view_ctx)?;
-        return Ok(docs.into_iter().filter(|d| keep(d)).map(Arc::new).collect());
+        return Ok(docs
+            .into_iter()
+            .filter(|d| keep(d))
+            .map(Stored::shared)
+            .collect());
     }
     Ok(cat
         .get(ns)
@@ -283,7 +287,7 @@ fn oplog_entries(ctx: &Ctx<'_>, cmd: &Document, matcher: &Matcher) -> CommandRes
         for e in all {
             let d = entry(e);
             if matcher.matches(&d) {
-                out.push(DocRef::new(d));
+                out.push(Stored::shared(d));
                 if limit > 0 && out.len() >= limit {
                     break;
                 }
@@ -582,7 +586,7 @@ pub fn aggregate(ctx: &Ctx<'_>) -> CommandResult<Document> {
             fields::check_hint(cat.get(&base), ctx.cmd.get("hint"))?;
             return Ok(read_source(&view_ctx, cat, ns, leading_match.as_ref())?
                 .into_iter()
-                .map(Arc::unwrap_or_clone)
+                .map(Stored::unwrap_or_clone)
                 .collect());
         }
         fields::check_hint(cat.get(ns), ctx.cmd.get("hint"))?;
@@ -619,7 +623,7 @@ pub fn aggregate(ctx: &Ctx<'_>) -> CommandResult<Document> {
     cursor_reply(
         ctx,
         reply_ns,
-        out.into_iter().map(Arc::new).collect(),
+        out.into_iter().map(Stored::shared).collect(),
         None,
         first_batch,
         false,
@@ -827,7 +831,7 @@ pub fn list_collections(ctx: &Ctx<'_>) -> CommandResult<Document> {
                     e
                 }
             })
-            .map(Arc::new)
+            .map(Stored::shared)
             .collect::<VecDeque<_>>())
     })?;
     let first = ctx
@@ -861,7 +865,7 @@ pub fn list_indexes(ctx: &Ctx<'_>) -> CommandResult<Document> {
         })?;
         Ok(c.indexes
             .iter()
-            .map(|i| Arc::new(i.spec.clone()))
+            .map(|i| Stored::shared(i.spec.clone()))
             .collect::<VecDeque<_>>())
     })?;
     let first = ctx

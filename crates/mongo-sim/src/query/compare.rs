@@ -200,6 +200,19 @@ impl Ord for IdKey {
     /// Binary string order whatever collation a command installed: store keys of a collated
     /// collection are already collation keys (`Collection::id_key`).
     fn cmp(&self, other: &Self) -> Ordering {
+        // The common `_id` kinds first, as `compare_values` orders them (integers by value,
+        // strings and ObjectIds by their bytes): every lookup of the documents' map compares
+        // a key with ~20 others, and installing the simple collation costs a thread-local
+        // swap per comparison.
+        match (&self.0, &other.0) {
+            (Bson::Int32(a), Bson::Int32(b)) => return a.cmp(b),
+            (Bson::Int64(a), Bson::Int64(b)) => return a.cmp(b),
+            (Bson::Int32(a), Bson::Int64(b)) => return i64::from(*a).cmp(b),
+            (Bson::Int64(a), Bson::Int32(b)) => return a.cmp(&i64::from(*b)),
+            (Bson::String(a), Bson::String(b)) => return a.as_bytes().cmp(b.as_bytes()),
+            (Bson::ObjectId(a), Bson::ObjectId(b)) => return a.bytes().cmp(&b.bytes()),
+            _ => {}
+        }
         let _simple = crate::collation::install(None);
         compare_values(&self.0, &other.0)
     }
@@ -887,6 +900,46 @@ mod tests {
         assert_eq!(m.get(&IdKey(Bson::Int64(1))), Some(&"b"));
         let keys: Vec<_> = m.keys().map(|k| k.0.clone()).collect();
         assert_eq!(keys[1], Bson::String("x".into()));
+    }
+
+    #[test]
+    fn id_key_order_is_compare_values_order() {
+        let values = [
+            Bson::Int32(i32::MIN),
+            Bson::Int32(-1),
+            Bson::Int32(7),
+            Bson::Int64(i64::MIN),
+            Bson::Int64(-1),
+            Bson::Int64(7),
+            Bson::Int64(1 << 40),
+            Bson::Double(7.0),
+            Bson::String(String::new()),
+            Bson::String("Bob".into()),
+            Bson::String("bob".into()),
+            Bson::String("é".into()),
+            Bson::Symbol("bob".into()),
+            Bson::ObjectId(bson::oid::ObjectId::from_bytes([0; 12])),
+            Bson::ObjectId(bson::oid::ObjectId::from_bytes([1; 12])),
+            Bson::Null,
+        ];
+        // Under an installed collation too: `_id` keys compare binary whatever is installed.
+        let c = crate::collation::parse(&doc! {"locale": "en", "strength": 2})
+            .unwrap()
+            .unwrap();
+        let _installed = crate::collation::install(Some(c));
+        for a in &values {
+            for b in &values {
+                let expected = {
+                    let _simple = crate::collation::install(None);
+                    compare_values(a, b)
+                };
+                assert_eq!(
+                    IdKey(a.clone()).cmp(&IdKey(b.clone())),
+                    expected,
+                    "{a} vs {b}"
+                );
+            }
+        }
     }
 
     #[test]
