@@ -59,13 +59,13 @@ impl Abandoned {
 
 /// Runs `write`, a command that carries `maxTimeMS` = [`max_time_ms`]`(limit)`, giving up after
 /// `limit`. After giving up it waits out the server's bound, so the write is dead on return.
-/// Nothing is sent once this process's lease deadline has passed ([`crate::ha::fence`]).
+/// Nothing is sent once this process's lease deadline has passed ([`crate::fence`]).
 pub async fn run<T>(
     limit: Option<Duration>,
     write: impl IntoFuture<Output = T>,
 ) -> Result<T, Abandoned> {
     let write = write.into_future();
-    if crate::ha::fence::PROCESS.check().is_err() {
+    if crate::fence::PROCESS.check().is_err() {
         tracing::warn!("destination write refused: this instance no longer holds its lease");
         return Err(Abandoned::Fenced);
     }

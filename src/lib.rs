@@ -10,6 +10,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod exit;
+pub mod fence;
 pub mod guard;
 pub mod ha;
 pub mod identity;

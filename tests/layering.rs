@@ -15,6 +15,7 @@ const LAYERS: &[&[&str]] = &[
     &["error"],
     &["model"],
     // Destination writes with a deadline (data, checkpoints, metadata).
+    &["fence"],
     &["bounded_write"],
     &["metrics"],
     &["status"],
@@ -25,6 +26,7 @@ const LAYERS: &[&[&str]] = &[
         "metadata",
         "guard",
         "identity",
+        "ha",
     ],
     &["validate"],
     &["worker"],

@@ -3,7 +3,7 @@
 //! released.
 //!
 //! - [`lease`]: the lease document and its conditional writes, timed by the destination's clock.
-//! - [`fence`]: the process's write deadline on the monotonic clock, checked before every write.
+//! - [`crate::fence`]: the process's write deadline on the monotonic clock, checked before every write.
 //! - [`Coordinator`]: acquiring (standby), renewing (active) and releasing (SIGTERM).
 //!
 //! The arithmetic, with `L` = `ha.lease_seconds` and `W` = the server-side bound of one write
@@ -13,7 +13,6 @@
 //! new owner that took an expired (not released) lease waits `W` more before it writes. So a
 //! write the old owner started before its deadline is dead before the new owner's first write.
 
-pub mod fence;
 pub mod lease;
 
 use std::{
@@ -163,7 +162,7 @@ impl Coordinator {
             status,
             metrics: RoleMetrics::new(metrics),
         };
-        fence::PROCESS.arm();
+        crate::fence::PROCESS.arm();
         coordinator.show(Role::Standby, None, None);
         coordinator
     }
@@ -208,7 +207,7 @@ impl Coordinator {
             self.show(Role::Standby, None, holder.as_ref());
             return Ok(None);
         };
-        fence::PROCESS.allow_until(self.write_deadline(acquired.sent));
+        crate::fence::PROCESS.allow_until(self.write_deadline(acquired.sent));
         if let Some(previous) = &acquired.took_over_from {
             tracing::warn!(previous = %previous, epoch = acquired.epoch, wait_ms = self.write_bound.as_millis() as u64,
                 "took over an expired lease; waiting out the previous owner's last writes");
@@ -233,7 +232,7 @@ impl Coordinator {
         tokio::spawn(async move {
             let end = loop {
                 let deadline = this.write_deadline(last_sent);
-                fence::PROCESS.allow_until(deadline);
+                crate::fence::PROCESS.allow_until(deadline);
                 let next = (last_sent + this.renew_every()).max(Instant::now());
                 tokio::select! {
                     _ = term.cancelled() => return TermEnd::Stopped,
@@ -274,7 +273,7 @@ impl Coordinator {
                     None => break TermEnd::NotRenewed(last_error),
                 }
             };
-            fence::PROCESS.revoke();
+            crate::fence::PROCESS.revoke();
             this.metrics.losses.inc();
             tracing::error!(epoch, reason = ?end, "lost the lease; stopped writing, stepping down to standby");
             term.cancel();
@@ -285,7 +284,7 @@ impl Coordinator {
     /// Ends an active term: refuses further writes, then gives the lease up so a standby takes
     /// over at once.
     pub async fn release(&self, epoch: i64) {
-        fence::PROCESS.revoke();
+        crate::fence::PROCESS.revoke();
         match self.store.release(epoch).await {
             Ok(true) => tracing::info!(epoch, "lease released"),
             Ok(false) => tracing::info!(epoch, "lease already held by another instance"),
@@ -298,7 +297,7 @@ impl Coordinator {
 
     /// Back to standby after a lost term.
     pub fn step_down(&self) {
-        fence::PROCESS.revoke();
+        crate::fence::PROCESS.revoke();
         self.show(Role::Standby, None, None);
     }
 }

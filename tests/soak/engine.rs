@@ -1432,6 +1432,9 @@ pub async fn run_round(opts: &Options, first: u64, count: u64) -> RoundReport {
             if let Some(cap) = restore {
                 // History loss: restart first (the history is already gone), then restore.
                 daemon.spawn();
+                if let Some(standby) = standby.as_mut() {
+                    standby.spawn();
+                }
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 source.set_oplog_capacity(cap);
                 fault_log.lock().push(format!(
@@ -1491,6 +1494,15 @@ pub async fn run_round(opts: &Options, first: u64, count: u64) -> RoundReport {
                     let Some(standby) = standby.as_mut() else {
                         continue;
                     };
+                    // A takeover needs a live standby: start the other instance if an earlier
+                    // fault left it stopped, and wait until it stands by.
+                    if daemon.child.is_none() {
+                        std::mem::swap(&mut daemon, standby);
+                    }
+                    standby.spawn();
+                    wait_role(standby, "standby", HA_TAKEOVER_WAIT).await;
+                    daemon.spawn();
+                    wait_role(&daemon, "active", HA_TAKEOVER_WAIT).await;
                     match f {
                         Fault::HaKill => daemon.kill9(),
                         Fault::HaPause => daemon.signal("STOP"),
@@ -1520,6 +1532,11 @@ pub async fn run_round(opts: &Options, first: u64, count: u64) -> RoundReport {
                     restart_at,
                 } => {
                     daemon.kill9();
+                    // Nobody syncs while the oplog is small: the standby would take over and
+                    // re-copy against an oplog too small for the load.
+                    if let Some(standby) = standby.as_mut() {
+                        standby.kill9();
+                    }
                     source.set_oplog_capacity(capacity);
                     if done {
                         // Nothing more will be written: write no-ops past the small oplog.
@@ -1527,6 +1544,9 @@ pub async fn run_round(opts: &Options, first: u64, count: u64) -> RoundReport {
                             source.write_noop();
                         }
                         daemon.spawn();
+                        if let Some(standby) = standby.as_mut() {
+                            standby.spawn();
+                        }
                         tokio::time::sleep(Duration::from_millis(300)).await;
                         source.set_oplog_capacity(1_000_000);
                     } else {
