@@ -530,6 +530,24 @@ impl Connected {
             control_tx,
             http_addr,
         } = self;
+        // Until the supervisor's own heartbeat takes over, the start-up steps (which retry
+        // transient failures for as long as they last) keep /healthz and the watchdog alive.
+        let startup_beat = {
+            let (heartbeat, stop) = (Arc::clone(heartbeat), CancellationToken::new());
+            let guard = stop.clone().drop_guard();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(500));
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tick.tick() => {
+                            heartbeat.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                }
+            });
+            guard
+        };
         let metadata_db = dest_client.database(&config.checkpoint.database);
         let dest_op_timeout = config.destination.socket_timeout();
         let mut checkpoints = CheckpointStore::new(&metadata_db, dest_op_timeout);
@@ -665,6 +683,7 @@ impl Connected {
         let supervisor = Supervisor::new(Arc::clone(&config), pipeline);
         let sup_heartbeat = Arc::clone(&supervisor.heartbeat);
         // The supervisor's own heartbeat drives /healthz and the watchdog.
+        drop(startup_beat);
         let beat_cancel = CancellationToken::new();
         {
             let (from, to, cancel) = (
