@@ -574,3 +574,53 @@ async fn an_active_that_cannot_renew_stops_writing_before_the_standby_takes_over
     assert_eq!(a.terminate().await, Some(0), "{}", a.logs());
     assert_eq!(b.terminate().await, Some(0), "{}", b.logs());
 }
+
+/// SIGTERM asks the active to drain; a slow drain keeps renewing the lease (it must not run
+/// out of its write deadline half-way and leave its checkpoints unwritten), then releases it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_drain_keeps_renewing_the_lease_until_it_hands_it_over() {
+    let c = Clusters::start().await;
+    seed(&c.src, "ha", "docs", 200).await;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a = instance(&c, dir_a.path(), "ha.*", "syncd-a");
+    wait_role(&a, "active", T).await;
+    let mut b = instance(&c, dir_b.path(), "ha.*", "syncd-b");
+    wait_role(&b, "standby", T).await;
+    wait_converged(&c, &[("ha", "docs")], T).await;
+    let (writer, stop) = versioned_writer(&c.src, "ha", "docs", 200);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The active's next writes (marks, data, checkpoints: all `update`) take 0.7 s each, so
+    // the batch it drains outlasts a renew period (1 s).
+    c.dest
+        .configure_fail_point(&doc! {
+            "configureFailPoint": "failCommand", "mode": {"times": 6},
+            "data": {"failCommands": ["update"], "appName": "syncd-a",
+                     "blockConnection": true, "blockTimeMS": 700},
+        })
+        .unwrap();
+    let asked = bson::DateTime::now();
+    a.signal("TERM");
+    assert_eq!(a.wait_exit(T).await, Some(0), "{}", a.logs());
+    wait_role(&b, "active", T).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
+    wait_converged(&c, &[("ha", "docs")], T).await;
+    let lease = c
+        .dst
+        .database("mongo_syncd")
+        .collection::<Document>("leases")
+        .find_one(doc! {})
+        .await
+        .unwrap()
+        .unwrap();
+    // A kept its lease through the drain (never fenced, never deposed) and released it: B took
+    // it after the SIGTERM, without waiting for it to expire.
+    let history = a.all_logs();
+    assert!(history.contains("lease released"), "{history}");
+    assert!(!history.contains("lost the lease"), "{history}");
+    assert!(!history.contains("destination write refused"), "{history}");
+    assert!(!b.all_logs().contains("took over an expired lease"));
+    let acquired_by_b = *lease.get_datetime("acquired_at").unwrap();
+    assert!(acquired_by_b > asked, "{lease}");
+    assert_eq!(b.terminate().await, Some(0), "{}", b.logs());
+}

@@ -362,7 +362,8 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
                 }
             };
             let term = shutdown.child_token();
-            let renewal = coordinator.spawn_renewal(&acquired, term.clone());
+            let stop_renewing = CancellationToken::new();
+            let renewal = coordinator.spawn_renewal(&acquired, term.clone(), stop_renewing.clone());
             let code = connected
                 .run_term(
                     config.clone(),
@@ -374,6 +375,7 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
                 )
                 .await;
             term.cancel();
+            stop_renewing.cancel();
             let end = renewal.await.unwrap_or(crate::ha::TermEnd::Stopped);
             if end != crate::ha::TermEnd::Stopped {
                 // Lost the lease: every write is already refused; wait for it again, with the

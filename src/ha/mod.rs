@@ -218,13 +218,15 @@ impl Coordinator {
         Ok(Some(acquired))
     }
 
-    /// Keeps the lease while `term` runs: renews every third of the lease and moves the write
+    /// Keeps the lease until `stop`: renews every third of the lease and moves the write
     /// deadline; when no renewal succeeds before the deadline, or another instance holds the
-    /// lease, refuses every write and cancels `term`.
+    /// lease, refuses every write and cancels `term`. `stop` is not the term's own token: a term
+    /// that was asked to end (SIGTERM) still drains and checkpoints, under a renewed lease.
     pub fn spawn_renewal(
         &self,
         acquired: &Acquired,
         term: CancellationToken,
+        stop: CancellationToken,
     ) -> tokio::task::JoinHandle<TermEnd> {
         let this = self.clone();
         let epoch = acquired.epoch;
@@ -235,7 +237,7 @@ impl Coordinator {
                 crate::fence::PROCESS.allow_until(deadline);
                 let next = (last_sent + this.renew_every()).max(Instant::now());
                 tokio::select! {
-                    _ = term.cancelled() => return TermEnd::Stopped,
+                    _ = stop.cancelled() => return TermEnd::Stopped,
                     _ = tokio::time::sleep_until(next.into()) => {}
                 }
                 let mut last_error = String::from(
@@ -247,7 +249,7 @@ impl Coordinator {
                         break None;
                     }
                     let attempt = tokio::select! {
-                        _ = term.cancelled() => return TermEnd::Stopped,
+                        _ = stop.cancelled() => return TermEnd::Stopped,
                         r = tokio::time::timeout(left, this.store.renew(epoch)) => r,
                     };
                     match attempt {
@@ -257,7 +259,7 @@ impl Coordinator {
                             tracing::warn!(error = %e, "cannot renew the lease; retrying until the write deadline");
                             last_error = e.to_string();
                             tokio::select! {
-                                _ = term.cancelled() => return TermEnd::Stopped,
+                                _ = stop.cancelled() => return TermEnd::Stopped,
                                 _ = tokio::time::sleep(this.poll_every().min(left)) => {}
                             }
                         }
