@@ -61,6 +61,31 @@ async fn wait_role(d: &Daemon, want: &'static str, timeout: Duration) {
     .await;
 }
 
+/// Two instances with `config`: the first active, the second a standby. The directories keep
+/// their configs and logs for as long as the test holds them.
+async fn active_and_standby(
+    c: &Clusters,
+    config: &str,
+) -> (Daemon, Daemon, tempfile::TempDir, tempfile::TempDir) {
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = instance_with(c, dir_a.path(), config, "syncd-a");
+    wait_role(&a, "active", T).await;
+    let b = instance_with(c, dir_b.path(), config, "syncd-b");
+    wait_role(&b, "standby", T).await;
+    (a, b, dir_a, dir_b)
+}
+
+/// Every (`_id`, older version, newer version seen before it) where a version decreased.
+fn version_regressions(seen: &[(i64, i64)]) -> Vec<(i64, i64, i64)> {
+    let mut latest: std::collections::HashMap<i64, i64> = Default::default();
+    seen.iter()
+        .filter_map(|&(id, v)| {
+            let before = latest.insert(id, v).unwrap_or(0);
+            (v < before).then_some((id, v, before))
+        })
+        .collect()
+}
+
 /// Counts the destination write commands sent by connections named `app` from now on (the
 /// fail point only delays them by a millisecond).
 fn count_writes_of(c: &Clusters, app: &str) {
@@ -193,13 +218,9 @@ async fn a_killed_active_is_replaced_during_the_copy_and_the_copy_resumes_from_i
                      "blockConnection": true, "blockTimeMS": 150},
         })
         .unwrap();
-    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     // One range lane: ranges finish (and are checkpointed) one after the other.
     let config = format!("{}\n[copy]\nparallel_ranges = 1\n", ha_config("ha.*"));
-    let mut a = instance_with(&c, dir_a.path(), &config, "syncd-a");
-    wait_role(&a, "active", T).await;
-    let mut b = instance_with(&c, dir_b.path(), &config, "syncd-b");
-    wait_role(&b, "standby", T).await;
+    let (mut a, mut b, _dir_a, _dir_b) = active_and_standby(&c, &config).await;
     let dst = c.dst.database("ha").collection::<Document>("big");
     let checkpoints = c
         .dst
@@ -260,11 +281,7 @@ async fn a_killed_active_is_replaced_during_the_copy_and_the_copy_resumes_from_i
 async fn sigterm_hands_the_lease_over_at_once() {
     let c = Clusters::start().await;
     seed(&c.src, "ha", "docs", 500).await;
-    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let mut a = instance(&c, dir_a.path(), "ha.*", "syncd-a");
-    wait_role(&a, "active", T).await;
-    let mut b = instance(&c, dir_b.path(), "ha.*", "syncd-b");
-    wait_role(&b, "standby", T).await;
+    let (mut a, mut b, _dir_a, _dir_b) = active_and_standby(&c, &ha_config("ha.*")).await;
     wait_converged(&c, &[("ha", "docs")], T).await;
     let (writer, stop) = versioned_writer(&c.src, "ha", "docs", 500);
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -331,11 +348,7 @@ fn record_destination_versions(
 async fn a_paused_active_steps_down_and_no_older_version_ever_lands() {
     let c = Clusters::start().await;
     seed(&c.src, "ha", "docs", 200).await;
-    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let mut a = instance(&c, dir_a.path(), "ha.*", "syncd-a");
-    wait_role(&a, "active", T).await;
-    let mut b = instance(&c, dir_b.path(), "ha.*", "syncd-b");
-    wait_role(&b, "standby", T).await;
+    let (mut a, mut b, _dir_a, _dir_b) = active_and_standby(&c, &ha_config("ha.*")).await;
     wait_converged(&c, &[("ha", "docs")], T).await;
     let (recorder, stop_recording) = record_destination_versions(&c.dst, "ha", "docs");
     let (writer, stop) = versioned_writer(&c.src, "ha", "docs", 200);
@@ -359,13 +372,8 @@ async fn a_paused_active_steps_down_and_no_older_version_ever_lands() {
         "only {} destination changes seen",
         seen.len()
     );
-    let mut latest: std::collections::HashMap<i64, i64> = Default::default();
-    for (id, v) in &seen {
-        let before = latest.insert(*id, *v).unwrap_or(0);
-        assert!(
-            *v >= before,
-            "document {id}: version {v} landed after {before} (of {last_version})"
-        );
+    if let Some((id, v, before)) = version_regressions(&seen).first() {
+        panic!("document {id}: version {v} landed after {before} (of {last_version})");
     }
     assert!(a.all_logs().contains("lost the lease"), "{}", a.all_logs());
     assert_eq!(role(&b).await, Some("active"));
@@ -404,11 +412,7 @@ async fn an_active_frozen_in_the_middle_of_its_copy_never_writes_what_it_read_be
                      "blockConnection": true, "blockTimeMS": 1000},
         })
         .unwrap();
-    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let mut a = instance(&c, dir_a.path(), "ha.*", "syncd-a");
-    wait_role(&a, "active", T).await;
-    let mut b = instance(&c, dir_b.path(), "ha.*", "syncd-b");
-    wait_role(&b, "standby", T).await;
+    let (mut a, mut b, _dir_a, _dir_b) = active_and_standby(&c, &ha_config("ha.*")).await;
     let (recorder, stop_recording) = record_destination_versions(&c.dst, "ha", "big");
     let (writer, stop) = versioned_writer(&c.src, "ha", "big", N);
     let dst = c.dst.database("ha").collection::<Document>("big");
@@ -435,14 +439,7 @@ async fn an_active_frozen_in_the_middle_of_its_copy_never_writes_what_it_read_be
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop_recording.store(true, std::sync::atomic::Ordering::Relaxed);
     let seen = recorder.await.unwrap();
-    let mut latest: std::collections::HashMap<i64, i64> = Default::default();
-    let mut regressions = Vec::new();
-    for (id, v) in &seen {
-        let before = latest.insert(*id, *v).unwrap_or(0);
-        if *v < before {
-            regressions.push((*id, before, *v));
-        }
-    }
+    let regressions = version_regressions(&seen);
     assert!(
         regressions.is_empty(),
         "{} older versions landed after newer ones, e.g. {:?}",
@@ -521,11 +518,7 @@ async fn a_rolling_restart_of_three_instances_under_load_loses_and_duplicates_no
 async fn an_active_that_cannot_renew_stops_writing_before_the_standby_takes_over() {
     let c = Clusters::start().await;
     seed(&c.src, "ha", "docs", 200).await;
-    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let mut a = instance(&c, dir_a.path(), "ha.*", "syncd-a");
-    wait_role(&a, "active", T).await;
-    let mut b = instance(&c, dir_b.path(), "ha.*", "syncd-b");
-    wait_role(&b, "standby", T).await;
+    let (mut a, mut b, _dir_a, _dir_b) = active_and_standby(&c, &ha_config("ha.*")).await;
     wait_converged(&c, &[("ha", "docs")], T).await;
     let (recorder, stop_recording) = record_destination_versions(&c.dst, "ha", "docs");
     let (writer, stop) = versioned_writer(&c.src, "ha", "docs", 200);
@@ -562,13 +555,8 @@ async fn an_active_that_cannot_renew_stops_writing_before_the_standby_takes_over
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop_recording.store(true, std::sync::atomic::Ordering::Relaxed);
     let seen = recorder.await.unwrap();
-    let mut latest: std::collections::HashMap<i64, i64> = Default::default();
-    for (id, v) in &seen {
-        let before = latest.insert(*id, *v).unwrap_or(0);
-        assert!(
-            *v >= before,
-            "document {id}: version {v} landed after {before}"
-        );
+    if let Some((id, v, before)) = version_regressions(&seen).first() {
+        panic!("document {id}: version {v} landed after {before}");
     }
     assert!(a.all_logs().contains("NotRenewed"), "{}", a.all_logs());
     assert_eq!(a.terminate().await, Some(0), "{}", a.logs());
@@ -581,11 +569,7 @@ async fn an_active_that_cannot_renew_stops_writing_before_the_standby_takes_over
 async fn a_slow_drain_keeps_renewing_the_lease_until_it_hands_it_over() {
     let c = Clusters::start().await;
     seed(&c.src, "ha", "docs", 200).await;
-    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let mut a = instance(&c, dir_a.path(), "ha.*", "syncd-a");
-    wait_role(&a, "active", T).await;
-    let mut b = instance(&c, dir_b.path(), "ha.*", "syncd-b");
-    wait_role(&b, "standby", T).await;
+    let (mut a, mut b, _dir_a, _dir_b) = active_and_standby(&c, &ha_config("ha.*")).await;
     wait_converged(&c, &[("ha", "docs")], T).await;
     let (writer, stop) = versioned_writer(&c.src, "ha", "docs", 200);
     tokio::time::sleep(Duration::from_millis(500)).await;
