@@ -8,12 +8,14 @@
 //!
 //! The permit is process-wide because every destination write of the process goes through
 //! `bounded_write`, and a process runs one daemon with `ha.enabled` (the lease owner names the
-//! process). Unarmed, it allows everything: instances without HA are not affected.
+//! process). Under `ha.partitions` it is the earliest deadline of the leases held. Unarmed, it
+//! allows everything: instances without HA are not affected.
 
 use std::{
+    collections::BTreeMap,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        OnceLock,
+        Mutex, OnceLock,
     },
     time::{Duration, Instant},
 };
@@ -21,11 +23,15 @@ use std::{
 /// The permit of this process.
 pub static PROCESS: Fence = Fence::new();
 
-/// A write deadline on the monotonic clock.
+/// A write deadline on the monotonic clock, the earliest of the deadlines of the leases
+/// (partitions) the process holds: a process that fails to renew one lease stops writing for
+/// all of them (they are renewed together, against the same destination).
 pub struct Fence {
     armed: AtomicBool,
-    /// Nanoseconds after [`origin`] before which writes are allowed.
+    /// Nanoseconds after [`origin`] before which writes are allowed (the earliest deadline).
     until: AtomicU64,
+    /// Per partition: nanoseconds after [`origin`] (0: revoked).
+    deadlines: Mutex<BTreeMap<u32, u64>>,
 }
 
 /// Writes are refused: this instance does not hold a live lease.
@@ -46,25 +52,46 @@ impl Fence {
         Fence {
             armed: AtomicBool::new(false),
             until: AtomicU64::new(0),
+            deadlines: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    fn update(&self, change: impl FnOnce(&mut BTreeMap<u32, u64>)) {
+        let mut deadlines = self.deadlines.lock().unwrap_or_else(|e| e.into_inner());
+        change(&mut deadlines);
+        // No lease held: nothing may be written.
+        let earliest = deadlines.values().copied().min().unwrap_or(0);
+        self.until.store(earliest, Ordering::SeqCst);
     }
 
     /// From now on writes need a deadline; none is granted yet.
     pub fn arm(&self) {
         let _ = origin();
-        self.until.store(0, Ordering::SeqCst);
+        self.update(BTreeMap::clear);
         self.armed.store(true, Ordering::SeqCst);
     }
 
-    /// Allows writes until `deadline` (a renewal moves it forward).
-    pub fn allow_until(&self, deadline: Instant) {
-        self.until
-            .store(nanos_since_origin(deadline), Ordering::SeqCst);
+    /// Allows writes until `deadline` as far as `partition` is concerned (a renewal moves it).
+    pub fn allow_until(&self, partition: u32, deadline: Instant) {
+        let at = nanos_since_origin(deadline).max(1);
+        self.update(|d| {
+            d.insert(partition, at);
+        });
     }
 
-    /// Refuses every write from now on (the lease is lost or released).
-    pub fn revoke(&self) {
-        self.until.store(0, Ordering::SeqCst);
+    /// Refuses every write from now on (the lease of `partition` is lost or being released)
+    /// until the partition is [`forget`](Self::forget)-ten.
+    pub fn revoke(&self, partition: u32) {
+        self.update(|d| {
+            d.insert(partition, 0);
+        });
+    }
+
+    /// `partition` no longer counts: its term has ended and its lease is given up.
+    pub fn forget(&self, partition: u32) {
+        self.update(|d| {
+            d.remove(&partition);
+        });
     }
 
     /// Ok when a write may be sent now.
@@ -103,11 +130,34 @@ mod tests {
         assert_eq!(fence.check(), Ok(()));
         fence.arm();
         assert_eq!(fence.check(), Err(Fenced), "armed without a deadline");
-        fence.allow_until(Instant::now() + Duration::from_secs(60));
+        fence.allow_until(0, Instant::now() + Duration::from_secs(60));
         assert_eq!(fence.check(), Ok(()));
         assert!(fence.remaining() > Duration::from_secs(59));
-        fence.revoke();
+        fence.revoke(0);
         assert_eq!(fence.check(), Err(Fenced));
+    }
+
+    #[test]
+    fn the_earliest_partition_deadline_decides_and_a_forgotten_one_no_longer_counts() {
+        let fence = Fence::new();
+        fence.arm();
+        fence.allow_until(0, Instant::now() + Duration::from_secs(60));
+        fence.allow_until(3, Instant::now() + Duration::from_secs(30));
+        assert!(fence.remaining() <= Duration::from_secs(30));
+        fence.revoke(3);
+        assert_eq!(
+            fence.check(),
+            Err(Fenced),
+            "one lost lease stops every write"
+        );
+        fence.forget(3);
+        assert_eq!(fence.check(), Ok(()), "the other lease still allows writes");
+        fence.forget(0);
+        assert_eq!(
+            fence.check(),
+            Err(Fenced),
+            "no lease held: nothing is written"
+        );
     }
 
     #[test]
@@ -115,7 +165,7 @@ mod tests {
         // A process paused past its deadline finds it passed when it runs again.
         let fence = Fence::new();
         fence.arm();
-        fence.allow_until(Instant::now() + Duration::from_millis(30));
+        fence.allow_until(0, Instant::now() + Duration::from_millis(30));
         assert_eq!(fence.check(), Ok(()));
         std::thread::sleep(Duration::from_millis(40));
         assert_eq!(fence.check(), Err(Fenced));

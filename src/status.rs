@@ -160,6 +160,34 @@ pub struct HaStatus {
     pub active_address: Option<String>,
     /// The last time the lease document was read or written successfully.
     pub lease_contact: Option<Instant>,
+    /// Under `ha.partitions` > 1: who holds which partition.
+    pub partitions: Option<PartitionsView>,
+}
+
+/// The partitions of a sync as this instance last saw them (`ha.partitions` > 1).
+#[derive(Debug, Clone)]
+pub struct PartitionsView {
+    pub partitioner: crate::ha::partition::Partitioner,
+    /// The partitions this instance runs, with their lease epochs.
+    pub held: std::collections::BTreeMap<u32, i64>,
+    /// Live holders of every partition (this instance included).
+    pub owners: std::collections::BTreeMap<u32, PartitionOwner>,
+    pub live_instances: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PartitionOwner {
+    pub instance: String,
+    pub address: Option<String>,
+    pub epoch: i64,
+}
+
+impl PartitionsView {
+    /// Where `ns` is synced, when not here: its partition and that partition's live holder.
+    pub fn elsewhere(&self, ns: &str) -> Option<(u32, Option<&PartitionOwner>)> {
+        let partition = self.partitioner.partition_of_ns(ns);
+        (!self.held.contains_key(&partition)).then(|| (partition, self.owners.get(&partition)))
+    }
 }
 
 /// A standby is not ready to take over when it has not reached the lease for this long.
@@ -264,6 +292,11 @@ impl StatusRegistry {
     /// True while this instance is a standby (HA on, lease held by another or nobody).
     pub fn is_standby(&self) -> bool {
         self.ha.read().as_ref().is_some_and(|h| h.role == "standby")
+    }
+
+    /// Forgets the namespaces `drop` says (a partition handed over or lost).
+    pub fn clear_namespaces_where(&self, drop: impl Fn(&str) -> bool) {
+        self.namespaces.write().retain(|ns, _| !drop(ns));
     }
 
     /// Forgets every namespace (a standby runs none).
@@ -407,6 +440,24 @@ impl StatusRegistry {
         }
         let states: Vec<String> = counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
         let role = match self.ha() {
+            Some(HaStatus {
+                partitions: Some(p),
+                ..
+            }) => {
+                if p.held.is_empty() {
+                    return format!(
+                        "standby (no partition of {}; {} live instances)",
+                        p.partitioner.count(),
+                        p.live_instances
+                    );
+                }
+                let held: Vec<String> = p.held.keys().map(u32::to_string).collect();
+                format!(
+                    "active (partitions {} of {}); ",
+                    held.join(","),
+                    p.partitioner.count()
+                )
+            }
             Some(h) if h.role == "standby" => {
                 return format!(
                     "standby (active: {})",
@@ -470,6 +521,12 @@ impl StatusRegistry {
                 "role": h.role, "instance": h.instance, "epoch": h.epoch,
                 "active_instance": h.active_instance, "active_address": h.active_address,
                 "lease_contact_seconds_ago": h.lease_contact.map(|at| at.elapsed().as_secs_f64()),
+                "partitions": h.partitions.as_ref().map(|p| json!({
+                    "count": p.partitioner.count(),
+                    "held": p.held.iter().map(|(p, e)| json!({"partition": p, "epoch": e})).collect::<Vec<_>>(),
+                    "owners": p.owners.iter().map(|(p, o)| json!({"partition": p, "instance": o.instance, "address": o.address, "epoch": o.epoch})).collect::<Vec<_>>(),
+                    "live_instances": p.live_instances,
+                })),
             })),
             "namespaces": namespaces,
         })

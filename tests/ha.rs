@@ -608,3 +608,221 @@ async fn a_slow_drain_keeps_renewing_the_lease_until_it_hands_it_over() {
     assert!(acquired_by_b > asked, "{lease}");
     assert_eq!(b.terminate().await, Some(0), "{}", b.logs());
 }
+
+/// The collections of the partition tests: enough that six partitions all get some.
+const PARTITIONED_COLLECTIONS: usize = 12;
+
+fn partitioned_config(partitions: u32) -> String {
+    format!("[sync]\nnamespaces = [\"part.*\"]\n\n[ha]\nenabled = true\nlease_seconds = {LEASE_SECONDS}\npartitions = {partitions}\n")
+}
+
+/// The partitions an instance says it holds, with their epochs (`None`: not answering).
+async fn held_partitions(d: &Daemon) -> Option<std::collections::BTreeMap<u64, i64>> {
+    let status = d.status().await?;
+    let held = status["ha"]["partitions"]["held"].as_array()?;
+    Some(
+        held.iter()
+            .filter_map(|h| Some((h["partition"].as_u64()?, h["epoch"].as_i64()?)))
+            .collect(),
+    )
+}
+
+/// Waits until `instances` hold `per_instance` partitions each, every partition exactly once;
+/// returns who holds what.
+async fn wait_balanced(
+    instances: &[&Daemon],
+    partitions: u64,
+    per_instance: usize,
+    what: &str,
+) -> Vec<std::collections::BTreeMap<u64, i64>> {
+    let mut last = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < T {
+        last.clear();
+        for d in instances {
+            last.push(held_partitions(d).await.unwrap_or_default());
+        }
+        let mut all: Vec<u64> = last.iter().flat_map(|h| h.keys().copied()).collect();
+        all.sort_unstable();
+        if last.iter().all(|h| h.len() == per_instance)
+            && all == (0..partitions).collect::<Vec<_>>()
+        {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let logs: Vec<String> = instances.iter().map(|d| d.all_logs()).collect();
+    panic!(
+        "{what}: not balanced after {T:?}: {last:?}\n{}",
+        logs.join("\n----\n")
+    );
+}
+
+/// Writes increasing versions to documents of every `part.cN` collection until stopped.
+fn partitioned_writer(
+    src: &Client,
+) -> (
+    tokio::task::JoinHandle<i64>,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let db = src.database("part");
+    let flag = std::sync::Arc::clone(&stop);
+    let task = tokio::spawn(async move {
+        let mut version = 0_i64;
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            version += 1;
+            let coll = version as usize % PARTITIONED_COLLECTIONS;
+            let id = (version / PARTITIONED_COLLECTIONS as i64) % 40;
+            db.collection::<Document>(&format!("c{coll}"))
+                .update_one(doc! {"_id": id}, doc! {"$set": {"v": version}})
+                .await
+                .unwrap();
+            if version % 20 == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        version
+    });
+    (task, stop)
+}
+
+/// Every destination change of database `part` as (collection × 1000 + `_id`, `v`).
+fn record_partitioned_versions(
+    dst: &Client,
+) -> (
+    tokio::task::JoinHandle<Vec<(i64, i64)>>,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = std::sync::Arc::clone(&stop);
+    let db = dst.database("part");
+    let task = tokio::spawn(async move {
+        let mut stream = db.watch().await.unwrap();
+        let mut seen = Vec::new();
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            let next = tokio::time::timeout(Duration::from_millis(200), stream.try_next()).await;
+            let Ok(Ok(Some(event))) = next else { continue };
+            let coll: Option<i64> = event
+                .ns
+                .as_ref()
+                .and_then(|ns| ns.coll.as_deref())
+                .and_then(|c| c.strip_prefix('c'))
+                .and_then(|n| n.parse().ok());
+            let id = event
+                .document_key
+                .as_ref()
+                .and_then(|k| k.get_i64("_id").ok());
+            let version = event
+                .update_description
+                .as_ref()
+                .and_then(|u| u.updated_fields.get("v").cloned())
+                .or_else(|| {
+                    event
+                        .full_document
+                        .as_ref()
+                        .and_then(|d| d.get("v").cloned())
+                });
+            if let (Some(coll), Some(id), Some(Bson::Int64(v))) = (coll, id, version) {
+                seen.push((coll * 1000 + id, v));
+            }
+        }
+        seen
+    });
+    (task, stop)
+}
+
+/// Three instances, six partitions: two each. SIGKILL one: its two partitions move to the
+/// survivors (three each) and the survivors' own partitions stay where they were, at the same
+/// epoch. Then a rolling restart of all three under load. The copy is exact at the end and no
+/// document's version ever goes back on the destination.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_instances_share_six_partitions_and_a_failure_moves_only_the_failed_ones() {
+    let c = Clusters::start().await;
+    for i in 0..PARTITIONED_COLLECTIONS {
+        seed(&c.src, "part", &format!("c{i}"), 200).await;
+    }
+    let config = partitioned_config(6);
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut instances: Vec<Daemon> = dirs
+        .iter()
+        .enumerate()
+        .map(|(i, dir)| instance_with(&c, dir.path(), &config, &format!("syncd-{i}")))
+        .collect();
+    let all: Vec<&Daemon> = instances.iter().collect();
+    wait_balanced(&all, 6, 2, "three instances started").await;
+    let namespaces: Vec<(String, String)> = (0..PARTITIONED_COLLECTIONS)
+        .map(|i| ("part".to_owned(), format!("c{i}")))
+        .collect();
+    let namespaces: Vec<(&str, &str)> = namespaces
+        .iter()
+        .map(|(d, c)| (d.as_str(), c.as_str()))
+        .collect();
+    wait_converged(&c, &namespaces, T).await;
+
+    let (recorder, stop_recording) = record_partitioned_versions(&c.dst);
+    let (writer, stop_writing) = partitioned_writer(&c.src);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let before: Vec<_> = {
+        let all: Vec<&Daemon> = instances.iter().collect();
+        wait_balanced(&all, 6, 2, "under load").await
+    };
+    instances[2].kill9();
+    let killed_at = Instant::now();
+    let after = {
+        let survivors: Vec<&Daemon> = instances[..2].iter().collect();
+        wait_balanced(&survivors, 6, 3, "after a kill").await
+    };
+    let moved_in = killed_at.elapsed();
+    for i in 0..2 {
+        for (partition, epoch) in &before[i] {
+            assert_eq!(
+                after[i].get(partition),
+                Some(epoch),
+                "instance {i} lost or re-took partition {partition} although it never failed: {before:?} → {after:?}"
+            );
+        }
+    }
+    for partition in before[2].keys() {
+        assert!(after.iter().any(|h| h.contains_key(partition)));
+    }
+    eprintln!("partitions of the killed instance moved in {moved_in:?}");
+    assert!(
+        moved_in < TAKEOVER_BOUND + Duration::from_secs(LEASE_SECONDS),
+        "the killed instance's partitions took {moved_in:?} to move"
+    );
+
+    // A rolling restart under load: the killed one comes back, then each of the others is
+    // stopped with SIGTERM and started again.
+    spawn(&mut instances[2], "syncd-2");
+    for round in [None, Some(0), Some(1)] {
+        if let Some(i) = round {
+            let d = &mut instances[i];
+            assert_eq!(d.terminate().await, Some(0), "{}", d.logs());
+            spawn(d, &format!("syncd-{i}"));
+        }
+        let all: Vec<&Daemon> = instances.iter().collect();
+        wait_balanced(&all, 6, 2, &format!("rolling restart, round {round:?}")).await;
+    }
+
+    stop_writing.store(true, std::sync::atomic::Ordering::Relaxed);
+    let versions = writer.await.unwrap();
+    assert!(versions > 500, "only {versions} writes");
+    wait_converged(&c, &namespaces, T).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop_recording.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = recorder.await.unwrap();
+    assert!(
+        seen.len() > 100,
+        "the destination recorded only {} changes",
+        seen.len()
+    );
+    assert_eq!(version_regressions(&seen), vec![], "older versions landed");
+    for d in &instances[..2] {
+        assert!(!d.all_logs().contains("lost the lease"), "{}", d.all_logs());
+    }
+    for d in &mut instances {
+        assert_eq!(d.terminate().await, Some(0), "{}", d.logs());
+    }
+}

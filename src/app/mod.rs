@@ -1,6 +1,7 @@
 //! Wiring: clients, metadata, supervisor, HTTP, signals, systemd notifications. Maps the
 //! outcome to an exit code (DESIGN §7).
 
+mod partitions;
 mod validate_command;
 
 use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
@@ -302,7 +303,7 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
             break 'run exit_code_for(&e);
         }
 
-        let connected = Connected {
+        let connected = Arc::new(Connected {
             source,
             dest_client,
             identity,
@@ -314,7 +315,7 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
             dest_hosts,
             control_tx: control_tx.clone(),
             http_addr,
-        };
+        });
         let watchdog_cancel = CancellationToken::new();
         let _stop_watchdog = watchdog_cancel.clone().drop_guard();
         notify::spawn_watchdog(
@@ -347,6 +348,24 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
             break 'run code;
         };
         notify::ready("connected; standby until the lease is acquired");
+        if config.ha.partitions > 1 {
+            if options.reset_identity {
+                tracing::error!("--reset-identity cannot run with ha.partitions > 1: other instances may be syncing; stop every instance and run one with ha.partitions = 1 to reset");
+                break 'run exit::INVALID_CONFIG;
+            }
+            let code = partitions::run(
+                Arc::clone(&connected),
+                coordinator,
+                config,
+                &mut control_rx,
+                shutdown.clone(),
+            )
+            .await;
+            if code == exit::OK {
+                tracing::info!("stopped cleanly");
+            }
+            break 'run code;
+        }
         let mut config = config;
         let mut reset_identity = options.reset_identity;
         loop {
@@ -508,6 +527,78 @@ impl Connected {
         self.status.clear_namespaces();
     }
 
+    /// The start-up checks of the destination's metadata: checkpoints left without an identity
+    /// record, and the source identity recorded there (DESIGN §2.10). `Ok(true)`: the identity
+    /// was reset and the checkpoints discarded; `Err`: the exit code (OK on shutdown).
+    async fn check_metadata(
+        &self,
+        config: &Config,
+        reset_identity: bool,
+        checkpoints: &CheckpointStore,
+        term: &CancellationToken,
+    ) -> Result<bool, u8> {
+        let Connected {
+            identity,
+            dest_client,
+            dest_hosts,
+            ..
+        } = self;
+        let metadata_db = dest_client.database(&config.checkpoint.database);
+        let metadata = Metadata::new(&metadata_db, config.destination.socket_timeout());
+        if !reset_identity {
+            // Metadata reads and writes at start-up retry transient errors like the connection
+            // checks above: a failover or a blip must not exit the daemon.
+            let orphans = || {
+                identity::check_orphan_checkpoints(
+                    &metadata_db,
+                    checkpoints,
+                    &config.sync.id,
+                    config.sync.on_destination_reset,
+                )
+            };
+            match retry_transient("destination", dest_hosts, term, orphans).await {
+                Ok(None) => return Err(exit::OK),
+                Ok(Some(false)) => {}
+                Ok(Some(true)) => {
+                    tracing::warn!("the destination's metadata was wiped under an earlier run (checkpoints without an identity record); discarded them, copying everything again (sync.on_destination_reset = \"recopy\")")
+                }
+                Err(e) if e.kind == ErrorKind::DestinationReset => {
+                    tracing::error!(error = %e, "refusing to start");
+                    return Err(exit::INVALID_CONFIG);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the metadata");
+                    return Err(exit_code_for(&e));
+                }
+            }
+        }
+        let mut reset = false;
+        let check = || metadata.check_identity(&config.sync.id, identity, reset_identity);
+        match retry_transient("destination", dest_hosts, term, check)
+            .await
+            .map(|c| c.ok_or(()))
+        {
+            Ok(Err(())) => return Err(exit::OK),
+            Ok(Ok(IdentityCheck::Recorded)) => {
+                tracing::info!(source = %identity.describe(), "source identity recorded")
+            }
+            Ok(Ok(IdentityCheck::Matches)) => {}
+            Ok(Ok(IdentityCheck::Reset)) => {
+                reset = true;
+                tracing::warn!(source = %identity.describe(), "source identity reset; discarding checkpoints and re-copying");
+                if let Err(e) = checkpoints.delete_all(&config.sync.id).await {
+                    tracing::error!(error = %e, "cannot discard checkpoints");
+                    return Err(exit_code_for(&e));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "refusing to start");
+                return Err(exit_code_for(&e));
+            }
+        }
+        Ok(reset)
+    }
+
     /// One active term: metadata checks, then the supervisor until `term` ends. `epoch`: the
     /// lease held (`ha.enabled`), which every checkpoint write is conditional on.
     async fn run_term(
@@ -556,7 +647,23 @@ impl Connected {
         if let Some(epoch) = epoch {
             // From here on a deposed owner's checkpoint writes meet our epoch and fail.
             checkpoints = checkpoints.with_epoch(epoch);
-            let stamp = || checkpoints.stamp_epoch(&config.sync.id);
+            let stamp = || async {
+                match config
+                    .ha
+                    .term_partition
+                    .filter(|_| config.ha.partitions > 1)
+                {
+                    Some(partition) => {
+                        let partitioner = config.partitioner();
+                        let owns = |ns: &str| partitioner.partition_of_ns(ns) == partition;
+                        let prefix = format!("p{partition}/");
+                        checkpoints
+                            .stamp_partition_epoch(&config.sync.id, owns, &prefix)
+                            .await
+                    }
+                    None => checkpoints.stamp_epoch(&config.sync.id).await,
+                }
+            };
             match retry_transient("destination", dest_hosts, &term, stamp).await {
                 Ok(Some(())) => {}
                 Ok(None) => return exit::OK,
@@ -567,57 +674,18 @@ impl Connected {
             }
         }
         let metadata = Metadata::new(&metadata_db, dest_op_timeout);
-        if !reset_identity {
-            // Metadata reads and writes at start-up retry transient errors like the connection
-            // checks above: a failover or a blip must not exit the daemon.
-            let orphans = || {
-                identity::check_orphan_checkpoints(
-                    &metadata_db,
-                    &checkpoints,
-                    &config.sync.id,
-                    config.sync.on_destination_reset,
-                )
-            };
-            match retry_transient("destination", dest_hosts, &term, orphans).await {
-                Ok(None) => return exit::OK,
-                Ok(Some(false)) => {}
-                Ok(Some(true)) => {
-                    tracing::warn!("the destination's metadata was wiped under an earlier run (checkpoints without an identity record); discarded them, copying everything again (sync.on_destination_reset = \"recopy\")")
-                }
-                Err(e) if e.kind == ErrorKind::DestinationReset => {
-                    tracing::error!(error = %e, "refusing to start");
-                    return exit::INVALID_CONFIG;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot read the metadata");
-                    return exit_code_for(&e);
-                }
+        // Under ha.partitions the instance checked the metadata once, before its first lease.
+        let reset = if config.ha.term_partition.is_some() && config.ha.partitions > 1 {
+            false
+        } else {
+            match self
+                .check_metadata(&config, reset_identity, &checkpoints, &term)
+                .await
+            {
+                Ok(reset) => reset,
+                Err(code) => return code,
             }
-        }
-        let mut reset = false;
-        let check = || metadata.check_identity(&config.sync.id, identity, reset_identity);
-        match retry_transient("destination", dest_hosts, &term, check)
-            .await
-            .map(|c| c.ok_or(()))
-        {
-            Ok(Err(())) => return exit::OK,
-            Ok(Ok(IdentityCheck::Recorded)) => {
-                tracing::info!(source = %identity.describe(), "source identity recorded")
-            }
-            Ok(Ok(IdentityCheck::Matches)) => {}
-            Ok(Ok(IdentityCheck::Reset)) => {
-                reset = true;
-                tracing::warn!(source = %identity.describe(), "source identity reset; discarding checkpoints and re-copying");
-                if let Err(e) = checkpoints.delete_all(&config.sync.id).await {
-                    tracing::error!(error = %e, "cannot discard checkpoints");
-                    return exit_code_for(&e);
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "refusing to start");
-                return exit_code_for(&e);
-            }
-        }
+        };
 
         let establish = || {
             IdentityWatch::establish(
@@ -666,6 +734,12 @@ impl Connected {
                     max_await: crate::worker::STREAM_MAX_AWAIT,
                     atomic_transactions: config.apply.transactions
                         == crate::config::TransactionMode::Atomic,
+                    watermark_prefix: config
+                        .ha
+                        .term_partition
+                        .filter(|_| config.ha.partitions > 1)
+                        .map(|p| format!("p{p}/"))
+                        .unwrap_or_default(),
                 },
                 source.clone(),
                 checkpoints.clone(),

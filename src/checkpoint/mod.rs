@@ -384,6 +384,54 @@ impl CheckpointStore {
         Ok(())
     }
 
+    /// [`stamp_epoch`](Self::stamp_epoch) for one partition (`ha.partitions`): only the
+    /// checkpoints and marks of the namespaces `owns` accepts, and the stream watermarks named
+    /// with `stream_prefix`. Other partitions' documents keep their owners' epochs.
+    pub async fn stamp_partition_epoch(
+        &self,
+        sync_id: &str,
+        owns: impl Fn(&str) -> bool,
+        stream_prefix: &str,
+    ) -> Result<(), SyncError> {
+        let Some(epoch) = self.epoch else {
+            return Ok(());
+        };
+        let older = doc! {"$or": [{"epoch": {"$lt": epoch}}, {"epoch": {"$exists": false}}]};
+        for (coll, field, handle) in [
+            (CHECKPOINTS_COLLECTION, "ns", &self.coll),
+            (APPLY_MARKS_COLLECTION, "ns", &self.marks),
+            (STREAM_CHECKPOINTS_COLLECTION, "stream", &self.streams),
+        ] {
+            let path = format!("_id.{field}");
+            let names = handle
+                .distinct(&path, doc! {"_id.sync_id": sync_id})
+                .await
+                .map_err(|e| checkpoint_error("listing checkpoints to stamp", e))?;
+            let owned: Vec<&str> = names
+                .iter()
+                .filter_map(Bson::as_str)
+                .filter(|name| match field {
+                    "stream" => name.starts_with(stream_prefix),
+                    _ => owns(name),
+                })
+                .collect();
+            if owned.is_empty() {
+                continue;
+            }
+            let mut filter = doc! {"_id.sync_id": sync_id, path: {"$in": owned}};
+            filter.extend(older.clone());
+            self.writes
+                .update_many(
+                    coll,
+                    filter,
+                    doc! {"$set": {"epoch": epoch}},
+                    "stamping a partition's checkpoints with the lease epoch",
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Persists the applied high-water mark of a batch before its writes are sent.
     pub async fn save_mark(&self, key: &CheckpointKey, mark: &ApplyMark) -> Result<(), SyncError> {
         let outcome = self

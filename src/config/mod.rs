@@ -764,10 +764,28 @@ pub struct HaConfig {
     /// How a deposed instance is kept from writing.
     #[serde(default)]
     pub fencing: FencingMode,
-    /// Namespaces split by a stable hash into this many leases (only 1 so far).
+    /// Namespaces split by a stable hash into this many leases; live instances share them.
     #[serde(default = "default_ha_partitions")]
     pub partitions: u32,
+    /// Namespaces placed in a chosen partition instead of by hash (the first match wins).
+    #[serde(default)]
+    pub partition_overrides: Vec<PartitionOverride>,
+    /// The one partition a term of this process syncs (set by the daemon, never by the file):
+    /// restricts the namespace filter and names the term's shared streams.
+    #[serde(skip)]
+    pub term_partition: Option<u32>,
 }
+
+/// `[[ha.partition_overrides]]`: namespaces matching `namespaces` belong to `partition`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartitionOverride {
+    pub namespaces: NamespacePattern,
+    pub partition: u32,
+}
+
+/// Largest `ha.partitions`: each is a lease renewed every third of `ha.lease_seconds`.
+pub const MAX_HA_PARTITIONS: u32 = 256;
 
 /// `ha.fencing`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
@@ -1150,13 +1168,22 @@ impl Config {
         Ok(config)
     }
 
-    /// Which source namespaces are synced.
+    /// Which source namespaces are synced (by this term, under `ha.partitions`).
     pub fn namespace_filter(&self) -> NamespaceFilter {
-        NamespaceFilter::new(
+        let filter = NamespaceFilter::new(
             self.sync.namespaces.clone(),
             self.sync.exclude.clone(),
             self.checkpoint.database.clone(),
-        )
+        );
+        match self.ha.term_partition {
+            Some(partition) => filter.within_partition(self.partitioner(), partition),
+            None => filter,
+        }
+    }
+
+    /// The namespace → partition function of `[ha]`.
+    pub fn partitioner(&self) -> crate::ha::partition::Partitioner {
+        crate::ha::partition::Partitioner::from_config(&self.ha)
     }
 
     /// Source → destination names.
@@ -1522,11 +1549,28 @@ impl Config {
                 "\"transaction\" is not supported yet; use \"lease\"".into(),
             );
         }
-        if ha.partitions != 1 {
+        if !(1..=MAX_HA_PARTITIONS).contains(&ha.partitions) {
             err(
                 "ha.partitions".into(),
-                "only 1 is supported so far (one lease for every namespace)".into(),
+                format!("must be between 1 and {MAX_HA_PARTITIONS}"),
             );
+        }
+        if ha.partitions > 1 && !ha.enabled {
+            err(
+                "ha.partitions".into(),
+                "needs ha.enabled = true (each partition is a lease)".into(),
+            );
+        }
+        for (i, o) in ha.partition_overrides.iter().enumerate() {
+            if o.partition >= ha.partitions {
+                err(
+                    format!("ha.partition_overrides[{i}].partition"),
+                    format!(
+                        "must be below ha.partitions ({}): partitions are numbered from 0",
+                        ha.partitions
+                    ),
+                );
+            }
         }
         if !ha.enabled {
             return;

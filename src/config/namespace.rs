@@ -174,6 +174,8 @@ pub struct NamespaceFilter {
     include: Vec<NamespacePattern>,
     exclude: Vec<NamespacePattern>,
     metadata_db: String,
+    /// Only the namespaces of this partition (a term under `ha.partitions`).
+    partition: Option<(crate::ha::partition::Partitioner, u32)>,
 }
 
 impl NamespaceFilter {
@@ -187,7 +189,18 @@ impl NamespaceFilter {
             include,
             exclude,
             metadata_db: metadata_db.into(),
+            partition: None,
         }
+    }
+
+    /// The same filter, restricted to the namespaces of `partition`.
+    pub fn within_partition(
+        mut self,
+        partitioner: crate::ha::partition::Partitioner,
+        partition: u32,
+    ) -> Self {
+        self.partition = Some((partitioner, partition));
+        self
     }
 
     /// Whether the source namespace `db.coll` is synced.
@@ -197,6 +210,10 @@ impl NamespaceFilter {
         }
         self.include.iter().any(|p| p.matches(db, coll))
             && !self.exclude.iter().any(|p| p.matches(db, coll))
+            && self
+                .partition
+                .as_ref()
+                .is_none_or(|(partitioner, p)| partitioner.partition_of(db, coll) == *p)
     }
 
     /// The include patterns.

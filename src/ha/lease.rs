@@ -20,6 +20,8 @@ pub const LEASES_COLLECTION: &str = "leases";
 #[derive(Clone)]
 pub struct LeaseStore {
     db: Database,
+    sync_id: String,
+    partition: u32,
     id: Document,
     owner: String,
     address: String,
@@ -65,6 +67,8 @@ impl LeaseStore {
     ) -> LeaseStore {
         LeaseStore {
             db: db.clone(),
+            sync_id: sync_id.to_owned(),
+            partition,
             id: doc! {"sync_id": sync_id, "partition": partition as i64},
             owner,
             address,
@@ -75,6 +79,27 @@ impl LeaseStore {
 
     pub fn owner(&self) -> &str {
         &self.owner
+    }
+
+    pub fn partition(&self) -> u32 {
+        self.partition
+    }
+
+    /// The same instance's store for another partition's lease.
+    pub fn for_partition(&self, partition: u32) -> LeaseStore {
+        LeaseStore {
+            partition,
+            id: doc! {"sync_id": self.sync_id.as_str(), "partition": partition as i64},
+            ..self.clone()
+        }
+    }
+
+    pub fn database(&self) -> &Database {
+        &self.db
+    }
+
+    pub fn sync_id(&self) -> &str {
+        &self.sync_id
     }
 
     pub fn lease(&self) -> Duration {
@@ -103,8 +128,10 @@ impl LeaseStore {
     }
 
     /// Takes the lease when it has expired by the destination's clock, was released, or is
-    /// already ours; `None` when another instance holds it.
-    pub async fn try_acquire(&self) -> Result<Option<Acquired>, SyncError> {
+    /// already ours; `None` when another instance holds it. The new epoch is above
+    /// `epoch_floor` too (under partitions, the highest epoch of any lease of the sync: a
+    /// namespace that changes partition meets only checkpoints stamped by lower epochs).
+    pub async fn try_acquire(&self, epoch_floor: i64) -> Result<Option<Acquired>, SyncError> {
         for _ in 0..2 {
             let sent = Instant::now();
             let reply = self
@@ -121,7 +148,7 @@ impl LeaseStore {
                         "update": [{"$set": {
                             "owner": self.owner.as_str(),
                             "address": self.address.as_str(),
-                            "epoch": {"$add": ["$epoch", 1_i64]},
+                            "epoch": {"$add": [{"$max": ["$epoch", epoch_floor]}, 1_i64]},
                             "released": false,
                             "acquired_at": "$$NOW",
                             "renewed_at": "$$NOW",
@@ -140,7 +167,7 @@ impl LeaseStore {
                         _ => None,
                     };
                     return Ok(Some(Acquired {
-                        epoch: before.epoch + 1,
+                        epoch: before.epoch.max(epoch_floor) + 1,
                         sent,
                         took_over_from,
                     }));
@@ -255,6 +282,58 @@ impl LeaseStore {
             .and_then(|b| b.first())
             .and_then(Bson::as_document)
             .map(holder_of))
+    }
+}
+
+/// One lease of a sync as the destination has it, judged live by the destination's clock.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PartitionLease {
+    pub partition: u32,
+    pub holder: Holder,
+    /// Held: not released and not expired.
+    pub live: bool,
+}
+
+impl LeaseStore {
+    /// Every lease of this sync (majority read), with its liveness by the server's clock.
+    pub async fn all(&self) -> Result<Vec<PartitionLease>, SyncError> {
+        let reply = self
+            .command(
+                doc! {
+                    "aggregate": LEASES_COLLECTION,
+                    "pipeline": [
+                        {"$match": {"_id.sync_id": self.sync_id.as_str()}},
+                        {"$addFields": {"live": {"$and": [
+                            {"$gt": ["$expires_at", "$$NOW"]},
+                            {"$ne": ["$released", true]},
+                        ]}}},
+                    ],
+                    "cursor": {"batchSize": 10_000},
+                    "readConcern": {"level": "majority"},
+                },
+                "reading the leases",
+            )
+            .await?;
+        Ok(reply
+            .get_document("cursor")
+            .ok()
+            .and_then(|c| c.get_array("firstBatch").ok())
+            .into_iter()
+            .flatten()
+            .filter_map(Bson::as_document)
+            .filter_map(|d| {
+                let partition = match d.get_document("_id").ok()?.get("partition")? {
+                    Bson::Int64(p) => u32::try_from(*p).ok()?,
+                    Bson::Int32(p) => u32::try_from(*p).ok()?,
+                    _ => return None,
+                };
+                Some(PartitionLease {
+                    partition,
+                    holder: holder_of(d),
+                    live: d.get_bool("live").unwrap_or(false),
+                })
+            })
+            .collect())
     }
 }
 

@@ -14,6 +14,8 @@
 //! write the old owner started before its deadline is dead before the new owner's first write.
 
 pub mod lease;
+pub mod members;
+pub mod partition;
 
 use std::{
     sync::Arc,
@@ -33,6 +35,9 @@ pub const LEASE_EPOCH: &str = "mongo_syncd_lease_epoch";
 /// `mongo_syncd_lease_losses_total`: active terms that ended because the lease could not be
 /// renewed in time or was taken over.
 pub const LEASE_LOSSES_TOTAL: &str = "mongo_syncd_lease_losses_total";
+/// `mongo_syncd_partitions_held`: partitions this instance syncs (`ha.partitions`; 1 while
+/// active with a single partition).
+pub const PARTITIONS_HELD: &str = "mongo_syncd_partitions_held";
 
 /// An instance's role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,6 +102,7 @@ struct RoleMetrics {
     role: IntGaugeVec,
     epoch: IntGauge,
     losses: IntCounter,
+    held: IntGauge,
 }
 
 impl RoleMetrics {
@@ -119,17 +125,25 @@ impl RoleMetrics {
             "Active terms ended because the lease was not renewed in time or was taken over.",
         )
         .expect("valid metric");
+        let held = IntGauge::new(
+            PARTITIONS_HELD,
+            "Partitions (leases) this instance holds and syncs under ha.enabled.",
+        )
+        .expect("valid metric");
         let _ = metrics.registry().register(Box::new(role.clone()));
         let _ = metrics.registry().register(Box::new(epoch.clone()));
         let _ = metrics.registry().register(Box::new(losses.clone()));
+        let _ = metrics.registry().register(Box::new(held.clone()));
         RoleMetrics {
             role,
             epoch,
             losses,
+            held,
         }
     }
 
     fn set(&self, role: Role, epoch: i64) {
+        self.held.set(i64::from(role == Role::Active));
         for r in [Role::Active, Role::Standby] {
             self.role
                 .with_label_values(&[r.as_str()])
@@ -147,6 +161,9 @@ pub struct Coordinator {
     write_bound: Duration,
     status: Arc<StatusRegistry>,
     metrics: RoleMetrics,
+    /// One of several partitions' leases: the instance's role is shown by the partition
+    /// manager, not by this coordinator.
+    partitioned: bool,
 }
 
 impl Coordinator {
@@ -161,14 +178,72 @@ impl Coordinator {
             write_bound,
             status,
             metrics: RoleMetrics::new(metrics),
+            partitioned: false,
         };
         crate::fence::PROCESS.arm();
         coordinator.show(Role::Standby, None, None);
         coordinator
     }
 
+    /// The coordinator of another partition's lease, for the same instance.
+    pub fn for_partition(&self, partition: u32) -> Coordinator {
+        Coordinator {
+            store: self.store.for_partition(partition),
+            partitioned: true,
+            ..self.clone()
+        }
+    }
+
     pub fn instance(&self) -> &str {
         self.store.owner()
+    }
+
+    pub fn partition(&self) -> u32 {
+        self.store.partition()
+    }
+
+    pub fn store(&self) -> &LeaseStore {
+        &self.store
+    }
+
+    /// `W`: how long a new owner of an expired lease waits before writing.
+    pub fn write_bound(&self) -> Duration {
+        self.write_bound
+    }
+
+    /// Shows the role of a partitioned instance: active while it holds any partition.
+    pub fn show_partitions(&self, view: crate::status::PartitionsView) {
+        let role = if view.held.is_empty() {
+            Role::Standby
+        } else {
+            Role::Active
+        };
+        let epoch = view.held.values().copied().max();
+        self.metrics.set(role, epoch.unwrap_or(0));
+        self.metrics.held.set(view.held.len() as i64);
+        self.status.set_ha(crate::status::HaStatus {
+            role: role.as_str(),
+            instance: self.store.owner().to_owned(),
+            epoch,
+            active_instance: None,
+            active_address: None,
+            lease_contact: Some(Instant::now()),
+            partitions: Some(view),
+        });
+    }
+
+    /// Takes this partition's lease when it is free, with an epoch above `epoch_floor`; the
+    /// caller waits [`write_bound`](Self::write_bound) before writing when it was taken over.
+    pub async fn acquire(
+        &self,
+        epoch_floor: i64,
+    ) -> Result<Option<Acquired>, crate::error::SyncError> {
+        let acquired = self.store.try_acquire(epoch_floor).await?;
+        if let Some(acquired) = &acquired {
+            crate::fence::PROCESS.allow_until(self.partition(), self.write_deadline(acquired.sent));
+            tracing::info!(partition = self.partition(), epoch = acquired.epoch, took_over_from = ?acquired.took_over_from, "partition lease acquired");
+        }
+        Ok(acquired)
     }
 
     fn renew_every(&self) -> Duration {
@@ -186,6 +261,9 @@ impl Coordinator {
     }
 
     fn show(&self, role: Role, epoch: Option<i64>, holder: Option<&Holder>) {
+        if self.partitioned {
+            return;
+        }
         self.metrics.set(role, epoch.unwrap_or(0));
         self.status.set_ha(crate::status::HaStatus {
             role: role.as_str(),
@@ -196,18 +274,19 @@ impl Coordinator {
                 .filter(|h| !h.released)
                 .and_then(|h| h.address.clone()),
             lease_contact: Some(Instant::now()),
+            partitions: None,
         });
     }
 
     /// One standby look at the lease: takes it when it is free. A lease taken over from a live
     /// owner (expired, not released) returns only after that owner's last write is dead.
     pub async fn try_take(&self) -> Result<Option<Acquired>, crate::error::SyncError> {
-        let Some(acquired) = self.store.try_acquire().await? else {
+        let Some(acquired) = self.store.try_acquire(0).await? else {
             let holder = self.store.holder().await?;
             self.show(Role::Standby, None, holder.as_ref());
             return Ok(None);
         };
-        crate::fence::PROCESS.allow_until(self.write_deadline(acquired.sent));
+        crate::fence::PROCESS.allow_until(self.partition(), self.write_deadline(acquired.sent));
         if let Some(previous) = &acquired.took_over_from {
             tracing::warn!(previous = %previous, epoch = acquired.epoch, wait_ms = self.write_bound.as_millis() as u64,
                 "took over an expired lease; waiting out the previous owner's last writes");
@@ -234,7 +313,7 @@ impl Coordinator {
         tokio::spawn(async move {
             let end = loop {
                 let deadline = this.write_deadline(last_sent);
-                crate::fence::PROCESS.allow_until(deadline);
+                crate::fence::PROCESS.allow_until(this.partition(), deadline);
                 let next = (last_sent + this.renew_every()).max(Instant::now());
                 tokio::select! {
                     _ = stop.cancelled() => return TermEnd::Stopped,
@@ -269,15 +348,17 @@ impl Coordinator {
                 match renewed {
                     Some(Ok(sent)) => {
                         last_sent = sent;
-                        this.status.touch_ha();
+                        if !this.partitioned {
+                            this.status.touch_ha();
+                        }
                     }
                     Some(Err(())) => break TermEnd::TakenOver,
                     None => break TermEnd::NotRenewed(last_error),
                 }
             };
-            crate::fence::PROCESS.revoke();
+            crate::fence::PROCESS.revoke(this.partition());
             this.metrics.losses.inc();
-            tracing::error!(epoch, reason = ?end, "lost the lease; stopped writing, stepping down to standby");
+            tracing::error!(epoch, partition = this.partition(), reason = ?end, "lost the lease; stopped writing, stepping down to standby");
             term.cancel();
             end
         })
@@ -286,20 +367,26 @@ impl Coordinator {
     /// Ends an active term: refuses further writes, then gives the lease up so a standby takes
     /// over at once.
     pub async fn release(&self, epoch: i64) {
-        crate::fence::PROCESS.revoke();
+        let partition = self.partition();
+        crate::fence::PROCESS.revoke(partition);
         match self.store.release(epoch).await {
-            Ok(true) => tracing::info!(epoch, "lease released"),
-            Ok(false) => tracing::info!(epoch, "lease already held by another instance"),
+            Ok(true) => tracing::info!(epoch, partition, "lease released"),
+            Ok(false) => tracing::info!(epoch, partition, "lease already held by another instance"),
             Err(e) => {
-                tracing::warn!(error = %e, "cannot release the lease; a standby takes over when it expires")
+                tracing::warn!(error = %e, partition, "cannot release the lease; a standby takes over when it expires")
             }
+        }
+        if self.partitioned {
+            // The term has ended: none of its writes is in flight; the other partitions'
+            // writes go on.
+            crate::fence::PROCESS.forget(partition);
         }
         self.show(Role::Standby, None, None);
     }
 
     /// Back to standby after a lost term.
     pub fn step_down(&self) {
-        crate::fence::PROCESS.revoke();
+        crate::fence::PROCESS.revoke(self.partition());
         self.show(Role::Standby, None, None);
     }
 }

@@ -348,9 +348,45 @@ fn parse_namespaces(body: &Bytes) -> Result<Vec<String>, ApiError> {
 }
 
 /// 409 naming the active instance when this one is a standby (DESIGN §2.12): a mutating
-/// request must go where the namespaces are synced.
-fn refuse_on_standby(s: &HttpState) -> Option<Response> {
-    let ha = s.status.ha().filter(|h| h.role == "standby")?;
+/// request must go where the namespaces are synced. Under `ha.partitions`, 409 naming the
+/// owner of every requested namespace this instance does not sync; a request for all
+/// namespaces applies to the partitions held here.
+fn refuse_elsewhere(s: &HttpState, body: &Bytes) -> Option<Response> {
+    let ha = s.status.ha()?;
+    if let Some(partitions) = &ha.partitions {
+        let namespaces = parse_namespaces(body).unwrap_or_default();
+        let elsewhere: serde_json::Map<String, serde_json::Value> = namespaces
+            .iter()
+            .filter_map(|ns| {
+                let (partition, owner) = partitions.elsewhere(ns)?;
+                Some((
+                    ns.clone(),
+                    json!({
+                        "partition": partition,
+                        "instance": owner.map(|o| o.instance.clone()),
+                        "address": owner.and_then(|o| o.address.clone()),
+                    }),
+                ))
+            })
+            .collect();
+        if elsewhere.is_empty() && !(namespaces.is_empty() && partitions.held.is_empty()) {
+            return None;
+        }
+        return Some(
+            (
+                StatusCode::CONFLICT,
+                Json(json!({
+                    "error": "these namespaces are synced by another instance (their partition is held there); send the request to it",
+                    "owners": elsewhere,
+                    "held_here": partitions.held.keys().collect::<Vec<_>>(),
+                })),
+            )
+                .into_response(),
+        );
+    }
+    if ha.role != "standby" {
+        return None;
+    }
     Some(
         (
             StatusCode::CONFLICT,
@@ -365,7 +401,7 @@ fn refuse_on_standby(s: &HttpState) -> Option<Response> {
 }
 
 async fn force_sync(State(s): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Some(refused) = refuse_on_standby(&s) {
+    if let Some(refused) = refuse_elsewhere(&s, &body) {
         return refused;
     }
     submit(&s, &headers, &body, |namespaces| Control::ForceSync {
@@ -376,7 +412,7 @@ async fn force_sync(State(s): State<HttpState>, headers: HeaderMap, body: Bytes)
 }
 
 async fn validate(State(s): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Some(refused) = refuse_on_standby(&s) {
+    if let Some(refused) = refuse_elsewhere(&s, &body) {
         return refused;
     }
     submit(&s, &headers, &body, |namespaces| Control::Validate {
@@ -389,7 +425,7 @@ async fn validate(State(s): State<HttpState>, headers: HeaderMap, body: Bytes) -
 /// namespaces the mass-delete guard paused (DESIGN §2.10). Each must be named (404 unknown, 409
 /// not paused by the guard); nothing is confirmed unless all are.
 async fn confirm(State(s): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Some(refused) = refuse_on_standby(&s) {
+    if let Some(refused) = refuse_elsewhere(&s, &body) {
         return refused;
     }
     if let Err(e) = authorize(&s, &headers) {

@@ -99,6 +99,9 @@ pub struct SharedStreamSettings {
     /// `apply.transactions = "atomic"`: readers group each source transaction's events for
     /// its member workers, and `auto` reads a deployment stream whatever the namespace count.
     pub atomic_transactions: bool,
+    /// Prefixed to the streams' names in their watermarks: each partition (`ha.partitions`)
+    /// has its own readers and watermarks.
+    pub watermark_prefix: String,
 }
 
 /// The daemon's stream plan and its shared readers.
@@ -474,6 +477,11 @@ impl Router {
         }
     }
 
+    /// The name of this stream's watermark document.
+    fn watermark_name(&self) -> String {
+        format!("{}{}", self.streams.settings.watermark_prefix, self.name)
+    }
+
     fn target(&self) -> StreamTarget<'_> {
         match &self.key {
             SharedStreamKey::Deployment => StreamTarget::Deployment,
@@ -496,7 +504,7 @@ impl Router {
         match self
             .streams
             .checkpoints
-            .load_stream(&sync_id, &self.name)
+            .load_stream(&sync_id, &self.watermark_name())
             .await
         {
             Ok(Some(w)) => {
@@ -915,7 +923,7 @@ impl Router {
         match self
             .streams
             .checkpoints
-            .save_stream(&sync_id, &self.name, &w)
+            .save_stream(&sync_id, &self.watermark_name(), &w)
             .await
         {
             Ok(()) => {
@@ -955,7 +963,7 @@ impl Router {
                     if let Err(err) = self
                         .streams
                         .checkpoints
-                        .delete_stream(&sync_id, &self.name)
+                        .delete_stream(&sync_id, &self.watermark_name())
                         .await
                     {
                         tracing::warn!(stream = %self.name, error = %err, "could not delete the lost watermark");
