@@ -166,6 +166,16 @@ pub async fn check_orphan_checkpoints(
     if stored.is_some() || checkpoints.list(sync_id).await?.is_empty() {
         return Ok(false);
     }
+    // Read again: another instance (ha) may have recorded the identity and written its first
+    // checkpoints between the two reads above.
+    let recorded_since = metadata_db
+        .collection::<Document>(IDENTITY_COLLECTION)
+        .find_one(doc! {"_id": sync_id})
+        .await
+        .map_err(|e| meta_error("reading the metadata identity", e))?;
+    if recorded_since.is_some() {
+        return Ok(false);
+    }
     match on_reset {
         OnDestinationReset::Stop => Err(SyncError::new(
             ErrorKind::DestinationReset,
@@ -240,15 +250,39 @@ impl IdentityWatch {
                 }
                 epoch
             }
-            Err(_) => ObjectId::new(),
+            Err(_) => {
+                // Several instances may start together (ha.partitions): the first epoch
+                // written wins and every one adopts it, or each would take the others' for a
+                // reset of the destination.
+                writes
+                    .update(
+                        IDENTITY_COLLECTION,
+                        doc! {"_id": sync_id, "epoch": {"$exists": false}},
+                        doc! {"$set": {"epoch": ObjectId::new()}},
+                        false,
+                        "recording the metadata epoch",
+                    )
+                    .await?;
+                identity
+                    .find_one(doc! {"_id": sync_id})
+                    .await
+                    .map_err(|e| meta_error("reading the metadata epoch", e))?
+                    .and_then(|d| d.get_object_id("epoch").ok())
+                    .ok_or_else(|| {
+                        SyncError::new(
+                            ErrorKind::DestinationWrite,
+                            "the metadata epoch was not recorded (the identity record is missing)",
+                        )
+                    })?
+            }
         };
         writes
             .update(
                 IDENTITY_COLLECTION,
                 doc! {"_id": sync_id},
-                doc! {"$set": {"epoch": epoch, "destination": observed_dest.identity.to_document()}},
+                doc! {"$set": {"destination": observed_dest.identity.to_document()}},
                 true,
-                "recording the metadata epoch",
+                "recording the destination's identity",
             )
             .await?;
         let (mismatch, resets) = register_metrics(metrics);

@@ -151,8 +151,37 @@ impl Metadata {
         };
         match stored {
             None => {
-                record().await?;
-                Ok(IdentityCheck::Recorded)
+                // Only if still absent: an instance starting at the same time (ha.partitions)
+                // may have recorded it, and a replacement would erase its metadata epoch.
+                let mut d = observed.to_document();
+                d.insert("recorded_at", DateTime::now());
+                self.writes
+                    .update(
+                        IDENTITY_COLLECTION,
+                        doc! {"_id": sync_id},
+                        doc! {"$setOnInsert": d},
+                        true,
+                        "recording source identity",
+                    )
+                    .await?;
+                let now = self
+                    .identity
+                    .find_one(doc! {"_id": sync_id})
+                    .await
+                    .map_err(|e| meta_error("reading source identity", e))?
+                    .unwrap_or_default();
+                if SourceIdentity::from_document(&now).matches(observed) {
+                    Ok(IdentityCheck::Recorded)
+                } else {
+                    Err(SyncError::new(
+                        ErrorKind::SourceIdentityMismatch,
+                        format!(
+                            "the source is {} but another instance of pipeline {sync_id:?} has just recorded {}",
+                            observed.describe(),
+                            SourceIdentity::from_document(&now).describe()
+                        ),
+                    ))
+                }
             }
             Some(d) if SourceIdentity::from_document(&d).matches(observed) => Ok(IdentityCheck::Matches),
             Some(_) if reset => {

@@ -279,6 +279,15 @@ impl Supervisor {
                             exit_code = exit::INVALID_CONFIG;
                             break;
                         }
+                        (Side::Destination, OnDestinationReset::Recopy) if self.config.ha.partitions > 1 => {
+                            // One instance cannot re-base the metadata under the others: each
+                            // would take the next one's new epoch for another reset.
+                            identity.count_reset(OnDestinationReset::Stop);
+                            tracing::error!(reason = %trip.reason, exit_code = exit::INVALID_CONFIG, "the destination was wiped or replaced; stopping: with ha.partitions > 1 a reset is not re-copied automatically (stop every instance, then run one with ha.partitions = 1 and --reset-identity, or with the metadata as it is now)");
+                            self.abort.cancel();
+                            exit_code = exit::INVALID_CONFIG;
+                            break;
+                        }
                         (Side::Destination, OnDestinationReset::Recopy) => {
                             if let Err(e) = self.recopy_destination().await {
                                 tracing::error!(error = %e, "cannot re-copy into the reset destination yet; retrying");

@@ -759,6 +759,11 @@ async fn three_instances_share_six_partitions_and_a_failure_moves_only_the_faile
         .map(|(d, c)| (d.as_str(), c.as_str()))
         .collect();
     wait_converged(&c, &namespaces, T).await;
+    for d in &instances {
+        assert_eq!(d.metric("mongo_syncd_partitions_held").await, Some(2.0));
+        assert_eq!(role(d).await, Some("active"));
+    }
+    requests_go_to_the_owner_of_the_namespace(&instances[0], &instances[1]).await;
 
     let (recorder, stop_recording) = record_partitioned_versions(&c.dst);
     let (writer, stop_writing) = partitioned_writer(&c.src);
@@ -824,5 +829,111 @@ async fn three_instances_share_six_partitions_and_a_failure_moves_only_the_faile
     }
     for d in &mut instances {
         assert_eq!(d.terminate().await, Some(0), "{}", d.logs());
+    }
+}
+
+/// A request naming a namespace of a partition another instance holds answers 409 with that
+/// instance's address; one naming a namespace held here goes on (here: 403, no token set).
+async fn requests_go_to_the_owner_of_the_namespace(here: &Daemon, owner: &Daemon) {
+    let status = owner.status().await.expect("status");
+    let theirs = status["namespaces"]
+        .as_object()
+        .and_then(|n| n.keys().next().cloned())
+        .expect("the owner syncs a namespace");
+    let ours = here.status().await.expect("status")["namespaces"]
+        .as_object()
+        .and_then(|n| n.keys().next().cloned())
+        .expect("this instance syncs a namespace");
+    let post = |d: &Daemon, ns: &str| {
+        let url = format!("http://{}/api/v1/validate", d.http);
+        let body = serde_json::json!({"namespaces": [ns]}).to_string();
+        async move {
+            let resp = reqwest::Client::new()
+                .post(url)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let code = resp.status().as_u16();
+            (
+                code,
+                resp.json::<serde_json::Value>().await.unwrap_or_default(),
+            )
+        }
+    };
+    // The instance's view of the owners is refreshed every poll (a second at most).
+    let owner_address = owner.http.to_string();
+    wait_until("a 409 naming the owner's address", T, || async {
+        let (code, body) = post(here, &theirs).await;
+        assert_eq!(code, 409, "{body}");
+        body["owners"][&theirs]["address"].as_str() == Some(owner_address.as_str())
+    })
+    .await;
+    let (code, body) = post(here, &ours).await;
+    assert_eq!(code, 403, "a namespace held here is not redirected: {body}");
+}
+
+/// Several instances of one sync starting at once on a fresh destination (partitions run
+/// concurrently) record one source identity and one metadata epoch, which every one of them
+/// then holds: none sees "the metadata epoch changed" and takes the destination for reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn instances_starting_together_agree_on_one_identity_and_metadata_epoch() {
+    use mongo_syncd::{
+        identity::{self, IdentityWatch},
+        metadata::Metadata,
+        metrics::Metrics,
+        source::Source,
+        status::StatusRegistry,
+    };
+    let c = Clusters::start().await;
+    let source = Source::new(c.src.clone(), None);
+    let expected = source.identity().await.unwrap();
+    let observed = identity::observe(&c.dst, mongo_syncd::error::ErrorKind::DestinationConnection)
+        .await
+        .unwrap();
+    let db = c.dst.database("mongo_syncd");
+    let checks = (0..8).map(|_| {
+        let (db, expected) = (db.clone(), expected.clone());
+        tokio::spawn(async move {
+            Metadata::new(&db, None)
+                .check_identity("default", &expected, false)
+                .await
+        })
+    });
+    for check in futures::future::join_all(checks).await {
+        check.unwrap().expect("every instance accepts the identity");
+    }
+    let watches = (0..8).map(|_| {
+        let (db, source, dst, expected, observed) = (
+            db.clone(),
+            source.clone(),
+            c.dst.clone(),
+            expected.clone(),
+            observed.clone(),
+        );
+        tokio::spawn(async move {
+            IdentityWatch::establish(
+                source,
+                dst,
+                &db,
+                None,
+                "default",
+                expected,
+                &observed,
+                &Metrics::new(10),
+                std::sync::Arc::new(StatusRegistry::default()),
+            )
+            .await
+        })
+    });
+    let watches: Vec<_> = futures::future::join_all(watches)
+        .await
+        .into_iter()
+        .map(|w| w.unwrap().expect("established"))
+        .collect();
+    for w in &watches {
+        w.verify_destination()
+            .await
+            .expect("every instance holds the recorded metadata epoch");
     }
 }

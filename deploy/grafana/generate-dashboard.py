@@ -505,6 +505,33 @@ ROWS = [
         ],
         collapsed=True,
     ),
+    row(
+        "High availability (ha.enabled)",
+        [
+            timeseries(
+                "Instances by role",
+                "Instances running with ha.enabled, by role. Exactly one should be active with one partition; with ha.partitions > 1, every live instance holding a partition is active. No active instance while standbys run means nothing is synced (alert MongoSyncdNoActiveInstance). Empty without ha.enabled.",
+                targets(("sum by (role) (mongo_syncd_role)", "{{role}}")),
+                w=8,
+            ),
+            timeseries(
+                "Partitions held per instance",
+                "Partitions (leases) each instance syncs. Balanced, each holds at most ceil(ha.partitions / live instances); after an instance fails its partitions move to the others within a lease. Empty without ha.enabled.",
+                targets(("sum by (instance) (mongo_syncd_partitions_held)", "{{instance}}")),
+                w=8,
+            ),
+            timeseries(
+                "Lease losses and epochs",
+                "Leases lost per interval (an active that could not renew in time or was taken over: its writes stopped) and the highest lease epoch per instance; the epoch grows with every change of owner. Empty without ha.enabled.",
+                targets(
+                    ("sum by (instance) (increase(mongo_syncd_lease_losses_total[$__rate_interval]))", "lost {{instance}}"),
+                    ("max by (instance) (mongo_syncd_lease_epoch)", "epoch {{instance}}"),
+                ),
+                w=8,
+            ),
+        ],
+        collapsed=True,
+    ),
 ]
 
 

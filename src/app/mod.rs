@@ -315,6 +315,8 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
             dest_hosts,
             control_tx: control_tx.clone(),
             http_addr,
+            shared_watch: std::sync::OnceLock::new(),
+            shared_budget: std::sync::OnceLock::new(),
         });
         let watchdog_cancel = CancellationToken::new();
         let _stop_watchdog = watchdog_cancel.clone().drop_guard();
@@ -435,6 +437,11 @@ struct Connected {
     dest_hosts: String,
     control_tx: mpsc::Sender<Control>,
     http_addr: std::net::SocketAddr,
+    /// Under `ha.partitions`: the one identity watch every partition's term shares (each term
+    /// holding its own would race on the metadata epoch).
+    shared_watch: std::sync::OnceLock<Arc<IdentityWatch>>,
+    /// Under `ha.partitions`: the read-ahead memory budget every partition's term shares.
+    shared_budget: std::sync::OnceLock<Arc<crate::source::buffer_budget::BufferBudget>>,
 }
 
 impl Connected {
@@ -599,6 +606,37 @@ impl Connected {
         Ok(reset)
     }
 
+    /// Records (or adopts) the destination's identity and metadata epoch and returns the
+    /// watch that keeps checking both; `Err`: the exit code (OK on shutdown).
+    async fn establish_watch(
+        &self,
+        config: &Config,
+        term: &CancellationToken,
+    ) -> Result<Arc<IdentityWatch>, u8> {
+        let metadata_db = self.dest_client.database(&config.checkpoint.database);
+        let establish = || {
+            IdentityWatch::establish(
+                self.source.clone(),
+                self.dest_client.clone(),
+                &metadata_db,
+                config.destination.socket_timeout(),
+                &config.sync.id,
+                self.identity.clone(),
+                &self.dest_seen,
+                &self.metrics,
+                Arc::clone(&self.status),
+            )
+        };
+        match retry_transient("destination", &self.dest_hosts, term, establish).await {
+            Ok(Some(w)) => Ok(w),
+            Ok(None) => Err(exit::OK),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot record the metadata epoch");
+                Err(exit_code_for(&e))
+            }
+        }
+    }
+
     /// One active term: metadata checks, then the supervisor until `term` ends. `epoch`: the
     /// lease held (`ha.enabled`), which every checkpoint write is conditional on.
     async fn run_term(
@@ -613,8 +651,6 @@ impl Connected {
         let Connected {
             source,
             dest_client,
-            identity,
-            dest_seen,
             metrics,
             status,
             heartbeat,
@@ -622,6 +658,7 @@ impl Connected {
             dest_hosts,
             control_tx,
             http_addr,
+            ..
         } = self;
         // Until the supervisor's own heartbeat takes over, the start-up steps (which retry
         // transient failures for as long as they last) keep /healthz and the watchdog alive.
@@ -675,7 +712,8 @@ impl Connected {
         }
         let metadata = Metadata::new(&metadata_db, dest_op_timeout);
         // Under ha.partitions the instance checked the metadata once, before its first lease.
-        let reset = if config.ha.term_partition.is_some() && config.ha.partitions > 1 {
+        let partitioned = config.ha.term_partition.is_some() && config.ha.partitions > 1;
+        let reset = if partitioned {
             false
         } else {
             match self
@@ -687,31 +725,25 @@ impl Connected {
             }
         };
 
-        let establish = || {
-            IdentityWatch::establish(
-                source.clone(),
-                dest_client.clone(),
-                &metadata_db,
-                dest_op_timeout,
-                &config.sync.id,
-                identity.clone(),
-                dest_seen,
+        let watch = match self.shared_watch.get() {
+            Some(shared) if partitioned => Arc::clone(shared),
+            _ => match self.establish_watch(&config, &term).await {
+                Ok(w) => w,
+                Err(code) => return code,
+            },
+        };
+        let new_budget = || {
+            crate::source::buffer_budget::BufferBudget::new(
+                config.apply.max_buffered_bytes as usize,
                 metrics,
-                Arc::clone(status),
             )
         };
-        let watch = match retry_transient("destination", dest_hosts, &term, establish).await {
-            Ok(Some(w)) => w,
-            Ok(None) => return exit::OK,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot record the metadata epoch");
-                return exit_code_for(&e);
-            }
+        // One memory budget for the process: the partitions' terms share it.
+        let buffer = if partitioned {
+            Arc::clone(self.shared_budget.get_or_init(new_budget))
+        } else {
+            new_budget()
         };
-        let buffer = crate::source::buffer_budget::BufferBudget::new(
-            config.apply.max_buffered_bytes as usize,
-            metrics,
-        );
         let pipeline = Pipeline {
             source: source.clone(),
             dest: dest_client.clone(),
@@ -778,7 +810,10 @@ impl Connected {
             });
         }
         let _stop_beat = beat_cancel.clone().drop_guard();
-        watch.spawn_periodic(beat_cancel.clone(), Arc::clone(reconnected));
+        if !partitioned {
+            // Under ha.partitions the instance runs the shared watch's periodic check.
+            watch.spawn_periodic(beat_cancel.clone(), Arc::clone(reconnected));
+        }
         notify::ready("connected; starting workers");
         tracing::info!(http = %http_addr, sync_id = %config.sync.id, "running");
         if let Some(tx) = on_ready.take() {

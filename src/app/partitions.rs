@@ -61,6 +61,8 @@ struct Manager {
     /// The destination's metadata was checked (once per instance, under its first lease:
     /// concurrent terms would race on an orphan check that discards every checkpoint).
     metadata_checked: bool,
+    /// Stops the shared identity watch's periodic check when the instance stops.
+    watch_cancel: CancellationToken,
 }
 
 /// Runs the partitioned instance until shutdown; returns the exit code.
@@ -84,7 +86,9 @@ pub(super) async fn run(
         look: Look::default(),
         layout_warned: false,
         metadata_checked: false,
+        watch_cancel: CancellationToken::new(),
     };
+    let _stop_watch = manager.watch_cancel.clone().drop_guard();
     let code = manager.run(control, &shutdown).await;
     manager.stop_all().await.max(code)
 }
@@ -271,9 +275,19 @@ impl Manager {
                 .database(&self.config.checkpoint.database),
             self.config.destination.socket_timeout(),
         );
+        // A wiped destination is not re-copied by one instance under the others (their
+        // checkpoints and epochs): it stops, whatever sync.on_destination_reset says.
+        let mut config = self.config.clone();
+        config.sync.on_destination_reset = crate::config::OnDestinationReset::Stop;
         self.connected
-            .check_metadata(&self.config, false, &checkpoints, shutdown)
+            .check_metadata(&config, false, &checkpoints, shutdown)
             .await?;
+        let watch = self.connected.establish_watch(&config, shutdown).await?;
+        watch.spawn_periodic(
+            self.watch_cancel.clone(),
+            Arc::clone(&self.connected.reconnected),
+        );
+        let _ = self.connected.shared_watch.set(watch);
         self.metadata_checked = true;
         Ok(())
     }

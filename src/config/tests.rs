@@ -1113,3 +1113,50 @@ fn a_collection_is_copied_in_a_documented_number_of_range_lanes() {
         assert_field(&err, "copy.parallel_ranges", "between 1 and 64");
     }
 }
+
+#[test]
+fn partitions_with_overrides_split_the_namespaces_and_a_term_sees_only_its_own() {
+    let mut config = load_ok(&with(
+        "socket_timeout_ms = 1000\n[ha]\nenabled = true\nlease_seconds = 3\npartitions = 4\n\
+         [[ha.partition_overrides]]\nnamespaces = \"app.orders\"\npartition = 3\n",
+    ));
+    let partitioner = config.partitioner();
+    assert_eq!(partitioner.count(), 4);
+    assert_eq!(partitioner.partition_of("app", "orders"), 3);
+    assert!(config.namespace_filter().matches("app", "orders"));
+    config.ha.term_partition = Some(3);
+    assert!(config.namespace_filter().matches("app", "orders"));
+    config.ha.term_partition = Some(2);
+    assert!(!config.namespace_filter().matches("app", "orders"));
+    let spread: std::collections::BTreeSet<u32> = (0..40)
+        .map(|i| partitioner.partition_of("app", &format!("c{i}")))
+        .collect();
+    assert_eq!(spread.len(), 4, "40 collections reach every partition");
+}
+
+#[test]
+fn partitions_need_ha_and_overrides_must_name_an_existing_partition() {
+    let err = load_err(&with("[ha]\npartitions = 2\n"));
+    assert_field(&err, "ha.partitions", "needs ha.enabled");
+    let err = load_err(&with(
+        "socket_timeout_ms = 1000\n[ha]\nenabled = true\nlease_seconds = 3\npartitions = 0\n",
+    ));
+    assert_field(&err, "ha.partitions", "between 1 and 256");
+    let err = load_err(&with(
+        "socket_timeout_ms = 1000\n[ha]\nenabled = true\nlease_seconds = 3\npartitions = 257\n",
+    ));
+    assert_field(&err, "ha.partitions", "between 1 and 256");
+    let err = load_err(&with(
+        "socket_timeout_ms = 1000\n[ha]\nenabled = true\nlease_seconds = 3\npartitions = 2\n\
+         [[ha.partition_overrides]]\nnamespaces = \"app.*\"\npartition = 2\n",
+    ));
+    assert_field(
+        &err,
+        "ha.partition_overrides[0].partition",
+        "below ha.partitions",
+    );
+    let err = load_err(&with(
+        "[ha]\n[[ha.partition_overrides]]\nnamespaces = \"app.*\"\npartition = 0\nweight = 2\n",
+    ));
+    assert!(err.to_string().contains("weight"), "{err}");
+}

@@ -28,16 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{metrics::Metrics, status::StatusRegistry};
 pub use lease::{Acquired, Holder, LeaseStore};
 
-/// `mongo_syncd_role{role}`: 1 for this instance's role (`active` or `standby`).
-pub const ROLE: &str = "mongo_syncd_role";
-/// `mongo_syncd_lease_epoch`: the epoch of the lease this instance holds (0 as a standby).
-pub const LEASE_EPOCH: &str = "mongo_syncd_lease_epoch";
-/// `mongo_syncd_lease_losses_total`: active terms that ended because the lease could not be
-/// renewed in time or was taken over.
-pub const LEASE_LOSSES_TOTAL: &str = "mongo_syncd_lease_losses_total";
-/// `mongo_syncd_partitions_held`: partitions this instance syncs (`ha.partitions`; 1 while
-/// active with a single partition).
-pub const PARTITIONS_HELD: &str = "mongo_syncd_partitions_held";
+pub use crate::metrics::{LEASE_EPOCH, LEASE_LOSSES_TOTAL, PARTITIONS_HELD, ROLE};
 
 /// An instance's role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

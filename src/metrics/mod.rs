@@ -53,6 +53,16 @@ pub const OTHER_NAMESPACE: &str = "_other";
 
 // ---- metric names (DESIGN §6) ----
 pub const BUILD_INFO: &str = "mongo_syncd_build_info";
+// High availability (`ha.enabled`; registered by `crate::ha`, absent otherwise).
+/// `mongo_syncd_role{role}`: 1 for this instance's role (`active` or `standby`).
+pub const ROLE: &str = "mongo_syncd_role";
+/// `mongo_syncd_lease_epoch`: the (highest) epoch of the leases this instance holds; 0 as a standby.
+pub const LEASE_EPOCH: &str = "mongo_syncd_lease_epoch";
+/// `mongo_syncd_lease_losses_total`: active terms that ended because a lease could not be
+/// renewed in time or was taken over.
+pub const LEASE_LOSSES_TOTAL: &str = "mongo_syncd_lease_losses_total";
+/// `mongo_syncd_partitions_held`: partitions (leases) this instance holds and syncs.
+pub const PARTITIONS_HELD: &str = "mongo_syncd_partitions_held";
 pub const LAG_SECONDS: &str = "mongo_syncd_lag_seconds";
 pub const APPLIED_THROUGH_TIMESTAMP_SECONDS: &str = "mongo_syncd_applied_through_timestamp_seconds";
 pub const SOURCE_CLUSTER_TIME_SECONDS: &str = "mongo_syncd_source_cluster_time_seconds";

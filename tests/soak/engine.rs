@@ -1013,18 +1013,17 @@ impl Daemon {
         dest: &SimHandle,
         scope: &str,
         batch_events: u64,
-        ha: bool,
+        ha: Option<u32>,
     ) -> Daemon {
         std::fs::create_dir_all(dir).unwrap();
         let port = free_port();
         // Two instances share the copy: a lease decides which one writes.
-        let (write_bound, ha) = if ha {
-            (
+        let (write_bound, ha) = match ha {
+            Some(partitions) => (
                 "socket_timeout_ms = 1000\n",
-                "[ha]\nenabled = true\nlease_seconds = 3\n\n",
-            )
-        } else {
-            ("", "")
+                format!("[ha]\nenabled = true\nlease_seconds = 3\npartitions = {partitions}\n\n"),
+            ),
+            None => ("", String::new()),
         };
         let (scope, transactions) = match scope {
             "atomic" => ("auto", "atomic"),
@@ -1080,6 +1079,15 @@ impl Daemon {
     }
 
     /// `active` or `standby` under `ha.enabled`, as its status says.
+    /// How many partitions the instance holds (`ha.partitions` > 1).
+    async fn held(&self) -> Option<usize> {
+        Some(
+            self.status().await?["ha"]["partitions"]["held"]
+                .as_array()?
+                .len(),
+        )
+    }
+
     async fn role(&self) -> Option<String> {
         self.status().await?["ha"]["role"]
             .as_str()
@@ -1334,6 +1342,13 @@ pub async fn run_round(opts: &Options, first: u64, count: u64) -> RoundReport {
     let dst = Client::with_uri_str(dest.uri()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let ha = schedule.iter().any(|(_, f)| f.needs_ha());
+    // Half the HA rounds split the namespaces into two partitions: both instances sync, and a
+    // fault moves the victim's partition to the other.
+    let partitions: u32 = if StdRng::seed_from_u64(first ^ 0x5eed_0a11).random_bool(0.5) {
+        2
+    } else {
+        1
+    };
     let mut daemon = Daemon::new(
         &opts.daemon_bin,
         dir.path(),
@@ -1341,7 +1356,7 @@ pub async fn run_round(opts: &Options, first: u64, count: u64) -> RoundReport {
         &dest,
         opts.scope_of(first),
         opts.batch_events_of(first),
-        ha,
+        ha.then_some(partitions),
     );
     // With HA faults the round runs a second instance; `daemon` is kept the active one.
     let mut standby = ha.then(|| {
@@ -1352,7 +1367,7 @@ pub async fn run_round(opts: &Options, first: u64, count: u64) -> RoundReport {
             &dest,
             opts.scope_of(first),
             opts.batch_events_of(first),
-            true,
+            Some(partitions),
         )
     });
     let fault_log: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(
@@ -1500,16 +1515,27 @@ pub async fn run_round(opts: &Options, first: u64, count: u64) -> RoundReport {
                         std::mem::swap(&mut daemon, standby);
                     }
                     standby.spawn();
-                    wait_role(standby, "standby", HA_TAKEOVER_WAIT).await;
-                    daemon.spawn();
-                    wait_role(&daemon, "active", HA_TAKEOVER_WAIT).await;
+                    if partitions > 1 {
+                        // Both sync a share of the partitions before the fault.
+                        daemon.spawn();
+                        wait_held(&daemon, 1, HA_TAKEOVER_WAIT).await;
+                        wait_held(standby, 1, HA_TAKEOVER_WAIT).await;
+                    } else {
+                        wait_role(standby, "standby", HA_TAKEOVER_WAIT).await;
+                        daemon.spawn();
+                        wait_role(&daemon, "active", HA_TAKEOVER_WAIT).await;
+                    }
                     match f {
                         Fault::HaKill => daemon.kill9(),
                         Fault::HaPause => daemon.signal("STOP"),
                         _ => daemon.terminate().await,
                     }
                     let fired = Instant::now();
-                    let took_over = wait_role(standby, "active", HA_TAKEOVER_WAIT).await;
+                    let took_over = if partitions > 1 {
+                        wait_held(standby, partitions as usize, HA_TAKEOVER_WAIT).await
+                    } else {
+                        wait_role(standby, "active", HA_TAKEOVER_WAIT).await
+                    };
                     fault_log.lock().push(format!(
                         "{:?}: standby active: {took_over} after {:?}",
                         t0.elapsed(),
@@ -1600,7 +1626,25 @@ pub async fn run_round(opts: &Options, first: u64, count: u64) -> RoundReport {
             last_reason = format!("daemon exited with {code:?}");
             break false;
         }
-        match daemon.status().await {
+        let status = match standby.as_ref().filter(|_| partitions > 1) {
+            // Partitioned: each instance reports the namespaces of its own partitions.
+            Some(other) => match (daemon.status().await, other.status().await) {
+                (Some(mut mine), Some(theirs)) => {
+                    if let (Some(m), Some(t)) = (
+                        mine["namespaces"].as_object_mut(),
+                        theirs["namespaces"].as_object(),
+                    ) {
+                        for (ns, v) in t {
+                            m.entry(ns.clone()).or_insert_with(|| v.clone());
+                        }
+                    }
+                    Some(mine)
+                }
+                (one, None) | (None, one) => one,
+            },
+            None => daemon.status().await,
+        };
+        match status {
             Some(st) => {
                 let behind: Vec<String> = source_namespaces
                     .iter()
@@ -1731,6 +1775,18 @@ async fn wait_role(d: &Daemon, role: &str, bound: Duration) -> bool {
     let started = Instant::now();
     while started.elapsed() < bound {
         if d.role().await.as_deref() == Some(role) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// Waits until `d` holds at least `n` partitions (`ha.partitions` > 1), at most `bound`.
+async fn wait_held(d: &Daemon, n: usize, bound: Duration) -> bool {
+    let started = Instant::now();
+    while started.elapsed() < bound {
+        if d.held().await.is_some_and(|held| held >= n) {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
