@@ -167,7 +167,7 @@ pub struct HaStatus {
 /// The partitions of a sync as this instance last saw them (`ha.partitions` > 1).
 #[derive(Debug, Clone)]
 pub struct PartitionsView {
-    pub partitioner: crate::ha::partition::Partitioner,
+    pub partitioner: crate::config::partition::Partitioner,
     /// The partitions this instance runs, with their lease epochs.
     pub held: std::collections::BTreeMap<u32, i64>,
     /// Live holders of every partition (this instance included).

@@ -937,3 +937,66 @@ async fn instances_starting_together_agree_on_one_identity_and_metadata_epoch() 
             .expect("every instance holds the recorded metadata epoch");
     }
 }
+
+/// Partitions read shared change streams of their own: with `stream_scope = "deployment"` each
+/// partition's term keeps its watermark under its own name (`p<N>/deployment`), and a partition
+/// handed over resumes from it on the other instance, exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_partition_reads_its_own_shared_stream_and_its_watermark_moves_with_it() {
+    let c = Clusters::start().await;
+    for i in 0..8 {
+        seed(&c.src, "part", &format!("c{i}"), 100).await;
+    }
+    let config = format!(
+        "[source]\nstream_scope = \"deployment\"\n\n{}",
+        partitioned_config(4)
+    );
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = instance_with(&c, dir_a.path(), &config, "syncd-a");
+    let mut b = instance_with(&c, dir_b.path(), &config, "syncd-b");
+    wait_balanced(&[&a, &b], 4, 2, "two instances").await;
+    let namespaces: Vec<(String, String)> = (0..8)
+        .map(|i| ("part".to_owned(), format!("c{i}")))
+        .collect();
+    let namespaces: Vec<(&str, &str)> = namespaces
+        .iter()
+        .map(|(d, c)| (d.as_str(), c.as_str()))
+        .collect();
+    let (writer, stop_writing) = partitioned_writer(&c.src);
+    let watermarks = c
+        .dst
+        .database("mongo_syncd")
+        .collection::<Document>("stream_checkpoints");
+    let names = || async {
+        let mut names: Vec<String> = watermarks
+            .distinct("_id.stream", doc! {})
+            .await
+            .unwrap()
+            .into_iter()
+            .filter_map(|b| b.as_str().map(str::to_owned))
+            .collect();
+        names.sort();
+        names
+    };
+    wait_until("every partition saved its own watermark", T, || async {
+        names().await
+            == vec![
+                "p0/deployment".to_owned(),
+                "p1/deployment".to_owned(),
+                "p2/deployment".to_owned(),
+                "p3/deployment".to_owned(),
+            ]
+    })
+    .await;
+    assert_eq!(b.terminate().await, Some(0), "{}", b.logs());
+    wait_balanced(&[&a], 4, 4, "after a handover").await;
+    stop_writing.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
+    wait_converged(&c, &namespaces, T).await;
+    let logs = a.all_logs();
+    assert!(
+        logs.contains("shared change stream resumes from its watermark"),
+        "the partitions taken over did not resume from their watermarks:\n{logs}"
+    );
+    assert!(!names().await.contains(&"deployment".to_owned()));
+}

@@ -17,11 +17,10 @@ use tokio_util::sync::CancellationToken;
 use super::Connected;
 use crate::{
     checkpoint::CheckpointStore,
-    config::Config,
+    config::{partition::Partitioner, Config},
     exit,
     ha::{
         members::{fair_share, Members},
-        partition::Partitioner,
         Acquired, Coordinator, TermEnd,
     },
     status::{PartitionOwner, PartitionsView},

@@ -9,6 +9,7 @@
 
 pub mod load;
 pub mod namespace;
+pub mod partition;
 pub mod secret;
 
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
@@ -1182,8 +1183,8 @@ impl Config {
     }
 
     /// The namespace → partition function of `[ha]`.
-    pub fn partitioner(&self) -> crate::ha::partition::Partitioner {
-        crate::ha::partition::Partitioner::from_config(&self.ha)
+    pub fn partitioner(&self) -> partition::Partitioner {
+        partition::Partitioner::from_config(&self.ha)
     }
 
     /// Source → destination names.

@@ -175,7 +175,7 @@ pub struct NamespaceFilter {
     exclude: Vec<NamespacePattern>,
     metadata_db: String,
     /// Only the namespaces of this partition (a term under `ha.partitions`).
-    partition: Option<(crate::ha::partition::Partitioner, u32)>,
+    partition: Option<(super::partition::Partitioner, u32)>,
 }
 
 impl NamespaceFilter {
@@ -196,7 +196,7 @@ impl NamespaceFilter {
     /// The same filter, restricted to the namespaces of `partition`.
     pub fn within_partition(
         mut self,
-        partitioner: crate::ha::partition::Partitioner,
+        partitioner: super::partition::Partitioner,
         partition: u32,
     ) -> Self {
         self.partition = Some((partitioner, partition));

@@ -15,7 +15,6 @@
 
 pub mod lease;
 pub mod members;
-pub mod partition;
 
 use std::{
     sync::Arc,

@@ -4,9 +4,9 @@
 //! count, unless a `ha.partition_overrides` entry names the namespace (the first match wins).
 //! Stable means: the same on every host, every build and every release — instances that
 //! disagree would both sync, or neither, a namespace. The layout (count and overrides) is
-//! published by every instance so a disagreement is seen and refused (see `members`).
+//! published by every instance so a disagreement is seen and refused (see `crate::ha::members`).
 
-use crate::config::{namespace::NamespacePattern, HaConfig};
+use super::{namespace::NamespacePattern, HaConfig};
 
 /// The namespace → partition function of one configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
