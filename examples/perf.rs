@@ -23,8 +23,9 @@
 //!
 //! The machine is shared and the simulator is the limit: read the ratios, not the absolutes.
 //!
-//! `--ha` also drains the same backlog again with `ha.enabled` (lease fencing) and prints its ratio
-//! to the ceiling and to the drain without HA.
+//! `--ha` also drains the same backlog again with `ha.enabled`, once with `ha.fencing = "lease"`
+//! and once with `"transaction"`, and prints each one's ratio to the ceiling and to the drain
+//! without HA.
 //! `--spread N` runs the copy and the drain over N collections (the same totals);
 //! `--latency 2000,5000` measures replication latency at those write rates;
 //! `--memory K` measures peak RSS with a blocked destination and K backlogged namespaces.
@@ -164,7 +165,8 @@ fn start_daemon_with(
 
 /// The default daemon with `ha.enabled` (lease fencing, a 15 s lease, every destination write
 /// bounded by a 5 s socket timeout): the cost of HA, side by side with [`start_daemon`].
-fn start_daemon_ha(bin: &Path, dir: &Path, source: &str, dest: &str) -> Daemon {
+/// `fencing`: `ha.fencing`, `lease` or `transaction`.
+fn start_daemon_ha(bin: &Path, dir: &Path, source: &str, dest: &str, fencing: &str) -> Daemon {
     spawn_daemon(
         bin,
         dir,
@@ -172,7 +174,7 @@ fn start_daemon_ha(bin: &Path, dir: &Path, source: &str, dest: &str) -> Daemon {
         dest,
         &format!("\"{DB}.{COLL}\""),
         "auto",
-        "[ha]\nenabled = true\nlease_seconds = 15\n",
+        &format!("[ha]\nenabled = true\nlease_seconds = 15\nfencing = \"{fencing}\"\n"),
     )
 }
 
@@ -930,29 +932,29 @@ async fn main() {
     let drain = rate(events, started.elapsed());
     daemon.stop().await;
 
-    // `--ha`: the same backlog again, drained by the daemon with `ha.enabled`.
-    let drain_ha = if args.iter().any(|a| a == "--ha") {
-        let statements: Vec<Document> = (0..events)
-            .map(|k| doc! {"q": {"_id": event_id(k, docs)}, "u": {"$inc": {"visits": 1}}})
-            .collect();
-        bulk_update(&src, COLL, statements).await;
-        let applied_before = events as f64;
-        let daemon = start_daemon_ha(&daemon_bin, work.path(), &source_uri, &dest_uri);
-        let started = Instant::now();
-        // A new process: its counter starts at 0.
-        daemon
-            .wait_metric(
-                "mongo_syncd_events_applied_total",
-                applied_before,
-                Duration::from_secs(600),
-            )
-            .await;
-        let rate_ha = rate(events, started.elapsed());
-        daemon.stop().await;
-        Some(rate_ha)
-    } else {
-        None
-    };
+    // `--ha`: the same backlog again, drained by the daemon with `ha.enabled`, once per
+    // fencing mode.
+    let mut drains_ha = Vec::new();
+    if args.iter().any(|a| a == "--ha") {
+        for fencing in ["lease", "transaction"] {
+            let statements: Vec<Document> = (0..events)
+                .map(|k| doc! {"q": {"_id": event_id(k, docs)}, "u": {"$inc": {"visits": 1}}})
+                .collect();
+            bulk_update(&src, COLL, statements).await;
+            let daemon = start_daemon_ha(&daemon_bin, work.path(), &source_uri, &dest_uri, fencing);
+            let started = Instant::now();
+            // A new process: its counter starts at 0.
+            daemon
+                .wait_metric(
+                    "mongo_syncd_events_applied_total",
+                    events as f64,
+                    Duration::from_secs(600),
+                )
+                .await;
+            drains_ha.push((fencing, rate(events, started.elapsed())));
+            daemon.stop().await;
+        }
+    }
 
     // The naive loop: one acknowledged write per event.
     let naive_coll = dst.database(DB).collection::<Document>("ceiling_drain");
@@ -986,9 +988,9 @@ async fn main() {
         "| mongo-syncd drain, 1 collection | {drain:.0} | {:.2}× the ceiling (target ≥ 0.9) |",
         drain / drain_ceiling
     );
-    if let Some(drain_ha) = drain_ha {
+    for (fencing, drain_ha) in drains_ha {
         println!(
-            "| mongo-syncd drain with ha.enabled (lease fencing) | {drain_ha:.0} | {:.2}× the ceiling, {:.2}× the drain without |",
+            "| mongo-syncd drain with ha.enabled, ha.fencing = \"{fencing}\" | {drain_ha:.0} | {:.2}× the ceiling, {:.2}× the drain without |",
             drain_ha / drain_ceiling,
             drain_ha / drain
         );

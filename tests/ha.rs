@@ -346,13 +346,39 @@ fn record_destination_versions(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_paused_active_steps_down_and_no_older_version_ever_lands() {
+    paused_active_steps_down_and_no_older_version_lands(&ha_config("ha.*")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn under_transaction_fencing_a_paused_active_steps_down_and_no_older_version_ever_lands() {
+    let config = format!("{}fencing = \"transaction\"\n", ha_config("ha.*"));
+    let commits = paused_active_steps_down_and_no_older_version_lands(&config).await;
+    assert!(
+        commits > 0,
+        "the active wrote no batch in a destination transaction"
+    );
+}
+
+/// SIGSTOP the active past its lease while a writer writes increasing versions; the standby
+/// takes over and applies newer versions; SIGCONT the old one: it steps down, and no
+/// document's version ever goes back on the destination.
+/// Returns how many destination transactions the first active committed while streaming.
+async fn paused_active_steps_down_and_no_older_version_lands(config: &str) -> i64 {
     let c = Clusters::start().await;
     seed(&c.src, "ha", "docs", 200).await;
-    let (mut a, mut b, _dir_a, _dir_b) = active_and_standby(&c, &ha_config("ha.*")).await;
+    let (mut a, mut b, _dir_a, _dir_b) = active_and_standby(&c, config).await;
     wait_converged(&c, &[("ha", "docs")], T).await;
     let (recorder, stop_recording) = record_destination_versions(&c.dst, "ha", "docs");
     let (writer, stop) = versioned_writer(&c.src, "ha", "docs", 200);
+    c.dest
+        .configure_fail_point(&doc! {
+            "configureFailPoint": "failCommand", "mode": "alwaysOn",
+            "data": {"failCommands": ["commitTransaction"], "appName": "syncd-a",
+                     "blockConnection": true, "blockTimeMS": 1},
+        })
+        .unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
+    let commits = writes_counted(&c);
 
     a.signal("STOP");
     wait_role(&b, "active", TAKEOVER_BOUND + Duration::from_secs(5)).await;
@@ -379,6 +405,7 @@ async fn a_paused_active_steps_down_and_no_older_version_ever_lands() {
     assert_eq!(role(&b).await, Some("active"));
     assert_eq!(a.terminate().await, Some(0), "{}", a.logs());
     assert_eq!(b.terminate().await, Some(0), "{}", b.logs());
+    commits
 }
 
 #[tokio::test]
@@ -999,4 +1026,101 @@ async fn each_partition_reads_its_own_shared_stream_and_its_watermark_moves_with
         "the partitions taken over did not resume from their watermarks:\n{logs}"
     );
     assert!(!names().await.contains(&"deployment".to_owned()));
+}
+
+/// `ha.fencing = "transaction"`: the batch of a deposed owner that reaches the destination
+/// only after the new owner stamped the checkpoints (a process paused between its deadline
+/// check and its send, a packet held in the network) is refused as a whole, data included:
+/// the transaction's checkpoint write no longer matches. The same batch written per document
+/// (what lease fencing relies on timing to prevent) would have put an older version back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn under_transaction_fencing_a_batch_arriving_after_a_takeover_never_lands() {
+    use mongo_syncd::{
+        apply::{conflict::ConflictSettings, Applier},
+        checkpoint::{Checkpoint, CheckpointKey, CheckpointStore},
+        config::UpdateMode,
+        metadata::Metadata,
+        metrics::Metrics,
+        model::event::ChangeEvent,
+        source::{Namespace, Source},
+    };
+    let c = Clusters::start().await;
+    let src = c.src.database("ha").collection::<Document>("docs");
+    src.insert_one(doc! {"_id": 1_i64, "v": 1_i64})
+        .await
+        .unwrap();
+    let mut stream = src
+        .watch()
+        .await
+        .unwrap()
+        .with_type::<bson::RawDocumentBuf>();
+    src.update_one(doc! {"_id": 1_i64}, doc! {"$set": {"v": 2_i64}})
+        .await
+        .unwrap();
+    let raw = stream.try_next().await.unwrap().expect("an update event");
+    let event = ChangeEvent::parse(raw).unwrap();
+    // The new owner has already applied a newer version.
+    let dst = c.dst.database("ha").collection::<Document>("docs");
+    dst.insert_one(doc! {"_id": 1_i64, "v": 5_i64})
+        .await
+        .unwrap();
+
+    let meta = c.dst.database("mongo_syncd");
+    let bound = Some(Duration::from_secs(1));
+    let key = CheckpointKey {
+        sync_id: "default".into(),
+        ns: "ha.docs".into(),
+        uuid: None,
+    };
+    let old_owner = CheckpointStore::new(&meta, bound)
+        .with_epoch(1)
+        .with_transaction_fencing();
+    old_owner.save(&key, &Checkpoint::default()).await.unwrap();
+    let new_owner = CheckpointStore::new(&meta, bound).with_epoch(2);
+    new_owner.stamp_epoch("default").await.unwrap();
+
+    let ns = Namespace::new("ha", "docs");
+    let applier = Applier::new(
+        ns.clone(),
+        ns,
+        &c.dst,
+        Source::new(c.src.clone(), bound),
+        Metadata::new(&meta, bound),
+        Metrics::new(10),
+        "default".into(),
+        UpdateMode::Delta,
+        bound,
+        ConflictSettings::default(),
+    );
+    let next = Checkpoint {
+        applied_through: Some(event.cluster_time),
+        ..Default::default()
+    };
+    let write = old_owner
+        .fencing_write(&key, &next)
+        .unwrap()
+        .expect("a fencing write under transaction fencing");
+    let refused = applier
+        .apply_fenced(std::slice::from_ref(&event), None, write)
+        .await
+        .expect_err("the deposed owner's batch must be refused");
+    assert_eq!(
+        refused.kind,
+        mongo_syncd::error::ErrorKind::Cancelled,
+        "{refused}"
+    );
+    let now = dst.find_one(doc! {"_id": 1_i64}).await.unwrap().unwrap();
+    assert_eq!(
+        now.get_i64("v").ok(),
+        Some(5),
+        "the older version landed: {now}"
+    );
+
+    // Per document, the same batch puts the older version back.
+    applier
+        .apply_events(std::slice::from_ref(&event), None)
+        .await
+        .unwrap();
+    let now = dst.find_one(doc! {"_id": 1_i64}).await.unwrap().unwrap();
+    assert_eq!(now.get_i64("v").ok(), Some(2), "{now}");
 }

@@ -684,6 +684,9 @@ impl Connected {
         if let Some(epoch) = epoch {
             // From here on a deposed owner's checkpoint writes meet our epoch and fail.
             checkpoints = checkpoints.with_epoch(epoch);
+            if config.ha.fencing == crate::config::FencingMode::Transaction {
+                checkpoints = checkpoints.with_transaction_fencing();
+            }
             let stamp = || async {
                 match config
                     .ha

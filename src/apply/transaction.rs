@@ -36,6 +36,8 @@ struct NotCommitted {
     /// The server labelled the error `TransientTransactionError`: the whole transaction may
     /// be tried again.
     transient: bool,
+    /// The fencing checkpoint write failed: a later lease epoch stamped the checkpoint.
+    fenced: bool,
     message: String,
 }
 
@@ -43,6 +45,7 @@ impl NotCommitted {
     fn of(what: String, e: &mongodb::error::Error) -> NotCommitted {
         NotCommitted {
             transient: e.contains_label("TransientTransactionError"),
+            fenced: false,
             message: format!("{what}: {e}"),
         }
     }
@@ -50,6 +53,7 @@ impl NotCommitted {
     fn fatal(message: String) -> NotCommitted {
         NotCommitted {
             transient: false,
+            fenced: false,
             message,
         }
     }
@@ -112,6 +116,7 @@ impl Applier {
                     statement,
                     must_match,
                     bypass_validation: bypass && command == "update",
+                    fence: false,
                 });
             }
         }
@@ -122,6 +127,54 @@ impl Applier {
             },
             stats,
         )))
+    }
+
+    /// `ha.fencing = "transaction"`: writes `events` and `checkpoint` (the fenced checkpoint
+    /// write of the batch) in one destination transaction, so the batch lands only if no later
+    /// lease epoch has stamped the checkpoint — whatever the timing. `Ok(None)`: the batch is
+    /// not a plain one (see the module documentation) or the transaction failed on a data
+    /// write; the caller applies it per document (lease-fenced).
+    pub async fn apply_fenced(
+        &self,
+        events: &[ChangeEvent],
+        replay_until: Option<Timestamp>,
+        checkpoint: TxnWrite,
+    ) -> Result<Option<ApplyStats>, SyncError> {
+        let (part, stats) = match self.transaction_part(events, replay_until).await? {
+            Ok(part) => part,
+            Err(why) => {
+                tracing::debug!(namespace = %self.label, reason = %why, "batch applied per document, under lease fencing");
+                return Ok(None);
+            }
+        };
+        let parts = [
+            part,
+            TxnPart {
+                namespace: self.label.clone(),
+                writes: vec![checkpoint],
+            },
+        ];
+        let client = self.dest_db.client();
+        let mut attempt = 1;
+        loop {
+            match commit(client, &parts, self.op_timeout).await {
+                Ok(()) => return Ok(Some(stats)),
+                Err(e) if e.fenced => {
+                    return Err(SyncError::new(
+                        crate::error::ErrorKind::Cancelled,
+                        format!("{}: {}", self.label, e.message),
+                    ))
+                }
+                Err(e) if e.transient && attempt < TRANSACTION_ATTEMPTS => {
+                    tokio::time::sleep(RETRY_FIRST_WAIT * (1 << (attempt - 1))).await;
+                    attempt += 1;
+                }
+                Err(e) => {
+                    tracing::debug!(namespace = %self.label, error = %e.message, "the fenced batch transaction did not commit; applying it per document, under lease fencing");
+                    return Ok(None);
+                }
+            }
+        }
     }
 
     /// Brings `part` to `group` and waits for the outcome; writes every part if this member
@@ -266,6 +319,16 @@ async fn commit(
         if let Ok(errors) = reply.get_array("writeErrors") {
             if let Some(e) = errors.iter().filter_map(|e| e.as_document()).next() {
                 let _ = session.abort_transaction().await;
+                if group.iter().any(|w| w.fence) {
+                    return Err(NotCommitted {
+                        transient: false,
+                        fenced: true,
+                        message: format!(
+                            "the fencing checkpoint write was refused (code {}): another instance holds the lease",
+                            e.get_i32("code").unwrap_or(0)
+                        ),
+                    });
+                }
                 return Err(NotCommitted::fatal(format!(
                     "{}.{} refused a write (code {}): {}",
                     first.db,
@@ -281,6 +344,14 @@ async fn commit(
                 Some(bson::Bson::Int64(n)) => *n,
                 _ => 0,
             };
+            if group.iter().any(|w| w.fence) && n < group.len() as i64 {
+                let _ = session.abort_transaction().await;
+                return Err(NotCommitted {
+                    transient: false,
+                    fenced: true,
+                    message: "the fencing checkpoint write matched nothing: another instance holds the lease".into(),
+                });
+            }
             if group.iter().any(|w| w.must_match) && n < group.len() as i64 {
                 let _ = session.abort_transaction().await;
                 return Err(NotCommitted::fatal(format!(

@@ -302,6 +302,9 @@ pub struct CheckpointStore {
     /// The lease epoch every write is conditional on (`ha.enabled`, DESIGN §2.12): a write
     /// meets no document stamped by a later epoch.
     epoch: Option<i64>,
+    /// `ha.fencing = "transaction"`: a streaming batch and its checkpoint are written in one
+    /// destination transaction ([`fencing_write`](Self::fencing_write)).
+    transaction_fencing: bool,
 }
 
 fn checkpoint_error(context: &str, err: mongodb::error::Error) -> SyncError {
@@ -321,7 +324,65 @@ impl CheckpointStore {
             streams: metadata_db.collection_with_options(STREAM_CHECKPOINTS_COLLECTION, options()),
             writes: BoundedWrites::new(metadata_db, op_timeout, ErrorKind::Checkpoint),
             epoch: None,
+            transaction_fencing: false,
         }
+    }
+
+    /// The same store, fencing streaming batches with destination transactions.
+    pub fn with_transaction_fencing(mut self) -> CheckpointStore {
+        self.transaction_fencing = true;
+        self
+    }
+
+    /// Whether streaming batches are written with their checkpoint in one transaction.
+    pub fn fences_by_transaction(&self) -> bool {
+        self.transaction_fencing && self.epoch.is_some()
+    }
+
+    /// Under `ha.fencing = "transaction"` with a lease held: the checkpoint write of a batch,
+    /// to run in the batch's destination transaction. Its filter holds only while no later
+    /// epoch has stamped the checkpoint (and `applied_through` does not move backwards); its
+    /// failure aborts the transaction.
+    pub fn fencing_write(
+        &self,
+        key: &CheckpointKey,
+        cp: &Checkpoint,
+    ) -> Result<Option<crate::model::transaction::TxnWrite>, SyncError> {
+        if !self.transaction_fencing || self.epoch.is_none() {
+            return Ok(None);
+        }
+        let mut filter = doc! {"_id": key.id()};
+        if let Some(ts) = cp.applied_through {
+            filter.insert(
+                "$or",
+                vec![
+                    doc! {"applied_through": {"$lte": ts}},
+                    doc! {"applied_through": Bson::Null},
+                ],
+            );
+        }
+        let statement = doc! {
+            "q": self.fenced(filter),
+            "u": self.stamped(cp.to_document(key)),
+            "upsert": true,
+        };
+        let statement = bson::RawDocumentBuf::try_from(&statement).map_err(|e| {
+            SyncError::with_source(
+                ErrorKind::InvariantViolated,
+                "encoding a checkpoint write",
+                e,
+            )
+        })?;
+        let namespace = self.coll.namespace();
+        Ok(Some(crate::model::transaction::TxnWrite {
+            db: namespace.db,
+            coll: namespace.coll,
+            command: "update",
+            statement,
+            must_match: false,
+            bypass_validation: false,
+            fence: true,
+        }))
     }
 
     /// The same store, writing as the holder of lease `epoch`.

@@ -796,8 +796,9 @@ pub enum FencingMode {
     /// stops writing before its lease can expire, and a new owner waits out that bound.
     #[default]
     Lease,
-    /// Each batch and its checkpoint in one destination transaction that checks the epoch
-    /// (not built yet: rejected by validation).
+    /// Each streaming batch of plain data events and its checkpoint in one destination
+    /// transaction whose checkpoint write holds only under the lease epoch; everything else
+    /// (copies, DDL, conflict policies, replays) stays lease-fenced, as does the process.
     Transaction,
 }
 
@@ -1542,12 +1543,6 @@ impl Config {
             err(
                 "ha.lease_seconds".into(),
                 format!("must be between {MIN_HA_LEASE_SECONDS} and 3600"),
-            );
-        }
-        if ha.fencing == FencingMode::Transaction {
-            err(
-                "ha.fencing".into(),
-                "\"transaction\" is not supported yet; use \"lease\"".into(),
             );
         }
         if !(1..=MAX_HA_PARTITIONS).contains(&ha.partitions) {

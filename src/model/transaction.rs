@@ -46,6 +46,9 @@ pub struct TxnWrite {
     /// the per-document path (which repairs from the source) takes over.
     pub must_match: bool,
     pub bypass_validation: bool,
+    /// The checkpoint write that fences the transaction (`ha.fencing = "transaction"`): an
+    /// error on it means another instance took the lease over.
+    pub fence: bool,
 }
 
 /// What one member worker brings: its namespace's writes, in source order.

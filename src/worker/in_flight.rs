@@ -117,6 +117,7 @@ pub(super) async fn commit(
         stats,
         batch.started,
         settles,
+        false,
     )
     .await
 }

@@ -272,7 +272,11 @@ pub(super) async fn stream(
                 batch.into_iter().unzip();
             record_read(ctx, &events);
             let replays = crash_replay.leading_replays(&events);
-            if in_flight::may_start(&applier, &events, replays) {
+            // Under ha.fencing = "transaction" a batch and its checkpoint are one transaction:
+            // batches are written one at a time.
+            if in_flight::may_start(&applier, &events, replays)
+                && !ctx.pipeline.checkpoints.fences_by_transaction()
+            {
                 // This batch is prepared while the one before is written, then written
                 // while the next one is read.
                 if !in_flight::may_commit_behind(ctx, &cp, writing.as_ref()) {
@@ -573,6 +577,15 @@ pub(super) async fn process_batch(
 ) -> Result<Option<WorkerExit>, SyncError> {
     let label = ctx.label();
     let started = Instant::now();
+    if applied.is_none() && replays == 0 {
+        if let Some(stats) = apply_fenced_by_transaction(ctx, applier, cp, events).await? {
+            commit_batch(
+                ctx, applier, cp, events, false, stats, started, settles, true,
+            )
+            .await?;
+            return Ok(None);
+        }
+    }
     if replays < events.len() && applied.is_none() {
         save_apply_mark(ctx, events).await?;
     }
@@ -625,14 +638,56 @@ pub(super) async fn process_batch(
         stats,
         started,
         settles,
+        false,
     )
     .await?;
     Ok(exit)
 }
 
+/// `ha.fencing = "transaction"`: a batch of data events past any replay is written with its
+/// checkpoint in one destination transaction that a later lease epoch makes fail. `None`: not
+/// this mode, or not such a batch; it is applied the usual way (lease-fenced).
+async fn apply_fenced_by_transaction(
+    ctx: &WorkerContext,
+    applier: &Applier,
+    cp: &mut Checkpoint,
+    events: &[ChangeEvent],
+) -> Result<Option<ApplyStats>, SyncError> {
+    let Some(last) = events.last() else {
+        return Ok(None);
+    };
+    if !events.iter().all(|ev| ev.kind.is_data()) {
+        return Ok(None);
+    }
+    let mut next = cp.clone();
+    advance_checkpoint(&mut next, last)?;
+    let Some(write) = ctx.pipeline.checkpoints.fencing_write(&ctx.key(), &next)? else {
+        return Ok(None);
+    };
+    // Events inside a copy's replay window are declined (written per document).
+    let stats = applier.apply_fenced(events, cp.replay_until, write).await?;
+    if stats.is_some() {
+        *cp = next;
+    }
+    Ok(stats)
+}
+
+/// Moves `cp` to just after `last`.
+fn advance_checkpoint(cp: &mut Checkpoint, last: &ChangeEvent) -> Result<(), SyncError> {
+    cp.resume_token = Some(last.token.clone().try_into().map_err(|e| {
+        SyncError::with_source(ErrorKind::InvariantViolated, "decoding a resume token", e)
+    })?);
+    cp.applied_through = Some(match cp.applied_through {
+        Some(prev) => ts_max(prev, last.cluster_time),
+        None => last.cluster_time,
+    });
+    Ok(())
+}
+
 /// After a batch's writes (`applied`: its events up to a DDL event that ended the namespace,
 /// if one did): checkpoints the last one's token (or, the namespace gone, deletes the
-/// checkpoint) and counts what was applied.
+/// checkpoint; `checkpoint_saved`: the batch's transaction wrote it) and counts what was
+/// applied.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn commit_batch(
     ctx: &WorkerContext,
@@ -643,19 +698,16 @@ pub(super) async fn commit_batch(
     stats: ApplyStats,
     started: Instant,
     settles: &mut CaughtUpSettles,
+    checkpoint_saved: bool,
 ) -> Result<(), SyncError> {
     let label = ctx.label();
     if namespace_gone {
         ctx.pipeline.checkpoints.delete(&ctx.key()).await?;
     } else if let Some(last) = applied.last() {
-        cp.resume_token = Some(last.token.clone().try_into().map_err(|e| {
-            SyncError::with_source(ErrorKind::InvariantViolated, "decoding a resume token", e)
-        })?);
-        cp.applied_through = Some(match cp.applied_through {
-            Some(prev) => ts_max(prev, last.cluster_time),
-            None => last.cluster_time,
-        });
-        ctx.pipeline.checkpoints.save(&ctx.key(), cp).await?;
+        advance_checkpoint(cp, last)?;
+        if !checkpoint_saved {
+            ctx.pipeline.checkpoints.save(&ctx.key(), cp).await?;
+        }
         ctx.record_checkpoint(cp.applied_through);
         maybe_finish_replay(ctx, applier, cp, settles).await?;
     }

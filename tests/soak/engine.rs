@@ -1013,15 +1013,15 @@ impl Daemon {
         dest: &SimHandle,
         scope: &str,
         batch_events: u64,
-        ha: Option<u32>,
+        ha: Option<(u32, &str)>,
     ) -> Daemon {
         std::fs::create_dir_all(dir).unwrap();
         let port = free_port();
         // Two instances share the copy: a lease decides which one writes.
         let (write_bound, ha) = match ha {
-            Some(partitions) => (
+            Some((partitions, fencing)) => (
                 "socket_timeout_ms = 1000\n",
-                format!("[ha]\nenabled = true\nlease_seconds = 3\npartitions = {partitions}\n\n"),
+                format!("[ha]\nenabled = true\nlease_seconds = 3\npartitions = {partitions}\nfencing = \"{fencing}\"\n\n"),
             ),
             None => ("", String::new()),
         };
@@ -1344,10 +1344,13 @@ pub async fn run_round(opts: &Options, first: u64, count: u64) -> RoundReport {
     let ha = schedule.iter().any(|(_, f)| f.needs_ha());
     // Half the HA rounds split the namespaces into two partitions: both instances sync, and a
     // fault moves the victim's partition to the other.
-    let partitions: u32 = if StdRng::seed_from_u64(first ^ 0x5eed_0a11).random_bool(0.5) {
-        2
+    // and half of them fence streaming batches with destination transactions.
+    let mut ha_rng = StdRng::seed_from_u64(first ^ 0x5eed_0a11);
+    let partitions: u32 = if ha_rng.random_bool(0.5) { 2 } else { 1 };
+    let fencing = if ha_rng.random_bool(0.5) {
+        "transaction"
     } else {
-        1
+        "lease"
     };
     let mut daemon = Daemon::new(
         &opts.daemon_bin,
@@ -1356,7 +1359,7 @@ pub async fn run_round(opts: &Options, first: u64, count: u64) -> RoundReport {
         &dest,
         opts.scope_of(first),
         opts.batch_events_of(first),
-        ha.then_some(partitions),
+        ha.then_some((partitions, fencing)),
     );
     // With HA faults the round runs a second instance; `daemon` is kept the active one.
     let mut standby = ha.then(|| {
@@ -1367,13 +1370,16 @@ pub async fn run_round(opts: &Options, first: u64, count: u64) -> RoundReport {
             &dest,
             opts.scope_of(first),
             opts.batch_events_of(first),
-            Some(partitions),
+            Some((partitions, fencing)),
         )
     });
     let fault_log: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(
         schedule
             .iter()
             .map(|(at, f)| format!("planned at {at:.2}: {f:?}"))
+            .chain(ha.then(|| {
+                format!("two instances: ha.partitions = {partitions}, ha.fencing = {fencing:?}")
+            }))
             .collect(),
     ));
 
