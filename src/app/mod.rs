@@ -317,6 +317,7 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
             http_addr,
             shared_watch: std::sync::OnceLock::new(),
             shared_budget: std::sync::OnceLock::new(),
+            shared_copy_slots: std::sync::OnceLock::new(),
         });
         let watchdog_cancel = CancellationToken::new();
         let _stop_watchdog = watchdog_cancel.clone().drop_guard();
@@ -442,6 +443,8 @@ struct Connected {
     shared_watch: std::sync::OnceLock<Arc<IdentityWatch>>,
     /// Under `ha.partitions`: the read-ahead memory budget every partition's term shares.
     shared_budget: std::sync::OnceLock<Arc<crate::source::buffer_budget::BufferBudget>>,
+    /// Under `ha.partitions`: the copy slots every partition's term shares.
+    shared_copy_slots: std::sync::OnceLock<Arc<tokio::sync::Semaphore>>,
 }
 
 impl Connected {
@@ -747,6 +750,17 @@ impl Connected {
         } else {
             new_budget()
         };
+        // `copy.concurrent_collections` bounds the process: the partitions' terms share it.
+        let new_slots = || {
+            Arc::new(tokio::sync::Semaphore::new(
+                config.copy.concurrent_collections as usize,
+            ))
+        };
+        let copy_slots = if partitioned {
+            Arc::clone(self.shared_copy_slots.get_or_init(new_slots))
+        } else {
+            new_slots()
+        };
         let pipeline = Pipeline {
             source: source.clone(),
             dest: dest_client.clone(),
@@ -782,9 +796,7 @@ impl Connected {
                 Arc::clone(status),
                 Arc::clone(&buffer),
             ),
-            copy_slots: Arc::new(tokio::sync::Semaphore::new(
-                config.copy.concurrent_collections as usize,
-            )),
+            copy_slots,
         };
         if reset {
             // The operator accepted a new source and asked for everything to be copied again.

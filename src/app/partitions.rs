@@ -62,6 +62,8 @@ struct Manager {
     metadata_checked: bool,
     /// Stops the shared identity watch's periodic check when the instance stops.
     watch_cancel: CancellationToken,
+    /// When the instances and leases were last read (a standby is ready while this is recent).
+    last_contact: Option<std::time::Instant>,
 }
 
 /// Runs the partitioned instance until shutdown; returns the exit code.
@@ -86,6 +88,7 @@ pub(super) async fn run(
         layout_warned: false,
         metadata_checked: false,
         watch_cancel: CancellationToken::new(),
+        last_contact: None,
     };
     let _stop_watch = manager.watch_cancel.clone().drop_guard();
     let code = manager.run(control, &shutdown).await;
@@ -109,7 +112,10 @@ impl Manager {
                 return code;
             }
             match self.read_look().await {
-                Ok(()) => failures = 0,
+                Ok(()) => {
+                    failures = 0;
+                    self.last_contact = Some(std::time::Instant::now());
+                }
                 Err(e) => {
                     failures += 1;
                     if failures == 1 || failures.is_multiple_of(30) {
@@ -425,17 +431,20 @@ impl Manager {
     }
 
     fn show(&self) {
-        self.base.show_partitions(PartitionsView {
-            partitioner: self.partitioner.clone(),
-            held: self
-                .terms
-                .iter()
-                .filter(|(_, t)| !t.handing_over)
-                .map(|(p, t)| (*p, t.epoch))
-                .collect(),
-            owners: self.look.owners.clone(),
-            live_instances: self.look.live.len(),
-        });
+        self.base.show_partitions(
+            PartitionsView {
+                partitioner: self.partitioner.clone(),
+                held: self
+                    .terms
+                    .iter()
+                    .filter(|(_, t)| !t.handing_over)
+                    .map(|(p, t)| (*p, t.epoch))
+                    .collect(),
+                owners: self.look.owners.clone(),
+                live_instances: self.look.live.len(),
+            },
+            self.last_contact,
+        );
     }
 
     /// Routes a control message to the terms of the partitions it concerns.

@@ -202,7 +202,11 @@ impl Coordinator {
     }
 
     /// Shows the role of a partitioned instance: active while it holds any partition.
-    pub fn show_partitions(&self, view: crate::status::PartitionsView) {
+    pub fn show_partitions(
+        &self,
+        view: crate::status::PartitionsView,
+        lease_contact: Option<Instant>,
+    ) {
         let role = if view.held.is_empty() {
             Role::Standby
         } else {
@@ -217,7 +221,7 @@ impl Coordinator {
             epoch,
             active_instance: None,
             active_address: None,
-            lease_contact: Some(Instant::now()),
+            lease_contact,
             partitions: Some(view),
         });
     }
