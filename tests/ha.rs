@@ -1124,3 +1124,53 @@ async fn under_transaction_fencing_a_batch_arriving_after_a_takeover_never_lands
     let now = dst.find_one(doc! {"_id": 1_i64}).await.unwrap().unwrap();
     assert_eq!(now.get_i64("v").ok(), Some(2), "{now}");
 }
+
+/// Two instances, two partitions, one each. SIGSTOP one past its lease: the other takes its
+/// partition. SIGCONT: the paused one finds its deadline passed, steps down from every
+/// partition without writing, then takes its share again. No version ever goes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paused_partition_holder_steps_down_from_all_and_no_older_version_lands() {
+    let c = Clusters::start().await;
+    for i in 0..PARTITIONED_COLLECTIONS {
+        seed(&c.src, "part", &format!("c{i}"), 50).await;
+    }
+    let config = partitioned_config(2);
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a = instance_with(&c, dir_a.path(), &config, "syncd-a");
+    let mut b = instance_with(&c, dir_b.path(), &config, "syncd-b");
+    wait_balanced(&[&a, &b], 2, 1, "two instances").await;
+    let namespaces: Vec<(String, String)> = (0..PARTITIONED_COLLECTIONS)
+        .map(|i| ("part".to_owned(), format!("c{i}")))
+        .collect();
+    let namespaces: Vec<(&str, &str)> = namespaces
+        .iter()
+        .map(|(d, c)| (d.as_str(), c.as_str()))
+        .collect();
+    wait_converged(&c, &namespaces, T).await;
+    let (recorder, stop_recording) = record_partitioned_versions(&c.dst);
+    let (writer, stop_writing) = partitioned_writer(&c.src);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    a.signal("STOP");
+    wait_balanced(&[&b], 2, 2, "the paused instance's partition moved").await;
+    // The survivor applies newer versions of the moved partition while the old holder sleeps.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    a.signal("CONT");
+    wait_balanced(&[&a, &b], 2, 1, "balanced again").await;
+    stop_writing.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
+    wait_converged(&c, &namespaces, T).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop_recording.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = recorder.await.unwrap();
+    assert!(seen.len() > 100, "only {} destination changes", seen.len());
+    assert_eq!(version_regressions(&seen), vec![], "older versions landed");
+    let logs = a.all_logs();
+    assert!(
+        logs.contains("stepping down from every partition"),
+        "{logs}"
+    );
+    assert!(!b.all_logs().contains("lost the lease"), "{}", b.all_logs());
+    assert_eq!(a.terminate().await, Some(0), "{}", a.logs());
+    assert_eq!(b.terminate().await, Some(0), "{}", b.logs());
+}
