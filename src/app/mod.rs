@@ -343,6 +343,7 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
                     &mut control_rx,
                     shutdown.clone(),
                     &mut on_ready,
+                    None,
                 )
                 .await;
             if code == exit::OK {
@@ -394,6 +395,7 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
                     &mut control_rx,
                     term.clone(),
                     &mut on_ready,
+                    None,
                 )
                 .await;
             term.cancel();
@@ -641,7 +643,10 @@ impl Connected {
     }
 
     /// One active term: metadata checks, then the supervisor until `term` ends. `epoch`: the
-    /// lease held (`ha.enabled`), which every checkpoint write is conditional on.
+    /// lease held (`ha.enabled`), which every checkpoint write is conditional on. `own_beat`:
+    /// where the term's heartbeat goes instead of the process's (a partition's term, whose
+    /// beat the partition manager watches).
+    #[allow(clippy::too_many_arguments)]
     async fn run_term(
         &self,
         config: Config,
@@ -650,6 +655,7 @@ impl Connected {
         control: &mut mpsc::Receiver<Control>,
         term: CancellationToken,
         on_ready: &mut Option<tokio::sync::oneshot::Sender<RunningDaemon>>,
+        own_beat: Option<Arc<std::sync::atomic::AtomicU64>>,
     ) -> u8 {
         let Connected {
             source,
@@ -663,6 +669,7 @@ impl Connected {
             http_addr,
             ..
         } = self;
+        let heartbeat = own_beat.as_ref().unwrap_or(heartbeat);
         // Until the supervisor's own heartbeat takes over, the start-up steps (which retry
         // transient failures for as long as they last) keep /healthz and the watchdog alive.
         let startup_beat = {

@@ -9,7 +9,14 @@
 //! they are renewed together against one destination, so losing one means this instance cannot
 //! be trusted with the others either. It then starts over as an instance with none.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
 
 use tokio::{sync::mpsc, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
@@ -27,6 +34,9 @@ use crate::{
     supervisor::Control,
 };
 
+/// How long a partition's term may go without a heartbeat before the instance stops beating.
+const TERM_STALL: Duration = Duration::from_secs(10);
+
 /// One partition this instance runs.
 struct Term {
     epoch: i64,
@@ -38,6 +48,10 @@ struct Term {
     control: mpsc::Sender<Control>,
     /// Asked to drain so another instance can take the partition.
     handing_over: bool,
+    /// The term's own heartbeat (its start-up steps, then its supervisor loop).
+    beat: Arc<AtomicU64>,
+    /// Whether `beat` moved within [`TERM_STALL`].
+    beat_gate: crate::ops::notify::WatchdogGate,
 }
 
 /// What the destination says about the sync's instances and leases.
@@ -136,7 +150,9 @@ impl Manager {
                     _ = shutdown.cancelled() => return exit::OK,
                     _ = &mut next => break,
                     _ = beat.tick() => {
-                        self.connected.heartbeat.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if self.terms_alive() {
+                            self.connected.heartbeat.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                     ctrl = control.recv() => match ctrl {
                         None | Some(Control::Shutdown) => return exit::OK,
@@ -145,6 +161,19 @@ impl Manager {
                 }
             }
         }
+    }
+
+    /// Whether every term's loop moved within [`TERM_STALL`]: the process's heartbeat (what
+    /// `/healthz` and the systemd watchdog watch) moves only then, so one hung partition is
+    /// seen as a hung daemon, as it would be without partitions.
+    fn terms_alive(&mut self) -> bool {
+        let now = Instant::now();
+        let mut alive = true;
+        for t in self.terms.values_mut() {
+            let moved = t.beat_gate.observe(t.beat.load(Ordering::Relaxed), now);
+            alive &= moved || t.handing_over;
+        }
+        alive
     }
 
     async fn read_look(&mut self) -> Result<(), crate::error::SyncError> {
@@ -316,6 +345,8 @@ impl Manager {
             .as_ref()
             .map(|_| coordinator.write_bound());
         let (connected, epoch, token) = (Arc::clone(&self.connected), acquired.epoch, term.clone());
+        let beat = Arc::new(AtomicU64::new(0));
+        let term_beat = Arc::clone(&beat);
         let task = tokio::spawn(async move {
             if let Some(wait) = wait {
                 tokio::select! {
@@ -324,7 +355,15 @@ impl Manager {
                 }
             }
             connected
-                .run_term(config, false, Some(epoch), &mut rx, token, &mut None)
+                .run_term(
+                    config,
+                    false,
+                    Some(epoch),
+                    &mut rx,
+                    token,
+                    &mut None,
+                    Some(term_beat),
+                )
                 .await
         });
         self.terms.insert(
@@ -338,6 +377,8 @@ impl Manager {
                 task,
                 control,
                 handing_over: false,
+                beat,
+                beat_gate: crate::ops::notify::WatchdogGate::new(TERM_STALL, 0, Instant::now()),
             },
         );
     }
