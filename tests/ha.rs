@@ -788,6 +788,7 @@ async fn three_instances_share_six_partitions_and_a_failure_moves_only_the_faile
     wait_converged(&c, &namespaces, T).await;
     for d in &instances {
         assert_eq!(d.metric("mongo_syncd_partitions_held").await, Some(2.0));
+        assert_eq!(d.metric("mongo_syncd_ha_partitions").await, Some(6.0));
         assert_eq!(role(d).await, Some("active"));
     }
     requests_go_to_the_owner_of_the_namespace(&instances[0], &instances[1]).await;

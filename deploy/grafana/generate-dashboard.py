@@ -517,7 +517,10 @@ ROWS = [
             timeseries(
                 "Partitions held per instance",
                 "Partitions (leases) each instance syncs. Balanced, each holds at most ceil(ha.partitions / live instances); after an instance fails its partitions move to the others within a lease. Empty without ha.enabled.",
-                targets(("sum by (instance) (mongo_syncd_partitions_held)", "{{instance}}")),
+                targets(
+                    ("sum by (instance) (mongo_syncd_partitions_held)", "{{instance}}"),
+                    ("max(mongo_syncd_ha_partitions)", "ha.partitions"),
+                ),
                 w=8,
             ),
             timeseries(

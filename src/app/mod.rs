@@ -472,6 +472,7 @@ impl Connected {
             Arc::clone(&self.status),
             &self.metrics,
         );
+        coordinator.set_partition_count(config.ha.partitions);
         tracing::info!(instance = %coordinator.instance(), lease_seconds = config.ha.lease_seconds, "ha enabled; standby until the lease is acquired");
         Some(coordinator)
     }

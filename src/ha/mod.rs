@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{metrics::Metrics, status::StatusRegistry};
 pub use lease::{Acquired, Holder, LeaseStore};
 
-pub use crate::metrics::{LEASE_EPOCH, LEASE_LOSSES_TOTAL, PARTITIONS_HELD, ROLE};
+pub use crate::metrics::{HA_PARTITIONS, LEASE_EPOCH, LEASE_LOSSES_TOTAL, PARTITIONS_HELD, ROLE};
 
 /// An instance's role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +93,7 @@ struct RoleMetrics {
     epoch: IntGauge,
     losses: IntCounter,
     held: IntGauge,
+    partitions: IntGauge,
 }
 
 impl RoleMetrics {
@@ -123,12 +124,20 @@ impl RoleMetrics {
         let _ = metrics.registry().register(Box::new(role.clone()));
         let _ = metrics.registry().register(Box::new(epoch.clone()));
         let _ = metrics.registry().register(Box::new(losses.clone()));
+        let partitions = IntGauge::new(
+            HA_PARTITIONS,
+            "ha.partitions: the leases the instances of this pipeline share (1 for active/standby).",
+        )
+        .expect("valid metric");
+        partitions.set(1);
         let _ = metrics.registry().register(Box::new(held.clone()));
+        let _ = metrics.registry().register(Box::new(partitions.clone()));
         RoleMetrics {
             role,
             epoch,
             losses,
             held,
+            partitions,
         }
     }
 
@@ -199,6 +208,11 @@ impl Coordinator {
     /// `W`: how long a new owner of an expired lease waits before writing.
     pub fn write_bound(&self) -> Duration {
         self.write_bound
+    }
+
+    /// Exports `ha.partitions` (what the instances together may hold).
+    pub fn set_partition_count(&self, partitions: u32) {
+        self.metrics.partitions.set(i64::from(partitions));
     }
 
     /// Shows the role of a partitioned instance: active while it holds any partition.

@@ -63,6 +63,9 @@ pub const LEASE_EPOCH: &str = "mongo_syncd_lease_epoch";
 pub const LEASE_LOSSES_TOTAL: &str = "mongo_syncd_lease_losses_total";
 /// `mongo_syncd_partitions_held`: partitions (leases) this instance holds and syncs.
 pub const PARTITIONS_HELD: &str = "mongo_syncd_partitions_held";
+/// `mongo_syncd_ha_partitions`: `ha.partitions`, the leases the instances share (1 for
+/// active/standby): the instances of one pipeline never hold more than this together.
+pub const HA_PARTITIONS: &str = "mongo_syncd_ha_partitions";
 pub const LAG_SECONDS: &str = "mongo_syncd_lag_seconds";
 pub const APPLIED_THROUGH_TIMESTAMP_SECONDS: &str = "mongo_syncd_applied_through_timestamp_seconds";
 pub const SOURCE_CLUSTER_TIME_SECONDS: &str = "mongo_syncd_source_cluster_time_seconds";
