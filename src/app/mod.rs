@@ -357,13 +357,13 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
                 tracing::error!("--reset-identity cannot run with ha.partitions > 1: other instances may be syncing; stop every instance and run one with ha.partitions = 1 to reset");
                 break 'run exit::INVALID_CONFIG;
             }
-            let code = partitions::run(
+            let code = Box::pin(partitions::run(
                 Arc::clone(&connected),
                 coordinator,
                 config,
                 &mut control_rx,
                 shutdown.clone(),
-            )
+            ))
             .await;
             if code == exit::OK {
                 tracing::info!("stopped cleanly");

@@ -106,7 +106,8 @@ pub(super) async fn run(
     };
     let _stop_watch = manager.watch_cancel.clone().drop_guard();
     let code = manager.run(control, &shutdown).await;
-    manager.stop_all().await.max(code)
+    let heartbeat = Arc::clone(&manager.connected.heartbeat);
+    beating(&heartbeat, manager.stop_all()).await.max(code)
 }
 
 impl Manager {
@@ -121,11 +122,14 @@ impl Manager {
     ) -> u8 {
         let mut beat = tokio::time::interval(Duration::from_millis(500));
         let mut failures = 0u32;
+        let heartbeat = Arc::clone(&self.connected.heartbeat);
         loop {
-            if let Some(code) = self.reap().await {
+            // The steps below wait on the destination (bounded, or retried while transient):
+            // the heartbeat keeps moving meanwhile.
+            if let Some(code) = beating(&heartbeat, self.reap()).await {
                 return code;
             }
-            match self.read_look().await {
+            match beating(&heartbeat, self.read_look()).await {
                 Ok(()) => {
                     failures = 0;
                     self.last_contact = Some(std::time::Instant::now());
@@ -138,7 +142,7 @@ impl Manager {
                 }
             }
             if failures == 0 {
-                if let Err(code) = self.balance(shutdown).await {
+                if let Err(code) = beating(&heartbeat, self.balance(shutdown)).await {
                     return code;
                 }
             }
@@ -540,6 +544,20 @@ impl Manager {
                 None => {
                     tracing::warn!(partition = p, namespaces = ?namespaces, "ignored: these namespaces are synced by another instance")
                 }
+            }
+        }
+    }
+}
+
+/// Awaits `step`, moving `heartbeat` every half second meanwhile.
+async fn beating<T>(heartbeat: &AtomicU64, step: impl std::future::Future<Output = T>) -> T {
+    tokio::pin!(step);
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            out = &mut step => return out,
+            _ = tick.tick() => {
+                heartbeat.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
