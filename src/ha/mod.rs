@@ -376,18 +376,19 @@ impl Coordinator {
     /// over at once.
     pub async fn release(&self, epoch: i64) {
         let partition = self.partition();
-        crate::fence::PROCESS.revoke(partition);
+        if self.partitioned {
+            // The partition's term has ended, so none of its writes is in flight; revoking
+            // would stop the other partitions' writes (the fence is their earliest deadline).
+            crate::fence::PROCESS.forget(partition);
+        } else {
+            crate::fence::PROCESS.revoke(partition);
+        }
         match self.store.release(epoch).await {
             Ok(true) => tracing::info!(epoch, partition, "lease released"),
             Ok(false) => tracing::info!(epoch, partition, "lease already held by another instance"),
             Err(e) => {
                 tracing::warn!(error = %e, partition, "cannot release the lease; a standby takes over when it expires")
             }
-        }
-        if self.partitioned {
-            // The term has ended: none of its writes is in flight; the other partitions'
-            // writes go on.
-            crate::fence::PROCESS.forget(partition);
         }
         self.show(Role::Standby, None, None);
     }
