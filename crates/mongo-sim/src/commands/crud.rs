@@ -394,69 +394,42 @@ fn replace_by_id_with(
     r: Document,
     bypass: bool,
 ) -> CommandResult<Result<UpdateOutcome, Document>> {
+    let now_ts = sink.now_ts();
+    const NOT_FOUND: UpdateOutcome = UpdateOutcome {
+        matched: 0,
+        modified: 0,
+        upserted: None,
+    };
     // One lookup of the collection and of the document; an upsert that inserts reuses the
     // key it was not found under.
-    let (key, old) = match cat.get(coll_ns) {
-        Some(c) => {
-            let key = c.id_key(id);
-            let old = c.docs.get(&key).cloned();
-            (Some(key), old)
-        }
-        None => (None, None),
-    };
-    let now_ts = sink.now_ts();
-    let Some(old) = old else {
+    let Some(coll) = cat.get_mut(coll_ns) else {
         if !upsert {
-            return Ok(Ok(UpdateOutcome {
-                matched: 0,
-                modified: 0,
-                upserted: None,
-            }));
+            return Ok(Ok(NOT_FOUND));
         }
-        // The replacement's `_id`: its first field when drivers put it there (no lookup).
-        let id_first = r.keys().next().is_some_and(|k| k == "_id");
-        let rid = if id_first {
-            r.values().next()
-        } else {
-            r.get("_id")
+        let new = match upserted_document(id, r, now_ts)? {
+            Ok(new) => new,
+            Err(r) => return Ok(Err(r)),
         };
-        if rid.is_some_and(|rid| rid != id) {
-            return Ok(Err(r));
+        let coll = ensure_collection(cat, sink, coll_ns)?;
+        let change = coll.insert(new, bypass)?;
+        emit(coll, sink, change);
+        enforce_capped(coll, sink);
+        return Ok(Ok(UpdateOutcome {
+            matched: 0,
+            modified: 0,
+            upserted: Some(id.clone()),
+        }));
+    };
+    let key = coll.id_key(id);
+    let Some(old) = coll.docs.get(&key).cloned() else {
+        if !upsert {
+            return Ok(Ok(NOT_FOUND));
         }
-        // `_id` first, then the replacement's other fields: the replacement itself when it
-        // starts with `_id` (whose value becomes the filter's, as the general path stores).
-        let new = if id_first {
-            let mut new = r;
-            for (k, v) in new.iter_mut() {
-                if k == "_id" {
-                    *v = id.clone();
-                } else {
-                    fill_empty_timestamp(v, now_ts);
-                }
-            }
-            new
-        } else {
-            let mut new = Document::new();
-            new.insert("_id", id.clone());
-            for (k, mut v) in r {
-                if k != "_id" {
-                    fill_empty_timestamp(&mut v, now_ts);
-                    new.insert(k, v);
-                }
-            }
-            new
+        let new = match upserted_document(id, r, now_ts)? {
+            Ok(new) => new,
+            Err(r) => return Ok(Err(r)),
         };
-        // The document an upsert inserts is validated as an insert.
-        validate_updated_document(&new, true)?;
-        validate_stored_document(&new)?;
-        let coll = match key {
-            Some(_) => cat.get_mut(coll_ns).expect("found above"),
-            None => ensure_collection(cat, sink, coll_ns)?,
-        };
-        let change = match key {
-            Some(key) => coll.insert_absent(new, key, bypass)?,
-            None => coll.insert(new, bypass)?,
-        };
+        let change = coll.insert_absent(new, key, bypass)?;
         emit(coll, sink, change);
         enforce_capped(coll, sink);
         return Ok(Ok(UpdateOutcome {
@@ -496,12 +469,12 @@ fn replace_by_id_with(
             upserted: None,
         }));
     }
-    let coll = cat.get_mut(coll_ns).expect("the document came from it");
     // The key the general path stores under is the new `_id`'s: the lookup's when the
     // filter's `_id` is the stored one (not merely equal to it, as `5` and `5L` are).
-    let key = match key {
-        Some(key) if id == old_id => key,
-        _ => coll.id_key(old_id),
+    let key = if id == old_id {
+        key
+    } else {
+        coll.id_key(old_id)
     };
     let change = coll.replace_found(key, old, new, None, bypass)?;
     emit(coll, sink, change);
@@ -510,6 +483,53 @@ fn replace_by_id_with(
         modified: 1,
         upserted: None,
     }))
+}
+
+/// The document a replacement upsert by `_id` inserts (`_id` first, then the replacement's
+/// other fields), validated as an insert; `Err(r)` (the replacement given back) when the
+/// replacement's own `_id` differs from the filter's, which the general path answers.
+fn upserted_document(
+    id: &Bson,
+    r: Document,
+    now_ts: bson::Timestamp,
+) -> CommandResult<Result<Document, Document>> {
+    // The replacement's `_id`: its first field when drivers put it there (no lookup).
+    let id_first = r.keys().next().is_some_and(|k| k == "_id");
+    let rid = if id_first {
+        r.values().next()
+    } else {
+        r.get("_id")
+    };
+    if rid.is_some_and(|rid| rid != id) {
+        return Ok(Err(r));
+    }
+    // `_id` first, then the replacement's other fields: the replacement itself when it
+    // starts with `_id` (whose value becomes the filter's, as the general path stores).
+    let new = if id_first {
+        let mut new = r;
+        for (k, v) in new.iter_mut() {
+            if k == "_id" {
+                *v = id.clone();
+            } else {
+                fill_empty_timestamp(v, now_ts);
+            }
+        }
+        new
+    } else {
+        let mut new = Document::new();
+        new.insert("_id", id.clone());
+        for (k, mut v) in r {
+            if k != "_id" {
+                fill_empty_timestamp(&mut v, now_ts);
+                new.insert(k, v);
+            }
+        }
+        new
+    };
+    // The document an upsert inserts is validated as an insert.
+    validate_updated_document(&new, true)?;
+    validate_stored_document(&new)?;
+    Ok(Ok(new))
 }
 
 /// The `_id` of `d`: its first field when that is `_id` (as stored documents and drivers'
