@@ -876,6 +876,47 @@ pub fn encode_document(doc: &Document, out: &mut Vec<u8>) -> Option<()> {
     written
 }
 
+/// [`encode_document`] of a document whose top-level field `key` stands for an array encoded
+/// apart: that field's value is written as `array` (the bytes of a BSON array), whatever it
+/// holds in `doc`. `None` (nothing written) when `doc` cannot be encoded this way, or has no
+/// such field.
+pub fn encode_document_with_array(
+    doc: &Document,
+    key: &str,
+    array: &[u8],
+    out: &mut Vec<u8>,
+) -> Option<()> {
+    let placeholder = doc.get(key)?;
+    let start = out.len();
+    out.reserve(bson_size(doc) - value_size(placeholder) + array.len());
+    let written = (|| {
+        out.extend_from_slice(&[0; 4]);
+        for (k, v) in doc {
+            if k == key {
+                out.push(bson::spec::ElementType::Array as u8);
+                write_cstring(k, out)?;
+                out.extend_from_slice(array);
+            } else {
+                write_element(k, v, out)?;
+            }
+        }
+        out.push(0);
+        let len = (out.len() - start) as i32;
+        out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+        Some(())
+    })();
+    if written.is_none() {
+        out.truncate(start);
+    }
+    written
+}
+
+/// Appends the BSON element `key: v` (type byte, key, value) to `out`; `None` (with a partial
+/// element written) when `v` cannot be encoded field by field.
+pub fn encode_element(key: &str, v: &Bson, out: &mut Vec<u8>) -> Option<()> {
+    write_element(key, v, out)
+}
+
 /// The BSON bytes of `doc` ([`encode_document`], else the `bson` crate's encoding); `None`
 /// when it cannot be encoded.
 pub fn document_bytes(doc: &Document) -> Option<Vec<u8>> {
@@ -933,7 +974,7 @@ fn write_array(items: &[Bson], out: &mut Vec<u8>) -> Option<()> {
 /// An array element's key ("0", "1", …) kept as decimal digits and counted up in place: the
 /// keys of a large array (an `update` that upserts answers an entry per statement) are not
 /// each formatted anew.
-struct ArrayKey {
+pub struct ArrayKey {
     /// The digits, right-aligned: `digits[start..]`.
     digits: [u8; 20],
     start: usize,
@@ -948,11 +989,11 @@ impl Default for ArrayKey {
 }
 
 impl ArrayKey {
-    fn as_str(&self) -> &str {
+    pub fn as_str(&self) -> &str {
         std::str::from_utf8(&self.digits[self.start..]).expect("ASCII digits")
     }
 
-    fn increment(&mut self) {
+    pub fn increment(&mut self) {
         let mut i = self.digits.len();
         while i > 0 {
             i -= 1;
