@@ -452,12 +452,27 @@ async fn serve_connection(
                     Outcome::Close => return,
                     // An unacknowledged write refused by a non-primary: the client cannot see
                     // the error, so the connection is closed (SERVER-38512).
-                    Outcome::Reply(doc) if more_to_come && refused_as_not_primary(&doc) => return,
-                    Outcome::Reply(_) if more_to_come => continue,
+                    Outcome::Reply(doc) | Outcome::ReplyWithArray { body: doc, .. }
+                        if more_to_come && refused_as_not_primary(&doc) =>
+                    {
+                        return
+                    }
+                    Outcome::Reply(_) | Outcome::ReplyWithArray { .. } if more_to_come => continue,
                     Outcome::Reply(doc) => {
                         let bytes =
                             wire::encode_op_msg_reply(next_reply_id, header.request_id, &doc);
                         answered = Some(doc);
+                        bytes
+                    }
+                    Outcome::ReplyWithArray { body, key, array } => {
+                        let bytes = wire::encode_op_msg_reply_with_array(
+                            next_reply_id,
+                            header.request_id,
+                            &body,
+                            key,
+                            &array,
+                        );
+                        answered = Some(body);
                         bytes
                     }
                 }

@@ -876,6 +876,47 @@ pub fn encode_document(doc: &Document, out: &mut Vec<u8>) -> Option<()> {
     written
 }
 
+/// [`encode_document`] of a document whose top-level field `key` stands for an array encoded
+/// apart: that field's value is written as `array` (the bytes of a BSON array), whatever it
+/// holds in `doc`. `None` (nothing written) when `doc` cannot be encoded this way, or has no
+/// such field.
+pub fn encode_document_with_array(
+    doc: &Document,
+    key: &str,
+    array: &[u8],
+    out: &mut Vec<u8>,
+) -> Option<()> {
+    let placeholder = doc.get(key)?;
+    let start = out.len();
+    out.reserve(bson_size(doc) - value_size(placeholder) + array.len());
+    let written = (|| {
+        out.extend_from_slice(&[0; 4]);
+        for (k, v) in doc {
+            if k == key {
+                out.push(bson::spec::ElementType::Array as u8);
+                write_cstring(k, out)?;
+                out.extend_from_slice(array);
+            } else {
+                write_element(k, v, out)?;
+            }
+        }
+        out.push(0);
+        let len = (out.len() - start) as i32;
+        out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+        Some(())
+    })();
+    if written.is_none() {
+        out.truncate(start);
+    }
+    written
+}
+
+/// Appends the BSON element `key: v` (type byte, key, value) to `out`; `None` (with a partial
+/// element written) when `v` cannot be encoded field by field.
+pub fn encode_element(key: &str, v: &Bson, out: &mut Vec<u8>) -> Option<()> {
+    write_element(key, v, out)
+}
+
 /// The BSON bytes of `doc` ([`encode_document`], else the `bson` crate's encoding); `None`
 /// when it cannot be encoded.
 pub fn document_bytes(doc: &Document) -> Option<Vec<u8>> {
@@ -919,17 +960,52 @@ fn write_document(doc: &Document, out: &mut Vec<u8>) -> Option<()> {
 fn write_array(items: &[Bson], out: &mut Vec<u8>) -> Option<()> {
     let start = out.len();
     out.extend_from_slice(&[0; 4]);
-    let mut key = String::new();
-    for (i, v) in items.iter().enumerate() {
-        use std::fmt::Write as _;
-        key.clear();
-        write!(key, "{i}").expect("writing to a String cannot fail");
-        write_element(&key, v, out)?;
+    let mut key = ArrayKey::default();
+    for v in items {
+        write_element(key.as_str(), v, out)?;
+        key.increment();
     }
     out.push(0);
     let len = (out.len() - start) as i32;
     out[start..start + 4].copy_from_slice(&len.to_le_bytes());
     Some(())
+}
+
+/// An array element's key ("0", "1", …) kept as decimal digits and counted up in place: the
+/// keys of a large array (an `update` that upserts answers an entry per statement) are not
+/// each formatted anew.
+pub struct ArrayKey {
+    /// The digits, right-aligned: `digits[start..]`.
+    digits: [u8; 20],
+    start: usize,
+}
+
+impl Default for ArrayKey {
+    fn default() -> Self {
+        let mut digits = [b'0'; 20];
+        digits[19] = b'0';
+        ArrayKey { digits, start: 19 }
+    }
+}
+
+impl ArrayKey {
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.digits[self.start..]).expect("ASCII digits")
+    }
+
+    pub fn increment(&mut self) {
+        let mut i = self.digits.len();
+        while i > 0 {
+            i -= 1;
+            if self.digits[i] == b'9' {
+                self.digits[i] = b'0';
+            } else {
+                self.digits[i] += 1;
+                self.start = self.start.min(i);
+                return;
+            }
+        }
+    }
 }
 
 fn write_element(key: &str, v: &Bson, out: &mut Vec<u8>) -> Option<()> {
@@ -1085,6 +1161,20 @@ impl Catalog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn array_keys_count_in_decimal() {
+        let mut key = ArrayKey::default();
+        for i in 0..100_123usize {
+            assert_eq!(key.as_str(), i.to_string());
+            key.increment();
+        }
+        let many: Vec<Bson> = (0..1_234).map(Bson::Int32).collect();
+        let d = doc! {"a": many};
+        let mut out = Vec::new();
+        encode_document(&d, &mut out).unwrap();
+        assert_eq!(out, d.to_vec().unwrap());
+    }
 
     #[test]
     fn computed_size_equals_encoded_size() {

@@ -602,6 +602,43 @@ pub fn encode_op_msg_reply(request_id: i32, response_to: i32, body: &Document) -
     out
 }
 
+/// [`encode_op_msg_reply`] of a body whose top-level field `key` is the array `array`, encoded
+/// apart ([`crate::commands::Outcome::ReplyWithArray`]): the body's own value of that field
+/// is a placeholder.
+pub fn encode_op_msg_reply_with_array(
+    request_id: i32,
+    response_to: i32,
+    body: &Document,
+    key: &str,
+    array: &[u8],
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + 5 + crate::store::bson_size(body) + array.len());
+    write_header(&mut out, request_id, response_to, OP_MSG);
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.push(0);
+    if crate::store::encode_document_with_array(body, key, array, &mut out).is_none() {
+        let mut body = body.clone();
+        body.insert(key, array_from_bytes(array));
+        return encode_op_msg_reply(request_id, response_to, &body);
+    }
+    patch_length(&mut out);
+    out
+}
+
+/// The array whose BSON bytes are `bytes` (encoded by the simulator itself).
+pub fn array_from_bytes(bytes: &[u8]) -> bson::Bson {
+    let raw = bson::RawDocument::from_bytes(bytes).expect("an array the simulator encoded");
+    bson::Bson::Array(
+        raw.into_iter()
+            .map(|element| {
+                element
+                    .and_then(|(_, v)| raw_to_bson(v))
+                    .expect("an array the simulator encoded")
+            })
+            .collect(),
+    )
+}
+
 /// An OP_MSG reply whose body is already encoded BSON (avoids re-encoding large batches).
 pub fn encode_op_msg_reply_raw(request_id: i32, response_to: i32, body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + 5 + body.len());

@@ -394,69 +394,42 @@ fn replace_by_id_with(
     r: Document,
     bypass: bool,
 ) -> CommandResult<Result<UpdateOutcome, Document>> {
+    let now_ts = sink.now_ts();
+    const NOT_FOUND: UpdateOutcome = UpdateOutcome {
+        matched: 0,
+        modified: 0,
+        upserted: None,
+    };
     // One lookup of the collection and of the document; an upsert that inserts reuses the
     // key it was not found under.
-    let (key, old) = match cat.get(coll_ns) {
-        Some(c) => {
-            let key = c.id_key(id);
-            let old = c.docs.get(&key).cloned();
-            (Some(key), old)
-        }
-        None => (None, None),
-    };
-    let now_ts = sink.now_ts();
-    let Some(old) = old else {
+    let Some(coll) = cat.get_mut(coll_ns) else {
         if !upsert {
-            return Ok(Ok(UpdateOutcome {
-                matched: 0,
-                modified: 0,
-                upserted: None,
-            }));
+            return Ok(Ok(NOT_FOUND));
         }
-        // The replacement's `_id`: its first field when drivers put it there (no lookup).
-        let id_first = r.keys().next().is_some_and(|k| k == "_id");
-        let rid = if id_first {
-            r.values().next()
-        } else {
-            r.get("_id")
+        let new = match upserted_document(id, r, now_ts)? {
+            Ok(new) => new,
+            Err(r) => return Ok(Err(r)),
         };
-        if rid.is_some_and(|rid| rid != id) {
-            return Ok(Err(r));
+        let coll = ensure_collection(cat, sink, coll_ns)?;
+        let change = coll.insert(new, bypass)?;
+        emit(coll, sink, change);
+        enforce_capped(coll, sink);
+        return Ok(Ok(UpdateOutcome {
+            matched: 0,
+            modified: 0,
+            upserted: Some(id.clone()),
+        }));
+    };
+    let key = coll.id_key(id);
+    let Some(old) = coll.docs.get(&key).cloned() else {
+        if !upsert {
+            return Ok(Ok(NOT_FOUND));
         }
-        // `_id` first, then the replacement's other fields: the replacement itself when it
-        // starts with `_id` (whose value becomes the filter's, as the general path stores).
-        let new = if id_first {
-            let mut new = r;
-            for (k, v) in new.iter_mut() {
-                if k == "_id" {
-                    *v = id.clone();
-                } else {
-                    fill_empty_timestamp(v, now_ts);
-                }
-            }
-            new
-        } else {
-            let mut new = Document::new();
-            new.insert("_id", id.clone());
-            for (k, mut v) in r {
-                if k != "_id" {
-                    fill_empty_timestamp(&mut v, now_ts);
-                    new.insert(k, v);
-                }
-            }
-            new
+        let new = match upserted_document(id, r, now_ts)? {
+            Ok(new) => new,
+            Err(r) => return Ok(Err(r)),
         };
-        // The document an upsert inserts is validated as an insert.
-        validate_updated_document(&new, true)?;
-        validate_stored_document(&new)?;
-        let coll = match key {
-            Some(_) => cat.get_mut(coll_ns).expect("found above"),
-            None => ensure_collection(cat, sink, coll_ns)?,
-        };
-        let change = match key {
-            Some(key) => coll.insert_absent(new, key, bypass)?,
-            None => coll.insert(new, bypass)?,
-        };
+        let change = coll.insert_absent(new, key, bypass)?;
         emit(coll, sink, change);
         enforce_capped(coll, sink);
         return Ok(Ok(UpdateOutcome {
@@ -496,12 +469,12 @@ fn replace_by_id_with(
             upserted: None,
         }));
     }
-    let coll = cat.get_mut(coll_ns).expect("the document came from it");
     // The key the general path stores under is the new `_id`'s: the lookup's when the
     // filter's `_id` is the stored one (not merely equal to it, as `5` and `5L` are).
-    let key = match key {
-        Some(key) if id == old_id => key,
-        _ => coll.id_key(old_id),
+    let key = if id == old_id {
+        key
+    } else {
+        coll.id_key(old_id)
     };
     let change = coll.replace_found(key, old, new, None, bypass)?;
     emit(coll, sink, change);
@@ -510,6 +483,53 @@ fn replace_by_id_with(
         modified: 1,
         upserted: None,
     }))
+}
+
+/// The document a replacement upsert by `_id` inserts (`_id` first, then the replacement's
+/// other fields), validated as an insert; `Err(r)` (the replacement given back) when the
+/// replacement's own `_id` differs from the filter's, which the general path answers.
+fn upserted_document(
+    id: &Bson,
+    r: Document,
+    now_ts: bson::Timestamp,
+) -> CommandResult<Result<Document, Document>> {
+    // The replacement's `_id`: its first field when drivers put it there (no lookup).
+    let id_first = r.keys().next().is_some_and(|k| k == "_id");
+    let rid = if id_first {
+        r.values().next()
+    } else {
+        r.get("_id")
+    };
+    if rid.is_some_and(|rid| rid != id) {
+        return Ok(Err(r));
+    }
+    // `_id` first, then the replacement's other fields: the replacement itself when it
+    // starts with `_id` (whose value becomes the filter's, as the general path stores).
+    let new = if id_first {
+        let mut new = r;
+        for (k, v) in new.iter_mut() {
+            if k == "_id" {
+                *v = id.clone();
+            } else {
+                fill_empty_timestamp(v, now_ts);
+            }
+        }
+        new
+    } else {
+        let mut new = Document::new();
+        new.insert("_id", id.clone());
+        for (k, mut v) in r {
+            if k != "_id" {
+                fill_empty_timestamp(&mut v, now_ts);
+                new.insert(k, v);
+            }
+        }
+        new
+    };
+    // The document an upsert inserts is validated as an insert.
+    validate_updated_document(&new, true)?;
+    validate_stored_document(&new)?;
+    Ok(Ok(new))
 }
 
 /// The `_id` of `d`: its first field when that is `_id` (as stored documents and drivers'
@@ -656,10 +676,13 @@ pub fn update(ctx: &Ctx<'_>) -> CommandResult<Document> {
     let ordered = stops_at_first_error(ctx);
     let bypass = bypass(ctx);
     let lets = command_lets(ctx, "update.let")?;
+    // A retryable write's (or a transaction's) reply is kept, for a retry to replay: a
+    // document. Any other is only sent.
+    let encoded = ctx.session.as_ref().is_none_or(|s| s.txn_number.is_none());
     let (n, modified, upserted, errors) = ctx.write(|cat, sink| {
         let mut n = 0i64;
         let mut modified = 0i64;
-        let mut upserted = Vec::new();
+        let mut upserted = Upserted::new(encoded);
         if views::is_view(cat, &ns) {
             let errors = view_write_errors(&ns, updates.len(), ordered);
             return Ok((n, modified, upserted, errors));
@@ -698,7 +721,7 @@ pub fn update(ctx: &Ctx<'_>) -> CommandResult<Document> {
                             // Statements that upsert usually come in batches of them.
                             upserted.reserve(updates_len - i);
                         }
-                        upserted.push(Bson::Document(doc! {"index": i as i32, "_id": id}));
+                        upserted.push(i as i32, id);
                     }
                 }
                 Err(e) => {
@@ -712,10 +735,129 @@ pub fn update(ctx: &Ctx<'_>) -> CommandResult<Document> {
         Ok((n, modified, upserted, errors))
     })?;
     let mut reply = doc! {"n": n as i32, "nModified": modified as i32};
-    if !upserted.is_empty() {
-        reply.insert("upserted", upserted);
+    if let Some(array) = upserted.into_reply(&mut reply) {
+        *ctx.encoded_array.lock() = Some(("upserted", array));
     }
     finish_write(ctx, reply, errors)
+}
+
+/// The `upserted` entries (`{index, _id}`) of an `update` reply, as they come.
+///
+/// Encoded as BSON right away when the reply is only sent: a `Document` per entry (an index
+/// map and its two keys, to build, encode and free) cost an upsert that inserts more than
+/// anything else it does besides the insert. Documents when the reply is kept (retryable
+/// writes, transactions) or an `_id` cannot be encoded field by field.
+enum Upserted {
+    Encoded {
+        /// The array so far: its length placeholder, then its elements.
+        bytes: Vec<u8>,
+        key: crate::store::ArrayKey,
+        len: usize,
+    },
+    Documents(Vec<Bson>),
+}
+
+/// Encoded size of an entry with an `_id` of 8 bytes: what batches of upserts reserve.
+const UPSERTED_ENTRY_SIZE: usize = 32;
+
+impl Upserted {
+    fn new(encoded: bool) -> Self {
+        if encoded {
+            Upserted::Encoded {
+                bytes: vec![0; 4],
+                key: crate::store::ArrayKey::default(),
+                len: 0,
+            }
+        } else {
+            Upserted::Documents(Vec::new())
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            Upserted::Encoded { len, .. } => *len == 0,
+            Upserted::Documents(docs) => docs.is_empty(),
+        }
+    }
+
+    fn reserve(&mut self, entries: usize) {
+        match self {
+            Upserted::Encoded { bytes, .. } => bytes.reserve(entries * UPSERTED_ENTRY_SIZE),
+            Upserted::Documents(docs) => docs.reserve(entries),
+        }
+    }
+
+    fn push(&mut self, index: i32, id: Bson) {
+        let Upserted::Encoded { bytes, key, len } = self else {
+            let Upserted::Documents(docs) = self else {
+                unreachable!()
+            };
+            docs.push(Bson::Document(doc! {"index": index, "_id": id}));
+            return;
+        };
+        let start = bytes.len();
+        bytes.push(bson::spec::ElementType::EmbeddedDocument as u8);
+        bytes.extend_from_slice(key.as_str().as_bytes());
+        bytes.push(0);
+        let doc_start = bytes.len();
+        bytes.extend_from_slice(&[0; 4]);
+        bytes.push(bson::spec::ElementType::Int32 as u8);
+        bytes.extend_from_slice(b"index\0");
+        bytes.extend_from_slice(&index.to_le_bytes());
+        if crate::store::encode_element("_id", &id, bytes).is_none() {
+            bytes.truncate(start);
+            let mut docs = match self.finish() {
+                Some(Bson::Array(docs)) => docs,
+                _ => Vec::new(),
+            };
+            docs.push(Bson::Document(doc! {"index": index, "_id": id}));
+            *self = Upserted::Documents(docs);
+            return;
+        }
+        bytes.push(0);
+        let doc_len = (bytes.len() - doc_start) as i32;
+        bytes[doc_start..doc_start + 4].copy_from_slice(&doc_len.to_le_bytes());
+        key.increment();
+        *len += 1;
+    }
+
+    /// The entries so far as an array (`None` when there are none).
+    fn finish(&mut self) -> Option<Bson> {
+        match std::mem::replace(self, Upserted::Documents(Vec::new())) {
+            Upserted::Documents(docs) if docs.is_empty() => None,
+            Upserted::Documents(docs) => Some(Bson::Array(docs)),
+            Upserted::Encoded { len: 0, .. } => None,
+            Upserted::Encoded { bytes, .. } => {
+                Some(crate::wire::array_from_bytes(&encoded_array(bytes)))
+            }
+        }
+    }
+
+    /// Adds `upserted` to `reply` when there are entries: the array itself, or (encoded) a
+    /// placeholder and the array's bytes to send in its place.
+    fn into_reply(self, reply: &mut Document) -> Option<Vec<u8>> {
+        match self {
+            Upserted::Encoded { len: 0, .. } => None,
+            Upserted::Encoded { bytes, .. } => {
+                reply.insert("upserted", Bson::Array(Vec::new()));
+                Some(encoded_array(bytes))
+            }
+            Upserted::Documents(docs) => {
+                if !docs.is_empty() {
+                    reply.insert("upserted", docs);
+                }
+                None
+            }
+        }
+    }
+}
+
+/// An array's elements (after a 4-byte length placeholder) completed as its BSON bytes.
+fn encoded_array(mut bytes: Vec<u8>) -> Vec<u8> {
+    bytes.push(0);
+    let len = bytes.len() as i32;
+    bytes[..4].copy_from_slice(&len.to_le_bytes());
+    bytes
 }
 
 pub fn delete(ctx: &Ctx<'_>) -> CommandResult<Document> {
@@ -897,4 +1039,104 @@ pub fn find_and_modify(ctx: &Ctx<'_>) -> CommandResult<Document> {
         (None, _) => Bson::Null,
     };
     Ok(doc! {"lastErrorObject": last_error, "value": value})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A DBPointer (not encodable field by field: the entries fall back to documents).
+    fn db_pointer() -> Bson {
+        let mut raw = Vec::new();
+        raw.extend_from_slice(&[0; 4]);
+        raw.push(0x0C);
+        raw.extend_from_slice(b"p\0");
+        raw.extend_from_slice(&3i32.to_le_bytes());
+        raw.extend_from_slice(b"db\0");
+        raw.extend_from_slice(&[7; 12]);
+        raw.push(0);
+        let len = raw.len() as i32;
+        raw[..4].copy_from_slice(&len.to_le_bytes());
+        let doc = bson::RawDocument::from_bytes(&raw).unwrap();
+        crate::wire::raw_to_bson(doc.get("p").unwrap().unwrap()).unwrap()
+    }
+
+    /// The reply `update` answers with these `upserted` entries, as it is sent.
+    fn sent(entries: &[(i32, Bson)], encoded: bool) -> Vec<u8> {
+        let mut upserted = Upserted::new(encoded);
+        upserted.reserve(entries.len());
+        for (i, id) in entries {
+            upserted.push(*i, id.clone());
+        }
+        let mut reply = doc! {"n": 3, "nModified": 0};
+        let array = upserted.into_reply(&mut reply);
+        reply.insert("ok", 1.0);
+        match array {
+            Some(array) => {
+                crate::wire::encode_op_msg_reply_with_array(1, 2, &reply, "upserted", &array)
+            }
+            None => crate::wire::encode_op_msg_reply(1, 2, &reply),
+        }
+    }
+
+    #[test]
+    fn encoded_upserted_entries_are_the_documents() {
+        let mut entries: Vec<(i32, Bson)> = vec![
+            (0, Bson::Int64(5)),
+            (2, Bson::String("é".into())),
+            (3, Bson::Document(doc! {"a": [1, {"b": 2}]})),
+            (7, Bson::ObjectId(bson::oid::ObjectId::new())),
+            (8, Bson::Null),
+            (9, Bson::Double(1.5)),
+        ];
+        entries.extend((10..1_234).map(|i| (i, Bson::Int32(i))));
+        let expected = {
+            let upserted: Vec<Bson> = entries
+                .iter()
+                .map(|(i, id)| Bson::Document(doc! {"index": *i, "_id": id.clone()}))
+                .collect();
+            let reply = doc! {"n": 3, "nModified": 0, "upserted": upserted, "ok": 1.0};
+            crate::wire::encode_op_msg_reply(1, 2, &reply)
+        };
+        assert_eq!(sent(&entries, true), expected);
+        assert_eq!(sent(&entries, false), expected);
+        // No entries: no field.
+        let none =
+            crate::wire::encode_op_msg_reply(1, 2, &doc! {"n": 3, "nModified": 0, "ok": 1.0});
+        assert_eq!(sent(&[], true), none);
+        // An `_id` the simulator does not encode: documents from there on, the same entries.
+        entries.insert(3, (4, db_pointer()));
+        let mut upserted = Upserted::new(true);
+        for (i, id) in &entries {
+            upserted.push(*i, id.clone());
+        }
+        let mut reply = doc! {"n": 3};
+        assert_eq!(upserted.into_reply(&mut reply), None);
+        let expected: Vec<Bson> = entries
+            .iter()
+            .map(|(i, id)| Bson::Document(doc! {"index": *i, "_id": id.clone()}))
+            .collect();
+        assert_eq!(reply.get_array("upserted").unwrap(), &expected);
+    }
+
+    #[test]
+    fn outcome_with_an_encoded_array_gives_the_whole_reply() {
+        let mut upserted = Upserted::new(true);
+        upserted.push(0, Bson::Int32(1));
+        upserted.push(1, Bson::String("x".into()));
+        let mut body = doc! {"n": 2};
+        let array = upserted.into_reply(&mut body).unwrap();
+        body.insert("ok", 1.0);
+        let reply = super::super::Outcome::ReplyWithArray {
+            body,
+            key: "upserted",
+            array,
+        }
+        .into_reply()
+        .unwrap();
+        assert_eq!(
+            reply,
+            doc! {"n": 2, "upserted": [{"index": 0, "_id": 1}, {"index": 1, "_id": "x"}], "ok": 1.0}
+        );
+    }
 }

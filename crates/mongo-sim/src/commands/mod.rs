@@ -36,8 +36,34 @@ pub struct ConnInfo {
 /// What the connection should do with the outcome of a command.
 pub enum Outcome {
     Reply(Document),
+    /// A reply whose top-level field `key` is the array `array`, already encoded as BSON
+    /// (the `upserted` entries of an `update`): `body`'s own value of that field is a
+    /// placeholder. [`Outcome::into_reply`] gives the complete document.
+    ReplyWithArray {
+        body: Document,
+        key: &'static str,
+        array: Vec<u8>,
+    },
     /// `failCommand` with `closeConnection`: drop the socket without answering.
     Close,
+}
+
+impl Outcome {
+    /// The reply as one document (`None`: close the connection).
+    pub fn into_reply(self) -> Option<Document> {
+        match self {
+            Outcome::Reply(body) => Some(body),
+            Outcome::ReplyWithArray {
+                mut body,
+                key,
+                array,
+            } => {
+                body.insert(key, crate::wire::array_from_bytes(&array));
+                Some(body)
+            }
+            Outcome::Close => None,
+        }
+    }
 }
 
 /// Session-related arguments of a command.
@@ -132,6 +158,9 @@ pub struct Ctx<'a> {
     /// This command already opened its transaction (`startTransaction`): a command that reads
     /// the catalog more than once (e.g. for the collation, then for the documents) opens it once.
     pub transaction_begun: std::sync::atomic::AtomicBool,
+    /// A field of the reply encoded apart by the command (its name and the BSON bytes of its
+    /// array value; the reply holds a placeholder): see [`Outcome::ReplyWithArray`].
+    pub encoded_array: parking_lot::Mutex<Option<(&'static str, Vec<u8>)>>,
 }
 
 /// Commands that take `readConcern: {level: "snapshot"}` outside transactions (MongoDB 5.0+;
@@ -493,7 +522,13 @@ fn command_namespace(db: &str, name: &str, cmd: &Document) -> Option<String> {
 
 /// Executes one command and builds its reply.
 pub async fn execute(engine: &Arc<Engine>, conn: &mut ConnInfo, cmd: Document) -> Outcome {
-    execute_with_batch(engine, conn, cmd, None).await
+    match execute_with_batch(engine, conn, cmd, None)
+        .await
+        .into_reply()
+    {
+        Some(reply) => Outcome::Reply(reply),
+        None => Outcome::Close,
+    }
 }
 
 /// [`execute`] of a command whose `update` statements were kept raw by the wire decoding
@@ -607,6 +642,7 @@ pub async fn execute_with_batch(
         repl_counter_at_start: engine.repl.lock().topology_counter,
         snapshot_read_at: parking_lot::Mutex::new(None),
         transaction_begun: std::sync::atomic::AtomicBool::new(false),
+        encoded_array: parking_lot::Mutex::new(None),
     };
     let change_stream_cmd = is_change_stream_command(engine, &name, &cmd);
     if let Some(a) = &action {
@@ -657,7 +693,14 @@ pub async fn execute_with_batch(
                     reply.insert("errorLabels", labels);
                 }
             }
-            Outcome::Reply(reply)
+            match ctx.encoded_array.lock().take() {
+                Some((key, array)) if reply.contains_key(key) => Outcome::ReplyWithArray {
+                    body: reply,
+                    key,
+                    array,
+                },
+                _ => Outcome::Reply(reply),
+            }
         }
         Err(err) => {
             if ctx.in_transaction() && aborts_transaction(&ctx, &err) {
