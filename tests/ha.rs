@@ -1184,3 +1184,34 @@ async fn a_paused_partition_holder_steps_down_from_all_and_no_older_version_land
     assert_eq!(a.terminate().await, Some(0), "{}", a.logs());
     assert_eq!(b.terminate().await, Some(0), "{}", b.logs());
 }
+
+/// `--reset-identity` discards every checkpoint and re-copies: with partitions, other
+/// instances may be syncing at that moment, so it is refused before anything is written.
+#[tokio::test]
+async fn reset_identity_is_refused_with_partitions() {
+    let c = Clusters::start().await;
+    seed(&c.src, "part", "c0", 10).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::configure(&c, dir.path(), &partitioned_config(2));
+    d.spawn_with_env(
+        &["--reset-identity"],
+        &[("MONGO_SYNCD_DESTINATION__SOCKET_TIMEOUT_MS", "1000")],
+    );
+    assert_eq!(d.wait_exit(T).await, Some(78), "{}", d.logs());
+    assert!(
+        d.logs()
+            .contains("--reset-identity cannot run with ha.partitions > 1"),
+        "{}",
+        d.logs()
+    );
+    let written = c
+        .dst
+        .database("mongo_syncd")
+        .list_collection_names()
+        .await
+        .unwrap();
+    assert!(
+        !written.iter().any(|n| n == "checkpoints" || n == "leases"),
+        "something was written: {written:?}"
+    );
+}
