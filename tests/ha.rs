@@ -303,6 +303,25 @@ async fn sigterm_hands_the_lease_over_at_once() {
     assert_eq!(b.terminate().await, Some(0), "{}", b.logs());
 }
 
+/// (`_id`, `v`) of a destination change that wrote a version.
+fn versioned_change(
+    event: &mongodb::change_stream::event::ChangeStreamEvent<Document>,
+) -> Option<(i64, i64)> {
+    let id = event
+        .document_key
+        .as_ref()
+        .and_then(|k| k.get_i64("_id").ok())?;
+    let version = event
+        .update_description
+        .as_ref()
+        .and_then(|u| u.updated_fields.get("v"))
+        .or_else(|| event.full_document.as_ref().and_then(|d| d.get("v")));
+    match version {
+        Some(Bson::Int64(v)) => Some((id, *v)),
+        _ => None,
+    }
+}
+
 /// Every destination change of `db.coll` as (`_id`, `v`), in the destination's order.
 fn record_destination_versions(
     dst: &Client,
@@ -321,22 +340,8 @@ fn record_destination_versions(
         while !flag.load(std::sync::atomic::Ordering::Relaxed) {
             let next = tokio::time::timeout(Duration::from_millis(200), stream.try_next()).await;
             let Ok(Ok(Some(event))) = next else { continue };
-            let id = event
-                .document_key
-                .as_ref()
-                .and_then(|k| k.get_i64("_id").ok());
-            let version = event
-                .update_description
-                .as_ref()
-                .and_then(|u| u.updated_fields.get("v").cloned())
-                .or_else(|| {
-                    event
-                        .full_document
-                        .as_ref()
-                        .and_then(|d| d.get("v").cloned())
-                });
-            if let (Some(id), Some(Bson::Int64(v))) = (id, version) {
-                seen.push((id, v));
+            if let Some(change) = versioned_change(&event) {
+                seen.push(change);
             }
         }
         seen
@@ -736,21 +741,7 @@ fn record_partitioned_versions(
                 .and_then(|ns| ns.coll.as_deref())
                 .and_then(|c| c.strip_prefix('c'))
                 .and_then(|n| n.parse().ok());
-            let id = event
-                .document_key
-                .as_ref()
-                .and_then(|k| k.get_i64("_id").ok());
-            let version = event
-                .update_description
-                .as_ref()
-                .and_then(|u| u.updated_fields.get("v").cloned())
-                .or_else(|| {
-                    event
-                        .full_document
-                        .as_ref()
-                        .and_then(|d| d.get("v").cloned())
-                });
-            if let (Some(coll), Some(id), Some(Bson::Int64(v))) = (coll, id, version) {
+            if let (Some(coll), Some((id, v))) = (coll, versioned_change(&event)) {
                 seen.push((coll * 1000 + id, v));
             }
         }

@@ -275,13 +275,8 @@ impl LeaseStore {
                 "reading the lease",
             )
             .await?;
-        Ok(reply
-            .get_document("cursor")
-            .ok()
-            .and_then(|c| c.get_array("firstBatch").ok())
-            .and_then(|b| b.first())
-            .and_then(Bson::as_document)
-            .map(holder_of))
+        let holder = first_batch(&reply).next().map(holder_of);
+        Ok(holder)
     }
 }
 
@@ -314,13 +309,7 @@ impl LeaseStore {
                 "reading the leases",
             )
             .await?;
-        Ok(reply
-            .get_document("cursor")
-            .ok()
-            .and_then(|c| c.get_array("firstBatch").ok())
-            .into_iter()
-            .flatten()
-            .filter_map(Bson::as_document)
+        Ok(first_batch(&reply)
             .filter_map(|d| {
                 let partition = match d.get_document("_id").ok()?.get("partition")? {
                     Bson::Int64(p) => u32::try_from(*p).ok()?,
@@ -335,6 +324,17 @@ impl LeaseStore {
             })
             .collect())
     }
+}
+
+/// The documents of a single-batch cursor reply (`find`, `aggregate`).
+pub(super) fn first_batch(reply: &Document) -> impl Iterator<Item = &Document> {
+    reply
+        .get_document("cursor")
+        .ok()
+        .and_then(|c| c.get_array("firstBatch").ok())
+        .into_iter()
+        .flatten()
+        .filter_map(Bson::as_document)
 }
 
 fn holder_of(d: &Document) -> Holder {

@@ -4,7 +4,7 @@
 //! destination's clock. The live count N sets how many partitions an instance may hold,
 //! ceil(P/N); the layout lets instances see that they disagree on the partitioning.
 
-use bson::{doc, Bson, Document};
+use bson::{doc, Document};
 
 use crate::error::{ErrorKind, SyncError};
 
@@ -93,13 +93,7 @@ impl Members {
                 "reading the live instances",
             )
             .await?;
-        Ok(reply
-            .get_document("cursor")
-            .ok()
-            .and_then(|c| c.get_array("firstBatch").ok())
-            .into_iter()
-            .flatten()
-            .filter_map(Bson::as_document)
+        Ok(super::lease::first_batch(&reply)
             .filter_map(|d| {
                 Some(Member {
                     instance: d
