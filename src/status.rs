@@ -126,6 +126,24 @@ pub struct StatusRegistry {
     pub destination_hosts: RwLock<String>,
     /// Pooled connections open to each cluster.
     pub connections: ConnectionCounts,
+    /// The shared change streams running now, by watermark name (DESIGN §2.11).
+    shared_streams: RwLock<BTreeMap<String, Arc<SharedStreamCounters>>>,
+}
+
+/// What one shared change stream has read and routed, shown in `/api/v1/status`.
+#[derive(Debug, Default)]
+pub struct SharedStreamCounters {
+    /// Events the source returned on the stream.
+    pub events_read: AtomicU64,
+    /// Events sent to a member worker.
+    pub events_routed: AtomicU64,
+    /// Data events of another partition's namespaces that reached the stream: namespaces its
+    /// `$match` did not exclude yet (created since it was opened).
+    pub foreign_events: AtomicU64,
+    /// Namespaces of other partitions its `$match` excludes (`ha.partitions` > 1).
+    pub excluded_namespaces: AtomicU64,
+    /// Namespaces that read it now.
+    pub members: AtomicU64,
 }
 
 impl Default for StatusRegistry {
@@ -143,6 +161,7 @@ impl Default for StatusRegistry {
             source_hosts: RwLock::new(String::new()),
             destination_hosts: RwLock::new(String::new()),
             connections: Default::default(),
+            shared_streams: RwLock::new(BTreeMap::new()),
         }
     }
 }
@@ -479,6 +498,21 @@ impl StatusRegistry {
         )
     }
 
+    /// The counters of shared stream `name`, registered while it runs.
+    pub fn shared_stream(&self, name: &str) -> Arc<SharedStreamCounters> {
+        Arc::clone(
+            self.shared_streams
+                .write()
+                .entry(name.to_string())
+                .or_default(),
+        )
+    }
+
+    /// Shared stream `name` stopped.
+    pub fn forget_shared_stream(&self, name: &str) {
+        self.shared_streams.write().remove(name);
+    }
+
     /// `/api/v1/status` body.
     pub fn to_json(&self, version: &str) -> Value {
         let namespaces: serde_json::Map<String, Value> = self
@@ -528,6 +562,16 @@ impl StatusRegistry {
                     "live_instances": p.live_instances,
                 })),
             })),
+            "shared_streams": self.shared_streams.read().iter().map(|(name, c)| {
+                let get = |v: &AtomicU64| v.load(Ordering::Relaxed);
+                (name.clone(), json!({
+                    "members": get(&c.members),
+                    "events_read": get(&c.events_read),
+                    "events_routed": get(&c.events_routed),
+                    "foreign_events": get(&c.foreign_events),
+                    "excluded_namespaces": get(&c.excluded_namespaces),
+                }))
+            }).collect::<serde_json::Map<String, Value>>(),
             "namespaces": namespaces,
         })
     }

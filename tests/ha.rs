@@ -1024,6 +1024,140 @@ async fn each_partition_reads_its_own_shared_stream_and_its_watermark_moves_with
     assert!(!names().await.contains(&"deployment".to_owned()));
 }
 
+/// The shared streams of `d`, as its status shows them: name → counters.
+async fn shared_streams(d: &Daemon) -> Vec<(String, serde_json::Value)> {
+    d.status()
+        .await
+        .and_then(|s| s["shared_streams"].as_object().cloned())
+        .map(|m| m.into_iter().collect())
+        .unwrap_or_default()
+}
+
+/// Each partition's shared stream carries only its own namespaces' data events: its `$match`
+/// leaves out every listed namespace of the other partitions (without it, each of the four
+/// streams would read every write). A collection created later in another partition reaches
+/// the stream until a listing has seen it; the stream then reopens with it left out too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_partitions_stream_leaves_out_the_other_partitions_data_events() {
+    let c = Clusters::start().await;
+    for i in 0..PARTITIONED_COLLECTIONS {
+        seed(&c.src, "part", &format!("c{i}"), 50).await;
+    }
+    let config = format!(
+        "[source]\nstream_scope = \"deployment\"\n\n{}",
+        partitioned_config(4)
+    );
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = instance_with(&c, dir_a.path(), &config, "syncd-a");
+    let b = instance_with(&c, dir_b.path(), &config, "syncd-b");
+    wait_balanced(&[&a, &b], 4, 2, "two instances").await;
+    let streams = || async {
+        let mut all = shared_streams(&a).await;
+        all.extend(shared_streams(&b).await);
+        all
+    };
+    let count = |v: &serde_json::Value, field: &str| v[field].as_u64().unwrap_or(0);
+    let mut namespaces: Vec<(String, String)> = (0..PARTITIONED_COLLECTIONS)
+        .map(|i| ("part".to_owned(), format!("c{i}")))
+        .collect();
+    wait_until(
+        "every namespace joined its partition's stream",
+        T,
+        || async {
+            let all = streams().await;
+            all.iter().map(|(_, v)| count(v, "members")).sum::<u64>()
+                == PARTITIONED_COLLECTIONS as u64
+        },
+    )
+    .await;
+    let before: u64 = streams()
+        .await
+        .iter()
+        .map(|(_, v)| count(v, "events_read"))
+        .sum();
+    let (writer, stop_writing) = partitioned_writer(&c.src);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop_writing.store(true, std::sync::atomic::Ordering::Relaxed);
+    let written = writer.await.unwrap() as u64;
+    let refs = namespaces.clone();
+    let refs: Vec<(&str, &str)> = refs.iter().map(|(d, c)| (d.as_str(), c.as_str())).collect();
+    wait_converged(&c, &refs, T).await;
+    let all = streams().await;
+    let read: u64 = all
+        .iter()
+        .map(|(_, v)| count(v, "events_read"))
+        .sum::<u64>()
+        - before;
+    for (name, v) in &all {
+        assert_eq!(count(v, "foreign_events"), 0, "{name}: {v}");
+        assert_eq!(
+            count(v, "excluded_namespaces") + count(v, "members"),
+            PARTITIONED_COLLECTIONS as u64,
+            "{name} leaves out exactly the others' namespaces: {v}"
+        );
+    }
+    assert!(
+        written > 200 && read <= written + 20,
+        "{written} writes, read {read} times by the partitions' streams: {all:?}"
+    );
+
+    // New collections, most of them in other partitions than any one stream's.
+    let (more_writer, stop_more) = {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = std::sync::Arc::clone(&stop);
+        let db = c.src.database("part");
+        let task = tokio::spawn(async move {
+            let mut version = 0_i64;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                version += 1;
+                db.collection::<Document>(&format!("n{}", version % 8))
+                    .update_one(doc! {"_id": 0_i64}, doc! {"$set": {"v": version}})
+                    .upsert(true)
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        (task, stop)
+    };
+    namespaces.extend((0..8).map(|i| ("part".to_owned(), format!("n{i}"))));
+    let total = namespaces.len() as u64;
+    wait_until(
+        "every partition's stream left out the new namespaces of the others",
+        T,
+        || async {
+            let all = streams().await;
+            all.iter().map(|(_, v)| count(v, "members")).sum::<u64>() == total
+                && all
+                    .iter()
+                    .all(|(_, v)| count(v, "excluded_namespaces") + count(v, "members") == total)
+        },
+    )
+    .await;
+    let leaked: Vec<u64> = streams()
+        .await
+        .iter()
+        .map(|(_, v)| count(v, "foreign_events"))
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after: Vec<u64> = streams()
+        .await
+        .iter()
+        .map(|(_, v)| count(v, "foreign_events"))
+        .collect();
+    assert_eq!(
+        leaked, after,
+        "narrowed again, no other partition's event arrives"
+    );
+    stop_more.store(true, std::sync::atomic::Ordering::Relaxed);
+    more_writer.await.unwrap();
+    let refs: Vec<(&str, &str)> = namespaces
+        .iter()
+        .map(|(d, c)| (d.as_str(), c.as_str()))
+        .collect();
+    wait_converged(&c, &refs, T).await;
+}
+
 /// `ha.fencing = "transaction"`: the batch of a deposed owner that reaches the destination
 /// only after the new owner stamped the checkpoints (a process paused between its deadline
 /// check and its send, a packet held in the network) is refused as a whole, data included:

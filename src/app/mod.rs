@@ -797,6 +797,11 @@ impl Connected {
                         .filter(|_| config.ha.partitions > 1)
                         .map(|p| format!("p{p}/"))
                         .unwrap_or_default(),
+                    partition: config
+                        .ha
+                        .term_partition
+                        .filter(|_| config.ha.partitions > 1)
+                        .map(|p| (config.partitioner(), p)),
                 },
                 source.clone(),
                 checkpoints.clone(),

@@ -53,6 +53,15 @@ pub const JOIN_GRACE_MAX: Duration = Duration::from_secs(5);
 const WATCHDOG_MARGIN: Duration = Duration::from_secs(15);
 /// Databases never read by a deployment stream.
 const SYSTEM_DATABASES: [&str; 3] = ["admin", "config", "local"];
+/// A partition's stream reopens, narrowed again, at most this often when data events of a
+/// namespace created since it opened (another partition's) reach it.
+const RENARROW_EVERY: Duration = Duration::from_secs(10);
+/// Above this many namespaces to leave out, a stream's `$match` excludes none (the routing
+/// drops them): the command stays far below 16 MiB.
+const EXCLUDED_NAMESPACES_MAX: usize = 20_000;
+/// The change events that carry one document's data; every other kind (DDL) passes a
+/// partition's `$match`, so renames into it and creations are seen.
+const DATA_OPERATION_TYPES: [&str; 4] = ["insert", "update", "replace", "delete"];
 
 /// What a change-stream reader hands a worker.
 pub enum StreamItem {
@@ -102,6 +111,9 @@ pub struct SharedStreamSettings {
     /// Prefixed to the streams' names in their watermarks: each partition (`ha.partitions`)
     /// has its own readers and watermarks.
     pub watermark_prefix: String,
+    /// Under `ha.partitions` > 1: the partitioner and this term's partition. The streams'
+    /// `$match` leaves out the data events of namespaces that belong to other partitions.
+    pub partition: Option<(crate::config::partition::Partitioner, u32)>,
 }
 
 /// The daemon's stream plan and its shared readers.
@@ -447,6 +459,13 @@ struct Router {
     share_bytes: usize,
     /// The source transaction whose events are being routed (atomic transactions only).
     open_txn: Option<Arc<TxnGroup>>,
+    counters: Arc<crate::status::SharedStreamCounters>,
+    /// The other partitions' namespaces the stream's `$match` leaves out since it was opened.
+    excluded: std::collections::HashSet<String>,
+    opened_at: Instant,
+    /// A data event of another partition's listed namespace reached the stream: reopen it
+    /// narrowed again (at most every [`RENARROW_EVERY`]).
+    renarrow: bool,
 }
 
 enum ReadEnd {
@@ -461,8 +480,12 @@ impl Router {
         let share_bytes = streams
             .buffer
             .reader_share(streams.settings.batch_max_bytes);
+        let name = key.name();
+        let counters = streams
+            .status
+            .shared_stream(&format!("{}{name}", streams.settings.watermark_prefix));
         Router {
-            name: key.name(),
+            name,
             key,
             members: HashMap::new(),
             known: HashMap::new(),
@@ -473,6 +496,10 @@ impl Router {
             share: Arc::new(Semaphore::new(share_bytes)),
             share_bytes,
             open_txn: None,
+            counters,
+            excluded: Default::default(),
+            opened_at: Instant::now(),
+            renarrow: false,
             streams,
         }
     }
@@ -489,16 +516,52 @@ impl Router {
         }
     }
 
-    fn filter(&self) -> Option<Document> {
-        match self.key {
-            SharedStreamKey::Deployment => {
-                Some(doc! {"ns.db": {"$nin": SYSTEM_DATABASES.to_vec()}})
+    /// The stream's `$match`: no system database, and under `ha.partitions` none of the data
+    /// events of the listed namespaces that belong to other partitions (remembered in
+    /// `excluded`).
+    fn filter(&mut self) -> Option<Document> {
+        let (db, system) = match &self.key {
+            SharedStreamKey::Deployment => (
+                None,
+                Some(doc! {"ns.db": {"$nin": SYSTEM_DATABASES.to_vec()}}),
+            ),
+            SharedStreamKey::Database(db) => (Some(db.as_str()), None),
+        };
+        self.excluded = match &self.streams.settings.partition {
+            Some((partitioner, mine)) => {
+                let listed = self
+                    .streams
+                    .listed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                listed
+                    .as_ref()
+                    .map(|l| other_partitions(l.keys(), partitioner, *mine, db))
+                    .unwrap_or_default()
             }
-            SharedStreamKey::Database(_) => None,
+            None => Default::default(),
+        };
+        if self.excluded.len() > EXCLUDED_NAMESPACES_MAX {
+            tracing::info!(stream = %self.name, namespaces = self.excluded.len(), max = EXCLUDED_NAMESPACES_MAX, "too many other partitions' namespaces to leave out in the stream's $match; they are dropped as they are read");
+            self.excluded.clear();
         }
+        self.counters
+            .excluded_namespaces
+            .store(self.excluded.len() as u64, Ordering::Relaxed);
+        self.renarrow = false;
+        self.opened_at = Instant::now();
+        narrowed(system, &self.excluded)
     }
 
-    async fn run(mut self, mut ctrl: mpsc::Receiver<Control>) {
+    async fn run(self, mut ctrl: mpsc::Receiver<Control>) {
+        let status = Arc::clone(&self.streams.status);
+        let name = self.watermark_name();
+        self.read_until_stopped(&mut ctrl).await;
+        // Before `ctrl` closes: no router of the same name can have started yet.
+        status.forget_shared_stream(&name);
+    }
+
+    async fn read_until_stopped(mut self, ctrl: &mut mpsc::Receiver<Control>) {
         let stop = self.streams.stop.clone();
         let sync_id = self.streams.settings.sync_id.clone();
         match self
@@ -538,7 +601,7 @@ impl Router {
             }
         }
         let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
-        while let ReadEnd::Reopen { backoff: wait } = self.read(&mut ctrl, &stop).await {
+        while let ReadEnd::Reopen { backoff: wait } = self.read(ctrl, &stop).await {
             if wait && !backoff.sleep(&stop).await {
                 break;
             }
@@ -623,6 +686,9 @@ impl Router {
                     self.known.remove(&ns);
                     tracing::debug!(stream = %self.name, namespace = %ns, "namespace joined the shared change stream");
                     self.members.insert(ns, Slot { uuid, tx, member });
+                    self.counters
+                        .members
+                        .store(self.members.len() as u64, Ordering::Relaxed);
                 }
             }
         }
@@ -642,10 +708,11 @@ impl Router {
             None => StreamStart::Now,
         };
         let source = self.streams.source.clone();
+        let filter = self.filter();
         let opened = tokio::select! {
             biased;
             _ = stop.cancelled() => return ReadEnd::Exit,
-            r = tokio::time::timeout(watchdog, source.open_scoped_stream(self.target(), start, &settings, self.filter())) => r,
+            r = tokio::time::timeout(watchdog, source.open_scoped_stream(self.target(), start, &settings, filter)) => r,
         };
         let mut stream = match opened {
             Err(_) => {
@@ -709,8 +776,16 @@ impl Router {
                         self.position = Some(event.token.clone());
                         return ReadEnd::Reopen { backoff: false };
                     }
+                    self.counters.events_read.fetch_add(1, Ordering::Relaxed);
                     if !self.route(event, stop).await {
                         return ReadEnd::Exit;
+                    }
+                    if self.renarrow
+                        && self.open_txn.is_none()
+                        && self.opened_at.elapsed() >= RENARROW_EVERY
+                    {
+                        tracing::info!(stream = %self.name, "another partition's new namespaces reach this stream; reopening it with them left out");
+                        return ReadEnd::Reopen { backoff: false };
                     }
                 }
                 Ok(None) => {
@@ -772,6 +847,9 @@ impl Router {
         let Some(slot) = self.members.get(&ns) else {
             if matches!(event.kind, OpKind::Create | OpKind::Rename) {
                 self.streams.discovery_hint.notify_one();
+            }
+            if event.kind.is_data() {
+                self.count_foreign(&db, &coll, &ns);
             }
             return true;
         };
@@ -837,12 +915,35 @@ impl Router {
                 self.leave(&ns);
                 return true;
             }
+            self.counters.events_routed.fetch_add(1, Ordering::Relaxed);
         }
         if ends_namespace {
             // Its worker finishes at the invalidate; nothing of this incarnation follows.
             self.members.remove(&ns);
         }
         true
+    }
+
+    /// A data event no member reads: one of another partition's namespaces that the `$match`
+    /// did not leave out is counted, and the stream is narrowed again once a listing has
+    /// seen the namespace.
+    fn count_foreign(&mut self, db: &str, coll: &str, ns: &str) {
+        let Some((partitioner, mine)) = &self.streams.settings.partition else {
+            return;
+        };
+        if partitioner.partition_of(db, coll) == *mine {
+            return;
+        }
+        self.counters.foreign_events.fetch_add(1, Ordering::Relaxed);
+        if !self.renarrow && !self.excluded.contains(ns) {
+            let listed = self
+                .streams
+                .listed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            self.renarrow = listed.as_ref().is_some_and(|l| l.contains_key(ns))
+                && self.excluded.len() < EXCLUDED_NAMESPACES_MAX;
+        }
     }
 
     /// A member is gone (its worker stopped, or it was evicted): keep what it had applied.
@@ -861,6 +962,9 @@ impl Router {
 
     fn send_idle_marks(&mut self) {
         self.last_idle_mark = Instant::now();
+        self.counters
+            .members
+            .store(self.members.len() as u64, Ordering::Relaxed);
         let Some(position) = self.position.clone() else {
             return;
         };
@@ -1001,9 +1105,100 @@ fn synthetic_invalidate(after: &ChangeEvent) -> Option<ChangeEvent> {
     ChangeEvent::parse(raw).ok()
 }
 
+/// The listed namespaces (`db.coll`, of database `db` only when given) that belong to
+/// partitions other than `mine`.
+fn other_partitions<'a>(
+    listed: impl Iterator<Item = &'a String>,
+    partitioner: &crate::config::partition::Partitioner,
+    mine: u32,
+    db: Option<&str>,
+) -> std::collections::HashSet<String> {
+    listed
+        .filter(|ns| {
+            let (ns_db, coll) = ns.split_once('.').unwrap_or((ns.as_str(), ""));
+            db.is_none_or(|db| db == ns_db)
+                && !SYSTEM_DATABASES.contains(&ns_db)
+                && partitioner.partition_of(ns_db, coll) != mine
+        })
+        .cloned()
+        .collect()
+}
+
+/// `base` and a clause leaving out the data events of the `excluded` namespaces (in a stable
+/// order, so the same plan sends the same command).
+fn narrowed(
+    base: Option<Document>,
+    excluded: &std::collections::HashSet<String>,
+) -> Option<Document> {
+    if excluded.is_empty() {
+        return base;
+    }
+    let mut names: Vec<&String> = excluded.iter().collect();
+    names.sort();
+    let namespaces: Vec<Document> = names
+        .into_iter()
+        .map(|ns| {
+            let (db, coll) = ns.split_once('.').unwrap_or((ns.as_str(), ""));
+            doc! {"db": db, "coll": coll}
+        })
+        .collect();
+    let clause = doc! {"$or": [
+        {"operationType": {"$nin": DATA_OPERATION_TYPES.to_vec()}},
+        {"ns": {"$nin": namespaces}},
+    ]};
+    Some(match base {
+        Some(base) => doc! {"$and": [base, clause]},
+        None => clause,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_partition_leaves_out_exactly_the_other_partitions_listed_namespaces() {
+        let partitioner = crate::config::partition::Partitioner::new(3, Vec::new());
+        let listed: Vec<String> = (0..30)
+            .map(|i| format!("app.c{i}"))
+            .chain((0..10).map(|i| format!("logs.l{i}")))
+            .chain([
+                "admin.system.users".to_string(),
+                "local.oplog.rs".to_string(),
+            ])
+            .collect();
+        for mine in 0..3 {
+            let out = other_partitions(listed.iter(), &partitioner, mine, None);
+            for ns in &listed {
+                let system = ns.starts_with("admin.") || ns.starts_with("local.");
+                let elsewhere = partitioner.partition_of_ns(ns) != mine;
+                assert_eq!(out.contains(ns), elsewhere && !system, "{ns} in {mine}");
+            }
+            let in_logs = other_partitions(listed.iter(), &partitioner, mine, Some("logs"));
+            assert!(in_logs.iter().all(|ns| ns.starts_with("logs.")));
+            assert!(!in_logs.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_narrowed_match_passes_ddl_and_leaves_out_only_the_excluded_data_events() {
+        let base = doc! {"ns.db": {"$nin": ["admin"]}};
+        assert_eq!(
+            narrowed(Some(base.clone()), &Default::default()),
+            Some(base.clone())
+        );
+        assert_eq!(narrowed(None, &Default::default()), None);
+        let excluded: std::collections::HashSet<String> =
+            ["b.y".to_string(), "a.x".to_string()].into();
+        let filter = narrowed(Some(base.clone()), &excluded).unwrap();
+        assert_eq!(
+            filter,
+            doc! {"$and": [base, {"$or": [
+                {"operationType": {"$nin": ["insert", "update", "replace", "delete"]}},
+                {"ns": {"$nin": [{"db": "a", "coll": "x"}, {"db": "b", "coll": "y"}]}},
+            ]}]}
+        );
+    }
 
     fn token(n: u64) -> RawDocumentBuf {
         raw_token(&doc! {"_data": format!("82{n:016X}")}).unwrap()
