@@ -221,6 +221,12 @@ impl DeleteBudget {
         self.deleted
     }
 
+    /// Gives back `n` charged deletions that were not made (a transaction that did not
+    /// commit), so the range's usual write charges them once.
+    pub fn refund(&mut self, n: u64) {
+        self.deleted = self.deleted.saturating_sub(n);
+    }
+
     fn pause(&self, why: String) -> SyncError {
         self.guard
             .trips

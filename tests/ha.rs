@@ -433,6 +433,23 @@ async fn ha_needs_a_write_bound_within_a_third_of_the_lease() {
 /// the write deadline keeps the older versions out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_active_frozen_in_the_middle_of_its_copy_never_writes_what_it_read_before() {
+    frozen_copy_never_writes_what_it_read_before(&ha_config("ha.*")).await;
+}
+
+/// The same under `ha.fencing = "transaction"`: each copied range is written with its
+/// checkpoint in one destination transaction, which a takeover makes fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn under_transaction_fencing_a_frozen_copy_never_writes_what_it_read_before() {
+    let config = format!("{}fencing = \"transaction\"\n", ha_config("ha.*"));
+    let commits = frozen_copy_never_writes_what_it_read_before(&config).await;
+    assert!(
+        commits > 0,
+        "the active wrote no copied range in a destination transaction"
+    );
+}
+
+/// Returns how many destination transactions the first active committed before its freeze.
+async fn frozen_copy_never_writes_what_it_read_before(config: &str) -> i64 {
     let c = Clusters::start().await;
     const N: i64 = 100_000;
     seed(&c.src, "ha", "big", N).await;
@@ -444,7 +461,15 @@ async fn an_active_frozen_in_the_middle_of_its_copy_never_writes_what_it_read_be
                      "blockConnection": true, "blockTimeMS": 1000},
         })
         .unwrap();
-    let (mut a, mut b, _dir_a, _dir_b) = active_and_standby(&c, &ha_config("ha.*")).await;
+    // Counts the first instance's destination transactions (a 1 ms block on each commit).
+    c.dest
+        .configure_fail_point(&doc! {
+            "configureFailPoint": "failCommand", "mode": "alwaysOn",
+            "data": {"failCommands": ["commitTransaction"], "appName": "syncd-a",
+                     "blockConnection": true, "blockTimeMS": 1},
+        })
+        .unwrap();
+    let (mut a, mut b, _dir_a, _dir_b) = active_and_standby(&c, config).await;
     let (recorder, stop_recording) = record_destination_versions(&c.dst, "ha", "big");
     let (writer, stop) = versioned_writer(&c.src, "ha", "big", N);
     let dst = c.dst.database("ha").collection::<Document>("big");
@@ -455,6 +480,7 @@ async fn an_active_frozen_in_the_middle_of_its_copy_never_writes_what_it_read_be
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     a.signal("STOP");
+    let commits = writes_counted(&c);
     assert!(
         dst.count_documents(doc! {}).await.unwrap() < N as u64,
         "the copy finished before the freeze"
@@ -484,6 +510,7 @@ async fn an_active_frozen_in_the_middle_of_its_copy_never_writes_what_it_read_be
     assert!(a.all_logs().contains("lost the lease"), "{}", a.all_logs());
     assert_eq!(a.terminate().await, Some(0), "{}", a.logs());
     assert_eq!(b.terminate().await, Some(0), "{}", b.logs());
+    commits
 }
 
 /// A rolling restart of three instances under a mixed workload: each is stopped with SIGTERM
@@ -1253,6 +1280,146 @@ async fn under_transaction_fencing_a_batch_arriving_after_a_takeover_never_lands
         .unwrap();
     let now = dst.find_one(doc! {"_id": 1_i64}).await.unwrap().unwrap();
     assert_eq!(now.get_i64("v").ok(), Some(2), "{now}");
+
+    // The current owner's batch in a copy's replay window is fenced the same way: its delta
+    // is a replay, so the document is read from the source as of the batch's end and
+    // written in the transaction with the checkpoint.
+    dst.replace_one(doc! {"_id": 1_i64}, doc! {"_id": 1_i64, "v": 9_i64})
+        .await
+        .unwrap();
+    let current = CheckpointStore::new(&meta, bound)
+        .with_epoch(2)
+        .with_transaction_fencing();
+    let write = current.fencing_write(&key, &next).unwrap().unwrap();
+    let stats = applier
+        .apply_fenced(
+            std::slice::from_ref(&event),
+            Some(event.cluster_time),
+            write,
+        )
+        .await
+        .unwrap()
+        .expect("a replayed batch written in a fenced transaction");
+    assert_eq!(stats.repaired, 1, "the replayed delta was not read again");
+    let now = dst.find_one(doc! {"_id": 1_i64}).await.unwrap().unwrap();
+    assert_eq!(now.get_i64("v").ok(), Some(2), "{now}");
+    let saved = current.load(&key).await.unwrap().expect("the checkpoint");
+    assert_eq!(saved.applied_through, Some(event.cluster_time));
+}
+
+/// `ha.fencing = "transaction"`: a copied range that reaches the destination after a takeover
+/// (read by the deposed owner before it) is refused whole — its deletions of destination
+/// extras, its documents and its checkpoint. The holder of the current epoch writes the same
+/// range in one transaction, checkpoint included; written per document, the deposed owner's
+/// range would have put the older version back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn under_transaction_fencing_a_copied_range_arriving_after_a_takeover_never_lands() {
+    use mongo_syncd::{
+        apply::{conflict::ConflictSettings, Applier},
+        checkpoint::{Checkpoint, CheckpointKey, CheckpointStore},
+        config::UpdateMode,
+        metadata::Metadata,
+        metrics::Metrics,
+        source::{Namespace, Source},
+    };
+    let c = Clusters::start().await;
+    let dst = c.dst.database("ha").collection::<Document>("docs");
+    // The new owner has already applied a newer version of 1, and holds 3 (an extra to the
+    // range the old owner read).
+    dst.insert_many([
+        doc! {"_id": 1_i64, "v": 5_i64},
+        doc! {"_id": 3_i64, "v": 5_i64},
+    ])
+    .await
+    .unwrap();
+    let range: Vec<bson::RawDocumentBuf> = [1_i64, 2]
+        .iter()
+        .map(|&id| bson::RawDocumentBuf::try_from(&doc! {"_id": id, "v": 2_i64}).unwrap())
+        .collect();
+    let extras = [bson::Bson::Int64(3)];
+
+    let meta = c.dst.database("mongo_syncd");
+    let bound = Some(Duration::from_secs(1));
+    let key = CheckpointKey {
+        sync_id: "default".into(),
+        ns: "ha.docs".into(),
+        uuid: None,
+    };
+    let old_owner = CheckpointStore::new(&meta, bound)
+        .with_epoch(1)
+        .with_transaction_fencing();
+    old_owner.save(&key, &Checkpoint::default()).await.unwrap();
+    let new_owner = CheckpointStore::new(&meta, bound)
+        .with_epoch(2)
+        .with_transaction_fencing();
+    new_owner.stamp_epoch("default").await.unwrap();
+
+    let ns = Namespace::new("ha", "docs");
+    let applier = Applier::new(
+        ns.clone(),
+        ns,
+        &c.dst,
+        Source::new(c.src.clone(), bound),
+        Metadata::new(&meta, bound),
+        Metrics::new(10),
+        "default".into(),
+        UpdateMode::Delta,
+        bound,
+        ConflictSettings::default(),
+    );
+    let mut after = Checkpoint::default();
+    after.copy.copied = 2;
+    after.copy.last_range = Some(bson::Bson::Int64(3));
+    let write = old_owner
+        .fencing_write(&key, &after)
+        .unwrap()
+        .expect("a fencing write under transaction fencing");
+    let refused = applier
+        .copy_range_fenced(&extras, &range, write)
+        .await
+        .expect_err("the deposed owner's range must be refused");
+    assert_eq!(
+        refused.kind,
+        mongo_syncd::error::ErrorKind::Cancelled,
+        "{refused}"
+    );
+    let held = |id: i64| {
+        let dst = dst.clone();
+        async move {
+            dst.find_one(doc! {"_id": id})
+                .await
+                .unwrap()
+                .and_then(|d| d.get_i64("v").ok())
+        }
+    };
+    assert_eq!(held(1).await, Some(5), "the older version landed");
+    assert_eq!(
+        held(2).await,
+        None,
+        "a document of the refused range landed"
+    );
+    assert_eq!(held(3).await, Some(5), "the refused range deleted an extra");
+
+    // The current owner's range commits with its checkpoint.
+    let write = new_owner.fencing_write(&key, &after).unwrap().unwrap();
+    assert!(applier
+        .copy_range_fenced(&extras, &range, write)
+        .await
+        .unwrap());
+    assert_eq!(
+        (held(1).await, held(2).await, held(3).await),
+        (Some(2), Some(2), None)
+    );
+    let saved = new_owner.load(&key).await.unwrap().expect("the checkpoint");
+    assert_eq!(saved.copy.copied, 2);
+    assert_eq!(saved.copy.last_range, Some(bson::Bson::Int64(3)));
+
+    // Per document, the deposed owner's range puts the older version back.
+    dst.replace_one(doc! {"_id": 1_i64}, doc! {"_id": 1_i64, "v": 7_i64})
+        .await
+        .unwrap();
+    applier.upsert_documents(&range[..1]).await.unwrap();
+    assert_eq!(held(1).await, Some(2));
 }
 
 /// Two instances, two partitions, one each. SIGSTOP one past its lease: the other takes its

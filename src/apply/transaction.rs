@@ -6,6 +6,10 @@
 //! replace, delete or a delta that addresses its fields directly. Anything else (a conflict
 //! policy, a refetch, a write error, a delta that finds no document) declines, and every
 //! member applies its events per document, which converges the same way.
+//!
+//! `ha.fencing = "transaction"` writes one namespace's batch, or one copied range, with its
+//! checkpoint in one transaction the same way; there replays and refetches are resolved from
+//! the source first (a batch is one namespace's, so nothing needs a common snapshot).
 
 use std::time::Duration;
 
@@ -13,7 +17,9 @@ use bson::{rawdoc, RawArrayBuf, RawDocumentBuf, Timestamp};
 use mongodb::{options::WriteConcern, Client};
 use tokio_util::sync::CancellationToken;
 
-use super::{delta_update, in_replay, upsert_statement, Applier, ApplyStats, DocWrite};
+use super::{
+    batch_end, delta_update, id_key, in_replay, upsert_statement, Applier, ApplyStats, DocWrite,
+};
 use crate::{
     error::SyncError,
     model::{
@@ -67,6 +73,21 @@ impl Applier {
         events: &[ChangeEvent],
         replay_until: Option<Timestamp>,
     ) -> Result<Result<(TxnPart, ApplyStats), String>, SyncError> {
+        self.writes_in_transaction(events, replay_until, false)
+            .await
+    }
+
+    /// The writes of `events` as one transaction's statements. With `refetch`, the events that
+    /// need the source's current document (replays of deltas in a copy's replay window, events
+    /// without one) read it as of the batch's end first, as the per-document path does, and a
+    /// document's later writes in the batch are left out (what was read holds them);
+    /// without, they decline.
+    async fn writes_in_transaction(
+        &self,
+        events: &[ChangeEvent],
+        replay_until: Option<Timestamp>,
+        refetch: bool,
+    ) -> Result<Result<(TxnPart, ApplyStats), String>, SyncError> {
         if self.conflict.detects_conflicts() {
             return Ok(Err(format!(
                 "{} applies conditional writes ({:?})",
@@ -76,18 +97,52 @@ impl Applier {
         self.catalog().await?;
         let bypass = self.bypass_validation();
         let mut stats = ApplyStats::default();
-        let mut writes = Vec::with_capacity(events.len());
+        let mut planned = Vec::with_capacity(events.len());
         for ev in events {
-            if in_replay(ev, replay_until) {
+            let replay = in_replay(ev, replay_until);
+            if replay && !refetch {
                 return Ok(Err(format!("{} is replaying", self.label)));
             }
             let Some(id) = ev.document_key() else {
                 return Ok(Err(format!("a {:?} event in a transaction", ev.kind)));
             };
-            let Some(doc_writes) = self.event_writes(ev, false)? else {
+            let Some(doc_writes) = self.event_writes(ev, replay)? else {
                 return Ok(Err(format!("a {:?} event in a transaction", ev.kind)));
             };
             stats.count(ev.kind.apply_op());
+            planned.push((id, doc_writes));
+        }
+        let refetch_ids: Vec<bson::Bson> = planned
+            .iter()
+            .filter(|(_, w)| w.iter().any(|w| matches!(w, DocWrite::Refetch)))
+            .filter_map(|(id, _)| bson::Bson::try_from(id.clone()).ok())
+            .collect();
+        let mut current = std::collections::HashMap::new();
+        if !refetch_ids.is_empty() {
+            if !refetch {
+                return Ok(Err(format!(
+                    "an event of {} needs the source's current document",
+                    self.label
+                )));
+            }
+            for doc in self
+                .source
+                .fetch_documents_at(&self.source_ns, &refetch_ids, batch_end(events))
+                .await?
+            {
+                if let Ok(Some(id)) = doc.get("_id") {
+                    current.insert(id_key(&bson::RawBson::from(id)), doc);
+                }
+            }
+            stats.repaired += refetch_ids.len() as u64;
+        }
+        let mut refetched = std::collections::HashSet::new();
+        let mut writes = Vec::with_capacity(planned.len());
+        for (id, doc_writes) in planned {
+            let key = id_key(&id);
+            if refetched.contains(&key) {
+                continue;
+            }
             for w in doc_writes {
                 let (command, statement, must_match) = match &w {
                     DocWrite::Upsert(doc) => ("update", upsert_statement(&id, doc), false),
@@ -102,10 +157,16 @@ impl Applier {
                         true,
                     ),
                     DocWrite::Refetch => {
-                        return Ok(Err(format!(
-                            "an event of {} needs the source's current document",
-                            self.label
-                        )))
+                        refetched.insert(key.clone());
+                        match current.get(&key) {
+                            Some(doc) => ("update", upsert_statement(&id, doc), false),
+                            // Gone from the source as of the batch's end.
+                            None => (
+                                "delete",
+                                rawdoc! {"q": {"_id": id.clone()}, "limit": 1},
+                                false,
+                            ),
+                        }
                     }
                 };
                 stats.writes += 1;
@@ -118,6 +179,9 @@ impl Applier {
                     bypass_validation: bypass && command == "update",
                     fence: false,
                 });
+                if refetched.contains(&key) {
+                    break;
+                }
             }
         }
         Ok(Ok((
@@ -131,16 +195,20 @@ impl Applier {
 
     /// `ha.fencing = "transaction"`: writes `events` and `checkpoint` (the fenced checkpoint
     /// write of the batch) in one destination transaction, so the batch lands only if no later
-    /// lease epoch has stamped the checkpoint — whatever the timing. `Ok(None)`: the batch is
-    /// not a plain one (see the module documentation) or the transaction failed on a data
-    /// write; the caller applies it per document (lease-fenced).
+    /// lease epoch has stamped the checkpoint — whatever the timing. `Ok(None)`: the batch
+    /// needs a conflict policy's conditional writes, or the transaction failed on a data write
+    /// (a replay meeting a unique index, a rejected document); the caller applies it per
+    /// document (lease-fenced).
     pub async fn apply_fenced(
         &self,
         events: &[ChangeEvent],
         replay_until: Option<Timestamp>,
         checkpoint: TxnWrite,
     ) -> Result<Option<ApplyStats>, SyncError> {
-        let (part, stats) = match self.transaction_part(events, replay_until).await? {
+        let (part, stats) = match self
+            .writes_in_transaction(events, replay_until, true)
+            .await?
+        {
             Ok(part) => part,
             Err(why) => {
                 tracing::debug!(namespace = %self.label, reason = %why, "batch applied per document, under lease fencing");
@@ -154,11 +222,75 @@ impl Applier {
                 writes: vec![checkpoint],
             },
         ];
+        Ok(self.commit_fenced(&parts, "batch").await?.then_some(stats))
+    }
+
+    /// `ha.fencing = "transaction"`: writes one copied range — the deletion of each destination
+    /// extra in it (`extras`, already charged to the mass-delete guard), a replace-upsert of
+    /// each document — and `checkpoint` (the copy's fenced checkpoint write) in one destination
+    /// transaction, so a range read by a deposed owner never lands after a takeover. `false`:
+    /// it did not commit for another reason than the fence (a unique index, a document the
+    /// destination rejects, a size limit); the caller writes the range the usual way.
+    pub async fn copy_range_fenced(
+        &self,
+        extras: &[bson::Bson],
+        docs: &[RawDocumentBuf],
+        checkpoint: TxnWrite,
+    ) -> Result<bool, SyncError> {
+        self.catalog().await?;
+        let bypass = self.bypass_validation();
+        let write = |command: &'static str, statement: RawDocumentBuf| TxnWrite {
+            db: self.target.db.clone(),
+            coll: self.target.coll.clone(),
+            command,
+            statement,
+            must_match: false,
+            bypass_validation: bypass && command == "update",
+            fence: false,
+        };
+        let mut writes = Vec::with_capacity(extras.len() + docs.len());
+        for id in extras {
+            let id = bson::RawBson::try_from(id.clone()).map_err(|e| {
+                SyncError::with_source(
+                    crate::error::ErrorKind::InvariantViolated,
+                    "encoding _id",
+                    e,
+                )
+            })?;
+            writes.push(write("delete", rawdoc! {"q": {"_id": id}, "limit": 1}));
+        }
+        for doc in docs {
+            let id = doc
+                .get("_id")
+                .ok()
+                .flatten()
+                .map(bson::RawBson::from)
+                .ok_or_else(|| {
+                    SyncError::new(crate::error::ErrorKind::SourceRead, "document without _id")
+                })?;
+            writes.push(write("update", upsert_statement(&id, doc)));
+        }
+        let parts = [
+            TxnPart {
+                namespace: self.label.clone(),
+                writes,
+            },
+            TxnPart {
+                namespace: self.label.clone(),
+                writes: vec![checkpoint],
+            },
+        ];
+        self.commit_fenced(&parts, "copied range").await
+    }
+
+    /// Commits `parts`, the last of them a fencing checkpoint write, retrying transient
+    /// failures. `false`: not committed for another reason than the fence (logged).
+    async fn commit_fenced(&self, parts: &[TxnPart], what: &str) -> Result<bool, SyncError> {
         let client = self.dest_db.client();
         let mut attempt = 1;
         loop {
-            match commit(client, &parts, self.op_timeout).await {
-                Ok(()) => return Ok(Some(stats)),
+            match commit(client, parts, self.op_timeout).await {
+                Ok(()) => return Ok(true),
                 Err(e) if e.fenced => {
                     return Err(SyncError::new(
                         crate::error::ErrorKind::Cancelled,
@@ -170,8 +302,8 @@ impl Applier {
                     attempt += 1;
                 }
                 Err(e) => {
-                    tracing::debug!(namespace = %self.label, error = %e.message, "the fenced batch transaction did not commit; applying it per document, under lease fencing");
-                    return Ok(None);
+                    tracing::debug!(namespace = %self.label, error = %e.message, "the fenced {what} transaction did not commit; writing it the usual way, under lease fencing");
+                    return Ok(false);
                 }
             }
         }

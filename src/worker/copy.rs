@@ -64,30 +64,90 @@ pub(crate) async fn delete_extras(
     present: &HashSet<IdKey>,
     budget: &mut DeleteBudget,
 ) -> Result<RangeOnDestination, SyncError> {
-    let coll = ctx
-        .pipeline
-        .dest
-        .database(&ctx.target.db)
-        .collection::<RawDocumentBuf>(&ctx.target.coll);
-    let list_error = |e| {
-        SyncError::mongo(
-            ErrorKind::DestinationWrite,
-            "listing destination documents",
-            e,
-        )
-    };
-    let mut from = lower.cloned();
+    let mut pages = DestinationIds::new(ctx, lower, upper);
     let mut found = RangeOnDestination::default();
-    let mut continued = false;
-    loop {
-        let mut find = coll
+    while let Some((kept, extras)) = pages.next_page(present).await? {
+        found.kept += kept;
+        if !extras.is_empty() {
+            // The mass-delete guard decides before anything of this page is deleted.
+            budget.charge(extras.len() as u64)?;
+            found.deleted += applier.delete_ids(&extras).await?;
+        }
+    }
+    Ok(found)
+}
+
+/// The destination's extras in `[lower, upper)` (see [`delete_extras`]) without deleting
+/// them, with the count of documents kept; `None` past `max` extras.
+async fn extras_in_range(
+    ctx: &WorkerContext,
+    lower: Option<&Bson>,
+    upper: Option<&Bson>,
+    present: &HashSet<IdKey>,
+    max: usize,
+) -> Result<Option<(u64, Vec<Bson>)>, SyncError> {
+    let mut pages = DestinationIds::new(ctx, lower, upper);
+    let (mut kept, mut all) = (0, Vec::new());
+    while let Some((page_kept, extras)) = pages.next_page(present).await? {
+        kept += page_kept;
+        all.extend(extras);
+        if all.len() > max {
+            return Ok(None);
+        }
+    }
+    Ok(Some((kept, all)))
+}
+
+/// The destination's `_id`s in a range, read in pages of [`EXTRAS_PAGE_IDS`] (index order,
+/// the collection's collation), so memory stays bounded however many documents the range
+/// holds. A page starts at the last `_id` of the previous one (inclusive), which it skips.
+struct DestinationIds<'a> {
+    coll: mongodb::Collection<RawDocumentBuf>,
+    upper: Option<&'a Bson>,
+    from: Option<Bson>,
+    continued: bool,
+    done: bool,
+}
+
+impl<'a> DestinationIds<'a> {
+    fn new(ctx: &WorkerContext, lower: Option<&Bson>, upper: Option<&'a Bson>) -> Self {
+        DestinationIds {
+            coll: ctx
+                .pipeline
+                .dest
+                .database(&ctx.target.db)
+                .collection::<RawDocumentBuf>(&ctx.target.coll),
+            upper,
+            from: lower.cloned(),
+            continued: false,
+            done: false,
+        }
+    }
+
+    /// The next page: how many of its `_id`s `present` holds, and the others (extras).
+    async fn next_page(
+        &mut self,
+        present: &HashSet<IdKey>,
+    ) -> Result<Option<(u64, Vec<Bson>)>, SyncError> {
+        if self.done {
+            return Ok(None);
+        }
+        let list_error = |e| {
+            SyncError::mongo(
+                ErrorKind::DestinationWrite,
+                "listing destination documents",
+                e,
+            )
+        };
+        let mut find = self
+            .coll
             .find(doc! {})
             .hint(Hint::Keys(doc! {"_id": 1}))
-            .min(doc! {"_id": from.clone().unwrap_or(Bson::MinKey)})
+            .min(doc! {"_id": self.from.clone().unwrap_or(Bson::MinKey)})
             .projection(doc! {"_id": 1})
             .limit(EXTRAS_PAGE_IDS as i64)
             .batch_size(EXTRAS_PAGE_IDS as u32);
-        if let Some(u) = upper {
+        if let Some(u) = self.upper {
             find = find.max(doc! {"_id": u.clone()});
         }
         let page: Vec<RawDocumentBuf> = match find.await {
@@ -96,31 +156,27 @@ pub(crate) async fn delete_extras(
             Err(e) => return Err(list_error(e)),
         };
         let full = page.len() >= EXTRAS_PAGE_IDS;
-        let mut last = None;
-        let mut extras = Vec::new();
+        let (mut kept, mut extras, mut last) = (0, Vec::new(), None);
         for d in &page {
             let id = raw_id(d)?;
-            if !present.contains(&IdKey::of_bson(&id)) {
+            if self.continued && self.from.as_ref() == Some(&id) {
+                // The previous page's last `_id`: counted there (an extra is gone by now, or
+                // collected there).
+            } else if present.contains(&IdKey::of_bson(&id)) {
+                kept += 1;
+            } else {
                 extras.push(id.clone());
-            } else if !(continued && from.as_ref() == Some(&id)) {
-                // (A later page starts at the previous page's last `_id`: counted once.)
-                found.kept += 1;
             }
             last = Some(id);
         }
-        drop(page);
-        if !extras.is_empty() {
-            // The mass-delete guard decides before anything of this page is deleted.
-            budget.charge(extras.len() as u64)?;
-            found.deleted += applier.delete_ids(&extras).await?;
-        }
         match last {
             Some(id) if full => {
-                from = Some(id);
-                continued = true;
+                self.from = Some(id);
+                self.continued = true;
             }
-            _ => return Ok(found),
+            _ => self.done = true,
         }
+        Ok(Some((kept, extras)))
     }
 }
 
@@ -222,6 +278,93 @@ pub(super) async fn write_range(
             .await?
     };
     Ok((upserted.written + settled, next))
+}
+
+/// At most this many destination extras in one range are deleted inside a fenced range
+/// transaction; a range holding more is written the usual way (lease-fenced).
+const FENCED_RANGE_EXTRAS_MAX: usize = 10_000;
+/// Documents per fenced copy transaction: MongoDB advises modifying no more than 1,000
+/// documents in one transaction (production considerations), and a long commit delays the
+/// lease renewals behind it.
+const FENCED_TRANSACTION_DOCS: usize = 1_000;
+
+/// What of a range is left to write the usual way: its lower bound and its documents.
+type RangeRest = (Option<Bson>, ScannedRange);
+
+/// `ha.fencing = "transaction"`: writes one scanned range `[lower, next)` in destination
+/// transactions of [`FENCED_TRANSACTION_DOCS`] documents, each with the lane's checkpoint
+/// (its next lower bound: the first `_id` of the next part), so a range a deposed owner read
+/// never lands after a takeover ([`Applier::copy_range_fenced`]). The destination's extras
+/// of the range are deleted in the first. The checkpoint is locked for each transaction: the
+/// lanes of one copy share its document. Returns the documents written so, and what is left
+/// for the usual (lease-fenced) write: everything when not in this mode, the rest when a
+/// transaction did not commit for another reason than the fence.
+#[allow(clippy::too_many_arguments)]
+async fn write_range_fenced(
+    ctx: &WorkerContext,
+    applier: &Applier,
+    slot: LaneSlot,
+    cp: &AsyncMutex<&mut Checkpoint>,
+    budget: &AsyncMutex<&mut DeleteBudget>,
+    lower: Option<&Bson>,
+    upper: Option<&Bson>,
+    (mut docs, next): ScannedRange,
+) -> Result<(u64, Option<RangeRest>), SyncError> {
+    if !ctx.pipeline.checkpoints.fences_by_transaction() {
+        return Ok((0, Some((lower.cloned(), (docs, next)))));
+    }
+    // The scan may have reached a replaced source: check before writing what it returned.
+    ctx.pipeline.identity.verify().await?;
+    let present = id_set(&docs)?;
+    let Some((_, mut extras)) = extras_in_range(
+        ctx,
+        lower,
+        next.as_ref().or(upper),
+        &present,
+        FENCED_RANGE_EXTRAS_MAX,
+    )
+    .await?
+    else {
+        return Ok((0, Some((lower.cloned(), (docs, next)))));
+    };
+    drop(present);
+    let mut part_lower = lower.cloned();
+    let mut written = 0;
+    // At least once: an empty range still moves the checkpoint (to `next`, or done).
+    loop {
+        let rest = docs.split_off(docs.len().min(FENCED_TRANSACTION_DOCS));
+        let part_next = match rest.first() {
+            Some(d) => Some(raw_id(d)?),
+            None => next.clone(),
+        };
+        budget.lock().await.charge(extras.len() as u64)?;
+        let committed = {
+            let mut cp = cp.lock().await;
+            let mut after = (**cp).clone();
+            after.copy.copied += docs.len() as i64;
+            slot.record(&mut after, part_next.clone());
+            let committed = match ctx.pipeline.checkpoints.fencing_write(&ctx.key(), &after)? {
+                Some(write) => applier.copy_range_fenced(&extras, &docs, write).await?,
+                None => false,
+            };
+            if committed {
+                **cp = after;
+            }
+            committed
+        };
+        if !committed {
+            budget.lock().await.refund(extras.len() as u64);
+            docs.extend(rest);
+            return Ok((written, Some((part_lower, (docs, next)))));
+        }
+        written += docs.len() as u64;
+        if rest.is_empty() {
+            return Ok((written, None));
+        }
+        extras.clear();
+        docs = rest;
+        part_lower = part_next;
+    }
 }
 
 /// Where a copy lane records its progress in the checkpoint.
@@ -363,9 +506,11 @@ pub(super) async fn copy_lane_ranges(
             .1
             .clone()
             .map(|next| prefetch_range(ctx, Some(next), upper.clone(), start_ts));
-        let (written, next) = write_range(
+        let next = scanned.1.clone();
+        let (mut written, rest) = write_range_fenced(
             ctx,
             applier,
+            slot,
             cp,
             budget,
             lower.as_ref(),
@@ -373,13 +518,24 @@ pub(super) async fn copy_lane_ranges(
             scanned,
         )
         .await?;
-        let copied = {
+        if let Some((rest_lower, rest)) = rest {
+            let (rest_written, _) = write_range(
+                ctx,
+                applier,
+                cp,
+                budget,
+                rest_lower.as_ref(),
+                upper.as_ref(),
+                rest,
+            )
+            .await?;
+            written += rest_written;
             let mut cp = cp.lock().await;
-            cp.copy.copied += written as i64;
+            cp.copy.copied += rest_written as i64;
             slot.record(&mut cp, next.clone());
             ctx.pipeline.checkpoints.save(&key, &cp).await?;
-            cp.copy.copied
-        };
+        }
+        let copied = cp.lock().await.copy.copied;
         ctx.record_checkpoint(start_ts);
         ctx.made_progress();
         ctx.pipeline.metrics.copied(&label, written);

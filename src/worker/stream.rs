@@ -577,8 +577,8 @@ pub(super) async fn process_batch(
 ) -> Result<Option<WorkerExit>, SyncError> {
     let label = ctx.label();
     let started = Instant::now();
-    if applied.is_none() && replays == 0 {
-        if let Some(stats) = apply_fenced_by_transaction(ctx, applier, cp, events).await? {
+    if applied.is_none() {
+        if let Some(stats) = apply_fenced_by_transaction(ctx, applier, cp, events, replays).await? {
             commit_batch(
                 ctx, applier, cp, events, false, stats, started, settles, true,
             )
@@ -644,14 +644,17 @@ pub(super) async fn process_batch(
     Ok(exit)
 }
 
-/// `ha.fencing = "transaction"`: a batch of data events past any replay is written with its
-/// checkpoint in one destination transaction that a later lease epoch makes fail. `None`: not
+/// `ha.fencing = "transaction"`: a batch of data events is written with its checkpoint in one
+/// destination transaction that a later lease epoch makes fail. Replays (the copy's replay
+/// window, and the first `replays` events, possibly applied before a crash) read the
+/// documents they need from the source first, as the per-document path does. `None`: not
 /// this mode, or not such a batch; it is applied the usual way (lease-fenced).
 async fn apply_fenced_by_transaction(
     ctx: &WorkerContext,
     applier: &Applier,
     cp: &mut Checkpoint,
     events: &[ChangeEvent],
+    replays: usize,
 ) -> Result<Option<ApplyStats>, SyncError> {
     let Some(last) = events.last() else {
         return Ok(None);
@@ -664,8 +667,14 @@ async fn apply_fenced_by_transaction(
     let Some(write) = ctx.pipeline.checkpoints.fencing_write(&ctx.key(), &next)? else {
         return Ok(None);
     };
-    // Events inside a copy's replay window are declined (written per document).
-    let stats = applier.apply_fenced(events, cp.replay_until, write).await?;
+    let replay_until = match replays.checked_sub(1).and_then(|i| events.get(i)) {
+        Some(crashed) => Some(match cp.replay_until {
+            Some(r) => ts_max(r, crashed.cluster_time),
+            None => crashed.cluster_time,
+        }),
+        None => cp.replay_until,
+    };
+    let stats = applier.apply_fenced(events, replay_until, write).await?;
     if stats.is_some() {
         *cp = next;
     }
