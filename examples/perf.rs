@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo build --release --workspace --bins
-//! cargo run --release --example perf -- [--docs 200000] [--events 100000] [--naive 5000] [--ha]
+//! cargo run --release --example perf -- [--docs 200000] [--events 100000] [--naive 5000] [--rounds 3] [--ha]
 //! ```
 //!
 //! Printed side by side, in one run on the same two simulators:
@@ -14,7 +14,9 @@
 //! - **drain ceiling**: the statements the daemon sends for a backlog of `$inc` updates (`$set`
 //!   of the field by `_id`, unordered bulks of 1,000) sent by a fast client;
 //! - **drain of one collection**: the daemon restarted over that backlog, from its start to the
-//!   last event applied, as a ratio of the drain ceiling (target ≥ 0.9);
+//!   last event applied, as a ratio of the drain ceiling (target ≥ 0.9). The machine is noisy
+//!   (one ceiling moved 15 % between two runs), so `--rounds R` (default 3) repeats backlog,
+//!   ceiling and drain R times and reports the round of the median ratio, with every round's;
 //! - **naive loops**: one `update_one` per event from a fast Rust client that reads no stream,
 //!   and the naive replicator the issue measured (`examples/naive_replicator.py`: PyMongo reads
 //!   the backlog's change stream and writes each event with one acknowledged `update_one`); the
@@ -717,6 +719,146 @@ async fn memory(daemon_bin: &Path, source_uri: &str, dest_uri: &str, namespaces:
     );
 }
 
+/// One round of a drain: a backlog written while the daemon is stopped, its ceiling, and the
+/// daemon's drain of it.
+struct DrainRound {
+    ceiling: f64,
+    /// A fast client reading the backlog's change stream.
+    read: f64,
+    drain: f64,
+    /// Daemon process start to the first event applied.
+    startup: Duration,
+    total: Duration,
+}
+
+impl DrainRound {
+    fn ratio(&self) -> f64 {
+        self.drain / self.ceiling
+    }
+}
+
+/// Round `round` of a drain over the collections `names` (`docs_each` documents each): a
+/// backlog of `events_each` `$inc` updates per collection while the daemon is stopped; the
+/// ceiling, the same number of `$set`s by `_id` (the statements the daemon sends) from a fast
+/// client on `ceiling_drain` (`docs` documents; the values change every round, so every round
+/// writes, and from the second one on both sides update a field that exists); then the
+/// daemon (`start`) from its start to the last event applied.
+async fn drain_round(
+    round: i64,
+    src: &Client,
+    dst: &Client,
+    names: &[String],
+    docs_each: i64,
+    events_each: i64,
+    docs: i64,
+    start: &dyn Fn() -> Daemon,
+) -> DrainRound {
+    let backlog_start = operation_time(src).await;
+    for name in names {
+        let statements: Vec<Document> = (0..events_each)
+            .map(|k| doc! {"q": {"_id": event_id(k, docs_each)}, "u": {"$inc": {"visits": 1}}})
+            .collect();
+        bulk_update(src, name, statements).await;
+    }
+    let events = events_each * names.len() as i64;
+    let statements: Vec<Document> = (0..events)
+        .map(|k| doc! {"q": {"_id": event_id(k, docs)}, "u": {"$set": {"visits": k + round * events}}})
+        .collect();
+    let ceiling = rate(events, bulk_update(dst, "ceiling_drain", statements).await);
+    let read = read_ceiling(src, names, backlog_start, events).await;
+    let daemon = start();
+    let started = Instant::now();
+    daemon
+        .wait_metric(
+            "mongo_syncd_events_applied_total",
+            1.0,
+            Duration::from_secs(600),
+        )
+        .await;
+    let startup = started.elapsed();
+    daemon
+        .wait_metric(
+            "mongo_syncd_events_applied_total",
+            events as f64,
+            Duration::from_secs(600),
+        )
+        .await;
+    let total = started.elapsed();
+    daemon.stop().await;
+    DrainRound {
+        ceiling,
+        read,
+        drain: rate(events, total),
+        startup,
+        total,
+    }
+}
+
+/// How fast a client reads the `events` change events of the collections `names` written
+/// since `from`: one database change stream, `batchSize` 1,000 (the daemon's), each event
+/// taken as raw BSON. The drain cannot be faster than this either.
+async fn read_ceiling(src: &Client, names: &[String], from: bson::Timestamp, events: i64) -> f64 {
+    use futures::StreamExt;
+    let started = Instant::now();
+    let mut stream = src
+        .database(DB)
+        .watch()
+        .pipeline([doc! {"$match": {"ns.coll": {"$in": names}}}])
+        .start_at_operation_time(from)
+        .batch_size(1_000)
+        .await
+        .unwrap()
+        .with_type::<bson::RawDocumentBuf>();
+    for _ in 0..events {
+        stream
+            .next()
+            .await
+            .expect("the change stream ended")
+            .unwrap();
+    }
+    rate(events, started.elapsed())
+}
+
+/// The round of median ratio (rounds sorted by ratio; the lower middle of an even count).
+fn median_round(rounds: &[DrainRound]) -> &DrainRound {
+    let mut order: Vec<&DrainRound> = rounds.iter().collect();
+    order.sort_by(|a, b| a.ratio().total_cmp(&b.ratio()));
+    order[(order.len() - 1) / 2]
+}
+
+/// The drain rows of the table: the median round, and every round's ratio.
+fn print_drain(what: &str, events: i64, rounds: &[DrainRound]) {
+    let m = median_round(rounds);
+    let all: Vec<String> = rounds.iter().map(|r| format!("{:.2}", r.ratio())).collect();
+    println!(
+        "| ceiling: the drain's statements, {events} events (round of the median ratio) | {:.0} | |",
+        m.ceiling
+    );
+    println!(
+        "| mongo-syncd drain, {what} | {:.0} | {:.2}× the ceiling, median of {} rounds (target ≥ 0.9); every round: {} |",
+        m.drain,
+        m.ratio(),
+        rounds.len(),
+        all.join(", ")
+    );
+    println!(
+        "| of which: process start to the first event applied | {:.0} ms of {:.0} ms | past it: {:.2}× the ceiling |",
+        m.startup.as_secs_f64() * 1e3,
+        m.total.as_secs_f64() * 1e3,
+        rate(events, m.total.saturating_sub(m.startup)) / m.ceiling
+    );
+    let reads: Vec<String> = rounds
+        .iter()
+        .map(|r| format!("{:.2}", r.drain / r.read.min(r.ceiling)))
+        .collect();
+    println!(
+        "| read ceiling: a fast client reading the backlog's change stream (same round) | {:.0} | drain = {:.2}× the slower of the two ceilings; every round: {} |",
+        m.read,
+        m.drain / m.read.min(m.ceiling),
+        reads.join(", ")
+    );
+}
+
 /// Copy and drain spread over several collections (`--spread N`): the same documents and
 /// events as the one-collection run, cut into N collections, against the same ceilings.
 async fn spread_over(
@@ -726,6 +868,7 @@ async fn spread_over(
     collections: i64,
     docs: i64,
     events: i64,
+    repeats: i64,
 ) {
     let work = tempfile::tempdir().unwrap();
     let src = Client::with_uri_str(source_uri).await.unwrap();
@@ -766,40 +909,23 @@ async fn spread_over(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     daemon.stop().await;
-    // The backlog, spread evenly, while the daemon is stopped.
-    let per_events = events / collections;
-    for name in &names {
-        let statements: Vec<Document> = (0..per_events)
-            .map(|k| doc! {"q": {"_id": event_id(k, per)}, "u": {"$inc": {"visits": 1}}})
-            .collect();
-        bulk_update(&src, name, statements).await;
-    }
+    // Rounds of a backlog spread evenly, written while the daemon is stopped.
     insert_all(&dst, "ceiling_drain", docs).await;
-    let statements: Vec<Document> = (0..per_events * collections)
-        .map(|k| doc! {"q": {"_id": event_id(k, docs)}, "u": {"$set": {"visits": k}}})
-        .collect();
-    let drain_ceiling = rate(
-        per_events * collections,
-        bulk_update(&dst, "ceiling_drain", statements).await,
-    );
-    let daemon = start_daemon_with(
-        daemon_bin,
-        work.path(),
-        source_uri,
-        dest_uri,
-        &patterns,
-        "auto",
-    );
-    let started = Instant::now();
-    daemon
-        .wait_metric(
-            "mongo_syncd_events_applied_total",
-            (per_events * collections) as f64,
-            Duration::from_secs(600),
+    let per_events = events / collections;
+    let start = || {
+        start_daemon_with(
+            daemon_bin,
+            work.path(),
+            source_uri,
+            dest_uri,
+            &patterns,
+            "auto",
         )
-        .await;
-    let drain = rate(per_events * collections, started.elapsed());
-    daemon.stop().await;
+    };
+    let mut rounds = Vec::new();
+    for round in 0..repeats {
+        rounds.push(drain_round(round, &src, &dst, &names, per, per_events, docs, &start).await);
+    }
     println!("| {collections} collections | per second | ratio |");
     println!("| --- | ---: | --- |");
     println!("| ceiling: insert_many, {docs} documents | {insert_ceiling:.0} | |");
@@ -807,13 +933,10 @@ async fn spread_over(
         "| mongo-syncd copy, {collections} collections | {copy:.0} | {:.2}× insert_many |",
         copy / insert_ceiling
     );
-    println!(
-        "| ceiling: the drain's statements, {} events | {drain_ceiling:.0} | |",
-        per_events * collections
-    );
-    println!(
-        "| mongo-syncd drain, {collections} collections | {drain:.0} | {:.2}× the ceiling (target ≥ 0.9) |",
-        drain / drain_ceiling
+    print_drain(
+        &format!("{collections} collections"),
+        per_events * collections,
+        &rounds,
     );
 }
 
@@ -831,6 +954,7 @@ async fn main() {
     let docs = arg(&args, "--docs", 200_000);
     let events = arg(&args, "--events", 100_000);
     let naive = arg(&args, "--naive", 5_000);
+    let repeats = arg(&args, "--rounds", 3).max(1);
     let bin_dir: PathBuf = std::env::current_exe()
         .unwrap()
         .parent()
@@ -872,7 +996,16 @@ async fn main() {
     }
     let spread = arg(&args, "--spread", 0);
     if spread > 0 {
-        spread_over(&daemon_bin, &source_uri, &dest_uri, spread, docs, events).await;
+        spread_over(
+            &daemon_bin,
+            &source_uri,
+            &dest_uri,
+            spread,
+            docs,
+            events,
+            repeats,
+        )
+        .await;
         return;
     }
     let work = tempfile::tempdir().unwrap();
@@ -907,30 +1040,32 @@ async fn main() {
         .await;
     daemon.stop().await;
 
-    // A backlog while the daemon is stopped: `$inc` updates, applied as `$set` deltas.
+    // Rounds of a backlog written while the daemon is stopped: `$inc` updates, applied as
+    // `$set` deltas, each against its ceiling measured just before it.
     let backlog_start = operation_time(&src).await;
     let coll = src.database(DB).collection::<Document>(COLL);
-    let sources: Vec<Document> = (0..events)
-        .map(|k| doc! {"q": {"_id": event_id(k, docs)}, "u": {"$inc": {"visits": 1}}})
-        .collect();
-    bulk_update(&src, COLL, sources).await;
-    // Its ceiling: the same statements the daemon sends, on a copy of the collection.
     insert_all(&dst, "ceiling_drain", docs).await;
-    let statements: Vec<Document> = (0..events)
-        .map(|k| doc! {"q": {"_id": event_id(k, docs)}, "u": {"$set": {"visits": k}}})
-        .collect();
-    let drain_ceiling = rate(events, bulk_update(&dst, "ceiling_drain", statements).await);
-    let daemon = start_daemon(&daemon_bin, work.path(), &source_uri, &dest_uri);
-    let started = Instant::now();
-    daemon
-        .wait_metric(
-            "mongo_syncd_events_applied_total",
-            events as f64,
-            Duration::from_secs(600),
-        )
-        .await;
-    let drain = rate(events, started.elapsed());
-    daemon.stop().await;
+    let start = || start_daemon(&daemon_bin, work.path(), &source_uri, &dest_uri);
+    let mut rounds = Vec::new();
+    for round in 0..repeats {
+        rounds.push(
+            drain_round(
+                round,
+                &src,
+                &dst,
+                &[COLL.to_string()],
+                docs,
+                events,
+                docs,
+                &start,
+            )
+            .await,
+        );
+    }
+    let (drain_ceiling, drain) = {
+        let m = median_round(&rounds);
+        (m.ceiling, m.drain)
+    };
 
     // `--ha`: the same backlog again, drained by the daemon with `ha.enabled`, once per
     // fencing mode.
@@ -983,11 +1118,7 @@ async fn main() {
         "| mongo-syncd copy, 1 collection | {copy:.0} | {:.2}× insert_many (target ≥ 0.5) |",
         copy / insert_ceiling
     );
-    println!("| ceiling: the drain's statements, {events} events | {drain_ceiling:.0} | |");
-    println!(
-        "| mongo-syncd drain, 1 collection | {drain:.0} | {:.2}× the ceiling (target ≥ 0.9) |",
-        drain / drain_ceiling
-    );
+    print_drain("1 collection", events, &rounds);
     for (fencing, drain_ha) in drains_ha {
         println!(
             "| mongo-syncd drain with ha.enabled, ha.fencing = \"{fencing}\" | {drain_ha:.0} | {:.2}× the ceiling, {:.2}× the drain without |",
