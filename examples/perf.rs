@@ -743,6 +743,7 @@ impl DrainRound {
 /// client on `ceiling_drain` (`docs` documents; the values change every round, so every round
 /// writes, and from the second one on both sides update a field that exists); then the
 /// daemon (`start`) from its start to the last event applied.
+#[allow(clippy::too_many_arguments)]
 async fn drain_round(
     round: i64,
     src: &Client,
