@@ -894,6 +894,8 @@ impl Supervisor {
             tracing::warn!("copy.concurrent_collections changed; the copy slots are made at start, so it takes effect at the next restart of the daemon");
         }
         self.filter = config.namespace_filter();
+        // Before discovery starts a worker for a namespace the new scope takes in.
+        self.pipeline.streams.set_scope(self.filter.clone());
         self.settings = Arc::new(worker_settings(&config));
         self.pipeline
             .guard

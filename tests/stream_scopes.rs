@@ -569,3 +569,95 @@ async fn a_stream_plan_that_outgrows_the_source_pool_is_named_in_the_log() {
     .await;
     assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
 }
+
+/// The events a shared stream of `d` has read, as its status shows (0 before it runs).
+async fn shared_stream_read(d: &Daemon, stream: &str) -> u64 {
+    d.status().await.unwrap()["shared_streams"][stream]["events_read"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// A deployment stream's `$match` lets through only the data events of the namespaces in
+/// scope (issue 11 item 1): writes to another database and to an excluded collection never
+/// reach the daemon. A reload that takes a new database in starts its worker, which joins the
+/// stream; the stream reopens at its position with the wider scope and delivers every later
+/// event of the new namespace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_streams_match_takes_in_only_the_namespaces_in_scope_and_widens_on_reload() {
+    let c = Clusters::start().await;
+    let shop = seed(&c, "shop", 3, 20).await;
+    let noise = seed(&c, "noise", 1, 20).await;
+    let skip = c.src.database("shop").collection::<Document>("skip");
+    skip.insert_one(doc! {"_id": 0, "v": 0}).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(
+        &c,
+        dir.path(),
+        "[source]\nstream_scope = \"deployment\"\n\n[sync]\nnamespaces = [\"shop.*\"]\nexclude = [\"shop.skip\"]\n",
+    );
+    converged(&c, &d, &pairs("shop", &shop), Duration::from_secs(60)).await;
+    wait_until(
+        "every namespace reads the shared stream",
+        Duration::from_secs(60),
+        || async { d.logs().matches("joined the shared change stream").count() >= shop.len() },
+    )
+    .await;
+    let before = shared_stream_read(&d, "deployment").await;
+    let noisy = c.src.database("noise").collection::<Document>(&noise[0]);
+    for round in 0..200 {
+        noisy
+            .update_one(doc! {"_id": 0}, doc! {"$set": {"v": round}})
+            .await
+            .unwrap();
+        skip.update_one(doc! {"_id": 0}, doc! {"$set": {"v": round}})
+            .await
+            .unwrap();
+    }
+    churn(&c, "shop", &shop, 0).await;
+    converged(&c, &d, &pairs("shop", &shop), Duration::from_secs(60)).await;
+    let read = shared_stream_read(&d, "deployment").await - before;
+    // The churn: an update, an insert and a delete per collection; not one of the 400
+    // out-of-scope writes.
+    assert!(
+        read <= 3 * shop.len() as u64 + 5,
+        "the deployment stream read {read} events for {} writes in scope",
+        3 * shop.len()
+    );
+
+    // Take the noise database in.
+    let config = std::fs::read_to_string(&d.config_path).unwrap().replace(
+        "namespaces = [\"shop.*\"]",
+        "namespaces = [\"shop.*\", \"noise.*\"]",
+    );
+    std::fs::write(&d.config_path, config).unwrap();
+    d.signal("HUP");
+    let mut all = pairs("shop", &shop);
+    all.extend(pairs("noise", &noise));
+    converged(&c, &d, &all, Duration::from_secs(60)).await;
+    wait_until(
+        "the new namespace joins the shared stream",
+        Duration::from_secs(60),
+        || async { d.logs().matches("joined the shared change stream").count() > shop.len() },
+    )
+    .await;
+    for round in 0..50 {
+        noisy
+            .update_one(doc! {"_id": 0}, doc! {"$set": {"v": 1000 + round}})
+            .await
+            .unwrap();
+        noisy.insert_one(doc! {"_id": 5000 + round}).await.unwrap();
+    }
+    converged(&c, &d, &all, Duration::from_secs(60)).await;
+    assert!(
+        d.logs().contains("reopening the stream with the new scope"),
+        "{}",
+        d.logs()
+    );
+    assert_eq!(
+        d.status().await.unwrap()["namespaces"]["noise.c000"]["change_stream"],
+        "deployment",
+        "{}",
+        d.logs()
+    );
+    assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
+}

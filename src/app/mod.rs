@@ -802,6 +802,7 @@ impl Connected {
                         .term_partition
                         .filter(|_| config.ha.partitions > 1)
                         .map(|p| (config.partitioner(), p)),
+                    namespaces: config.namespace_filter(),
                 },
                 source.clone(),
                 checkpoints.clone(),

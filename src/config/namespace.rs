@@ -216,6 +216,53 @@ impl NamespaceFilter {
                 .is_none_or(|(partitioner, p)| partitioner.partition_of(db, coll) == *p)
     }
 
+    /// Whether the patterns take in `db.coll` (the reserved databases and the partition
+    /// aside): what a change stream's [`change_stream_scope`](Self::change_stream_scope) lets
+    /// through.
+    pub fn patterns_match(&self, db: &str, coll: &str) -> bool {
+        self.include.iter().any(|p| p.matches(db, coll))
+            && !self.exclude.iter().any(|p| p.matches(db, coll))
+    }
+
+    /// A `$match` condition on change events that holds for the namespaces the patterns take
+    /// in ([`patterns_match`](Self::patterns_match)) outside the reserved databases: a pattern
+    /// names its database and collection literally or as `*`, so each is an equality.
+    pub fn change_stream_scope(&self) -> bson::Document {
+        fn condition(p: &NamespacePattern) -> bson::Document {
+            let mut d = bson::Document::new();
+            let (db, coll) = p.exact_parts();
+            if let Some(db) = db {
+                d.insert("ns.db", db);
+            }
+            if let Some(coll) = coll {
+                d.insert("ns.coll", coll);
+            }
+            d
+        }
+        let reserved: Vec<&str> = SYSTEM_DATABASES
+            .iter()
+            .copied()
+            .chain([self.metadata_db.as_str()])
+            .collect();
+        let mut all = vec![bson::doc! {"ns.db": {"$nin": reserved}}];
+        if !self.include.iter().any(|p| p.exact_parts() == (None, None)) {
+            let include: Vec<bson::Document> = self.include.iter().map(condition).collect();
+            all.push(match include.len() {
+                0 => bson::doc! {"ns.db": {"$in": []}},
+                1 => include.into_iter().next().expect("one"),
+                _ => bson::doc! {"$or": include},
+            });
+        }
+        if !self.exclude.is_empty() {
+            let exclude: Vec<bson::Document> = self.exclude.iter().map(condition).collect();
+            all.push(bson::doc! {"$nor": exclude});
+        }
+        match all.len() {
+            1 => all.into_iter().next().expect("one"),
+            _ => bson::doc! {"$and": all},
+        }
+    }
+
     /// The include patterns.
     pub(crate) fn include(&self) -> &[NamespacePattern] {
         &self.include
@@ -450,6 +497,44 @@ mod tests {
 
     fn pats(list: &[&str]) -> Vec<NamespacePattern> {
         list.iter().map(|p| p.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn a_change_streams_scope_match_takes_in_exactly_what_the_patterns_do() {
+        let namespaces = [
+            ("shop", "orders"),
+            ("shop", "skip"),
+            ("shop", "a.b"),
+            ("crm", "orders"),
+            ("crm", "people"),
+            ("logs", "x"),
+            ("admin", "orders"),
+            ("config", "c"),
+            ("mongo_syncd", "checkpoints"),
+        ];
+        let cases: [(&[&str], &[&str]); 6] = [
+            (&["*.*"], &[]),
+            (&["shop.*"], &[]),
+            (&["shop.*", "*.orders"], &["shop.skip"]),
+            (&["crm.people", "logs.*"], &["*.x"]),
+            (&["*.*"], &["crm.*", "shop.orders"]),
+            (&[], &[]),
+        ];
+        for (include, exclude) in cases {
+            let filter = NamespaceFilter::new(pats(include), pats(exclude), "mongo_syncd");
+            let scope = filter.change_stream_scope();
+            let matcher = mongo_sim::query::Matcher::new(&scope).unwrap();
+            for (db, coll) in namespaces {
+                let event = bson::doc! {"operationType": "insert", "ns": {"db": db, "coll": coll}};
+                let expected =
+                    filter.patterns_match(db, coll) && !is_reserved_db(db, "mongo_syncd");
+                assert_eq!(
+                    matcher.matches(&event),
+                    expected,
+                    "{db}.{coll} with {include:?} minus {exclude:?}: {scope}"
+                );
+            }
+        }
     }
 
     #[test]

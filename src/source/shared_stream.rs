@@ -114,6 +114,9 @@ pub struct SharedStreamSettings {
     /// Under `ha.partitions` > 1: the partitioner and this term's partition. The streams'
     /// `$match` leaves out the data events of namespaces that belong to other partitions.
     pub partition: Option<(crate::config::partition::Partitioner, u32)>,
+    /// The namespaces in scope at start (`sync.namespaces`, `sync.exclude`); a reload replaces
+    /// them ([`SharedStreams::set_scope`]).
+    pub namespaces: crate::config::NamespaceFilter,
 }
 
 /// The daemon's stream plan and its shared readers.
@@ -125,6 +128,8 @@ pub struct SharedStreams {
     /// done: a watermark keeps no position for a collection the source no longer has.
     listed: Mutex<Option<HashMap<String, Option<bson::Uuid>>>>,
     routers: Mutex<HashMap<SharedStreamKey, RouterHandle>>,
+    /// The namespaces in scope now: the streams' `$match` lets through only their data events.
+    scope: Mutex<crate::config::NamespaceFilter>,
     source: Source,
     checkpoints: CheckpointStore,
     metrics: Metrics,
@@ -296,6 +301,7 @@ impl SharedStreams {
             .then(|| Arc::new(TxnRegistry::default()));
         Arc::new(SharedStreams {
             transactions,
+            scope: Mutex::new(settings.namespaces.clone()),
             settings,
             namespaces: AtomicUsize::new(0),
             listed: Mutex::new(None),
@@ -315,6 +321,12 @@ impl SharedStreams {
     /// `source.collection_streams_max`).
     pub fn set_namespaces(&self, n: usize) {
         self.namespaces.store(n, Ordering::Relaxed);
+    }
+
+    /// The namespaces in scope after a reload. A stream opened with the old scope reopens,
+    /// with the new one, when a namespace it does not let through joins it.
+    pub fn set_scope(&self, scope: crate::config::NamespaceFilter) {
+        *self.scope.lock().unwrap_or_else(|e| e.into_inner()) = scope;
     }
 
     /// The source's collections at a finished listing (see `listed`).
@@ -466,6 +478,11 @@ struct Router {
     /// A data event of another partition's listed namespace reached the stream: reopen it
     /// narrowed again (at most every [`RENARROW_EVERY`]).
     renarrow: bool,
+    /// The scope the open stream's `$match` was built from.
+    covers: Option<crate::config::NamespaceFilter>,
+    /// A namespace outside `covers` joined (a reload widened the scope): reopen the stream
+    /// at its position, with the new scope, before routing anything else.
+    widen: bool,
 }
 
 enum ReadEnd {
@@ -500,6 +517,8 @@ impl Router {
             excluded: Default::default(),
             opened_at: Instant::now(),
             renarrow: false,
+            covers: None,
+            widen: false,
             streams,
         }
     }
@@ -516,9 +535,10 @@ impl Router {
         }
     }
 
-    /// The stream's `$match`: no system database, and under `ha.partitions` none of the data
-    /// events of the listed namespaces that belong to other partitions (remembered in
-    /// `excluded`).
+    /// The stream's `$match`: no system database, the data events of the namespaces in scope
+    /// only (DDL passes, for renames into the scope and new collections), and under
+    /// `ha.partitions` none of the data events of the listed namespaces that belong to other
+    /// partitions (remembered in `excluded`).
     fn filter(&mut self) -> Option<Document> {
         let (db, system) = match &self.key {
             SharedStreamKey::Deployment => (
@@ -549,8 +569,17 @@ impl Router {
             .excluded_namespaces
             .store(self.excluded.len() as u64, Ordering::Relaxed);
         self.renarrow = false;
+        self.widen = false;
         self.opened_at = Instant::now();
-        narrowed(system, &self.excluded)
+        let scope = self
+            .streams
+            .scope
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let clause = scope.change_stream_scope();
+        self.covers = Some(scope);
+        narrowed(system, Some(clause), &self.excluded)
     }
 
     async fn run(self, mut ctrl: mpsc::Receiver<Control>) {
@@ -683,6 +712,14 @@ impl Router {
                     member: Arc::clone(&member),
                 };
                 if reply.send(subscription).is_ok() {
+                    let (db, coll) = ns.split_once('.').unwrap_or((ns.as_str(), ""));
+                    if self
+                        .covers
+                        .as_ref()
+                        .is_some_and(|c| !c.patterns_match(db, coll))
+                    {
+                        self.widen = true;
+                    }
                     self.known.remove(&ns);
                     tracing::debug!(stream = %self.name, namespace = %ns, "namespace joined the shared change stream");
                     self.members.insert(ns, Slot { uuid, tx, member });
@@ -738,6 +775,12 @@ impl Router {
         loop {
             while let Ok(m) = ctrl.try_recv() {
                 self.control(m);
+            }
+            if self.widen {
+                // Nothing was routed past the member's join position: reading on from it
+                // with the wider scope skips none of its events.
+                tracing::info!(stream = %self.name, "a namespace outside the stream's scope joined it (the scope was reloaded); reopening the stream with the new scope");
+                return ReadEnd::Reopen { backoff: false };
             }
             if self.last_save.elapsed() >= self.streams.settings.checkpoint_interval {
                 self.save_watermark().await;
@@ -1124,27 +1167,34 @@ fn other_partitions<'a>(
         .collect()
 }
 
-/// `base` and a clause leaving out the data events of the `excluded` namespaces (in a stable
-/// order, so the same plan sends the same command).
+/// `base` and a clause on data events only: they must meet `scope` and not be of the
+/// `excluded` namespaces (listed in a stable order, so the same plan sends the same command).
 fn narrowed(
     base: Option<Document>,
+    scope: Option<Document>,
     excluded: &std::collections::HashSet<String>,
 ) -> Option<Document> {
-    if excluded.is_empty() {
-        return base;
+    let mut conditions: Vec<Document> = scope.into_iter().collect();
+    if !excluded.is_empty() {
+        let mut names: Vec<&String> = excluded.iter().collect();
+        names.sort();
+        let namespaces: Vec<Document> = names
+            .into_iter()
+            .map(|ns| {
+                let (db, coll) = ns.split_once('.').unwrap_or((ns.as_str(), ""));
+                doc! {"db": db, "coll": coll}
+            })
+            .collect();
+        conditions.push(doc! {"ns": {"$nin": namespaces}});
     }
-    let mut names: Vec<&String> = excluded.iter().collect();
-    names.sort();
-    let namespaces: Vec<Document> = names
-        .into_iter()
-        .map(|ns| {
-            let (db, coll) = ns.split_once('.').unwrap_or((ns.as_str(), ""));
-            doc! {"db": db, "coll": coll}
-        })
-        .collect();
+    let data = match conditions.len() {
+        0 => return base,
+        1 => conditions.pop().expect("one"),
+        _ => doc! {"$and": conditions},
+    };
     let clause = doc! {"$or": [
         {"operationType": {"$nin": DATA_OPERATION_TYPES.to_vec()}},
-        {"ns": {"$nin": namespaces}},
+        data,
     ]};
     Some(match base {
         Some(base) => doc! {"$and": [base, clause]},
@@ -1184,19 +1234,28 @@ mod tests {
     fn a_narrowed_match_passes_ddl_and_leaves_out_only_the_excluded_data_events() {
         let base = doc! {"ns.db": {"$nin": ["admin"]}};
         assert_eq!(
-            narrowed(Some(base.clone()), &Default::default()),
+            narrowed(Some(base.clone()), None, &Default::default()),
             Some(base.clone())
         );
-        assert_eq!(narrowed(None, &Default::default()), None);
+        assert_eq!(narrowed(None, None, &Default::default()), None);
         let excluded: std::collections::HashSet<String> =
             ["b.y".to_string(), "a.x".to_string()].into();
-        let filter = narrowed(Some(base.clone()), &excluded).unwrap();
+        let filter = narrowed(Some(base.clone()), None, &excluded).unwrap();
         assert_eq!(
             filter,
-            doc! {"$and": [base, {"$or": [
+            doc! {"$and": [base.clone(), {"$or": [
                 {"operationType": {"$nin": ["insert", "update", "replace", "delete"]}},
                 {"ns": {"$nin": [{"db": "a", "coll": "x"}, {"db": "b", "coll": "y"}]}},
             ]}]}
+        );
+        let scope = doc! {"ns.db": "a"};
+        let filter = narrowed(None, Some(scope.clone()), &excluded).unwrap();
+        assert_eq!(
+            filter,
+            doc! {"$or": [
+                {"operationType": {"$nin": ["insert", "update", "replace", "delete"]}},
+                {"$and": [scope, {"ns": {"$nin": [{"db": "a", "coll": "x"}, {"db": "b", "coll": "y"}]}}]},
+            ]}
         );
     }
 
