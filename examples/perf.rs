@@ -27,7 +27,8 @@
 //!
 //! `--ha` also drains the same backlog again with `ha.enabled`, once with `ha.fencing = "lease"`
 //! and once with `"transaction"`, and prints each one's ratio to the ceiling and to the drain
-//! without HA.
+//! without HA; then copies the same documents into three fresh collections, without HA and
+//! with each mode.
 //! `--spread N` runs the copy and the drain over N collections (the same totals);
 //! `--latency 2000,5000` measures replication latency at those write rates;
 //! `--memory K` measures peak RSS with a blocked destination and K backlogged namespaces.
@@ -1091,7 +1092,6 @@ async fn main() {
             daemon.stop().await;
         }
     }
-
     // The naive loop: one acknowledged write per event.
     let naive_coll = dst.database(DB).collection::<Document>("ceiling_drain");
     let started = Instant::now();
@@ -1106,6 +1106,40 @@ async fn main() {
     }
     let naive_rate = rate(naive, started.elapsed());
     let pymongo_rate = naive_pymongo(&source_uri, &dest_uri, backlog_start, naive.min(events));
+    // `--ha`: copies of the same documents into fresh collections, without HA and with each
+    // fencing mode, one after the other (after the naive loops: they write far more than
+    // the oplog keeps of the backlog).
+    let mut copies_ha = Vec::new();
+    if args.iter().any(|a| a == "--ha") {
+        for fencing in ["none", "lease", "transaction"] {
+            let name = format!("copy_{fencing}");
+            insert_all(&src, &name, docs).await;
+            let extra = match fencing {
+                "none" => String::new(),
+                mode => format!("[ha]\nenabled = true\nlease_seconds = 15\nfencing = \"{mode}\"\n"),
+            };
+            let daemon = spawn_daemon(
+                &daemon_bin,
+                work.path(),
+                &source_uri,
+                &dest_uri,
+                &format!("\"{DB}.{name}\""),
+                "auto",
+                &extra,
+            );
+            let started = Instant::now();
+            daemon
+                .wait_metric(
+                    "mongo_syncd_initial_sync_documents_copied_total",
+                    docs as f64,
+                    Duration::from_secs(600),
+                )
+                .await;
+            copies_ha.push((fencing, rate(docs, started.elapsed())));
+            daemon.stop().await;
+        }
+    }
+
     drop(coll);
 
     println!("| what | per second | ratio |");
@@ -1125,6 +1159,21 @@ async fn main() {
             "| mongo-syncd drain with ha.enabled, ha.fencing = \"{fencing}\" | {drain_ha:.0} | {:.2}× the ceiling, {:.2}× the drain without |",
             drain_ha / drain_ceiling,
             drain_ha / drain
+        );
+    }
+    let copy_without = copies_ha
+        .iter()
+        .find(|(f, _)| *f == "none")
+        .map(|(_, r)| *r);
+    for (fencing, copy_ha) in &copies_ha {
+        let what = match *fencing {
+            "none" => "without ha".to_string(),
+            mode => format!("with ha.enabled, ha.fencing = \"{mode}\""),
+        };
+        println!(
+            "| mongo-syncd copy of a fresh collection, {what} | {copy_ha:.0} | {:.2}× insert_many, {:.2}× the copy without |",
+            copy_ha / insert_ceiling,
+            copy_without.map_or(f64::NAN, |w| copy_ha / w)
         );
     }
     println!(
