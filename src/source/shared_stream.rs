@@ -547,6 +547,12 @@ impl Router {
             ),
             SharedStreamKey::Database(db) => (Some(db.as_str()), None),
         };
+        let scope = self
+            .streams
+            .scope
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         self.excluded = match &self.streams.settings.partition {
             Some((partitioner, mine)) => {
                 let listed = self
@@ -554,9 +560,11 @@ impl Router {
                     .listed
                     .lock()
                     .unwrap_or_else(|e| e.into_inner());
+                // Namespaces out of scope are left out by the scope's condition already.
+                let in_scope = |db: &str, coll: &str| scope.patterns_match(db, coll);
                 listed
                     .as_ref()
-                    .map(|l| other_partitions(l.keys(), partitioner, *mine, db))
+                    .map(|l| other_partitions(l.keys(), partitioner, *mine, db, in_scope))
                     .unwrap_or_default()
             }
             None => Default::default(),
@@ -571,12 +579,6 @@ impl Router {
         self.renarrow = false;
         self.widen = false;
         self.opened_at = Instant::now();
-        let scope = self
-            .streams
-            .scope
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
         let clause = scope.change_stream_scope();
         self.covers = Some(scope);
         narrowed(system, Some(clause), &self.excluded)
@@ -1148,19 +1150,21 @@ fn synthetic_invalidate(after: &ChangeEvent) -> Option<ChangeEvent> {
     ChangeEvent::parse(raw).ok()
 }
 
-/// The listed namespaces (`db.coll`, of database `db` only when given) that belong to
-/// partitions other than `mine`.
+/// The listed namespaces (`db.coll`, of database `db` only when given) in scope that belong
+/// to partitions other than `mine`.
 fn other_partitions<'a>(
     listed: impl Iterator<Item = &'a String>,
     partitioner: &crate::config::partition::Partitioner,
     mine: u32,
     db: Option<&str>,
+    in_scope: impl Fn(&str, &str) -> bool,
 ) -> std::collections::HashSet<String> {
     listed
         .filter(|ns| {
             let (ns_db, coll) = ns.split_once('.').unwrap_or((ns.as_str(), ""));
             db.is_none_or(|db| db == ns_db)
                 && !SYSTEM_DATABASES.contains(&ns_db)
+                && in_scope(ns_db, coll)
                 && partitioner.partition_of(ns_db, coll) != mine
         })
         .cloned()
@@ -1218,15 +1222,24 @@ mod tests {
             ])
             .collect();
         for mine in 0..3 {
-            let out = other_partitions(listed.iter(), &partitioner, mine, None);
+            let out = other_partitions(listed.iter(), &partitioner, mine, None, |_, _| true);
             for ns in &listed {
                 let system = ns.starts_with("admin.") || ns.starts_with("local.");
                 let elsewhere = partitioner.partition_of_ns(ns) != mine;
                 assert_eq!(out.contains(ns), elsewhere && !system, "{ns} in {mine}");
             }
-            let in_logs = other_partitions(listed.iter(), &partitioner, mine, Some("logs"));
+            let in_logs =
+                other_partitions(listed.iter(), &partitioner, mine, Some("logs"), |_, _| true);
             assert!(in_logs.iter().all(|ns| ns.starts_with("logs.")));
             assert!(!in_logs.is_empty());
+            // Out of scope: the scope's own condition leaves them out.
+            let app_only =
+                other_partitions(listed.iter(), &partitioner, mine, None, |db, _| db == "app");
+            assert!(app_only.iter().all(|ns| ns.starts_with("app.")));
+            assert_eq!(
+                app_only.len(),
+                out.iter().filter(|ns| ns.starts_with("app.")).count()
+            );
         }
     }
 
