@@ -177,8 +177,20 @@ fn start_daemon_ha(bin: &Path, dir: &Path, source: &str, dest: &str, fencing: &s
         dest,
         &format!("\"{DB}.{COLL}\""),
         "auto",
-        &format!("[ha]\nenabled = true\nlease_seconds = 15\nfencing = \"{fencing}\"\n"),
+        &ha_settings(fencing),
     )
+}
+
+/// The `[ha]` section of the HA runs: a 15 s lease and `fencing` (`lease` or `transaction`).
+fn ha_settings(fencing: &str) -> String {
+    format!("[ha]\nenabled = true\nlease_seconds = 15\nfencing = \"{fencing}\"\n")
+}
+
+/// A backlog of `events` `$inc` updates spread over `docs` documents (repeats included).
+fn inc_statements(events: i64, docs: i64) -> Vec<Document> {
+    (0..events)
+        .map(|k| doc! {"q": {"_id": event_id(k, docs)}, "u": {"$inc": {"visits": 1}}})
+        .collect()
 }
 
 fn spawn_daemon(
@@ -757,10 +769,7 @@ async fn drain_round(
 ) -> DrainRound {
     let backlog_start = operation_time(src).await;
     for name in names {
-        let statements: Vec<Document> = (0..events_each)
-            .map(|k| doc! {"q": {"_id": event_id(k, docs_each)}, "u": {"$inc": {"visits": 1}}})
-            .collect();
-        bulk_update(src, name, statements).await;
+        bulk_update(src, name, inc_statements(events_each, docs_each)).await;
     }
     let events = events_each * names.len() as i64;
     let statements: Vec<Document> = (0..events)
@@ -1074,10 +1083,7 @@ async fn main() {
     let mut drains_ha = Vec::new();
     if args.iter().any(|a| a == "--ha") {
         for fencing in ["lease", "transaction"] {
-            let statements: Vec<Document> = (0..events)
-                .map(|k| doc! {"q": {"_id": event_id(k, docs)}, "u": {"$inc": {"visits": 1}}})
-                .collect();
-            bulk_update(&src, COLL, statements).await;
+            bulk_update(&src, COLL, inc_statements(events, docs)).await;
             let daemon = start_daemon_ha(&daemon_bin, work.path(), &source_uri, &dest_uri, fencing);
             let started = Instant::now();
             // A new process: its counter starts at 0.
@@ -1116,7 +1122,7 @@ async fn main() {
             insert_all(&src, &name, docs).await;
             let extra = match fencing {
                 "none" => String::new(),
-                mode => format!("[ha]\nenabled = true\nlease_seconds = 15\nfencing = \"{mode}\"\n"),
+                mode => ha_settings(mode),
             };
             let daemon = spawn_daemon(
                 &daemon_bin,

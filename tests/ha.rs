@@ -349,6 +349,11 @@ fn record_destination_versions(
     (task, stop)
 }
 
+/// [`ha_config`] for `ha.*` with `ha.fencing = "transaction"`.
+fn transaction_fencing_config() -> String {
+    format!("{}fencing = \"transaction\"\n", ha_config("ha.*"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_paused_active_steps_down_and_no_older_version_ever_lands() {
     paused_active_steps_down_and_no_older_version_lands(&ha_config("ha.*")).await;
@@ -356,7 +361,7 @@ async fn a_paused_active_steps_down_and_no_older_version_ever_lands() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn under_transaction_fencing_a_paused_active_steps_down_and_no_older_version_ever_lands() {
-    let config = format!("{}fencing = \"transaction\"\n", ha_config("ha.*"));
+    let config = transaction_fencing_config();
     let commits = paused_active_steps_down_and_no_older_version_lands(&config).await;
     assert!(
         commits > 0,
@@ -440,7 +445,7 @@ async fn an_active_frozen_in_the_middle_of_its_copy_never_writes_what_it_read_be
 /// checkpoint in one destination transaction, which a takeover makes fail.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn under_transaction_fencing_a_frozen_copy_never_writes_what_it_read_before() {
-    let config = format!("{}fencing = \"transaction\"\n", ha_config("ha.*"));
+    let config = transaction_fencing_config();
     let commits = frozen_copy_never_writes_what_it_read_before(&config).await;
     assert!(
         commits > 0,
