@@ -572,3 +572,77 @@ async fn soak_an_index_built_just_before_a_crash_is_still_the_daemons() {
     assert!(d.logs().contains("history lost"), "{}", d.logs());
     assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
 }
+
+/// Seed 82254 (found under HA kills, `ha.fencing = "transaction"`; it needs no fault): in one
+/// batch, a `$setField 'a.b'` update of document 2 (an ambiguous dotted field: the daemon
+/// reads 2 again from the source), then a swap of unique keys through a third value: 2 → e11,
+/// 7 → e1, 2 → e3. Read as of the batch's end, 2 holds e3 (still 7's on the destination) and
+/// 7 holds e1 (still 2's): each final write waited for the other and both were
+/// dead-lettered. Issue 9 item 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_a_refetched_document_in_a_unique_key_swap_is_not_dead_lettered() {
+    refetched_document_in_a_unique_key_swap("", &[]).await;
+}
+
+/// The same history under `apply.transactions = "atomic"` and transaction fencing, where the
+/// seed found it: the batch's transaction fails on the key, and the per-document fallback
+/// settles it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_a_refetched_document_in_a_unique_key_swap_under_transaction_fencing() {
+    refetched_document_in_a_unique_key_swap(
+        "[apply]\ntransactions = \"atomic\"\n\n[ha]\nenabled = true\nlease_seconds = 3\nfencing = \"transaction\"\n",
+        &[("MONGO_SYNCD_DESTINATION__SOCKET_TIMEOUT_MS", "1000")],
+    )
+    .await;
+}
+
+async fn refetched_document_in_a_unique_key_swap(config: &str, env: &[(&str, &str)]) {
+    let c = Clusters::start().await;
+    let db = c.src.database("s82254");
+    let a = db.collection::<Document>("a");
+    a.insert_many([
+        doc! {"_id": 2, "email": "e1", "n": 1},
+        doc! {"_id": 7, "email": "e3", "n": 2},
+    ])
+    .await
+    .unwrap();
+    db.run_command(doc! {"createIndexes": "a", "indexes": [{"key": {"email": 1}, "name": "email_1", "unique": true}]})
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::configure(&c, dir.path(), config);
+    d.spawn_with_env(&[], env);
+    d.wait_streaming("s82254.a").await;
+    wait_until(
+        "unique index on the destination",
+        Duration::from_secs(30),
+        || async {
+            let names: Vec<String> = c
+                .dst
+                .database("s82254")
+                .collection::<Document>("a")
+                .list_index_names()
+                .await
+                .unwrap_or_default();
+            names.iter().any(|n| n == "email_1")
+        },
+    )
+    .await;
+    wait_converged(&c, &[("s82254", "a")], Duration::from_secs(60)).await;
+    // The history arrives as one backlog, so one batch holds all of it.
+    assert_eq!(d.terminate().await, Some(0));
+    a.update_one(
+        doc! {"_id": 2},
+        vec![doc! {"$replaceWith": {"$setField": {"field": "a.b", "input": "$$ROOT", "value": {"$literal": 9}}}}],
+    )
+    .await
+    .unwrap();
+    for (id, email) in [(2, "e11"), (7, "e1"), (2, "e3")] {
+        a.update_one(doc! {"_id": id}, doc! {"$set": {"email": email}})
+            .await
+            .unwrap();
+    }
+    d.spawn_with_env(&[], env);
+    wait_converged(&c, &[("s82254", "a")], Duration::from_secs(60)).await;
+    assert_eq!(dead_letters(&c.dst).await, Vec::<Document>::new());
+}

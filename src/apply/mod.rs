@@ -1227,22 +1227,15 @@ impl Applier {
         while !deferred.order.is_empty() {
             let pending = std::mem::take(&mut deferred);
             let before = pending.order.len();
-            let mut still = Deferred::default();
-            for (key, first) in pending.order.iter().map(|k| (k, &pending.first[k])) {
-                self.refetch_in_order(&first.step, events, &mut still, stats)
-                    .await?;
-                if let Some(again) = still.first.get_mut(key) {
-                    // Keep the first failure: it is the write that failed in source order.
-                    again.step.event = first.step.event;
-                    again.code = first.code;
-                    again.msg = first.msg.clone();
-                }
-            }
+            let still = self.retry_deferred(&pending, events, stats).await?;
             if still.order.len() >= before {
                 deferred = still;
                 break;
             }
             deferred = still;
+        }
+        if !deferred.order.is_empty() {
+            deferred = self.rewrite_stuck(deferred, events, stats).await?;
         }
         for key in &deferred.order {
             let first = &deferred.first[key];
@@ -1261,6 +1254,52 @@ impl Applier {
             }
         }
         Ok(())
+    }
+
+    /// Breaks a cycle of deferred writes: each stuck document wants a key that another stuck
+    /// one still holds on the destination (a swap whose middle step a refetch covered). Read
+    /// as of the batch's end the source holds every key once, so deleting the stuck documents
+    /// and writing them again from that read frees the keys among them, as a re-copy's settle
+    /// does. Returns what a unique index still refuses.
+    async fn rewrite_stuck(
+        &self,
+        stuck: Deferred,
+        events: &[ChangeEvent],
+        stats: &mut ApplyStats,
+    ) -> Result<Deferred, SyncError> {
+        let ids = stuck
+            .order
+            .iter()
+            .map(|key| {
+                Bson::try_from(stuck.first[key].step.id.clone()).map_err(|e| {
+                    SyncError::with_source(ErrorKind::InvariantViolated, "decoding an _id", e)
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.delete_ids(&ids).await?;
+        self.retry_deferred(&stuck, events, stats).await
+    }
+
+    /// Writes each deferred document again from the source's version as of the batch's end;
+    /// returns those still refused, each with its first failure (the write that failed in
+    /// source order).
+    async fn retry_deferred(
+        &self,
+        pending: &Deferred,
+        events: &[ChangeEvent],
+        stats: &mut ApplyStats,
+    ) -> Result<Deferred, SyncError> {
+        let mut still = Deferred::default();
+        for (key, first) in pending.order.iter().map(|k| (k, &pending.first[k])) {
+            self.refetch_in_order(&first.step, events, &mut still, stats)
+                .await?;
+            if let Some(again) = still.first.get_mut(key) {
+                again.step.event = first.step.event;
+                again.code = first.code;
+                again.msg = first.msg.clone();
+            }
+        }
+        Ok(still)
     }
 
     /// The bulk statement of one write (refetches must be resolved first).
