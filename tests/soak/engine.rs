@@ -1094,6 +1094,10 @@ impl Daemon {
             .map(str::to_owned)
     }
 
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     fn signal(&self, sig: &str) {
         if let Some(c) = &self.child {
             let _ = Command::new("kill")
@@ -1537,11 +1541,14 @@ pub async fn run_round(opts: &Options, first: u64, count: u64) -> RoundReport {
                         _ => daemon.terminate().await,
                     }
                     let fired = Instant::now();
+                    let paused = matches!(f, Fault::HaPause).then(|| daemon.pid()).flatten();
+                    let watch_pause = watch_paused(paused, fired);
                     let took_over = if partitions > 1 {
                         wait_held(standby, partitions as usize, HA_TAKEOVER_WAIT).await
                     } else {
                         wait_role(standby, "active", HA_TAKEOVER_WAIT).await
                     };
+                    let resumed_by_others = watch_pause.finish();
                     fault_log.lock().push(format!(
                         "{:?}: standby active: {took_over} after {:?}",
                         t0.elapsed(),
@@ -1549,7 +1556,8 @@ pub async fn run_round(opts: &Options, first: u64, count: u64) -> RoundReport {
                     ));
                     if !took_over {
                         ha_problems.push(format!(
-                            "{f:?}: the standby did not take over within {HA_TAKEOVER_WAIT:?}"
+                            "{f:?}: the standby did not take over within {HA_TAKEOVER_WAIT:?}\n{}",
+                            takeover_diagnosis(&daemon, standby, &dst, resumed_by_others).await
                         ));
                     }
                     if matches!(f, Fault::HaPause) {
@@ -1786,6 +1794,80 @@ async fn wait_role(d: &Daemon, role: &str, bound: Duration) -> bool {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     false
+}
+
+/// The scheduler state of process `pid` (`T`: stopped), from `/proc`.
+fn proc_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The state follows the command name, which is in parentheses and may hold spaces.
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+/// Watches a paused instance while the standby should take over: a pause must last until
+/// the harness sends SIGCONT, and a failed takeover must say when it did not.
+struct PauseWatch {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Option<Duration>>>,
+}
+
+impl PauseWatch {
+    /// When the paused process was first seen running again, if it was.
+    fn finish(self) -> Option<Duration> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.and_then(|t| t.join().ok().flatten())
+    }
+}
+
+fn watch_paused(pid: Option<u32>, since: Instant) -> PauseWatch {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let thread = pid.map(|pid| {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match proc_state(pid) {
+                    Some('T') | Some('t') | None => {}
+                    Some(_) => return Some(since.elapsed()),
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            None
+        })
+    });
+    PauseWatch { stop, thread }
+}
+
+/// What a failed takeover looked like: both processes' states, the standby's view, and the
+/// lease as the destination has it.
+async fn takeover_diagnosis(
+    old: &Daemon,
+    standby: &Daemon,
+    dst: &Client,
+    resumed_by_others: Option<Duration>,
+) -> String {
+    let state = |d: &Daemon| d.pid().map(|pid| (pid, proc_state(pid)));
+    let standby_ha = match tokio::time::timeout(Duration::from_secs(2), standby.status()).await {
+        Ok(Some(s)) => s["ha"].to_string(),
+        Ok(None) => "no answer".to_owned(),
+        Err(_) => "no answer within 2s".to_owned(),
+    };
+    let lease: Vec<Document> = match dst
+        .database("mongo_syncd")
+        .collection::<Document>("leases")
+        .find(doc! {})
+        .await
+    {
+        Ok(cursor) => cursor.try_collect().await.unwrap_or_default(),
+        Err(_) => Vec::new(),
+    };
+    format!(
+        "    paused instance (pid, state): {:?}; resumed by someone else after {:?}\n    \
+         standby (pid, state): {:?}; its status.ha: {standby_ha}\n    \
+         leases on the destination at {}: {lease:?}",
+        state(old),
+        resumed_by_others,
+        state(standby),
+        bson::DateTime::now(),
+    )
 }
 
 /// Waits until `d` holds at least `n` partitions (`ha.partitions` > 1), at most `bound`.
