@@ -1512,3 +1512,107 @@ async fn reset_identity_is_refused_with_partitions() {
         "something was written: {written:?}"
     );
 }
+
+/// Soak round 90300 (a handover with 98 namespaces draining): every pooled destination
+/// connection was held by a data write, a lease renewal waited for one past its deadline, and
+/// a healthy active lost its lease. The leases have connections of their own: with the data
+/// writes holding the only pooled connection (`max_pool_size = 1`, every write delayed by
+/// 900 ms), the active keeps its lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_renewals_never_wait_behind_the_data_writes_for_a_connection() {
+    let c = Clusters::start().await;
+    const COLLECTIONS: [&str; 6] = ["c0", "c1", "c2", "c3", "c4", "c5"];
+    let namespaces: Vec<(&str, &str)> = COLLECTIONS.iter().map(|n| ("ha", *n)).collect();
+    for name in COLLECTIONS {
+        seed(&c.src, "ha", name, 20).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = Daemon::configure(&c, dir.path(), &ha_config("ha.*"));
+    a.spawn_with_env(
+        &[],
+        &[
+            ("MONGO_SYNCD_DESTINATION__SOCKET_TIMEOUT_MS", "1000"),
+            ("MONGO_SYNCD_DESTINATION__MAX_POOL_SIZE", "1"),
+            ("MONGO_SYNCD_DESTINATION__APP_NAME", "syncd-a"),
+        ],
+    );
+    wait_role(&a, "active", T).await;
+    wait_converged(&c, &namespaces, T).await;
+    c.dest
+        .configure_fail_point(&doc! {
+            "configureFailPoint": "failCommand", "mode": "alwaysOn",
+            "data": {"failCommands": ["insert", "update", "delete"],
+                     "appName": "syncd-a", "blockConnection": true, "blockTimeMS": 900},
+        })
+        .unwrap();
+    // Three leases of writes to six collections: six workers wait for the one pooled
+    // connection.
+    let until = Instant::now() + Duration::from_secs(3 * LEASE_SECONDS);
+    let mut round = 0_i64;
+    while Instant::now() < until {
+        round += 1;
+        for name in COLLECTIONS {
+            c.src
+                .database("ha")
+                .collection::<Document>(name)
+                .update_one(doc! {"_id": round % 20}, doc! {"$set": {"v": round}})
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.dest
+        .configure_fail_point(&doc! {"configureFailPoint": "failCommand", "mode": "off"})
+        .unwrap();
+    wait_converged(&c, &namespaces, T).await;
+    assert_eq!(
+        a.metric("mongo_syncd_lease_losses_total").await,
+        Some(0.0),
+        "the active lost its lease:\n{}",
+        a.logs()
+    );
+    assert_eq!(role(&a).await, Some("active"));
+    assert_eq!(a.terminate().await, Some(0), "{}", a.logs());
+}
+
+/// The lease of the only instance, as the destination has it.
+async fn the_lease(c: &Clusters) -> Document {
+    c.dst
+        .database("mongo_syncd")
+        .collection::<Document>("leases")
+        .find_one(doc! {})
+        .await
+        .unwrap()
+        .expect("a lease")
+}
+
+/// Soak round 90300: an instance asked to stop lost its lease while it drained, went back to
+/// standby, and took the free lease again (a new epoch) on its way out; its release then
+/// failed, and the real standby waited for that lease to expire. Here the active is paused
+/// past its lease, then stopped: it steps down and exits without a new epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_instance_whose_lease_lapsed_takes_no_lease() {
+    let c = Clusters::start().await;
+    seed(&c.src, "ha", "items", 10).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = instance(&c, dir.path(), "ha.*", "syncd-a");
+    wait_role(&a, "active", T).await;
+    wait_converged(&c, &[("ha", "items")], T).await;
+    a.signal("STOP");
+    wait_until("the paused active's lease expires", T, || async {
+        let expires = the_lease(&c).await.get_datetime("expires_at").copied();
+        expires.is_ok_and(|at| at < bson::DateTime::now())
+    })
+    .await;
+    a.signal("TERM");
+    a.signal("CONT");
+    assert_eq!(a.wait_exit(T).await, Some(0), "{}", a.logs());
+    let lease = the_lease(&c).await;
+    assert_eq!(
+        lease.get_i64("epoch").ok(),
+        Some(1),
+        "{lease}\n{}",
+        a.logs()
+    );
+    assert!(a.logs().contains("lost the lease"), "{}", a.logs());
+}

@@ -232,9 +232,20 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
                 return exit_code_for(&e);
             }
         };
+    let lease_client = match build_lease_client(&config).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot configure the MongoDB clients");
+            return exit_code_for(&e);
+        }
+    };
     // Every exit path below ends with the clients shut down explicitly: a client dropped
     // while the runtime stops would end its sessions from a task that may panic (driver).
-    let closing = (source_client.clone(), dest_client.clone());
+    let closing = (
+        source_client.clone(),
+        dest_client.clone(),
+        lease_client.clone(),
+    );
     let code = 'run: {
         let source = Source::new(source_client, config.source.socket_timeout());
         let source_hosts = status.source_hosts.read().clone();
@@ -306,6 +317,7 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
         let connected = Arc::new(Connected {
             source,
             dest_client,
+            lease_client,
             identity,
             dest_seen,
             metrics: metrics.clone(),
@@ -431,6 +443,9 @@ pub async fn run_daemon(config: Config, options: DaemonOptions) -> u8 {
 struct Connected {
     source: Source,
     dest_client: Client,
+    /// Under `ha.enabled`: the leases' own destination connections, so renewals never queue
+    /// behind the data writes for a pooled connection.
+    lease_client: Option<Client>,
     identity: crate::metadata::SourceIdentity,
     dest_seen: identity::Observed,
     metrics: Metrics,
@@ -458,7 +473,11 @@ impl Connected {
         let lease = Duration::from_secs(config.ha.lease_seconds);
         let write_limit = config.destination.socket_timeout().unwrap_or(lease / 3);
         let store = crate::ha::LeaseStore::new(
-            &self.dest_client.database(&config.checkpoint.database),
+            &self
+                .lease_client
+                .as_ref()
+                .unwrap_or(&self.dest_client)
+                .database(&config.checkpoint.database),
             &config.sync.id,
             0,
             crate::ha::instance_id(),
@@ -489,6 +508,11 @@ impl Connected {
         let mut failures = 0u32;
         let mut beat = tokio::time::interval(Duration::from_millis(500));
         loop {
+            // A stopping instance takes no lease: it would hold it, or leave it to expire if
+            // the release failed, while a standby waits.
+            if shutdown.is_cancelled() {
+                return Ok(None);
+            }
             // An attempt runs to its end (its commands are bounded): dropped half-way, a lease
             // taken over from an expired owner could skip the wait for that owner's last writes.
             let attempt = coordinator.try_take();
@@ -859,11 +883,16 @@ impl Connected {
 
 /// Shuts both clients down (sessions ended, pools closed) within a few seconds, so nothing of
 /// the driver is left running when the runtime stops.
-async fn close_clients((source, dest): (Client, Client)) {
+async fn close_clients((source, dest, lease): (Client, Client, Option<Client>)) {
     let both = async {
         tokio::join!(
             source.shutdown().immediate(true),
-            dest.shutdown().immediate(true)
+            dest.shutdown().immediate(true),
+            async {
+                if let Some(lease) = lease {
+                    lease.shutdown().immediate(true).await;
+                }
+            }
         )
     };
     if tokio::time::timeout(Duration::from_secs(5), both)
@@ -872,6 +901,24 @@ async fn close_clients((source, dest): (Client, Client)) {
     {
         tracing::debug!("closing the MongoDB clients timed out");
     }
+}
+
+/// Connections of the lease client: a renewal and a standby's look, or a release.
+const LEASE_POOL_SIZE: u32 = 2;
+
+/// Under `ha.enabled`, a destination client for the leases alone: with the data writes
+/// holding every pooled connection (hundreds of workers draining), a renewal that waited for
+/// one could miss its deadline and depose a healthy active.
+async fn build_lease_client(config: &Config) -> Result<Option<Client>, SyncError> {
+    if !config.ha.enabled {
+        return Ok(None);
+    }
+    let mut opts = config.destination_client_options().await?;
+    opts.max_pool_size = Some(LEASE_POOL_SIZE);
+    opts.min_pool_size = None;
+    Client::with_options(opts)
+        .map(Some)
+        .map_err(|e| SyncError::mongo(ErrorKind::Config, "building the lease client", e))
 }
 
 /// The daemon's two clients. `watch`: the notification of every (re)connection, and where to

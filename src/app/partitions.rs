@@ -406,7 +406,12 @@ impl Manager {
                 continue;
             };
             let handing_over = t.handing_over;
-            let code = self.finish(p, t).await;
+            let (code, lost) = self.finish(p, t).await;
+            if lost {
+                // The term ended on a write the fence refused: the lease had lapsed.
+                self.step_down_all().await;
+                return None;
+            }
             if !handing_over && code != exit::OK {
                 tracing::error!(
                     partition = p,
@@ -419,18 +424,20 @@ impl Manager {
         None
     }
 
-    /// Releases a partition whose term has ended; returns the term's exit code.
-    async fn finish(&mut self, partition: u32, t: Term) -> u8 {
+    /// Releases a partition whose term has ended; returns the term's exit code and whether
+    /// its lease was lost.
+    async fn finish(&mut self, partition: u32, t: Term) -> (u8, bool) {
         let code = t.task.await.unwrap_or(exit::RUNTIME_FAILURE);
         t.stop_renewing.cancel();
         let end = t.renewal.await.unwrap_or(TermEnd::Stopped);
-        if end == TermEnd::Stopped {
-            t.coordinator.release(t.epoch).await;
-        } else {
+        let lost = end != TermEnd::Stopped;
+        if lost {
             crate::fence::PROCESS.forget(partition);
+        } else {
+            t.coordinator.release(t.epoch).await;
         }
         self.forget_namespaces_of(partition);
-        code
+        (code, lost)
     }
 
     /// A lease was lost: every write is already refused. Ends every term, gives up the other
@@ -455,7 +462,11 @@ impl Manager {
         let mut code = exit::OK;
         let terms = std::mem::take(&mut self.terms);
         for (p, t) in terms {
-            code = code.max(self.finish(p, t).await);
+            // A term that lost its lease while draining failed on the fence, not on its own.
+            let (term_code, lost) = self.finish(p, t).await;
+            if !lost {
+                code = code.max(term_code);
+            }
         }
         if let Err(e) = self.members.leave().await {
             tracing::warn!(error = %e, "cannot leave the live instances; the others see it after a lease");

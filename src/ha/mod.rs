@@ -319,12 +319,26 @@ impl Coordinator {
         let epoch = acquired.epoch;
         let mut last_sent = acquired.sent;
         tokio::spawn(async move {
+            // Asked to stop after the write deadline passed, the term may have ended on a
+            // refused write: that is a lost lease (the caller steps down), not a stop.
+            let stopped = |deadline: Instant| {
+                if Instant::now() < deadline {
+                    None
+                } else {
+                    Some(TermEnd::NotRenewed(
+                        "the write deadline passed before a renewal succeeded".to_owned(),
+                    ))
+                }
+            };
             let end = loop {
                 let deadline = this.write_deadline(last_sent);
                 crate::fence::PROCESS.allow_until(this.partition(), deadline);
                 let next = (last_sent + this.renew_every()).max(Instant::now());
                 tokio::select! {
-                    _ = stop.cancelled() => return TermEnd::Stopped,
+                    _ = stop.cancelled() => match stopped(deadline) {
+                        Some(lost) => break lost,
+                        None => return TermEnd::Stopped,
+                    },
                     _ = tokio::time::sleep_until(next.into()) => {}
                 }
                 let mut last_error = String::from(
@@ -336,7 +350,10 @@ impl Coordinator {
                         break None;
                     }
                     let attempt = tokio::select! {
-                        _ = stop.cancelled() => return TermEnd::Stopped,
+                        _ = stop.cancelled() => match stopped(deadline) {
+                            Some(_) => break None,
+                            None => return TermEnd::Stopped,
+                        },
                         r = tokio::time::timeout(left, this.store.renew(epoch)) => r,
                     };
                     match attempt {
@@ -345,8 +362,13 @@ impl Coordinator {
                         Ok(Err(e)) => {
                             tracing::warn!(error = %e, "cannot renew the lease; retrying until the write deadline");
                             last_error = e.to_string();
+                            // The attempt took time: wait from now, never past the deadline.
+                            let left = deadline.saturating_duration_since(Instant::now());
                             tokio::select! {
-                                _ = stop.cancelled() => return TermEnd::Stopped,
+                                _ = stop.cancelled() => match stopped(deadline) {
+                                    Some(_) => break None,
+                                    None => return TermEnd::Stopped,
+                                },
                                 _ = tokio::time::sleep(this.poll_every().min(left)) => {}
                             }
                         }
