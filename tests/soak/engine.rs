@@ -13,6 +13,12 @@
 
 #![allow(dead_code)]
 
+// The example `soak` builds this engine without the test support modules, so it loads the file
+// itself; in the test binary the file is also `support::isolated`.
+#[allow(clippy::duplicate_mod)]
+#[path = "../support/isolated.rs"]
+mod isolated;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
@@ -1066,7 +1072,7 @@ impl Daemon {
         cmd.env_remove("RUST_LOG").env_remove("NOTIFY_SOCKET");
         cmd.stdout(Stdio::null()).stderr(log);
         self.child = Some(
-            cmd.spawn()
+            isolated::spawn_isolated(&mut cmd)
                 .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.bin.display())),
         );
     }
@@ -1548,7 +1554,7 @@ pub async fn run_round(opts: &Options, first: u64, count: u64) -> RoundReport {
                     } else {
                         wait_role(standby, "active", HA_TAKEOVER_WAIT).await
                     };
-                    let resumed_by_others = watch_pause.finish();
+                    let pause = watch_pause.finish();
                     fault_log.lock().push(format!(
                         "{:?}: standby active: {took_over} after {:?}",
                         t0.elapsed(),
@@ -1557,7 +1563,7 @@ pub async fn run_round(opts: &Options, first: u64, count: u64) -> RoundReport {
                     if !took_over {
                         ha_problems.push(format!(
                             "{f:?}: the standby did not take over within {HA_TAKEOVER_WAIT:?}\n{}",
-                            takeover_diagnosis(&daemon, standby, &dst, resumed_by_others).await
+                            takeover_diagnosis(&daemon, standby, &dst, pause).await
                         ));
                     }
                     if matches!(f, Fault::HaPause) {
@@ -1807,14 +1813,16 @@ fn proc_state(pid: u32) -> Option<char> {
 /// the harness sends SIGCONT, and a failed takeover must say when it did not.
 struct PauseWatch {
     stop: Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<Option<Duration>>>,
+    thread: Option<std::thread::JoinHandle<String>>,
 }
 
 impl PauseWatch {
-    /// When the paused process was first seen running again, if it was.
-    fn finish(self) -> Option<Duration> {
+    /// What the pause looked like: held throughout, resumed (when), or never seen stopped.
+    fn finish(self) -> String {
         self.stop.store(true, Ordering::Relaxed);
-        self.thread.and_then(|t| t.join().ok().flatten())
+        self.thread
+            .and_then(|t| t.join().ok())
+            .unwrap_or_else(|| "not a pause".to_owned())
     }
 }
 
@@ -1823,14 +1831,24 @@ fn watch_paused(pid: Option<u32>, since: Instant) -> PauseWatch {
     let thread = pid.map(|pid| {
         let stop = Arc::clone(&stop);
         std::thread::spawn(move || {
+            let mut stopped_at = None;
             while !stop.load(Ordering::Relaxed) {
-                match proc_state(pid) {
-                    Some('T') | Some('t') | None => {}
-                    Some(_) => return Some(since.elapsed()),
+                match (proc_state(pid), stopped_at) {
+                    (Some('T') | Some('t'), None) => stopped_at = Some(since.elapsed()),
+                    (Some('T') | Some('t'), Some(_)) | (_, None) => {}
+                    (state, Some(at)) => {
+                        return format!(
+                            "stopped at {at:?}, running again ({state:?}) at {:?} without SIGCONT from the harness",
+                            since.elapsed()
+                        )
+                    }
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
-            None
+            match stopped_at {
+                Some(at) => format!("stopped from {at:?} to the end of the wait"),
+                None => "never seen stopped".to_owned(),
+            }
         })
     });
     PauseWatch { stop, thread }
@@ -1838,12 +1856,7 @@ fn watch_paused(pid: Option<u32>, since: Instant) -> PauseWatch {
 
 /// What a failed takeover looked like: both processes' states, the standby's view, and the
 /// lease as the destination has it.
-async fn takeover_diagnosis(
-    old: &Daemon,
-    standby: &Daemon,
-    dst: &Client,
-    resumed_by_others: Option<Duration>,
-) -> String {
+async fn takeover_diagnosis(old: &Daemon, standby: &Daemon, dst: &Client, pause: String) -> String {
     let state = |d: &Daemon| d.pid().map(|pid| (pid, proc_state(pid)));
     let standby_ha = match tokio::time::timeout(Duration::from_secs(2), standby.status()).await {
         Ok(Some(s)) => s["ha"].to_string(),
@@ -1860,11 +1873,10 @@ async fn takeover_diagnosis(
         Err(_) => Vec::new(),
     };
     format!(
-        "    paused instance (pid, state): {:?}; resumed by someone else after {:?}\n    \
+        "    paused instance (pid, state): {:?}; its pause: {pause}\n    \
          standby (pid, state): {:?}; its status.ha: {standby_ha}\n    \
          leases on the destination at {}: {lease:?}",
         state(old),
-        resumed_by_others,
         state(standby),
         bson::DateTime::now(),
     )

@@ -183,7 +183,7 @@ impl Daemon {
         cmd.env_remove("RUST_LOG").env_remove("NOTIFY_SOCKET");
         cmd.envs(env.iter().copied());
         cmd.stdout(Stdio::null()).stderr(log);
-        self.child = Some(cmd.spawn().expect("daemon starts"));
+        self.child = Some(super::isolated::spawn_isolated(&mut cmd).expect("daemon starts"));
     }
 
     pub fn pid(&self) -> u32 {
