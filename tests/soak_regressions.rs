@@ -646,3 +646,64 @@ async fn refetched_document_in_a_unique_key_swap(config: &str, env: &[(&str, &st
     wait_converged(&c, &[("s82254", "a")], Duration::from_secs(60)).await;
     assert_eq!(dead_letters(&c.dst).await, Vec::<Document>::new());
 }
+
+/// Seed 160151 (a source connection drop; it needs no fault): under a shared stream
+/// (`stream_scope = "database"`), `renameCollection b -> c` then `c -> b` while the daemon
+/// streams. b's worker applied the first rename (b dropped on the destination) and went on
+/// with its checkpoint; b came back with the same collection UUID, so the same worker (or its
+/// checkpoint) resumed past the rename, and b never reached the destination again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_a_rename_round_trip_under_a_shared_stream_keeps_the_collection() {
+    let c = Clusters::start().await;
+    let db = c.src.database("s160151");
+    db.collection::<Document>("b")
+        .insert_many((0..5).map(|i| doc! {"_id": i, "n": i}))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(
+        &c,
+        dir.path(),
+        "[source]\nstream_scope = \"database\"\n\n[sync]\nnamespaces = [\"s160151.*\"]\n",
+    );
+    d.wait_streaming("s160151.b").await;
+    wait_converged(&c, &[("s160151", "b")], Duration::from_secs(30)).await;
+    let admin = c.src.database("admin");
+    admin
+        .run_command(doc! {"renameCollection": "s160151.b", "to": "s160151.c"})
+        .await
+        .unwrap();
+    admin
+        .run_command(doc! {"renameCollection": "s160151.c", "to": "s160151.b"})
+        .await
+        .unwrap();
+    // A write after the round trip: once it is on the destination, so are the renames.
+    db.collection::<Document>("b")
+        .update_one(doc! {"_id": 0}, doc! {"$set": {"n": 100}})
+        .await
+        .unwrap();
+    wait_until(
+        "the destination has b with its documents and the later write, and no c",
+        Duration::from_secs(60),
+        || async {
+            collection_names(&c.dst, "s160151").await == vec!["b".to_string()]
+                && c.dst
+                    .database("s160151")
+                    .collection::<Document>("b")
+                    .count_documents(doc! {})
+                    .await
+                    .unwrap_or(0)
+                    == 5
+                && c.dst
+                    .database("s160151")
+                    .collection::<Document>("b")
+                    .count_documents(doc! {"n": 100})
+                    .await
+                    .unwrap_or(0)
+                    == 1
+        },
+    )
+    .await;
+    wait_converged(&c, &[("s160151", "b")], Duration::from_secs(30)).await;
+    assert!(dead_letters(&c.dst).await.is_empty(), "log:\n{}", d.logs());
+}

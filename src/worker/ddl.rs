@@ -25,6 +25,7 @@ pub(super) async fn apply_ddl(
             )
             .await?;
             tracing::info!(namespace = %label, target = %ctx.target, "collection dropped on the source; dropped on the destination");
+            return Ok(Some(WorkerExit::NamespaceGone));
         }
         OpKind::Rename => {
             crate::worker::dest_collection::drop_collection(
@@ -39,6 +40,11 @@ pub(super) async fn apply_ddl(
                 .map(|(d, c)| format!("{d}.{c}"))
                 .unwrap_or_default();
             tracing::info!(namespace = %label, renamed_to = %to, "collection renamed on the source; the old name was dropped on the destination (the new name is synced by its own worker when in scope)");
+            // This incarnation has left the name, and its target is gone: its checkpoint goes
+            // too. A shared stream sends no invalidate, and a rename round trip brings the
+            // same collection UUID back under this name: it must be copied again, not resumed
+            // past the drop.
+            return Ok(Some(WorkerExit::NamespaceGone));
         }
         OpKind::DropDatabase => {}
         OpKind::Invalidate => {
