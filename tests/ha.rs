@@ -653,14 +653,7 @@ async fn a_slow_drain_keeps_renewing_the_lease_until_it_hands_it_over() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     writer.await.unwrap();
     wait_converged(&c, &[("ha", "docs")], T).await;
-    let lease = c
-        .dst
-        .database("mongo_syncd")
-        .collection::<Document>("leases")
-        .find_one(doc! {})
-        .await
-        .unwrap()
-        .unwrap();
+    let lease = the_lease(&c).await;
     // A kept its lease through the drain (never fenced, never deposed) and released it: B took
     // it after the SIGTERM, without waiting for it to expire.
     let history = a.all_logs();

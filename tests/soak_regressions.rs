@@ -29,6 +29,24 @@ async fn dead_letters(dst: &Client) -> Vec<Document> {
         .unwrap()
 }
 
+/// Waits until the destination's `<db>.a` has the unique `email_1` index the source has.
+async fn wait_for_unique_email_index(c: &Clusters, db: &str) {
+    wait_until(
+        "unique index on the destination",
+        Duration::from_secs(30),
+        || async {
+            c.dst
+                .database(db)
+                .collection::<Document>("a")
+                .list_index_names()
+                .await
+                .unwrap_or_default()
+                .contains(&"email_1".to_string())
+        },
+    )
+    .await;
+}
+
 /// Seed 215 (no faults): delete C{email: e1} then insert D{email: e1} under a unique index, in
 /// one batch. D was dead-lettered (E11000) and missing on the destination. Issue 9 item 2 (c-apply).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -48,21 +66,7 @@ async fn soak_unique_delete_then_reinsert_is_applied_in_source_order() {
     let dir = tempfile::tempdir().unwrap();
     let d = Daemon::start(&c, dir.path(), "");
     d.wait_streaming("s215.a").await;
-    wait_until(
-        "unique index on the destination",
-        Duration::from_secs(30),
-        || async {
-            let names: Vec<String> = c
-                .dst
-                .database("s215")
-                .collection::<Document>("a")
-                .list_index_names()
-                .await
-                .unwrap_or_default();
-            names.iter().any(|n| n == "email_1")
-        },
-    )
-    .await;
+    wait_for_unique_email_index(&c, "s215").await;
     a.delete_one(doc! {"_id": 7}).await.unwrap();
     a.insert_one(doc! {"_id": 2, "email": "e1"}).await.unwrap();
     wait_converged(&c, &[("s215", "a")], Duration::from_secs(60)).await;
@@ -248,20 +252,7 @@ async fn soak_a_recopy_into_a_unique_index_frees_keys_before_it_writes() {
     let mut d = Daemon::start(&c, dir.path(), config);
     d.wait_streaming("s80.a").await;
     wait_converged(&c, &[("s80", "a")], Duration::from_secs(30)).await;
-    wait_until(
-        "unique index on the destination",
-        Duration::from_secs(30),
-        || async {
-            c.dst
-                .database("s80")
-                .collection::<Document>("a")
-                .list_index_names()
-                .await
-                .unwrap_or_default()
-                .contains(&"email_1".to_string())
-        },
-    )
-    .await;
+    wait_for_unique_email_index(&c, "s80").await;
     assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
 
     // While the daemon is stopped: 0.5 gives e1 to a new document, 3 and 4 swap their keys,
@@ -613,21 +604,7 @@ async fn refetched_document_in_a_unique_key_swap(config: &str, env: &[(&str, &st
     let mut d = Daemon::configure(&c, dir.path(), config);
     d.spawn_with_env(&[], env);
     d.wait_streaming("s82254.a").await;
-    wait_until(
-        "unique index on the destination",
-        Duration::from_secs(30),
-        || async {
-            let names: Vec<String> = c
-                .dst
-                .database("s82254")
-                .collection::<Document>("a")
-                .list_index_names()
-                .await
-                .unwrap_or_default();
-            names.iter().any(|n| n == "email_1")
-        },
-    )
-    .await;
+    wait_for_unique_email_index(&c, "s82254").await;
     wait_converged(&c, &[("s82254", "a")], Duration::from_secs(60)).await;
     // The history arrives as one backlog, so one batch holds all of it.
     assert_eq!(d.terminate().await, Some(0));
