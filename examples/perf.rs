@@ -16,7 +16,9 @@
 //! - **drain of one collection**: the daemon restarted over that backlog, from its start to the
 //!   last event applied, as a ratio of the drain ceiling (target ≥ 0.9). The machine is noisy
 //!   (one ceiling moved 15 % between two runs), so `--rounds R` (default 3) repeats backlog,
-//!   ceiling and drain R times and reports the round of the median ratio, with every round's;
+//!   ceiling and drain R times and reports the round of the median ratio, with every round's,
+//!   and where that round's CPU went (shares of one core: the destination simulator during the
+//!   ceiling and during the drain, the source simulator and the daemon during the drain);
 //! - **naive loops**: one `update_one` per event from a fast Rust client that reads no stream,
 //!   and the naive replicator the issue measured (`examples/naive_replicator.py`: PyMongo reads
 //!   the backlog's change stream and writes each event with one acknowledged `update_one`); the
@@ -739,6 +741,9 @@ struct DrainRound {
     /// A fast client reading the backlog's change stream.
     read: f64,
     drain: f64,
+    /// Share of one core the destination simulator used while the ceiling ran, and while the
+    /// daemon drained; the source simulator's and the daemon's during the drain.
+    cpu: RoundCpu,
     /// Daemon process start to the first event applied.
     startup: Duration,
     total: Duration,
@@ -765,6 +770,7 @@ async fn drain_round(
     docs_each: i64,
     events_each: i64,
     docs: i64,
+    sims: SimPids,
     start: &dyn Fn() -> Daemon,
 ) -> DrainRound {
     let backlog_start = operation_time(src).await;
@@ -775,8 +781,12 @@ async fn drain_round(
     let statements: Vec<Document> = (0..events)
         .map(|k| doc! {"q": {"_id": event_id(k, docs)}, "u": {"$set": {"visits": k + round * events}}})
         .collect();
-    let ceiling = rate(events, bulk_update(dst, "ceiling_drain", statements).await);
+    let dest_before = cpu_seconds(sims.dest);
+    let ceiling_took = bulk_update(dst, "ceiling_drain", statements).await;
+    let dest_in_ceiling = (cpu_seconds(sims.dest) - dest_before) / ceiling_took.as_secs_f64();
+    let ceiling = rate(events, ceiling_took);
     let read = read_ceiling(src, names, backlog_start, events).await;
+    let (dest_before, source_before) = (cpu_seconds(sims.dest), cpu_seconds(sims.source));
     let daemon = start();
     let started = Instant::now();
     daemon
@@ -795,10 +805,18 @@ async fn drain_round(
         )
         .await;
     let total = started.elapsed();
+    let busy = |before: f64, pid: u32| (cpu_seconds(pid) - before) / total.as_secs_f64();
+    let cpu = RoundCpu {
+        dest_in_ceiling,
+        dest_in_drain: busy(dest_before, sims.dest),
+        source_in_drain: busy(source_before, sims.source),
+        daemon_in_drain: busy(0.0, daemon.process.child.id()),
+    };
     daemon.stop().await;
     DrainRound {
         ceiling,
         read,
+        cpu,
         drain: rate(events, total),
         startup,
         total,
@@ -828,6 +846,22 @@ async fn read_ceiling(src: &Client, names: &[String], from: bson::Timestamp, eve
             .unwrap();
     }
     rate(events, started.elapsed())
+}
+
+/// Where the CPU went in one drain round, as shares of one core.
+#[derive(Clone, Copy, Default)]
+struct RoundCpu {
+    dest_in_ceiling: f64,
+    dest_in_drain: f64,
+    source_in_drain: f64,
+    daemon_in_drain: f64,
+}
+
+/// The simulators' process ids, for CPU accounting.
+#[derive(Clone, Copy)]
+struct SimPids {
+    source: u32,
+    dest: u32,
 }
 
 /// The round of median ratio (rounds sorted by ratio; the lower middle of an even count).
@@ -868,14 +902,20 @@ fn print_drain(what: &str, events: i64, rounds: &[DrainRound]) {
         m.drain / m.read.min(m.ceiling),
         reads.join(", ")
     );
+    println!(
+        "| CPU, shares of one core (same round) | | destination simulator: {:.2} in the ceiling, {:.2} in the drain; source simulator {:.2}, daemon {:.2} in the drain |",
+        m.cpu.dest_in_ceiling, m.cpu.dest_in_drain, m.cpu.source_in_drain, m.cpu.daemon_in_drain
+    );
 }
 
 /// Copy and drain spread over several collections (`--spread N`): the same documents and
 /// events as the one-collection run, cut into N collections, against the same ceilings.
+#[allow(clippy::too_many_arguments)]
 async fn spread_over(
     daemon_bin: &Path,
     source_uri: &str,
     dest_uri: &str,
+    sims: SimPids,
     collections: i64,
     docs: i64,
     events: i64,
@@ -935,7 +975,12 @@ async fn spread_over(
     };
     let mut rounds = Vec::new();
     for round in 0..repeats {
-        rounds.push(drain_round(round, &src, &dst, &names, per, per_events, docs, &start).await);
+        rounds.push(
+            drain_round(
+                round, &src, &dst, &names, per, per_events, docs, sims, &start,
+            )
+            .await,
+        );
     }
     println!("| {collections} collections | per second | ratio |");
     println!("| --- | ---: | --- |");
@@ -983,6 +1028,10 @@ async fn main() {
     }
     let (_source, source_uri) = start_sim(&sim_bin, "src");
     let (_dest, dest_uri) = start_sim(&sim_bin, "dst");
+    let sims = SimPids {
+        source: _source.child.id(),
+        dest: _dest.child.id(),
+    };
     let collections = arg(&args, "--collections", 0);
     if collections > 0 {
         let scope = args
@@ -1011,6 +1060,7 @@ async fn main() {
             &daemon_bin,
             &source_uri,
             &dest_uri,
+            sims,
             spread,
             docs,
             events,
@@ -1068,6 +1118,7 @@ async fn main() {
                 docs,
                 events,
                 docs,
+                sims,
                 &start,
             )
             .await,

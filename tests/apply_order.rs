@@ -590,3 +590,93 @@ async fn a_batch_prepared_while_the_one_before_is_written_lands_after_it() {
         d.logs()
     );
 }
+
+/// Issue 11 item 4, the pipeline's depth: while one batch is held at the destination, the two
+/// read after it are both started and marked (each batch's task saves its own mark, so the
+/// worker never waits for a mark queued behind the held writes). A SIGKILL with the three in
+/// flight loses and repeats nothing: the restart replays them from the checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_batches_are_marked_while_the_one_before_is_held_and_a_kill_then_loses_nothing() {
+    let c = Clusters::start().await;
+    let src = c.src.database("app").collection::<Document>("depth");
+    src.insert_many((0..100).map(|i| doc! {"_id": i, "v": 0}))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = "[sync]\nnamespaces = [\"app.depth\"]\n\n[apply]\nbatch_max_events = 100\n";
+    let mut d = Daemon::start(&c, dir.path(), config);
+    d.wait_streaming("app.depth").await;
+    stop(&mut d).await;
+    let operation_time = |c: &Clusters| {
+        let db = c.src.database("app");
+        async move {
+            db.run_command(doc! {"find": "depth", "limit": 1})
+                .await
+                .unwrap()
+                .get_timestamp("operationTime")
+                .unwrap()
+        }
+    };
+    // The backlog, one batch of 100 events per round: an update, the held deletes, the
+    // inserts, and the update whose mark shows the pipeline's depth.
+    src.update_many(doc! {}, doc! {"$set": {"v": 1}})
+        .await
+        .unwrap();
+    src.delete_many(doc! {}).await.unwrap();
+    src.insert_many((0..100).map(|i| doc! {"_id": i, "v": 3}))
+        .await
+        .unwrap();
+    let round_3_done = operation_time(&c).await;
+    src.update_many(doc! {}, doc! {"$set": {"v": 4}})
+        .await
+        .unwrap();
+    c.dest
+        .configure_fail_point(
+            &doc! {"configureFailPoint": "failCommand", "mode": {"times": 1},
+            "data": {"failCommands": ["delete"], "blockConnection": true, "blockTimeMS": 4_000,
+                     "namespace": "app.depth"}},
+        )
+        .unwrap();
+    let mut d = Daemon::start(&c, dir.path(), config);
+    let dst = c.dst.database("app").collection::<Document>("depth");
+    let marks = c
+        .dst
+        .database("mongo_syncd")
+        .collection::<Document>("apply_marks");
+    wait_until("round 4's mark is persisted", T, || async {
+        marks
+            .find_one(doc! {})
+            .await
+            .unwrap()
+            .and_then(|m| m.get_timestamp("cluster_time").ok())
+            .is_some_and(|t| t > round_3_done)
+    })
+    .await;
+    assert_eq!(
+        dst.count_documents(doc! {"v": 1}).await.unwrap(),
+        100,
+        "round 4 was marked only after the held deletes were written, or a batch was written \
+         before them; log:\n{}",
+        d.logs()
+    );
+    d.kill9();
+    // The held deletes still land (a server finishes a command whose client died): the
+    // restart begins after them, as it would after a real crash.
+    wait_until("the held deletes land", T, || async {
+        dst.count_documents(doc! {}).await.unwrap() == 0
+    })
+    .await;
+    let mut d = Daemon::start(&c, dir.path(), config);
+    wait_until("round 4 is applied after the restart", T, || async {
+        dst.count_documents(doc! {"v": 4}).await.unwrap() == 100
+    })
+    .await;
+    stop(&mut d).await;
+    assert_eq!(
+        crate::support::cluster::dump(&c.dst, "app", "depth").await,
+        crate::support::cluster::dump(&c.src, "app", "depth").await,
+        "log:\n{}",
+        d.logs()
+    );
+    assert_eq!(dead_letters(&c).await, Vec::<Document>::new());
+}

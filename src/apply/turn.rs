@@ -42,6 +42,13 @@ pub fn chain() -> (TurnDone, Turn) {
     (TurnDone(tx), turn)
 }
 
+impl Turn {
+    /// Waits for the turn: `true` when the batch before succeeded.
+    pub async fn come(self) -> bool {
+        self.0.await
+    }
+}
+
 /// Runs `f` as a batch whose destination operations wait for `turn` (none: they do not wait).
 pub async fn in_turn<F: std::future::Future>(turn: Option<Turn>, f: F) -> F::Output {
     match turn {

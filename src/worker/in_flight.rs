@@ -1,15 +1,77 @@
 //! Read and apply overlapped (issue 11 item 4): a batch's writes run in a task of their own
-//! while the worker reads the next batch, persists its applied mark and builds its statements;
-//! the next batch writes only when this one has finished (an [`apply::turn`] chain), so the
-//! destination sees every batch in stream order and never waits for the daemon between two.
+//! while the worker reads the next batch and builds its statements; each batch writes only
+//! when the one before has finished (an [`apply::turn`] chain), so the destination sees every
+//! batch in stream order and never waits for the daemon between two.
+//!
+//! A batch's task first saves its applied mark, after the mark of the batch before (marks
+//! only move forward) and while that batch may still be writing. When the worker saved the
+//! mark itself, the save queued at the destination behind the writing batch's commands and
+//! the worker could not start the next batch meanwhile: the destination sat idle between two
+//! batches for 5–10 % of a drain. Up to [`MAX_BATCHES_IN_FLIGHT`] batches are started at once.
 //!
 //! A batch is checkpointed by the worker once its writes are acknowledged, in order, so the
-//! checkpoint still moves forward only, after durable writes (DESIGN §2.5). A crash while a
-//! batch is in flight leaves the mark of the batch after it: both are replays on restart.
+//! checkpoint still moves forward only, after durable writes (DESIGN §2.5). A crash while
+//! batches are in flight leaves the mark of the last one started: all of them are replays on
+//! restart.
+
+use std::collections::VecDeque;
 
 use super::*;
 use crate::apply::turn::{self, Turn};
 use tokio_util::task::AbortOnDropHandle;
+
+/// Batches started at once: one writing, the rest waiting for their turn.
+pub(super) const MAX_BATCHES_IN_FLIGHT: usize = 2;
+
+/// The batches started and not yet checkpointed, oldest first.
+#[derive(Default)]
+pub(super) struct InFlight(VecDeque<InFlightBatch>);
+
+impl InFlight {
+    pub(super) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// More batches started than [`MAX_BATCHES_IN_FLIGHT`]: the oldest must be finished.
+    pub(super) fn over_limit(&self) -> bool {
+        self.0.len() > MAX_BATCHES_IN_FLIGHT
+    }
+
+    /// The batch started last, which the next one writes after.
+    pub(super) fn newest(&self) -> Option<&InFlightBatch> {
+        self.0.back()
+    }
+
+    pub(super) fn push(&mut self, batch: InFlightBatch) {
+        self.0.push_back(batch);
+    }
+
+    /// Waits for the writes of the oldest batch (forever when there is none: a `select!`
+    /// branch guarded by `!is_empty()`), and takes it.
+    pub(super) async fn oldest_written(
+        &mut self,
+    ) -> (InFlightBatch, Result<ApplyStats, SyncError>) {
+        let writes = match self.0.front_mut() {
+            Some(batch) => (&mut batch.writes).await.unwrap_or_else(|e| {
+                Err(SyncError::new(
+                    ErrorKind::InvariantViolated,
+                    format!("a batch's write task ended abnormally: {e}"),
+                ))
+            }),
+            None => std::future::pending().await,
+        };
+        (self.0.pop_front().expect("awaited above"), writes)
+    }
+
+    /// After an error: lets the batches still in flight end without checkpointing them (a
+    /// write is never abandoned midway; a batch behind a failed one fails before it writes).
+    /// Their marks make them replays for the next incarnation.
+    pub(super) async fn wait_out(&mut self) {
+        while !self.is_empty() {
+            let _ = self.oldest_written().await;
+        }
+    }
+}
 
 /// A batch whose writes are running.
 pub(super) struct InFlightBatch {
@@ -18,6 +80,8 @@ pub(super) struct InFlightBatch {
     _buffered: Vec<BufferedBytes>,
     started: Instant,
     writes: AbortOnDropHandle<Result<ApplyStats, SyncError>>,
+    /// Resolves when this batch's applied mark is saved (the next batch's mark waits for it).
+    mark_saved: Turn,
     /// The turn of the batch read after this one.
     next: Turn,
 }
@@ -29,16 +93,16 @@ pub(super) fn may_start(applier: &Applier, events: &[ChangeEvent], replays: usiz
     replays == 0 && applier.may_overlap_batches() && events.iter().all(|e| e.kind.is_data())
 }
 
-/// Whether the batch in flight may still be checkpointed while the next one writes: its
-/// checkpoint cannot end a copy's replay, whose end settles documents, builds unique indexes
-/// and closes a history-loss streak, all of which must see every batch before it written and
-/// none after it.
+/// Whether the batches in flight may still be checkpointed while the next one writes: no
+/// checkpoint of theirs can end a copy's replay, whose end settles documents, builds unique
+/// indexes and closes a history-loss streak, all of which must see every batch before it
+/// written and none after it. The newest batch ends last, so it decides for all of them.
 pub(super) fn may_commit_behind(
     ctx: &WorkerContext,
     cp: &Checkpoint,
-    in_flight: Option<&InFlightBatch>,
+    in_flight: &InFlight,
 ) -> bool {
-    let Some(batch) = in_flight else {
+    let Some(batch) = in_flight.newest() else {
         return true;
     };
     let replay_over = ctx.caught_up.load(Ordering::Relaxed)
@@ -51,25 +115,50 @@ pub(super) fn may_commit_behind(
     replay_over || ends_before_replay_end
 }
 
-/// Persists the batch's applied mark, then starts its writes after those of `previous` (the
-/// batch in flight, if any).
-pub(super) async fn start(
+/// Starts a batch's task: its applied mark, saved after the newest batch in flight saved its
+/// own, then its writes, after that batch's writes.
+pub(super) fn start(
     ctx: &WorkerContext,
     applier: &Arc<Applier>,
     cp: &Checkpoint,
     events: Vec<ChangeEvent>,
     buffered: Vec<BufferedBytes>,
-    previous: Option<&InFlightBatch>,
+    in_flight: &InFlight,
 ) -> Result<InFlightBatch, SyncError> {
     let started = Instant::now();
-    save_apply_mark(ctx, &events).await?;
+    let mark = apply_mark(&events)?;
+    let (marks, key) = (ctx.pipeline.checkpoints.clone(), ctx.key());
+    let (mark_done, mark_saved) = turn::chain();
+    let mark_after = in_flight.newest().map(|b| b.mark_saved.clone());
     let events: Arc<[ChangeEvent]> = events.into();
     let (done, next) = turn::chain();
-    let after = previous.map(|b| b.next.clone());
+    let after = in_flight.newest().map(|b| b.next.clone());
     let (applier, batch, replay_until) =
         (Arc::clone(applier), Arc::clone(&events), cp.replay_until);
     let writes = tokio::spawn(async move {
-        let applied = turn::in_turn(after, applier.apply_events(&batch, replay_until)).await;
+        let applied = async {
+            // The mark is saved before the batch writes, after the mark of the batch before
+            // (a mark never moves back), while that batch may still be writing: the worker
+            // does not wait for it behind the writes queued at the destination.
+            let previous_saved = match mark_after {
+                Some(t) => t.come().await,
+                None => true,
+            };
+            let saved = if !previous_saved {
+                Err(SyncError::new(
+                    ErrorKind::Cancelled,
+                    "the batch before this one did not save its applied mark",
+                ))
+            } else if let Some(mark) = mark {
+                marks.save_mark(&key, &mark).await
+            } else {
+                Ok(())
+            };
+            mark_done.finish(saved.is_ok());
+            saved?;
+            turn::in_turn(after, applier.apply_events(&batch, replay_until)).await
+        }
+        .await;
         done.finish(applied.is_ok());
         applied
     });
@@ -78,24 +167,9 @@ pub(super) async fn start(
         _buffered: buffered,
         started,
         writes: AbortOnDropHandle::new(writes),
+        mark_saved,
         next,
     })
-}
-
-/// Waits for the writes of the batch in flight (forever when there is none: a `select!`
-/// branch guarded by `in_flight.is_some()`).
-pub(super) async fn written(
-    in_flight: &mut Option<InFlightBatch>,
-) -> Result<ApplyStats, SyncError> {
-    match in_flight {
-        Some(batch) => (&mut batch.writes).await.unwrap_or_else(|e| {
-            Err(SyncError::new(
-                ErrorKind::InvariantViolated,
-                format!("a batch's write task ended abnormally: {e}"),
-            ))
-        }),
-        None => std::future::pending().await,
-    }
 }
 
 /// Checkpoints a batch whose writes ended with `writes`.
@@ -122,19 +196,43 @@ pub(super) async fn commit(
     .await
 }
 
-/// Waits for the batch in flight, if any, and checkpoints it; true when there was one.
+/// Waits for the batches in flight, if any, and checkpoints them in order; true when there
+/// was one.
 pub(super) async fn finish(
     ctx: &WorkerContext,
     applier: &Applier,
     cp: &mut Checkpoint,
     settles: &mut CaughtUpSettles,
-    in_flight: &mut Option<InFlightBatch>,
+    in_flight: &mut InFlight,
 ) -> Result<bool, SyncError> {
-    if in_flight.is_none() {
-        return Ok(false);
+    let any = !in_flight.is_empty();
+    while !in_flight.is_empty() {
+        let (batch, writes) = in_flight.oldest_written().await;
+        if let Err(e) = commit(ctx, applier, cp, settles, batch, writes).await {
+            in_flight.wait_out().await;
+            return Err(e);
+        }
     }
-    let writes = written(in_flight).await;
-    let batch = in_flight.take().expect("checked above");
-    commit(ctx, applier, cp, settles, batch, writes).await?;
-    Ok(true)
+    Ok(any)
+}
+
+/// Finishes the oldest batches until no more than [`MAX_BATCHES_IN_FLIGHT`] are in flight;
+/// true when one was checkpointed.
+pub(super) async fn finish_over_limit(
+    ctx: &WorkerContext,
+    applier: &Applier,
+    cp: &mut Checkpoint,
+    settles: &mut CaughtUpSettles,
+    in_flight: &mut InFlight,
+) -> Result<bool, SyncError> {
+    let mut any = false;
+    while in_flight.over_limit() {
+        let (batch, writes) = in_flight.oldest_written().await;
+        if let Err(e) = commit(ctx, applier, cp, settles, batch, writes).await {
+            in_flight.wait_out().await;
+            return Err(e);
+        }
+        any = true;
+    }
+    Ok(any)
 }

@@ -2,7 +2,7 @@
 //! stream or the shared one it joined, with crash replays recognised and the end of a replay
 //! settled.
 
-use super::in_flight::{self, InFlightBatch};
+use super::in_flight::{self, InFlight};
 use super::*;
 
 /// Events re-read after a crash between a batch and its checkpoint: everything up to and
@@ -75,8 +75,8 @@ pub(super) async fn stream(
     let mut settings = ctx.current_settings();
     let mut applier = Arc::new(ctx.applier());
     let mut last_checkpoint = Instant::now();
-    // The batch whose writes run while the next one is read and prepared (see `in_flight`).
-    let mut writing: Option<InFlightBatch> = None;
+    // The batches whose writes run while the next one is read and prepared (see `in_flight`).
+    let mut writing = InFlight::default();
     let mut settles = CaughtUpSettles::default();
     let mut last_join_attempt = Instant::now();
     // A force-sync interrupted by a restart resumes at its next range before anything else.
@@ -85,17 +85,18 @@ pub(super) async fn stream(
     // An item read while a batch was being collected that must start the next one (the
     // first event of a source transaction under `apply.transactions = "atomic"`).
     let mut held: Option<StreamItem> = None;
-    // Waits for a batch in flight (`writing` unless named) and checkpoints it: before anything
-    // that needs every batch read so far applied (DDL, a transaction, a reopened stream, an
-    // idle token, a command).
+    // Waits for the batches in flight and checkpoints them in order: all of them (no
+    // argument) before anything that needs every batch read so far applied (DDL, a
+    // transaction, a reopened stream, an idle token, a command), or with `finish_over_limit`
+    // only the oldest beyond `in_flight::MAX_BATCHES_IN_FLIGHT`.
     macro_rules! finish_writing {
         () => {
-            finish_writing!(writing)
+            finish_writing!(finish)
         };
-        ($batch:ident) => {
+        ($how:ident) => {
             // Some callers checkpoint again at once, so this time is not always read.
             #[allow(unused_assignments)]
-            match in_flight::finish(ctx, &applier, &mut cp, &mut settles, &mut $batch).await {
+            match in_flight::$how(ctx, &applier, &mut cp, &mut settles, &mut writing).await {
                 Ok(true) => {
                     last_checkpoint = Instant::now();
                     feed.acknowledge(cp.resume_token.as_ref());
@@ -160,14 +161,16 @@ pub(super) async fn stream(
                     continue;
                 }
                 item = feed.recv() => item,
-                writes = in_flight::written(&mut writing), if writing.is_some() => {
-                    let batch = writing.take().expect("guarded by is_some");
+                (batch, writes) = writing.oldest_written(), if !writing.is_empty() => {
                     if let Err(e) = in_flight::commit(ctx, &applier, &mut cp, &mut settles, batch, writes).await {
                         break Err(e);
                     }
                     last_checkpoint = Instant::now();
                     feed.acknowledge(cp.resume_token.as_ref());
-                    join_when_caught_up(ctx, &mut feed, &cp, stop, &mut last_join_attempt).await;
+                    // Joining picks up at the checkpoint: only once nothing is in flight.
+                    if writing.is_empty() {
+                        join_when_caught_up(ctx, &mut feed, &cp, stop, &mut last_join_attempt).await;
+                    }
                     continue;
                 }
             },
@@ -277,22 +280,17 @@ pub(super) async fn stream(
             if in_flight::may_start(&applier, &events, replays)
                 && !ctx.pipeline.checkpoints.fences_by_transaction()
             {
-                // This batch is prepared while the one before is written, then written
-                // while the next one is read.
-                if !in_flight::may_commit_behind(ctx, &cp, writing.as_ref()) {
+                // This batch is prepared while the ones before are written, then written
+                // while the next ones are read.
+                if !in_flight::may_commit_behind(ctx, &cp, &writing) {
                     finish_writing!();
                 }
-                let mut previous = writing.take();
-                let started =
-                    in_flight::start(ctx, &applier, &cp, events, buffered, previous.as_ref());
-                match started.await {
-                    Ok(started) => writing = Some(started),
-                    Err(e) => {
-                        writing = previous;
-                        break Err(e);
-                    }
+                let started = in_flight::start(ctx, &applier, &cp, events, buffered, &writing);
+                match started {
+                    Ok(started) => writing.push(started),
+                    Err(e) => break Err(e),
                 }
-                finish_writing!(previous);
+                finish_writing!(finish_over_limit);
             } else {
                 finish_writing!();
                 match process_batch(ctx, &applier, &mut cp, &events, replays, &mut settles, None)
@@ -399,8 +397,8 @@ pub(super) async fn stream(
             ctx.pipeline.metrics.set_queue(&label, feed.queued() as u64);
         }
     };
-    // A batch still being written is finished and checkpointed (a clean stop drains it);
-    // an aborted worker abandons it like a crash would (its mark makes it a replay).
+    // Batches still being written are finished and checkpointed (a clean stop drains them);
+    // an aborted worker abandons them like a crash would (their marks make them replays).
     let result = if abort.is_cancelled() {
         drop(writing);
         result

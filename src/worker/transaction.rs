@@ -129,20 +129,22 @@ pub(super) async fn save_apply_mark(
     ctx: &WorkerContext,
     events: &[ChangeEvent],
 ) -> Result<(), SyncError> {
-    let Some(last) = events.last() else {
+    let Some(mark) = apply_mark(events)? else {
         return Ok(());
+    };
+    ctx.pipeline.checkpoints.save_mark(&ctx.key(), &mark).await
+}
+
+/// The applied mark of `events`: their last event (none when empty).
+pub(super) fn apply_mark(events: &[ChangeEvent]) -> Result<Option<ApplyMark>, SyncError> {
+    let Some(last) = events.last() else {
+        return Ok(None);
     };
     let token = Document::try_from(last.token.clone()).map_err(|e| {
         SyncError::with_source(ErrorKind::InvariantViolated, "decoding a resume token", e)
     })?;
-    ctx.pipeline
-        .checkpoints
-        .save_mark(
-            &ctx.key(),
-            &ApplyMark {
-                cluster_time: last.cluster_time,
-                token,
-            },
-        )
-        .await
+    Ok(Some(ApplyMark {
+        cluster_time: last.cluster_time,
+        token,
+    }))
 }
