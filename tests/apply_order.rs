@@ -512,6 +512,34 @@ async fn top_level_dollar_prefixed_fields_are_stored_literally() {
     stop(&mut d).await;
 }
 
+/// The source's operation time after a read of `app.<coll>`: every later write is after it.
+async fn source_time(c: &Clusters, coll: &str) -> bson::Timestamp {
+    c.src
+        .database("app")
+        .run_command(doc! {"find": coll, "limit": 1})
+        .await
+        .unwrap()
+        .get_timestamp("operationTime")
+        .unwrap()
+}
+
+/// Waits until the namespace's applied mark is later than `after`.
+async fn wait_for_mark_after(c: &Clusters, what: &str, after: bson::Timestamp) {
+    let marks = c
+        .dst
+        .database("mongo_syncd")
+        .collection::<Document>("apply_marks");
+    wait_until(what, T, || async {
+        marks
+            .find_one(doc! {})
+            .await
+            .unwrap()
+            .and_then(|m| m.get_timestamp("cluster_time").ok())
+            .is_some_and(|t| t > after)
+    })
+    .await;
+}
+
 /// Issue 11 item 4: a batch is read, marked and prepared while the batch before it is still
 /// being written, and writes only after it. Round 4 deletes every document and round 5
 /// inserts them again, in two batches; the destination holds round 4's deletes for a while.
@@ -537,14 +565,7 @@ async fn a_batch_prepared_while_the_one_before_is_written_lands_after_it() {
     }
     src.delete_many(doc! {}).await.unwrap();
     // Every event of round 5 is later than this.
-    let round_4_done = c
-        .src
-        .database("app")
-        .run_command(doc! {"find": "overlap", "limit": 1})
-        .await
-        .unwrap()
-        .get_timestamp("operationTime")
-        .unwrap();
+    let round_4_done = source_time(&c, "overlap").await;
     src.insert_many((0..100).map(|i| doc! {"_id": i, "v": 5}))
         .await
         .unwrap();
@@ -557,20 +578,8 @@ async fn a_batch_prepared_while_the_one_before_is_written_lands_after_it() {
         .unwrap();
     let mut d = Daemon::start(&c, dir.path(), config);
     let dst = c.dst.database("app").collection::<Document>("overlap");
-    let marks = c
-        .dst
-        .database("mongo_syncd")
-        .collection::<Document>("apply_marks");
     // While the deletes are held, round 5 is already marked: it was read and prepared.
-    wait_until("round 5's mark is persisted", T, || async {
-        marks
-            .find_one(doc! {})
-            .await
-            .unwrap()
-            .and_then(|m| m.get_timestamp("cluster_time").ok())
-            .is_some_and(|t| t > round_4_done)
-    })
-    .await;
+    wait_for_mark_after(&c, "round 5's mark is persisted", round_4_done).await;
     assert_eq!(
         dst.count_documents(doc! {"v": 3}).await.unwrap(),
         100,
@@ -607,16 +616,6 @@ async fn two_batches_are_marked_while_the_one_before_is_held_and_a_kill_then_los
     let mut d = Daemon::start(&c, dir.path(), config);
     d.wait_streaming("app.depth").await;
     stop(&mut d).await;
-    let operation_time = |c: &Clusters| {
-        let db = c.src.database("app");
-        async move {
-            db.run_command(doc! {"find": "depth", "limit": 1})
-                .await
-                .unwrap()
-                .get_timestamp("operationTime")
-                .unwrap()
-        }
-    };
     // The backlog, one batch of 100 events per round: an update, the held deletes, the
     // inserts, and the update whose mark shows the pipeline's depth.
     src.update_many(doc! {}, doc! {"$set": {"v": 1}})
@@ -626,7 +625,7 @@ async fn two_batches_are_marked_while_the_one_before_is_held_and_a_kill_then_los
     src.insert_many((0..100).map(|i| doc! {"_id": i, "v": 3}))
         .await
         .unwrap();
-    let round_3_done = operation_time(&c).await;
+    let round_3_done = source_time(&c, "depth").await;
     src.update_many(doc! {}, doc! {"$set": {"v": 4}})
         .await
         .unwrap();
@@ -639,19 +638,7 @@ async fn two_batches_are_marked_while_the_one_before_is_held_and_a_kill_then_los
         .unwrap();
     let mut d = Daemon::start(&c, dir.path(), config);
     let dst = c.dst.database("app").collection::<Document>("depth");
-    let marks = c
-        .dst
-        .database("mongo_syncd")
-        .collection::<Document>("apply_marks");
-    wait_until("round 4's mark is persisted", T, || async {
-        marks
-            .find_one(doc! {})
-            .await
-            .unwrap()
-            .and_then(|m| m.get_timestamp("cluster_time").ok())
-            .is_some_and(|t| t > round_3_done)
-    })
-    .await;
+    wait_for_mark_after(&c, "round 4's mark is persisted", round_3_done).await;
     assert_eq!(
         dst.count_documents(doc! {"v": 1}).await.unwrap(),
         100,
