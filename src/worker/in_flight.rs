@@ -32,11 +32,6 @@ impl InFlight {
         self.0.is_empty()
     }
 
-    /// More batches started than [`MAX_BATCHES_IN_FLIGHT`]: the oldest must be finished.
-    pub(super) fn over_limit(&self) -> bool {
-        self.0.len() > MAX_BATCHES_IN_FLIGHT
-    }
-
     /// The batch started last, which the next one writes after.
     pub(super) fn newest(&self) -> Option<&InFlightBatch> {
         self.0.back()
@@ -205,15 +200,7 @@ pub(super) async fn finish(
     settles: &mut CaughtUpSettles,
     in_flight: &mut InFlight,
 ) -> Result<bool, SyncError> {
-    let any = !in_flight.is_empty();
-    while !in_flight.is_empty() {
-        let (batch, writes) = in_flight.oldest_written().await;
-        if let Err(e) = commit(ctx, applier, cp, settles, batch, writes).await {
-            in_flight.wait_out().await;
-            return Err(e);
-        }
-    }
-    Ok(any)
+    finish_beyond(ctx, applier, cp, settles, in_flight, 0).await
 }
 
 /// Finishes the oldest batches until no more than [`MAX_BATCHES_IN_FLIGHT`] are in flight;
@@ -225,8 +212,21 @@ pub(super) async fn finish_over_limit(
     settles: &mut CaughtUpSettles,
     in_flight: &mut InFlight,
 ) -> Result<bool, SyncError> {
+    finish_beyond(ctx, applier, cp, settles, in_flight, MAX_BATCHES_IN_FLIGHT).await
+}
+
+/// Waits for the oldest batches and checkpoints them in order until `keep` are left in
+/// flight; true when one was checkpointed. After an error the rest are waited out.
+async fn finish_beyond(
+    ctx: &WorkerContext,
+    applier: &Applier,
+    cp: &mut Checkpoint,
+    settles: &mut CaughtUpSettles,
+    in_flight: &mut InFlight,
+    keep: usize,
+) -> Result<bool, SyncError> {
     let mut any = false;
-    while in_flight.over_limit() {
+    while in_flight.0.len() > keep {
         let (batch, writes) = in_flight.oldest_written().await;
         if let Err(e) = commit(ctx, applier, cp, settles, batch, writes).await {
             in_flight.wait_out().await;
