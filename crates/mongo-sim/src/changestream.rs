@@ -253,8 +253,9 @@ pub struct ChangeStreamCursor {
     /// Last oplog sequence number fully consumed.
     pub position: u64,
     epoch: u32,
-    /// Events (or fragments) produced but not yet returned, with their oplog position.
-    pending: VecDeque<(Document, u64)>,
+    /// Events (or fragments) produced but not yet returned, encoded, with their oplog
+    /// position.
+    pending: VecDeque<(Vec<u8>, u64)>,
     /// Set once the stream has produced `invalidate` (nothing is scanned past it). The cursor
     /// closes only once that event has been returned too: see [`ChangeStreamCursor::finished`].
     pub invalidated: bool,
@@ -381,7 +382,7 @@ impl ChangeStreamCursor {
         &mut self,
         data: &Data,
         max_events: usize,
-    ) -> CommandResult<(Vec<Document>, Document)> {
+    ) -> CommandResult<(EventBatch, Document)> {
         if self.position < data.oplog.dropped_through_seq() {
             return Err(CommandError::new(
                 codes::CHANGE_STREAM_HISTORY_LOST,
@@ -389,24 +390,18 @@ impl ChangeStreamCursor {
             )
             .with_label(NON_RESUMABLE_LABEL));
         }
-        let mut out = Vec::new();
-        let mut bytes = 0usize;
-        // The token of the batch's last event is read once, at the end.
-        let last_token = |out: &[Document]| -> Option<Document> {
-            out.last().and_then(|e| e.get_document("_id").ok()).cloned()
-        };
+        let mut out = EventBatch::default();
         loop {
             while let Some((event, _)) = self.pending.front() {
-                let size = bson_size(event);
                 if out.len() >= max_events
-                    || (!out.is_empty() && bytes + size > crate::cursor::MAX_BATCH_BYTES)
+                    || (!out.is_empty()
+                        && out.event_bytes + event.len() > crate::cursor::MAX_BATCH_BYTES)
                 {
-                    let pbrt = last_token(&out).unwrap_or_else(|| self.high_water_mark());
+                    let pbrt = out.last_token().unwrap_or_else(|| self.high_water_mark());
                     return Ok((out, pbrt));
                 }
                 let (event, _) = self.pending.pop_front().expect("front exists");
-                bytes += size;
-                out.push(event);
+                out.push(&event);
             }
             if self.invalidated || out.len() >= max_events {
                 break;
@@ -429,7 +424,7 @@ impl ChangeStreamCursor {
         }
         // The batch ended because the oplog is exhausted: the token is the last event's if
         // there was one and nothing was scanned past it, else the high-water mark.
-        let pbrt = match last_token(&out) {
+        let pbrt = match out.last_token() {
             Some(t) if self.pending.is_empty() && self.last_event_was_at_position(&t) => t,
             _ => self.high_water_mark(),
         };
@@ -451,8 +446,8 @@ impl ChangeStreamCursor {
         }
     }
 
-    /// The event documents (after the user's stages) one oplog entry produces for this stream.
-    fn events_for(&mut self, entry: &OplogEntry, data: &Data) -> CommandResult<Vec<Document>> {
+    /// The events (after the user's stages, encoded) one oplog entry produces for this stream.
+    fn events_for(&mut self, entry: &OplogEntry, data: &Data) -> CommandResult<Vec<Vec<u8>>> {
         let mut raw = Vec::new();
         let expanded = self.spec.show_expanded_events;
         match &entry.op {
@@ -806,10 +801,12 @@ impl ChangeStreamCursor {
     /// Events over 16 MiB are split into fragments when the stream asked for it (each
     /// fragment carries `splitEvent: {fragment, of}` and its own token); otherwise they fail
     /// like on a real server.
-    fn maybe_split(&self, event: Document, entry: &OplogEntry) -> CommandResult<Vec<Document>> {
+    /// The event encoded, or its fragments when it is over 16 MiB
+    /// (`$changeStreamSplitLargeEvent`; without it, the server's error).
+    fn maybe_split(&self, event: Document, entry: &OplogEntry) -> CommandResult<Vec<Vec<u8>>> {
         let size = bson_size(&event);
         if size <= MAX_BSON_OBJECT_SIZE {
-            return Ok(vec![event]);
+            return Ok(vec![encoded(&event)?]);
         }
         if !self.spec.split_large_events {
             return Err(CommandError::new(
@@ -850,16 +847,88 @@ impl ChangeStreamCursor {
                 .insert(k.clone(), v.clone());
         }
         let of = groups.len() as i32;
-        Ok(groups
+        groups
             .into_iter()
             .enumerate()
             .map(|(i, fields)| {
                 let mut f = doc! {"_id": self.token(entry, TokenKind::Event, (i + 1) as u16)};
                 f.extend(fields);
                 f.insert("splitEvent", doc! {"fragment": (i + 1) as i32, "of": of});
-                f
+                encoded(&f)
             })
-            .collect())
+            .collect()
+    }
+}
+
+/// The BSON bytes of a change event.
+fn encoded(event: &Document) -> CommandResult<Vec<u8>> {
+    crate::store::document_bytes(event).ok_or_else(|| {
+        CommandError::new(
+            codes::CHANGE_STREAM_FATAL_ERROR,
+            "a change event could not be encoded as BSON",
+        )
+    })
+}
+
+/// A batch of change events as the reply's `nextBatch` / `firstBatch` array, each event
+/// encoded once, when the stream produced it. Building the reply as documents sized the
+/// batch, then the reply, then encoded it: more of the source's CPU, per event, than making
+/// the event.
+#[derive(Default)]
+pub struct EventBatch {
+    /// The array's elements so far (after a 4-byte length placeholder).
+    elements: Vec<u8>,
+    key: crate::store::ArrayKey,
+    len: usize,
+    /// The events' own sizes, summed: what a batch's 16 MiB bound counts.
+    event_bytes: usize,
+    /// Where the last event's bytes start in `elements`.
+    last_event_at: Option<usize>,
+}
+
+impl EventBatch {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn push(&mut self, event: &[u8]) {
+        if self.elements.is_empty() {
+            self.elements.extend_from_slice(&[0; 4]);
+        }
+        self.elements
+            .push(bson::spec::ElementType::EmbeddedDocument as u8);
+        self.elements
+            .extend_from_slice(self.key.as_str().as_bytes());
+        self.elements.push(0);
+        self.last_event_at = Some(self.elements.len());
+        self.elements.extend_from_slice(event);
+        self.key.increment();
+        self.len += 1;
+        self.event_bytes += event.len();
+    }
+
+    /// The `_id` (resume token) of the batch's last event.
+    fn last_token(&self) -> Option<Document> {
+        let at = self.last_event_at?;
+        let len = i32::from_le_bytes(self.elements.get(at..at + 4)?.try_into().ok()?) as usize;
+        let event = bson::RawDocument::from_bytes(self.elements.get(at..at + len)?).ok()?;
+        let id = event.get_document("_id").ok()?;
+        Document::try_from(id).ok()
+    }
+
+    /// The BSON bytes of the batch as an array.
+    pub fn into_array(mut self) -> Vec<u8> {
+        if self.elements.is_empty() {
+            self.elements.extend_from_slice(&[0; 4]);
+        }
+        self.elements.push(0);
+        let len = self.elements.len() as i32;
+        self.elements[..4].copy_from_slice(&len.to_le_bytes());
+        self.elements
     }
 }
 
@@ -1029,6 +1098,34 @@ mod tests {
         assert_eq!(
             Token::decode(&Bson::Document(hwm)).unwrap(),
             at(TokenKind::HighWaterMark)
+        );
+    }
+
+    #[test]
+    fn an_event_batch_is_the_array_of_its_events_and_knows_its_last_token() {
+        let events = [
+            doc! {"_id": {"_data": "8201"}, "operationType": "insert", "n": 1},
+            doc! {"_id": {"_data": "8202"}, "operationType": "update", "s": "x".repeat(300)},
+        ];
+        let mut batch = EventBatch::default();
+        assert!(batch.last_token().is_none());
+        for e in &events {
+            batch.push(&e.to_vec().unwrap());
+        }
+        assert_eq!(batch.len(), 2);
+        assert_eq!(
+            batch.event_bytes,
+            events
+                .iter()
+                .map(|e| e.to_vec().unwrap().len())
+                .sum::<usize>()
+        );
+        assert_eq!(batch.last_token(), Some(doc! {"_data": "8202"}));
+        let expected = Bson::Array(events.iter().cloned().map(Bson::Document).collect());
+        assert_eq!(crate::wire::array_from_bytes(&batch.into_array()), expected);
+        assert_eq!(
+            crate::wire::array_from_bytes(&EventBatch::default().into_array()),
+            Bson::Array(Vec::new())
         );
     }
 }

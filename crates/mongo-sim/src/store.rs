@@ -876,39 +876,81 @@ pub fn encode_document(doc: &Document, out: &mut Vec<u8>) -> Option<()> {
     written
 }
 
-/// [`encode_document`] of a document whose top-level field `key` stands for an array encoded
-/// apart: that field's value is written as `array` (the bytes of a BSON array), whatever it
-/// holds in `doc`. `None` (nothing written) when `doc` cannot be encoded this way, or has no
-/// such field.
+/// [`encode_document`] of a document whose field `path` stands for an array encoded apart:
+/// that field's value is written as `array` (the bytes of a BSON array), whatever it holds in
+/// `doc`. `path` is a top-level field, or `outer.inner` for a field one document down (a
+/// cursor's `cursor.nextBatch`). `None` (nothing written) when `doc` cannot be encoded this
+/// way, or has no such field.
 pub fn encode_document_with_array(
     doc: &Document,
-    key: &str,
+    path: &str,
     array: &[u8],
     out: &mut Vec<u8>,
 ) -> Option<()> {
-    let placeholder = doc.get(key)?;
+    let placeholder = value_at_path(doc, path)?;
     let start = out.len();
     out.reserve(bson_size(doc) - value_size(placeholder) + array.len());
-    let written = (|| {
-        out.extend_from_slice(&[0; 4]);
-        for (k, v) in doc {
-            if k == key {
-                out.push(bson::spec::ElementType::Array as u8);
-                write_cstring(k, out)?;
-                out.extend_from_slice(array);
-            } else {
-                write_element(k, v, out)?;
-            }
-        }
-        out.push(0);
-        let len = (out.len() - start) as i32;
-        out[start..start + 4].copy_from_slice(&len.to_le_bytes());
-        Some(())
-    })();
+    let written = write_document_with_array(doc, path, array, out);
     if written.is_none() {
         out.truncate(start);
     }
     written
+}
+
+fn write_document_with_array(
+    doc: &Document,
+    path: &str,
+    array: &[u8],
+    out: &mut Vec<u8>,
+) -> Option<()> {
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    let (head, rest) = match path.split_once('.') {
+        Some((head, rest)) => (head, Some(rest)),
+        None => (path, None),
+    };
+    for (k, v) in doc {
+        match (k == head, rest, v) {
+            (true, None, _) => {
+                out.push(bson::spec::ElementType::Array as u8);
+                write_cstring(k, out)?;
+                out.extend_from_slice(array);
+            }
+            (true, Some(rest), Bson::Document(inner)) => {
+                out.push(bson::spec::ElementType::EmbeddedDocument as u8);
+                write_cstring(k, out)?;
+                write_document_with_array(inner, rest, array, out)?;
+            }
+            _ => write_element(k, v, out)?,
+        }
+    }
+    out.push(0);
+    let len = (out.len() - start) as i32;
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    Some(())
+}
+
+/// The value of `doc` at `path`: a top-level field, or `outer.inner` one document down.
+pub fn value_at_path<'a>(doc: &'a Document, path: &str) -> Option<&'a Bson> {
+    match path.split_once('.') {
+        None => doc.get(path),
+        Some((head, rest)) => value_at_path(doc.get_document(head).ok()?, rest),
+    }
+}
+
+/// Sets `doc`'s field at `path` ([`value_at_path`]) to `value`; false when a document on
+/// the way is missing.
+pub fn set_value_at_path(doc: &mut Document, path: &str, value: Bson) -> bool {
+    match path.split_once('.') {
+        None => {
+            doc.insert(path, value);
+            true
+        }
+        Some((head, rest)) => match doc.get_document_mut(head) {
+            Ok(inner) => set_value_at_path(inner, rest, value),
+            Err(_) => false,
+        },
+    }
 }
 
 /// Appends the BSON element `key: v` (type byte, key, value) to `out`; `None` (with a partial
@@ -1224,5 +1266,39 @@ mod tests {
         assert!(encode_document(&nul_key, &mut Vec::new()).is_none());
         assert_eq!(document_bytes(&nul_key), None);
         assert!(nul_key.to_vec().is_err());
+    }
+
+    #[test]
+    fn an_array_encoded_apart_one_document_down_gives_the_whole_document() {
+        let batch = vec![
+            Bson::Document(doc! {"_id": {"_data": "82"}, "n": 1}),
+            Bson::Int64(2),
+        ];
+        let whole = doc! {"cursor": {"nextBatch": batch.clone(), "id": 0i64}, "ok": 1.0};
+        let array = doc! {"a": batch}.to_vec().unwrap();
+        // The array alone: the one-field document's value, after its header, type and key.
+        let array = array[4 + 1 + 2..array.len() - 1].to_vec();
+        let placeholder = doc! {"cursor": {"nextBatch": [], "id": 0i64}, "ok": 1.0};
+        let mut out = Vec::new();
+        encode_document_with_array(&placeholder, "cursor.nextBatch", &array, &mut out).unwrap();
+        assert_eq!(out, whole.to_vec().unwrap());
+        assert!(value_at_path(&placeholder, "cursor.nextBatch").is_some());
+        assert!(value_at_path(&placeholder, "cursor.firstBatch").is_none());
+        assert!(
+            encode_document_with_array(&placeholder, "cursor.firstBatch", &array, &mut out)
+                .is_none()
+        );
+        let mut filled = placeholder.clone();
+        assert!(set_value_at_path(
+            &mut filled,
+            "cursor.nextBatch",
+            crate::wire::array_from_bytes(&array)
+        ));
+        assert_eq!(filled, whole);
+        assert!(!set_value_at_path(
+            &mut filled,
+            "missing.nextBatch",
+            Bson::Null
+        ));
     }
 }

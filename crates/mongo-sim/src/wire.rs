@@ -618,7 +618,7 @@ pub fn encode_op_msg_reply_with_array(
     out.push(0);
     if crate::store::encode_document_with_array(body, key, array, &mut out).is_none() {
         let mut body = body.clone();
-        body.insert(key, array_from_bytes(array));
+        crate::store::set_value_at_path(&mut body, key, array_from_bytes(array));
         return encode_op_msg_reply(request_id, response_to, &body);
     }
     patch_length(&mut out);

@@ -36,9 +36,10 @@ pub struct ConnInfo {
 /// What the connection should do with the outcome of a command.
 pub enum Outcome {
     Reply(Document),
-    /// A reply whose top-level field `key` is the array `array`, already encoded as BSON
-    /// (the `upserted` entries of an `update`): `body`'s own value of that field is a
-    /// placeholder. [`Outcome::into_reply`] gives the complete document.
+    /// A reply whose field `key` (top-level, or `outer.inner`) is the array `array`, already
+    /// encoded as BSON (the `upserted` entries of an `update`, a change stream's batch):
+    /// `body`'s own value of that field is a placeholder. [`Outcome::into_reply`] gives the
+    /// complete document.
     ReplyWithArray {
         body: Document,
         key: &'static str,
@@ -58,7 +59,11 @@ impl Outcome {
                 key,
                 array,
             } => {
-                body.insert(key, crate::wire::array_from_bytes(&array));
+                crate::store::set_value_at_path(
+                    &mut body,
+                    key,
+                    crate::wire::array_from_bytes(&array),
+                );
                 Some(body)
             }
             Outcome::Close => None,
@@ -694,11 +699,13 @@ pub async fn execute_with_batch(
                 }
             }
             match ctx.encoded_array.lock().take() {
-                Some((key, array)) if reply.contains_key(key) => Outcome::ReplyWithArray {
-                    body: reply,
-                    key,
-                    array,
-                },
+                Some((key, array)) if crate::store::value_at_path(&reply, key).is_some() => {
+                    Outcome::ReplyWithArray {
+                        body: reply,
+                        key,
+                        array,
+                    }
+                }
                 _ => Outcome::Reply(reply),
             }
         }

@@ -388,8 +388,10 @@ pub async fn get_more(ctx: &Ctx<'_>) -> CommandResult<Document> {
             if !closed {
                 checked_out.give_back(cursor);
             }
+            // The events travel encoded; the reply holds a placeholder for them.
+            *ctx.encoded_array.lock() = Some(("cursor.nextBatch", events.into_array()));
             Ok(
-                doc! {"cursor": {"nextBatch": events, "postBatchResumeToken": pbrt, "id": if closed { 0i64 } else { id }, "ns": ns}},
+                doc! {"cursor": {"nextBatch": [], "postBatchResumeToken": pbrt, "id": if closed { 0i64 } else { id }, "ns": ns}},
             )
         }
     }
@@ -502,9 +504,8 @@ fn open_change_stream(ctx: &Ctx<'_>, pipeline: &[Bson]) -> CommandResult<Documen
             at_cluster_time: None,
         });
     }
-    Ok(
-        doc! {"cursor": {"firstBatch": events, "postBatchResumeToken": pbrt, "id": id, "ns": reply_ns}},
-    )
+    *ctx.encoded_array.lock() = Some(("cursor.firstBatch", events.into_array()));
+    Ok(doc! {"cursor": {"firstBatch": [], "postBatchResumeToken": pbrt, "id": id, "ns": reply_ns}})
 }
 
 pub fn aggregate(ctx: &Ctx<'_>) -> CommandResult<Document> {
