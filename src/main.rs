@@ -13,6 +13,11 @@ use mongo_syncd::{
     ops::{rlimit, telemetry},
 };
 
+/// mimalloc rather than glibc malloc: every change event passes through a few short-lived
+/// buffers, and glibc's malloc and free took ~30 % of the daemon's CPU during a drain.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     // Phase 1: synchronous bootstrap. clap prints usage errors and exits 2 by itself.
     let command = Cli::parse().into_command();
