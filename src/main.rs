@@ -13,32 +13,6 @@ use mongo_syncd::{
     ops::{rlimit, telemetry},
 };
 
-/// mimalloc rather than glibc malloc: every change event passes through a few short-lived
-/// buffers, and glibc's malloc and free took ~30 % of the daemon's CPU during a drain.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// `mi_option_arena_eager_commit` (mimalloc.h): 0 commits an arena's memory as it is used.
-/// The default (2, on Linux) commits whole arenas up front, which with transparent huge pages
-/// faults memory in 2 MiB at a time: a validation pass peaked at 74 MiB instead of 36 MiB.
-const MI_OPTION_ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
-
-/// Sets the allocator's options before anything allocates: the Rust runtime allocates before
-/// `main`, and the first allocation reserves mimalloc's first arena with the options of that
-/// moment. Run by the loader with the program's other constructors (`.init_array`).
-#[allow(unsafe_code)]
-#[used]
-#[link_section = ".init_array"]
-static SET_ALLOCATOR_OPTIONS: extern "C" fn() = set_allocator_options;
-
-/// The daemon's only `unsafe` (the crate denies it): an FFI call with no pointers.
-#[allow(unsafe_code)]
-extern "C" fn set_allocator_options() {
-    // SAFETY: sets a process-wide allocator option (an integer); mimalloc reads it when it
-    // reserves an arena.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_ARENA_EAGER_COMMIT, 0) };
-}
-
 fn main() -> ExitCode {
     // Phase 1: synchronous bootstrap. clap prints usage errors and exits 2 by itself.
     let command = Cli::parse().into_command();
