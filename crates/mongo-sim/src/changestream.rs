@@ -800,9 +800,7 @@ impl ChangeStreamCursor {
 
     /// Events over 16 MiB are split into fragments when the stream asked for it (each
     /// fragment carries `splitEvent: {fragment, of}` and its own token); otherwise they fail
-    /// like on a real server.
-    /// The event encoded, or its fragments when it is over 16 MiB
-    /// (`$changeStreamSplitLargeEvent`; without it, the server's error).
+    /// like on a real server. Returns the event, or its fragments, encoded.
     fn maybe_split(&self, event: Document, entry: &OplogEntry) -> CommandResult<Vec<Vec<u8>>> {
         let size = bson_size(&event);
         if size <= MAX_BSON_OBJECT_SIZE {
