@@ -22,14 +22,51 @@ use bson::{Bson, RawBson, RawBsonRef, RawDocument};
 
 /// Equality key of an `_id` (see the module docs). Ordering is arbitrary but total, so the key
 /// can live in both hash and tree maps.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct IdKey(Vec<u8>);
+#[derive(Clone)]
+pub struct IdKey(KeyBytes);
+
+/// Bytes of a key up to this long are held inline: the keys of integers (at most 29 bytes),
+/// ObjectIds (13) and short strings are built and cloned without allocating, which matters
+/// because the apply path keys, clones and drops one per event.
+const INLINE_KEY: usize = 30;
+
+#[derive(Clone)]
+enum KeyBytes {
+    Inline { len: u8, bytes: [u8; INLINE_KEY] },
+    Heap(Box<[u8]>),
+}
 
 impl IdKey {
     pub fn of(id: RawBsonRef<'_>) -> IdKey {
-        let mut key = Vec::with_capacity(24);
-        encode_value(&mut key, id);
-        IdKey(key)
+        thread_local! {
+            // Keys are encoded here first, so building a short one allocates nothing.
+            static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(64));
+        }
+        SCRATCH.with_borrow_mut(|scratch| {
+            scratch.clear();
+            encode_value(scratch, id);
+            IdKey::from_bytes(scratch)
+        })
+    }
+
+    fn from_bytes(encoded: &[u8]) -> IdKey {
+        if encoded.len() <= INLINE_KEY {
+            let mut bytes = [0u8; INLINE_KEY];
+            bytes[..encoded.len()].copy_from_slice(encoded);
+            IdKey(KeyBytes::Inline {
+                len: encoded.len() as u8,
+                bytes,
+            })
+        } else {
+            IdKey(KeyBytes::Heap(encoded.into()))
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        match &self.0 {
+            KeyBytes::Inline { len, bytes } => &bytes[..*len as usize],
+            KeyBytes::Heap(b) => b,
+        }
     }
 
     pub fn of_raw(id: &RawBson) -> IdKey {
@@ -41,8 +78,40 @@ impl IdKey {
             Ok(raw) => IdKey::of(raw.as_raw_bson_ref()),
             // Only documents with invalid keys (NUL in a name) fail to convert; such an `_id`
             // cannot be stored, so any faithful key will do.
-            Err(_) => IdKey(format!("invalid:{id:?}").into_bytes()),
+            Err(_) => IdKey::from_bytes(format!("invalid:{id:?}").as_bytes()),
         }
+    }
+}
+
+impl PartialEq for IdKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for IdKey {}
+
+impl std::hash::Hash for IdKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_bytes().hash(state)
+    }
+}
+
+impl PartialOrd for IdKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for IdKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_bytes().cmp(other.as_bytes())
+    }
+}
+
+impl std::fmt::Debug for IdKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "IdKey({:02x?})", self.as_bytes())
     }
 }
 
@@ -102,8 +171,8 @@ fn encode_value(key: &mut Vec<u8>, value: RawBsonRef<'_>) {
         RawBsonRef::Undefined => key.push(TAG_UNDEFINED),
         RawBsonRef::Null => key.push(TAG_NULL),
         RawBsonRef::MaxKey => key.push(TAG_MAX_KEY),
-        RawBsonRef::Int32(v) => encode_number(key, Number::integer(v as i64)),
-        RawBsonRef::Int64(v) => encode_number(key, Number::integer(v)),
+        RawBsonRef::Int32(v) => encode_integer(key, v as i64),
+        RawBsonRef::Int64(v) => encode_integer(key, v),
         RawBsonRef::Double(v) => encode_number(key, Number::double(v)),
         RawBsonRef::Decimal128(d) => encode_number(key, Number::decimal(d.bytes())),
         RawBsonRef::String(s) => {
@@ -197,6 +266,8 @@ enum Number {
 }
 
 impl Number {
+    /// The general path [`encode_integer`] shortcuts (kept to test it against).
+    #[cfg(test)]
     fn integer(v: i64) -> Number {
         Number::finite(v < 0, BigDecimal::from_u128(v.unsigned_abs() as u128), 0)
     }
@@ -277,6 +348,31 @@ impl Number {
             exponent,
         }
     }
+}
+
+/// [`encode_number`] of `Number::integer(v)`, without the big-number arithmetic: integer
+/// `_id`s are the common case, keyed once per event.
+fn encode_integer(key: &mut Vec<u8>, v: i64) {
+    if v == 0 {
+        return encode_number(key, Number::Zero);
+    }
+    let mut m = v.unsigned_abs();
+    let mut exponent = 0i32;
+    while m.is_multiple_of(10) {
+        m /= 10;
+        exponent += 1;
+    }
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    while m > 0 {
+        start -= 1;
+        digits[start] = b'0' + (m % 10) as u8;
+        m /= 10;
+    }
+    key.push(TAG_NUMBER);
+    key.push(if v < 0 { 4 } else { 5 });
+    key.extend_from_slice(&exponent.to_le_bytes());
+    with_len(key, &digits[start..]);
 }
 
 fn encode_number(key: &mut Vec<u8>, n: Number) {
@@ -372,6 +468,51 @@ mod tests {
 
     fn key(b: &Bson) -> IdKey {
         IdKey::of_bson(b)
+    }
+
+    fn integer_key_the_general_way(v: i64) -> Vec<u8> {
+        let mut key = Vec::new();
+        encode_number(&mut key, Number::integer(v));
+        key
+    }
+
+    #[test]
+    fn integer_keys_take_a_shortcut_to_the_same_bytes() {
+        let mut cases = vec![0, 1, -1, 9, 10, -10, 100, 120, 1_000_000_000, 1_000_000_007];
+        cases.extend([
+            i64::MAX,
+            i64::MIN,
+            i64::MIN + 1,
+            9_007_199_254_740_992,
+            -4_200,
+        ]);
+        for v in cases {
+            let mut fast = Vec::new();
+            encode_integer(&mut fast, v);
+            assert_eq!(fast, integer_key_the_general_way(v), "{v}");
+        }
+    }
+
+    #[test]
+    fn short_keys_are_inline_and_long_ones_on_the_heap_with_one_equality() {
+        let short = key(&Bson::Int64(i64::MIN));
+        assert!(matches!(short.0, KeyBytes::Inline { .. }));
+        let long_text = "x".repeat(100);
+        let long = key(&Bson::String(long_text.clone()));
+        assert!(matches!(long.0, KeyBytes::Heap(_)));
+        assert_eq!(long, key(&Bson::String(long_text)));
+        assert_ne!(long, key(&Bson::String("x".repeat(99))));
+        assert_eq!(short.clone(), short);
+        // The boundary: a string whose key is exactly the inline size, and one byte more.
+        let at = |n: usize| key(&Bson::String("y".repeat(n)));
+        let sizes: Vec<usize> = (15..30).map(|n| at(n).as_bytes().len()).collect();
+        let inline_max = (15..30)
+            .find(|n| at(*n).as_bytes().len() == INLINE_KEY)
+            .unwrap();
+        assert!(sizes.contains(&INLINE_KEY));
+        assert!(matches!(at(inline_max).0, KeyBytes::Inline { .. }));
+        assert!(matches!(at(inline_max + 1).0, KeyBytes::Heap(_)));
+        assert!(at(inline_max) < at(inline_max + 1) || at(inline_max) > at(inline_max + 1));
     }
 
     fn dec(s: &str) -> Bson {
