@@ -99,9 +99,10 @@ enum DocWrite {
     Delete,
     /// `$push: {f: {$each: [], $slice: n}}` for each truncated array.
     Truncate(Vec<(String, i32)>),
-    /// `$set`/`$unset` of a delta.
+    /// `$set`/`$unset` of a delta: `set` is the `$set` document itself (the event's
+    /// `updatedFields`, merged deltas appended), so it goes out without being rebuilt.
     Delta {
-        set: Vec<(String, RawBson)>,
+        set: RawDocumentBuf,
         unset: Vec<String>,
     },
     /// Replace with the source's current document (or delete if it is gone).
@@ -118,8 +119,10 @@ struct Pending {
 /// Per-document write queues, in order of first appearance.
 #[derive(Default)]
 struct Queues {
-    order: Vec<IdKey>,
-    by_key: HashMap<IdKey, (RawBson, Vec<Pending>)>,
+    /// Each document's key, `_id` and writes, in order of first appearance.
+    docs: Vec<(IdKey, RawBson, Vec<Pending>)>,
+    /// Where a key's entry is in `docs`.
+    index: HashMap<IdKey, usize>,
 }
 
 /// Whether an event is a replay of something the destination may already hold (see
@@ -183,14 +186,23 @@ fn paths_overlap(a: &str, b: &str) -> bool {
         || (b.len() > a.len() && b.starts_with(a) && b.as_bytes()[a.len()] == b'.')
 }
 
+/// The field paths a `$set` document names.
+fn set_paths(set: &RawDocument) -> impl Iterator<Item = &str> {
+    set.iter().filter_map(|e| e.ok().map(|(k, _)| k.as_str()))
+}
+
 impl Queues {
     fn push(&mut self, id: RawBson, write: DocWrite, event: usize) {
         let key = id_key(&id);
-        let entry = self.by_key.entry(key.clone()).or_insert_with(|| {
-            self.order.push(key);
-            (id, Vec::new())
-        });
-        let queue = &mut entry.1;
+        let at = match self.index.get(&key) {
+            Some(at) => *at,
+            None => {
+                self.index.insert(key.clone(), self.docs.len());
+                self.docs.push((key, id, Vec::new()));
+                self.docs.len() - 1
+            }
+        };
+        let queue = &mut self.docs[at].2;
         if let Some(Pending {
             write: DocWrite::Refetch,
             event: last,
@@ -216,25 +228,20 @@ impl Queues {
                     event: prev_event,
                 }) = queue.last_mut()
                 {
-                    let new_paths = set
-                        .iter()
-                        .map(|(p, _)| p.as_str())
-                        .chain(unset.iter().map(String::as_str));
-                    let old_paths: Vec<&str> = prev_set
-                        .iter()
-                        .map(|(p, _)| p.as_str())
+                    let old_paths: Vec<&str> = set_paths(prev_set)
                         .chain(prev_unset.iter().map(String::as_str))
                         .collect();
-                    let overlap = new_paths
-                        .clone()
+                    let overlap = set_paths(set)
+                        .chain(unset.iter().map(String::as_str))
                         .any(|n| old_paths.iter().any(|o| paths_overlap(n, o)));
                     // `$set` appends new fields in field-name order: merging two deltas would
                     // reorder new fields unless every earlier path sorts before every later one.
-                    let order_safe = prev_set
-                        .iter()
-                        .all(|(o, _)| set.iter().all(|(n, _)| update_path_order(o, n).is_lt()));
+                    let order_safe = set_paths(prev_set)
+                        .all(|o| set_paths(set).all(|n| update_path_order(o, n).is_lt()));
                     if !overlap && order_safe {
-                        prev_set.extend(set.iter().cloned());
+                        for (k, v) in set.iter().flatten() {
+                            prev_set.append(k, v);
+                        }
                         prev_unset.extend(unset.iter().cloned());
                         *prev_event = event;
                         return;
@@ -247,11 +254,35 @@ impl Queues {
     }
 
     fn rounds(&self) -> usize {
-        self.by_key
-            .values()
-            .map(|(_, q)| q.len())
-            .max()
-            .unwrap_or(0)
+        self.docs.iter().map(|(_, _, q)| q.len()).max().unwrap_or(0)
+    }
+
+    /// The statements of each round, in order of first appearance: round `r` holds every
+    /// document's `r`-th write. The writes move out (nothing is copied but keys and `_id`s of
+    /// documents written in more than one round).
+    fn into_rounds(self) -> Vec<Vec<Statement>> {
+        let mut rounds: Vec<Vec<Statement>> = (0..self.rounds()).map(|_| Vec::new()).collect();
+        if let Some(first) = rounds.first_mut() {
+            first.reserve(self.docs.len());
+        }
+        for (key, id, queue) in self.docs {
+            let last = queue.len().saturating_sub(1);
+            let (mut key, mut id) = (Some(key), Some(id));
+            for (round, p) in queue.into_iter().enumerate() {
+                let (k, i) = if round == last {
+                    (key.take(), id.take())
+                } else {
+                    (key.clone(), id.clone())
+                };
+                rounds[round].push(Statement {
+                    key: k.expect("taken at the last round only"),
+                    id: i.expect("taken at the last round only"),
+                    write: p.write,
+                    event: p.event,
+                });
+            }
+        }
+        rounds
     }
 }
 
@@ -273,14 +304,13 @@ fn delta_writes(ud: &RawDocument, disambiguated: bool) -> Result<Vec<DocWrite>, 
             return Ok(vec![DocWrite::Refetch]);
         }
     }
-    let mut set = Vec::new();
-    for item in ud
+    let updated = ud
         .get_document("updatedFields")
-        .map_err(|_| malformed("updatedFields"))?
-    {
-        let (k, v) = item.map_err(|_| malformed("updatedFields entry"))?;
-        set.push((k.to_string(), RawBson::from(v)));
+        .map_err(|_| malformed("updatedFields"))?;
+    for item in updated {
+        item.map_err(|_| malformed("updatedFields entry"))?;
     }
+    let set = updated.to_owned();
     let mut unset = Vec::new();
     for item in ud
         .get_array("removedFields")
@@ -295,9 +325,7 @@ fn delta_writes(ud: &RawDocument, disambiguated: bool) -> Result<Vec<DocWrite>, 
     // `disambiguatedPaths` a dotted path may name a field that contains dots.
     let ambiguous =
         |p: &str| p.split('.').any(|c| c.starts_with('$')) || (!disambiguated && p.contains('.'));
-    if set
-        .iter()
-        .map(|(p, _)| p.as_str())
+    if set_paths(&set)
         .chain(unset.iter().map(String::as_str))
         .any(ambiguous)
     {
@@ -450,11 +478,7 @@ fn delta_update(w: &DocWrite) -> Result<RawDocumentBuf, SyncError> {
         DocWrite::Delta { set, unset } => {
             let mut u = RawDocumentBuf::new();
             if !set.is_empty() {
-                let mut d = RawDocumentBuf::new();
-                for (k, v) in set {
-                    d.append(cstr_key(k)?, v.clone());
-                }
-                u.append(bson::cstr!("$set"), d);
+                u.append(bson::cstr!("$set"), set);
             }
             if !unset.is_empty() {
                 let mut d = RawDocumentBuf::new();
@@ -467,6 +491,16 @@ fn delta_update(w: &DocWrite) -> Result<RawDocumentBuf, SyncError> {
         }
         _ => unreachable!("deltas hold deltas"),
     })
+}
+
+/// `{q: {_id}, u: <delta_update>}`.
+fn delta_statement(id: &RawBson, w: &DocWrite) -> Result<RawDocumentBuf, SyncError> {
+    let mut q = RawDocumentBuf::new();
+    q.append(bson::cstr!("_id"), id.as_raw_bson_ref());
+    let mut statement = RawDocumentBuf::new();
+    statement.append(bson::cstr!("q"), &q);
+    statement.append(bson::cstr!("u"), delta_update(w)?);
+    Ok(statement)
 }
 
 /// Parsed reply of a bulk `update`/`delete`.
@@ -669,21 +703,15 @@ impl Applier {
         }
         // Documents refetched in an earlier round: their later writes are in what was read.
         let mut refetched = std::collections::HashSet::new();
-        for round in 0..queues.rounds() {
-            let mut statements: Vec<Statement> = queues
-                .order
-                .iter()
-                .filter(|k| !refetched.contains(*k))
-                .filter_map(|k| {
-                    let (id, q) = &queues.by_key[k];
-                    q.get(round).map(|p| Statement {
-                        key: k.clone(),
-                        id: id.clone(),
-                        write: p.write.clone(),
-                        event: p.event,
-                    })
-                })
-                .collect();
+        for round in queues.into_rounds() {
+            let mut statements: Vec<Statement> = if refetched.is_empty() {
+                round
+            } else {
+                round
+                    .into_iter()
+                    .filter(|s| !refetched.contains(&s.key))
+                    .collect()
+            };
             // Repairs can cascade once (a delta that matched nothing becomes a refetch).
             for _ in 0..3 {
                 if statements.is_empty() {
@@ -1307,9 +1335,7 @@ impl Applier {
         Ok(match &s.write {
             DocWrite::Upsert(doc) => upsert_statement(&s.id, doc),
             DocWrite::Delete => rawdoc! {"q": {"_id": s.id.clone()}, "limit": 1},
-            DocWrite::Truncate(_) | DocWrite::Delta { .. } => {
-                rawdoc! {"q": {"_id": s.id.clone()}, "u": delta_update(&s.write)?}
-            }
+            DocWrite::Truncate(_) | DocWrite::Delta { .. } => delta_statement(&s.id, &s.write)?,
             DocWrite::Refetch => unreachable!("refetches are resolved before they are sent"),
         })
     }
@@ -1705,7 +1731,7 @@ impl Applier {
     async fn run_deltas(&self, statements: &[Statement]) -> Result<BulkReply, SyncError> {
         let mut built = Vec::with_capacity(statements.len());
         for s in statements {
-            built.push(rawdoc! {"q": {"_id": s.id.clone()}, "u": delta_update(&s.write)?});
+            built.push(delta_statement(&s.id, &s.write)?);
         }
         self.bulk_in_lanes("update", "updates", built).await
     }
@@ -2007,7 +2033,7 @@ mod tests {
         DocWrite::Delta {
             set: set
                 .iter()
-                .map(|p| (p.to_string(), RawBson::Int32(1)))
+                .map(|p| (cstr_key(p).unwrap(), RawBson::Int32(1)))
                 .collect(),
             unset: unset.iter().map(|p| p.to_string()).collect(),
         }
@@ -2021,7 +2047,7 @@ mod tests {
         q.push(RawBson::Int32(1), delta(&["b"], &[]), 2);
         q.push(RawBson::Int32(1), DocWrite::Delete, 3);
         assert_eq!(q.rounds(), 1);
-        let (_, queue) = &q.by_key[&q.order[0]];
+        let queue = &q.docs[0].2;
         assert!(matches!(queue[0].write, DocWrite::Delete));
         assert_eq!(queue[0].event, 3);
     }
@@ -2035,7 +2061,7 @@ mod tests {
         // `txn` then `bulk` must not merge: one $set would append them as bulk, txn.
         q.push(RawBson::Int32(2), delta(&["txn"], &[]), 2);
         q.push(RawBson::Int32(2), delta(&["bulk"], &[]), 3);
-        assert_eq!(q.by_key[&q.order[1]].1.len(), 2);
+        assert_eq!(q.docs[1].2.len(), 2);
         q.push(RawBson::Int32(1), delta(&["a"], &[]), 2);
         assert_eq!(q.rounds(), 2);
         q.push(
@@ -2047,13 +2073,48 @@ mod tests {
     }
 
     #[test]
+    fn merged_deltas_go_out_as_one_set_in_event_order() {
+        let mut q = Queues::default();
+        q.push(RawBson::Int64(7), delta(&["a"], &[]), 0);
+        q.push(RawBson::Int64(7), delta(&["b"], &["z"]), 1);
+        let rounds = q.into_rounds();
+        assert_eq!(rounds.len(), 1);
+        let s = &rounds[0][0];
+        assert_eq!(s.event, 1);
+        let statement = Document::try_from(delta_statement(&s.id, &s.write).unwrap()).unwrap();
+        assert_eq!(
+            statement,
+            doc! {"q": {"_id": 7i64}, "u": {"$set": {"a": 1, "b": 1}, "$unset": {"z": ""}}}
+        );
+    }
+
+    #[test]
+    fn rounds_hold_each_documents_nth_write_in_order_of_first_appearance() {
+        let mut q = Queues::default();
+        q.push(RawBson::Int32(2), delta(&["a"], &[]), 0);
+        q.push(RawBson::Int32(1), upsert(1), 1);
+        q.push(RawBson::Int32(2), delta(&["a"], &[]), 2);
+        q.push(RawBson::Int32(2), delta(&["a"], &[]), 3);
+        let rounds = q.into_rounds();
+        let events: Vec<Vec<usize>> = rounds
+            .iter()
+            .map(|r| r.iter().map(|s| s.event).collect())
+            .collect();
+        assert_eq!(events, vec![vec![0, 1], vec![2], vec![3]]);
+        assert!(rounds[1..]
+            .iter()
+            .flatten()
+            .all(|s| s.key == id_key(&RawBson::Int32(2)) && s.id == RawBson::Int32(2)));
+    }
+
+    #[test]
     fn numeric_ids_of_different_types_share_a_queue() {
         let mut q = Queues::default();
         q.push(RawBson::Int32(1), upsert(1), 0);
         q.push(RawBson::Int64(1), DocWrite::Delete, 1);
         q.push(RawBson::Double(1.0), upsert(3), 2);
         q.push(RawBson::String("1".into()), upsert(3), 3);
-        assert_eq!(q.order.len(), 2);
+        assert_eq!(q.docs.len(), 2);
     }
 
     #[test]
@@ -2079,7 +2140,7 @@ mod tests {
         let w = delta_writes(&ud, true).unwrap();
         assert!(matches!(&w[0], DocWrite::Truncate(t) if t == &vec![("arr".to_string(), 2)]));
         assert!(
-            matches!(&w[1], DocWrite::Delta { set, unset } if set.len() == 1 && unset == &vec!["b".to_string()])
+            matches!(&w[1], DocWrite::Delta { set, unset } if set.iter().count() == 1 && unset == &vec!["b".to_string()])
         );
         let ud = rawdoc! {"updatedFields": {"a.b": 1}, "removedFields": [], "disambiguatedPaths": {"a.b": ["a.b"]}};
         assert!(matches!(

@@ -18,7 +18,7 @@ use mongodb::{options::WriteConcern, Client};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    batch_end, delta_update, id_key, in_replay, upsert_statement, Applier, ApplyStats, DocWrite,
+    batch_end, delta_statement, id_key, in_replay, upsert_statement, Applier, ApplyStats, DocWrite,
 };
 use crate::{
     error::SyncError,
@@ -151,11 +151,9 @@ impl Applier {
                         rawdoc! {"q": {"_id": id.clone()}, "limit": 1},
                         false,
                     ),
-                    DocWrite::Truncate(_) | DocWrite::Delta { .. } => (
-                        "update",
-                        rawdoc! {"q": {"_id": id.clone()}, "u": delta_update(&w)?},
-                        true,
-                    ),
+                    DocWrite::Truncate(_) | DocWrite::Delta { .. } => {
+                        ("update", delta_statement(&id, &w)?, true)
+                    }
                     DocWrite::Refetch => {
                         refetched.insert(key.clone());
                         match current.get(&key) {
