@@ -36,6 +36,29 @@ pub struct BufferedBytes {
     gauge: IntGauge,
 }
 
+impl BufferedBytes {
+    /// The holds of a batch's events as few holds as possible: consecutive holds from the same
+    /// reader become one, released at once when the batch is written (one release per batch
+    /// instead of one per event).
+    pub fn merge_runs(holds: Vec<BufferedBytes>) -> Vec<BufferedBytes> {
+        let mut merged: Vec<BufferedBytes> = Vec::new();
+        for mut hold in holds {
+            match merged.last_mut() {
+                Some(last) if Arc::ptr_eq(last._reader.semaphore(), hold._reader.semaphore()) => {
+                    let all = |p: &mut OwnedSemaphorePermit| {
+                        p.split(p.num_permits()).expect("splits what it holds")
+                    };
+                    last._reader.merge(all(&mut hold._reader));
+                    last._daemon.merge(all(&mut hold._daemon));
+                    last.bytes += std::mem::take(&mut hold.bytes);
+                }
+                _ => merged.push(hold),
+            }
+        }
+        merged
+    }
+}
+
 impl Drop for BufferedBytes {
     fn drop(&mut self) {
         self.gauge.sub(self.bytes as i64);
@@ -100,8 +123,16 @@ impl BufferBudget {
     ) -> Result<BufferedBytes, AcquireError> {
         let bytes = bytes.clamp(1, reader_share.min(self.total));
         let need = bytes as u32;
-        let reader = Arc::clone(reader).acquire_many_owned(need).await?;
-        let daemon = Arc::clone(&self.bytes).acquire_many_owned(need).await?;
+        // Most of the time both have room: take it without queueing (a waiter, if any, holds
+        // every free permit, so this never overtakes one).
+        let reader = match Arc::clone(reader).try_acquire_many_owned(need) {
+            Ok(permit) => permit,
+            Err(_) => Arc::clone(reader).acquire_many_owned(need).await?,
+        };
+        let daemon = match Arc::clone(&self.bytes).try_acquire_many_owned(need) {
+            Ok(permit) => permit,
+            Err(_) => Arc::clone(&self.bytes).acquire_many_owned(need).await?,
+        };
         self.buffered.add(bytes as i64);
         Ok(BufferedBytes {
             _daemon: daemon,
@@ -153,6 +184,29 @@ mod tests {
         drop((c, d));
         assert_eq!(b.buffered(), 0);
         assert_eq!(b.buffered.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn merged_holds_release_everything_once_and_keep_readers_apart() {
+        let b = budget(1000);
+        let (r1, r2) = (Arc::new(Semaphore::new(600)), Arc::new(Semaphore::new(600)));
+        let holds = vec![
+            b.acquire(&r1, 600, 100).await.unwrap(),
+            b.acquire(&r1, 600, 200).await.unwrap(),
+            b.acquire(&r2, 600, 50).await.unwrap(),
+            b.acquire(&r1, 600, 10).await.unwrap(),
+        ];
+        let merged = BufferedBytes::merge_runs(holds);
+        assert_eq!(merged.len(), 3, "r1, r2, r1: three runs");
+        assert_eq!(merged[0].bytes, 300);
+        assert_eq!(b.buffered(), 360);
+        assert_eq!(b.buffered.get(), 360);
+        assert_eq!(r1.available_permits(), 290);
+        drop(merged);
+        assert_eq!(b.buffered(), 0);
+        assert_eq!(b.buffered.get(), 0);
+        assert_eq!(r1.available_permits(), 600);
+        assert_eq!(r2.available_permits(), 600);
     }
 
     #[tokio::test]

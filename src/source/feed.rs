@@ -333,10 +333,22 @@ async fn read_events(
         let mut stream = opened?;
         let mut assembler = FragmentAssembler::default();
         loop {
-            let next = tokio::select! {
-                biased;
-                _ = stop.cancelled() => return Ok(()),
-                r = tokio::time::timeout(watchdog, stream.next_if_any()) => r,
+            if stop.is_cancelled() {
+                return Ok(());
+            }
+            // An event the driver holds already is taken without arming the watchdog (a timer
+            // per event is a measurable share of a drain): only a getMore can stall.
+            let next = {
+                let next = stream.next_if_any();
+                tokio::pin!(next);
+                match futures::poll!(next.as_mut()) {
+                    std::task::Poll::Ready(r) => Ok(r),
+                    std::task::Poll::Pending => tokio::select! {
+                        biased;
+                        _ = stop.cancelled() => return Ok(()),
+                        r = tokio::time::timeout(watchdog, next) => r,
+                    },
+                }
             };
             let Ok(next) = next else {
                 stalled();

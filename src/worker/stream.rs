@@ -273,6 +273,7 @@ pub(super) async fn stream(
             // The events' bytes stay counted in the daemon's budget until they are written.
             let (events, buffered): (Vec<ChangeEvent>, Vec<BufferedBytes>) =
                 batch.into_iter().unzip();
+            let buffered = BufferedBytes::merge_runs(buffered);
             record_read(ctx, &events);
             let replays = crash_replay.leading_replays(&events);
             // Under ha.fencing = "transaction" a batch and its checkpoint are one transaction:
