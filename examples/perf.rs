@@ -151,6 +151,9 @@ fn rate(n: i64, d: Duration) -> f64 {
 struct Daemon {
     process: Process,
     http: String,
+    /// One keep-alive client for every poll: a new connection per poll would cost the daemon
+    /// (and this process) more than the work being measured needs.
+    client: reqwest::Client,
 }
 
 fn start_daemon(bin: &Path, dir: &Path, source: &str, dest: &str) -> Daemon {
@@ -237,12 +240,16 @@ fn spawn_daemon(
     Daemon {
         process: Process { child },
         http: format!("http://127.0.0.1:{port}"),
+        client: reqwest::Client::new(),
     }
 }
 
 impl Daemon {
     async fn metric(&self, name: &str) -> Option<f64> {
-        let body = reqwest::get(format!("{}/metrics", self.http))
+        let body = self
+            .client
+            .get(format!("{}/metrics", self.http))
+            .send()
             .await
             .ok()?
             .text()
@@ -268,7 +275,12 @@ impl Daemon {
 
     /// Sum of the series starting with `prefix` whose line also contains `containing`.
     async fn metric_matching(&self, prefix: &str, containing: &str) -> f64 {
-        let Ok(resp) = reqwest::get(format!("{}/metrics", self.http)).await else {
+        let Ok(resp) = self
+            .client
+            .get(format!("{}/metrics", self.http))
+            .send()
+            .await
+        else {
             return 0.0;
         };
         let body = resp.text().await.unwrap_or_default();
@@ -280,7 +292,12 @@ impl Daemon {
 
     /// Namespaces whose status says they read the change stream `name`.
     async fn namespaces_reading(&self, name: &str) -> usize {
-        let Ok(resp) = reqwest::get(format!("{}/api/v1/status", self.http)).await else {
+        let Ok(resp) = self
+            .client
+            .get(format!("{}/api/v1/status", self.http))
+            .send()
+            .await
+        else {
             return 0;
         };
         let Ok(status) = resp.json::<serde_json::Value>().await else {
