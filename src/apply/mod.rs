@@ -297,42 +297,48 @@ fn delta_writes(ud: &RawDocument, disambiguated: bool) -> Result<Vec<DocWrite>, 
             format!("malformed updateDescription: {what}"),
         )
     };
-    if let Ok(paths) = ud.get_document("disambiguatedPaths") {
-        if !paths.is_empty() {
-            // Field names with dots or made of digits cannot be addressed by `$set` paths:
-            // take the whole current document instead.
-            return Ok(vec![DocWrite::Refetch]);
-        }
-    }
-    let updated = ud
-        .get_document("updatedFields")
-        .map_err(|_| malformed("updatedFields"))?;
-    for item in updated {
-        item.map_err(|_| malformed("updatedFields entry"))?;
-    }
-    let set = updated.to_owned();
-    let mut unset = Vec::new();
-    for item in ud
-        .get_array("removedFields")
-        .map_err(|_| malformed("removedFields"))?
-    {
-        match item.map_err(|_| malformed("removedFields entry"))? {
-            RawBsonRef::String(s) => unset.push(s.to_string()),
-            _ => return Err(malformed("removedFields entry is not a string")),
+    // One walk over the description (a lookup by name walks it from the start each time).
+    let (mut updated, mut removed, mut truncated) = (None, None, None);
+    for item in ud {
+        let (name, value) = item.map_err(|_| malformed("unreadable field"))?;
+        match (name.as_str(), value) {
+            ("updatedFields", RawBsonRef::Document(d)) => updated = Some(d),
+            ("removedFields", RawBsonRef::Array(a)) => removed = Some(a),
+            ("truncatedArrays", RawBsonRef::Array(a)) => truncated = Some(a),
+            ("disambiguatedPaths", RawBsonRef::Document(paths)) if !paths.is_empty() => {
+                // Field names with dots or made of digits cannot be addressed by `$set`
+                // paths: take the whole current document instead.
+                return Ok(vec![DocWrite::Refetch]);
+            }
+            _ => {}
         }
     }
     // A `$`-prefixed component cannot be a `$set`/`$unset` path; without
     // `disambiguatedPaths` a dotted path may name a field that contains dots.
     let ambiguous =
         |p: &str| p.split('.').any(|c| c.starts_with('$')) || (!disambiguated && p.contains('.'));
-    if set_paths(&set)
-        .chain(unset.iter().map(String::as_str))
-        .any(ambiguous)
-    {
+    let updated = updated.ok_or_else(|| malformed("updatedFields"))?;
+    let mut refetch = false;
+    for item in updated {
+        let (path, _) = item.map_err(|_| malformed("updatedFields entry"))?;
+        refetch |= ambiguous(path.as_str());
+    }
+    let mut unset = Vec::new();
+    for item in removed.ok_or_else(|| malformed("removedFields"))? {
+        match item.map_err(|_| malformed("removedFields entry"))? {
+            RawBsonRef::String(s) => {
+                refetch |= ambiguous(s);
+                unset.push(s.to_string());
+            }
+            _ => return Err(malformed("removedFields entry is not a string")),
+        }
+    }
+    if refetch {
         return Ok(vec![DocWrite::Refetch]);
     }
+    let set = updated.to_owned();
     let mut truncate = Vec::new();
-    if let Ok(arrays) = ud.get_array("truncatedArrays") {
+    if let Some(arrays) = truncated {
         for item in arrays {
             let d = match item.map_err(|_| malformed("truncatedArrays entry"))? {
                 RawBsonRef::Document(d) => d,
@@ -2132,6 +2138,27 @@ mod tests {
         assert!(paths_overlap("a.b", "a.b"));
         assert!(!paths_overlap("a.b", "a.bc"));
         assert!(!paths_overlap("ab", "a"));
+    }
+
+    #[test]
+    fn delta_writes_refuse_malformed_descriptions_and_refetch_ambiguous_removals() {
+        assert!(delta_writes(&rawdoc! {"removedFields": []}, true).is_err());
+        assert!(delta_writes(&rawdoc! {"updatedFields": {}}, true).is_err());
+        let bad = rawdoc! {"updatedFields": {}, "removedFields": [1]};
+        assert!(delta_writes(&bad, true).is_err());
+        // An empty disambiguatedPaths (6.1+, nothing ambiguous) keeps the delta.
+        let plain =
+            rawdoc! {"updatedFields": {"a": 1}, "removedFields": [], "disambiguatedPaths": {}};
+        assert!(matches!(
+            delta_writes(&plain, true).unwrap()[0],
+            DocWrite::Delta { .. }
+        ));
+        // A `$`-prefixed component in a removed path alone forces a refetch.
+        let dollar = rawdoc! {"updatedFields": {"a": 1}, "removedFields": ["b.$c"]};
+        assert!(matches!(
+            delta_writes(&dollar, true).unwrap()[0],
+            DocWrite::Refetch
+        ));
     }
 
     #[test]
