@@ -44,7 +44,10 @@ impl BufferedBytes {
         let mut merged: Vec<BufferedBytes> = Vec::new();
         for mut hold in holds {
             match merged.last_mut() {
-                Some(last) if Arc::ptr_eq(last._reader.semaphore(), hold._reader.semaphore()) => {
+                Some(last)
+                    if Arc::ptr_eq(last._reader.semaphore(), hold._reader.semaphore())
+                        && Arc::ptr_eq(last._daemon.semaphore(), hold._daemon.semaphore()) =>
+                {
                     let all = |p: &mut OwnedSemaphorePermit| {
                         p.split(p.num_permits()).expect("splits what it holds")
                     };
