@@ -602,20 +602,23 @@ impl ChangeStreamCursor {
         let mut out = Vec::with_capacity(raw.len());
         for e in raw {
             let is_invalidate = e.get_str("operationType").ok() == Some("invalidate");
+            if self.spec.post_stages.is_empty() || is_invalidate {
+                out.extend(self.maybe_split(e, entry)?);
+                if is_invalidate {
+                    self.invalidated = true;
+                }
+                continue;
+            }
             let id = e.get("_id").cloned();
-            let transformed = if self.spec.post_stages.is_empty() || is_invalidate {
-                vec![e]
-            } else {
-                run_pipeline(
-                    vec![e],
-                    &self.spec.post_stages,
-                    &PipelineContext {
-                        now: entry.wall,
-                        cluster_time: Some(entry.ts),
-                        lets: Default::default(),
-                    },
-                )?
-            };
+            let transformed = run_pipeline(
+                vec![e],
+                &self.spec.post_stages,
+                &PipelineContext {
+                    now: entry.wall,
+                    cluster_time: Some(entry.ts),
+                    lets: Default::default(),
+                },
+            )?;
             for t in transformed {
                 if t.get("_id") != id.as_ref() {
                     return Err(CommandError::new(
@@ -625,9 +628,6 @@ impl ChangeStreamCursor {
                     .with_label(NON_RESUMABLE_LABEL));
                 }
                 out.extend(self.maybe_split(t, entry)?);
-            }
-            if is_invalidate {
-                self.invalidated = true;
             }
         }
         Ok(out)
@@ -954,7 +954,8 @@ fn insert_before(doc: &mut Document, anchor: &str, key: &str, value: Bson) {
 /// (`0`, `1`, `12`, not `01`); array indexes are reported as ints but make no path ambiguous.
 fn update_description(d: &UpdateDescription, expanded: bool) -> Document {
     let mut updated = Document::new();
-    let mut disambiguated = Document::new();
+    // Made only when a path needs it (most updates have none).
+    let mut disambiguated: Option<Document> = None;
     let needs_disambiguation = |path: &[PathPart]| {
         path.iter().enumerate().any(|(i, p)| match p {
             PathPart::Field(f) => f.contains('.') || (i > 0 && is_numeric_component_strict(f)),
@@ -974,7 +975,9 @@ fn update_description(d: &UpdateDescription, expanded: bool) -> Document {
     for (path, value) in &d.updated_fields {
         let key = dotted(path);
         if expanded && needs_disambiguation(path) {
-            disambiguated.insert(key.clone(), components(path));
+            disambiguated
+                .get_or_insert_with(Document::new)
+                .insert(key.clone(), components(path));
         }
         updated.insert(key, value.clone());
     }
@@ -982,7 +985,9 @@ fn update_description(d: &UpdateDescription, expanded: bool) -> Document {
     for path in &d.removed_fields {
         let key = dotted(path);
         if expanded && needs_disambiguation(path) {
-            disambiguated.insert(key.clone(), components(path));
+            disambiguated
+                .get_or_insert_with(Document::new)
+                .insert(key.clone(), components(path));
         }
         removed.push(Bson::String(key));
     }
@@ -990,13 +995,15 @@ fn update_description(d: &UpdateDescription, expanded: bool) -> Document {
     for (path, size) in &d.truncated_arrays {
         let key = dotted(path);
         if expanded && needs_disambiguation(path) {
-            disambiguated.insert(key.clone(), components(path));
+            disambiguated
+                .get_or_insert_with(Document::new)
+                .insert(key.clone(), components(path));
         }
         truncated.push(Bson::Document(doc! {"field": key, "newSize": *size as i32}));
     }
     let mut out =
         doc! {"updatedFields": updated, "removedFields": removed, "truncatedArrays": truncated};
-    if expanded && !disambiguated.is_empty() {
+    if let Some(disambiguated) = disambiguated {
         out.insert("disambiguatedPaths", disambiguated);
     }
     out
