@@ -81,8 +81,16 @@ pub struct Token {
 
 impl Token {
     pub fn encode(&self) -> Document {
+        doc! {"_data": self.data()}
+    }
+
+    /// The token's `_data` string.
+    fn data(&self) -> String {
         let t = ((self.ts.time as u64) << 32) | self.ts.increment as u64;
-        doc! {"_data": format!("82{t:016X}{:08X}{:016X}{:02X}{:04X}", self.epoch, self.seq, self.kind as u8, self.fragment)}
+        format!(
+            "82{t:016X}{:08X}{:016X}{:02X}{:04X}",
+            self.epoch, self.seq, self.kind as u8, self.fragment
+        )
     }
 
     pub fn decode(token: &Bson) -> CommandResult<Token> {
@@ -449,6 +457,9 @@ impl ChangeStreamCursor {
     /// The events (after the user's stages, encoded) one oplog entry produces for this stream.
     fn events_for(&mut self, entry: &OplogEntry, data: &Data) -> CommandResult<Vec<Vec<u8>>> {
         let mut raw = Vec::new();
+        // Events already encoded (see `plain_update_event`); an entry makes either these or
+        // documents in `raw`, never both.
+        let mut out: Vec<Vec<u8>> = Vec::new();
         let expanded = self.spec.show_expanded_events;
         match &entry.op {
             OplogOp::Noop => {}
@@ -487,19 +498,34 @@ impl ChangeStreamCursor {
                     }
                     OplogOp::Update {
                         uuid,
+                        post,
+                        description,
+                        ..
+                    } if self.is_plain_update(entry) => {
+                        let uuid = expanded.then_some(*uuid);
+                        match self.plain_update_event(entry, ns, uuid, post, description) {
+                            Some(bytes) => out.push(bytes),
+                            // Too large for one event: the document path splits it.
+                            None => {
+                                raw.push(self.update_event(entry, ns_doc, uuid, post, description))
+                            }
+                        }
+                    }
+                    OplogOp::Update {
+                        uuid,
                         pre,
                         post,
                         description,
                         ..
                     } => {
-                        let mut e =
-                            self.base_event(entry, "update", ns_doc, expanded.then_some(*uuid));
-                        self.add_full_document(&mut e, entry, ns, post, data)?;
-                        e.insert("documentKey", doc! {"_id": post.id().unwrap_or(Bson::Null)});
-                        e.insert(
-                            "updateDescription",
-                            update_description(description, expanded),
+                        let mut e = self.update_event(
+                            entry,
+                            ns_doc,
+                            expanded.then_some(*uuid),
+                            post,
+                            description,
                         );
+                        self.add_full_document(&mut e, entry, ns, post, data)?;
                         self.add_before_change(&mut e, entry, pre)?;
                         raw.push(e);
                     }
@@ -599,7 +625,6 @@ impl ChangeStreamCursor {
                 }
             }
         }
-        let mut out = Vec::with_capacity(raw.len());
         for e in raw {
             let is_invalidate = e.get_str("operationType").ok() == Some("invalidate");
             if self.spec.post_stages.is_empty() || is_invalidate {
@@ -709,6 +734,82 @@ impl ChangeStreamCursor {
         }
         e.insert("ns", ns);
         e
+    }
+
+    /// An update event: the common fields, `documentKey` and `updateDescription` (images are
+    /// the caller's to add).
+    fn update_event(
+        &self,
+        entry: &OplogEntry,
+        ns_doc: Document,
+        uuid: Option<bson::Uuid>,
+        post: &crate::oplog::Version,
+        description: &UpdateDescription,
+    ) -> Document {
+        let mut e = self.base_event(entry, "update", ns_doc, uuid);
+        e.insert("documentKey", doc! {"_id": post.id().unwrap_or(Bson::Null)});
+        e.insert(
+            "updateDescription",
+            update_description(description, self.spec.show_expanded_events),
+        );
+        e
+    }
+
+    /// Whether an update event of `entry` is exactly [`Self::update_event`]: no image, no
+    /// transaction fields, no user stage.
+    fn is_plain_update(&self, entry: &OplogEntry) -> bool {
+        matches!(self.spec.full_document, FullDocument::Default)
+            && matches!(self.spec.before_change, BeforeChange::Off)
+            && entry.txn.is_none()
+            && self.spec.post_stages.is_empty()
+    }
+
+    /// The bytes of [`Self::update_event`], written without building it as a document (a
+    /// document per event and per sub-document was most of the simulator's cost of serving
+    /// a backlog of updates); `None` when it would not fit one event (the document path then
+    /// splits it).
+    fn plain_update_event(
+        &self,
+        entry: &OplogEntry,
+        ns: &Namespace,
+        uuid: Option<bson::Uuid>,
+        post: &crate::oplog::Version,
+        description: &UpdateDescription,
+    ) -> Option<Vec<u8>> {
+        use crate::store::{encode_element, encode_fields, encode_str_element, encode_subdocument};
+        let token = Token {
+            ts: entry.ts,
+            epoch: self.epoch,
+            seq: entry.seq,
+            kind: TokenKind::Event,
+            fragment: 0,
+        };
+        let mut out = Vec::with_capacity(320);
+        encode_fields(&mut out, |o| {
+            encode_subdocument("_id", o, |o| encode_str_element("_data", &token.data(), o))?;
+            encode_str_element("operationType", "update", o)?;
+            encode_element("clusterTime", &Bson::Timestamp(entry.ts), o)?;
+            if let Some(u) = uuid {
+                encode_element("collectionUUID", &bson::Binary::from_uuid(u).into(), o)?;
+            }
+            encode_element("wallTime", &Bson::DateTime(entry.wall), o)?;
+            encode_subdocument("ns", o, |o| {
+                encode_str_element("db", &ns.db, o)?;
+                encode_str_element("coll", &ns.coll, o)
+            })?;
+            encode_subdocument("documentKey", o, |o| {
+                encode_element("_id", &post.id().unwrap_or(Bson::Null), o)
+            })?;
+            encode_element(
+                "updateDescription",
+                &Bson::Document(update_description(
+                    description,
+                    self.spec.show_expanded_events,
+                )),
+                o,
+            )
+        })?;
+        (out.len() <= MAX_BSON_OBJECT_SIZE).then_some(out)
     }
 
     fn invalidate_event(&self, entry: &OplogEntry) -> Document {

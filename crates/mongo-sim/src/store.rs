@@ -971,6 +971,40 @@ pub fn document_bytes(doc: &Document) -> Option<Vec<u8>> {
     }
 }
 
+/// Writes a document whose elements `fields` writes (its length patched in once written):
+/// for callers that build a document's bytes without building the document.
+pub fn encode_fields(
+    out: &mut Vec<u8>,
+    fields: impl FnOnce(&mut Vec<u8>) -> Option<()>,
+) -> Option<()> {
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    fields(out)?;
+    out.push(0);
+    let len = (out.len() - start) as i32;
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    Some(())
+}
+
+/// An embedded-document element `key` whose elements `fields` writes ([`encode_fields`]).
+pub fn encode_subdocument(
+    key: &str,
+    out: &mut Vec<u8>,
+    fields: impl FnOnce(&mut Vec<u8>) -> Option<()>,
+) -> Option<()> {
+    out.push(bson::spec::ElementType::EmbeddedDocument as u8);
+    write_cstring(key, out)?;
+    encode_fields(out, fields)
+}
+
+/// A string element, without making a [`Bson::String`] of it.
+pub fn encode_str_element(key: &str, value: &str, out: &mut Vec<u8>) -> Option<()> {
+    out.push(bson::spec::ElementType::String as u8);
+    write_cstring(key, out)?;
+    write_string(value, out);
+    Some(())
+}
+
 fn write_cstring(s: &str, out: &mut Vec<u8>) -> Option<()> {
     if s.as_bytes().contains(&0) {
         return None;
@@ -988,15 +1022,12 @@ fn write_string(s: &str, out: &mut Vec<u8>) {
 
 /// Writes a document (its length patched in once written).
 fn write_document(doc: &Document, out: &mut Vec<u8>) -> Option<()> {
-    let start = out.len();
-    out.extend_from_slice(&[0; 4]);
-    for (k, v) in doc {
-        write_element(k, v, out)?;
-    }
-    out.push(0);
-    let len = (out.len() - start) as i32;
-    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
-    Some(())
+    encode_fields(out, |out| {
+        for (k, v) in doc {
+            write_element(k, v, out)?;
+        }
+        Some(())
+    })
 }
 
 fn write_array(items: &[Bson], out: &mut Vec<u8>) -> Option<()> {

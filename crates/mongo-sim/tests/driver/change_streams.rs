@@ -1161,3 +1161,80 @@ async fn kill_cursors_during_an_awaiting_get_more_closes_the_cursor() {
     })
     .await
 }
+
+/// Update events without images, transactions or user stages are written straight to bytes
+/// (`plain_update_event`); with a stage that changes nothing they take the document path.
+/// Both must give the same bytes, expanded or not, for every shape of update description.
+#[tokio::test]
+async fn update_events_are_the_same_bytes_on_the_fast_and_the_document_path() {
+    bounded(async {
+        let (_sim, c) = start_with_client().await;
+        let col = c.database("cs").collection::<Document>("fast_path");
+        let long = "l".repeat(40);
+        col.insert_one(doc! {
+            "_id": 1, "n": 1, "gone": true, "sub": {"1": "x", "k": {"d": 1}},
+            "arr": [long.clone(), long.clone(), long.clone()],
+        })
+        .await
+        .unwrap();
+        for expanded in [false, true] {
+            let watch = |pipeline: Vec<Document>| {
+                std::future::IntoFuture::into_future(
+                    col.watch()
+                        .pipeline(pipeline)
+                        .show_expanded_events(expanded),
+                )
+            };
+            let mut fast = watch(vec![])
+                .await
+                .unwrap()
+                .with_type::<bson::RawDocumentBuf>();
+            let mut slow = watch(vec![doc! {"$match": {}}])
+                .await
+                .unwrap()
+                .with_type::<bson::RawDocumentBuf>();
+            // Values differ between the two passes, so no update is a no-op.
+            let v = if expanded { 20 } else { 10 };
+            let updates = vec![
+                doc! {"$inc": {"n": 1}},
+                doc! {"$set": {"sub.k.d": v, "new": {"a": [1, v]}}, "$unset": {"gone": ""}},
+                // A numeric field name under a document: reported in disambiguatedPaths.
+                doc! {"$set": {"sub.1": v}},
+                doc! {"$set": {"gone": v}},
+            ];
+            for u in updates {
+                col.update_one(doc! {"_id": 1}, u).await.unwrap();
+            }
+            // A shrunk array: a truncation.
+            col.update_one(
+                doc! {"_id": 1},
+                vec![doc! {"$set": {"arr": [{"$arrayElemAt": ["$arr", 0]}]}}],
+            )
+            .await
+            .unwrap();
+            col.update_one(
+                doc! {"_id": 1},
+                vec![doc! {"$set": {"arr": ["$n", "$n", "$n"]}}],
+            )
+            .await
+            .unwrap();
+            for i in 0..6 {
+                let a = next(&mut fast).await;
+                let b = next(&mut slow).await;
+                assert_eq!(a.get_str("operationType").unwrap(), "update");
+                assert_eq!(
+                    a.as_bytes(),
+                    b.as_bytes(),
+                    "event {i} (expanded: {expanded}): {:?} != {:?}",
+                    Document::try_from(a.clone()),
+                    Document::try_from(b.clone())
+                );
+                if expanded && i == 2 {
+                    let ud = a.get_document("updateDescription").unwrap();
+                    assert!(ud.get_document("disambiguatedPaths").is_ok(), "{ud:?}");
+                }
+            }
+        }
+    })
+    .await;
+}
