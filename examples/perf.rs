@@ -257,16 +257,17 @@ fn spawn_daemon(
 }
 
 impl Daemon {
-    async fn metric(&self, name: &str) -> Option<f64> {
-        let body = self
-            .client
-            .get(format!("{}/metrics", self.http))
+    /// A GET of `path` on the daemon's HTTP listener, over the kept-alive connection.
+    async fn get(&self, path: &str) -> Option<reqwest::Response> {
+        self.client
+            .get(format!("{}{path}", self.http))
             .send()
             .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
+            .ok()
+    }
+
+    async fn metric(&self, name: &str) -> Option<f64> {
+        let body = self.get("/metrics").await?.text().await.ok()?;
         body.lines()
             .filter(|l| l.starts_with(name))
             .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
@@ -291,12 +292,7 @@ impl Daemon {
 
     /// Sum of the series starting with `prefix` whose line also contains `containing`.
     async fn metric_matching(&self, prefix: &str, containing: &str) -> f64 {
-        let Ok(resp) = self
-            .client
-            .get(format!("{}/metrics", self.http))
-            .send()
-            .await
-        else {
+        let Some(resp) = self.get("/metrics").await else {
             return 0.0;
         };
         let body = resp.text().await.unwrap_or_default();
@@ -308,12 +304,7 @@ impl Daemon {
 
     /// Namespaces whose status says they read the change stream `name`.
     async fn namespaces_reading(&self, name: &str) -> usize {
-        let Ok(resp) = self
-            .client
-            .get(format!("{}/api/v1/status", self.http))
-            .send()
-            .await
-        else {
+        let Some(resp) = self.get("/api/v1/status").await else {
             return 0;
         };
         let Ok(status) = resp.json::<serde_json::Value>().await else {
