@@ -1609,3 +1609,29 @@ async fn a_stopping_instance_whose_lease_lapsed_takes_no_lease() {
     );
     assert!(a.logs().contains("lost the lease"), "{}", a.logs());
 }
+
+/// CI run of 718a89d: the survivor of two partitioned instances, stopped just after the
+/// other one left, did not exit 0. Here the survivor is stopped at several moments around
+/// taking over the released partition: each time it drains and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_instance_stopped_while_it_takes_over_a_released_partition_exits_0() {
+    let c = Clusters::start().await;
+    for i in 0..PARTITIONED_COLLECTIONS {
+        seed(&c.src, "part", &format!("c{i}"), 20).await;
+    }
+    let config = partitioned_config(2);
+    for delay_ms in [0_u64, 300, 600, 900, 1200] {
+        let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut a = instance_with(&c, dir_a.path(), &config, "syncd-a");
+        let mut b = instance_with(&c, dir_b.path(), &config, "syncd-b");
+        wait_balanced(&[&a, &b], 2, 1, "two instances").await;
+        assert_eq!(a.terminate().await, Some(0), "{}", a.logs());
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        assert_eq!(
+            b.terminate().await,
+            Some(0),
+            "stopped {delay_ms} ms after the other instance left:\n{}",
+            b.logs()
+        );
+    }
+}
