@@ -10,6 +10,7 @@
 
 pub use crate::bounded_write;
 pub mod conflict;
+mod encode;
 pub mod transaction;
 pub mod turn;
 
@@ -501,6 +502,12 @@ fn delta_update(w: &DocWrite) -> Result<RawDocumentBuf, SyncError> {
 
 /// `{q: {_id}, u: <delta_update>}`.
 fn delta_statement(id: &RawBson, w: &DocWrite) -> Result<RawDocumentBuf, SyncError> {
+    if let DocWrite::Delta { set, unset } = w {
+        for name in unset {
+            cstr_key(name)?;
+        }
+        return Ok(encode::delta_statement(id.as_raw_bson_ref(), set, unset));
+    }
     let mut q = RawDocumentBuf::new();
     q.append(bson::cstr!("_id"), id.as_raw_bson_ref());
     let mut statement = RawDocumentBuf::new();
@@ -1956,19 +1963,20 @@ impl Applier {
         while start < statements.len() {
             let mut end = start;
             let mut bytes = 0;
-            let mut arr = RawArrayBuf::new();
             while end < statements.len() && end - start < MAX_STATEMENTS_PER_COMMAND {
                 let size = statements[end].as_bytes().len();
                 if end > start && bytes + size > MAX_COMMAND_BYTES {
                     break;
                 }
                 bytes += size;
-                arr.push(&statements[end]);
                 end += 1;
             }
-            let mut cmd = RawDocumentBuf::new();
-            cmd.append(cstr_key(command)?, self.target.coll.as_str());
-            cmd.append(cstr_key(field)?, arr);
+            let mut cmd = encode::bulk_command(
+                cstr_key(command)?,
+                self.target.coll.as_str(),
+                cstr_key(field)?,
+                &statements[start..end],
+            );
             cmd.append(bson::cstr!("ordered"), ordered);
             if command != "delete" && self.bypass_validation() {
                 cmd.append(bson::cstr!("bypassDocumentValidation"), true);
