@@ -15,10 +15,13 @@
 //!   of the field by `_id`, unordered bulks of 1,000) sent by a fast client;
 //! - **drain of one collection**: the daemon restarted over that backlog, from its start to the
 //!   last event applied, as a ratio of the drain ceiling (target ≥ 0.9). The machine is noisy
-//!   (one ceiling moved 15 % between two runs), so `--rounds R` (default 3) repeats backlog,
-//!   ceiling and drain R times and reports the round of the median ratio, with every round's,
-//!   and where that round's CPU went (shares of one core: the destination simulator during the
-//!   ceiling and during the drain, the source simulator and the daemon during the drain);
+//!   (one ceiling moved 15 % between two runs, and up to 16 % between a measurement right
+//!   before a drain and one right after it), so the ceiling is measured on both sides of each
+//!   drain and the ratio is to their mean (the ratio to the one before is printed too), and
+//!   `--rounds R` (default 3) repeats backlog, ceiling and drain R times and reports the round
+//!   of the median ratio, with every round's, and where that round's CPU went (shares of one
+//!   core: the destination simulator during the first ceiling and during the drain, the source
+//!   simulator and the daemon during the drain);
 //! - **naive loops**: one `update_one` per event from a fast Rust client that reads no stream,
 //!   and the naive replicator the issue measured (`examples/naive_replicator.py`: PyMongo reads
 //!   the backlog's change stream and writes each event with one acknowledged `update_one`); the
@@ -761,7 +764,9 @@ async fn memory(daemon_bin: &Path, source_uri: &str, dest_uri: &str, namespaces:
 /// One round of a drain: a backlog written while the daemon is stopped, its ceiling, and the
 /// daemon's drain of it.
 struct DrainRound {
-    ceiling: f64,
+    /// The drain's statements from a fast client, right before the drain and right after it.
+    ceiling_before: f64,
+    ceiling_after: f64,
     /// A fast client reading the backlog's change stream.
     read: f64,
     drain: f64,
@@ -774,8 +779,13 @@ struct DrainRound {
 }
 
 impl DrainRound {
+    /// The ceiling over the drain's window: the mean of the measurements on either side.
+    fn ceiling(&self) -> f64 {
+        (self.ceiling_before + self.ceiling_after) / 2.0
+    }
+
     fn ratio(&self) -> f64 {
-        self.drain / self.ceiling
+        self.drain / self.ceiling()
     }
 }
 
@@ -784,7 +794,7 @@ impl DrainRound {
 /// ceiling, the same number of `$set`s by `_id` (the statements the daemon sends) from a fast
 /// client on `ceiling_drain` (`docs` documents; the values change every round, so every round
 /// writes, and from the second one on both sides update a field that exists); then the
-/// daemon (`start`) from its start to the last event applied.
+/// daemon (`start`) from its start to the last event applied; then the ceiling again.
 #[allow(clippy::too_many_arguments)]
 async fn drain_round(
     round: i64,
@@ -808,7 +818,7 @@ async fn drain_round(
     let dest_before = cpu_seconds(sims.dest);
     let ceiling_took = bulk_update(dst, "ceiling_drain", statements).await;
     let dest_in_ceiling = (cpu_seconds(sims.dest) - dest_before) / ceiling_took.as_secs_f64();
-    let ceiling = rate(events, ceiling_took);
+    let ceiling_before = rate(events, ceiling_took);
     let read = read_ceiling(src, names, backlog_start, events).await;
     let (dest_before, source_before) = (cpu_seconds(sims.dest), cpu_seconds(sims.source));
     let daemon = start();
@@ -837,8 +847,14 @@ async fn drain_round(
         daemon_in_drain: busy(0.0, daemon.process.child.id()),
     };
     daemon.stop().await;
+    // The same statements with other values, so every one of them writes again.
+    let statements: Vec<Document> = (0..events)
+        .map(|k| doc! {"q": {"_id": event_id(k, docs)}, "u": {"$set": {"visits": -(k + round * events)}}})
+        .collect();
+    let ceiling_after = rate(events, bulk_update(dst, "ceiling_drain", statements).await);
     DrainRound {
-        ceiling,
+        ceiling_before,
+        ceiling_after,
         read,
         cpu,
         drain: rate(events, total),
@@ -899,31 +915,38 @@ fn median_round(rounds: &[DrainRound]) -> &DrainRound {
 fn print_drain(what: &str, events: i64, rounds: &[DrainRound]) {
     let m = median_round(rounds);
     let all: Vec<String> = rounds.iter().map(|r| format!("{:.2}", r.ratio())).collect();
+    let to_before: Vec<String> = rounds
+        .iter()
+        .map(|r| format!("{:.2}", r.drain / r.ceiling_before))
+        .collect();
     println!(
-        "| ceiling: the drain's statements, {events} events (round of the median ratio) | {:.0} | |",
-        m.ceiling
+        "| ceiling: the drain's statements, {events} events (round of the median ratio) | {:.0} | mean of {:.0} right before the drain and {:.0} right after it |",
+        m.ceiling(),
+        m.ceiling_before,
+        m.ceiling_after
     );
     println!(
-        "| mongo-syncd drain, {what} | {:.0} | {:.2}× the ceiling, median of {} rounds (target ≥ 0.9); every round: {} |",
+        "| mongo-syncd drain, {what} | {:.0} | {:.2}× the ceiling, median of {} rounds (target ≥ 0.9); every round: {}; to the ceiling before the drain only: {} |",
         m.drain,
         m.ratio(),
         rounds.len(),
-        all.join(", ")
+        all.join(", "),
+        to_before.join(", ")
     );
     println!(
         "| of which: process start to the first event applied | {:.0} ms of {:.0} ms | past it: {:.2}× the ceiling |",
         m.startup.as_secs_f64() * 1e3,
         m.total.as_secs_f64() * 1e3,
-        rate(events, m.total.saturating_sub(m.startup)) / m.ceiling
+        rate(events, m.total.saturating_sub(m.startup)) / m.ceiling()
     );
     let reads: Vec<String> = rounds
         .iter()
-        .map(|r| format!("{:.2}", r.drain / r.read.min(r.ceiling)))
+        .map(|r| format!("{:.2}", r.drain / r.read.min(r.ceiling())))
         .collect();
     println!(
         "| read ceiling: a fast client reading the backlog's change stream (same round) | {:.0} | drain = {:.2}× the slower of the two ceilings; every round: {} |",
         m.read,
-        m.drain / m.read.min(m.ceiling),
+        m.drain / m.read.min(m.ceiling()),
         reads.join(", ")
     );
     println!(
@@ -1150,7 +1173,7 @@ async fn main() {
     }
     let (drain_ceiling, drain) = {
         let m = median_round(&rounds);
-        (m.ceiling, m.drain)
+        (m.ceiling(), m.drain)
     };
 
     // `--ha`: the same backlog again, drained by the daemon with `ha.enabled`, once per
