@@ -472,48 +472,24 @@ fn duplicate_on_id(msg: &str) -> bool {
     msg.contains("index: _id_ ")
 }
 
-/// The update document of a delta or truncation.
-fn delta_update(w: &DocWrite) -> Result<RawDocumentBuf, SyncError> {
-    Ok(match w {
+/// `{q: {_id}, u: ...}`: a delta's `$set`/`$unset`, or a truncation's `$push` with `$slice`.
+fn delta_statement(id: &RawBson, w: &DocWrite) -> Result<RawDocumentBuf, SyncError> {
+    match w {
+        DocWrite::Delta { set, unset } => {
+            for name in unset {
+                cstr_key(name)?;
+            }
+            Ok(encode::delta_statement(id.as_raw_bson_ref(), set, unset))
+        }
         DocWrite::Truncate(fields) => {
             let mut push = RawDocumentBuf::new();
             for (f, n) in fields {
                 push.append(cstr_key(f)?, rawdoc! {"$each": [], "$slice": *n});
             }
-            rawdoc! {"$push": push}
-        }
-        DocWrite::Delta { set, unset } => {
-            let mut u = RawDocumentBuf::new();
-            if !set.is_empty() {
-                u.append(bson::cstr!("$set"), set);
-            }
-            if !unset.is_empty() {
-                let mut d = RawDocumentBuf::new();
-                for k in unset {
-                    d.append(cstr_key(k)?, "");
-                }
-                u.append(bson::cstr!("$unset"), d);
-            }
-            u
+            Ok(rawdoc! {"q": {"_id": id.clone()}, "u": {"$push": push}})
         }
         _ => unreachable!("deltas hold deltas"),
-    })
-}
-
-/// `{q: {_id}, u: <delta_update>}`.
-fn delta_statement(id: &RawBson, w: &DocWrite) -> Result<RawDocumentBuf, SyncError> {
-    if let DocWrite::Delta { set, unset } = w {
-        for name in unset {
-            cstr_key(name)?;
-        }
-        return Ok(encode::delta_statement(id.as_raw_bson_ref(), set, unset));
     }
-    let mut q = RawDocumentBuf::new();
-    q.append(bson::cstr!("_id"), id.as_raw_bson_ref());
-    let mut statement = RawDocumentBuf::new();
-    statement.append(bson::cstr!("q"), &q);
-    statement.append(bson::cstr!("u"), delta_update(w)?);
-    Ok(statement)
 }
 
 /// Parsed reply of a bulk `update`/`delete`.
@@ -2167,6 +2143,28 @@ mod tests {
             delta_writes(&dollar, true).unwrap()[0],
             DocWrite::Refetch
         ));
+    }
+
+    #[test]
+    fn truncations_and_deltas_become_their_update_statements() {
+        let id = RawBson::Int64(7);
+        let truncate = DocWrite::Truncate(vec![("arr".to_string(), 2), ("n.list".to_string(), 0)]);
+        assert_eq!(
+            delta_statement(&id, &truncate).unwrap(),
+            rawdoc! {"q": {"_id": 7_i64}, "u": {"$push": {
+            "arr": {"$each": [], "$slice": 2}, "n.list": {"$each": [], "$slice": 0}}}}
+        );
+        let ud = rawdoc! {"updatedFields": {"a": 1, "b.c": "x"}, "removedFields": ["d"]};
+        let delta = delta_writes(&ud, true).unwrap().pop().unwrap();
+        assert_eq!(
+            delta_statement(&id, &delta).unwrap(),
+            rawdoc! {"q": {"_id": 7_i64}, "u": {"$set": {"a": 1, "b.c": "x"}, "$unset": {"d": ""}}}
+        );
+        let nul = DocWrite::Delta {
+            set: RawDocumentBuf::new(),
+            unset: vec!["a\0b".to_string()],
+        };
+        assert!(delta_statement(&id, &nul).is_err());
     }
 
     #[test]
