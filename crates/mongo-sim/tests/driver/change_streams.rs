@@ -1039,6 +1039,47 @@ async fn split_large_events_into_fragments() {
     .await
 }
 
+/// An update event with no image and no stage is written as bytes (`plain_update_event`);
+/// one too large for 16 MiB takes the document path instead, and fails as it does there and
+/// as on a server: BSONObjectTooLarge, even with `$changeStreamSplitLargeEvent`, which splits
+/// an event between its top-level fields but not inside one (here `updateDescription`).
+#[tokio::test]
+async fn an_update_event_over_16_mib_leaves_the_byte_path_for_the_document_path() {
+    bounded(async {
+        let (_sim, c) = start_with_client().await;
+        let col = c.database("cs").collection::<Document>("huge_update");
+        // The largest document that fits 16 MiB with `_id: 1`: its `$set` alone, in an
+        // event's updateDescription, does not.
+        let len = 16 * 1024 * 1024 - 200;
+        col.insert_one(doc! {"_id": 1, "a": "x".repeat(len)})
+            .await
+            .unwrap();
+        let watch = |pipeline: Vec<Document>| {
+            std::future::IntoFuture::into_future(col.watch().pipeline(pipeline))
+        };
+        let mut plain = watch(vec![]).await.unwrap().with_type::<Document>();
+        let mut matched = watch(vec![doc! {"$match": {}}])
+            .await
+            .unwrap()
+            .with_type::<Document>();
+        let mut split = watch(vec![doc! {"$changeStreamSplitLargeEvent": {}}])
+            .await
+            .unwrap()
+            .with_type::<Document>();
+        col.update_one(doc! {"_id": 1}, doc! {"$set": {"a": "y".repeat(len)}})
+            .await
+            .unwrap();
+        let plain = next_result(&mut plain).await.unwrap_err();
+        let matched = next_result(&mut matched).await.unwrap_err();
+        let split = next_result(&mut split).await.unwrap_err();
+        for err in [&plain, &matched, &split] {
+            assert_eq!(code(err), Some(10334), "{err}");
+        }
+        assert_eq!(plain.to_string(), matched.to_string());
+    })
+    .await
+}
+
 #[tokio::test]
 async fn ttl_monitor_produces_delete_events() {
     bounded(async {
