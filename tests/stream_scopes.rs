@@ -30,17 +30,18 @@ async fn open_cursors(client: &Client) -> i64 {
 }
 
 /// Update statements the destination has executed (checkpoints are replace-upserts).
-async fn updates_executed(client: &Client) -> i64 {
+/// Commands of kind `op` (`insert`, `update`, ...) the simulator has executed.
+async fn executed(client: &Client, op: &str) -> i64 {
     let status = client
         .database("admin")
         .run_command(doc! {"serverStatus": 1})
         .await
         .unwrap();
     let counters = status.get_document("opcounters").unwrap();
-    match counters.get("update") {
+    match counters.get(op) {
         Some(bson::Bson::Int64(n)) => *n,
         Some(bson::Bson::Int32(n)) => *n as i64,
-        _ => panic!("opcounters.update missing"),
+        _ => panic!("opcounters.{op} missing"),
     }
 }
 
@@ -135,9 +136,9 @@ async fn a_deployment_stream_serves_every_namespace_with_one_cursor_and_one_chec
         || async { open_cursors(&c.src).await == 1 },
     )
     .await;
-    let before = updates_executed(&c.dst).await;
+    let before = executed(&c.dst, "update").await;
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let idle_writes = updates_executed(&c.dst).await - before;
+    let idle_writes = executed(&c.dst, "update").await - before;
     assert!(
         idle_writes <= 15,
         "{idle_writes} update statements on the destination in 5 idle seconds"
@@ -278,6 +279,67 @@ async fn a_killed_daemon_resumes_every_namespace_from_the_shared_watermark() {
     .await
     .unwrap();
     assert_eq!(report.code, Some(0), "{}\n{}", report.stdout, report.stderr);
+    assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
+}
+
+/// Soak seed 350027: a batch failed while the batch before it was being checkpointed. With
+/// batches in flight the worker told the shared stream it had applied every event it had
+/// received, so the restarted worker took the reader's position as applied and never wrote
+/// the failed batch's documents. Here the first batch's insert is held for 600 ms, the next
+/// batches are read and started meanwhile, and the next insert fails once; one more event
+/// makes the reader record where the worker left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_that_fails_behind_a_checkpointed_one_is_written_after_the_restart() {
+    let c = Clusters::start().await;
+    let names = seed(&c, "inflight", 1, 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(
+        &c,
+        dir.path(),
+        "[source]\nstream_scope = \"deployment\"\n\n[sync]\nnamespaces = [\"inflight.*\"]\n\n[apply]\nbatch_max_events = 2\n",
+    );
+    converged(&c, &d, &pairs("inflight", &names), Duration::from_secs(60)).await;
+    wait_until(
+        "the namespace reads the shared stream",
+        Duration::from_secs(60),
+        || async { d.logs().contains("joined the shared change stream") },
+    )
+    .await;
+    let coll = c.src.database("inflight").collection::<Document>(&names[0]);
+    let inserts_before = executed(&c.dst, "insert").await;
+    c.dest
+        .configure_fail_point(&doc! {
+            "configureFailPoint": "failCommand", "mode": {"times": 1},
+            "data": {"failCommands": ["insert"], "blockConnection": true, "blockTimeMS": 600},
+        })
+        .unwrap();
+    for k in 100..102 {
+        coll.insert_one(doc! {"_id": k}).await.unwrap();
+    }
+    wait_until(
+        "the first batch's insert is held at the destination",
+        Duration::from_secs(30),
+        || async { executed(&c.dst, "insert").await > inserts_before },
+    )
+    .await;
+    c.dest
+        .configure_fail_point(&doc! {
+            "configureFailPoint": "failCommand", "mode": {"times": 1},
+            "data": {"failCommands": ["insert"], "errorCode": 189},
+        })
+        .unwrap();
+    for k in 102..104 {
+        coll.insert_one(doc! {"_id": k}).await.unwrap();
+    }
+    wait_until(
+        "the batch behind the held one failed",
+        Duration::from_secs(30),
+        || async { d.logs().contains("worker failed; restarting") },
+    )
+    .await;
+    // The reader learns that the worker left when it routes the namespace's next event.
+    coll.insert_one(doc! {"_id": 200}).await.unwrap();
+    converged(&c, &d, &pairs("inflight", &names), Duration::from_secs(60)).await;
     assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
 }
 

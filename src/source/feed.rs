@@ -58,8 +58,6 @@ pub struct Feed {
     join_at: Option<RawDocumentBuf>,
     /// Events at or before this position were applied already.
     skip_through: Option<RawDocumentBuf>,
-    /// Events received from the shared stream (acknowledged cumulatively).
-    received: u64,
     /// Events skipped as already applied, since the last call of [`Feed::take_skipped`].
     skipped: u64,
     skipped_transactions: Vec<TxnKey>,
@@ -78,7 +76,6 @@ impl Feed {
             shared: None,
             join_at: None,
             skip_through: None,
-            received: 0,
             skipped: 0,
             skipped_transactions: Vec::new(),
             position: None,
@@ -162,7 +159,6 @@ impl Feed {
         let caught_up = applied
             .as_ref()
             .is_some_and(|a| !token_after(&subscription.at, a));
-        self.received = 0;
         if caught_up {
             self.own = None;
             self.join_at = None;
@@ -179,11 +175,12 @@ impl Feed {
         self.join_at = None;
     }
 
-    /// Tells the shared stream what is applied: everything received, through the worker's
-    /// position. Call after a batch is checkpointed, or at an idle mark.
+    /// Tells the shared stream what is applied: everything up to the worker's position (the
+    /// checkpoint, or a later position noted from a watermark). Call after a batch is
+    /// checkpointed, or at an idle mark.
     pub fn acknowledge(&self, checkpoint_token: Option<&Document>) {
         if let (Some(sub), Some(position)) = (&self.shared, self.effective(checkpoint_token)) {
-            sub.acknowledge(self.received, &position, self.is_shared());
+            sub.acknowledge(&position, self.is_shared());
         }
     }
 
@@ -254,8 +251,6 @@ impl Feed {
                         continue;
                     }
                 }
-            } else if matches!(item, Some(StreamItem::Event(..))) {
-                self.received += 1;
             }
             if let Some(StreamItem::Event(ev, _)) = &item {
                 if let Some(skip) = &self.skip_through {
@@ -531,6 +526,38 @@ mod tests {
         assert_eq!(drain(&mut feed, 10).await, vec![3, 4, 5, 6, 7]);
         assert!(feed.is_shared());
         assert_eq!(feed.take_skipped(), 0);
+    }
+
+    /// Soak seed 350027: with batches in flight, a worker acknowledged every event it had
+    /// received when an older batch was checkpointed. The reader then took the member as
+    /// having applied everything, its next batch failed, and the restarted worker resumed
+    /// past that batch's events: an update was lost. An acknowledgement covers what the
+    /// checkpoint covers, not what was received.
+    #[tokio::test]
+    async fn an_acknowledgement_covers_what_is_checkpointed_not_everything_received() {
+        let (b, s) = budget();
+        let stop = CancellationToken::new();
+        let mut feed = Feed::new(&stop, "d.c".into());
+        let raw = |n| raw_token(&token(n)).unwrap();
+        let (shared_tx, shared_rx) = mpsc::channel(16);
+        let subscription = Subscription::for_test(shared_rx, raw(2));
+        let reader = subscription.reader_view();
+        feed.join(subscription, Some(&token(2)));
+        assert!(feed.is_shared());
+        for n in 3..=6 {
+            reader.routing(&raw(n - 1), &raw(n));
+            shared_tx.send(event(n, &b, &s)).await.unwrap();
+        }
+        assert_eq!(drain(&mut feed, 4).await, vec![3, 4, 5, 6]);
+        // Events 3 and 4 are written and checkpointed; 5 and 6 are still being written.
+        feed.acknowledge(Some(&token(4)));
+        assert_eq!(
+            reader.owes_from(&raw(6)),
+            Some(raw(4)),
+            "events 5 and 6 were received, not applied"
+        );
+        feed.acknowledge(Some(&token(6)));
+        assert_eq!(reader.owes_from(&raw(6)), None);
     }
 
     #[tokio::test]

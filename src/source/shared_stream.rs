@@ -192,11 +192,37 @@ impl Subscription {
         }
     }
 
-    /// The worker has applied (or skipped) the first `received` events sent to it, and all
-    /// its events up to `position` are applied and checkpointed; `switched`: it reads the
-    /// shared stream now (everything of it up to the join position is applied).
-    pub fn acknowledge(&self, received: u64, position: &RawDocumentBuf, switched: bool) {
-        self.member.acknowledge(received, position, switched);
+    /// All the worker's events up to `position` are applied (or skipped) and checkpointed;
+    /// `switched`: it reads the shared stream now (everything of it up to the join position
+    /// is applied).
+    pub fn acknowledge(&self, position: &RawDocumentBuf, switched: bool) {
+        self.member.acknowledge(position, switched);
+    }
+}
+
+/// The reader's side of a [`Subscription`], for tests of what a worker acknowledges.
+#[cfg(test)]
+pub(crate) struct ReaderView(Arc<Member>);
+
+#[cfg(test)]
+impl Subscription {
+    pub(crate) fn reader_view(&self) -> ReaderView {
+        ReaderView(Arc::clone(&self.member))
+    }
+}
+
+#[cfg(test)]
+impl ReaderView {
+    /// An event is about to be sent; `before` is the reader's position before it.
+    pub(crate) fn routing(&self, before: &RawDocumentBuf, token: &RawDocumentBuf) {
+        self.0.routing(before, token);
+    }
+
+    /// Where a shared stream resumed with the reader at `reader` must start for this member
+    /// (`None`: it owes nothing).
+    pub(crate) fn owes_from(&self, reader: &RawDocumentBuf) -> Option<RawDocumentBuf> {
+        let applied = self.0.applied(reader);
+        applied.holds_resume.then_some(applied.position)
     }
 }
 
@@ -208,14 +234,29 @@ struct Member {
 
 #[derive(Default)]
 struct MemberState {
-    routed: u64,
-    acked: u64,
+    /// The token of the last event sent to the member.
+    last_routed: Option<RawDocumentBuf>,
+    /// The furthest position the member acknowledged: everything of it up to there is applied
+    /// and checkpointed. A position, not a count of events received: events received are not
+    /// yet applied while the batches holding them are written (soak seed 350027).
+    acked: Option<RawDocumentBuf>,
     /// While events are outstanding, or while joining: a position the member has applied
     /// everything up to.
     floor: Option<RawDocumentBuf>,
     /// Joined behind the reader: its own stream is still reading up to the join position, so
     /// the reader's position says nothing of what it applied.
     joining: bool,
+}
+
+impl MemberState {
+    /// An event sent to the member is past what it acknowledged.
+    fn outstanding(&self) -> bool {
+        match (&self.last_routed, &self.acked) {
+            (None, _) => false,
+            (Some(_), None) => true,
+            (Some(routed), Some(acked)) => token_after(routed, acked),
+        }
+    }
 }
 
 /// What a member has applied, as the watermark records it.
@@ -226,19 +267,26 @@ struct Applied {
     holds_resume: bool,
 }
 
+/// The later of two positions.
+fn later(current: &mut Option<RawDocumentBuf>, position: &RawDocumentBuf) {
+    if current.as_ref().is_none_or(|c| token_after(position, c)) {
+        *current = Some(position.clone());
+    }
+}
+
 impl Member {
     fn lock(&self) -> std::sync::MutexGuard<'_, MemberState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// An event is about to be sent; `before` is the reader's position before it.
-    fn routing(&self, before: &RawDocumentBuf) {
+    /// The event `token` is about to be sent; `before` is the reader's position before it.
+    fn routing(&self, before: &RawDocumentBuf, token: &RawDocumentBuf) {
         let mut s = self.lock();
         // A joining member's floor is what it applied from its own stream, not the reader's.
-        if s.acked >= s.routed && !s.joining {
+        if !s.outstanding() && !s.joining {
             s.floor = Some(before.clone());
         }
-        s.routed += 1;
+        later(&mut s.last_routed, token);
     }
 
     /// A member that joined behind the reader, having applied through `position`.
@@ -252,29 +300,28 @@ impl Member {
         }
     }
 
-    fn acknowledge(&self, received: u64, position: &RawDocumentBuf, switched: bool) {
+    /// Everything of the member up to `position` is applied and checkpointed; `switched`: it
+    /// reads the shared stream now.
+    fn acknowledge(&self, position: &RawDocumentBuf, switched: bool) {
         let mut s = self.lock();
-        s.acked = s.acked.max(received);
+        later(&mut s.acked, position);
         if switched {
             s.joining = false;
         }
-        if s.joining || s.acked < s.routed {
-            let advances = s.floor.as_ref().is_none_or(|f| token_after(position, f));
-            if advances {
-                s.floor = Some(position.clone());
-            }
+        if s.joining || s.outstanding() {
+            later(&mut s.floor, position);
         }
     }
 
     /// What the member has applied, given the reader's position.
     fn applied(&self, reader: &RawDocumentBuf) -> Applied {
         let s = self.lock();
-        match (&s.floor, s.joining, s.acked >= s.routed) {
+        match (&s.floor, s.joining, s.outstanding()) {
             (Some(floor), true, _) => Applied {
                 position: floor.clone(),
                 holds_resume: false,
             },
-            (Some(floor), false, false) => Applied {
+            (Some(floor), false, true) => Applied {
                 position: floor.clone(),
                 holds_resume: true,
             },
@@ -931,7 +978,7 @@ impl Router {
             let Some(slot) = self.members.get(&ns) else {
                 return true;
             };
-            slot.member.routing(&before);
+            slot.member.routing(&before, &ev.token);
             if in_transaction && ev.kind != OpKind::Invalidate {
                 if let Some(group) = &self.open_txn {
                     group.routed(&ns);
@@ -1285,8 +1332,8 @@ mod tests {
     fn a_member_with_nothing_outstanding_owes_nothing() {
         let m = Member::default();
         assert!(owes_from(&m).is_none());
-        m.routing(&token(5));
-        m.acknowledge(1, &token(6), true);
+        m.routing(&token(5), &token(6));
+        m.acknowledge(&token(6), true);
         assert_eq!(m.applied(&token(9)).position, token(9));
         assert!(!m.applied(&token(9)).holds_resume);
     }
@@ -1294,20 +1341,20 @@ mod tests {
     #[test]
     fn a_member_owes_from_the_position_before_its_first_unacknowledged_event() {
         let m = Member::default();
-        m.routing(&token(5)); // event 6 sent
-        m.routing(&token(6)); // event 7 sent
-        m.routing(&token(7)); // event 8 sent
+        m.routing(&token(5), &token(6)); // event 6 sent
+        m.routing(&token(6), &token(7)); // event 7 sent
+        m.routing(&token(7), &token(8)); // event 8 sent
         assert_eq!(owes_from(&m), Some(token(5)));
         // Events 6 and 7 applied and checkpointed: it owes from 7 on.
-        m.acknowledge(2, &token(7), true);
+        m.acknowledge(&token(7), true);
         assert_eq!(owes_from(&m), Some(token(7)));
         // A stale acknowledgement never moves the floor back.
-        m.acknowledge(2, &token(6), true);
+        m.acknowledge(&token(6), true);
         assert_eq!(owes_from(&m), Some(token(7)));
-        m.acknowledge(3, &token(8), true);
+        m.acknowledge(&token(8), true);
         assert!(owes_from(&m).is_none());
         // The next event after an idle period: owed from the reader's position before it.
-        m.routing(&token(20));
+        m.routing(&token(20), &token(21));
         assert_eq!(owes_from(&m), Some(token(20)));
     }
 
@@ -1320,11 +1367,11 @@ mod tests {
             !m.applied(&token(12)).holds_resume,
             "its own stream covers 5..10"
         );
-        m.routing(&token(10)); // event 11 queued for it
-        m.acknowledge(0, &token(7), false); // own events through 7 applied
+        m.routing(&token(10), &token(11)); // event 11 queued for it
+        m.acknowledge(&token(7), false); // own events through 7 applied
         assert_eq!(m.applied(&token(12)).position, token(7));
         // Switched; events through 10 (own) and 11 (shared) applied.
-        m.acknowledge(1, &token(11), true);
+        m.acknowledge(&token(11), true);
         assert_eq!(m.applied(&token(12)).position, token(12));
     }
 
