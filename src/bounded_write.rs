@@ -14,6 +14,7 @@ use bson::{doc, oid::ObjectId, Bson, Document};
 use mongodb::Database;
 
 use crate::error::{is_transient_write_error, ErrorKind, SyncError};
+use crate::fence::Fence;
 
 /// Code of a duplicate key on a unique index.
 const DUPLICATE_KEY: i32 = 11000;
@@ -64,21 +65,53 @@ pub async fn run<T>(
     limit: Option<Duration>,
     write: impl IntoFuture<Output = T>,
 ) -> Result<T, Abandoned> {
-    let write = write.into_future();
-    if crate::fence::PROCESS.check().is_err() {
+    run_fenced(&crate::fence::PROCESS, limit, write).await
+}
+
+/// [`run`] under `fence`. The fence is checked before every poll of `write`, not only before
+/// it starts: a write suspended before its bytes left (waiting for a pooled connection, or in a
+/// process paused by SIGSTOP) is dropped unsent when it resumes past the deadline. A later poll
+/// cannot tell whether the bytes left already, so a write stopped there is waited out like a
+/// timed-out one before `Fenced` is returned.
+pub async fn run_fenced<T>(
+    fence: &Fence,
+    limit: Option<Duration>,
+    write: impl IntoFuture<Output = T>,
+) -> Result<T, Abandoned> {
+    if fence.check().is_err() {
         tracing::warn!("destination write refused: this instance no longer holds its lease");
         return Err(Abandoned::Fenced);
     }
-    match limit {
-        None => Ok(write.await),
-        Some(limit) => match tokio::time::timeout(limit, write.into_future()).await {
-            Ok(reply) => Ok(reply),
-            Err(_) => {
-                tokio::time::sleep(server_time_limit(limit)).await;
-                Err(Abandoned::TimedOut { limit })
-            }
+    let write = while_allowed(fence, write.into_future());
+    let stopped = match limit {
+        None => return write.await.map_err(|_| Abandoned::Fenced),
+        Some(limit) => match tokio::time::timeout(limit, write).await {
+            Ok(Ok(reply)) => return Ok(reply),
+            Ok(Err(_)) => Abandoned::Fenced,
+            Err(_) => Abandoned::TimedOut { limit },
         },
+    };
+    if let Abandoned::Fenced = stopped {
+        tracing::warn!("destination write refused after it started: the lease deadline passed while it waited for a connection or a paused process; waiting out its server bound");
     }
+    if let Some(limit) = limit {
+        tokio::time::sleep(server_time_limit(limit)).await;
+    }
+    Err(stopped)
+}
+
+/// Polls `write` only while `fence` allows writes; dropped (unsent if it had not sent yet) at
+/// the first poll after the deadline.
+async fn while_allowed<F: std::future::Future>(
+    fence: &Fence,
+    write: F,
+) -> Result<F::Output, crate::fence::Fenced> {
+    let mut write = std::pin::pin!(write);
+    std::future::poll_fn(|cx| match fence.check() {
+        Ok(()) => write.as_mut().poll(cx).map(Ok),
+        Err(fenced) => std::task::Poll::Ready(Err(fenced)),
+    })
+    .await
 }
 
 /// Runs a destination DDL command (`create`, `drop`, `collMod`, `createIndexes`,
@@ -262,6 +295,81 @@ fn outcome(reply: &Document, area: ErrorKind, what: &str) -> Result<WriteOutcome
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A write that waited for a pooled connection (or sat in a paused process) until after the
+    /// lease deadline must not be sent when it resumes: the deadline is checked again, not only
+    /// before the write started. The one pooled connection is held by a blocked insert; the
+    /// fenced insert is allowed for 200 ms and gets the connection after ~1 s.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_that_waited_past_the_deadline_for_a_connection_is_never_sent() {
+        let sim = mongo_sim::MongoSim::builder()
+            .replica_set("fence")
+            .start()
+            .await
+            .unwrap();
+        let app = "fenced-writes";
+        let client =
+            mongodb::Client::with_uri_str(format!("{}&maxPoolSize=1&appName={app}", sim.uri()))
+                .await
+                .unwrap();
+        let observer = mongodb::Client::with_uri_str(sim.uri()).await.unwrap();
+        let db = client.database("fence");
+        sim.configure_fail_point(&doc! {
+            "configureFailPoint": "failCommand", "mode": {"times": 1},
+            "data": {"failCommands": ["insert"], "appName": app,
+                     "blockConnection": true, "blockTimeMS": 1000},
+        })
+        .unwrap();
+        let holder = {
+            let db = db.clone();
+            tokio::spawn(async move {
+                db.run_command(doc! {"insert": "c", "documents": [{"_id": 1}]})
+                    .await
+            })
+        };
+        // The holder is at the server (counted before its block) and holds the only connection.
+        let admin = observer.database("admin");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let status = admin.run_command(doc! {"serverStatus": 1}).await.unwrap();
+            let inserts = status
+                .get_document("opcounters")
+                .ok()
+                .and_then(|o| o.get("insert"))
+                .and_then(|n| match n {
+                    Bson::Int32(n) => Some(i64::from(*n)),
+                    Bson::Int64(n) => Some(*n),
+                    _ => None,
+                })
+                .unwrap_or(0);
+            if inserts >= 1 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the holder never reached the server"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let fence = Fence::new();
+        fence.arm();
+        fence.allow_until(0, std::time::Instant::now() + Duration::from_millis(200));
+        let write = run_fenced(
+            &fence,
+            Some(Duration::from_millis(1500)),
+            db.run_command(doc! {"insert": "c", "documents": [{"_id": 2}], "maxTimeMS": 1125}),
+        )
+        .await;
+        holder.await.unwrap().unwrap();
+        let written = observer
+            .database("fence")
+            .collection::<Document>("c")
+            .count_documents(doc! {"_id": 2})
+            .await
+            .unwrap();
+        assert_eq!(written, 0, "the write was sent after the deadline");
+        assert!(matches!(write, Err(Abandoned::Fenced)), "{write:?}");
+    }
 
     #[test]
     fn the_server_gives_up_before_the_client() {

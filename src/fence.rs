@@ -2,9 +2,11 @@
 //!
 //! An active instance may write until a deadline on the monotonic clock: the moment it sent its
 //! last successful renewal, plus the lease, minus the server-side bound of one write. Every
-//! destination write checks the deadline just before it is sent ([`crate::bounded_write`]), so
-//! an instance that was paused (SIGSTOP, a VM freeze) past its lease refuses to write the
-//! moment it runs again, before any task of it learns that the lease is gone.
+//! destination write checks the deadline before it starts and again each time it resumes
+//! ([`crate::bounded_write::run_fenced`]), so an instance that was paused (SIGSTOP, a VM
+//! freeze) past its lease refuses to write the moment it runs again, before any task of it
+//! learns that the lease is gone, and a write that waited past the deadline for a pooled
+//! connection is dropped before it is sent.
 //!
 //! The permit is process-wide because every destination write of the process goes through
 //! `bounded_write`, and a process runs one daemon with `ha.enabled` (the lease owner names the
