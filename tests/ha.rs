@@ -669,6 +669,25 @@ async fn a_slow_drain_keeps_renewing_the_lease_until_it_hands_it_over() {
 /// The collections of the partition tests: enough that six partitions all get some.
 const PARTITIONED_COLLECTIONS: usize = 12;
 
+/// Clusters whose source holds `part.c0`..`part.c<n-1>`, `docs` documents each.
+async fn clusters_with_partitioned_collections(n: usize, docs: i64) -> Clusters {
+    let c = Clusters::start().await;
+    for name in partitioned_collections(n) {
+        seed(&c.src, "part", &name, docs).await;
+    }
+    c
+}
+
+/// The names of `part.c0`..`part.c<n-1>`; [`in_part`] makes them namespaces.
+fn partitioned_collections(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("c{i}")).collect()
+}
+
+/// `collections` as (database, collection) pairs of the `part` database.
+fn in_part(collections: &[String]) -> Vec<(&str, &str)> {
+    collections.iter().map(|c| ("part", c.as_str())).collect()
+}
+
 fn partitioned_config(partitions: u32) -> String {
     format!("[sync]\nnamespaces = [\"part.*\"]\n\n[ha]\nenabled = true\nlease_seconds = {LEASE_SECONDS}\npartitions = {partitions}\n")
 }
@@ -781,10 +800,7 @@ fn record_partitioned_versions(
 /// document's version ever goes back on the destination.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_instances_share_six_partitions_and_a_failure_moves_only_the_failed_ones() {
-    let c = Clusters::start().await;
-    for i in 0..PARTITIONED_COLLECTIONS {
-        seed(&c.src, "part", &format!("c{i}"), 200).await;
-    }
+    let c = clusters_with_partitioned_collections(PARTITIONED_COLLECTIONS, 200).await;
     let config = partitioned_config(6);
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let mut instances: Vec<Daemon> = dirs
@@ -794,13 +810,8 @@ async fn three_instances_share_six_partitions_and_a_failure_moves_only_the_faile
         .collect();
     let all: Vec<&Daemon> = instances.iter().collect();
     wait_balanced(&all, 6, 2, "three instances started").await;
-    let namespaces: Vec<(String, String)> = (0..PARTITIONED_COLLECTIONS)
-        .map(|i| ("part".to_owned(), format!("c{i}")))
-        .collect();
-    let namespaces: Vec<(&str, &str)> = namespaces
-        .iter()
-        .map(|(d, c)| (d.as_str(), c.as_str()))
-        .collect();
+    let collections = partitioned_collections(PARTITIONED_COLLECTIONS);
+    let namespaces = in_part(&collections);
     wait_converged(&c, &namespaces, T).await;
     for d in &instances {
         assert_eq!(d.metric("mongo_syncd_partitions_held").await, Some(2.0));
@@ -991,10 +1002,7 @@ async fn instances_starting_together_agree_on_one_identity_and_metadata_epoch() 
 /// handed over resumes from it on the other instance, exactly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn each_partition_reads_its_own_shared_stream_and_its_watermark_moves_with_it() {
-    let c = Clusters::start().await;
-    for i in 0..8 {
-        seed(&c.src, "part", &format!("c{i}"), 100).await;
-    }
+    let c = clusters_with_partitioned_collections(8, 100).await;
     let config = format!(
         "[source]\nstream_scope = \"deployment\"\n\n{}",
         partitioned_config(4)
@@ -1003,13 +1011,8 @@ async fn each_partition_reads_its_own_shared_stream_and_its_watermark_moves_with
     let a = instance_with(&c, dir_a.path(), &config, "syncd-a");
     let mut b = instance_with(&c, dir_b.path(), &config, "syncd-b");
     wait_balanced(&[&a, &b], 4, 2, "two instances").await;
-    let namespaces: Vec<(String, String)> = (0..8)
-        .map(|i| ("part".to_owned(), format!("c{i}")))
-        .collect();
-    let namespaces: Vec<(&str, &str)> = namespaces
-        .iter()
-        .map(|(d, c)| (d.as_str(), c.as_str()))
-        .collect();
+    let collections = partitioned_collections(8);
+    let namespaces = in_part(&collections);
     let (writer, stop_writing) = partitioned_writer(&c.src);
     let watermarks = c
         .dst
@@ -1064,10 +1067,7 @@ async fn shared_streams(d: &Daemon) -> Vec<(String, serde_json::Value)> {
 /// the stream until a listing has seen it; the stream then reopens with it left out too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_partitions_stream_leaves_out_the_other_partitions_data_events() {
-    let c = Clusters::start().await;
-    for i in 0..PARTITIONED_COLLECTIONS {
-        seed(&c.src, "part", &format!("c{i}"), 50).await;
-    }
+    let c = clusters_with_partitioned_collections(PARTITIONED_COLLECTIONS, 50).await;
     let config = format!(
         "[source]\nstream_scope = \"deployment\"\n\n{}",
         partitioned_config(4)
@@ -1082,9 +1082,7 @@ async fn a_partitions_stream_leaves_out_the_other_partitions_data_events() {
         all
     };
     let count = |v: &serde_json::Value, field: &str| v[field].as_u64().unwrap_or(0);
-    let mut namespaces: Vec<(String, String)> = (0..PARTITIONED_COLLECTIONS)
-        .map(|i| ("part".to_owned(), format!("c{i}")))
-        .collect();
+    let mut collections = partitioned_collections(PARTITIONED_COLLECTIONS);
     wait_until(
         "every namespace joined its partition's stream",
         T,
@@ -1104,9 +1102,7 @@ async fn a_partitions_stream_leaves_out_the_other_partitions_data_events() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     stop_writing.store(true, std::sync::atomic::Ordering::Relaxed);
     let written = writer.await.unwrap() as u64;
-    let refs = namespaces.clone();
-    let refs: Vec<(&str, &str)> = refs.iter().map(|(d, c)| (d.as_str(), c.as_str())).collect();
-    wait_converged(&c, &refs, T).await;
+    wait_converged(&c, &in_part(&collections), T).await;
     let all = streams().await;
     let read: u64 = all
         .iter()
@@ -1145,8 +1141,8 @@ async fn a_partitions_stream_leaves_out_the_other_partitions_data_events() {
         });
         (task, stop)
     };
-    namespaces.extend((0..8).map(|i| ("part".to_owned(), format!("n{i}"))));
-    let total = namespaces.len() as u64;
+    collections.extend((0..8).map(|i| format!("n{i}")));
+    let total = collections.len() as u64;
     wait_until(
         "every partition's stream left out the new namespaces of the others",
         T,
@@ -1176,11 +1172,7 @@ async fn a_partitions_stream_leaves_out_the_other_partitions_data_events() {
     );
     stop_more.store(true, std::sync::atomic::Ordering::Relaxed);
     more_writer.await.unwrap();
-    let refs: Vec<(&str, &str)> = namespaces
-        .iter()
-        .map(|(d, c)| (d.as_str(), c.as_str()))
-        .collect();
-    wait_converged(&c, &refs, T).await;
+    wait_converged(&c, &in_part(&collections), T).await;
 }
 
 /// `ha.fencing = "transaction"`: the batch of a deposed owner that reaches the destination
@@ -1425,22 +1417,14 @@ async fn under_transaction_fencing_a_copied_range_arriving_after_a_takeover_neve
 /// partition without writing, then takes its share again. No version ever goes back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_paused_partition_holder_steps_down_from_all_and_no_older_version_lands() {
-    let c = Clusters::start().await;
-    for i in 0..PARTITIONED_COLLECTIONS {
-        seed(&c.src, "part", &format!("c{i}"), 50).await;
-    }
+    let c = clusters_with_partitioned_collections(PARTITIONED_COLLECTIONS, 50).await;
     let config = partitioned_config(2);
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let mut a = instance_with(&c, dir_a.path(), &config, "syncd-a");
     let mut b = instance_with(&c, dir_b.path(), &config, "syncd-b");
     wait_balanced(&[&a, &b], 2, 1, "two instances").await;
-    let namespaces: Vec<(String, String)> = (0..PARTITIONED_COLLECTIONS)
-        .map(|i| ("part".to_owned(), format!("c{i}")))
-        .collect();
-    let namespaces: Vec<(&str, &str)> = namespaces
-        .iter()
-        .map(|(d, c)| (d.as_str(), c.as_str()))
-        .collect();
+    let collections = partitioned_collections(PARTITIONED_COLLECTIONS);
+    let namespaces = in_part(&collections);
     wait_converged(&c, &namespaces, T).await;
     let (recorder, stop_recording) = record_partitioned_versions(&c.dst);
     let (writer, stop_writing) = partitioned_writer(&c.src);
@@ -1615,10 +1599,7 @@ async fn a_stopping_instance_whose_lease_lapsed_takes_no_lease() {
 /// taking over the released partition: each time it drains and exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_instance_stopped_while_it_takes_over_a_released_partition_exits_0() {
-    let c = Clusters::start().await;
-    for i in 0..PARTITIONED_COLLECTIONS {
-        seed(&c.src, "part", &format!("c{i}"), 20).await;
-    }
+    let c = clusters_with_partitioned_collections(PARTITIONED_COLLECTIONS, 20).await;
     let config = partitioned_config(2);
     for delay_ms in [0_u64, 300, 600, 900, 1200] {
         let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
