@@ -249,12 +249,16 @@ struct MemberState {
 }
 
 impl MemberState {
-    /// An event sent to the member is past what it acknowledged.
+    /// An event sent to the member is past what it acknowledged (or cannot be compared with
+    /// it: then it is owed).
     fn outstanding(&self) -> bool {
         match (&self.last_routed, &self.acked) {
             (None, _) => false,
             (Some(_), None) => true,
-            (Some(routed), Some(acked)) => token_after(routed, acked),
+            (Some(routed), Some(acked)) => !matches!(
+                crate::model::event::token_cmp(routed, acked),
+                Some(std::cmp::Ordering::Less | std::cmp::Ordering::Equal)
+            ),
         }
     }
 }
@@ -267,7 +271,7 @@ struct Applied {
     holds_resume: bool,
 }
 
-/// The later of two positions.
+/// Moves `current` forward to `position` when that is later (a position never moves back).
 fn later(current: &mut Option<RawDocumentBuf>, position: &RawDocumentBuf) {
     if current.as_ref().is_none_or(|c| token_after(position, c)) {
         *current = Some(position.clone());
@@ -1356,6 +1360,15 @@ mod tests {
         // The next event after an idle period: owed from the reader's position before it.
         m.routing(&token(20), &token(21));
         assert_eq!(owes_from(&m), Some(token(20)));
+    }
+
+    #[test]
+    fn an_event_that_cannot_be_compared_with_the_acknowledged_position_is_owed() {
+        let m = Member::default();
+        let odd = raw_token(&doc! {"no_data": 1}).unwrap();
+        m.routing(&token(5), &odd);
+        m.acknowledge(&token(9), true);
+        assert_eq!(owes_from(&m), Some(token(9)));
     }
 
     #[test]
