@@ -99,6 +99,23 @@ async fn converged(c: &Clusters, d: &Daemon, namespaces: &[(&str, &str)], timeou
     }
 }
 
+/// A daemon syncing `db.*` over one deployment stream; `extra` is TOML that follows the
+/// `[sync]` namespaces line (more `[sync]` keys, or further sections).
+fn start_on_deployment_stream(
+    c: &Clusters,
+    dir: &std::path::Path,
+    db: &str,
+    extra: &str,
+) -> Daemon {
+    Daemon::start(
+        c,
+        dir,
+        &format!(
+            "[source]\nstream_scope = \"deployment\"\n\n[sync]\nnamespaces = [\"{db}.*\"]\n{extra}"
+        ),
+    )
+}
+
 fn pairs<'a>(db: &'a str, names: &'a [String]) -> Vec<(&'a str, &'a str)> {
     names.iter().map(|n| (db, n.as_str())).collect()
 }
@@ -108,11 +125,7 @@ async fn a_deployment_stream_serves_every_namespace_with_one_cursor_and_one_chec
     let c = Clusters::start().await;
     let names = seed(&c, "many", 40, 5).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut d = Daemon::start(
-        &c,
-        dir.path(),
-        "[source]\nstream_scope = \"deployment\"\n\n[sync]\nnamespaces = [\"many.*\"]\n",
-    );
+    let mut d = start_on_deployment_stream(&c, dir.path(), "many", "");
     converged(&c, &d, &pairs("many", &names), Duration::from_secs(90)).await;
     for n in &names {
         d.wait_streaming(&format!("many.{n}")).await;
@@ -176,11 +189,7 @@ async fn a_worker_joining_the_shared_stream_skips_and_repeats_nothing() {
         })
     };
     let dir = tempfile::tempdir().unwrap();
-    let mut d = Daemon::start(
-        &c,
-        dir.path(),
-        "[source]\nstream_scope = \"deployment\"\n\n[sync]\nnamespaces = [\"j.*\"]\n",
-    );
+    let mut d = start_on_deployment_stream(&c, dir.path(), "j", "");
     // It joins either at once (the shared reader was behind it: it skips what it applied) or
     // after reading its own stream up to the reader's position: both must be exact.
     wait_until(
@@ -247,11 +256,7 @@ async fn a_killed_daemon_resumes_every_namespace_from_the_shared_watermark() {
     let c = Clusters::start().await;
     let names = seed(&c, "wm", 12, 4).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut d = Daemon::start(
-        &c,
-        dir.path(),
-        "[source]\nstream_scope = \"deployment\"\n\n[sync]\nnamespaces = [\"wm.*\"]\n",
-    );
+    let mut d = start_on_deployment_stream(&c, dir.path(), "wm", "");
     converged(&c, &d, &pairs("wm", &names), Duration::from_secs(90)).await;
     wait_until(
         "the shared stream's watermark is saved",
@@ -293,10 +298,11 @@ async fn a_batch_that_fails_behind_a_checkpointed_one_is_written_after_the_resta
     let c = Clusters::start().await;
     let names = seed(&c, "inflight", 1, 2).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut d = Daemon::start(
+    let mut d = start_on_deployment_stream(
         &c,
         dir.path(),
-        "[source]\nstream_scope = \"deployment\"\n\n[sync]\nnamespaces = [\"inflight.*\"]\n\n[apply]\nbatch_max_events = 2\n",
+        "inflight",
+        "\n[apply]\nbatch_max_events = 2\n",
     );
     converged(&c, &d, &pairs("inflight", &names), Duration::from_secs(60)).await;
     wait_until(
@@ -405,11 +411,7 @@ async fn a_shared_stream_that_loses_its_history_recopies_with_what_changed_meanw
     .await
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(
-        &c,
-        dir.path(),
-        "[source]\nstream_scope = \"deployment\"\n\n[sync]\nnamespaces = [\"s5300.*\"]\n",
-    );
+    let d = start_on_deployment_stream(&c, dir.path(), "s5300", "");
     d.wait_streaming("s5300.a").await;
     wait_until(
         "s5300.a reads the shared stream",
@@ -555,11 +557,7 @@ async fn collections_gone_from_the_source_leave_the_watermark() {
     let c = Clusters::start().await;
     let names = seed(&c, "gone", 4, 3).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut d = Daemon::start(
-        &c,
-        dir.path(),
-        "[source]\nstream_scope = \"deployment\"\n\n[sync]\nnamespaces = [\"gone.*\"]\n",
-    );
+    let mut d = start_on_deployment_stream(&c, dir.path(), "gone", "");
     converged(&c, &d, &pairs("gone", &names), Duration::from_secs(90)).await;
     let all: Vec<String> = names.iter().map(|n| format!("gone.{n}")).collect();
     wait_until(
@@ -652,11 +650,7 @@ async fn a_deployment_streams_match_takes_in_only_the_namespaces_in_scope_and_wi
     let skip = c.src.database("shop").collection::<Document>("skip");
     skip.insert_one(doc! {"_id": 0, "v": 0}).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut d = Daemon::start(
-        &c,
-        dir.path(),
-        "[source]\nstream_scope = \"deployment\"\n\n[sync]\nnamespaces = [\"shop.*\"]\nexclude = [\"shop.skip\"]\n",
-    );
+    let mut d = start_on_deployment_stream(&c, dir.path(), "shop", "exclude = [\"shop.skip\"]\n");
     converged(&c, &d, &pairs("shop", &shop), Duration::from_secs(60)).await;
     wait_until(
         "every namespace reads the shared stream",
