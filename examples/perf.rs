@@ -37,6 +37,10 @@
 //! `--spread N` runs the copy and the drain over N collections (the same totals);
 //! `--latency 2000,5000` measures replication latency at those write rates;
 //! `--memory K` measures peak RSS with a blocked destination and K backlogged namespaces.
+//! `--timeline` runs the drains with the daemon's bulk writes traced and prints, for the round
+//! of the median, how long the destination had no command of the daemon to run (the gaps
+//! between batches) and the rate while it had one, against the ceiling; tracing costs the
+//! daemon some CPU, so that run's drain figures are not the ones to compare.
 //!
 //! `--collections N [--stream-scope S]` measures scale instead (issue 11's 100 / 1,000
 //! collections): N collections of one document, the time until every namespace streams, then
@@ -776,6 +780,8 @@ struct DrainRound {
     /// Daemon process start to the first event applied.
     startup: Duration,
     total: Duration,
+    /// The source's operation time right before the round's backlog was written.
+    backlog_start: bson::Timestamp,
 }
 
 impl DrainRound {
@@ -860,6 +866,7 @@ async fn drain_round(
         drain: rate(events, total),
         startup,
         total,
+        backlog_start,
     }
 }
 
@@ -1043,6 +1050,101 @@ async fn spread_over(
     );
 }
 
+/// When the daemon had bulk commands outstanding at the destination during one drain, rebuilt
+/// from its `bulk ...` trace lines (each one's end time and `elapsed_us`).
+struct CommandTimeline {
+    statements: u64,
+    /// From the first command sent to the last reply.
+    window: Duration,
+    /// The spans with at least one command outstanding.
+    busy: Duration,
+    /// The spans between two busy ones: the destination had no command of the daemon to run.
+    gaps: Vec<Duration>,
+}
+
+impl CommandTimeline {
+    fn of_log(log: &str) -> CommandTimeline {
+        let mut spans: Vec<(f64, f64)> = Vec::new();
+        let mut statements = 0;
+        let mut day_offset = 0.0;
+        let mut last_end = f64::MIN;
+        for line in log.lines().filter(|l| l.contains(" bulk ")) {
+            let (Some(at), Some(n), Some(us)) = (
+                seconds_of_day(line),
+                field(line, "statements="),
+                field(line, "elapsed_us="),
+            ) else {
+                continue;
+            };
+            if at + day_offset < last_end - 43_200.0 {
+                day_offset += 86_400.0; // the run passed midnight
+            }
+            let end = at + day_offset;
+            last_end = end;
+            spans.push((end - us as f64 / 1e6, end));
+            statements += n;
+        }
+        spans.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mut merged: Vec<(f64, f64)> = Vec::new();
+        for (start, end) in spans {
+            match merged.last_mut() {
+                Some(last) if start <= last.1 => last.1 = last.1.max(end),
+                _ => merged.push((start, end)),
+            }
+        }
+        let secs = |s: f64| Duration::from_secs_f64(s.max(0.0));
+        CommandTimeline {
+            statements,
+            window: match (merged.first(), merged.last()) {
+                (Some(first), Some(last)) => secs(last.1 - first.0),
+                _ => Duration::ZERO,
+            },
+            busy: merged.iter().map(|(s, e)| secs(e - s)).sum(),
+            gaps: merged.windows(2).map(|w| secs(w[1].0 - w[0].1)).collect(),
+        }
+    }
+}
+
+/// `HH:MM:SS.ffffff` of a log line that starts with an RFC 3339 timestamp, in seconds.
+fn seconds_of_day(line: &str) -> Option<f64> {
+    let time = line.split_whitespace().next()?.split_once('T')?.1;
+    let time = time.trim_end_matches('Z');
+    let mut parts = time.splitn(3, ':');
+    let (h, m, s) = (parts.next()?, parts.next()?, parts.next()?);
+    Some(h.parse::<f64>().ok()? * 3600.0 + m.parse::<f64>().ok()? * 60.0 + s.parse::<f64>().ok()?)
+}
+
+/// The number after `name` (e.g. `statements=`) in a log line.
+fn field(line: &str, name: &str) -> Option<u64> {
+    let rest = &line[line.find(name)? + name.len()..];
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn print_timeline(t: &CommandTimeline, ceiling: f64) {
+    let mut gaps = t.gaps.clone();
+    gaps.sort();
+    let idle: Duration = gaps.iter().sum();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "| timeline (round of the median, traced): destination without a command of the daemon | {:.1} ms of {:.1} ms ({:.1} %) | {} gaps between busy spans: median {:.2} ms, p90 {:.2} ms, max {:.2} ms |",
+        ms(idle),
+        ms(t.window),
+        100.0 * idle.as_secs_f64() / t.window.as_secs_f64().max(1e-9),
+        gaps.len(),
+        ms(percentile(&gaps, 0.5)),
+        ms(percentile(&gaps, 0.9)),
+        ms(gaps.last().copied().unwrap_or_default()),
+    );
+    let busy_rate = t.statements as f64 / t.busy.as_secs_f64().max(1e-9);
+    println!(
+        "| timeline: statements per second while a command was outstanding | {busy_rate:.0} | {:.2}× the ceiling |",
+        busy_rate / ceiling
+    );
+}
+
 fn arg(args: &[String], name: &str, default: i64) -> i64 {
     args.iter()
         .position(|a| a == name)
@@ -1150,11 +1252,18 @@ async fn main() {
 
     // Rounds of a backlog written while the daemon is stopped: `$inc` updates, applied as
     // `$set` deltas, each against its ceiling measured just before it.
-    let backlog_start = operation_time(&src).await;
     let coll = src.database(DB).collection::<Document>(COLL);
     insert_all(&dst, "ceiling_drain", docs).await;
     let start = || start_daemon(&daemon_bin, work.path(), &source_uri, &dest_uri);
     let mut rounds = Vec::new();
+    let trace_log = work.path().join("drain.log");
+    let timeline = args.iter().any(|a| a == "--timeline");
+    if timeline {
+        // Read by `spawn_daemon` (the daemon's stderr) and by the daemon (its log filter).
+        std::env::set_var("PERF_DAEMON_LOG", &trace_log);
+        std::env::set_var("RUST_LOG", "info,mongo_syncd::apply=trace");
+    }
+    let mut timelines = Vec::new();
     for round in 0..repeats {
         rounds.push(
             drain_round(
@@ -1170,6 +1279,14 @@ async fn main() {
             )
             .await,
         );
+        if timeline {
+            let log = std::fs::read_to_string(&trace_log).expect("the daemon's log");
+            timelines.push(CommandTimeline::of_log(&log));
+        }
+    }
+    if timeline {
+        std::env::remove_var("PERF_DAEMON_LOG");
+        std::env::remove_var("RUST_LOG");
     }
     let (drain_ceiling, drain) = {
         let m = median_round(&rounds);
@@ -1209,7 +1326,10 @@ async fn main() {
             .unwrap();
     }
     let naive_rate = rate(naive, started.elapsed());
-    let pymongo_rate = naive_pymongo(&source_uri, &dest_uri, backlog_start, naive.min(events));
+    // From the last round's backlog: the oplog need not hold every round (`--events` ×
+    // `--rounds` may pass the simulator's 1,000,000 entries).
+    let last_backlog = rounds.last().expect("at least one round").backlog_start;
+    let pymongo_rate = naive_pymongo(&source_uri, &dest_uri, last_backlog, naive.min(events));
     // `--ha`: copies of the same documents into fresh collections, without HA and with each
     // fencing mode, one after the other (after the naive loops: they write far more than
     // the oplog keeps of the backlog).
@@ -1258,6 +1378,14 @@ async fn main() {
         copy / insert_ceiling
     );
     print_drain("1 collection", events, &rounds);
+    if timeline {
+        let median = median_round(&rounds);
+        let at = rounds
+            .iter()
+            .position(|r| std::ptr::eq(r, median))
+            .expect("the median is one of the rounds");
+        print_timeline(&timelines[at], median.ceiling());
+    }
     for (fencing, drain_ha) in drains_ha {
         println!(
             "| mongo-syncd drain with ha.enabled, ha.fencing = \"{fencing}\" | {drain_ha:.0} | {:.2}× the ceiling, {:.2}× the drain without |",
@@ -1340,4 +1468,40 @@ fn naive_pymongo(source: &str, dest: &str, from: bson::Timestamp, events: i64) -
             .parse()
             .expect("naive_replicator.py prints a rate"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_timeline_merges_overlapping_commands_and_measures_the_gaps_between_them() {
+        // Two batches of two lanes: 10:00:00.000–.010 and .002–.012, then .0125–.020 and
+        // .013–.021 (the second lane starts 1 ms after the first one ends).
+        let log = "\
+2026-12-06T10:00:00.010000Z TRACE mongo_syncd::apply: bulk update namespace=p.d statements=250 elapsed_us=10000
+2026-12-06T10:00:00.012000Z TRACE mongo_syncd::apply: bulk update namespace=p.d statements=250 elapsed_us=10000
+2026-12-06T10:00:00.005000Z  INFO mongo_syncd::worker: worker state changed
+2026-12-06T10:00:00.020000Z TRACE mongo_syncd::apply: bulk update namespace=p.d statements=250 elapsed_us=7500
+2026-12-06T10:00:00.021000Z TRACE mongo_syncd::apply: bulk update namespace=p.d statements=250 elapsed_us=8000
+";
+        let t = CommandTimeline::of_log(log);
+        assert_eq!(t.statements, 1000);
+        let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
+        assert_eq!(ms(t.window), 21.0);
+        assert_eq!(t.gaps.iter().map(|g| ms(*g)).collect::<Vec<_>>(), [0.5]);
+        assert_eq!(ms(t.busy), 20.5);
+    }
+
+    #[test]
+    fn a_timeline_spans_midnight() {
+        let log = "\
+2026-12-06T23:59:59.999000Z TRACE mongo_syncd::apply: bulk update namespace=p.d statements=1 elapsed_us=1000
+2026-12-07T00:00:00.002000Z TRACE mongo_syncd::apply: bulk update namespace=p.d statements=1 elapsed_us=1000
+";
+        let t = CommandTimeline::of_log(log);
+        let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
+        assert_eq!(ms(t.window), 4.0);
+        assert_eq!(t.gaps.iter().map(|g| ms(*g)).collect::<Vec<_>>(), [2.0]);
+    }
 }

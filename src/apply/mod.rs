@@ -1976,7 +1976,9 @@ impl Applier {
                         abandoned.into_error(&format!("a bulk write to {}", self.target))
                     })?
                     .map_err(|e| write_error(&format!("writing to {}", self.target), e))?;
-            tracing::trace!(namespace = %self.label, statements = end - start, elapsed_ms = started.elapsed().as_millis() as u64, "bulk {command}");
+            // Microseconds: `perf --timeline` rebuilds from these lines when the destination had
+            // no command of this daemon to run.
+            tracing::trace!(namespace = %self.label, statements = end - start, elapsed_us = started.elapsed().as_micros() as u64, "bulk {command}");
             if let Ok(wce) = reply.get_document("writeConcernError") {
                 return Err(SyncError::new(
                     ErrorKind::DestinationConnection,
