@@ -47,6 +47,16 @@ impl Turn {
     pub async fn come(self) -> bool {
         self.0.await
     }
+
+    /// A turn that comes once `self` and `other` both have: `true` when both succeeded (it
+    /// comes as `false` as soon as `self` does).
+    pub fn and(self, other: Turn) -> Turn {
+        Turn(
+            async move { self.come().await && other.come().await }
+                .boxed()
+                .shared(),
+        )
+    }
 }
 
 /// Runs `f` as a batch whose destination operations wait for `turn` (none: they do not wait).
@@ -95,6 +105,33 @@ mod tests {
             *order.lock().unwrap(),
             ["second prepared", "first wrote", "second wrote"]
         );
+    }
+
+    #[tokio::test]
+    async fn a_combined_turn_comes_after_both_and_fails_with_either() {
+        let (first_done, first) = chain();
+        let (second_done, second) = chain();
+        let both = first.and(second);
+        let waiting = tokio::spawn(in_turn(Some(both.clone()), wait()));
+        second_done.finish(true);
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "the first has not come yet");
+        first_done.finish(true);
+        waiting.await.unwrap().unwrap();
+        assert!(both.come().await);
+
+        let (failed, first) = chain();
+        let (_never, second) = chain();
+        failed.finish(false);
+        assert!(
+            !first.and(second).come().await,
+            "a failed first turn ends the wait without the second"
+        );
+        let (first_done, first) = chain();
+        let (second_done, second) = chain();
+        first_done.finish(true);
+        drop(second_done);
+        assert!(in_turn(Some(first.and(second)), wait()).await.is_err());
     }
 
     #[tokio::test]
