@@ -248,6 +248,10 @@ async fn a_worker_joining_the_shared_stream_skips_and_repeats_nothing() {
         applied, expected,
         "events applied for j.hot vs change events after its copy started on the source"
     );
+    // Every event's hold on the memory budget is released, those of the batches read across
+    // the join (the own stream's read-ahead, then the shared stream's) included.
+    d.wait_metric("mongo_syncd_buffered_bytes", 0.0, Duration::from_secs(10))
+        .await;
     assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
 }
 

@@ -1003,14 +1003,6 @@ struct Daemon {
     runs: usize,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl Daemon {
     fn new(
         bin: &Path,
@@ -1022,7 +1014,7 @@ impl Daemon {
         ha: Option<(u32, &str)>,
     ) -> Daemon {
         std::fs::create_dir_all(dir).unwrap();
-        let port = free_port();
+        let port = crate::support::cluster::free_port();
         // Two instances share the copy: a lease decides which one writes.
         let (write_bound, ha) = match ha {
             Some((partitions, fencing)) => (
