@@ -21,7 +21,9 @@
 //!   `--rounds R` (default 3) repeats backlog, ceiling and drain R times and reports the round
 //!   of the median ratio, with every round's, and where that round's CPU went (shares of one
 //!   core: the destination simulator during the first ceiling and during the drain, the source
-//!   simulator and the daemon during the drain);
+//!   simulator and the daemon during the drain), and the share of the machine's CPU time the
+//!   hypervisor stole in the ceiling and in each drain (`/proc/stat`'s `steal`: on a shared
+//!   host it slows whichever phase it falls in);
 //! - **naive loops**: one `update_one` per event from a fast Rust client that reads no stream,
 //!   and the naive replicator the issue measured (`examples/naive_replicator.py`: PyMongo reads
 //!   the backlog's change stream and writes each event with one acknowledged `update_one`); the
@@ -375,6 +377,33 @@ fn cpu_seconds(pid: u32) -> f64 {
     };
     // Fields 14 and 15 of the file; 12 and 13 after the command name and state.
     (ticks(11) + ticks(12)) / 100.0
+}
+
+/// The machine's CPU ticks so far: (stolen by the hypervisor, all), from `/proc/stat`'s first
+/// line (`cpu user nice system idle iowait irq softirq steal ...`).
+fn host_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    (ticks.get(7).copied().unwrap_or(0), ticks.iter().sum())
+}
+
+/// The share of the machine's CPU time the hypervisor stole since `before` (a shared host
+/// takes it from whichever process runs: one source of the noise between rounds).
+fn stolen_since(before: (u64, u64)) -> f64 {
+    let (steal, total) = host_ticks();
+    let all = total.saturating_sub(before.1);
+    if all == 0 {
+        return 0.0;
+    }
+    steal.saturating_sub(before.0) as f64 / all as f64
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -821,12 +850,14 @@ async fn drain_round(
     let statements: Vec<Document> = (0..events)
         .map(|k| doc! {"q": {"_id": event_id(k, docs)}, "u": {"$set": {"visits": k + round * events}}})
         .collect();
-    let dest_before = cpu_seconds(sims.dest);
+    let (dest_before, host_before) = (cpu_seconds(sims.dest), host_ticks());
     let ceiling_took = bulk_update(dst, "ceiling_drain", statements).await;
     let dest_in_ceiling = (cpu_seconds(sims.dest) - dest_before) / ceiling_took.as_secs_f64();
+    let stolen_in_ceiling = stolen_since(host_before);
     let ceiling_before = rate(events, ceiling_took);
     let read = read_ceiling(src, names, backlog_start, events).await;
     let (dest_before, source_before) = (cpu_seconds(sims.dest), cpu_seconds(sims.source));
+    let host_before = host_ticks();
     let daemon = start();
     let started = Instant::now();
     daemon
@@ -851,6 +882,8 @@ async fn drain_round(
         dest_in_drain: busy(dest_before, sims.dest),
         source_in_drain: busy(source_before, sims.source),
         daemon_in_drain: busy(0.0, daemon.process.child.id()),
+        stolen_in_ceiling,
+        stolen_in_drain: stolen_since(host_before),
     };
     daemon.stop().await;
     // The same statements with other values, so every one of them writes again.
@@ -902,6 +935,9 @@ struct RoundCpu {
     dest_in_drain: f64,
     source_in_drain: f64,
     daemon_in_drain: f64,
+    /// Shares of the machine's CPU time stolen by the hypervisor.
+    stolen_in_ceiling: f64,
+    stolen_in_drain: f64,
 }
 
 /// The simulators' process ids, for CPU accounting.
@@ -959,6 +995,16 @@ fn print_drain(what: &str, events: i64, rounds: &[DrainRound]) {
     println!(
         "| CPU, shares of one core (same round) | | destination simulator: {:.2} in the ceiling, {:.2} in the drain; source simulator {:.2}, daemon {:.2} in the drain |",
         m.cpu.dest_in_ceiling, m.cpu.dest_in_drain, m.cpu.source_in_drain, m.cpu.daemon_in_drain
+    );
+    let stolen: Vec<String> = rounds
+        .iter()
+        .map(|r| format!("{:.1}", r.cpu.stolen_in_drain * 100.0))
+        .collect();
+    println!(
+        "| CPU time the hypervisor stole from this machine (same round) | | {:.1} % in the ceiling before the drain, {:.1} % in the drain; in every round's drain: {} % |",
+        m.cpu.stolen_in_ceiling * 100.0,
+        m.cpu.stolen_in_drain * 100.0,
+        stolen.join(", ")
     );
 }
 
