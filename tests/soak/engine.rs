@@ -13,11 +13,14 @@
 
 #![allow(dead_code)]
 
-// The example `soak` builds this engine without the test support modules, so it loads the file
-// itself; in the test binary the file is also `support::isolated`.
+// The example `soak` builds this engine without the test support modules, so it loads the files
+// itself; in the test binary they are also `support::isolated` and `support::ports`.
 #[allow(clippy::duplicate_mod)]
 #[path = "../support/isolated.rs"]
 mod isolated;
+#[allow(clippy::duplicate_mod)]
+#[path = "../support/ports.rs"]
+mod ports;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -1014,7 +1017,7 @@ impl Daemon {
         ha: Option<(u32, &str)>,
     ) -> Daemon {
         std::fs::create_dir_all(dir).unwrap();
-        let port = crate::support::cluster::free_port();
+        let port = ports::free_port();
         // Two instances share the copy: a lease decides which one writes.
         let (write_bound, ha) = match ha {
             Some((partitions, fencing)) => (

@@ -67,4 +67,5 @@ pub fn write_file(dir: &Path, name: &str, contents: &str) -> PathBuf {
 
 pub mod cluster;
 pub mod isolated;
+pub mod ports;
 pub mod workload;
