@@ -72,7 +72,7 @@ impl Clusters {
     }
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released).
+/// A free port for a daemon or simulator started by a test (see [`super::ports`]).
 pub use super::ports::free_port;
 
 /// A `mongo-syncd run` process.
