@@ -23,7 +23,7 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use crate::{
+use mongo_syncd::{
     app::{self, DaemonOptions, RunningDaemon},
     cli::DemoOptions,
     config::Config,
@@ -245,9 +245,9 @@ async fn demo(options: DemoOptions, style: Style, interrupted: CancellationToken
     config.sync.id = DEMO_SYNC_ID.to_string();
     // One namespace under a conflict policy, as a destination edited by others would be: the
     // newest `updated_at` wins (the demo's writer only moves it forward, so everything applies).
-    config.conflict.rules = vec![crate::config::ConflictRule {
+    config.conflict.rules = vec![mongo_syncd::config::ConflictRule {
         namespaces: vec!["shop.customers".parse().expect("a valid pattern")],
-        policy: crate::config::ConflictPolicy::NewestWins,
+        policy: mongo_syncd::config::ConflictPolicy::NewestWins,
         field: Some("updated_at".to_string()),
     }];
     config.validation.interval_seconds = 10;
@@ -377,7 +377,7 @@ async fn demo(options: DemoOptions, style: Style, interrupted: CancellationToken
     let namespaces = running.status.snapshot().len() as u64;
     let checkpoints = dst
         .database(&metadata_db)
-        .collection::<Document>(crate::checkpoint::CHECKPOINTS_COLLECTION)
+        .collection::<Document>(mongo_syncd::checkpoint::CHECKPOINTS_COLLECTION)
         .count_documents(doc! {"_id.sync_id": DEMO_SYNC_ID, "phase": "streaming"})
         .await
         .unwrap_or(0);
@@ -1107,7 +1107,7 @@ async fn compare(src: &Client, dst: &Client) -> Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::status::LastValidation;
+    use mongo_syncd::status::LastValidation;
 
     /// Widest line the demo prints (a classic terminal).
     const MAX_COLUMNS: usize = 80;

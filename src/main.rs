@@ -9,9 +9,13 @@ use mongo_syncd::{
     app,
     cli::{Cli, Command},
     config::{self, Config, LogConfig},
-    demo, exit,
+    exit,
     ops::{rlimit, telemetry},
 };
+
+/// `mongo-syncd demo`: the binary's, not the library's (the daemon never links the simulator).
+#[cfg(feature = "demo")]
+mod demo;
 
 fn main() -> ExitCode {
     // Phase 1: synchronous bootstrap. clap prints usage errors and exits 2 by itself.
@@ -53,6 +57,15 @@ fn main() -> ExitCode {
             log_config_warnings(&config);
             block_on(app::validate(config, args.options()))
         }
+        #[cfg(not(feature = "demo"))]
+        Command::Demo(_) => {
+            eprintln!(
+                "mongo-syncd: this build has no demo (built without the `demo` feature, which \
+                 brings the simulator); build with the default features to run it"
+            );
+            ExitCode::from(exit::USAGE)
+        }
+        #[cfg(feature = "demo")]
         Command::Demo(args) => {
             let log = match init_logging(&LogConfig::default()) {
                 Ok(log) => log,

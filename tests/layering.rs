@@ -32,11 +32,14 @@ const LAYERS: &[&[&str]] = &[
     &["worker"],
     &["supervisor"],
     &["ops"],
-    // The command line's options, the daemon and its commands, the demo that runs the daemon.
+    // The command line's options, the daemon and its commands.
     &["cli"],
     &["app"],
-    &["demo"],
 ];
+
+/// Modules of the binary, not of the library: the bootstrap and the demo (which runs the daemon
+/// between two simulators and imports it as `mongo_syncd::`).
+const BINARY_MODULES: &[&str] = &["main", "demo"];
 
 /// Imports that cross the layers the wrong way today (importer → imported).
 const KNOWN_DEBT: &[(&str, &str)] = &[
@@ -132,7 +135,7 @@ fn modules_import_only_from_lower_layers_apart_from_the_listed_debt() {
     let mut edges: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for file in &files {
         let module = module_of(&src, file);
-        if matches!(module.as_str(), "lib" | "main") {
+        if module == "lib" || BINARY_MODULES.contains(&module.as_str()) {
             continue;
         }
         let text = std::fs::read_to_string(file).unwrap();
@@ -184,4 +187,32 @@ fn imports_are_read_from_paths_and_grouped_uses() {
     let text = "use crate::{\n    apply::conflict::X,\n    model::{event, id_key},\n    self,\n};\n// crate::ops in a comment\nfn f() { crate::source::feed::g(); }\n";
     let found: Vec<String> = imports(text).into_iter().collect();
     assert_eq!(found, ["apply", "model", "source"]);
+}
+
+/// The demo is the binary's (issue 11 item 10): the library declares no `demo` module and no
+/// library module names it, so the daemon links the simulator only for the demo and the tests.
+#[test]
+fn the_demo_belongs_to_the_binary_not_the_library() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let lib = std::fs::read_to_string(src.join("lib.rs")).unwrap();
+    assert!(!lib.contains("mod demo"), "src/lib.rs declares the demo");
+    let main = std::fs::read_to_string(src.join("main.rs")).unwrap();
+    assert!(
+        main.contains("mod demo;"),
+        "src/main.rs does not declare the demo"
+    );
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    for file in files {
+        let module = module_of(&src, &file);
+        if module == "lib" || BINARY_MODULES.contains(&module.as_str()) {
+            continue;
+        }
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert!(
+            !imports(&text).contains("demo"),
+            "{} imports the demo",
+            file.display()
+        );
+    }
 }
