@@ -43,6 +43,9 @@
 //! of the median, how long the destination had no command of the daemon to run (the gaps
 //! between batches) and the rate while it had one, against the ceiling; tracing costs the
 //! daemon some CPU, so that run's drain figures are not the ones to compare.
+//! `PERF_DAEMON_THREADS=N` runs every daemon of the run with N worker threads
+//! (`TOKIO_WORKER_THREADS`, as `runtime.worker_threads` would); the output's first line says
+//! which.
 //!
 //! `--collections N [--stream-scope S]` measures scale instead (issue 11's 100 / 1,000
 //! collections): N collections of one document, the time until every namespace streams, then
@@ -251,9 +254,13 @@ fn spawn_daemon(
         Ok(path) => Stdio::from(std::fs::File::create(path).expect("PERF_DAEMON_LOG is writable")),
         Err(_) => Stdio::null(),
     };
-    let child = Command::new(bin)
-        .args(["run", "--config"])
-        .arg(&config)
+    let mut command = Command::new(bin);
+    command.args(["run", "--config"]).arg(&config);
+    // The daemon's worker threads (`runtime.worker_threads`), for A/B runs: PERF_DAEMON_THREADS=N.
+    if let Ok(threads) = std::env::var("PERF_DAEMON_THREADS") {
+        command.env("TOKIO_WORKER_THREADS", threads);
+    }
+    let child = command
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -1206,6 +1213,10 @@ async fn main() {
     let events = arg(&args, "--events", 100_000);
     let naive = arg(&args, "--naive", 5_000);
     let repeats = arg(&args, "--rounds", 3).max(1);
+    match std::env::var("PERF_DAEMON_THREADS") {
+        Ok(threads) => println!("daemon worker threads: {threads} (PERF_DAEMON_THREADS)\n"),
+        Err(_) => println!("daemon worker threads: one per CPU (the default)\n"),
+    }
     let bin_dir: PathBuf = std::env::current_exe()
         .unwrap()
         .parent()

@@ -10,7 +10,7 @@ use mongo_syncd::{
     cli::{Cli, Command},
     config::{self, Config, LogConfig},
     exit,
-    ops::{rlimit, telemetry},
+    ops::{rlimit, runtime, telemetry},
 };
 
 /// `mongo-syncd demo`: the binary's, not the library's (the daemon never links the simulator).
@@ -44,7 +44,8 @@ fn main() -> ExitCode {
             log_config_warnings(&config);
             log_nofile(nofile);
             // Phase 2: the runtime.
-            block_on(app::run(config, args.options(Some(log))))
+            let threads = config.runtime.worker_threads;
+            block_on(threads, app::run(config, args.options(Some(log))))
         }
         Command::Validate(args) => {
             let config = match load_config(&args.config.config) {
@@ -55,7 +56,8 @@ fn main() -> ExitCode {
                 return code;
             }
             log_config_warnings(&config);
-            block_on(app::validate(config, args.options()))
+            let threads = config.runtime.worker_threads;
+            block_on(threads, app::validate(config, args.options()))
         }
         #[cfg(not(feature = "demo"))]
         Command::Demo(_) => {
@@ -72,7 +74,10 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             log_nofile(nofile);
-            block_on(demo::run(args.options(Some(log))))
+            block_on(
+                config::DEFAULT_WORKER_THREADS,
+                demo::run(args.options(Some(log))),
+            )
         }
     }
 }
@@ -147,19 +152,27 @@ fn check_config(path: &Path) -> ExitCode {
     }
 }
 
-/// Builds the multi-thread runtime and runs one command future on it.
-fn block_on(command: impl Future<Output = ExitCode>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("mongo-syncd")
-        .build()
-    {
+/// Builds the multi-thread runtime (`runtime.worker_threads` worker threads, see
+/// [`runtime::worker_threads`]) and runs one command future on it.
+fn block_on(worker_threads: usize, command: impl Future<Output = ExitCode>) -> ExitCode {
+    let threads = match runtime::worker_threads_from_env(worker_threads) {
+        Ok(threads) => threads,
+        Err(err) => {
+            eprintln!("mongo-syncd: invalid configuration: {err}");
+            return ExitCode::from(exit::INVALID_CONFIG);
+        }
+    };
+    let runtime = match runtime::build(threads) {
         Ok(runtime) => runtime,
         Err(err) => {
             tracing::error!(error = %err, "cannot start the async runtime");
             return ExitCode::from(exit::RUNTIME_FAILURE);
         }
     };
+    tracing::info!(
+        worker_threads = runtime.metrics().num_workers(),
+        "async runtime started"
+    );
     // Boxed: the daemon's future is large, and a boxed future keeps the main stack small.
     runtime.block_on(Box::pin(command))
 }

@@ -893,6 +893,9 @@ impl Supervisor {
         if old.copy.concurrent_collections != config.copy.concurrent_collections {
             tracing::warn!("copy.concurrent_collections changed; the copy slots are made at start, so it takes effect at the next restart of the daemon");
         }
+        if old.runtime != config.runtime {
+            tracing::warn!("runtime.worker_threads changed; the runtime is built at start, so it takes effect at the next restart of the daemon");
+        }
         self.filter = config.namespace_filter();
         // Before discovery starts a worker for a namespace the new scope takes in.
         self.pipeline.streams.set_scope(self.filter.clone());

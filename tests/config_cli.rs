@@ -252,6 +252,82 @@ fn run_and_validate_reject_a_bad_config_with_78() {
     }
 }
 
+/// A config whose clusters refuse connections at once: `validate` starts, logs, and gives up.
+fn unreachable_config(extra: &str) -> String {
+    format!(
+        "[source]\nuri = \"mongodb://127.0.0.1:1/?directConnection=true\"\nserver_selection_timeout_ms = 200\n\
+         [destination]\nuri = \"mongodb://127.0.0.1:2/?directConnection=true\"\nserver_selection_timeout_ms = 200\n{extra}"
+    )
+}
+
+#[test]
+fn runtime_worker_threads_and_tokio_worker_threads_set_the_runtime_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    for (extra, env, expected) in [
+        (
+            "[runtime]\nworker_threads = 3\n",
+            vec![],
+            "worker_threads=3",
+        ),
+        (
+            "[runtime]\nworker_threads = 3\n",
+            vec![("TOKIO_WORKER_THREADS", "2")],
+            "worker_threads=3",
+        ),
+        ("", vec![("TOKIO_WORKER_THREADS", "2")], "worker_threads=2"),
+    ] {
+        let path = write_file(dir.path(), "syncd.toml", &unreachable_config(extra));
+        let out = run_with_env(
+            &[
+                "validate",
+                "--config",
+                path.to_str().unwrap(),
+                "--wait-seconds",
+                "0",
+            ],
+            &env,
+            None,
+        );
+        let started = out
+            .stderr
+            .lines()
+            .find(|l| l.contains("async runtime started"))
+            .unwrap_or_else(|| panic!("{extra:?} {env:?}: no runtime line in {}", out.stderr));
+        assert!(started.contains(expected), "{extra:?} {env:?}: {started}");
+    }
+}
+
+#[test]
+fn a_malformed_tokio_worker_threads_exits_78_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_file(dir.path(), "syncd.toml", &unreachable_config(""));
+    for value in ["abc", "0", "-2"] {
+        let out = run_with_env(
+            &["run", "--config", path.to_str().unwrap()],
+            &[("TOKIO_WORKER_THREADS", value)],
+            None,
+        );
+        assert_eq!(out.code, Some(78), "{value:?}: {}", out.stderr);
+        assert!(
+            out.stderr.contains("TOKIO_WORKER_THREADS") && !out.stderr.contains("panicked"),
+            "{value:?}: {}",
+            out.stderr
+        );
+    }
+    let too_many = write_file(
+        dir.path(),
+        "many.toml",
+        &unreachable_config("[runtime]\nworker_threads = 5000\n"),
+    );
+    let out = run(&["run", "--config", too_many.to_str().unwrap()]);
+    assert_eq!(out.code, Some(78), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("runtime.worker_threads"),
+        "{}",
+        out.stderr
+    );
+}
+
 #[test]
 fn help_and_version() {
     let out = run(&["--help"]);

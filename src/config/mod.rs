@@ -177,6 +177,8 @@ pub const DEFAULT_LOG_FORMAT: LogFormat = LogFormat::Text;
 /// Long enough to finish and checkpoint in-flight batches, shorter than systemd's default
 /// `TimeoutStopSec` (90 s) so the daemon stops itself before it is killed.
 pub const DEFAULT_SHUTDOWN_TIMEOUT_SECONDS: u64 = 30;
+/// `runtime.worker_threads`: 0 = `TOKIO_WORKER_THREADS` when set, else one per usable CPU.
+pub const DEFAULT_WORKER_THREADS: usize = 0;
 /// `ha.lease_seconds`: a dead active is replaced within a lease and a renew period.
 pub const DEFAULT_HA_LEASE_SECONDS: u64 = 15;
 /// The shortest lease: renewals every second leave room for one failed renewal.
@@ -401,6 +403,9 @@ pub struct Config {
     /// `[shutdown]`
     #[serde(default)]
     pub shutdown: ShutdownConfig,
+    /// `[runtime]`: the process's async runtime.
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
     /// `[ha]`: several instances, one copy (DESIGN §2.12).
     #[serde(default)]
     pub ha: HaConfig,
@@ -751,6 +756,20 @@ pub struct ShutdownConfig {
     pub timeout_seconds: u64,
 }
 
+/// `[runtime]`
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Threads that run the daemon's tasks; 0 = `TOKIO_WORKER_THREADS` when set, else one per
+    /// CPU the process may use. Fewer leave CPU to what shares the host (a database, its
+    /// agents): the daemon mostly waits on its two clusters. Read at start only.
+    #[serde(default = "default_worker_threads")]
+    pub worker_threads: usize,
+}
+
+/// Most `runtime.worker_threads` (more threads than this is a typo, not a tuning).
+pub const MAX_WORKER_THREADS: usize = 1024;
+
 /// `[ha]`: leases in the destination decide which instance writes (DESIGN §2.12).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -906,6 +925,10 @@ fn default_log_level() -> String {
 fn default_log_format() -> LogFormat {
     DEFAULT_LOG_FORMAT
 }
+fn default_worker_threads() -> usize {
+    DEFAULT_WORKER_THREADS
+}
+
 fn default_shutdown_timeout_seconds() -> u64 {
     DEFAULT_SHUTDOWN_TIMEOUT_SECONDS
 }
@@ -947,6 +970,7 @@ impl_default_from_serde!(
     MetricsConfig,
     LogConfig,
     ShutdownConfig,
+    RuntimeConfig,
     HaConfig,
 );
 
@@ -1161,6 +1185,7 @@ impl Config {
             metrics: MetricsConfig::default(),
             log: LogConfig::default(),
             shutdown: ShutdownConfig::default(),
+            runtime: RuntimeConfig::default(),
             ha: HaConfig::default(),
             warnings: Vec::new(),
         };
@@ -1255,6 +1280,7 @@ impl Config {
             metrics: &self.metrics,
             log: &self.log,
             shutdown: &self.shutdown,
+            runtime: &self.runtime,
             ha: &self.ha,
         }
     }
@@ -1502,7 +1528,7 @@ impl Config {
             );
         }
 
-        // [health], [metrics], [log], [shutdown]
+        // [health], [metrics], [log], [shutdown], [runtime]
         if self.health.max_lag_seconds == 0 {
             err(
                 "health.max_lag_seconds".into(),
@@ -1525,6 +1551,12 @@ impl Config {
             err(
                 "shutdown.timeout_seconds".into(),
                 "must be greater than 0".into(),
+            );
+        }
+        if self.runtime.worker_threads > MAX_WORKER_THREADS {
+            err(
+                "runtime.worker_threads".into(),
+                format!("must be at most {MAX_WORKER_THREADS} (0 = one per CPU)"),
             );
         }
         self.validate_ha(&mut err);
@@ -1844,6 +1876,8 @@ pub struct RedactedConfig<'a> {
     pub log: &'a LogConfig,
     /// `[shutdown]`
     pub shutdown: &'a ShutdownConfig,
+    /// `[runtime]`
+    pub runtime: &'a RuntimeConfig,
     /// `[ha]`
     pub ha: &'a HaConfig,
 }

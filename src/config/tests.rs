@@ -90,6 +90,7 @@ fn defaults_are_the_documented_constants() {
     assert_eq!(c.log.level, "info");
     assert_eq!(c.log.format, LogFormat::Text);
     assert_eq!(c.shutdown.timeout_seconds, 30);
+    assert_eq!(c.runtime.worker_threads, 0);
     assert_eq!(c.source.uri().unwrap().expose(), SRC);
     assert!(!c.source.tls_allow_invalid_certificates);
     // Default impls agree with what an empty section deserialises to.
@@ -605,6 +606,7 @@ fn numeric_bounds() {
             "[shutdown]\ntimeout_seconds = 0",
             "shutdown.timeout_seconds",
         ),
+        ("[runtime]\nworker_threads = 1025", "runtime.worker_threads"),
         ("[source]\nmax_pool_size = 0", "source.max_pool_size"),
         ("[source]\nmin_pool_size = 200", "source.min_pool_size"),
         (
@@ -686,6 +688,7 @@ fn redacted_config_prints_as_toml_without_secrets() {
         "metrics",
         "log",
         "shutdown",
+        "runtime",
         "ha",
     ] {
         assert!(table.contains_key(section), "missing [{section}] in {text}");
@@ -801,6 +804,7 @@ mod shipped {
         assert_eq!(documented.metrics, defaults.metrics);
         assert_eq!(documented.log, defaults.log);
         assert_eq!(documented.shutdown, defaults.shutdown);
+        assert_eq!(documented.runtime, defaults.runtime);
         assert_eq!(documented.ha, defaults.ha);
         for (doc, def) in [
             (&documented.source, &defaults.source),

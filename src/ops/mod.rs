@@ -1,10 +1,11 @@
 //! How operators see and drive the daemon: the HTTP API, signals, systemd notifications,
-//! logs and progress, connection counts, resource limits.
+//! logs and progress, connection counts, resource limits, the async runtime.
 
 pub mod connections;
 pub mod http;
 pub mod notify;
 pub mod rlimit;
+pub mod runtime;
 pub mod signal;
 pub mod telemetry;
 
