@@ -378,10 +378,11 @@ async fn sighup_adds_and_removes_namespaces_and_keeps_the_old_config_when_the_ne
     let dst_customers = c.dst.database("shop").collection::<Document>("customers");
     assert_eq!(dst_customers.count_documents(doc! {}).await.unwrap(), 0);
 
-    // Add a namespace.
+    // Add a namespace (and change a setting read only at start: it is reported, not applied).
     std::fs::write(
         &d.config_path,
-        config_with_namespaces(&d, &c, "[\"shop.orders\", \"shop.customers\"]"),
+        config_with_namespaces(&d, &c, "[\"shop.orders\", \"shop.customers\"]")
+            + "\n[runtime]\nworker_threads = 1\n",
     )
     .unwrap();
     d.signal("HUP");
@@ -395,6 +396,12 @@ async fn sighup_adds_and_removes_namespaces_and_keeps_the_old_config_when_the_ne
     assert_eq!(
         metric(&d, "mongo_syncd_config_reloads_total{result=\"success\"}").await,
         1.0
+    );
+    assert!(
+        d.logs().contains("runtime.worker_threads changed")
+            && d.logs().contains("takes effect at the next restart"),
+        "{}",
+        d.logs()
     );
 
     // A bad config is rejected and logged; the old one keeps running.
