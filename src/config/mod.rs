@@ -928,7 +928,6 @@ fn default_log_format() -> LogFormat {
 fn default_worker_threads() -> usize {
     DEFAULT_WORKER_THREADS
 }
-
 fn default_shutdown_timeout_seconds() -> u64 {
     DEFAULT_SHUTDOWN_TIMEOUT_SECONDS
 }
