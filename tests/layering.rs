@@ -127,18 +127,27 @@ fn rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
     }
 }
 
-#[test]
-fn modules_import_only_from_lower_layers_apart_from_the_listed_debt() {
+/// The library's files under `src/` with their top-level module (the crate root `lib.rs` and
+/// the binary's modules left out), and the text of each.
+fn library_files() -> Vec<(String, std::path::PathBuf, String)> {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let mut files = Vec::new();
     rust_files(&src, &mut files);
+    files
+        .into_iter()
+        .map(|file| (module_of(&src, &file), file))
+        .filter(|(module, _)| module != "lib" && !BINARY_MODULES.contains(&module.as_str()))
+        .map(|(module, file)| {
+            let text = std::fs::read_to_string(&file).unwrap();
+            (module, file, text)
+        })
+        .collect()
+}
+
+#[test]
+fn modules_import_only_from_lower_layers_apart_from_the_listed_debt() {
     let mut edges: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for file in &files {
-        let module = module_of(&src, file);
-        if module == "lib" || BINARY_MODULES.contains(&module.as_str()) {
-            continue;
-        }
-        let text = std::fs::read_to_string(file).unwrap();
+    for (module, _, text) in library_files() {
         let imported = imports(&text);
         edges
             .entry(module.clone())
@@ -201,14 +210,7 @@ fn the_demo_belongs_to_the_binary_not_the_library() {
         main.contains("mod demo;"),
         "src/main.rs does not declare the demo"
     );
-    let mut files = Vec::new();
-    rust_files(&src, &mut files);
-    for file in files {
-        let module = module_of(&src, &file);
-        if module == "lib" || BINARY_MODULES.contains(&module.as_str()) {
-            continue;
-        }
-        let text = std::fs::read_to_string(&file).unwrap();
+    for (_, file, text) in library_files() {
         assert!(
             !imports(&text).contains("demo"),
             "{} imports the demo",

@@ -4,8 +4,8 @@
 /// (`net.ipv4.ip_local_port_range`): a port the kernel hands a simulator (`--port 0`) or an
 /// outgoing connection can then never be this one between the check here and the daemon's
 /// bind (with ports from `bind(0)`, parallel tests raced for them). Picked at random among up
-/// to 10,000, so parallel tests and processes (and this file's second copy in the soak engine)
-/// rarely pick the same one before it is bound.
+/// to 10,000, so parallel tests and processes (the soak engine compiles this file too) rarely
+/// pick the same one before it is bound.
 pub fn free_port() -> u16 {
     use rand::Rng;
     let Some((first, span)) = ports_below_ephemeral() else {
