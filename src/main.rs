@@ -17,6 +17,13 @@ use mongo_syncd::{
 #[cfg(feature = "demo")]
 mod demo;
 
+/// mimalloc rather than glibc malloc: glibc's malloc and free were ~18 % of the daemon's CPU
+/// in a backlog drain (every change event and statement is a short-lived buffer); with mimalloc
+/// the daemon used ~12 % less CPU per event (README, Performance). Built without transparent
+/// huge pages (`no_thp`): with them its RSS doubled, each touched region taking a 2 MiB page.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     // Phase 1: synchronous bootstrap. clap prints usage errors and exits 2 by itself.
     let command = Cli::parse().into_command();
