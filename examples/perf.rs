@@ -4,7 +4,13 @@
 //! ```text
 //! cargo build --release --workspace --bins
 //! cargo run --release --example perf -- [--docs 200000] [--events 100000] [--naive 5000] [--rounds 3] [--ha]
+//! cargo run --release --example perf -- --all
 //! ```
+//!
+//! `--all` makes every run issue 11 asks for, one after the other, each in a process of its own
+//! with fresh simulators (`ALL_RUNS`): copy and drain of 1, 4 and 8 collections, latency at
+//! 2,000 and 5,000 writes/s, 100 and 1,000 collections, and a blocked destination with 4 and 64
+//! backlogged namespaces.
 //!
 //! Printed side by side, in one run on the same two simulators:
 //! - **copy ceilings**: a fast Rust client writing the same documents to the destination with
@@ -1206,9 +1212,77 @@ fn arg(args: &[String], name: &str, default: i64) -> i64 {
         .unwrap_or(default)
 }
 
+/// The runs `--all` makes, each as a process of its own with simulators of its own (a scale
+/// or memory run leaves thousands of collections or a full oplog behind it): every figure issue
+/// 11 asks for, from one command.
+const ALL_RUNS: &[(&str, &[&str])] = &[
+    (
+        "copy and drain of 1 collection, ceilings, naive loops",
+        &["--rounds", "3"],
+    ),
+    (
+        "copy and drain of 4 collections",
+        &["--spread", "4", "--rounds", "3"],
+    ),
+    (
+        "copy and drain of 8 collections",
+        &["--spread", "8", "--rounds", "1"],
+    ),
+    (
+        "replication latency at 2,000 and 5,000 writes/s",
+        &["--latency", "2000,5000"],
+    ),
+    (
+        "100 collections",
+        &["--collections", "100", "--stream-scope", "auto"],
+    ),
+    (
+        "1,000 collections",
+        &["--collections", "1000", "--stream-scope", "auto"],
+    ),
+    (
+        "blocked destination, 4 backlogged namespaces",
+        &["--memory", "4"],
+    ),
+    (
+        "blocked destination, 64 backlogged namespaces",
+        &["--memory", "64"],
+    ),
+];
+
+/// `--all`: every run of [`ALL_RUNS`] in turn, each one's output under a heading with the
+/// command that reproduces it. Stops at the first run that fails.
+fn run_all() {
+    let me = std::env::current_exe().expect("the benchmark's own path");
+    let started = Instant::now();
+    for (what, run_args) in ALL_RUNS {
+        println!("## {what}: `perf {}`\n", run_args.join(" "));
+        let run_started = Instant::now();
+        let status = Command::new(&me)
+            .args(*run_args)
+            .status()
+            .expect("the benchmark starts itself");
+        assert!(
+            status.success(),
+            "`perf {}` failed: {status}",
+            run_args.join(" ")
+        );
+        println!("\n({what}: {:.0} s)\n", run_started.elapsed().as_secs_f64());
+    }
+    println!(
+        "all {} runs in {:.0} s",
+        ALL_RUNS.len(),
+        started.elapsed().as_secs_f64()
+    );
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--all") {
+        run_all();
+        return;
+    }
     let docs = arg(&args, "--docs", 200_000);
     let events = arg(&args, "--events", 100_000);
     let naive = arg(&args, "--naive", 5_000);
