@@ -31,7 +31,7 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// How long freed memory stays committed before mimalloc returns it to the OS, unless the
 /// operator sets `MIMALLOC_PURGE_DELAY`. mimalloc 3's default, 1 s, let a copy that scans
 /// destination `_id`s in 16 MiB replies hold several of them at once (peak RSS 71–87 MiB
-/// against 65–70 on glibc); 100 ms peaked at 62–66 MiB. 10 ms peaked lower (53–58) but gave
+/// against 65–70 on glibc); 100 ms peaked at 62–68 MiB. 10 ms peaked lower (53–58) but gave
 /// back the CPU saved: a drain's buffers, freed and taken again every few milliseconds, went
 /// back to the OS and faulted in again.
 const PURGE_DELAY_MS: std::ffi::c_long = 100;
