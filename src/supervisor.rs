@@ -164,6 +164,7 @@ pub fn worker_settings(config: &Config) -> WorkerSettings {
         destination_timeout: config.destination.socket_timeout(),
         on_collation_mismatch: config.sync.on_collation_mismatch,
         copy_parallel_ranges: config.copy.parallel_ranges as usize,
+        write_lanes: config.apply.write_lanes as usize,
     }
 }
 

@@ -302,3 +302,73 @@ async fn insert_events_are_written_as_inserts_and_a_taken_id_falls_back_to_a_rep
     assert_eq!(taken, doc! {"_id": 1000, "v": 1000, "name": "n1000"});
     assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
 }
+
+/// Connections the destination opened so far (`serverStatus.connections.totalCreated`).
+async fn connections_created(client: &mongodb::Client) -> i64 {
+    let status = client
+        .database("admin")
+        .run_command(doc! {"serverStatus": 1})
+        .await
+        .unwrap();
+    status
+        .get_document("connections")
+        .unwrap()
+        .get_i64("totalCreated")
+        .unwrap()
+}
+
+/// Drains a backlog of 4,000 updates of distinct documents, written while the daemon is
+/// stopped, with `apply.write_lanes = lanes` and every destination `update` held 300 ms (so
+/// the commands of one batch are in flight together), and returns the connections the
+/// destination opened meanwhile: one per command the daemon had in flight at once, at most.
+async fn drain_with_write_lanes(c: &Clusters, round: i32, lanes: u32) -> i64 {
+    let src = c.src.database("lanes").collection::<Document>("items");
+    src.update_many(doc! {}, doc! {"$set": {"round": round}})
+        .await
+        .unwrap();
+    c.dest
+        .configure_fail_point(&doc! {"configureFailPoint": "failCommand", "mode": "alwaysOn",
+            "data": {"failCommands": ["update"], "blockConnection": true, "blockTimeMS": 300, "appName": "mongo-syncd"}})
+        .unwrap();
+    let before = connections_created(&c.dst).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(
+        c,
+        dir.path(),
+        &format!(
+            "[sync]\nnamespaces = [\"lanes.*\"]\n\n[apply]\nbatch_max_events = 4000\nwrite_lanes = {lanes}\n"
+        ),
+    );
+    wait_converged(c, &[("lanes", "items")], Duration::from_secs(60)).await;
+    let opened = connections_created(&c.dst).await - before;
+    c.dest
+        .configure_fail_point(&doc! {"configureFailPoint": "failCommand", "mode": "off"})
+        .unwrap();
+    assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
+    opened
+}
+
+/// `apply.write_lanes` bounds how many commands one batch's writes are cut into: with 1 the
+/// daemon writes a batch as one command at a time, with 16 a batch of 4,000 statements goes
+/// out as 16 commands at once (lanes of 250); both drains end in an exact copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_lanes_bound_the_commands_one_batch_sends_at_once() {
+    let c = Clusters::start().await;
+    let src = c.src.database("lanes").collection::<Document>("items");
+    src.insert_many((0..4000).map(|i| doc! {"_id": i, "round": 0}))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(&c, dir.path(), "[sync]\nnamespaces = [\"lanes.*\"]\n");
+    wait_converged(&c, &[("lanes", "items")], Duration::from_secs(60)).await;
+    d.wait_streaming("lanes.items").await;
+    assert_eq!(d.terminate().await, Some(0));
+
+    let one_lane = drain_with_write_lanes(&c, 1, 1).await;
+    let sixteen_lanes = drain_with_write_lanes(&c, 2, 16).await;
+    eprintln!("connections opened: {one_lane} with 1 write lane, {sixteen_lanes} with 16");
+    assert!(
+        sixteen_lanes >= one_lane + 12,
+        "16 write lanes opened {sixteen_lanes} destination connections, 1 lane {one_lane}: the lanes did not run at once"
+    );
+}

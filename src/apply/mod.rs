@@ -41,13 +41,18 @@ use crate::{
 const MAX_STATEMENTS_PER_COMMAND: usize = 5_000;
 /// Bytes of statements per bulk command (the command body must stay under 16 MiB).
 const MAX_COMMAND_BYTES: usize = 8 * 1024 * 1024;
-/// Concurrent commands a round's statements of one kind are cut into: the statements of a
-/// round address distinct documents, so the server may run them in any order, and while it
-/// executes one command it is already receiving and parsing the next (a single command at a
-/// time leaves the destination idle between a reply and the next request).
-const WRITE_LANES: usize = 4;
 /// Fewer statements than this per lane cost more in round trips than they gain.
 const MIN_STATEMENTS_PER_LANE: usize = 250;
+
+/// How many concurrent commands `statements` statements of one kind are cut into, with up to
+/// `write_lanes` (`apply.write_lanes`) allowed: the statements of a round address distinct
+/// documents, so the server may run them in any order and in parallel; each lane gets at
+/// least [`MIN_STATEMENTS_PER_LANE`].
+fn lane_count(statements: usize, write_lanes: usize) -> usize {
+    statements
+        .div_ceil(MIN_STATEMENTS_PER_LANE)
+        .clamp(1, write_lanes.max(1))
+}
 
 /// Write errors that mean "this one document cannot be stored as it is".
 const REJECTED_DOCUMENT_CODES: &[i32] = &[2, 52, 53, 55, 56, 57, 121, 10334, 17280, 17419, 17420];
@@ -518,6 +523,8 @@ pub struct Applier {
     catalog: parking_lot::Mutex<Option<(Catalog, Instant)>>,
     /// The source collection's current validator (see [`Applier::with_source_validator`]).
     source_validator: SourceValidator,
+    /// `apply.write_lanes` (see [`lane_count`]).
+    write_lanes: usize,
 }
 
 /// What [`Applier::upsert_documents`] did.
@@ -565,7 +572,15 @@ impl Applier {
             op_timeout,
             catalog: parking_lot::Mutex::new(None),
             source_validator: SourceValidator::default(),
+            write_lanes: crate::config::DEFAULT_WRITE_LANES as usize,
         }
+    }
+
+    /// Cuts each round's statements of one kind into up to `lanes` concurrent commands
+    /// (`apply.write_lanes`).
+    pub fn with_write_lanes(mut self, lanes: usize) -> Applier {
+        self.write_lanes = lanes.max(1);
+        self
     }
 
     /// Whether a batch may be prepared while the batch before it is still being written
@@ -1863,17 +1878,14 @@ impl Applier {
     }
 
     /// [`Applier::bulk`] for statements that each address a different document: cut into up
-    /// to [`WRITE_LANES`] commands sent at once. Error indexes refer to `statements`.
+    /// to [`lane_count`] commands sent at once. Error indexes refer to `statements`.
     async fn bulk_in_lanes(
         &self,
         command: &str,
         field: &str,
         statements: Vec<RawDocumentBuf>,
     ) -> Result<BulkReply, SyncError> {
-        let lanes = statements
-            .len()
-            .div_ceil(MIN_STATEMENTS_PER_LANE)
-            .clamp(1, WRITE_LANES);
+        let lanes = lane_count(statements.len(), self.write_lanes);
         if lanes == 1 {
             return self.bulk(command, field, statements).await;
         }
@@ -2016,6 +2028,22 @@ impl Applier {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lane_count_gives_each_lane_at_least_its_minimum_and_never_exceeds_write_lanes() {
+        // A batch of 1,000 statements: four lanes of 250 by default, one with write_lanes = 1.
+        assert_eq!(lane_count(1_000, 4), 4);
+        assert_eq!(lane_count(1_000, 1), 1);
+        assert_eq!(lane_count(1_000, 2), 2);
+        assert_eq!(lane_count(1_000, 16), 4, "at least 250 statements per lane");
+        assert_eq!(lane_count(5_000, 16), 16);
+        // Small rounds stay one command; 0 lanes (never configured: the key's minimum is 1)
+        // still sends the statements.
+        assert_eq!(lane_count(249, 4), 1);
+        assert_eq!(lane_count(251, 4), 2);
+        assert_eq!(lane_count(0, 4), 1);
+        assert_eq!(lane_count(1_000, 0), 1);
+    }
 
     fn upsert(n: i32) -> DocWrite {
         DocWrite::Upsert(rawdoc! {"_id": 1, "v": n})

@@ -120,6 +120,13 @@ pub const DEFAULT_COPY_PARALLEL_RANGES: u32 = 4;
 pub const MAX_COPY_PARALLEL_RANGES: u32 = 64;
 /// Waiting longer than a minute for a batch to fill only adds lag.
 pub const MAX_BATCH_MAX_WAIT_MS: u64 = 60_000;
+/// Default `apply.write_lanes`: commands one batch's writes are cut into and sent at once. A
+/// server with document-level concurrency executes them in parallel and overlaps their
+/// majority-commit waits; one command at a time leaves it idle between a reply and the next
+/// request.
+pub const DEFAULT_WRITE_LANES: u32 = 4;
+/// Upper bound of `apply.write_lanes`.
+pub const MAX_WRITE_LANES: u32 = 16;
 
 /// The metadata database on the destination; named after the daemon so operators recognise it.
 pub const DEFAULT_CHECKPOINT_DATABASE: &str = "mongo_syncd";
@@ -594,6 +601,10 @@ pub struct ApplyConfig {
     /// transaction reach the destination.
     #[serde(default)]
     pub transactions: TransactionMode,
+    /// Concurrent bulk commands one batch's writes (which address distinct documents) are cut
+    /// into, 1..=[`MAX_WRITE_LANES`].
+    #[serde(default = "default_write_lanes")]
+    pub write_lanes: u32,
 }
 
 /// `[copy]`: initial copies, re-copies and force-syncs.
@@ -865,6 +876,9 @@ fn default_batch_max_bytes() -> u64 {
 }
 fn default_batch_max_wait_ms() -> u64 {
     DEFAULT_BATCH_MAX_WAIT_MS
+}
+fn default_write_lanes() -> u32 {
+    DEFAULT_WRITE_LANES
 }
 fn default_update_mode() -> UpdateMode {
     DEFAULT_UPDATE_MODE
@@ -1385,6 +1399,12 @@ impl Config {
             err(
                 "apply.batch_max_wait_ms".into(),
                 format!("must be at most {MAX_BATCH_MAX_WAIT_MS}"),
+            );
+        }
+        if !(1..=MAX_WRITE_LANES).contains(&a.write_lanes) {
+            err(
+                "apply.write_lanes".into(),
+                format!("must be between 1 and {MAX_WRITE_LANES}"),
             );
         }
 

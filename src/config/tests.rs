@@ -69,6 +69,7 @@ fn defaults_are_the_documented_constants() {
     assert_eq!(c.apply.batch_max_bytes, 8_388_608);
     assert_eq!(c.apply.batch_max_wait(), Duration::from_millis(20));
     assert_eq!(c.apply.update_mode, UpdateMode::Delta);
+    assert_eq!(c.apply.write_lanes, 4);
     assert_eq!(c.checkpoint.database, "mongo_syncd");
     assert_eq!(c.checkpoint.interval_seconds, 1);
     assert_eq!(c.conflict.policy, ConflictPolicy::SourceWins);
@@ -583,6 +584,8 @@ fn numeric_bounds() {
             "[apply]\nbatch_max_wait_ms = 60001",
             "apply.batch_max_wait_ms",
         ),
+        ("[apply]\nwrite_lanes = 0", "apply.write_lanes"),
+        ("[apply]\nwrite_lanes = 17", "apply.write_lanes"),
         (
             "[apply]\nmax_buffered_bytes = 4194304",
             "apply.max_buffered_bytes",

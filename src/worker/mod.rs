@@ -94,6 +94,8 @@ pub struct WorkerSettings {
     pub on_collation_mismatch: OnCollationMismatch,
     /// `copy.parallel_ranges`: range lanes of one collection's copy.
     pub copy_parallel_ranges: usize,
+    /// `apply.write_lanes`: concurrent commands of one batch's writes.
+    pub write_lanes: usize,
 }
 
 /// Whether a worker run starts over with a fresh copy, and why.
@@ -278,6 +280,7 @@ impl WorkerContext {
             self.current_conflict(),
         )
         .with_source_validator(Arc::clone(&self.source_validator))
+        .with_write_lanes(settings.write_lanes)
     }
 
     /// Adopts reloaded settings if the supervisor handed some over. A policy that needs
