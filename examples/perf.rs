@@ -30,6 +30,10 @@
 //!   simulator and the daemon during the drain), and the share of the machine's CPU time the
 //!   hypervisor stole in the ceiling and in each drain (`/proc/stat`'s `steal`: on a shared
 //!   host it slows whichever phase it falls in);
+//! - **the drain ceiling in lanes**: the same statements with each bulk of 1,000 sent as 4
+//!   concurrent commands of 250, as the daemon's default `apply.write_lanes` cuts a batch,
+//!   against the usual ceiling measured right before and after it: what concurrent commands
+//!   cost the simulator, which runs each write command whole under one lock;
 //! - **naive loops**: one `update_one` per event from a fast Rust client that reads no stream,
 //!   and the naive replicator the issue measured (`examples/naive_replicator.py`: PyMongo reads
 //!   the backlog's change stream and writes each event with one acknowledged `update_one`); the
@@ -45,6 +49,8 @@
 //! `--spread N` runs the copy and the drain over N collections (the same totals);
 //! `--latency 2000,5000` measures replication latency at those write rates;
 //! `--memory K` measures peak RSS with a blocked destination and K backlogged namespaces.
+//! `--write-lanes 4,1` alternates the drain rounds between those `apply.write_lanes` and prints
+//! each one's rows, so lane counts are compared against the same ceilings in one run.
 //! `--timeline` runs the drains with the daemon's bulk writes traced and prints, for the round
 //! of the median, how long the destination had no command of the daemon to run (the gaps
 //! between batches) and the rate while it had one, against the ceiling; tracing costs the
@@ -58,6 +64,7 @@
 //! over a quiet window the source connections the daemon holds, its CPU, its checkpoint writes
 //! per second, and the latency of single writes to random quiet collections (p50, p99, max).
 
+use std::future::IntoFuture;
 use std::{
     io::{BufRead, BufReader},
     path::{Path, PathBuf},
@@ -157,6 +164,35 @@ async fn bulk_update(client: &Client, coll: &str, statements: Vec<Document>) -> 
     started.elapsed()
 }
 
+/// [`bulk_update`] with each chunk of 1,000 cut into `lanes` commands sent at once, as the
+/// daemon cuts a batch (`apply.write_lanes`, lanes of at least 250 statements).
+async fn bulk_update_in_lanes(
+    client: &Client,
+    coll: &str,
+    statements: Vec<Document>,
+    lanes: usize,
+) -> Duration {
+    let db = client.database(DB);
+    let started = Instant::now();
+    for chunk in statements.chunks(1_000) {
+        let per_lane = chunk.len().div_ceil(lanes);
+        let commands = chunk.chunks(per_lane).map(|part| {
+            db.run_command(doc! {
+                "update": coll,
+                "updates": part.to_vec(),
+                "ordered": false,
+                "writeConcern": {"w": "majority", "j": true},
+            })
+            .into_future()
+        });
+        for r in futures::future::join_all(commands).await {
+            let r = r.unwrap();
+            assert!(!r.contains_key("writeErrors"), "{r}");
+        }
+    }
+    started.elapsed()
+}
+
 /// How long to wait before polling a counter again that stood at `value` after `elapsed`
 /// and must reach `target`: half the time the rest should take at the rate so far, within
 /// 2–100 ms (20 ms before it moves). Each poll costs the daemon being measured a metrics
@@ -243,10 +279,10 @@ fn spawn_daemon(
         .unwrap()
         .port();
     let config = dir.join("perf.toml");
-    let write_bound = if extra.is_empty() {
-        ""
-    } else {
+    let write_bound = if extra.contains("[ha]") {
         "socket_timeout_ms = 5000\n"
+    } else {
+        ""
     };
     std::fs::write(
         &config,
@@ -809,6 +845,7 @@ async fn memory(daemon_bin: &Path, source_uri: &str, dest_uri: &str, namespaces:
 
 /// One round of a drain: a backlog written while the daemon is stopped, its ceiling, and the
 /// daemon's drain of it.
+#[derive(Clone)]
 struct DrainRound {
     /// The drain's statements from a fast client, right before the drain and right after it.
     ceiling_before: f64,
@@ -1221,6 +1258,10 @@ const ALL_RUNS: &[(&str, &[&str])] = &[
         &["--rounds", "3"],
     ),
     (
+        "drain of 1 collection with 4 write lanes (the default) and with 1, rounds alternating",
+        &["--rounds", "6", "--naive", "100", "--write-lanes", "4,1"],
+    ),
+    (
         "copy and drain of 4 collections",
         &["--spread", "4", "--rounds", "3"],
     ),
@@ -1386,6 +1427,9 @@ async fn main() {
     let coll = src.database(DB).collection::<Document>(COLL);
     insert_all(&dst, "ceiling_drain", docs).await;
     let start = || start_daemon(&daemon_bin, work.path(), &source_uri, &dest_uri);
+    // `--write-lanes 4,1`: the rounds alternate between these `apply.write_lanes`, side by
+    // side against the same ceilings (round 0, the coldest, goes to the first value).
+    let write_lanes = list_arg(&args, "--write-lanes");
     let mut rounds = Vec::new();
     let trace_log = work.path().join("drain.log");
     let timeline = args.iter().any(|a| a == "--timeline");
@@ -1396,6 +1440,23 @@ async fn main() {
     }
     let mut timelines = Vec::new();
     for round in 0..repeats {
+        let lanes =
+            (!write_lanes.is_empty()).then(|| write_lanes[round as usize % write_lanes.len()]);
+        let start_with_lanes = || {
+            spawn_daemon(
+                &daemon_bin,
+                work.path(),
+                &source_uri,
+                &dest_uri,
+                &format!("\"{DB}.{COLL}\""),
+                "auto",
+                &format!("[apply]\nwrite_lanes = {}\n", lanes.unwrap_or_default()),
+            )
+        };
+        let start: &dyn Fn() -> Daemon = match lanes {
+            Some(_) => &start_with_lanes,
+            None => &start,
+        };
         rounds.push(
             drain_round(
                 round,
@@ -1406,7 +1467,7 @@ async fn main() {
                 events,
                 docs,
                 sims,
-                &start,
+                start,
             )
             .await,
         );
@@ -1444,6 +1505,28 @@ async fn main() {
             daemon.stop().await;
         }
     }
+    // The ceiling again with the daemon's 4 lanes (the simulator runs every write under one
+    // lock, so concurrent commands only add to its cost), between two of the usual ceiling.
+    let lanes_ceiling = {
+        let statements = |sign: i64| -> Vec<Document> {
+            (0..events)
+                .map(|k| doc! {"q": {"_id": event_id(k, docs)}, "u": {"$set": {"visits": sign * (k + 7)}}})
+                .collect()
+        };
+        let before = rate(
+            events,
+            bulk_update(&dst, "ceiling_drain", statements(1)).await,
+        );
+        let lanes = rate(
+            events,
+            bulk_update_in_lanes(&dst, "ceiling_drain", statements(-1), 4).await,
+        );
+        let after = rate(
+            events,
+            bulk_update(&dst, "ceiling_drain", statements(2)).await,
+        );
+        (lanes, (before + after) / 2.0)
+    };
     // The naive loop: one acknowledged write per event.
     let naive_coll = dst.database(DB).collection::<Document>("ceiling_drain");
     let started = Instant::now();
@@ -1508,7 +1591,28 @@ async fn main() {
         "| mongo-syncd copy, 1 collection | {copy:.0} | {:.2}× insert_many (target ≥ 0.5) |",
         copy / insert_ceiling
     );
-    print_drain("1 collection", events, &rounds);
+    if write_lanes.is_empty() {
+        print_drain("1 collection", events, &rounds);
+    } else {
+        for (i, lanes) in write_lanes.iter().enumerate() {
+            let of_lanes: Vec<DrainRound> = rounds
+                .iter()
+                .skip(i)
+                .step_by(write_lanes.len())
+                .cloned()
+                .collect();
+            print_drain(
+                &format!("1 collection, apply.write_lanes = {lanes}"),
+                events,
+                &of_lanes,
+            );
+        }
+    }
+    println!(
+        "| ceiling sent as 4 concurrent commands of 250 (the daemon's default lanes) | {:.0} | {:.2}× the ceiling measured right before and after it |",
+        lanes_ceiling.0,
+        lanes_ceiling.0 / lanes_ceiling.1
+    );
     if timeline {
         let median = median_round(&rounds);
         let at = rounds
