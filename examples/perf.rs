@@ -145,27 +145,14 @@ async fn insert_all(client: &Client, coll: &str, docs: i64) -> Duration {
     started.elapsed()
 }
 
-/// Sends `statements` as unordered `update` bulks of 1,000 with majority write concern.
+/// Sends `statements` as unordered `update` bulks of 1,000 with majority write concern, one
+/// command at a time.
 async fn bulk_update(client: &Client, coll: &str, statements: Vec<Document>) -> Duration {
-    let db = client.database(DB);
-    let started = Instant::now();
-    for chunk in statements.chunks(1_000) {
-        let r = db
-            .run_command(doc! {
-                "update": coll,
-                "updates": chunk.to_vec(),
-                "ordered": false,
-                "writeConcern": {"w": "majority", "j": true},
-            })
-            .await
-            .unwrap();
-        assert!(!r.contains_key("writeErrors"), "{r}");
-    }
-    started.elapsed()
+    bulk_update_in_lanes(client, coll, statements, 1).await
 }
 
-/// [`bulk_update`] with each chunk of 1,000 cut into `lanes` commands sent at once, as the
-/// daemon cuts a batch (`apply.write_lanes`, lanes of at least 250 statements).
+/// Sends `statements` as unordered `update` bulks of 1,000 with majority write concern, each
+/// cut into `lanes` commands sent at once, as the daemon cuts a batch (`apply.write_lanes`).
 async fn bulk_update_in_lanes(
     client: &Client,
     coll: &str,

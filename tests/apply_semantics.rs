@@ -317,33 +317,62 @@ async fn connections_created(client: &mongodb::Client) -> i64 {
         .unwrap()
 }
 
-/// Drains a backlog of 8,000 updates of distinct documents, written while the daemon is
-/// stopped, with `apply.write_lanes = lanes` and every destination `update` held 300 ms (so
-/// the commands of one batch are in flight together), and returns the connections the
-/// destination opened meanwhile: one per command the daemon had in flight at once, at most.
-async fn drain_with_write_lanes(c: &Clusters, round: i32, lanes: u32) -> i64 {
+/// The daemon's config for the write-lanes tests: batches of up to 8,000 events (16 lanes of
+/// at least 250 statements each from 4,000 on) written with `lanes` lanes.
+fn lanes_config(lanes: u32) -> String {
+    format!("[sync]\nnamespaces = [\"lanes.*\"]\n\n[apply]\nbatch_max_events = 8000\nwrite_lanes = {lanes}\n")
+}
+
+/// `lanes.items` on the source with 8,000 documents, and a daemon started with `config` that
+/// has copied them and streams.
+async fn lanes_collection_synced(c: &Clusters, dir: &std::path::Path, config: &str) -> Daemon {
     let src = c.src.database("lanes").collection::<Document>("items");
-    src.update_many(doc! {}, doc! {"$set": {"round": round}})
+    src.insert_many((0..8000).map(|i| doc! {"_id": i, "round": 0}))
         .await
         .unwrap();
+    let d = Daemon::start(c, dir, config);
+    wait_converged(c, &[("lanes", "items")], Duration::from_secs(60)).await;
+    d.wait_streaming("lanes.items").await;
+    d
+}
+
+/// Runs `drain` (which must end with the destination converged) with every destination
+/// `update` held 300 ms, so the commands of one batch are in flight together, and returns the
+/// connections the destination opened meanwhile: one per command the daemon had in flight at
+/// once, at most.
+async fn connections_opened_with_updates_held(
+    c: &Clusters,
+    drain: impl std::future::Future<Output = ()>,
+) -> i64 {
     c.dest
         .configure_fail_point(&doc! {"configureFailPoint": "failCommand", "mode": "alwaysOn",
             "data": {"failCommands": ["update"], "blockConnection": true, "blockTimeMS": 300, "appName": "mongo-syncd"}})
         .unwrap();
     let before = connections_created(&c.dst).await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut d = Daemon::start(
-        c,
-        dir.path(),
-        &format!(
-            "[sync]\nnamespaces = [\"lanes.*\"]\n\n[apply]\nbatch_max_events = 8000\nwrite_lanes = {lanes}\n"
-        ),
-    );
-    wait_converged(c, &[("lanes", "items")], Duration::from_secs(60)).await;
+    drain.await;
     let opened = connections_created(&c.dst).await - before;
     c.dest
         .configure_fail_point(&doc! {"configureFailPoint": "failCommand", "mode": "off"})
         .unwrap();
+    opened
+}
+
+/// Drains a backlog of 8,000 updates of distinct documents, written while the daemon is
+/// stopped, with `apply.write_lanes = lanes`; returns the connections the destination opened
+/// for it ([`connections_opened_with_updates_held`]).
+async fn drain_with_write_lanes(c: &Clusters, round: i32, lanes: u32) -> i64 {
+    let src = c.src.database("lanes").collection::<Document>("items");
+    src.update_many(doc! {}, doc! {"$set": {"round": round}})
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = None;
+    let opened = connections_opened_with_updates_held(c, async {
+        daemon = Some(Daemon::start(c, dir.path(), &lanes_config(lanes)));
+        wait_converged(c, &[("lanes", "items")], Duration::from_secs(60)).await;
+    })
+    .await;
+    let mut d = daemon.expect("started in the drain");
     assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
     opened
 }
@@ -356,14 +385,9 @@ async fn drain_with_write_lanes(c: &Clusters, round: i32, lanes: u32) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn write_lanes_bound_the_commands_one_batch_sends_at_once() {
     let c = Clusters::start().await;
-    let src = c.src.database("lanes").collection::<Document>("items");
-    src.insert_many((0..8000).map(|i| doc! {"_id": i, "round": 0}))
-        .await
-        .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut d = Daemon::start(&c, dir.path(), "[sync]\nnamespaces = [\"lanes.*\"]\n");
-    wait_converged(&c, &[("lanes", "items")], Duration::from_secs(60)).await;
-    d.wait_streaming("lanes.items").await;
+    let mut d =
+        lanes_collection_synced(&c, dir.path(), "[sync]\nnamespaces = [\"lanes.*\"]\n").await;
     assert_eq!(d.terminate().await, Some(0));
 
     let one_lane = drain_with_write_lanes(&c, 1, 1).await;
@@ -380,18 +404,8 @@ async fn write_lanes_bound_the_commands_one_batch_sends_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_changes_the_write_lanes_of_a_running_worker() {
     let c = Clusters::start().await;
-    let src = c.src.database("lanes").collection::<Document>("items");
-    src.insert_many((0..8000).map(|i| doc! {"_id": i, "round": 0}))
-        .await
-        .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut d = Daemon::start(
-        &c,
-        dir.path(),
-        "[sync]\nnamespaces = [\"lanes.*\"]\n\n[apply]\nbatch_max_events = 8000\nwrite_lanes = 1\n",
-    );
-    wait_converged(&c, &[("lanes", "items")], Duration::from_secs(60)).await;
-    d.wait_streaming("lanes.items").await;
+    let mut d = lanes_collection_synced(&c, dir.path(), &lanes_config(1)).await;
 
     let config = std::fs::read_to_string(&d.config_path)
         .unwrap()
@@ -405,22 +419,17 @@ async fn sighup_changes_the_write_lanes_of_a_running_worker() {
     )
     .await;
     // One event through the worker: it has passed a batch boundary since the reload.
+    let src = c.src.database("lanes").collection::<Document>("items");
     src.insert_one(doc! {"_id": "after-reload"}).await.unwrap();
     wait_converged(&c, &[("lanes", "items")], Duration::from_secs(60)).await;
 
-    c.dest
-        .configure_fail_point(&doc! {"configureFailPoint": "failCommand", "mode": "alwaysOn",
-            "data": {"failCommands": ["update"], "blockConnection": true, "blockTimeMS": 300, "appName": "mongo-syncd"}})
-        .unwrap();
-    let before = connections_created(&c.dst).await;
-    src.update_many(doc! {}, doc! {"$set": {"round": 1}})
-        .await
-        .unwrap();
-    wait_converged(&c, &[("lanes", "items")], Duration::from_secs(60)).await;
-    let opened = connections_created(&c.dst).await - before;
-    c.dest
-        .configure_fail_point(&doc! {"configureFailPoint": "failCommand", "mode": "off"})
-        .unwrap();
+    let opened = connections_opened_with_updates_held(&c, async {
+        src.update_many(doc! {}, doc! {"$set": {"round": 1}})
+            .await
+            .unwrap();
+        wait_converged(&c, &[("lanes", "items")], Duration::from_secs(60)).await;
+    })
+    .await;
     eprintln!("connections opened after the reload to 16 write lanes: {opened}");
     assert!(
         opened >= 6,
