@@ -164,7 +164,7 @@ pub fn worker_settings(config: &Config) -> WorkerSettings {
         destination_timeout: config.destination.socket_timeout(),
         on_collation_mismatch: config.sync.on_collation_mismatch,
         copy_parallel_ranges: config.copy.parallel_ranges as usize,
-        write_lanes: config.apply.write_lanes as usize,
+        write_lanes: config.apply.write_lanes,
     }
 }
 
@@ -724,6 +724,9 @@ impl Supervisor {
                     .ok()
                     .filter(|v| !v.is_empty())
                     .cloned(),
+            )),
+            lane_tuner: Arc::new(parking_lot::Mutex::new(
+                crate::apply::lanes::LaneTuner::new(crate::config::MAX_WRITE_LANES as usize),
             )),
             options: coll.options,
             pipeline: self.pipeline.clone(),

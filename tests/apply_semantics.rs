@@ -438,3 +438,41 @@ async fn sighup_changes_the_write_lanes_of_a_running_worker() {
     );
     assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
 }
+
+/// `apply.write_lanes = "auto"` (the default) adds lanes where they write faster. Every
+/// destination `update` is held 200 ms, as a distant server's round trip would hold it, and
+/// batches are 8,000 statements: one lane sends them as two commands in turn (5,000 is the
+/// most one command carries), two lanes as two commands at once, so two lanes write a batch in
+/// about half the time. The worker's trials measure that and move it to two lanes; the drain
+/// still ends in an exact copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_write_lanes_move_to_more_lanes_when_they_write_faster() {
+    let c = Clusters::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = "[sync]\nnamespaces = [\"lanes.*\"]\n\n[apply]\nbatch_max_events = 8000\n";
+    let mut d = lanes_collection_synced(&c, dir.path(), config).await;
+    assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
+
+    // A backlog of 24 batches, enough for the first trial (after 4 writes, 12 writes long).
+    let src = c.src.database("lanes").collection::<Document>("items");
+    for round in 1..=24 {
+        src.update_many(doc! {}, doc! {"$set": {"round": round}})
+            .await
+            .unwrap();
+    }
+    c.dest
+        .configure_fail_point(&doc! {"configureFailPoint": "failCommand", "mode": "alwaysOn",
+            "data": {"failCommands": ["update"], "blockConnection": true, "blockTimeMS": 200, "appName": "mongo-syncd"}})
+        .unwrap();
+    let mut d = Daemon::start(&c, dir.path(), config);
+    wait_converged(&c, &[("lanes", "items")], Duration::from_secs(120)).await;
+    c.dest
+        .configure_fail_point(&doc! {"configureFailPoint": "failCommand", "mode": "off"})
+        .unwrap();
+    let logs = d.logs();
+    assert!(
+        logs.contains("write lanes tuned from 1 to 2:"),
+        "the worker never moved to 2 write lanes\nlog:\n{logs}"
+    );
+    assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
+}

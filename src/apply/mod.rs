@@ -11,6 +11,7 @@
 pub use crate::bounded_write;
 pub mod conflict;
 mod encode;
+pub mod lanes;
 pub mod transaction;
 pub mod turn;
 
@@ -23,6 +24,7 @@ use bson::{
 use futures::TryStreamExt;
 use mongodb::Database;
 
+use self::lanes::{lane_count, LaneTuner};
 use crate::{
     apply::conflict::{
         not_newer_filter, plan, unchanged_filter, value_at, Conditional, ConflictSettings,
@@ -41,19 +43,6 @@ use crate::{
 const MAX_STATEMENTS_PER_COMMAND: usize = 5_000;
 /// Bytes of statements per bulk command (the command body must stay under 16 MiB).
 const MAX_COMMAND_BYTES: usize = 8 * 1024 * 1024;
-/// Fewer statements than this per lane cost more in round trips than they gain.
-const MIN_STATEMENTS_PER_LANE: usize = 250;
-
-/// How many concurrent commands `statements` statements of one kind are cut into, with up to
-/// `write_lanes` (`apply.write_lanes`) allowed: the statements of a round address distinct
-/// documents, so the server may run them in any order and in parallel; each lane gets at
-/// least [`MIN_STATEMENTS_PER_LANE`].
-fn lane_count(statements: usize, write_lanes: usize) -> usize {
-    statements
-        .div_ceil(MIN_STATEMENTS_PER_LANE)
-        .clamp(1, write_lanes.max(1))
-}
-
 /// Write errors that mean "this one document cannot be stored as it is".
 const REJECTED_DOCUMENT_CODES: &[i32] = &[2, 52, 53, 55, 56, 57, 121, 10334, 17280, 17419, 17420];
 /// Update errors that mean "the destination document does not have the shape the delta
@@ -523,8 +512,16 @@ pub struct Applier {
     catalog: parking_lot::Mutex<Option<(Catalog, Instant)>>,
     /// The source collection's current validator (see [`Applier::with_source_validator`]).
     source_validator: SourceValidator,
-    /// `apply.write_lanes` (see [`lane_count`]).
-    write_lanes: usize,
+    /// `apply.write_lanes` (see [`lanes`]).
+    lanes: LanePlan,
+}
+
+/// How an applier chooses the lane count of its bulk writes (`apply.write_lanes`).
+#[derive(Debug, Clone)]
+pub enum LanePlan {
+    Fixed(usize),
+    /// `auto`: the worker's tuner, kept across the appliers the worker builds.
+    Tuned(std::sync::Arc<parking_lot::Mutex<LaneTuner>>),
 }
 
 /// What [`Applier::upsert_documents`] did.
@@ -572,14 +569,14 @@ impl Applier {
             op_timeout,
             catalog: parking_lot::Mutex::new(None),
             source_validator: SourceValidator::default(),
-            write_lanes: crate::config::DEFAULT_WRITE_LANES as usize,
+            lanes: LanePlan::Fixed(1),
         }
     }
 
-    /// Cuts each round's statements of one kind into up to `lanes` concurrent commands
+    /// How each round's statements of one kind are cut into concurrent commands
     /// (`apply.write_lanes`).
-    pub fn with_write_lanes(mut self, lanes: usize) -> Applier {
-        self.write_lanes = lanes.max(1);
+    pub fn with_lanes(mut self, lanes: LanePlan) -> Applier {
+        self.lanes = lanes;
         self
     }
 
@@ -1877,16 +1874,54 @@ impl Applier {
         Ok(reply.n as u64)
     }
 
-    /// [`Applier::bulk`] for statements that each address a different document: cut into up
-    /// to [`lane_count`] commands sent at once. Error indexes refer to `statements`.
+    /// [`Applier::bulk`] for statements that each address a different document: cut into
+    /// [`lane_count`] commands sent at once, as [`LanePlan`] chooses. Error indexes refer to
+    /// `statements`.
     async fn bulk_in_lanes(
         &self,
         command: &str,
         field: &str,
         statements: Vec<RawDocumentBuf>,
     ) -> Result<BulkReply, SyncError> {
-        let lanes = lane_count(statements.len(), self.write_lanes);
-        if lanes == 1 {
+        let count = statements.len();
+        let choice = match &self.lanes {
+            LanePlan::Fixed(lanes) => {
+                return self
+                    .bulk_cut(command, field, statements, lane_count(count, *lanes))
+                    .await;
+            }
+            // Only writes that more lanes would cut are measured.
+            LanePlan::Tuned(tuner) if lane_count(count, tuner.lock().max()) > 1 => {
+                (tuner, tuner.lock().begin())
+            }
+            LanePlan::Tuned(_) => return self.bulk(command, field, statements).await,
+        };
+        let (tuner, choice) = choice;
+        let started = Instant::now();
+        let reply = self
+            .bulk_cut(command, field, statements, lane_count(count, choice.lanes))
+            .await?;
+        let outcome = tuner.lock().record(choice, count, started.elapsed());
+        if let Some(t) = outcome {
+            if t.now != t.from {
+                tracing::info!(namespace = %self.label, lanes = t.now, was = t.from, speed = format!("{:.2}", t.ratio), "write lanes tuned from {} to {}: {:.2}× the statements per second in the trial", t.from, t.now, t.ratio);
+            } else {
+                tracing::debug!(namespace = %self.label, lanes = t.now, tried = t.tried, speed = format!("{:.2}", t.ratio), "write lanes kept");
+            }
+        }
+        Ok(reply)
+    }
+
+    /// [`Applier::bulk`] cut into `lanes` commands sent at once; error indexes refer to
+    /// `statements`.
+    async fn bulk_cut(
+        &self,
+        command: &str,
+        field: &str,
+        statements: Vec<RawDocumentBuf>,
+        lanes: usize,
+    ) -> Result<BulkReply, SyncError> {
+        if lanes <= 1 {
             return self.bulk(command, field, statements).await;
         }
         let per_lane = statements.len().div_ceil(lanes);
@@ -2028,22 +2063,6 @@ impl Applier {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn lane_count_gives_each_lane_at_least_its_minimum_and_never_exceeds_write_lanes() {
-        // A batch of 1,000 statements: four lanes of 250 by default, one with write_lanes = 1.
-        assert_eq!(lane_count(1_000, 4), 4);
-        assert_eq!(lane_count(1_000, 1), 1);
-        assert_eq!(lane_count(1_000, 2), 2);
-        assert_eq!(lane_count(1_000, 16), 4, "at least 250 statements per lane");
-        assert_eq!(lane_count(5_000, 16), 16);
-        // Small rounds stay one command; 0 lanes (never configured: the key's minimum is 1)
-        // still sends the statements.
-        assert_eq!(lane_count(249, 4), 1);
-        assert_eq!(lane_count(251, 4), 2);
-        assert_eq!(lane_count(0, 4), 1);
-        assert_eq!(lane_count(1_000, 0), 1);
-    }
 
     fn upsert(n: i32) -> DocWrite {
         DocWrite::Upsert(rawdoc! {"_id": 1, "v": n})

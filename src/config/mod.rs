@@ -120,12 +120,6 @@ pub const DEFAULT_COPY_PARALLEL_RANGES: u32 = 4;
 pub const MAX_COPY_PARALLEL_RANGES: u32 = 64;
 /// Waiting longer than a minute for a batch to fill only adds lag.
 pub const MAX_BATCH_MAX_WAIT_MS: u64 = 60_000;
-/// Default `apply.write_lanes`: commands one batch's writes are cut into and sent at once. A
-/// server with document-level concurrency executes them in parallel and overlaps their
-/// majority-commit waits; one command at a time leaves it idle between a reply and the next
-/// request.
-pub const DEFAULT_WRITE_LANES: u32 = 4;
-/// Upper bound of `apply.write_lanes`.
 pub const MAX_WRITE_LANES: u32 = 16;
 
 /// The metadata database on the destination; named after the daemon so operators recognise it.
@@ -260,6 +254,57 @@ impl StreamScope {
             StreamScope::Collection => "collection",
             StreamScope::Database => "database",
             StreamScope::Deployment => "deployment",
+        }
+    }
+}
+
+/// `apply.write_lanes`: how many concurrent commands one batch's writes (which address distinct
+/// documents) are cut into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WriteLanes {
+    /// Each worker measures its writes and keeps the count, 1..=[`MAX_WRITE_LANES`], that writes
+    /// fastest: a server with document-level concurrency runs lanes in parallel and overlaps
+    /// their majority-commit waits; one that runs writes one at a time (or is saturated) only
+    /// pays for the extra round trips.
+    #[default]
+    Auto,
+    /// Always this many (1..=[`MAX_WRITE_LANES`]).
+    Fixed(u32),
+}
+
+impl WriteLanes {
+    /// Parsed from TOML, or an environment variable: `"auto"` or a number.
+    fn parse(value: WriteLanesRepr) -> Result<WriteLanes, String> {
+        match value {
+            WriteLanesRepr::Count(n) => u32::try_from(n)
+                .map(WriteLanes::Fixed)
+                .map_err(|_| format!("must be \"auto\" or between 1 and {MAX_WRITE_LANES}")),
+            WriteLanesRepr::Word(w) if w == "auto" => Ok(WriteLanes::Auto),
+            WriteLanesRepr::Word(w) => Err(format!(
+                "must be \"auto\" or between 1 and {MAX_WRITE_LANES}, not {w:?}"
+            )),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum WriteLanesRepr {
+    Count(i64),
+    Word(String),
+}
+
+impl<'de> Deserialize<'de> for WriteLanes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<WriteLanes, D::Error> {
+        WriteLanes::parse(WriteLanesRepr::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for WriteLanes {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            WriteLanes::Auto => s.serialize_str("auto"),
+            WriteLanes::Fixed(n) => s.serialize_u32(*n),
         }
     }
 }
@@ -601,10 +646,10 @@ pub struct ApplyConfig {
     /// transaction reach the destination.
     #[serde(default)]
     pub transactions: TransactionMode,
-    /// Concurrent bulk commands one batch's writes (which address distinct documents) are cut
-    /// into, 1..=[`MAX_WRITE_LANES`].
-    #[serde(default = "default_write_lanes")]
-    pub write_lanes: u32,
+    /// Concurrent bulk commands one batch's writes are cut into: `auto` (measured per worker)
+    /// or 1..=[`MAX_WRITE_LANES`].
+    #[serde(default)]
+    pub write_lanes: WriteLanes,
 }
 
 /// `[copy]`: initial copies, re-copies and force-syncs.
@@ -876,9 +921,6 @@ fn default_batch_max_bytes() -> u64 {
 }
 fn default_batch_max_wait_ms() -> u64 {
     DEFAULT_BATCH_MAX_WAIT_MS
-}
-fn default_write_lanes() -> u32 {
-    DEFAULT_WRITE_LANES
 }
 fn default_update_mode() -> UpdateMode {
     DEFAULT_UPDATE_MODE
@@ -1401,11 +1443,13 @@ impl Config {
                 format!("must be at most {MAX_BATCH_MAX_WAIT_MS}"),
             );
         }
-        if !(1..=MAX_WRITE_LANES).contains(&a.write_lanes) {
-            err(
-                "apply.write_lanes".into(),
-                format!("must be between 1 and {MAX_WRITE_LANES}"),
-            );
+        if let WriteLanes::Fixed(n) = a.write_lanes {
+            if !(1..=MAX_WRITE_LANES).contains(&n) {
+                err(
+                    "apply.write_lanes".into(),
+                    format!("must be \"auto\" or between 1 and {MAX_WRITE_LANES}"),
+                );
+            }
         }
 
         if a.transactions == TransactionMode::Atomic

@@ -69,7 +69,7 @@ fn defaults_are_the_documented_constants() {
     assert_eq!(c.apply.batch_max_bytes, 8_388_608);
     assert_eq!(c.apply.batch_max_wait(), Duration::from_millis(20));
     assert_eq!(c.apply.update_mode, UpdateMode::Delta);
-    assert_eq!(c.apply.write_lanes, 4);
+    assert_eq!(c.apply.write_lanes, WriteLanes::Auto);
     assert_eq!(c.checkpoint.database, "mongo_syncd");
     assert_eq!(c.checkpoint.interval_seconds, 1);
     assert_eq!(c.conflict.policy, ConflictPolicy::SourceWins);
@@ -658,6 +658,49 @@ fn other_keys_are_validated() {
         err.fields(),
         ["health.max_lag_seconds", "shutdown.timeout_seconds"]
     );
+}
+
+#[test]
+fn write_lanes_is_auto_or_a_count() {
+    assert_eq!(
+        load_ok(&with("[apply]\nwrite_lanes = \"auto\"\n"))
+            .apply
+            .write_lanes,
+        WriteLanes::Auto
+    );
+    assert_eq!(
+        load_ok(&with("[apply]\nwrite_lanes = 16\n"))
+            .apply
+            .write_lanes,
+        WriteLanes::Fixed(16)
+    );
+    for env_value in ["auto", "3"] {
+        let c = load_from_str_with_env(
+            &with(""),
+            env(&[("MONGO_SYNCD_APPLY__WRITE_LANES", env_value)]),
+        )
+        .unwrap();
+        let expected = match env_value {
+            "auto" => WriteLanes::Auto,
+            _ => WriteLanes::Fixed(3),
+        };
+        assert_eq!(c.apply.write_lanes, expected);
+    }
+    for bad in ["\"fast\"", "-1", "0", "17", "2.5"] {
+        let err = load_err(&with(&format!("[apply]\nwrite_lanes = {bad}\n")));
+        assert_field(&err, "apply.write_lanes", "");
+        if bad != "2.5" {
+            assert_field(&err, "apply.write_lanes", "\"auto\" or between 1 and 16");
+        }
+    }
+    // The effective config prints the key as it would be written.
+    let printed = load_ok(&with("")).redacted().to_toml().unwrap();
+    assert!(printed.contains("write_lanes = \"auto\""), "{printed}");
+    let printed = load_ok(&with("[apply]\nwrite_lanes = 2\n"))
+        .redacted()
+        .to_toml()
+        .unwrap();
+    assert!(printed.contains("write_lanes = 2"), "{printed}");
 }
 
 #[test]

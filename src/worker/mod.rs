@@ -26,12 +26,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     apply::conflict::ConflictSettings,
-    apply::{Applier, ApplyStats},
+    apply::{Applier, ApplyStats, LanePlan},
     checkpoint::{
         at_or_after, ApplyMark, Checkpoint, CheckpointKey, CheckpointStore, CopyLane, CopyProgress,
         Phase,
     },
-    config::{InitialCopy, OnCollationMismatch, UpdateMode},
+    config::{InitialCopy, OnCollationMismatch, UpdateMode, WriteLanes},
     error::{ErrorKind, SyncError},
     guard::{DeleteBudget, DeleteGuard, GuardTrigger},
     identity::IdentityWatch,
@@ -95,7 +95,7 @@ pub struct WorkerSettings {
     /// `copy.parallel_ranges`: range lanes of one collection's copy.
     pub copy_parallel_ranges: usize,
     /// `apply.write_lanes`: concurrent commands of one batch's writes.
-    pub write_lanes: usize,
+    pub write_lanes: WriteLanes,
 }
 
 /// Whether a worker run starts over with a fresh copy, and why.
@@ -141,6 +141,9 @@ pub struct WorkerContext {
     pub options: Document,
     /// The source collection's current validator, shared with this worker's appliers.
     pub source_validator: crate::apply::SourceValidator,
+    /// `apply.write_lanes = "auto"`: the lane count this worker's writes measured best, kept
+    /// across its appliers (restarts of its stream, reloads).
+    pub lane_tuner: Arc<parking_lot::Mutex<crate::apply::lanes::LaneTuner>>,
     pub pipeline: Pipeline,
     pub settings: Arc<WorkerSettings>,
     /// Incremented on every durable step (a copied range, a checkpointed batch); the
@@ -280,7 +283,10 @@ impl WorkerContext {
             self.current_conflict(),
         )
         .with_source_validator(Arc::clone(&self.source_validator))
-        .with_write_lanes(settings.write_lanes)
+        .with_lanes(match settings.write_lanes {
+            WriteLanes::Auto => LanePlan::Tuned(Arc::clone(&self.lane_tuner)),
+            WriteLanes::Fixed(n) => LanePlan::Fixed(n as usize),
+        })
     }
 
     /// Adopts reloaded settings if the supervisor handed some over. A policy that needs
