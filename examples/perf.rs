@@ -31,9 +31,10 @@
 //!   hypervisor stole in the ceiling and in each drain (`/proc/stat`'s `steal`: on a shared
 //!   host it slows whichever phase it falls in);
 //! - **the drain ceiling in lanes**: the same statements with each bulk of 1,000 sent as 4
-//!   concurrent commands of 250, as the daemon's default `apply.write_lanes` cuts a batch,
-//!   against the usual ceiling measured right before and after it: what concurrent commands
-//!   cost the simulator, which runs each write command whole under one lock;
+//!   concurrent commands of 250, as `apply.write_lanes = 4` cuts a batch, against the usual
+//!   ceiling measured right before and after it: what concurrent commands cost the simulator,
+//!   which runs each write command whole under one lock (`auto`, the default, measures this
+//!   per worker and keeps the faster count);
 //! - **naive loops**: one `update_one` per event from a fast Rust client that reads no stream,
 //!   and the naive replicator the issue measured (`examples/naive_replicator.py`: PyMongo reads
 //!   the backlog's change stream and writes each event with one acknowledged `update_one`); the
@@ -49,8 +50,8 @@
 //! `--spread N` runs the copy and the drain over N collections (the same totals);
 //! `--latency 2000,5000` measures replication latency at those write rates;
 //! `--memory K` measures peak RSS with a blocked destination and K backlogged namespaces.
-//! `--write-lanes 4,1` alternates the drain rounds between those `apply.write_lanes` and prints
-//! each one's rows, so lane counts are compared against the same ceilings in one run.
+//! `--write-lanes auto,4,1` alternates the drain rounds between those `apply.write_lanes` and
+//! prints each one's rows, so lane counts are compared against the same ceilings in one run.
 //! `--timeline` runs the drains with the daemon's bulk writes traced and prints, for the round
 //! of the median, how long the destination had no command of the daemon to run (the gaps
 //! between batches) and the rate while it had one, against the ceiling; tracing costs the
@@ -593,6 +594,26 @@ fn list_arg(args: &[String], name: &str) -> Vec<i64> {
                     n.trim()
                         .parse()
                         .unwrap_or_else(|_| panic!("{name} N[,N...]"))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `--write-lanes auto,4,1`: the `apply.write_lanes` values to alternate, as TOML values.
+fn write_lanes_arg(args: &[String]) -> Vec<String> {
+    args.iter()
+        .position(|a| a == "--write-lanes")
+        .and_then(|i| args.get(i + 1))
+        .map(|v| {
+            v.split(',')
+                .map(|w| match w.trim() {
+                    "auto" => "\"auto\"".to_string(),
+                    n => {
+                        n.parse::<u32>()
+                            .unwrap_or_else(|_| panic!("--write-lanes auto|N[,auto|N...]"));
+                        n.to_string()
+                    }
                 })
                 .collect()
         })
@@ -1245,8 +1266,15 @@ const ALL_RUNS: &[(&str, &[&str])] = &[
         &["--rounds", "3"],
     ),
     (
-        "drain of 1 collection with 4 write lanes (the default) and with 1, rounds alternating",
-        &["--rounds", "6", "--naive", "100", "--write-lanes", "4,1"],
+        "drain of 1 collection with write lanes tuned (the default), 4 and 1, rounds alternating",
+        &[
+            "--rounds",
+            "9",
+            "--naive",
+            "100",
+            "--write-lanes",
+            "auto,4,1",
+        ],
     ),
     (
         "copy and drain of 4 collections",
@@ -1414,9 +1442,9 @@ async fn main() {
     let coll = src.database(DB).collection::<Document>(COLL);
     insert_all(&dst, "ceiling_drain", docs).await;
     let start = || start_daemon(&daemon_bin, work.path(), &source_uri, &dest_uri);
-    // `--write-lanes 4,1`: the rounds alternate between these `apply.write_lanes`, side by
+    // `--write-lanes auto,4,1`: the rounds alternate between these `apply.write_lanes`, side by
     // side against the same ceilings (round 0, the coldest, goes to the first value).
-    let write_lanes = list_arg(&args, "--write-lanes");
+    let write_lanes = write_lanes_arg(&args);
     let mut rounds = Vec::new();
     let trace_log = work.path().join("drain.log");
     let timeline = args.iter().any(|a| a == "--timeline");
@@ -1428,7 +1456,7 @@ async fn main() {
     let mut timelines = Vec::new();
     for round in 0..repeats {
         let lanes =
-            (!write_lanes.is_empty()).then(|| write_lanes[round as usize % write_lanes.len()]);
+            (!write_lanes.is_empty()).then(|| &write_lanes[round as usize % write_lanes.len()]);
         let start_with_lanes = || {
             spawn_daemon(
                 &daemon_bin,
@@ -1437,7 +1465,10 @@ async fn main() {
                 &dest_uri,
                 &format!("\"{DB}.{COLL}\""),
                 "auto",
-                &format!("[apply]\nwrite_lanes = {}\n", lanes.unwrap_or_default()),
+                &format!(
+                    "[apply]\nwrite_lanes = {}\n",
+                    lanes.cloned().unwrap_or_default()
+                ),
             )
         };
         let start: &dyn Fn() -> Daemon = match lanes {
@@ -1596,7 +1627,7 @@ async fn main() {
         }
     }
     println!(
-        "| ceiling sent as 4 concurrent commands of 250 (the daemon's default lanes) | {:.0} | {:.2}× the ceiling measured right before and after it |",
+        "| ceiling sent as 4 concurrent commands of 250 (apply.write_lanes = 4 cuts a batch so) | {:.0} | {:.2}× the ceiling measured right before and after it |",
         lanes_ceiling.0,
         lanes_ceiling.0 / lanes_ceiling.1
     );
