@@ -476,3 +476,38 @@ async fn auto_write_lanes_move_to_more_lanes_when_they_write_faster() {
     );
     assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
 }
+
+/// A statement the destination refuses in a later lane repairs that lane's document, not
+/// another one. With `apply.write_lanes = 4`, a backlog of one `$set` of `a.b` per document
+/// goes out in lanes; the last document, whose `a` was made a number on the destination out
+/// of band, sits in the last lane, where its delta fails for its shape (code 28) and the
+/// worker takes it from the source. An error index read without its lane's offset would
+/// repair a document of the first lane instead and leave this one diverged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_statement_in_a_later_lane_repairs_its_own_document() {
+    let c = Clusters::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let src = c.src.database("lanes").collection::<Document>("shapes");
+    src.insert_many((0..2000).map(|i| doc! {"_id": i, "a": {"b": 0}}))
+        .await
+        .unwrap();
+    let config =
+        "[sync]\nnamespaces = [\"lanes.*\"]\n\n[apply]\nbatch_max_events = 2000\nwrite_lanes = 4\n";
+    let mut d = Daemon::start(&c, dir.path(), config);
+    wait_converged(&c, &[("lanes", "shapes")], Duration::from_secs(60)).await;
+    d.wait_streaming("lanes.shapes").await;
+    assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
+
+    let dst = c.dst.database("lanes").collection::<Document>("shapes");
+    dst.update_one(doc! {"_id": 1999}, doc! {"$set": {"a": 5}})
+        .await
+        .unwrap();
+    src.update_many(doc! {}, doc! {"$set": {"a.b": 1}})
+        .await
+        .unwrap();
+    let mut d = Daemon::start(&c, dir.path(), config);
+    wait_converged(&c, &[("lanes", "shapes")], Duration::from_secs(60)).await;
+    let repaired = dst.find_one(doc! {"_id": 1999}).await.unwrap();
+    assert_eq!(repaired, Some(doc! {"_id": 1999, "a": {"b": 1}}));
+    assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
+}
