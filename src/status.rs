@@ -81,6 +81,9 @@ pub struct NamespaceStatus {
     /// The change stream the worker reads (DESIGN §2.11): `collection`, a shared stream's name
     /// (`deployment`, `database:<db>`), or `joining <name>` while its own stream catches up.
     pub change_stream: Option<String>,
+    /// Concurrent commands the worker's last batch could cut its writes into
+    /// (`apply.write_lanes`: the fixed count, or the count `auto` keeps now).
+    pub write_lanes: u64,
 }
 
 impl NamespaceStatus {
@@ -101,6 +104,7 @@ impl NamespaceStatus {
             restarts: 0,
             last_validation: None,
             change_stream: None,
+            write_lanes: 1,
         }
     }
 }
@@ -536,6 +540,7 @@ impl StatusRegistry {
                         "events_applied": s.events_applied,
                         "restarts": s.restarts,
                         "change_stream": s.change_stream,
+                        "write_lanes": s.write_lanes,
                         "last_validation": s.last_validation.as_ref().map(|v| json!({
                             "result": v.result, "at": rfc3339(v.at), "ranges_checked": v.ranges_checked,
                             "mismatched_documents": v.mismatched_documents, "repaired": v.repaired,

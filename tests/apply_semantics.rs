@@ -449,7 +449,9 @@ async fn sighup_changes_the_write_lanes_of_a_running_worker() {
 async fn auto_write_lanes_move_to_more_lanes_when_they_write_faster() {
     let c = Clusters::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = "[sync]\nnamespaces = [\"lanes.*\"]\n\n[apply]\nbatch_max_events = 8000\n";
+    // Full batches even on a loaded machine, where the reader may lag the writes: a batch of
+    // 5,000 statements or fewer is one command with any lane count.
+    let config = "[sync]\nnamespaces = [\"lanes.*\"]\n\n[apply]\nbatch_max_events = 8000\nbatch_max_wait_ms = 5000\n";
     let mut d = lanes_collection_synced(&c, dir.path(), config).await;
     assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
 
@@ -464,7 +466,8 @@ async fn auto_write_lanes_move_to_more_lanes_when_they_write_faster() {
         .configure_fail_point(&doc! {"configureFailPoint": "failCommand", "mode": "alwaysOn",
             "data": {"failCommands": ["update"], "blockConnection": true, "blockTimeMS": 200, "appName": "mongo-syncd"}})
         .unwrap();
-    let mut d = Daemon::start(&c, dir.path(), config);
+    // Trials that keep the count are logged at debug.
+    d.spawn_with_env(&[], &[("RUST_LOG", "info,mongo_syncd::apply=debug")]);
     wait_converged(&c, &[("lanes", "items")], Duration::from_secs(120)).await;
     c.dest
         .configure_fail_point(&doc! {"configureFailPoint": "failCommand", "mode": "off"})
@@ -474,6 +477,17 @@ async fn auto_write_lanes_move_to_more_lanes_when_they_write_faster() {
         logs.contains("write lanes tuned from 1 to 2:"),
         "the worker never moved to 2 write lanes\nlog:\n{logs}"
     );
+    // The status shows the count the worker keeps: the last one it moved to.
+    let kept: u64 = logs
+        .rsplit("write lanes tuned from ")
+        .next()
+        .and_then(|l| l.split(" to ").nth(1))
+        .and_then(|l| l.split(':').next())
+        .and_then(|n| n.parse().ok())
+        .expect("a tuned line names its counts");
+    assert!(kept >= 2, "log:\n{logs}");
+    let lanes = &d.status().await.unwrap()["namespaces"]["lanes.items"]["write_lanes"];
+    assert_eq!(lanes, kept, "log:\n{logs}");
     assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
 }
 

@@ -1,9 +1,9 @@
 //! How many concurrent commands ("lanes") a worker's bulk writes are cut into
 //! (`apply.write_lanes`): a fixed count, or `auto`, where the worker measures the statements
 //! per second of its own bulk writes and keeps the lane count that writes fastest. A server
-//! that runs writes in parallel (document-level concurrency, overlapping majority-commit
-//! waits) gets more lanes; one that runs them one at a time, or is saturated, keeps one, as
-//! more commands there only add round trips and connections.
+//! that runs writes in parallel (document-level concurrency on cores to spare) gets more
+//! lanes; one that runs them one at a time, or is saturated, keeps one, as more commands
+//! there only add round trips and connections.
 
 use std::time::Duration;
 
@@ -308,8 +308,8 @@ mod tests {
 
     #[test]
     fn a_destination_that_runs_commands_in_parallel_gets_every_lane_it_can_use() {
-        // Like a replica set waiting on majority commits: lanes overlap the waits, so a write
-        // takes a quarter of the time with four lanes; beyond four the server is saturated.
+        // Like a server with four cores to spare: a write takes a quarter of the time with
+        // four lanes; beyond four the server is saturated.
         let mut tuner = LaneTuner::new(8);
         let lanes = drive(&mut tuner, 200, |lanes, i| {
             Duration::from_secs_f64(0.040 / lanes.min(4) as f64 * jitter(i, 0.2))

@@ -263,9 +263,8 @@ impl StreamScope {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum WriteLanes {
     /// Each worker measures its writes and keeps the count, 1..=[`MAX_WRITE_LANES`], that writes
-    /// fastest: a server with document-level concurrency runs lanes in parallel and overlaps
-    /// their majority-commit waits; one that runs writes one at a time (or is saturated) only
-    /// pays for the extra round trips.
+    /// fastest: a server with document-level concurrency runs lanes in parallel; one that runs
+    /// writes one at a time (or is saturated) only pays for the extra round trips.
     #[default]
     Auto,
     /// Always this many (1..=[`MAX_WRITE_LANES`]).

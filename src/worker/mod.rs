@@ -289,6 +289,15 @@ impl WorkerContext {
         })
     }
 
+    /// The lane count the worker's writes use now: the fixed `apply.write_lanes`, or the one
+    /// its tuner keeps.
+    pub fn write_lanes_now(&self) -> usize {
+        match self.current_settings().write_lanes {
+            WriteLanes::Auto => self.lane_tuner.lock().current(),
+            WriteLanes::Fixed(n) => n as usize,
+        }
+    }
+
     /// Adopts reloaded settings if the supervisor handed some over. A policy that needs
     /// pre-images the source does not record (and may not enable) is refused with an error
     /// log; the running settings stay. Returns whether anything changed.

@@ -743,9 +743,11 @@ pub(super) async fn commit_batch(
     }
     ctx.pipeline.metrics.observe_batch(started.elapsed());
     let total: u64 = stats.applied.iter().sum();
-    ctx.pipeline
-        .status
-        .update(&label, |s| s.events_applied += total);
+    let write_lanes = ctx.write_lanes_now() as u64;
+    ctx.pipeline.status.update(&label, |s| {
+        s.events_applied += total;
+        s.write_lanes = write_lanes;
+    });
     Ok(())
 }
 
