@@ -344,17 +344,28 @@ async fn connections_opened_with_updates_held(
     c: &Clusters,
     drain: impl std::future::Future<Output = ()>,
 ) -> i64 {
-    c.dest
-        .configure_fail_point(&doc! {"configureFailPoint": "failCommand", "mode": "alwaysOn",
-            "data": {"failCommands": ["update"], "blockConnection": true, "blockTimeMS": 300, "appName": "mongo-syncd"}})
-        .unwrap();
+    hold_daemon_updates(c, 300);
     let before = connections_created(&c.dst).await;
     drain.await;
     let opened = connections_created(&c.dst).await - before;
+    release_destination_commands(c);
+    opened
+}
+
+/// Holds every `update` the daemon sends to the destination `ms` milliseconds before it runs,
+/// as a distant server's round trip would, until [`release_destination_commands`].
+fn hold_daemon_updates(c: &Clusters, ms: i32) {
+    c.dest
+        .configure_fail_point(&doc! {"configureFailPoint": "failCommand", "mode": "alwaysOn",
+            "data": {"failCommands": ["update"], "blockConnection": true, "blockTimeMS": ms, "appName": "mongo-syncd"}})
+        .unwrap();
+}
+
+/// Turns the destination's `failCommand` fail point off.
+fn release_destination_commands(c: &Clusters) {
     c.dest
         .configure_fail_point(&doc! {"configureFailPoint": "failCommand", "mode": "off"})
         .unwrap();
-    opened
 }
 
 /// Drains a backlog of 8,000 updates of distinct documents, written while the daemon is
@@ -422,6 +433,12 @@ async fn sighup_changes_the_write_lanes_of_a_running_worker() {
     let src = c.src.database("lanes").collection::<Document>("items");
     src.insert_one(doc! {"_id": "after-reload"}).await.unwrap();
     wait_converged(&c, &[("lanes", "items")], Duration::from_secs(60)).await;
+    d.wait_metric(
+        "mongo_syncd_write_lanes{namespace=\"lanes.items\"}",
+        16.0,
+        Duration::from_secs(30),
+    )
+    .await;
 
     let opened = connections_opened_with_updates_held(&c, async {
         src.update_many(doc! {}, doc! {"$set": {"round": 1}})
@@ -462,16 +479,11 @@ async fn auto_write_lanes_move_to_more_lanes_when_they_write_faster() {
             .await
             .unwrap();
     }
-    c.dest
-        .configure_fail_point(&doc! {"configureFailPoint": "failCommand", "mode": "alwaysOn",
-            "data": {"failCommands": ["update"], "blockConnection": true, "blockTimeMS": 200, "appName": "mongo-syncd"}})
-        .unwrap();
+    hold_daemon_updates(&c, 200);
     // Trials that keep the count are logged at debug.
     d.spawn_with_env(&[], &[("RUST_LOG", "info,mongo_syncd::apply=debug")]);
     wait_converged(&c, &[("lanes", "items")], Duration::from_secs(120)).await;
-    c.dest
-        .configure_fail_point(&doc! {"configureFailPoint": "failCommand", "mode": "off"})
-        .unwrap();
+    release_destination_commands(&c);
     let logs = d.logs();
     assert!(
         logs.contains("write lanes tuned from 1 to 2:"),
@@ -488,6 +500,10 @@ async fn auto_write_lanes_move_to_more_lanes_when_they_write_faster() {
     assert!(kept >= 2, "log:\n{logs}");
     let lanes = &d.status().await.unwrap()["namespaces"]["lanes.items"]["write_lanes"];
     assert_eq!(lanes, kept, "log:\n{logs}");
+    let metric = d
+        .metric("mongo_syncd_write_lanes{namespace=\"lanes.items\"}")
+        .await;
+    assert_eq!(metric, Some(kept as f64), "log:\n{logs}");
     assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
 }
 
@@ -510,6 +526,11 @@ async fn a_refused_statement_in_a_later_lane_repairs_its_own_document() {
     let mut d = Daemon::start(&c, dir.path(), config);
     wait_converged(&c, &[("lanes", "shapes")], Duration::from_secs(60)).await;
     d.wait_streaming("lanes.shapes").await;
+    // A fixed count is shown from the worker's start, before any batch.
+    let series = "mongo_syncd_write_lanes{namespace=\"lanes.shapes\"}";
+    assert_eq!(d.metric(series).await, Some(4.0));
+    let status = d.status().await.unwrap();
+    assert_eq!(status["namespaces"]["lanes.shapes"]["write_lanes"], 4);
     assert_eq!(d.terminate().await, Some(0), "log:\n{}", d.logs());
 
     let dst = c.dst.database("lanes").collection::<Document>("shapes");

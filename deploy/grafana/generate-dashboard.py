@@ -495,6 +495,11 @@ ROWS = [
                 targets(("sum by (side) (mongo_syncd_connections)", "{{side}}")),
             ),
             timeseries(
+                "Write lanes by namespace",
+                "Concurrent bulk commands each namespace's batches are cut into. A fixed apply.write_lanes shows as a flat line; under \"auto\" (the default) each worker starts at 1 and moves only when its trials measured more statements per second with the other count, so a step here is a measured change of the destination's speed.",
+                targets(("max by (namespace) (mongo_syncd_write_lanes{" + NS + "})", "{{namespace}}")),
+            ),
+            timeseries(
                 "Source transactions by outcome",
                 "With apply.transactions = \"atomic\": parts of source transactions (one namespace's events of one transaction) per second, written in one destination transaction with the other parts (atomic) or per document because a member could not take part (per_document: still copying, a conflict policy, a replay, a write the destination refused). Flat at 0 with the default per-document mode.",
                 targets(

@@ -118,6 +118,9 @@ pub const CONNECTIONS: &str = "mongo_syncd_connections";
 /// `apply.transactions = "atomic"`, by `outcome`: `atomic` (in one destination transaction
 /// with the other parts) or `per_document` (some member could not take part).
 pub const TRANSACTION_PARTS_TOTAL: &str = "mongo_syncd_transaction_parts_total";
+/// Concurrent bulk commands a namespace's batches are cut into (`apply.write_lanes`: the fixed
+/// count, or the one `auto` keeps now).
+pub const WRITE_LANES: &str = "mongo_syncd_write_lanes";
 
 /// Every metric family name the daemon exports, for tests and tooling.
 pub const METRIC_NAMES: &[&str] = &[
@@ -157,6 +160,7 @@ pub const METRIC_NAMES: &[&str] = &[
     BUFFER_BUDGET_BYTES,
     CONNECTIONS,
     TRANSACTION_PARTS_TOTAL,
+    WRITE_LANES,
 ];
 
 /// `outcome` values of [`TRANSACTION_PARTS_TOTAL`].
@@ -551,6 +555,8 @@ impl Metrics {
                 g.copy_estimate = Some(0.0);
                 g.validation_mismatched = Some(0.0);
                 g.validation_last_success = Some(0.0);
+                // One lane until the worker reports its settings (as in the status).
+                g.write_lanes = Some(1.0);
             });
         }
         Some(f(label, &mut table))
@@ -655,6 +661,11 @@ impl Metrics {
     /// Events read but not yet applied.
     pub fn set_queue(&self, ns: &str, n: u64) {
         self.update_gauges(ns, |g| g.queue_events = Some(n as f64));
+    }
+
+    /// The lane count the namespace's writes use now (`apply.write_lanes`).
+    pub fn set_write_lanes(&self, ns: &str, lanes: usize) {
+        self.update_gauges(ns, |g| g.write_lanes = Some(lanes as f64));
     }
 
     /// Replication lag (DESIGN §2.9); negative values become 0.

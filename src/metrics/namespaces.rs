@@ -22,6 +22,7 @@ use super::{
     APPLIED_THROUGH_TIMESTAMP_SECONDS, CHECKPOINT_AGE_SECONDS, INITIAL_SYNC_DOCUMENTS_ESTIMATED,
     LABEL_NAMESPACE, LABEL_STATE, LAG_SECONDS, OTHER_NAMESPACE, OVERFLOW_NAMESPACES, QUEUE_EVENTS,
     VALIDATION_LAST_SUCCESS_TIMESTAMP_SECONDS, VALIDATION_MISMATCHED_DOCUMENTS, WORKER_STATE,
+    WRITE_LANES,
 };
 
 /// Where a namespace's series go.
@@ -45,6 +46,7 @@ pub(crate) struct NsGauges {
     pub copy_estimate: Option<f64>,
     pub validation_mismatched: Option<f64>,
     pub validation_last_success: Option<f64>,
+    pub write_lanes: Option<f64>,
 }
 
 #[derive(Debug)]
@@ -163,6 +165,8 @@ struct OtherAggregate {
     validation_mismatched: Option<f64>,
     /// Oldest last success.
     validation_last_success: Option<f64>,
+    /// Most lanes.
+    write_lanes: Option<f64>,
 }
 
 fn fold(acc: Option<f64>, v: Option<f64>, f: fn(f64, f64) -> f64) -> Option<f64> {
@@ -197,6 +201,7 @@ impl OtherAggregate {
             g.validation_last_success,
             f64::min,
         );
+        self.write_lanes = fold(self.write_lanes, g.write_lanes, f64::max);
     }
 }
 
@@ -225,6 +230,7 @@ pub(crate) struct NamespaceGauges {
     copy_estimate: GaugeVec,
     validation_mismatched: GaugeVec,
     validation_last_success: GaugeVec,
+    write_lanes: GaugeVec,
     overflow_namespaces: GaugeVec,
 }
 
@@ -271,6 +277,10 @@ impl NamespaceGauges {
                 VALIDATION_LAST_SUCCESS_TIMESTAMP_SECONDS,
                 "Unix time of the namespace's last validation run whose result was match. Oldest under namespace=\"_other\".",
             )?,
+            write_lanes: ns_gauge(
+                WRITE_LANES,
+                "Concurrent bulk write commands the namespace's batches are cut into (apply.write_lanes: the fixed count, or the count auto keeps now). Most under namespace=\"_other\".",
+            )?,
             overflow_namespaces: GaugeVec::new(
                 Opts::new(
                     OVERFLOW_NAMESPACES,
@@ -281,7 +291,7 @@ impl NamespaceGauges {
         })
     }
 
-    fn all(&self) -> [&GaugeVec; 9] {
+    fn all(&self) -> [&GaugeVec; 10] {
         [
             &self.lag_seconds,
             &self.applied_through,
@@ -291,6 +301,7 @@ impl NamespaceGauges {
             &self.copy_estimate,
             &self.validation_mismatched,
             &self.validation_last_success,
+            &self.write_lanes,
             &self.overflow_namespaces,
         ]
     }
@@ -319,6 +330,7 @@ impl NamespaceGauges {
         set(&self.copy_estimate, g.copy_estimate);
         set(&self.validation_mismatched, g.validation_mismatched);
         set(&self.validation_last_success, g.validation_last_success);
+        set(&self.write_lanes, g.write_lanes);
     }
 
     fn write_other(&self, agg: &OtherAggregate, now: SystemTime) {
@@ -332,6 +344,7 @@ impl NamespaceGauges {
             copy_estimate: agg.copy_estimate,
             validation_mismatched: agg.validation_mismatched,
             validation_last_success: agg.validation_last_success,
+            write_lanes: agg.write_lanes,
         };
         self.write(label, &g, now);
         if agg.any_state {

@@ -172,6 +172,7 @@ pub(crate) const EXPECTED_TYPES: &[(&str, &str)] = &[
     (BUFFER_BUDGET_BYTES, "gauge"),
     (CONNECTIONS, "gauge"),
     (TRANSACTION_PARTS_TOTAL, "counter"),
+    (WRITE_LANES, "gauge"),
 ];
 
 #[test]
@@ -292,6 +293,11 @@ fn register_namespace_pre_initialises_series_at_zero() {
         value(&s, WORKER_STATE, &[ns, (LABEL_STATE, "stopped")]),
         1.0
     );
+    assert_eq!(
+        value(&s, WRITE_LANES, &[ns]),
+        1.0,
+        "one write lane until the worker reports its own"
+    );
     // Gauges whose "nothing happened yet" value is 0 (issue 12: dashboards never say
     // "No data" on a healthy daemon). Lag, recovery point and checkpoint age have no such
     // value: the worker reports them before /readyz can say 200.
@@ -406,6 +412,8 @@ fn namespaces_beyond_the_cap_aggregate_under_other() {
     m.set_applied_through("d.x", 90.0);
     m.set_worker_state("c.x", WorkerState::Parked);
     m.set_worker_state("d.x", WorkerState::Streaming);
+    m.set_write_lanes("c.x", 4);
+    m.set_write_lanes("d.x", 2);
     let (_, s) = parse(&m.render());
     let names = namespaces_of(&s);
     assert_eq!(
@@ -421,6 +429,7 @@ fn namespaces_beyond_the_cap_aggregate_under_other() {
     );
     assert_eq!(value(&s, LAG_SECONDS, &[other]), 7.0, "worst lag");
     assert_eq!(value(&s, QUEUE_EVENTS, &[other]), 9.0, "queues add up");
+    assert_eq!(value(&s, WRITE_LANES, &[other]), 4.0, "most write lanes");
     assert_eq!(
         value(&s, APPLIED_THROUGH_TIMESTAMP_SECONDS, &[other]),
         90.0,

@@ -298,6 +298,16 @@ impl WorkerContext {
         }
     }
 
+    /// Shows [`write_lanes_now`](Self::write_lanes_now) in the status and the metrics.
+    pub fn report_write_lanes(&self) {
+        let lanes = self.write_lanes_now();
+        let label = self.label();
+        self.pipeline.metrics.set_write_lanes(&label, lanes);
+        self.pipeline
+            .status
+            .update(&label, |s| s.write_lanes = lanes as u64);
+    }
+
     /// Adopts reloaded settings if the supervisor handed some over. A policy that needs
     /// pre-images the source does not record (and may not enable) is refused with an error
     /// log; the running settings stay. Returns whether anything changed.
@@ -437,6 +447,7 @@ pub async fn run(
     // Every (re)start is a (re)connection: never read or write for a deployment that changed.
     ctx.pipeline.identity.verify().await?;
     ctx.adopt_reload().await;
+    ctx.report_write_lanes();
     check_images(ctx, &ctx.current_conflict()).await?;
     let target = ctx.target.to_string();
     let mut cp = match (ctx.pipeline.checkpoints.load(&key).await?, recopy) {

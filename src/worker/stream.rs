@@ -119,6 +119,7 @@ pub(super) async fn stream(
             finish_writing!();
             settings = ctx.current_settings();
             applier = Arc::new(ctx.applier());
+            ctx.report_write_lanes();
             let wanted = ctx.stream_settings();
             let changed = match feed.own_settings() {
                 Some(own) => !same_stream(own, &wanted),
@@ -743,11 +744,10 @@ pub(super) async fn commit_batch(
     }
     ctx.pipeline.metrics.observe_batch(started.elapsed());
     let total: u64 = stats.applied.iter().sum();
-    let write_lanes = ctx.write_lanes_now() as u64;
-    ctx.pipeline.status.update(&label, |s| {
-        s.events_applied += total;
-        s.write_lanes = write_lanes;
-    });
+    ctx.pipeline
+        .status
+        .update(&label, |s| s.events_applied += total);
+    ctx.report_write_lanes();
     Ok(())
 }
 
