@@ -24,3 +24,4 @@ mod stream_scopes;
 mod support;
 mod transactions;
 mod validation;
+mod write_lanes;

@@ -1925,6 +1925,7 @@ impl Applier {
             return self.bulk(command, field, statements).await;
         }
         let per_lane = statements.len().div_ceil(lanes);
+        tracing::trace!(namespace = %self.label, statements = statements.len(), lanes, "{command} cut into lanes");
         let mut rest = statements;
         let mut parts = Vec::with_capacity(lanes);
         while !rest.is_empty() {
